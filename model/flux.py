@@ -1,0 +1,241 @@
+"""The Flux transformer (FLUX.1-dev / schnell), with BFL parameter names so `flux1-dev.safetensors` loads as is.
+
+forward(img, img_ids, txt, txt_ids, timesteps, y, guidance) -> velocity (B, L, out_channels), with timesteps the
+noise level sigma in [0, 1]. Attention runs over [txt, img]; double blocks keep separate weights per stream,
+single blocks run one stream over the joined sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import MLPEmbedder, Modulation, QKNorm, attention, timestep_embedding
+from .rope import EmbedND
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """BFL `FluxParams` field names and meaning."""
+
+    in_channels: int = 64  # packed latent channels: 16 VAE channels x 2 x 2
+    out_channels: int = 64
+    vec_in_dim: int = 768  # pooled CLIP-L width
+    context_in_dim: int = 4096  # T5-XXL width
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19  # double-stream blocks
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE widths for the (t, h, w) axes; sums to the head dim
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True  # dev is guidance-distilled; schnell has no guidance input
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.axes_dim) != head_dim:
+            raise ValueError(f"sum(axes_dim) = {sum(self.axes_dim)} must equal the head dim {head_dim}")
+        if any(d % 2 for d in self.axes_dim):
+            raise ValueError(f"every axes_dim entry must be even (RoPE rotates pairs), got {self.axes_dim}")
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @classmethod
+    def preset(cls, name: str) -> FluxConfig:
+        if name not in FLUX_CONFIGS:
+            raise ValueError(f"unknown Flux preset {name!r}; choose one of {sorted(FLUX_CONFIGS)}")
+        return FLUX_CONFIGS[name]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FluxConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "axes_dim" else v) for k, v in d.items() if k in names})
+
+
+FLUX_CONFIGS: dict[str, FluxConfig] = {
+    "flux-dev": FluxConfig(),
+    "flux-schnell": FluxConfig(guidance_embed=False),
+    # 131,920 parameters; forward in milliseconds on a CPU. Used by the tests.
+    "tiny": FluxConfig(
+        in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2,
+        depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
+    ),
+}
+
+
+def _clip_fp16(x: Tensor) -> Tensor:
+    # diffusers clips the residual streams in fp16 so an overflow saturates instead of becoming inf
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qk_v(self, x: Tensor, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, D) -> normalised and rotated q, k and v, each (B, H, L, D/H)."""
+        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, pe)
+        return q.to(v.dtype), k.to(v.dtype), v
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        d, mlp = cfg.hidden_size, cfg.mlp_hidden_dim
+        self.num_heads = cfg.num_heads
+        self.img_mod = Modulation(d, double=True)
+        self.img_norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(d, cfg.num_heads, cfg.qkv_bias)
+        self.img_norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
+        self.txt_mod = Modulation(d, double=True)
+        self.txt_norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(d, cfg.num_heads, cfg.qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        n_txt = txt.shape[1]
+        img_mod1, img_mod2 = self.img_mod(vec)
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
+
+        # RoPE acts per token, so each stream is normalised and rotated by its own slice of the [txt, img] table
+        txt_q, txt_k, txt_v = self.txt_attn.qk_v(txt_mod1.modulate(self.txt_norm1(txt)), pe[:, :, :n_txt])
+        img_q, img_k, img_v = self.img_attn.qk_v(img_mod1.modulate(self.img_norm1(img)), pe[:, :, n_txt:])
+        attn = attention(
+            torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2)
+        )  # (B, T + L, D)
+        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt)))
+        return _clip_fp16(img), _clip_fp16(txt)
+
+
+class SingleStreamBlock(nn.Module):
+    """One fused `linear1` makes q, k, v and the MLP input; one `linear2` takes [attention, MLP] back to D."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.hidden_size = d
+        self.num_heads = cfg.num_heads
+        self.mlp_hidden_dim = cfg.mlp_hidden_dim
+        self.linear1 = nn.Linear(d, d * 3 + self.mlp_hidden_dim)
+        self.linear2 = nn.Linear(d + self.mlp_hidden_dim, d)
+        self.norm = QKNorm(d // cfg.num_heads)
+        self.pre_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(d, double=False)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        mod, _ = self.modulation(vec)
+        qkv, mlp = torch.split(
+            self.linear1(mod.modulate(self.pre_norm(x))), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
+        )
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = self.norm(q, k, pe)
+        attn = attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, L, D)
+        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        return _clip_fp16(x + mod.gate * out)
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_channels, bias=True)
+        # stored (shift, scale) by BFL; diffusers stores (scale, shift), which the key map swaps
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # each (B, D)
+        x = (1 + scale[:, None, :]) * self.norm_final(x) + shift[:, None, :]
+        return self.linear(x)
+
+
+class Flux(nn.Module):
+    def __init__(self, config: FluxConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.pe_embedder = EmbedND(theta=config.theta, axes_dim=config.axes_dim)
+        self.img_in = nn.Linear(config.in_channels, d, bias=True)
+        self.time_in = MLPEmbedder(256, d)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, d)
+        self.guidance_in = MLPEmbedder(256, d) if config.guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(config.context_in_dim, d)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
+        self.final_layer = LastLayer(d, config.out_channels)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> Flux:
+        """Recompute each block's activations in backward: memory per block instead of per model."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def _run(self, block: nn.Module, *args: Tensor):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
+        dtype = img.dtype
+        # diffusers rounds sigma and guidance to the activation dtype before the x1000 inside the embedding
+        vec = self.time_in(timestep_embedding(timesteps.to(dtype), 256))
+        if self.config.guidance_embed:
+            if guidance is None:
+                raise ValueError("this Flux model has a guidance embedding (dev): pass guidance=, e.g. 3.5")
+            vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype), 256))
+        vec = vec + self.vector_in(y)
+
+        img = self.img_in(img)
+        txt = self.txt_in(txt)
+        if img_ids.ndim == 2 and txt_ids.ndim == 3:
+            img_ids = img_ids.expand(txt_ids.shape[0], -1, -1)
+        if txt_ids.ndim == 2 and img_ids.ndim == 3:
+            txt_ids = txt_ids.expand(img_ids.shape[0], -1, -1)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=-2))  # (B|1, 1, T + L, D/2, 2)
+
+        for block in self.double_blocks:
+            img, txt = self._run(block, img, txt, vec, pe)
+        n_txt = txt.shape[1]
+        x = torch.cat((txt, img), dim=1)  # (B, T + L, D)
+        for block in self.single_blocks:
+            x = self._run(block, x, vec, pe)
+        return self.final_layer(x[:, n_txt:], vec)

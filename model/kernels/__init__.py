@@ -1,0 +1,99 @@
+"""The one door model code uses for the fused ops: Triton on CUDA, the torch reference elsewhere.
+
+`SCFM_KERNELS=torch|triton` forces one path (`triton` on CPU needs `TRITON_INTERPRET=1` set before this package is
+imported; tests/conftest.py does that when no CUDA device exists). Triton is an optional dependency: without it
+every call runs the reference. All ops are differentiable either way.
+
+    rms_norm(x, weight, eps)                                  x (..., D), BFL casting
+    rope(x, pe)                                               x (B, H, L, D), pe (B|1, 1, L, D/2, 2) fp32 (cos, sin)
+    qk_norm_rope(q, k, q_scale, k_scale, pe | None, eps)      Flux: q, k (B, H, L, D), strided views are fine
+    qk_norm_rope_joint(txt_q, txt_k, img_q, img_k,
+                       txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, pe, eps)
+                                                              Flux double block: -> (B, H, L_txt + L_img, D), text first
+    qk_norm(q, k, q_scale, k_scale, eps)                      SD3.5: diffusers casting, no RoPE
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ._triton_utils import HAS_TRITON
+from .qk_norm_rope import qk_norm_reference, qk_norm_rope_joint_reference, qk_norm_rope_reference
+from .rmsnorm import rms_norm_reference
+from .rope import rope_reference
+
+if HAS_TRITON:
+    from .qk_norm_rope import qk_norm_rope_joint_triton, qk_norm_rope_triton, qk_norm_triton
+    from .rmsnorm import rms_norm_triton
+    from .rope import rope_triton
+
+__all__ = ["HAS_TRITON", "backend", "qk_norm", "qk_norm_rope", "qk_norm_rope_joint", "rms_norm", "rope"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_D = 8192  # one row must fit one tile of registers; wider rows (none in Flux / SD3.5) take the reference
+
+
+def backend(x: Tensor) -> str:
+    """'triton' or 'torch' for an op on x. The env var is read per call so tests and benches can flip it."""
+    forced = os.environ.get("SCFM_KERNELS", "").strip().lower()
+    if forced == "torch":
+        return "torch"
+    if forced == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("SCFM_KERNELS=triton but triton is not installed")
+        return "triton"
+    if forced:
+        raise ValueError(f"SCFM_KERNELS must be 'torch' or 'triton', got {forced!r}")
+    return "triton" if HAS_TRITON and x.is_cuda else "torch"
+
+
+def _use_triton(x: Tensor, *tensors: Tensor | None) -> bool:
+    if backend(x) != "triton":
+        return False
+    # Shapes and dtypes the kernels do not cover fall back silently: the reference is always correct.
+    if x.dtype not in _DTYPES or x.shape[-1] > _MAX_D or x.shape[-1] == 0:
+        return False
+    # pe is a position table: the kernels return no gradient for it, so a pe that wants one takes the reference.
+    return not any(t is not None and t.ndim == 5 and t.requires_grad for t in tensors)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    if _use_triton(x):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rope(x: Tensor, pe: Tensor) -> Tensor:
+    if _use_triton(x, pe) and x.shape[-1] % 2 == 0:
+        return rope_triton(x, pe)
+    return rope_reference(x, pe)
+
+
+def qk_norm_rope(
+    q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, pe: Tensor | None, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    if _use_triton(q, pe) and q.shape[-1] % 2 == 0:
+        return qk_norm_rope_triton(q, k, q_scale, k_scale, pe, eps)
+    return qk_norm_rope_reference(q, k, q_scale, k_scale, pe, eps)
+
+
+def qk_norm_rope_joint(
+    txt_q: Tensor, txt_k: Tensor, img_q: Tensor, img_k: Tensor,
+    txt_q_scale: Tensor, txt_k_scale: Tensor, img_q_scale: Tensor, img_k_scale: Tensor,
+    pe: Tensor, eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Both streams of a Flux double block: per-stream QK-norm, joint (text first) sequence, RoPE over it."""
+    args = (txt_q, txt_k, img_q, img_k, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, pe, eps)
+    if _use_triton(txt_q, pe) and txt_q.shape[-1] % 2 == 0:
+        return qk_norm_rope_joint_triton(*args)
+    return qk_norm_rope_joint_reference(*args)
+
+
+def qk_norm(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """SD3.5 QK-norm with diffusers' casting (variance in fp32; rounded to the weight dtype when it is half)."""
+    if _use_triton(q):
+        return qk_norm_triton(q, k, q_scale, k_scale, eps)
+    return qk_norm_reference(q, k, q_scale, k_scale, eps)

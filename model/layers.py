@@ -1,0 +1,122 @@
+"""Pieces shared by the Flux and MMDiT transformers: embeddings, norms, modulation, attention, latent packing.
+
+Parameter names follow the official checkpoints (BFL for Flux), so those files load with no key map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from . import kernels
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding [cos, sin] of `time_factor * t` (B,) -> (B, dim).
+
+    The multiply by 1000 happens in t's own dtype, as in BFL and diffusers: in bf16, sigma = 0.8125 becomes 812 (not
+    812.5) before the sinusoids, and bf16 parity with diffusers depends on reproducing that rounding.
+    """
+    t = time_factor * t
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if t.is_floating_point() else emb
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned `scale` (BFL's name). Math lives in the kernels dispatcher."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.rms_norm(x, self.scale, self.eps)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: Tensor, k: Tensor, pe: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Normalise q, k (B, H, L, D) and rotate them by `pe`, in one fused op where the kernels allow."""
+        return kernels.qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, pe, self.query_norm.eps)
+
+
+@dataclass
+class ModulationOut:
+    shift: Tensor
+    scale: Tensor
+    gate: Tensor
+
+    def modulate(self, x: Tensor) -> Tensor:
+        return (1 + self.scale) * x + self.shift
+
+
+class Modulation(nn.Module):
+    """adaLN-Zero modulation: Linear(SiLU(vec)) chunked into (shift, scale, gate), twice for double blocks."""
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
+
+    def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
+        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)  # each (B, 1, D)
+        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.multiplier == 6 else None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q, k, v (B, H, L, D) -> (B, L, H*D) through torch's fused SDPA."""
+    x = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(x, "B H L D -> B L (H D)")
+
+
+# --- latent packing (Flux): 2x2 latent patches become one token -------------------------------------------------
+
+
+def pack(latents: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4); channel order inside a token is (c, ph, pw), as diffusers and BFL."""
+    return rearrange(latents, "B C (H ph) (W pw) -> B (H W) (C ph pw)", ph=2, pw=2)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    """(B, H/2 * W/2, C*4) -> (B, C, H, W); height and width are in latent pixels."""
+    return rearrange(tokens, "B (H W) (C ph pw) -> B C (H ph) (W pw)", H=height // 2, W=width // 2, ph=2, pw=2)
+
+
+def image_ids(height: int, width: int, device: torch.device | str | None = None) -> Tensor:
+    """Position ids (H/2 * W/2, 3) = (0, row, col) for packed tokens, row-major; height/width in latent pixels."""
+    h, w = height // 2, width // 2
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def text_ids(length: int, device: torch.device | str | None = None) -> Tensor:
+    """Text tokens all sit at position 0 on every axis."""
+    return torch.zeros(length, 3, device=device)

@@ -1,0 +1,27 @@
+"""Shared test setup. Runs before any test module imports the package."""
+
+import os
+
+import torch
+
+# The Triton interpreter flag is read when @triton.jit decorates a kernel, so it must be set before model.kernels'
+# Triton modules are imported, and only where no GPU exists (on a GPU the same tests run the compiled kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def randomize_(module: torch.nn.Module, sigma: float, seed: int = 0) -> torch.nn.Module:
+    """Randomise every parameter and persistent buffer (reference.md §1): norm scales get 1 + N(0, sigma) so a
+    swapped scale/shift or a mis-mapped norm cannot hide behind default init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float32) * sigma
+            is_norm_scale = t.ndim == 1 and any(s in name for s in ("norm", "scale", "ln_")) and name.endswith(
+                ("weight", "scale"))
+            t.copy_((1 + noise if is_norm_scale else noise).to(t.dtype))
+    return module

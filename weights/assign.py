@@ -1,0 +1,68 @@
+"""Put checkpoint tensors into a model built on the meta device, with a strict, readable report.
+
+Every family's loader does: build `Model(config)` under `torch.device("meta")`, check the checkpoint's keys and
+shapes against it (from the safetensors header alone, before reading any tensor), then read tensors one at a time
+and assign them. Peak memory is one copy of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .io import WeightsError
+
+
+def _first(keys: Iterable[str], n: int = 3) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_keys_and_shapes(
+    model: nn.Module, shapes: dict[str, tuple[int, ...]], *, source: str, layout: str, ignore: Iterable[str] = ()
+) -> None:
+    """Compare checkpoint `shapes` (already in the model's names) with the model; raise one line on a mismatch."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in set(ignore)}
+    missing = expected.keys() - shapes.keys()
+    unexpected = shapes.keys() - expected.keys()
+    if missing:
+        raise WeightsError(
+            f"{source}: {len(missing)} keys missing for the {layout} layout ({_first(missing)}); "
+            "the file is incomplete or for a different model size: pass the matching config="
+        )
+    if unexpected:
+        raise WeightsError(
+            f"{source}: {len(unexpected)} unexpected keys for the {layout} layout ({_first(unexpected)}); "
+            "the file is for a different model variant: pass the matching config="
+        )
+    wrong = [k for k in expected if tuple(shapes[k]) != expected[k]]
+    if wrong:
+        k = wrong[0]
+        raise WeightsError(
+            f"{source}: shape mismatch at {k}: file has {list(shapes[k])}, model expects {list(expected[k])} "
+            f"({len(wrong)} mismatched keys); the config does not match the checkpoint"
+        )
+
+
+def assign_tensors(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    source: str,
+) -> nn.Module:
+    """Move each tensor to `device` / `dtype` as it arrives and assign it; every model key must be provided."""
+    state: dict[str, torch.Tensor] = {}
+    for key, t in tensors:
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        state[key] = t.to(device)
+    missing = model.state_dict().keys() - state.keys()
+    if missing:
+        raise WeightsError(f"{source}: tensors missing after reading ({_first(missing)}); the file is truncated")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -1,0 +1,195 @@
+"""Reading and writing safetensors: file discovery, pickle refusal, streamed reads, atomic writes.
+
+Every loader in `weights/` reads through here, so every model family gets the same errors and the same memory
+discipline: tensors are read one at a time from a memory-mapped file and cast on the way, so the only resident
+copy is the one handed to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class WeightsError(ValueError):
+    """A problem with a user's weights, reported as one line that names the problem and the fix."""
+
+
+# Our savers write the model config here so a file can be loaded without a config.json.
+CONFIG_METADATA_KEY = "scfm_config"
+
+_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
+
+
+def _check_safetensors_file(path: Path) -> None:
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder; pass the path of a .safetensors file or a model folder")
+    if not path.is_file():
+        raise WeightsError(f"{path}: not a file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+        return  # a valid safetensors header, whatever the file is called
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or path.suffix in _PICKLE_SUFFIXES:
+        raise WeightsError(
+            f"{path}: a pickled PyTorch checkpoint; scfm loads safetensors only (pickles can run code): "
+            "convert it with safetensors.torch.save_file on a machine you trust"
+        )
+    if len(head) < 9:
+        raise WeightsError(f"{path}: too short to be a safetensors file (truncated download?)")
+    raise WeightsError(f"{path}: not a safetensors file (bad header); re-download or re-export it")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of one model folder: the shards named by an index, or the single file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            index = json.loads(indexes[0].read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{indexes[0]}: unreadable index ({e}); re-download the model folder") from None
+        names = sorted(set(index.get("weight_map", {}).values()))
+        files = [folder / n for n in names]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise WeightsError(f"{folder}: shards listed in {indexes[0].name} are missing: {missing[:3]}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        hint = f" (found pickled {pickled[:2]}: scfm loads safetensors only)" if pickled else ""
+        raise WeightsError(f"{folder}: no .safetensors files{hint}")
+    return files
+
+
+def read_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    """Key -> (shape, dtype name) and the metadata of one file, without reading any tensor."""
+    _check_safetensors_file(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError:
+            raise WeightsError(f"{path}: not a safetensors file (header is not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    return {k: (v["shape"], v["dtype"]) for k, v in header.items()}, metadata
+
+
+def read_shapes(files: list[Path]) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    shapes: dict[str, tuple[list[int], str]] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        s, m = read_header(f)
+        shapes.update(s)
+        metadata.update(m)
+    return shapes, metadata
+
+
+def iter_tensors(
+    files: list[Path], keys: set[str] | None = None, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) one at a time, cast to `dtype` (fp8 files upcast here). `keys` filters."""
+    for path in files:
+        _check_safetensors_file(path)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if keys is not None and key not in keys:
+                    continue
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                    t = t.to(dtype)
+                yield key, t
+
+
+def config_from_metadata(metadata: dict[str, str]) -> dict | None:
+    raw = metadata.get(CONFIG_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                *, overwrite: bool = False) -> Path:
+    """Write a safetensors file through a temp file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WeightsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(contiguous, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+class TensorReader:
+    """Random access to the tensors of several safetensors files, each read on demand and cast to `dtype`.
+
+    Use as a context manager; the files stay memory-mapped while it is open.
+    """
+
+    def __init__(self, files: list[Path], dtype: torch.dtype | None = None, prefix: str = ""):
+        for path in files:
+            _check_safetensors_file(path)
+        self.files, self.dtype, self.prefix = files, dtype, prefix
+        self._handles: list = []
+        self._where: dict[str, object] = {}
+
+    def __enter__(self) -> TensorReader:
+        for path in self.files:
+            h = safe_open(str(path), framework="pt", device="cpu")
+            self._handles.append(h)
+            for key in h.keys():
+                self._where[key] = h
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.clear()
+        self._where.clear()
+
+    def __call__(self, key: str) -> torch.Tensor:
+        t = self._where[self.prefix + key].get_tensor(self.prefix + key)
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)  # fp8 files upcast here, before any key-map arithmetic
+        return t
+
+
+def model_files(source: str | os.PathLike, subfolder: str) -> tuple[list[Path], dict | None]:
+    """The weight files and config.json of `source`: a single file, a model folder, or a diffusers pipeline
+    folder (whose `subfolder`, e.g. `transformer`, is used)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder; pass the path of a .safetensors file or a model folder")
+    if path.is_file():
+        _check_safetensors_file(path)
+        return [path], None
+    if (path / "model_index.json").exists() or (path / subfolder).is_dir():
+        if not (path / subfolder).is_dir():
+            raise WeightsError(f"{path}: a pipeline folder without a {subfolder}/ subfolder")
+        path = path / subfolder
+    config = None
+    if (path / "config.json").exists():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path / 'config.json'}: unreadable ({e}); fix or delete it") from None
+    return weight_files(path), config
