@@ -1,0 +1,180 @@
+"""`load_vae`: the 16-channel VAE from BFL `ae.safetensors`, an SAI SD3.5 single file, or diffusers AutoencoderKL.
+
+Layouts, told apart by their keys:
+- `ldm`: BFL `ae.safetensors` (our parameter names, no key map);
+- `sai`: the VAE inside an SD3.5 single file, the same names under `first_stage_model.` (other keys are skipped);
+- `diffusers`: `AutoencoderKL` names (`vae/` folder with `config.json`, a pipeline folder, or a file), mapped by
+  `weights/keymaps/vae.py`.
+
+The model is built on the meta device, the file's header is checked against it, then tensors are streamed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from model.vae import VAE_CONFIGS, AutoEncoder, VAEConfig
+
+from .assign import assign_tensors, check_keys_and_shapes
+from .io import WeightsError, config_from_metadata, iter_tensors, read_shapes, weight_files
+from .keymaps.vae import diffusers_to_ours
+
+SAI_PREFIX = "first_stage_model."
+
+# Keys that show a file is some other model, for a useful "wrong family" message.
+_OTHER_FAMILIES = (
+    ("double_blocks.", "a Flux transformer"),
+    ("transformer_blocks.", "a diffusers transformer"),
+    ("joint_blocks.", "an SD3 transformer"),
+    ("encoder.block.", "a T5 encoder"),
+    ("text_model.", "a CLIP text encoder"),
+    ("lora_", "a LoRA"),
+)
+
+
+def _resolve(source: Path) -> tuple[list[Path], dict | None]:
+    """The weight files and the diffusers config.json (if any) for a file, a vae/ folder or a pipeline folder."""
+    if not source.exists():
+        raise WeightsError(f"{source}: no such file or folder; pass ae.safetensors, an SD3.5 file or a vae/ folder")
+    folder = source if source.is_dir() else source.parent
+    if source.is_dir() and (source / "vae").is_dir():  # a diffusers pipeline folder
+        folder = source = source / "vae"
+    config_path = folder / "config.json"
+    config_json = None
+    if config_path.exists():
+        try:
+            config_json = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{config_path}: unreadable ({e}); re-download the vae folder") from None
+        if config_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            config_json = None  # a config.json for something else sitting next to a single file
+    files = weight_files(source) if source.is_dir() else [source]
+    return files, config_json
+
+
+def _detect_layout(keys: set[str], source: Path) -> str:
+    if any(k.startswith(SAI_PREFIX) for k in keys):
+        return "sai"
+    if "encoder.conv_in.weight" in keys and any(k.startswith("encoder.down.") for k in keys):
+        return "ldm"
+    if any(k.startswith("encoder.down_blocks.") for k in keys):
+        return "diffusers"
+    for marker, family in _OTHER_FAMILIES:
+        if any(k.startswith(marker) or f".{marker}" in k for k in keys):
+            raise WeightsError(f"{source}: this is {family}, not a VAE; pass ae.safetensors or a vae/ folder")
+    example = min(keys) if keys else "no keys"
+    raise WeightsError(f"{source}: not a VAE checkpoint (no encoder/decoder keys; first key {example!r})")
+
+
+def _config_from_diffusers(cfg: dict, source: Path) -> VAEConfig:
+    if cfg.get("use_quant_conv", True) or cfg.get("use_post_quant_conv", True):
+        raise WeightsError(f"{source}: an AutoencoderKL with quant convs (SD1/SDXL-style); only the 16-channel "
+                           "Flux / SD3.5 VAE is supported")
+    if not cfg.get("mid_block_add_attention", True):
+        raise WeightsError(f"{source}: an AutoencoderKL without mid-block attention is not supported")
+    widths = list(cfg.get("block_out_channels", (64,)))
+    ch = widths[0]
+    if any(w % ch for w in widths):
+        raise WeightsError(f"{source}: block_out_channels {widths} are not multiples of the first; not supported")
+    shift = cfg.get("shift_factor")
+    try:
+        return VAEConfig(
+            in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3), ch=ch,
+            ch_mult=tuple(w // ch for w in widths), num_res_blocks=cfg.get("layers_per_block", 1),
+            z_channels=cfg.get("latent_channels", 4), norm_groups=cfg.get("norm_num_groups", 32),
+            scale_factor=cfg.get("scaling_factor", 0.18215), shift_factor=0.0 if shift is None else shift,
+        )
+    except ValueError as e:
+        raise WeightsError(f"{source}: config.json describes an unsupported VAE ({e})") from None
+
+
+def _config_from_shapes(shapes: dict[str, list[int]], layout: str, source: Path) -> VAEConfig:
+    """Infer the architecture from our-named shapes; the latent scale/shift come from the family the layout implies."""
+    if layout == "diffusers":
+        raise WeightsError(f"{source}: a diffusers VAE file without config.json: the Flux (0.3611 / 0.1159) and SD3.5 "
+                           "(1.5305 / 0.0609) latent scalings cannot be told apart; pass config=VAE_CONFIGS['flux'] "
+                           "or VAE_CONFIGS['sd3.5'], or load the vae/ folder")
+    try:
+        out_ch, in_ch = shapes["encoder.conv_in.weight"][:2]
+        levels = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+        blocks = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+        widths = [shapes[f"encoder.down.{l}.block.0.conv1.weight"][0] for l in range(levels)]
+        z = shapes["decoder.conv_in.weight"][1]
+        out_channels = shapes["decoder.conv_out.weight"][0]
+    except (KeyError, ValueError):
+        raise WeightsError(f"{source}: incomplete VAE checkpoint (encoder/decoder keys missing)") from None
+    if any(w % out_ch for w in widths):
+        raise WeightsError(f"{source}: level widths {widths} are not multiples of {out_ch}; not a supported VAE")
+    preset = VAE_CONFIGS["sd3.5" if layout == "sai" else "flux"]
+    groups = preset.norm_groups if all(w % preset.norm_groups == 0 for w in widths) else 1
+    try:
+        return dataclasses.replace(preset, in_channels=in_ch, out_channels=out_channels, ch=out_ch,
+                                   ch_mult=tuple(w // out_ch for w in widths), num_res_blocks=blocks, z_channels=z,
+                                   norm_groups=groups)
+    except ValueError as e:
+        raise WeightsError(f"{source}: unsupported VAE shapes ({e})") from None
+
+
+def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu") -> AutoEncoder:
+    """Load the 16-channel VAE; returns an `AutoEncoder` in eval mode with gradients off.
+
+    `config=None` takes the config from the file's metadata, the diffusers config.json, or the shapes (BFL files
+    are Flux, SAI files SD3.5). Raises a one-line `WeightsError` for anything it cannot load.
+    """
+    source = Path(source)
+    files, config_json = _resolve(source)
+    header, metadata = read_shapes(files)
+    layout = _detect_layout(set(header), source)
+
+    # checkpoint key -> (our key, transform); keys not listed here are not read.
+    names: dict[str, tuple[str, object]] = {}
+    if layout == "ldm":
+        names = {k: (k, None) for k in header}
+    elif layout == "sai":
+        names = {k: (k[len(SAI_PREFIX):], None) for k in header if k.startswith(SAI_PREFIX)}
+    else:
+        levels = 1 + max(int(m.group(1)) for k in header if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
+        for k in header:
+            mapped = diffusers_to_ours(k, levels)
+            if mapped is None:
+                raise WeightsError(f"{source}: unexpected key {k!r} for the diffusers AutoencoderKL layout; "
+                                   "only the 16-channel Flux / SD3.5 VAE (no quant convs) is supported")
+            names[k] = mapped
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k, (ours, transform) in names.items():
+        shape = tuple(header[k][0])
+        if transform is not None:  # apply the transform to a meta tensor to learn the shape it produces
+            shape = tuple(transform(torch.empty(shape, device="meta")).shape)
+        shapes[ours] = shape
+
+    if config is None:
+        from_metadata = config_from_metadata(metadata)
+        if from_metadata is not None:
+            from_metadata = {k: tuple(v) if isinstance(v, list) else v for k, v in from_metadata.items()}
+            try:
+                config = VAEConfig(**from_metadata)
+            except (TypeError, ValueError) as e:
+                raise WeightsError(f"{source}: the config stored in the file's metadata is invalid ({e})") from None
+        elif config_json is not None and layout == "diffusers":
+            config = _config_from_diffusers(config_json, source)
+        else:
+            config = _config_from_shapes(shapes, layout, source)
+
+    with torch.device("meta"):
+        model = AutoEncoder(config)
+    check_keys_and_shapes(model, shapes, source=str(source), layout=layout)
+
+    def tensors():
+        for k, t in iter_tensors(files, keys=set(names), dtype=dtype):
+            ours, transform = names[k]
+            yield ours, (transform(t) if transform is not None else t)
+
+    assign_tensors(model, tensors(), dtype=dtype, device=device, source=str(source))
+    return model.eval().requires_grad_(False)
