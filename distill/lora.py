@@ -1,0 +1,420 @@
+"""LoRA layers that hold several named weight sets (live, fast EMA, slow EMA, teacher) and pick one per call.
+
+The released SCFM trainer copies EMA and teacher weights into the live parameters around every no-grad call
+(scfm-method.md §10). Here each set is its own tensors and the forward reads the set the caller selected:
+
+    with weight_set(model, "slow_ema"):
+        v = model(...)
+    with weight_sets(model, ["teacher", "fast_ema", "fast_ema", "teacher"]):  # one set per batch element
+        v = model(...)
+
+Outside any context the `live` set is used, so activation checkpointing recomputes the student's forward
+with the right weights when backward runs after the context has exited (so run backward outside any context).
+Every set is an `nn.Parameter` of the layer (only `live` requires grad), so FSDP can shard all of them.
+
+A fused layer (Flux `qkv`, single-block `linear1`) gets one LoRA per output slice, as peft gives the separate
+diffusers modules. A layer's set is stored as `down` (S*r, in) = the S slices' down matrices stacked, and `up`
+(out, r), whose rows of slice i act on the i-th r-wide chunk of `down @ x`. With S = 1 this is the usual LoRA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SETS = ("live", "fast_ema", "slow_ema", "teacher")
+
+# Official (BFL) module names, `{i}` = block index, `:kind` = per-slice LoRAs on a fused layer. Mapped through
+# reference.md §2.4 this is exactly the released diffusers list of scfm-method.md §6 (tests/test_lora.py
+# checks it against peft). `proj_out` there means both single_blocks.{i}.linear2 and final_layer.linear.
+FLUX_TARGETS: tuple[str, ...] = (
+    "img_in", "txt_in",
+    "time_in.in_layer", "time_in.out_layer",
+    "vector_in.in_layer", "vector_in.out_layer",
+    "guidance_in.in_layer", "guidance_in.out_layer",
+    "double_blocks.{i}.img_mod.lin", "double_blocks.{i}.txt_mod.lin",
+    "double_blocks.{i}.img_attn.qkv:qkv", "double_blocks.{i}.txt_attn.qkv:qkv",
+    "double_blocks.{i}.img_attn.proj", "double_blocks.{i}.txt_attn.proj",
+    "double_blocks.{i}.img_mlp.0", "double_blocks.{i}.img_mlp.2",
+    "double_blocks.{i}.txt_mlp.0", "double_blocks.{i}.txt_mlp.2",
+    "single_blocks.{i}.modulation.lin", "single_blocks.{i}.linear1:qkv_mlp", "single_blocks.{i}.linear2",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)
+
+# SD3.5 in SAI names (reference.md §3.4). The released list has no context-stream adaLN or MLP
+# (`norm1_context`, `ff_context`), its `norm2.linear` matches no SD3 module and its `attn.to_q` misses
+# the dual blocks' `attn2`.
+SD3_TARGETS: tuple[str, ...] = (
+    "x_embedder.proj", "context_embedder",
+    "t_embedder.mlp.0", "t_embedder.mlp.2", "y_embedder.mlp.0", "y_embedder.mlp.2",
+    "joint_blocks.{i}.x_block.adaLN_modulation.1",
+    "joint_blocks.{i}.x_block.attn.qkv:qkv", "joint_blocks.{i}.context_block.attn.qkv:qkv",
+    "joint_blocks.{i}.x_block.attn.proj", "joint_blocks.{i}.context_block.attn.proj",
+    "joint_blocks.{i}.x_block.mlp.fc1", "joint_blocks.{i}.x_block.mlp.fc2",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)
+
+FUSED_KINDS = ("qkv", "qkv_mlp")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 64
+    alpha: float = 64.0  # scale = alpha / rank
+    targets: tuple[str, ...] = FLUX_TARGETS  # full-name patterns; `{i}` matches a block index
+    init_std: float | None = None  # std of the Gaussian down init; None: 1 / rank (peft's "gaussian")
+    sets: tuple[str, ...] = ("live", "fast_ema", "slow_ema")  # materialised sets; only `live` is trained
+    zero_sets: tuple[str, ...] = ("teacher",)  # selectable, add nothing (the base model) until loaded
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "sets", tuple(self.sets))
+        object.__setattr__(self, "zero_sets", tuple(self.zero_sets))
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if "live" not in self.sets:
+            raise ValueError(f"sets must include 'live', got {self.sets}")
+        if set(self.sets) & set(self.zero_sets):
+            both = set(self.sets) & set(self.zero_sets)
+            raise ValueError(f"a set cannot be both materialised and zero: {both}")
+        for t in self.targets:
+            _parse_target(t)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _parse_target(target: str) -> tuple[re.Pattern, str]:
+    name, _, kind = target.partition(":")
+    if kind and kind not in FUSED_KINDS:
+        raise ValueError(f"target {target!r}: unknown fused kind {kind!r}; choose one of {FUSED_KINDS}")
+    return re.compile(re.escape(name).replace(re.escape("{i}"), r"\d+")), kind
+
+
+def _slice_sizes(kind: str, in_features: int, out_features: int) -> tuple[int, ...]:
+    if kind == "qkv":
+        if out_features % 3:
+            raise ValueError(f"a qkv layer needs out_features divisible by 3, got {out_features}")
+        return (out_features // 3,) * 3
+    if kind == "qkv_mlp":  # Flux single block: q, k, v of width D = in_features, then the MLP input
+        if out_features <= 3 * in_features:
+            raise ValueError(f"a qkv_mlp layer needs out_features > 3 * in_features, got {out_features}")
+        return (in_features,) * 3 + (out_features - 3 * in_features,)
+    return (out_features,)
+
+
+LORA_CONFIGS: dict[str, LoRAConfig] = {
+    "flux": LoRAConfig(),
+    "sd3": LoRAConfig(targets=SD3_TARGETS),
+}
+
+
+# ----- which set each call uses -----------------------------------------------------------------------------
+
+
+class Selection:
+    """The set choice shared by every LoRA layer of one model: changed once per call, read by each layer."""
+
+    def __init__(self):
+        self.name: str | None = "live"  # one set for the whole batch, or None when chosen per element
+        self.groups: tuple[tuple[str, Tensor], ...] = ()  # (set, batch rows (n,) long) when per element
+        self.batch = 0
+        self.multiplier = 1.0
+        self._on_device: dict[torch.device, tuple[tuple[str, Tensor], ...]] = {}
+
+    def groups_on(self, device: torch.device) -> tuple[tuple[str, Tensor], ...]:
+        # one host-to-device copy per call, not one per layer
+        if device not in self._on_device:
+            self._on_device[device] = tuple((n, rows.to(device)) for n, rows in self.groups)
+        return self._on_device[device]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def _selection(model: nn.Module) -> Selection:
+    sel = getattr(model, "lora_selection", None)
+    if isinstance(sel, Selection):
+        return sel
+    for m in model.modules():  # a wrapper (DDP, FSDP) or a sub-module: the layers share one Selection
+        if isinstance(m, LoRALayer):
+            return m.selection
+    raise ValueError("this model has no LoRA layers; call inject_lora first")
+
+
+@contextlib.contextmanager
+def _selected(sel: Selection, name: str | None, groups, batch: int, multiplier: float) -> Iterator[None]:
+    saved = (sel.name, sel.groups, sel.batch, sel.multiplier, sel._on_device)
+    sel.name, sel.groups, sel.batch, sel.multiplier, sel._on_device = name, groups, batch, multiplier, {}
+    try:
+        yield
+    finally:
+        sel.name, sel.groups, sel.batch, sel.multiplier, sel._on_device = saved
+
+
+def weight_set(model: nn.Module, name: str, multiplier: float = 1.0) -> contextlib.AbstractContextManager:
+    """Every LoRA layer of `model` uses set `name` (times `multiplier`) inside the context."""
+    return _selected(_selection(model), name, (), 0, multiplier)
+
+
+def weight_sets(
+    model: nn.Module,
+    per_element: Sequence[str] | Tensor,
+    names: Sequence[str] = SETS,
+    multiplier: float = 1.0,
+) -> contextlib.AbstractContextManager:
+    """Batch element b uses set `per_element[b]`: a list of set names, or a (B,) index tensor into `names`."""
+    if isinstance(per_element, Tensor):
+        index = per_element.detach().long().cpu()  # one sync per call; the layers then need none
+        per_element = [names[k] for k in index.tolist()]
+    per_element = list(per_element)
+    if len(set(per_element)) == 1:
+        return weight_set(model, per_element[0], multiplier)
+    groups = tuple(
+        (n, torch.tensor([b for b, m in enumerate(per_element) if m == n], dtype=torch.long))
+        for n in dict.fromkeys(per_element)
+    )
+    return _selected(_selection(model), None, groups, len(per_element), multiplier)
+
+
+# ----- the layers -------------------------------------------------------------------------------------------
+
+
+class LoRALayer(nn.Module):
+    """Base weights under their original names (`weight`, `bias`) plus `lora_down[set]`, `lora_up[set]`."""
+
+    def __init__(self, base: nn.Module, config: LoRAConfig, selection: Selection, slices: tuple[int, ...],
+                 down_shape: tuple[int, ...], up_shape: tuple[int, ...], generator: torch.Generator | None):
+        super().__init__()
+        self.weight = base.weight  # the same Parameter objects: names, storage and optimiser state unchanged
+        self.register_parameter("bias", base.bias)
+        self.rank, self.scale, self.slices = config.rank, config.scale, slices
+        self.selection = selection  # shared, not a sub-module
+        self.zero_sets = set(config.zero_sets)
+        self._merged: tuple[str, float, Tensor] | None = None
+        device = base.weight.device
+        std = config.init_std if config.init_std is not None else 1.0 / config.rank
+        # LoRA tensors stay fp32 whatever the base dtype: the EMAs need it and the forward casts per call
+        down = torch.randn(down_shape, generator=generator, dtype=torch.float32).to(device) * std
+        self.lora_down = nn.ParameterDict()
+        self.lora_up = nn.ParameterDict()
+        for name in config.sets:
+            live = name == "live"
+            # EMAs start at zero (the base model, scfm-method.md §3); live gets Gaussian down, zero up
+            init = down.clone() if live else torch.zeros_like(down)
+            self.lora_down[name] = nn.Parameter(init, requires_grad=live)
+            self.lora_up[name] = nn.Parameter(torch.zeros(up_shape, device=device), requires_grad=live)
+
+    def set_names(self) -> tuple[str, ...]:
+        return tuple(self.lora_down.keys())
+
+    def _base(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """scale * up @ down per slice, fp32, in the base weight's shape (zero for a zero set)."""
+        raise NotImplementedError
+
+    def _is_zero(self, name: str) -> bool:
+        if name in self.lora_down:
+            return False
+        if name in self.zero_sets:
+            return True
+        known = self.set_names() + tuple(self.zero_sets)
+        raise KeyError(f"unknown LoRA weight set {name!r}; this layer has {known}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        sel = self.selection
+        # the LoRA is added in place: backward of linear / conv needs their inputs, not `out`, and a separate
+        # delta would cost one more activation of the layer's full output width (21504 for Flux linear1)
+        out = self._base(x)
+        if self._merged is not None:
+            if (sel.name, sel.multiplier) != self._merged[:2]:
+                raise RuntimeError(f"set {self._merged[0]!r} is merged; unmerge before selecting another set")
+            return out
+        if sel.name is not None:
+            if not self._is_zero(sel.name):
+                self._add_delta_(out, x, *self._factors(sel.name, sel.multiplier))
+            return out
+        if x.shape[0] != sel.batch:
+            raise ValueError(f"per-element sets chosen for {sel.batch} elements, the input has {x.shape[0]}")
+        for name, rows in sel.groups_on(x.device):
+            if self._is_zero(name):
+                continue
+            part = out.index_select(0, rows)  # (n, ..., out): this set's elements only
+            self._add_delta_(part, x.index_select(0, rows), *self._factors(name, sel.multiplier))
+            out.index_copy_(0, rows, part)
+        return out
+
+    def _factors(self, name: str, multiplier: float) -> tuple[Tensor, Tensor, float]:
+        return self.lora_down[name], self.lora_up[name], self.scale * multiplier
+
+
+class LoRALinear(LoRALayer):
+    def __init__(self, base: nn.Linear, config: LoRAConfig, selection: Selection, kind: str = "",
+                 generator: torch.Generator | None = None):
+        slices = _slice_sizes(kind, base.in_features, base.out_features)
+        super().__init__(base, config, selection, slices, (len(slices) * config.rank, base.in_features),
+                         (base.out_features, config.rank), generator)
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def _base(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> None:
+        h = F.linear(x, down.to(x.dtype)) * scale  # (..., S*r); scaling the narrow tensor is cheapest
+        up = up.to(x.dtype)
+        start = 0
+        for h_i, up_i in zip(h.chunk(len(self.slices), dim=-1), up.split(self.slices, dim=0)):
+            part = F.linear(h_i, up_i)  # (..., out_i): slice i's rows only
+            out.narrow(-1, start, part.shape[-1]).add_(part.to(out.dtype))
+            start += part.shape[-1]
+
+    def delta_weight(self, name: str) -> Tensor:
+        if name not in self.lora_down:
+            return torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+        downs = self.lora_down[name].detach().chunk(len(self.slices), dim=0)  # S x (r, in)
+        ups = self.lora_up[name].detach().split(self.slices, dim=0)  # S x (out_i, r)
+        return torch.cat([u @ d for u, d in zip(ups, downs)], dim=0) * self.scale  # (out, in)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, slices={self.slices}"
+
+
+class LoRAConv2d(LoRALayer):
+    """down = a conv with the base's kernel, stride and padding (in -> r); up = a 1x1 conv (r -> out)."""
+
+    def __init__(self, base: nn.Conv2d, config: LoRAConfig, selection: Selection, kind: str = "",
+                 generator: torch.Generator | None = None):
+        if kind:
+            raise ValueError("per-slice LoRAs are for Linear layers only")
+        if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError("LoRAConv2d supports groups=1, zero padding given as numbers")
+        down_shape = (config.rank, base.in_channels, *base.kernel_size)
+        super().__init__(base, config, selection, (base.out_channels,), down_shape,
+                         (base.out_channels, config.rank, 1, 1), generator)
+        self.stride, self.padding, self.dilation = base.stride, base.padding, base.dilation
+
+    def _base(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> None:
+        h = F.conv2d(x, down.to(x.dtype), None, self.stride, self.padding, self.dilation)  # (B, r, H', W')
+        out.add_(F.conv2d(h * scale, up.to(x.dtype)).to(out.dtype))  # (B, out, H', W')
+
+    def delta_weight(self, name: str) -> Tensor:
+        if name not in self.lora_down:
+            return torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+        up = self.lora_up[name].detach()[:, :, 0, 0]  # (out, r)
+        return torch.einsum("or,rihw->oihw", up, self.lora_down[name].detach()) * self.scale
+
+
+# ----- injection, merging and the sets as state dicts -------------------------------------------------------
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, generator: torch.Generator | None = None) -> list[str]:
+    """Replace every Linear / Conv2d whose full name matches a target; returns the wrapped names in order.
+
+    The whole base model is frozen: only the `live` LoRA tensors require gradients afterwards.
+    """
+    patterns = [_parse_target(t) for t in config.targets]
+    sel = getattr(model, "lora_selection", None) or Selection()
+    found: list[tuple[str, nn.Module, str]] = []
+    for name, module in model.named_modules():
+        kinds = [kind for pattern, kind in patterns if pattern.fullmatch(name)]
+        if not kinds:
+            continue
+        if len(set(kinds)) > 1:
+            raise ValueError(f"{name} matches targets with different fused kinds {kinds}")
+        if isinstance(module, LoRALayer):
+            raise TypeError(f"{name} already has a LoRA")
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"target {name} is a {type(module).__name__}, not a Linear or Conv2d")
+        found.append((name, module, kinds[0]))
+    if not found:
+        raise ValueError(f"no module of {type(model).__name__} matches the LoRA targets")
+    model.requires_grad_(False)
+    for name, module, kind in found:
+        cls = LoRALinear if isinstance(module, nn.Linear) else LoRAConv2d
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, cls(module, config, sel, kind, generator))
+    model.lora_selection = sel  # plain attribute: found in O(1) by weight_set(model, ...)
+    return [name for name, _, _ in found]
+
+
+def merge(model: nn.Module, name: str = "live", multiplier: float = 1.0) -> None:
+    """Add set `name` into the base weights. Originals are kept (a copy per layer) so unmerge is exact."""
+    for layer in lora_layers(model).values():
+        if layer._merged is not None:
+            raise RuntimeError("a LoRA set is already merged; unmerge first")
+        with torch.no_grad():
+            original = layer.weight.detach().clone()
+            merged = original.float() + layer.delta_weight(name) * multiplier
+            layer.weight.copy_(merged.to(layer.weight.dtype))
+        layer._merged = (name, multiplier, original)
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        if layer._merged is not None:
+            with torch.no_grad():
+                layer.weight.copy_(layer._merged[2])
+            layer._merged = None
+
+
+def set_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """One set as `{module}.lora_down` (S*r, in) and `{module}.lora_up` (out, r), detached fp32 views."""
+    out: dict[str, Tensor] = {}
+    for module, layer in lora_layers(model).items():
+        if name not in layer.lora_down:
+            raise KeyError(f"{module} has no materialised set {name!r}")
+        out[f"{module}.lora_down"] = layer.lora_down[name].detach()
+        out[f"{module}.lora_up"] = layer.lora_up[name].detach()
+    return out
+
+
+def load_set(model: nn.Module, name: str, state: dict[str, Tensor], strict: bool = True) -> None:
+    """Fill set `name` (created if needed, e.g. a teacher LoRA) from a `set_state_dict`-style dict."""
+    layers = lora_layers(model)
+    expected = {f"{m}.lora_{p}" for m in layers for p in ("down", "up")}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if strict and (missing or unexpected):
+        raise KeyError(f"set {name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for module, layer in layers.items():
+        for part, store in (("down", layer.lora_down), ("up", layer.lora_up)):
+            key = f"{module}.lora_{part}"
+            if key not in state:
+                continue
+            shape = tuple(layer.lora_down["live"].shape if part == "down" else layer.lora_up["live"].shape)
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"{key}: shape {tuple(state[key].shape)}, expected {shape}")
+            t = state[key].detach().to(device=layer.weight.device, dtype=torch.float32)
+            if name in store:
+                with torch.no_grad():
+                    store[name].copy_(t)
+            else:
+                store[name] = nn.Parameter(t.clone(), requires_grad=False)
+        layer.zero_sets.discard(name)
+
+
+def copy_set(model: nn.Module, dst: str, src: str) -> None:
+    """dst <- src (e.g. start the EMAs from a teacher LoRA, or restart them from live)."""
+    load_set(model, dst, set_state_dict(model, src))
+
+
+def set_tensors(model: nn.Module, name: str) -> list[Tensor]:
+    """The set's tensors in a fixed order (down, up per layer), for foreach updates such as the EMA."""
+    layers = lora_layers(model).values()
+    return [t for layer in layers for t in (layer.lora_down[name], layer.lora_up[name])]

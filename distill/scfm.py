@@ -1,0 +1,247 @@
+"""The SCFM objective (scfm-method.md §2-§5): schedule sampler, shortcut target and loss, as pure functions.
+
+Everything here talks to the network only through a velocity function
+
+    velocity(x, sigma, cond, guidance) -> v        x (B, ...), sigma (B,) in [0, 1], guidance (B,) or None
+
+and chooses LoRA weight sets with `distill.lora.weight_set(s)` on the model that function calls. No
+family-specific scaling happens here (Flux's x1000 or SD3.5's sigma*1000 belong to the velocity function).
+
+Random draws are keyed by (seed, step, position of the element in the global batch): each element has its own
+generator, so the draws do not depend on how the batch is split over processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .lora import weight_set, weight_sets
+
+Velocity = Callable[[Tensor, Tensor, object, "Tensor | None"], Tensor]
+
+
+@dataclass(frozen=True)
+class SCFMConfig:
+    t_skip: int = 2  # grid steps per student step
+    teacher_steps_min: int = 32
+    teacher_steps_max: int = 32
+    teacher_ratio: float = 0.4  # share of teacher elements (first jump with the teacher weights)
+    non_shortcut_ratio: float = 0.0  # share of elements that keep the plain flow-matching target eps - x0
+    dynamic_shift_prob: float = 0.1  # Flux's resolution-dependent shift; otherwise a fixed shift U[min, max)
+    shift_min: float = 2.5
+    shift_max: float = 4.5
+    sigma_max: float = 1.0 - 1e-5  # s[0]: never pure noise
+    guidance_max: float | None = 7.5  # Flux-dev: g ~ U[0, guidance_max) per element; None: no guidance input
+    cfg_scale: float | None = None  # SD3.5: every call is c + w (c - u) with an empty negative; None: off
+
+    def __post_init__(self):
+        if self.t_skip < 2 or self.t_skip % 2:
+            raise ValueError(f"t_skip must be even and >= 2 (two jumps of t_skip/2 steps), got {self.t_skip}")
+        if not self.teacher_grid_sizes():
+            lo, hi = self.teacher_steps_min, self.teacher_steps_max
+            raise ValueError(f"no teacher grid size between {lo} and {hi}")
+        if not self.self_grid_sizes():
+            raise ValueError(f"teacher_steps_min {self.teacher_steps_min} leaves no self grid size")
+        if any(n % self.t_skip for n in self.teacher_grid_sizes()):
+            raise ValueError("teacher grid sizes must be multiples of t_skip")
+        if not self.shift_min <= self.shift_max:
+            raise ValueError(f"shift_min {self.shift_min} > shift_max {self.shift_max}")
+
+    def teacher_grid_sizes(self) -> tuple[int, ...]:
+        return tuple(range(max(self.teacher_steps_min, self.t_skip), self.teacher_steps_max + 1, self.t_skip))
+
+    def self_grid_sizes(self) -> tuple[int, ...]:
+        """2^1 .. 2^(log2(teacher_steps_min) - 1) that t_skip divides: {2, 4, 8, 16} by default."""
+        top = int(math.log2(self.teacher_steps_min))
+        return tuple(n for n in (2**e for e in range(1, top)) if n % self.t_skip == 0)
+
+
+SCFM_CONFIGS: dict[str, SCFMConfig] = {
+    "flux-dev": SCFMConfig(),
+    "flux-schnell": SCFMConfig(guidance_max=None),
+    "sd3.5": SCFMConfig(dynamic_shift_prob=0.0, guidance_max=None, cfg_scale=3.5),
+}
+
+
+# ----- keyed randomness and the schedule sampler ------------------------------------------------------------
+
+
+def element_generators(seed: int, step: int, positions: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per element, seeded by a hash of (seed, step, global position)."""
+    gens = []
+    for p in positions:
+        digest = hashlib.blake2b(f"scfm/{seed}/{step}/{p}".encode(), digest_size=8).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))  # 63 bits
+    return gens
+
+
+def flux_mu(image_tokens: int) -> float:
+    """Flux's dynamic shift exponent, linear in the packed token count from (256, 0.5) to (4096, 1.15)."""
+    return 0.5 + (1.15 - 0.5) * (image_tokens - 256) / (4096 - 256)
+
+
+def shifted_grid(steps: int, *, shift: float | None = None, mu: float | None = None,
+                 sigma_max: float = 1.0 - 1e-5) -> Tensor:
+    """linspace(1, 0, steps + 1) shifted (fixed `shift` or Flux's dynamic `mu`), s[0] = sigma_max; fp64."""
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    if mu is not None:
+        # e^mu / (e^mu + (1/s - 1)), multiplied through by s so that s = 0 needs no division by zero
+        s = math.exp(mu) * s / (math.exp(mu) * s + (1.0 - s))
+    else:
+        s = shift * s / (1.0 + (shift - 1.0) * s)
+    s[0] = sigma_max
+    return s
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Everything random about one training batch; (B,) per element unless noted."""
+
+    teacher: Tensor  # bool: teacher element (first jump with the teacher weights)
+    steps: Tensor  # long: grid size N
+    dynamic: Tensor  # bool: Flux dynamic shift instead of the fixed one
+    shift: Tensor  # float64: the fixed shift k (drawn for every element, used where not dynamic)
+    start: Tensor  # long: start index i, a multiple of t_skip
+    sigmas: Tensor  # (B, t_skip + 1) float64: s[i], ..., s[i + t_skip]
+    shortcut: Tensor  # bool: shortcut target (False: plain eps - x0)
+    guidance: Tensor | None  # float32, or None for models without a guidance input
+    noise: Tensor  # (B, ...) float32
+
+    @property
+    def sigma(self) -> Tensor:  # (B,) float64
+        return self.sigmas[:, 0]
+
+    @property
+    def dt(self) -> Tensor:  # (B, t_skip) float64 sub-steps
+        return self.sigmas[:, :-1] - self.sigmas[:, 1:]
+
+    @property
+    def big_dt(self) -> Tensor:  # (B,) float64 student step Dt = s[i] - s[i + t_skip]
+        return self.sigmas[:, 0] - self.sigmas[:, -1]
+
+
+def sample_draw(
+    config: SCFMConfig,
+    generators: Sequence[torch.Generator],
+    sample_shape: Sequence[int],
+    image_tokens: int,
+    positions: Sequence[int] | None = None,
+    global_batch: int | None = None,
+) -> Draw:
+    """Per element: role, grid, shift, start, guidance, then noise of `sample_shape`, from its own generator.
+
+    `positions` (default 0..B-1) are the elements' places in the global batch of `global_batch` (default B):
+    the first ceil(global_batch * non_shortcut_ratio) places keep the plain flow-matching target.
+    """
+    b = len(generators)
+    positions = list(range(b)) if positions is None else list(positions)
+    global_batch = b if global_batch is None else global_batch
+    n_plain = math.ceil(global_batch * config.non_shortcut_ratio)
+    teacher_sizes, self_sizes = config.teacher_grid_sizes(), config.self_grid_sizes()
+    rows = []
+    for g in generators:
+        # a fixed number of draws per element, whatever their outcome, so every field has its own stream
+        u = torch.rand(6, generator=g, dtype=torch.float64).tolist()
+        u_role, u_size, u_dyn, u_shift, u_start, u_guid = u
+        teacher = u_role < config.teacher_ratio
+        sizes = teacher_sizes if teacher else self_sizes
+        n = sizes[int(u_size * len(sizes))]
+        dynamic = u_dyn < config.dynamic_shift_prob
+        shift = config.shift_min + (config.shift_max - config.shift_min) * u_shift
+        starts = range(0, n - config.t_skip + 1, config.t_skip)
+        start = starts[int(u_start * len(starts))]
+        if dynamic:
+            grid = shifted_grid(n, mu=flux_mu(image_tokens), sigma_max=config.sigma_max)
+        else:
+            grid = shifted_grid(n, shift=shift, sigma_max=config.sigma_max)
+        guidance = None if config.guidance_max is None else config.guidance_max * u_guid
+        rows.append((teacher, n, dynamic, shift, start, grid[start:start + config.t_skip + 1], guidance))
+    noise = torch.stack([torch.randn(tuple(sample_shape), generator=g) for g in generators])  # (B, ...)
+    teacher, n, dynamic, shift, start, sigmas, guidance = zip(*rows)
+    return Draw(
+        teacher=torch.tensor(teacher), steps=torch.tensor(n), dynamic=torch.tensor(dynamic),
+        shift=torch.tensor(shift, dtype=torch.float64), start=torch.tensor(start), sigmas=torch.stack(sigmas),
+        shortcut=torch.tensor([p >= n_plain for p in positions]),
+        guidance=None if config.guidance_max is None else torch.tensor(guidance, dtype=torch.float32),
+        noise=noise,
+    )
+
+
+# ----- the shortcut target and the loss ---------------------------------------------------------------------
+
+
+def cfg_velocity(velocity: Velocity, scale: float, uncond: object) -> Velocity:
+    """v = v_c + w (v_c - v_u): the SD3.5 recipe's CFG (scale 1 + w in the usual convention), two calls."""
+
+    def guided(x: Tensor, sigma: Tensor, cond: object, guidance: Tensor | None) -> Tensor:
+        v_cond = velocity(x, sigma, cond, guidance)
+        v_uncond = velocity(x, sigma, uncond, guidance)
+        return v_cond + scale * (v_cond - v_uncond)
+
+    return guided
+
+
+def _per_element(t: Tensor, like: Tensor) -> Tensor:
+    return t.view(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ...)
+
+
+@torch.no_grad()
+def shortcut_target(
+    velocity: Velocity, model: nn.Module, x_sigma: Tensor, draw: Draw, cond: object
+) -> Tensor:
+    """(x_sigma - x_end) / Dt over t_skip Euler sub-steps, in fp32 (B, ...).
+
+    First t_skip/2 sub-steps: teacher elements use `teacher`, self elements `fast_ema`, in one batched call
+    per sub-step. Remaining sub-steps: `slow_ema` for all.
+    """
+    device = x_sigma.device
+    sigmas = draw.sigmas.to(device=device, dtype=torch.float32)  # (B, K + 1)
+    dt = draw.dt.to(device=device, dtype=torch.float32)  # (B, K), differenced in fp64 before the cast
+    guidance = None if draw.guidance is None else draw.guidance.to(device)
+    first = ["teacher" if t else "fast_ema" for t in draw.teacher.tolist()]
+    x_start = x_sigma.float()
+    travelled = torch.zeros_like(x_start)  # sum_j dt_j v_j, fp32 whatever the model dtype
+    k = dt.shape[1]
+    for j in range(k):
+        chooser = weight_sets(model, first) if j < k // 2 else weight_set(model, "slow_ema")
+        with chooser:
+            x_j = (x_start - travelled).to(x_sigma.dtype)  # x_sigma minus the sub-steps so far
+            v = velocity(x_j, sigmas[:, j], cond, guidance)
+        travelled += _per_element(dt[:, j], x_start) * v.float()
+    return travelled / _per_element(draw.big_dt.to(device=device, dtype=torch.float32), x_start)
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: Tensor  # () fp32, with gradient into the live LoRA
+    per_element: Tensor  # (B,) fp32 detached
+    target: Tensor  # (B, ...) fp32
+
+
+def scfm_loss(velocity: Velocity, model: nn.Module, x0: Tensor, cond: object, draw: Draw, config: SCFMConfig,
+              uncond: object = None) -> LossOutput:
+    """Student (live set, with gradient) against the target: per-element MSE, uniform mean over the batch."""
+    if config.cfg_scale is not None:
+        if uncond is None:
+            raise ValueError("cfg_scale is set: pass uncond (the empty negative prompt's conditioning)")
+        velocity = cfg_velocity(velocity, config.cfg_scale, uncond)
+    noise = draw.noise.to(device=x0.device, dtype=torch.float32)
+    sigma = _per_element(draw.sigma.to(device=x0.device, dtype=torch.float32), noise)
+    x_sigma = ((1.0 - sigma) * x0.float() + sigma * noise).to(x0.dtype)  # (B, ...)
+    plain = noise - x0.float()  # the flow-matching velocity eps - x0
+    if draw.shortcut.any():
+        target = shortcut_target(velocity, model, x_sigma, draw, cond)
+        target = torch.where(_per_element(draw.shortcut.to(x0.device), target), target, plain)
+    else:
+        target = plain
+    guidance = None if draw.guidance is None else draw.guidance.to(x0.device)
+    with weight_set(model, "live"):
+        pred = velocity(x_sigma, sigma.flatten(), cond, guidance)
+    per_element = (pred.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+    return LossOutput(per_element.mean(), per_element.detach(), target)
