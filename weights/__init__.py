@@ -2,5 +2,7 @@
 
 from .flux import load_flux, save_flux
 from .io import WeightsError
+from .text import load_clip, load_t5
+from .vae import load_vae
 
-__all__ = ["WeightsError", "load_flux", "save_flux"]
+__all__ = ["WeightsError", "load_clip", "load_flux", "load_t5", "load_vae", "save_flux"]
