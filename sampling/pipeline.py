@@ -1,0 +1,216 @@
+"""Flux text-to-image: prompts -> text encoders -> Euler over the velocity field -> VAE -> images.
+
+The same seed gives the same image as diffusers' `FluxPipeline`: noise is drawn with the same shape, generator and
+dtype, the grid is the scheduler's, and the timestep is rounded the way diffusers rounds it. Components load
+lazily and the text encoders are released before the transformer is loaded, so T5-XXL and the 12 B transformer are
+never resident together.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.flux import Flux
+from model.text import encode_flux
+from model.tokenizers import CLIPTokenizer, T5Tokenizer
+from model.vae import AutoEncoder, vae_to_images
+from weights.flux import load_flux
+from weights.io import WeightsError
+from weights.text import load_clip, load_t5
+from weights.vae import load_vae
+
+from .samplers import euler, flux_guidance, true_cfg
+from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
+from .velocity import FluxVelocity
+
+
+@dataclass(frozen=True)
+class FluxSources:
+    """Where each component comes from. Tokenizers: None means the vendored CLIP vocabulary / no T5 default."""
+
+    transformer: Path
+    vae: Path | None = None
+    clip: Path | None = None
+    t5: Path | None = None
+    clip_tokenizer: Path | None = None
+    t5_tokenizer: Path | None = None
+    schedule: ScheduleConfig | None = None  # None: the family default (dev: dynamic shift; schnell: shift 1)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **overrides) -> FluxSources:
+        """A diffusers FluxPipeline folder (model_index.json, transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/)."""
+        folder = Path(folder).expanduser()
+        if not (folder / "model_index.json").exists():
+            raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        parts = dict(
+            transformer=folder, vae=folder / "vae", clip=folder / "text_encoder", t5=folder / "text_encoder_2",
+            clip_tokenizer=folder / "tokenizer", t5_tokenizer=folder / "tokenizer_2",
+            schedule=schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json"),
+        )
+        return cls(**{**parts, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def check(self) -> None:
+        """Fail before loading anything: every component present, every path existing (one line each)."""
+        flags = dict(transformer="--model", vae="--vae", clip="--clip", t5="--t5", t5_tokenizer="--t5-tokenizer",
+                     clip_tokenizer="--clip-tokenizer")
+        for name, flag in flags.items():
+            path = getattr(self, name)
+            if path is None and name != "clip_tokenizer":
+                raise WeightsError(f"no {name.replace('_', ' ')} given: pass {flag} (or a diffusers pipeline folder)")
+            if path is not None and not Path(path).exists():
+                raise WeightsError(f"{flag} {path}: no such file or folder")
+
+
+def schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
+    """A `FlowMatchEulerDiscreteScheduler` config.json -> our ScheduleConfig (None when the file is absent)."""
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    return ScheduleConfig(
+        pipeline="flux", shift=float(d.get("shift", 1.0)), dynamic=bool(d.get("use_dynamic_shifting", False)),
+        base_shift=float(d.get("base_shift", 0.5)), max_shift=float(d.get("max_shift", 1.15)),
+        base_seq_len=int(d.get("base_image_seq_len", 256)), max_seq_len=int(d.get("max_image_seq_len", 4096)),
+    )
+
+
+@dataclass
+class GenerationConfig:
+    height: int = 1024
+    width: int = 1024
+    steps: int = 28
+    guidance: float = 3.5  # Flux-dev's guidance embedding; ignored by models without one (schnell)
+    true_cfg: float = 1.0  # > 1 with a negative prompt: real CFG, neg + s (pos - neg), twice the compute
+    negative_prompt: str | None = None
+    max_sequence_length: int = 512  # T5 length; the SCFM recipe trains with 256
+    seed: int | None = 0
+    grid: str = "diffusers"  # or "scfm": shifted linspace with s[0] = 1 - 1e-5, what SCFM LoRAs are trained on
+    shift: float | str | None = None  # a number, "dynamic", or None for the schedule's own
+    extra: dict = field(default_factory=dict)
+
+
+class FluxPipeline:
+    def __init__(self, sources: FluxSources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.sources, self.device, self.dtype = sources, torch.device(device), dtype
+        self._transformer: Flux | None = None
+        self._vae: AutoEncoder | None = None
+        self.transformer_hooks: list[Callable[[Flux], None]] = []  # e.g. LoRA application after loading
+
+    # --- components --------------------------------------------------------------------------------------------
+
+    @property
+    def transformer(self) -> Flux:
+        if self._transformer is None:
+            self._transformer = load_flux(self.sources.transformer, dtype=self.dtype, device=self.device)
+            for hook in self.transformer_hooks:
+                hook(self._transformer)
+        return self._transformer
+
+    @property
+    def vae(self) -> AutoEncoder:
+        if self._vae is None:
+            if self.sources.vae is None:
+                raise WeightsError("no VAE given: pass --vae ae.safetensors (or a diffusers pipeline folder)")
+            self._vae = load_vae(self.sources.vae, dtype=self.dtype, device=self.device)
+        return self._vae
+
+    @property
+    def vae_scale(self) -> int:
+        return self.vae.config.downscale
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], max_sequence_length: int = 512) -> dict[str, Tensor]:
+        """Run CLIP-L and T5 once for all prompts, then free them: cond = {txt (B, T, 4096), y (B, 768)}."""
+        s = self.sources
+        if s.clip is None or s.t5 is None or s.t5_tokenizer is None:
+            raise WeightsError("Flux needs text encoders: pass --clip, --t5 and --t5-tokenizer (or a pipeline folder)")
+        clip = load_clip(s.clip, dtype=self.dtype, device=self.device)
+        t5 = load_t5(s.t5, dtype=self.dtype, device=self.device)
+        txt, _, y = encode_flux(
+            list(prompts), clip=clip, clip_tokenizer=CLIPTokenizer.load(s.clip_tokenizer), t5=t5,
+            t5_tokenizer=T5Tokenizer.load(s.t5_tokenizer, max_length=max_sequence_length),
+            max_length=max_sequence_length,
+        )
+        del clip, t5
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"txt": txt, "y": y}
+
+    # --- sampling ----------------------------------------------------------------------------------------------
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        multiple = 2 * self.vae_scale  # one packed token covers 2x2 latent pixels
+        for name, size in (("height", height), ("width", width)):
+            if size % multiple or size <= 0:
+                lo, hi = max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple
+                raise ValueError(f"{name} {size} is not a multiple of {multiple}; use {lo} or {hi}")
+        return height // self.vae_scale, width // self.vae_scale
+
+    def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """diffusers' `randn_tensor`: drawn on the generator's device in the model dtype, then moved."""
+        h, w = self.latent_size(height, width)
+        noise = torch.randn((batch, 16, h, w), generator=generator, device=generator.device, dtype=self.dtype)
+        return noise.to(self.device)
+
+    def schedule(self, cfg: GenerationConfig) -> ScheduleConfig:
+        model = self.transformer
+        base = self.sources.schedule or SCHEDULES["flux-dev" if model.config.guidance_embed else "flux-schnell"]
+        base = replace(base, grid=cfg.grid)
+        if cfg.shift == "dynamic":
+            return replace(base, dynamic=True)
+        if cfg.shift is not None:
+            return replace(base, dynamic=False, shift=float(cfg.shift))
+        return base
+
+    @torch.no_grad()
+    def sample(self, cond: dict[str, Tensor], cfg: GenerationConfig, *, negative: dict[str, Tensor] | None = None,
+               generator: torch.Generator | None = None, callback=None) -> Tensor:
+        """Latents (B, 16, h, w) in the model's normalised latent space."""
+        batch = cond["txt"].shape[0]
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(cfg.seed if cfg.seed is not None else 0)
+        x = self.noise(batch, cfg.height, cfg.width, generator)
+        velocity = FluxVelocity(self.transformer)
+        if negative is not None and cfg.true_cfg > 1:
+            velocity = true_cfg(velocity, negative, cfg.true_cfg)
+        image_tokens = (x.shape[2] // 2) * (x.shape[3] // 2)
+        sigmas = get_sigmas(self.schedule(cfg), cfg.steps, image_tokens, device=self.device)
+        guidance = flux_guidance(cfg.guidance, batch, self.device) if self.transformer.config.guidance_embed else None
+        return euler(velocity, x, sigmas, cond, guidance, callback=callback)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents -> images (B, 3, H, W) in [0, 1]."""
+        vae = self.vae
+        return vae_to_images(vae.decode(vae.denormalize_latents(latents.to(self.dtype))))
+
+    def __call__(self, prompts: str | Sequence[str], cfg: GenerationConfig | None = None, *,
+                 generator: torch.Generator | None = None, callback=None, output: str = "pil"):
+        cfg = cfg or GenerationConfig()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.latent_size(cfg.height, cfg.width)  # fail on a bad size before loading anything
+        with_negative = cfg.negative_prompt is not None and cfg.true_cfg > 1
+        conds = self.encode(prompts + ([cfg.negative_prompt] * len(prompts) if with_negative else []),
+                            cfg.max_sequence_length)
+        cond = {k: v[: len(prompts)] for k, v in conds.items()}
+        negative = {k: v[len(prompts):] for k, v in conds.items()} if with_negative else None
+        latents = self.sample(cond, cfg, negative=negative, generator=generator, callback=callback)
+        if output == "latent":
+            return latents
+        images = self.decode(latents)
+        return images if output == "tensor" else to_pil(images)
+
+
+def to_pil(images: Tensor) -> list:
+    """[0, 1] float images -> PIL, rounded as diffusers rounds (x * 255, round half to even, uint8)."""
+    from PIL import Image
+
+    arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]

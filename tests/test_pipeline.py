@@ -1,0 +1,114 @@
+"""The Flux pipeline against diffusers' FluxPipeline on a tiny pipeline folder saved by `save_pretrained`
+(reference.md §9 row 17): same latents for the same seed, and the same 8-bit image within one level."""
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from text_fixtures import hf_clip, hf_clip_tokenizer, hf_t5, train_spm
+
+from conftest import randomize_
+from model.clip import CLIP_CONFIGS
+from model.layers import pack
+from model.t5 import T5_CONFIGS
+from sampling.pipeline import FluxPipeline, FluxSources, GenerationConfig
+
+CLIP = dataclasses.replace(CLIP_CONFIGS["tiny"], vocab_size=49408, hidden_size=32, num_attention_heads=2,
+                           num_hidden_layers=2, intermediate_size=64, projection_dim=None, eos_token_id=49407)
+T5 = dataclasses.replace(T5_CONFIGS["tiny"], vocab_size=256, d_model=96, num_layers=2)
+PROMPTS = ["a red circle at the top left", "a blue square"]
+T5_LEN = 48
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
+def pipeline_folder(request, tmp_path_factory):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline as DiffusersFlux, \
+        FluxTransformer2DModel
+    from transformers import T5Tokenizer as HFT5Tokenizer
+
+    guidance = request.param
+    root = tmp_path_factory.mktemp("pipe")
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5.d_model, pooled_projection_dim=CLIP.hidden_size,
+        guidance_embeds=guidance, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    randomize_(transformer, 0.1, seed=3)
+    randomize_(vae, 0.05, seed=4)
+    scheduler = (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+                 if guidance else FlowMatchEulerDiscreteScheduler(shift=1.0))
+    train_spm(root / "spm")
+    pipe = DiffusersFlux(
+        scheduler=scheduler, vae=vae, text_encoder=hf_clip(CLIP, 0.1, seed=1, bos=49406),
+        tokenizer=hf_clip_tokenizer(), text_encoder_2=hf_t5(T5, 0.1, seed=2),
+        tokenizer_2=HFT5Tokenizer.from_pretrained(str(root / "spm")), transformer=transformer,
+    )
+    pipe.save_pretrained(root / "flux")
+    return root / "flux", pipe, guidance
+
+
+def _diffusers(pipe, output_type, steps=3):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pipe(PROMPTS, height=32, width=48, num_inference_steps=steps, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(7), output_type=output_type,
+                    max_sequence_length=T5_LEN).images
+
+
+def test_same_latents_and_image_as_diffusers(pipeline_folder):
+    folder, pipe, guidance = pipeline_folder
+    ours = FluxPipeline(FluxSources.from_folder(folder))
+    cfg = GenerationConfig(height=32, width=48, steps=3, guidance=4.0, seed=7, max_sequence_length=T5_LEN)
+    latents = ours(PROMPTS, cfg, output="latent")  # (B, 16, 8, 12)
+    ref = _diffusers(pipe, "latent")  # packed (B, 24, 64)
+    assert latents.shape == (2, 16, 8, 12)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(pack(latents), ref, rtol=0, atol=1e-4 * scale)
+
+    images = np.stack([np.asarray(im) for im in ours(PROMPTS, cfg)]).astype(int)
+    ref_images = (_diffusers(pipe, "np") * 255).round().astype(int)
+    assert images.shape == ref_images.shape == (2, 32, 48, 3)
+    assert images.std() > 1, "the tiny pipeline should not draw a flat image"
+    assert np.abs(images - ref_images).max() <= 1
+
+
+def test_dynamic_shift_is_read_from_the_scheduler_config(pipeline_folder):
+    folder, _, guidance = pipeline_folder
+    assert FluxSources.from_folder(folder).schedule.dynamic == guidance
+
+
+def test_size_must_be_a_multiple_of_the_packed_patch(pipeline_folder):
+    folder, _, _ = pipeline_folder
+    ours = FluxPipeline(FluxSources.from_folder(folder))
+    with pytest.raises(ValueError, match=r"width 50 is not a multiple of 8; use 48 or 56"):
+        ours(PROMPTS, GenerationConfig(height=32, width=50))
+
+
+def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from sampling.generate import main, parse_lora
+
+    folder, _, _ = pipeline_folder
+    args = ["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "2", "--width", "48", "--height", "32",
+            "--seed", "11", "--max-sequence-length", str(T5_LEN), "--out", str(tmp_path / "one.png"), "--dtype", "fp32"]
+    assert main(args) == 0
+    meta = json.loads(Image.open(tmp_path / "one.png").text["parameters"])
+    assert meta["seed"] == 11 and meta["prompt"] == PROMPTS[0] and meta["steps"] == 2
+    assert main(args) == 2 and "exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert main(args[:-4] + ["--width", "50", "--out", str(tmp_path / "bad.png")]) == 2
+    assert "not a multiple of 8" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert parse_lora("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
+    assert parse_lora("a.safetensors:1.5") == ("a.safetensors", 1.5)
