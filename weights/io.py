@@ -173,6 +173,16 @@ class TensorReader:
         return t
 
 
+def read_config_json(folder: Path) -> dict | None:
+    """A model folder's config.json, or None when it has none."""
+    if not (folder / "config.json").exists():
+        return None
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{folder / 'config.json'}: unreadable ({e}); fix or delete it") from None
+
+
 def model_files(source: str | os.PathLike, subfolder: str) -> tuple[list[Path], dict | None]:
     """The weight files and config.json of `source`: a single file, a model folder, or a diffusers pipeline
     folder (whose `subfolder`, e.g. `transformer`, is used)."""
@@ -186,10 +196,4 @@ def model_files(source: str | os.PathLike, subfolder: str) -> tuple[list[Path], 
         if not (path / subfolder).is_dir():
             raise WeightsError(f"{path}: a pipeline folder without a {subfolder}/ subfolder")
         path = path / subfolder
-    config = None
-    if (path / "config.json").exists():
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path / 'config.json'}: unreadable ({e}); fix or delete it") from None
-    return weight_files(path), config
+    return weight_files(path), read_config_json(path)

@@ -16,7 +16,6 @@ file dtype to the requested one: a bf16 T5-XXL from an fp16 file never has an fp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from model.clip import CLIP_CONFIGS, CLIPConfig, CLIPTextEncoder
 from model.t5 import T5Config, T5Encoder
 
 from .assign import assign_tensors, check_keys_and_shapes
-from .io import WeightsError, iter_tensors, read_shapes, weight_files
+from .io import WeightsError, iter_tensors, read_config_json, read_shapes, weight_files
 
 # ours-key -> (file key, transform of the file tensor); the transform also applies to shapes via a meta
 # tensor.
@@ -56,13 +55,7 @@ def _resolve(source: str | os.PathLike, subfolder: str | None) -> tuple[list[Pat
     elif (path / "model_index.json").exists():
         raise WeightsError(f"{path}: a pipeline folder; pass subfolder= (text_encoder, text_encoder_2 or "
                            "text_encoder_3)")
-    config = None
-    if (path / "config.json").exists():
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path / 'config.json'}: unreadable ({e}); fix or delete it") from None
-    return weight_files(path), config, str(path)
+    return weight_files(path), read_config_json(path), str(path)
 
 
 def _find_prefix(keys, anchor: str, source: str, what: str, prefix: str | None) -> str | None:

@@ -12,7 +12,6 @@ The model is built on the meta device, the file's header is checked against it, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from model.vae import VAE_CONFIGS, AutoEncoder, VAEConfig
 
 from .assign import assign_tensors, check_keys_and_shapes
-from .io import WeightsError, config_from_metadata, iter_tensors, read_shapes, weight_files
+from .io import WeightsError, config_from_metadata, iter_tensors, read_config_json, read_shapes, weight_files
 from .keymaps.vae import diffusers_to_ours
 
 SAI_PREFIX = "first_stage_model."
@@ -44,15 +43,9 @@ def _resolve(source: Path) -> tuple[list[Path], dict | None]:
     folder = source if source.is_dir() else source.parent
     if source.is_dir() and (source / "vae").is_dir():  # a diffusers pipeline folder
         folder = source = source / "vae"
-    config_path = folder / "config.json"
-    config_json = None
-    if config_path.exists():
-        try:
-            config_json = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{config_path}: unreadable ({e}); re-download the vae folder") from None
-        if config_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            config_json = None  # a config.json for something else sitting next to a single file
+    config_json = read_config_json(folder)
+    if config_json is not None and config_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        config_json = None  # a config.json for something else sitting next to a single file
     files = weight_files(source) if source.is_dir() else [source]
     return files, config_json
 
