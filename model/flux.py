@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .layers import MLPEmbedder, Modulation, QKNorm, attention, timestep_embedding
 from .rope import EmbedND
 
@@ -90,11 +91,9 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qk_v(self, x: Tensor, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, L, D) -> normalised and rotated q, k and v, each (B, H, L, D/H)."""
-        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k, pe)
-        return q.to(v.dtype), k.to(v.dtype), v
+    def split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, D) -> raw q, k, v, each (B, H, L, D/H), strided views of one projection output."""
+        return rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -118,12 +117,17 @@ class DoubleStreamBlock(nn.Module):
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
-        # RoPE acts per token, so each stream is normalised and rotated by its own slice of the [txt, img] table
-        txt_q, txt_k, txt_v = self.txt_attn.qk_v(txt_mod1.modulate(self.txt_norm1(txt)), pe[:, :, :n_txt])
-        img_q, img_k, img_v = self.img_attn.qk_v(img_mod1.modulate(self.img_norm1(img)), pe[:, :, n_txt:])
-        attn = attention(
-            torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2)
-        )  # (B, T + L, D)
+        txt_q, txt_k, txt_v = self.txt_attn.split_qkv(txt_mod1.modulate(self.txt_norm1(txt)))
+        img_q, img_k, img_v = self.img_attn.split_qkv(img_mod1.modulate(self.img_norm1(img)))
+        # Each stream's own QK-norm, then RoPE over the joint [txt, img] sequence: one fused op that writes
+        # straight into the joint buffers, so the q/k concatenations cost nothing extra.
+        q, k = kernels.qk_norm_rope_joint(
+            txt_q, txt_k, img_q, img_k, self.txt_attn.norm.query_norm.scale, self.txt_attn.norm.key_norm.scale,
+            self.img_attn.norm.query_norm.scale, self.img_attn.norm.key_norm.scale, pe,
+            self.img_attn.norm.query_norm.eps,
+        )  # each (B, H, T + L, D/H)
+        v = torch.cat((txt_v, img_v), dim=2)
+        attn = attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, T + L, D)
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)

@@ -8,10 +8,16 @@ import textwrap
 
 import pytest
 import torch
+from flux_fixtures import (
+    assert_bf16_close,
+    assert_fp32_close,
+    run_diffusers,
+    run_ours,
+    tiny_diffusers_flux,
+    tiny_inputs,
+)
 from safetensors.torch import save_file
 
-from flux_fixtures import assert_bf16_close, assert_fp32_close, run_diffusers, run_ours, tiny_diffusers_flux, \
-    tiny_inputs
 from model.flux import FLUX_CONFIGS, FluxConfig
 from weights import WeightsError, load_flux, save_flux
 from weights.flux import infer_flux_config

@@ -2,9 +2,16 @@
 
 import pytest
 import torch
+from flux_fixtures import (
+    assert_bf16_close,
+    assert_fp32_close,
+    run_diffusers,
+    run_ours,
+    tiny_config,
+    tiny_diffusers_flux,
+    tiny_inputs,
+)
 
-from flux_fixtures import assert_bf16_close, assert_fp32_close, run_diffusers, run_ours, tiny_config, \
-    tiny_diffusers_flux, tiny_inputs
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
 from model.layers import image_ids, pack, text_ids, unpack
 from weights.flux import flux_state_dict

@@ -1,15 +1,16 @@
 """The one door model code uses for the fused ops: Triton on CUDA, the torch reference elsewhere.
 
-`SCFM_KERNELS=torch|triton` forces one path (`triton` on CPU needs `TRITON_INTERPRET=1` set before this package is
-imported; tests/conftest.py does that when no CUDA device exists). Triton is an optional dependency: without it
-every call runs the reference. All ops are differentiable either way.
+`SCFM_KERNELS=torch|triton` forces one path (`triton` on CPU needs `TRITON_INTERPRET=1` set before this
+package is imported; tests/conftest.py does that when no CUDA device exists). Triton is an optional
+dependency: without it every call runs the reference. All ops are differentiable either way.
 
     rms_norm(x, weight, eps)                                  x (..., D), BFL casting
-    rope(x, pe)                                               x (B, H, L, D), pe (B|1, 1, L, D/2, 2) fp32 (cos, sin)
+    rope(x, pe)                                               x (B, H, L, D), pe (B|1, 1, L, D/2, 2) fp32
     qk_norm_rope(q, k, q_scale, k_scale, pe | None, eps)      Flux: q, k (B, H, L, D), strided views are fine
     qk_norm_rope_joint(txt_q, txt_k, img_q, img_k,
                        txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, pe, eps)
-                                                              Flux double block: -> (B, H, L_txt + L_img, D), text first
+                                                              Flux double block: -> (B, H, L_txt + L_img, D),
+                                                              text first
     qk_norm(q, k, q_scale, k_scale, eps)                      SD3.5: diffusers casting, no RoPE
 """
 
@@ -56,7 +57,8 @@ def _use_triton(x: Tensor, *tensors: Tensor | None) -> bool:
     # Shapes and dtypes the kernels do not cover fall back silently: the reference is always correct.
     if x.dtype not in _DTYPES or x.shape[-1] > _MAX_D or x.shape[-1] == 0:
         return False
-    # pe is a position table: the kernels return no gradient for it, so a pe that wants one takes the reference.
+    # pe is a position table: the kernels return no gradient for it, so a pe that wants one takes the
+    # reference.
     return not any(t is not None and t.ndim == 5 and t.requires_grad for t in tensors)
 
 
@@ -92,8 +94,11 @@ def qk_norm_rope_joint(
     return qk_norm_rope_joint_reference(*args)
 
 
-def qk_norm(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """SD3.5 QK-norm with diffusers' casting (variance in fp32; rounded to the weight dtype when it is half)."""
+def qk_norm(
+    q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """SD3.5 QK-norm with diffusers' casting (variance in fp32; rounded to the weight dtype when it is
+    half)."""
     if _use_triton(q):
         return qk_norm_triton(q, k, q_scale, k_scale, eps)
     return qk_norm_reference(q, k, q_scale, k_scale, eps)

@@ -1,8 +1,9 @@
 """Shared Triton pieces: the guarded import, row-tile addressing, bf16 rounding, tile sizes.
 
 Triton is optional. `HAS_TRITON` is False when it is missing, and every op file then defines only its torch
-reference. `TRITON_INTERPRET=1` is read when `@triton.jit` decorates a kernel, i.e. when this package is imported,
-so whoever wants the interpreter (tests/conftest.py, bench on CPU) must set it before the first import.
+reference. `TRITON_INTERPRET=1` is read when `@triton.jit` decorates a kernel, i.e. when this package is
+imported, so whoever wants the interpreter (tests/conftest.py, bench on CPU) must set it before the first
+import.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def norm_out_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype, mode: int) -> tor
 
 
 def as_4d(x: torch.Tensor) -> torch.Tensor:
-    """View (..., D) as (B, H, L, D) so one strided kernel serves every rank; >4-D inputs fold the extra dims."""
+    """View (..., D) as (B, H, L, D) so one strided kernel serves every rank; >4-D inputs fold the extra
+    dims."""
     while x.ndim < 4:
         x = x.unsqueeze(0)
     if x.ndim > 4:
@@ -64,15 +66,23 @@ if HAS_TRITON:
 
     @triton.jit
     def row_offsets(rows, H, L, stride_b, stride_h, stride_l):
-        """Element offsets of flattened (B, H, L) rows in a strided tensor, in int64 (qkv views exceed 2^31)."""
-        l_idx = rows % L
-        bh = rows // L
-        return (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h + l_idx.to(tl.int64) * stride_l
+        """Element offsets of rows in a strided (B, H, L, D) tensor, rows numbered (b, l, h) with h fastest: a
+        tile then covers all heads of a few tokens, which share one RoPE row (one table read per token, not
+        per head) and, in a qkv projection output, sit next to each other in memory. int64: qkv views exceed
+        2^31."""
+        h_idx = rows % H
+        bl = rows // H
+        return (
+            (bl // L).to(tl.int64) * stride_b
+            + h_idx.to(tl.int64) * stride_h
+            + (bl % L).to(tl.int64) * stride_l
+        )
 
     @triton.jit
     def round_to(x, DTYPE: tl.constexpr):
-        """Round x to DTYPE's precision but keep x's dtype. bf16 uses integer round-to-nearest-even on the fp32
-        bits because the interpreter's fp32->bf16 cast truncates (GPUs round), and this is exact on both."""
+        """Round x to DTYPE's precision but keep x's dtype. bf16 uses integer round-to-nearest-even on the
+        fp32 bits because the interpreter's fp32->bf16 cast truncates (GPUs round), and this is exact on
+        both."""
         if DTYPE == tl.bfloat16:
             xf = x.to(tl.float32)
             bits = xf.to(tl.uint32, bitcast=True)
@@ -84,8 +94,8 @@ if HAS_TRITON:
 
     @triton.jit
     def rotate_pairs(x, pe, CONJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Rotate interleaved pairs (x[2j], x[2j+1]) by pe's (cos, sin) pairs, both (BLOCK_M, BLOCK_D) in fp32.
-        CONJ uses -sin: the inverse rotation, which is the backward of the forward one."""
+        """Rotate interleaved pairs (x[2j], x[2j+1]) by pe's (cos, sin) pairs, both (BLOCK_M, BLOCK_D) in
+        fp32. CONJ uses -sin: the inverse rotation, which is the backward of the forward one."""
         x0, x1 = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_D // 2, 2)))
         cos, sin = tl.split(tl.reshape(pe, (BLOCK_M, BLOCK_D // 2, 2)))
         if CONJ:

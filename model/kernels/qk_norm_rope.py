@@ -1,12 +1,13 @@
 """QK-RMSNorm followed by RoPE (Flux), and QK-RMSNorm alone (SD3.5): torch references, one fused Triton kernel
 for q and k together (forward and backward), and the custom ops
 
-    scfm::qk_norm_rope(q, k, q_scale, k_scale, pe?, eps, mode) -> (q, k)            single stream or joint sequence
+    scfm::qk_norm_rope(q, k, q_scale, k_scale, pe?, eps, mode) -> (q, k)               one (joint) sequence
     scfm::qk_norm_rope_joint(txt_q, txt_k, img_q, img_k, 4 scales, pe, eps) -> (q, k)  Flux double block
 
 q and k are read through their strides, so the views that `rearrange(qkv, "B L (K H D) -> K B H L D")` makes
-cost no copy, and the outputs are written contiguous in (B, H, L, D), the layout SDPA consumes. The joint op writes
-each stream straight into its slice of the joint (text first) buffer, which absorbs the two `torch.cat`s of q and k.
+cost no copy, and the outputs are written contiguous in (B, H, L, D), the layout SDPA consumes. The joint op
+writes each stream straight into its slice of the joint (text first) buffer, which absorbs the two
+`torch.cat`s of q and k.
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._triton_utils import HAS_TRITON, MODE_DIFFUSERS, MODE_FLUX, next_pow2, norm_out_dtype, row_tile, tl, triton
+from ._triton_utils import (
+    HAS_TRITON,
+    MODE_DIFFUSERS,
+    MODE_FLUX,
+    next_pow2,
+    norm_out_dtype,
+    row_tile,
+    tl,
+    triton,
+)
 from .rmsnorm import rms_norm_diffusers_reference, rms_norm_reference
-from .rope import check_pe, pe_strides, rope_reference
+from .rope import check_pe, pe_rows, rope_reference
 
 
 def qk_norm_rope_reference(
@@ -35,10 +45,20 @@ def qk_norm_reference(q: Tensor, k: Tensor, q_scale: Tensor, k_scale: Tensor, ep
     return rms_norm_diffusers_reference(q, q_scale, eps), rms_norm_diffusers_reference(k, k_scale, eps)
 
 
-def qk_norm_rope_joint_reference(txt_q, txt_k, img_q, img_k, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
-                                 pe: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Flux double block: norm each stream with its own scales, cat (text first) along L, then RoPE on the joint
-    sequence; pe covers L_txt + L_img tokens."""
+def qk_norm_rope_joint_reference(
+    txt_q,
+    txt_k,
+    img_q,
+    img_k,
+    txt_q_scale,
+    txt_k_scale,
+    img_q_scale,
+    img_k_scale,
+    pe: Tensor,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Flux double block: norm each stream with its own scales, cat (text first) along L, then RoPE on the
+    joint sequence; pe covers L_txt + L_img tokens."""
     tq, tk = qk_norm_rope_reference(txt_q, txt_k, txt_q_scale, txt_k_scale, None, eps)
     iq, ik = qk_norm_rope_reference(img_q, img_k, img_q_scale, img_k_scale, None, eps)
     q, k = torch.cat((tq, iq), dim=2), torch.cat((tk, ik), dim=2)  # (B, H, L_txt + L_img, D)
@@ -53,15 +73,16 @@ def _check(q: Tensor, k: Tensor, pe: Tensor | None) -> None:
 
 
 if HAS_TRITON:
-    from ._triton_utils import round_to, rotate_pairs, row_offsets
+    from ._triton_utils import rotate_pairs, round_to, row_offsets
     from .rmsnorm import norm_backward, norm_scale
     from .rope import load_pe
 
     @triton.jit
     def _tile_fwd(
         x_ptr, w_ptr, y_ptr, pe_ptr, rows, cols, n_rows, H, L, D, eps,
-        sx_b, sx_h, sx_l, sx_d, sy_b, sy_h, sy_l, sp_b, sp_l, sp_j, sp_c,
-        MODE: tl.constexpr, HAS_PE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        sx_b, sx_h, sx_l, sx_d, sy_b, sy_h, sy_l, sp_b, sp_l,
+        MODE: tl.constexpr, HAS_PE: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         row_mask = rows < n_rows
         mask = row_mask[:, None] & (cols < D)[None, :]
@@ -71,8 +92,9 @@ if HAS_TRITON:
         y, _ = norm_scale(x, w, eps, D, MODE, x_ptr.dtype.element_ty, w_ptr.dtype.element_ty)
         out_ty = y_ptr.dtype.element_ty
         if HAS_PE:
-            # The reference materialises the norm output in out_ty before RoPE reads it: same rounding point here.
-            pe = load_pe(pe_ptr, rows, row_mask, cols, H, L, D, sp_b, sp_l, sp_j, sp_c, BLOCK_M).to(ACC)
+            # The reference materialises the norm output in out_ty before RoPE reads it: same rounding point
+            # here.
+            pe = load_pe(pe_ptr, rows, row_mask, cols, H, L, D, sp_b, sp_l, BLOCK_M).to(ACC)
             y = rotate_pairs(round_to(y, out_ty), pe, False, BLOCK_M, BLOCK_D)
         y_off = row_offsets(rows, H, L, sy_b, sy_h, sy_l)[:, None] + cols[None, :]
         tl.store(y_ptr + y_off, round_to(y, out_ty).to(out_ty), mask=mask)
@@ -80,8 +102,9 @@ if HAS_TRITON:
     @triton.jit
     def _qk_fwd_kernel(
         q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, pe_ptr, n_rows, H, L, D, eps,
-        sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, so_b, so_h, so_l, sp_b, sp_l, sp_j, sp_c,
-        MODE: tl.constexpr, HAS_PE: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, so_b, so_h, so_l, sp_b, sp_l,
+        MODE: tl.constexpr, HAS_PE: tl.constexpr, FP64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # grid (row tiles, 2): axis 1 picks q or k, so both tensors go in one launch.
         ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -89,15 +112,15 @@ if HAS_TRITON:
         cols = tl.arange(0, BLOCK_D)
         if tl.program_id(1) == 0:
             _tile_fwd(q_ptr, qw_ptr, qo_ptr, pe_ptr, rows, cols, n_rows, H, L, D, eps, sq_b, sq_h, sq_l, sq_d,
-                      so_b, so_h, so_l, sp_b, sp_l, sp_j, sp_c, MODE, HAS_PE, ACC, BLOCK_M, BLOCK_D)  # fmt: skip
+                      so_b, so_h, so_l, sp_b, sp_l, MODE, HAS_PE, ACC, BLOCK_M, BLOCK_D)  # fmt: skip
         else:
             _tile_fwd(k_ptr, kw_ptr, ko_ptr, pe_ptr, rows, cols, n_rows, H, L, D, eps, sk_b, sk_h, sk_l, sk_d,
-                      so_b, so_h, so_l, sp_b, sp_l, sp_j, sp_c, MODE, HAS_PE, ACC, BLOCK_M, BLOCK_D)  # fmt: skip
+                      so_b, so_h, so_l, sp_b, sp_l, MODE, HAS_PE, ACC, BLOCK_M, BLOCK_D)  # fmt: skip
 
     @triton.jit
     def _tile_bwd(
         dy_ptr, x_ptr, w_ptr, dx_ptr, dw_ptr, pe_ptr, rows, cols, n_rows, H, L, D, eps,
-        sdy_b, sdy_h, sdy_l, sdy_d, sx_b, sx_h, sx_l, sx_d, sdx_b, sdx_h, sdx_l, sp_b, sp_l, sp_j, sp_c,
+        sdy_b, sdy_h, sdy_l, sdy_d, sx_b, sx_h, sx_l, sx_d, sdx_b, sdx_h, sdx_l, sp_b, sp_l,
         MODE: tl.constexpr, HAS_PE: tl.constexpr, NEED_DW: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -109,7 +132,7 @@ if HAS_TRITON:
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
         w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(ACC)
         if HAS_PE:  # un-rotate first: the gradient w.r.t. the norm output
-            pe = load_pe(pe_ptr, rows, row_mask, cols, H, L, D, sp_b, sp_l, sp_j, sp_c, BLOCK_M).to(ACC)
+            pe = load_pe(pe_ptr, rows, row_mask, cols, H, L, D, sp_b, sp_l, BLOCK_M).to(ACC)
             dy = rotate_pairs(dy, pe, True, BLOCK_M, BLOCK_D)
         dx, dyn = norm_backward(dy, x, w, eps, D, MODE, x_ptr.dtype.element_ty, w_ptr.dtype.element_ty)
         dx_off = row_offsets(rows, H, L, sdx_b, sdx_h, sdx_l)[:, None] + cols[None, :]
@@ -122,7 +145,7 @@ if HAS_TRITON:
     def _qk_bwd_kernel(
         dqo_ptr, dko_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, dq_ptr, dk_ptr, dw_ptr, pe_ptr, n_rows, H, L, D, eps,
         sdqo_b, sdqo_h, sdqo_l, sdqo_d, sdko_b, sdko_h, sdko_l, sdko_d,
-        sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sd_b, sd_h, sd_l, sp_b, sp_l, sp_j, sp_c,
+        sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sd_b, sd_h, sd_l, sp_b, sp_l,
         MODE: tl.constexpr, HAS_PE: tl.constexpr, NEED_DW: tl.constexpr, FP64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
@@ -132,17 +155,19 @@ if HAS_TRITON:
         if tl.program_id(1) == 0:
             _tile_bwd(dqo_ptr, q_ptr, qw_ptr, dq_ptr, dw_ptr, pe_ptr, rows, cols, n_rows, H, L, D, eps,
                       sdqo_b, sdqo_h, sdqo_l, sdqo_d, sq_b, sq_h, sq_l, sq_d, sd_b, sd_h, sd_l,
-                      sp_b, sp_l, sp_j, sp_c, MODE, HAS_PE, NEED_DW, ACC, BLOCK_M, BLOCK_D)  # fmt: skip
+                      sp_b, sp_l, MODE, HAS_PE, NEED_DW, ACC, BLOCK_M, BLOCK_D)  # fmt: skip
         else:  # k's partial dScale rows sit after q's
-            _tile_bwd(dko_ptr, k_ptr, kw_ptr, dk_ptr, dw_ptr + tl.num_programs(0) * D, pe_ptr, rows, cols, n_rows,
-                      H, L, D, eps, sdko_b, sdko_h, sdko_l, sdko_d, sk_b, sk_h, sk_l, sk_d, sd_b, sd_h, sd_l,
-                      sp_b, sp_l, sp_j, sp_c, MODE, HAS_PE, NEED_DW, ACC, BLOCK_M, BLOCK_D)  # fmt: skip
+            dkw_ptr = dw_ptr + tl.num_programs(0) * D
+            _tile_bwd(dko_ptr, k_ptr, kw_ptr, dk_ptr, dkw_ptr, pe_ptr, rows, cols, n_rows, H, L, D, eps,
+                      sdko_b, sdko_h, sdko_l, sdko_d, sk_b, sk_h, sk_l, sk_d, sd_b, sd_h, sd_l,
+                      sp_b, sp_l, MODE, HAS_PE, NEED_DW, ACC, BLOCK_M, BLOCK_D)  # fmt: skip
 
     def _pe_args(q: Tensor, pe: Tensor | None):
-        return (q, (0, 0, 0, 0)) if pe is None else (pe, pe_strides(pe))  # q is a dummy pointer when no RoPE
+        return (q, (0, 0)) if pe is None else pe_rows(pe)  # q is a dummy pointer when no RoPE
 
     def _launch_fwd(q, k, q_scale, k_scale, pe, eps, mode, q_out, k_out) -> None:
-        """Writes into q_out / k_out, (B, H, L, D) views with equal strides (possibly slices of a joint buffer)."""
+        """Writes into q_out / k_out, (B, H, L, D) views with equal strides (possibly slices of a joint
+        buffer)."""
         B, H, L, D = q.shape
         n_rows, block_d = B * H * L, next_pow2(D)
         block_m, warps = row_tile(_qk_fwd_kernel, n_rows, block_d)
@@ -161,9 +186,14 @@ if HAS_TRITON:
         n_rows, block_d = B * H * L, next_pow2(D)
         block_m, warps = row_tile(_qk_bwd_kernel, n_rows, block_d)
         grid = triton.cdiv(n_rows, block_m)
-        dq, dk = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dq, dk = (
+            torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        )
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        partial = torch.zeros((2, grid if need_dw else 0, D), dtype=acc, device=q.device)  # (q|k, programs, D)
+        partial = torch.zeros(
+            (2, grid if need_dw else 0, D), dtype=acc, device=q.device
+        )  # (q|k, programs, D)
         pe_t, sp = _pe_args(q, pe)
         if n_rows:
             _qk_bwd_kernel[(grid, 2)](
@@ -180,7 +210,7 @@ if HAS_TRITON:
         B, H, _, D = q.shape
         return q.new_empty((B, H, length, D), dtype=norm_out_dtype(q.dtype, q_scale.dtype, mode))
 
-    # ---------------------------------------------------------------- single stream (or already-joint sequence)
+    # ------------------------------------------------------------ single stream (or already-joint sequence)
 
     @torch.library.custom_op("scfm::qk_norm_rope", mutates_args=())
     def qk_norm_rope_op(
@@ -215,15 +245,19 @@ if HAS_TRITON:
 
     def _backward(ctx, dq_out, dk_out):
         q, k, q_scale, k_scale, pe = ctx.saved_tensors
-        need_dw = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]  # frozen scales (LoRA): skip dScale entirely
-        dq, dk, dqs, dks = qk_norm_rope_backward_op(dq_out, dk_out, q, k, q_scale, k_scale, pe, ctx.eps, ctx.mode, need_dw)
+        need_dw = (
+            ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        )  # frozen scales (LoRA): skip dScale entirely
+        dq, dk, dqs, dks = qk_norm_rope_backward_op(
+            dq_out, dk_out, q, k, q_scale, k_scale, pe, ctx.eps, ctx.mode, need_dw
+        )
         dqs = dqs if ctx.needs_input_grad[2] else None
         dks = dks if ctx.needs_input_grad[3] else None
         return dq, dk, dqs, dks, None, None, None
 
     qk_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
-    # ------------------------------------------------------- Flux double block: two streams into one joint buffer
+    # --------------------------------------------------- Flux double block: two streams into one joint buffer
 
     @torch.library.custom_op("scfm::qk_norm_rope_joint", mutates_args=())
     def qk_norm_rope_joint_op(

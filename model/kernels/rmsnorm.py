@@ -1,5 +1,5 @@
-"""RMSNorm over the last dimension: the torch reference (the spec, and the CPU path), the Triton kernels, and the
-`scfm::rms_norm` custom op with its autograd formula.
+"""RMSNorm over the last dimension: the torch reference (the spec, and the CPU path), the Triton kernels, and
+the `scfm::rms_norm` custom op with its autograd formula.
 
 The Triton math lives in `norm_scale` / `norm_backward` so the fused QK-norm + RoPE kernel reuses it verbatim.
 """
@@ -23,9 +23,10 @@ from ._triton_utils import (
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    # Statistics in fp32, then round to the input dtype *before* the scale multiply: BFL's RMSNorm and diffusers'
-    # RMSNorm (for a bf16/fp16 weight) both do exactly this, and bf16 parity depends on that rounding point.
-    # fp64 inputs stay fp64 (promote, not .float()) so gradcheck and the fp64 oracle of the tests mean something.
+    # Statistics in fp32, then round to the input dtype *before* the scale multiply: BFL's RMSNorm and
+    # diffusers' RMSNorm (for a bf16/fp16 weight) both do exactly this, and bf16 parity depends on that
+    # rounding point. fp64 inputs stay fp64 (promote, not .float()) so gradcheck and the fp64 oracle of the
+    # tests mean something.
     x_dtype = x.dtype
     xf = x.to(torch.promote_types(x_dtype, torch.float32))
     rrms = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
@@ -33,8 +34,9 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def rms_norm_diffusers_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """diffusers `RMSNorm` (SD3.5's QK-norm parity target): variance in fp32, `x * rsqrt` promotes to fp32, the
-    result is rounded to the weight dtype only when the weight is fp16/bf16; an fp32 weight gives an fp32 output."""
+    """diffusers `RMSNorm` (SD3.5's QK-norm parity target): variance in fp32, `x * rsqrt` promotes to fp32,
+    the result is rounded to the weight dtype only when the weight is fp16/bf16; an fp32 weight gives an fp32
+    output."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     h = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     if weight.dtype in (torch.float16, torch.bfloat16):
@@ -47,8 +49,9 @@ if HAS_TRITON:
 
     @triton.jit
     def norm_scale(x, w, eps, D, MODE: tl.constexpr, X_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr):
-        """x (BLOCK_M, BLOCK_D) and w (BLOCK_D,) already in the compute dtype, padding zeros. Returns
-        (y, n_rounded): y = round(x * rstd) * w with the reference's rounding point, unrounded to the out dtype."""
+        """x (BLOCK_M, BLOCK_D) and w (BLOCK_D,) already in the compute dtype, padding zeros. Returns (y,
+        n_rounded): y = round(x * rstd) * w with the reference's rounding point, unrounded to the out
+        dtype."""
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         n = x * rstd[:, None]
         if MODE == 0:
@@ -59,10 +62,10 @@ if HAS_TRITON:
 
     @triton.jit
     def norm_backward(dy, x, w, eps, D, MODE: tl.constexpr, X_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr):
-        """dy = dL/dy (BLOCK_M, BLOCK_D). Returns (dx, dy * n_rounded), the latter summed over rows for dScale.
-        rstd is recomputed: backward loads the whole row of x anyway, so saving it buys nothing in bandwidth.
-        dx = rstd * (g - n * mean(g * n)) with g = dy * w and n = x * rstd; the rounding of n is a straight-through
-        step, exactly as autograd treats the reference's `.to(dtype)`."""
+        """dy = dL/dy (BLOCK_M, BLOCK_D). Returns (dx, dy * n_rounded), the latter summed over rows for
+        dScale. rstd is recomputed: backward loads the whole row of x anyway, so saving it buys nothing in
+        bandwidth. dx = rstd * (g - n * mean(g * n)) with g = dy * w and n = x * rstd; the rounding of n is a
+        straight-through step, exactly as autograd treats the reference's `.to(dtype)`."""
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         n = x * rstd[:, None]
         g = dy * w[None, :]
@@ -79,7 +82,8 @@ if HAS_TRITON:
         sx_b, sx_h, sx_l, sx_d, sy_b, sy_h, sy_l,
         MODE: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32  # fp64 in -> fp64 math, or gradcheck sees noise
+        # fp64 in -> fp64 math, or gradcheck's perturbations vanish in fp32 rounding
+        ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
         mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
@@ -113,7 +117,8 @@ if HAS_TRITON:
         dx_ty = dx_ptr.dtype.element_ty
         tl.store(dx_ptr + dx_off, round_to(dx, dx_ty).to(dx_ty), mask=mask)
         if NEED_DW:
-            # One partial row per program, summed by torch afterwards: deterministic, no atomics (Liger, flash-attn).
+            # One partial row per program, summed by torch afterwards: deterministic, no atomics (Liger,
+            # flash-attn).
             tl.store(dw_ptr + pid * D + cols, tl.sum(dyn, axis=0), mask=cols < D)
 
     def _launch_fwd(x: Tensor, weight: Tensor, eps: float, mode: int) -> Tensor:

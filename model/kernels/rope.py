@@ -1,5 +1,6 @@
-"""Rotary position embedding on interleaved pairs (x[2j], x[2j+1]), Flux's layout: the torch reference (the spec),
-the Triton kernel, and the `scfm::rope` custom op. Backward is the same kernel with -sin (the inverse rotation)."""
+"""Rotary position embedding on interleaved pairs (x[2j], x[2j+1]), Flux's layout: the torch reference (the
+spec), the Triton kernel, and the `scfm::rope` custom op. Backward is the same kernel with -sin (the inverse
+rotation)."""
 
 from __future__ import annotations
 
@@ -27,27 +28,30 @@ def check_pe(x: Tensor, pe: Tensor) -> None:
         raise ValueError(f"RoPE needs an even head dim, got {D}")
 
 
-def pe_strides(pe: Tensor) -> tuple[int, int, int, int]:
-    """(batch, token, pair, cos/sin) strides; batch stride 0 when one table serves the whole batch."""
-    return (pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2), pe.stride(3), pe.stride(4))
+def pe_rows(pe: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """-> (pe, (batch stride, token stride)). The kernels read a token's D floats (cos, sin, cos, sin, ...) as
+    one contiguous run, which compiles to 128-bit loads; Flux's table (and any L-slice of it) already is
+    one."""
+    if pe.stride(-1) != 1 or pe.stride(-2) != 2:
+        pe = pe.contiguous()
+    return pe, (pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2))  # batch stride 0: one table for all
 
 
 if HAS_TRITON:
-    from ._triton_utils import round_to, rotate_pairs, row_offsets
+    from ._triton_utils import rotate_pairs, round_to, row_offsets
 
     @triton.jit
-    def load_pe(pe_ptr, rows, row_mask, cols, H, L, D, sp_b, sp_l, sp_j, sp_c, BLOCK_M: tl.constexpr):
-        """(cos, sin) for each column of a (BLOCK_M, BLOCK_D) tile: column c reads pair c // 2, entry c % 2."""
-        l_idx = rows % L
-        b_idx = rows // (H * L)
-        off = (b_idx.to(tl.int64) * sp_b + l_idx.to(tl.int64) * sp_l)[:, None] + ((cols // 2) * sp_j + (cols % 2) * sp_c)[None, :]
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        return tl.load(pe_ptr + off, mask=mask, other=0.0)
+    def load_pe(pe_ptr, rows, row_mask, cols, H, L, D, sp_b, sp_l, BLOCK_M: tl.constexpr):
+        """(cos, sin) for each column of a (BLOCK_M, BLOCK_D) tile: column c holds pair c // 2, entry c % 2.
+        Rows are (b, l, h) with h fastest (see row_offsets), so the heads of one token share one table row."""
+        bl = rows // H
+        off = ((bl // L).to(tl.int64) * sp_b + (bl % L).to(tl.int64) * sp_l)[:, None] + cols[None, :]
+        return tl.load(pe_ptr + off, mask=row_mask[:, None] & (cols < D)[None, :], other=0.0)
 
     @triton.jit
     def _rope_kernel(
         x_ptr, pe_ptr, y_ptr, n_rows, H, L, D,
-        sx_b, sx_h, sx_l, sx_d, sp_b, sp_l, sp_j, sp_c, sy_b, sy_h, sy_l,
+        sx_b, sx_h, sx_l, sx_d, sp_b, sp_l, sy_b, sy_h, sy_l,
         CONJ: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -57,7 +61,7 @@ if HAS_TRITON:
         mask = row_mask[:, None] & (cols < D)[None, :]
         x_off = row_offsets(rows, H, L, sx_b, sx_h, sx_l)[:, None] + cols[None, :] * sx_d
         x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)  # (BLOCK_M, BLOCK_D)
-        pe = load_pe(pe_ptr, rows, row_mask, cols, H, L, D, sp_b, sp_l, sp_j, sp_c, BLOCK_M).to(ACC)
+        pe = load_pe(pe_ptr, rows, row_mask, cols, H, L, D, sp_b, sp_l, BLOCK_M).to(ACC)
         y = rotate_pairs(x, pe, CONJ, BLOCK_M, BLOCK_D)
         y_off = row_offsets(rows, H, L, sy_b, sy_h, sy_l)[:, None] + cols[None, :]
         out_ty = y_ptr.dtype.element_ty
@@ -65,12 +69,13 @@ if HAS_TRITON:
 
     def _launch(x: Tensor, pe: Tensor, conj: bool) -> Tensor:
         B, H, L, D = x.shape
+        pe, pe_sb_sl = pe_rows(pe)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (B, H, L, D) contiguous
         n_rows, block_d = B * H * L, next_pow2(D)
         block_m, warps = row_tile(_rope_kernel, n_rows, block_d)
         if n_rows:
             _rope_kernel[(triton.cdiv(n_rows, block_m),)](
-                x, pe, y, n_rows, H, L, D, *x.stride(), *pe_strides(pe), *y.stride()[:3],
+                x, pe, y, n_rows, H, L, D, *x.stride(), *pe_sb_sl, *y.stride()[:3],
                 CONJ=conj, FP64=x.dtype == torch.float64, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
             )  # fmt: skip
         return y
@@ -92,8 +97,8 @@ if HAS_TRITON:
         ctx.conj = conj
 
     def _backward(ctx, dy):
-        # The rotation is orthogonal, so its vector-Jacobian product is the opposite rotation. pe is a table of
-        # positions, never trained: the dispatcher routes a pe that requires grad to the reference.
+        # The rotation is orthogonal, so its vector-Jacobian product is the opposite rotation. pe is a table
+        # of positions, never trained: the dispatcher routes a pe that requires grad to the reference.
         (pe,) = ctx.saved_tensors
         return rope_op(dy, pe, not ctx.conj), None, None
 
