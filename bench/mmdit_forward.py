@@ -1,0 +1,120 @@
+"""Our MMDiT forward against diffusers' SD3Transformer2DModel: same weights, same inputs, one process.
+
+    python bench/mmdit_forward.py                 # CPU rows: tiny and a two-block sd3.5-medium slice, fp32
+    python bench/mmdit_forward.py --device cuda   # adds full sd3.5-large and sd3.5-medium, bf16, 1024 px
+
+Prints the median time of each, the ratio ours / diffusers (target <= 1.0) and the max relative error.
+diffusers is a benchmark oracle only; no runtime module imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig  # noqa: E402
+from weights.keymaps import to_official  # noqa: E402
+from weights.keymaps.mmdit import mmdit_rules  # noqa: E402
+from weights.mmdit import config_to_diffusers  # noqa: E402
+
+# name -> (config, latent (H, W), text tokens, batch, devices, dtype). 77 CLIP + 256 T5 tokens is the
+# pipeline's default context; 1024 px is a 128 x 128 latent, 4096 image tokens.
+CASES = {
+    "tiny": (MMDIT_CONFIGS["tiny"], (8, 12), 5, 2, ("cpu", "cuda"), torch.float32),
+    "medium-2blocks": (MMDiTConfig(**{**MMDIT_CONFIGS["sd3.5-medium"].to_dict(), "depth": 2,
+                                      "dual_attention_layers": (0,)}), (32, 32), 154, 1, ("cpu", "cuda"),
+                       torch.float32),
+    "sd3.5-medium-1024": (MMDIT_CONFIGS["sd3.5-medium"], (128, 128), 333, 1, ("cuda",), torch.bfloat16),
+    "sd3.5-large-1024": (MMDIT_CONFIGS["sd3.5-large"], (128, 128), 333, 1, ("cuda",), torch.bfloat16),
+}
+
+
+def diffusers_twin(cfg: MMDiTConfig):
+    from diffusers import SD3Transformer2DModel
+
+    kwargs = config_to_diffusers(cfg)
+    kwargs.pop("_class_name")
+    return SD3Transformer2DModel(**kwargs)
+
+
+def median_time(fn, device: str, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def run_case(name: str, device: str, iters: int) -> dict:
+    cfg, (lat_h, lat_w), n_txt, batch, _, dtype = CASES[name]
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = diffusers_twin(cfg).to(dtype).eval()
+        for pname, p in ref.named_parameters():  # non-degenerate weights at a trained-network scale
+            p.normal_(1.0 if p.ndim == 1 and "norm" in pname else 0.0, 0.02)
+        ours = MMDiT(cfg).to(dtype).eval()
+    rules = mmdit_rules(cfg.depth, cfg.dual_attention_layers, cfg.qk_norm is not None)
+    ours.load_state_dict(dict(to_official(rules, ref.state_dict().__getitem__)))
+
+    g = torch.Generator(device).manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, lat_h, lat_w, generator=g, device=device, dtype=dtype)
+    ctx = torch.randn(batch, n_txt, cfg.context_in_dim, generator=g, device=device, dtype=dtype)
+    y = torch.randn(batch, cfg.adm_in_channels, generator=g, device=device, dtype=dtype)
+    t = torch.full((batch,), 750.0, device=device)  # fp32 on the 0-1000 scale, as the pipeline passes it
+
+    def run_ref():
+        return ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
+
+    def run_ours():
+        return ours(x, t, y, ctx)
+
+    out_ref, out_ours = run_ref().float(), run_ours().float()
+    err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
+    warmup = 2 if name != "tiny" else 5
+    # alternate the two so drift in machine load hits both equally
+    t_ref, t_ours = [], []
+    for _ in range(iters):
+        t_ref.append(median_time(run_ref, device, 0 if t_ref else warmup, 1))
+        t_ours.append(median_time(run_ours, device, 0 if t_ours else warmup, 1))
+    ms_ref, ms_ours = 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_ours)
+    return dict(case=name, device=device, dtype=str(dtype).removeprefix("torch."), ours_ms=ms_ours,
+                diffusers_ms=ms_ref, ratio=ms_ours / ms_ref, max_rel_err=err)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--iters", type=int, default=7)
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    cpu_name = f"CPU x{torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name
+    print(f"# MMDiT forward, ours vs diffusers, {device_name}, torch {torch.__version__}")
+    print(f"{'case':<20}{'dtype':<10}{'ours ms':>10}{'diffusers ms':>14}{'ratio':>8}{'max rel err':>13}")
+    for name in args.cases:
+        if args.device not in CASES[name][4]:
+            continue
+        r = run_case(name, args.device, args.iters)
+        print(f"{r['case']:<20}{r['dtype']:<10}{r['ours_ms']:>10.2f}{r['diffusers_ms']:>14.2f}{r['ratio']:>8.3f}"
+              f"{r['max_rel_err']:>13.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
