@@ -133,7 +133,8 @@ def run(args) -> list[Path]:
         from weights.lora import apply_loras  # noqa: PLC0415  (only when asked: keeps --help fast)
 
         loras = [parse_lora(s) for s in args.lora]
-        pipe.transformer_hooks.append(lambda m: apply_loras(m, loras))
+        # one-shot generation never unloads, so no copy of the touched weights is kept
+        pipe.transformer_hooks.append(lambda m: apply_loras(m, loras, restorable=False))
     shift = args.shift if args.shift in (None, "dynamic") else float(args.shift)
     cfg = GenerationConfig(
         height=args.height, width=args.width, steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg,

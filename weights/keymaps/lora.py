@@ -1,10 +1,10 @@
 """LoRA key names for Flux in our, diffusers / PEFT and kohya / ComfyUI layouts, all derived from the one
-BFL <-> diffusers module table (keymaps/flux.py): kohya names are the BFL path with '.' -> '_', PEFT names are the
-table's diffusers modules, so no mapping is written twice.
+BFL <-> diffusers module table (keymaps/flux.py): kohya names are the BFL path with '.' -> '_', PEFT names
+are the table's diffusers modules, so no mapping is written twice.
 
-A LoRA key is `<prefix><module><suffix>`; `parse_key` splits it into (prefix, module, role) with role down / up /
-alpha, and `LoRANames` resolves the module to an official (BFL) Linear and, for diffusers names, the slice of a
-fused layer it covers.
+A LoRA key is `<prefix><module><suffix>`; `parse_key` splits it into (stem, role) with role down / up /
+alpha, and `LoRANames.resolve` maps the stem to an official (BFL) Linear and, for diffusers names, the slice
+of a fused layer it covers.
 """
 
 from __future__ import annotations
@@ -27,24 +27,24 @@ SUFFIXES = (
 KOHYA_PREFIX = "lora_unet_"
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 PEFT_PREFIXES = ("transformer.", "base_model.model.")
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder.", "text_encoder_2.",
-                         "text_encoders.")
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_",
+                         "text_encoder.", "text_encoder_2.", "text_encoders.")
 
-# Key fragments of adapters that are not plain LoRA, with what to tell the user. Checked before anything else so
-# such a file is refused whole instead of half-applied.
+# Key patterns (regex, searched) of adapters that are not plain LoRA, with what to tell the user. Checked
+# before anything else so such a file is refused whole instead of half-applied.
 NOT_LORA = (
     ("lokr_", "a LoKr (LyCORIS Kronecker) adapter"),
     ("hada_", "a LoHa (LyCORIS Hadamard) adapter"),
     ("dora_scale", "a DoRA adapter (weight-decomposed LoRA; its magnitude vector has no LoRA equivalent)"),
     ("lora_magnitude_vector", "a DoRA adapter (peft use_dora; its magnitude vector has no LoRA equivalent)"),
     ("lora_mid", "a LoCon / Tucker-decomposed adapter (lora_mid)"),
-    ("oft_", "an OFT / BOFT adapter"),
-    ("ia3", "an IA3 adapter"),
-    (".diff", "a full-weight difference (.diff / .diff_b), not a LoRA"),
+    (r"(^|[._])b?oft_", "an OFT / BOFT adapter"),
+    (r"ia3_", "an IA3 adapter"),
+    (r"\.diff(_b)?$", "a full-weight difference (.diff / .diff_b), not a LoRA"),
     ("processor", "an XLabs-layout Flux LoRA; convert it to kohya or diffusers first"),
-    ("query_norm.scale", "a BFL control LoRA (it replaces norm weights), not a plain LoRA"),
-    ("lora_B.bias", "a LoRA with bias terms (peft lora_bias), which scfm does not support"),
-    ("lora_up.bias", "a LoRA with bias terms, which scfm does not support"),
+    (r"query_norm\.scale", "a BFL control LoRA (it replaces norm weights), not a plain LoRA"),
+    (r"lora_B\.bias", "a LoRA with bias terms (peft lora_bias), which scfm does not support"),
+    (r"lora_up\.bias", "a LoRA with bias terms, which scfm does not support"),
 )
 
 
@@ -53,8 +53,8 @@ def kohya_name(official: str) -> str:
 
 
 def refuse_non_lora(keys, source: str) -> None:
-    for fragment, what in NOT_LORA:
-        hit = next((k for k in keys if fragment in k), None)
+    for pattern, what in NOT_LORA:
+        hit = next((k for k in keys if re.search(pattern, k)), None)
         if hit is not None:
             raise WeightsError(f"{source}: this is {what} (key {hit}); scfm reads plain LoRA files only")
 
@@ -69,7 +69,7 @@ def parse_key(key: str) -> tuple[str, str] | None:
 
 def block_counts(stems) -> tuple[int, int]:
     """Double / single block counts large enough for every index named in `stems`, whatever the naming."""
-    counts = []
+    stems, counts = list(stems), []
     for pattern in (r"(?:double_blocks|transformer_blocks)[._](\d+)[._]",
                     r"(?:single_blocks|single_transformer_blocks)[._](\d+)[._]"):
         found = [int(m.group(1)) for s in stems for m in [re.search(pattern, s)] if m]
@@ -107,7 +107,8 @@ def flux_lora_names(depth: int, depth_single_blocks: int) -> LoRANames:
     LoRA read for a schnell model is refused when applied, where the model is known)."""
     params = flux_rules(depth, depth_single_blocks, True)
     linear = {r.official.removesuffix(".weight") for r in params if r.official.endswith(".weight")}
-    rules = {r.official: r for r in flux_rules(depth, depth_single_blocks, True, modules=True) if r.official in linear}
+    modules = flux_rules(depth, depth_single_blocks, True, modules=True)
+    rules = {r.official: r for r in modules if r.official in linear}  # not the q / k norm scales
     by_diffusers = {other: (r.official, i) for r in rules.values() for i, other in enumerate(r.others)}
     by_kohya = {kohya_name(official): official for official in rules}
     return LoRANames(rules, by_diffusers, by_kohya)
