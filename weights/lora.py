@@ -35,12 +35,7 @@ ignores the final layer's alpha); to use such a file in diffusers, convert it fi
 refused in one line. Text-encoder keys (`lora_te*`, `text_encoder*.`) are kept apart in `LoRA.text_encoders`
 and written back only to their own layout.
 
-`apply_loras` merges LoRAs, each with its own scale, into the weights (no per-call cost); `unload_loras`
-restores the weights bit-exactly. No second copy of the model is kept: with `base=` (the path the model was
-loaded from) the touched weights are re-read from that memory-mapped file on unload, after checking at apply
-time that they equal the model's (a model changed since loading is refused, not silently reset to the file).
-Without `base=`, CPU copies of the touched weights only are kept; an SCFM LoRA touches nearly every Linear,
-so pass `base=` for large models.
+Merging into a loaded model (`apply_loras`, `unload_loras`) lives in `weights/lora_merge.py`.
 """
 
 from __future__ import annotations
@@ -50,16 +45,15 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .io import TensorReader, WeightsError, atomic_save, model_files, read_header, read_shapes
-from .keymaps import swap_halves, to_official
-from .keymaps.flux import flux_rules, flux_split_sizes
+from .io import TensorReader, WeightsError, atomic_save, read_header
+from .keymaps import swap_halves
+from .keymaps.flux import flux_split_sizes
 from .keymaps.lora import (
     KOHYA_PREFIX,
     TEXT_ENCODER_PREFIXES,
@@ -433,129 +427,5 @@ def save_lora(state: dict[str, Tensor], path: str | os.PathLike, *, layout: str 
     return write_lora(lora, path, layout, overwrite=overwrite, metadata=metadata)
 
 
-# ----- applying to a loaded model ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Applied:
-    names: list[str]  # "source @ scale" of every applied LoRA, in order
-    touched: list[str]  # modules whose weights differ from the originals
-    base: str | None  # the checkpoint the originals are re-read from, or None: `originals` holds them
-    stats: dict[str, tuple[int, int]]  # base file -> (size, mtime_ns) when applied
-    originals: dict[str, Tensor] = field(default_factory=dict)
-    restorable: bool = True  # False once a LoRA was applied with restorable=False
-
-
-def _fit_error(model, lora: LoRA, src: str) -> str | None:
-    if lora.family != "flux":
-        return f"{src}: a {lora.family} LoRA; this model is Flux"
-    for m, mod in lora.modules.items():
-        try:
-            weight = model.get_submodule(m).weight
-        except AttributeError:
-            hint = ("a FLUX.1-dev LoRA on a model without a guidance embedding (schnell?)"
-                    if m.startswith("guidance_in") else "the LoRA is for a different Flux variant")
-            return f"{src}: LoRA module {m} is not in this model; {hint}"
-        if (sum(mod.rows), mod.in_features) != tuple(weight.shape) or any(
-                p is not None and (p.up.shape[0], p.down.shape[1]) != (n, weight.shape[1])
-                for p, n in zip(mod.parts, mod.rows)):
-            return (f"{src}: LoRA for {m} has shape {[sum(mod.rows), mod.in_features]}, the model's weight "
-                    f"{list(weight.shape)}; the LoRA is for a different model size")
-    return None
-
-
-def _base_weights(source: str, model, modules: list[str]):
-    """Yield (module, weight) re-read from the checkpoint `model` was loaded from, in its stored dtype."""
-    from .flux import detect_flux_layout  # here: weights.flux is the loader this mirrors
-
-    files, _ = model_files(source, "transformer")
-    raw, _ = read_shapes(files)
-    prefix, layout = detect_flux_layout(raw.keys(), source)
-    cfg = model.config
-    rules = {r.official: r for r in flux_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed)}
-    with TensorReader(files, prefix=prefix) as read:
-        for m in modules:
-            key = f"{m}.weight"
-            try:
-                # a diffusers file's fused weights are concatenated exactly as load_flux does
-                yield m, read(key) if layout == "official" else next(to_official([rules[key]], read))[1]
-            except KeyError:
-                raise WeightsError(f"{source}: no weight for {m}; base= must be the model's file") from None
-
-
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    # bit patterns, not values: torch.equal calls -0.0 == 0.0 and NaN != NaN
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(as_int), b.view(as_int))
-
-
-def _file_stats(source: str) -> dict[str, tuple[int, int]]:
-    files, _ = model_files(source, "transformer")
-    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in files}
-
-
-def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None,
-                ignore_text_encoders: bool = False, restorable: bool = True) -> None:
-    """Merge LoRAs into a loaded Flux: `loras` holds LoRA objects or paths, each alone (scale 1) or as
-    (lora, scale). Several LoRAs on one layer are summed in fp32 and rounded once. Call again to add more;
-    `unload_loras` undoes them all. See the module docstring for `base=`. `restorable=False` (one-shot
-    generation) keeps nothing and checks nothing, and `unload_loras` then refuses."""
-    items = [x if isinstance(x, tuple) else (x, 1.0) for x in loras]
-    items = [(x if isinstance(x, LoRA) else read_lora(x), float(s)) for x, s in items]
-    for lora, _ in items:
-        src = lora.source or "LoRA"
-        if (error := _fit_error(model, lora, src)) is not None:
-            raise WeightsError(error)
-        if lora.text_encoders and not ignore_text_encoders:
-            raise WeightsError(f"{src}: has {len(lora.text_encoders)} text-encoder LoRA keys, which a "
-                               "transformer cannot use; ignore_text_encoders=True applies the rest")
-    base = None if base is None else str(base)
-    state = getattr(model, "_scfm_loras", None)
-    if state is not None and state.base != base:
-        raise WeightsError("LoRAs are already applied with a different base=; unload_loras first")
-    state = state or _Applied([], [], base, _file_stats(base) if base else {})
-    modules = dict.fromkeys(m for lora, _ in items for m in lora.modules)  # ordered, unique
-    weights = {m: model.get_submodule(m).weight for m in modules}
-    new = [m for m in modules if m not in state.touched]
-    state.restorable = state.restorable and restorable
-    with torch.no_grad():
-        if not state.restorable:
-            pass  # nothing to keep: the caller will never unload
-        elif base is None:
-            state.originals |= {m: weights[m].detach().to("cpu", copy=True) for m in new}
-        else:
-            for m, t in _base_weights(base, model, new):  # one tensor at a time: nothing is kept
-                if not _same_bits(t.to(weights[m].device, weights[m].dtype), weights[m]):
-                    raise WeightsError(f"{base}: {m} differs from the model's weight, so unloading could not "
-                                       "restore it; pass the file the model was loaded from, or base=None")
-        state.touched += new
-        for m, w in weights.items():
-            delta = sum(s * lora.modules[m].delta(w.device) for lora, s in items if m in lora.modules)
-            w.copy_((w.float() + delta).to(w.dtype))
-    state.names += [f"{lora.source or 'LoRA'} @ {s}" for lora, s in items]
-    model._scfm_loras = state
-
-
-def applied_loras(model) -> list[str]:
-    state = getattr(model, "_scfm_loras", None)
-    return [] if state is None else list(state.names)
-
-
-def unload_loras(model) -> None:
-    """Restore every weight `apply_loras` changed, bit-exactly."""
-    state = getattr(model, "_scfm_loras", None)
-    if state is None:
-        return
-    if not state.restorable:
-        raise WeightsError("these LoRAs were applied with restorable=False; reload the model to remove them")
-    with torch.no_grad():
-        if state.base is not None:
-            if _file_stats(state.base) != state.stats:
-                raise WeightsError(f"{state.base} changed since the LoRAs were applied; reload the model")
-            for m, t in _base_weights(state.base, model, state.touched):
-                w = model.get_submodule(m).weight
-                w.copy_(t.to(w.dtype))
-        else:
-            for m, t in state.originals.items():
-                model.get_submodule(m).weight.copy_(t)
-    del model._scfm_loras
+# Merging lives next door; re-exported so `from weights.lora import apply_loras` keeps working.
+from .lora_merge import applied_loras, apply_loras, unload_loras  # noqa: E402, F401
