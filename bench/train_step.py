@@ -1,0 +1,200 @@
+"""One SCFM training step: ours against the released trainer's design, same model, batch and draws, one run.
+
+    python bench/train_step.py                  # CPU, a small Flux (seconds)
+    python bench/train_step.py --device cuda    # full Flux-dev shapes: random bf16 weights, 512 px, batch 8,
+                                                # rank 64, gradient checkpointing, cached-embedding shapes
+
+ours:      every LoRA set is its own tensors; the first jump of teacher and self elements is one batched call
+           with per-element set selection (distill/scfm.py).
+released:  one LoRA; around each no-grad call the fast / slow EMA weights are copied into it in place
+           (param.data.copy_) and the live weights restored after; three separate no-grad calls (teacher
+           elements with the adapter off, self elements, slow EMA on all), then the student step.
+
+Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
+Prints seconds per step (median), peak memory, and the ratio ours / released (target < 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.ema import EMAConfig, ema_step  # noqa: E402
+from distill.lora import LoRAConfig, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
+from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
+from model.flux import FLUX_CONFIGS, Flux, FluxConfig  # noqa: E402
+from sampling.velocity import FluxVelocity  # noqa: E402
+
+# name -> (config, latent side (px), text tokens, batch, rank)
+CASES = {
+    "small": (FluxConfig(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=128, hidden_size=128,
+                         num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(8, 28, 28)), 32, 64, 4, 16),
+    "flux-dev": (FLUX_CONFIGS["flux-dev"], 64, 256, 8, 64),  # 512 px, T5 length 256
+}
+
+
+def build(case: str, device: torch.device, dtype: torch.dtype, sets: tuple[str, ...]):
+    cfg, side, tokens, batch, rank = CASES[case]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Flux(cfg).to(dtype)  # random weights, built on the device (flux-dev in fp32 RAM: 48 GB)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    # the teacher is the base model: a zero set, whose LoRA work every call skips (as the trainer runs it)
+    inject_lora(model, LoRAConfig(rank=rank, alpha=rank, sets=sets), torch.Generator().manual_seed(0))
+    model.enable_gradient_checkpointing(device.type == "cuda")
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, cfg.in_channels // 4, side, side, generator=g).to(device)
+    cond = {"txt": torch.randn(batch, tokens, cfg.context_in_dim, generator=g).to(device, dtype),
+            "y": torch.randn(batch, cfg.vec_in_dim, generator=g).to(device, dtype)}
+    for layer in lora_layers(model).values():  # distinct, non-zero sets so every call does real work
+        for name in sets:
+            with torch.no_grad():
+                layer.lora_up[name].normal_(0, 1e-3)
+    return model, x0, cond
+
+
+def draw_for(x0: torch.Tensor, step: int):
+    tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
+    return sample_draw(SCFMConfig(), element_generators(0, step, range(x0.shape[0])), x0.shape[1:], tokens)
+
+
+def ours(model, x0, cond, opt, step: int) -> float:
+    velocity = FluxVelocity(model)
+    out = scfm_loss(velocity, model, x0, cond, draw_for(x0, step), SCFMConfig())
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 10.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema_step(model, EMAConfig(), step + 1)
+    return out.loss.item()
+
+
+class Swapped:
+    """The released design: one live LoRA; other sets are plain tensors copied into it around each call."""
+
+    def __init__(self, model):
+        self.live = set_tensors(model, "live")
+        # the same starting values as ours' sets; only `live` is ever selected in the forward
+        self.store = {name: set_tensors(model, name) for name in ("fast_ema", "slow_ema")}
+        self.backup = [t.detach().clone() for t in self.live]
+
+    def load(self, name: str) -> None:
+        for dst, src in zip(self.live, self.store[name]):
+            dst.data.copy_(src)
+
+
+def released(model, x0, cond, opt, step: int, swap: Swapped) -> float:
+    velocity, draw = FluxVelocity(model), draw_for(x0, step)
+    dev = x0.device
+    sig = draw.sigmas.to(dev, torch.float32)  # (B, 3)
+    dt = draw.dt.to(dev, torch.float32)
+    sigma = sig[:, 0].view(-1, 1, 1, 1)
+    x = ((1 - sigma) * x0 + sigma * draw.noise.to(dev)).to(x0.dtype)
+    g = draw.guidance.to(dev)
+    teacher = draw.teacher.to(dev)
+    for dst, src in zip(swap.backup, swap.live):
+        dst.copy_(src.data)
+    with torch.no_grad():
+        v0 = torch.empty_like(x)
+        for name, rows in (("teacher", teacher.nonzero()[:, 0]), ("fast_ema", (~teacher).nonzero()[:, 0])):
+            if not len(rows):
+                continue
+            # the teacher (base model) runs with the adapter off; the fast EMA is copied in, in place
+            if name == "fast_ema":
+                swap.load(name)
+            with weight_set(model, "teacher") if name == "teacher" else contextlib.nullcontext():
+                part = {k: v[rows] for k, v in cond.items()}
+                v0[rows] = velocity(x[rows], sig[rows, 0], part, g[rows]).to(x.dtype)
+        x1 = x - dt[:, 0].view(-1, 1, 1, 1) * v0
+        swap.load("slow_ema")
+        v1 = velocity(x1, sig[:, 1], cond, g)
+        travelled = dt[:, 0].view(-1, 1, 1, 1) * v0.float() + dt[:, 1].view(-1, 1, 1, 1) * v1.float()
+        target = travelled / draw.big_dt.to(dev, torch.float32).view(-1, 1, 1, 1)
+    for dst, src in zip(swap.live, swap.backup):
+        dst.data.copy_(src)  # restore the live weights before the student step
+    with weight_set(model, "live"):
+        pred = velocity(x, sig[:, 0], cond, g)
+    loss = (pred.float() - target).pow(2).flatten(1).mean(1).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 10.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, decay in (("fast_ema", 0.99), ("slow_ema", 0.999)):
+            torch._foreach_lerp_(swap.store[name], [t.detach() for t in swap.live], 1 - decay)
+    return loss.item()
+
+
+def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, queue) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    dev, dt = torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"))
+    if variant == "ours":
+        step_fn = ours
+    else:
+        swap = Swapped(model)
+
+        def step_fn(m, x, c, o, s):
+            return released(m, x, c, o, s, swap)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(iters + 1):  # the first step warms up (allocator, kernels) and is not timed
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses.append(step_fn(model, x0, cond, opt, step))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    queue.put((variant, statistics.median(times[1:]), peak, losses))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--case", choices=list(CASES), help="default: small on CPU, flux-dev on CUDA")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--iters", type=int, default=2, help="timed steps per variant (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per variant (0: torch's default)")
+    args = p.parse_args(argv)
+    case = args.case or ("flux-dev" if args.device == "cuda" else "small")
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    ctx = mp.get_context("spawn")  # a fresh process per variant: its peak memory is its own
+    results = {}
+    for variant in ("released", "ours"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=measure,
+                           args=(variant, case, args.device, dtype, args.iters, args.threads, queue))
+        proc.start()
+        results[variant] = queue.get()
+        proc.join()
+    _, side, _, batch, rank = CASES[case]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}")
+    print(f"{'variant':<10}{'s/step':>10}{'peak GiB':>10}   losses (same draws: should agree)")
+    for variant, sec, peak, losses in results.values():
+        print(f"{variant:<10}{sec:>10.3f}{peak / 2**30:>10.2f}   {', '.join(f'{x:.5f}' for x in losses)}")
+    r, o = results["released"], results["ours"]
+    print(f"ours / released: time {o[1] / r[1]:.2f}, peak memory {o[2] / r[2]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Checkpoints that lose nothing and survive being killed mid-write.
+
+A checkpoint is a folder `step-000200/` with
+
+    tensors.safetensors  every LoRA set (live, fast_ema, slow_ema, ...), the optimizer's tensors, RNG states
+    state.json           step, data position, optimizer hyper-parameters, config, the tensors file's sha256
+
+It is written into a hidden temp folder, flushed to disk, then renamed into place: a run killed at any moment
+leaves either no new checkpoint or a complete one. On resume the sha256 is checked too, so a checkpoint
+damaged afterwards (a full disk, a copy cut short) is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+STEP_DIR = re.compile(r"step-(\d{6,})")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: dict, keep: int) -> Path:
+    """Write `root/step-{step}` atomically, then delete all but the newest `keep` complete checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        tensor_file = tmp / "tensors.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_file))
+        state = {**state, "step": step, "tensors_sha256": _sha256(tensor_file)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for f in (tensor_file, tmp / "state.json", tmp):
+            _fsync(f)  # contents on disk before the rename makes them visible
+        if final.exists():  # the same step written again (e.g. a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (leftover temp folders of killed writes are not listed)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, state) of one checkpoint folder; ValueError (one line) if it is incomplete or damaged."""
+    state_file, tensor_file = path / "state.json", path / "tensors.safetensors"
+    if not state_file.exists() or not tensor_file.exists():
+        raise ValueError(f"{path}: incomplete checkpoint")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: state.json is damaged") from None
+    if _sha256(tensor_file) != state.get("tensors_sha256"):
+        raise ValueError(f"{path}: tensors.safetensors does not match its recorded sha256 (damaged)")
+    return load_file(str(tensor_file)), state
+
+
+def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Tensor], dict] | None:
+    """The newest checkpoint that reads back intact; damaged newer ones are skipped with a warning."""
+    for path in reversed(checkpoints(root)):
+        try:
+            tensors, state = read_checkpoint(path)
+        except (ValueError, OSError) as e:
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+            continue
+        return path, tensors, state
+    return None
+
+
+def clean_temp(root: Path) -> None:
+    """Remove temp folders left by writes that were killed (only ours: `.step-*.tmp`)."""
+    if root.is_dir():
+        for p in root.glob(".step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ----- RNG and optimizer state as tensors + JSON ------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, Tensor], dict]:
+    """Every global RNG the run could touch. Our draws are keyed by (seed, step, element), so restoring these
+    matters only for code outside the objective (a user's hook), but a resume should restore everything."""
+    import random
+
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors, {"python_random": _jsonable(random.getstate())}
+
+
+def set_rng_state(tensors: dict[str, Tensor], state: dict) -> None:
+    import random
+
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    if "python_random" in state:
+        random.setstate(_tupled(state["python_random"]))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, Tensor], dict]:
+    """Per-parameter tensors keyed by parameter name (not position), hyper-parameters as JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, per_param in sd["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{names[idx]}.{key}"] = value
+            else:
+                scalars[f"{names[idx]}.{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars, "param_names": names}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, Tensor],
+                         state: dict) -> None:
+    if state["param_names"] != names:
+        raise ValueError("checkpoint's LoRA parameters differ from this run's (other targets or model?)")
+    per_param: dict[int, dict] = {}
+    for idx, name in enumerate(names):
+        prefix = f"optim.{name}."
+        # keys are `{name}.{field}` with a dot-free field, so a name that prefixes another cannot capture it
+        entry = {k[len(prefix):]: v for k, v in tensors.items()
+                 if k.startswith(prefix) and "." not in k[len(prefix):]}
+        entry.update({k[len(name) + 1:]: v for k, v in state["scalars"].items()
+                      if k.startswith(name + ".") and "." not in k[len(name) + 1:]})
+        if entry:
+            per_param[idx] = entry
+    current = optimizer.state_dict()
+    groups = [{**saved, "params": g["params"]}
+              for saved, g in zip(state["param_groups"], current["param_groups"], strict=True)]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})

@@ -1,0 +1,205 @@
+"""DistillConfig: every knob of `python -m distill.train`, from a TOML file and/or `--field value` flags.
+
+Precedence: the dataclass defaults, then the TOML file (`--config FILE`, or a packaged preset name such as
+`flux-dev-scfm`), then flags. TOML tables (`[lora]`, `[scfm]`, ...) only group keys for reading: their
+contents are flattened, so `rank = 64` under `[lora]` sets the field `rank`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config file, field or value, reported as one line."""
+
+
+def opt(default, help: str):  # noqa: A002  (argparse's own word)
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # --- files --------------------------------------------------------------------------------------------
+    model: str = opt("", "Flux transformer: .safetensors file, model folder or diffusers pipeline folder; "
+                         "'tiny' builds a random tiny model (demo / tests)")
+    data: str = opt("", "dataset folder: images + metadata.jsonl (file_name, prompt), or image + .txt pairs")
+    cache: str = opt("", "cache folder for latents and text embeddings (default: <output>/cache)")
+    output: str = opt("runs/scfm", "run folder: checkpoints/, log.jsonl, samples/, the exported LoRA")
+    vae: str = opt("", "VAE file/folder: builds the latent cache and decodes sample images")
+    clip: str = opt("", "CLIP-L file/folder: builds the text cache only")
+    t5: str = opt("", "T5-XXL file/folder: builds the text cache only")
+    t5_tokenizer: str = opt("", "T5 spiece.model / tokenizer.json / folder")
+    clip_tokenizer: str = opt("", "CLIP tokenizer folder (default: the vendored CLIP vocabulary)")
+    t5_length: int = opt(256, "T5 tokens per prompt (released recipe: 256); recorded in the LoRA metadata")
+    resolution: int = opt(512, "training buckets have about resolution^2 pixels (the 512-px list at 512)")
+    cache_only: bool = opt(False, "build the cache and stop")
+    # --- LoRA ---------------------------------------------------------------------------------------------
+    rank: int = opt(64, "LoRA rank")
+    alpha: float = opt(64.0, "LoRA alpha (scale = alpha / rank)")
+    targets: str = opt("flux", "LoRA target table: 'flux' (the released list in BFL names)")
+    teacher_lora: str = opt("", "optional teacher LoRA (our layout); both EMAs start from it too")
+    # --- SCFM objective (scfm-method.md §2-§5) ------------------------------------------------------------
+    t_skip: int = opt(2, "grid steps per student step")
+    teacher_steps_min: int = opt(32, "smallest teacher grid")
+    teacher_steps_max: int = opt(32, "largest teacher grid")
+    teacher_ratio: float = opt(0.4, "share of teacher elements (first jump with the teacher weights)")
+    non_shortcut_ratio: float = opt(0.0, "share of elements trained on the plain flow-matching target")
+    dynamic_shift_prob: float = opt(0.1, "probability of Flux's resolution-dependent shift per element")
+    shift_min: float = opt(2.5, "fixed shift ~ U[shift_min, shift_max)")
+    shift_max: float = opt(4.5, "see shift_min")
+    guidance_max: float = opt(7.5, "Flux-dev guidance ~ U[0, guidance_max); ignored by models without one")
+    fast_decay: float = opt(0.99, "fast EMA decay")
+    slow_decay: float = opt(0.999, "slow EMA decay")
+    ema_restart_every: int = opt(0, "restart both EMAs from live every N steps (0 = never; SD3.5: 2000)")
+    # --- optimisation -------------------------------------------------------------------------------------
+    steps: int = opt(10_000, "training steps (one global batch each)")
+    batch_size: int = opt(8, "global batch: split evenly over the processes")
+    micro_batch: int = opt(0, "elements per forward/backward (gradient accumulation); 0 = the whole "
+                              "per-process batch. A fixed value makes runs bitwise independent of the "
+                              "process count (powers of two)")
+    lr: float = opt(2e-5, "AdamW learning rate (constant, no warm-up)")
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.999, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    max_grad_norm: float = opt(10.0, "gradient clipping max-norm (Flux 10, SD3.5 2); 0 = off")
+    seed: int = opt(0, "seed of the LoRA init, the data order and every per-element draw")
+    max_bad_steps: int = opt(5, "stop after this many NaN/inf steps in a row (each one is skipped)")
+    # --- runtime ------------------------------------------------------------------------------------------
+    device: str = opt("auto", "'auto' (cuda when available, one GPU per process), 'cuda', 'cpu'")
+    dtype: str = opt("bf16", "frozen base weights: bf16, fp16 or fp32 (LoRA and EMAs are always fp32)")
+    autocast: bool = opt(True, "bf16 autocast of the forward passes (on CUDA)")
+    gradient_checkpointing: bool = opt(True, "recompute block activations in backward")
+    # --- logging, samples, checkpoints, export ------------------------------------------------------------
+    log_every: int = opt(10, "steps between JSONL log lines")
+    sample_every: int = opt(0, "steps between sample images (0 = off); needs sample_prompts in the cache")
+    sample_prompts: tuple[str, ...] = opt((), "prompts for sample images (embedded when the cache is built)")
+    sample_steps: int = opt(4, "Euler steps of the sample images")
+    sample_shift: float = opt(3.0, "fixed shift of the samples' SCFM grid")
+    sample_guidance: float = opt(3.5, "guidance value of the sample images")
+    sample_size: int = opt(512, "sample image side in pixels")
+    checkpoint_every: int = opt(200, "steps between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = opt(3, "keep the newest K checkpoints")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in <output>/checkpoints")
+    export_set: str = opt("live", "LoRA set to export at the end: 'live' or 'slow_ema'")
+    export_formats: tuple[str, ...] = opt(("ours", "diffusers", "kohya"), "LoRA file layouts to export")
+
+    def __post_init__(self):
+        positive = ("rank", "steps", "batch_size", "t5_length", "resolution", "log_every", "keep_checkpoints",
+                    "sample_steps", "sample_size", "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("checkpoint_every", "sample_every", "micro_batch", "ema_restart_every",
+                        "max_grad_norm", "lr")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        choices = {"dtype": ("bf16", "fp16", "fp32"), "export_set": ("live", "slow_ema", "fast_ema"),
+                   "targets": ("flux",)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        unknown = set(self.export_formats) - {"ours", "diffusers", "kohya"}
+        if unknown:
+            raise ConfigError(f"export_formats: unknown {sorted(unknown)}; use ours, diffusers, kohya")
+        if self.resolution % 64:
+            raise ConfigError(f"resolution must be a multiple of 64, got {self.resolution}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----- the generic dataclass <-> argparse / TOML helpers ----------------------------------------------------
+
+
+def _base_type(tp) -> type:
+    """`float | None` -> float, `tuple[str, ...]` -> tuple; plain types unchanged."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field (`--t_skip` and `--t-skip`); default SUPPRESS: unset flags keep the file's value."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        flags = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
+        kw = {"dest": f.name, "default": argparse.SUPPRESS,
+              "help": f"{f.metadata.get('help', '')} [{f.default!r}]"}
+        if tp is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif tp is tuple:
+            parser.add_argument(*flags, nargs="*", metavar="VALUE", **kw)
+        else:
+            parser.add_argument(*flags, type=tp, metavar=tp.__name__.upper(), **kw)
+
+
+def _flatten(table: dict, source: str) -> dict:
+    out: dict = {}
+    for key, value in table.items():
+        items = value.items() if isinstance(value, dict) else [(key, value)]
+        for k, v in items:
+            if isinstance(v, dict):
+                raise ConfigError(f"{source}: [{key}.{k}] nests too deep; use one level of tables")
+            if k in out:
+                raise ConfigError(f"{source}: field {k!r} is set twice")
+            out[k] = v
+    return out
+
+
+def _check_fields(cls, values: dict, source: str) -> dict:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown field {key!r}{hint}")
+        tp = _base_type(hints[key])
+        if tp is tuple and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{source}: field {key!r} needs a {tp.__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def resolve_config_path(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    preset = PRESETS / f"{name.removesuffix('.toml')}.toml"
+    if preset.exists():
+        return preset
+    presets = sorted(p.stem for p in PRESETS.glob("*.toml"))
+    raise ConfigError(f"--config {name}: no such file, and not a preset name ({', '.join(presets)})")
+
+
+def load_toml(path: str | Path) -> dict:
+    path = resolve_config_path(str(path))
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return _check_fields(DistillConfig, _flatten(table, str(path)), str(path))
+
+
+def build_config(file: str | None = None, overrides: dict | None = None) -> DistillConfig:
+    values = load_toml(file) if file else {}
+    values.update(_check_fields(DistillConfig, overrides or {}, "command line"))
+    return DistillConfig(**values)

@@ -1,0 +1,353 @@
+"""Training data: image + caption folders, aspect-ratio buckets, and a cache of latents and text embeddings.
+
+Training reads only the cache, so neither the text encoders nor the VAE are loaded while the transformer
+trains (the text encoders alone outweigh the LoRA's whole training state). The cache folder holds
+
+    cache.json              the plan: key (encoder identities, T5 length, resolution), items, prompts
+    text-00000.safetensors  txt.{p} (T, C) and y.{p} (V,) for prompts p of the shard (deduplicated prompts)
+    latents-00000.safetensors  {i} (C, h, w) normalised latents for items i of the shard
+    samples.safetensors     embeddings of the sample prompts (sample images without a text encoder)
+
+Each shard is written atomically, so an interrupted build resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from weights.io import atomic_save
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# scfm-method.md §7, (width, height): the released 512-px buckets; buckets_for(512) reproduces them
+BUCKETS_512 = ((384, 640), (448, 576), (512, 512), (576, 448), (640, 384))
+CACHE_VERSION = 1
+
+TextEncoder = Callable[[list[str]], dict[str, Tensor]]  # prompts -> {"txt": (B, T, C), "y": (B, V)}
+ImageEncoder = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [0, 1] -> normalised latents (B, C, h, w)
+
+
+class DataError(ValueError):
+    """A problem with a dataset or cache folder, as one line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    file: str  # relative to the dataset folder
+    prompt: str
+
+
+# ----- folders and buckets ----------------------------------------------------------------------------------
+
+
+def read_folder(folder: str | Path) -> list[Example]:
+    """`metadata.jsonl` rows {"file_name", "prompt"} ("text", "caption" too), else image + same-stem .txt."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such dataset folder")
+    meta = folder / "metadata.jsonl"
+    out: list[Example] = []
+    if meta.exists():
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt = next(row[k] for k in ("prompt", "text", "caption") if k in row)
+                out.append(Example(str(row["file_name"]), str(prompt)))
+            except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
+                raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"prompt\": ...}}") from None
+        missing = [e.file for e in out if not (folder / e.file).is_file()]
+        if missing:
+            raise DataError(f"{meta}: {len(missing)} listed images are missing, e.g. {missing[0]}")
+    else:
+        for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            caption = image.with_suffix(".txt")
+            if caption.exists():
+                out.append(Example(str(image.relative_to(folder)), caption.read_text().strip()))
+    if not out:
+        raise DataError(f"{folder}: empty dataset (no metadata.jsonl rows and no image + .txt pairs)")
+    return out
+
+
+def buckets_for(resolution: int, multiple: int = 64, max_aspect: float = 1.7) -> tuple[tuple[int, int], ...]:
+    """(width, height) pairs in multiples of `multiple`, each the widest fit under resolution^2 pixels."""
+    area, out = resolution * resolution, []
+    for h in range(multiple, 4 * resolution, multiple):
+        w = area // h // multiple * multiple
+        if w >= multiple and max(w / h, h / w) <= max_aspect:
+            out.append((w, h))
+    return tuple(sorted(out, key=lambda wh: wh[0] / wh[1]))
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket of closest aspect ratio (in log space, so 2:1 and 1:2 are equally far from 1:1)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda wh: abs(math.log(wh[0] / wh[1]) - aspect))
+
+
+def load_image(path: Path, bucket: tuple[int, int]) -> Tensor:
+    """(3, H, W) in [0, 1]: resized to cover the bucket, then centre-cropped to it."""
+    from PIL import Image
+
+    w, h = bucket
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = max(w / im.width, h / im.height)
+        size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+        if size != im.size:
+            im = im.resize(size, Image.Resampling.LANCZOS)
+        left, top = (im.width - w) // 2, (im.height - h) // 2
+        im = im.crop((left, top, left + w, top + h))
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.view(h, w, 3).permute(2, 0, 1).float() / 255.0
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+# ----- the cache --------------------------------------------------------------------------------------------
+
+
+def file_identity(path: str | Path | None) -> str | None:
+    """A cheap content fingerprint of a weights file or folder: sizes, headers and three sampled chunks.
+
+    Reading whole multi-GB encoders would take minutes; a fine-tune changes every chunk, and the safetensors
+    header (names, shapes, offsets) changes with any layout difference.
+    """
+    if not path:
+        return None
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (an encoder or tokenizer for the cache)")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(path) if f != path else f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for offset in (0, size // 2, max(0, size - 65536)):
+                fh.seek(offset)
+                digest.update(fh.read(65536))
+    return digest.hexdigest()[:16]
+
+
+def _shards(n: int, size: int) -> list[range]:
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+class Cache:
+    """Read side of a built cache: items, their buckets, and batches of (x0, cond)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+        plan_file = self.folder / "cache.json"
+        if not plan_file.exists():
+            raise DataError(f"{self.folder}: no cache here (no cache.json); build it first")
+        self.plan = json.loads(plan_file.read_text())
+        missing = [name for name in self.shard_names() if not (self.folder / name).exists()]
+        if missing:
+            raise DataError(f"{self.folder}: incomplete cache ({len(missing)} shards missing); "
+                            "run again to finish it")
+        self.buckets: list[tuple[int, int]] = [tuple(it["bucket"]) for it in self.plan["items"]]
+        self.prompt_of: list[int] = [it["prompt"] for it in self.plan["items"]]
+        self._handles: dict[str, object] = {}
+
+    def shard_names(self) -> list[str]:
+        p = self.plan
+        text, items = (len(_shards(len(p[k]), p["shard_size"])) for k in ("prompts", "items"))
+        names = [f"text-{k:05d}.safetensors" for k in range(text)]
+        names += [f"latents-{k:05d}.safetensors" for k in range(items)]
+        return names + (["samples.safetensors"] if p.get("sample_prompts") else [])
+
+    def __len__(self) -> int:
+        return len(self.plan["items"])
+
+    @property
+    def key(self) -> dict:
+        return self.plan["key"]
+
+    def fingerprint(self) -> str:
+        """Changes whenever the contents could: checkpoints store it to refuse a mismatched resume."""
+        return hashlib.sha256(json.dumps(self.plan, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _get(self, shard: str, key: str) -> Tensor:
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt", device="cpu")
+        return self._handles[shard].get_tensor(key)
+
+    def _text(self, p: int) -> tuple[Tensor, Tensor]:
+        shard = f"text-{p // self.plan['shard_size']:05d}.safetensors"
+        return self._get(shard, f"txt.{p}"), self._get(shard, f"y.{p}")
+
+    def load(self, indices: Sequence[int]) -> tuple[Tensor, dict[str, Tensor]]:
+        """x0 (B, C, h, w) and cond {"txt": (B, T, C), "y": (B, V)}; every index must share one bucket."""
+        if len({self.buckets[i] for i in indices}) != 1:
+            raise ValueError("a batch must come from one bucket")
+        size = self.plan["shard_size"]
+        x0 = torch.stack([self._get(f"latents-{i // size:05d}.safetensors", str(i)) for i in indices])
+        txt, y = zip(*(self._text(self.prompt_of[i]) for i in indices))
+        return x0, {"txt": torch.stack(txt), "y": torch.stack(y)}
+
+    def sample_cond(self) -> tuple[list[str], dict[str, Tensor]] | None:
+        prompts = self.plan.get("sample_prompts") or []
+        if not prompts:
+            return None
+        n = range(len(prompts))
+        txt = torch.stack([self._get("samples.safetensors", f"txt.{i}") for i in n])
+        y = torch.stack([self._get("samples.safetensors", f"y.{i}") for i in n])
+        return prompts, {"txt": txt, "y": y}
+
+
+def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Sequence[str] = (),
+               shard_size: int = 256) -> dict:
+    """Which items go into which bucket, and the deduplicated prompts; a pure function of folder + key."""
+    data = Path(data).expanduser()
+    examples = read_folder(data)
+    buckets = BUCKETS_512 if resolution == 512 else buckets_for(resolution)
+    prompts = list(dict.fromkeys(e.prompt for e in examples))
+    index = {p: k for k, p in enumerate(prompts)}
+    items = []
+    for e in examples:
+        path = data / e.file
+        items.append({"file": e.file, "prompt": index[e.prompt], "bytes": path.stat().st_size,
+                      "bucket": list(nearest_bucket(*image_size(path), buckets))})
+    return {"version": CACHE_VERSION, "key": key, "data": str(data.resolve()), "shard_size": shard_size,
+            "prompts": prompts, "items": items, "sample_prompts": list(sample_prompts)}
+
+
+def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextEncoder],
+                image_encoder: Callable[[], ImageEncoder], *, batch_size: int = 8,
+                dtype: torch.dtype | None = None, progress: bool = True) -> Cache:
+    """Write every missing shard of `plan` into `folder`; the factories build encoders only when needed.
+
+    An existing cache with another plan (other encoders, T5 length, resolution or dataset) is refused, never
+    overwritten: its key says what differs.
+    """
+    from tqdm import tqdm
+
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    plan_file = folder / "cache.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text())
+        fields = ("key", "items", "prompts", "shard_size", "version", "data")
+        what = [k for k in fields if old.get(k) != plan.get(k)]
+        if what:
+            raise DataError(f"{folder}: a cache built with a different {'/'.join(what)} is there; "
+                            "delete it or choose another cache folder")
+        if old.get("sample_prompts") != plan["sample_prompts"]:  # new sample prompts: re-embed only those
+            (folder / "samples.safetensors").unlink(missing_ok=True)
+            _write_json(plan_file, plan)
+    else:
+        _write_json(plan_file, plan)
+    size, data = plan["shard_size"], Path(plan["data"])
+
+    def cast(t: Tensor) -> Tensor:
+        return (t if dtype is None else t.to(dtype)).cpu()
+
+    text_jobs = [(k, r) for k, r in enumerate(_shards(len(plan["prompts"]), size))
+                 if not (folder / f"text-{k:05d}.safetensors").exists()]
+    samples_missing = bool(plan["sample_prompts"]) and not (folder / "samples.safetensors").exists()
+    if text_jobs or samples_missing:
+        encode = text_encoder()
+        bar = tqdm(total=sum(len(r) for _, r in text_jobs), desc="caching text", unit="prompt",
+                   disable=not progress)
+        for k, r in text_jobs:
+            tensors = {}
+            for chunk in _shards(len(r), batch_size):
+                ids = [r[j] for j in chunk]
+                cond = encode([plan["prompts"][p] for p in ids])
+                for row, p in enumerate(ids):
+                    tensors[f"txt.{p}"], tensors[f"y.{p}"] = cast(cond["txt"][row]), cast(cond["y"][row])
+                bar.update(len(ids))
+            atomic_save(tensors, folder / f"text-{k:05d}.safetensors")
+        bar.close()
+        if samples_missing:
+            cond = encode(list(plan["sample_prompts"]))
+            n = len(plan["sample_prompts"])
+            tensors = {f"{name}.{i}": cast(cond[name][i]) for name in ("txt", "y") for i in range(n)}
+            atomic_save(tensors, folder / "samples.safetensors")
+        del encode
+
+    latent_jobs = [(k, r) for k, r in enumerate(_shards(len(plan["items"]), size))
+                   if not (folder / f"latents-{k:05d}.safetensors").exists()]
+    if latent_jobs:
+        encode = image_encoder()
+        bar = tqdm(total=sum(len(r) for _, r in latent_jobs), desc="caching latents", unit="image",
+                   disable=not progress)
+        for k, r in latent_jobs:
+            tensors, by_bucket = {}, {}
+            for i in r:
+                by_bucket.setdefault(tuple(plan["items"][i]["bucket"]), []).append(i)
+            for bucket, ids in by_bucket.items():
+                for chunk in _shards(len(ids), batch_size):
+                    batch = [ids[j] for j in chunk]
+                    images = torch.stack([load_image(data / plan["items"][i]["file"], bucket) for i in batch])
+                    for i, z in zip(batch, encode(images)):
+                        tensors[str(i)] = cast(z)
+                    bar.update(len(batch))
+            atomic_save(tensors, folder / f"latents-{k:05d}.safetensors")
+        bar.close()
+    return Cache(folder)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+# ----- batches: which items each step trains on -------------------------------------------------------------
+
+
+class BucketBatches:
+    """Global batch of step s, a pure function of (seed, s): resuming at step s needs nothing but s.
+
+    Per epoch e (a generator seeded by (seed, e)): each bucket's items are shuffled and cut into batches of
+    `batch_size`, the last one topped up from the start of the same shuffle (so a bucket smaller than a batch,
+    as in few-shot distillation, still trains); then all batches are shuffled together.
+    """
+
+    def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, seed: int):
+        self.batch_size, self.seed = batch_size, seed
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for i, b in enumerate(buckets):
+            self.groups.setdefault(tuple(b), []).append(i)
+        if not self.groups:
+            raise DataError("empty dataset: nothing to train on")
+        self.per_epoch = sum(math.ceil(len(v) / batch_size) for v in self.groups.values())
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of step `step` (0-based)."""
+        return divmod(step, self.per_epoch)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches = []
+            for key in sorted(self.groups):
+                items = self.groups[key]
+                order = [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
+                n = math.ceil(len(order) / self.batch_size) * self.batch_size
+                order = [order[j % len(order)] for j in range(n)]
+                batches += [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
+            self._epoch = (epoch, [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()])
+        return self._epoch[1]
+
+    def batch(self, step: int) -> list[int]:
+        epoch, k = self.position(step)
+        return self._batches(epoch)[k]

@@ -1,0 +1,356 @@
+"""The SCFM training loop: one global batch per step, checkpoints, resume, logging, samples, export.
+
+The objective lives in `distill/scfm.py`; this file owns everything around it. Each step's data and random
+draws are pure functions of (seed, step, global element position) (`BucketBatches`, `element_generators`), so
+a resumed run and a run on any number of processes train on exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from model.flux import Flux
+from sampling.velocity import FluxVelocity
+
+from .checkpoint import (
+    checkpoints,
+    clean_temp,
+    latest_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import DistillConfig
+from .data import BucketBatches, Cache
+from .ema import EMAConfig, ema_step
+from .lora import (
+    FLUX_TARGETS,
+    LoRAConfig,
+    copy_set,
+    inject_lora,
+    load_set,
+    lora_layers,
+    set_state_dict,
+    weight_set,
+)
+from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
+
+# Fields a resumed run must share with the checkpoint: anything else changing would silently make the
+# "resumed" run a different run.
+RESUME_FIXED = ("rank", "alpha", "targets", "seed", "batch_size", "t_skip", "teacher_steps_min",
+                "teacher_steps_max", "teacher_ratio", "non_shortcut_ratio", "dynamic_shift_prob", "shift_min",
+                "shift_max", "guidance_max", "fast_decay", "slow_decay", "ema_restart_every", "teacher_lora")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (repeated NaN/inf, a mismatched resume), as one line."""
+
+
+def scfm_config(cfg: DistillConfig, guidance: bool) -> SCFMConfig:
+    return SCFMConfig(
+        t_skip=cfg.t_skip, teacher_steps_min=cfg.teacher_steps_min, teacher_steps_max=cfg.teacher_steps_max,
+        teacher_ratio=cfg.teacher_ratio, non_shortcut_ratio=cfg.non_shortcut_ratio,
+        dynamic_shift_prob=cfg.dynamic_shift_prob, shift_min=cfg.shift_min, shift_max=cfg.shift_max,
+        guidance_max=cfg.guidance_max if guidance else None,
+    )
+
+
+def lora_config(cfg: DistillConfig) -> LoRAConfig:
+    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets={"flux": FLUX_TARGETS}[cfg.targets])
+
+
+class _StudentRoute:
+    """Looks like the Flux model to FluxVelocity; grad-enabled (student) calls go through DDP so gradients are
+    reduced, no-grad (target) calls go straight to the module and skip DDP's bookkeeping."""
+
+    def __init__(self, ddp: nn.Module):
+        self.ddp, self.config = ddp, ddp.module.config
+
+    def parameters(self):
+        return self.ddp.module.parameters()
+
+    def __call__(self, *args):
+        return (self.ddp if torch.is_grad_enabled() else self.ddp.module)(*args)
+
+
+@dataclass
+class Progress:
+    step: int = 0  # batches consumed (skipped ones included): the next step trains on batch `step`
+    updates: int = 0  # optimiser steps taken (EMA restarts count these)
+    bad_in_row: int = 0
+
+
+class Trainer:
+    def __init__(self, config: DistillConfig, model: Flux, cache: Cache, *,
+                 device: torch.device | str = "cpu", on_step: Callable[[int], None] | None = None):
+        self.config, self.cache, self.device = config, cache, torch.device(device)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        if config.batch_size % self.world:
+            raise TrainingError(f"batch_size {config.batch_size} does not split over {self.world} processes")
+        self.local_batch = config.batch_size // self.world
+        if config.micro_batch and self.local_batch % config.micro_batch:
+            raise TrainingError(f"micro_batch {config.micro_batch} does not divide the per-process batch "
+                                f"{self.local_batch}")
+        self.on_step = on_step  # called after every step (tests use it to kill a run)
+        self.out = Path(config.output).expanduser()
+
+        # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so
+        model = model.to(device=self.device, dtype=DTYPES[config.dtype])
+        self.names = inject_lora(model, lora_config(config), torch.Generator().manual_seed(config.seed))
+        model.to(self.device)
+        model.enable_gradient_checkpointing(config.gradient_checkpointing)
+        if config.teacher_lora:
+            from safetensors.torch import load_file
+
+            load_set(model, "teacher", load_file(config.teacher_lora))
+            for ema in ("fast_ema", "slow_ema"):  # scfm-method.md §3: EMAs start from the teacher LoRA
+                copy_set(model, ema, "teacher")
+        self.model = model
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [p for _, p in self.params], lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+        student, self.ddp = model, None
+        if self.world > 1:
+            # every rank built the same seeded LoRA; broadcasting the 12 B frozen base (init_sync) is waste
+            for _, p in self.params:
+                dist.broadcast(p.data, 0)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False, init_sync=False)
+            student = _StudentRoute(self.ddp)
+        self.velocity = FluxVelocity(student)
+        self.scfm = scfm_config(config, model.config.guidance_embed)
+        self.ema = EMAConfig(config.fast_decay, config.slow_decay, config.ema_restart_every)
+        self.batches = BucketBatches(cache.buckets, config.batch_size, config.seed)
+        self.progress = Progress()
+        self.autocast = config.autocast and self.device.type == "cuda"
+
+    # --- one step -----------------------------------------------------------------------------------------
+
+    def _micro_loss(self, step: int, indices: list[int], positions: range) -> Tensor:
+        """Backward of one micro-batch's share of the local loss; returns its detached loss sum."""
+        cfg = self.config
+        x0, cond = self.cache.load([indices[p] for p in positions])
+        x0 = x0.to(self.device, torch.float32)
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        h, w = x0.shape[-2:]
+        draw = sample_draw(self.scfm, element_generators(cfg.seed, step, positions), x0.shape[1:],
+                           (h // 2) * (w // 2), positions=positions, global_batch=cfg.batch_size)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = scfm_loss(self.velocity, self.model, x0, cond, draw, self.scfm)
+        (out.loss * (len(positions) / self.local_batch)).backward()
+        return out.loss.detach().float() * len(positions)
+
+    def step(self) -> dict:
+        cfg, step = self.config, self.progress.step
+        indices = self.batches.batch(step)
+        first = self.rank * self.local_batch
+        micro = cfg.micro_batch or self.local_batch
+        loss_sum = torch.zeros((), device=self.device)
+        for start in range(first, first + self.local_batch, micro):
+            last = start + micro == first + self.local_batch
+            # DDP reduces gradients in the last micro-batch's backward only
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                loss_sum += self._micro_loss(step, indices, range(start, start + micro))
+        params = [p for _, p in self.params]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        # one reduction carries the loss sum (for the log) and any rank's NaN, so every rank skips together
+        stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        loss = stats[0].item() / cfg.batch_size
+        bad = stats[1].item() > 0 or not math.isfinite(norm.item())
+        self.progress.step += 1  # the batch is consumed either way: a skipped one is not retried
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.bad_in_row += 1
+            warnings.warn(f"step {step + 1}: loss {loss} / grad norm {norm.item()} is not finite; "
+                          "step skipped", stacklevel=2)
+            if self.progress.bad_in_row >= cfg.max_bad_steps:
+                raise TrainingError(f"{self.progress.bad_in_row} steps in a row had a NaN/inf loss or "
+                                    f"gradient (last at step {step + 1}); lower lr or check the data, "
+                                    "then --resume")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.updates += 1
+            self.progress.bad_in_row = 0
+            ema_step(self.model, self.ema, self.progress.updates)
+        return {"step": step + 1, "loss": loss, "grad_norm": norm.item(), "skipped": bad,
+                "bucket": list(self.cache.buckets[indices[0]])}
+
+    # --- the loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        cfg = self.config
+        if cfg.resume:
+            self.resume()
+        elif checkpoints(self.out / "checkpoints"):
+            raise TrainingError(f"{self.out} already holds checkpoints; pass --resume to continue that run "
+                                "or choose another --output")
+        log = _JsonlLog(self.out / "log.jsonl", self.progress.step) if self.rank == 0 else None
+        bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="scfm", unit="step",
+                   disable=self.rank != 0)
+        window, t0 = [], time.perf_counter()
+        while self.progress.step < cfg.steps:
+            metrics = self.step()
+            step = metrics["step"]
+            window.append(metrics["loss"])
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            bar.update(1)
+            if log and (step % cfg.log_every == 0 or step == cfg.steps):
+                dt = time.perf_counter() - t0
+                log.write({**metrics, "loss_mean": sum(window) / len(window), "lr": cfg.lr,
+                           "seconds_per_step": dt / len(window),
+                           "images_per_second": len(window) * cfg.batch_size / dt})
+                window, t0 = [], time.perf_counter()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                self.save()
+            if self.rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
+                self.sample(step)
+            if self.on_step:
+                self.on_step(step)
+        bar.close()
+        if not (self.out / "checkpoints" / f"step-{self.progress.step:06d}").exists():  # resumed at the end
+            self.save()
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+
+    def _sets(self) -> list[str]:
+        layer = next(iter(lora_layers(self.model).values()))
+        return list(layer.set_names())
+
+    def save(self) -> Path | None:
+        """Rank 0 writes; the others wait, so nobody runs ahead of a checkpoint that may yet fail."""
+        path = None
+        if self.rank == 0:
+            tensors = {f"lora.{s}.{k}": v
+                       for s in self._sets() for k, v in set_state_dict(self.model, s).items()}
+            opt_tensors, opt_state = optimizer_state(self.optimizer, [n for n, _ in self.params])
+            rng_tensors, rng_json = rng_state()
+            position = self.batches.position(self.progress.step)
+            state = {"progress": vars(self.progress), "data_position": position,
+                     "cache": self.cache.fingerprint(), "config": self.config.to_dict(),
+                     "world_size": self.world, "optimizer": opt_state, "rng": rng_json}
+            path = save_checkpoint(self.out / "checkpoints", self.progress.step,
+                                   {**tensors, **opt_tensors, **rng_tensors}, state,
+                                   self.config.keep_checkpoints)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        root = self.out / "checkpoints"
+        if self.rank == 0:
+            clean_temp(root)
+        found = latest_checkpoint(root)
+        if found is None:
+            warnings.warn(f"--resume: no checkpoint in {root}; starting from step 0", stacklevel=2)
+            return False
+        path, tensors, state = found
+        saved = state["config"]
+        changed = [k for k in RESUME_FIXED if saved.get(k) != self.config.to_dict()[k]]
+        if changed:
+            raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
+        if state["cache"] != self.cache.fingerprint():
+            raise TrainingError(f"{path}: the cache differs from the one this run trained on")
+        for s in self._sets():
+            prefix = f"lora.{s}."
+            load_set(self.model, s, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        load_optimizer_state(self.optimizer, [n for n, _ in self.params], tensors, state["optimizer"])
+        set_rng_state(tensors, state["rng"])
+        self.progress = Progress(**state["progress"])
+        return True
+
+    # --- sample images ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, step: int) -> list[Path]:
+        from sampling.samplers import euler
+        from sampling.schedules import ScheduleConfig, get_sigmas
+
+        cfg = self.config
+        found = self.cache.sample_cond()
+        if found is None:
+            return []
+        prompts, cond = found
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        side = cfg.sample_size // 8  # latent pixels; the 16-channel VAEs downscale by 8
+        channels = self.model.config.in_channels // 4  # packed tokens hold 2x2 latent pixels
+        g = torch.Generator().manual_seed(cfg.seed)  # the same noise every time: comparable images
+        noise = torch.randn(len(prompts), channels, side, side, generator=g).to(self.device)
+        sigmas = get_sigmas(ScheduleConfig(grid="scfm", shift=cfg.sample_shift), cfg.sample_steps)
+        guidance = torch.full((len(prompts),), cfg.sample_guidance, device=self.device)
+        velocity = FluxVelocity(self.model)
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
+        with weight_set(self.model, "live"), autocast:
+            latents = euler(velocity, noise, sigmas, cond, guidance).float()
+        return save_samples(latents, prompts, self.out / "samples", step, cfg.vae, self.device)
+
+
+def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, vae_path: str,
+                 device: torch.device) -> list[Path]:
+    """PNGs when a VAE is configured, else the latents as safetensors (no decoder, still inspectable)."""
+    from weights.io import atomic_save
+
+    if not vae_path:
+        return [atomic_save({"latents": latents.cpu()}, folder / f"step-{step:06d}.safetensors",
+                            {"prompts": json.dumps(prompts)}, overwrite=True)]
+    from model.vae import vae_to_images
+    from sampling.generate import save_png
+    from sampling.pipeline import to_pil
+    from weights.vae import load_vae
+
+    vae = load_vae(vae_path, device=device)
+    images = to_pil(vae_to_images(vae.decode(vae.denormalize_latents(latents.to(device)))))
+    paths = []
+    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+        paths.append(folder / f"step-{step:06d}_{i:02d}.png")
+        save_png(image, paths[-1], {"prompt": prompt, "step": step})
+    return paths
+
+
+class _JsonlLog:
+    """Append-only JSONL; on resume, lines past the checkpoint (from the killed run) are dropped first."""
+
+    def __init__(self, path: Path, resumed_step: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            lines = path.read_text().splitlines()
+            keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= resumed_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(path)
+        self.path = path
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:  # TensorBoard is optional
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for k in ("loss", "loss_mean", "grad_norm", "seconds_per_step"):
+                self.tb.add_scalar(k, row[k], row["step"])
