@@ -1,16 +1,22 @@
-"""`python -m sampling.generate`: text to PNG with a Flux model, optionally with SCFM and style LoRAs.
+"""`python -m sampling.generate`: text to PNG with a Flux or SD3 / SD3.5 model, optionally with SCFM and style LoRAs.
 
     python -m sampling.generate --model FLUX.1-dev/ --prompt "a red fox in the snow" --steps 28
     python -m sampling.generate --model flux1-dev.safetensors --vae ae.safetensors --clip clip_l.safetensors \
         --t5 t5xxl_fp16.safetensors --t5-tokenizer t5_tokenizer/ --prompt "..." --lora scfm.safetensors:1.25
+    python -m sampling.generate --model stable-diffusion-3.5-large/ --prompt "..." --cfg 4.5 --steps 40
+    python -m sampling.generate --model stable-diffusion-3.5-medium/ --prompt "..." --slg-layers 7,8,9
 
-Every PNG carries its generation parameters (seed included) in a text chunk; existing files are never replaced
-without --overwrite.
+The family (Flux or SD3) is read from the model: a pipeline folder's model_index.json, a transformer folder's
+config.json, or the checkpoint's keys. Settings not given on the command line come from an SCFM LoRA's metadata
+(steps, grid, shift, guidance, T5 length), so an SCFM LoRA samples on the `scfm` grid it was trained on; otherwise
+from the family's diffusers defaults. Every PNG carries its generation parameters (seed included) in a text chunk;
+existing files are never replaced without --overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +28,10 @@ import torch
 from weights.io import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
+# (CFG 7.0, T5 256). Both use 28 steps.
+DEFAULTS = {"flux": dict(steps=28, guidance=3.5, max_sequence_length=512),
+            "sd3": dict(steps=28, guidance=7.0, max_sequence_length=256)}
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -35,29 +45,54 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """`7,8,9` -> (7, 8, 9); an empty string turns skip-layer guidance off."""
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 7,8,9, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sampling.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model files")
-    src.add_argument("--model", required=True, help="diffusers Flux pipeline folder, or the transformer file/folder")
-    src.add_argument("--vae", help="ae.safetensors or a diffusers vae/ folder (default: the pipeline folder's)")
+    src.add_argument("--model", required=True,
+                     help="diffusers Flux / SD3 pipeline folder, or the transformer file or folder")
+    src.add_argument("--vae", help="VAE file or diffusers vae/ folder (default: the pipeline folder's)")
     src.add_argument("--clip", help="CLIP-L file or folder (default: the pipeline folder's text_encoder/)")
-    src.add_argument("--t5", help="T5-XXL file or folder (default: the pipeline folder's text_encoder_2/)")
-    src.add_argument("--clip-tokenizer", help="CLIP tokenizer folder (default: the vendored CLIP vocabulary)")
+    src.add_argument("--clip-g", help="SD3: CLIP-bigG file or folder (default: the pipeline folder's text_encoder_2/)")
+    src.add_argument("--t5", help="T5-XXL file or folder (default: the pipeline folder's text_encoder_2/ (Flux) "
+                                  "or text_encoder_3/ (SD3))")
+    src.add_argument("--no-t5", action="store_true", help="SD3: run without T5 (zeros in its place, as diffusers)")
+    src.add_argument("--clip-tokenizer", help="CLIP-L tokenizer folder (default: the vendored CLIP vocabulary)")
+    src.add_argument("--clip-g-tokenizer", help="SD3: CLIP-bigG tokenizer folder (default: the vendored "
+                                                "vocabulary padded with '!')")
     src.add_argument("--t5-tokenizer", help="T5 spiece.model / tokenizer.json / folder")
     src.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="a LoRA to merge, with an optional scale; repeatable")
-    gen = p.add_argument_group("generation")
+    gen = p.add_argument_group("generation (unset values: an SCFM LoRA's recommendation, else the family default)")
     gen.add_argument("--prompt", action="append", default=[], help="repeatable")
     gen.add_argument("--prompts-file", help="a text file, one prompt per line")
-    gen.add_argument("--negative-prompt", help="used with --true-cfg > 1")
-    gen.add_argument("--steps", type=int, default=28)
-    gen.add_argument("--schedule", choices=["diffusers", "scfm"], default="diffusers",
-                     help="sigma grid: the scheduler's, or SCFM's shifted linspace")
+    gen.add_argument("--negative-prompt", help="Flux: used with --true-cfg > 1; SD3: the CFG negative (default '')")
+    gen.add_argument("--steps", type=int, help="default 28")
+    gen.add_argument("--schedule", choices=["diffusers", "scfm"],
+                     help="sigma grid: the scheduler's, or SCFM's shifted linspace (default: scfm with an SCFM "
+                          "LoRA, else diffusers)")
     gen.add_argument("--shift", help="a fixed shift (e.g. 3) or 'dynamic'; default: the schedule's own")
-    gen.add_argument("--guidance", type=float, default=3.5, help="Flux-dev guidance embedding value")
-    gen.add_argument("--true-cfg", type=float, default=1.0, help="> 1 with --negative-prompt: real CFG")
-    gen.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (SCFM recipe: 256)")
+    gen.add_argument("--guidance", type=float,
+                     help="diffusers' guidance_scale: Flux-dev's guidance embedding (default 3.5); SD3's CFG scale, "
+                          "the same as --cfg (default 7.0)")
+    gen.add_argument("--cfg", type=float,
+                     help="real classifier-free guidance, uncond + s (cond - uncond): SD3's guidance scale "
+                          "(default 7.0, <= 1 off); Flux's --true-cfg")
+    gen.add_argument("--true-cfg", type=float, help="Flux: > 1 with --negative-prompt: real CFG (default 1, off)")
+    gen.add_argument("--slg-layers", type=parse_layers, default=(), metavar="I,J,...",
+                     help="SD3: skip-layer guidance blocks (SD3.5-medium: 7,8,9); needs CFG on")
+    gen.add_argument("--slg-scale", type=float, default=2.8, help="SD3: skip-layer guidance scale")
+    gen.add_argument("--slg-start", type=float, default=0.01, help="SD3: SLG from this fraction of the steps")
+    gen.add_argument("--slg-stop", type=float, default=0.2, help="SD3: SLG until this fraction of the steps")
+    gen.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: Flux 512, SD3 256)")
     gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--height", type=int, default=1024)
     gen.add_argument("--seed", type=int, default=0)
@@ -113,52 +148,158 @@ def save_png(image, path: Path, params: dict) -> None:
             os.unlink(tmp)
 
 
+def detect_family(model: Path) -> str:
+    """"flux" or "sd3": from model_index.json / config.json class names, else from the checkpoint's keys."""
+    from weights.io import model_files, read_shapes  # noqa: PLC0415
+
+    if model.is_dir():
+        for name in ("model_index.json", "config.json", "transformer/config.json"):
+            if (model / name).exists():
+                cls = str(json.loads((model / name).read_text()).get("_class_name", ""))
+                if cls.startswith("StableDiffusion3") or cls == "SD3Transformer2DModel":
+                    return "sd3"
+                if cls.startswith("Flux"):
+                    return "flux"
+    files, _ = model_files(model, "transformer")
+    keys = read_shapes(files)[0].keys()
+    # Flux: BFL double_blocks / diffusers single_transformer_blocks; SD3: SAI joint_blocks / diffusers pos_embed
+    if any("double_blocks." in k or "single_transformer_blocks." in k for k in keys):
+        return "flux"
+    if any("joint_blocks." in k or k.endswith("pos_embed.proj.weight") for k in keys):
+        return "sd3"
+    raise WeightsError(f"{model}: neither a Flux nor an SD3 / SD3.5 transformer (by its keys)")
+
+
+def lora_recommendations(paths: list[str]):
+    """The sampling settings the LoRAs' metadata recommends (the first LoRA stating a field wins), with the grid
+    set to `scfm` for an SCFM LoRA that does not state one: SCFM is trained on that grid."""
+    from weights.io import read_header  # noqa: PLC0415
+    from weights.lora import FORMAT, Recommended  # noqa: PLC0415
+
+    merged: dict = {}
+    for path in paths:
+        if not Path(path).exists():
+            raise WeightsError(f"--lora {path}: no such file")
+        meta = read_header(Path(path))[1]
+        rec = dataclasses.asdict(Recommended.from_metadata(meta))
+        if meta.get("scfm_format") == FORMAT or "scfm_lora" in meta:
+            rec["schedule"] = rec["schedule"] or "scfm"
+        merged = {k: merged.get(k) if merged.get(k) is not None else v for k, v in rec.items()}
+    return Recommended(**merged) if merged else Recommended()
+
+
+def _pick(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _one_scale(a: float | None, b: float | None, names: str) -> float | None:
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"{names} name the same scale here; pass one (got {a} and {b})")
+    return _pick(a, b)
+
+
+def check_family_flags(args, family: str) -> None:
+    """A flag of the other family would be ignored silently; refuse it instead."""
+    if family == "flux":
+        used = [f for f, v in (("--clip-g", args.clip_g), ("--clip-g-tokenizer", args.clip_g_tokenizer),
+                               ("--no-t5", args.no_t5), ("--slg-layers", args.slg_layers)) if v]
+        if used:
+            raise ValueError(f"{', '.join(used)}: SD3 options, but {args.model} is a Flux model")
+    elif args.true_cfg is not None:
+        raise ValueError("--true-cfg is Flux's; SD3's classifier-free guidance scale is --cfg")
+
+
+def generation_config(args, family: str, rec):
+    """The family's GenerationConfig: command line, then the LoRA's recommendation, then the family default."""
+    from .pipeline import GenerationConfig  # noqa: PLC0415
+    from .sd3 import SD3GenerationConfig  # noqa: PLC0415
+
+    d = DEFAULTS[family]
+    shift = _pick(args.shift, rec.shift)
+    common = dict(height=args.height, width=args.width, steps=_pick(args.steps, rec.steps, d["steps"]),
+                  max_sequence_length=_pick(args.max_sequence_length, rec.max_sequence_length,
+                                            d["max_sequence_length"]),
+                  grid=_pick(args.schedule, rec.schedule, "diffusers"), seed=args.seed,
+                  shift=shift if shift in (None, "dynamic") else float(shift))
+    if family == "flux":
+        return GenerationConfig(**common, guidance=_pick(args.guidance, rec.guidance, d["guidance"]),
+                                true_cfg=_pick(_one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg"), 1.0),
+                                negative_prompt=args.negative_prompt)
+    # SD3 metadata records guidance in diffusers' convention (SCFM's w = 3.5 is stored as 4.5), used as is
+    guidance = _pick(_one_scale(args.cfg, args.guidance, "--cfg and --guidance"), rec.guidance, d["guidance"])
+    return SD3GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "",
+                               slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
+                               slg_stop=args.slg_stop)
+
+
+def build_pipeline(args, model: Path, family: str):
+    files = dict(vae=args.vae, clip=args.clip, t5=args.t5, clip_tokenizer=args.clip_tokenizer,
+                 t5_tokenizer=args.t5_tokenizer)
+    if family == "flux":
+        from .pipeline import FluxPipeline, FluxSources  # noqa: PLC0415
+
+        files = {k: Path(v) for k, v in files.items() if v}
+        is_folder = (model / "model_index.json").exists()
+        sources = FluxSources.from_folder(model, **files) if is_folder else FluxSources(transformer=model, **files)
+        sources.check()
+        return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype])
+    from .sd3 import SD3Pipeline, SD3Sources  # noqa: PLC0415
+
+    files = dict(vae=files["vae"], clip_l=files["clip"], clip_g=args.clip_g, t5=None if args.no_t5 else files["t5"],
+                 clip_l_tokenizer=files["clip_tokenizer"], clip_g_tokenizer=args.clip_g_tokenizer,
+                 t5_tokenizer=files["t5_tokenizer"])
+    files = {k: Path(v) for k, v in files.items() if v}
+    if (model / "model_index.json").exists():
+        sources = SD3Sources.from_folder(model, without_t5=args.no_t5, **files)
+    else:
+        sources = SD3Sources(transformer=model, **files)
+    sources.check()
+    return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def _negative(family: str, cfg) -> str | None:
+    """The negative prompt the pipeline will use, or None when no negative pass runs."""
+    if family == "flux":
+        return cfg.negative_prompt if cfg.negative_prompt is not None and cfg.true_cfg > 1 else None
+    return cfg.negative_prompt if cfg.guidance > 1 else None
+
+
 def run(args) -> list[Path]:
     from tqdm import tqdm
 
-    from .pipeline import FluxPipeline, FluxSources, GenerationConfig, to_pil
+    from .pipeline import to_pil
 
     prompts = _prompts(args)
     model = Path(args.model).expanduser()
     if not model.exists():
         raise WeightsError(f"--model {model}: no such file or folder")
-    files = dict(vae=args.vae, clip=args.clip, t5=args.t5, clip_tokenizer=args.clip_tokenizer,
-                 t5_tokenizer=args.t5_tokenizer)
-    files = {k: Path(v) for k, v in files.items() if v}
-    sources = FluxSources.from_folder(model, **files) if (model / "model_index.json").exists() else \
-        FluxSources(transformer=model, **files)
-    sources.check()
-    pipe = FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype])
-    if args.lora:
+    family = detect_family(model)
+    check_family_flags(args, family)
+    loras = [parse_lora(s) for s in args.lora]
+    cfg = generation_config(args, family, lora_recommendations([path for path, _ in loras]))
+    pipe = build_pipeline(args, model, family)
+    if loras:
         from weights.lora import apply_loras  # noqa: PLC0415  (only when asked: keeps --help fast)
 
-        loras = [parse_lora(s) for s in args.lora]
         # one-shot generation never unloads, so no copy of the touched weights is kept
         pipe.transformer_hooks.append(lambda m: apply_loras(m, loras, restorable=False))
-    shift = args.shift if args.shift in (None, "dynamic") else float(args.shift)
-    cfg = GenerationConfig(
-        height=args.height, width=args.width, steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg,
-        negative_prompt=args.negative_prompt, max_sequence_length=args.max_sequence_length, grid=args.schedule,
-        shift=shift,
-    )
     paths = _targets(args, len(prompts) * args.batch_size)
-    pipe.latent_size(args.height, args.width)  # a bad size fails before any model is loaded
-    with_negative = args.negative_prompt is not None and args.true_cfg > 1
-    conds = pipe.encode(prompts + ([args.negative_prompt] * len(prompts) if with_negative else []),
+    pipe.latent_size(args.height, args.width)  # a bad size fails before the big models are loaded
+    negative_prompt = _negative(family, cfg)
+    conds = pipe.encode(prompts + ([negative_prompt] * len(prompts) if negative_prompt is not None else []),
                         cfg.max_sequence_length)  # encoders run once, then are freed
     cond = {k: v[: len(prompts)] for k, v in conds.items()}
-    negative = {k: v[len(prompts):] for k, v in conds.items()} if with_negative else None
+    negative = {k: v[len(prompts):] for k, v in conds.items()} if negative_prompt is not None else None
     written: list[Path] = []
-    with tqdm(total=args.batch_size * args.steps, desc="sampling", unit="step") as bar:
+    with tqdm(total=args.batch_size * cfg.steps, desc="sampling", unit="step") as bar:
         for b in range(args.batch_size):
             cfg.seed = args.seed + b
             latents = pipe.sample(cond, cfg, negative=negative, callback=lambda *_: bar.update(1))
             for i, (prompt, image) in enumerate(zip(prompts, to_pil(pipe.decode(latents)))):
                 path = paths[b * len(prompts) + i]
-                params = dict(prompt=prompt, seed=cfg.seed, steps=cfg.steps, guidance=cfg.guidance,
-                              true_cfg=cfg.true_cfg, negative_prompt=cfg.negative_prompt, schedule=cfg.grid,
-                              shift=cfg.shift, width=cfg.width, height=cfg.height, model=str(model),
-                              loras=args.lora, max_sequence_length=cfg.max_sequence_length)
+                settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "grid")}
+                params = dict(prompt=prompt, family=family, model=str(model), loras=args.lora, schedule=cfg.grid,
+                              **settings)
                 save_png(image, path, params)
                 written.append(path)
     return written

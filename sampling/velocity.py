@@ -7,6 +7,7 @@ samplers, the trainer and dataset generation never touch those details.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 
 from model.flux import Flux
 from model.layers import image_ids, pack, text_ids, unpack
+from model.mmdit import MMDiT
 
 
 class FluxVelocity:
@@ -48,8 +50,41 @@ class FluxVelocity:
         return unpack(v, h, w)
 
 
+class MMDiTVelocity:
+    """SD3 / SD3.5: cond is a dict with `context` (B, T, 4096) and `pooled` (B, 2048). There is no guidance input:
+    classifier-free guidance is a sampler wrapper (`samplers.sd3_cfg`, `sampling.sd3.sd3_guidance`).
+
+    `skip_layers`: blocks left out of every call (the skip-layer-guidance pass); `skipping(layers)` makes one.
+    """
+
+    family = "sd3"
+
+    def __init__(self, model: MMDiT, skip_layers: Sequence[int] | None = None):
+        self.model = model
+        self.skip_layers = list(skip_layers) if skip_layers else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def skipping(self, layers: Sequence[int]) -> MMDiTVelocity:
+        return MMDiTVelocity(self.model, layers)
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: Tensor | None = None) -> Tensor:
+        if guidance is not None:
+            raise ValueError("SD3 has no guidance embedding; use classifier-free guidance (samplers.sd3_cfg)")
+        dtype = self.dtype
+        # StableDiffusion3Pipeline passes scheduler.timesteps = float32 sigma * 1000, unrounded in every dtype
+        # (the model computes its sinusoid in fp32), so the fp32 product here is exactly its timestep.
+        t = sigma.float() * 1000
+        return self.model(x.to(dtype), t, cond["pooled"].to(dtype), cond["context"].to(dtype),
+                          skip_layers=self.skip_layers)  # (B, C, h, w)
+
+
 def velocity_for(model: nn.Module) -> Any:
     """The velocity wrapper of a loaded model."""
     if isinstance(model, Flux):
         return FluxVelocity(model)
+    if isinstance(model, MMDiT):
+        return MMDiTVelocity(model)
     raise TypeError(f"no velocity interface for {type(model).__name__}")

@@ -1,0 +1,292 @@
+"""SD3 / SD3.5 text-to-image: prompts -> CLIP-L, CLIP-bigG (and T5) -> CFG Euler over the MMDiT -> VAE -> images.
+
+The same seed gives the same image as diffusers' `StableDiffusion3Pipeline`: noise is drawn with the same shape,
+generator and dtype, the sigma grid is the scheduler's (shift 3, the twice-shifted last sigma), the timestep is
+sigma * 1000 in fp32, the CFG batch is [negative, positive] with u + g (c - u), and skip-layer guidance follows
+diffusers' step rule. T5 is optional as in diffusers: without it its part of the context is zeros. Components load
+lazily and the text encoders are freed before sampling, as in `sampling.pipeline.FluxPipeline`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.mmdit import MMDiT
+from model.text import encode_sd3
+from model.tokenizers import CLIPTokenizer, T5Tokenizer, _pad_token_of
+from model.vae import AutoEncoder, vae_to_images
+from weights.io import WeightsError
+from weights.mmdit import load_mmdit
+from weights.text import load_clip, load_t5
+from weights.vae import load_vae
+
+from .pipeline import schedule_from_diffusers, to_pil
+from .samplers import Velocity, cat_cond, euler
+from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
+from .velocity import MMDiTVelocity
+
+# bigG pads with "!" (id 0), not <|endoftext|>: SAI's SDXLClipGTokenizer(pad_with_end=False) and diffusers'
+# tokenizer_2 config. Used when no tokenizer folder says otherwise.
+CLIP_G_PAD = "!"
+# Every released SD3 / SD3.5 MMDiT patchifies 2x2; the size check uses it before the transformer is loaded.
+DEFAULT_PATCH = 2
+# FlowMatchEulerDiscreteScheduler options whose grids or steps we do not reproduce: refused, not ignored.
+_UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                          "stochastic_sampling", "shift_terminal")
+
+
+@dataclass(frozen=True)
+class SD3Sources:
+    """Where each component comes from. t5=None: no T5 (zeros in its place). Tokenizers None: the vendored CLIP
+    vocabulary (bigG padded with "!"); T5 has no default tokenizer."""
+
+    transformer: Path
+    vae: Path | None = None
+    clip_l: Path | None = None
+    clip_g: Path | None = None
+    t5: Path | None = None
+    clip_l_tokenizer: Path | None = None
+    clip_g_tokenizer: Path | None = None
+    t5_tokenizer: Path | None = None
+    schedule: ScheduleConfig | None = None  # None: SD3.5's shift 3
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, without_t5: bool = False, **overrides) -> SD3Sources:
+        """A diffusers StableDiffusion3Pipeline folder. T5 is taken when text_encoder_3/ exists (pipelines saved
+        with text_encoder_3=None have none) unless `without_t5`."""
+        folder = Path(folder).expanduser()
+        if not (folder / "model_index.json").exists():
+            raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        has_t5 = (folder / "text_encoder_3").is_dir() and not without_t5
+        parts = dict(
+            transformer=folder, vae=folder / "vae", clip_l=folder / "text_encoder", clip_g=folder / "text_encoder_2",
+            t5=folder / "text_encoder_3" if has_t5 else None, clip_l_tokenizer=_existing(folder / "tokenizer"),
+            clip_g_tokenizer=_existing(folder / "tokenizer_2"),
+            t5_tokenizer=_existing(folder / "tokenizer_3") if has_t5 else None,
+            schedule=sd3_schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json"),
+        )
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if without_t5:
+            overrides.pop("t5", None)
+        return cls(**{**parts, **overrides})
+
+    def check(self) -> None:
+        """Fail before loading anything: every needed component given and existing (one line each)."""
+        flags = dict(transformer="--model", vae="--vae", clip_l="--clip", clip_g="--clip-g", t5="--t5",
+                     clip_l_tokenizer="--clip-tokenizer", clip_g_tokenizer="--clip-g-tokenizer",
+                     t5_tokenizer="--t5-tokenizer")
+        for name in ("transformer", "vae", "clip_l", "clip_g"):
+            if getattr(self, name) is None:
+                what = name.replace("_", "-").replace("clip-l", "CLIP-L").replace("clip-g", "CLIP-bigG")
+                raise WeightsError(f"no {what} given: pass {flags[name]} (or a diffusers pipeline folder)")
+        if self.t5 is not None and self.t5_tokenizer is None:
+            raise WeightsError("T5 needs its tokenizer: pass --t5-tokenizer (spiece.model or tokenizer.json)")
+        for name, flag in flags.items():
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise WeightsError(f"{flag} {path}: no such file or folder")
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.exists() else None
+
+
+def sd3_schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
+    """The scheduler config of an SD3 pipeline folder -> ScheduleConfig on StableDiffusion3Pipeline's grid."""
+    base = schedule_from_diffusers(path)
+    if base is None:
+        return None
+    d = json.loads(path.read_text())
+    bad = [k for k in _UNSUPPORTED_SCHEDULER if d.get(k)]
+    if bad:
+        raise WeightsError(f"{path}: scheduler options {bad} are not supported (plain flow-matching Euler only)")
+    return replace(base, pipeline="sd3")
+
+
+@dataclass
+class SD3GenerationConfig:
+    height: int = 1024
+    width: int = 1024
+    steps: int = 28
+    # diffusers' guidance_scale: u + g (c - u) against the negative prompt; <= 1 turns CFG (and SLG) off. SAI
+    # recommends 4.5 (large) / 5 (medium); SCFM's training w = 3.5 is g = 4.5 here (samplers.cfg_scale_from_w).
+    guidance: float = 7.0
+    negative_prompt: str = ""
+    max_sequence_length: int = 256  # T5 tokens
+    seed: int | None = 0
+    grid: str = "diffusers"  # or "scfm": shifted linspace with s[0] = 1 - 1e-5, what SCFM LoRAs are trained on
+    shift: float | str | None = None  # a number, "dynamic", or None for the schedule's own
+    # Skip-layer guidance (SD3.5-medium: layers (7, 8, 9), scale 2.8): v += (c - c_skip) * slg_scale on the steps
+    # i with steps * slg_start < i < steps * slg_stop (diffusers' rule, both strict), only while CFG is on.
+    slg_layers: tuple[int, ...] = ()
+    slg_scale: float = 2.8
+    slg_start: float = 0.01
+    slg_stop: float = 0.2
+
+
+def slg_steps(steps: int, start: float, stop: float) -> list[int]:
+    """The step indices on which diffusers runs the skip-layer pass."""
+    return [i for i in range(steps) if steps * start < i < steps * stop]
+
+
+def sd3_guidance(velocity: MMDiTVelocity, negative: Any, scale: float, *, slg_layers: Sequence[int] = (),
+                 slg_scale: float = 0.0, slg_sigmas: Sequence[float] = ()) -> Velocity:
+    """`samplers.sd3_cfg` plus skip-layer guidance: one batched call on [negative, cond], u + scale (c - u); on the
+    steps whose sigma is in `slg_sigmas`, a third pass on cond alone with `slg_layers` skipped adds
+    (c - c_skip) * slg_scale. Off (the plain velocity) for scale <= 1, as in diffusers."""
+    if scale <= 1:
+        return velocity
+    skipping = velocity.skipping(slg_layers) if slg_layers else None
+    # Steps are recognised by their sigma rather than by counting calls, so the function stays pure and can be
+    # reused across runs; grid sigmas are strictly decreasing, hence distinct.
+    active = set(slg_sigmas)
+
+    def guided(x: Tensor, sigma: Tensor, cond: Any, guidance: Tensor | None) -> Tensor:
+        both = velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(negative, cond), guidance)
+        u, c = both.chunk(2)  # (2B, ...) -> 2 x (B, ...): negative first, as diffusers orders the batch
+        v = u + scale * (c - u)
+        if skipping is not None and sigma[0].item() in active:
+            v = v + (c - skipping(x, sigma, cond, guidance)) * slg_scale
+        return v
+
+    return guided
+
+
+class SD3Pipeline:
+    def __init__(self, sources: SD3Sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.sources, self.device, self.dtype = sources, torch.device(device), dtype
+        self._transformer: MMDiT | None = None
+        self._vae: AutoEncoder | None = None
+        self.transformer_hooks: list[Callable[[MMDiT], None]] = []  # e.g. LoRA application after loading
+
+    # --- components --------------------------------------------------------------------------------------------
+
+    @property
+    def transformer(self) -> MMDiT:
+        if self._transformer is None:
+            self._transformer = load_mmdit(self.sources.transformer, dtype=self.dtype, device=self.device)
+            for hook in self.transformer_hooks:
+                hook(self._transformer)
+        return self._transformer
+
+    @property
+    def vae(self) -> AutoEncoder:
+        if self._vae is None:
+            if self.sources.vae is None:
+                raise WeightsError("no VAE given: pass --vae (or a diffusers pipeline folder)")
+            self._vae = load_vae(self.sources.vae, dtype=self.dtype, device=self.device)
+        return self._vae
+
+    @property
+    def vae_scale(self) -> int:
+        return self.vae.config.downscale
+
+    def _tokenizers(self, max_sequence_length: int):
+        s = self.sources
+        g_pad = None if s.clip_g_tokenizer is not None and _pad_token_of(Path(s.clip_g_tokenizer)) else CLIP_G_PAD
+        t5 = None if s.t5 is None else T5Tokenizer.load(s.t5_tokenizer, max_length=max_sequence_length)
+        return CLIPTokenizer.load(s.clip_l_tokenizer), CLIPTokenizer.load(s.clip_g_tokenizer, pad_token=g_pad), t5
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict[str, Tensor]:
+        """Run the text encoders once for all prompts, then free them: {context (B, 77 + T, 4096), pooled (B, 2048)}."""
+        s = self.sources
+        if s.clip_l is None or s.clip_g is None:
+            raise WeightsError("SD3 needs CLIP-L and CLIP-bigG: pass --clip and --clip-g (or a pipeline folder)")
+        tok_l, tok_g, tok_t5 = self._tokenizers(max_sequence_length)
+        clip_l = load_clip(s.clip_l, dtype=self.dtype, device=self.device)
+        clip_g = load_clip(s.clip_g, dtype=self.dtype, device=self.device)
+        t5 = None if s.t5 is None else load_t5(s.t5, dtype=self.dtype, device=self.device)
+        # Without T5 the zeros take the transformer's context width; loading it here is cheap next to T5-XXL.
+        joint_dim = 4096 if t5 is not None else self.transformer.config.context_in_dim
+        context, pooled = encode_sd3(list(prompts), clip_l=clip_l, clip_l_tokenizer=tok_l, clip_g=clip_g,
+                                     clip_g_tokenizer=tok_g, t5=t5, t5_tokenizer=tok_t5,
+                                     max_length=max_sequence_length, joint_dim=joint_dim)
+        del clip_l, clip_g, t5
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"context": context, "pooled": pooled}
+
+    # --- sampling ----------------------------------------------------------------------------------------------
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """diffusers' check: sizes must be multiples of vae_scale * patch_size."""
+        patch = self._transformer.config.patch_size if self._transformer is not None else DEFAULT_PATCH
+        multiple = self.vae_scale * patch
+        for name, size in (("height", height), ("width", width)):
+            if size % multiple or size <= 0:
+                lo, hi = max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple
+                raise ValueError(f"{name} {size} is not a multiple of {multiple}; use {lo} or {hi}")
+        return height // self.vae_scale, width // self.vae_scale
+
+    def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """diffusers' `randn_tensor`: drawn on the generator's device in the model dtype, then moved."""
+        h, w = self.latent_size(height, width)
+        shape = (batch, self.transformer.config.in_channels, h, w)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
+
+    def schedule(self, cfg: SD3GenerationConfig) -> ScheduleConfig:
+        base = replace(self.sources.schedule or SCHEDULES["sd3.5"], grid=cfg.grid)
+        if cfg.shift == "dynamic":
+            return replace(base, dynamic=True)
+        if cfg.shift is not None:
+            return replace(base, dynamic=False, shift=float(cfg.shift))
+        return base
+
+    def velocity(self, cfg: SD3GenerationConfig, sigmas: Tensor, negative: dict[str, Tensor] | None) -> Velocity:
+        """The guided velocity of one run: plain, CFG, or CFG + skip-layer guidance."""
+        depth = self.transformer.config.depth
+        bad = [i for i in cfg.slg_layers if not 0 <= i < depth]
+        if bad:  # diffusers silently skips nothing for these; a typo should not pass as guidance
+            raise ValueError(f"skip-layer guidance layers {bad} are outside the model's {depth} blocks")
+        velocity = MMDiTVelocity(self.transformer)
+        if cfg.guidance <= 1:
+            return velocity
+        if negative is None:
+            raise ValueError("CFG (guidance > 1) needs the negative prompt's conditioning (pass negative=)")
+        steps = len(sigmas) - 1
+        slg_sigmas = [sigmas[i].item() for i in slg_steps(steps, cfg.slg_start, cfg.slg_stop)]
+        return sd3_guidance(velocity, negative, cfg.guidance, slg_layers=cfg.slg_layers, slg_scale=cfg.slg_scale,
+                            slg_sigmas=slg_sigmas)
+
+    @torch.no_grad()
+    def sample(self, cond: dict[str, Tensor], cfg: SD3GenerationConfig, *, negative: dict[str, Tensor] | None = None,
+               generator: torch.Generator | None = None, callback=None) -> Tensor:
+        """Latents (B, C, h, w) in the model's normalised latent space."""
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(cfg.seed if cfg.seed is not None else 0)
+        x = self.noise(cond["context"].shape[0], cfg.height, cfg.width, generator)
+        p = self.transformer.config.patch_size
+        sigmas = get_sigmas(self.schedule(cfg), cfg.steps, (x.shape[2] // p) * (x.shape[3] // p), device=self.device)
+        return euler(self.velocity(cfg, sigmas, negative), x, sigmas, cond, callback=callback)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents -> images (B, 3, H, W) in [0, 1]."""
+        vae = self.vae
+        return vae_to_images(vae.decode(vae.denormalize_latents(latents.to(self.dtype))))
+
+    def __call__(self, prompts: str | Sequence[str], cfg: SD3GenerationConfig | None = None, *,
+                 generator: torch.Generator | None = None, callback=None, output: str = "pil"):
+        cfg = cfg or SD3GenerationConfig()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.latent_size(cfg.height, cfg.width)  # fail on a bad size before loading the big parts
+        with_negative = cfg.guidance > 1
+        conds = self.encode(prompts + ([cfg.negative_prompt] * len(prompts) if with_negative else []),
+                            cfg.max_sequence_length)
+        cond = {k: v[: len(prompts)] for k, v in conds.items()}
+        negative = {k: v[len(prompts):] for k, v in conds.items()} if with_negative else None
+        latents = self.sample(cond, cfg, negative=negative, generator=generator, callback=callback)
+        if output == "latent":
+            return latents
+        images = self.decode(latents)
+        return images if output == "tensor" else to_pil(images)

@@ -1,0 +1,206 @@
+"""The SD3.5 pipeline against diffusers' StableDiffusion3Pipeline on a tiny pipeline folder saved by `save_pretrained`
+(issue 8 item 3): for the same seed, steps and guidance scale, the same latents (atol 1e-4 * max) and the same 8-bit
+image within one level, with CFG off and on (explicit and default negative prompt), with skip-layer guidance, and
+without T5; the CLI picks the SD3 family from the folder and writes the same image."""
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from text_fixtures import hf_clip, hf_clip_tokenizer, hf_t5, train_spm
+
+from conftest import randomize_
+from model.clip import CLIP_CONFIGS
+from model.t5 import T5_CONFIGS
+from sampling.pipeline import to_pil
+from sampling.sd3 import SD3GenerationConfig, SD3Pipeline, SD3Sources, slg_steps
+
+# Real CLIP vocabulary so the vendored BPE ids index it; bigG with gelu and the legacy eos rule, as its configs.
+CLIP_L = dataclasses.replace(CLIP_CONFIGS["tiny"], vocab_size=49408, hidden_size=32, num_attention_heads=2,
+                             num_hidden_layers=2, intermediate_size=64, projection_dim=16, eos_token_id=49407)
+CLIP_G = dataclasses.replace(CLIP_L, hidden_size=48, num_attention_heads=3, hidden_act="gelu", projection_dim=24,
+                             eos_token_id=2)
+T5 = dataclasses.replace(T5_CONFIGS["tiny"], vocab_size=256, d_model=96, num_layers=2)
+PROMPTS = ["a red circle at the top left", "a blue square"]
+T5_LEN = 48
+HEIGHT, WIDTH = 32, 48  # the tiny VAE downsamples 4x: 8 x 12 latents, a 4 x 6 patch grid
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The same tiny SD3.5 parts saved twice: with T5 and, as diffusers allows, without."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, \
+        StableDiffusion3Pipeline
+    from transformers import T5Tokenizer as HFT5Tokenizer
+
+    root = tmp_path_factory.mktemp("sd3")
+    # SD3.5-medium's features: RMS QK-norm, dual-attention blocks 0 and 1, a pre-only last block.
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5.d_model, caption_projection_dim=32,
+        pooled_projection_dim=CLIP_L.projection_dim + CLIP_G.projection_dim, pos_embed_max_size=8,
+        qk_norm="rms_norm", dual_attention_layers=(0, 1),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609,
+    )
+    randomize_(transformer, 0.1, seed=3)
+    randomize_(vae, 0.05, seed=4)
+    train_spm(root / "spm")
+    parts = dict(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=hf_clip(CLIP_L, 0.1, seed=1, bos=49406), tokenizer=hf_clip_tokenizer(),
+        text_encoder_2=hf_clip(CLIP_G, 0.1, seed=5, bos=49406), tokenizer_2=hf_clip_tokenizer("!"),
+    )
+    pipes = {
+        "t5": StableDiffusion3Pipeline(**parts, text_encoder_3=hf_t5(T5, 0.1, seed=2),
+                                       tokenizer_3=HFT5Tokenizer.from_pretrained(str(root / "spm"))),
+        "no-t5": StableDiffusion3Pipeline(**parts, text_encoder_3=None, tokenizer_3=None),
+    }
+    for name, pipe in pipes.items():
+        pipe.save_pretrained(root / name)
+    return {name: (root / name, pipe) for name, pipe in pipes.items()}
+
+
+def _diffusers(pipe, output_type, cfg: SD3GenerationConfig):
+    kwargs = dict(skip_guidance_layers=list(cfg.slg_layers), skip_layer_guidance_scale=cfg.slg_scale,
+                  skip_layer_guidance_start=cfg.slg_start, skip_layer_guidance_stop=cfg.slg_stop) \
+        if cfg.slg_layers else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pipe(PROMPTS, height=cfg.height, width=cfg.width, num_inference_steps=cfg.steps,
+                    guidance_scale=cfg.guidance, negative_prompt=cfg.negative_prompt or None,
+                    generator=torch.Generator().manual_seed(cfg.seed), output_type=output_type,
+                    max_sequence_length=T5_LEN, **kwargs).images
+
+
+def _compare(folder, pipe, cfg: SD3GenerationConfig, **sources) -> torch.Tensor:
+    """Assert our latents and image match diffusers' for `cfg`; return our latents."""
+    ours = SD3Pipeline(SD3Sources.from_folder(folder, **sources))
+    latents = ours(PROMPTS, cfg, output="latent")
+    ref = _diffusers(pipe, "latent", cfg)
+    assert latents.shape == ref.shape == (2, 16, HEIGHT // 4, WIDTH // 4)
+    torch.testing.assert_close(latents, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+    # decode our latents as SD3Pipeline.__call__ does (output="pil"), without sampling a second time
+    images = np.stack([np.asarray(im) for im in to_pil(ours.decode(latents))]).astype(int)
+    ref_images = (_diffusers(pipe, "np", cfg) * 255).round().astype(int)
+    assert images.shape == ref_images.shape == (2, HEIGHT, WIDTH, 3)
+    assert images.std() > 1, "the tiny pipeline should not draw a flat image"
+    assert np.abs(images - ref_images).max() <= 1
+    return latents
+
+
+CASES = {
+    "no-cfg": SD3GenerationConfig(guidance=1.0),
+    "cfg-negative": SD3GenerationConfig(guidance=5.0, negative_prompt="blurry, low quality"),
+    "cfg-empty-negative": SD3GenerationConfig(guidance=4.5, steps=4),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_latents_and_image_as_diffusers(folders, case):
+    cfg = dataclasses.replace(CASES[case], height=HEIGHT, width=WIDTH, seed=7, max_sequence_length=T5_LEN,
+                              steps=CASES[case].steps if case == "cfg-empty-negative" else 3)
+    _compare(*folders["t5"], cfg)
+
+
+def test_skip_layer_guidance_matches_diffusers(folders):
+    # 4 steps with start 0.25 / stop 0.75: diffusers' strict rule runs the skip pass on step 2 only, where a
+    # non-strict one would also run it on steps 1 and 3, so the window itself is under test.
+    cfg = SD3GenerationConfig(height=HEIGHT, width=WIDTH, steps=4, guidance=4.0, seed=7, max_sequence_length=T5_LEN,
+                              slg_layers=(1,), slg_scale=2.8, slg_start=0.25, slg_stop=0.75)
+    assert slg_steps(4, 0.25, 0.75) == [2]
+    with_slg = _compare(*folders["t5"], cfg)
+    without = SD3Pipeline(SD3Sources.from_folder(folders["t5"][0]))(
+        PROMPTS, dataclasses.replace(cfg, slg_layers=()), output="latent")
+    # the skip pass must matter far beyond the tolerance, or the comparison above proves nothing
+    assert (with_slg - without).abs().max() > 100 * 1e-4 * with_slg.abs().max()
+    with pytest.raises(ValueError, match=r"layers \[3\] are outside the model's 3 blocks"):
+        SD3Pipeline(SD3Sources.from_folder(folders["t5"][0]))(PROMPTS, dataclasses.replace(cfg, slg_layers=(3,)))
+
+
+def test_without_t5_matches_diffusers(folders):
+    folder, pipe = folders["no-t5"]
+    assert SD3Sources.from_folder(folder).t5 is None
+    cfg = SD3GenerationConfig(height=HEIGHT, width=WIDTH, steps=3, guidance=3.0, seed=7, max_sequence_length=T5_LEN)
+    _compare(folder, pipe, cfg)
+    # the T5 folder with T5 switched off is the same model: diffusers' zeros
+    _compare(folders["t5"][0], pipe, cfg, without_t5=True)
+
+
+def test_size_must_be_a_multiple_of_vae_scale_times_patch(folders):
+    ours = SD3Pipeline(SD3Sources.from_folder(folders["t5"][0]))
+    with pytest.raises(ValueError, match=r"width 50 is not a multiple of 8; use 48 or 56"):
+        ours(PROMPTS, SD3GenerationConfig(height=HEIGHT, width=50))
+
+
+def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
+    from PIL import Image
+
+    from sampling.generate import detect_family, main
+
+    folder, pipe = folders["t5"]
+    assert detect_family(folder) == detect_family(folder / "transformer") == "sd3"
+    out = tmp_path / "one.png"
+    args = ["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "3", "--width", str(WIDTH), "--height",
+            str(HEIGHT), "--seed", "7", "--max-sequence-length", str(T5_LEN), "--cfg", "4.5", "--slg-layers", "1",
+            "--slg-start", "0", "--slg-stop", "0.5", "--out", str(out), "--dtype", "fp32", "--device", "cpu"]
+    assert main(args) == 0, capsys.readouterr().err
+    meta = json.loads(Image.open(out).text["parameters"])
+    assert meta["family"] == "sd3" and meta["guidance"] == 4.5 and meta["slg_layers"] == [1]
+    assert meta["schedule"] == "diffusers" and meta["seed"] == 7 and meta["negative_prompt"] == ""
+    with warnings.catch_warnings():  # the same run in diffusers: SLG on step 1 of 3
+        warnings.simplefilter("ignore")
+        ref = pipe(PROMPTS[0], height=HEIGHT, width=WIDTH, num_inference_steps=3, guidance_scale=4.5,
+                   generator=torch.Generator().manual_seed(7), output_type="np", max_sequence_length=T5_LEN,
+                   skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=0.5).images
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - (ref[0] * 255).round().astype(int)).max() <= 1
+    assert main(args[:-6] + ["--guidance", "3", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--cfg and --guidance" in capsys.readouterr().err
+    assert main(args[:-6] + ["--true-cfg", "3", "--out", str(tmp_path / "x.png")]) == 2
+    assert "SD3's classifier-free guidance scale is --cfg" in capsys.readouterr().err
+
+
+def test_family_is_read_from_single_files(folders, tmp_path):
+    from model.flux import FLUX_CONFIGS, Flux
+    from sampling.generate import detect_family
+    from weights.flux import save_flux
+    from weights.io import WeightsError
+    from weights.mmdit import load_mmdit, save_mmdit
+
+    sai = save_mmdit(load_mmdit(folders["t5"][0]), tmp_path / "sd35.safetensors")  # SAI names, no config.json
+    flux = save_flux(Flux(FLUX_CONFIGS["tiny"]), tmp_path / "flux.safetensors")
+    assert detect_family(sai) == "sd3" and detect_family(flux) == "flux"
+    with pytest.raises(WeightsError, match="neither a Flux nor an SD3"):
+        detect_family(folders["t5"][0] / "vae")
+
+
+def test_scfm_lora_metadata_sets_the_grid_and_guidance(tmp_path):
+    from safetensors.torch import save_file
+
+    from sampling.generate import build_parser, generation_config, lora_recommendations
+    from weights.lora import FORMAT
+
+    scfm, plain = tmp_path / "scfm.safetensors", tmp_path / "style.safetensors"
+    save_file({"x.lora_down": torch.zeros(1, 1)}, scfm, {"scfm_format": FORMAT, "scfm_family": "mmdit",
+                                                        "scfm_steps": "4", "scfm_guidance": "4.5"})
+    save_file({"x.lora_down": torch.zeros(1, 1)}, plain)
+    parse = build_parser().parse_args
+    base = ["--model", "m", "--prompt", "p"]
+
+    cfg = generation_config(parse(base), "sd3", lora_recommendations([str(plain), str(scfm)]))
+    assert (cfg.grid, cfg.steps, cfg.guidance, cfg.max_sequence_length) == ("scfm", 4, 4.5, 256)
+    cfg = generation_config(parse(base + ["--schedule", "diffusers", "--cfg", "2", "--steps", "8"]), "sd3",
+                            lora_recommendations([str(scfm)]))
+    assert (cfg.grid, cfg.steps, cfg.guidance) == ("diffusers", 8, 2.0)
+    cfg = generation_config(parse(base), "sd3", lora_recommendations([str(plain)]))
+    assert (cfg.grid, cfg.steps, cfg.guidance) == ("diffusers", 28, 7.0)
+    flux = generation_config(parse(base), "flux", lora_recommendations([str(plain)]))
+    assert (flux.grid, flux.guidance, flux.true_cfg, flux.max_sequence_length) == ("diffusers", 3.5, 1.0, 512)
