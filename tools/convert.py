@@ -1,0 +1,211 @@
+"""Inspect, convert and merge checkpoints and LoRAs between the official, diffusers and kohya layouts.
+
+    python tools/convert.py info FILE_OR_FOLDER
+    python tools/convert.py checkpoint flux1-dev.safetensors flux-dev-diffusers/ --to diffusers --dtype bf16
+    python tools/convert.py lora my_lora.safetensors my_lora_kohya.safetensors --to kohya
+    python tools/convert.py merge --base flux1-dev.safetensors --lora scfm.safetensors:1.0 \
+        --out flux-4step.safetensors
+
+Checkpoints (Flux BFL <-> diffusers, SD3 / SD3.5 SAI <-> diffusers, the 16-channel VAE) are streamed tensor by
+tensor, so peak memory is about one tensor whatever the model's size. An OUT ending in .safetensors is one
+file, any other OUT a folder (diffusers: config.json, shards and index, loadable by `from_pretrained`).
+Outputs are written atomically and never replace an existing path without --overwrite. Every error is one
+line on stderr and exit code 2. All the key mapping lives in weights/ (see weights/convert.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from weights.convert import (  # noqa: E402
+    DTYPES, check_output, convert_checkpoint, detect, merge_loras, plan_conversion)
+from weights.io import WeightsError  # noqa: E402
+from weights.lora import LAYOUTS, read_lora, write_lora  # noqa: E402
+
+# Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (reference.md §7.3).
+SD3_WIDTHS = {1536, 2432}
+DROPPED_BY_DIFFUSERS_KOHYA = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+
+
+def _size(text: str) -> int:
+    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
+    low = text.strip().lower()
+    for unit in sorted(units, key=len, reverse=True):
+        if low.endswith(unit):
+            try:
+                return int(float(low[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MB)")
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE; a colon followed by no number is part of the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+# ----- info -------------------------------------------------------------------------------------------------
+
+
+def _variant(family: str, cfg) -> str:
+    if family == "flux":
+        size = "12B" if cfg.hidden_size == 3072 and cfg.depth == 19 else f"width {cfg.hidden_size}"
+        kind = "dev (guidance-distilled)" if cfg.guidance_embed else "schnell (no guidance embedding)"
+        return f"Flux {kind}, {size}, {cfg.depth} double + {cfg.depth_single_blocks} single blocks"
+    if family == "mmdit":
+        if cfg.qk_norm is None:
+            name = "SD3 medium" if cfg.depth == 24 else "SD3"
+        else:
+            name = {38: "SD3.5 large", 24: "SD3.5 medium"}.get(cfg.depth, "SD3.5")
+            name += " (dual attention)" if cfg.dual_attention_layers else ""
+        return f"{name} MMDiT, width {cfg.hidden_size}, {cfg.depth} joint blocks"
+    return f"VAE, {cfg.z_channels} latent channels, scale {cfg.scale_factor} shift {cfg.shift_factor}"
+
+
+def _lora_lines(path) -> list[str]:
+    lora = read_lora(path)
+    ranks = Counter(p.up.shape[1] for mod in lora.modules.values() for p in mod.parts if p is not None)
+    alphas = Counter(p.alpha for mod in lora.modules.values() for p in mod.parts if p is not None)
+    groups = Counter(re.sub(r"\.\d+\.", ".*.", m) for m in lora.modules)
+    blocks = {"double_blocks": 0, "single_blocks": 0, "joint_blocks": 0}
+    for m in lora.modules:
+        head, _, rest = m.partition(".")
+        if head in blocks:
+            blocks[head] = max(blocks[head], int(rest.split(".")[0]) + 1)
+    fits = ", ".join(f"{k} >= {v}" for k, v in blocks.items() if v)
+    dev_only = any(m.startswith("guidance_in.") for m in lora.modules)
+    lines = [f"family: LoRA for {lora.family}", f"layout: {lora.layout}",
+             f"rank(s): {dict(ranks)}", f"alpha(s): {dict(alphas)}",
+             f"targets: {len(lora.modules)} layers: "
+             + ", ".join(f"{g} x{n}" for g, n in sorted(groups.items())),
+             f"fits: {lora.family} with {fits or 'any depth'}"
+             + ("; FLUX.1-dev only (has guidance_in)" if dev_only else "")]
+    if lora.text_encoders:
+        lines.append(f"text encoders: {len(lora.text_encoders)} keys (kept as is)")
+    return lines
+
+
+def info_lines(path) -> list[str]:
+    src = detect(path)
+    if src.family == "lora":
+        return [f"file: {src.path}", *_lora_lines(path)]
+    dtypes = Counter(d for _, d in src.header.values())
+    params = sum(math.prod(s) for s, _ in src.header.values())
+    lines = [f"file: {src.path}" + (f" ({len(src.files)} files)" if len(src.files) > 1 else ""),
+             f"layout: {src.layout}" + (f" (key prefix {src.prefix!r})" if src.prefix else ""),
+             f"dtypes: {dict(dtypes)}", f"parameters: {params:,} in {len(src.header)} tensors"]
+    if src.family in ("flux", "mmdit", "vae"):
+        cfg = plan_conversion(src, "official").config
+        lines.insert(1, f"family: {_variant(src.family, cfg)}")
+        if src.family == "mmdit" and any(k.startswith("first_stage_model.") for k in src.header):
+            clips = any(k.startswith("text_encoders.") for k in src.header)
+            lines.append("also holds: VAE (first_stage_model.*)" + (", text encoders" if clips else ""))
+    else:
+        lines.insert(1, f"family: {src.family.upper()} text encoder")
+    return lines
+
+
+# ----- commands ---------------------------------------------------------------------------------------------
+
+
+def cmd_info(args) -> None:
+    print("\n".join(info_lines(args.path)))
+
+
+def cmd_checkpoint(args) -> None:
+    out = convert_checkpoint(args.input, args.output, args.to, dtype=DTYPES.get(args.dtype),
+                             overwrite=args.overwrite, shard_bytes=args.shard_size)
+    print(f"wrote {out}")
+
+
+def cmd_lora(args) -> None:
+    check_output(Path(args.output), args.overwrite, [Path(args.input)])
+    lora = read_lora(args.input)
+    # diffusers names SD3's attention like Flux's double blocks, so such a LoRA reads as Flux: its width
+    # (SD3.5 large 2432, SD3 / SD3.5 medium 1536, never a Flux Linear's input) gives it away
+    widths = {mod.in_features for mod in lora.modules.values()}
+    if lora.layout == "diffusers" and widths & SD3_WIDTHS:
+        raise WeightsError(f"{args.input}: an SD3 / SD3.5 LoRA (width {min(widths & SD3_WIDTHS)}); only Flux "
+                           "LoRAs are converted so far")
+    if args.to == "kohya":
+        dropped = sorted(m for m in lora.modules if m.startswith(DROPPED_BY_DIFFUSERS_KOHYA))
+        if dropped:
+            print(f"warning: {len(dropped)} embedder / final-layer LoRA layers ({', '.join(dropped[:3])}"
+                  f"{', ...' if len(dropped) > 3 else ''}) are written, but diffusers' kohya loader silently "
+                  "drops them; ComfyUI and scfm read them. For diffusers, convert with --to diffusers",
+                  file=sys.stderr)
+    write_lora(lora, args.output, args.to, overwrite=args.overwrite)
+    print(f"wrote {args.output} ({args.to}, {len(lora.modules)} layers)")
+
+
+def cmd_merge(args) -> None:
+    check_output(Path(args.out), args.overwrite, [Path(args.base)])
+    loras = [(read_lora(path), scale) for path, scale in args.lora]
+    out = merge_loras(args.base, loras, args.out, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
+                      shard_bytes=args.shard_size)
+    print(f"wrote {out} ({len(loras)} LoRA(s) merged)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="family, layout, dtypes, size; a LoRA's ranks, alphas, targets and fit")
+    p.add_argument("path", help="a .safetensors file or a model / pipeline folder")
+    p.set_defaults(run=cmd_info)
+
+    def common(p, dtype=True):
+        if dtype:
+            p.add_argument("--dtype", choices=sorted(DTYPES), help="cast float tensors (default: keep)")
+            p.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE",
+                           help="largest shard of a folder output (default 5GB)")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    p = sub.add_parser("checkpoint", help="Flux BFL <-> diffusers, SD3.5 SAI <-> diffusers, the VAE")
+    p.add_argument("input", metavar="IN", help="a file or folder in any supported layout (detected)")
+    p.add_argument("output", metavar="OUT", help="*.safetensors for one file, anything else for a folder")
+    p.add_argument("--to", required=True, choices=["official", "diffusers"])
+    common(p)
+    p.set_defaults(run=cmd_checkpoint)
+
+    p = sub.add_parser("lora", help="a LoRA between our, diffusers / PEFT and kohya / ComfyUI layouts")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT", help="a .safetensors file")
+    p.add_argument("--to", required=True, choices=list(LAYOUTS))
+    common(p, dtype=False)
+    p.set_defaults(run=cmd_lora)
+
+    p = sub.add_parser("merge", help="bake LoRAs into a standalone checkpoint in the base's layout")
+    p.add_argument("--base", required=True, metavar="CKPT")
+    p.add_argument("--lora", required=True, action="append", type=_lora_arg, metavar="FILE[:SCALE]",
+                   help="repeatable; scale 1 when omitted")
+    p.add_argument("--out", required=True, metavar="OUT")
+    common(p)
+    p.set_defaults(run=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Checkpoint conversion and LoRA merging, streamed tensor by tensor (the logic behind `tools/convert.py`).
+
+Every model family goes through its loader's own key map and config helpers (weights/flux.py, mmdit.py,
+vae.py and weights/keymaps/); nothing here names a key. A conversion is a generator of (key, tensor) driven
+by a reader: run once on meta tensors it yields the output's plan (keys, dtypes, shapes) for the streaming
+writer's header, run again on the memory-mapped input it yields the tensors, one at a time. Transformers
+pass through the official (BFL / SAI) layout on the way, one rule at a time, which is where a merged LoRA's
+delta is added, with the same fp32 arithmetic as `apply_loras`, so a merged file equals applying at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.flux import Flux
+from model.mmdit import MMDiT
+from model.vae import AutoEncoder, VAEConfig
+
+from . import flux as flux_io
+from . import mmdit as mmdit_io
+from . import vae as vae_io
+from .assign import check_keys_and_shapes
+from .io import (CONFIG_METADATA_KEY, TensorReader, WeightsError, config_from_metadata, model_files,
+                 read_shapes)
+from .keymaps import official_shapes, to_official, to_others
+from .keymaps.flux import flux_rules, flux_split_sizes
+from .keymaps.lora import parse_key, refuse_non_lora
+from .keymaps.mmdit import mmdit_rules, mmdit_split_sizes
+from .keymaps.vae import diffusers_to_ours, ours_to_diffusers
+from .stream import DTYPE_NAMES, Spec, nbytes, write_streaming
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+SAI_PREFIX = "model.diffusion_model."  # what SAI's single files (and ComfyUI) put before the MMDiT keys
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # diffusers' save_pretrained default
+
+Reader = Callable[[str], Tensor]
+
+
+@dataclass
+class Source:
+    """A checkpoint as found on disk: its files, header, family ("flux" | "mmdit" | "vae" | "t5" | "clip" |
+    "lora"), layout and key prefix."""
+
+    path: Path
+    files: list[Path]
+    config_json: dict | None
+    header: dict[str, tuple[list[int], str]]  # key as stored -> (shape, safetensors dtype)
+    metadata: dict[str, str]
+    family: str
+    layout: str
+    prefix: str = ""
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes by key without the prefix (the keys a conversion names)."""
+        n = len(self.prefix)
+        return {k[n:]: tuple(s) for k, (s, _) in self.header.items() if k.startswith(self.prefix)}
+
+
+def detect(source: str | os.PathLike) -> Source:
+    """Find the family and layout of a file or folder from its keys alone; one line for anything unknown."""
+    path = Path(source).expanduser()
+    files, config_json = model_files(path, "transformer")
+    header, metadata = read_shapes(files)
+    keys = header.keys()
+
+    def make(family, layout, prefix=""):
+        return Source(path, files, config_json, header, metadata, family, layout, prefix)
+
+    lora_keys = any((p := parse_key(k)) and p[1] != "alpha" for k in keys)
+    if lora_keys or "lora" in metadata.get("scfm_format", ""):
+        return make("lora", "")
+    for family, detector in (("flux", flux_io.detect_flux_layout), ("mmdit", mmdit_io.detect_mmdit_layout)):
+        try:
+            return make(family, *reversed(detector(keys, str(path))))
+        except WeightsError:
+            pass
+    if any(k.startswith((vae_io.SAI_PREFIX, "encoder.down.", "encoder.down_blocks.")) for k in keys):
+        layout = vae_io._detect_layout(set(keys), path)  # the VAE loader's own rule
+        return make("vae", layout, vae_io.SAI_PREFIX if layout == "sai" else "")
+    refuse_non_lora(keys, str(path))  # LoKr, DoRA and friends get their own line rather than "unknown"
+    if any(k.startswith(("encoder.block.", "shared.", "encoder.embed_tokens.")) for k in keys):
+        return make("t5", "transformers")
+    if any("text_model." in k or k.startswith(("transformer.resblocks.", "token_embedding.")) for k in keys):
+        return make("clip", "transformers" if any("text_model." in k for k in keys) else "open_clip")
+    raise WeightsError(f"{path}: not a Flux, SD3 / SD3.5, VAE, T5, CLIP or LoRA checkpoint "
+                       f"(first keys: {', '.join(sorted(keys)[:3])})")
+
+
+def _meta_reader(src: Source) -> Reader:
+    header = src.header
+    return lambda k: torch.empty(header[src.prefix + k][0], dtype=_BY_NAME[header[src.prefix + k][1]],
+                                 device="meta")
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
+
+# ----- one plan per family: the config, the rules and the generator of output tensors ----------------------
+
+
+@dataclass
+class Plan:
+    family: str
+    layout: str  # the output's layout
+    config: object  # FluxConfig / MMDiTConfig / VAEConfig
+    tensors: Callable[[Reader, bool], Iterator[tuple[str, Tensor]]]  # (reader of bare input keys, real?)
+    metadata: dict[str, str]
+    config_json: dict | None  # the diffusers config.json of a folder output
+
+
+def _transformer_plan(src: Source, to: str, dtype, loras, out_prefix: str | None) -> Plan:
+    shapes = src.shapes()
+    if src.family == "flux":
+        io, model_cls, split = flux_io, Flux, None
+        if src.layout == "diffusers":
+            count = flux_io._count_blocks
+            rules = flux_rules(count(shapes, "transformer_blocks"),
+                               count(shapes, "single_transformer_blocks"),
+                               "time_text_embed.guidance_embedder.linear_1.weight" in shapes)
+            _check_exact({k for r in rules for k in r.others}, shapes, src, "diffusers Flux")
+    else:
+        shapes = {k: s for k, s in shapes.items() if not k.startswith(mmdit_io._OTHER_PARTS)}
+        io, model_cls, split = mmdit_io, MMDiT, mmdit_split_sizes
+        if src.layout == "diffusers":
+            rules = mmdit_io._diffusers_rules(shapes, str(src.path))
+    official = official_shapes(rules, shapes) if src.layout == "diffusers" else shapes
+    cfg = io._resolve_config(None, src.config_json, src.metadata, official, str(src.path))
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    check_keys_and_shapes(model, official, source=str(src.path), layout=f"{src.layout} {src.family}")
+    if src.family == "flux":
+        rules, split = flux_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed), \
+            flux_split_sizes(cfg.hidden_size)
+    else:
+        rules = mmdit_rules(cfg.depth, cfg.dual_attention_layers, cfg.qk_norm is not None)
+    by_official = {r.official: r for r in rules}
+    deltas = _lora_deltas(model, loras)
+    if out_prefix is None:
+        out_prefix = SAI_PREFIX if to == "official" and src.family == "mmdit" else ""
+
+    def tensors(read: Reader, real: bool) -> Iterator[tuple[str, Tensor]]:
+        def get_official(key: str) -> Tensor:
+            rule = by_official[key]
+            t = read(key) if src.layout == "official" else next(to_official([rule], read))[1]
+            t = _cast(t, dtype)  # before the LoRA, as loading in `dtype` and then applying does
+            module = key.removesuffix(".weight")
+            if real and key.endswith(".weight") and module in deltas:
+                with torch.no_grad():  # apply_loras' arithmetic: sum the deltas in fp32, round once
+                    delta = sum(s * lora.modules[module].delta(t.device) for lora, s in deltas[module])
+                    t = (t.float() + delta).to(t.dtype)
+            return t
+
+        if to == "official":
+            pairs = ((r.official, get_official(r.official)) for r in rules)
+        else:
+            pairs = to_others(rules, get_official, split)
+        for k, t in pairs:
+            yield out_prefix + k, t
+
+    family = {"flux": "flux", "mmdit": "mmdit"}[src.family]
+    meta = {CONFIG_METADATA_KEY: json.dumps({"family": family, "config": cfg.to_dict()}), "layout": to}
+    config_json = io.config_to_diffusers(cfg) if to == "diffusers" else None
+    return Plan(src.family, to, cfg, tensors, meta, config_json)
+
+
+def _check_exact(wanted: set[str], shapes: dict, src: Source, layout: str) -> None:
+    missing, unexpected = wanted - shapes.keys(), shapes.keys() - wanted
+    if missing or unexpected:
+        which, names = ("missing", missing) if missing else ("unexpected", unexpected)
+        raise WeightsError(f"{src.path}: {len(names)} {which} keys for the {layout} layout "
+                           f"({', '.join(sorted(names)[:3])}); the file is incomplete or another model")
+
+
+def _lora_deltas(model, loras) -> dict[str, list]:
+    """Official module -> [(LoRA, scale)] after checking every LoRA fits `model` (built on meta)."""
+    deltas: dict[str, list] = {}
+    if not loras:
+        return deltas
+    from . import lora  # noqa: F401  (first: weights.lora imports lora_merge at its end)
+    from .lora_merge import _fit_error  # the run-time merger's own check, so both refuse the same files
+
+    for lora, scale in loras:
+        family = "flux" if isinstance(model, Flux) else "mmdit"
+        if lora.family != family:
+            raise WeightsError(f"{lora.source}: a {lora.family} LoRA; the base model is {family}")
+        # _fit_error only knows Flux by name; its module and shape checks hold for any model
+        error = _fit_error(model, dataclasses.replace(lora, family="flux"), lora.source or "LoRA")
+        if error is not None:
+            raise WeightsError(error)
+        if lora.text_encoders:
+            raise WeightsError(f"{lora.source}: has {len(lora.text_encoders)} text-encoder LoRA keys, which "
+                               "a transformer checkpoint cannot hold")
+        for m in lora.modules:
+            deltas.setdefault(m, []).append((lora, float(scale)))
+    return deltas
+
+
+def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
+    """Our VAEConfig as diffusers' AutoencoderKL config.json (the inverse of weights/vae.py's reader)."""
+    n = len(cfg.ch_mult)
+    return {
+        "_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
+        "act_fn": "silu", "latent_channels": cfg.z_channels, "norm_num_groups": cfg.norm_groups,
+        "sample_size": 1024, "scaling_factor": cfg.scale_factor, "shift_factor": cfg.shift_factor,
+        "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
+        "force_upcast": True,
+    }
+
+
+def _vae_plan(src: Source, to: str, dtype) -> Plan:
+    shapes = src.shapes()
+    if src.layout == "diffusers":
+        pattern = re.compile(r"encoder\.down_blocks\.(\d+)\.")
+        levels = 1 + max(int(m.group(1)) for k in shapes if (m := pattern.match(k)))
+        names = {}
+        for k in shapes:
+            if (mapped := diffusers_to_ours(k, levels)) is None:
+                raise WeightsError(f"{src.path}: unexpected key {k!r} for the diffusers AutoencoderKL layout")
+            names[k] = mapped
+    else:
+        names = {k: (k, None) for k in shapes}
+    ours = {o: tuple(t(torch.empty(shapes[k], device="meta")).shape) if t else shapes[k]
+            for k, (o, t) in names.items()}
+    stored = config_from_metadata(src.metadata)
+    if stored is not None:
+        cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    elif src.config_json is not None and src.layout == "diffusers":
+        cfg = vae_io._config_from_diffusers(src.config_json, src.path)
+    else:
+        cfg = vae_io._config_from_shapes(ours, src.layout, src.path)
+    with torch.device("meta"):
+        check_keys_and_shapes(AutoEncoder(cfg), ours, source=str(src.path), layout=f"{src.layout} VAE")
+    levels = len(cfg.ch_mult)
+
+    def tensors(read: Reader, real: bool) -> Iterator[tuple[str, Tensor]]:
+        for k, (our_key, to_ours) in names.items():
+            t = read(k)
+            t = to_ours(t) if to_ours else t
+            if to == "diffusers":
+                key, to_theirs = ours_to_diffusers(our_key, levels)
+                t = to_theirs(t) if to_theirs else t
+            else:
+                key = our_key
+            yield key, _cast(t, dtype)
+
+    meta = {CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(cfg)), "layout": to}
+    return Plan("vae", to, cfg, tensors, meta, vae_config_to_diffusers(cfg) if to == "diffusers" else None)
+
+
+def plan_conversion(src: Source, to: str, dtype: torch.dtype | None = None, loras=None,
+                    out_prefix: str | None = None) -> Plan:
+    if to not in ("official", "diffusers"):
+        raise WeightsError(f"--to must be official or diffusers, got {to!r}")
+    if src.family in ("flux", "mmdit"):
+        return _transformer_plan(src, to, dtype, loras, out_prefix)
+    if loras:
+        raise WeightsError(f"{src.path}: LoRAs merge into a Flux or SD3 transformer, not a {src.family}")
+    if src.family == "vae":
+        return _vae_plan(src, to, dtype)
+    if src.family == "lora":
+        raise WeightsError(f"{src.path}: a LoRA; convert it with `convert.py lora IN OUT --to ...`")
+    raise WeightsError(f"{src.path}: a {src.family.upper()} text encoder has one layout ({src.layout}); "
+                       "there is nothing to convert")
+
+
+# ----- writing: one file, or a folder of shards, atomically ------------------------------------------------
+
+
+def check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse before any work: an existing OUT without --overwrite, or an OUT that is (or holds) an input."""
+    resolved = out.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if p == resolved or resolved in p.parents:
+            raise WeightsError(f"{out}: is the input {p}; write the output somewhere else")
+    if out.exists() and not overwrite:
+        raise WeightsError(f"{out} exists; pass --overwrite to replace it")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move a finished temp file or folder into place; an old OUT is removed only after the move."""
+    if out.exists() and (out.is_dir() or tmp.is_dir()):
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def shard(plan: list[Spec], max_bytes: int) -> list[list[Spec]]:
+    shards: list[list[Spec]] = [[]]
+    size = 0
+    for spec in plan:
+        n = nbytes(spec[1], spec[2])
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
+
+
+def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bool = False,
+               shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Stream `plan` into OUT: one file when OUT ends in .safetensors, else a folder (diffusers: config.json,
+    shards and an index, what `from_pretrained` reads; official: shards and an index, as our loaders read).
+    """
+    out = Path(out)
+    check_output(out, overwrite, [src.path])
+    spec = [(k, t.dtype, tuple(t.shape)) for k, t in plan.tensors(_meta_reader(src), False)]
+    metadata = {**src.metadata, **plan.metadata, "format": "pt"}
+    with TensorReader(src.files, prefix=src.prefix) as read:
+        tensors = plan.tensors(read, True)
+        if out.suffix == ".safetensors":
+            tmp = write_streaming(out.parent / f".{out.name}.partial", spec, tensors, metadata)
+            _replace(tmp, out)
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            _write_folder(tmp_dir, plan, spec, tensors, metadata, shard_bytes)
+            _replace(tmp_dir, out)
+        finally:
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir)
+    return out
+
+
+def _write_folder(folder: Path, plan: Plan, spec, tensors, metadata, shard_bytes) -> None:
+    stem = "diffusion_pytorch_model" if plan.layout == "diffusers" else "model"
+    shards = shard(spec, shard_bytes)
+    names = [f"{stem}.safetensors"] if len(shards) == 1 else \
+        [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, part in zip(names, shards):
+        write_streaming(folder / name, part, (next(tensors) for _ in part), metadata)
+        weight_map |= {k: name for k, _, _ in part}
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(nbytes(d, s) for _, d, s in spec)}, "weight_map": weight_map}
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if plan.config_json is not None:
+        (folder / "config.json").write_text(json.dumps(plan.config_json, indent=2))
+
+
+def convert_checkpoint(source, out, to: str, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+                       shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    src = detect(source)
+    return write_plan(src, plan_conversion(src, to, dtype), out, overwrite=overwrite, shard_bytes=shard_bytes)
+
+
+def merge_loras(base, loras, out, *, dtype: torch.dtype | None = None, overwrite: bool = False,
+                shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Bake `loras` ([(LoRA, scale)]) into a copy of `base`, written in the base's layout and key prefix."""
+    src = detect(base)
+    if src.family not in ("flux", "mmdit"):
+        raise WeightsError(f"{src.path}: a {src.family}, not a Flux or SD3 transformer to merge LoRAs into")
+    plan = plan_conversion(src, src.layout, dtype, loras, out_prefix=src.prefix)
+    plan.metadata["scfm_merged_loras"] = json.dumps([f"{lora.source} @ {s}" for lora, s in loras])
+    return write_plan(src, plan, out, overwrite=overwrite, shard_bytes=shard_bytes)
