@@ -30,14 +30,18 @@ def opt(default, help: str):  # noqa: A002  (argparse's own word)
 @dataclass(frozen=True)
 class DistillConfig:
     # --- files --------------------------------------------------------------------------------------------
-    model: str = opt("", "Flux transformer: .safetensors file, model folder or diffusers pipeline folder; "
-                         "'tiny' builds a random tiny model (demo / tests)")
+    model: str = opt("", "Flux or SD3 / SD3.5 transformer: .safetensors file, model folder or diffusers "
+                         "pipeline folder; 'tiny' / 'tiny-sd3' build a random tiny Flux / SD3.5 (demo, "
+                         "tests)")
     data: str = opt("", "dataset folder: images + metadata.jsonl (file_name, prompt), or image + .txt pairs")
     cache: str = opt("", "cache folder for latents and text embeddings (default: <output>/cache)")
     output: str = opt("runs/scfm", "run folder: checkpoints/, log.jsonl, samples/, the exported LoRA")
     vae: str = opt("", "VAE file/folder: builds the latent cache and decodes sample images")
     clip: str = opt("", "CLIP-L file/folder: builds the text cache only")
-    t5: str = opt("", "T5-XXL file/folder: builds the text cache only")
+    clip_g: str = opt("", "SD3: CLIP-bigG file/folder (text_encoder_2): builds the text cache only")
+    clip_g_tokenizer: str = opt("", "SD3: CLIP-bigG tokenizer folder (default: the vendored vocabulary, "
+                                    "padded with '!')")
+    t5: str = opt("", "T5-XXL file/folder: builds the text cache only (optional for SD3: zeros without)")
     t5_tokenizer: str = opt("", "T5 spiece.model / tokenizer.json / folder")
     clip_tokenizer: str = opt("", "CLIP tokenizer folder (default: the vendored CLIP vocabulary)")
     t5_length: int = opt(256, "T5 tokens per prompt (released recipe: 256); recorded in the LoRA metadata")
@@ -46,7 +50,8 @@ class DistillConfig:
     # --- LoRA ---------------------------------------------------------------------------------------------
     rank: int = opt(64, "LoRA rank")
     alpha: float = opt(64.0, "LoRA alpha (scale = alpha / rank)")
-    targets: str = opt("flux", "LoRA target table: 'flux' (the released list in BFL names)")
+    targets: str = opt("flux", "LoRA target table: 'flux' (the released list in BFL names) or 'sd3' (in SAI "
+                               "names, the patch embedding included); must match the model")
     teacher_lora: str = opt("", "optional teacher LoRA (our layout); both EMAs start from it too")
     # --- SCFM objective (scfm-method.md §2-§5) ------------------------------------------------------------
     t_skip: int = opt(2, "grid steps per student step")
@@ -58,6 +63,9 @@ class DistillConfig:
     shift_min: float = opt(2.5, "fixed shift ~ U[shift_min, shift_max)")
     shift_max: float = opt(4.5, "see shift_min")
     guidance_max: float = opt(7.5, "Flux-dev guidance ~ U[0, guidance_max); ignored by models without one")
+    cfg_scale: float = opt(0.0, "SD3.5: every call (the student's too, both branches with gradient) is "
+                                "c + w (c - u) against the empty prompt, w = cfg_scale (recipe 3.5, which is "
+                                "diffusers' guidance 4.5); 0 = off")
     fast_decay: float = opt(0.99, "fast EMA decay")
     slow_decay: float = opt(0.999, "slow EMA decay")
     ema_restart_every: int = opt(0, "restart both EMAs from live every N steps (0 = never; SD3.5: 2000)")
@@ -86,7 +94,8 @@ class DistillConfig:
     sample_prompts: tuple[str, ...] = opt((), "prompts for sample images (embedded when the cache is built)")
     sample_steps: int = opt(4, "Euler steps of the sample images")
     sample_shift: float = opt(3.0, "fixed shift of the samples' SCFM grid")
-    sample_guidance: float = opt(3.5, "guidance value of the sample images")
+    sample_guidance: float = opt(3.5, "Flux: guidance value of the sample images (SD3 samples use 1 + "
+                                      "cfg_scale, as trained)")
     sample_size: int = opt(512, "sample image side in pixels")
     checkpoint_every: int = opt(200, "steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = opt(3, "keep the newest K checkpoints")
@@ -101,12 +110,12 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ("checkpoint_every", "sample_every", "micro_batch", "ema_restart_every",
-                        "max_grad_norm", "lr")
+                        "max_grad_norm", "lr", "cfg_scale")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         choices = {"dtype": ("bf16", "fp16", "fp32"), "export_set": ("live", "slow_ema", "fast_ema"),
-                   "targets": ("flux",)}
+                   "targets": ("flux", "sd3")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -4,9 +4,11 @@ Training reads only the cache, so neither the text encoders nor the VAE are load
 trains (the text encoders alone outweigh the LoRA's whole training state). The cache folder holds
 
     cache.json              the plan: key (encoder identities, T5 length, resolution), items, prompts
-    text-00000.safetensors  txt.{p} (T, C) and y.{p} (V,) for prompts p of the shard (deduplicated prompts)
+    text-00000.safetensors  {name}.{p} for prompts p of the shard (deduplicated prompts), one tensor per
+                            conditioning name: Flux txt (T, C) and y (V,); SD3 context (T, C) and pooled (V,)
     latents-00000.safetensors  {i} (C, h, w) normalised latents for items i of the shard
     samples.safetensors     embeddings of the sample prompts (sample images without a text encoder)
+    negative.safetensors    {name}.0: the negative prompt's embeddings, once (SD3.5's CFG: the empty prompt)
 
 Each shard is written atomically, so an interrupted build resumes at the first missing shard.
 """
@@ -31,7 +33,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BUCKETS_512 = ((384, 640), (448, 576), (512, 512), (576, 448), (640, 384))
 CACHE_VERSION = 1
 
-TextEncoder = Callable[[list[str]], dict[str, Tensor]]  # prompts -> {"txt": (B, T, C), "y": (B, V)}
+TextEncoder = Callable[[list[str]], dict[str, Tensor]]  # prompts -> {name: (B, ...)}, e.g. txt / y
+COND_NAMES = ("txt", "y")  # Flux's; a plan's "cond_names" says otherwise (SD3: context, pooled)
 ImageEncoder = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [0, 1] -> normalised latents (B, C, h, w)
 
 
@@ -170,7 +173,12 @@ class Cache:
         text, items = (len(_shards(len(p[k]), p["shard_size"])) for k in ("prompts", "items"))
         names = [f"text-{k:05d}.safetensors" for k in range(text)]
         names += [f"latents-{k:05d}.safetensors" for k in range(items)]
-        return names + (["samples.safetensors"] if p.get("sample_prompts") else [])
+        names += ["samples.safetensors"] if p.get("sample_prompts") else []
+        return names + (["negative.safetensors"] if p.get("negative_prompt") is not None else [])
+
+    @property
+    def cond_names(self) -> tuple[str, ...]:
+        return tuple(self.plan.get("cond_names", COND_NAMES))
 
     def __len__(self) -> int:
         return len(self.plan["items"])
@@ -188,32 +196,37 @@ class Cache:
             self._handles[shard] = safe_open(str(self.folder / shard), framework="pt", device="cpu")
         return self._handles[shard].get_tensor(key)
 
-    def _text(self, p: int) -> tuple[Tensor, Tensor]:
-        shard = f"text-{p // self.plan['shard_size']:05d}.safetensors"
-        return self._get(shard, f"txt.{p}"), self._get(shard, f"y.{p}")
+    def _stacked(self, shard_of: Callable[[int], str], ids: Sequence[int]) -> dict[str, Tensor]:
+        return {name: torch.stack([self._get(shard_of(p), f"{name}.{p}") for p in ids])
+                for name in self.cond_names}
 
     def load(self, indices: Sequence[int]) -> tuple[Tensor, dict[str, Tensor]]:
-        """x0 (B, C, h, w) and cond {"txt": (B, T, C), "y": (B, V)}; every index must share one bucket."""
+        """x0 (B, C, h, w) and cond {name: (B, ...)} (Flux txt (B, T, C), y (B, V)); one bucket only."""
         if len({self.buckets[i] for i in indices}) != 1:
             raise ValueError("a batch must come from one bucket")
         size = self.plan["shard_size"]
         x0 = torch.stack([self._get(f"latents-{i // size:05d}.safetensors", str(i)) for i in indices])
-        txt, y = zip(*(self._text(self.prompt_of[i]) for i in indices))
-        return x0, {"txt": torch.stack(txt), "y": torch.stack(y)}
+        prompts = [self.prompt_of[i] for i in indices]
+        return x0, self._stacked(lambda p: f"text-{p // size:05d}.safetensors", prompts)
 
     def sample_cond(self) -> tuple[list[str], dict[str, Tensor]] | None:
         prompts = self.plan.get("sample_prompts") or []
         if not prompts:
             return None
-        n = range(len(prompts))
-        txt = torch.stack([self._get("samples.safetensors", f"txt.{i}") for i in n])
-        y = torch.stack([self._get("samples.safetensors", f"y.{i}") for i in n])
-        return prompts, {"txt": txt, "y": y}
+        return prompts, self._stacked(lambda _: "samples.safetensors", range(len(prompts)))
+
+    def negative_cond(self) -> dict[str, Tensor] | None:
+        """The negative prompt's embeddings {name: (1, ...)}, or None if the plan has no negative prompt."""
+        if self.plan.get("negative_prompt") is None:
+            return None
+        return self._stacked(lambda _: "negative.safetensors", [0])
 
 
 def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Sequence[str] = (),
-               shard_size: int = 256) -> dict:
-    """Which items go into which bucket, and the deduplicated prompts; a pure function of folder + key."""
+               shard_size: int = 256, *, cond_names: Sequence[str] = COND_NAMES,
+               negative_prompt: str | None = None) -> dict:
+    """Which items go into which bucket, and the deduplicated prompts; a pure function of folder + key.
+    `cond_names`: what the text encoder returns; `negative_prompt`: embedded once (SD3.5's CFG: "")."""
     data = Path(data).expanduser()
     examples = read_folder(data)
     buckets = BUCKETS_512 if resolution == 512 else buckets_for(resolution)
@@ -224,8 +237,13 @@ def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Seq
         path = data / e.file
         items.append({"file": e.file, "prompt": index[e.prompt], "bytes": path.stat().st_size,
                       "bucket": list(nearest_bucket(*image_size(path), buckets))})
-    return {"version": CACHE_VERSION, "key": key, "data": str(data.resolve()), "shard_size": shard_size,
+    plan = {"version": CACHE_VERSION, "key": key, "data": str(data.resolve()), "shard_size": shard_size,
             "prompts": prompts, "items": items, "sample_prompts": list(sample_prompts)}
+    if tuple(cond_names) != COND_NAMES:  # Flux plans stay as they were, so their caches stay valid
+        plan["cond_names"] = list(cond_names)
+    if negative_prompt is not None:
+        plan["negative_prompt"] = negative_prompt
+    return plan
 
 
 def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextEncoder],
@@ -243,7 +261,7 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
     plan_file = folder / "cache.json"
     if plan_file.exists():
         old = json.loads(plan_file.read_text())
-        fields = ("key", "items", "prompts", "shard_size", "version", "data")
+        fields = ("key", "items", "prompts", "shard_size", "version", "data", "cond_names", "negative_prompt")
         what = [k for k in fields if old.get(k) != plan.get(k)]
         if what:
             raise DataError(f"{folder}: a cache built with a different {'/'.join(what)} is there; "
@@ -261,7 +279,10 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
     text_jobs = [(k, r) for k, r in enumerate(_shards(len(plan["prompts"]), size))
                  if not (folder / f"text-{k:05d}.safetensors").exists()]
     samples_missing = bool(plan["sample_prompts"]) and not (folder / "samples.safetensors").exists()
-    if text_jobs or samples_missing:
+    negative = plan.get("negative_prompt")
+    negative_missing = negative is not None and not (folder / "negative.safetensors").exists()
+    names = plan.get("cond_names", COND_NAMES)
+    if text_jobs or samples_missing or negative_missing:
         encode = text_encoder()
         bar = tqdm(total=sum(len(r) for _, r in text_jobs), desc="caching text", unit="prompt",
                    disable=not progress)
@@ -270,16 +291,19 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
             for chunk in _shards(len(r), batch_size):
                 ids = [r[j] for j in chunk]
                 cond = encode([plan["prompts"][p] for p in ids])
-                for row, p in enumerate(ids):
-                    tensors[f"txt.{p}"], tensors[f"y.{p}"] = cast(cond["txt"][row]), cast(cond["y"][row])
+                tensors |= {f"{name}.{p}": cast(cond[name][row])
+                            for name in names for row, p in enumerate(ids)}
                 bar.update(len(ids))
             atomic_save(tensors, folder / f"text-{k:05d}.safetensors")
         bar.close()
         if samples_missing:
             cond = encode(list(plan["sample_prompts"]))
             n = len(plan["sample_prompts"])
-            tensors = {f"{name}.{i}": cast(cond[name][i]) for name in ("txt", "y") for i in range(n)}
+            tensors = {f"{name}.{i}": cast(cond[name][i]) for name in names for i in range(n)}
             atomic_save(tensors, folder / "samples.safetensors")
+        if negative_missing:
+            cond = encode([negative])
+            atomic_save({f"{name}.0": cast(cond[name][0]) for name in names}, folder / "negative.safetensors")
         del encode
 
     latent_jobs = [(k, r) for k, r in enumerate(_shards(len(plan["items"]), size))

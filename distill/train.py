@@ -1,12 +1,14 @@
-"""`python -m distill.train`: distil a Flux model into a few-step sampler with an SCFM LoRA.
+"""`python -m distill.train`: distil a Flux or SD3.5 model into a few-step sampler with an SCFM LoRA.
 
     python -m distill.train --config flux-dev-scfm --model FLUX.1-dev/ --data teacher_data/ --output runs/a
+    python -m distill.train --config sd35-large-scfm --model sd3.5_large.safetensors --data d/ --output runs/b
     python -m distill.train --config runs/a.toml --resume          # continue from the newest checkpoint
     torchrun --nproc_per_node 8 -m distill.train --config runs/a.toml   # data-parallel, same results
 
 Every config field is also a flag (`--field value`; `--help` lists them with their meaning). The first run
-encodes the dataset once into a cache of latents and text embeddings (needs --vae, --clip, --t5,
---t5-tokenizer); training itself loads only the transformer.
+encodes the dataset once into a cache of latents and text embeddings (Flux needs --vae, --clip, --t5,
+--t5-tokenizer; SD3.5 --vae, --clip, --clip-g and optionally --t5 with --t5-tokenizer, and also embeds the
+empty negative prompt once for its CFG); training itself loads only the transformer.
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sampling.samplers import cfg_scale_from_w
 from weights.io import WeightsError
 
 from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
 from .data import Cache, DataError, build_cache, file_identity, plan_cache
 from .lora import lora_layers, set_state_dict
-from .trainer import DTYPES, Trainer, TrainingError
+from .trainer import DTYPES, Trainer, TrainingError, model_family
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distill.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a TOML file, or a packaged preset name (flux-dev-scfm)")
+    p.add_argument("--config", help="a TOML file, or a packaged preset name (flux-dev-scfm, sd35-large-scfm)")
     add_dataclass_args(p.add_argument_group("config fields (override the file)"), DistillConfig)
     return p
 
@@ -51,31 +54,65 @@ def setup_distributed(cfg: DistillConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def cache_key(cfg: DistillConfig) -> dict:
+def family_of(cfg: DistillConfig) -> str:
+    """"flux" or "sd3": the demo names, else the model's files (config class names, then keys)."""
+    if cfg.model in ("tiny", "tiny-sd3"):
+        return {"tiny": "flux", "tiny-sd3": "sd3"}[cfg.model]
+    if not cfg.model:
+        raise ConfigError("no model: pass --model (a Flux or SD3 / SD3.5 transformer file or folder)")
+    from sampling.generate import detect_family
+
+    return detect_family(Path(cfg.model).expanduser())
+
+
+# What each family's text encoder returns, and the negative prompt embedded once (SD3.5's CFG: the empty one).
+COND_NAMES = {"flux": ("txt", "y"), "sd3": ("context", "pooled")}
+
+
+def cache_key(cfg: DistillConfig, family: str = "flux") -> dict:
     """What the cached tensors depend on besides the images and prompts."""
     names = ("vae", "clip", "t5", "t5_tokenizer", "clip_tokenizer")
+    names += ("clip_g", "clip_g_tokenizer") if family == "sd3" else ()  # Flux keys stay as they were
     files = {k: file_identity(getattr(cfg, k)) for k in names}
     return {**files, "t5_length": cfg.t5_length, "resolution": cfg.resolution, "dtype": cfg.dtype}
 
 
-def _encoders(cfg: DistillConfig, device: torch.device):
-    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: str):
+    from model.text import encode_flux, encode_sd3
+    from model.tokenizers import CLIPTokenizer, T5Tokenizer
+    from weights.text import load_clip, load_t5
 
-    def text():
-        from model.text import encode_flux
-        from model.tokenizers import CLIPTokenizer, T5Tokenizer
-        from weights.text import load_clip, load_t5
-
-        clip = load_clip(cfg.clip, dtype=dtype, device=device)
-        t5 = load_t5(cfg.t5, dtype=dtype, device=device)
-        clip_tok = CLIPTokenizer.load(cfg.clip_tokenizer or None)
-        t5_tok = T5Tokenizer.load(cfg.t5_tokenizer, max_length=cfg.t5_length)
-
+    clip = load_clip(cfg.clip, dtype=dtype, device=device)
+    t5 = load_t5(cfg.t5, dtype=dtype, device=device) if cfg.t5 else None
+    clip_tok = CLIPTokenizer.load(cfg.clip_tokenizer or None)
+    t5_tok = T5Tokenizer.load(cfg.t5_tokenizer, max_length=cfg.t5_length) if cfg.t5 else None
+    if family == "flux":
         def encode(prompts):
             txt, _, y = encode_flux(prompts, clip=clip, clip_tokenizer=clip_tok, t5=t5, t5_tokenizer=t5_tok,
                                     max_length=cfg.t5_length)
             return {"txt": txt, "y": y}
         return encode
+    from model.tokenizers import _pad_token_of
+    from sampling.sd3 import CLIP_G_PAD
+
+    clip_g = load_clip(cfg.clip_g, dtype=dtype, device=device)
+    # bigG pads with "!" unless its own tokenizer folder says otherwise, as sampling/sd3.py loads it
+    folder = Path(cfg.clip_g_tokenizer).expanduser() if cfg.clip_g_tokenizer else None
+    g_tok = CLIPTokenizer.load(folder, pad_token=None if folder and _pad_token_of(folder) else CLIP_G_PAD)
+
+    def encode_3(prompts):
+        context, pooled = encode_sd3(prompts, clip_l=clip, clip_l_tokenizer=clip_tok, clip_g=clip_g,
+                                     clip_g_tokenizer=g_tok, t5=t5, t5_tokenizer=t5_tok,
+                                     max_length=cfg.t5_length)
+        return {"context": context, "pooled": pooled}
+    return encode_3
+
+
+def _encoders(cfg: DistillConfig, device: torch.device, family: str = "flux"):
+    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+
+    def text():
+        return _text_encoder(cfg, device, dtype, family)
 
     def image():
         from model.vae import images_to_vae
@@ -87,18 +124,23 @@ def _encoders(cfg: DistillConfig, device: torch.device):
     return text, image
 
 
-def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int) -> Cache:
+def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: str = "flux") -> Cache:
     folder = Path(cfg.cache or Path(cfg.output) / "cache").expanduser()
-    encoders_given = all((cfg.vae, cfg.clip, cfg.t5, cfg.t5_tokenizer))
+    needed = {"flux": ("vae", "clip", "t5", "t5_tokenizer"), "sd3": ("vae", "clip", "clip_g")}[family]
+    encoders_given = all(getattr(cfg, k) for k in needed)
     if rank == 0:
         if encoders_given:
             if not cfg.data:
                 raise DataError("no dataset: pass --data FOLDER")
-            plan = plan_cache(cfg.data, cache_key(cfg), cfg.resolution, cfg.sample_prompts)
-            text, image = _encoders(cfg, device)
+            if cfg.t5 and not cfg.t5_tokenizer:
+                raise DataError("--t5 needs --t5-tokenizer (its spiece.model / tokenizer.json / folder)")
+            plan = plan_cache(cfg.data, cache_key(cfg, family), cfg.resolution, cfg.sample_prompts,
+                              cond_names=COND_NAMES[family], negative_prompt="" if family == "sd3" else None)
+            text, image = _encoders(cfg, device, family)
             build_cache(folder, plan, text, image, dtype=DTYPES[cfg.dtype])
         elif not (folder / "cache.json").exists():
-            raise DataError(f"no cache in {folder}: pass --vae, --clip, --t5 and --t5-tokenizer to build it")
+            flags = ", ".join("--" + k.replace("_", "-") for k in needed)
+            raise DataError(f"no cache in {folder}: pass {flags} to build it")
     if dist.is_initialized():
         dist.barrier()  # the other ranks open the cache once rank 0 has finished it
     cache = Cache(folder)
@@ -111,12 +153,15 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int) -> Cache:
 
 def load_model(cfg: DistillConfig, device: torch.device):
     from model.flux import FLUX_CONFIGS, Flux
+    from model.mmdit import MMDIT_CONFIGS, MMDiT
 
-    if cfg.model == "tiny":
+    if cfg.model in ("tiny", "tiny-sd3"):
         torch.manual_seed(cfg.seed)  # the demo model: random, but the same on every rank
-        return Flux(FLUX_CONFIGS["tiny"])
-    if not cfg.model:
-        raise ConfigError("no model: pass --model (a Flux transformer file or folder)")
+        return Flux(FLUX_CONFIGS["tiny"]) if cfg.model == "tiny" else MMDiT(MMDIT_CONFIGS["tiny"])
+    if family_of(cfg) == "sd3":
+        from weights.mmdit import load_mmdit
+
+        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
     from weights.flux import load_flux
 
     return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
@@ -133,22 +178,31 @@ def export_paths(cfg: DistillConfig) -> dict[str, Path]:
 
 def lora_metadata(cfg: DistillConfig, model) -> dict[str, str]:
     """How the LoRA was made (the layout's own metadata adds rank, alpha, targets and sampling hints)."""
-    return {"scfm_training": json.dumps({"set": cfg.export_set, "steps": cfg.steps, "t_skip": cfg.t_skip,
-                                         "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-                                         "base": model.config.to_dict()})}
+    info = {"set": cfg.export_set, "steps": cfg.steps, "t_skip": cfg.t_skip, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
+    if cfg.cfg_scale:  # scfm-method.md §5: what every training call computed, and how to sample it
+        info["cfg"] = {"w": cfg.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
+                       "diffusers_guidance_scale": cfg_scale_from_w(cfg.cfg_scale)}
+    return {"scfm_training": json.dumps(info)}
 
 
 def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False) -> list[Path]:
     """The chosen set in each requested layout, through the LoRA file code (weights/lora.py)."""
     from weights.lora import Recommended, save_lora
 
+    family = model_family(model)
     state = {k: v.float() for k, v in set_state_dict(model, cfg.export_set).items()}
     slices = {name: layer.slices for name, layer in lora_layers(model).items()}
-    # scfm-method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with
-    hints = Recommended(steps=cfg.sample_steps, schedule="scfm", shift=cfg.sample_shift,
-                        guidance=cfg.sample_guidance if model.config.guidance_embed else None,
-                        max_sequence_length=cfg.t5_length)
-    return [save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices,
+    # scfm-method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with.
+    # Flux-dev: its guidance input. SD3.5 with CFG baked in: sampled as trained, c + w (c - u) against the
+    # empty prompt, which is diffusers' guidance scale 1 + w (generate reads it as that).
+    if family == "flux":
+        guidance = cfg.sample_guidance if model.config.guidance_embed else None
+    else:
+        guidance = cfg_scale_from_w(cfg.cfg_scale) if cfg.cfg_scale else None
+    hints = Recommended(steps=cfg.sample_steps, schedule="scfm", shift=cfg.sample_shift, guidance=guidance,
+                        max_sequence_length=cfg.t5_length, training_cfg_scale=cfg.cfg_scale or None)
+    return [save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices, family=family,
                       metadata=lora_metadata(cfg, model), recommended=hints, overwrite=overwrite)
             for fmt, path in export_paths(cfg).items()]
 
@@ -163,7 +217,7 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         clash = [p for p in export_paths(cfg).values() if p.exists()]
         if clash and not cfg.resume:
             raise ConfigError(f"{clash[0]} exists; choose another --output (or --resume that run)")
-        cache = prepare_cache(cfg, device, rank)
+        cache = prepare_cache(cfg, device, rank, family_of(cfg))
         if cfg.cache_only:
             return []
         trainer = Trainer(cfg, load_model(cfg, device), cache, device=device, on_step=on_step)

@@ -1,6 +1,9 @@
 """The SCFM training loop: one global batch per step, checkpoints, resume, logging, samples, export.
 
-The objective lives in `distill/scfm.py`; this file owns everything around it. Each step's data and random
+The objective lives in `distill/scfm.py`; this file owns everything around it. Flux and SD3 / SD3.5 (the
+MMDiT) train the same way; the family decides the velocity wrapper, the LoRA targets and, for SD3.5 with
+`cfg_scale`, the classifier-free guidance baked into every call (scfm-method.md §5) against the cache's
+negative (empty) prompt. Each step's data and random
 draws are pure functions of (seed, step, global element position) (`BucketBatches`, `element_generators`), so
 a resumed run and a run on any number of processes train on exactly the same numbers.
 """
@@ -21,7 +24,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.flux import Flux
-from sampling.velocity import FluxVelocity
+from model.mmdit import MMDiT
+from sampling.velocity import FluxVelocity, MMDiTVelocity
 
 from .checkpoint import (
     checkpoints,
@@ -38,6 +42,7 @@ from .data import BucketBatches, Cache
 from .ema import EMAConfig, ema_step
 from .lora import (
     FLUX_TARGETS,
+    SD3_TARGETS,
     LoRAConfig,
     copy_set,
     inject_lora,
@@ -52,7 +57,8 @@ from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
 # "resumed" run a different run.
 RESUME_FIXED = ("rank", "alpha", "targets", "seed", "batch_size", "t_skip", "teacher_steps_min",
                 "teacher_steps_max", "teacher_ratio", "non_shortcut_ratio", "dynamic_shift_prob", "shift_min",
-                "shift_max", "guidance_max", "fast_decay", "slow_decay", "ema_restart_every", "teacher_lora")
+                "shift_max", "guidance_max", "cfg_scale", "fast_decay", "slow_decay", "ema_restart_every",
+                "teacher_lora")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -61,21 +67,36 @@ class TrainingError(RuntimeError):
 
 
 def scfm_config(cfg: DistillConfig, guidance: bool) -> SCFMConfig:
+    """`guidance`: the model has a guidance input (Flux-dev). `cfg_scale` > 0 bakes SD3.5's CFG in."""
     return SCFMConfig(
         t_skip=cfg.t_skip, teacher_steps_min=cfg.teacher_steps_min, teacher_steps_max=cfg.teacher_steps_max,
         teacher_ratio=cfg.teacher_ratio, non_shortcut_ratio=cfg.non_shortcut_ratio,
         dynamic_shift_prob=cfg.dynamic_shift_prob, shift_min=cfg.shift_min, shift_max=cfg.shift_max,
-        guidance_max=cfg.guidance_max if guidance else None,
+        guidance_max=cfg.guidance_max if guidance else None, cfg_scale=cfg.cfg_scale or None,
     )
 
 
+TARGETS = {"flux": FLUX_TARGETS, "sd3": SD3_TARGETS}  # scfm-method.md §6 in official names (distill/lora.py)
+
+
 def lora_config(cfg: DistillConfig) -> LoRAConfig:
-    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets={"flux": FLUX_TARGETS}[cfg.targets])
+    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=TARGETS[cfg.targets])
+
+
+def model_family(model: nn.Module) -> str:
+    if isinstance(model, Flux):
+        return "flux"
+    if isinstance(model, MMDiT):
+        return "sd3"
+    raise TrainingError(f"SCFM trains a Flux or an SD3 / SD3.5 MMDiT, not a {type(model).__name__}")
+
+
+VELOCITY = {"flux": FluxVelocity, "sd3": MMDiTVelocity}
 
 
 class _StudentRoute:
-    """Looks like the Flux model to FluxVelocity; grad-enabled (student) calls go through DDP so gradients are
-    reduced, no-grad (target) calls go straight to the module and skip DDP's bookkeeping."""
+    """Looks like the model to the velocity wrapper; grad-enabled (student) calls go through DDP so gradients
+    are reduced, no-grad (target) calls go straight to the module and skip DDP's bookkeeping."""
 
     def __init__(self, ddp: nn.Module):
         self.ddp, self.config = ddp, ddp.module.config
@@ -83,8 +104,8 @@ class _StudentRoute:
     def parameters(self):
         return self.ddp.module.parameters()
 
-    def __call__(self, *args):
-        return (self.ddp if torch.is_grad_enabled() else self.ddp.module)(*args)
+    def __call__(self, *args, **kwargs):
+        return (self.ddp if torch.is_grad_enabled() else self.ddp.module)(*args, **kwargs)
 
 
 @dataclass
@@ -95,7 +116,7 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, config: DistillConfig, model: Flux, cache: Cache, *,
+    def __init__(self, config: DistillConfig, model: Flux | MMDiT, cache: Cache, *,
                  device: torch.device | str = "cpu", on_step: Callable[[int], None] | None = None):
         self.config, self.cache, self.device = config, cache, torch.device(device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -108,6 +129,18 @@ class Trainer:
                                 f"{self.local_batch}")
         self.on_step = on_step  # called after every step (tests use it to kill a run)
         self.out = Path(config.output).expanduser()
+        self.family = model_family(model)
+        if config.targets != self.family:
+            raise TrainingError(f"targets {config.targets!r} are for another model; this one is "
+                                f"{self.family} (--targets {self.family})")
+        self.negative = None
+        if config.cfg_scale:
+            if self.family != "sd3":
+                raise TrainingError("cfg_scale is SD3.5's baked-in CFG; Flux-dev uses its guidance input")
+            self.negative = cache.negative_cond()  # {name: (1, ...)}: the empty prompt, embedded once
+            if self.negative is None:
+                raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "
+                                    "needs; build a cache for SD3.5 (it embeds the empty prompt once)")
 
         # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so
         model = model.to(device=self.device, dtype=DTYPES[config.dtype])
@@ -135,8 +168,8 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False, init_sync=False)
             student = _StudentRoute(self.ddp)
-        self.velocity = FluxVelocity(student)
-        self.scfm = scfm_config(config, model.config.guidance_embed)
+        self.velocity = VELOCITY[self.family](student)
+        self.scfm = scfm_config(config, getattr(model.config, "guidance_embed", False))
         self.ema = EMAConfig(config.fast_decay, config.slow_decay, config.ema_restart_every)
         self.batches = BucketBatches(cache.buckets, config.batch_size, config.seed)
         self.progress = Progress()
@@ -150,13 +183,18 @@ class Trainer:
         x0, cond = self.cache.load([indices[p] for p in positions])
         x0 = x0.to(self.device, torch.float32)
         cond = {k: v.to(self.device) for k, v in cond.items()}
+        uncond = None if self.negative is None else self.uncond(len(positions))
         h, w = x0.shape[-2:]
         draw = sample_draw(self.scfm, element_generators(cfg.seed, step, positions), x0.shape[1:],
                            (h // 2) * (w // 2), positions=positions, global_batch=cfg.batch_size)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = scfm_loss(self.velocity, self.model, x0, cond, draw, self.scfm)
+            out = scfm_loss(self.velocity, self.model, x0, cond, draw, self.scfm, uncond=uncond)
         (out.loss * (len(positions) / self.local_batch)).backward()
         return out.loss.detach().float() * len(positions)
+
+    def uncond(self, batch: int) -> dict[str, Tensor]:
+        """The negative prompt's conditioning for `batch` elements (a view, no copy)."""
+        return {k: v.to(self.device).expand(batch, *v.shape[1:]) for k, v in self.negative.items()}
 
     def step(self) -> dict:
         cfg, step = self.config, self.progress.step
@@ -285,7 +323,7 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, step: int) -> list[Path]:
-        from sampling.samplers import euler
+        from sampling.samplers import cfg_scale_from_w, euler, sd3_cfg
         from sampling.schedules import ScheduleConfig, get_sigmas
 
         cfg = self.config
@@ -295,12 +333,17 @@ class Trainer:
         prompts, cond = found
         cond = {k: v.to(self.device) for k, v in cond.items()}
         side = cfg.sample_size // 8  # latent pixels; the 16-channel VAEs downscale by 8
-        channels = self.model.config.in_channels // 4  # packed tokens hold 2x2 latent pixels
+        # Flux's packed tokens hold 2x2 latent pixels; the MMDiT patchifies inside
+        channels = self.model.config.in_channels // (4 if self.family == "flux" else 1)
         g = torch.Generator().manual_seed(cfg.seed)  # the same noise every time: comparable images
         noise = torch.randn(len(prompts), channels, side, side, generator=g).to(self.device)
         sigmas = get_sigmas(ScheduleConfig(grid="scfm", shift=cfg.sample_shift), cfg.sample_steps)
-        guidance = torch.full((len(prompts),), cfg.sample_guidance, device=self.device)
-        velocity = FluxVelocity(self.model)
+        velocity = VELOCITY[self.family](self.model)
+        guidance = None
+        if self.family == "flux":
+            guidance = torch.full((len(prompts),), cfg.sample_guidance, device=self.device)
+        elif self.negative is not None:  # sampled as trained: c + w (c - u), diffusers' scale 1 + w
+            velocity = sd3_cfg(velocity, self.uncond(len(prompts)), cfg_scale_from_w(cfg.cfg_scale))
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
         with weight_set(self.model, "live"), autocast:
             latents = euler(velocity, noise, sigmas, cond, guidance).float()

@@ -290,7 +290,6 @@ def test_refusals_are_one_line_with_exit_code_2(flux, tmp_path, capsys):
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 2432),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(2432, 2)}, sd3_peft)
     cases = [(("lora", other, tmp_path / "o.safetensors", "--to", "kohya"), "names no Flux Linear"),
-             (("lora", sd3_peft, tmp_path / "o.safetensors", "--to", "kohya"), "an SD3 / SD3.5 LoRA"),
              (("checkpoint", other, tmp_path / "o", "--to", "diffusers"), "a LoRA; convert it with"),
              (("merge", "--base", bfl, "--lora", other, "--out", tmp_path / "o.safetensors"),
               "names no Flux"),
@@ -299,6 +298,12 @@ def test_refusals_are_one_line_with_exit_code_2(flux, tmp_path, capsys):
         code, out, err = run(*argv, capsys=capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o").exists()
+    # no longer refused: an SD3.5-large-width PEFT LoRA converts (its q slice of the fused SAI qkv)
+    code, _, err = run("lora", sd3_peft, tmp_path / "sd3.safetensors", "--to", "kohya", capsys=capsys)
+    assert code == 0 and "no kohya loader for SD3" in err
+    assert read_lora(tmp_path / "sd3.safetensors").family == "sd3"
+    written = load_file(tmp_path / "sd3.safetensors")
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight" in written
     with pytest.raises(SystemExit) as e:  # argparse's own errors also exit 2
         main(["checkpoint", str(bfl), "x", "--to", "kohya"])
     assert e.value.code == 2

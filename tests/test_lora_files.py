@@ -398,7 +398,9 @@ def test_base_that_differs_from_the_model_is_refused_before_any_change(base_file
     (["transformer.x_embedder.lora_A.weight", "transformer.x_embedder.lora_magnitude_vector"], "DoRA"),
     (["diffusion_model.img_in.diff", "diffusion_model.img_in.diff_b"], "full-weight difference"),
     (["img_in.weight", "img_in.bias"], "no LoRA tensors"),
-    (["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"], "names no Flux Linear"),
+    # SD3's joint_blocks names are LoRA layers now (test_sd3_lora_files.py); an SD1.5 UNet's are not
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "names no Flux Linear"),
+    (["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"], "needs both down"),
     (["lora_unet_img_in.lora_down.weight"], "needs both down"),
 ])
 def test_other_files_are_refused_in_one_line(tmp_path, keys, message):

@@ -31,7 +31,6 @@ from weights.io import WeightsError  # noqa: E402
 from weights.lora import LAYOUTS, read_lora, write_lora  # noqa: E402
 
 # Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (reference.md §7.3).
-SD3_WIDTHS = {1536, 2432}
 DROPPED_BY_DIFFUSERS_KOHYA = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
 
 
@@ -132,14 +131,11 @@ def cmd_checkpoint(args) -> None:
 
 def cmd_lora(args) -> None:
     check_output(Path(args.output), args.overwrite, [Path(args.input)])
-    lora = read_lora(args.input)
-    # diffusers names SD3's attention like Flux's double blocks, so such a LoRA reads as Flux: its width
-    # (SD3.5 large 2432, SD3 / SD3.5 medium 1536, never a Flux Linear's input) gives it away
-    widths = {mod.in_features for mod in lora.modules.values()}
-    if lora.layout == "diffusers" and widths & SD3_WIDTHS:
-        raise WeightsError(f"{args.input}: an SD3 / SD3.5 LoRA (width {min(widths & SD3_WIDTHS)}); only Flux "
-                           "LoRAs are converted so far")
-    if args.to == "kohya":
+    lora = read_lora(args.input)  # Flux or SD3 / SD3.5, by metadata, names, then width (weights/lora.py)
+    if args.to == "kohya" and lora.family == "sd3":
+        print("note: diffusers has no kohya loader for SD3; ComfyUI and scfm read this file. For diffusers, "
+              "convert with --to diffusers", file=sys.stderr)
+    elif args.to == "kohya":
         dropped = sorted(m for m in lora.modules if m.startswith(DROPPED_BY_DIFFUSERS_KOHYA))
         if dropped:
             print(f"warning: {len(dropped)} embedder / final-layer LoRA layers ({', '.join(dropped[:3])}"

@@ -193,11 +193,7 @@ def _lora_deltas(model, loras) -> dict[str, list]:
     from .lora_merge import _fit_error  # the run-time merger's own check, so both refuse the same files
 
     for lora, scale in loras:
-        family = "flux" if isinstance(model, Flux) else "mmdit"
-        if lora.family != family:
-            raise WeightsError(f"{lora.source}: a {lora.family} LoRA; the base model is {family}")
-        # _fit_error only knows Flux by name; its module and shape checks hold for any model
-        error = _fit_error(model, dataclasses.replace(lora, family="flux"), lora.source or "LoRA")
+        error = _fit_error(model, lora, lora.source or "LoRA")  # the family first, then every layer's shape
         if error is not None:
             raise WeightsError(error)
         if lora.text_encoders:

@@ -1,39 +1,51 @@
-"""Flux LoRA files: read and write three layouts, merge several into a loaded model, unload them bit-exactly.
+"""Flux and SD3 / SD3.5 LoRA files: read and write three layouts, merge several into a loaded model, unload
+them bit-exactly.
 
-Layouts (`read_lora` detects which; `write_lora(lora, path, layout)` writes any of them):
+Layouts (`read_lora` detects which; `write_lora(lora, path, layout)` writes any of them, in lora_write.py):
 
-- **ours** (`"ours"`, metadata `scfm_format = "scfm-lora/1"`), per LoRA'd Linear under its BFL name M:
+- **ours** (`"ours"`, metadata `scfm_format = "scfm-lora/1"`), per LoRA'd layer under its official (BFL / SAI)
+  name M:
     M.lora_down  (S*r, in)   the S slices' down matrices stacked: S = 3 for a per-slice `qkv`, 4 for a
                              per-slice single-block `linear1` (q, k, v, mlp), else 1 (also a plain fused LoRA)
     M.lora_up    (out, r)    the rows of slice i (q | k | v | mlp) act on rows i*r:(i+1)*r of lora_down @ x
     M.alpha      () float64  delta_W(slice i) = alpha / r * up_i @ down_i, r = lora_up.shape[1] the rank of
                              one slice (kohya divides by lora_down.shape[0] instead; see below)
+  SD3's patch embedding (`x_embedder.proj`, a Conv2d) has lora_down (r, in, kh, kw), a conv with the base's
+  kernel and stride, and lora_up (out, r, 1, 1), as peft, kohya and ComfyUI store conv LoRAs.
   Tensors keep the dtype they were trained in (fp32 from distill/). Without alpha this is exactly
   `distill.lora.set_state_dict`, so a training set saves as is (`LoRA.from_set_state`). Metadata, all
-  strings: scfm_format, scfm_family ("flux"), scfm_rank and scfm_alpha (the most common values),
+  strings: scfm_format, scfm_family ("flux" | "sd3"), scfm_rank and scfm_alpha (the most common values),
   scfm_targets (JSON list of M), and the recommended sampling settings when known: scfm_steps,
-  scfm_schedule ("scfm" | "diffusers"), scfm_shift (a number or "dynamic"), scfm_guidance,
-  scfm_lora_scale, scfm_max_sequence_length (the T5 length).
+  scfm_schedule ("scfm" | "diffusers"), scfm_shift (a number or "dynamic"), scfm_guidance (Flux: the
+  guidance embedding; SD3: diffusers' CFG scale g of u + g (c - u)), scfm_lora_scale,
+  scfm_max_sequence_length (the T5 length) and, for an SD3 LoRA distilled with CFG baked in,
+  scfm_training_cfg_scale: the w of c + w (c - u) it was trained with (scfm_guidance is then 1 + w).
 - **diffusers / PEFT** (`"diffusers"`): `transformer.<diffusers module>.lora_A.weight` (r, in) and
   `.lora_B.weight` (out, r), one module per slice (to_q / to_k / to_v, proj_mlp); delta_W = alpha / r * B @ A.
   Alpha comes from the `lora_adapter_metadata` JSON (r, lora_alpha, rank_pattern, alpha_pattern: what
   diffusers writes, and we do) or `.alpha` keys, else alpha = r. The final adaLN's B rows are (scale, shift)
-  there, (shift, scale) in BFL.
-- **kohya / ComfyUI** (`"kohya"`): `lora_unet_<BFL path, '.' -> '_'>.lora_down.weight` (R, in),
+  there, (shift, scale) officially; SD3's last-block context adaLN likewise. diffusers' SD3 loader accepts
+  only this layout (with no `.alpha` keys), the patch embedding's conv LoRA included.
+- **kohya / ComfyUI** (`"kohya"`): `lora_unet_<official path, '.' -> '_'>.lora_down.weight` (R, in),
   `.lora_up.weight` (out, R), `.alpha`; delta_W = alpha / R * up @ down, R = lora_down.shape[0], alpha = R
-  when missing or 0. Also read as `diffusion_model.<BFL path>` and with lora_A / lora_B. A fused layer is
+  when missing or 0. Also read as `diffusion_model.<official path>` and with lora_A / lora_B. ComfyUI reads
+  both spellings for Flux and SD3 (keymaps/lora.py). A fused layer is
   dense (one down for all of q, k, v) or, from sd-scripts' split_qkv, block-diagonal: up (out, S*r) holds
   slice i's up in column block i. The alpha trap (reference.md §7.2): sd-scripts trained such a file at
   alpha / r, but every generic loader (ComfyUI, diffusers) uses alpha / (S*r). We read it as they do, so an
   image matches ComfyUI (`kohya_split_alpha="per_slice"` gives the training-time strength), and when we write
   a block-diagonal layer we store alpha * S, so a generic loader reproduces our alpha / r exactly.
 
+The family comes from the file's scfm_family, else from the names (only one family has them all), else,
+for diffusers names both families use, from `family=` (the model it is for: `apply_loras` passes it), else
+from the layers' width (SD3.5 large 2432, SD3 / SD3.5 medium 1536), else Flux.
+
 Reading a kohya file keeps every key, embedders and final layer included. **diffusers 0.42.1's own kohya
 loader silently drops** the img_in, txt_in, time_in, vector_in, guidance_in and final_layer LoRA weights (and
-ignores the final layer's alpha); to use such a file in diffusers, convert it first:
-`write_lora(read_lora(f), out, "diffusers")`. LoKr, LoHa, DoRA and other adapters that are not plain LoRA are
-refused in one line. Text-encoder keys (`lora_te*`, `text_encoder*.`) are kept apart in `LoRA.text_encoders`
-and written back only to their own layout.
+ignores the final layer's alpha), and has no kohya loader for SD3 at all; to use such a file in diffusers,
+convert it first: `write_lora(read_lora(f), out, "diffusers")`. LoKr, LoHa, DoRA and other adapters that are
+not plain LoRA are refused in one line. Text-encoder keys (`lora_te*`, `text_encoder*.`) are kept apart in
+`LoRA.text_encoders` and written back only to their own layout.
 
 Merging into a loaded model (`apply_loras`, `unload_loras`) lives in `weights/lora_merge.py`.
 """
@@ -42,28 +54,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .io import TensorReader, WeightsError, atomic_save, read_header
+from .io import TensorReader, WeightsError, read_header
 from .keymaps import swap_halves
-from .keymaps.flux import flux_split_sizes
-from .keymaps.lora import (
-    KOHYA_PREFIX,
-    TEXT_ENCODER_PREFIXES,
-    LoRANames,
-    block_counts,
-    flux_lora_names,
-    kohya_name,
-    parse_key,
-    refuse_non_lora,
-)
+from .keymaps.lora import TEXT_ENCODER_PREFIXES, detect_family, lora_names, parse_key, refuse_non_lora
 
 FORMAT = "scfm-lora/1"
 LAYOUTS = ("ours", "diffusers", "kohya")
@@ -80,6 +82,9 @@ class Recommended:
     guidance: float | None = None
     lora_scale: float | None = None
     max_sequence_length: int | None = None  # T5 tokens
+    # SD3 distilled with CFG baked in (scfm-method.md §5): the w of c + w (c - u) in training; `guidance`
+    # then holds diffusers' scale 1 + w, with an empty negative prompt
+    training_cfg_scale: float | None = None
 
     def to_metadata(self) -> dict[str, str]:
         return {f"scfm_{k}": str(v) for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -94,14 +99,14 @@ class Recommended:
                 return raw if name == "shift" else None  # "dynamic"; an unreadable hint is no hint
 
         kinds = {"steps": int, "schedule": str, "shift": float, "guidance": float, "lora_scale": float,
-                 "max_sequence_length": int}
+                 "max_sequence_length": int, "training_cfg_scale": float}
         return cls(**{k: parse(k, kind) for k, kind in kinds.items()})
 
 
 @dataclass
 class LoRAPart:
-    down: Tensor  # (r, in)
-    up: Tensor  # (rows, r)
+    down: Tensor  # (r, in), or (r, in, kh, kw) for a Conv2d
+    up: Tensor  # (rows, r), or (rows, r, 1, 1)
     alpha: float
 
     @property
@@ -124,32 +129,44 @@ class ModuleLoRA:
     def in_features(self) -> int:
         return next(p.down.shape[1] for p in self.parts if p is not None)
 
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """() for a Linear, (kh, kw) for a Conv2d."""
+        return tuple(next(p.down.shape[2:] for p in self.parts if p is not None))
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (sum(self.rows), self.in_features, *self.kernel)
+
     def delta_times(self, x: Tensor) -> Tensor:
-        """delta_W @ x (out, k) in fp32 without forming delta_W: cheap probes of full-size layers."""
+        """delta_W @ x (out, k) in fp32 without forming delta_W (x: (in * kh * kw, k) for a conv): cheap
+        probes of full-size layers."""
         out = []
         for part, n in zip(self.parts, self.rows):
             if part is None:
                 out.append(x.new_zeros(n, x.shape[1], dtype=torch.float32))
             else:
-                out.append(part.up.float() @ (part.down.float() @ x.float()) * part.scale)
+                up, down = part.up.flatten(1).float(), part.down.flatten(1).float()
+                out.append(up @ (down @ x.float()) * part.scale)
         return torch.cat(out)
 
     def delta(self, device=None) -> Tensor:
-        """delta_W (out, in) in fp32 on `device`: scale * up @ down per slice, as distill/lora.py does."""
+        """delta_W in the layer's weight shape, fp32 on `device`: scale * up @ down per slice, as
+        distill/lora.py does (a conv's 1x1 up times its kernel-sized down)."""
         out = []
         for part, n in zip(self.parts, self.rows):
             if part is None:
-                out.append(torch.zeros(n, self.in_features, device=device))
+                out.append(torch.zeros(n, math.prod(self.weight_shape[1:]), device=device))
             else:
-                up, down = (t.to(device, torch.float32) for t in (part.up, part.down))
+                up, down = (t.to(device, torch.float32).flatten(1) for t in (part.up, part.down))
                 out.append((up @ down) * part.scale)
-        return torch.cat(out)
+        return torch.cat(out).view(self.weight_shape)
 
 
 @dataclass
 class LoRA:
-    modules: dict[str, ModuleLoRA]  # official (BFL) module name -> its LoRA
-    family: str = "flux"
+    modules: dict[str, ModuleLoRA]  # official (BFL / SAI) module name -> its LoRA
+    family: str = "flux"  # "flux" | "sd3"
     layout: str = "ours"  # the layout it was read from
     recommended: Recommended = field(default_factory=Recommended)
     text_encoders: dict[str, Tensor] = field(default_factory=dict)  # as read, untouched
@@ -162,33 +179,28 @@ class LoRA:
         tensors = {k: v.detach() for k, v in state.items()}
         tensors |= {k.removesuffix(".lora_down") + ".alpha": torch.tensor(float(alpha), dtype=torch.float64)
                     for k in state if k.endswith(".lora_down")}
-        return cls(_modules_from_ours(tensors, "set state"), family, "ours", recommended or Recommended())
+        return cls(_modules_from_ours(tensors, "set state", family), family, "ours",
+                   recommended or Recommended())
 
 
 # ----- reading ----------------------------------------------------------------------------------------------
 
 
-def _fused_rows(names: LoRANames, official: str, out: int, in_features: int) -> list[int]:
-    rule = names.rules[official]
-    if rule.kind != "fuse":
-        return [out]
-    return flux_split_sizes(in_features)(rule, torch.empty(out, 0))
-
-
-def _modules_from_ours(tensors: dict[str, Tensor], source: str) -> dict[str, ModuleLoRA]:
+def _modules_from_ours(tensors: dict[str, Tensor], source: str, family: str) -> dict[str, ModuleLoRA]:
     stems = {k.rsplit(".", 1)[0] for k in tensors}
-    names = flux_lora_names(*block_counts(s + "." for s in stems))
+    names = lora_names(family, stems)
+    what = {"flux": "Flux", "sd3": "SD3 / SD3.5"}[family]
     modules = {}
     for m in sorted(stems):
         if m not in names.rules:
-            raise WeightsError(f"{source}: {m} is not a Linear of Flux (an scfm LoRA for another model?)")
+            raise WeightsError(f"{source}: {m} is not a layer of {what} (an scfm LoRA for another model?)")
         try:
             down, up, alpha = tensors[f"{m}.lora_down"], tensors[f"{m}.lora_up"], float(tensors[f"{m}.alpha"])
         except KeyError as e:
             raise WeightsError(f"{source}: {m} lacks {e.args[0]}; the file is incomplete") from None
         r = up.shape[1]
         slices = down.shape[0] // r
-        rows = [up.shape[0]] if slices == 1 else _fused_rows(names, m, up.shape[0], down.shape[1])
+        rows = [up.shape[0]] if slices == 1 else names.split_rows(m, up.shape[0], down.shape[1])
         if down.shape[0] != slices * r or len(rows) != slices:
             raise WeightsError(f"{source}: {m}: lora_down {list(down.shape)} and lora_up {list(up.shape)} "
                                "do not form 1 or one-per-slice LoRAs")
@@ -211,7 +223,7 @@ def _peft_alpha(config: dict, module: str, rank: int, alpha_key: Tensor | None) 
 def _kohya_module(names, official, down, up, alpha, split_alpha) -> ModuleLoRA:
     R = down.shape[0]
     alpha = R if alpha is None or float(alpha) == 0 else float(alpha)
-    rows = _fused_rows(names, official, up.shape[0], down.shape[1])
+    rows = names.split_rows(official, up.shape[0], down.shape[1])
     S = len(rows)
     if S > 1 and R % S == 0:
         r = R // S
@@ -223,9 +235,50 @@ def _kohya_module(names, official, down, up, alpha, split_alpha) -> ModuleLoRA:
     return ModuleLoRA([LoRAPart(down, up, alpha)], (up.shape[0],))
 
 
-def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic") -> LoRA:
-    """Read a Flux LoRA in our, diffusers / PEFT or kohya / ComfyUI layout (detected). Every key is used or
-    refused: nothing is dropped (unlike diffusers' kohya loader, see the module docstring)."""
+def _diffusers_module(names, official, by_slice, config) -> ModuleLoRA:
+    rule = names.rules[official]
+    parts: list[LoRAPart | None] = [None] * len(rule.others)
+    for index, g in by_slice.items():
+        alpha = _peft_alpha(config, rule.others[index], g["up"].shape[1], g.get("alpha"))
+        swap = names.swapped(official, g["up"].shape[0], g["down"].shape[1])
+        parts[index] = LoRAPart(g["down"], swap_halves(g["up"]) if swap else g["up"], alpha)
+    first = next(p for p in parts if p is not None)
+    # the width of a slice absent from the file: q, k, v are equal; diffusers' Flux fixes MLP ratio 4
+    default = {1: [first.up.shape[0]], 3: [first.up.shape[0]] * 3, 4: [first.in_features] * 3}
+    rows = default[len(parts)] + ([4 * first.in_features] if len(parts) == 4 else [])
+    rows = [n if p is None else p.up.shape[0] for p, n in zip(parts, rows)]
+    return ModuleLoRA(parts, tuple(rows))
+
+
+def _family(src, stems, official, widths, meta, hint) -> str:
+    try:
+        return detect_family(stems, official, widths, meta.get("scfm_family"), hint)
+    except WeightsError as e:
+        raise WeightsError(f"{src}: {e}") from None
+
+
+def _read_ours(tensors, meta, src, recommended, family) -> LoRA | None:
+    """Our layout (or distill/train.py's older export: alpha and T5 length in `scfm_lora` JSON), else None."""
+    downs = [k for k in tensors if k.endswith(".lora_down")]
+    if meta.get("scfm_format") != FORMAT:
+        if "scfm_lora" not in meta or not downs:
+            return None
+        info = json.loads(meta["scfm_lora"])
+        alpha = torch.tensor(float(info["alpha"]), dtype=torch.float64)
+        tensors |= {k.removesuffix(".lora_down") + ".alpha": alpha for k in downs}
+        if recommended.max_sequence_length is None and info.get("t5_length"):
+            recommended = dataclasses.replace(recommended, max_sequence_length=int(info["t5_length"]))
+    stems = {k.rsplit(".", 1)[0] for k in tensors}
+    widths = [tensors[k].shape[1] for k in downs]
+    family = _family(src, stems, True, widths, meta, family)
+    return LoRA(_modules_from_ours(tensors, src, family), family, "ours", recommended, source=src)
+
+
+def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
+              family: str | None = None) -> LoRA:
+    """Read a Flux or SD3 / SD3.5 LoRA in our, diffusers / PEFT or kohya / ComfyUI layout (detected).
+    `family` ("flux" | "sd3") decides only names both families share (see the module docstring). Every key
+    is used or refused: nothing is dropped (unlike diffusers' kohya loader)."""
     if kohya_split_alpha not in ("generic", "per_slice"):
         raise ValueError(f"kohya_split_alpha must be 'generic' or 'per_slice', got {kohya_split_alpha!r}")
     path = Path(path)
@@ -235,18 +288,9 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic") ->
     with TensorReader([path]) as read:
         tensors = {k: read(k) for k in header}
     recommended = Recommended.from_metadata(meta)
-    if meta.get("scfm_family", "flux") != "flux":
-        raise WeightsError(f"{src}: a LoRA for {meta['scfm_family']}; this reader is for Flux")
-    if meta.get("scfm_format") == FORMAT:
-        return LoRA(_modules_from_ours(tensors, src), "flux", "ours", recommended, source=src)
-    downs = [k for k in header if k.endswith(".lora_down")]
-    if "scfm_lora" in meta and downs:  # distill/train.py's own export: alpha and T5 length in JSON metadata
-        info = json.loads(meta["scfm_lora"])
-        alpha = torch.tensor(float(info["alpha"]), dtype=torch.float64)
-        tensors |= {k.removesuffix(".lora_down") + ".alpha": alpha for k in downs}
-        if recommended.max_sequence_length is None and info.get("t5_length"):
-            recommended = dataclasses.replace(recommended, max_sequence_length=int(info["t5_length"]))
-        return LoRA(_modules_from_ours(tensors, src), "flux", "ours", recommended, source=src)
+    ours = _read_ours(tensors, meta, src, recommended, family)
+    if ours is not None:
+        return ours
     text = {k: v for k, v in tensors.items() if k.startswith(TEXT_ENCODER_PREFIXES)}
     parsed = {k: parse_key(k) for k in tensors if k not in text}
     if not any(p and p[1] != "alpha" for p in parsed.values()):
@@ -254,14 +298,18 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic") ->
             raise WeightsError(f"{src}: only text-encoder LoRA keys ({len(text)}), none for the transformer")
         first = ", ".join(sorted(header)[:3])
         raise WeightsError(f"{src}: no LoRA tensors in this file (first keys: {first}); is it a base model? "
-                           "load it with weights.load_flux")
-    names = flux_lora_names(*block_counts(k + "." for k in tensors))
+                           "load it with weights.load_flux or weights.load_mmdit")
+    stems = [p[0] for p in parsed.values() if p]
+    widths = [tensors[k].shape[1] for k, p in parsed.items() if p and p[1] == "down"]
+    family = _family(src, stems, False, widths, meta, family)
+    names = lora_names(family, stems)
     groups: dict[str, dict] = {}
     namings = set()
     for key, p in parsed.items():
         resolved = names.resolve(p[0]) if p else None
         if resolved is None:
-            raise WeightsError(f"{src}: key {key} names no Flux Linear layer; a LoRA for another model?")
+            raise WeightsError(f"{src}: key {key} names no Flux Linear layer (nor an SD3 / SD3.5 one); "
+                               "a LoRA for another model?")
         naming, official, index = resolved
         namings.add(naming)
         groups.setdefault(official, {}).setdefault(index, {})[p[1]] = tensors[key]
@@ -279,153 +327,13 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic") ->
             g = by_slice[None]
             modules[official] = _kohya_module(names, official, g["down"], g["up"], g.get("alpha"),
                                               kohya_split_alpha)
-            continue
-        rule = names.rules[official]
-        parts: list[LoRAPart | None] = [None] * len(rule.others)
-        for index, g in by_slice.items():
-            alpha = _peft_alpha(config, rule.others[index], g["up"].shape[1], g.get("alpha"))
-            up = swap_halves(g["up"]) if rule.kind == "swap" else g["up"]
-            parts[index] = LoRAPart(g["down"], up, alpha)
-        first = next(p for p in parts if p is not None)
-        # the width of a slice absent from the file: q, k, v are equal; diffusers' Flux fixes MLP ratio 4
-        default = {1: [first.up.shape[0]], 3: [first.up.shape[0]] * 3, 4: [first.in_features] * 3}
-        rows = default[len(parts)] + ([4 * first.in_features] if len(parts) == 4 else [])
-        rows = [n if p is None else p.up.shape[0] for p, n in zip(parts, rows)]
-        modules[official] = ModuleLoRA(parts, tuple(rows))
-    return LoRA(modules, "flux", layout, recommended, text, src)
+        else:
+            modules[official] = _diffusers_module(names, official, by_slice, config)
+    return LoRA(modules, family, layout, recommended, text, src)
 
 
-# ----- writing ----------------------------------------------------------------------------------------------
-
-
-def _uniform(mod: ModuleLoRA) -> tuple[list[Tensor], list[Tensor], float]:
-    """Parts with one rank and one alpha: absent parts and lower ranks padded with zeros (exact); parts with a
-    different alpha / r get that ratio multiplied into their up (one rounding; only mixed-scale sources)."""
-    present = [p for p in mod.parts if p is not None]
-    r = max(p.up.shape[1] for p in present)
-    ref = present[0]
-    alpha = ref.scale * r if ref.up.shape[1] != r else ref.alpha
-    downs, ups = [], []
-    for part, n in zip(mod.parts, mod.rows):
-        if part is None:
-            downs.append(ref.down.new_zeros(r, ref.down.shape[1]))
-            ups.append(ref.up.new_zeros(n, r))
-            continue
-        pad = r - part.up.shape[1]
-        up = part.up
-        if part.scale != alpha / r:
-            up = (up.float() * (part.scale * r / alpha)).to(up.dtype)
-        downs.append(torch.cat([part.down, part.down.new_zeros(pad, part.down.shape[1])]))
-        ups.append(torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1))
-    return downs, ups, alpha
-
-
-def _alpha_tensor(alpha: float) -> Tensor:
-    t = torch.tensor(alpha, dtype=torch.float32)
-    return t if float(t) == alpha else torch.tensor(alpha, dtype=torch.float64)  # exact, whatever alpha is
-
-
-def _ours_state(lora: LoRA) -> dict[str, Tensor]:
-    out = {}
-    for m, mod in lora.modules.items():
-        downs, ups, alpha = _uniform(mod)
-        out |= {f"{m}.lora_down": torch.cat(downs), f"{m}.lora_up": torch.cat(ups),
-                f"{m}.alpha": torch.tensor(alpha, dtype=torch.float64)}
-    return out
-
-
-def _kohya_state(lora: LoRA) -> dict[str, Tensor]:
-    out = {}
-    for m, mod in lora.modules.items():
-        stem = KOHYA_PREFIX + kohya_name(m)
-        p0 = mod.parts[0]
-        dense = all(p is not None and p.alpha == p0.alpha and p.down.shape == p0.down.shape
-                    and torch.equal(p.down, p0.down) for p in mod.parts)
-        if dense:  # one shared down (a dense kohya source, or an unfused layer): written as is
-            down, up, alpha = p0.down, torch.cat([p.up for p in mod.parts]), p0.alpha
-        else:  # block-diagonal up; alpha * S so that alpha / (S * r) is our alpha / r
-            downs, ups, alpha = _uniform(mod)
-            r = ups[0].shape[1]
-            down, up = torch.cat(downs), ups[0].new_zeros(sum(mod.rows), r * len(ups))
-            for i, (u, start) in enumerate(zip(ups, [sum(mod.rows[:i]) for i in range(len(ups))])):
-                up[start:start + u.shape[0], i * r:(i + 1) * r] = u
-            alpha = alpha * len(ups)
-        out |= {f"{stem}.lora_down.weight": down.clone(), f"{stem}.lora_up.weight": up.clone(),
-                f"{stem}.alpha": _alpha_tensor(alpha)}
-    return out
-
-
-def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
-    names = flux_lora_names(*block_counts(m + "." for m in lora.modules))
-    out, ranks, alphas = {}, {}, {}
-    for m, mod in lora.modules.items():
-        rule = names.rules[m]
-        parts = mod.parts
-        if len(parts) == 1 and len(rule.others) > 1:  # one LoRA over a fused layer: A shared, B split by rows
-            p = parts[0]
-            rows = _fused_rows(names, m, p.up.shape[0], p.down.shape[1])
-            parts = [LoRAPart(p.down, u, p.alpha) for u in p.up.split(rows)]
-        for other, p in zip(rule.others, parts):
-            if p is None:
-                continue
-            up = swap_halves(p.up) if rule.kind == "swap" else p.up
-            # clones: safetensors refuses tensors that share storage
-            out[f"transformer.{other}.lora_A.weight"] = p.down.clone()
-            out[f"transformer.{other}.lora_B.weight"] = up.clone()
-            ranks[other], alphas[other] = p.up.shape[1], p.alpha
-    r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-    # peft matches pattern keys as `(.*\.)?(key)$`; the leading ^ keeps "proj_out" (the final layer) from also
-    # matching every single block's proj_out
-    config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
-              "rank_pattern": {"^" + re.escape(k): v for k, v in ranks.items() if v != r},
-              "alpha_pattern": {"^" + re.escape(k): v for k, v in alphas.items() if v != alpha}}
-    return out, {f"transformer.{k}": v for k, v in config.items()}
-
-
-def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and safetensors metadata of `lora` in `layout` (what `write_lora` writes)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if lora.text_encoders and layout != lora.layout:
-        raise WeightsError(f"{lora.source or 'this LoRA'} has text-encoder keys in the {lora.layout} layout, "
-                           f"which cannot be converted to {layout}; lora.text_encoders.clear() drops them")
-    meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata()}
-    if layout == "ours":
-        tensors = _ours_state(lora)
-        ranks = Counter(t.shape[1] for k, t in tensors.items() if k.endswith(".lora_up"))
-        alphas = Counter(float(t) for k, t in tensors.items() if k.endswith(".alpha"))
-        meta |= {"scfm_format": FORMAT, "scfm_rank": str(ranks.most_common(1)[0][0]),
-                 "scfm_alpha": str(alphas.most_common(1)[0][0]),
-                 "scfm_targets": json.dumps(sorted(lora.modules))}
-    elif layout == "kohya":
-        tensors = _kohya_state(lora)
-    else:
-        tensors, config = _diffusers_state(lora)
-        meta[PEFT_METADATA_KEY] = json.dumps(config, sort_keys=True)
-    return tensors | {k: v.clone() for k, v in lora.text_encoders.items()}, meta
-
-
-def write_lora(lora: LoRA, path: str | os.PathLike, layout: str = "ours", *, overwrite: bool = False,
-               metadata: dict[str, str] | None = None) -> Path:
-    """`lora` as one safetensors file in `layout`; extra `metadata` is kept beside ours."""
-    tensors, meta = lora_state_dict(lora, layout)
-    return atomic_save(tensors, path, {**(metadata or {}), **meta}, overwrite=overwrite)
-
-
-def save_lora(state: dict[str, Tensor], path: str | os.PathLike, *, layout: str = "ours", alpha: float,
-              rank: int | None = None, slices: dict[str, tuple[int, ...]] | None = None,
-              metadata: dict[str, str] | None = None, recommended: Recommended | None = None,
-              overwrite: bool = False) -> Path:
-    """A distill/ weight set (`set_state_dict`) in `layout`. `rank` and `slices` (module -> the LoRALayer's
-    slice widths) are checked against the tensors, so a mis-sliced export fails here, not in a user's UI."""
-    lora = LoRA.from_set_state(state, alpha, recommended=recommended)
-    for m, mod in lora.modules.items():
-        if (rank is not None and any(p.up.shape[1] != rank for p in mod.parts)) or (
-                slices is not None and tuple(slices[m]) != mod.rows):
-            want = slices and slices[m]
-            raise WeightsError(f"{m}: the set's tensors do not match rank {rank} and slices {want}")
-    return write_lora(lora, path, layout, overwrite=overwrite, metadata=metadata)
-
+# Writing lives in weights/lora_write.py; re-exported so `from weights.lora import write_lora` keeps working.
+from .lora_write import lora_state_dict, save_lora, write_lora  # noqa: E402, F401
 
 # Merging lives next door; re-exported so `from weights.lora import apply_loras` keeps working.
 from .lora_merge import applied_loras, apply_loras, unload_loras  # noqa: E402, F401

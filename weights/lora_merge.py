@@ -1,4 +1,4 @@
-"""Merge Flux LoRAs into a loaded model and unload them bit-exactly.
+"""Merge Flux or SD3 / SD3.5 LoRAs into a loaded model and unload them bit-exactly.
 
 `apply_loras` merges LoRAs, each with its own scale, into the weights (no per-call cost); `unload_loras`
 restores the weights bit-exactly. No second copy of the model is kept: with `base=` (the path the model was
@@ -20,7 +20,22 @@ from torch import Tensor
 from .io import TensorReader, WeightsError, model_files, read_shapes
 from .keymaps import to_official
 from .keymaps.flux import flux_rules
+from .keymaps.mmdit import mmdit_rules
 from .lora import LoRA, read_lora
+
+_NAMES = {"flux": "Flux", "sd3": "SD3 / SD3.5"}
+
+
+def model_family(model) -> str:
+    """"flux" or "sd3", by the model's class (the names LoRA families go by)."""
+    from model.flux import Flux
+    from model.mmdit import MMDiT
+
+    if isinstance(model, Flux):
+        return "flux"
+    if isinstance(model, MMDiT):
+        return "sd3"
+    raise TypeError(f"LoRAs merge into a Flux or an SD3 / SD3.5 MMDiT, not a {type(model).__name__}")
 
 
 @dataclass
@@ -34,37 +49,48 @@ class _Applied:
 
 
 def _fit_error(model, lora: LoRA, src: str) -> str | None:
-    if lora.family != "flux":
-        return f"{src}: a {lora.family} LoRA; this model is Flux"
+    family = model_family(model)
+    if lora.family != family:
+        return f"{src}: a {lora.family} LoRA; this model is {_NAMES[family]}"
     for m, mod in lora.modules.items():
         try:
             weight = model.get_submodule(m).weight
         except AttributeError:
-            hint = ("a FLUX.1-dev LoRA on a model without a guidance embedding (schnell?)"
-                    if m.startswith("guidance_in") else "the LoRA is for a different Flux variant")
+            if m.startswith("guidance_in"):
+                hint = "a FLUX.1-dev LoRA on a model without a guidance embedding (schnell?)"
+            elif ".attn2." in m:
+                hint = "an SD3.5-medium LoRA (dual attention blocks) on another SD3 model"
+            else:
+                hint = f"the LoRA is for a different {_NAMES[family]} variant"
             return f"{src}: LoRA module {m} is not in this model; {hint}"
-        if (sum(mod.rows), mod.in_features) != tuple(weight.shape) or any(
-                p is not None and (p.up.shape[0], p.down.shape[1]) != (n, weight.shape[1])
+        if mod.weight_shape != tuple(weight.shape) or any(
+                p is not None and (p.up.shape[0], *p.down.shape[1:]) != (n, *weight.shape[1:])
                 for p, n in zip(mod.parts, mod.rows)):
-            return (f"{src}: LoRA for {m} has shape {[sum(mod.rows), mod.in_features]}, the model's weight "
+            return (f"{src}: LoRA for {m} has shape {list(mod.weight_shape)}, the model's weight "
                     f"{list(weight.shape)}; the LoRA is for a different model size")
     return None
 
 
 def _base_weights(source: str, model, modules: list[str]):
     """Yield (module, weight) re-read from the checkpoint `model` was loaded from, in its stored dtype."""
-    from .flux import detect_flux_layout  # here: weights.flux is the loader this mirrors
+    from .flux import detect_flux_layout  # here: weights.flux and weights.mmdit are the loaders this mirrors
+    from .mmdit import detect_mmdit_layout
 
     files, _ = model_files(source, "transformer")
     raw, _ = read_shapes(files)
-    prefix, layout = detect_flux_layout(raw.keys(), source)
     cfg = model.config
-    rules = {r.official: r for r in flux_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed)}
+    if model_family(model) == "flux":
+        prefix, layout = detect_flux_layout(raw.keys(), source)
+        rules = flux_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed)
+    else:
+        prefix, layout = detect_mmdit_layout(raw.keys(), source)
+        rules = mmdit_rules(cfg.depth, cfg.dual_attention_layers, cfg.qk_norm is not None)
+    rules = {r.official: r for r in rules}
     with TensorReader(files, prefix=prefix) as read:
         for m in modules:
             key = f"{m}.weight"
             try:
-                # a diffusers file's fused weights are concatenated exactly as load_flux does
+                # a diffusers file's fused (or swapped) weights are rebuilt exactly as the loaders do
                 yield m, read(key) if layout == "official" else next(to_official([rules[key]], read))[1]
             except KeyError:
                 raise WeightsError(f"{source}: no weight for {m}; base= must be the model's file") from None
@@ -83,12 +109,14 @@ def _file_stats(source: str) -> dict[str, tuple[int, int]]:
 
 def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None,
                 ignore_text_encoders: bool = False, restorable: bool = True) -> None:
-    """Merge LoRAs into a loaded Flux: `loras` holds LoRA objects or paths, each alone (scale 1) or as
-    (lora, scale). Several LoRAs on one layer are summed in fp32 and rounded once. Call again to add more;
-    `unload_loras` undoes them all. See the module docstring for `base=`. `restorable=False` (one-shot
-    generation) keeps nothing and checks nothing, and `unload_loras` then refuses."""
+    """Merge LoRAs into a loaded Flux or SD3 / SD3.5: `loras` holds LoRA objects or paths, each alone (scale
+    1) or as (lora, scale); a path is read for this model's family. Several LoRAs on one layer are summed in
+    fp32 and rounded once. Call again to add more; `unload_loras` undoes them all. See the module docstring
+    for `base=`. `restorable=False` (one-shot generation) keeps nothing and checks nothing, and
+    `unload_loras` then refuses."""
     items = [x if isinstance(x, tuple) else (x, 1.0) for x in loras]
-    items = [(x if isinstance(x, LoRA) else read_lora(x), float(s)) for x, s in items]
+    family = model_family(model)
+    items = [(x if isinstance(x, LoRA) else read_lora(x, family=family), float(s)) for x, s in items]
     for lora, _ in items:
         src = lora.source or "LoRA"
         if (error := _fit_error(model, lora, src)) is not None:

@@ -1,10 +1,16 @@
-"""LoRA key names for Flux in our, diffusers / PEFT and kohya / ComfyUI layouts, all derived from the one
-BFL <-> diffusers module table (keymaps/flux.py): kohya names are the BFL path with '.' -> '_', PEFT names
-are the table's diffusers modules, so no mapping is written twice.
+"""LoRA key names for Flux and SD3 / SD3.5 in our, diffusers / PEFT and kohya / ComfyUI layouts, all derived
+from the official <-> diffusers module tables (keymaps/flux.py, keymaps/mmdit.py): kohya names are the
+official (BFL / SAI) path with '.' -> '_', PEFT names are the table's diffusers modules, so no mapping is
+written twice.
 
 A LoRA key is `<prefix><module><suffix>`; `parse_key` splits it into (stem, role) with role down / up /
-alpha, and `LoRANames.resolve` maps the stem to an official (BFL) Linear and, for diffusers names, the slice
-of a fused layer it covers.
+alpha, and `LoRANames.resolve` maps the stem to an official Linear (or SD3's patch-embedding Conv2d) and, for
+diffusers names, the slice of a fused layer it covers. `detect_family` tells Flux from SD3 by the names.
+
+SD3 in ComfyUI: its `model_lora_keys_unet` maps every weight `diffusion_model.<SAI path>.weight` of the loaded
+model to the LoRA stems `lora_unet_<SAI path, '.' -> '_'>` and `diffusion_model.<SAI path>`, and for SD3 also
+the diffusers stems `transformer.<diffusers module>` (q / k / v as slices of the fused qkv). sd-scripts' SD3
+LoRAs use the same `lora_unet_<SAI path>` names, so that is the kohya layout we write for SD3.
 """
 
 from __future__ import annotations
@@ -12,9 +18,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from ..io import WeightsError
 from . import Rule
-from .flux import flux_rules
+from .flux import flux_rules, flux_split_sizes
+from .mmdit import mmdit_rules, mmdit_split_sizes
+
+FAMILIES = ("flux", "sd3")
+# Widths (Linear inputs) of the released SD3 / SD3.5 models (medium 1536, large 2432); no Flux Linear has
+# them.
+# Only a last resort: names and metadata decide first.
+SD3_WIDTHS = frozenset({1536, 2432})
 
 # (suffix, role). kohya writes lora_down / lora_up / alpha; PEFT lora_A / lora_B; ComfyUI accepts both.
 SUFFIXES = (
@@ -77,11 +92,36 @@ def block_counts(stems) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+def mmdit_depth(stems) -> int:
+    """Joint blocks enough for every index in `stems`, plus one: no named block is taken for the last one,
+    whose context stream lacks modules (its 2-way adaLN is recognised by shape, see `LoRANames.swapped`)."""
+    pattern = re.compile(r"(?:joint_blocks|transformer_blocks)[._](\d+)[._]")
+    found = [int(m.group(1)) for s in stems for m in [pattern.search(s)] if m]
+    return max(found) + 2 if found else 1
+
+
 @dataclass(frozen=True)
 class LoRANames:
-    rules: dict[str, Rule]  # official Linear module -> its table rule
+    family: str  # "flux" | "sd3"
+    rules: dict[str, Rule]  # official Linear / Conv2d module -> its table rule
     by_diffusers: dict[str, tuple[str, int]]  # diffusers module -> (official module, slice index)
-    by_kohya: dict[str, str]  # flattened BFL path -> official module
+    by_kohya: dict[str, str]  # flattened official path -> official module
+
+    def split_rows(self, official: str, out: int, in_features: int) -> list[int]:
+        """Output rows of each slice of `official` (one entry for a layer that is not fused)."""
+        rule = self.rules[official]
+        if rule.kind != "fuse":
+            return [out]
+        split = flux_split_sizes(in_features) if self.family == "flux" else mmdit_split_sizes
+        return split(rule, torch.empty(out, 0))
+
+    def swapped(self, official: str, rows: int, in_features: int) -> bool:
+        """Whether diffusers stores this layer's rows as (scale, shift), halves swapped from the official
+        order: the final adaLN, and SD3's last-block context adaLN, told by its 2 * D rows (not 6 * D), so a
+        LoRA need not reach the last block for its blocks to be named right."""
+        if self.family == "sd3" and official.endswith("context_block.adaLN_modulation.1"):
+            return rows == 2 * in_features
+        return self.rules[official].kind == "swap"
 
     def resolve(self, stem: str) -> tuple[str, str, int | None] | None:
         """(naming, official module, slice index or None for the whole module) of a key stem, or None.
@@ -109,6 +149,52 @@ def flux_lora_names(depth: int, depth_single_blocks: int) -> LoRANames:
     linear = {r.official.removesuffix(".weight") for r in params if r.official.endswith(".weight")}
     modules = flux_rules(depth, depth_single_blocks, True, modules=True)
     rules = {r.official: r for r in modules if r.official in linear}  # not the q / k norm scales
+    return _names("flux", rules)
+
+
+def mmdit_lora_names(depth: int) -> LoRANames:
+    """Names for an SD3 / SD3.5 of at least `depth` joint blocks, attn2 allowed in every block (a LoRA for
+    blocks the model lacks is refused when applied, where the model is known)."""
+    params = mmdit_rules(depth, tuple(range(depth)), True)
+    # Linear and Conv2d layers: the modules with a bias (not the position table, not the q / k norms)
+    layers = {r.official.removesuffix(".bias") for r in params if r.official.endswith(".bias")}
+    modules = mmdit_rules(depth, tuple(range(depth)), True, modules=True)
+    return _names("sd3", {r.official: r for r in modules if r.official in layers})
+
+
+def _names(family: str, rules: dict[str, Rule]) -> LoRANames:
     by_diffusers = {other: (r.official, i) for r in rules.values() for i, other in enumerate(r.others)}
-    by_kohya = {kohya_name(official): official for official in rules}
-    return LoRANames(rules, by_diffusers, by_kohya)
+    return LoRANames(family, rules, by_diffusers, {kohya_name(official): official for official in rules})
+
+
+def lora_names(family: str, stems) -> LoRANames:
+    """The names of `family` large enough for every block index named in `stems`."""
+    stems = list(stems)
+    if family == "flux":
+        return flux_lora_names(*block_counts(stems))
+    if family == "sd3":
+        return mmdit_lora_names(mmdit_depth(stems))
+    raise WeightsError(f"unknown LoRA family {family!r}; scfm reads {', '.join(FAMILIES)} LoRAs")
+
+
+def detect_family(stems, official: bool, widths=(), stated: str | None = None,
+                  hint: str | None = None) -> str:
+    """The family of a LoRA from its key stems: `stated` (the file's scfm_family) wins; then the names, when
+    only one family has them all (`official`: the stems are official module names, as in our layout); then,
+    for names both have (diffusers calls SD3's and Flux's double-block attention alike), the caller's `hint`
+    (the model it is for), then the width of its layers, and Flux last."""
+    if stated is not None:
+        if stated not in FAMILIES:
+            raise WeightsError(f"a LoRA for {stated}; scfm reads {', '.join(FAMILIES)} LoRAs")
+        return stated
+    stems = list(stems)
+    fits = []
+    for family in FAMILIES:
+        names = lora_names(family, stems)
+        if all((s in names.rules) if official else names.resolve(s) is not None for s in stems):
+            fits.append(family)
+    if len(fits) == 1:
+        return fits[0]
+    if hint in fits:
+        return hint
+    return "sd3" if set(widths) & SD3_WIDTHS else "flux"

@@ -1,0 +1,148 @@
+"""Writing LoRA files in our, diffusers / PEFT and kohya / ComfyUI layouts (the layouts are described in
+weights/lora.py, whose names `write_lora`, `lora_state_dict` and `save_lora` re-export these)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .io import WeightsError, atomic_save
+from .keymaps import swap_halves
+from .keymaps.lora import KOHYA_PREFIX, kohya_name, lora_names
+from .lora import FORMAT, LAYOUTS, PEFT_METADATA_KEY, LoRA, LoRAPart, ModuleLoRA, Recommended
+
+
+def _uniform(mod: ModuleLoRA) -> tuple[list[Tensor], list[Tensor], float]:
+    """Parts with one rank and one alpha: absent parts and lower ranks padded with zeros (exact); parts with a
+    different alpha / r get that ratio multiplied into their up (one rounding; only mixed-scale sources)."""
+    present = [p for p in mod.parts if p is not None]
+    r = max(p.up.shape[1] for p in present)
+    ref = present[0]
+    alpha = ref.scale * r if ref.up.shape[1] != r else ref.alpha
+    downs, ups = [], []
+    for part, n in zip(mod.parts, mod.rows):
+        if part is None:
+            downs.append(ref.down.new_zeros(r, *ref.down.shape[1:]))
+            ups.append(ref.up.new_zeros(n, r, *ref.up.shape[2:]))
+            continue
+        pad = r - part.up.shape[1]
+        up = part.up
+        if part.scale != alpha / r:
+            up = (up.float() * (part.scale * r / alpha)).to(up.dtype)
+        downs.append(torch.cat([part.down, part.down.new_zeros(pad, *part.down.shape[1:])]))
+        ups.append(torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], dim=1))
+    return downs, ups, alpha
+
+
+def _alpha_tensor(alpha: float) -> Tensor:
+    t = torch.tensor(alpha, dtype=torch.float32)
+    return t if float(t) == alpha else torch.tensor(alpha, dtype=torch.float64)  # exact, whatever alpha is
+
+
+def _ours_state(lora: LoRA) -> dict[str, Tensor]:
+    out = {}
+    for m, mod in lora.modules.items():
+        downs, ups, alpha = _uniform(mod)
+        out |= {f"{m}.lora_down": torch.cat(downs), f"{m}.lora_up": torch.cat(ups),
+                f"{m}.alpha": torch.tensor(alpha, dtype=torch.float64)}
+    return out
+
+
+def _kohya_state(lora: LoRA) -> dict[str, Tensor]:
+    out = {}
+    for m, mod in lora.modules.items():
+        stem = KOHYA_PREFIX + kohya_name(m)
+        p0 = mod.parts[0]
+        dense = all(p is not None and p.alpha == p0.alpha and p.down.shape == p0.down.shape
+                    and torch.equal(p.down, p0.down) for p in mod.parts)
+        if dense:  # one shared down (a dense kohya source, or an unfused layer): written as is
+            down, up, alpha = p0.down, torch.cat([p.up for p in mod.parts]), p0.alpha
+        else:  # block-diagonal up; alpha * S so that alpha / (S * r) is our alpha / r
+            downs, ups, alpha = _uniform(mod)
+            r = ups[0].shape[1]
+            down, up = torch.cat(downs), ups[0].new_zeros(sum(mod.rows), r * len(ups))
+            for i, (u, start) in enumerate(zip(ups, [sum(mod.rows[:i]) for i in range(len(ups))])):
+                up[start:start + u.shape[0], i * r:(i + 1) * r] = u
+            alpha = alpha * len(ups)
+        out |= {f"{stem}.lora_down.weight": down.clone(), f"{stem}.lora_up.weight": up.clone(),
+                f"{stem}.alpha": _alpha_tensor(alpha)}
+    return out
+
+
+def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
+    names = lora_names(lora.family, lora.modules)
+    out, ranks, alphas = {}, {}, {}
+    for m, mod in lora.modules.items():
+        rule = names.rules[m]
+        parts = mod.parts
+        if len(parts) == 1 and len(rule.others) > 1:  # one LoRA over a fused layer: A shared, B split by rows
+            p = parts[0]
+            rows = names.split_rows(m, p.up.shape[0], p.down.shape[1])
+            parts = [LoRAPart(p.down, u, p.alpha) for u in p.up.split(rows)]
+        for other, p in zip(rule.others, parts):
+            if p is None:
+                continue
+            up = swap_halves(p.up) if names.swapped(m, p.up.shape[0], p.down.shape[1]) else p.up
+            # clones: safetensors refuses tensors that share storage
+            out[f"transformer.{other}.lora_A.weight"] = p.down.clone()
+            out[f"transformer.{other}.lora_B.weight"] = up.clone()
+            ranks[other], alphas[other] = p.up.shape[1], p.alpha
+    r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+    # peft matches pattern keys as `(.*\.)?(key)$`; the leading ^ keeps "proj_out" (the final layer) from also
+    # matching every single block's proj_out
+    config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+              "rank_pattern": {"^" + re.escape(k): v for k, v in ranks.items() if v != r},
+              "alpha_pattern": {"^" + re.escape(k): v for k, v in alphas.items() if v != alpha}}
+    return out, {f"transformer.{k}": v for k, v in config.items()}
+
+
+def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and safetensors metadata of `lora` in `layout` (what `write_lora` writes)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if lora.text_encoders and layout != lora.layout:
+        raise WeightsError(f"{lora.source or 'this LoRA'} has text-encoder keys in the {lora.layout} layout, "
+                           f"which cannot be converted to {layout}; lora.text_encoders.clear() drops them")
+    meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata()}
+    if layout == "ours":
+        tensors = _ours_state(lora)
+        ranks = Counter(t.shape[1] for k, t in tensors.items() if k.endswith(".lora_up"))
+        alphas = Counter(float(t) for k, t in tensors.items() if k.endswith(".alpha"))
+        meta |= {"scfm_format": FORMAT, "scfm_rank": str(ranks.most_common(1)[0][0]),
+                 "scfm_alpha": str(alphas.most_common(1)[0][0]),
+                 "scfm_targets": json.dumps(sorted(lora.modules))}
+    elif layout == "kohya":
+        tensors = _kohya_state(lora)
+    else:
+        tensors, config = _diffusers_state(lora)
+        meta[PEFT_METADATA_KEY] = json.dumps(config, sort_keys=True)
+    return tensors | {k: v.clone() for k, v in lora.text_encoders.items()}, meta
+
+
+def write_lora(lora: LoRA, path: str | os.PathLike, layout: str = "ours", *, overwrite: bool = False,
+               metadata: dict[str, str] | None = None) -> Path:
+    """`lora` as one safetensors file in `layout`; extra `metadata` is kept beside ours."""
+    tensors, meta = lora_state_dict(lora, layout)
+    return atomic_save(tensors, path, {**(metadata or {}), **meta}, overwrite=overwrite)
+
+
+def save_lora(state: dict[str, Tensor], path: str | os.PathLike, *, layout: str = "ours", alpha: float,
+              rank: int | None = None, slices: dict[str, tuple[int, ...]] | None = None,
+              metadata: dict[str, str] | None = None, recommended: Recommended | None = None,
+              overwrite: bool = False, family: str = "flux") -> Path:
+    """A distill/ weight set (`set_state_dict`) of a `family` model in `layout`. `rank` and `slices`
+    (module -> the LoRALayer's slice widths) are checked against the tensors, so a mis-sliced export fails
+    here, not in a user's UI."""
+    lora = LoRA.from_set_state(state, alpha, recommended=recommended, family=family)
+    for m, mod in lora.modules.items():
+        if (rank is not None and any(p.up.shape[1] != rank for p in mod.parts)) or (
+                slices is not None and tuple(slices[m]) != mod.rows):
+            want = slices and slices[m]
+            raise WeightsError(f"{m}: the set's tensors do not match rank {rank} and slices {want}")
+    return write_lora(lora, path, layout, overwrite=overwrite, metadata=metadata)
