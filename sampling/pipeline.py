@@ -8,10 +8,9 @@ never resident together.
 
 from __future__ import annotations
 
-import gc
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,12 +19,11 @@ from torch import Tensor
 from model.flux import Flux
 from model.text import encode_flux
 from model.tokenizers import CLIPTokenizer, T5Tokenizer
-from model.vae import AutoEncoder, vae_to_images
 from weights.flux import load_flux
 from weights.io import WeightsError
 from weights.text import load_clip, load_t5
-from weights.vae import load_vae
 
+from .base import Pipeline, to_pil  # noqa: F401  (to_pil is part of this module's API)
 from .samplers import euler, flux_guidance, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
 from .velocity import FluxVelocity
@@ -95,34 +93,25 @@ class GenerationConfig:
     extra: dict = field(default_factory=dict)
 
 
-class FluxPipeline:
-    def __init__(self, sources: FluxSources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.sources, self.device, self.dtype = sources, torch.device(device), dtype
-        self._transformer: Flux | None = None
-        self._vae: AutoEncoder | None = None
-        self.transformer_hooks: list[Callable[[Flux], None]] = []  # e.g. LoRA application after loading
+class FluxPipeline(Pipeline):
+    default_config = GenerationConfig
 
-    # --- components --------------------------------------------------------------------------------------------
+    def load_transformer(self) -> Flux:
+        return load_flux(self.sources.transformer, dtype=self.dtype, device=self.device)
 
-    @property
-    def transformer(self) -> Flux:
-        if self._transformer is None:
-            self._transformer = load_flux(self.sources.transformer, dtype=self.dtype, device=self.device)
-            for hook in self.transformer_hooks:
-                hook(self._transformer)
-        return self._transformer
+    def size_multiple(self) -> int:
+        return 2 * self.vae_scale  # one packed token covers 2x2 latent pixels
 
-    @property
-    def vae(self) -> AutoEncoder:
-        if self._vae is None:
-            if self.sources.vae is None:
-                raise WeightsError("no VAE given: pass --vae ae.safetensors (or a diffusers pipeline folder)")
-            self._vae = load_vae(self.sources.vae, dtype=self.dtype, device=self.device)
-        return self._vae
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4  # packed tokens hold 2x2 latent pixels
 
-    @property
-    def vae_scale(self) -> int:
-        return self.vae.config.downscale
+    def base_schedule(self) -> ScheduleConfig:
+        # None: the family default (dev: dynamic shift; schnell: shift 1)
+        guided = self.transformer.config.guidance_embed
+        return self.sources.schedule or SCHEDULES["flux-dev" if guided else "flux-schnell"]
+
+    def wants_negative(self, cfg: GenerationConfig) -> bool:
+        return cfg.negative_prompt is not None and cfg.true_cfg > 1
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], max_sequence_length: int = 512) -> dict[str, Tensor]:
@@ -138,45 +127,15 @@ class FluxPipeline:
             max_length=max_sequence_length,
         )
         del clip, t5
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.release_text_encoders()
         return {"txt": txt, "y": y}
-
-    # --- sampling ----------------------------------------------------------------------------------------------
-
-    def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        multiple = 2 * self.vae_scale  # one packed token covers 2x2 latent pixels
-        for name, size in (("height", height), ("width", width)):
-            if size % multiple or size <= 0:
-                lo, hi = max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple
-                raise ValueError(f"{name} {size} is not a multiple of {multiple}; use {lo} or {hi}")
-        return height // self.vae_scale, width // self.vae_scale
-
-    def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:
-        """diffusers' `randn_tensor`: drawn on the generator's device in the model dtype, then moved."""
-        h, w = self.latent_size(height, width)
-        noise = torch.randn((batch, 16, h, w), generator=generator, device=generator.device, dtype=self.dtype)
-        return noise.to(self.device)
-
-    def schedule(self, cfg: GenerationConfig) -> ScheduleConfig:
-        model = self.transformer
-        base = self.sources.schedule or SCHEDULES["flux-dev" if model.config.guidance_embed else "flux-schnell"]
-        base = replace(base, grid=cfg.grid)
-        if cfg.shift == "dynamic":
-            return replace(base, dynamic=True)
-        if cfg.shift is not None:
-            return replace(base, dynamic=False, shift=float(cfg.shift))
-        return base
 
     @torch.no_grad()
     def sample(self, cond: dict[str, Tensor], cfg: GenerationConfig, *, negative: dict[str, Tensor] | None = None,
                generator: torch.Generator | None = None, callback=None) -> Tensor:
         """Latents (B, 16, h, w) in the model's normalised latent space."""
         batch = cond["txt"].shape[0]
-        if generator is None:
-            generator = torch.Generator("cpu").manual_seed(cfg.seed if cfg.seed is not None else 0)
-        x = self.noise(batch, cfg.height, cfg.width, generator)
+        x = self.noise(batch, cfg.height, cfg.width, self.generator(cfg, generator))
         velocity = FluxVelocity(self.transformer)
         if negative is not None and cfg.true_cfg > 1:
             velocity = true_cfg(velocity, negative, cfg.true_cfg)
@@ -184,33 +143,3 @@ class FluxPipeline:
         sigmas = get_sigmas(self.schedule(cfg), cfg.steps, image_tokens, device=self.device)
         guidance = flux_guidance(cfg.guidance, batch, self.device) if self.transformer.config.guidance_embed else None
         return euler(velocity, x, sigmas, cond, guidance, callback=callback)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> images (B, 3, H, W) in [0, 1]."""
-        vae = self.vae
-        return vae_to_images(vae.decode(vae.denormalize_latents(latents.to(self.dtype))))
-
-    def __call__(self, prompts: str | Sequence[str], cfg: GenerationConfig | None = None, *,
-                 generator: torch.Generator | None = None, callback=None, output: str = "pil"):
-        cfg = cfg or GenerationConfig()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        self.latent_size(cfg.height, cfg.width)  # fail on a bad size before loading anything
-        with_negative = cfg.negative_prompt is not None and cfg.true_cfg > 1
-        conds = self.encode(prompts + ([cfg.negative_prompt] * len(prompts) if with_negative else []),
-                            cfg.max_sequence_length)
-        cond = {k: v[: len(prompts)] for k, v in conds.items()}
-        negative = {k: v[len(prompts):] for k, v in conds.items()} if with_negative else None
-        latents = self.sample(cond, cfg, negative=negative, generator=generator, callback=callback)
-        if output == "latent":
-            return latents
-        images = self.decode(latents)
-        return images if output == "tensor" else to_pil(images)
-
-
-def to_pil(images: Tensor) -> list:
-    """[0, 1] float images -> PIL, rounded as diffusers rounds (x * 255, round half to even, uint8)."""
-    from PIL import Image
-
-    arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in arrays]

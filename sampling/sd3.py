@@ -9,9 +9,8 @@ lazily and the text encoders are freed before sampling, as in `sampling.pipeline
 
 from __future__ import annotations
 
-import gc
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,12 @@ from torch import Tensor
 from model.mmdit import MMDiT
 from model.text import encode_sd3
 from model.tokenizers import CLIPTokenizer, T5Tokenizer, _pad_token_of
-from model.vae import AutoEncoder, vae_to_images
 from weights.io import WeightsError
 from weights.mmdit import load_mmdit
 from weights.text import load_clip, load_t5
-from weights.vae import load_vae
 
-from .pipeline import schedule_from_diffusers, to_pil
+from .base import Pipeline
+from .pipeline import schedule_from_diffusers
 from .samplers import Velocity, cat_cond, euler
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
 from .velocity import MMDiTVelocity
@@ -160,34 +158,25 @@ def sd3_guidance(velocity: MMDiTVelocity, negative: Any, scale: float, *, slg_la
     return guided
 
 
-class SD3Pipeline:
-    def __init__(self, sources: SD3Sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.sources, self.device, self.dtype = sources, torch.device(device), dtype
-        self._transformer: MMDiT | None = None
-        self._vae: AutoEncoder | None = None
-        self.transformer_hooks: list[Callable[[MMDiT], None]] = []  # e.g. LoRA application after loading
+class SD3Pipeline(Pipeline):
+    default_config = SD3GenerationConfig
 
-    # --- components --------------------------------------------------------------------------------------------
+    def load_transformer(self) -> MMDiT:
+        return load_mmdit(self.sources.transformer, dtype=self.dtype, device=self.device)
 
-    @property
-    def transformer(self) -> MMDiT:
-        if self._transformer is None:
-            self._transformer = load_mmdit(self.sources.transformer, dtype=self.dtype, device=self.device)
-            for hook in self.transformer_hooks:
-                hook(self._transformer)
-        return self._transformer
+    def size_multiple(self) -> int:
+        """diffusers' check: sizes must be multiples of vae_scale * patch_size."""
+        patch = self._transformer.config.patch_size if self._transformer is not None else DEFAULT_PATCH
+        return self.vae_scale * patch
 
-    @property
-    def vae(self) -> AutoEncoder:
-        if self._vae is None:
-            if self.sources.vae is None:
-                raise WeightsError("no VAE given: pass --vae (or a diffusers pipeline folder)")
-            self._vae = load_vae(self.sources.vae, dtype=self.dtype, device=self.device)
-        return self._vae
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
 
-    @property
-    def vae_scale(self) -> int:
-        return self.vae.config.downscale
+    def base_schedule(self) -> ScheduleConfig:
+        return self.sources.schedule or SCHEDULES["sd3.5"]
+
+    def wants_negative(self, cfg: SD3GenerationConfig) -> bool:
+        return cfg.guidance > 1
 
     def _tokenizers(self, max_sequence_length: int):
         s = self.sources
@@ -211,36 +200,10 @@ class SD3Pipeline:
                                      clip_g_tokenizer=tok_g, t5=t5, t5_tokenizer=tok_t5,
                                      max_length=max_sequence_length, joint_dim=joint_dim)
         del clip_l, clip_g, t5
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.release_text_encoders()
         return {"context": context, "pooled": pooled}
 
     # --- sampling ----------------------------------------------------------------------------------------------
-
-    def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        """diffusers' check: sizes must be multiples of vae_scale * patch_size."""
-        patch = self._transformer.config.patch_size if self._transformer is not None else DEFAULT_PATCH
-        multiple = self.vae_scale * patch
-        for name, size in (("height", height), ("width", width)):
-            if size % multiple or size <= 0:
-                lo, hi = max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple
-                raise ValueError(f"{name} {size} is not a multiple of {multiple}; use {lo} or {hi}")
-        return height // self.vae_scale, width // self.vae_scale
-
-    def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:
-        """diffusers' `randn_tensor`: drawn on the generator's device in the model dtype, then moved."""
-        h, w = self.latent_size(height, width)
-        shape = (batch, self.transformer.config.in_channels, h, w)
-        return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
-
-    def schedule(self, cfg: SD3GenerationConfig) -> ScheduleConfig:
-        base = replace(self.sources.schedule or SCHEDULES["sd3.5"], grid=cfg.grid)
-        if cfg.shift == "dynamic":
-            return replace(base, dynamic=True)
-        if cfg.shift is not None:
-            return replace(base, dynamic=False, shift=float(cfg.shift))
-        return base
 
     def velocity(self, cfg: SD3GenerationConfig, sigmas: Tensor, negative: dict[str, Tensor] | None) -> Velocity:
         """The guided velocity of one run: plain, CFG, or CFG + skip-layer guidance."""
@@ -262,31 +225,7 @@ class SD3Pipeline:
     def sample(self, cond: dict[str, Tensor], cfg: SD3GenerationConfig, *, negative: dict[str, Tensor] | None = None,
                generator: torch.Generator | None = None, callback=None) -> Tensor:
         """Latents (B, C, h, w) in the model's normalised latent space."""
-        if generator is None:
-            generator = torch.Generator("cpu").manual_seed(cfg.seed if cfg.seed is not None else 0)
-        x = self.noise(cond["context"].shape[0], cfg.height, cfg.width, generator)
+        x = self.noise(cond["context"].shape[0], cfg.height, cfg.width, self.generator(cfg, generator))
         p = self.transformer.config.patch_size
         sigmas = get_sigmas(self.schedule(cfg), cfg.steps, (x.shape[2] // p) * (x.shape[3] // p), device=self.device)
         return euler(self.velocity(cfg, sigmas, negative), x, sigmas, cond, callback=callback)
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> images (B, 3, H, W) in [0, 1]."""
-        vae = self.vae
-        return vae_to_images(vae.decode(vae.denormalize_latents(latents.to(self.dtype))))
-
-    def __call__(self, prompts: str | Sequence[str], cfg: SD3GenerationConfig | None = None, *,
-                 generator: torch.Generator | None = None, callback=None, output: str = "pil"):
-        cfg = cfg or SD3GenerationConfig()
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        self.latent_size(cfg.height, cfg.width)  # fail on a bad size before loading the big parts
-        with_negative = cfg.guidance > 1
-        conds = self.encode(prompts + ([cfg.negative_prompt] * len(prompts) if with_negative else []),
-                            cfg.max_sequence_length)
-        cond = {k: v[: len(prompts)] for k, v in conds.items()}
-        negative = {k: v[len(prompts):] for k, v in conds.items()} if with_negative else None
-        latents = self.sample(cond, cfg, negative=negative, generator=generator, callback=callback)
-        if output == "latent":
-            return latents
-        images = self.decode(latents)
-        return images if output == "tensor" else to_pil(images)

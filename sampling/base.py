@@ -1,0 +1,136 @@
+"""What every text-to-image pipeline shares: lazy components, the size check, diffusers-exact noise, the schedule
+with its overrides, decoding, and the prompt -> latents -> image flow. Families fill in the rest."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from model.vae import AutoEncoder, vae_to_images
+from weights.io import WeightsError
+from weights.vae import load_vae
+
+from .schedules import ScheduleConfig
+
+
+class Pipeline:
+    default_config: type  # the family's generation config dataclass
+
+    def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.sources, self.device, self.dtype = sources, torch.device(device), dtype
+        self._transformer: nn.Module | None = None
+        self._vae: AutoEncoder | None = None
+        self.transformer_hooks: list[Callable[[nn.Module], None]] = []  # e.g. LoRA application after loading
+
+    # --- what a family defines -----------------------------------------------------------------------------------
+
+    def load_transformer(self) -> nn.Module:
+        raise NotImplementedError
+
+    def size_multiple(self) -> int:
+        """Image sizes must be multiples of this (VAE downscale x the transformer's patch)."""
+        raise NotImplementedError
+
+    def latent_channels(self) -> int:
+        raise NotImplementedError
+
+    def base_schedule(self) -> ScheduleConfig:
+        raise NotImplementedError
+
+    def wants_negative(self, cfg) -> bool:
+        raise NotImplementedError
+
+    def encode(self, prompts: Sequence[str], max_sequence_length: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def sample(self, cond: dict[str, Tensor], cfg, *, negative=None, generator=None, callback=None) -> Tensor:
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------------------------
+
+    @property
+    def transformer(self) -> nn.Module:
+        if self._transformer is None:
+            self._transformer = self.load_transformer()
+            for hook in self.transformer_hooks:
+                hook(self._transformer)
+        return self._transformer
+
+    @property
+    def vae(self) -> AutoEncoder:
+        if self._vae is None:
+            if self.sources.vae is None:
+                raise WeightsError("no VAE given: pass --vae (ae.safetensors, a vae/ folder or a pipeline folder)")
+            self._vae = load_vae(self.sources.vae, dtype=self.dtype, device=self.device)
+        return self._vae
+
+    @property
+    def vae_scale(self) -> int:
+        return self.vae.config.downscale
+
+    def release_text_encoders(self) -> None:
+        """Called after encoding: the encoders are gone before the transformer loads (T5-XXL is 9 GB in bf16)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        multiple = self.size_multiple()
+        for name, size in (("height", height), ("width", width)):
+            if size % multiple or size <= 0:
+                lo, hi = max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple
+                raise ValueError(f"{name} {size} is not a multiple of {multiple}; use {lo} or {hi}")
+        return height // self.vae_scale, width // self.vae_scale
+
+    def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """diffusers' `randn_tensor`: drawn on the generator's device in the model dtype, then moved."""
+        h, w = self.latent_size(height, width)
+        shape = (batch, self.latent_channels(), h, w)
+        return torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype).to(self.device)
+
+    def schedule(self, cfg) -> ScheduleConfig:
+        """The family's grid with the run's overrides: `scfm` or `diffusers`, a fixed shift or "dynamic"."""
+        base = replace(self.base_schedule(), grid=cfg.grid)
+        if cfg.shift == "dynamic":
+            return replace(base, dynamic=True)
+        if cfg.shift is not None:
+            return replace(base, dynamic=False, shift=float(cfg.shift))
+        return base
+
+    @staticmethod
+    def generator(cfg, generator: torch.Generator | None) -> torch.Generator:
+        return generator or torch.Generator("cpu").manual_seed(cfg.seed if cfg.seed is not None else 0)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents -> images (B, 3, H, W) in [0, 1]."""
+        vae = self.vae
+        return vae_to_images(vae.decode(vae.denormalize_latents(latents.to(self.dtype))))
+
+    def __call__(self, prompts: str | Sequence[str], cfg=None, *, generator: torch.Generator | None = None,
+                 callback=None, output: str = "pil"):
+        cfg = cfg or self.default_config()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.latent_size(cfg.height, cfg.width)  # fail on a bad size before loading the big parts
+        with_negative = self.wants_negative(cfg)
+        conds = self.encode(prompts + ([cfg.negative_prompt] * len(prompts) if with_negative else []),
+                            cfg.max_sequence_length)
+        cond = {k: v[: len(prompts)] for k, v in conds.items()}
+        negative = {k: v[len(prompts):] for k, v in conds.items()} if with_negative else None
+        latents = self.sample(cond, cfg, negative=negative, generator=generator, callback=callback)
+        if output == "latent":
+            return latents
+        images = self.decode(latents)
+        return images if output == "tensor" else to_pil(images)
+
+
+def to_pil(images: Tensor) -> list:
+    """[0, 1] float images -> PIL, rounded as diffusers rounds (x * 255, round half to even, uint8)."""
+    from PIL import Image
+
+    arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arrays]
