@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import median_time  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.flux import Flux, FluxConfig  # noqa: E402
 from model.layers import image_ids, text_ids  # noqa: E402
@@ -43,21 +44,6 @@ def diffusers_twin(cfg: FluxConfig):
         num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
         pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim,
     )
-
-
-def median_time(fn, device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.inference_mode()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import median_time  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig  # noqa: E402
 from weights.keymaps import to_official  # noqa: E402
@@ -42,21 +43,6 @@ def diffusers_twin(cfg: MMDiTConfig):
     kwargs = config_to_diffusers(cfg)
     kwargs.pop("_class_name")
     return SD3Transformer2DModel(**kwargs)
-
-
-def median_time(fn, device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.inference_mode()
