@@ -7,7 +7,6 @@ single blocks run one stream over the joined sequence.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +15,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels
+from .config import PresetConfig
 from .layers import MLPEmbedder, Modulation, QKNorm, attention, timestep_embedding
 from .rope import EmbedND
 
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(PresetConfig):
     """BFL `FluxParams` field names and meaning."""
 
     in_channels: int = 64  # packed latent channels: 16 VAE channels x 2 x 2
@@ -52,19 +52,6 @@ class FluxConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
-    @classmethod
-    def preset(cls, name: str) -> FluxConfig:
-        if name not in FLUX_CONFIGS:
-            raise ValueError(f"unknown Flux preset {name!r}; choose one of {sorted(FLUX_CONFIGS)}")
-        return FLUX_CONFIGS[name]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FluxConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "axes_dim" else v) for k, v in d.items() if k in names})
 
 
 FLUX_CONFIGS: dict[str, FluxConfig] = {
@@ -76,6 +63,8 @@ FLUX_CONFIGS: dict[str, FluxConfig] = {
         depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
     ),
 }
+FluxConfig.PRESETS = FLUX_CONFIGS
+FluxConfig.FAMILY = "Flux"
 
 
 def _clip_fp16(x: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ casts, rounding points) follow diffusers' `SD3Transformer2DModel`, so bf16 agree
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +17,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels
+from .config import PresetConfig
 from .layers import attention, timestep_embedding
 
 
 @dataclass(frozen=True)
-class MMDiTConfig:
+class MMDiTConfig(PresetConfig):
     """Field names follow SAI's `MMDiTX` arguments where they exist."""
 
     in_channels: int = 16  # VAE latent channels
@@ -54,20 +54,6 @@ class MMDiTConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @classmethod
-    def preset(cls, name: str) -> MMDiTConfig:
-        if name not in MMDIT_CONFIGS:
-            raise ValueError(f"unknown MMDiT preset {name!r}; choose one of {sorted(MMDIT_CONFIGS)}")
-        return MMDIT_CONFIGS[name]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> MMDiTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: (tuple(v) if k == "dual_attention_layers" else v) for k, v in d.items() if k in names}
-        return cls(**fields)
 
 
 MMDIT_CONFIGS: dict[str, MMDiTConfig] = {
@@ -79,6 +65,8 @@ MMDIT_CONFIGS: dict[str, MMDiTConfig] = {
     "tiny": MMDiTConfig(hidden_size=32, num_heads=2, depth=3, adm_in_channels=24, context_in_dim=32,
                         pos_embed_max_size=8, dual_attention_layers=(0, 1)),
 }
+MMDiTConfig.PRESETS = MMDIT_CONFIGS
+MMDiTConfig.FAMILY = "MMDiT"
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
