@@ -225,3 +225,41 @@ def test_preset_and_refusals(tmp_path):
 
     with pytest.raises(TrainingError, match="cfg_scale is SD3.5's"):
         Trainer(config(tmp_path, targets="flux"), Flux(FLUX_CONFIGS["tiny"]), cache)
+
+
+def test_teacher_only_target_equals_two_cfg_euler_substeps_of_diffusers_transformer():
+    """Zero LoRA, teacher elements only: the SCFM target is two CFG Euler sub-steps of the base model, here
+    computed independently with diffusers' SD3Transformer2DModel holding the same weights (issue 8)."""
+    import dataclasses
+
+    from mmdit_fixtures import ours_from, tiny_diffusers_mmdit
+
+    from distill.scfm import cfg_velocity, shortcut_target
+
+    ref = tiny_diffusers_mmdit("sd3.5", 0.02, seed=5)
+    model = ours_from(ref, TINY)
+    inject_lora(model, LoRAConfig(rank=4, targets=SD3_TARGETS), torch.Generator().manual_seed(0))  # up = 0
+    config = dataclasses.replace(SCFM_CONFIGS["sd3.5"], teacher_ratio=1.0)
+    batch = 3
+    draw = sample_draw(config, element_generators(7, 1, range(batch)), (TINY.in_channels, 8, 8), image_tokens=16)
+    assert bool(draw.teacher.all())
+    cond, uncond = sd3_cond(["a red circle", "a blue square", "a tree"]), sd3_cond([""] * batch)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(batch, TINY.in_channels, 8, 8, generator=g)
+    sigma = draw.sigma.float().view(-1, 1, 1, 1)
+    x_sigma = sigma * draw.noise + (1 - sigma) * x0
+
+    with torch.no_grad():
+        target = shortcut_target(cfg_velocity(MMDiTVelocity(model), W, uncond), model, x_sigma, draw, cond)
+        x = x_sigma.clone()
+        for j in range(config.t_skip):
+            t = draw.sigmas[:, j].float() * 1000
+            c = ref(hidden_states=x, timestep=t, encoder_hidden_states=cond["context"],
+                    pooled_projections=cond["pooled"]).sample
+            u = ref(hidden_states=x, timestep=t, encoder_hidden_states=uncond["context"],
+                    pooled_projections=uncond["pooled"]).sample
+            x = x - draw.dt[:, j].float().view(-1, 1, 1, 1) * (c + W * (c - u))
+        expected = (x_sigma - x) / draw.big_dt.float().view(-1, 1, 1, 1)
+    scale = expected.abs().max().item()
+    assert scale > 0.1
+    torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-5 * max(1.0, scale))
