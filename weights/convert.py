@@ -189,18 +189,18 @@ def _lora_deltas(model, loras) -> dict[str, list]:
     deltas: dict[str, list] = {}
     if not loras:
         return deltas
-    from . import lora  # noqa: F401  (first: weights.lora imports lora_merge at its end)
+    from . import lora as _lora_module  # noqa: F401  (first: weights.lora imports lora_merge at its end)
     from .lora_merge import _fit_error  # the run-time merger's own check, so both refuse the same files
 
-    for lora, scale in loras:
-        error = _fit_error(model, lora, lora.source or "LoRA")  # the family first, then every layer's shape
+    for item, scale in loras:
+        error = _fit_error(model, item, item.source or "LoRA")  # the family first, then every layer's shape
         if error is not None:
             raise WeightsError(error)
-        if lora.text_encoders:
-            raise WeightsError(f"{lora.source}: has {len(lora.text_encoders)} text-encoder LoRA keys, which "
+        if item.text_encoders:
+            raise WeightsError(f"{item.source}: has {len(item.text_encoders)} text-encoder LoRA keys, which "
                                "a transformer checkpoint cannot hold")
-        for m in lora.modules:
-            deltas.setdefault(m, []).append((lora, float(scale)))
+        for m in item.modules:
+            deltas.setdefault(m, []).append((item, float(scale)))
     return deltas
 
 
