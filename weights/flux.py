@@ -11,9 +11,15 @@ import torch
 
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
 
-from .assign import assign_tensors, check_keys_and_shapes
-from .io import CONFIG_METADATA_KEY, TensorReader, WeightsError, atomic_save, config_from_metadata, model_files, \
-    read_shapes
+from .assign import assign_tensors, check_keys_and_shapes, resolve_config
+from .io import (
+    CONFIG_METADATA_KEY,
+    TensorReader,
+    WeightsError,
+    atomic_save,
+    model_files,
+    read_shapes,
+)
 from .keymaps import official_shapes, to_official, to_others
 from .keymaps.flux import flux_rules, flux_split_sizes
 
@@ -115,16 +121,8 @@ def infer_flux_config(shapes: dict[str, tuple[int, ...]], source: str = "checkpo
 
 
 def _resolve_config(config, config_json, metadata, shapes, source) -> FluxConfig:
-    if isinstance(config, str):
-        return FluxConfig.preset(config)
-    if config is not None:
-        return config
-    if config_json is not None:
-        return config_from_diffusers(config_json)
-    meta = config_from_metadata(metadata)
-    if meta is not None and meta.get("family") == "flux":
-        return FluxConfig.from_dict(meta["config"])
-    return infer_flux_config(shapes, source)
+    return resolve_config(config, config_json, metadata, shapes, source, cls=FluxConfig, family="flux",
+                          from_diffusers=config_from_diffusers, infer=infer_flux_config)
 
 
 def load_flux(

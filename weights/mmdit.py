@@ -12,13 +12,12 @@ import torch
 
 from model.mmdit import MMDiT, MMDiTConfig
 
-from .assign import assign_tensors, check_keys_and_shapes
+from .assign import assign_tensors, check_keys_and_shapes, resolve_config
 from .io import (
     CONFIG_METADATA_KEY,
     TensorReader,
     WeightsError,
     atomic_save,
-    config_from_metadata,
     model_files,
     read_shapes,
 )
@@ -135,16 +134,8 @@ def infer_mmdit_config(shapes: dict[str, tuple[int, ...]], source: str = "checkp
 
 
 def _resolve_config(config, config_json, metadata, shapes, source) -> MMDiTConfig:
-    if isinstance(config, str):
-        return MMDiTConfig.preset(config)
-    if config is not None:
-        return config
-    if config_json is not None:
-        return config_from_diffusers(config_json)
-    meta = config_from_metadata(metadata)
-    if meta is not None and meta.get("family") == "mmdit":
-        return MMDiTConfig.from_dict(meta["config"])
-    return infer_mmdit_config(shapes, source)
+    return resolve_config(config, config_json, metadata, shapes, source, cls=MMDiTConfig, family="mmdit",
+                          from_diffusers=config_from_diffusers, infer=infer_mmdit_config)
 
 
 def _diffusers_rules(keys, source: str):
