@@ -1,0 +1,78 @@
+"""The demo world and the shipped demo pipeline: deterministic rendering, captions that say what the image shows, a
+checker that recognises the world (and rejects what is not there), multimodal captions, and a shipped folder that
+loads through the ordinary pipeline and samples in well under a second per step."""
+
+
+import numpy as np
+import pytest
+
+from distill.demo import world
+
+# ---------------------------------------------------------------------------------------------- the world
+
+
+def test_rendering_is_deterministic_given_the_seed():
+    a, caps_a, scenes_a = world.sample(3, 16)
+    b, caps_b, scenes_b = world.sample(3, 16)
+    c, caps_c, _ = world.sample(4, 16)
+    assert a.shape == (16, world.SIZE, world.SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and caps_a == caps_b and scenes_a == scenes_b
+    assert not np.array_equal(a, c) and caps_a != caps_c
+
+
+def test_captions_state_exactly_the_mentioned_attributes():
+    _, captions, scenes = world.sample(0, 300)
+    for caption, scene in zip(captions, scenes):
+        said = world.parse_caption(caption)
+        assert said == {k: getattr(scene, k) for k in scene.mentioned}, caption
+    assert len({len(s.mentioned) for s in scenes}) >= 4, "captions should range from terse to complete"
+    assert any(c == "a shape" or c.startswith("a shape ") for c in captions)
+
+
+def test_checker_reads_rendered_images():
+    images, _, scenes = world.sample(1, 200)
+    hits = {k: 0 for k in ("shape", "colour", "background", "position")}
+    for image, scene in zip(images, scenes):
+        read = world.read_image(image)
+        assert read["found"]
+        for k in hits:
+            hits[k] += read[k] == getattr(scene, k)
+    # position can be off by one cell when the shape sits a pixel from a cell border: allow 2%
+    assert all(n >= 196 for n in hits.values()), hits
+    small_large = [s for s in scenes if s.radius <= world.SIZES["small"][1] or s.radius >= world.SIZES["large"][0]]
+    assert all(world.read_image(world.render(s))["size"] == s.size for s in small_large)
+
+
+def test_checker_rejects_wrong_prompts_and_empty_images():
+    scene = world.Scene("circle", "red", "white", "top left", 12.0, 12.0, 9.0)
+    read = world.read_image(world.render(scene))
+    assert world.adheres(read, world.parse_caption("a red circle at the top left on a white background"))
+    for wrong in ("a blue circle", "a red square", "a red circle at the bottom right", "a shape on a black background",
+                  "a large red circle"):
+        assert not world.adheres(read, world.parse_caption(wrong)), wrong
+    blank = np.full((world.SIZE, world.SIZE, 3), world.BACKGROUNDS["gray"], dtype=np.uint8)
+    assert not world.read_image(blank)["found"]
+    assert not world.adheres(world.read_image(blank), world.parse_caption("a shape"))
+
+
+def test_blur_scores_worse_crispness_than_the_render():
+    images, _, _ = world.sample(2, 8)
+    mixed = ((images[:4].astype(np.float32) + images[4:]) / 2).astype(np.uint8)  # two modes averaged
+    assert np.mean([world.crispness(m) for m in mixed]) > 3 * np.mean([world.crispness(i) for i in images])
+
+
+def test_a_caption_is_multimodal():
+    prompt = "a red circle at the top left"
+    a, scenes_a = world.sample_for_prompt(prompt, seed=0, n=24)
+    b, _ = world.sample_for_prompt(prompt, seed=1, n=24)
+    assert not np.array_equal(a, b)
+    assert all(world.adheres(world.read_image(im), world.parse_caption(prompt)) for im in a)
+    assert len({s.background for s in scenes_a}) == 3  # left open by the caption: every background occurs
+    assert np.std([s.radius for s in scenes_a]) > 1.5 and np.std([s.cx for s in scenes_a]) > 1.0
+    _, open_shape = world.sample_for_prompt("a red shape", seed=0, n=24)
+    assert len({s.shape for s in open_shape}) >= 4
+
+
+def test_parse_caption_rejects_other_text():
+    with pytest.raises(ValueError):
+        world.parse_caption("a photo of a cat")

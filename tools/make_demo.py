@@ -1,0 +1,311 @@
+"""Rebuild the shipped demo pipeline (distill/demo/assets/flux-demo) from scratch on a CPU, with a fixed seed.
+
+    python -m tools.make_demo --overwrite            # about 25 minutes on 2 CPU cores
+    python -m tools.make_demo --out /tmp/demo --work /tmp/demo-work --reuse   # resume from saved stages
+
+Stages (each saved under --work, so --reuse skips the finished ones):
+1. the T5 sentencepiece model of the world's captions, and the frozen random-init CLIP / T5 towers;
+2. the VAE, trained as an autoencoder on freshly rendered scenes; then the latent shift/scale of the world;
+3. the Flux teacher (no guidance embedding), trained with plain flow matching (uniform sigma, v = eps - x0) on
+   a fixed set of encoded scenes, with an EMA of its weights (what ships);
+4. the pipeline folder, and a quality check: the teacher at 4 and 32 Euler steps on `quality.PROMPTS`.
+Timings and results are printed and written to --work/log.txt.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a shared machine a spinning thread waits for a descheduled
+# sibling at every barrier, which made 2 threads 2.5x slower than 1. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from distill.demo import models, quality, world
+from model.flux import Flux
+from model.text import encode_flux
+from model.tokenizers import CLIPTokenizer, T5Tokenizer
+from model.vae import AutoEncoder
+from sampling.velocity import FluxVelocity
+
+SEED = 20251022
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path, self.start = path, time.time()
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{(time.time() - self.start) / 60:6.2f} min] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def to_vae(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine down to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+
+def train_vae(steps: int, batch: int, log: Log, crop_fraction: float = 0.75) -> AutoEncoder:
+    """An autoencoder with a light KL term: sampled latents during training make the decoder tolerant of the small
+    errors a generated latent has, and the KL keeps the latent scale bounded.
+
+    The first `crop_fraction` of the steps train on random 32x32 crops (a quarter of the compute; the network is
+    convolutional, so edges and colours are learnt the same), the rest on whole images, which fits the GroupNorm
+    statistics and the mid-block attention to the real input size.
+    """
+    torch.manual_seed(SEED + 1)
+    vae = AutoEncoder(models.VAE_CONFIG).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    half = world.SIZE // 2
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3, 50)
+        images, _, _ = world.sample(SEED + 10_000 + step, batch)  # fresh scenes every step
+        x = to_vae(images)
+        if step < crop_fraction * steps:
+            top, left = torch.randint(0, half + 1, (2,), generator=gen).tolist()
+            x = x[:, :, top:top + half, left:left + half]
+        mean, logvar = vae.moments(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        rec = vae.decode(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        # L1 as well as MSE: it keeps edges sharp and flat regions exactly on the palette
+        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            psnr = -10 * math.log10(F.mse_loss(rec, x).item() / 4)  # images span 2 units
+            log(f"vae step {step:5d}  loss {loss.item():.4f}  psnr {psnr:.1f} dB  kl {kl.item():.2f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_images(vae: AutoEncoder, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Unscaled latent means (N, 16, 16, 16)."""
+    return torch.cat([vae.encode(to_vae(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def with_latent_stats(vae: AutoEncoder, latents: torch.Tensor) -> AutoEncoder:
+    """Set the VAE's shift / scale so normalised latents of the world have mean 0 and std 1 (Flux's convention)."""
+    shift, std = latents.mean().item(), latents.std().item()
+    vae.config = dataclasses.replace(vae.config, shift_factor=round(shift, 4), scale_factor=round(1 / std, 4))
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+@torch.no_grad()
+def encode_captions(clip, t5, spiece_path: Path, captions: list[str], batch: int = 512) -> dict[str, torch.Tensor]:
+    clip_tok = CLIPTokenizer.load(None)
+    t5_tok = T5Tokenizer.load(spiece_path, max_length=models.T5_LENGTH)
+    txt, y = [], []
+    for i in range(0, len(captions), batch):
+        t, _, p = encode_flux(captions[i:i + batch], clip=clip, clip_tokenizer=clip_tok, t5=t5, t5_tokenizer=t5_tok,
+                              max_length=models.T5_LENGTH)
+        txt.append(t)
+        y.append(p)
+    return {"txt": torch.cat(txt), "y": torch.cat(y)}
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+
+
+def adaln_zero_(model: Flux) -> Flux:
+    """DiT's adaLN-Zero init: every block starts as the identity (zero shift, scale and gate) and the output layer
+    at zero. PyTorch's default init of these layers trained several times slower here."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("_mod.lin", "modulation.lin")) or name in ("final_layer.adaLN_modulation.1",
+                                                                        "final_layer.linear"):
+                module.weight.zero_()
+                module.bias.zero_()
+    return model
+
+
+def train_teacher(x0: torch.Tensor, text: dict[str, torch.Tensor], caption_idx: torch.Tensor, steps: int, batch: int,
+                  lr: float, log: Log, ckpt: Path | None = None) -> Flux:
+    """Plain flow matching: x = (1 - s) x0 + s eps with s ~ U(0, 1), target eps - x0, MSE. Returns the EMA of the
+    weights (decay 0.998 after a short ramp), which samples better than the last iterate.
+
+    Uniform sigma, not logit-normal: the demo samples on schnell's unshifted linear grid, whose first steps sit at
+    sigma 1, 0.97, 0.94 ... where the layout is decided. Logit-normal(0, 1) puts 0.16% of its draws above 0.95, and
+    a teacher trained that way predicted noise-like textures there and drew scattered blobs at every step count.
+    """
+    torch.manual_seed(SEED + 2)
+    model = adaln_zero_(Flux(models.FLUX_CONFIG)).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    velocity = FluxVelocity(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(SEED + 3)
+    avg = 0.0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 200)
+        idx = torch.randint(0, x0.shape[0], (batch,), generator=gen)
+        x = x0[idx]
+        cond = {k: v[caption_idx[idx]] for k, v in text.items()}
+        sigma = torch.rand(batch, generator=gen)
+        eps = torch.randn(x.shape, generator=gen)
+        s = sigma[:, None, None, None]
+        v = velocity((1 - s) * x + s * eps, sigma, cond)
+        loss = F.mse_loss(v, eps - x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        avg = loss.item() if step == 0 else 0.98 * avg + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"teacher step {step:5d}  loss {avg:.4f}  lr {opt.param_groups[0]['lr']:.2e}")
+        if ckpt is not None and (step + 1) % 500 == 0:
+            save_file({k: t.contiguous() for k, t in ema.state_dict().items()}, str(ckpt))
+    return ema
+
+
+# ---------------------------------------------------------------------------------------------- quality
+
+
+@torch.no_grad()
+def measure(teacher: Flux, vae: AutoEncoder, clip, t5, spiece_path: Path, per_prompt: int, log: Log,
+            steps: tuple[int, ...] = (1, 2, 4, 8, 32)) -> dict:
+    """The teacher at several step counts from the same noises; distances are to the 32-step images."""
+    prompts = [p for p in quality.PROMPTS for _ in range(per_prompt)]
+    cond = encode_captions(clip, t5, spiece_path, prompts)
+    noise = torch.randn(len(prompts), 16, 16, 16, generator=torch.Generator().manual_seed(SEED + 4))
+    images = {n: quality.decode(vae, quality.sample_latents(teacher, cond, noise, n)) for n in steps}
+    ref = quality.score(images[max(steps)], prompts)
+    truth = np.concatenate([world.sample_for_prompt(p, SEED + 5 + i, per_prompt)[0]
+                            for i, p in enumerate(quality.PROMPTS)])
+    rows = {"world": quality.score(truth, prompts)}
+    for n in steps:
+        rows[f"{n} steps"] = quality.score(images[n], prompts)
+        rows[f"{n} steps"]["paired"] = quality.paired_distance(images[n], images[max(steps)])
+        rows[f"{n} steps"]["hist"] = quality.histogram_distance(rows[f"{n} steps"]["reads"], ref["reads"], prompts)
+    table = {}
+    for name, r in rows.items():
+        table[name] = {k: round(r[k], 4) for k in ("adherence", "crispness", "iou", "paired", "hist") if k in r}
+        log(f"{name:>9}: " + "  ".join(f"{k} {v}" for k, v in table[name].items()))
+    grid = np.concatenate([np.concatenate(list(images[n][::per_prompt]), axis=1) for n in steps], axis=0)
+    return {"table": table, "grid": grid}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.make_demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=models.DEMO_FOLDER)
+    p.add_argument("--work", type=Path, default=Path("/tmp/scfm-make-demo"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--reuse", action="store_true", help="reuse the stages already saved under --work")
+    p.add_argument("--vae-steps", type=int, default=2400)
+    p.add_argument("--teacher-steps", type=int, default=3000)
+    p.add_argument("--teacher-batch", type=int, default=32)
+    p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--scenes", type=int, default=20_000, help="encoded scenes the teacher trains on")
+    p.add_argument("--per-prompt", type=int, default=16, help="noises per prompt in the quality check")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        p.error(f"{args.out} exists; pass --overwrite")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = Log(args.work / "log.txt")
+    log(f"make_demo: {vars(args)}")
+
+    # 1. tokenizer and text encoders
+    images, captions, _ = world.sample(SEED, args.scenes)
+    spiece = models.train_spiece(captions, SEED)
+    spiece_path = args.work / "spiece.model"
+    spiece_path.write_bytes(spiece)
+    clip, t5 = models.build_text_encoders(models.spiece_pieces(spiece), SEED)
+    log(f"tokenizer: {models.spiece_pieces(spiece)} pieces; text encoders built")
+
+    # 2. VAE
+    vae_path = args.work / "vae.safetensors"
+    if args.reuse and vae_path.exists():
+        vae = AutoEncoder(models.VAE_CONFIG)
+        vae.load_state_dict(load_file(str(vae_path)))
+        vae.eval().requires_grad_(False)
+        log("vae: reused")
+    else:
+        vae = train_vae(args.vae_steps, 16, log)
+        save_file({k: t.contiguous() for k, t in vae.state_dict().items()}, str(vae_path))
+    latents = encode_images(vae, images)
+    vae = with_latent_stats(vae, latents)
+    x0 = vae.normalize_latents(latents)
+    rec = quality.decode(vae, x0[:256])
+    full = [world.with_mentions(s, world.ATTRIBUTES).caption for s in world.sample(SEED, 256)[2]]
+    log(f"vae: shift {vae.config.shift_factor} scale {vae.config.scale_factor}; reconstruction error "
+        f"{quality.paired_distance(rec, images[:256]):.4f} (mean |pixel| / 255); checker on reconstructions "
+        f"{quality.score(rec, full)['adherence']:.1f}%, on the originals {quality.score(images[:256], full)['adherence']:.1f}%")
+
+    # 3. teacher
+    unique = sorted(set(captions))
+    text = encode_captions(clip, t5, spiece_path, unique)
+    index = {c: i for i, c in enumerate(unique)}
+    caption_idx = torch.tensor([index[c] for c in captions])
+    teacher_path = args.work / "teacher.safetensors"
+    if args.reuse and teacher_path.exists():
+        teacher = Flux(models.FLUX_CONFIG)
+        teacher.load_state_dict(load_file(str(teacher_path)))
+        teacher.eval().requires_grad_(False)
+        log("teacher: reused")
+    else:
+        log(f"teacher: {sum(p.numel() for p in Flux(models.FLUX_CONFIG).parameters()):,} parameters, "
+            f"{len(unique)} distinct captions")
+        teacher = train_teacher(x0, text, caption_idx, args.teacher_steps, args.teacher_batch, args.teacher_lr, log,
+                                ckpt=args.work / "teacher_ckpt.safetensors")
+        save_file({k: t.contiguous() for k, t in teacher.state_dict().items()}, str(teacher_path))
+
+    # 4. the pipeline folder, then the quality check on what was saved
+    models.save_pipeline(args.out, transformer=teacher, vae=vae, clip=clip, t5=t5, spiece=spiece,
+                         overwrite=args.overwrite)
+    log(f"saved {args.out} ({models.folder_size(args.out) / 1e6:.2f} MB)")
+    from weights.flux import load_flux
+
+    shipped = load_flux(args.out)
+    result = measure(shipped, vae, clip, t5, spiece_path, args.per_prompt, log)
+    (args.work / "quality.json").write_text(json.dumps(result["table"], indent=2))
+    from PIL import Image
+
+    Image.fromarray(result["grid"]).save(args.work / "quality_grid.png")
+    log(f"done; quality table in {args.work / 'quality.json'}, grid in {args.work / 'quality_grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
