@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import median_time  # noqa: E402  (bench/timing.py, beside this file)
+from timing import built_in, median_time  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.flux import Flux, FluxConfig  # noqa: E402
 from model.layers import image_ids, text_ids  # noqa: E402
@@ -50,11 +50,11 @@ def diffusers_twin(cfg: FluxConfig):
 def run_case(name: str, device: str, iters: int) -> dict:
     cfg, (h, w), n_txt, batch, _, dtype = CASES[name]
     torch.manual_seed(0)
-    with torch.device(device):
-        ref = diffusers_twin(cfg).to(dtype).eval()
+    with built_in(device, dtype):
+        ref = diffusers_twin(cfg).eval()
         for p in ref.parameters():  # non-degenerate weights at a trained-network scale
             p.normal_(0, 0.02)
-        ours = Flux(cfg).to(dtype).eval()
+        ours = Flux(cfg).eval()
     rules = flux_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed)
     ours.load_state_dict(dict(to_official(rules, ref.state_dict().__getitem__)))
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import median_time  # noqa: E402  (bench/timing.py, beside this file)
+from timing import built_in, median_time  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig  # noqa: E402
 from weights.keymaps import to_official  # noqa: E402
@@ -49,11 +49,11 @@ def diffusers_twin(cfg: MMDiTConfig):
 def run_case(name: str, device: str, iters: int) -> dict:
     cfg, (lat_h, lat_w), n_txt, batch, _, dtype = CASES[name]
     torch.manual_seed(0)
-    with torch.device(device):
-        ref = diffusers_twin(cfg).to(dtype).eval()
+    with built_in(device, dtype):
+        ref = diffusers_twin(cfg).eval()
         for pname, p in ref.named_parameters():  # non-degenerate weights at a trained-network scale
             p.normal_(1.0 if p.ndim == 1 and "norm" in pname else 0.0, 0.02)
-        ours = MMDiT(cfg).to(dtype).eval()
+        ours = MMDiT(cfg).eval()
     rules = mmdit_rules(cfg.depth, cfg.dual_attention_layers, cfg.qk_norm is not None)
     ours.load_state_dict(dict(to_official(rules, ref.state_dict().__getitem__)))
 

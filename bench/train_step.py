@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import built_in  # noqa: E402  (bench/timing.py, beside this file)
+
 from distill.ema import EMAConfig, ema_step  # noqa: E402
 from distill.lora import LoRAConfig, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
 from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
@@ -46,8 +48,8 @@ CASES = {
 def build(case: str, device: torch.device, dtype: torch.dtype, sets: tuple[str, ...]):
     cfg, side, tokens, batch, rank = CASES[case]
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Flux(cfg).to(dtype)  # random weights, built on the device (flux-dev in fp32 RAM: 48 GB)
+    with built_in(device, dtype):
+        model = Flux(cfg)  # random weights, built on the device in the training dtype
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
