@@ -31,9 +31,11 @@ def opt(default, help: str):  # noqa: A002  (argparse's own word)
 class DistillConfig:
     # --- files --------------------------------------------------------------------------------------------
     model: str = opt("", "Flux or SD3 / SD3.5 transformer: .safetensors file, model folder or diffusers "
-                         "pipeline folder; 'tiny' / 'tiny-sd3' build a random tiny Flux / SD3.5 (demo, "
-                         "tests)")
+                         "pipeline folder; 'demo': the built-in demo pipeline (distill/demo); 'tiny' / "
+                         "'tiny-sd3' build a random tiny Flux / SD3.5 (tests)")
     data: str = opt("", "dataset folder: images + metadata.jsonl (file_name, prompt), or image + .txt pairs")
+    demo_images: int = opt(512, "model 'demo' without --data: images the teacher renders into <output>/data "
+                                "first (32 Euler steps, the recipe's way)")
     cache: str = opt("", "cache folder for latents and text embeddings (default: <output>/cache)")
     output: str = opt("runs/scfm", "run folder: checkpoints/, log.jsonl, samples/, the exported LoRA")
     vae: str = opt("", "VAE file/folder: builds the latent cache and decodes sample images")
@@ -104,8 +106,8 @@ class DistillConfig:
     export_formats: tuple[str, ...] = opt(("ours", "diffusers", "kohya"), "LoRA file layouts to export")
 
     def __post_init__(self):
-        positive = ("rank", "steps", "batch_size", "t5_length", "resolution", "log_every", "keep_checkpoints",
-                    "sample_steps", "sample_size", "max_bad_steps")
+        positive = ("rank", "steps", "demo_images", "batch_size", "t5_length", "resolution", "log_every",
+                    "keep_checkpoints", "sample_steps", "sample_size", "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,5 +1,6 @@
 """`python -m distill.train`: distil a Flux or SD3.5 model into a few-step sampler with an SCFM LoRA.
 
+    python -m distill.train                    # the built-in demo: distils the shipped tiny teacher on a CPU
     python -m distill.train --config flux-dev-scfm --model FLUX.1-dev/ --data teacher_data/ --output runs/a
     python -m distill.train --config sd35-large-scfm --model sd3.5_large.safetensors --data d/ --output runs/b
     python -m distill.train --config runs/a.toml --resume          # continue from the newest checkpoint
@@ -14,6 +15,7 @@ empty negative prompt once for its CFG); training itself loads only the transfor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,6 +54,35 @@ def setup_distributed(cfg: DistillConfig) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def resolve_demo(cfg: DistillConfig) -> DistillConfig:
+    """model = "demo": the shipped pipeline folder's transformer, VAE and text encoders, and (without --data) a
+    dataset the teacher renders into <output>/data first, as the recipe does (scfm-method.md §7)."""
+    if cfg.model != "demo":
+        return cfg
+    from distill.demo.models import DEMO_FOLDER
+
+    if not (DEMO_FOLDER / "model_index.json").exists():
+        raise ConfigError(f"the demo pipeline is missing from {DEMO_FOLDER}; reinstall scfm or rebuild it with "
+                          "`python -m tools.make_demo`")
+    parts = {"vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2", "t5_tokenizer": "tokenizer_2"}
+    files = {k: str(DEMO_FOLDER / sub) for k, sub in parts.items() if not getattr(cfg, k)}
+    data = cfg.data or str(Path(cfg.output).expanduser() / "data")
+    return dataclasses.replace(cfg, model=str(DEMO_FOLDER), data=data, **files)
+
+
+def render_demo_data(cfg: DistillConfig) -> None:
+    """The demo teacher renders its training set (resumable: make_dataset skips the images already listed)."""
+    from distill.demo.models import DEMO_PROMPTS
+
+    from . import make_dataset
+
+    args = make_dataset.build_parser().parse_args([
+        "--model", cfg.model, "--prompts", str(DEMO_PROMPTS), "--out", cfg.data, "--images-per-bucket",
+        str(cfg.demo_images), "--resolution", str(cfg.resolution), "--max-sequence-length", str(cfg.t5_length),
+        "--batch-size", "64", "--seed", str(cfg.seed), "--device", "cpu", "--dtype", "fp32"])
+    make_dataset.run(args)
 
 
 def family_of(cfg: DistillConfig) -> str:
@@ -217,6 +248,10 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         clash = [p for p in export_paths(cfg).values() if p.exists()]
         if clash and not cfg.resume:
             raise ConfigError(f"{clash[0]} exists; choose another --output (or --resume that run)")
+        demo_data = cfg.model == "demo" and not cfg.data
+        cfg = resolve_demo(cfg)
+        if demo_data and rank == 0:
+            render_demo_data(cfg)
         cache = prepare_cache(cfg, device, rank, family_of(cfg))
         if cfg.cache_only:
             return []
@@ -231,7 +266,9 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     try:
-        cfg = build_config(args.pop("config"), args)
+        # no config and no model: the built-in demo (distill/configs/demo.toml)
+        config = args.pop("config") or (None if args.get("model") else "demo")
+        cfg = build_config(config, args)
         for path in run(cfg):
             print(path)
     except (ConfigError, DataError, WeightsError, TrainingError) as e:

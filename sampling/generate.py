@@ -45,6 +45,21 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def with_demo_defaults(args) -> None:
+    """No --model: the shipped demo pipeline at its own size and T5 length; `--lora demo` is its SCFM LoRA."""
+    from distill.demo import models  # noqa: PLC0415
+
+    demo = args.model is None
+    if demo:
+        args.model = str(models.DEMO_FOLDER)
+        if args.max_sequence_length is None:
+            args.max_sequence_length = models.T5_LENGTH  # what the demo teacher was trained with
+    side = models.IMAGE_SIZE if demo else 1024
+    args.width, args.height = args.width or side, args.height or side
+    args.lora = [str(models.DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec
+                 for spec in args.lora]
+
+
 def parse_layers(text: str) -> tuple[int, ...]:
     """`7,8,9` -> (7, 8, 9); an empty string turns skip-layer guidance off."""
     try:
@@ -57,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sampling.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model files")
-    src.add_argument("--model", required=True,
-                     help="diffusers Flux / SD3 pipeline folder, or the transformer file or folder")
+    src.add_argument("--model", help="diffusers Flux / SD3 pipeline folder, or the transformer file or folder "
+                     "(default: the built-in 64-px demo model, distill/demo)")
     src.add_argument("--vae", help="VAE file or diffusers vae/ folder (default: the pipeline folder's)")
     src.add_argument("--clip", help="CLIP-L file or folder (default: the pipeline folder's text_encoder/)")
     src.add_argument("--clip-g", help="SD3: CLIP-bigG file or folder (default: the pipeline folder's text_encoder_2/)")
@@ -70,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "vocabulary padded with '!')")
     src.add_argument("--t5-tokenizer", help="T5 spiece.model / tokenizer.json / folder")
     src.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                     help="a LoRA to merge, with an optional scale; repeatable")
+                     help="a LoRA to merge, with an optional scale; repeatable ('demo': the shipped SCFM LoRA of "
+                     "the demo model)")
     gen = p.add_argument_group("generation (unset values: an SCFM LoRA's recommendation, else the family default)")
     gen.add_argument("--prompt", action="append", default=[], help="repeatable")
     gen.add_argument("--prompts-file", help="a text file, one prompt per line")
@@ -93,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--slg-start", type=float, default=0.01, help="SD3: SLG from this fraction of the steps")
     gen.add_argument("--slg-stop", type=float, default=0.2, help="SD3: SLG until this fraction of the steps")
     gen.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: Flux 512, SD3 256)")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--width", type=int, help="default 1024 (the demo: 64)")
+    gen.add_argument("--height", type=int, help="default 1024 (the demo: 64)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
     run = p.add_argument_group("run")
@@ -270,6 +286,7 @@ def run(args) -> list[Path]:
     from .pipeline import to_pil
 
     prompts = _prompts(args)
+    with_demo_defaults(args)
     model = Path(args.model).expanduser()
     if not model.exists():
         raise WeightsError(f"--model {model}: no such file or folder")

@@ -1,12 +1,13 @@
 """The demo world and the shipped demo pipeline: deterministic rendering, captions that say what the image shows, a
 checker that recognises the world (and rejects what is not there), multimodal captions, and a shipped folder that
-loads through the ordinary pipeline and samples in well under a second per step."""
-
+loads through the ordinary pipeline."""
 
 import numpy as np
 import pytest
+import torch
 
-from distill.demo import world
+from distill.demo import models, quality, world
+from sampling.pipeline import GenerationConfig
 
 # ---------------------------------------------------------------------------------------------- the world
 
@@ -76,3 +77,72 @@ def test_a_caption_is_multimodal():
 def test_parse_caption_rejects_other_text():
     with pytest.raises(ValueError):
         world.parse_caption("a photo of a cat")
+
+
+# ---------------------------------------------------------------------------------------------- the shipped demo
+
+@pytest.fixture(scope="module")
+def demo():
+    return models.demo_pipeline()
+
+
+def test_shipped_assets_are_small_and_complete():
+    assert models.folder_size(models.ASSETS) <= 20e6  # the issue's budget: pipeline, LoRA and prompts together
+    assert models.DEMO_LORA.is_file() and models.DEMO_PROMPTS.is_file()
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        assert (models.DEMO_FOLDER / part).is_dir(), part
+
+
+def test_shipped_models_have_the_demo_configs(demo):
+    flux = demo.transformer
+    assert flux.config == models.FLUX_CONFIG and not flux.config.guidance_embed
+    vae = demo.vae
+    assert vae.config.downscale == 4 and vae.config.z_channels == 16
+    sched = demo.schedule(GenerationConfig())
+    assert sched.shift == 1.0 and not sched.dynamic
+
+
+def test_tokenizer_has_t5_ids_and_one_piece_per_word():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(models.DEMO_FOLDER / "tokenizer_2" / "spiece.model"))
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
+    words = {w for c in world.sample(0, 200)[1] for w in c.split()}
+    assert all(len(sp.encode(w)) == 1 for w in words)
+
+
+def test_text_embeddings_depend_on_the_prompt(demo):
+    cond = demo.encode(["a red circle", "a blue circle", "a red square"], models.T5_LENGTH)
+    assert cond["txt"].shape == (3, models.T5_LENGTH, models.FLUX_CONFIG.context_in_dim)
+    for key in ("txt", "y"):
+        v = cond[key].flatten(1)
+        assert (v[0] - v[1]).abs().max() > 1e-2 and (v[0] - v[2]).abs().max() > 1e-2, key
+
+
+def test_vae_reconstructs_the_world(demo):
+    images, captions, scenes = world.sample(11, 16)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = demo.vae.normalize_latents(demo.vae.encode(x))
+    assert 0.5 < latents.std() < 2.0, "normalised latents should be about unit scale"
+    rec = quality.decode(demo.vae, latents)
+    assert quality.paired_distance(rec, images) < 0.03
+    full = [world.with_mentions(s, world.ATTRIBUTES).caption for s in scenes]
+    assert quality.score(rec, full)["adherence"] >= 90
+
+
+def test_four_step_sample_draws_an_image(demo):
+    cfg = GenerationConfig(height=64, width=64, steps=4, seed=0, max_sequence_length=models.T5_LENGTH)
+    images = demo(["a red circle at the top left"], cfg, output="tensor")
+    assert images.shape == (1, 3, 64, 64) and images.std() > 0.05
+
+
+def test_teacher_follows_prompts_at_32_steps_better_than_at_4(demo):
+    """Cheap version of the report's measurement: 12 prompts x 2 noises."""
+    prompts = [p for p in quality.PROMPTS for _ in range(2)]
+    cond = demo.encode(prompts, models.T5_LENGTH)
+    noise = torch.randn(len(prompts), 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    scores = {n: quality.score(quality.decode(demo.vae, quality.sample_latents(demo.transformer, cond, noise, n)),
+                               prompts) for n in (4, 32)}
+    assert scores[32]["adherence"] >= 60
+    assert scores[32]["crispness"] < scores[4]["crispness"]

@@ -30,14 +30,14 @@ PROMPTS = (
     "a blue square in the center on a white background",
     "a yellow triangle at the bottom right on a black background",
     "a green ring at the left",
-    "a purple diamond on a gray background",
-    "a large blue circle",
+    "a purple diamond at the top on a gray background",
+    "a large blue circle at the right",
     "a small red square at the top right",
-    "a triangle on a white background",
+    "a triangle at the bottom left on a white background",
     "a green shape at the bottom",
-    "a ring",
-    "a yellow shape on a black background",
-    "a shape",
+    "a ring in the center",
+    "a yellow shape at the top left on a black background",
+    "a shape at the bottom right",
 )
 
 
@@ -59,7 +59,7 @@ def decode(vae, latents: Tensor, batch: int = 64) -> np.ndarray:
     out = []
     for i in range(0, latents.shape[0], batch):
         x = vae.decode(vae.denormalize_latents(latents[i:i + batch]))
-        out.append(((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        out.append(((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
 

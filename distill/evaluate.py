@@ -1,0 +1,254 @@
+"""`python -m distill.evaluate`: what an SCFM LoRA buys over its teacher at few steps, measured on the demo world.
+
+    python -m distill.evaluate                                   # the shipped demo teacher and its SCFM LoRA
+    python -m distill.evaluate --lora run/scfm.safetensors --per-prompt 4 --json eval.json --overwrite
+
+From the same prompts and noises it samples the teacher at --teacher-steps (the reference), the teacher at each of
+--steps, and the teacher with the LoRA merged at each of --steps, all with plain Euler on the demo's grid (schnell's
+unshifted linear one), and reads every image back with the world's checker (distill/demo/quality.py):
+
+- adherence: percent of images whose read attributes match everything the prompt fixes;
+- paired: mean |pixel| difference (0..1) to the reference image from the same noise;
+- hist: distance of the read-attribute histograms to the reference's (0: the same distribution of attributes);
+- crispness: mean distance of the pixels to the world's palette (lower is crisper); iou: shape-template fit.
+
+The `world` row scores ground-truth renders of the same prompts: the ceiling for adherence and crispness. The table
+is printed; --json writes it with the settings used, --grid a PNG with one column per prompt (its first noise) and
+one row per table row. Existing files are never replaced without --overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning (see tools/make_demo.py); must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from weights.io import WeightsError
+
+from .demo import quality, world
+from .demo.models import DEMO_FOLDER, DEMO_LORA, T5_LENGTH
+
+METRICS = ("adherence", "paired", "hist", "crispness", "iou")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: Path = DEMO_FOLDER  # the teacher's diffusers Flux pipeline folder
+    lora: Path = DEMO_LORA  # an SCFM LoRA for it, in any layout weights/lora.py reads
+    prompts: tuple[str, ...] = quality.PROMPTS  # captions in the world's grammar: the checker must parse them
+    per_prompt: int = 16  # noises per prompt
+    steps: tuple[int, ...] = (1, 2, 4, 8)
+    teacher_steps: int = 32  # the reference run
+    seed: int = 0  # noises, and the world's ground-truth renders
+    lora_scale: float | None = None  # None: the LoRA's recommended scale, else 1
+    device: str = "cpu"
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", Path(self.model).expanduser())
+        object.__setattr__(self, "lora", Path(self.lora).expanduser())
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "steps", tuple(dict.fromkeys(int(n) for n in self.steps)))  # ordered, unique
+
+
+def check(cfg: EvalConfig) -> None:
+    """Everything that can be wrong with the inputs, before anything is loaded or sampled (one line each)."""
+    if cfg.per_prompt < 1 or cfg.teacher_steps < 1 or not cfg.steps or min(cfg.steps) < 1:
+        raise ValueError("--per-prompt, --steps and --teacher-steps must be positive integers")
+    if not cfg.prompts:
+        raise ValueError("no prompts: pass --prompts TEXT ... or --prompts-file FILE")
+    for p in cfg.prompts:
+        try:
+            world.parse_caption(p)
+        except ValueError as e:  # the checker could not score it: every row would read 0%
+            raise ValueError(f"{e}; prompts must follow the captions' grammar (distill/demo/world.py), "
+                             "e.g. 'a red circle at the top left'") from None
+    if not (cfg.model / "model_index.json").exists():
+        raise ValueError(f"--model {cfg.model}: no pipeline folder (no model_index.json); build the demo with "
+                         "`python -m tools.make_demo` or pass --model FOLDER")
+    if not cfg.lora.is_file():
+        raise ValueError(f"--lora {cfg.lora}: no such file; distil one with `python -m distill.train` "
+                         "or pass --lora PATH")
+
+
+def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
+    """The table as {"config": ..., "rows": [...]} plus "grid": (rows x 64, prompts x 64, 3) uint8, the first noise
+    of each prompt for every row. `changes` replace fields of `cfg` (evaluate(per_prompt=2, steps=(1, 2)))."""
+    from sampling.pipeline import FluxPipeline, FluxSources
+    from weights.lora import apply_loras, read_lora, unload_loras
+
+    cfg = dataclasses.replace(cfg, **changes)
+    check(cfg)
+    try:
+        lora = read_lora(cfg.lora, family="flux")  # a wrong file fails here, before the models load
+    except WeightsError as e:
+        raise WeightsError(f"--lora {e}") from None
+    scale = next(s for s in (cfg.lora_scale, lora.recommended.lora_scale, 1.0) if s is not None)
+    sources = FluxSources.from_folder(cfg.model)
+    sources.check()
+    pipe = FluxPipeline(sources, device=cfg.device)  # fp32: the demo is small and the reference must be exact
+
+    prompts = [p for p in cfg.prompts for _ in range(cfg.per_prompt)]
+    unique = list(dict.fromkeys(cfg.prompts))
+    # the demo's T5 length, not Flux's 512: T5 runs unmasked, so the length is part of the conditioning
+    encoded = pipe.encode(unique, T5_LENGTH)
+    index = torch.tensor([unique.index(p) for p in prompts])
+    cond = {k: v[index.to(v.device)] for k, v in encoded.items()}
+    h, w = pipe.latent_size(world.SIZE, world.SIZE)
+    noise = torch.randn(len(prompts), pipe.latent_channels(), h, w,
+                        generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
+    model, vae = pipe.transformer, pipe.vae
+
+    def draw(steps: int) -> np.ndarray:
+        return quality.decode(vae, quality.sample_latents(model, cond, noise, steps))
+
+    images: dict[tuple[str, int], np.ndarray] = {}
+    # The student first: a LoRA that does not fit the model fails before any sampling. Unloading restores the
+    # weights bit-exactly, so the teacher rows are those of the model as loaded.
+    try:
+        apply_loras(model, [(lora, scale)], restorable=True)
+    except WeightsError as e:
+        raise WeightsError(f"--lora {e}; pass the LoRA distilled from --model {cfg.model}") from None
+    try:
+        for n in cfg.steps:
+            images["scfm", n] = draw(n)
+    finally:
+        unload_loras(model)
+    order = [("teacher", n) for n in dict.fromkeys((cfg.teacher_steps, *cfg.steps))] + [("scfm", n) for n in cfg.steps]
+    for kind, n in order[:-len(cfg.steps)]:
+        images[kind, n] = draw(n)
+
+    # ground truth for the same prompts; seed + i so that repeated prompts still get fresh scenes
+    truth = np.concatenate([world.sample_for_prompt(p, cfg.seed + i, cfg.per_prompt)[0]
+                            for i, p in enumerate(cfg.prompts)])
+    ref = images["teacher", cfg.teacher_steps]
+    scores = {key: quality.score(im, prompts) for key, im in images.items()}
+    rows = [_row("world", "world", None, quality.score(truth, prompts))]
+    for kind, n in order:
+        s, ref_reads = scores[kind, n], scores["teacher", cfg.teacher_steps]["reads"]
+        rows.append(_row(f"{kind} {n}", kind, n, s, paired=quality.paired_distance(images[kind, n], ref),
+                         hist=quality.histogram_distance(s["reads"], ref_reads, prompts)))
+    grid = np.concatenate([np.concatenate(list(im[::cfg.per_prompt]), axis=1)
+                           for im in [truth] + [images[key] for key in order]], axis=0)
+    config = dict(model=str(cfg.model), lora=str(cfg.lora), lora_scale=scale, prompts=list(cfg.prompts),
+                  per_prompt=cfg.per_prompt, steps=list(cfg.steps), teacher_steps=cfg.teacher_steps, seed=cfg.seed,
+                  t5_length=T5_LENGTH, sampler="euler", schedule="flux-schnell (linear, shift 1)",
+                  reference=f"teacher {cfg.teacher_steps}", device=cfg.device)
+    return {"config": config, "rows": rows, "grid": grid}
+
+
+def _row(name: str, model: str, steps: int | None, score: dict, **distances) -> dict:
+    values = {"paired": None, "hist": None, **score, **distances}  # the world row has no reference
+    return dict(name=name, model=model, steps=steps, **{k: values[k] and round(values[k], 4) for k in METRICS})
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text; '-' where a metric does not apply (the world row has no reference to compare with)."""
+    width = max(len(r["name"]) for r in rows)
+    cols = ("steps",) + METRICS
+    lines = [" ".join([" " * width] + [f"{c:>9}" for c in cols])]
+    for r in rows:
+        cells = ["-" if r[c] is None else f"{r[c]}" if c == "steps" else f"{r[c]:.1f}" if c == "adherence"
+                 else f"{r[c]:.4f}" for c in cols]
+        lines.append(" ".join([f"{r['name']:>{width}}"] + [f"{c:>9}" for c in cells]))
+    return "\n".join(lines)
+
+
+def refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise ValueError(f"{path} exists; pass --overwrite to replace it, or another path")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a crash never leaves half a file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_grid(path: Path, grid: np.ndarray, scale: int, report: dict) -> None:
+    from PIL import Image
+
+    from sampling.generate import save_png  # atomic, with the settings in a text chunk
+
+    big = grid.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest: the 64 px images stay sharp
+    save_png(Image.fromarray(big), path, dict(report["config"], rows=[r["name"] for r in report["rows"]]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=DEMO_FOLDER, help="the teacher's pipeline folder (default: the demo)")
+    p.add_argument("--lora", type=Path, default=DEMO_LORA, help="the SCFM LoRA, any layout (default: the demo's)")
+    p.add_argument("--lora-scale", type=float, help="default: the LoRA's recommended scale, else 1")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--prompts", nargs="+", metavar="TEXT", help="default: distill/demo/quality.PROMPTS")
+    which.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    p.add_argument("--per-prompt", type=int, default=16, help="noises per prompt")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--teacher-steps", type=int, default=32, help="steps of the reference run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the table and settings here")
+    p.add_argument("--grid", type=Path, default=Path("evaluate_grid.png"), help="PNG of the first noise per prompt")
+    p.add_argument("--no-grid", action="store_true", help="write no grid")
+    p.add_argument("--grid-scale", type=int, default=2, help="nearest-neighbour upscaling of the grid")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json / --grid files")
+    p.add_argument("--device", default="cpu", help="cuda works too; results differ from the CPU's by rounding")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (the demo models gain little from more)")
+    return p
+
+
+def _prompts(args) -> tuple[str, ...]:
+    if args.prompts_file is None:
+        return tuple(args.prompts or quality.PROMPTS)
+    try:
+        return tuple(ln.strip() for ln in args.prompts_file.read_text().splitlines() if ln.strip())
+    except OSError as e:
+        raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads < 1 or args.grid_scale < 1:
+            raise ValueError("--threads and --grid-scale must be positive integers")
+        torch.set_num_threads(args.threads)
+        outputs = [p for p in (args.json, None if args.no_grid else args.grid) if p is not None]
+        cfg = EvalConfig(model=args.model, lora=args.lora, prompts=_prompts(args), per_prompt=args.per_prompt,
+                         steps=tuple(args.steps), teacher_steps=args.teacher_steps, seed=args.seed,
+                         lora_scale=args.lora_scale, device=args.device)
+        check(cfg)  # inputs, then outputs: both before the run, not after minutes of sampling
+        refuse_existing(outputs, args.overwrite)
+        report = evaluate(cfg)
+        print(format_table(report["rows"]))
+        refuse_existing(outputs, args.overwrite)  # a file that appeared meanwhile is still someone's
+        if args.json is not None:
+            write_json(args.json, {"config": report["config"], "rows": report["rows"]})
+            print(f"wrote {args.json}")
+        if not args.no_grid:
+            write_grid(args.grid, report["grid"], args.grid_scale, report)
+            print(f"wrote {args.grid} (rows: {', '.join(r['name'] for r in report['rows'])})")
+    except (WeightsError, ValueError, OSError) as e:
+        raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""distill/evaluate.py on a random demo-shaped pipeline folder (no shipped demo needed): the table's shape, the
+reference row at distance 0, a zero LoRA that changes nothing, a LoRA that does, the grid's size, and one-line
+errors for bad input that leave existing files alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.demo import models, world
+from distill.evaluate import EvalConfig, evaluate, main
+from distill.lora import LoRAConfig, inject_lora, set_state_dict
+from model.flux import Flux
+from model.vae import AutoEncoder
+from weights.lora import save_lora
+
+PROMPTS = ("a red circle at the top left", "a blue square in the center on a white background")
+SMALL = ["--per-prompt", "2", "--steps", "1", "2", "--teacher-steps", "4", "--threads", "1", "--prompts", *PROMPTS]
+NAMES = ["world", "teacher 4", "teacher 1", "teacher 2", "scfm 1", "scfm 2"]
+METRICS = ("adherence", "paired", "hist", "crispness", "iou")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The demo's architecture at random init (default PyTorch init, so the velocity is not zero)."""
+    spiece = models.train_spiece(world.sample(0, 200)[1], seed=0)
+    clip, t5 = models.build_text_encoders(models.spiece_pieces(spiece), seed=0)
+    torch.manual_seed(0)
+    return models.save_pipeline(tmp_path_factory.mktemp("evaluate") / "demo", transformer=Flux(models.FLUX_CONFIG),
+                                vae=AutoEncoder(models.VAE_CONFIG).eval(), clip=clip, t5=t5, spiece=spiece)
+
+
+def lora_file(path, layout: str = "ours", up_std: float = 0.0, config=models.FLUX_CONFIG):
+    """A rank-2 LoRA over every Flux target: inject_lora's init (random down, zero up), up optionally random."""
+    model = Flux(config)
+    inject_lora(model, LoRAConfig(rank=2, alpha=2.0), torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    state = {k: torch.randn(v.shape, generator=gen) * up_std if k.endswith(".lora_up") else v
+             for k, v in set_state_dict(model, "live").items()}
+    return save_lora(state, path, layout=layout, alpha=2.0)
+
+
+def test_cli_writes_the_table_and_the_grid(folder, tmp_path, capsys):
+    lora = lora_file(tmp_path / "kohya.safetensors", "kohya", up_std=0.05)
+    out, grid = tmp_path / "eval.json", tmp_path / "grid.png"
+    assert main(["--model", str(folder), "--lora", str(lora), "--json", str(out), "--grid", str(grid),
+                 "--grid-scale", "3", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in NAMES)
+
+    report = json.loads(out.read_text())
+    cfg = report["config"]
+    assert cfg["steps"] == [1, 2] and cfg["teacher_steps"] == 4 and cfg["prompts"] == list(PROMPTS)
+    assert cfg["per_prompt"] == 2 and cfg["t5_length"] == models.T5_LENGTH and cfg["lora_scale"] == 1.0
+    rows = {r["name"]: r for r in report["rows"]}
+    assert [r["name"] for r in report["rows"]] == NAMES
+    for r in report["rows"]:
+        assert set(r) == {"name", "model", "steps", *METRICS}
+    assert [(r["model"], r["steps"]) for r in report["rows"]] == [
+        ("world", None), ("teacher", 4), ("teacher", 1), ("teacher", 2), ("scfm", 1), ("scfm", 2)]
+    assert rows["world"]["paired"] is None and rows["world"]["hist"] is None
+    assert rows["world"]["adherence"] == 100.0  # ground-truth renders of the prompts
+    assert rows["teacher 4"]["paired"] == 0.0 and rows["teacher 4"]["hist"] == 0.0
+    assert rows["teacher 1"]["paired"] > 0
+    # the LoRA was merged for the scfm rows (and only for them: the teacher rows do not see it)
+    assert rows["scfm 1"]["paired"] != rows["teacher 1"]["paired"]
+
+    size = world.SIZE * 3
+    with Image.open(grid) as im:
+        assert im.size == (len(PROMPTS) * size, len(NAMES) * size) and im.mode == "RGB"
+        assert json.loads(im.text["parameters"])["rows"] == NAMES
+        pixels = np.asarray(im)
+    assert np.array_equal(pixels[:size:3, :size:3], world.sample_for_prompt(PROMPTS[0], 0, 1)[0][0])
+
+
+def test_a_zero_lora_gives_the_teacher_rows(folder, tmp_path):
+    lora = lora_file(tmp_path / "zero.safetensors", "diffusers", up_std=0.0)
+    report = evaluate(EvalConfig(model=folder, lora=lora, prompts=PROMPTS, per_prompt=2, steps=(1, 2),
+                                 teacher_steps=4))
+    rows = {r["name"]: r for r in report["rows"]}
+    for n in (1, 2):
+        assert {k: rows[f"scfm {n}"][k] for k in METRICS} == {k: rows[f"teacher {n}"][k] for k in METRICS}
+    grid, size = report["grid"], world.SIZE
+    assert grid.shape == (len(NAMES) * size, len(PROMPTS) * size, 3) and grid.dtype == np.uint8
+    assert np.array_equal(grid[4 * size:], grid[2 * size:4 * size])  # scfm 1, 2 drawn exactly as teacher 1, 2
+
+
+def one_line_error(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    msg = exc.value.code
+    assert isinstance(msg, str) and msg.startswith("evaluate: ") and "\n" not in msg
+    return msg
+
+
+def test_missing_lora_or_model_is_a_one_line_error(folder, tmp_path):
+    grid = tmp_path / "grid.png"
+    msg = one_line_error(["--model", str(folder), "--lora", str(tmp_path / "nope.safetensors"), "--grid", str(grid),
+                          *SMALL])
+    assert "--lora" in msg and "nope.safetensors" in msg and "distill.train" in msg
+    msg = one_line_error(["--model", str(tmp_path / "missing"), "--lora", str(tmp_path / "x"), *SMALL])
+    assert "--model" in msg and "tools.make_demo" in msg
+    assert not grid.exists()
+
+
+def test_wrong_files_and_prompts_are_one_line_errors(folder, tmp_path):
+    lora = lora_file(tmp_path / "ok.safetensors")
+    base = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    msg = one_line_error(["--model", str(folder), "--lora", str(base), "--no-grid", *SMALL])
+    assert "no LoRA tensors" in msg
+    deeper = lora_file(tmp_path / "deeper.safetensors",
+                       config=dataclasses.replace(models.FLUX_CONFIG, depth_single_blocks=7))
+    msg = one_line_error(["--model", str(folder), "--lora", str(deeper), "--no-grid", *SMALL])
+    assert "single_blocks.6" in msg and "not in this model" in msg
+    msg = one_line_error(["--model", str(folder), "--lora", str(lora), "--no-grid", *SMALL[:-2], "a photo of a cat"])
+    assert "not a caption of the demo world" in msg
+
+
+def test_existing_outputs_are_kept_without_overwrite(folder, tmp_path):
+    lora = lora_file(tmp_path / "ok.safetensors")
+    for flags in (["--grid"], ["--no-grid", "--json"]):
+        path = tmp_path / f"mine{flags[-1][2:]}"
+        path.write_text("the user's file")
+        msg = one_line_error(["--model", str(folder), "--lora", str(lora), *flags, str(path), *SMALL])
+        assert "exists" in msg and "--overwrite" in msg
+        assert path.read_text() == "the user's file"
