@@ -19,14 +19,10 @@ one row per table row. Existing files are never replaced without --overwrite.
 
 from __future__ import annotations
 
-import os
-
-# Idle OpenMP threads sleep instead of spinning (see tools/make_demo.py); must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import dataclasses
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path

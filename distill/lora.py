@@ -252,13 +252,21 @@ class LoRALayer(nn.Module):
         for name, rows in sel.groups_on(x.device):
             if self._is_zero(name):
                 continue
-            part = out.index_select(0, rows)  # (n, ..., out): this set's elements only
-            self._add_delta_(part, x.index_select(0, rows), *self._factors(name, sel.multiplier))
-            out.index_copy_(0, rows, part)
+            # this set's elements only: the delta is computed on their rows and scattered into `out` in one
+            # index_add_, with no gathered copy of the layer's full-width output
+            self._add_delta_(out, x.index_select(0, rows), *self._factors(name, sel.multiplier), rows=rows)
         return out
 
     def _factors(self, name: str, multiplier: float) -> tuple[Tensor, Tensor, float]:
         return self.lora_down[name], self.lora_up[name], self.scale * multiplier
+
+
+def _accumulate_(out: Tensor, delta: Tensor, rows: Tensor | None) -> None:
+    """out += delta, or out[rows] += delta when the delta covers only those batch elements."""
+    if rows is None:
+        out.add_(delta)
+    else:
+        out.index_add_(0, rows, delta)
 
 
 class LoRALinear(LoRALayer):
@@ -272,13 +280,14 @@ class LoRALinear(LoRALayer):
     def _base(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> None:
+    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float,
+                    rows: Tensor | None = None) -> None:
         h = F.linear(x, down.to(x.dtype)) * scale  # (..., S*r); scaling the narrow tensor is cheapest
         up = up.to(x.dtype)
         start = 0
         for h_i, up_i in zip(h.chunk(len(self.slices), dim=-1), up.split(self.slices, dim=0)):
-            part = F.linear(h_i, up_i)  # (..., out_i): slice i's rows only
-            out.narrow(-1, start, part.shape[-1]).add_(part.to(out.dtype))
+            part = F.linear(h_i, up_i).to(out.dtype)  # (..., out_i): slice i's rows only
+            _accumulate_(out.narrow(-1, start, part.shape[-1]), part, rows)
             start += part.shape[-1]
 
     def delta_weight(self, name: str) -> Tensor:
@@ -309,9 +318,10 @@ class LoRAConv2d(LoRALayer):
     def _base(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
-    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> None:
+    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float,
+                    rows: Tensor | None = None) -> None:
         h = F.conv2d(x, down.to(x.dtype), None, self.stride, self.padding, self.dilation)  # (B, r, H', W')
-        out.add_(F.conv2d(h * scale, up.to(x.dtype)).to(out.dtype))  # (B, out, H', W')
+        _accumulate_(out, F.conv2d(h * scale, up.to(x.dtype)).to(out.dtype), rows)  # (B, out, H', W')
 
     def delta_weight(self, name: str) -> Tensor:
         if name not in self.lora_down:
