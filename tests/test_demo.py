@@ -146,3 +146,27 @@ def test_teacher_follows_prompts_at_32_steps_better_than_at_4(demo):
                                prompts) for n in (4, 32)}
     assert scores[32]["adherence"] >= 60
     assert scores[32]["crispness"] < scores[4]["crispness"]
+
+
+def test_shipped_lora_is_a_few_step_sampler(demo):
+    """The shipped SCFM LoRA against its own teacher, 12 prompts x 2 noises: one step already follows the prompts
+    (the teacher's single step does not), and four steps are crisper than the teacher's four. A zero or mismatched
+    LoRA fails both."""
+    from weights.lora import apply_loras, read_lora, unload_loras
+
+    prompts = [p for p in quality.PROMPTS for _ in range(2)]
+    cond = demo.encode(prompts, models.T5_LENGTH)
+    noise = torch.randn(len(prompts), 16, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def scores():
+        return {n: quality.score(quality.decode(demo.vae, quality.sample_latents(demo.transformer, cond, noise, n)),
+                                 prompts) for n in (1, 4)}
+
+    teacher = scores()
+    apply_loras(demo.transformer, [(read_lora(models.DEMO_LORA), 1.0)], restorable=True)
+    try:
+        student = scores()
+    finally:
+        unload_loras(demo.transformer)
+    assert student[1]["adherence"] >= teacher[1]["adherence"] + 20
+    assert student[4]["crispness"] < teacher[4]["crispness"]
