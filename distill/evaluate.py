@@ -132,8 +132,10 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     rows = [_row("world", "world", None, quality.score(truth, prompts))]
     for kind, n in order:
         s, ref_reads = scores[kind, n], scores["teacher", cfg.teacher_steps]["reads"]
+        by_attribute = quality.histogram_distances(s["reads"], ref_reads, prompts)
         rows.append(_row(f"{kind} {n}", kind, n, s, paired=quality.paired_distance(images[kind, n], ref),
-                         hist=quality.histogram_distance(s["reads"], ref_reads, prompts)))
+                         hist=float(np.mean(list(by_attribute.values())))))
+        rows[-1]["hist_by_attribute"] = {k: round(v, 4) for k, v in by_attribute.items()}
     grid = np.concatenate([np.concatenate(list(im[::cfg.per_prompt]), axis=1)
                            for im in [truth] + [images[key] for key in order]], axis=0)
     config = dict(model=str(cfg.model), lora=str(cfg.lora), lora_scale=scale, prompts=list(cfg.prompts),
@@ -149,7 +151,8 @@ def _row(name: str, model: str, steps: int | None, score: dict, **distances) -> 
 
 
 def format_table(rows: list[dict]) -> str:
-    """Fixed-width text; '-' where a metric does not apply (the world row has no reference to compare with)."""
+    """Fixed-width text; '-' where a metric does not apply (the world row has no reference to compare with). A
+    second block splits `hist` by attribute: which attribute's distribution a sampler gets wrong."""
     width = max(len(r["name"]) for r in rows)
     cols = ("steps",) + METRICS
     lines = [" ".join([" " * width] + [f"{c:>9}" for c in cols])]
@@ -157,6 +160,12 @@ def format_table(rows: list[dict]) -> str:
         cells = ["-" if r[c] is None else f"{r[c]}" if c == "steps" else f"{r[c]:.1f}" if c == "adherence"
                  else f"{r[c]:.4f}" for c in cols]
         lines.append(" ".join([f"{r['name']:>{width}}"] + [f"{c:>9}" for c in cells]))
+    split = [r for r in rows if "hist_by_attribute" in r]
+    if split:
+        attrs = list(split[0]["hist_by_attribute"])
+        lines += ["", " ".join([f"{'hist by':>{width}}"] + [f"{a:>10}" for a in attrs])]
+        lines += [" ".join([f"{r['name']:>{width}}"] + [f"{r['hist_by_attribute'][a]:>10.4f}" for a in attrs])
+                  for r in split]
     return "\n".join(lines)
 
 

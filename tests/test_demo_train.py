@@ -53,7 +53,7 @@ def test_evaluate_scores_the_trained_lora(demo_run, tmp_path):
     names = [r["name"] for r in data["rows"]]
     assert names == ["world", "teacher 4", "teacher 1", "teacher 2", "scfm 1", "scfm 2"]
     for row in data["rows"]:
-        assert set(row) == {"name", "model", "steps", *evaluate.METRICS}
+        assert {"name", "model", "steps", *evaluate.METRICS} <= set(row)
         assert 0 <= row["adherence"] <= 100
     assert data["rows"][1]["paired"] == 0 and data["rows"][1]["hist"] == 0  # the reference against itself
     assert Image.open(grid).size == (64 * len(prompts), 64 * len(names))

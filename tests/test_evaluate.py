@@ -60,7 +60,13 @@ def test_cli_writes_the_table_and_the_grid(folder, tmp_path, capsys):
     rows = {r["name"]: r for r in report["rows"]}
     assert [r["name"] for r in report["rows"]] == NAMES
     for r in report["rows"]:
-        assert set(r) == {"name", "model", "steps", *METRICS}
+        split = {"hist_by_attribute"} if r["model"] != "world" else set()
+        assert set(r) == {"name", "model", "steps", *METRICS, *split}
+    for r in report["rows"][1:]:  # hist is the mean of its per-attribute parts
+        parts = r["hist_by_attribute"]
+        assert set(parts) == {"shape", "colour", "background", "position", "size"}
+        assert abs(sum(parts.values()) / 5 - r["hist"]) < 1e-3
+    assert all(v == 0 for v in rows["teacher 4"]["hist_by_attribute"].values())
     assert [(r["model"], r["steps"]) for r in report["rows"]] == [
         ("world", None), ("teacher", 4), ("teacher", 1), ("teacher", 2), ("scfm", 1), ("scfm", 2)]
     assert rows["world"]["paired"] is None and rows["world"]["hist"] is None

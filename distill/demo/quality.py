@@ -71,18 +71,25 @@ def score(images: np.ndarray, prompts: list[str]) -> dict:
                 iou=float(np.mean([r["iou"] for r in reads])), reads=reads)
 
 
-def histogram_distance(reads: list[dict], ref: list[dict], prompts: list[str]) -> float:
-    """Mean over prompts and attributes of the total-variation distance between read-attribute histograms."""
+def histogram_distances(reads: list[dict], ref: list[dict], prompts: list[str]) -> dict[str, float]:
+    """Per attribute: the mean over prompts of the total-variation distance between read-attribute histograms."""
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         by_prompt.setdefault(p, []).append(i)
-    dists = []
-    for idx in by_prompt.values():
-        for key in ("shape", "colour", "background", "position", "size"):
+    out = {}
+    for key in ("shape", "colour", "background", "position", "size"):
+        dists = []
+        for idx in by_prompt.values():
             a = Counter(str(reads[i][key]) for i in idx)
             b = Counter(str(ref[i][key]) for i in idx)
             dists.append(0.5 * sum(abs(a[k] - b[k]) for k in set(a) | set(b)) / len(idx))
-    return float(np.mean(dists))
+        out[key] = float(np.mean(dists))
+    return out
+
+
+def histogram_distance(reads: list[dict], ref: list[dict], prompts: list[str]) -> float:
+    """Mean over prompts and attributes of the total-variation distance between read-attribute histograms."""
+    return float(np.mean(list(histogram_distances(reads, ref, prompts).values())))
 
 
 def paired_distance(images: np.ndarray, ref: np.ndarray) -> float:
