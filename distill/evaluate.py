@@ -41,7 +41,7 @@ METRICS = ("adherence", "paired", "hist", "crispness", "iou")
 @dataclass(frozen=True)
 class EvalConfig:
     model: Path = DEMO_FOLDER  # the teacher's diffusers Flux pipeline folder
-    lora: Path = DEMO_LORA  # an SCFM LoRA for it, in any layout weights/lora.py reads
+    lora: Path | None = DEMO_LORA  # an SCFM LoRA for it, in any layout weights/lora.py reads; None: teacher only
     prompts: tuple[str, ...] = quality.PROMPTS  # captions in the world's grammar: the checker must parse them
     per_prompt: int = 16  # noises per prompt
     steps: tuple[int, ...] = (1, 2, 4, 8)
@@ -52,7 +52,7 @@ class EvalConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "model", Path(self.model).expanduser())
-        object.__setattr__(self, "lora", Path(self.lora).expanduser())
+        object.__setattr__(self, "lora", None if self.lora is None else Path(self.lora).expanduser())
         object.__setattr__(self, "prompts", tuple(self.prompts))
         object.__setattr__(self, "steps", tuple(dict.fromkeys(int(n) for n in self.steps)))  # ordered, unique
 
@@ -72,7 +72,7 @@ def check(cfg: EvalConfig) -> None:
     if not (cfg.model / "model_index.json").exists():
         raise ValueError(f"--model {cfg.model}: no pipeline folder (no model_index.json); build the demo with "
                          "`python -m tools.make_demo` or pass --model FOLDER")
-    if not cfg.lora.is_file():
+    if cfg.lora is not None and not cfg.lora.is_file():
         raise ValueError(f"--lora {cfg.lora}: no such file; distil one with `python -m distill.train` "
                          "or pass --lora PATH")
 
@@ -85,11 +85,13 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
 
     cfg = dataclasses.replace(cfg, **changes)
     check(cfg)
-    try:
-        lora = read_lora(cfg.lora, family="flux")  # a wrong file fails here, before the models load
-    except WeightsError as e:
-        raise WeightsError(f"--lora {e}") from None
-    scale = next(s for s in (cfg.lora_scale, lora.recommended.lora_scale, 1.0) if s is not None)
+    lora, scale = None, None
+    if cfg.lora is not None:
+        try:
+            lora = read_lora(cfg.lora, family="flux")  # a wrong file fails here, before the models load
+        except WeightsError as e:
+            raise WeightsError(f"--lora {e}") from None
+        scale = next(s for s in (cfg.lora_scale, lora.recommended.lora_scale, 1.0) if s is not None)
     sources = FluxSources.from_folder(cfg.model)
     sources.check()
     pipe = FluxPipeline(sources, device=cfg.device)  # fp32: the demo is small and the reference must be exact
@@ -109,20 +111,23 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
         return quality.decode(vae, quality.sample_latents(model, cond, noise, steps))
 
     images: dict[tuple[str, int], np.ndarray] = {}
+    teacher_rows = [("teacher", n) for n in dict.fromkeys((cfg.teacher_steps, *cfg.steps))]
+    student_rows = [("scfm", n) for n in cfg.steps] if lora is not None else []
     # The student first: a LoRA that does not fit the model fails before any sampling. Unloading restores the
     # weights bit-exactly, so the teacher rows are those of the model as loaded.
-    try:
-        apply_loras(model, [(lora, scale)], restorable=True)
-    except WeightsError as e:
-        raise WeightsError(f"--lora {e}; pass the LoRA distilled from --model {cfg.model}") from None
-    try:
-        for n in cfg.steps:
-            images["scfm", n] = draw(n)
-    finally:
-        unload_loras(model)
-    order = [("teacher", n) for n in dict.fromkeys((cfg.teacher_steps, *cfg.steps))] + [("scfm", n) for n in cfg.steps]
-    for kind, n in order[:-len(cfg.steps)]:
-        images[kind, n] = draw(n)
+    if lora is not None:
+        try:
+            apply_loras(model, [(lora, scale)], restorable=True)
+        except WeightsError as e:
+            raise WeightsError(f"--lora {e}; pass the LoRA distilled from --model {cfg.model}") from None
+        try:
+            for key in student_rows:
+                images[key] = draw(key[1])
+        finally:
+            unload_loras(model)
+    for key in teacher_rows:
+        images[key] = draw(key[1])
+    order = teacher_rows + student_rows
 
     # ground truth for the same prompts; seed + i so that repeated prompts still get fresh scenes
     truth = np.concatenate([world.sample_for_prompt(p, cfg.seed + i, cfg.per_prompt)[0]
@@ -138,7 +143,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
         rows[-1]["hist_by_attribute"] = {k: round(v, 4) for k, v in by_attribute.items()}
     grid = np.concatenate([np.concatenate(list(im[::cfg.per_prompt]), axis=1)
                            for im in [truth] + [images[key] for key in order]], axis=0)
-    config = dict(model=str(cfg.model), lora=str(cfg.lora), lora_scale=scale, prompts=list(cfg.prompts),
+    config = dict(model=str(cfg.model), lora=cfg.lora and str(cfg.lora), lora_scale=scale, prompts=list(cfg.prompts),
                   per_prompt=cfg.per_prompt, steps=list(cfg.steps), teacher_steps=cfg.teacher_steps, seed=cfg.seed,
                   t5_length=T5_LENGTH, sampler="euler", schedule="flux-schnell (linear, shift 1)",
                   reference=f"teacher {cfg.teacher_steps}", device=cfg.device)

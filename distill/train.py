@@ -61,13 +61,15 @@ def resolve_demo(cfg: DistillConfig) -> DistillConfig:
     dataset the teacher renders into <output>/data first, as the recipe does (scfm-method.md §7)."""
     if cfg.model != "demo":
         return cfg
-    from distill.demo.models import DEMO_FOLDER
+    from distill.demo.models import DEMO_FOLDER, demo_sources
 
-    if not (DEMO_FOLDER / "model_index.json").exists():
+    try:
+        sources = demo_sources()  # the pipeline folder's own parts, as sampling loads them
+    except FileNotFoundError:
         raise ConfigError(f"the demo pipeline is missing from {DEMO_FOLDER}; reinstall scfm or rebuild it with "
-                          "`python -m tools.make_demo`")
-    parts = {"vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2", "t5_tokenizer": "tokenizer_2"}
-    files = {k: str(DEMO_FOLDER / sub) for k, sub in parts.items() if not getattr(cfg, k)}
+                          "`python -m tools.make_demo`") from None
+    # the vendored CLIP vocabulary stays (the folder's tokenizer/ holds the same one)
+    files = {k: str(getattr(sources, k)) for k in ("vae", "clip", "t5", "t5_tokenizer") if not getattr(cfg, k)}
     data = cfg.data or str(Path(cfg.output).expanduser() / "data")
     return dataclasses.replace(cfg, model=str(DEMO_FOLDER), data=data, **files)
 

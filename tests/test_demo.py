@@ -137,13 +137,18 @@ def test_four_step_sample_draws_an_image(demo):
     assert images.shape == (1, 3, 64, 64) and images.std() > 0.05
 
 
-def test_teacher_follows_prompts_at_32_steps_better_than_at_4(demo):
-    """Cheap version of the report's measurement: 12 prompts x 2 noises."""
+def sample_scores(demo, steps: tuple[int, ...], seed: int) -> dict[int, dict]:
+    """quality.score of `quality.PROMPTS` x 2 noises (from `seed`) at each step count: a cheap version of
+    `distill.evaluate`'s measurement."""
     prompts = [p for p in quality.PROMPTS for _ in range(2)]
     cond = demo.encode(prompts, models.T5_LENGTH)
-    noise = torch.randn(len(prompts), 16, 16, 16, generator=torch.Generator().manual_seed(0))
-    scores = {n: quality.score(quality.decode(demo.vae, quality.sample_latents(demo.transformer, cond, noise, n)),
-                               prompts) for n in (4, 32)}
+    noise = torch.randn(len(prompts), 16, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return {n: quality.score(quality.decode(demo.vae, quality.sample_latents(demo.transformer, cond, noise, n)),
+                             prompts) for n in steps}
+
+
+def test_teacher_follows_prompts_at_32_steps_better_than_at_4(demo):
+    scores = sample_scores(demo, (4, 32), seed=0)
     assert scores[32]["adherence"] >= 60
     assert scores[32]["crispness"] < scores[4]["crispness"]
 
@@ -154,18 +159,10 @@ def test_shipped_lora_is_a_few_step_sampler(demo):
     LoRA fails both."""
     from weights.lora import apply_loras, read_lora, unload_loras
 
-    prompts = [p for p in quality.PROMPTS for _ in range(2)]
-    cond = demo.encode(prompts, models.T5_LENGTH)
-    noise = torch.randn(len(prompts), 16, 16, 16, generator=torch.Generator().manual_seed(1))
-
-    def scores():
-        return {n: quality.score(quality.decode(demo.vae, quality.sample_latents(demo.transformer, cond, noise, n)),
-                                 prompts) for n in (1, 4)}
-
-    teacher = scores()
+    teacher = sample_scores(demo, (1, 4), seed=1)
     apply_loras(demo.transformer, [(read_lora(models.DEMO_LORA), 1.0)], restorable=True)
     try:
-        student = scores()
+        student = sample_scores(demo, (1, 4), seed=1)
     finally:
         unload_loras(demo.transformer)
     assert student[1]["adherence"] >= teacher[1]["adherence"] + 20

@@ -15,7 +15,7 @@ Stages (each saved under --work, so --reuse skips the finished ones):
 2. the VAE, trained as an autoencoder on freshly rendered scenes; then the latent shift/scale of the world;
 3. the Flux teacher (no guidance embedding), trained with plain flow matching (uniform sigma, v = eps - x0) on
    a fixed set of encoded scenes, with an EMA of its weights (what ships);
-4. the pipeline folder, and a quality check: the teacher at 4 and 32 Euler steps on `quality.PROMPTS`.
+4. the pipeline folder, and a quality check of the saved teacher with `distill.evaluate` (no LoRA).
 Timings and results are printed and written to --work/log.txt.
 """
 
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distill.demo import models, quality, world
+from distill.evaluate import EvalConfig, evaluate, format_table
 from model.flux import Flux
 from model.text import encode_flux
 from model.tokenizers import CLIPTokenizer, T5Tokenizer
@@ -59,6 +60,23 @@ class Log:
         print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    save_file({k: t.detach().contiguous().cpu() for k, t in module.state_dict().items()}, str(path))
+
+
+def stage(path: Path, reuse: bool, build, train, log: Log):
+    """A trained stage: its saved weights (with --reuse, when present) loaded into `build()`, else `train()`'s
+    result, saved to `path` for the next --reuse. Either way frozen, in eval mode."""
+    if reuse and path.exists():
+        model = build()
+        model.load_state_dict(load_file(str(path)))
+        log(f"{path.stem}: reused")
+    else:
+        model = train()
+        save_weights(model, path)
+    return model.eval().requires_grad_(False)
 
 
 def to_vae(images: np.ndarray) -> torch.Tensor:
@@ -199,36 +217,8 @@ def train_teacher(x0: torch.Tensor, text: dict[str, torch.Tensor], caption_idx: 
         if step % 100 == 0 or step == min(steps, stop or steps) - 1:
             log(f"teacher step {step:5d}  loss {avg.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}")
         if ckpt is not None and (step + 1) % 500 == 0:
-            save_file({k: t.contiguous().cpu() for k, t in ema.state_dict().items()}, str(ckpt))
+            save_weights(ema, ckpt)
     return ema.cpu()
-
-
-# ---------------------------------------------------------------------------------------------- quality
-
-
-@torch.no_grad()
-def measure(teacher: Flux, vae: AutoEncoder, clip, t5, spiece_path: Path, per_prompt: int, log: Log,
-            steps: tuple[int, ...] = (1, 2, 4, 8, 32), device: str = "cpu") -> dict:
-    """The teacher at several step counts from the same noises; distances are to the 32-step images."""
-    prompts = [p for p in quality.PROMPTS for _ in range(per_prompt)]
-    cond = {k: v.to(device) for k, v in encode_captions(clip, t5, spiece_path, prompts).items()}
-    noise = torch.randn(len(prompts), 16, 16, 16, generator=torch.Generator().manual_seed(SEED + 4)).to(device)
-    teacher, vae = teacher.to(device), copy.deepcopy(vae).to(device)
-    images = {n: quality.decode(vae, quality.sample_latents(teacher, cond, noise, n)) for n in steps}
-    ref = quality.score(images[max(steps)], prompts)
-    truth = np.concatenate([world.sample_for_prompt(p, SEED + 5 + i, per_prompt)[0]
-                            for i, p in enumerate(quality.PROMPTS)])
-    rows = {"world": quality.score(truth, prompts)}
-    for n in steps:
-        rows[f"{n} steps"] = quality.score(images[n], prompts)
-        rows[f"{n} steps"]["paired"] = quality.paired_distance(images[n], images[max(steps)])
-        rows[f"{n} steps"]["hist"] = quality.histogram_distance(rows[f"{n} steps"]["reads"], ref["reads"], prompts)
-    table = {}
-    for name, r in rows.items():
-        table[name] = {k: round(r[k], 4) for k in ("adherence", "crispness", "iou", "paired", "hist") if k in r}
-        log(f"{name:>9}: " + "  ".join(f"{k} {v}" for k, v in table[name].items()))
-    grid = np.concatenate([np.concatenate(list(images[n][::per_prompt]), axis=1) for n in steps], axis=0)
-    return {"table": table, "grid": grid}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -276,15 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"tokenizer: {models.spiece_pieces(spiece)} pieces; text encoders built")
 
     # 2. VAE
-    vae_path = args.work / "vae.safetensors"
-    if args.reuse and vae_path.exists():
-        vae = AutoEncoder(models.VAE_CONFIG)
-        vae.load_state_dict(load_file(str(vae_path)))
-        vae.eval().requires_grad_(False)
-        log("vae: reused")
-    else:
-        vae = train_vae(args.vae_steps, 16, log, device=args.device)
-        save_file({k: t.contiguous() for k, t in vae.state_dict().items()}, str(vae_path))
+    vae = stage(args.work / "vae.safetensors", args.reuse, lambda: AutoEncoder(models.VAE_CONFIG),
+                lambda: train_vae(args.vae_steps, 16, log, device=args.device), log)
     latents = encode_images(vae, images, device=args.device)
     vae = with_latent_stats(vae, latents)
     x0 = vae.normalize_latents(latents)
@@ -300,28 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     text = encode_captions(clip, t5, spiece_path, unique)
     index = {c: i for i, c in enumerate(unique)}
     caption_idx = torch.tensor([index[c] for c in captions])
-    teacher_path = args.work / "teacher.safetensors"
-    if args.reuse and teacher_path.exists():
-        teacher = Flux(models.FLUX_CONFIG)
-        teacher.load_state_dict(load_file(str(teacher_path)))
-        teacher.eval().requires_grad_(False)
-        log("teacher: reused")
-    else:
-        log(f"teacher: {sum(p.numel() for p in Flux(models.FLUX_CONFIG).parameters()):,} parameters, "
-            f"{len(unique)} distinct captions")
-        teacher = train_teacher(x0, text, caption_idx, args.teacher_steps, args.teacher_batch, args.teacher_lr, log,
-                                ckpt=args.work / "teacher_ckpt.safetensors", device=args.device, stop=args.teacher_stop)
-        save_file({k: t.contiguous() for k, t in teacher.state_dict().items()}, str(teacher_path))
+    log(f"teacher: {sum(p.numel() for p in Flux(models.FLUX_CONFIG).parameters()):,} parameters, "
+        f"{len(unique)} distinct captions")
+    teacher = stage(args.work / "teacher.safetensors", args.reuse, lambda: Flux(models.FLUX_CONFIG),
+                    lambda: train_teacher(x0, text, caption_idx, args.teacher_steps, args.teacher_batch,
+                                          args.teacher_lr, log, ckpt=args.work / "teacher_ckpt.safetensors",
+                                          device=args.device, stop=args.teacher_stop), log)
 
     # 4. the pipeline folder, then the quality check on what was saved
     models.save_pipeline(args.out, transformer=teacher, vae=vae, clip=clip, t5=t5, spiece=spiece,
                          overwrite=args.overwrite)
     log(f"saved {args.out} ({models.folder_size(args.out) / 1e6:.2f} MB)")
-    from weights.flux import load_flux
-
-    shipped = load_flux(args.out)
-    result = measure(shipped, vae, clip, t5, spiece_path, args.per_prompt, log, device=args.device)
-    (args.work / "quality.json").write_text(json.dumps(result["table"], indent=2))
+    # the teacher alone, loaded back from the saved folder: what ships is what is measured
+    result = evaluate(EvalConfig(model=args.out, lora=None, per_prompt=args.per_prompt, seed=SEED + 4,
+                                 device=args.device))
+    log("\n" + format_table(result["rows"]))
+    (args.work / "quality.json").write_text(json.dumps(result["rows"], indent=2))
     from PIL import Image
 
     Image.fromarray(result["grid"]).save(args.work / "quality_grid.png")
