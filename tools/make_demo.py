@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. teacher
     unique = sorted(set(captions))
-    models.DEMO_PROMPTS.write_text("\n".join(unique) + "\n")
+    # the demo's dataset prompts ship beside the pipeline; a rebuild elsewhere keeps its own copy in --work
+    prompts_path = models.DEMO_PROMPTS if args.out == models.DEMO_FOLDER else args.work / "prompts.txt"
+    prompts_path.write_text("\n".join(unique) + "\n")
     text = encode_captions(clip, t5, spiece_path, unique)
     index = {c: i for i, c in enumerate(unique)}
     caption_idx = torch.tensor([index[c] for c in captions])
