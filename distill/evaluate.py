@@ -12,7 +12,9 @@ unshifted linear one), and reads every image back with the world's checker (dist
 - hist: distance of the read-attribute histograms to the reference's (0: the same distribution of attributes);
 - crispness: mean distance of the pixels to the world's palette (lower is crisper); iou: shape-template fit.
 
-The `world` row scores ground-truth renders of the same prompts: the ceiling for adherence and crispness. The table
+The `world` row scores ground-truth renders of the same prompts: the ceiling for adherence and crispness. With
+--floor, a `teacher N new noises` row runs the reference sampler from other noises: a sampler that draws exactly the
+teacher's distribution still scores its `hist` (finitely many samples), so hist distances mean little below it. The table
 is printed; --json writes it with the settings used, --grid a PNG with one column per prompt (its first noise) and
 one row per table row. Existing files are never replaced without --overwrite.
 """
@@ -49,6 +51,7 @@ class EvalConfig:
     seed: int = 0  # noises, and the world's ground-truth renders
     lora_scale: float | None = None  # None: the LoRA's recommended scale, else 1
     device: str = "cpu"
+    floor: bool = False  # add the reference sampler from other noises: the metrics' floor for a perfect sampler
 
     def __post_init__(self):
         object.__setattr__(self, "model", Path(self.model).expanduser())
@@ -107,8 +110,8 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                         generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
     model, vae = pipe.transformer, pipe.vae
 
-    def draw(steps: int) -> np.ndarray:
-        return quality.decode(vae, quality.sample_latents(model, cond, noise, steps))
+    def draw(steps: int, start: torch.Tensor = noise) -> np.ndarray:
+        return quality.decode(vae, quality.sample_latents(model, cond, start, steps))
 
     images: dict[tuple[str, int], np.ndarray] = {}
     teacher_rows = [("teacher", n) for n in dict.fromkeys((cfg.teacher_steps, *cfg.steps))]
@@ -127,7 +130,15 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
             unload_loras(model)
     for key in teacher_rows:
         images[key] = draw(key[1])
-    order = teacher_rows + student_rows
+    floor_rows = []
+    if cfg.floor:
+        # The reference sampler itself from fresh noises: a sampler with exactly the teacher's distribution still
+        # scores this hist (finite samples), and this paired distance is what "right images, unrelated to the
+        # noise" would score. Distances are only meaningful above these.
+        other = torch.randn(noise.shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(cfg.device)
+        floor_rows = [("floor", cfg.teacher_steps)]
+        images[floor_rows[0]] = draw(cfg.teacher_steps, other)
+    order = teacher_rows[:1] + floor_rows + teacher_rows[1:] + student_rows
 
     # ground truth for the same prompts; seed + i so that repeated prompts still get fresh scenes
     truth = np.concatenate([world.sample_for_prompt(p, cfg.seed + i, cfg.per_prompt)[0]
@@ -138,7 +149,8 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     for kind, n in order:
         s, ref_reads = scores[kind, n], scores["teacher", cfg.teacher_steps]["reads"]
         by_attribute = quality.histogram_distances(s["reads"], ref_reads, prompts)
-        rows.append(_row(f"{kind} {n}", kind, n, s, paired=quality.paired_distance(images[kind, n], ref),
+        name, model_name = (f"teacher {n} new noises", "teacher") if kind == "floor" else (f"{kind} {n}", kind)
+        rows.append(_row(name, model_name, n, s, paired=quality.paired_distance(images[kind, n], ref),
                          hist=float(np.mean(list(by_attribute.values())))))
         rows[-1]["hist_by_attribute"] = {k: round(v, 4) for k, v in by_attribute.items()}
     grid = np.concatenate([np.concatenate(list(im[::cfg.per_prompt]), axis=1)
@@ -146,7 +158,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     config = dict(model=str(cfg.model), lora=cfg.lora and str(cfg.lora), lora_scale=scale, prompts=list(cfg.prompts),
                   per_prompt=cfg.per_prompt, steps=list(cfg.steps), teacher_steps=cfg.teacher_steps, seed=cfg.seed,
                   t5_length=T5_LENGTH, sampler="euler", schedule="flux-schnell (linear, shift 1)",
-                  reference=f"teacher {cfg.teacher_steps}", device=cfg.device)
+                  reference=f"teacher {cfg.teacher_steps}", device=cfg.device, floor=cfg.floor)
     return {"config": config, "rows": rows, "grid": grid}
 
 
@@ -215,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--teacher-steps", type=int, default=32, help="steps of the reference run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--floor", action="store_true",
+                   help="add a row: the reference sampler from other noises (the distances' floor)")
     p.add_argument("--json", type=Path, help="write the table and settings here")
     p.add_argument("--grid", type=Path, default=Path("evaluate_grid.png"), help="PNG of the first noise per prompt")
     p.add_argument("--no-grid", action="store_true", help="write no grid")
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs = [p for p in (args.json, None if args.no_grid else args.grid) if p is not None]
         cfg = EvalConfig(model=args.model, lora=args.lora, prompts=_prompts(args), per_prompt=args.per_prompt,
                          steps=tuple(args.steps), teacher_steps=args.teacher_steps, seed=args.seed,
-                         lora_scale=args.lora_scale, device=args.device)
+                         lora_scale=args.lora_scale, device=args.device, floor=args.floor)
         check(cfg)  # inputs, then outputs: both before the run, not after minutes of sampling
         refuse_existing(outputs, args.overwrite)
         report = evaluate(cfg)

@@ -124,15 +124,16 @@ class Selection:
 
     def __init__(self):
         self.name: str | None = "live"  # one set for the whole batch, or None when chosen per element
-        self.groups: tuple[tuple[str, Tensor], ...] = ()  # (set, batch rows (n,) long) when per element
+        self.groups: tuple[tuple[str, Tensor | slice], ...] = ()  # (set, batch rows) when per element
         self.batch = 0
         self.multiplier = 1.0
         self._on_device: dict[torch.device, tuple[tuple[str, Tensor], ...]] = {}
 
-    def groups_on(self, device: torch.device) -> tuple[tuple[str, Tensor], ...]:
+    def groups_on(self, device: torch.device) -> tuple[tuple[str, Tensor | slice], ...]:
         # one host-to-device copy per call, not one per layer
         if device not in self._on_device:
-            self._on_device[device] = tuple((n, rows.to(device)) for n, rows in self.groups)
+            self._on_device[device] = tuple((n, rows if isinstance(rows, slice) else rows.to(device))
+                                            for n, rows in self.groups)
         return self._on_device[device]
 
 
@@ -178,11 +179,15 @@ def weight_sets(
     per_element = list(per_element)
     if len(set(per_element)) == 1:
         return weight_set(model, per_element[0], multiplier)
-    groups = tuple(
-        (n, torch.tensor([b for b, m in enumerate(per_element) if m == n], dtype=torch.long))
-        for n in dict.fromkeys(per_element)
-    )
+    groups = tuple((n, _rows([b for b, m in enumerate(per_element) if m == n])) for n in dict.fromkeys(per_element))
     return _selected(_selection(model), None, groups, len(per_element), multiplier)
+
+
+def _rows(rows: list[int]) -> Tensor | slice:
+    """A contiguous run of elements as a slice (views in and out, no gather or scatter), else an index tensor."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 # ----- the layers -------------------------------------------------------------------------------------------
@@ -251,6 +256,9 @@ class LoRALayer(nn.Module):
             raise ValueError(f"per-element sets chosen for {sel.batch} elements, the input has {x.shape[0]}")
         for name, rows in sel.groups_on(x.device):
             if self._is_zero(name):
+                continue
+            if isinstance(rows, slice):  # a run of elements (scfm_loss orders them so): `out[rows]` is a view
+                self._add_delta_(out[rows], x[rows], *self._factors(name, sel.multiplier))
                 continue
             # this set's elements only: the delta is computed on their rows and scattered into `out` in one
             # index_add_, with no gathered copy of the layer's full-width output

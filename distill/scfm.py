@@ -13,6 +13,8 @@ generator, so the draws do not depend on how the batch is split over processes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -125,6 +127,11 @@ class Draw:
     def big_dt(self) -> Tensor:  # (B,) float64 student step Dt = s[i] - s[i + t_skip]
         return self.sigmas[:, 0] - self.sigmas[:, -1]
 
+    def take(self, index: Tensor) -> Draw:
+        """The elements `index` (B',) long, in that order."""
+        return dataclasses.replace(self, **{f.name: _take(getattr(self, f.name), index)
+                                            for f in dataclasses.fields(self)})
+
 
 def sample_draw(
     config: SCFMConfig,
@@ -187,6 +194,23 @@ def cfg_velocity(velocity: Velocity, scale: float, uncond: object) -> Velocity:
     return guided
 
 
+def _take(obj, index: Tensor):
+    """Batch elements `index` of a tensor, or of every tensor in a dict / list / tuple (conditioning, whose
+    tensors are all per element: (B, ...))."""
+    if obj is None:
+        return None
+    if isinstance(obj, Tensor):
+        if obj.ndim == 0 or obj.shape[0] != len(index):
+            raise ValueError(f"conditioning tensors must be per element (batch {len(index)}, ...); got "
+                             f"{tuple(obj.shape)}: pass shared inputs (positions) to the velocity, not in cond")
+        return obj.index_select(0, index.to(obj.device))
+    if isinstance(obj, dict):
+        return {k: _take(v, index) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take(v, index) for v in obj)
+    raise TypeError(f"cannot select batch elements of {type(obj).__name__}")
+
+
 def _per_element(t: Tensor, like: Tensor) -> Tensor:
     return t.view(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ...)
 
@@ -227,6 +251,16 @@ class LossOutput:
 def scfm_loss(velocity: Velocity, model: nn.Module, x0: Tensor, cond: object, draw: Draw, config: SCFMConfig,
               uncond: object = None) -> LossOutput:
     """Student (live set, with gradient) against the target: per-element MSE, uniform mean over the batch."""
+    order = torch.argsort((~draw.teacher).to(torch.uint8), stable=True)  # (B,) teacher elements first
+    if not torch.equal(order, torch.arange(len(order))):
+        # The first jump picks a weight set per element; in this order each set is one contiguous run, which
+        # the LoRA layers read and write as views (no gather / scatter per layer). Results come back in the
+        # caller's order.
+        back = torch.argsort(order)
+        out = scfm_loss(velocity, model, _take(x0, order), _take(cond, order), draw.take(order), config,
+                        _take(uncond, order))
+        return LossOutput(out.loss, out.per_element[back.to(out.per_element.device)],
+                          out.target[back.to(out.target.device)])
     if config.cfg_scale is not None:
         if uncond is None:
             raise ValueError("cfg_scale is set: pass uncond (the empty negative prompt's conditioning)")

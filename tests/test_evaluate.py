@@ -96,6 +96,20 @@ def test_a_zero_lora_gives_the_teacher_rows(folder, tmp_path):
     assert np.array_equal(grid[4 * size:], grid[2 * size:4 * size])  # scfm 1, 2 drawn exactly as teacher 1, 2
 
 
+def test_floor_row_is_the_reference_sampler_from_other_noises(folder):
+    """--floor: the reference sampler again, from the noises seed + 1 would use; scored against seed's reference."""
+    base = dict(model=folder, lora=None, prompts=PROMPTS, per_prompt=2, steps=(1,), teacher_steps=4)
+    report = evaluate(EvalConfig(**base, floor=True))
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["world", "teacher 4", "teacher 4 new noises", "teacher 1"]
+    floor = report["rows"][2]
+    assert floor["model"] == "teacher" and floor["steps"] == 4 and floor["paired"] > 0
+    size = world.SIZE
+    other = evaluate(EvalConfig(**base, seed=1))["grid"]  # rows: world, teacher 4, teacher 1
+    assert np.array_equal(report["grid"][2 * size:3 * size], other[size:2 * size])
+    assert not np.array_equal(report["grid"][2 * size:3 * size], report["grid"][size:2 * size])
+
+
 def one_line_error(argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exc:
         main(argv)

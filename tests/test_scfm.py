@@ -106,8 +106,10 @@ def tiny_flux(guidance: bool = True, seed: int = 0) -> Flux:
 
 
 def flux_velocity(model):
+    ids = tiny_inputs(batch=1)  # positions are shared by the batch: not part of the per-element conditioning
+
     def velocity(x, sigma, cond, guidance):
-        return model(x, cond["img_ids"], cond["txt"], cond["txt_ids"], sigma, cond["y"], guidance)
+        return model(x, ids["img_ids"], cond["txt"], ids["txt_ids"], sigma, cond["y"], guidance)
 
     return velocity
 
@@ -116,8 +118,7 @@ def batch(n: int, seed: int = 1):
     """x0 (B, 24, 16) packed latents and the Flux conditioning, from the shared tiny inputs."""
     parts = [tiny_inputs(batch=2, seed=seed + k) for k in range((n + 1) // 2)]
     x0 = torch.cat([p["img"] for p in parts])[:n]
-    cond = {"txt": torch.cat([p["txt"] for p in parts])[:n], "y": torch.cat([p["y"] for p in parts])[:n],
-            "img_ids": parts[0]["img_ids"], "txt_ids": parts[0]["txt_ids"]}
+    cond = {"txt": torch.cat([p["txt"] for p in parts])[:n], "y": torch.cat([p["y"] for p in parts])[:n]}
     return x0, cond
 
 
