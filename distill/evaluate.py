@@ -52,6 +52,7 @@ class EvalConfig:
     lora_scale: float | None = None  # None: the LoRA's recommended scale, else 1
     device: str = "cpu"
     floor: bool = False  # add the reference sampler from other noises: the metrics' floor for a perfect sampler
+    shift: float | None = None  # the --steps rows on the SCFM grid with this shift; None: the demo's own grid
 
     def __post_init__(self):
         object.__setattr__(self, "model", Path(self.model).expanduser())
@@ -64,6 +65,8 @@ def check(cfg: EvalConfig) -> None:
     """Everything that can be wrong with the inputs, before anything is loaded or sampled (one line each)."""
     if cfg.per_prompt < 1 or cfg.teacher_steps < 1 or not cfg.steps or min(cfg.steps) < 1:
         raise ValueError("--per-prompt, --steps and --teacher-steps must be positive integers")
+    if cfg.shift is not None and not cfg.shift > 0:
+        raise ValueError(f"--shift {cfg.shift}: must be a positive number (1 = unshifted, ~3 = the recipe's)")
     if not cfg.prompts:
         raise ValueError("no prompts: pass --prompts TEXT ... or --prompts-file FILE")
     for p in cfg.prompts:
@@ -110,8 +113,8 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                         generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
     model, vae = pipe.transformer, pipe.vae
 
-    def draw(steps: int, start: torch.Tensor = noise) -> np.ndarray:
-        return quality.decode(vae, quality.sample_latents(model, cond, start, steps))
+    def draw(steps: int, start: torch.Tensor = noise, shift: float | None = cfg.shift) -> np.ndarray:
+        return quality.decode(vae, quality.sample_latents(model, cond, start, steps, shift=shift))
 
     images: dict[tuple[str, int], np.ndarray] = {}
     teacher_rows = [("teacher", n) for n in dict.fromkeys((cfg.teacher_steps, *cfg.steps))]
@@ -128,8 +131,8 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                 images[key] = draw(key[1])
         finally:
             unload_loras(model)
-    for key in teacher_rows:
-        images[key] = draw(key[1])
+    for i, key in enumerate(teacher_rows):
+        images[key] = draw(key[1], shift=None if i == 0 else cfg.shift)  # the reference keeps the demo's grid
     floor_rows = []
     if cfg.floor:
         # The reference sampler itself from fresh noises: a sampler with exactly the teacher's distribution still
@@ -137,7 +140,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
         # noise" would score. Distances are only meaningful above these.
         other = torch.randn(noise.shape, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(cfg.device)
         floor_rows = [("floor", cfg.teacher_steps)]
-        images[floor_rows[0]] = draw(cfg.teacher_steps, other)
+        images[floor_rows[0]] = draw(cfg.teacher_steps, other, shift=None)
     order = teacher_rows[:1] + floor_rows + teacher_rows[1:] + student_rows
 
     # ground truth for the same prompts; seed + i so that repeated prompts still get fresh scenes
@@ -157,8 +160,11 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                            for im in [truth] + [images[key] for key in order]], axis=0)
     config = dict(model=str(cfg.model), lora=cfg.lora and str(cfg.lora), lora_scale=scale, prompts=list(cfg.prompts),
                   per_prompt=cfg.per_prompt, steps=list(cfg.steps), teacher_steps=cfg.teacher_steps, seed=cfg.seed,
-                  t5_length=T5_LENGTH, sampler="euler", schedule="flux-schnell (linear, shift 1)",
-                  reference=f"teacher {cfg.teacher_steps}", device=cfg.device, floor=cfg.floor)
+                  t5_length=T5_LENGTH, sampler="euler",
+                  schedule="flux-schnell (linear, shift 1)" if cfg.shift is None else
+                  f"reference: flux-schnell (linear, shift 1); --steps rows: scfm grid, shift {cfg.shift}",
+                  reference=f"teacher {cfg.teacher_steps}", device=cfg.device, floor=cfg.floor,
+                  shift=cfg.shift)
     return {"config": config, "rows": rows, "grid": grid}
 
 
@@ -227,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--teacher-steps", type=int, default=32, help="steps of the reference run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float,
+                   help="sample the --steps rows (teacher and LoRA) on the SCFM grid with this shift, as a LoRA "
+                        "trained with shift_min/shift_max > 1 is meant to be sampled (default: the demo's grid)")
     p.add_argument("--floor", action="store_true",
                    help="add a row: the reference sampler from other noises (the distances' floor)")
     p.add_argument("--json", type=Path, help="write the table and settings here")
@@ -257,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs = [p for p in (args.json, None if args.no_grid else args.grid) if p is not None]
         cfg = EvalConfig(model=args.model, lora=args.lora, prompts=_prompts(args), per_prompt=args.per_prompt,
                          steps=tuple(args.steps), teacher_steps=args.teacher_steps, seed=args.seed,
-                         lora_scale=args.lora_scale, device=args.device, floor=args.floor)
+                         lora_scale=args.lora_scale, device=args.device, floor=args.floor, shift=args.shift)
         check(cfg)  # inputs, then outputs: both before the run, not after minutes of sampling
         refuse_existing(outputs, args.overwrite)
         report = evaluate(cfg)

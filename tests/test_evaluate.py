@@ -110,6 +110,17 @@ def test_floor_row_is_the_reference_sampler_from_other_noises(folder):
     assert not np.array_equal(report["grid"][2 * size:3 * size], report["grid"][size:2 * size])
 
 
+def test_shift_moves_the_few_step_rows_not_the_reference(folder):
+    base = dict(model=folder, lora=None, prompts=PROMPTS, per_prompt=2, steps=(2,), teacher_steps=4)
+    plain, shifted = evaluate(EvalConfig(**base))["grid"], evaluate(EvalConfig(**base, shift=3.0))
+    size = world.SIZE  # grid rows: world, teacher 4 (the reference), teacher 2
+    assert np.array_equal(shifted["grid"][:2 * size], plain[:2 * size])
+    assert not np.array_equal(shifted["grid"][2 * size:], plain[2 * size:])  # sigmas 1, 0.75, 0 against 1, 0.5, 0
+    assert shifted["config"]["shift"] == 3.0
+    with pytest.raises(ValueError, match="--shift"):
+        evaluate(EvalConfig(**base, shift=0.0))
+
+
 def one_line_error(argv: list[str]) -> str:
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from model.flux import Flux
 from sampling.samplers import euler
-from sampling.schedules import SCHEDULES, get_sigmas
+from sampling.schedules import SCHEDULES, get_sigmas, schedule_for
 from sampling.velocity import FluxVelocity
 
 from . import world
@@ -42,9 +42,12 @@ PROMPTS = (
 
 
 @torch.no_grad()
-def sample_latents(model: Flux, cond: dict[str, Tensor], noise: Tensor, steps: int, batch: int = 64) -> Tensor:
-    """Euler on the demo's own grid (schnell's: linspace(1, 1/N, N) then 0, shift 1) from the given noise."""
-    sigmas = get_sigmas(SCHEDULES["flux-schnell"], steps, (noise.shape[2] // 2) * (noise.shape[3] // 2))
+def sample_latents(model: Flux, cond: dict[str, Tensor], noise: Tensor, steps: int, batch: int = 64,
+                   shift: float | None = None) -> Tensor:
+    """Euler from the given noise on the demo's own grid (schnell's: linspace(1, 1/N, N) then 0, shift 1), or with
+    `shift` on the SCFM training grid (linspace(1, 0, N + 1) shifted, scfm-method.md §2 and §8)."""
+    config = SCHEDULES["flux-schnell"] if shift is None else schedule_for("flux-schnell", grid="scfm", shift=shift)
+    sigmas = get_sigmas(config, steps, (noise.shape[2] // 2) * (noise.shape[3] // 2))
     velocity = FluxVelocity(model)
     out = []
     for i in range(0, noise.shape[0], batch):
