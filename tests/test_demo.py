@@ -167,3 +167,6 @@ def test_shipped_lora_is_a_few_step_sampler(demo):
         unload_loras(demo.transformer)
     assert student[1]["adherence"] >= teacher[1]["adherence"] + 20
     assert student[4]["crispness"] < teacher[4]["crispness"]
+    # what `generate --lora demo` follows: 4 steps on the SCFM grid at shift 3 (README: better than shift 1 there)
+    hints = read_lora(models.DEMO_LORA).recommended
+    assert (hints.steps, hints.schedule, hints.shift) == (4, "scfm", 3.0)
