@@ -127,7 +127,7 @@ class Selection:
         self.groups: tuple[tuple[str, Tensor | slice], ...] = ()  # (set, batch rows) when per element
         self.batch = 0
         self.multiplier = 1.0
-        self._on_device: dict[torch.device, tuple[tuple[str, Tensor], ...]] = {}
+        self._on_device: dict[torch.device, tuple[tuple[str, Tensor | slice], ...]] = {}
 
     def groups_on(self, device: torch.device) -> tuple[tuple[str, Tensor | slice], ...]:
         # one host-to-device copy per call, not one per layer

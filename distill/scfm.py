@@ -14,7 +14,6 @@ generator, so the draws do not depend on how the batch is split over processes.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import math
 from collections.abc import Callable, Sequence
