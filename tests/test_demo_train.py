@@ -24,7 +24,8 @@ def demo_run(tmp_path_factory):
 def test_no_arguments_mean_the_demo_preset():
     cfg = build_config("demo", {})
     assert cfg.model == "demo" and cfg.resolution == models.IMAGE_SIZE and cfg.t5_length == models.T5_LENGTH
-    assert cfg.shift_min == cfg.shift_max == 1.0 and cfg.dynamic_shift_prob == 0.0  # the demo's unshifted grid
+    # the recipe's fixed shift range, and its sampling shift in the LoRA's hints (scfm-method.md §2, §8)
+    assert (cfg.shift_min, cfg.shift_max, cfg.sample_shift, cfg.dynamic_shift_prob) == (2.5, 4.5, 3.0, 0.0)
     resolved = train.resolve_demo(cfg)
     assert resolved.model == str(models.DEMO_FOLDER) and resolved.data.endswith("data")
     assert resolved.t5_tokenizer.endswith("tokenizer_2") and resolved.vae.endswith("vae")
