@@ -173,7 +173,7 @@ def test_shipped_lora_is_a_few_step_sampler(demo):
         student = sample_scores(demo, (1, 4), seed=1, shift=hints.shift)
     finally:
         unload_loras(demo.transformer)
-    assert student[1]["adherence"] >= teacher[1]["adherence"] + 10  # measured: 29.2 against 12.5
+    assert student[1]["adherence"] >= teacher[1]["adherence"] + 10  # a zero LoRA gives +0
 
     def paired(run):
         return quality.paired_distance(run[4]["images"], reference)
