@@ -131,8 +131,9 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                 images[key] = draw(key[1])
         finally:
             unload_loras(model)
-    for i, key in enumerate(teacher_rows):
-        images[key] = draw(key[1], shift=None if i == 0 else cfg.shift)  # the reference keeps the demo's grid
+    images[teacher_rows[0]] = draw(cfg.teacher_steps, shift=None)  # the reference keeps the demo's grid
+    for key in teacher_rows[1:]:
+        images[key] = draw(key[1])
     floor_rows = []
     if cfg.floor:
         # The reference sampler itself from fresh noises: a sampler with exactly the teacher's distribution still

@@ -255,11 +255,10 @@ def scfm_loss(velocity: Velocity, model: nn.Module, x0: Tensor, cond: object, dr
         # The first jump picks a weight set per element; in this order each set is one contiguous run, which
         # the LoRA layers read and write as views (no gather / scatter per layer). Results come back in the
         # caller's order.
-        back = torch.argsort(order)
         out = scfm_loss(velocity, model, _take(x0, order), _take(cond, order), draw.take(order), config,
                         _take(uncond, order))
-        return LossOutput(out.loss, out.per_element[back.to(out.per_element.device)],
-                          out.target[back.to(out.target.device)])
+        back = torch.argsort(order).to(out.target.device)
+        return LossOutput(out.loss, out.per_element[back], out.target[back])
     if config.cfg_scale is not None:
         if uncond is None:
             raise ValueError("cfg_scale is set: pass uncond (the empty negative prompt's conditioning)")

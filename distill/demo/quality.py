@@ -90,11 +90,6 @@ def histogram_distances(reads: list[dict], ref: list[dict], prompts: list[str]) 
     return out
 
 
-def histogram_distance(reads: list[dict], ref: list[dict], prompts: list[str]) -> float:
-    """Mean over prompts and attributes of the total-variation distance between read-attribute histograms."""
-    return float(np.mean(list(histogram_distances(reads, ref, prompts).values())))
-
-
 def paired_distance(images: np.ndarray, ref: np.ndarray) -> float:
     """Mean absolute pixel difference in [0, 1]."""
     return float(np.abs(images.astype(np.float32) - ref.astype(np.float32)).mean() / 255.0)
