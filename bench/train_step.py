@@ -8,7 +8,11 @@ ours:      every LoRA set is its own tensors; the first jump of teacher and self
            with per-element set selection (distill/scfm.py).
 released:  one LoRA; around each no-grad call the fast / slow EMA weights are copied into it in place
            (param.data.copy_) and the live weights restored after; three separate no-grad calls (teacher
-           elements with the adapter off, self elements, slow EMA on all), then the student step.
+           elements with the adapter off, self elements, slow EMA on all), then the student step. Its LoRA
+           layers compute peft's formula, `base(x) + up(down(x) * scale)` with one separate output per slice
+           (what the released trainer runs through peft).
+released*: the same step design on our LoRA layer (distill/lora_fn.py: the up-projection accumulated into
+           the base GEMM's output, explicit backward), to tell the step design's share from the layer's.
 
 Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
 Prints seconds per step (median), peak memory, and the ratio ours / released (target < 1).
@@ -26,13 +30,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import built_in  # noqa: E402  (bench/timing.py, beside this file)
 
 from distill.ema import EMAConfig, ema_step  # noqa: E402
-from distill.lora import LoRAConfig, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
+from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
 from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig  # noqa: E402
 from sampling.velocity import FluxVelocity  # noqa: E402
@@ -139,11 +144,27 @@ def released(model, x0, cond, opt, step: int, swap: Swapped) -> float:
     return loss.item()
 
 
+def peft_style(self: LoRALinear, x: torch.Tensor, groups, scale: float) -> torch.Tensor:
+    """peft's LoRA linear (`result + lora_B(lora_A(x)) * scaling`), one output per slice as diffusers' separate
+    q / k / v / mlp modules give; the scale is applied to the narrow tensor, which makes up for the concat."""
+    out = F.linear(x, self.weight, self.bias)
+    for rows, name in groups:
+        if rows is not None:
+            raise ValueError("the released design selects one set for the whole batch")
+        down, up = self.lora_down[name].to(x.dtype), self.lora_up[name].to(x.dtype)
+        h = F.linear(x, down) * scale
+        out = out + torch.cat([F.linear(h_i, u_i) for h_i, u_i in
+                               zip(h.chunk(len(self.slices), -1), up.split(self.slices))], dim=-1)
+    return out
+
+
 def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     dev, dt = torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"))
+    if variant == "released":
+        LoRALinear._with_lora = peft_style  # this process only: each variant runs in its own
     if variant == "ours":
         step_fn = ours
     else:
@@ -180,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     ctx = mp.get_context("spawn")  # a fresh process per variant: its peak memory is its own
     results = {}
-    for variant in ("released", "ours"):
+    for variant in ("released", "released*", "ours"):
         queue = ctx.Queue()
         proc = ctx.Process(target=measure,
                            args=(variant, case, args.device, dtype, args.iters, args.threads, queue))
@@ -193,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<10}{'s/step':>10}{'peak GiB':>10}   losses (same draws: should agree)")
     for variant, sec, peak, losses in results.values():
         print(f"{variant:<10}{sec:>10.3f}{peak / 2**30:>10.2f}   {', '.join(f'{x:.5f}' for x in losses)}")
-    r, o = results["released"], results["ours"]
-    print(f"ours / released: time {o[1] / r[1]:.2f}, peak memory {o[2] / r[2]:.2f}")
+    o = results["ours"]
+    for ref in ("released", "released*"):
+        r = results[ref]
+        print(f"ours / {ref}: time {o[1] / r[1]:.2f}, peak memory {o[2] / r[2]:.2f}")
     return 0
 
 

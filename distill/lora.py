@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lora_fn import lora_linear, rows_of
+
 SETS = ("live", "fast_ema", "slow_ema", "teacher")
 
 # Official (BFL) module names, `{i}` = block index, `:kind` = per-slice LoRAs on a fused layer. Mapped through
@@ -224,7 +226,8 @@ class LoRALayer(nn.Module):
     def _base(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float) -> None:
+    def _with_lora(self, x: Tensor, groups: tuple[tuple[Tensor | slice | None, str], ...], scale: float) -> Tensor:
+        """The base output plus, for each (batch rows, set) group, that set's LoRA on those rows."""
         raise NotImplementedError
 
     def delta_weight(self, name: str) -> Tensor:
@@ -241,40 +244,18 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         sel = self.selection
-        # the LoRA is added in place: backward of linear / conv needs their inputs, not `out`, and a separate
-        # delta would cost one more activation of the layer's full output width (21504 for Flux linear1)
-        out = self._base(x)
         if self._merged is not None:
             if (sel.name, sel.multiplier) != self._merged[:2]:
                 raise RuntimeError(f"set {self._merged[0]!r} is merged; unmerge before selecting another set")
-            return out
+            return self._base(x)
         if sel.name is not None:
-            if not self._is_zero(sel.name):
-                self._add_delta_(out, x, *self._factors(sel.name, sel.multiplier))
-            return out
-        if x.shape[0] != sel.batch:
-            raise ValueError(f"per-element sets chosen for {sel.batch} elements, the input has {x.shape[0]}")
-        for name, rows in sel.groups_on(x.device):
-            if self._is_zero(name):
-                continue
-            if isinstance(rows, slice):  # a run of elements (scfm_loss orders them so): `out[rows]` is a view
-                self._add_delta_(out[rows], x[rows], *self._factors(name, sel.multiplier))
-                continue
-            # this set's elements only: the delta is computed on their rows and scattered into `out` in one
-            # index_add_, with no gathered copy of the layer's full-width output
-            self._add_delta_(out, x.index_select(0, rows), *self._factors(name, sel.multiplier), rows=rows)
-        return out
-
-    def _factors(self, name: str, multiplier: float) -> tuple[Tensor, Tensor, float]:
-        return self.lora_down[name], self.lora_up[name], self.scale * multiplier
-
-
-def _accumulate_(out: Tensor, delta: Tensor, rows: Tensor | None) -> None:
-    """out += delta, or out[rows] += delta when the delta covers only those batch elements."""
-    if rows is None:
-        out.add_(delta)
-    else:
-        out.index_add_(0, rows, delta)
+            groups = () if self._is_zero(sel.name) else ((None, sel.name),)
+        else:
+            if x.shape[0] != sel.batch:
+                raise ValueError(f"per-element sets chosen for {sel.batch} elements, the input has {x.shape[0]}")
+            # rows: a slice for a run of elements (scfm_loss orders them so), else an index tensor
+            groups = tuple((rows, n) for n, rows in sel.groups_on(x.device) if not self._is_zero(n))
+        return self._with_lora(x, groups, self.scale * sel.multiplier)
 
 
 class LoRALinear(LoRALayer):
@@ -288,15 +269,11 @@ class LoRALinear(LoRALayer):
     def _base(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float,
-                    rows: Tensor | None = None) -> None:
-        h = F.linear(x, down.to(x.dtype)) * scale  # (..., S*r); scaling the narrow tensor is cheapest
-        up = up.to(x.dtype)
-        start = 0
-        for h_i, up_i in zip(h.chunk(len(self.slices), dim=-1), up.split(self.slices, dim=0)):
-            part = F.linear(h_i, up_i).to(out.dtype)  # (..., out_i): slice i's rows only
-            _accumulate_(out.narrow(-1, start, part.shape[-1]), part, rows)
-            start += part.shape[-1]
+    def _with_lora(self, x: Tensor, groups, scale: float) -> Tensor:
+        names = list(dict.fromkeys(n for _, n in groups))
+        factors = tuple(t for n in names for t in (self.lora_down[n], self.lora_up[n]))
+        indexed = tuple((rows, names.index(n)) for rows, n in groups)
+        return lora_linear(x, self.weight, self.bias, scale, self.slices, indexed, factors)
 
     def delta_weight(self, name: str) -> Tensor:
         if name not in self.lora_down:
@@ -326,10 +303,18 @@ class LoRAConv2d(LoRALayer):
     def _base(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
-    def _add_delta_(self, out: Tensor, x: Tensor, down: Tensor, up: Tensor, scale: float,
-                    rows: Tensor | None = None) -> None:
-        h = F.conv2d(x, down.to(x.dtype), None, self.stride, self.padding, self.dilation)  # (B, r, H', W')
-        _accumulate_(out, F.conv2d(h * scale, up.to(x.dtype)).to(out.dtype), rows)  # (B, out, H', W')
+    def _with_lora(self, x: Tensor, groups, scale: float) -> Tensor:
+        # one layer per forward (SD3.5's patch embedding): plain autograd ops are cheap enough here
+        out = self._base(x)
+        for rows, name in groups:
+            down, up = self.lora_down[name].to(x.dtype), self.lora_up[name].to(x.dtype)
+            h = F.conv2d(rows_of(x, rows), down, None, self.stride, self.padding, self.dilation)  # (n, r, H', W')
+            delta = F.conv2d(h * scale, up).to(out.dtype)  # (n, out, H', W')
+            if rows is None or isinstance(rows, slice):
+                rows_of(out, rows).add_(delta)  # backward of conv needs its inputs, not `out`
+            else:
+                out.index_add_(0, rows, delta)
+        return out
 
     def delta_weight(self, name: str) -> Tensor:
         if name not in self.lora_down:

@@ -1,0 +1,109 @@
+"""The multi-set LoRA linear as one autograd function: y = x W^T + b + sum over groups of s * (x D^T) U^T.
+
+Why not plain autograd ops: the straightforward composition (peft's `base(x) + up(down(x)) * s`, or an
+in-place `out.narrow(...).add_(...)` per fused slice) writes a full-width delta, reads it back and rewrites
+the output, and in backward autograd clones the whole output gradient once per in-place slice
+(`CopySlices`). For Flux `linear1` (21504 wide) that traffic costs a large fraction of the GEMM itself. Here
+each slice's up-projection is accumulated straight into the base output by the GEMM (`addmm_`, beta = 1),
+and backward computes exactly the needed gradients: dx, d(down), d(up), and dW / db only if asked.
+
+`groups` says which batch elements use which factor pair: `(rows, k)` with rows `None` (every element), a
+`slice` (a contiguous run: views, no copies) or a LongTensor of element indices (gather / scatter); the
+pair is `factors[2k]` = down (S*r, in) and `factors[2k + 1]` = up (out, r), stored in any dtype and used in
+the output's dtype. The rows of up that belong to slice i act on the i-th r-wide chunk of x D^T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rows_of(t: Tensor, rows) -> Tensor:
+    if rows is None:
+        return t
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _spans(slices: tuple[int, ...], rank: int):
+    """(output columns, chunk of x D^T) per slice."""
+    start = 0
+    for i, width in enumerate(slices):
+        yield slice(start, start + width), slice(i * rank, (i + 1) * rank)
+        start += width
+
+
+def _add_up_(out2d: Tensor, h: Tensor, up: Tensor, scale: float, slices: tuple[int, ...], rank: int) -> None:
+    """out2d[:, slice i] += scale * h[:, chunk i] @ up[slice i]^T, each inside one GEMM (beta = 1)."""
+    for cols, chunk in _spans(slices, rank):
+        out2d[:, cols].addmm_(h[:, chunk], up[cols].t(), alpha=scale)
+
+
+class LoRALinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, slices: tuple[int, ...],
+                groups: tuple, *factors: Tensor) -> Tensor:
+        out = F.linear(x, weight, bias)
+        cdt, n_in, n_out = out.dtype, x.shape[-1], out.shape[-1]  # cdt: bf16 under autocast
+        xc = x.to(cdt)
+        rank = factors[1].shape[-1]
+        hs = []
+        for rows, k in groups:
+            down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
+            xr = rows_of(xc, rows).reshape(-1, n_in)  # (N, in), N = elements x tokens
+            h = xr @ down.t()  # (N, S*r)
+            if rows is None or isinstance(rows, slice):
+                _add_up_(rows_of(out, rows).view(-1, n_out), h, up, scale, slices, rank)
+            else:  # scattered elements: their delta, then one index_add_ into the output
+                delta = torch.zeros(h.shape[0], n_out, dtype=cdt, device=h.device)
+                _add_up_(delta, h, up, scale, slices, rank)
+                out.index_add_(0, rows, delta.view(len(rows), *out.shape[1:]))
+            hs.append(h)
+        ctx.scale, ctx.slices, ctx.rank, ctx.groups, ctx.n_factors = scale, slices, rank, groups, len(factors)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(xc, weight, *factors, *hs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        xc, weight, *rest = ctx.saved_tensors
+        factors, hs = rest[:ctx.n_factors], rest[ctx.n_factors:]
+        need = ctx.needs_input_grad
+        scale, slices, rank = ctx.scale, ctx.slices, ctx.rank
+        n_in, n_out, cdt = xc.shape[-1], dy.shape[-1], xc.dtype
+        dy = dy.to(cdt)
+        dx = (dy @ weight.to(cdt)).view(xc.shape) if need[0] else None
+        dw = (dy.reshape(-1, n_out).t() @ xc.reshape(-1, n_in)).to(ctx.dtypes[1]) if need[1] else None
+        db = dy.reshape(-1, n_out).sum(0).to(ctx.dtypes[2]) if need[2] else None
+        d_factors: list[Tensor | None] = [None] * ctx.n_factors
+        for (rows, k), h in zip(ctx.groups, hs):
+            need_down, need_up = need[6 + 2 * k], need[7 + 2 * k]
+            if not (need[0] or need_down or need_up):
+                continue
+            down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
+            dyr = rows_of(dy, rows).reshape(-1, n_out)  # (N, out)
+            # gradient at h (before the scale), per slice: (N, r) chunks side by side
+            g = torch.cat([dyr[:, cols] @ up[cols] for cols, _ in _spans(slices, rank)], dim=1) * scale
+            if need[0]:
+                if rows is None or isinstance(rows, slice):
+                    rows_of(dx, rows).view(-1, n_in).addmm_(g, down)
+                else:
+                    dx.index_add_(0, rows, (g @ down).view(len(rows), *dx.shape[1:]))
+            if need_down:
+                d_down = g.t() @ rows_of(xc, rows).reshape(-1, n_in)  # (S*r, in)
+                d_factors[2 * k] = d_down.to(factors[2 * k].dtype)
+            if need_up:
+                d_up = torch.cat([dyr[:, cols].t() @ h[:, chunk] for cols, chunk in _spans(slices, rank)])
+                d_factors[2 * k + 1] = (d_up * scale).to(factors[2 * k + 1].dtype)  # (out, r)
+        if dx is not None:
+            dx = dx.to(ctx.dtypes[0])  # x may be fp32 under autocast; its gradient keeps its dtype
+        return (dx, dw, db, None, None, None, *d_factors)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, slices: tuple[int, ...],
+                groups: tuple, factors: tuple[Tensor, ...]) -> Tensor:
+    """The base linear plus the LoRA of each group (see the module docstring); no groups: the base only."""
+    if not groups:
+        return F.linear(x, weight, bias)
+    return LoRALinearFn.apply(x, weight, bias, scale, slices, groups, *factors)

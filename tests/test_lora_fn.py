@@ -1,0 +1,92 @@
+"""The fused multi-set LoRA linear (distill/lora_fn.py) against the plain formula, in value and gradient."""
+
+import pytest
+import torch
+
+from distill.lora_fn import LoRALinearFn, lora_linear
+
+RANK = 2
+
+
+def plain(x, weight, bias, scale, slices, sets_per_element, factors):
+    """y_b = x_b W^T + bias + scale * sum over slices i of (x_b D_i^T) U_i^T, D_i / U_i of element b's set."""
+    rows = []
+    for b, k in enumerate(sets_per_element):
+        y = x[b] @ weight.t() + (0 if bias is None else bias)
+        if k is not None:
+            down, up = factors[2 * k], factors[2 * k + 1]
+            parts = [(x[b] @ d.t()) @ u.t() for d, u in zip(down.chunk(len(slices)), up.split(list(slices)))]
+            y = y + scale * torch.cat(parts, dim=-1)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def case(slices, n_sets, dtype=torch.float64, seed=0, bias=True, tokens=3):
+    g = torch.Generator().manual_seed(seed)
+    n_in, n_out = 5, sum(slices)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    x = rnd(4, tokens, n_in) if tokens else rnd(4, n_in)
+    factors = tuple(t for _ in range(n_sets) for t in (rnd(len(slices) * RANK, n_in), rnd(n_out, RANK)))
+    return x, rnd(n_out, n_in), rnd(n_out) if bias else None, factors
+
+
+# groups as the LoRA layers build them, and the set each of the 4 elements gets (None: no LoRA)
+GROUPS = {
+    "one set": (((None, 0),), [0, 0, 0, 0]),
+    "runs": (((slice(0, 1), 0), (slice(1, 4), 1)), [0, 1, 1, 1]),
+    "scattered": (((torch.tensor([0, 2]), 0), (torch.tensor([3]), 1)), [0, None, 0, 1]),
+    "run and scatter": (((slice(2, 4), 1), (torch.tensor([0]), 0)), [0, None, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("slices", [(3,), (5, 5, 5, 7)], ids=["plain", "fused slices"])
+@pytest.mark.parametrize("groups", list(GROUPS), ids=list(GROUPS))
+def test_value_and_every_gradient_equal_the_plain_formula(slices, groups):
+    groups, per_element = GROUPS[groups]
+    x, weight, bias, factors = case(slices, n_sets=2)
+    out = lora_linear(x, weight, bias, 0.7, slices, groups, factors)
+    ref = plain(x, weight, bias, 0.7, slices, per_element, factors)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    inputs = (x, weight, bias, *factors)
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, dy, allow_unused=True)
+    want = torch.autograd.grad(ref, inputs, dy, allow_unused=True)
+    for name, a, b in zip(["x", "weight", "bias"] + [f"factor {i}" for i in range(4)], got, want):
+        if b is None:  # a set no element uses has no gradient
+            assert a is None or not a.any(), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_gradcheck_on_a_vector_input_with_frozen_base_and_no_bias():
+    x, weight, _, factors = case((2, 2, 2, 3), n_sets=2, tokens=0, bias=False)
+    weight.requires_grad_(False)  # as in training: only x and the factors want gradients
+    groups = ((slice(0, 2), 0), (torch.tensor([3, 2]), 1))
+
+    def fn(x, *factors):
+        return LoRALinearFn.apply(x, weight, None, 1.3, (2, 2, 2, 3), groups, *factors)
+
+    assert torch.autograd.gradcheck(fn, (x, *factors))
+
+
+def test_autocast_bf16_keeps_input_and_factor_dtypes_and_matches_plain_autocast():
+    x, weight, bias, factors = case((4, 4), n_sets=1, dtype=torch.float32, seed=1, tokens=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, weight, bias, 0.5, (4, 4), ((None, 0),), factors)
+        ref = plain(x, weight, bias, 0.5, (4, 4), [0] * 4, factors)
+    assert out.dtype == torch.bfloat16  # as F.linear gives under autocast
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    got = torch.autograd.grad(out.float().sum(), (x, weight, *factors))
+    want = torch.autograd.grad(ref.float().sum(), (x, weight, *factors))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+
+
+def test_no_groups_is_the_base_linear():
+    x, weight, bias, factors = case((3,), n_sets=1)
+    torch.testing.assert_close(lora_linear(x, weight, bias, 1.0, (3,), (), factors),
+                               torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0)
