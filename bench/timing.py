@@ -1,4 +1,4 @@
-"""Timing shared by the side-by-side benchmarks."""
+"""Timing and memory-traffic counts shared by the side-by-side benchmarks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def median_time(fn, device: str, warmup: int, iters: int) -> float:
@@ -36,3 +38,24 @@ def built_in(device: str | torch.device, dtype: torch.dtype):
             yield
     finally:
         torch.set_default_dtype(previous)
+
+
+ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros_like"})
+
+
+class Traffic(TorchDispatchMode):
+    """Bytes of every tensor argument and result of each operator that computes (views and allocations skipped);
+    an in-place operator's tensor counts as read and written."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+        if not is_view and schema.name.split("::")[-1] not in ALLOCATIONS:
+            self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                              if isinstance(t, torch.Tensor))
+        return out

@@ -15,7 +15,8 @@ released*: the same step design on our LoRA layer (distill/lora_fn.py: the up-pr
            the base GEMM's output, explicit backward), to tell the step design's share from the layer's.
 
 Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
-Prints seconds per step (median), peak memory, and the ratio ours / released (target < 1).
+Prints seconds per step (median), peak memory, and the ratios ours / released and ours / released* (target < 1).
+On a shared CPU, `--rounds 3` interleaves the variants so that a drift in machine speed hits all of them alike.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import built_in  # noqa: E402  (bench/timing.py, beside this file)
+from timing import Traffic, built_in  # noqa: E402  (bench/timing.py, beside this file)
 
 from distill.ema import EMAConfig, ema_step  # noqa: E402
 from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
@@ -46,6 +49,9 @@ from sampling.velocity import FluxVelocity  # noqa: E402
 CASES = {
     "small": (FluxConfig(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=128, hidden_size=128,
                          num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(8, 28, 28)), 32, 64, 4, 16),
+    # layer widths where the LoRA layer's memory traffic counts, as at full size, still seconds on a CPU
+    "wide": (FluxConfig(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=128, hidden_size=512,
+                        num_heads=4, depth=1, depth_single_blocks=2, axes_dim=(16, 56, 56)), 32, 64, 4, 16),
     "flux-dev": (FLUX_CONFIGS["flux-dev"], 64, 256, 8, 64),  # 512 px, T5 length 256
 }
 
@@ -60,7 +66,7 @@ def build(case: str, device: torch.device, dtype: torch.dtype, sets: tuple[str, 
             p.normal_(0, 0.02)
     # the teacher is the base model: a zero set, whose LoRA work every call skips (as the trainer runs it)
     inject_lora(model, LoRAConfig(rank=rank, alpha=rank, sets=sets), torch.Generator().manual_seed(0))
-    model.enable_gradient_checkpointing(device.type == "cuda")
+    model.enable_gradient_checkpointing(device.type != "cpu")  # meta counts what the CUDA run does
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(batch, cfg.in_channels // 4, side, side, generator=g).to(device)
     cond = {"txt": torch.randn(batch, tokens, cfg.context_in_dim, generator=g).to(device, dtype),
@@ -85,7 +91,7 @@ def ours(model, x0, cond, opt, step: int) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
     ema_step(model, EMAConfig(), step + 1)
-    return out.loss.item()
+    return out.loss.detach()
 
 
 class Swapped:
@@ -110,12 +116,13 @@ def released(model, x0, cond, opt, step: int, swap: Swapped) -> float:
     sigma = sig[:, 0].view(-1, 1, 1, 1)
     x = ((1 - sigma) * x0 + sigma * draw.noise.to(dev)).to(x0.dtype)
     g = draw.guidance.to(dev)
-    teacher = draw.teacher.to(dev)
+    teacher = draw.teacher  # on the host: the rows are known without a device sync
     for dst, src in zip(swap.backup, swap.live):
         dst.copy_(src.data)
     with torch.no_grad():
         v0 = torch.empty_like(x)
-        for name, rows in (("teacher", teacher.nonzero()[:, 0]), ("fast_ema", (~teacher).nonzero()[:, 0])):
+        for name, rows in (("teacher", teacher.nonzero()[:, 0].to(dev)),
+                           ("fast_ema", (~teacher).nonzero()[:, 0].to(dev))):
             if not len(rows):
                 continue
             # the teacher (base model) runs with the adapter off; the fast EMA is copied in, in place
@@ -141,7 +148,7 @@ def released(model, x0, cond, opt, step: int, swap: Swapped) -> float:
     with torch.no_grad():
         for name, decay in (("fast_ema", 0.99), ("slow_ema", 0.999)):
             torch._foreach_lerp_(swap.store[name], [t.detach() for t in swap.live], 1 - decay)
-    return loss.item()
+    return loss.detach()
 
 
 def peft_style(self: LoRALinear, x: torch.Tensor, groups, scale: float) -> torch.Tensor:
@@ -156,6 +163,11 @@ def peft_style(self: LoRALinear, x: torch.Tensor, groups, scale: float) -> torch
         out = out + torch.cat([F.linear(h_i, u_i) for h_i, u_i in
                                zip(h.chunk(len(self.slices), -1), up.split(self.slices))], dim=-1)
     return out
+
+
+def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """addmm_ (our LoRA layer's up-projection, beta = 1) is missing from the FLOP counter's table."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
 def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, queue) -> None:
@@ -173,6 +185,14 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         def step_fn(m, x, c, o, s):
             return released(m, x, c, o, s, swap)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+    if dev.type == "meta":  # shapes only: count one step's memory traffic and FLOPs after a warm-up step
+        step_fn(model, x0, cond, opt, 0)
+        traffic = Traffic()
+        flops = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
+        with traffic, flops:
+            step_fn(model, x0, cond, opt, 1)
+        queue.put(([traffic.bytes], flops.get_total_flops(), [float("nan")]))
+        return
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -180,37 +200,58 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        losses.append(step_fn(model, x0, cond, opt, step))
+        losses.append(step_fn(model, x0, cond, opt, step).item())
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put((variant, statistics.median(times[1:]), peak, losses))
+    queue.put((times[1:], peak, losses))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--case", choices=list(CASES), help="default: small on CPU, flux-dev on CUDA")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "meta"],
+                   help="meta: no compute; counts one step's bytes moved and FLOPs at the CUDA shapes")
+    p.add_argument("--case", choices=list(CASES), help="default: small on CPU, flux-dev on CUDA and meta")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: fp32 on CPU, bf16 on CUDA and meta")
     p.add_argument("--iters", type=int, default=2, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per variant (0: torch's default)")
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved; the median "
+                   "is over every timed step of every round")
     args = p.parse_args(argv)
-    case = args.case or ("flux-dev" if args.device == "cuda" else "small")
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    case = args.case or ("small" if args.device == "cpu" else "flux-dev")
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     ctx = mp.get_context("spawn")  # a fresh process per variant: its peak memory is its own
-    results = {}
-    for variant in ("released", "released*", "ours"):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=measure,
-                           args=(variant, case, args.device, dtype, args.iters, args.threads, queue))
-        proc.start()
-        results[variant] = queue.get()
-        proc.join()
+    runs: dict[str, list] = {v: [] for v in ("released", "released*", "ours")}
+    for _ in range(args.rounds):  # rounds interleave the variants, so a drift in machine speed hits all alike
+        for variant, got in runs.items():
+            queue = ctx.Queue()
+            proc = ctx.Process(target=measure,
+                               args=(variant, case, args.device, dtype, args.iters, args.threads, queue))
+            proc.start()
+            while True:  # a child that dies never answers: report it instead of waiting forever
+                try:
+                    got.append(queue.get(timeout=5))
+                    break
+                except Empty:
+                    if not proc.is_alive():
+                        raise SystemExit(f"{variant}: the measuring process died (exit code {proc.exitcode})")
+            proc.join()
+    results = {v: (v, statistics.median(t for times, _, _ in got for t in times), max(p for _, p, _ in got),
+                   got[0][2]) for v, got in runs.items()}
     _, side, _, batch, rank = CASES[case]
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}")
+    if args.device == "meta":  # (bytes moved, FLOPs) per variant, from one counted step each
+        print(f"{'variant':<10}{'GB moved':>10}{'TFLOP':>10}")
+        for variant, (moved, flops, _) in ((v, got[0]) for v, got in runs.items()):
+            print(f"{variant:<10}{moved[0] / 1e9:>10.1f}{flops / 1e12:>10.1f}")
+        o = runs["ours"][0]
+        for ref in ("released", "released*"):
+            r = runs[ref][0]
+            print(f"ours / {ref}: bytes moved {o[0][0] / r[0][0]:.2f}, FLOPs {o[1] / r[1]:.3f}")
+        return 0
     print(f"{'variant':<10}{'s/step':>10}{'peak GiB':>10}   losses (same draws: should agree)")
     for variant, sec, peak, losses in results.values():
         print(f"{variant:<10}{sec:>10.3f}{peak / 2**30:>10.2f}   {', '.join(f'{x:.5f}' for x in losses)}")
