@@ -44,7 +44,7 @@ class LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, slices: tuple[int, ...],
                 groups: tuple, *factors: Tensor) -> Tensor:
-        out = F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias).contiguous()  # rows are updated through views of it (a no-op normally)
         cdt, n_in, n_out = out.dtype, x.shape[-1], out.shape[-1]  # cdt: bf16 under autocast
         xc = x.to(cdt)
         rank = factors[1].shape[-1]
@@ -73,7 +73,7 @@ class LoRALinearFn(torch.autograd.Function):
         scale, slices, rank = ctx.scale, ctx.slices, ctx.rank
         n_in, n_out, cdt = xc.shape[-1], dy.shape[-1], xc.dtype
         dy = dy.to(cdt)
-        dx = (dy @ weight.to(cdt)).view(xc.shape) if need[0] else None
+        dx = (dy @ weight.to(cdt)).contiguous().view(xc.shape) if need[0] else None
         dw = (dy.reshape(-1, n_out).t() @ xc.reshape(-1, n_in)).to(ctx.dtypes[1]) if need[1] else None
         db = dy.reshape(-1, n_out).sum(0).to(ctx.dtypes[2]) if need[2] else None
         d_factors: list[Tensor | None] = [None] * ctx.n_factors

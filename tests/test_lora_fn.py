@@ -90,3 +90,18 @@ def test_no_groups_is_the_base_linear():
     x, weight, bias, factors = case((3,), n_sets=1)
     torch.testing.assert_close(lora_linear(x, weight, bias, 1.0, (3,), (), factors),
                                torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0)
+
+
+def test_non_contiguous_input_and_output_gradient():
+    x, weight, bias, factors = case((5, 5, 5, 7), n_sets=2)
+    xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (4, 3, 5), batch not outermost
+    assert not xt.is_contiguous()
+    groups, per_element = GROUPS["run and scatter"]
+    out = lora_linear(xt, weight, bias, 0.7, (5, 5, 5, 7), groups, factors)
+    ref = plain(x, weight, bias, 0.7, (5, 5, 5, 7), per_element, factors)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn(3, 4, 22, dtype=out.dtype).transpose(0, 1)  # a non-contiguous output gradient
+    got = torch.autograd.grad(out, (xt, *factors), dy)
+    want = torch.autograd.grad(ref, (x, *factors), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
