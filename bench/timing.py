@@ -40,7 +40,9 @@ def built_in(device: str | torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros_like"})
+# allocations touch no data; _unsafe_view aliases its input although its schema does not say so
+NOT_TRAFFIC = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros_like",
+                         "_unsafe_view"})
 
 
 class Traffic(TorchDispatchMode):
@@ -55,7 +57,7 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         schema = func._schema
         is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-        if not is_view and schema.name.split("::")[-1] not in ALLOCATIONS:
+        if not is_view and schema.name.split("::")[-1] not in NOT_TRAFFIC:
             self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
                               if isinstance(t, torch.Tensor))
         return out
