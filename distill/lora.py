@@ -15,6 +15,7 @@ Every set is an `nn.Parameter` of the layer (only `live` requires grad), so FSDP
 A fused layer (Flux `qkv`, single-block `linear1`) gets one LoRA per output slice, as peft gives the separate
 diffusers modules. A layer's set is stored as `down` (S*r, in) = the S slices' down matrices stacked, and `up`
 (out, r), whose rows of slice i act on the i-th r-wide chunk of `down @ x`. With S = 1 this is the usual LoRA.
+The Linear's math, forward and backward, is one autograd function in `lora_fn.py`.
 """
 
 from __future__ import annotations
