@@ -105,3 +105,25 @@ def test_non_contiguous_input_and_output_gradient():
     want = torch.autograd.grad(ref, (x, *factors), dy)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_base_with_fp32_factors_under_autocast_matches_float64():
+    """The trainer's GPU setup: bf16 base and activations, fp32 LoRA sets, bf16 autocast."""
+    x, weight, bias, factors = case((4, 4, 4), n_sets=1, seed=2, tokens=16)
+    xb = x.detach().bfloat16().requires_grad_()
+    fb = tuple(f.detach().float().requires_grad_() for f in factors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(xb, weight.detach().bfloat16(), bias.detach().bfloat16(), 0.5, (4, 4, 4),
+                          ((slice(0, 2), 0),), fb)
+    assert out.dtype == torch.bfloat16
+    dy = torch.randn(out.shape, dtype=torch.float64)
+    got = (out, *torch.autograd.grad(out, (xb, *fb), dy.bfloat16()))
+    assert [t.dtype for t in got[1:]] == [torch.bfloat16, torch.float32, torch.float32]
+    # the float64 reference from the same bf16-rounded inputs
+    xr = xb.detach().double().requires_grad_()
+    fr = tuple(f.detach().double().requires_grad_() for f in fb)
+    ref = plain(xr, weight.detach().bfloat16().double(), bias.detach().bfloat16().double(), 0.5, (4, 4, 4),
+                [0, 0, None, None], fr)
+    want = (ref, *torch.autograd.grad(ref, (xr, *fr), dy))
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() <= 1e-2 * b.abs().max()
