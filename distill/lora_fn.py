@@ -83,8 +83,8 @@ class LoRALinearFn(torch.autograd.Function):
                 continue
             down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
             dyr = rows_of(dy, rows).reshape(-1, n_out)  # (N, out)
-            # gradient at h (before the scale), per slice: (N, r) chunks side by side
-            g = torch.cat([dyr[:, cols] @ up[cols] for cols, _ in _spans(slices, rank)], dim=1) * scale
+            if need[0] or need_down:  # gradient at x D^T, per slice: (N, r) chunks side by side
+                g = torch.cat([dyr[:, cols] @ up[cols] for cols, _ in _spans(slices, rank)], dim=1) * scale
             if need[0]:
                 if rows is None or isinstance(rows, slice):
                     rows_of(dx, rows).view(-1, n_in).addmm_(g, down)
