@@ -83,7 +83,7 @@ def draw_for(x0: torch.Tensor, step: int):
     return sample_draw(SCFMConfig(), element_generators(0, step, range(x0.shape[0])), x0.shape[1:], tokens)
 
 
-def ours(model, x0, cond, opt, step: int) -> float:
+def ours(model, x0, cond, opt, step: int) -> torch.Tensor:
     velocity = FluxVelocity(model)
     out = scfm_loss(velocity, model, x0, cond, draw_for(x0, step), SCFMConfig())
     out.loss.backward()
@@ -108,7 +108,7 @@ class Swapped:
             dst.data.copy_(src)
 
 
-def released(model, x0, cond, opt, step: int, swap: Swapped) -> float:
+def released(model, x0, cond, opt, step: int, swap: Swapped) -> torch.Tensor:
     velocity, draw = FluxVelocity(model), draw_for(x0, step)
     dev = x0.device
     sig = draw.sigmas.to(dev, torch.float32)  # (B, 3)
@@ -191,7 +191,7 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         flops = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
         with traffic, flops:
             step_fn(model, x0, cond, opt, 1)
-        queue.put(([traffic.bytes], flops.get_total_flops(), [float("nan")]))
+        queue.put({"bytes": traffic.bytes, "flops": flops.get_total_flops()})
         return
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -206,7 +206,7 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put((times[1:], peak, losses))
+    queue.put({"times": times[1:], "peak": peak, "losses": losses})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,27 +238,29 @@ def main(argv: list[str] | None = None) -> int:
                     if not proc.is_alive():
                         raise SystemExit(f"{variant}: the measuring process died (exit code {proc.exitcode})")
             proc.join()
-    results = {v: (v, statistics.median(t for times, _, _ in got for t in times), max(p for _, p, _ in got),
-                   got[0][2]) for v, got in runs.items()}
     _, side, _, batch, rank = CASES[case]
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}")
-    if args.device == "meta":  # (bytes moved, FLOPs) per variant, from one counted step each
+    if args.device == "meta":  # one counted step per variant (the counts do not vary between rounds)
+        counts = {v: got[0] for v, got in runs.items()}
         print(f"{'variant':<10}{'GB moved':>10}{'TFLOP':>10}")
-        for variant, (moved, flops, _) in ((v, got[0]) for v, got in runs.items()):
-            print(f"{variant:<10}{moved[0] / 1e9:>10.1f}{flops / 1e12:>10.1f}")
-        o = runs["ours"][0]
+        for variant, c in counts.items():
+            print(f"{variant:<10}{c['bytes'] / 1e9:>10.1f}{c['flops'] / 1e12:>10.1f}")
+        o = counts["ours"]
         for ref in ("released", "released*"):
-            r = runs[ref][0]
-            print(f"ours / {ref}: bytes moved {o[0][0] / r[0][0]:.2f}, FLOPs {o[1] / r[1]:.3f}")
+            r = counts[ref]
+            print(f"ours / {ref}: bytes moved {o['bytes'] / r['bytes']:.2f}, FLOPs {o['flops'] / r['flops']:.3f}")
         return 0
+    # (s/step: median over every timed step of every round, peak: the largest, losses: the first round's)
+    results = {v: (statistics.median(t for g in got for t in g["times"]), max(g["peak"] for g in got),
+                   got[0]["losses"]) for v, got in runs.items()}
     print(f"{'variant':<10}{'s/step':>10}{'peak GiB':>10}   losses (same draws: should agree)")
-    for variant, sec, peak, losses in results.values():
+    for variant, (sec, peak, losses) in results.items():
         print(f"{variant:<10}{sec:>10.3f}{peak / 2**30:>10.2f}   {', '.join(f'{x:.5f}' for x in losses)}")
     o = results["ours"]
     for ref in ("released", "released*"):
         r = results[ref]
-        print(f"ours / {ref}: time {o[1] / r[1]:.2f}, peak memory {o[2] / r[2]:.2f}")
+        print(f"ours / {ref}: time {o[0] / r[0]:.2f}, peak memory {o[1] / r[1]:.2f}")
     return 0
 
 
