@@ -242,25 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}")
     if args.device == "meta":  # one counted step per variant (the counts do not vary between rounds)
-        counts = {v: got[0] for v, got in runs.items()}
-        print(f"{'variant':<10}{'GB moved':>10}{'TFLOP':>10}")
-        for variant, c in counts.items():
-            print(f"{variant:<10}{c['bytes'] / 1e9:>10.1f}{c['flops'] / 1e12:>10.1f}")
-        o = counts["ours"]
-        for ref in ("released", "released*"):
-            r = counts[ref]
-            print(f"ours / {ref}: bytes moved {o['bytes'] / r['bytes']:.2f}, FLOPs {o['flops'] / r['flops']:.3f}")
-        return 0
-    # (s/step: median over every timed step of every round, peak: the largest, losses: the first round's)
-    results = {v: (statistics.median(t for g in got for t in g["times"]), max(g["peak"] for g in got),
-                   got[0]["losses"]) for v, got in runs.items()}
-    print(f"{'variant':<10}{'s/step':>10}{'peak GiB':>10}   losses (same draws: should agree)")
-    for variant, (sec, peak, losses) in results.items():
-        print(f"{variant:<10}{sec:>10.3f}{peak / 2**30:>10.2f}   {', '.join(f'{x:.5f}' for x in losses)}")
-    o = results["ours"]
+        table = {v: {"GB moved": got[0]["bytes"] / 1e9, "TFLOP": got[0]["flops"] / 1e12} for v, got in runs.items()}
+    else:  # s/step: the median over every timed step of every round; peak: the largest
+        table = {v: {"s/step": statistics.median(t for g in got for t in g["times"]),
+                     "peak GiB": max(g["peak"] for g in got) / 2**30} for v, got in runs.items()}
+    losses = "" if args.device == "meta" else "   losses (same draws: should agree)"
+    print(f"{'variant':<10}" + "".join(f"{k:>10}" for k in table["ours"]) + losses)
+    for variant, cols in table.items():
+        line = "".join(f"{x:>10.3f}" for x in cols.values())
+        if losses:
+            line += "   " + ", ".join(f"{x:.5f}" for x in runs[variant][0]["losses"])
+        print(f"{variant:<10}{line}")
     for ref in ("released", "released*"):
-        r = results[ref]
-        print(f"ours / {ref}: time {o[0] / r[0]:.2f}, peak memory {o[1] / r[1]:.2f}")
+        ratios = ", ".join(f"{k} {table['ours'][k] / table[ref][k]:.2f}" for k in table["ours"])
+        print(f"ours / {ref}: {ratios}")
     return 0
 
 
