@@ -13,9 +13,12 @@ released:  one LoRA; around each no-grad call the fast / slow EMA weights are co
            (what the released trainer runs through peft).
 released*: the same step design on our LoRA layer (distill/lora_fn.py: the up-projection accumulated into
            the base GEMM's output, explicit backward), to tell the step design's share from the layer's.
+ours-fp8:  with --fp8: ours on e4m3 block weights (model/fp8.py, the trainer's --fp8_base), for its memory
+           and the cost of dequantizing each weight per call; reported against ours.
 
 Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
-Prints seconds per step (median), peak memory, and the ratios ours / released and ours / released* (target < 1).
+Prints seconds per step (median), peak memory, the memory held between steps (model tensors, every LoRA set and
+the optimiser state: on meta too), and the ratios ours / released and ours / released* (target < 1).
 On a shared CPU, `--rounds 3` interleaves the variants so that a drift in machine speed hits all of them alike.
 """
 
@@ -43,6 +46,7 @@ from distill.ema import EMAConfig, ema_step  # noqa: E402
 from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
 from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig  # noqa: E402
+from model.fp8 import quantize_linears_  # noqa: E402
 from sampling.velocity import FluxVelocity  # noqa: E402
 
 # name -> (config, latent side (px), text tokens, batch, rank)
@@ -56,7 +60,7 @@ CASES = {
 }
 
 
-def build(case: str, device: torch.device, dtype: torch.dtype, sets: tuple[str, ...]):
+def build(case: str, device: torch.device, dtype: torch.dtype, sets: tuple[str, ...], fp8: bool = False):
     cfg, side, tokens, batch, rank = CASES[case]
     torch.manual_seed(0)
     with built_in(device, dtype):
@@ -64,6 +68,8 @@ def build(case: str, device: torch.device, dtype: torch.dtype, sets: tuple[str, 
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    if fp8:
+        quantize_linears_(model)
     # the teacher is the base model: a zero set, whose LoRA work every call skips (as the trainer runs it)
     inject_lora(model, LoRAConfig(rank=rank, alpha=rank, sets=sets), torch.Generator().manual_seed(0))
     model.enable_gradient_checkpointing(device.type != "cpu")  # meta counts what the CUDA run does
@@ -170,14 +176,21 @@ def _addmm_flops(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def resident(model, opt) -> int:
+    """Bytes held between steps: the model's tensors (base, every LoRA set) and the optimiser state."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
 def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     dev, dt = torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"))
+    model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"), fp8=variant == "ours-fp8")
     if variant == "released":
         LoRALinear._with_lora = peft_style  # this process only: each variant runs in its own
-    if variant == "ours":
+    if variant.startswith("ours"):
         step_fn = ours
     else:
         swap = Swapped(model)
@@ -191,7 +204,7 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         flops = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
         with traffic, flops:
             step_fn(model, x0, cond, opt, 1)
-        queue.put({"bytes": traffic.bytes, "flops": flops.get_total_flops()})
+        queue.put({"bytes": traffic.bytes, "flops": flops.get_total_flops(), "resident": resident(model, opt)})
         return
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -206,7 +219,7 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put({"times": times[1:], "peak": peak, "losses": losses})
+    queue.put({"times": times[1:], "peak": peak, "resident": resident(model, opt), "losses": losses})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,13 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: fp32 on CPU, bf16 on CUDA and meta")
     p.add_argument("--iters", type=int, default=2, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per variant (0: torch's default)")
+    p.add_argument("--fp8", action="store_true", help="also run ours on e4m3 block weights (--fp8_base)")
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved; the median "
                    "is over every timed step of every round")
     args = p.parse_args(argv)
     case = args.case or ("small" if args.device == "cpu" else "flux-dev")
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     ctx = mp.get_context("spawn")  # a fresh process per variant: its peak memory is its own
-    runs: dict[str, list] = {v: [] for v in ("released", "released*", "ours")}
+    runs: dict[str, list] = {v: [] for v in ("released", "released*", "ours") + ("ours-fp8",) * args.fp8}
     for _ in range(args.rounds):  # rounds interleave the variants, so a drift in machine speed hits all alike
         for variant, got in runs.items():
             queue = ctx.Queue()
@@ -242,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}")
     if args.device == "meta":  # one counted step per variant (the counts do not vary between rounds)
-        table = {v: {"GB moved": got[0]["bytes"] / 1e9, "TFLOP": got[0]["flops"] / 1e12} for v, got in runs.items()}
+        table = {v: {"GB moved": got[0]["bytes"] / 1e9, "TFLOP": got[0]["flops"] / 1e12,
+                     "held GiB": got[0]["resident"] / 2**30} for v, got in runs.items()}
     else:  # s/step: the median over every timed step of every round; peak: the largest
         table = {v: {"s/step": statistics.median(t for g in got for t in g["times"]),
-                     "peak GiB": max(g["peak"] for g in got) / 2**30} for v, got in runs.items()}
+                     "peak GiB": max(g["peak"] for g in got) / 2**30,
+                     "held GiB": got[0]["resident"] / 2**30} for v, got in runs.items()}
     losses = "" if args.device == "meta" else "   losses (same draws: should agree)"
     print(f"{'variant':<10}" + "".join(f"{k:>10}" for k in table["ours"]) + losses)
     for variant, cols in table.items():
@@ -253,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         if losses:
             line += "   " + ", ".join(f"{x:.5f}" for x in runs[variant][0]["losses"])
         print(f"{variant:<10}{line}")
-    for ref in ("released", "released*"):
-        ratios = ", ".join(f"{k} {table['ours'][k] / table[ref][k]:.2f}" for k in table["ours"])
-        print(f"ours / {ref}: {ratios}")
+    pairs = [("ours", "released"), ("ours", "released*")] + [("ours-fp8", "ours")] * args.fp8
+    for variant, ref in pairs:
+        ratios = ", ".join(f"{k} {table[variant][k] / table[ref][k]:.2f}" for k in table[variant])
+        print(f"{variant} / {ref}: {ratios}")
     return 0
 
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.fp8 import Float8Weight, compute_dtype
+
 from .lora_fn import lora_linear, rows_of
 
 SETS = ("live", "fast_ema", "slow_ema", "teacher")
@@ -196,14 +198,16 @@ def _rows(rows: list[int]) -> Tensor | slice:
 # ----- the layers -------------------------------------------------------------------------------------------
 
 
-class LoRALayer(nn.Module):
-    """Base weights under their original names (`weight`, `bias`) plus `lora_down[set]`, `lora_up[set]`."""
+class LoRALayer(Float8Weight, nn.Module):
+    """Base weights under their original names (`weight`, `bias`, and `weight_scale` when the base weight is
+    stored in e4m3, `model/fp8.py`) plus `lora_down[set]`, `lora_up[set]`."""
 
     def __init__(self, base: nn.Module, config: LoRAConfig, selection: Selection, slices: tuple[int, ...],
                  down_shape: tuple[int, ...], up_shape: tuple[int, ...], generator: torch.Generator | None):
         super().__init__()
         self.weight = base.weight  # the same Parameter objects: names, storage and optimiser state unchanged
         self.register_parameter("bias", base.bias)
+        self.register_buffer("weight_scale", getattr(base, "weight_scale", None))
         self.rank, self.scale, self.slices = config.rank, config.scale, slices
         self.selection = selection  # shared, not a sub-module
         self.zero_sets = set(config.zero_sets)
@@ -268,13 +272,13 @@ class LoRALinear(LoRALayer):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def _base(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.dense_weight(compute_dtype(x)), self.bias)
 
     def _with_lora(self, x: Tensor, groups, scale: float) -> Tensor:
         names = list(dict.fromkeys(n for _, n in groups))
         factors = tuple(t for n in names for t in (self.lora_down[n], self.lora_up[n]))
         indexed = tuple((rows, names.index(n)) for rows, n in groups)
-        return lora_linear(x, self.weight, self.bias, scale, self.slices, indexed, factors)
+        return lora_linear(x, self.weight, self.bias, scale, self.slices, indexed, factors, self.weight_scale)
 
     def delta_weight(self, name: str) -> Tensor:
         if name not in self.lora_down:
@@ -363,6 +367,9 @@ def merge(model: nn.Module, name: str = "live", multiplier: float = 1.0) -> None
     for layer in lora_layers(model).values():
         if layer._merged is not None:
             raise RuntimeError("a LoRA set is already merged; unmerge first")
+        if layer.weight_scale is not None:
+            raise RuntimeError("the base weights are stored in fp8; merge LoRAs before quantizing, or select "
+                               "the set with weight_set instead")
         with torch.no_grad():
             original = layer.weight.detach().clone()
             merged = original.float() + layer.delta_weight(name) * multiplier

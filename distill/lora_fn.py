@@ -11,6 +11,9 @@ and backward computes exactly the needed gradients: dx, d(down), d(up), and dW /
 `slice` (a contiguous run: views, no copies) or a LongTensor of element indices (gather / scatter); the
 pair is `factors[2k]` = down (S*r, in) and `factors[2k + 1]` = up (out, r), stored in any dtype and used in
 the output's dtype. The rows of up that belong to slice i act on the i-th r-wide chunk of x D^T.
+
+A frozen base weight may be e4m3 with a per-row scale (`model/fp8.py`): it is dequantized to the compute dtype
+in forward and again in backward (for dx), so no dense copy outlives the call.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from model.fp8 import compute_dtype, dequantize
 
 
 def rows_of(t: Tensor, rows) -> Tensor:
@@ -42,9 +47,10 @@ def _add_up_(out2d: Tensor, h: Tensor, up: Tensor, scale: float, slices: tuple[i
 
 class LoRALinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, slices: tuple[int, ...],
-                groups: tuple, *factors: Tensor) -> Tensor:
-        out = F.linear(x, weight, bias).contiguous()  # rows are updated through views of it (a no-op normally)
+    def forward(ctx, x: Tensor, weight: Tensor, weight_scale: Tensor | None, bias: Tensor | None, scale: float,
+                slices: tuple[int, ...], groups: tuple, *factors: Tensor) -> Tensor:
+        w = _dense(weight, weight_scale, compute_dtype(x))
+        out = F.linear(x, w, bias).contiguous()  # rows are updated through views of it (a no-op normally)
         cdt, n_in, n_out = out.dtype, x.shape[-1], out.shape[-1]  # cdt: bf16 under autocast
         xc = x.to(cdt)
         rank = factors[1].shape[-1]
@@ -62,23 +68,23 @@ class LoRALinearFn(torch.autograd.Function):
             hs.append(h)
         ctx.scale, ctx.slices, ctx.rank, ctx.groups, ctx.n_factors = scale, slices, rank, groups, len(factors)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(xc, weight, *factors, *hs)
+        ctx.save_for_backward(xc, weight, weight_scale, *factors, *hs)
         return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        xc, weight, *rest = ctx.saved_tensors
+        xc, weight, weight_scale, *rest = ctx.saved_tensors
         factors, hs = rest[:ctx.n_factors], rest[ctx.n_factors:]
         need = ctx.needs_input_grad
         scale, slices, rank = ctx.scale, ctx.slices, ctx.rank
         n_in, n_out, cdt = xc.shape[-1], dy.shape[-1], xc.dtype
         dy = dy.to(cdt)
-        dx = (dy @ weight.to(cdt)).contiguous().view(xc.shape) if need[0] else None
+        dx = (dy @ _dense(weight, weight_scale, cdt).to(cdt)).contiguous().view(xc.shape) if need[0] else None
         dw = (dy.reshape(-1, n_out).t() @ xc.reshape(-1, n_in)).to(ctx.dtypes[1]) if need[1] else None
-        db = dy.reshape(-1, n_out).sum(0).to(ctx.dtypes[2]) if need[2] else None
+        db = dy.reshape(-1, n_out).sum(0).to(ctx.dtypes[2]) if need[3] else None
         d_factors: list[Tensor | None] = [None] * ctx.n_factors
         for (rows, k), h in zip(ctx.groups, hs):
-            need_down, need_up = need[6 + 2 * k], need[7 + 2 * k]
+            need_down, need_up = need[7 + 2 * k], need[8 + 2 * k]
             if not (need[0] or need_down or need_up):
                 continue
             down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
@@ -98,12 +104,18 @@ class LoRALinearFn(torch.autograd.Function):
                 d_factors[2 * k + 1] = (d_up * scale).to(factors[2 * k + 1].dtype)  # (out, r)
         if dx is not None:
             dx = dx.to(ctx.dtypes[0])  # x may be fp32 under autocast; its gradient keeps its dtype
-        return (dx, dw, db, None, None, None, *d_factors)
+        return (dx, dw, None, db, None, None, None, *d_factors)
+
+
+def _dense(weight: Tensor, weight_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The weight the GEMM reads: a plain one as it is (autocast casts it), an e4m3 one dequantized to `dtype`."""
+    return weight if weight_scale is None else dequantize(weight, weight_scale, dtype)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, slices: tuple[int, ...],
-                groups: tuple, factors: tuple[Tensor, ...]) -> Tensor:
-    """The base linear plus the LoRA of each group (see the module docstring); no groups: the base only."""
+                groups: tuple, factors: tuple[Tensor, ...], weight_scale: Tensor | None = None) -> Tensor:
+    """The base linear plus the LoRA of each group (see the module docstring); no groups: the base only.
+    `weight_scale`: the per-row scale of an e4m3 `weight` (None for a plain one)."""
     if not groups:
-        return F.linear(x, weight, bias)
-    return LoRALinearFn.apply(x, weight, bias, scale, slices, groups, *factors)
+        return F.linear(x, _dense(weight, weight_scale, compute_dtype(x)), bias)
+    return LoRALinearFn.apply(x, weight, weight_scale, bias, scale, slices, groups, *factors)

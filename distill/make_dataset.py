@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--fp8", action="store_true", help="store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory (Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")
     return p
 
 
@@ -139,7 +140,7 @@ def make_pipeline(args):
     sources = FluxSources.from_folder(model, **files) if (model / "model_index.json").exists() else \
         FluxSources(transformer=model, **files)
     sources.check()
-    return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype])
+    return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8)
 
 
 def run(args) -> Path:

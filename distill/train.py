@@ -185,6 +185,8 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: s
 
 
 def load_model(cfg: DistillConfig, device: torch.device):
+    if cfg.fp8_base:  # the full-precision copy stays in CPU memory; the trainer quantizes onto the device
+        device = torch.device("cpu")
     from model.flux import FLUX_CONFIGS, Flux
     from model.mmdit import MMDIT_CONFIGS, MMDiT
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.flux import Flux
+from model.fp8 import quantize_linears_
 from model.mmdit import MMDiT
 from sampling.velocity import FluxVelocity, MMDiTVelocity
 
@@ -142,7 +143,10 @@ class Trainer:
                 raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "
                                     "needs; build a cache for SD3.5 (it embeds the empty prompt once)")
 
-        # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so
+        if config.fp8_base:  # block Linears onto the device in e4m3, one at a time (model/fp8.py)
+            quantize_linears_(model, self.device)
+        # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so (e4m3
+        # storage is kept by its own `_apply`)
         model = model.to(device=self.device, dtype=DTYPES[config.dtype])
         self.names = inject_lora(model, lora_config(config), torch.Generator().manual_seed(config.seed))
         model.to(self.device)

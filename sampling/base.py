@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from model.fp8 import quantize_linears_
 from model.vae import AutoEncoder, vae_to_images
 from weights.io import WeightsError
 from weights.vae import load_vae
@@ -20,8 +21,13 @@ from .schedules import ScheduleConfig
 class Pipeline:
     default_config: type  # the family's generation config dataclass
 
-    def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 fp8: bool = False):
         self.sources, self.device, self.dtype = sources, torch.device(device), dtype
+        # fp8: the transformer blocks' weights are stored in e4m3 (model/fp8.py), half of bf16's memory; the
+        # model is read into CPU memory, the hooks (LoRA merges) run there in `dtype`, then each block Linear
+        # is quantized onto the device
+        self.fp8 = fp8
         self._transformer: nn.Module | None = None
         self._vae: AutoEncoder | None = None
         self.transformer_hooks: list[Callable[[nn.Module], None]] = []  # e.g. LoRA application after loading
@@ -29,6 +35,7 @@ class Pipeline:
     # --- what a family defines -----------------------------------------------------------------------------------
 
     def load_transformer(self) -> nn.Module:
+        """The transformer in `self.dtype` on `self.load_device`."""
         raise NotImplementedError
 
     def size_multiple(self) -> int:
@@ -53,11 +60,19 @@ class Pipeline:
     # --- shared ------------------------------------------------------------------------------------------------
 
     @property
+    def load_device(self) -> torch.device:
+        return torch.device("cpu") if self.fp8 else self.device
+
+    @property
     def transformer(self) -> nn.Module:
         if self._transformer is None:
-            self._transformer = self.load_transformer()
+            model = self.load_transformer()
             for hook in self.transformer_hooks:
-                hook(self._transformer)
+                hook(model)
+            if self.fp8:
+                quantize_linears_(model, self.device)
+                model.to(self.device)
+            self._transformer = model
         return self._transformer
 
     @property

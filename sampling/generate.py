@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    run.add_argument("--fp8", action="store_true", help="store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory (Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")
     run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
     run.add_argument("--overwrite", action="store_true", help="replace existing files")
     return p
@@ -258,7 +259,7 @@ def build_pipeline(args, model: Path, family: str):
         is_folder = (model / "model_index.json").exists()
         sources = FluxSources.from_folder(model, **files) if is_folder else FluxSources(transformer=model, **files)
         sources.check()
-        return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype])
+        return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8)
     from .sd3 import SD3Pipeline, SD3Sources  # noqa: PLC0415
 
     files = dict(vae=files["vae"], clip_l=files["clip"], clip_g=args.clip_g, t5=None if args.no_t5 else files["t5"],
@@ -270,7 +271,7 @@ def build_pipeline(args, model: Path, family: str):
     else:
         sources = SD3Sources(transformer=model, **files)
     sources.check()
-    return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype])
+    return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8)
 
 
 def _negative(family: str, cfg) -> str | None:

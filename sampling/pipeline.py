@@ -97,7 +97,7 @@ class FluxPipeline(Pipeline):
     default_config = GenerationConfig
 
     def load_transformer(self) -> Flux:
-        return load_flux(self.sources.transformer, dtype=self.dtype, device=self.device)
+        return load_flux(self.sources.transformer, dtype=self.dtype, device=self.load_device)
 
     def size_multiple(self) -> int:
         return 2 * self.vae_scale  # one packed token covers 2x2 latent pixels

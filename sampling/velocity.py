@@ -14,8 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from model.flux import Flux
+from model.fp8 import E4M3
 from model.layers import image_ids, pack, text_ids, unpack
 from model.mmdit import MMDiT
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations enter the model in: its first parameter's, skipping e4m3 weight storage
+    (model/fp8.py), which is dequantized per layer and never an activation dtype."""
+    return next(p.dtype for p in model.parameters() if p.dtype != E4M3)
 
 
 class FluxVelocity:
@@ -28,7 +35,7 @@ class FluxVelocity:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return model_dtype(self.model)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
@@ -65,7 +72,7 @@ class MMDiTVelocity:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return model_dtype(self.model)
 
     def skipping(self, layers: Sequence[int]) -> MMDiTVelocity:
         return MMDiTVelocity(self.model, layers)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from distill.lora_fn import LoRALinearFn, lora_linear
+from distill.lora_fn import lora_linear
+from model.fp8 import dequantize, quantize_rows
 
 RANK = 2
 
@@ -67,7 +68,7 @@ def test_gradcheck_on_a_vector_input_with_frozen_base_and_no_bias():
     groups = ((slice(0, 2), 0), (torch.tensor([3, 2]), 1))
 
     def fn(x, *factors):
-        return LoRALinearFn.apply(x, weight, None, 1.3, (2, 2, 2, 3), groups, *factors)
+        return lora_linear(x, weight, None, 1.3, (2, 2, 2, 3), groups, factors)
 
     assert torch.autograd.gradcheck(fn, (x, *factors))
 
@@ -127,3 +128,27 @@ def test_bf16_base_with_fp32_factors_under_autocast_matches_float64():
     want = (ref, *torch.autograd.grad(ref, (xr, *fr), dy))
     for a, b in zip(got, want):
         assert (a.double() - b).abs().max() <= 1e-2 * b.abs().max()
+
+
+@pytest.mark.parametrize("groups", ["runs", "run and scatter"])
+def test_fp8_base_weight_equals_the_plain_formula_on_its_dequantized_weight(groups):
+    """An e4m3 base weight with a per-row scale (model/fp8.py): forward and every gradient are the plain
+    formula on q * scale; the weight itself gets no gradient (it is frozen storage)."""
+    groups, per_element = GROUPS[groups]
+    x, weight, bias, factors = case((5, 5, 5, 7), n_sets=2, dtype=torch.float32, seed=3)
+    q, scale = quantize_rows(weight.detach() * 40)  # large enough that the scale is not 1
+    out = lora_linear(x, q, bias, 0.7, (5, 5, 5, 7), groups, factors, weight_scale=scale)
+    assert out.dtype == torch.float32
+    # float64 reference on the dequantized weight (exact in fp32: e4m3 times a power of two)
+    xr, br = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    fr = tuple(f.detach().double().requires_grad_() for f in factors)
+    ref = plain(xr, dequantize(q, scale, torch.float64), br, 0.7, (5, 5, 5, 7), per_element, fr)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    dy = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, (x, bias, *factors), dy.float())
+    want = torch.autograd.grad(ref, (xr, br, *fr), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-4 * b.abs().max().item())
+    no_groups = lora_linear(x, q, bias, 0.7, (5, 5, 5, 7), (), factors, weight_scale=scale)
+    torch.testing.assert_close(no_groups, torch.nn.functional.linear(x, dequantize(q, scale, x.dtype), bias),
+                               rtol=0, atol=0)

@@ -81,6 +81,23 @@ def test_same_latents_and_image_as_diffusers(pipeline_folder):
     assert np.abs(images - ref_images).max() <= 1
 
 
+def test_fp8_pipeline_runs_hooks_before_quantizing_and_stays_close(pipeline_folder):
+    from model.fp8 import E4M3, Float8Linear
+
+    folder, _, _ = pipeline_folder
+    cfg = GenerationConfig(height=32, width=48, steps=3, guidance=4.0, seed=7, max_sequence_length=T5_LEN)
+    ref = FluxPipeline(FluxSources.from_folder(folder))(PROMPTS, cfg, output="latent")
+    pipe = FluxPipeline(FluxSources.from_folder(folder), fp8=True)
+    seen = []  # a hook (a LoRA merge) sees the full-precision weights, on the CPU
+    pipe.transformer_hooks.append(lambda m: seen.append(m.single_blocks[0].linear1.weight.dtype))
+    latents = pipe(PROMPTS, cfg, output="latent")
+    assert seen == [torch.float32]
+    assert isinstance(pipe.transformer.single_blocks[0].linear1, Float8Linear)
+    assert pipe.transformer.double_blocks[0].img_attn.qkv.weight.dtype == E4M3
+    err = ((latents - ref).abs().max() / ref.abs().max()).item()
+    assert 0 < err < 0.1, err  # e4m3 rounding of the block weights: visible, small
+
+
 def test_dynamic_shift_is_read_from_the_scheduler_config(pipeline_folder):
     folder, _, guidance = pipeline_folder
     assert FluxSources.from_folder(folder).schedule.dynamic == guidance

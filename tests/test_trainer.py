@@ -90,10 +90,15 @@ def test_a_few_steps_lower_the_loss_on_a_tiny_overfit_case(tmp_path):
     assert [r["step"] for r in log] == list(range(1, 16)) and all(r["loss"] > 0 for r in log)
 
 
-def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path):
-    whole = trainer(tmp_path, config(tmp_path, "whole"))
+@pytest.mark.parametrize("fp8_base", [False, True], ids=["fp32 base", "fp8 base"])
+def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path, fp8_base):
+    whole = trainer(tmp_path, config(tmp_path, "whole", fp8_base=fp8_base))
     whole.run()
-    cfg = config(tmp_path, "killed")
+    if fp8_base:  # the blocks' Linears hold e4m3 storage; embedders and LoRA sets keep their dtypes
+        dtypes = {n: p.dtype for n, p in whole.model.named_parameters()}
+        assert dtypes["single_blocks.0.linear1.weight"] == torch.float8_e4m3fn
+        assert dtypes["img_in.weight"] == dtypes["single_blocks.0.linear1.lora_down.live"] == torch.float32
+    cfg = config(tmp_path, "killed", fp8_base=fp8_base)
     with pytest.raises(Kill):
         trainer(tmp_path, cfg, on_step=kill_at(5)).run()  # dies after step 5; newest checkpoint: step 4
     names = [p.name for p in ckpt.checkpoints(tmp_path / "killed" / "checkpoints")]

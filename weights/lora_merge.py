@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from model.fp8 import E4M3
+
 from .io import TensorReader, WeightsError, model_files, read_shapes
 from .keymaps import to_official
 from .keymaps.flux import flux_rules
@@ -131,6 +133,9 @@ def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None
     state = state or _Applied([], [], base, _file_stats(base) if base else {})
     modules = dict.fromkeys(m for lora, _ in items for m in lora.modules)  # ordered, unique
     weights = {m: model.get_submodule(m).weight for m in modules}
+    if any(w.dtype == E4M3 for w in weights.values()):
+        raise WeightsError("the model's weights are stored in fp8; merge LoRAs before quantizing (the pipelines' "
+                           "fp8=True does), or load the model again")
     new = [m for m in modules if m not in state.touched]
     state.restorable = state.restorable and restorable
     with torch.no_grad():
@@ -163,6 +168,8 @@ def unload_loras(model) -> None:
         return
     if not state.restorable:
         raise WeightsError("these LoRAs were applied with restorable=False; reload the model to remove them")
+    if any(model.get_submodule(m).weight.dtype == E4M3 for m in state.touched):
+        raise WeightsError("the model was quantized to fp8 after its LoRAs were merged; reload it to remove them")
     with torch.no_grad():
         if state.base is not None:
             if _file_stats(state.base) != state.stats:
