@@ -50,6 +50,8 @@ from einops import rearrange  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 import model.kernels as kernels  # noqa: E402
+from model.fp8 import quantize_rows  # noqa: E402
+from model.kernels.dequant import dequant_rows_reference  # noqa: E402
 from model.kernels.qk_norm_rope import (  # noqa: E402
     qk_norm_reference,
     qk_norm_rope_joint_reference,
@@ -170,10 +172,14 @@ def make_op(name: str, B: int, L_txt: int, L_img: int, H: int, D: int, device, d
             4 * n * es,
             6 * n * es,
         )
+    if name == "dequant_rows":  # a Flux single block's linear1 weight (7D x D), e4m3 -> dtype; no backward
+        q, s = quantize_rows(torch.randn(7 * H * D, H * D, generator=g, device=device))
+        return ([], lambda: (dequant_rows_reference(q, s, dtype),), lambda: (kernels.dequant_rows(q, s, dtype),),
+                q.numel() * (1 + es), 0)
     raise ValueError(name)
 
 
-OPS = ["rms_norm", "rope", "qk_norm_rope", "qk_norm_rope_joint", "qk_norm_sd35"]
+OPS = ["rms_norm", "rope", "qk_norm_rope", "qk_norm_rope_joint", "qk_norm_sd35", "dequant_rows"]
 
 
 def fwd_bwd(fn, inputs):
@@ -190,9 +196,11 @@ def bench_ops(args, device, dtype, peak):
         for name in args.ops or OPS:
             h, d = (38, 64) if name == "qk_norm_sd35" and not args.small else (H, D)  # SD3.5-large heads
             lt = 333 if name == "qk_norm_sd35" and not args.small else L_txt  # 77 CLIP + 256 T5 tokens
+            if name == "dequant_rows" and (label, B) != op_cases(args.small)[0][:2]:
+                continue  # a weight: the same at every resolution and batch
             inputs, ref, tri, bytes_f, bytes_b = make_op(name, B, lt, L_img, h, d, device, dtype)
             comp = None if args.no_compile else torch.compile(ref, dynamic=False)
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in ("fwd",) if name == "dequant_rows" else ("fwd", "fwd+bwd"):
                 wrap = (lambda f: lambda: f(*inputs)) if mode == "fwd" else (lambda f: fwd_bwd(f, inputs))
                 ctx = torch.no_grad() if mode == "fwd" else torch.enable_grad()
                 with ctx:
@@ -203,7 +211,8 @@ def bench_ops(args, device, dtype, peak):
                     t_comp = time_ms(wrap(comp), device) if comp is not None else float("nan")
                 nbytes = bytes_f + (bytes_b if mode == "fwd+bwd" else 0)
                 gbps = nbytes / t_tri / 1e6
-                rows.append(dict(op=name, shape=f"{label} B{B} H{h} L{lt + L_img} D{d}", mode=mode,
+                shape = f"weight {7 * h * d}x{h * d}" if name == "dequant_rows" else f"{label} B{B} H{h} L{lt + L_img} D{d}"
+                rows.append(dict(op=name, shape=shape, mode=mode,
                                  eager=t_eager, compiled=t_comp, triton=t_tri, gbps=gbps,
                                  peak=100 * gbps / peak if peak else float("nan")))  # fmt: skip
                 print_row(rows[-1], header=len(rows) == 1)

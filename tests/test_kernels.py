@@ -363,6 +363,29 @@ def test_compile_fullgraph_no_graph_break():
     compare(compiled, prologue, [base, txt, qs, ks])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequant_rows_is_bit_exact_for_every_e4m3_code(dtype):
+    """Every one of the 256 e4m3 codes (NaNs, subnormals and both zeros included), in rows with different
+    power-of-two scales, over more elements than one program covers (a masked tail)."""
+    from model.kernels.dequant import dequant_rows_reference, dequant_rows_triton
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    q = codes.repeat(41)[: 40 * 251].view(40, 251).view(torch.float8_e4m3fn).to(DEVICE)  # 10040 > 4096
+    # 2^-12 .. 2^27; fp16: 2^-14 .. 2^7, where 448 * scale still fits its range
+    exps = torch.arange(-12, 28) if dtype != torch.float16 else torch.arange(40) % 22 - 14
+    scale = torch.exp2(exps.float()).view(-1, 1).to(DEVICE)
+    got = dequant_rows_triton(q, scale, dtype)
+    want = dequant_rows_reference(q, scale, dtype)
+    assert got.dtype == want.dtype == dtype
+    nan_codes = (q.view(torch.uint8) & 127) == 127  # 0x7F and 0xFF: e4m3fn's only NaNs
+    assert torch.equal(got.isnan(), nan_codes) and torch.equal(want.isnan(), nan_codes)
+    fin = ~want.isnan()
+    assert torch.equal(got[fin], want[fin])
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32)[fin],
+                       want.view(torch.int16 if dtype != torch.float32 else torch.int32)[fin])  # -0.0 kept
+    assert torch.equal(kernels.dequant_rows(q, scale, dtype).isnan(), want.isnan())  # the dispatcher's path
+
+
 def test_dispatcher_selects_backend(monkeypatch):
     x, w = torch.randn(3, 8, device=DEVICE, requires_grad=True), torch.ones(8, device=DEVICE)
     monkeypatch.setenv("SCFM_KERNELS", "torch")
@@ -387,6 +410,7 @@ def test_package_works_without_triton():
         "x = torch.randn(1, 2, 3, 8); w = torch.ones(8); pe = torch.randn(1, 1, 3, 4, 2)\n"
         "K.rms_norm(x, w); K.rope(x, pe); K.qk_norm_rope(x, x, w, w, pe); K.qk_norm(x, x, w, w)\n"
         "K.qk_norm_rope_joint(x, x, x, x, w, w, w, w, torch.randn(1, 1, 6, 4, 2))\n"
+        "K.dequant_rows(torch.ones(3, 4).to(torch.float8_e4m3fn), torch.ones(3, 1), torch.bfloat16)\n"
     )
     env = {**os.environ, "SCFM_KERNELS": ""}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)

@@ -123,6 +123,9 @@ def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, t
     assert meta["seed"] == 11 and meta["prompt"] == PROMPTS[0] and meta["steps"] == 2
     assert main(args) == 2 and "exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+    assert main(args[:-4] + ["--out", str(tmp_path / "fp8.png"), "--fp8"]) == 0  # e4m3 block weights
+    fp8 = np.asarray(Image.open(tmp_path / "fp8.png")).astype(int)
+    assert 0 < np.abs(fp8 - np.asarray(Image.open(tmp_path / "one.png")).astype(int)).max() <= 32
     assert main(args[:-4] + ["--width", "50", "--out", str(tmp_path / "bad.png")]) == 2
     assert "not a multiple of 8" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2

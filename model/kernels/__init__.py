@@ -12,6 +12,7 @@ dependency: without it every call runs the reference. All ops are differentiable
                                                               Flux double block: -> (B, H, L_txt + L_img, D),
                                                               text first
     qk_norm(q, k, q_scale, k_scale, eps)                      SD3.5: diffusers casting, no RoPE
+    dequant_rows(q, scale, dtype)                             e4m3 (out, in) * fp32 scale (out, 1): model/fp8.py
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ import torch
 from torch import Tensor
 
 from ._triton_utils import HAS_TRITON
+from .dequant import dequant_rows_reference
 from .qk_norm_rope import qk_norm_reference, qk_norm_rope_joint_reference, qk_norm_rope_reference
 from .rmsnorm import rms_norm_reference
 from .rope import rope_reference
 
 if HAS_TRITON:
+    from .dequant import dequant_rows_triton
     from .qk_norm_rope import qk_norm_rope_joint_triton, qk_norm_rope_triton, qk_norm_triton
     from .rmsnorm import rms_norm_triton
     from .rope import rope_triton
 
-__all__ = ["HAS_TRITON", "backend", "qk_norm", "qk_norm_rope", "qk_norm_rope_joint", "rms_norm", "rope"]
+__all__ = ["HAS_TRITON", "backend", "dequant_rows", "qk_norm", "qk_norm_rope", "qk_norm_rope_joint", "rms_norm",
+           "rope"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_D = 8192  # one row must fit one tile of registers; wider rows (none in Flux / SD3.5) take the reference
@@ -102,3 +106,10 @@ def qk_norm(
     if _use_triton(q):
         return qk_norm_triton(q, k, q_scale, k_scale, eps)
     return qk_norm_reference(q, k, q_scale, k_scale, eps)
+
+
+def dequant_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """An e4m3 weight (out, in) times its per-row scale (out, 1), in `dtype` (no gradient: frozen storage)."""
+    if backend(q) == "triton" and dtype in _DTYPES[:3] and q.ndim == 2 and scale.numel() == q.shape[0]:
+        return dequant_rows_triton(q, scale, dtype)
+    return dequant_rows_reference(q, scale, dtype)
