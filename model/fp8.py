@@ -91,7 +91,26 @@ class Float8Linear(Float8Weight, nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dense_weight(compute_dtype(x)), self.bias)
+        return _Float8LinearFn.apply(x, self.weight, self.weight_scale, self.bias)
+
+
+class _Float8LinearFn(torch.autograd.Function):
+    """F.linear on the dequantized weight, saving the e4m3 storage (not the dense copy) for backward: a frozen
+    layer without a LoRA (SD3's context-stream MLPs) would otherwise hold its weight in bf16 until backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+        out = F.linear(x, dequantize(q, scale, compute_dtype(x)), bias)
+        ctx.save_for_backward(q, scale)
+        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        q, scale = ctx.saved_tensors
+        dx = (dy @ dequantize(q, scale, dy.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        return dx, None, None, db
 
 
 def is_block_linear(name: str) -> bool:

@@ -46,6 +46,29 @@ def test_float8_linear_is_the_linear_on_its_dequantized_weight():
         assert f8(x).dtype == torch.bfloat16
 
 
+def test_float8_linear_backward_keeps_only_the_e4m3_storage():
+    """dx and d(bias) equal the dense layer's; what autograd saves is the e4m3 weight, not a dense copy."""
+    torch.manual_seed(0)
+    f8 = Float8Linear.from_linear(nn.Linear(48, 40))
+    f8.bias.requires_grad_(True)
+    dense = nn.Linear(48, 40)
+    with torch.no_grad():
+        dense.weight.copy_(dequantize(f8.weight, f8.weight_scale, torch.float32))
+        dense.bias.copy_(f8.bias)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = f8(x)
+    assert not any(t.shape == (40, 48) and t.dtype != E4M3 for t in saved)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, f8.bias), dy)
+    want = torch.autograd.grad(dense(x), (x, dense.bias), dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 input's gradient comes back fp32
+        assert torch.autograd.grad(f8(x).float().sum(), x)[0].dtype == torch.float32
+
+
 def test_storage_survives_model_to_dtype_and_state_dict_round_trip():
     torch.manual_seed(0)
     f8 = Float8Linear.from_linear(nn.Linear(32, 16))
