@@ -26,3 +26,23 @@ def randomize_(module: torch.nn.Module, sigma: float, seed: int = 0) -> torch.nn
                 ("weight", "scale"))
             t.copy_((1 + noise if is_norm_scale else noise).to(t.dtype))
     return module
+
+
+def comfy_scaled_fp8(sd: dict, per_row: bool = False) -> tuple[dict, dict]:
+    """A ComfyUI-style scaled fp8 file of `sd` -> (its tensors, the weights it stands for). Older style: a scalar
+    `scale_weight` per 2-D weight, `scale_input` and the `scaled_fp8` marker; newer: `weight_scale` (here one
+    per row) and `input_scale`. Scales are absmax / 448, not powers of two."""
+    names = ("weight_scale", "input_scale") if per_row else ("scale_weight", "scale_input")
+    out, real = {} if per_row else {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.ndim == 2:
+            absmax = v.abs().amax(dim=1, keepdim=True) if per_row else v.abs().amax()
+            scale = (absmax / 448).clamp_min(1e-12).float()
+            q = (v / scale).to(torch.float8_e4m3fn)
+            stem = k[: -len("weight")]
+            out |= {k: q, stem + names[0]: scale if per_row else scale.reshape(()),
+                    stem + names[1]: torch.ones((), dtype=torch.float32)}
+            real[k] = q.float() * scale
+        else:
+            out[k], real[k] = v, v
+    return out, real

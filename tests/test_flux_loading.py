@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import comfy_scaled_fp8
 from flux_fixtures import (
     assert_bf16_close,
     assert_fp32_close,
@@ -74,6 +75,21 @@ def test_fp8_file_is_upcast(ref, layouts, tmp_path):
     k = "double_blocks.0.img_attn.qkv.weight"
     assert ours.state_dict()[k].dtype == torch.bfloat16
     torch.testing.assert_close(ours.state_dict()[k], sd[k].to(torch.float8_e4m3fn).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scale_weight", "weight_scale per row"])
+def test_comfy_scaled_fp8_file_loads_as_the_products(layouts, tmp_path, per_row):
+    sd = load_flux(layouts / "bfl.safetensors").state_dict()
+    tensors, real = comfy_scaled_fp8(sd, per_row)
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in tensors.items()}, tmp_path / "s.safetensors")
+    ours = load_flux(tmp_path / "s.safetensors")  # fp32: the products exactly
+    assert ours.state_dict().keys() == sd.keys()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, real[k]), k
+    k = "double_blocks.0.img_attn.qkv.weight"
+    assert not torch.equal(real[k], tensors[k].float())  # the scale matters
+    bf16 = load_flux(tmp_path / "s.safetensors", dtype=torch.bfloat16).state_dict()[k]
+    assert torch.equal(bf16, real[k].bfloat16())
 
 
 def test_our_saver_round_trips_and_records_the_config(layouts, tmp_path):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import comfy_scaled_fp8
 from safetensors.torch import save_file
 from text_fixtures import assert_close_rel, hf_clip, hf_t5, run_hf_clip, t5_state
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -86,6 +87,15 @@ def test_t5_comfy_fp16_file_to_bf16_never_makes_fp32(tmp_path):
     with _Float32Allocations() as control:  # the watcher does see fp32 tensors when there are some
         load_t5(path, dtype=torch.float32)
     assert control.seen
+
+
+def test_t5_comfy_scaled_fp8_file(tmp_path):
+    """t5xxl_fp8_e4m3fn_scaled-style: every 2-D weight fp8 with a scalar scale; the model gets the products."""
+    state = t5_state(hf_t5(T5_TINY, 0.2))
+    tensors, real = comfy_scaled_fp8(state)
+    model = load_t5(_save(tensors, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    assert model.config == T5_TINY
+    _assert_same_state(model, real)
 
 
 def test_t5_prefixed_file_with_embed_tokens_name(tmp_path):

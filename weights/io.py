@@ -28,6 +28,14 @@ CONFIG_METADATA_KEY = "scfm_config"
 
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
 
+# ComfyUI's "scaled fp8" files (flux1-dev-fp8-scaled, t5xxl_fp8_e4m3fn_scaled, ...): an fp8 `X.weight` is stored
+# with `X.scale_weight` (older) or `X.weight_scale` (newer), a scalar or one value per output row, and the real
+# weight is their product. Readers hand out that product and hide the side keys: the activation scales
+# (`X.scale_input` / `X.input_scale`, for fp8 matmuls we do not run) and the `scaled_fp8` marker.
+_WEIGHT_SCALES = ("scale_weight", "weight_scale")
+_INPUT_SCALES = ("scale_input", "input_scale")
+_MARKERS = ("scaled_fp8",)
+
 
 def _check_safetensors_file(path: Path) -> None:
     if not path.exists():
@@ -86,30 +94,43 @@ def read_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str,
     return {k: (v["shape"], v["dtype"]) for k, v in header.items()}, metadata
 
 
+def _scaled_fp8(header: dict[str, tuple[list[int], str]]) -> tuple[dict[str, str], set[str]]:
+    """(fp8 weight key -> its scale key, the side keys to hide) of a header (see _WEIGHT_SCALES)."""
+    scaled: dict[str, str] = {}
+    for key, (_, dtype) in header.items():
+        if dtype.startswith("F8") and key.endswith(".weight"):
+            stem = key[: -len("weight")]
+            scaled.update({key: stem + s for s in _WEIGHT_SCALES if stem + s in header})
+    stems = {k[: -len("weight")] for k in scaled}
+    hidden = set(scaled.values()) | {s + i for s in stems for i in _INPUT_SCALES if s + i in header}
+    if scaled:
+        hidden |= {k for k in header if k.rpartition(".")[2] in _MARKERS}  # top level or under a prefix
+    return scaled, hidden
+
+
 def read_shapes(files: list[Path]) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    """Key -> (shape, dtype name) over all files, as the readers hand the tensors out: a scaled fp8 weight
+    reports its scale's dtype, and the scale / marker keys are left out."""
     shapes: dict[str, tuple[list[int], str]] = {}
     metadata: dict[str, str] = {}
     for f in files:
         s, m = read_header(f)
         shapes.update(s)
         metadata.update(m)
-    return shapes, metadata
+    scaled, hidden = _scaled_fp8(shapes)
+    for weight, scale in scaled.items():
+        shapes[weight] = (shapes[weight][0], shapes[scale][1])
+    return {k: v for k, v in shapes.items() if k not in hidden}, metadata
 
 
 def iter_tensors(
     files: list[Path], keys: set[str] | None = None, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time, cast to `dtype` (fp8 files upcast here). `keys` filters."""
-    for path in files:
-        _check_safetensors_file(path)
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if keys is not None and key not in keys:
-                    continue
-                t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                    t = t.to(dtype)
-                yield key, t
+    """Yield (key, tensor) one at a time in file order, as `TensorReader` reads them. `keys` filters."""
+    with TensorReader(files, dtype) as read:
+        for key in read.keys():
+            if keys is None or key in keys:
+                yield key, read(key)
 
 
 def config_from_metadata(metadata: dict[str, str]) -> dict | None:
@@ -153,21 +174,41 @@ class TensorReader:
         self.files, self.dtype, self.prefix = files, dtype, prefix
         self._handles: list = []
         self._where: dict[str, object] = {}
+        self._scales: dict[str, str] = {}
+        self._hidden: set[str] = set()
 
     def __enter__(self) -> TensorReader:
+        header: dict[str, tuple[list[int], str]] = {}
         for path in self.files:
             h = safe_open(str(path), framework="pt", device="cpu")
             self._handles.append(h)
             for key in h.keys():
                 self._where[key] = h
+            header.update(read_header(path)[0])
+        self._scales, self._hidden = _scaled_fp8(header)
         return self
 
     def __exit__(self, *exc) -> None:
         self._handles.clear()
         self._where.clear()
 
+    def keys(self) -> list[str]:
+        """Every key the reader hands out (full names, in file order; scaled-fp8 side keys left out)."""
+        return [k for k in self._where if k not in self._hidden]
+
+    def _get(self, full: str) -> torch.Tensor:
+        return self._where[full].get_tensor(full)
+
     def __call__(self, key: str) -> torch.Tensor:
-        t = self._where[self.prefix + key].get_tensor(self.prefix + key)
+        full = self.prefix + key
+        t = self._get(full)
+        if full in self._scales:  # a scaled fp8 weight: the product, computed in fp32
+            scale = self._get(self._scales[full])
+            if scale.numel() not in (1, t.shape[0]):
+                raise WeightsError(f"{full}: scale of shape {list(scale.shape)} fits neither the whole weight nor "
+                                   f"its {t.shape[0]} rows; the file is not a scaled fp8 checkpoint we know")
+            rows = scale.float().reshape(-1, *([1] * (t.ndim - 1)))  # (1 | out, 1, ...)
+            t = (t.float() * rows).to(self.dtype or torch.promote_types(scale.dtype, torch.float32))
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
             t = t.to(self.dtype)  # fp8 files upcast here, before any key-map arithmetic
         return t
