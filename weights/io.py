@@ -100,7 +100,9 @@ def _scaled_fp8(header: dict[str, tuple[list[int], str]]) -> tuple[dict[str, str
     for key, (_, dtype) in header.items():
         if dtype.startswith("F8") and key.endswith(".weight"):
             stem = key[: -len("weight")]
-            scaled.update({key: stem + s for s in _WEIGHT_SCALES if stem + s in header})
+            found = [stem + s for s in _WEIGHT_SCALES if stem + s in header]
+            if found:
+                scaled[key] = found[0]
     stems = {k[: -len("weight")] for k in scaled}
     hidden = set(scaled.values()) | {s + i for s in stems for i in _INPUT_SCALES if s + i in header}
     if scaled:
