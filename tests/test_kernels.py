@@ -386,6 +386,26 @@ def test_dequant_rows_is_bit_exact_for_every_e4m3_code(dtype):
     assert torch.equal(kernels.dequant_rows(q, scale, dtype).isnan(), want.isnan())  # the dispatcher's path
 
 
+def test_dequant_kernel_compiles_for_ampere_and_hopper():
+    """The dequant kernel has never run on a GPU here: compile it ahead of time for sm80 / sm90 (no GPU needed;
+    the interpreter would accept Python that the compiler rejects)."""
+    code = (
+        "import triton\n"
+        "from triton.compiler import ASTSource\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from model.kernels.dequant import _dequant_kernel\n"
+        "for cap in (80, 90):\n"
+        "    sig = {'q_ptr': '*u8', 'scale_ptr': '*fp32', 'out_ptr': '*bf16', 'n': 'i32', 'n_in': 'i32',\n"
+        "           'BLOCK': 'constexpr'}\n"
+        "    k = triton.compile(ASTSource(fn=_dequant_kernel, signature=sig, constexprs={'BLOCK': 4096}),\n"
+        "                       target=GPUTarget('cuda', cap, 32))\n"
+        "    assert 'cubin' in k.asm\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_dispatcher_selects_backend(monkeypatch):
     x, w = torch.randn(3, 8, device=DEVICE, requires_grad=True), torch.ones(8, device=DEVICE)
     monkeypatch.setenv("SCFM_KERNELS", "torch")

@@ -31,10 +31,10 @@ if HAS_TRITON:
         b = tl.load(q_ptr + offs, mask=live, other=0).to(tl.int32)  # the e4m3 byte
         e = (b >> 3) & 15
         m = b & 7
-        # normal: 2^(e - 7) * (1 + m / 8), built from its fp32 bits (exact, no exp2); subnormal: m * 2^-9
-        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-        mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
-        mag = tl.where((b & 127) == 127, float("nan"), mag)  # e4m3fn's only NaN codes (0x7F, 0xFF)
+        # normal: 2^(e - 7) * (1 + m / 8), built from its fp32 bits (exact, no exp2); e4m3fn's only NaN codes
+        # (0x7F, 0xFF) get a quiet NaN's bits; subnormal: m * 2^-9
+        bits = tl.where((b & 127) == 127, 0x7FC00000, ((e + 120) << 23) | (m << 20))
+        mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, bits.to(tl.float32, bitcast=True))
         value = tl.where(b >= 128, -mag, mag)
         s = tl.load(scale_ptr + offs // n_in, mask=live, other=1.0)
         tl.store(out_ptr + offs, (value * s).to(out_ptr.dtype.element_ty), mask=live)
