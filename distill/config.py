@@ -93,8 +93,7 @@ class DistillConfig:
     fp8_base: bool = opt(False, "store the frozen transformer blocks' Linear weights in float8 (e4m3, a "
                                 "power-of-two scale per row): half of bf16's memory (Flux-dev 23.7 -> 11.9 GB), "
                                 "for 24 GB cards; each layer computes in --dtype from them, and the teacher is "
-                                "this fp8 model too. The model is read into CPU memory and quantized onto the "
-                                "device layer by layer")
+                                "this fp8 model too. Weights are quantized as they are read")
     # --- logging, samples, checkpoints, export ------------------------------------------------------------
     log_every: int = opt(10, "steps between JSONL log lines")
     sample_every: int = opt(0, "steps between sample images (0 = off); needs sample_prompts in the cache")

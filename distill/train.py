@@ -185,8 +185,7 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: s
 
 
 def load_model(cfg: DistillConfig, device: torch.device):
-    if cfg.fp8_base:  # the full-precision copy stays in CPU memory; the trainer quantizes onto the device
-        device = torch.device("cpu")
+    """With fp8_base the blocks' weights are quantized as they are read: the bf16 model never exists at once."""
     from model.flux import FLUX_CONFIGS, Flux
     from model.mmdit import MMDIT_CONFIGS, MMDiT
 
@@ -196,10 +195,10 @@ def load_model(cfg: DistillConfig, device: torch.device):
     if family_of(cfg) == "sd3":
         from weights.mmdit import load_mmdit
 
-        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
+        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base)
     from weights.flux import load_flux
 
-    return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device)
+    return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base)
 
 
 # ----- export -----------------------------------------------------------------------------------------------

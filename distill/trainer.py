@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.flux import Flux
-from model.fp8 import quantize_linears_
+from model.fp8 import fp8_bytes, quantize_linears_
 from model.mmdit import MMDiT
 from sampling.velocity import FluxVelocity, MMDiTVelocity
 
@@ -143,8 +143,8 @@ class Trainer:
                 raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "
                                     "needs; build a cache for SD3.5 (it embeds the empty prompt once)")
 
-        if config.fp8_base:  # block Linears onto the device in e4m3, one at a time (model/fp8.py)
-            quantize_linears_(model, self.device)
+        if config.fp8_base and not fp8_bytes(model):  # the loaders quantize as they read; a model built in
+            quantize_linears_(model, self.device)  # memory (tiny) gets its block Linears quantized here
         # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so (e4m3
         # storage is kept by its own `_apply`)
         model = model.to(device=self.device, dtype=DTYPES[config.dtype])

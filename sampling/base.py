@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from model.fp8 import quantize_linears_
+from model.fp8 import fp8_bytes, quantize_linears_
 from model.vae import AutoEncoder, vae_to_images
 from weights.io import WeightsError
 from weights.vae import load_vae
@@ -24,9 +24,9 @@ class Pipeline:
     def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  fp8: bool = False):
         self.sources, self.device, self.dtype = sources, torch.device(device), dtype
-        # fp8: the transformer blocks' weights are stored in e4m3 (model/fp8.py), half of bf16's memory; the
-        # model is read into CPU memory, the hooks (LoRA merges) run there in `dtype`, then each block Linear
-        # is quantized onto the device
+        # fp8: the transformer blocks' weights are stored in e4m3 (model/fp8.py), half of bf16's memory. Without
+        # hooks they are quantized as they are read; with hooks (LoRA merges) the model is read into CPU memory,
+        # the hooks run there in `dtype`, then each block Linear is quantized onto the device
         self.fp8 = fp8
         self._transformer: nn.Module | None = None
         self._vae: AutoEncoder | None = None
@@ -35,7 +35,7 @@ class Pipeline:
     # --- what a family defines -----------------------------------------------------------------------------------
 
     def load_transformer(self) -> nn.Module:
-        """The transformer in `self.dtype` on `self.load_device`."""
+        """The transformer in `self.dtype` on `self.load_device` (block weights in e4m3 if `quantize_on_load`)."""
         raise NotImplementedError
 
     def size_multiple(self) -> int:
@@ -61,7 +61,12 @@ class Pipeline:
 
     @property
     def load_device(self) -> torch.device:
-        return torch.device("cpu") if self.fp8 else self.device
+        return torch.device("cpu") if self.fp8 and self.transformer_hooks else self.device
+
+    @property
+    def quantize_on_load(self) -> bool:
+        """Whether `load_transformer` should read the block weights straight into e4m3."""
+        return self.fp8 and not self.transformer_hooks
 
     @property
     def transformer(self) -> nn.Module:
@@ -69,7 +74,7 @@ class Pipeline:
             model = self.load_transformer()
             for hook in self.transformer_hooks:
                 hook(model)
-            if self.fp8:
+            if self.fp8 and not fp8_bytes(model):
                 quantize_linears_(model, self.device)
                 model.to(self.device)
             self._transformer = model

@@ -92,6 +92,22 @@ def test_comfy_scaled_fp8_file_loads_as_the_products(layouts, tmp_path, per_row)
     assert torch.equal(bf16, real[k].bfloat16())
 
 
+@pytest.mark.parametrize("name", ["bfl.safetensors", "diffusers.safetensors"])
+def test_fp8_load_quantizes_as_it_reads(layouts, name):
+    """fp8=True gives exactly the model loaded in bf16 and then quantized (model/fp8.py), without ever holding
+    the bf16 block weights."""
+    from model.fp8 import E4M3, Float8Linear, quantize_linears_
+
+    ours = load_flux(layouts / name, dtype=torch.bfloat16, fp8=True)
+    ref = load_flux(layouts / name, dtype=torch.bfloat16)
+    quantize_linears_(ref)
+    assert isinstance(ours.single_blocks[0].linear1, Float8Linear) and not ours.training
+    got, want = ours.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and got["double_blocks.0.img_mlp.0.weight"].dtype == E4M3
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k].float(), v.float()), k
+
+
 def test_our_saver_round_trips_and_records_the_config(layouts, tmp_path):
     model = load_flux(layouts / "bfl.safetensors")
     cfg = FluxConfig(**{**model.config.to_dict(), "theta": 2000})  # not inferable from the keys alone

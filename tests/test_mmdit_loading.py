@@ -98,6 +98,18 @@ def test_bf16_load_matches_diffusers_bf16(ref, layouts):
     ref.float()
 
 
+def test_fp8_load_quantizes_as_it_reads(layouts):
+    from model.fp8 import E4M3, quantize_linears_
+
+    ours = load_mmdit(layouts / "sai_all_in_one.safetensors", dtype=torch.bfloat16, fp8=True)
+    ref = load_mmdit(layouts / "sai_all_in_one.safetensors", dtype=torch.bfloat16)
+    quantize_linears_(ref)
+    got, want = ours.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys() and got["joint_blocks.0.x_block.attn.qkv.weight"].dtype == E4M3
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k].float(), v.float()), k
+
+
 def test_sd3_style_loads_with_a_config(tmp_path):
     """SD3.0 files have no ln_q to give the head dim; SAI's convention (64) does not fit this toy, so the
     inference says to pass config=, and with it the file loads."""

@@ -96,6 +96,9 @@ def test_fp8_pipeline_runs_hooks_before_quantizing_and_stays_close(pipeline_fold
     assert pipe.transformer.double_blocks[0].img_attn.qkv.weight.dtype == E4M3
     err = ((latents - ref).abs().max() / ref.abs().max()).item()
     assert 0 < err < 0.1, err  # e4m3 rounding of the block weights: visible, small
+    # without hooks the weights are quantized as they are read: the same model, the same latents
+    assert torch.equal(FluxPipeline(FluxSources.from_folder(folder), fp8=True)(PROMPTS, cfg, output="latent"),
+                       latents)
 
 
 def test_dynamic_shift_is_read_from_the_scheduler_config(pipeline_folder):

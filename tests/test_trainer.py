@@ -111,6 +111,16 @@ def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path, fp8_base):
     assert log == [1, 2, 3, 4, 5, 6]  # the killed run's step-5 line was replaced, not duplicated
 
 
+def test_fp8_base_model_file_is_quantized_as_it_is_read(tmp_path):
+    from distill.train import load_model
+    from weights import save_flux
+
+    path = save_flux(tiny_model(), tmp_path / "flux.safetensors")
+    model = load_model(config(tmp_path, model=str(path), fp8_base=True), torch.device("cpu"))
+    assert model.single_blocks[0].linear1.weight.dtype == torch.float8_e4m3fn
+    assert model.img_in.weight.dtype == torch.float32
+
+
 def test_a_checkpoint_torn_mid_write_leaves_the_previous_usable(tmp_path, monkeypatch):
     whole = trainer(tmp_path, config(tmp_path, "whole"))
     whole.run()

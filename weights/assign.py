@@ -12,6 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from model.fp8 import E4M3, quantize_rows
+
 from .io import WeightsError
 
 
@@ -55,12 +57,19 @@ def assign_tensors(
     device: torch.device | str,
     source: str,
 ) -> nn.Module:
-    """Move each tensor to `device` / `dtype` as it arrives and assign it; every model key must be provided."""
+    """Move each tensor to `device` / `dtype` as it arrives and assign it; every model key must be provided.
+
+    A weight the model holds in e4m3 (a Float8Linear, model/fp8.py, made on the meta model before reading) is
+    quantized as it arrives, its `weight_scale` with it: the full-precision model never exists at once."""
+    expected = model.state_dict()  # meta tensors: names and dtypes only
     state: dict[str, torch.Tensor] = {}
     for key, t in tensors:
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
-        state[key] = t.to(device)
+        if key in expected and expected[key].dtype == E4M3:
+            state[key], state[key[: -len("weight")] + "weight_scale"] = quantize_rows(t.to(device))
+        else:
+            state[key] = t.to(device)
     missing = model.state_dict().keys() - state.keys()
     if missing:
         raise WeightsError(f"{source}: tensors missing after reading ({_first(missing)}); the file is truncated")

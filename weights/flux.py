@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
+from model.fp8 import quantize_linears_
 
 from .assign import assign_tensors, check_keys_and_shapes, resolve_config
 from .io import (
@@ -131,9 +132,11 @@ def load_flux(
     config: FluxConfig | str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    fp8: bool = False,
 ) -> Flux:
     """Load a Flux transformer from a BFL or diffusers single file, a diffusers `transformer/` folder (one file or
-    shards) or a diffusers pipeline folder. Built on the meta device; tensors are assigned as they are read."""
+    shards) or a diffusers pipeline folder. Built on the meta device; tensors are assigned as they are read.
+    fp8: the blocks' Linear weights are quantized to e4m3 as they are read (model/fp8.py)."""
     files, config_json = model_files(source, "transformer")
     raw, metadata = read_shapes(files)
     src = str(source)
@@ -161,6 +164,8 @@ def load_flux(
     with torch.device("meta"):
         model = Flux(cfg)
     check_keys_and_shapes(model, shapes, source=src, layout=f"{layout} Flux")
+    if fp8:
+        quantize_linears_(model)  # on meta: the layers to fill with e4m3 weights
 
     with TensorReader(files, dtype=dtype, prefix=prefix) as read:
         tensors = to_official(rules, read) if layout == "diffusers" else ((k, read(k)) for k in shapes)

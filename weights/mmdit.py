@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from model.fp8 import quantize_linears_
 from model.mmdit import MMDiT, MMDiTConfig
 
 from .assign import assign_tensors, check_keys_and_shapes, resolve_config
@@ -161,11 +162,13 @@ def load_mmdit(
     config: MMDiTConfig | str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    fp8: bool = False,
 ) -> MMDiT:
     """Load an SD3 / SD3.5 transformer from an SAI single file (all-in-one files too: their VAE and text
     encoders are skipped), a diffusers single file, `transformer/` folder (one file or shards) or pipeline
     folder. Config: `config=` (a preset name or MMDiTConfig), else config.json, else the metadata our saver
-    writes, else inferred from the shapes. Built on the meta device; tensors are assigned as they are read."""
+    writes, else inferred from the shapes. Built on the meta device; tensors are assigned as they are read.
+    fp8: the blocks' Linear weights are quantized to e4m3 as they are read (model/fp8.py)."""
     files, config_json = model_files(source, "transformer")
     raw, metadata = read_shapes(files)
     src = str(source)
@@ -183,6 +186,8 @@ def load_mmdit(
         model = MMDiT(cfg)
     layout_name = "SAI MMDiT" if rules is None else "diffusers MMDiT"
     check_keys_and_shapes(model, shapes, source=src, layout=layout_name)
+    if fp8:
+        quantize_linears_(model)  # on meta: the layers to fill with e4m3 weights
 
     with TensorReader(files, dtype=dtype, prefix=prefix) as read:
         tensors = to_official(rules, read) if rules is not None else ((k, read(k)) for k in shapes)
