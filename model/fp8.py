@@ -125,13 +125,17 @@ def quantize_linears_(model: nn.Module, device: torch.device | str | None = None
     time (a bf16 model on the CPU never needs to fit on the GPU whole). Returns the bytes saved against the
     weights' previous dtype. Quantize before `inject_lora`: the LoRA layers take the e4m3 weight as it is."""
     saved = 0
-    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and include(n)]
-    if not targets:
+    # names, not modules: each replaced layer's full-precision weight is freed before the next is quantized
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and include(n)]
+    if not names:
         raise ValueError(f"no Linear of {type(model).__name__} matches; nothing to store in fp8")
-    for name, linear in targets:
+    for name in names:
         parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
         saved += linear.weight.numel() * (linear.weight.element_size() - 1) - 4 * linear.out_features
-        setattr(model.get_submodule(parent_name), child, Float8Linear.from_linear(linear, device))
+        setattr(parent, child, Float8Linear.from_linear(linear, device))
+        del linear
     return saved
 
 

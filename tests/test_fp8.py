@@ -172,3 +172,20 @@ def test_merging_into_fp8_weights_is_refused_and_merging_before_quantizing_is_ke
     quantize_linears_(other)
     with pytest.raises(WeightsError, match="stored in fp8; merge LoRAs before quantizing"):
         apply_loras(other, [lora])
+
+
+def test_quantizing_frees_each_full_precision_weight_before_the_next(monkeypatch):
+    """A model on the GPU in bf16 must not hold its bf16 and fp8 copies at once while it is quantized."""
+    import weakref
+
+    import model.fp8 as fp8
+
+    model = nn.Module()
+    model.double_blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+    alive = [weakref.ref(layer.weight) for layer in model.double_blocks]
+    counts, original = [], fp8.Float8Linear.from_linear
+    monkeypatch.setattr(fp8.Float8Linear, "from_linear",
+                        lambda linear, device=None: counts.append(sum(r() is not None for r in alive))
+                        or original(linear, device))
+    quantize_linears_(model)
+    assert counts == [3, 2, 1] and all(r() is None for r in alive)
