@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.fp8 import Float8Weight, compute_dtype
+from model.fp8 import Float8Weight, linear
 
 from .lora_fn import lora_linear, rows_of
 
@@ -272,7 +272,7 @@ class LoRALinear(LoRALayer):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def _base(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dense_weight(compute_dtype(x)), self.bias)
+        return linear(x, self.weight, self.weight_scale, self.bias)
 
     def _with_lora(self, x: Tensor, groups, scale: float) -> Tensor:
         names = list(dict.fromkeys(n for _, n in groups))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.fp8 import compute_dtype, dequantize
+from model.fp8 import compute_dtype, dense, linear
 
 
 def rows_of(t: Tensor, rows) -> Tensor:
@@ -49,7 +49,7 @@ class LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, weight_scale: Tensor | None, bias: Tensor | None, scale: float,
                 slices: tuple[int, ...], groups: tuple, *factors: Tensor) -> Tensor:
-        w = _dense(weight, weight_scale, compute_dtype(x))
+        w = dense(weight, weight_scale, compute_dtype(x))
         out = F.linear(x, w, bias).contiguous()  # rows are updated through views of it (a no-op normally)
         cdt, n_in, n_out = out.dtype, x.shape[-1], out.shape[-1]  # cdt: bf16 under autocast
         xc = x.to(cdt)
@@ -79,7 +79,7 @@ class LoRALinearFn(torch.autograd.Function):
         scale, slices, rank = ctx.scale, ctx.slices, ctx.rank
         n_in, n_out, cdt = xc.shape[-1], dy.shape[-1], xc.dtype
         dy = dy.to(cdt)
-        dx = (dy @ _dense(weight, weight_scale, cdt).to(cdt)).contiguous().view(xc.shape) if need[0] else None
+        dx = (dy @ dense(weight, weight_scale, cdt).to(cdt)).contiguous().view(xc.shape) if need[0] else None
         dw = (dy.reshape(-1, n_out).t() @ xc.reshape(-1, n_in)).to(ctx.dtypes[1]) if need[1] else None
         db = dy.reshape(-1, n_out).sum(0).to(ctx.dtypes[2]) if need[3] else None
         d_factors: list[Tensor | None] = [None] * ctx.n_factors
@@ -107,15 +107,10 @@ class LoRALinearFn(torch.autograd.Function):
         return (dx, dw, None, db, None, None, None, *d_factors)
 
 
-def _dense(weight: Tensor, weight_scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """The weight the GEMM reads: a plain one as it is (autocast casts it), an e4m3 one dequantized to `dtype`."""
-    return weight if weight_scale is None else dequantize(weight, weight_scale, dtype)
-
-
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, slices: tuple[int, ...],
                 groups: tuple, factors: tuple[Tensor, ...], weight_scale: Tensor | None = None) -> Tensor:
     """The base linear plus the LoRA of each group (see the module docstring); no groups: the base only.
     `weight_scale`: the per-row scale of an e4m3 `weight` (None for a plain one)."""
     if not groups:
-        return F.linear(x, _dense(weight, weight_scale, compute_dtype(x)), bias)
+        return linear(x, weight, weight_scale, bias)
     return LoRALinearFn.apply(x, weight, weight_scale, bias, scale, slices, groups, *factors)

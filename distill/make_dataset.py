@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sampling.generate import FP8_HELP
 from weights.io import WeightsError
 
 from .data import BUCKETS_512, buckets_for
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
-    p.add_argument("--fp8", action="store_true", help="store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory (Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")
+    p.add_argument("--fp8", action="store_true", help=FP8_HELP)
     return p
 
 

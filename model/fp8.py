@@ -41,6 +41,19 @@ def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return kernels.dequant_rows(q, scale, dtype)
 
 
+def dense(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The weight a GEMM reads: a plain one as it is (autocast casts it), an e4m3 one dequantized to `dtype`."""
+    return weight if scale is None else dequantize(weight, scale, dtype)
+
+
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """F.linear on a plain or an e4m3 weight (`scale` None: plain). For e4m3, backward keeps only the e4m3
+    storage, not a dense copy."""
+    if scale is None:
+        return F.linear(x, weight, bias)
+    return _Float8LinearFn.apply(x, weight, scale, bias)
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a Linear on `x` computes in here: autocast's when it is on for x's device, else x's."""
     kind = x.device.type
@@ -52,26 +65,24 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 class Float8Weight:
     """Mixin for modules whose `weight` may be e4m3 with a `weight_scale` buffer (None: a plain weight).
 
-    `dense_weight(dtype)` is what the GEMM reads. `_apply` keeps the storage: after `model.to(dtype)` casts
-    every floating tensor, an e4m3 weight is cast back (exactly) and its scale stays fp32.
+    `_apply` keeps the storage: `model.to(dtype)` casts every other floating tensor, while the e4m3 weight and
+    its fp32 scale only follow device moves (never cast to the new dtype and back).
     """
 
     weight: Tensor
     weight_scale: Tensor | None
 
-    def dense_weight(self, dtype: torch.dtype) -> Tensor:
-        if self.weight_scale is None:
-            return self.weight
-        return dequantize(self.weight, self.weight_scale, dtype)
-
     def _apply(self, fn: Callable, recurse: bool = True):
         if getattr(self, "weight_scale", None) is None:
             return super()._apply(fn, recurse)
-        super()._apply(fn, recurse)
-        if self.weight.dtype != E4M3:
-            self.weight.data = self.weight.data.to(E4M3)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = self.weight_scale.float()
+        weight, scale = self._parameters.pop("weight"), self._buffers.pop("weight_scale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"], self._buffers["weight_scale"] = weight, scale
+        device = fn(torch.empty(0, device=weight.device)).device  # where `fn` sends tensors
+        weight.data = weight.data.to(device)
+        self._buffers["weight_scale"] = scale.to(device)
         return self
 
 
@@ -91,7 +102,7 @@ class Float8Linear(Float8Weight, nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return _Float8LinearFn.apply(x, self.weight, self.weight_scale, self.bias)
+        return linear(x, self.weight, self.weight_scale, self.bias)
 
 
 class _Float8LinearFn(torch.autograd.Function):

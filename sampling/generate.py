@@ -28,6 +28,8 @@ import torch
 from weights.io import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP8_HELP = ("store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory "
+            "(Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")  # also make_dataset's --fp8
 # The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
 # (CFG 7.0, T5 256). Both use 28 steps.
 DEFAULTS = {"flux": dict(steps=28, guidance=3.5, max_sequence_length=512),
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
-    run.add_argument("--fp8", action="store_true", help="store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory (Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")
+    run.add_argument("--fp8", action="store_true", help=FP8_HELP)
     run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
     run.add_argument("--overwrite", action="store_true", help="replace existing files")
     return p

@@ -70,7 +70,7 @@ def assign_tensors(
             state[key], state[key[: -len("weight")] + "weight_scale"] = quantize_rows(t.to(device))
         else:
             state[key] = t.to(device)
-    missing = model.state_dict().keys() - state.keys()
+    missing = expected.keys() - state.keys()
     if missing:
         raise WeightsError(f"{source}: tensors missing after reading ({_first(missing)}); the file is truncated")
     model.load_state_dict(state, strict=True, assign=True)

@@ -94,19 +94,19 @@ def read_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str,
     return {k: (v["shape"], v["dtype"]) for k, v in header.items()}, metadata
 
 
-def _scaled_fp8(header: dict[str, tuple[list[int], str]]) -> tuple[dict[str, str], set[str]]:
-    """(fp8 weight key -> its scale key, the side keys to hide) of a header (see _WEIGHT_SCALES)."""
+def _scaled_fp8(dtypes: dict[str, str]) -> tuple[dict[str, str], set[str]]:
+    """(fp8 weight key -> its scale key, the side keys to hide), from each key's dtype name (see _WEIGHT_SCALES)."""
     scaled: dict[str, str] = {}
-    for key, (_, dtype) in header.items():
+    for key, dtype in dtypes.items():
         if dtype.startswith("F8") and key.endswith(".weight"):
             stem = key[: -len("weight")]
-            found = [stem + s for s in _WEIGHT_SCALES if stem + s in header]
+            found = [stem + s for s in _WEIGHT_SCALES if stem + s in dtypes]
             if found:
                 scaled[key] = found[0]
     stems = {k[: -len("weight")] for k in scaled}
-    hidden = set(scaled.values()) | {s + i for s in stems for i in _INPUT_SCALES if s + i in header}
+    hidden = set(scaled.values()) | {s + i for s in stems for i in _INPUT_SCALES if s + i in dtypes}
     if scaled:
-        hidden |= {k for k in header if k.rpartition(".")[2] in _MARKERS}  # top level or under a prefix
+        hidden |= {k for k in dtypes if k.rpartition(".")[2] in _MARKERS}  # top level or under a prefix
     return scaled, hidden
 
 
@@ -119,7 +119,7 @@ def read_shapes(files: list[Path]) -> tuple[dict[str, tuple[list[int], str]], di
         s, m = read_header(f)
         shapes.update(s)
         metadata.update(m)
-    scaled, hidden = _scaled_fp8(shapes)
+    scaled, hidden = _scaled_fp8({k: dtype for k, (_, dtype) in shapes.items()})
     for weight, scale in scaled.items():
         shapes[weight] = (shapes[weight][0], shapes[scale][1])
     return {k: v for k, v in shapes.items() if k not in hidden}, metadata
@@ -180,14 +180,14 @@ class TensorReader:
         self._hidden: set[str] = set()
 
     def __enter__(self) -> TensorReader:
-        header: dict[str, tuple[list[int], str]] = {}
+        dtypes: dict[str, str] = {}  # from the open handles: no second read of the headers
         for path in self.files:
             h = safe_open(str(path), framework="pt", device="cpu")
             self._handles.append(h)
             for key in h.keys():
                 self._where[key] = h
-            header.update(read_header(path)[0])
-        self._scales, self._hidden = _scaled_fp8(header)
+                dtypes[key] = h.get_slice(key).get_dtype()
+        self._scales, self._hidden = _scaled_fp8(dtypes)
         return self
 
     def __exit__(self, *exc) -> None:
