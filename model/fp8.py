@@ -6,9 +6,8 @@ card (kohya's `--fp8_base`, musubi's `--fp8_scaled`). Each call dequantizes the 
 
 Why a scale per row: e4m3 keeps 3 mantissa bits over 2^-9 .. 448, so a row is scaled into that range before
 rounding and every element keeps ~2^-4 relative precision. Why a power of two: the scale is then exact in
-every float dtype, so `weight.to(bf16) * scale` is the exact dequantized value, and a stray
-`model.to(torch.bfloat16)` (which casts every floating tensor) loses nothing: the e4m3 values are exact in
-bf16 / fp16 / fp32, and `_apply` below casts them straight back.
+every float dtype, so `weight.to(bf16) * scale` is the exact dequantized value. `model.to(torch.bfloat16)`
+casts the other tensors and leaves the e4m3 storage alone (`Float8Weight._apply`).
 """
 
 from __future__ import annotations
