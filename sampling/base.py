@@ -4,13 +4,12 @@ with its overrides, decoding, and the prompt -> latents -> image flow. Families 
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
-from model.fp8 import fp8_bytes, quantize_linears_
 from model.vae import AutoEncoder, vae_to_images
 from weights.io import WeightsError
 from weights.vae import load_vae
@@ -22,20 +21,20 @@ class Pipeline:
     default_config: type  # the family's generation config dataclass
 
     def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 fp8: bool = False):
+                 fp8: bool = False, loras: Sequence = ()):
         self.sources, self.device, self.dtype = sources, torch.device(device), dtype
-        # fp8: the transformer blocks' weights are stored in e4m3 (model/fp8.py), half of bf16's memory. Without
-        # hooks they are quantized as they are read; with hooks (LoRA merges) the model is read into CPU memory,
-        # the hooks run there in `dtype`, then each block Linear is quantized onto the device
-        self.fp8 = fp8
+        # fp8: the transformer blocks' weights are stored in e4m3 (model/fp8.py), half of bf16's memory.
+        # loras (as weights.lora.apply_loras takes them) are merged for good as the weights are read, before fp8
+        # rounds them: no full-precision copy of the model exists on either device
+        self.fp8, self.loras = fp8, list(loras)
         self._transformer: nn.Module | None = None
         self._vae: AutoEncoder | None = None
-        self.transformer_hooks: list[Callable[[nn.Module], None]] = []  # e.g. LoRA application after loading
 
     # --- what a family defines -----------------------------------------------------------------------------------
 
     def load_transformer(self) -> nn.Module:
-        """The transformer in `self.dtype` on `self.load_device` (block weights in e4m3 if `quantize_on_load`)."""
+        """The transformer in `self.dtype` on `self.device`, `self.loras` merged, block weights in e4m3 if
+        `self.fp8`."""
         raise NotImplementedError
 
     def size_multiple(self) -> int:
@@ -60,24 +59,9 @@ class Pipeline:
     # --- shared ------------------------------------------------------------------------------------------------
 
     @property
-    def load_device(self) -> torch.device:
-        return torch.device("cpu") if self.fp8 and self.transformer_hooks else self.device
-
-    @property
-    def quantize_on_load(self) -> bool:
-        """Whether `load_transformer` should read the block weights straight into e4m3."""
-        return self.fp8 and not self.transformer_hooks
-
-    @property
     def transformer(self) -> nn.Module:
         if self._transformer is None:
-            model = self.load_transformer()
-            for hook in self.transformer_hooks:
-                hook(model)
-            if self.fp8 and not fp8_bytes(model):
-                quantize_linears_(model, self.device)
-                model.to(self.device)
-            self._transformer = model
+            self._transformer = self.load_transformer()
         return self._transformer
 
     @property

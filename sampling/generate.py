@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -251,7 +252,7 @@ def generation_config(args, family: str, rec):
                                slg_stop=args.slg_stop)
 
 
-def build_pipeline(args, model: Path, family: str):
+def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
     files = dict(vae=args.vae, clip=args.clip, t5=args.t5, clip_tokenizer=args.clip_tokenizer,
                  t5_tokenizer=args.t5_tokenizer)
     if family == "flux":
@@ -261,7 +262,7 @@ def build_pipeline(args, model: Path, family: str):
         is_folder = (model / "model_index.json").exists()
         sources = FluxSources.from_folder(model, **files) if is_folder else FluxSources(transformer=model, **files)
         sources.check()
-        return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8)
+        return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras)
     from .sd3 import SD3Pipeline, SD3Sources  # noqa: PLC0415
 
     files = dict(vae=files["vae"], clip_l=files["clip"], clip_g=args.clip_g, t5=None if args.no_t5 else files["t5"],
@@ -273,7 +274,7 @@ def build_pipeline(args, model: Path, family: str):
     else:
         sources = SD3Sources(transformer=model, **files)
     sources.check()
-    return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8)
+    return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras)
 
 
 def _negative(family: str, cfg) -> str | None:
@@ -297,12 +298,7 @@ def run(args) -> list[Path]:
     check_family_flags(args, family)
     loras = [parse_lora(s) for s in args.lora]
     cfg = generation_config(args, family, lora_recommendations([path for path, _ in loras]))
-    pipe = build_pipeline(args, model, family)
-    if loras:
-        from weights.lora import apply_loras  # noqa: PLC0415  (only when asked: keeps --help fast)
-
-        # one-shot generation never unloads, so no copy of the touched weights is kept
-        pipe.transformer_hooks.append(lambda m: apply_loras(m, loras, restorable=False))
+    pipe = build_pipeline(args, model, family, loras)  # merged for good as the transformer is read
     paths = _targets(args, len(prompts) * args.batch_size)
     pipe.latent_size(args.height, args.width)  # a bad size fails before the big models are loaded
     negative_prompt = _negative(family, cfg)

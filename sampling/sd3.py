@@ -162,8 +162,8 @@ class SD3Pipeline(Pipeline):
     default_config = SD3GenerationConfig
 
     def load_transformer(self) -> MMDiT:
-        return load_mmdit(self.sources.transformer, dtype=self.dtype, device=self.load_device,
-                          fp8=self.quantize_on_load)
+        return load_mmdit(self.sources.transformer, dtype=self.dtype, device=self.device, fp8=self.fp8,
+                          loras=self.loras)
 
     def size_multiple(self) -> int:
         """diffusers' check: sizes must be multiples of vae_scale * patch_size."""

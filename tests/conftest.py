@@ -46,3 +46,19 @@ def comfy_scaled_fp8(sd: dict, per_row: bool = False) -> tuple[dict, dict]:
         else:
             out[k], real[k] = v, v
     return out, real
+
+
+def random_lora(model: torch.nn.Module, seed: int = 0, *, rank: int = 2, alpha: float = 8.0, targets=None,
+                family: str = "flux", recommended=None):
+    """Give `model` distill/ LoRA layers whose live set is random (as if trained), at 0.2 std so every delta is
+    visible; returns that set as a LoRA file object (weights/lora.py). `targets` None: the family's default."""
+    from distill.lora import FLUX_TARGETS, SD3_TARGETS, LoRAConfig, inject_lora, load_set, set_state_dict
+    from weights.lora import LoRA
+
+    targets = targets or {"flux": FLUX_TARGETS, "sd3": SD3_TARGETS}[family]
+    config = LoRAConfig(rank=rank, alpha=alpha, targets=targets)
+    inject_lora(model, config)
+    g = torch.Generator().manual_seed(seed)
+    live = set_state_dict(model, "live")
+    load_set(model, "live", {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in live.items()})
+    return LoRA.from_set_state(set_state_dict(model, "live"), alpha, recommended=recommended, family=family)

@@ -5,18 +5,17 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import random_lora, randomize_
 from flux_fixtures import run_ours, tiny_diffusers_flux, tiny_inputs
 from safetensors.torch import save_file
 
-from distill.lora import LoRAConfig, inject_lora, load_set, lora_layers, set_state_dict
+from distill.lora import lora_layers, set_state_dict
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
 from weights import WeightsError, load_flux
 from weights.io import read_header
 from weights.keymaps import swap_halves, to_official
 from weights.keymaps.flux import flux_rules
 from weights.lora import (
-    LoRA,
     Recommended,
     applied_loras,
     apply_loras,
@@ -257,13 +256,9 @@ def test_comfyui_variants_read_as_kohya(tmp_path):
 
 def trained_lora(seed=0):
     model = load_flux_tiny_random(seed)
-    inject_lora(model, LoRAConfig(rank=R, alpha=ALPHA))
-    g = torch.Generator().manual_seed(seed)
-    live = set_state_dict(model, "live")
-    load_set(model, "live", {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in live.items()})
     rec = Recommended(steps=4, schedule="scfm", shift=3.0, guidance=3.5, lora_scale=1.5,
                       max_sequence_length=512)
-    return model, LoRA.from_set_state(set_state_dict(model, "live"), ALPHA, recommended=rec)
+    return model, random_lora(model, seed, rank=R, alpha=ALPHA, recommended=rec)
 
 
 def load_flux_tiny_random(seed):
@@ -449,7 +444,7 @@ def test_one_shot_apply_keeps_nothing_and_refuses_unload(tmp_path):
 
     from model.flux import FLUX_CONFIGS, Flux
     from weights.io import WeightsError
-    from weights.lora import LoRA, ModuleLoRA, apply_loras, unload_loras  # noqa: F401
+    from weights.lora import ModuleLoRA, apply_loras, unload_loras  # noqa: F401
 
     torch.manual_seed(0)
     model = Flux(FLUX_CONFIGS["tiny"]).eval()

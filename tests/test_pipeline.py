@@ -10,7 +10,7 @@ import pytest
 import torch
 from text_fixtures import hf_clip, hf_clip_tokenizer, hf_t5, train_spm
 
-from conftest import randomize_
+from conftest import random_lora, randomize_
 from model.clip import CLIP_CONFIGS
 from model.layers import pack
 from model.t5 import T5_CONFIGS
@@ -81,24 +81,36 @@ def test_same_latents_and_image_as_diffusers(pipeline_folder):
     assert np.abs(images - ref_images).max() <= 1
 
 
-def test_fp8_pipeline_runs_hooks_before_quantizing_and_stays_close(pipeline_folder):
-    from model.fp8 import E4M3, Float8Linear
+def test_fp8_pipeline_stays_close_and_merges_its_loras_before_quantizing(pipeline_folder):
+    from model.fp8 import E4M3, Float8Linear, quantize_linears_
+    from weights import load_flux
+    from weights.lora import applied_loras, apply_loras
 
     folder, _, _ = pipeline_folder
     cfg = GenerationConfig(height=32, width=48, steps=3, guidance=4.0, seed=7, max_sequence_length=T5_LEN)
     ref = FluxPipeline(FluxSources.from_folder(folder))(PROMPTS, cfg, output="latent")
     pipe = FluxPipeline(FluxSources.from_folder(folder), fp8=True)
-    seen = []  # a hook (a LoRA merge) sees the full-precision weights, on the CPU
-    pipe.transformer_hooks.append(lambda m: seen.append(m.single_blocks[0].linear1.weight.dtype))
     latents = pipe(PROMPTS, cfg, output="latent")
-    assert seen == [torch.float32]
     assert isinstance(pipe.transformer.single_blocks[0].linear1, Float8Linear)
     assert pipe.transformer.double_blocks[0].img_attn.qkv.weight.dtype == E4M3
     err = ((latents - ref).abs().max() / ref.abs().max()).item()
     assert 0 < err < 0.1, err  # e4m3 rounding of the block weights: visible, small
-    # without hooks the weights are quantized as they are read: the same model, the same latents
-    assert torch.equal(FluxPipeline(FluxSources.from_folder(folder), fp8=True)(PROMPTS, cfg, output="latent"),
-                       latents)
+    # the same as quantizing the full-precision model: the weights were quantized as they were read
+    want = load_flux(folder)
+    quantize_linears_(want)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(pipe.transformer.state_dict().values(),
+                                                                  want.state_dict().values()))
+    # with a LoRA: merged into each weight in full precision as it is read, then quantized
+    lora = random_lora(load_flux(folder), seed=1)
+    with_lora = FluxPipeline(FluxSources.from_folder(folder), fp8=True, loras=[(lora, 0.8)])
+    want = load_flux(folder)
+    apply_loras(want, [(lora, 0.8)], restorable=False)
+    quantize_linears_(want)
+    got = with_lora.transformer
+    assert applied_loras(got) == ["LoRA @ 0.8"]
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(got.state_dict().values(),
+                                                                  want.state_dict().values()))
+    assert not torch.equal(with_lora(PROMPTS, cfg, output="latent"), latents)
 
 
 def test_dynamic_shift_is_read_from_the_scheduler_config(pipeline_folder):

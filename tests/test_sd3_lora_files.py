@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import random_lora, randomize_
 from mmdit_fixtures import SD35_TINY, run_diffusers, run_ours, tiny_diffusers_mmdit, tiny_inputs
 from safetensors.torch import load_file, save_file
 
-from distill.lora import SD3_TARGETS, LoRAConfig, inject_lora, load_set, lora_layers, set_state_dict
+from distill.lora import SD3_TARGETS, lora_layers, set_state_dict
 from model.mmdit import MMDiT
 from weights import WeightsError
 from weights.io import read_header
@@ -115,13 +115,9 @@ def assert_bit_equal(model, saved):
 def trained_set(targets=ALL_TARGETS, seed=0):
     """A tiny SD3.5 with a distill/ LoRA whose live set is random (as if trained), and that set as a LoRA."""
     model = randomize_(MMDiT(SD35_TINY), 0.2, seed).eval().requires_grad_(False)
-    inject_lora(model, LoRAConfig(rank=R, alpha=ALPHA, targets=targets))
-    g = torch.Generator().manual_seed(seed)
-    live = set_state_dict(model, "live")
-    load_set(model, "live", {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in live.items()})
     rec = Recommended(steps=4, schedule="scfm", shift=3.0, guidance=4.5, max_sequence_length=256,
                       training_cfg_scale=3.5)
-    return model, LoRA.from_set_state(set_state_dict(model, "live"), ALPHA, recommended=rec, family="sd3")
+    return model, random_lora(model, seed, rank=R, alpha=ALPHA, targets=targets, family="sd3", recommended=rec)
 
 
 # ----- diffusers / PEFT files against diffusers' SD3 loader -------------------------------------------------
@@ -181,10 +177,7 @@ def test_swapped_rows_are_the_last_context_adaln_and_the_final_adaln_only(ref, t
 def test_scfm_set_exported_for_diffusers_loads_with_exactly_its_keys_and_the_same_output(ref, base_file,
                                                                                           tmp_path):
     ours = load_mmdit(base_file).requires_grad_(False)
-    inject_lora(ours, LoRAConfig(rank=R, alpha=ALPHA, targets=SD3_TARGETS))
-    g = torch.Generator().manual_seed(5)
-    live = set_state_dict(ours, "live")
-    load_set(ours, "live", {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in live.items()})
+    random_lora(ours, 5, rank=R, alpha=ALPHA, targets=SD3_TARGETS, family="sd3")
     slices = {m: layer.slices for m, layer in lora_layers(ours).items()}
     path = save_lora(set_state_dict(ours, "live"), tmp_path / "scfm.safetensors", layout="diffusers",
                      alpha=ALPHA, rank=R, slices=slices, family="sd3",

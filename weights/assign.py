@@ -7,7 +7,7 @@ and assign them. Peak memory is one copy of the weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -56,20 +56,30 @@ def assign_tensors(
     dtype: torch.dtype,
     device: torch.device | str,
     source: str,
+    loras: Sequence = (),
 ) -> nn.Module:
     """Move each tensor to `device` / `dtype` as it arrives and assign it; every model key must be provided.
+    `loras` (a Flux or SD3 model's, as weights.lora.apply_loras takes them) are checked against the model before
+    anything is read, then merged into each weight as it arrives (weights/lora_merge.merge_while_reading).
 
     A weight the model holds in e4m3 (a Float8Linear, model/fp8.py, made on the meta model before reading) is
-    quantized as it arrives, its `weight_scale` with it: the full-precision model never exists at once."""
+    quantized as it arrives, after its LoRAs, its `weight_scale` with it: the full-precision model never exists
+    at once."""
+    merge = None
+    if loras:
+        from .lora_merge import merge_while_reading  # noqa: PLC0415  (at the top: weights.lora imported half-built)
+
+        merge = merge_while_reading(model, loras)
     expected = model.state_dict()  # meta tensors: names and dtypes only
     state: dict[str, torch.Tensor] = {}
     for key, t in tensors:
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
+        t = t.to(device) if merge is None else merge(key, t.to(device))
         if key in expected and expected[key].dtype == E4M3:
-            state[key], state[key[: -len("weight")] + "weight_scale"] = quantize_rows(t.to(device))
+            state[key], state[key[: -len("weight")] + "weight_scale"] = quantize_rows(t)
         else:
-            state[key] = t.to(device)
+            state[key] = t
     missing = expected.keys() - state.keys()
     if missing:
         raise WeightsError(f"{source}: tensors missing after reading ({_first(missing)}); the file is truncated")

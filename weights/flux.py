@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -133,10 +134,13 @@ def load_flux(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     fp8: bool = False,
+    loras: Sequence = (),
 ) -> Flux:
     """Load a Flux transformer from a BFL or diffusers single file, a diffusers `transformer/` folder (one file or
     shards) or a diffusers pipeline folder. Built on the meta device; tensors are assigned as they are read.
-    fp8: the blocks' Linear weights are quantized to e4m3 as they are read (model/fp8.py)."""
+    fp8: the blocks' Linear weights are quantized to e4m3 as they are read (model/fp8.py).
+    loras: LoRAs merged into the weights as they are read, before fp8 rounds them (LoRAs or paths, alone or as
+    (lora, scale), as weights.lora.apply_loras takes them; checked before anything is read)."""
     files, config_json = model_files(source, "transformer")
     raw, metadata = read_shapes(files)
     src = str(source)
@@ -169,7 +173,7 @@ def load_flux(
 
     with TensorReader(files, dtype=dtype, prefix=prefix) as read:
         tensors = to_official(rules, read) if layout == "diffusers" else ((k, read(k)) for k in shapes)
-        assign_tensors(model, tensors, dtype=dtype, device=device, source=src)
+        assign_tensors(model, tensors, dtype=dtype, device=device, source=src, loras=loras)
     return model.eval()
 
 

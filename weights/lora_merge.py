@@ -6,12 +6,15 @@ loaded from) the touched weights are re-read from that memory-mapped file on unl
 time that they equal the model's (a model changed since loading is refused, not silently reset to the file).
 Without `base=`, CPU copies of the touched weights only are kept; an SCFM LoRA touches nearly every Linear,
 so pass `base=` for large models.
+
+`merge_while_reading` is the one-shot alternative the loaders' `loras=` use: each weight gets its LoRAs as it is
+read, before an fp8 loader quantizes it, so an fp8 model with LoRAs never exists in full precision.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -109,13 +112,9 @@ def _file_stats(source: str) -> dict[str, tuple[int, int]]:
     return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in files}
 
 
-def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None,
-                ignore_text_encoders: bool = False, restorable: bool = True) -> None:
-    """Merge LoRAs into a loaded Flux or SD3 / SD3.5: `loras` holds LoRA objects or paths, each alone (scale
-    1) or as (lora, scale); a path is read for this model's family. Several LoRAs on one layer are summed in
-    fp32 and rounded once. Call again to add more; `unload_loras` undoes them all. See the module docstring
-    for `base=`. `restorable=False` (one-shot generation) keeps nothing and checks nothing, and
-    `unload_loras` then refuses."""
+def _resolve(model, loras: Sequence, ignore_text_encoders: bool) -> list[tuple[LoRA, float]]:
+    """(LoRA, scale) pairs from LoRAs or paths, alone (scale 1) or as (lora, scale), each checked to fit `model`
+    (a meta model will do: only names and shapes are read)."""
     items = [x if isinstance(x, tuple) else (x, 1.0) for x in loras]
     family = model_family(model)
     items = [(x if isinstance(x, LoRA) else read_lora(x, family=family), float(s)) for x, s in items]
@@ -126,6 +125,23 @@ def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None
         if lora.text_encoders and not ignore_text_encoders:
             raise WeightsError(f"{src}: has {len(lora.text_encoders)} text-encoder LoRA keys, which a "
                                "transformer cannot use; ignore_text_encoders=True applies the rest")
+    return items
+
+
+def _merged(weight: Tensor, module: str, items: list[tuple[LoRA, float]]) -> Tensor:
+    """`weight` plus every LoRA's delta on `module`, summed in fp32 and rounded once to the weight's dtype."""
+    delta = sum(s * lora.modules[module].delta(weight.device) for lora, s in items if module in lora.modules)
+    return (weight.float() + delta).to(weight.dtype)
+
+
+def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None,
+                ignore_text_encoders: bool = False, restorable: bool = True) -> None:
+    """Merge LoRAs into a loaded Flux or SD3 / SD3.5: `loras` holds LoRA objects or paths, each alone (scale
+    1) or as (lora, scale); a path is read for this model's family. Several LoRAs on one layer are summed in
+    fp32 and rounded once. Call again to add more; `unload_loras` undoes them all. See the module docstring
+    for `base=`. `restorable=False` (one-shot generation) keeps nothing and checks nothing, and
+    `unload_loras` then refuses."""
+    items = _resolve(model, loras, ignore_text_encoders)
     base = None if base is None else str(base)
     state = getattr(model, "_scfm_loras", None)
     if state is not None and state.base != base:
@@ -134,8 +150,8 @@ def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None
     modules = dict.fromkeys(m for lora, _ in items for m in lora.modules)  # ordered, unique
     weights = {m: model.get_submodule(m).weight for m in modules}
     if any(w.dtype == E4M3 for w in weights.values()):
-        raise WeightsError("the model's weights are stored in fp8; merge LoRAs before quantizing (the pipelines' "
-                           "fp8=True does), or load the model again")
+        raise WeightsError("the model's weights are stored in fp8; merge LoRAs before quantizing (the loaders' "
+                           "and pipelines' loras= do), or load the model again")
     new = [m for m in modules if m not in state.touched]
     state.restorable = state.restorable and restorable
     with torch.no_grad():
@@ -150,10 +166,27 @@ def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None
                                        "restore it; pass the file the model was loaded from, or base=None")
         state.touched += new
         for m, w in weights.items():
-            delta = sum(s * lora.modules[m].delta(w.device) for lora, s in items if m in lora.modules)
-            w.copy_((w.float() + delta).to(w.dtype))
+            w.copy_(_merged(w, m, items))
     state.names += [f"{lora.source or 'LoRA'} @ {s}" for lora, s in items]
     model._scfm_loras = state
+
+
+def merge_while_reading(model, loras: Sequence, *, ignore_text_encoders: bool = False
+                        ) -> Callable[[str, Tensor], Tensor]:
+    """For a loader: check `loras` (as `apply_loras` takes them) against the meta `model` before anything is read,
+    and return what merges them into each weight as it arrives: (official key, tensor in the load dtype) -> the
+    tensor, bit for bit what `apply_loras(..., restorable=False)` gives after loading. The model records them
+    (`applied_loras`) as not restorable."""
+    items = _resolve(model, loras, ignore_text_encoders)
+    modules = dict.fromkeys(m for lora, _ in items for m in lora.modules)
+    model._scfm_loras = _Applied([f"{lora.source or 'LoRA'} @ {s}" for lora, s in items], list(modules), None,
+                                 {}, restorable=False)
+
+    def merge(key: str, t: Tensor) -> Tensor:
+        module = key[: -len(".weight")]
+        return _merged(t, module, items) if key.endswith(".weight") and module in modules else t
+
+    return merge
 
 
 def applied_loras(model) -> list[str]:

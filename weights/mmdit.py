@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -163,12 +164,15 @@ def load_mmdit(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     fp8: bool = False,
+    loras: Sequence = (),
 ) -> MMDiT:
     """Load an SD3 / SD3.5 transformer from an SAI single file (all-in-one files too: their VAE and text
     encoders are skipped), a diffusers single file, `transformer/` folder (one file or shards) or pipeline
     folder. Config: `config=` (a preset name or MMDiTConfig), else config.json, else the metadata our saver
     writes, else inferred from the shapes. Built on the meta device; tensors are assigned as they are read.
-    fp8: the blocks' Linear weights are quantized to e4m3 as they are read (model/fp8.py)."""
+    fp8: the blocks' Linear weights are quantized to e4m3 as they are read (model/fp8.py).
+    loras: LoRAs merged into the weights as they are read, before fp8 rounds them (LoRAs or paths, alone or as
+    (lora, scale), as weights.lora.apply_loras takes them; checked before anything is read)."""
     files, config_json = model_files(source, "transformer")
     raw, metadata = read_shapes(files)
     src = str(source)
@@ -191,7 +195,7 @@ def load_mmdit(
 
     with TensorReader(files, dtype=dtype, prefix=prefix) as read:
         tensors = to_official(rules, read) if rules is not None else ((k, read(k)) for k in shapes)
-        assign_tensors(model, tensors, dtype=dtype, device=device, source=src)
+        assign_tensors(model, tensors, dtype=dtype, device=device, source=src, loras=loras)
     return model.eval()
 
 
