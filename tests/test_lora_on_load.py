@@ -3,6 +3,9 @@
 before anything is read when they do not fit."""
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,7 +76,7 @@ def test_sd35_loras_merged_while_reading_include_the_conv_patch_embedding(tmp_pa
 def test_loras_that_do_not_fit_are_refused_before_anything_is_read(flux_files, monkeypatch):
     import weights.assign
 
-    root, loras = flux_files
+    root, _ = flux_files
     read = []
     monkeypatch.setattr(weights.assign, "quantize_rows", lambda t: read.append(t))  # no weight may arrive
     sd3 = random_lora(randomize_(MMDiT(SD35_TINY), 0.2, seed=2), seed=3, family="sd3")
@@ -85,3 +88,10 @@ def test_loras_that_do_not_fit_are_refused_before_anything_is_read(flux_files, m
     with pytest.raises(WeightsError, match="different model size"):
         load_flux(root / "official.safetensors", fp8=True, loras=[big])
     assert read == []
+
+
+def test_every_lora_module_can_be_imported_first():
+    """weights.lora re-exports its two halves, which import from it: entering through either first must work."""
+    root = Path(__file__).resolve().parents[1]
+    for module in ("weights.lora_merge", "weights.lora_write", "weights.assign"):
+        subprocess.run([sys.executable, "-c", f"import {module}"], cwd=root, check=True, capture_output=True)

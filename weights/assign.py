@@ -67,7 +67,7 @@ def assign_tensors(
     at once."""
     merge = None
     if loras:
-        from .lora_merge import merge_while_reading  # noqa: PLC0415  (at the top: weights.lora imported half-built)
+        from .lora_merge import merge_while_reading  # noqa: PLC0415  (at the top it would run before weights.lora)
 
         merge = merge_while_reading(model, loras)
     expected = model.state_dict()  # meta tensors: names and dtypes only
