@@ -53,6 +53,7 @@ class EvalConfig:
     device: str = "cpu"
     floor: bool = False  # add the reference sampler from other noises: the metrics' floor for a perfect sampler
     shift: float | None = None  # the --steps rows on the SCFM grid with this shift; None: the demo's own grid
+    fp8: bool = False  # the LoRA rows on e4m3 block weights, the LoRA merged first (generate --fp8 --lora)
 
     def __post_init__(self):
         object.__setattr__(self, "model", Path(self.model).expanduser())
@@ -78,6 +79,8 @@ def check(cfg: EvalConfig) -> None:
     if not (cfg.model / "model_index.json").exists():
         raise ValueError(f"--model {cfg.model}: no pipeline folder (no model_index.json); build the demo with "
                          "`python -m tools.make_demo` or pass --model FOLDER")
+    if cfg.fp8 and cfg.lora is None:
+        raise ValueError("--fp8 samples the LoRA rows on fp8 weights; pass --lora")
     if cfg.lora is not None and not cfg.lora.is_file():
         raise ValueError(f"--lora {cfg.lora}: no such file; distil one with `python -m distill.train` "
                          "or pass --lora PATH")
@@ -87,6 +90,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     """The table as {"config": ..., "rows": [...]} plus "grid": (rows x 64, prompts x 64, 3) uint8, the first noise
     of each prompt for every row. `changes` replace fields of `cfg` (evaluate(per_prompt=2, steps=(1, 2)))."""
     from sampling.pipeline import FluxPipeline, FluxSources
+    from weights import load_flux
     from weights.lora import apply_loras, read_lora, unload_loras
 
     cfg = dataclasses.replace(cfg, **changes)
@@ -113,24 +117,29 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                         generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
     model, vae = pipe.transformer, pipe.vae
 
-    def draw(steps: int, start: torch.Tensor = noise, shift: float | None = cfg.shift) -> np.ndarray:
-        return quality.decode(vae, quality.sample_latents(model, cond, start, steps, shift=shift))
+    def draw(steps: int, start: torch.Tensor = noise, shift: float | None = cfg.shift, net=model) -> np.ndarray:
+        return quality.decode(vae, quality.sample_latents(net, cond, start, steps, shift=shift))
 
     images: dict[tuple[str, int], np.ndarray] = {}
     teacher_rows = [("teacher", n) for n in dict.fromkeys((cfg.teacher_steps, *cfg.steps))]
-    student_rows = [("scfm", n) for n in cfg.steps] if lora is not None else []
+    student_rows = [("scfm-fp8" if cfg.fp8 else "scfm", n) for n in cfg.steps] if lora is not None else []
     # The student first: a LoRA that does not fit the model fails before any sampling. Unloading restores the
-    # weights bit-exactly, so the teacher rows are those of the model as loaded.
+    # weights bit-exactly, so the teacher rows are those of the model as loaded. fp8: a second copy of the
+    # (small) demo model, the LoRA merged as it is read, then rounded; the teacher rows stay in fp32.
     if lora is not None:
         try:
-            apply_loras(model, [(lora, scale)], restorable=True)
+            if cfg.fp8:
+                student = load_flux(sources.transformer, device=cfg.device, fp8=True, loras=[(lora, scale)])
+            else:
+                apply_loras(model, [(lora, scale)], restorable=True)
         except WeightsError as e:
             raise WeightsError(f"--lora {e}; pass the LoRA distilled from --model {cfg.model}") from None
         try:
             for key in student_rows:
-                images[key] = draw(key[1])
+                images[key] = draw(key[1], net=student if cfg.fp8 else model)
         finally:
-            unload_loras(model)
+            if not cfg.fp8:
+                unload_loras(model)
     images[teacher_rows[0]] = draw(cfg.teacher_steps, shift=None)  # the reference keeps the demo's grid
     for key in teacher_rows[1:]:
         images[key] = draw(key[1])
@@ -165,7 +174,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                   schedule="flux-schnell (linear, shift 1)" if cfg.shift is None else
                   f"reference: flux-schnell (linear, shift 1); --steps rows: scfm grid, shift {cfg.shift}",
                   reference=f"teacher {cfg.teacher_steps}", device=cfg.device, floor=cfg.floor,
-                  shift=cfg.shift)
+                  shift=cfg.shift, fp8=cfg.fp8)
     return {"config": config, "rows": rows, "grid": grid}
 
 
@@ -237,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float,
                    help="sample the --steps rows (teacher and LoRA) on the SCFM grid with this shift, as a LoRA "
                         "trained with shift_min/shift_max > 1 is meant to be sampled (default: the demo's grid)")
+    p.add_argument("--fp8", action="store_true",
+                   help="sample the LoRA rows (named scfm-fp8) with the transformer blocks' weights in e4m3, the "
+                        "LoRA merged before rounding, as `generate --fp8 --lora` does; teacher rows stay fp32")
     p.add_argument("--floor", action="store_true",
                    help="add a row: the reference sampler from other noises (the distances' floor)")
     p.add_argument("--json", type=Path, help="write the table and settings here")
@@ -267,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs = [p for p in (args.json, None if args.no_grid else args.grid) if p is not None]
         cfg = EvalConfig(model=args.model, lora=args.lora, prompts=_prompts(args), per_prompt=args.per_prompt,
                          steps=tuple(args.steps), teacher_steps=args.teacher_steps, seed=args.seed,
-                         lora_scale=args.lora_scale, device=args.device, floor=args.floor, shift=args.shift)
+                         lora_scale=args.lora_scale, device=args.device, floor=args.floor, shift=args.shift,
+                         fp8=args.fp8)
         check(cfg)  # inputs, then outputs: both before the run, not after minutes of sampling
         refuse_existing(outputs, args.overwrite)
         report = evaluate(cfg)

@@ -160,3 +160,18 @@ def test_existing_outputs_are_kept_without_overwrite(folder, tmp_path):
         msg = one_line_error(["--model", str(folder), "--lora", str(lora), *flags, str(path), *SMALL])
         assert "exists" in msg and "--overwrite" in msg
         assert path.read_text() == "the user's file"
+
+
+def test_fp8_rows_are_the_lora_on_rounded_weights_and_the_teacher_rows_stay(folder, tmp_path):
+    lora = lora_file(tmp_path / "l.safetensors", up_std=0.3)
+    base = dict(model=folder, lora=lora, prompts=PROMPTS, per_prompt=2, steps=(1, 2), teacher_steps=4)
+    plain, fp8 = evaluate(EvalConfig(**base)), evaluate(EvalConfig(**base, fp8=True))
+    assert [r["name"] for r in fp8["rows"]] == NAMES[:4] + ["scfm-fp8 1", "scfm-fp8 2"] and fp8["config"]["fp8"]
+    size = world.SIZE
+    assert np.array_equal(fp8["grid"][:4 * size], plain["grid"][:4 * size])  # world and teacher rows: fp32
+    teacher, student = (plain["grid"][r * size:(r + 2) * size].astype(int) for r in (2, 4))
+    rounded = fp8["grid"][4 * size:].astype(int)
+    lora_effect, rounding = np.abs(student - teacher).mean(), np.abs(rounded - student).mean()
+    assert 0 < rounding < lora_effect / 4, (rounding, lora_effect)  # the LoRA applied, then e4m3 rounding
+    with pytest.raises(ValueError, match="--fp8"):
+        evaluate(EvalConfig(**{**base, "lora": None}, fp8=True))
