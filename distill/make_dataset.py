@@ -160,6 +160,7 @@ def run(args) -> Path:
     done = done_files(out)
     todo = [j for j in jobs if j["file_name"] not in done]
     pipe = make_pipeline(args)
+    pipe.check_transformer()  # a wrong --model fails now, not after the first bucket's prompts are encoded
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="rendering", unit="image") as bar:
         for w, h in buckets:
             mine = [j for j in todo if (j["width"], j["height"]) == (w, h)]

@@ -32,9 +32,9 @@ class Pipeline:
 
     # --- what a family defines -----------------------------------------------------------------------------------
 
-    def load_transformer(self) -> nn.Module:
-        """The transformer in `self.dtype` on `self.device`, `self.loras` merged, block weights in e4m3 if
-        `self.fp8`."""
+    def load_transformer(self, device: torch.device | None = None) -> nn.Module:
+        """The transformer in `self.dtype` on `device` (default `self.device`), `self.loras` merged, block weights
+        in e4m3 if `self.fp8`. On "meta" the loader's checks run and nothing is read."""
         raise NotImplementedError
 
     def size_multiple(self) -> int:
@@ -57,6 +57,12 @@ class Pipeline:
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------------------
+
+    def check_transformer(self) -> None:
+        """Everything loading the transformer checks (its files, keys, shapes, the LoRAs' fit) without reading a
+        weight: bad input fails in seconds, before the text encoders load and run."""
+        if self._transformer is None:
+            self.load_transformer(torch.device("meta"))
 
     @property
     def transformer(self) -> nn.Module:

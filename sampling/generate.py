@@ -301,6 +301,7 @@ def run(args) -> list[Path]:
     pipe = build_pipeline(args, model, family, loras)  # merged for good as the transformer is read
     paths = _targets(args, len(prompts) * args.batch_size)
     pipe.latent_size(args.height, args.width)  # a bad size fails before the big models are loaded
+    pipe.check_transformer()  # so do a wrong file or a LoRA for another model: nothing is read yet
     negative_prompt = _negative(family, cfg)
     conds = pipe.encode(prompts + ([negative_prompt] * len(prompts) if negative_prompt is not None else []),
                         cfg.max_sequence_length)  # encoders run once, then are freed

@@ -96,9 +96,9 @@ class GenerationConfig:
 class FluxPipeline(Pipeline):
     default_config = GenerationConfig
 
-    def load_transformer(self) -> Flux:
-        return load_flux(self.sources.transformer, dtype=self.dtype, device=self.device, fp8=self.fp8,
-                         loras=self.loras)
+    def load_transformer(self, device: torch.device | None = None) -> Flux:
+        return load_flux(self.sources.transformer, dtype=self.dtype, device=device or self.device,
+                         fp8=self.fp8, loras=self.loras)
 
     def size_multiple(self) -> int:
         return 2 * self.vae_scale  # one packed token covers 2x2 latent pixels

@@ -161,9 +161,9 @@ def sd3_guidance(velocity: MMDiTVelocity, negative: Any, scale: float, *, slg_la
 class SD3Pipeline(Pipeline):
     default_config = SD3GenerationConfig
 
-    def load_transformer(self) -> MMDiT:
-        return load_mmdit(self.sources.transformer, dtype=self.dtype, device=self.device, fp8=self.fp8,
-                          loras=self.loras)
+    def load_transformer(self, device: torch.device | None = None) -> MMDiT:
+        return load_mmdit(self.sources.transformer, dtype=self.dtype, device=device or self.device,
+                          fp8=self.fp8, loras=self.loras)
 
     def size_multiple(self) -> int:
         """diffusers' check: sizes must be multiples of vae_scale * patch_size."""

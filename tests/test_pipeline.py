@@ -125,6 +125,22 @@ def test_size_must_be_a_multiple_of_the_packed_patch(pipeline_folder):
         ours(PROMPTS, GenerationConfig(height=32, width=50))
 
 
+def test_cli_refuses_a_lora_for_another_model_before_encoding(pipeline_folder, tmp_path, capsys, monkeypatch):
+    from model.flux import FLUX_CONFIGS, Flux
+    from sampling.generate import main
+    from weights.lora import write_lora
+
+    folder, _, _ = pipeline_folder
+    path = write_lora(random_lora(Flux(FLUX_CONFIGS["tiny"])), tmp_path / "other.safetensors", "kohya")
+    monkeypatch.setattr(FluxPipeline, "encode", lambda *a: pytest.fail("the text encoders ran"))
+    args = ["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "2", "--width", "48", "--height", "32",
+            "--lora", f"{path}:0.5", "--out", str(tmp_path / "x.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not in this model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, tmp_path, capsys):
     from PIL import Image
 

@@ -64,12 +64,14 @@ def assign_tensors(
 
     A weight the model holds in e4m3 (a Float8Linear, model/fp8.py, made on the meta model before reading) is
     quantized as it arrives, after its LoRAs, its `weight_scale` with it: the full-precision model never exists
-    at once."""
+    at once. On `device="meta"` nothing is read: the caller's checks and the LoRAs' are all that run."""
     merge = None
     if loras:
         from .lora_merge import merge_while_reading  # noqa: PLC0415  (at the top it would run before weights.lora)
 
         merge = merge_while_reading(model, loras)
+    if torch.device(device).type == "meta":
+        return model
     expected = model.state_dict()  # meta tensors: names and dtypes only
     state: dict[str, torch.Tensor] = {}
     for key, t in tensors:

@@ -140,7 +140,8 @@ def load_flux(
     shards) or a diffusers pipeline folder. Built on the meta device; tensors are assigned as they are read.
     fp8: the blocks' Linear weights are quantized to e4m3 as they are read (model/fp8.py).
     loras: LoRAs merged into the weights as they are read, before fp8 rounds them (LoRAs or paths, alone or as
-    (lora, scale), as weights.lora.apply_loras takes them; checked before anything is read)."""
+    (lora, scale), as weights.lora.apply_loras takes them; checked before anything is read).
+    device="meta": every check (files, keys, shapes, config, LoRAs) and no tensor read; a meta model back."""
     files, config_json = model_files(source, "transformer")
     raw, metadata = read_shapes(files)
     src = str(source)
