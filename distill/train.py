@@ -258,7 +258,12 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         cache = prepare_cache(cfg, device, rank, family_of(cfg))
         if cfg.cache_only:
             return []
-        trainer = Trainer(cfg, load_model(cfg, device), cache, device=device, on_step=on_step)
+        try:
+            model = load_model(cfg, device)
+        except torch.OutOfMemoryError:
+            tip = "" if cfg.fp8_base else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
+            raise TrainingError(f"out of GPU memory loading the model{tip}") from None
+        trainer = Trainer(cfg, model, cache, device=device, on_step=on_step)
         trainer.run()
         return export_lora(trainer.model, cfg, overwrite=cfg.resume) if rank == 0 else []
     finally:

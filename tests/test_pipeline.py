@@ -141,6 +141,23 @@ def test_cli_refuses_a_lora_for_another_model_before_encoding(pipeline_folder, t
     assert not (tmp_path / "x.png").exists()
 
 
+def test_cli_out_of_memory_is_one_line(pipeline_folder, tmp_path, capsys, monkeypatch):
+    from sampling.generate import main
+
+    folder, _, _ = pipeline_folder
+
+    def oom(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(FluxPipeline, "sample", oom)
+    args = ["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "2", "--width", "48", "--height", "32",
+            "--max-sequence-length", str(T5_LEN), "--out", str(tmp_path / "x.png")]
+    for extra, tip in (([], True), (["--fp8"], False)):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line, no traceback
+        assert err.startswith("error: out of GPU memory") and ("--fp8 (" in err) == tip
+
+
 def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, tmp_path, capsys):
     from PIL import Image
 

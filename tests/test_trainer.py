@@ -111,6 +111,33 @@ def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path, fp8_base):
     assert log == [1, 2, 3, 4, 5, 6]  # the killed run's step-5 line was replaced, not duplicated
 
 
+def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_left_to_try(tmp_path, monkeypatch):
+    """An OOM step ends the run with one line: the intact checkpoint, and only the switches not yet on."""
+    cfg = config(tmp_path, "oom", batch_size=4)
+    t = trainer(tmp_path, cfg)
+    real_step = Trainer.step
+
+    def step_or_oom(self):
+        if self.progress.step == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "step", step_or_oom)
+    with pytest.raises(TrainingError) as e:
+        t.run()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("out of GPU memory at step 5")
+    assert "step-000004" in msg and "--resume" in msg
+    assert "--fp8_base" in msg and "--gradient_checkpointing" in msg and "--micro_batch 2" in msg
+    done = dataclasses.replace(cfg, fp8_base=True, gradient_checkpointing=True, micro_batch=1, resume=True)
+    msg = trainer(tmp_path, done).out_of_memory()
+    assert "--fp8_base" not in msg and "--micro_batch" not in msg and "a new run with --rank 2" in msg
+    monkeypatch.setattr(Trainer, "step", real_step)
+    resumed = trainer(tmp_path, dataclasses.replace(cfg, micro_batch=2, resume=True))  # the advice works
+    resumed.run()
+    assert resumed.progress.step == 6
+
+
 def test_fp8_base_model_file_is_quantized_as_it_is_read(tmp_path):
     from distill.train import load_model
     from weights import save_flux
