@@ -3,6 +3,7 @@
     python tools/convert.py info FILE_OR_FOLDER
     python tools/convert.py checkpoint flux1-dev.safetensors flux-dev-diffusers/ --to diffusers --dtype bf16
     python tools/convert.py lora my_lora.safetensors my_lora_kohya.safetensors --to kohya
+    python tools/convert.py lora scfm.safetensors scfm-r32.safetensors --to ours --rank 32 --dtype bf16
     python tools/convert.py merge --base flux1-dev.safetensors --lora scfm.safetensors:1.0 \
         --out flux-4step.safetensors
 
@@ -29,6 +30,7 @@ from weights.convert import (  # noqa: E402
     DTYPES, check_output, convert_checkpoint, detect, merge_loras, plan_conversion)
 from weights.io import WeightsError  # noqa: E402
 from weights.lora import LAYOUTS, read_lora, write_lora  # noqa: E402
+from weights.lora_resize import resize_lora, summary  # noqa: E402
 
 # Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (reference.md §7.3).
 DROPPED_BY_DIFFUSERS_KOHYA = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
@@ -142,8 +144,20 @@ def cmd_lora(args) -> None:
                   f"{', ...' if len(dropped) > 3 else ''}) are written, but diffusers' kohya loader silently "
                   "drops them; ComfyUI and scfm read them. For diffusers, convert with --to diffusers",
                   file=sys.stderr)
+    resize = args.rank is not None or args.energy is not None
+    if resize or args.dtype:
+        before = _lora_bytes(lora)
+        lora, report = resize_lora(lora, rank=args.rank, energy=args.energy, dtype=DTYPES.get(args.dtype))
+        if resize:
+            print(summary(report))
+        print(f"LoRA tensors: {before / 1e6:.2f} MB -> {_lora_bytes(lora) / 1e6:.2f} MB")
     write_lora(lora, args.output, args.to, overwrite=args.overwrite)
     print(f"wrote {args.output} ({args.to}, {len(lora.modules)} layers)")
+
+
+def _lora_bytes(lora) -> int:
+    return sum(t.numel() * t.element_size() for mod in lora.modules.values() for p in mod.parts if p is not None
+               for t in (p.up, p.down))
 
 
 def cmd_merge(args) -> None:
@@ -180,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT", help="a .safetensors file")
     p.add_argument("--to", required=True, choices=list(LAYOUTS))
+    p.add_argument("--rank", type=int, help="cut every slice to at most this rank (truncated SVD: the closest "
+                                             "delta of that rank); alpha becomes the new rank")
+    p.add_argument("--energy", type=float, metavar="SHARE",
+                   help="per slice, the lowest rank keeping this share of the delta's squared norm (e.g. 0.99); "
+                        "with --rank, the smaller of the two")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the LoRA's tensors (default: keep)")
     common(p, dtype=False)
     p.set_defaults(run=cmd_lora)
 
