@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .sharding import full, like
+
 STEP_DIR = re.compile(r"step-(\d{6,})")
 
 
@@ -150,7 +152,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple
     for idx, per_param in sd["state"].items():
         for key, value in per_param.items():
             if isinstance(value, Tensor):
-                tensors[f"optim.{names[idx]}.{key}"] = value
+                tensors[f"optim.{names[idx]}.{key}"] = full(value)  # sharded: gathered (every process calls)
             else:
                 scalars[f"{names[idx]}.{key}"] = value
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
@@ -171,6 +173,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], ten
                       if k.startswith(name + ".") and "." not in k[len(name) + 1:]})
         if entry:
             per_param[idx] = entry
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, entry in per_param.items():  # moments of a sharded parameter are sharded like it
+        entry.update({k: like(params[idx], v) for k, v in entry.items()
+                      if isinstance(v, Tensor) and v.shape == params[idx].shape})
     current = optimizer.state_dict()
     groups = [{**saved, "params": g["params"]}
               for saved, g in zip(state["param_groups"], current["param_groups"], strict=True)]

@@ -94,6 +94,9 @@ class DistillConfig:
                                 "power-of-two scale per row): half of bf16's memory (Flux-dev 23.7 -> 11.9 GB), "
                                 "for 24 GB cards; each layer computes in --dtype from them, and the teacher is "
                                 "this fp8 model too. Weights are quantized as they are read")
+    fsdp: bool = opt(False, "with torchrun: shard the frozen base and every LoRA set over the processes "
+                            "(FSDP2, one group per transformer block) instead of a whole copy on each GPU, "
+                            "so Flux-dev in bf16 trains on several 24 GB cards")
     # --- logging, samples, checkpoints, export ------------------------------------------------------------
     log_every: int = opt(10, "steps between JSONL log lines")
     sample_every: int = opt(0, "steps between sample images (0 = off); needs sample_prompts in the cache")

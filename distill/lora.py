@@ -39,6 +39,7 @@ from .lora_targets import (  # noqa: F401  (the tables and config are part of th
     parse_target,
     slice_sizes,
 )
+from .sharding import full, like
 
 # ----- which set each call uses -----------------------------------------------------------------------------
 
@@ -305,13 +306,14 @@ def unmerge(model: nn.Module) -> None:
 
 
 def set_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """One set as `{module}.lora_down` (S*r, in) and `{module}.lora_up` (out, r), detached fp32 views."""
+    """One set as `{module}.lora_down` (S*r, in) and `{module}.lora_up` (out, r), detached fp32 views (a sharded
+    model's are gathered whole: every process must call this together)."""
     out: dict[str, Tensor] = {}
     for module, layer in lora_layers(model).items():
         if name not in layer.lora_down:
             raise KeyError(f"{module} has no materialised set {name!r}")
-        out[f"{module}.lora_down"] = layer.lora_down[name].detach()
-        out[f"{module}.lora_up"] = layer.lora_up[name].detach()
+        out[f"{module}.lora_down"] = full(layer.lora_down[name].detach())
+        out[f"{module}.lora_up"] = full(layer.lora_up[name].detach())
     return out
 
 
@@ -333,7 +335,7 @@ def load_set(model: nn.Module, name: str, state: dict[str, Tensor], strict: bool
             t = state[key].detach().to(device=layer.weight.device, dtype=torch.float32)
             if name in store:
                 with torch.no_grad():
-                    store[name].copy_(t)
+                    store[name].copy_(like(store[name], t))
             else:
                 store[name] = nn.Parameter(t.clone(), requires_grad=False)
         layer.zero_sets.discard(name)
@@ -341,7 +343,11 @@ def load_set(model: nn.Module, name: str, state: dict[str, Tensor], strict: bool
 
 def copy_set(model: nn.Module, dst: str, src: str) -> None:
     """dst <- src (e.g. start the EMAs from a teacher LoRA, or restart them from live)."""
-    load_set(model, dst, set_state_dict(model, src))
+    if all(dst in layer.lora_down for layer in lora_layers(model).values()):
+        with torch.no_grad():  # tensor to tensor: sharded sets copy shard to shard
+            torch._foreach_copy_(set_tensors(model, dst), set_tensors(model, src))
+    else:
+        load_set(model, dst, set_state_dict(model, src))
 
 
 def set_tensors(model: nn.Module, name: str) -> list[Tensor]:

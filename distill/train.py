@@ -220,12 +220,13 @@ def lora_metadata(cfg: DistillConfig, model) -> dict[str, str]:
     return {"scfm_training": json.dumps(info)}
 
 
-def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False) -> list[Path]:
-    """The chosen set in each requested layout, through the LoRA file code (weights/lora.py)."""
+def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: dict | None = None) -> list[Path]:
+    """The chosen set in each requested layout, through the LoRA file code (weights/lora.py). `state`: the set
+    already gathered (a sharded model's, gathered by every process together)."""
     from weights.lora import Recommended, save_lora
 
     family = model_family(model)
-    state = {k: v.float() for k, v in set_state_dict(model, cfg.export_set).items()}
+    state = {k: v.float() for k, v in (state or set_state_dict(model, cfg.export_set)).items()}
     slices = {name: layer.slices for name, layer in lora_layers(model).items()}
     # scfm-method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with.
     # Flux-dev: its guidance input. SD3.5 with CFG baked in: sampled as trained, c + w (c - u) against the
@@ -259,13 +260,15 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         if cfg.cache_only:
             return []
         try:
-            model = load_model(cfg, device)
+            sharded = cfg.fsdp and dist.is_initialized() and dist.get_world_size() > 1
+            model = load_model(cfg, torch.device("cpu") if sharded else device)  # shards move there one by one
         except torch.OutOfMemoryError:
             tip = "" if cfg.fp8_base else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
             raise TrainingError(f"out of GPU memory loading the model{tip}") from None
         trainer = Trainer(cfg, model, cache, device=device, on_step=on_step)
         trainer.run()
-        return export_lora(trainer.model, cfg, overwrite=cfg.resume) if rank == 0 else []
+        state = set_state_dict(trainer.model, cfg.export_set)  # on every process: a sharded set is gathered
+        return export_lora(trainer.model, cfg, overwrite=cfg.resume, state=state) if rank == 0 else []
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

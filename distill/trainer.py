@@ -11,7 +11,6 @@ a resumed run and a run on any number of processes train on exactly the same num
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -52,7 +51,9 @@ from .lora import (
     set_state_dict,
     weight_set,
 )
+from .run_outputs import JsonlLog, save_samples
 from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
+from .sharding import full, shard_model
 
 # Fields a resumed run must share with the checkpoint: anything else changing would silently make the
 # "resumed" run a different run.
@@ -143,13 +144,16 @@ class Trainer:
                 raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "
                                     "needs; build a cache for SD3.5 (it embeds the empty prompt once)")
 
+        self.sharded = config.fsdp and self.world > 1
+        # sharded: the model stays on the CPU until each shard moves to the device (sharding.py)
+        home = torch.device("cpu") if self.sharded else self.device
         if config.fp8_base and not fp8_bytes(model):  # the loaders quantize as they read; a model built in
-            quantize_linears_(model, self.device)  # memory (tiny) gets its block Linears quantized here
+            quantize_linears_(model, home)  # memory (tiny) gets its block Linears quantized here
         # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so (e4m3
         # storage is kept by its own `_apply`)
-        model = model.to(device=self.device, dtype=DTYPES[config.dtype])
+        model = model.to(device=home, dtype=DTYPES[config.dtype])
         self.names = inject_lora(model, lora_config(config), torch.Generator().manual_seed(config.seed))
-        model.to(self.device)
+        model.to(home)
         model.enable_gradient_checkpointing(config.gradient_checkpointing)
         if config.teacher_lora:
             from safetensors.torch import load_file
@@ -157,6 +161,8 @@ class Trainer:
             load_set(model, "teacher", load_file(config.teacher_lora))
             for ema in ("fast_ema", "slow_ema"):  # scfm-method.md §3: EMAs start from the teacher LoRA
                 copy_set(model, ema, "teacher")
+        if self.sharded:  # after every set exists: sets created later would not be sharded
+            shard_model(model, self.device.type, self.world)
         self.model = model
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -164,7 +170,7 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         student, self.ddp = model, None
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             # every rank built the same seeded LoRA; broadcasting the 12 B frozen base (init_sync) is waste
             for _, p in self.params:
                 dist.broadcast(p.data, 0)
@@ -208,11 +214,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for start in range(first, first + self.local_batch, micro):
             last = start + micro == first + self.local_batch
-            # DDP reduces gradients in the last micro-batch's backward only
+            # DDP and FSDP reduce gradients in the last micro-batch's backward only
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 loss_sum += self._micro_loss(step, indices, range(start, start + micro))
         params = [p for _, p in self.params]
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
         # one reduction carries the loss sum (for the log) and any rank's NaN, so every rank skips together
         stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()])
         if self.world > 1:
@@ -249,7 +257,7 @@ class Trainer:
         elif checkpoints(self.out / "checkpoints"):
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume to continue that run "
                                 "or choose another --output")
-        log = _JsonlLog(self.out / "log.jsonl", self.progress.step) if self.rank == 0 else None
+        log = JsonlLog(self.out / "log.jsonl", self.progress.step) if self.rank == 0 else None
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="scfm", unit="step",
                    disable=self.rank != 0)
         window, t0 = [], time.perf_counter()
@@ -271,8 +279,8 @@ class Trainer:
                 window, t0 = [], time.perf_counter()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 self.save()
-            if self.rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
-                self.sample(step)
+            if cfg.sample_every and step % cfg.sample_every == 0 and (self.rank == 0 or self.sharded):
+                self.sample(step)  # a sharded model samples on every process (each holds a shard); rank 0 saves
             if self.on_step:
                 self.on_step(step)
         bar.close()
@@ -305,10 +313,10 @@ class Trainer:
     def save(self) -> Path | None:
         """Rank 0 writes; the others wait, so nobody runs ahead of a checkpoint that may yet fail."""
         path = None
+        # every process: sharded sets and moments are gathered together (plain ones are views, no copy)
+        tensors = {f"lora.{s}.{k}": v for s in self._sets() for k, v in set_state_dict(self.model, s).items()}
+        opt_tensors, opt_state = optimizer_state(self.optimizer, [n for n, _ in self.params])
         if self.rank == 0:
-            tensors = {f"lora.{s}.{k}": v
-                       for s in self._sets() for k, v in set_state_dict(self.model, s).items()}
-            opt_tensors, opt_state = optimizer_state(self.optimizer, [n for n, _ in self.params])
             rng_tensors, rng_json = rng_state()
             position = self.batches.position(self.progress.step)
             state = {"progress": vars(self.progress), "data_position": position,
@@ -372,53 +380,6 @@ class Trainer:
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
         with weight_set(self.model, "live"), autocast:
             latents = euler(velocity, noise, sigmas, cond, guidance).float()
+        if self.rank != 0:
+            return []
         return save_samples(latents, prompts, self.out / "samples", step, cfg.vae, self.device)
-
-
-def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, vae_path: str,
-                 device: torch.device) -> list[Path]:
-    """PNGs when a VAE is configured, else the latents as safetensors (no decoder, still inspectable)."""
-    from weights.io import atomic_save
-
-    if not vae_path:
-        return [atomic_save({"latents": latents.cpu()}, folder / f"step-{step:06d}.safetensors",
-                            {"prompts": json.dumps(prompts)}, overwrite=True)]
-    from model.vae import vae_to_images
-    from sampling.generate import save_png
-    from sampling.pipeline import to_pil
-    from weights.vae import load_vae
-
-    vae = load_vae(vae_path, device=device)
-    images = to_pil(vae_to_images(vae.decode(vae.denormalize_latents(latents.to(device)))))
-    paths = []
-    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
-        paths.append(folder / f"step-{step:06d}_{i:02d}.png")
-        save_png(image, paths[-1], {"prompt": prompt, "step": step})
-    return paths
-
-
-class _JsonlLog:
-    """Append-only JSONL; on resume, lines past the checkpoint (from the killed run) are dropped first."""
-
-    def __init__(self, path: Path, resumed_step: int):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            lines = path.read_text().splitlines()
-            keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= resumed_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(path)
-        self.path = path
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-        except ImportError:  # TensorBoard is optional
-            self.tb = None
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb:
-            for k in ("loss", "loss_mean", "grad_norm", "seconds_per_step"):
-                self.tb.add_scalar(k, row[k], row["step"])

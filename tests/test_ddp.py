@@ -13,17 +13,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_data import make_cache
-from test_trainer import assert_same, config, state, tiny_model
+from test_trainer import Kill, assert_same, config, kill_at, state, tiny_model
 
 from distill.data import Cache
 from distill.trainer import Trainer
 
-STEPS, POISONED = 3, 2  # step 2 has a NaN student prediction on the last rank only
+STEPS, POISONED, KILL = 3, 2, 2  # step 2 has a NaN student prediction on the last rank only
 RUN = dict(steps=STEPS, batch_size=4, micro_batch=2, checkpoint_every=0)
 
 
 def run(tmp_path, cfg, rank: int, world: int) -> dict[str, torch.Tensor]:
-    t = Trainer(cfg, tiny_model(), Cache(tmp_path / "cache"), device="cpu")
+    t = Trainer(cfg, tiny_model(), Cache(tmp_path / "cache"), device="cpu",
+                on_step=kill_at(KILL) if cfg.output.endswith("killed") else None)
     real = t.velocity
 
     def velocity(x, sigma, cond, guidance):
@@ -33,16 +34,19 @@ def run(tmp_path, cfg, rank: int, world: int) -> dict[str, torch.Tensor]:
 
     t.velocity = velocity
     t.run()
-    assert t.progress.updates == STEPS - 1
+    assert t.progress.updates == STEPS - 1 and t.sharded == (cfg.fsdp and world > 1)
     return state(t)
 
 
-def _worker(rank: int, tmp_path, world: int) -> None:
+def _worker(rank: int, tmp_path, world: int, name: str = "ddp", extra: dict | None = None) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=rank, world_size=world)
+    store = tmp_path / f"store-{name}{'-resumed' if (extra or {}).get('resume') else ''}"  # one per launch
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        result = run(tmp_path, config(tmp_path, "ddp", **RUN), rank, world)
-        torch.save(result, tmp_path / f"rank{rank}.pt")
+        result = run(tmp_path, config(tmp_path, name, **{**RUN, **(extra or {})}), rank, world)
+        torch.save(result, tmp_path / f"{name}-rank{rank}.pt")
+    except Kill:
+        pass
     finally:
         dist.destroy_process_group()
 
@@ -53,7 +57,21 @@ def test_two_processes_equal_one(tmp_path):
     make_cache(tmp_path, images=[((512, 512), f"prompt {i}") for i in range(4)], pool=64)
     # fork: the children inherit the imported modules instead of importing torch again (seconds each)
     mp.start_processes(_worker, args=(tmp_path, 2), nprocs=2, join=True, start_method="fork")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"ddp-rank{r}.pt") for r in range(2)]
     single = run(tmp_path, config(tmp_path, "single", **RUN), 0, 1)
     assert_same(ranks[0], ranks[1], atol=0.0)  # live, both EMAs, optimizer state: the same on every rank
     assert_same(ranks[0], single, atol=0.0)  # bitwise
+
+
+@pytest.mark.filterwarnings("ignore:step 2")
+def test_sharded_processes_equal_one_and_resume_from_a_gathered_checkpoint(tmp_path):
+    """--fsdp: every set and Adam moment is sharded over 2 processes. Killed after the step-2 checkpoint (written
+    whole by rank 0) and resumed, the run ends where one unsharded process does, clipping active throughout."""
+    make_cache(tmp_path, images=[((512, 512), f"prompt {i}") for i in range(4)], pool=64)
+    sharded = dict(fsdp=True, checkpoint_every=2, max_grad_norm=0.05)
+    for name, extra in (("killed", sharded), ("killed", {**sharded, "resume": True})):
+        mp.start_processes(_worker, args=(tmp_path, 2, name, extra), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"killed-rank{r}.pt") for r in range(2)]
+    single = run(tmp_path, config(tmp_path, "single", **RUN, max_grad_norm=0.05), 0, 1)
+    assert_same(ranks[0], ranks[1], atol=0.0)  # gathered: the same whole tensors on every process
+    assert_same(ranks[0], single, atol=1e-6)

@@ -15,6 +15,7 @@ from distill import checkpoint as ckpt
 from distill.config import ConfigError, DistillConfig, build_config, load_toml
 from distill.lora import set_state_dict
 from distill.scfm import element_generators, sample_draw, scfm_loss
+from distill.sharding import full
 from distill.train import build_parser, main
 from distill.trainer import Trainer, TrainingError
 from model.flux import FLUX_CONFIGS, Flux
@@ -38,9 +39,10 @@ def trainer(tmp_path, cfg: DistillConfig, **kw) -> Trainer:
 
 
 def state(t: Trainer) -> dict[str, torch.Tensor]:
+    """Every LoRA set and the optimizer state, whole (a sharded run's are gathered: all processes call this)."""
     out = {f"{s}.{k}": v.clone() for s in SETS for k, v in set_state_dict(t.model, s).items()}
     opt = t.optimizer.state_dict()["state"]
-    out.update({f"opt.{i}.{k}": v.clone() for i, st in opt.items() for k, v in st.items()})
+    out.update({f"opt.{i}.{k}": full(v).clone() for i, st in opt.items() for k, v in st.items()})
     return out
 
 

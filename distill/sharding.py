@@ -1,0 +1,43 @@
+"""Sharded data-parallel training (FSDP2, `--fsdp`): every process holds 1/N of the frozen base and of every
+LoRA set, so a model that does not fit one GPU (Flux-dev in bf16 on 24 GB cards) trains on several.
+
+The released trainer could not shard its model because it swaps EMA and teacher weights into the live
+parameters in place (scfm-method.md §10). Here every set is its own parameter of its layer (distill/lora.py), so
+`fully_shard` shards them like any other: each transformer block is one shard group, gathered for its forward
+(all sets: a call picks one) and freed after. Sharded tensors are DTensors; the few places that need a whole set
+(checkpoints, export, loading) go through `full` and `like`, which every process must call together.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks")  # Flux; SD3 / SD3.5
+
+
+def shard_model(model: nn.Module, device_type: str, world: int) -> None:
+    """Shard each transformer block, then the rest (embedders, final layer), over the `world` processes of the
+    default group. Parameters still on the CPU move to the device shard by shard, so no GPU ever holds the
+    whole model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (world,))
+    for name in BLOCK_LISTS:
+        for block in getattr(model, name, ()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor: a sharded one is gathered (a collective), a plain one is itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like(param: Tensor, t: Tensor) -> Tensor:
+    """`t` (whole, the same on every process) laid out as `param`: sharded the same way when it is sharded."""
+    if not hasattr(param, "device_mesh"):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
