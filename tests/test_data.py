@@ -204,6 +204,9 @@ class FakePipeline:
         self.transformer, self.text, self.rendered = Flux(FLUX_CONFIGS["tiny"]), FakeText(), 0
         self.schedule = lambda cfg: SCHEDULES["flux-dev"]
 
+    def check_transformer(self):
+        pass  # the tiny Flux is built in memory: there are no files to check
+
     def encode(self, prompts, max_sequence_length):
         return self.text(prompts)
 
