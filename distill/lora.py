@@ -344,8 +344,9 @@ def load_set(model: nn.Module, name: str, state: dict[str, Tensor], strict: bool
 def copy_set(model: nn.Module, dst: str, src: str) -> None:
     """dst <- src (e.g. start the EMAs from a teacher LoRA, or restart them from live)."""
     if all(dst in layer.lora_down for layer in lora_layers(model).values()):
-        with torch.no_grad():  # tensor to tensor: sharded sets copy shard to shard
-            torch._foreach_copy_(set_tensors(model, dst), set_tensors(model, src))
+        with torch.no_grad():  # tensor to tensor: sharded sets copy shard to shard (no foreach rule for them)
+            for d, s in zip(set_tensors(model, dst), set_tensors(model, src), strict=True):
+                d.copy_(s)
     else:
         load_set(model, dst, set_state_dict(model, src))
 

@@ -75,3 +75,38 @@ def test_sharded_processes_equal_one_and_resume_from_a_gathered_checkpoint(tmp_p
     single = run(tmp_path, config(tmp_path, "single", **RUN, max_grad_norm=0.05), 0, 1)
     assert_same(ranks[0], ranks[1], atol=0.0)  # gathered: the same whole tensors on every process
     assert_same(ranks[0], single, atol=1e-6)
+
+
+def _sd3_worker(rank: int, tmp_path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store-sd3'}", rank=rank, world_size=2)
+    try:
+        torch.save(_sd3_run(tmp_path, sharded=True), tmp_path / f"sd3-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sd3_run(tmp_path, sharded: bool) -> dict[str, torch.Tensor]:
+    from test_sd3_scfm import TINY
+    from test_sd3_scfm import config as sd3_config
+
+    from model.mmdit import MMDiT
+
+    torch.manual_seed(0)
+    cfg = sd3_config(tmp_path, ema_restart_every=2, steps=4, sample_every=4, micro_batch=2, fsdp=sharded,
+                     output=str(tmp_path / ("sharded" if sharded else "single")))
+    t = Trainer(cfg, MMDiT(TINY), Cache(tmp_path / "cache"), device="cpu")
+    t.run()
+    return state(t)
+
+
+def test_sharded_sd3_with_cfg_and_ema_restarts_equals_one_process(tmp_path):
+    """SD3.5's conv LoRA, CFG on every call and EMA restarts (sharded set to sharded set) under --fsdp."""
+    from test_sd3_scfm import sd3_cache
+
+    sd3_cache(tmp_path)
+    mp.start_processes(_sd3_worker, args=(tmp_path,), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"sd3-rank{r}.pt") for r in range(2)]
+    assert_same(ranks[0], ranks[1], atol=0.0)
+    assert_same(ranks[0], _sd3_run(tmp_path, sharded=False), atol=1e-6)
+    assert (tmp_path / "sharded" / "samples" / "step-000004.safetensors").exists()  # rank 0 wrote it
