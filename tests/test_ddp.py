@@ -1,5 +1,6 @@
 """Data-parallel training (gloo on CPU): 2 processes equal 1 process with the same global batch, including a
-NaN step that only one rank sees (both must skip it).
+NaN step that only one rank sees (both must skip it); the same with every set sharded (--fsdp), through a kill,
+a gathered checkpoint and a resume, and for SD3.5 with CFG and EMA restarts.
 
 Both runs use micro-batches of 2, so each gradient is the same two halves summed once: the runs agree to the
 bit. (Without that, one batch of 4 against two of 2 differs by fp32 summation order, ~1e-6 relative in the
