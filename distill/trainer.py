@@ -145,6 +145,9 @@ class Trainer:
                                     "needs; build a cache for SD3.5 (it embeds the empty prompt once)")
 
         self.sharded = config.fsdp and self.world > 1
+        if config.fsdp and self.world == 1:
+            warnings.warn("--fsdp shards over the processes torchrun starts; with one process nothing is sharded",
+                          stacklevel=2)
         # sharded: the model stays on the CPU until each shard moves to the device (sharding.py)
         home = torch.device("cpu") if self.sharded else self.device
         if config.fp8_base and not fp8_bytes(model):  # the loaders quantize as they read; a model built in
