@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.generate import FP8_HELP
+from sampling.generate import FP8_HELP, out_of_memory
 from weights.io import WeightsError
 
 from .data import BUCKETS_512, buckets_for
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        tip = "" if args.fp8 else "--fp8 (the transformer blocks in fp8: Flux-dev 23.7 -> 11.9 GB) or "
-        print(f"error: out of GPU memory; the images written so far are kept: run again with {tip}a smaller "
-              "--batch-size to go on", file=sys.stderr)
+        print(out_of_memory(args.fp8, "a smaller --batch-size (it goes on where it stopped)"), file=sys.stderr)
         return 2
     return 0
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks")  # Flux; SD3 / SD3.5
+from model.layers import BLOCK_LISTS
+
+
+def is_sharded(fsdp: bool) -> bool:
+    """Whether `--fsdp` shards this run: only over more than one process."""
+    import torch.distributed as dist
+
+    return fsdp and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def shard_model(model: nn.Module, device_type: str, world: int) -> None:

@@ -30,6 +30,7 @@ from weights.io import WeightsError
 from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
 from .data import Cache, DataError, build_cache, file_identity, plan_cache
 from .lora import lora_layers, set_state_dict
+from .sharding import is_sharded
 from .trainer import DTYPES, Trainer, TrainingError, model_family
 
 
@@ -260,8 +261,8 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         if cfg.cache_only:
             return []
         try:
-            sharded = cfg.fsdp and dist.is_initialized() and dist.get_world_size() > 1
-            model = load_model(cfg, torch.device("cpu") if sharded else device)  # shards move there one by one
+            # sharded: each shard moves to the device on its own (sharding.py)
+            model = load_model(cfg, torch.device("cpu") if is_sharded(cfg.fsdp) else device)
         except torch.OutOfMemoryError:
             tip = "" if cfg.fp8_base else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
             raise TrainingError(f"out of GPU memory loading the model{tip}") from None

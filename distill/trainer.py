@@ -53,7 +53,7 @@ from .lora import (
 )
 from .run_outputs import JsonlLog, save_samples
 from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
-from .sharding import full, shard_model
+from .sharding import full, is_sharded, shard_model
 
 # Fields a resumed run must share with the checkpoint: anything else changing would silently make the
 # "resumed" run a different run.
@@ -144,7 +144,7 @@ class Trainer:
                 raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "
                                     "needs; build a cache for SD3.5 (it embeds the empty prompt once)")
 
-        self.sharded = config.fsdp and self.world > 1
+        self.sharded = is_sharded(config.fsdp)
         if config.fsdp and self.world == 1:
             warnings.warn("--fsdp shards over the processes torchrun starts; with one process nothing is sharded",
                           stacklevel=2)

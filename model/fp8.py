@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
+from .layers import BLOCK_LISTS
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -126,7 +127,7 @@ class _Float8LinearFn(torch.autograd.Function):
 def is_block_linear(name: str) -> bool:
     """The transformer blocks' Linears (Flux double / single, SD3 joint): nearly all the weights. Embedders
     and the final layer are a few MB and feed or read every token, so they keep the compute dtype."""
-    return name.split(".", 1)[0] in ("double_blocks", "single_blocks", "joint_blocks")
+    return name.split(".", 1)[0] in BLOCK_LISTS
 
 
 def quantize_linears_(model: nn.Module, device: torch.device | str | None = None,

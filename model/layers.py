@@ -15,6 +15,10 @@ from torch import Tensor, nn
 
 from . import kernels
 
+# The ModuleLists that hold the transformer blocks (Flux double / single, SD3 joint): nearly all the weights, one
+# unit for fp8 storage (model/fp8.py) and for sharding (distill/sharding.py)
+BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks")
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
     """Sinusoidal embedding [cos, sin] of `time_factor * t` (B,) -> (B, dim).

@@ -298,7 +298,12 @@ def run(args) -> list[Path]:
     check_family_flags(args, family)
     loras = [parse_lora(s) for s in args.lora]
     cfg = generation_config(args, family, lora_recommendations([path for path, _ in loras]))
-    pipe = build_pipeline(args, model, family, loras)  # merged for good as the transformer is read
+    if loras:
+        from weights.lora import read_lora  # noqa: PLC0415  (only when asked: keeps --help fast)
+
+        # read once: the check below and the load both take these (merged for good as the transformer is read)
+        loras = [(read_lora(path, family=family), scale) for path, scale in loras]
+    pipe = build_pipeline(args, model, family, loras)
     paths = _targets(args, len(prompts) * args.batch_size)
     pipe.latent_size(args.height, args.width)  # a bad size fails before the big models are loaded
     pipe.check_transformer()  # so do a wrong file or a LoRA for another model: nothing is read yet
@@ -322,6 +327,12 @@ def run(args) -> list[Path]:
     return written
 
 
+def out_of_memory(fp8: bool, smaller: str) -> str:
+    """The one line a sampling command prints when the GPU runs out: what lowers the peak (also make_dataset's)."""
+    tip = "" if fp8 else "--fp8 (the transformer blocks in fp8: Flux-dev 23.7 -> 11.9 GB) or "
+    return f"error: out of GPU memory; the images written so far are kept; run again with {tip}{smaller}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -331,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        tip = "" if args.fp8 else "--fp8 (the transformer blocks in fp8: Flux-dev 23.7 -> 11.9 GB), "
-        print(f"error: out of GPU memory; lower the peak with {tip}fewer prompts per run or a smaller "
-              "--width / --height (images written so far are kept)", file=sys.stderr)
+        print(out_of_memory(args.fp8, "fewer prompts per run or a smaller --width / --height"), file=sys.stderr)
         return 2
     return 0
 

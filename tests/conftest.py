@@ -28,6 +28,13 @@ def randomize_(module: torch.nn.Module, sigma: float, seed: int = 0) -> torch.nn
     return module
 
 
+def assert_same_bits(got: dict, want: dict) -> None:
+    """Two state dicts hold the same keys, dtypes and bits (so -0.0 and 0.0 differ, and NaNs of one code match)."""
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
 def comfy_scaled_fp8(sd: dict, per_row: bool = False) -> tuple[dict, dict]:
     """A ComfyUI-style scaled fp8 file of `sd` -> (its tensors, the weights it stands for). Older style: a scalar
     `scale_weight` per 2-D weight, `scale_input` and the `scaled_fp8` marker; newer: `weight_scale` (here one

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_lora, randomize_
+from conftest import assert_same_bits, random_lora, randomize_
 from flux_fixtures import run_ours, tiny_diffusers_flux, tiny_inputs
 from safetensors.torch import save_file
 
@@ -91,12 +91,6 @@ def state_dict_copy(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def assert_bit_equal(model, saved):
-    for k, v in model.state_dict().items():
-        as_int = {2: torch.int16, 4: torch.int32}[v.element_size()]  # bits: -0.0 and 0.0 differ here
-        assert v.dtype == saved[k].dtype and torch.equal(v.view(as_int), saved[k].view(as_int)), k
-
-
 # ----- diffusers / PEFT files against diffusers' loader (row 19) --------------------------------------------
 
 
@@ -119,7 +113,7 @@ def test_peft_file_applied_by_us_equals_diffusers(ref, base_file, tmp_path, scal
     assert_close(run_ours(ours, inp), expected)
     assert (expected - base_out).abs().max() > 0.1  # the LoRA really moves the output
     unload_loras(ours)
-    assert_bit_equal(ours, before)
+    assert_same_bits(ours.state_dict(), before)
 
 
 def test_peft_alpha_keys_and_our_rank_alpha_patterns_load_the_same_in_diffusers(ref, base_file, tmp_path):
@@ -368,7 +362,7 @@ def test_several_loras_merge_with_their_scales_and_unload_bit_exactly(ref, base_
     # nothing held with base=; otherwise copies of the touched weights only
     assert len(state.originals) == (0 if use_base else len(state.touched))
     unload_loras(model)
-    assert_bit_equal(model, before)
+    assert_same_bits(model.state_dict(), before)
     assert applied_loras(model) == []
 
 
@@ -380,7 +374,7 @@ def test_base_that_differs_from_the_model_is_refused_before_any_change(base_file
     _, lora = trained_lora()
     with pytest.raises(WeightsError, match="differs from the model's weight"):
         apply_loras(model, [lora], base=base_file)
-    assert_bit_equal(model, before)
+    assert_same_bits(model.state_dict(), before)
 
 
 # ----- refusals ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_lora, randomize_
+from conftest import assert_same_bits, random_lora, randomize_
 from mmdit_fixtures import SD35_TINY, run_diffusers, run_ours, tiny_diffusers_mmdit, tiny_inputs
 from safetensors.torch import load_file, save_file
 
@@ -107,11 +107,6 @@ def assert_close(ours, expected):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * max(1.0, expected.abs().max().item()))
 
 
-def assert_bit_equal(model, saved):
-    for k, v in model.state_dict().items():
-        assert v.dtype == saved[k].dtype and torch.equal(v.view(torch.int32), saved[k].view(torch.int32)), k
-
-
 def trained_set(targets=ALL_TARGETS, seed=0):
     """A tiny SD3.5 with a distill/ LoRA whose live set is random (as if trained), and that set as a LoRA."""
     model = randomize_(MMDiT(SD35_TINY), 0.2, seed).eval().requires_grad_(False)
@@ -147,7 +142,7 @@ def test_peft_file_applied_by_us_equals_diffusers(ref, base_file, tmp_path, scal
     assert_close(run_ours(ours, inp), expected)
     assert (expected - base_out).abs().max() > 0.1  # the LoRA really moves the output
     unload_loras(ours)
-    assert_bit_equal(ours, before)
+    assert_same_bits(ours.state_dict(), before)
 
 
 def test_swapped_rows_are_the_last_context_adaln_and_the_final_adaln_only(ref, tmp_path):

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from model.fp8 import E4M3, quantize_rows
+from model.fp8 import E4M3, quantize_linears_, quantize_rows
 
 from .io import WeightsError
 
@@ -56,15 +56,19 @@ def assign_tensors(
     dtype: torch.dtype,
     device: torch.device | str,
     source: str,
+    fp8: bool = False,
     loras: Sequence = (),
 ) -> nn.Module:
     """Move each tensor to `device` / `dtype` as it arrives and assign it; every model key must be provided.
     `loras` (a Flux or SD3 model's, as weights.lora.apply_loras takes them) are checked against the model before
     anything is read, then merged into each weight as it arrives (weights/lora_merge.merge_while_reading).
 
-    A weight the model holds in e4m3 (a Float8Linear, model/fp8.py, made on the meta model before reading) is
-    quantized as it arrives, after its LoRAs, its `weight_scale` with it: the full-precision model never exists
-    at once. On `device="meta"` nothing is read: the caller's checks and the LoRAs' are all that run."""
+    fp8: the blocks' Linears (model/fp8.py) become Float8Linears on the meta model first, and each of their
+    weights is quantized as it arrives, after its LoRAs, its `weight_scale` with it: the full-precision model
+    never exists at once. On `device="meta"` nothing is read: the caller's checks and the LoRAs' are all that
+    run."""
+    if fp8:
+        quantize_linears_(model)  # on meta: the layers to fill with e4m3 weights
     merge = None
     if loras:
         from .lora_merge import merge_while_reading  # noqa: PLC0415  (at the top it would run before weights.lora)

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
-from model.fp8 import quantize_linears_
 
 from .assign import assign_tensors, check_keys_and_shapes, resolve_config
 from .io import (
@@ -169,12 +168,10 @@ def load_flux(
     with torch.device("meta"):
         model = Flux(cfg)
     check_keys_and_shapes(model, shapes, source=src, layout=f"{layout} Flux")
-    if fp8:
-        quantize_linears_(model)  # on meta: the layers to fill with e4m3 weights
 
     with TensorReader(files, dtype=dtype, prefix=prefix) as read:
         tensors = to_official(rules, read) if layout == "diffusers" else ((k, read(k)) for k in shapes)
-        assign_tensors(model, tensors, dtype=dtype, device=device, source=src, loras=loras)
+        assign_tensors(model, tensors, dtype=dtype, device=device, source=src, fp8=fp8, loras=loras)
     return model.eval()
 
 

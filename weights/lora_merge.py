@@ -128,6 +128,10 @@ def _resolve(model, loras: Sequence, ignore_text_encoders: bool) -> list[tuple[L
     return items
 
 
+def _names(items: list[tuple[LoRA, float]]) -> list[str]:
+    return [f"{lora.source or 'LoRA'} @ {s}" for lora, s in items]
+
+
 def _merged(weight: Tensor, module: str, items: list[tuple[LoRA, float]]) -> Tensor:
     """`weight` plus every LoRA's delta on `module`, summed in fp32 and rounded once to the weight's dtype."""
     delta = sum(s * lora.modules[module].delta(weight.device) for lora, s in items if module in lora.modules)
@@ -167,7 +171,7 @@ def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None
         state.touched += new
         for m, w in weights.items():
             w.copy_(_merged(w, m, items))
-    state.names += [f"{lora.source or 'LoRA'} @ {s}" for lora, s in items]
+    state.names += _names(items)
     model._scfm_loras = state
 
 
@@ -179,8 +183,7 @@ def merge_while_reading(model, loras: Sequence, *, ignore_text_encoders: bool = 
     (`applied_loras`) as not restorable."""
     items = _resolve(model, loras, ignore_text_encoders)
     modules = dict.fromkeys(m for lora, _ in items for m in lora.modules)
-    model._scfm_loras = _Applied([f"{lora.source or 'LoRA'} @ {s}" for lora, s in items], list(modules), None,
-                                 {}, restorable=False)
+    model._scfm_loras = _Applied(_names(items), list(modules), None, {}, restorable=False)
 
     def merge(key: str, t: Tensor) -> Tensor:
         module = key[: -len(".weight")]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from model.fp8 import quantize_linears_
 from model.mmdit import MMDiT, MMDiTConfig
 
 from .assign import assign_tensors, check_keys_and_shapes, resolve_config
@@ -191,12 +190,10 @@ def load_mmdit(
         model = MMDiT(cfg)
     layout_name = "SAI MMDiT" if rules is None else "diffusers MMDiT"
     check_keys_and_shapes(model, shapes, source=src, layout=layout_name)
-    if fp8:
-        quantize_linears_(model)  # on meta: the layers to fill with e4m3 weights
 
     with TensorReader(files, dtype=dtype, prefix=prefix) as read:
         tensors = to_official(rules, read) if rules is not None else ((k, read(k)) for k in shapes)
-        assign_tensors(model, tensors, dtype=dtype, device=device, source=src, loras=loras)
+        assign_tensors(model, tensors, dtype=dtype, device=device, source=src, fp8=fp8, loras=loras)
     return model.eval()
 
 
