@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.generate import FP8_HELP, out_of_memory
+from sampling.generate import FP8_HELP, SWAP_HELP, out_of_memory
 from weights.io import WeightsError
 
 from .data import BUCKETS_512, buckets_for
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
     return p
 
 
@@ -141,7 +142,8 @@ def make_pipeline(args):
     sources = FluxSources.from_folder(model, **files) if (model / "model_index.json").exists() else \
         FluxSources(transformer=model, **files)
     sources.check()
-    return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8)
+    return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
+                        blocks_to_swap=args.blocks_to_swap)
 
 
 def run(args) -> Path:
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        print(out_of_memory(args.fp8, "a smaller --batch-size (it goes on where it stopped)"), file=sys.stderr)
+        print(out_of_memory(args, "a smaller --batch-size (it goes on where it stopped)"), file=sys.stderr)
         return 2
     return 0
 

@@ -30,8 +30,7 @@ from weights.io import WeightsError
 from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
 from .data import Cache, DataError, build_cache, file_identity, plan_cache
 from .lora import lora_layers, set_state_dict
-from .sharding import is_sharded
-from .trainer import DTYPES, Trainer, TrainingError, model_family
+from .trainer import DTYPES, Trainer, TrainingError, loads_on_cpu, model_family
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,8 +260,7 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         if cfg.cache_only:
             return []
         try:
-            # sharded: each shard moves to the device on its own (sharding.py)
-            model = load_model(cfg, torch.device("cpu") if is_sharded(cfg.fsdp) else device)
+            model = load_model(cfg, torch.device("cpu") if loads_on_cpu(cfg) else device)
         except torch.OutOfMemoryError:
             tip = "" if cfg.fp8_base else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
             raise TrainingError(f"out of GPU memory loading the model{tip}") from None

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from model.block_swap import BlockSwap, named_blocks
 from model.flux import Flux
 from model.fp8 import fp8_bytes, quantize_linears_
 from model.mmdit import MMDiT
@@ -117,6 +118,12 @@ class Progress:
     bad_in_row: int = 0
 
 
+def loads_on_cpu(config: DistillConfig) -> bool:
+    """Sharded or swapped, no GPU holds the whole model: it is loaded on the CPU, and each shard (sharding.py) or
+    each block that stays on the device (model/block_swap.py) moves there on its own."""
+    return is_sharded(config.fsdp) or config.blocks_to_swap > 0
+
+
 class Trainer:
     def __init__(self, config: DistillConfig, model: Flux | MMDiT, cache: Cache, *,
                  device: torch.device | str = "cpu", on_step: Callable[[int], None] | None = None):
@@ -148,8 +155,7 @@ class Trainer:
         if config.fsdp and self.world == 1:
             warnings.warn("--fsdp shards over the processes torchrun starts; with one process nothing is sharded",
                           stacklevel=2)
-        # sharded: the model stays on the CPU until each shard moves to the device (sharding.py)
-        home = torch.device("cpu") if self.sharded else self.device
+        home = torch.device("cpu") if loads_on_cpu(config) else self.device
         if config.fp8_base and not fp8_bytes(model):  # the loaders quantize as they read; a model built in
             quantize_linears_(model, home)  # memory (tiny) gets its block Linears quantized here
         # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so (e4m3
@@ -166,6 +172,11 @@ class Trainer:
                 copy_set(model, ema, "teacher")
         if self.sharded:  # after every set exists: sets created later would not be sharded
             shard_model(model, self.device.type, self.world)
+        if config.blocks_to_swap:  # after every set exists: the sets move to the device with the kept blocks
+            try:
+                BlockSwap(model, config.blocks_to_swap, self.device)
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
         self.model = model
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -292,15 +303,19 @@ class Trainer:
 
     def out_of_memory(self) -> str:
         """The one line for an out-of-memory step: where the run stands and what lowers the peak (only the
-        switches not already on; all of them can change on --resume)."""
+        switches not already on, cheapest first; all of them can change on --resume)."""
         cfg, found = self.config, checkpoints(self.out / "checkpoints")
         where = (f"the newest checkpoint ({found[-1]}) is intact, so add them to --resume" if found else
                  "no checkpoint was written yet, so add them to the same command")
         micro = cfg.micro_batch or self.local_batch
+        n_blocks = len(named_blocks(self.model))
+        swap = cfg.blocks_to_swap + (n_blocks - cfg.blocks_to_swap) // 2  # about half of those still held
         tips = [tip for tip, useful in (
             ("--fp8_base (the frozen blocks in fp8: Flux-dev 23.7 -> 11.9 GB)", not cfg.fp8_base),
             ("--gradient_checkpointing", not cfg.gradient_checkpointing),
             (f"--micro_batch {micro // 2} (gradient accumulation: the same batch in halves)", micro % 2 == 0),
+            (f"--blocks_to_swap {swap} (those blocks' weights wait in CPU memory: slower)",
+             swap > cfg.blocks_to_swap and cfg.gradient_checkpointing and not cfg.fsdp),
         ) if useful]
         tips = tips or [f"a new run with --rank {max(1, cfg.rank // 2)}"]
         used = (f" ({torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB at the peak)"

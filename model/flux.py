@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import PresetConfig
-from .layers import MLPEmbedder, Modulation, QKNorm, attention, timestep_embedding
+from .layers import BlockRunner, MLPEmbedder, Modulation, QKNorm, attention, timestep_embedding
 from .rope import EmbedND
 
 
@@ -168,7 +167,7 @@ class LastLayer(nn.Module):
         return self.linear(x)
 
 
-class Flux(nn.Module):
+class Flux(BlockRunner, nn.Module):
     def __init__(self, config: FluxConfig):
         super().__init__()
         self.config = config
@@ -184,17 +183,6 @@ class Flux(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
         self.final_layer = LastLayer(d, config.out_channels)
-        self.gradient_checkpointing = False
-
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> Flux:
-        """Recompute each block's activations in backward: memory per block instead of per model."""
-        self.gradient_checkpointing = enabled
-        return self
-
-    def _run(self, block: nn.Module, *args: Tensor):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(
         self,

@@ -7,17 +7,38 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 
 # The ModuleLists that hold the transformer blocks (Flux double / single, SD3 joint): nearly all the weights, one
 # unit for fp8 storage (model/fp8.py) and for sharding (distill/sharding.py)
 BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks")
+
+
+class BlockRunner:
+    """How Flux and MMDiT run each block: optionally checkpointed (recomputed in backward), optionally through a
+    block swap (`model/block_swap.py`) that brings the block's weights from host memory for the call."""
+
+    gradient_checkpointing = False
+    block_swap = None  # a BlockSwap, set by it
+
+    def enable_gradient_checkpointing(self, enabled: bool = True):
+        """Recompute each block's activations in backward: memory per block instead of per model."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def _run(self, block: nn.Module, *args: Tensor):
+        fn = block if self.block_swap is None else partial(self.block_swap, block)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:

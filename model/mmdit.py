@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import PresetConfig
-from .layers import attention, timestep_embedding
+from .layers import BlockRunner, attention, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -225,7 +224,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class MMDiT(nn.Module):
+class MMDiT(BlockRunner, nn.Module):
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         self.config = config
@@ -240,17 +239,6 @@ class MMDiT(nn.Module):
         self.context_embedder = nn.Linear(config.context_in_dim, d)
         self.joint_blocks = nn.ModuleList(JointBlock(config, i) for i in range(config.depth))
         self.final_layer = FinalLayer(d, p, config.out_channels)
-        self.gradient_checkpointing = False
-
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> MMDiT:
-        """Recompute each block's activations in backward: memory per block instead of per model."""
-        self.gradient_checkpointing = enabled
-        return self
-
-    def _run(self, block: nn.Module, *args: Tensor):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The centre h x w window (in patches) of the max x max table -> (1, h*w, D)."""

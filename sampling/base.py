@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from model.block_swap import BlockSwap
 from model.vae import AutoEncoder, vae_to_images
 from weights.io import WeightsError
 from weights.vae import load_vae
@@ -21,8 +22,10 @@ class Pipeline:
     default_config: type  # the family's generation config dataclass
 
     def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 fp8: bool = False, loras: Sequence = ()):
+                 fp8: bool = False, loras: Sequence = (), blocks_to_swap: int = 0):
         self.sources, self.device, self.dtype = sources, torch.device(device), dtype
+        # blocks_to_swap: the last N transformer blocks' weights wait in host memory (model/block_swap.py)
+        self.blocks_to_swap = blocks_to_swap
         # fp8: the transformer blocks' weights are stored in e4m3 (model/fp8.py), half of bf16's memory.
         # loras (as weights.lora.apply_loras takes them) are merged for good as the weights are read, before fp8
         # rounds them: no full-precision copy of the model exists on either device
@@ -66,7 +69,11 @@ class Pipeline:
 
     @property
     def transformer(self) -> nn.Module:
-        if self._transformer is None:
+        if self._transformer is None and self.blocks_to_swap:  # loaded in host memory; the kept part moves
+            model = self.load_transformer(torch.device("cpu"))
+            BlockSwap(model, self.blocks_to_swap, self.device)
+            self._transformer = model
+        elif self._transformer is None:
             self._transformer = self.load_transformer()
         return self._transformer
 

@@ -31,6 +31,8 @@ from weights.io import WeightsError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP8_HELP = ("store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory "
             "(Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")  # also make_dataset's --fp8
+SWAP_HELP = ("keep the last N transformer blocks' weights in CPU memory and copy each to the GPU as it runs: "
+             "less GPU memory (Flux-dev bf16: ~0.4 GB per block, 57 blocks), slower")  # also make_dataset's
 # The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
 # (CFG 7.0, T5 256). Both use 28 steps.
 DEFAULTS = {"flux": dict(steps=28, guidance=3.5, max_sequence_length=512),
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     run.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    run.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
     run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
     run.add_argument("--overwrite", action="store_true", help="replace existing files")
     return p
@@ -262,7 +265,8 @@ def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
         is_folder = (model / "model_index.json").exists()
         sources = FluxSources.from_folder(model, **files) if is_folder else FluxSources(transformer=model, **files)
         sources.check()
-        return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras)
+        return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras,
+                            blocks_to_swap=args.blocks_to_swap)
     from .sd3 import SD3Pipeline, SD3Sources  # noqa: PLC0415
 
     files = dict(vae=files["vae"], clip_l=files["clip"], clip_g=args.clip_g, t5=None if args.no_t5 else files["t5"],
@@ -274,7 +278,8 @@ def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
     else:
         sources = SD3Sources(transformer=model, **files)
     sources.check()
-    return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras)
+    return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras,
+                       blocks_to_swap=args.blocks_to_swap)
 
 
 def _negative(family: str, cfg) -> str | None:
@@ -327,10 +332,12 @@ def run(args) -> list[Path]:
     return written
 
 
-def out_of_memory(fp8: bool, smaller: str) -> str:
+def out_of_memory(args, smaller: str) -> str:
     """The one line a sampling command prints when the GPU runs out: what lowers the peak (also make_dataset's)."""
-    tip = "" if fp8 else "--fp8 (the transformer blocks in fp8: Flux-dev 23.7 -> 11.9 GB) or "
-    return f"error: out of GPU memory; the images written so far are kept; run again with {tip}{smaller}"
+    tips = [] if args.fp8 else ["--fp8 (the transformer blocks in fp8: Flux-dev 23.7 -> 11.9 GB)"]
+    more = "more than " + str(args.blocks_to_swap) if args.blocks_to_swap else "N"
+    tips += [f"--blocks-to-swap {more} (blocks wait in CPU memory: slower)", smaller]
+    return f"error: out of GPU memory; the images written so far are kept; run again with {' or '.join(tips)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        print(out_of_memory(args.fp8, "fewer prompts per run or a smaller --width / --height"), file=sys.stderr)
+        print(out_of_memory(args, "fewer prompts per run or a smaller --width / --height"), file=sys.stderr)
         return 2
     return 0
 

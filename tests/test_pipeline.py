@@ -152,10 +152,11 @@ def test_cli_out_of_memory_is_one_line(pipeline_folder, tmp_path, capsys, monkey
     monkeypatch.setattr(FluxPipeline, "sample", oom)
     args = ["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "2", "--width", "48", "--height", "32",
             "--max-sequence-length", str(T5_LEN), "--out", str(tmp_path / "x.png")]
-    for extra, tip in (([], True), (["--fp8"], False)):
+    for extra, tip, swap in (([], True, "N"), (["--fp8", "--blocks-to-swap", "3"], False, "more than 3")):
         assert main(args + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one line, no traceback
         assert err.startswith("error: out of GPU memory") and ("--fp8 (" in err) == tip
+        assert f"--blocks-to-swap {swap} (" in err
 
 
 def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, tmp_path, capsys):
@@ -167,6 +168,7 @@ def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, t
     args = ["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "2", "--width", "48", "--height", "32",
             "--seed", "11", "--max-sequence-length", str(T5_LEN), "--out", str(tmp_path / "one.png"), "--dtype", "fp32"]
     assert main(args) == 0
+    first = np.asarray(Image.open(tmp_path / "one.png"))
     meta = json.loads(Image.open(tmp_path / "one.png").text["parameters"])
     assert meta["seed"] == 11 and meta["prompt"] == PROMPTS[0] and meta["steps"] == 2
     assert main(args) == 2 and "exists" in capsys.readouterr().err
@@ -174,6 +176,11 @@ def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, t
     assert main(args[:-4] + ["--out", str(tmp_path / "fp8.png"), "--fp8"]) == 0  # e4m3 block weights
     fp8 = np.asarray(Image.open(tmp_path / "fp8.png")).astype(int)
     assert 0 < np.abs(fp8 - np.asarray(Image.open(tmp_path / "one.png")).astype(int)).max() <= 32
+    # block swap moves weights, not bits; a count the model cannot take is one line
+    assert main(args + ["--overwrite", "--blocks-to-swap", "2"]) == 0  # of the 3 blocks
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), first)
+    assert main(args + ["--overwrite", "--blocks-to-swap", "3"]) == 2
+    assert "blocks_to_swap must be between 1 and 2" in capsys.readouterr().err
     assert main(args[:-4] + ["--width", "50", "--out", str(tmp_path / "bad.png")]) == 2
     assert "not a multiple of 8" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2

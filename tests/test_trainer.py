@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import assert_same_bits, randomize_
 from test_data import make_cache
 
 from distill import checkpoint as ckpt
@@ -113,6 +113,24 @@ def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path, fp8_base):
     assert log == [1, 2, 3, 4, 5, 6]  # the killed run's step-5 line was replaced, not duplicated
 
 
+def test_block_swap_trains_bit_for_bit_like_the_whole_model_on_the_device(tmp_path):
+    """--blocks_to_swap changes where the frozen weights wait, not one bit of the run; it refuses what it cannot."""
+    runs = {}
+    for n in (0, 3):
+        t = trainer(tmp_path, config(tmp_path, f"swap{n}", gradient_checkpointing=True, blocks_to_swap=n, steps=3))
+        t.run()
+        runs[n] = state(t)
+        if n:  # the swapped blocks' base weights stay the host tensors; the LoRA sets are those being trained
+            assert t.model.block_swap.copies > 0 and t.model.double_blocks[1].img_attn.qkv.weight.is_cpu
+    assert_same_bits(runs[3], runs[0])
+    with pytest.raises(ConfigError, match="needs gradient_checkpointing"):
+        config(tmp_path, blocks_to_swap=2)
+    with pytest.raises(ConfigError, match="choose one"):
+        config(tmp_path, blocks_to_swap=2, gradient_checkpointing=True, fsdp=True)
+    with pytest.raises(TrainingError, match="between 1 and 3"):
+        trainer(tmp_path, config(tmp_path, gradient_checkpointing=True, blocks_to_swap=4))
+
+
 def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_left_to_try(tmp_path, monkeypatch):
     """An OOM step ends the run with one line: the intact checkpoint, and only the switches not yet on."""
     cfg = config(tmp_path, "oom", batch_size=4)
@@ -131,9 +149,12 @@ def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_l
     assert "\n" not in msg and msg.startswith("out of GPU memory at step 5")
     assert "step-000004" in msg and "--resume" in msg
     assert "--fp8_base" in msg and "--gradient_checkpointing" in msg and "--micro_batch 2" in msg
-    done = dataclasses.replace(cfg, fp8_base=True, gradient_checkpointing=True, micro_batch=1, resume=True)
-    msg = trainer(tmp_path, done).out_of_memory()
-    assert "--fp8_base" not in msg and "--micro_batch" not in msg and "a new run with --rank 2" in msg
+    assert "--blocks_to_swap" not in msg  # it needs checkpointing, which is off here
+    on = dataclasses.replace(cfg, fp8_base=True, gradient_checkpointing=True, micro_batch=1, resume=True)
+    msg = trainer(tmp_path, on).out_of_memory()  # the tiny model has 4 blocks: swap 2 of the 3 that may go
+    assert "--fp8_base" not in msg and "--micro_batch" not in msg and "--blocks_to_swap 2 " in msg
+    msg = trainer(tmp_path, dataclasses.replace(on, blocks_to_swap=3)).out_of_memory()
+    assert "--blocks_to_swap" not in msg and "a new run with --rank 2" in msg
     monkeypatch.setattr(Trainer, "step", real_step)
     resumed = trainer(tmp_path, dataclasses.replace(cfg, micro_batch=2, resume=True))  # the advice works
     resumed.run()

@@ -1,0 +1,129 @@
+"""Block swapping: the frozen weights of the last N transformer blocks stay in host memory, and each block's copy
+is streamed to the GPU just before the block runs (kohya's `--blocks_to_swap`, musubi's block swap).
+
+What it buys: the GPU holds the other blocks plus about two swapped blocks at a time (one running, one arriving),
+so Flux-dev trains or samples on cards smaller than its weights. What it costs: every forward pass (and, in
+training, every recomputation) copies the swapped blocks over PCIe, ~0.7 GB per Flux double block in bf16 (half in
+fp8); the copy of the next block runs on a side stream while the current one computes.
+
+Why `functional_call` and not `param.data = gpu_copy`: autograd saves the tensors a block used for its backward.
+A call that swaps the copies in as plain tensors for its duration leaves the Parameters untouched (still in host
+memory) while the saved tensors are the copies, which live exactly as long as backward needs them. Swapping
+`.data` in and out would change what the saved Parameters point to under autograd's feet.
+
+With gradient checkpointing each block's forward keeps nothing, and its recomputation in backward fetches the
+copy again (blocks then come in reverse order, so the prefetch runs backwards). Without checkpointing, autograd
+would hold every block's copy until backward: no saving, which is why the trainer requires checkpointing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layers import BLOCK_LISTS
+
+LORA = ("lora_down", "lora_up")  # distill/lora.py's weight sets: small, and trained or updated in place
+
+
+def named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, block) in the order a forward pass runs them (Flux: double then single; SD3: joint)."""
+    return [(f"{name}.{j}", block) for name in BLOCK_LISTS for j, block in enumerate(getattr(model, name, ()))]
+
+
+def _swappable(block: nn.Module) -> dict[str, Tensor]:
+    """The block's frozen base tensors (weights, biases, fp8 scales, norms); LoRA sets and anything trained stay."""
+    named = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
+    return {name: t for name, t in named
+            if t is not None and not t.requires_grad and not any(part in LORA for part in name.split("."))}
+
+
+class BlockSwap:
+    """Attach with `BlockSwap(model, n, device)`: it moves everything to `device` except the swapped blocks' frozen
+    tensors, which go to (pinned, on CUDA) host memory, and sets `model.block_swap`, which the model's block loop
+    calls (`model/layers.BlockRunner`). Outputs and gradients are bit for bit those of the unswapped model."""
+
+    def __init__(self, model: nn.Module, n: int, device: str | torch.device):
+        named = named_blocks(model)
+        blocks = [block for _, block in named]
+        if not 1 <= n < len(blocks):
+            raise ValueError(f"blocks_to_swap must be between 1 and {len(blocks) - 1} (this model has {len(blocks)} "
+                             f"blocks and one must stay on the device), got {n}")
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.index = {id(b): i for i, b in enumerate(blocks)}
+        swapped = range(len(blocks) - n, len(blocks))
+        kept = {id(t) for i in swapped for t in _swappable(blocks[i]).values()}
+        with torch.no_grad():
+            for module in model.modules():
+                for store in (module._parameters, module._buffers):
+                    for name, t in store.items():
+                        if t is None:
+                            continue
+                        if id(t) in kept:  # host memory; pinned so that copies are asynchronous DMA
+                            home = t.to("cpu")
+                            home = home.pin_memory() if cuda else home
+                        else:
+                            home = t.to(self.device)
+                        if isinstance(t, nn.Parameter) and torch._has_compatible_shallow_copy_type(t, home):
+                            t.data = home  # the same Parameter object, as `model.to` keeps it (CPU <-> CUDA)
+                        elif isinstance(t, nn.Parameter):  # e.g. to "meta": a new one, as `model.to` makes
+                            store[name] = nn.Parameter(home, requires_grad=t.requires_grad)
+                        else:
+                            store[name] = home
+        # collected after the move: a buffer is a new tensor there, a Parameter the same object with new data
+        self.host: dict[int, dict[str, Tensor]] = {i: _swappable(blocks[i]) for i in swapped}
+        # DDP checks that every parameter is on one device and would broadcast them; the swapped ones are frozen
+        model._ddp_params_and_buffers_to_ignore = sorted(
+            f"{named[i][0]}.{name}" for i in swapped for name in self.host[i])
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.ready: dict[int, tuple[dict[str, Tensor], torch.cuda.Event | None]] = {}
+        self.last: int | None = None
+        self.copies = self.prefetched = 0  # how many block copies were made, and how many arrived ahead of use
+        model.block_swap = self
+
+    def _copy(self, i: int) -> dict[str, Tensor]:
+        # copy=True: a real copy even when the device is the CPU (tests), so the path is the same everywhere
+        self.copies += 1
+        return {name: t.to(self.device, non_blocking=True, copy=True) for name, t in self.host[i].items()}
+
+    def _prefetch(self, i: int) -> None:
+        if i not in self.host or i in self.ready:
+            return
+        if self.stream is None:
+            self.ready[i] = (self._copy(i), None)
+            return
+        with torch.cuda.stream(self.stream):
+            tensors = self._copy(i)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.ready[i] = (tensors, event)
+
+    def _take(self, i: int) -> dict[str, Tensor]:
+        tensors, event = self.ready.pop(i, (None, None))
+        self.ready.clear()  # a prefetch that guessed wrong (a new pass started) is dropped
+        if tensors is None:
+            return self._copy(i)
+        self.prefetched += 1
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in tensors.values():  # made on the side stream, used and freed on this one
+                t.record_stream(current)
+        return tensors
+
+    def __call__(self, block: nn.Module, *args: Tensor):
+        i = self.index[id(block)]
+        # forward passes run the blocks in increasing order, from 0; checkpointed backward recomputes them in
+        # decreasing order, starting with the block the forward ended on
+        step = 1 if i == 0 or self.last is None or i > self.last else -1
+        self.last = i
+        tensors = self._take(i) if i in self.host else None
+        if tensors is not None and step == 1 and i == len(self.index) - 1 and torch.is_grad_enabled():
+            self.ready[i] = (tensors, None)  # the last block's recomputation is the first thing backward runs
+        else:
+            self._prefetch(i + step)
+        if tensors is None:
+            return block(*args)
+        return torch.func.functional_call(block, tensors, args, strict=False, tie_weights=False)
+
