@@ -15,6 +15,9 @@ released*: the same step design on our LoRA layer (distill/lora_fn.py: the up-pr
            the base GEMM's output, explicit backward), to tell the step design's share from the layer's.
 ours-fp8:  with --fp8: ours on e4m3 block weights (model/fp8.py, the trainer's --fp8_base), for its memory
            and the cost of dequantizing each weight per call; reported against ours.
+ours-swap: with --blocks_to_swap N: ours with the last N blocks' weights in host memory, each copied to the
+           device for its call (model/block_swap.py, the trainer's --blocks_to_swap); with --fp8 also
+           ours-fp8-swap. Reported against ours, with the bytes copied per step. On meta: the memory held only.
 
 Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
 Prints seconds per step (median), peak memory, the memory held between steps (model tensors, every LoRA set and
@@ -45,6 +48,7 @@ from timing import Traffic, built_in  # noqa: E402  (bench/timing.py, beside thi
 from distill.ema import EMAConfig, ema_step  # noqa: E402
 from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
 from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
+from model.block_swap import BlockSwap, named_blocks, swappable  # noqa: E402
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig  # noqa: E402
 from model.fp8 import quantize_linears_  # noqa: E402
 from sampling.velocity import FluxVelocity  # noqa: E402
@@ -183,20 +187,30 @@ def resident(model, opt) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
-def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, queue) -> None:
+def swapped_bytes(model, n: int) -> tuple[int, int]:
+    """Bytes of the frozen tensors of the last n blocks, and of the largest of them."""
+    sizes = [sum(t.nbytes for t in swappable(block).values()) for _, block in named_blocks(model)[-n:]]
+    return sum(sizes), max(sizes)
+
+
+def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, swap_n: int,
+            queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     dev, dt = torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"), fp8=variant == "ours-fp8")
+    model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"), fp8="fp8" in variant)
+    swap = None
+    if "swap" in variant and dev.type != "meta":  # meta holds no data to keep in host memory: counted below
+        swap = BlockSwap(model, swap_n, dev)
     if variant == "released":
         LoRALinear._with_lora = peft_style  # this process only: each variant runs in its own
     if variant.startswith("ours"):
         step_fn = ours
     else:
-        swap = Swapped(model)
+        swapped_sets = Swapped(model)
 
         def step_fn(m, x, c, o, s):
-            return released(m, x, c, o, s, swap)
+            return released(m, x, c, o, s, swapped_sets)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     if dev.type == "meta":  # shapes only: count one step's memory traffic and FLOPs after a warm-up step
         step_fn(model, x0, cond, opt, 0)
@@ -204,7 +218,11 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         flops = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
         with traffic, flops:
             step_fn(model, x0, cond, opt, 1)
-        queue.put({"bytes": traffic.bytes, "flops": flops.get_total_flops(), "resident": resident(model, opt)})
+        held = resident(model, opt)
+        if "swap" in variant:  # the device keeps all but the swapped blocks, plus two blocks' copies at a time
+            total, largest = swapped_bytes(model, swap_n)
+            held += 2 * largest - total
+        queue.put({"bytes": traffic.bytes, "flops": flops.get_total_flops(), "resident": held})
         return
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -219,7 +237,13 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put({"times": times[1:], "peak": peak, "resident": resident(model, opt), "losses": losses})
+    held = resident(model, opt)
+    if swap is not None:  # what the device holds; per step: the bytes copied from host memory
+        held -= sum(f.nbytes for f in swap.flat.values())
+        per_step = swap.copies / (iters + 1) * sum(f.nbytes for f in swap.flat.values()) / len(swap.flat)
+        print(f"{variant}: {swap.copies / (iters + 1):.0f} block copies per step, {per_step / 1e9:.1f} GB "
+              f"(every use ahead of time: {swap.prefetched == swap.copies})", flush=True)
+    queue.put({"times": times[1:], "peak": peak, "resident": held, "losses": losses})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,18 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=2, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per variant (0: torch's default)")
     p.add_argument("--fp8", action="store_true", help="also run ours on e4m3 block weights (--fp8_base)")
+    p.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
+                   help="also run ours with the last N blocks swapped (and ours-fp8-swap with --fp8)")
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved; the median "
                    "is over every timed step of every round")
     args = p.parse_args(argv)
     case = args.case or ("small" if args.device == "cpu" else "flux-dev")
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     ctx = mp.get_context("spawn")  # a fresh process per variant: its peak memory is its own
-    runs: dict[str, list] = {v: [] for v in ("released", "released*", "ours") + ("ours-fp8",) * args.fp8}
+    variants = ("released", "released*", "ours") + ("ours-fp8",) * args.fp8
+    variants += ("ours-swap",) * bool(args.blocks_to_swap) + ("ours-fp8-swap",) * (args.fp8 and args.blocks_to_swap > 0)
+    runs: dict[str, list] = {v: [] for v in variants}
     for _ in range(args.rounds):  # rounds interleave the variants, so a drift in machine speed hits all alike
         for variant, got in runs.items():
             queue = ctx.Queue()
             proc = ctx.Process(target=measure,
-                               args=(variant, case, args.device, dtype, args.iters, args.threads, queue))
+                               args=(variant, case, args.device, dtype, args.iters, args.threads,
+                                     args.blocks_to_swap, queue))
             proc.start()
             while True:  # a child that dies never answers: report it instead of waiting forever
                 try:
@@ -263,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
                      "peak GiB": max(g["peak"] for g in got) / 2**30,
                      "held GiB": got[0]["resident"] / 2**30} for v, got in runs.items()}
     losses = "" if args.device == "meta" else "   losses (same draws: should agree)"
-    print(f"{'variant':<10}" + "".join(f"{k:>10}" for k in table["ours"]) + losses)
+    print(f"{'variant':<14}" + "".join(f"{k:>10}" for k in table["ours"]) + losses)
     for variant, cols in table.items():
         line = "".join(f"{x:>10.3f}" for x in cols.values())
         if losses:
             line += "   " + ", ".join(f"{x:.5f}" for x in runs[variant][0]["losses"])
-        print(f"{variant:<10}{line}")
-    pairs = [("ours", "released"), ("ours", "released*")] + [("ours-fp8", "ours")] * args.fp8
+        print(f"{variant:<14}{line}")
+    pairs = [("ours", "released"), ("ours", "released*")] + [(v, "ours") for v in variants[3:]]
     for variant, ref in pairs:
         ratios = ", ".join(f"{k} {table[variant][k] / table[ref][k]:.2f}" for k in table[variant])
         print(f"{variant} / {ref}: {ratios}")

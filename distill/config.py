@@ -138,7 +138,7 @@ class DistillConfig:
             raise ConfigError("blocks_to_swap and fsdp both cut the weights each GPU holds; choose one")
         if self.blocks_to_swap and not self.gradient_checkpointing:
             raise ConfigError("blocks_to_swap needs gradient_checkpointing (without it backward keeps every "
-                              "swapped block on the GPU)")
+                              "swapped block on the GPU): add --gradient_checkpointing")
         if self.resolution % 64:
             raise ConfigError(f"resolution must be a multiple of 64, got {self.resolution}")
 

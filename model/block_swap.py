@@ -18,11 +18,18 @@ would hold every block's copy until backward: no saving, which is why the traine
 
 from __future__ import annotations
 
+import math
+import warnings
+import weakref
+
 import torch
 from torch import Tensor, nn
 
 from .layers import BLOCK_LISTS
 
+# bytes: where each tensor of a block's buffer starts. The CUDA caching allocator's own alignment, so kernels see
+# pointers aligned as for any other tensor (cuBLAS picks kernels by alignment: the same bits as unswapped)
+ALIGN = 512
 LORA = ("lora_down", "lora_up")  # distill/lora.py's weight sets: small, and trained or updated in place
 
 
@@ -31,11 +38,53 @@ def named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{name}.{j}", block) for name in BLOCK_LISTS for j, block in enumerate(getattr(model, name, ()))]
 
 
-def _swappable(block: nn.Module) -> dict[str, Tensor]:
+def swappable(block: nn.Module) -> dict[str, Tensor]:
     """The block's frozen base tensors (weights, biases, fp8 scales, norms); LoRA sets and anything trained stay."""
     named = list(block.named_parameters(remove_duplicate=False)) + list(block.named_buffers(remove_duplicate=False))
     return {name: t for name, t in named
             if t is not None and not t.requires_grad and not any(part in LORA for part in name.split("."))}
+
+
+def _nbytes(dtype: torch.dtype, shape: torch.Size) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _view(flat: Tensor, offset: int, dtype: torch.dtype, shape: torch.Size) -> Tensor:
+    return flat[offset:offset + _nbytes(dtype, shape)].view(dtype).view(shape)
+
+
+def _pack(tensors: dict[str, Tensor]) -> tuple[Tensor, dict[str, tuple[int, torch.dtype, torch.Size]]]:
+    """One uint8 host buffer holding every tensor at an ALIGN-ed offset, and name -> (offset, dtype, shape)."""
+    layout, size = {}, 0
+    for name, t in tensors.items():
+        layout[name] = (size, t.dtype, t.shape)
+        size += -(-_nbytes(t.dtype, t.shape) // ALIGN) * ALIGN
+    flat = torch.empty(size, dtype=torch.uint8)
+    for name, t in tensors.items():
+        _view(flat, *layout[name]).copy_(t)
+    return flat, layout
+
+
+def _put(store: dict, name: str, old: Tensor, new: Tensor) -> None:
+    if isinstance(old, nn.Parameter) and torch._has_compatible_shallow_copy_type(old, new):
+        old.data = new  # the same Parameter object, as `model.to` keeps it (CPU <-> CUDA)
+    elif isinstance(old, nn.Parameter):  # e.g. to "meta": a new one, as `model.to` makes
+        store[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+    else:
+        store[name] = new
+
+
+def _pin(owner: object, flats: list[Tensor]) -> None:
+    """Page-lock exactly these buffers (cudaHostRegister) for as long as `owner` lives, so that copies from them
+    are asynchronous DMA. Why not `pin_memory()`: torch's pinned allocator rounds each allocation up to a power
+    of two, up to twice the host memory for 0.3-0.7 GB blocks."""
+    cudart = torch.cuda.cudart()
+    pinned = [f for f in flats if int(cudart.cudaHostRegister(f.data_ptr(), f.numel(), 0)) == 0]
+    if len(pinned) < len(flats):
+        warnings.warn(f"could not page-lock {len(flats) - len(pinned)} of {len(flats)} swapped blocks' host "
+                      "memory; their copies to the GPU will not overlap the computation", stacklevel=3)
+    # the finalizer holds the buffers, so none is freed while registered
+    weakref.finalize(owner, lambda: [cudart.cudaHostUnregister(f.data_ptr()) for f in pinned])
 
 
 class BlockSwap:
@@ -53,26 +102,24 @@ class BlockSwap:
         cuda = self.device.type == "cuda"
         self.index = {id(b): i for i, b in enumerate(blocks)}
         swapped = range(len(blocks) - n, len(blocks))
-        kept = {id(t) for i in swapped for t in _swappable(blocks[i]).values()}
+        # each swapped block's frozen tensors become views of one host buffer: one copy per block, and page-locked
+        # memory of exactly its size
+        self.flat: dict[int, Tensor] = {}
+        self.layout: dict[int, dict[str, tuple[int, torch.dtype, torch.Size]]] = {}
+        home: dict[int, Tensor] = {}  # id(tensor) -> its host view
+        for i in swapped:
+            tensors = swappable(blocks[i])
+            self.flat[i], self.layout[i] = _pack(tensors)
+            home.update({id(t): _view(self.flat[i], *self.layout[i][name]) for name, t in tensors.items()})
+        if cuda:
+            _pin(self, list(self.flat.values()))
         with torch.no_grad():
             for module in model.modules():
                 for store in (module._parameters, module._buffers):
                     for name, t in store.items():
-                        if t is None:
-                            continue
-                        if id(t) in kept:  # host memory; pinned so that copies are asynchronous DMA
-                            home = t.to("cpu")
-                            home = home.pin_memory() if cuda else home
-                        else:
-                            home = t.to(self.device)
-                        if isinstance(t, nn.Parameter) and torch._has_compatible_shallow_copy_type(t, home):
-                            t.data = home  # the same Parameter object, as `model.to` keeps it (CPU <-> CUDA)
-                        elif isinstance(t, nn.Parameter):  # e.g. to "meta": a new one, as `model.to` makes
-                            store[name] = nn.Parameter(home, requires_grad=t.requires_grad)
-                        else:
-                            store[name] = home
-        # collected after the move: a buffer is a new tensor there, a Parameter the same object with new data
-        self.host: dict[int, dict[str, Tensor]] = {i: _swappable(blocks[i]) for i in swapped}
+                        if t is not None:
+                            _put(store, name, t, home[id(t)] if id(t) in home else t.to(self.device))
+        self.host = {i: {name: _view(self.flat[i], *spec) for name, spec in self.layout[i].items()} for i in swapped}
         # DDP checks that every parameter is on one device and would broadcast them; the swapped ones are frozen
         model._ddp_params_and_buffers_to_ignore = sorted(
             f"{named[i][0]}.{name}" for i in swapped for name in self.host[i])
@@ -85,7 +132,8 @@ class BlockSwap:
     def _copy(self, i: int) -> dict[str, Tensor]:
         # copy=True: a real copy even when the device is the CPU (tests), so the path is the same everywhere
         self.copies += 1
-        return {name: t.to(self.device, non_blocking=True, copy=True) for name, t in self.host[i].items()}
+        flat = self.flat[i].to(self.device, non_blocking=True, copy=True)
+        return {name: _view(flat, *spec) for name, spec in self.layout[i].items()}
 
     def _prefetch(self, i: int) -> None:
         if i not in self.host or i in self.ready:
@@ -108,8 +156,8 @@ class BlockSwap:
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
-            for t in tensors.values():  # made on the side stream, used and freed on this one
-                t.record_stream(current)
+            # made on the side stream, used and freed on this one (the views share one allocation)
+            next(iter(tensors.values())).record_stream(current)
         return tensors
 
     def __call__(self, block: nn.Module, *args: Tensor):

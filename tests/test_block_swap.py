@@ -111,11 +111,19 @@ def test_at_most_two_copies_are_alive_and_each_arrives_before_its_block_runs():
     make = swap._copy
 
     def tracked(i):
+        """A copy is alive while any of its views is (they share one allocation)."""
         tensors = make(i)
-        key = object()
+        key, views = object(), [len(tensors)]
         alive.add(key)
         peak[0] = max(peak[0], len(alive))
-        weakref.finalize(next(iter(tensors.values())), alive.discard, key)
+
+        def gone():
+            views[0] -= 1
+            if not views[0]:
+                alive.discard(key)
+
+        for t in tensors.values():
+            weakref.finalize(t, gone)
         return tensors
 
     swap._copy = tracked
@@ -135,3 +143,42 @@ def test_block_counts_outside_the_range_are_refused():
     for n in (0, 4):
         with pytest.raises(ValueError, match="between 1 and 3"):
             BlockSwap(model, n, "cpu")
+
+
+def test_host_buffers_are_one_aligned_allocation_per_block_and_page_locked_at_their_exact_size(monkeypatch):
+    import gc
+
+    from model import block_swap
+
+    model = flux_with_lora(fp8=True)
+    swap = BlockSwap(model, 2, "cpu")
+    layer = model.single_blocks[1].linear1  # the last block: swapped
+    flat = swap.flat[3]
+    for t in swap.host[3].values():
+        assert t.untyped_storage().data_ptr() == flat.data_ptr() and (t.data_ptr() - flat.data_ptr()) % block_swap.ALIGN == 0
+    assert layer.weight.untyped_storage().data_ptr() == flat.data_ptr()  # the module holds the views themselves
+    assert flat.numel() < sum(t.nbytes for t in swap.host[3].values()) + block_swap.ALIGN * len(swap.host[3])
+
+    calls = []
+
+    class FakeCudart:  # cudaHostRegister's bookkeeping, without a GPU
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0 if len(calls) == 1 else 2  # the second buffer fails: a warning, not an error
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr, None))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+
+    class Owner:
+        pass
+
+    owner, flats = Owner(), [swap.flat[2], swap.flat[3]]
+    with pytest.warns(UserWarning, match="could not page-lock 1 of 2"):
+        block_swap._pin(owner, flats)
+    assert calls == [("register", f.data_ptr(), f.numel()) for f in flats]
+    del owner
+    gc.collect()
+    assert calls[2:] == [("unregister", flats[0].data_ptr(), None)]  # only what was registered, when it goes
