@@ -292,7 +292,8 @@ def merge(model: nn.Module, name: str = "live", multiplier: float = 1.0) -> None
                                "the set with weight_set instead")
         with torch.no_grad():
             original = layer.weight.detach().clone()
-            merged = original.float() + layer.delta_weight(name) * multiplier
+            # .to: a swapped block's weight waits in host memory while its sets are on the GPU (block_swap.py)
+            merged = original.float() + layer.delta_weight(name).to(original.device) * multiplier
             layer.weight.copy_(merged.to(layer.weight.dtype))
         layer._merged = (name, multiplier, original)
 

@@ -155,7 +155,8 @@ def test_host_buffers_are_one_aligned_allocation_per_block_and_page_locked_at_th
     layer = model.single_blocks[1].linear1  # the last block: swapped
     flat = swap.flat[3]
     for t in swap.host[3].values():
-        assert t.untyped_storage().data_ptr() == flat.data_ptr() and (t.data_ptr() - flat.data_ptr()) % block_swap.ALIGN == 0
+        assert t.untyped_storage().data_ptr() == flat.data_ptr()
+        assert (t.data_ptr() - flat.data_ptr()) % block_swap.ALIGN == 0
     assert layer.weight.untyped_storage().data_ptr() == flat.data_ptr()  # the module holds the views themselves
     assert flat.numel() < sum(t.nbytes for t in swap.host[3].values()) + block_swap.ALIGN * len(swap.host[3])
 
