@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import tomllib
 import types
 import typing
@@ -102,6 +103,8 @@ class DistillConfig:
                                  "bf16: ~0.4 GB per block, 57 blocks); needs gradient_checkpointing, not fsdp")
     # --- logging, samples, checkpoints, export ------------------------------------------------------------
     log_every: int = opt(10, "steps between JSONL log lines")
+    wandb_project: str = opt("", "also log to Weights & Biases under this project (needs `pip install wandb`; "
+                                 "rank 0; a resumed run continues the same W&B run); empty = off")
     sample_every: int = opt(0, "steps between sample images (0 = off); needs sample_prompts in the cache")
     sample_prompts: tuple[str, ...] = opt((), "prompts for sample images (embedded when the cache is built)")
     sample_steps: int = opt(4, "Euler steps of the sample images")
@@ -134,6 +137,8 @@ class DistillConfig:
         unknown = set(self.export_formats) - {"ours", "diffusers", "kohya"}
         if unknown:
             raise ConfigError(f"export_formats: unknown {sorted(unknown)}; use ours, diffusers, kohya")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("wandb_project needs Weights & Biases: pip install wandb (or leave it empty)")
         if self.blocks_to_swap and self.fsdp:
             raise ConfigError("blocks_to_swap and fsdp both cut the weights each GPU holds; choose one")
         if self.blocks_to_swap and not self.gradient_checkpointing:

@@ -1,9 +1,10 @@
-"""What a training run writes besides checkpoints: the JSONL log (and TensorBoard's, when installed) and the
-sample images."""
+"""What a training run writes and says besides checkpoints: the JSONL log (and TensorBoard's or W&B's), the sample
+images, and the one line for running out of GPU memory."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import torch
@@ -32,10 +33,14 @@ def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, v
     return paths
 
 
-class JsonlLog:
-    """Append-only JSONL; on resume, lines past the checkpoint (from the killed run) are dropped first."""
+SCALARS = ("loss", "loss_mean", "grad_norm", "seconds_per_step")  # what TensorBoard and W&B plot
 
-    def __init__(self, path: Path, resumed_step: int):
+
+class JsonlLog:
+    """Append-only JSONL; on resume, lines past the checkpoint (from the killed run) are dropped first. Also
+    TensorBoard's event files when it is installed, and a Weights & Biases run when a project is given."""
+
+    def __init__(self, path: Path, resumed_step: int, wandb_project: str = "", config: dict | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             lines = path.read_text().splitlines()
@@ -50,10 +55,65 @@ class JsonlLog:
             self.tb = SummaryWriter(str(path.parent / "tensorboard"))
         except ImportError:  # TensorBoard is optional
             self.tb = None
+        self.wandb = _wandb_run(path.parent, wandb_project, config or {}) if wandb_project else None
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb:
-            for k in ("loss", "loss_mean", "grad_norm", "seconds_per_step"):
+            for k in SCALARS:
                 self.tb.add_scalar(k, row[k], row["step"])
+        if self.wandb:
+            self.wandb.log({k: row[k] for k in (*SCALARS, "lr", "images_per_second")}, step=row["step"])
+
+    def samples(self, paths: list[Path], step: int) -> None:
+        """Sample PNGs to W&B, captioned with the prompt each PNG carries (TensorBoard users open samples/)."""
+        if self.wandb and paths and paths[0].suffix == ".png":
+            import wandb
+            from PIL import Image
+
+            prompts = [json.loads(Image.open(p).text["parameters"])["prompt"] for p in paths]
+            self.wandb.log({"samples": [wandb.Image(str(p), caption=c) for p, c in zip(paths, prompts)]}, step=step)
+
+    def close(self, finished: bool) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:  # a run that stopped early shows as failed, and --resume continues it
+            self.wandb.finish(exit_code=0 if finished else 1)
+
+
+def _wandb_run(folder: Path, project: str, config: dict):
+    """A W&B run whose id is kept in the output folder, so that --resume continues it. (W&B drops rows of steps
+    it already has: those between the checkpoint and the kill stay as the killed run logged them.)"""
+    import wandb  # DistillConfig checked that it is installed
+
+    id_file = folder / "wandb-run-id"
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        tmp = id_file.with_name(f".{id_file.name}.tmp")
+        tmp.write_text(run_id + "\n")
+        tmp.replace(id_file)
+    return wandb.init(project=project, id=run_id, resume="allow", name=folder.name, config=config,
+                      dir=str(folder))
+
+
+def out_of_memory(cfg, found: list, local_batch: int, n_blocks: int, step: int, device: torch.device) -> str:
+    """The one line for an out-of-memory step: where the run stands (`found`: its checkpoints) and what lowers the
+    peak (only the switches not already on, cheapest first; all of them can change on --resume)."""
+    where = (f"the newest checkpoint ({found[-1]}) is intact, so add them to --resume" if found else
+             "no checkpoint was written yet, so add them to the same command")
+    micro = cfg.micro_batch or local_batch
+    swap = cfg.blocks_to_swap + (n_blocks - cfg.blocks_to_swap) // 2  # about half of those still held
+    tips = [tip for tip, useful in (
+        ("--fp8_base (the frozen blocks in fp8: Flux-dev 23.7 -> 11.9 GB)", not cfg.fp8_base),
+        ("--gradient_checkpointing", not cfg.gradient_checkpointing),
+        (f"--micro_batch {micro // 2} (gradient accumulation: the same batch in halves)", micro % 2 == 0),
+        (f"--blocks_to_swap {swap} (those blocks' weights wait in CPU memory: slower)",
+         swap > cfg.blocks_to_swap and cfg.gradient_checkpointing and not cfg.fsdp),
+    ) if useful]
+    tips = tips or [f"a new run with --rank {max(1, cfg.rank // 2)}"]
+    used = (f" ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB at the peak)"
+            if device.type == "cuda" else "")
+    return f"out of GPU memory at step {step}{used}; {where}: {', '.join(tips)}"

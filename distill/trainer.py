@@ -52,7 +52,7 @@ from .lora import (
     set_state_dict,
     weight_set,
 )
-from .run_outputs import JsonlLog, save_samples
+from .run_outputs import JsonlLog, out_of_memory, save_samples
 from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
 from .sharding import full, is_sharded, shard_model
 
@@ -271,15 +271,26 @@ class Trainer:
         elif checkpoints(self.out / "checkpoints"):
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume to continue that run "
                                 "or choose another --output")
-        log = JsonlLog(self.out / "log.jsonl", self.progress.step) if self.rank == 0 else None
+        log = JsonlLog(self.out / "log.jsonl", self.progress.step, cfg.wandb_project,
+                       cfg.to_dict()) if self.rank == 0 else None
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="scfm", unit="step",
                    disable=self.rank != 0)
+        try:
+            self._loop(log, bar)
+        finally:
+            bar.close()
+            if log:
+                log.close(finished=self.progress.step == cfg.steps)
+        if not (self.out / "checkpoints" / f"step-{self.progress.step:06d}").exists():  # resumed at the end
+            self.save()
+
+    def _loop(self, log: JsonlLog | None, bar) -> None:
+        cfg = self.config
         window, t0 = [], time.perf_counter()
         while self.progress.step < cfg.steps:
             try:
                 metrics = self.step()
             except torch.OutOfMemoryError:
-                bar.close()
                 raise TrainingError(self.out_of_memory()) from None
             step = metrics["step"]
             window.append(metrics["loss"])
@@ -294,33 +305,15 @@ class Trainer:
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 self.save()
             if cfg.sample_every and step % cfg.sample_every == 0 and (self.rank == 0 or self.sharded):
-                self.sample(step)  # a sharded model samples on every process (each holds a shard); rank 0 saves
+                paths = self.sample(step)  # a sharded model samples on every process (each holds a shard)
+                if log:
+                    log.samples(paths, step)
             if self.on_step:
                 self.on_step(step)
-        bar.close()
-        if not (self.out / "checkpoints" / f"step-{self.progress.step:06d}").exists():  # resumed at the end
-            self.save()
 
     def out_of_memory(self) -> str:
-        """The one line for an out-of-memory step: where the run stands and what lowers the peak (only the
-        switches not already on, cheapest first; all of them can change on --resume)."""
-        cfg, found = self.config, checkpoints(self.out / "checkpoints")
-        where = (f"the newest checkpoint ({found[-1]}) is intact, so add them to --resume" if found else
-                 "no checkpoint was written yet, so add them to the same command")
-        micro = cfg.micro_batch or self.local_batch
-        n_blocks = len(named_blocks(self.model))
-        swap = cfg.blocks_to_swap + (n_blocks - cfg.blocks_to_swap) // 2  # about half of those still held
-        tips = [tip for tip, useful in (
-            ("--fp8_base (the frozen blocks in fp8: Flux-dev 23.7 -> 11.9 GB)", not cfg.fp8_base),
-            ("--gradient_checkpointing", not cfg.gradient_checkpointing),
-            (f"--micro_batch {micro // 2} (gradient accumulation: the same batch in halves)", micro % 2 == 0),
-            (f"--blocks_to_swap {swap} (those blocks' weights wait in CPU memory: slower)",
-             swap > cfg.blocks_to_swap and cfg.gradient_checkpointing and not cfg.fsdp),
-        ) if useful]
-        tips = tips or [f"a new run with --rank {max(1, cfg.rank // 2)}"]
-        used = (f" ({torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB at the peak)"
-                if self.device.type == "cuda" else "")
-        return f"out of GPU memory at step {self.progress.step + 1}{used}; {where}: {', '.join(tips)}"
+        return out_of_memory(self.config, checkpoints(self.out / "checkpoints"), self.local_batch,
+                             len(named_blocks(self.model)), self.progress.step + 1, self.device)
 
     # --- checkpoints --------------------------------------------------------------------------------------
 

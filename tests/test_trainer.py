@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import warnings
 
 import pytest
@@ -221,6 +222,59 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path):
     assert sum("step skipped" in str(w.message) for w in caught) == 4
     assert t.progress.step == 7 and t.progress.updates == 3  # steps 1, 3, 4 updated
     assert all(torch.isfinite(v).all() for v in state(t).values())
+
+
+def fake_wandb(monkeypatch) -> list:
+    """A `wandb` module that records what the trainer asks of it."""
+    import importlib.machinery
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, row, step):
+            calls.append(("log", step, row))
+
+        def finish(self, exit_code):
+            calls.append(("finish", exit_code))
+
+    module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    module.init = lambda **kw: calls.append(("init", kw)) or Run()
+    module.Image = lambda path, caption: ("image", path, caption)
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return calls
+
+
+def test_wandb_gets_the_logged_rows_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+    calls = fake_wandb(monkeypatch)
+    cfg = config(tmp_path, "wb", steps=4, wandb_project="scfm-test")
+    with pytest.raises(Kill):
+        trainer(tmp_path, cfg, on_step=kill_at(3)).run()
+    trainer(tmp_path, dataclasses.replace(cfg, resume=True)).run()
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
+    assert inits[0]["project"] == "scfm-test" and inits[0]["config"]["rank"] == 4
+    assert [c for c in calls if c[0] == "finish"] == [("finish", 1), ("finish", 0)]  # killed, then done
+    logged = [(c[1], c[2]["loss"]) for c in calls if c[0] == "log"]
+    rows = [json.loads(ln) for ln in (tmp_path / "wb" / "log.jsonl").read_text().splitlines()]
+    assert logged == [(1, rows[0]["loss"]), (2, rows[1]["loss"]), (3, logged[2][1]), (3, rows[2]["loss"]),
+                      (4, rows[3]["loss"])]  # the killed run's step 3, then the resumed run's steps 3 and 4
+
+    from PIL import Image
+
+    from distill.run_outputs import JsonlLog
+    from sampling.generate import save_png
+
+    png = tmp_path / "s.png"  # a sample as the trainer writes it: its prompt in the PNG becomes the caption
+    save_png(Image.new("RGB", (8, 8)), png, {"prompt": "a red circle", "step": 2})
+    log = JsonlLog(tmp_path / "wb2" / "log.jsonl", 0, "scfm-test")
+    log.samples([png], 2)
+    assert calls[-1] == ("log", 2, {"samples": [("image", str(png), "a red circle")]})
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        config(tmp_path, wandb_project="p")
 
 
 def test_fresh_run_refuses_an_output_with_checkpoints(tmp_path):
