@@ -87,17 +87,23 @@ def _pin(owner: object, flats: list[Tensor]) -> None:
     weakref.finalize(owner, lambda: [cudart.cudaHostUnregister(f.data_ptr()) for f in pinned])
 
 
+def check_count(model: nn.Module, n: int) -> None:
+    """ValueError unless n blocks can be swapped (a meta-device model will do: nothing is read)."""
+    total = len(named_blocks(model))
+    if not 1 <= n < total:
+        raise ValueError(f"blocks_to_swap must be between 1 and {total - 1} (this model has {total} blocks and one "
+                         f"must stay on the device), got {n}")
+
+
 class BlockSwap:
     """Attach with `BlockSwap(model, n, device)`: it moves everything to `device` except the swapped blocks' frozen
     tensors, which go to (pinned, on CUDA) host memory, and sets `model.block_swap`, which the model's block loop
     calls (`model/layers.BlockRunner`). Outputs and gradients are bit for bit those of the unswapped model."""
 
     def __init__(self, model: nn.Module, n: int, device: str | torch.device):
+        check_count(model, n)
         named = named_blocks(model)
         blocks = [block for _, block in named]
-        if not 1 <= n < len(blocks):
-            raise ValueError(f"blocks_to_swap must be between 1 and {len(blocks) - 1} (this model has {len(blocks)} "
-                             f"blocks and one must stay on the device), got {n}")
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.index = {id(b): i for i, b in enumerate(blocks)}

@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from model.block_swap import BlockSwap
+from model.block_swap import BlockSwap, check_count
 from model.vae import AutoEncoder, vae_to_images
 from weights.io import WeightsError
 from weights.vae import load_vae
@@ -65,7 +65,9 @@ class Pipeline:
         """Everything loading the transformer checks (its files, keys, shapes, the LoRAs' fit) without reading a
         weight: bad input fails in seconds, before the text encoders load and run."""
         if self._transformer is None:
-            self.load_transformer(torch.device("meta"))
+            model = self.load_transformer(torch.device("meta"))
+            if self.blocks_to_swap:
+                check_count(model, self.blocks_to_swap)
 
     @property
     def transformer(self) -> nn.Module:
