@@ -19,6 +19,8 @@ from model.fp8 import quantize_linears_
 from model.mmdit import MMDIT_CONFIGS, MMDiT
 
 FLUX_ARGS = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
+# on a GPU the same tests run the real thing: page-locked buffers, copies on a side stream, events
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def flux_with_lora(fp8: bool = False) -> Flux:
@@ -35,7 +37,7 @@ def flux_with_lora(fp8: bool = False) -> Flux:
     return model.enable_gradient_checkpointing(True)
 
 
-def flux_step(model: Flux, device: str = "cpu") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def flux_step(model: Flux, device: str = DEVICE) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training-like call: per-element sets, checkpointed forward, backward; output and live gradients."""
     inp = tiny_inputs()
     args = [None if inp[k] is None else inp[k].to(device) for k in FLUX_ARGS]
@@ -48,9 +50,9 @@ def flux_step(model: Flux, device: str = "cpu") -> tuple[torch.Tensor, dict[str,
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
 def test_flux_forward_and_gradients_are_bit_for_bit_those_of_the_unswapped_model(fp8):
-    whole = flux_with_lora(fp8)
-    swapped = copy.deepcopy(whole)
-    swap = BlockSwap(swapped, 3, "cpu")
+    swapped = flux_with_lora(fp8)  # built on the CPU, as the loaders leave a model to be swapped
+    whole = copy.deepcopy(swapped).to(DEVICE)
+    swap = BlockSwap(swapped, 3, DEVICE)
     want_out, want_grads = flux_step(whole)
     got_out, got_grads = flux_step(swapped)
     assert torch.equal(got_out, want_out)
@@ -58,9 +60,10 @@ def test_flux_forward_and_gradients_are_bit_for_bit_those_of_the_unswapped_model
     for k, g in want_grads.items():
         assert torch.equal(got_grads[k], g), k
     with torch.no_grad():  # a no-grad pass (the SCFM jumps) too
-        inp = tiny_inputs()
-        assert torch.equal(swapped(*[inp[k] for k in FLUX_ARGS]), whole(*[inp[k] for k in FLUX_ARGS]))
-    assert swap.copies > 0
+        args = [None if v is None else v.to(DEVICE) for v in map(tiny_inputs().get, FLUX_ARGS)]
+        assert torch.equal(swapped(*args), whole(*args))
+    assert swap.copies > 0 and swap.prefetched == swap.copies + 1  # +1: the last block serves its recomputation
+    assert all(flat.is_pinned() == (DEVICE == "cuda") for flat in swap.flat.values())
     if fp8:  # the e4m3 weight and its scale buffer both wait in host memory
         assert swap.host[3]["linear1.weight"].dtype == torch.float8_e4m3fn
         assert swap.host[3]["linear1.weight_scale"].is_cpu
@@ -74,8 +77,9 @@ def test_sd3_with_skipped_layers_is_bit_for_bit_the_unswapped_model():
             layer.lora_up["live"].normal_(0, 0.1)
     whole.enable_gradient_checkpointing(True)
     swapped = copy.deepcopy(whole)
-    BlockSwap(swapped, 2, "cpu")
-    inp = sd3_inputs(MMDIT_CONFIGS["tiny"])
+    whole.to(DEVICE)
+    BlockSwap(swapped, 2, DEVICE)
+    inp = {k: v.to(DEVICE) for k, v in sd3_inputs(MMDIT_CONFIGS["tiny"]).items()}
     for skip in (None, [1]):
         outs = []
         for model in (whole, swapped):
@@ -106,7 +110,7 @@ def test_every_frozen_tensor_of_a_swapped_block_is_brought_for_its_call():
 
 def test_at_most_two_copies_are_alive_and_each_arrives_before_its_block_runs():
     model = flux_with_lora()
-    swap = BlockSwap(model, 3, "cpu")
+    swap = BlockSwap(model, 3, DEVICE)
     alive, peak = set(), [0]
     make = swap._copy
 
@@ -133,8 +137,7 @@ def test_at_most_two_copies_are_alive_and_each_arrives_before_its_block_runs():
     assert swap.copies == 6 and swap.prefetched == 6
     assert peak[0] <= 2 and len(alive) == 1
     with torch.no_grad():  # an SCFM jump: no recomputation to come, so the last block's copy is not kept
-        inp = tiny_inputs()
-        model(*[inp[k] for k in FLUX_ARGS])
+        model(*[None if v is None else v.to(DEVICE) for v in map(tiny_inputs().get, FLUX_ARGS)])
     assert swap.copies == 8 and swap.prefetched == 9 and not alive
 
 

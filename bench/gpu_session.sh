@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in stages that each fit one 10-minute call of a lent machine:
+#
+#   bash bench/gpu_session.sh step    # SCFM step at Flux-dev shapes: ours vs the released design, fp8, block swap
+#   bash bench/gpu_session.sh tests   # the CUDA paths of the tests: Triton kernels, fp8 dequant, block swap
+#   bash bench/gpu_session.sh layers  # one LoRA layer vs peft, the dequant kernel, LoRA loading, Flux forward
+#
+# Each command's output is appended to $OUT/<name>.txt (the device tool's folder; bench-out/ elsewhere).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench-out}"
+mkdir -p "$out"
+
+run() {  # run NAME SECONDS COMMAND...: a time limit per command, so one hang cannot eat the whole call
+    local name=$1 limit=$2
+    shift 2
+    echo "== $* ($(date -u +%H:%M:%S))" | tee -a "$out/$name.txt"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.txt"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+case "${1:-}" in
+    step)
+        run train_step 560 python bench/train_step.py --device cuda --iters 8 --fp8 --blocks_to_swap 19 ;;
+    tests)
+        run tests 560 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_block_swap.py ;;
+    layers)
+        run lora_layer 150 python bench/lora_layer.py --device cuda
+        run dequant 100 python bench/kernels.py --device cuda --ops dequant_rows --skip-model
+        run load_loras 150 python bench/load_loras.py --device cuda
+        run flux_forward 150 python bench/flux_forward.py --device cuda ;;
+    *)
+        echo "usage: bash bench/gpu_session.sh step|tests|layers" >&2
+        exit 2 ;;
+esac
