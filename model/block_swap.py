@@ -112,11 +112,12 @@ class BlockSwap:
         # memory of exactly its size
         self.flat: dict[int, Tensor] = {}
         self.layout: dict[int, dict[str, tuple[int, torch.dtype, torch.Size]]] = {}
-        home: dict[int, Tensor] = {}  # id(tensor) -> its host view
+        # id(tensor) -> (the tensor, held so that no id is reused while tensors are replaced; its host view)
+        home: dict[int, tuple[Tensor, Tensor]] = {}
         for i in swapped:
             tensors = swappable(blocks[i])
             self.flat[i], self.layout[i] = _pack(tensors)
-            home.update({id(t): _view(self.flat[i], *self.layout[i][name]) for name, t in tensors.items()})
+            home.update({id(t): (t, _view(self.flat[i], *self.layout[i][name])) for name, t in tensors.items()})
         if cuda:
             _pin(self, list(self.flat.values()))
         with torch.no_grad():
@@ -124,7 +125,7 @@ class BlockSwap:
                 for store in (module._parameters, module._buffers):
                     for name, t in store.items():
                         if t is not None:
-                            _put(store, name, t, home[id(t)] if id(t) in home else t.to(self.device))
+                            _put(store, name, t, home[id(t)][1] if id(t) in home else t.to(self.device))
         self.host = {i: {name: _view(self.flat[i], *spec) for name, spec in self.layout[i].items()} for i in swapped}
         # DDP checks that every parameter is on one device and would broadcast them; the swapped ones are frozen
         model._ddp_params_and_buffers_to_ignore = sorted(
