@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in stages that each fit one 10-minute call of a lent machine:
+# The checks that need a GPU, in stages that each fit one 10-minute call of a lent machine (about 30 minutes
+# of device time in all):
 #
-#   bash bench/gpu_session.sh step    # SCFM step at Flux-dev shapes: ours vs the released design, fp8, block swap
+#   bash bench/gpu_session.sh step    # SCFM step at Flux-dev shapes: ours vs the released design (twice), fp8
+#   bash bench/gpu_session.sh memory  # the same step with block swap (bf16, fp8) and with unchecked blocks
 #   bash bench/gpu_session.sh tests   # the CUDA paths of the tests: Triton kernels, fp8 dequant, block swap
 #   bash bench/gpu_session.sh layers  # one LoRA layer vs peft, the dequant kernel, LoRA loading, Flux forward
 #
@@ -22,7 +24,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
 case "${1:-}" in
     step)
-        run train_step 560 python bench/train_step.py --device cuda --iters 8 --fp8 --blocks_to_swap 19 ;;
+        run train_step 560 python bench/train_step.py --device cuda --iters 8 --fp8 --rounds 2 ;;
+    memory)
+        run train_step_memory 560 python bench/train_step.py --device cuda --iters 8 --fp8 --blocks_to_swap 19 \
+            --unchecked_blocks 6 --skip released released* ours-fp8 ;;
     tests)
         run tests 560 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_block_swap.py ;;
     layers)
@@ -31,6 +36,6 @@ case "${1:-}" in
         run load_loras 150 python bench/load_loras.py --device cuda
         run flux_forward 150 python bench/flux_forward.py --device cuda ;;
     *)
-        echo "usage: bash bench/gpu_session.sh step|tests|layers" >&2
+        echo "usage: bash bench/gpu_session.sh step|memory|tests|layers" >&2
         exit 2 ;;
 esac

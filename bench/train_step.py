@@ -18,6 +18,8 @@ ours-fp8:  with --fp8: ours on e4m3 block weights (model/fp8.py, the trainer's -
 ours-swap: with --blocks_to_swap N: ours with the last N blocks' weights in host memory, each copied to the
            device for its call (model/block_swap.py, the trainer's --blocks_to_swap); with --fp8 also
            ours-fp8-swap. Reported against ours, with the bytes copied per step. On meta: the memory held only.
+ours-unchecked: with --unchecked_blocks N: ours with the first N blocks not checkpointed (the trainer's
+           --unchecked_blocks): less recomputation for more activation memory. Reported against ours.
 
 Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
 Prints seconds per step (median), peak memory, the memory held between steps (model tensors, every LoRA set and
@@ -48,9 +50,10 @@ from timing import Traffic, built_in  # noqa: E402  (bench/timing.py, beside thi
 from distill.ema import EMAConfig, ema_step  # noqa: E402
 from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
 from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
-from model.block_swap import BlockSwap, named_blocks, swappable  # noqa: E402
+from model.block_swap import BlockSwap, swappable  # noqa: E402
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig  # noqa: E402
 from model.fp8 import quantize_linears_  # noqa: E402
+from model.layers import named_blocks  # noqa: E402
 from sampling.velocity import FluxVelocity  # noqa: E402
 
 # name -> (config, latent side (px), text tokens, batch, rank)
@@ -194,11 +197,13 @@ def swapped_bytes(model, n: int) -> tuple[int, int]:
 
 
 def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, swap_n: int,
-            queue) -> None:
+            unchecked_n: int, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     dev, dt = torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"), fp8="fp8" in variant)
+    if variant == "ours-unchecked":
+        model.enable_gradient_checkpointing(model.gradient_checkpointing, unchecked_n)
     swap = None
     if "swap" in variant and dev.type != "meta":  # meta holds no data to keep in host memory: counted below
         swap = BlockSwap(model, swap_n, dev)
@@ -241,8 +246,8 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
     if swap is not None:  # what the device holds; per step: the bytes copied from host memory
         held -= sum(f.nbytes for f in swap.flat.values())
         per_step = swap.copies / (iters + 1) * sum(f.nbytes for f in swap.flat.values()) / len(swap.flat)
-        print(f"{variant}: {swap.copies / (iters + 1):.0f} block copies per step, {per_step / 1e9:.1f} GB "
-              f"(every use ahead of time: {swap.prefetched == swap.copies})", flush=True)
+        print(f"{variant}: {swap.copies / (iters + 1):.0f} block copies per step, {per_step / 1e9:.1f} GB; "
+              f"{swap.late} uses of {swap.late + swap.prefetched} waited for their copy", flush=True)
     queue.put({"times": times[1:], "peak": peak, "resident": held, "losses": losses})
 
 
@@ -257,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp8", action="store_true", help="also run ours on e4m3 block weights (--fp8_base)")
     p.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
                    help="also run ours with the last N blocks swapped (and ours-fp8-swap with --fp8)")
+    p.add_argument("--unchecked_blocks", type=int, default=0, metavar="N",
+                   help="also run ours with the first N blocks not checkpointed")
+    p.add_argument("--skip", nargs="*", default=(), metavar="VARIANT",
+                   help="variants not to run (e.g. released released*: one device call for the memory variants)")
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved; the median "
                    "is over every timed step of every round")
     args = p.parse_args(argv)
@@ -265,13 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")  # a fresh process per variant: its peak memory is its own
     variants = ("released", "released*", "ours") + ("ours-fp8",) * args.fp8
     variants += ("ours-swap",) * bool(args.blocks_to_swap) + ("ours-fp8-swap",) * (args.fp8 and args.blocks_to_swap > 0)
+    variants += ("ours-unchecked",) * bool(args.unchecked_blocks)
+    variants = tuple(v for v in variants if v not in args.skip)
+    if "ours" not in variants:
+        raise SystemExit("every variant is reported against ours: do not skip it")
     runs: dict[str, list] = {v: [] for v in variants}
     for _ in range(args.rounds):  # rounds interleave the variants, so a drift in machine speed hits all alike
         for variant, got in runs.items():
             queue = ctx.Queue()
             proc = ctx.Process(target=measure,
                                args=(variant, case, args.device, dtype, args.iters, args.threads,
-                                     args.blocks_to_swap, queue))
+                                     args.blocks_to_swap, args.unchecked_blocks, queue))
             proc.start()
             while True:  # a child that dies never answers: report it instead of waiting forever
                 try:
@@ -292,14 +305,14 @@ def main(argv: list[str] | None = None) -> int:
                      "peak GiB": max(g["peak"] for g in got) / 2**30,
                      "held GiB": got[0]["resident"] / 2**30} for v, got in runs.items()}
     losses = "" if args.device == "meta" else "   losses (same draws: should agree)"
-    print(f"{'variant':<14}" + "".join(f"{k:>10}" for k in table["ours"]) + losses)
+    print(f"{'variant':<15}" + "".join(f"{k:>10}" for k in table["ours"]) + losses)
     for variant, cols in table.items():
         line = "".join(f"{x:>10.3f}" for x in cols.values())
         if losses:
             line += "   " + ", ".join(f"{x:.5f}" for x in runs[variant][0]["losses"])
-        print(f"{variant:<14}{line}")
-    pairs = [("ours", "released"), ("ours", "released*")] + [(v, "ours") for v in variants[3:]]
-    for variant, ref in pairs:
+        print(f"{variant:<15}{line}")
+    pairs = [("ours", "released"), ("ours", "released*")] + [(v, "ours") for v in variants if v.startswith("ours-")]
+    for variant, ref in (pair for pair in pairs if pair[1] in table):
         ratios = ", ".join(f"{k} {table[variant][k] / table[ref][k]:.2f}" for k in table[variant])
         print(f"{variant} / {ref}: {ratios}")
     return 0

@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from model.block_swap import BlockSwap, named_blocks
+from model.block_swap import BlockSwap
 from model.flux import Flux
 from model.fp8 import fp8_bytes, quantize_linears_
+from model.layers import named_blocks
 from model.mmdit import MMDiT
 from sampling.velocity import FluxVelocity, MMDiTVelocity
 
@@ -163,7 +164,12 @@ class Trainer:
         model = model.to(device=home, dtype=DTYPES[config.dtype])
         self.names = inject_lora(model, lora_config(config), torch.Generator().manual_seed(config.seed))
         model.to(home)
-        model.enable_gradient_checkpointing(config.gradient_checkpointing)
+        n_blocks = len(named_blocks(model))
+        if config.unchecked_blocks + config.blocks_to_swap > n_blocks:
+            raise TrainingError(f"unchecked_blocks {config.unchecked_blocks} + blocks_to_swap "
+                                f"{config.blocks_to_swap} exceed this model's {n_blocks} blocks (a swapped block "
+                                "must be checkpointed: its weights would stay on the GPU for backward)")
+        model.enable_gradient_checkpointing(config.gradient_checkpointing, config.unchecked_blocks)
         if config.teacher_lora:
             from safetensors.torch import load_file
 

@@ -25,17 +25,12 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from .layers import BLOCK_LISTS
+from .layers import named_blocks
 
 # bytes: where each tensor of a block's buffer starts. The CUDA caching allocator's own alignment, so kernels see
 # pointers aligned as for any other tensor (cuBLAS picks kernels by alignment: the same bits as unswapped)
 ALIGN = 512
 LORA = ("lora_down", "lora_up")  # distill/lora.py's weight sets: small, and trained or updated in place
-
-
-def named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, block) in the order a forward pass runs them (Flux: double then single; SD3: joint)."""
-    return [(f"{name}.{j}", block) for name in BLOCK_LISTS for j, block in enumerate(getattr(model, name, ()))]
 
 
 def swappable(block: nn.Module) -> dict[str, Tensor]:
@@ -133,7 +128,8 @@ class BlockSwap:
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.ready: dict[int, tuple[dict[str, Tensor], torch.cuda.Event | None]] = {}
         self.last: int | None = None
-        self.copies = self.prefetched = 0  # how many block copies were made, and how many arrived ahead of use
+        # block copies made; uses served by a copy made ahead of time; uses that had to wait for a copy made then
+        self.copies = self.prefetched = self.late = 0
         model.block_swap = self
 
     def _copy(self, i: int) -> dict[str, Tensor]:
@@ -158,6 +154,7 @@ class BlockSwap:
         tensors, event = self.ready.pop(i, (None, None))
         self.ready.clear()  # a prefetch that guessed wrong (a new pass started) is dropped
         if tensors is None:
+            self.late += 1
             return self._copy(i)
         self.prefetched += 1
         if event is not None:

@@ -22,21 +22,33 @@ from . import kernels
 BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks")
 
 
+def named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, block) in the order a forward pass runs them (Flux: double then single; SD3: joint)."""
+    return [(f"{name}.{j}", block) for name in BLOCK_LISTS for j, block in enumerate(getattr(model, name, ()))]
+
+
 class BlockRunner:
     """How Flux and MMDiT run each block: optionally checkpointed (recomputed in backward), optionally through a
     block swap (`model/block_swap.py`) that brings the block's weights from host memory for the call."""
 
     gradient_checkpointing = False
+    unchecked_blocks = 0  # with checkpointing: how many of the first blocks keep their activations instead
     block_swap = None  # a BlockSwap, set by it
 
-    def enable_gradient_checkpointing(self, enabled: bool = True):
-        """Recompute each block's activations in backward: memory per block instead of per model."""
-        self.gradient_checkpointing = enabled
+    def enable_gradient_checkpointing(self, enabled: bool = True, unchecked_blocks: int = 0):
+        """Recompute each block's activations in backward: memory per block instead of per model. The first
+        `unchecked_blocks` blocks keep theirs, which saves their recomputation where memory allows."""
+        self.gradient_checkpointing, self.unchecked_blocks = enabled, unchecked_blocks
         return self
+
+    def _checkpointed(self, block: nn.Module) -> bool:
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return False
+        return not any(block is b for _, b in named_blocks(self)[:self.unchecked_blocks])
 
     def _run(self, block: nn.Module, *args: Tensor):
         fn = block if self.block_swap is None else partial(self.block_swap, block)
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        if self._checkpointed(block):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 

@@ -20,6 +20,7 @@ from distill.sharding import full
 from distill.train import build_parser, main
 from distill.trainer import Trainer, TrainingError
 from model.flux import FLUX_CONFIGS, Flux
+from model.layers import named_blocks
 
 SETS = ("live", "fast_ema", "slow_ema")
 
@@ -132,6 +133,28 @@ def test_block_swap_trains_bit_for_bit_like_the_whole_model_on_the_device(tmp_pa
         trainer(tmp_path, config(tmp_path, gradient_checkpointing=True, blocks_to_swap=4))
 
 
+def test_unchecked_blocks_skip_only_their_recomputation(tmp_path):
+    """--unchecked_blocks N: the first N blocks run once per student step instead of twice, the run is the same bits,
+    and a count that would leave a swapped block unchecked is refused."""
+    runs, calls = {}, {}
+    for n in (0, 2):
+        t = trainer(tmp_path, config(tmp_path, f"u{n}", gradient_checkpointing=True, unchecked_blocks=n, steps=2))
+        blocks = [b for _, b in named_blocks(t.model)]
+        calls[n] = [0] * len(blocks)
+        for i, b in enumerate(blocks):
+            # a pre-hook: a recomputation stops as soon as it has what backward needs, before any forward hook
+            b.register_forward_pre_hook(lambda *_, i=i, n=n: calls[n].__setitem__(i, calls[n][i] + 1))
+        t.run()
+        runs[n] = state(t)
+    assert_same_bits(runs[2], runs[0])
+    # per step: the two target jumps, the student's forward, and its recomputation where checkpointed
+    assert calls[0] == [8, 8, 8, 8] and calls[2] == [6, 6, 8, 8]
+    with pytest.raises(ConfigError, match="gradient_checkpointing, which is off"):
+        config(tmp_path, unchecked_blocks=1)
+    with pytest.raises(TrainingError, match="exceed this model's 4 blocks"):
+        trainer(tmp_path, config(tmp_path, gradient_checkpointing=True, unchecked_blocks=2, blocks_to_swap=3))
+
+
 def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_left_to_try(tmp_path, monkeypatch):
     """An OOM step ends the run with one line: the intact checkpoint, and only the switches not yet on."""
     cfg = config(tmp_path, "oom", batch_size=4)
@@ -156,6 +179,8 @@ def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_l
     assert "--fp8_base" not in msg and "--micro_batch" not in msg and "--blocks_to_swap 2 " in msg
     msg = trainer(tmp_path, dataclasses.replace(on, blocks_to_swap=3)).out_of_memory()
     assert "--blocks_to_swap" not in msg and "a new run with --rank 2" in msg
+    msg = trainer(tmp_path, dataclasses.replace(on, blocks_to_swap=0, unchecked_blocks=3)).out_of_memory()
+    assert msg.split(": ", 1)[1].startswith("--unchecked_blocks 1 (")  # the cheapest first
     monkeypatch.setattr(Trainer, "step", real_step)
     resumed = trainer(tmp_path, dataclasses.replace(cfg, micro_batch=2, resume=True))  # the advice works
     resumed.run()
