@@ -12,7 +12,6 @@ damaged afterwards (a full disk, a copy cut short) is skipped with a warning and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,17 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from weights.io import file_sha256
+
 from .sharding import full, like
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -54,7 +47,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
     try:
         tensor_file = tmp / "tensors.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_file))
-        state = {**state, "step": step, "tensors_sha256": _sha256(tensor_file)}
+        state = {**state, "step": step, "tensors_sha256": file_sha256(tensor_file)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         for f in (tensor_file, tmp / "state.json", tmp):
             _fsync(f)  # contents on disk before the rename makes them visible
@@ -87,7 +80,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         raise ValueError(f"{path}: state.json is damaged") from None
-    if _sha256(tensor_file) != state.get("tensors_sha256"):
+    if file_sha256(tensor_file) != state.get("tensors_sha256"):
         raise ValueError(f"{path}: tensors.safetensors does not match its recorded sha256 (damaged)")
     return load_file(str(tensor_file)), state
 

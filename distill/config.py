@@ -56,6 +56,10 @@ class DistillConfig:
     targets: str = opt("flux", "LoRA target table: 'flux' (the released list in BFL names) or 'sd3' (in SAI "
                                "names, the patch embedding included); must match the model")
     teacher_lora: str = opt("", "optional teacher LoRA (our layout); both EMAs start from it too")
+    base_loras: tuple[str, ...] = opt((), "LoRAs merged for good into the frozen base before training, "
+                                          "PATH[:SCALE] in any layout (e.g. a style LoRA): teacher and student "
+                                          "both run on base + these, so the SCFM LoRA is made for that stack; "
+                                          "recorded in the exported LoRA")
     # --- SCFM objective (scfm-method.md §2-§5) ------------------------------------------------------------
     t_skip: int = opt(2, "grid steps per student step")
     teacher_steps_min: int = opt(32, "smallest teacher grid")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sampling.generate import FP8_HELP, SWAP_HELP, out_of_memory
-from weights.io import WeightsError
+from weights.io import WeightsError, file_sha256, parse_lora
 
 from .data import BUCKETS_512, buckets_for
 
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--fp8", action="store_true", help=FP8_HELP)
     p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA merged into the teacher (e.g. a style LoRA; train with the same --base_loras); "
+                        "repeatable")
     return p
 
 
@@ -143,7 +146,7 @@ def make_pipeline(args):
         FluxSources(transformer=model, **files)
     sources.check()
     return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
-                        blocks_to_swap=args.blocks_to_swap)
+                        loras=[parse_lora(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap)
 
 
 def run(args) -> Path:
@@ -157,6 +160,11 @@ def run(args) -> Path:
     settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
                                               "max_sequence_length", "seed")}
     settings.update(model=str(args.model), prompts=prompts)
+    if args.lora:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
+        for path, _ in map(parse_lora, args.lora):
+            if not Path(path).is_file():
+                raise WeightsError(f"--lora {path}: no such file")
+        settings["loras"] = [[Path(p).name, s, file_sha256(p)] for p, s in map(parse_lora, args.lora)]
     check_settings(out, settings)
     jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
     done = done_files(out)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from sampling.samplers import cfg_scale_from_w
-from weights.io import WeightsError
+from weights.io import WeightsError, file_sha256, parse_lora
 
 from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
 from .data import Cache, DataError, build_cache, file_identity, plan_cache
@@ -83,7 +83,8 @@ def render_demo_data(cfg: DistillConfig) -> None:
     args = make_dataset.build_parser().parse_args([
         "--model", cfg.model, "--prompts", str(DEMO_PROMPTS), "--out", cfg.data, "--images-per-bucket",
         str(cfg.demo_images), "--resolution", str(cfg.resolution), "--max-sequence-length", str(cfg.t5_length),
-        "--batch-size", "64", "--seed", str(cfg.seed), "--device", "cpu", "--dtype", "fp32"])
+        "--batch-size", "64", "--seed", str(cfg.seed), "--device", "cpu", "--dtype", "fp32",
+        *[arg for spec in cfg.base_loras for arg in ("--lora", spec)]])  # the teacher renders with them
     make_dataset.run(args)
 
 
@@ -189,16 +190,21 @@ def load_model(cfg: DistillConfig, device: torch.device):
     from model.flux import FLUX_CONFIGS, Flux
     from model.mmdit import MMDIT_CONFIGS, MMDiT
 
+    loras = [parse_lora(spec) for spec in cfg.base_loras]  # merged as the weights are read, before fp8
     if cfg.model in ("tiny", "tiny-sd3"):
-        torch.manual_seed(cfg.seed)  # the demo model: random, but the same on every rank
-        return Flux(FLUX_CONFIGS["tiny"]) if cfg.model == "tiny" else MMDiT(MMDIT_CONFIGS["tiny"])
+        from weights.lora import apply_loras
+
+        torch.manual_seed(cfg.seed)  # the test model: random, but the same on every rank
+        model = Flux(FLUX_CONFIGS["tiny"]) if cfg.model == "tiny" else MMDiT(MMDIT_CONFIGS["tiny"])
+        apply_loras(model, loras, restorable=False)
+        return model
     if family_of(cfg) == "sd3":
         from weights.mmdit import load_mmdit
 
-        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base)
+        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base, loras=loras)
     from weights.flux import load_flux
 
-    return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base)
+    return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base, loras=loras)
 
 
 # ----- export -----------------------------------------------------------------------------------------------
@@ -214,6 +220,9 @@ def lora_metadata(cfg: DistillConfig, model) -> dict[str, str]:
     """How the LoRA was made (the layout's own metadata adds rank, alpha, targets and sampling hints)."""
     info = {"set": cfg.export_set, "steps": cfg.steps, "t_skip": cfg.t_skip, "batch_size": cfg.batch_size,
             "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
+    if cfg.base_loras:  # generate warns when this LoRA is sampled without them
+        info["base_loras"] = [{"file": Path(path).name, "scale": scale, "sha256": file_sha256(path)}
+                              for path, scale in map(parse_lora, cfg.base_loras)]
     if cfg.cfg_scale:  # scfm-method.md §5: what every training call computed, and how to sample it
         info["cfg"] = {"w": cfg.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
                        "diffusers_guidance_scale": cfg_scale_from_w(cfg.cfg_scale)}

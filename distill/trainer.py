@@ -62,7 +62,7 @@ from .sharding import full, is_sharded, shard_model
 RESUME_FIXED = ("rank", "alpha", "targets", "seed", "batch_size", "t_skip", "teacher_steps_min",
                 "teacher_steps_max", "teacher_ratio", "non_shortcut_ratio", "dynamic_shift_prob", "shift_min",
                 "shift_max", "guidance_max", "cfg_scale", "fast_decay", "slow_decay", "ema_restart_every",
-                "teacher_lora")
+                "teacher_lora", "base_loras")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from weights.io import WeightsError
+from weights.io import WeightsError, parse_lora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP8_HELP = ("store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory "
@@ -37,17 +37,6 @@ SWAP_HELP = ("keep the last N transformer blocks' weights in CPU memory and copy
 # (CFG 7.0, T5 256). Both use 28 steps.
 DEFAULTS = {"flux": dict(steps=28, guidance=3.5, max_sequence_length=512),
             "sd3": dict(steps=28, guidance=7.0, max_sequence_length=256)}
-
-
-def parse_lora(spec: str) -> tuple[str, float]:
-    """`PATH[:SCALE]`: the suffix is a scale only if it parses as a number, so `C:\\loras\\x.safetensors` works."""
-    path, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def with_demo_defaults(args) -> None:
@@ -211,6 +200,23 @@ def lora_recommendations(paths: list[str]):
     return Recommended(**merged) if merged else Recommended()
 
 
+def missing_base_loras(loras: list[tuple[str, float]]) -> list[str]:
+    """One warning per LoRA that an SCFM LoRA among `loras` was trained on top of (distill.train --base_loras)
+    and that is not given here at the same scale (files compared by sha256)."""
+    from weights.io import file_sha256, read_header  # noqa: PLC0415
+
+    wanted = []
+    for path, _ in loras:
+        info = json.loads(read_header(Path(path))[1].get("scfm_training", "{}"))
+        wanted += [(Path(path).name, base) for base in info.get("base_loras", ())]
+    if not wanted:
+        return []
+    given = {(file_sha256(path), scale) for path, scale in loras}
+    return [f"warning: {name} was trained on top of {b['file']} at scale {b['scale']:g}; add --lora "
+            f"{b['file']}:{b['scale']:g} to sample it as trained" for name, b in wanted
+            if (b["sha256"], b["scale"]) not in given]
+
+
 def _pick(*values):
     return next((v for v in values if v is not None), None)
 
@@ -303,6 +309,8 @@ def run(args) -> list[Path]:
     check_family_flags(args, family)
     loras = [parse_lora(s) for s in args.lora]
     cfg = generation_config(args, family, lora_recommendations([path for path, _ in loras]))
+    for warning in missing_base_loras(loras):
+        print(warning, file=sys.stderr)
     if loras:
         from weights.lora import read_lora  # noqa: PLC0415  (only when asked: keeps --help fast)
 

@@ -7,6 +7,7 @@ copy is the one handed to the model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -79,6 +80,27 @@ def weight_files(folder: Path) -> list[Path]:
         hint = f" (found pickled {pickled[:2]}: scfm loads safetensors only)" if pickled else ""
         raise WeightsError(f"{folder}: no .safetensors files{hint}")
     return files
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` as the CLIs take LoRAs: the suffix is a scale only if it parses as a number, so
+    `C:\\loras\\x.safetensors` works."""
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256 in hex, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:

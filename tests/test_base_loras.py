@@ -1,0 +1,78 @@
+"""--base_loras: an SCFM LoRA trained on base + a style LoRA (distill.train), the teacher's data rendered with it
+(make_dataset --lora), the stack recorded in every exported layout, and generate's warning when the SCFM LoRA is
+sampled without it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import assert_same_bits, random_lora
+from test_data import FakePipeline
+from test_trainer import config, trainer
+
+from distill.train import export_lora, load_model
+from distill.trainer import TrainingError
+from model.flux import FLUX_CONFIGS, Flux
+from sampling.generate import missing_base_loras
+from weights.io import file_sha256, read_header
+from weights.lora import apply_loras, write_lora
+
+
+@pytest.fixture
+def style(tmp_path):
+    """A style LoRA for the tiny Flux, in kohya's layout (any layout is read)."""
+    return write_lora(random_lora(Flux(FLUX_CONFIGS["tiny"]), seed=3), tmp_path / "style.safetensors", "kohya")
+
+
+def test_the_model_is_loaded_with_the_base_loras_merged(tmp_path, style):
+    cfg = config(tmp_path, seed=5, base_loras=(f"{style}:0.5",))
+    got = load_model(cfg, torch.device("cpu"))
+    torch.manual_seed(5)
+    plain = Flux(FLUX_CONFIGS["tiny"])
+    want = Flux(FLUX_CONFIGS["tiny"])
+    want.load_state_dict(plain.state_dict())
+    apply_loras(want, [(str(style), 0.5)], restorable=False)
+    assert_same_bits(got.state_dict(), want.state_dict())
+    assert not torch.equal(got.double_blocks[0].img_attn.qkv.weight, plain.double_blocks[0].img_attn.qkv.weight)
+
+
+def test_every_layout_records_the_stack_and_generate_warns_without_it(tmp_path, style):
+    cfg = config(tmp_path, steps=2, base_loras=(f"{style}:0.5",))
+    t = trainer(tmp_path, cfg)
+    t.run()
+    exported = export_lora(t.model, cfg)
+    assert len(exported) == 3
+    want = [{"file": "style.safetensors", "scale": 0.5, "sha256": file_sha256(style)}]
+    for path in exported:
+        assert json.loads(read_header(path)[1]["scfm_training"])["base_loras"] == want, path.name
+        warning = missing_base_loras([(str(path), 1.0)])
+        assert warning == [f"warning: {path.name} was trained on top of style.safetensors at scale 0.5; add --lora "
+                           "style.safetensors:0.5 to sample it as trained"]
+        assert missing_base_loras([(str(path), 1.0), (str(style), 0.5)]) == []
+        assert len(missing_base_loras([(str(path), 1.0), (str(style), 0.8)])) == 1  # another scale
+    assert missing_base_loras([(str(style), 1.0)]) == []  # a LoRA without the record: nothing to say
+    with pytest.raises(TrainingError, match="different base_loras"):
+        trainer(tmp_path, dataclasses.replace(cfg, base_loras=(), resume=True, steps=4)).run()
+
+
+def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, style, monkeypatch):
+    from distill import make_dataset
+    from distill.demo.models import DEMO_FOLDER
+
+    args = make_dataset.build_parser().parse_args(
+        ["--model", str(DEMO_FOLDER), "--prompts", "p.txt", "--out", "o", "--images-per-bucket", "1",
+         "--lora", f"{style}:0.5", "--device", "cpu"])
+    assert make_dataset.make_pipeline(args).loras == [(str(style), 0.5)]
+
+    monkeypatch.setattr(make_dataset, "make_pipeline", lambda args: FakePipeline())
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    argv = ["--model", "unused", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "d"),
+            "--images-per-bucket", "1", "--steps", "2"]
+    assert make_dataset.main([*argv, "--lora", f"{style}:0.5"]) == 0
+    settings = json.loads((tmp_path / "d" / "make_dataset.json").read_text())
+    assert settings["loras"] == [["style.safetensors", 0.5, file_sha256(style)]]
+    assert make_dataset.main(argv) == 2  # without the LoRA it would be another teacher's data
+    assert make_dataset.main([*argv, "--lora", str(tmp_path / "missing.safetensors")]) == 2
