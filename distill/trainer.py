@@ -11,6 +11,7 @@ a resumed run and a run on any number of processes train on exactly the same num
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -355,8 +356,9 @@ class Trainer:
             warnings.warn(f"--resume: no checkpoint in {root}; starting from step 0", stacklevel=2)
             return False
         path, tensors, state = found
-        saved = state["config"]
-        changed = [k for k in RESUME_FIXED if saved.get(k) != self.config.to_dict()[k]]
+        # as JSON stored them (tuples become lists); a field added since the checkpoint was written has its default
+        now, default = json.loads(json.dumps(self.config.to_dict())), json.loads(json.dumps(DistillConfig().to_dict()))
+        changed = [k for k in RESUME_FIXED if state["config"].get(k, default[k]) != now[k]]
         if changed:
             raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
         if state["cache"] != self.cache.fingerprint():

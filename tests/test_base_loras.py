@@ -76,3 +76,16 @@ def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, 
     assert settings["loras"] == [["style.safetensors", 0.5, file_sha256(style)]]
     assert make_dataset.main(argv) == 2  # without the LoRA it would be another teacher's data
     assert make_dataset.main([*argv, "--lora", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_a_checkpoint_from_before_the_field_existed_resumes(tmp_path):
+    """A checkpoint written without base_loras in its config is a run without them (the field's default)."""
+    cfg = config(tmp_path, "old", steps=2)
+    trainer(tmp_path, cfg).run()
+    state_file = next((tmp_path / "old" / "checkpoints").glob("step-*/state.json"))
+    state = json.loads(state_file.read_text())
+    del state["config"]["base_loras"]
+    state_file.write_text(json.dumps(state))
+    resumed = trainer(tmp_path, dataclasses.replace(cfg, resume=True, steps=3))
+    resumed.run()
+    assert resumed.progress.step == 3
