@@ -160,11 +160,12 @@ def run(args) -> Path:
     settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
                                               "max_sequence_length", "seed")}
     settings.update(model=str(args.model), prompts=prompts)
-    if args.lora:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
-        for path, _ in map(parse_lora, args.lora):
-            if not Path(path).is_file():
-                raise WeightsError(f"--lora {path}: no such file")
-        settings["loras"] = [[Path(p).name, s, file_sha256(p)] for p, s in map(parse_lora, args.lora)]
+    loras = [parse_lora(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise WeightsError(f"--lora {path}: no such file")
+    if loras:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
+        settings["loras"] = [[Path(path).name, scale, file_sha256(path)] for path, scale in loras]
     check_settings(out, settings)
     jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
     done = done_files(out)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from model.layers import BLOCK_LISTS
+from model.layers import named_blocks
 
 
 def is_sharded(fsdp: bool) -> bool:
@@ -30,9 +30,8 @@ def shard_model(model: nn.Module, device_type: str, world: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device_type, (world,))
-    for name in BLOCK_LISTS:
-        for block in getattr(model, name, ()):
-            fully_shard(block, mesh=mesh)
+    for _, block in named_blocks(model):
+        fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 

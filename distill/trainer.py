@@ -356,8 +356,8 @@ class Trainer:
             warnings.warn(f"--resume: no checkpoint in {root}; starting from step 0", stacklevel=2)
             return False
         path, tensors, state = found
-        # as JSON stored them (tuples become lists); a field added since the checkpoint was written has its default
-        now, default = json.loads(json.dumps(self.config.to_dict())), json.loads(json.dumps(DistillConfig().to_dict()))
+        # compared as JSON stored them (tuples become lists); a field newer than the checkpoint has its default
+        now, default = (json.loads(json.dumps(c.to_dict())) for c in (self.config, DistillConfig()))
         changed = [k for k in RESUME_FIXED if state["config"].get(k, default[k]) != now[k]]
         if changed:
             raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")

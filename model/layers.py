@@ -44,7 +44,8 @@ class BlockRunner:
     def _checkpointed(self, block: nn.Module) -> bool:
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return False
-        return not any(block is b for _, b in named_blocks(self)[:self.unchecked_blocks])
+        # the block list is only walked when some blocks are exempt (not on every call of every forward)
+        return not self.unchecked_blocks or not any(block is b for _, b in named_blocks(self)[:self.unchecked_blocks])
 
     def _run(self, block: nn.Module, *args: Tensor):
         fn = block if self.block_swap is None else partial(self.block_swap, block)
