@@ -33,6 +33,15 @@ def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, v
     return paths
 
 
+def base_lora_records(specs: tuple[str, ...]) -> list[dict]:
+    """What an exported LoRA records of the LoRAs merged into its base (`--base_loras`): file name, scale and
+    sha256, so that `generate` can tell when it is sampled without them."""
+    from weights.io import file_sha256, parse_lora
+
+    return [{"file": Path(path).name, "scale": scale, "sha256": file_sha256(path)}
+            for path, scale in map(parse_lora, specs)]
+
+
 SCALARS = ("loss", "loss_mean", "grad_norm", "seconds_per_step")  # what TensorBoard and W&B plot
 
 

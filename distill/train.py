@@ -4,6 +4,7 @@
     python -m distill.train --config flux-dev-scfm --model FLUX.1-dev/ --data teacher_data/ --output runs/a
     python -m distill.train --config sd35-large-scfm --model sd3.5_large.safetensors --data d/ --output runs/b
     python -m distill.train --config runs/a.toml --resume          # continue from the newest checkpoint
+    python -m distill.export runs/a                                # that checkpoint as LoRA files (export.py)
     torchrun --nproc_per_node 8 -m distill.train --config runs/a.toml   # data-parallel, same results
 
 Every config field is also a flag (`--field value`; `--help` lists them with their meaning). The first run
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sampling.samplers import cfg_scale_from_w
-from weights.io import WeightsError, file_sha256, parse_lora
+from weights.io import WeightsError, parse_lora
 
 from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
 from .data import Cache, DataError, build_cache, file_identity, plan_cache
-from .lora import lora_layers, set_state_dict
-from .trainer import DTYPES, Trainer, TrainingError, loads_on_cpu, model_family
+from .export import export_lora, export_paths
+from .lora import set_state_dict
+from .trainer import DTYPES, Trainer, TrainingError, loads_on_cpu
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,50 +207,6 @@ def load_model(cfg: DistillConfig, device: torch.device):
     return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base, loras=loras)
 
 
-# ----- export -----------------------------------------------------------------------------------------------
-
-
-def export_paths(cfg: DistillConfig) -> dict[str, Path]:
-    out = Path(cfg.output).expanduser()
-    return {fmt: out / f"scfm-lora-{cfg.export_set}{'' if fmt == 'ours' else '-' + fmt}.safetensors"
-            for fmt in cfg.export_formats}
-
-
-def lora_metadata(cfg: DistillConfig, model) -> dict[str, str]:
-    """How the LoRA was made (the layout's own metadata adds rank, alpha, targets and sampling hints)."""
-    info = {"set": cfg.export_set, "steps": cfg.steps, "t_skip": cfg.t_skip, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
-    if cfg.base_loras:  # generate warns when this LoRA is sampled without them
-        info["base_loras"] = [{"file": Path(path).name, "scale": scale, "sha256": file_sha256(path)}
-                              for path, scale in map(parse_lora, cfg.base_loras)]
-    if cfg.cfg_scale:  # scfm-method.md §5: what every training call computed, and how to sample it
-        info["cfg"] = {"w": cfg.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
-                       "diffusers_guidance_scale": cfg_scale_from_w(cfg.cfg_scale)}
-    return {"scfm_training": json.dumps(info)}
-
-
-def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: dict | None = None) -> list[Path]:
-    """The chosen set in each requested layout, through the LoRA file code (weights/lora.py). `state`: the set
-    already gathered (a sharded model's, gathered by every process together)."""
-    from weights.lora import Recommended, save_lora
-
-    family = model_family(model)
-    state = {k: v.float() for k, v in (state or set_state_dict(model, cfg.export_set)).items()}
-    slices = {name: layer.slices for name, layer in lora_layers(model).items()}
-    # scfm-method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with.
-    # Flux-dev: its guidance input. SD3.5 with CFG baked in: sampled as trained, c + w (c - u) against the
-    # empty prompt, which is diffusers' guidance scale 1 + w (generate reads it as that).
-    if family == "flux":
-        guidance = cfg.sample_guidance if model.config.guidance_embed else None
-    else:
-        guidance = cfg_scale_from_w(cfg.cfg_scale) if cfg.cfg_scale else None
-    hints = Recommended(steps=cfg.sample_steps, schedule="scfm", shift=cfg.sample_shift, guidance=guidance,
-                        max_sequence_length=cfg.t5_length, training_cfg_scale=cfg.cfg_scale or None)
-    return [save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices, family=family,
-                      metadata=lora_metadata(cfg, model), recommended=hints, overwrite=overwrite)
-            for fmt, path in export_paths(cfg).items()]
-
-
 # ----- main -------------------------------------------------------------------------------------------------
 
 
@@ -276,7 +232,9 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         trainer = Trainer(cfg, model, cache, device=device, on_step=on_step)
         trainer.run()
         state = set_state_dict(trainer.model, cfg.export_set)  # on every process: a sharded set is gathered
-        return export_lora(trainer.model, cfg, overwrite=cfg.resume, state=state) if rank == 0 else []
+        if rank != 0:
+            return []
+        return export_lora(trainer.model, cfg, overwrite=cfg.resume, state=state, base_loras=trainer.base_loras)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

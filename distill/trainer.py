@@ -11,6 +11,7 @@ a resumed run and a run on any number of processes train on exactly the same num
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -54,7 +55,7 @@ from .lora import (
     set_state_dict,
     weight_set,
 )
-from .run_outputs import JsonlLog, out_of_memory, save_samples
+from .run_outputs import JsonlLog, base_lora_records, out_of_memory, save_samples
 from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
 from .sharding import full, is_sharded, shard_model
 
@@ -328,6 +329,11 @@ class Trainer:
         layer = next(iter(lora_layers(self.model).values()))
         return list(layer.set_names())
 
+    @functools.cached_property
+    def base_loras(self) -> list[dict]:
+        """Name, scale and sha256 of each LoRA merged into the base, hashed once (exports record them)."""
+        return base_lora_records(self.config.base_loras)
+
     def save(self) -> Path | None:
         """Rank 0 writes; the others wait, so nobody runs ahead of a checkpoint that may yet fail."""
         path = None
@@ -337,8 +343,11 @@ class Trainer:
         if self.rank == 0:
             rng_tensors, rng_json = rng_state()
             position = self.batches.position(self.progress.step)
+            # the model's config and base LoRAs: a checkpoint exports alone (distill/export.py)
             state = {"progress": vars(self.progress), "data_position": position,
                      "cache": self.cache.fingerprint(), "config": self.config.to_dict(),
+                     "model": {"family": self.family, "config": self.model.config.to_dict()},
+                     "base_loras": self.base_loras,
                      "world_size": self.world, "optimizer": opt_state, "rng": rng_json}
             path = save_checkpoint(self.out / "checkpoints", self.progress.step,
                                    {**tensors, **opt_tensors, **rng_tensors}, state,

@@ -13,7 +13,8 @@ from conftest import assert_same_bits, random_lora
 from test_data import FakePipeline
 from test_trainer import config, trainer
 
-from distill.train import export_lora, load_model
+from distill.export import export_checkpoint, export_lora
+from distill.train import load_model
 from distill.trainer import TrainingError
 from model.flux import FLUX_CONFIGS, Flux
 from sampling.generate import missing_base_loras
@@ -45,6 +46,9 @@ def test_every_layout_records_the_stack_and_generate_warns_without_it(tmp_path, 
     t.run()
     exported = export_lora(t.model, cfg)
     assert len(exported) == 3
+    moved = style.rename(tmp_path / "elsewhere.safetensors")  # a checkpoint exports with its own record of them
+    exported += export_checkpoint(cfg.output, formats=("kohya",))
+    moved.rename(style)
     want = [{"file": "style.safetensors", "scale": 0.5, "sha256": file_sha256(style)}]
     for path in exported:
         assert json.loads(read_header(path)[1]["scfm_training"])["base_loras"] == want, path.name

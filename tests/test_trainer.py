@@ -363,7 +363,7 @@ def test_cli_trains_resumes_and_exports(tmp_path, capsys):
 @pytest.mark.parametrize("which", ["live", "slow_ema"])
 def test_export_in_every_layout_reads_back_as_the_chosen_set(tmp_path, which):
     from distill.lora import lora_layers
-    from distill.train import export_lora
+    from distill.export import export_lora
     from weights.lora import read_lora
 
     cfg = config(tmp_path, steps=2, checkpoint_every=0, export_set=which)

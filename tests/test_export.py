@@ -1,0 +1,109 @@
+"""`python -m distill.export`: any checkpoint's LoRA set as the files the run's final export writes, from the
+checkpoint alone (distill/export.py), on the tiny Flux."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from test_trainer import config, trainer
+
+import distill.train
+from distill.export import export_checkpoint, export_lora, main
+from distill.lora import lora_layers
+from weights.io import read_header
+from weights.lora import read_lora
+
+LAYOUTS = ("ours", "diffusers", "kohya")
+
+
+def trained(tmp_path, on_step=None, **kw):
+    """A 4-step run with checkpoints at steps 2 and 4 (the last is written at the end)."""
+    cfg = config(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=3, **kw)
+    t = trainer(tmp_path, cfg, on_step=on_step)
+    t.run()
+    return cfg, t
+
+
+def assert_same_files(a, b) -> None:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys(), (a.name, b.name)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), (a.name, k)
+    assert read_header(a)[1] == read_header(b)[1], (a.name, b.name)  # metadata: hints, provenance, steps
+
+
+def test_the_newest_checkpoint_exports_what_the_run_exports_in_every_layout(tmp_path):
+    cfg, t = trained(tmp_path)
+    final = export_lora(t.model, cfg)
+    got = export_checkpoint(cfg.output, formats=LAYOUTS)
+    assert [p.name for p in got] == [f"scfm-lora-live-step000004{s}.safetensors" for s in ("", "-diffusers", "-kohya")]
+    assert all(p.parent == final[0].parent for p in got)  # beside the run's own export
+    for a, b in zip(final, got, strict=True):
+        assert_same_files(a, b)
+
+
+def test_an_earlier_checkpoint_exports_its_own_set_without_reading_the_base(tmp_path, monkeypatch):
+    deltas = {}
+
+    def at_step(step):  # the checkpoint of step 2 is written before this hook runs
+        if step == 2:
+            deltas.update({n: layer.delta_weight("slow_ema").clone() for n, layer in lora_layers(t.model).items()})
+
+    cfg = config(tmp_path, steps=4, checkpoint_every=2, keep_checkpoints=3)
+    t = trainer(tmp_path, cfg, on_step=at_step)
+    t.run()
+
+    def no_base(*_, **__):
+        raise AssertionError("the export read the base model")
+
+    monkeypatch.setattr(distill.train, "load_model", no_base)
+    folder = tmp_path / "out"
+    paths = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002", "slow_ema", LAYOUTS, folder)
+    assert [p.parent for p in paths] == [folder] * 3
+    final = {n: layer.delta_weight("slow_ema") for n, layer in lora_layers(t.model).items()}
+    for path in paths:
+        assert json.loads(read_header(path)[1]["scfm_training"])["steps"] == 2
+        lora = read_lora(path)
+        assert set(lora.modules) == set(deltas), path.name
+        for name, want in deltas.items():
+            assert not torch.equal(want, final[name])  # step 2's set, not the one trained on to step 4
+            torch.testing.assert_close(lora.modules[name].delta(), want, rtol=1e-6,
+                                       atol=1e-7 * want.abs().max().item(), msg=f"{path.name}: {name}")
+
+
+def test_an_older_checkpoint_without_the_model_config_reads_the_model_files_header(tmp_path):
+    cfg, _ = trained(tmp_path)
+    step = tmp_path / "run" / "checkpoints" / "step-000004"
+    new = export_checkpoint(step, formats=("kohya",), folder=tmp_path / "new")
+    state = json.loads((step / "state.json").read_text())
+    del state["model"], state["base_loras"]  # written before the export existed
+    (step / "state.json").write_text(json.dumps(state))
+    old = export_checkpoint(step, formats=("kohya",), folder=tmp_path / "old")
+    assert_same_files(new[0], old[0])
+
+
+def test_cli_refuses_to_overwrite_and_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    cfg, _ = trained(tmp_path)
+    run = cfg.output
+    assert main([run, "--set", "fast_ema", "--formats", "kohya"]) == 0
+    assert capsys.readouterr().out.strip().endswith("scfm-lora-fast_ema-step000004-kohya.safetensors")
+    cases = [
+        ([run, "--set", "fast_ema", "--formats", "kohya"], "exists"),  # never overwritten unless asked
+        ([run, "--set", "teacher"], "export_set must be one of"),
+        ([str(tmp_path / "nowhere")], "no such folder"),
+        ([str(tmp_path / "cache")], "no intact checkpoint"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert main([run, "--set", "fast_ema", "--formats", "kohya", "--overwrite"]) == 0
+    damaged = tmp_path / "run" / "checkpoints" / "step-000002"
+    with open(damaged / "tensors.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert main([str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert "sha256" in err and err.count("\n") == 1, err
+    assert main([run, "--formats", "ours"]) == 0  # the run folder's newest intact checkpoint is still fine
