@@ -12,6 +12,7 @@ damaged afterwards (a full disk, a copy cut short) is skipped with a warning and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,9 +27,16 @@ from torch import Tensor
 
 from weights.io import file_sha256
 
+from .config import DistillConfig
 from .sharding import full, like
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
+# Fields a resumed run must share with the checkpoint: anything else changing would silently make the
+# "resumed" run a different run.
+RESUME_FIXED = ("rank", "alpha", "targets", "seed", "batch_size", "t_skip", "teacher_steps_min",
+                "teacher_steps_max", "teacher_ratio", "non_shortcut_ratio", "dynamic_shift_prob", "shift_min",
+                "shift_max", "guidance_max", "cfg_scale", "fast_decay", "slow_decay", "ema_restart_every",
+                "teacher_lora", "base_loras")
 
 
 def _fsync(path: Path) -> None:
@@ -83,6 +91,20 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
     if file_sha256(tensor_file) != state.get("tensors_sha256"):
         raise ValueError(f"{path}: tensors.safetensors does not match its recorded sha256 (damaged)")
     return load_file(str(tensor_file)), state
+
+
+def stored_config(state: dict) -> DistillConfig:
+    """The run's config as its checkpoint stored it: JSON lists become the tuples they were, fields newer than
+    the checkpoint keep their defaults, and W&B is not needed to read it."""
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in fields}
+    return DistillConfig(**{**saved, "wandb_project": ""})
+
+
+def resume_conflicts(state: dict, config: DistillConfig) -> list[str]:
+    """The RESUME_FIXED fields in which `config` differs from the checkpoint's run."""
+    stored = stored_config(state)
+    return [k for k in RESUME_FIXED if getattr(stored, k) != getattr(config, k)]
 
 
 def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Tensor], dict] | None:

@@ -24,7 +24,7 @@ import torch
 from sampling.samplers import cfg_scale_from_w
 from weights.io import WeightsError
 
-from .checkpoint import latest_checkpoint, read_checkpoint
+from .checkpoint import latest_checkpoint, read_checkpoint, stored_config
 from .config import ConfigError, DistillConfig
 from .lora import inject_lora, lora_layers, set_state_dict
 from .run_outputs import base_lora_records
@@ -121,10 +121,7 @@ def export_checkpoint(source: str | Path, lora_set: str | None = None, formats: 
                       folder: str | Path | None = None, overwrite: bool = False) -> list[Path]:
     """Write a checkpoint's LoRA set (default: the run's `export_set`) in `formats` (default: the run's)."""
     path, tensors, state = find_checkpoint(Path(source).expanduser())
-    fields = {f.name for f in dataclasses.fields(DistillConfig)}
-    # as stored (JSON lists were tuples); fields newer than the checkpoint keep their defaults; W&B is not needed
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in fields}
-    cfg = DistillConfig(**{**saved, "wandb_project": ""})
+    cfg = stored_config(state)
     cfg = dataclasses.replace(cfg, export_set=lora_set or cfg.export_set,
                               export_formats=tuple(formats or cfg.export_formats))
     prefix = f"lora.{cfg.export_set}."

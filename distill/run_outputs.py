@@ -1,14 +1,34 @@
 """What a training run writes and says besides checkpoints: the JSONL log (and TensorBoard's or W&B's), the sample
-images, and the one line for running out of GPU memory."""
+images, the one line for running out of GPU memory, and how Ctrl-C or a scheduler's SIGTERM ends a run."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import threading
+import time
 import uuid
+from typing import Self
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+
+def sample_latents(velocity, cond: dict[str, Tensor], guidance: Tensor | None, cfg, channels: int,
+                   device: torch.device) -> Tensor:
+    """The sample images' latents on the SCFM grid, from the same noise every time (seeded by the run's seed), so
+    that the images of successive steps compare."""
+    from sampling.samplers import euler
+    from sampling.schedules import ScheduleConfig, get_sigmas
+
+    side = cfg.sample_size // 8  # latent pixels; the 16-channel VAEs downscale by 8
+    g = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(next(iter(cond.values())).shape[0], channels, side, side, generator=g).to(device)
+    sigmas = get_sigmas(ScheduleConfig(grid="scfm", shift=cfg.sample_shift), cfg.sample_steps)
+    return euler(velocity, noise, sigmas, cond, guidance).float()
 
 
 def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, vae_path: str,
@@ -128,3 +148,41 @@ def out_of_memory(cfg, found: list, local_batch: int, n_blocks: int, step: int, 
     used = (f" ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB at the peak)"
             if device.type == "cuda" else "")
     return f"out of GPU memory at step {step}{used}; {where}: {', '.join(tips)}"
+
+
+class StopSignals:
+    """While entered, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, torchrun passing one on) ask the run to
+    stop at the end of a step, where it writes a checkpoint, instead of losing the steps since the last one; the
+    trainer agrees the stop across processes. A second signal stops at once, as it would have without us, unless
+    it follows the first within REPEAT seconds: torchrun passes the terminal's Ctrl-C on to workers that already
+    got it, and that is still one request. Outside the main thread (where Python cannot handle signals) nothing
+    is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT = 2.0
+
+    def __init__(self):
+        self.received: int | None = None
+        self._at = 0.0
+        self._previous: dict = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            if time.monotonic() - self._at < self.REPEAT:  # the same request, delivered twice
+                return
+            self.__exit__()  # a second request: the previous handler, at once (KeyboardInterrupt, or exit)
+            os.kill(os.getpid(), signum)
+            return
+        self.received, self._at = signum, time.monotonic()
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again: stop now)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

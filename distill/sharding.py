@@ -1,5 +1,6 @@
-"""Sharded data-parallel training (FSDP2, `--fsdp`): every process holds 1/N of the frozen base and of every
-LoRA set, so a model that does not fit one GPU (Flux-dev in bf16 on 24 GB cards) trains on several.
+"""Training on several processes. Under torchrun the default is DDP, whose student calls go through
+`StudentRoute`. With `--fsdp` (FSDP2) every process holds 1/N of the frozen base and of every LoRA set, so a
+model that does not fit one GPU (Flux-dev in bf16 on 24 GB cards) trains on several.
 
 The released trainer could not shard its model because it swaps EMA and teacher weights into the live
 parameters in place (scfm-method.md §10). Here every set is its own parameter of its layer (distill/lora.py), so
@@ -10,6 +11,7 @@ parameters in place (scfm-method.md §10). Here every set is its own parameter o
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from model.layers import named_blocks
@@ -20,6 +22,12 @@ def is_sharded(fsdp: bool) -> bool:
     import torch.distributed as dist
 
     return fsdp and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def loads_on_cpu(config) -> bool:
+    """Sharded or swapped, no GPU holds the whole model: it is loaded on the CPU, and each shard (below) or
+    each block that stays on the device (model/block_swap.py) moves there on its own."""
+    return is_sharded(config.fsdp) or config.blocks_to_swap > 0
 
 
 def shard_model(model: nn.Module, device_type: str, world: int) -> None:
@@ -47,3 +55,17 @@ def like(param: Tensor, t: Tensor) -> Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+
+
+class StudentRoute:
+    """Looks like the model to the velocity wrapper; grad-enabled (student) calls go through DDP so gradients
+    are reduced, no-grad (target) calls go straight to the module and skip DDP's bookkeeping."""
+
+    def __init__(self, ddp: nn.Module):
+        self.ddp, self.config = ddp, ddp.module.config
+
+    def parameters(self):
+        return self.ddp.module.parameters()
+
+    def __call__(self, *args, **kwargs):
+        return (self.ddp if torch.is_grad_enabled() else self.ddp.module)(*args, **kwargs)

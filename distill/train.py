@@ -30,7 +30,8 @@ from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
 from .data import Cache, DataError, build_cache, file_identity, plan_cache
 from .export import export_lora, export_paths
 from .lora import set_state_dict
-from .trainer import DTYPES, Trainer, TrainingError, loads_on_cpu
+from .sharding import loads_on_cpu
+from .trainer import DTYPES, Stopped, Trainer, TrainingError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(config, args)
         for path in run(cfg):
             print(path)
+    except Stopped as e:  # Ctrl-C or SIGTERM, with a checkpoint written
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (ConfigError, DataError, WeightsError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -37,6 +37,7 @@ from .checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
     optimizer_state,
+    resume_conflicts,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -55,21 +56,23 @@ from .lora import (
     set_state_dict,
     weight_set,
 )
-from .run_outputs import JsonlLog, base_lora_records, out_of_memory, save_samples
+from .run_outputs import JsonlLog, StopSignals, base_lora_records, out_of_memory, sample_latents, save_samples
 from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
-from .sharding import full, is_sharded, shard_model
+from .sharding import StudentRoute, full, is_sharded, loads_on_cpu, shard_model
 
-# Fields a resumed run must share with the checkpoint: anything else changing would silently make the
-# "resumed" run a different run.
-RESUME_FIXED = ("rank", "alpha", "targets", "seed", "batch_size", "t_skip", "teacher_steps_min",
-                "teacher_steps_max", "teacher_ratio", "non_shortcut_ratio", "dynamic_shift_prob", "shift_min",
-                "shift_max", "guidance_max", "cfg_scale", "fast_decay", "slow_decay", "ema_restart_every",
-                "teacher_lora", "base_loras")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (repeated NaN/inf, a mismatched resume), as one line."""
+
+
+class Stopped(TrainingError):
+    """SIGINT / SIGTERM stopped the run at the end of a step, after writing a checkpoint there."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def scfm_config(cfg: DistillConfig, guidance: bool) -> SCFMConfig:
@@ -100,31 +103,11 @@ def model_family(model: nn.Module) -> str:
 VELOCITY = {"flux": FluxVelocity, "sd3": MMDiTVelocity}
 
 
-class _StudentRoute:
-    """Looks like the model to the velocity wrapper; grad-enabled (student) calls go through DDP so gradients
-    are reduced, no-grad (target) calls go straight to the module and skip DDP's bookkeeping."""
-
-    def __init__(self, ddp: nn.Module):
-        self.ddp, self.config = ddp, ddp.module.config
-
-    def parameters(self):
-        return self.ddp.module.parameters()
-
-    def __call__(self, *args, **kwargs):
-        return (self.ddp if torch.is_grad_enabled() else self.ddp.module)(*args, **kwargs)
-
-
 @dataclass
 class Progress:
     step: int = 0  # batches consumed (skipped ones included): the next step trains on batch `step`
     updates: int = 0  # optimiser steps taken (EMA restarts count these)
     bad_in_row: int = 0
-
-
-def loads_on_cpu(config: DistillConfig) -> bool:
-    """Sharded or swapped, no GPU holds the whole model: it is loaded on the CPU, and each shard (sharding.py) or
-    each block that stays on the device (model/block_swap.py) moves there on its own."""
-    return is_sharded(config.fsdp) or config.blocks_to_swap > 0
 
 
 class Trainer:
@@ -140,6 +123,7 @@ class Trainer:
             raise TrainingError(f"micro_batch {config.micro_batch} does not divide the per-process batch "
                                 f"{self.local_batch}")
         self.on_step = on_step  # called after every step (tests use it to kill a run)
+        self.signals = StopSignals()
         self.out = Path(config.output).expanduser()
         self.family = model_family(model)
         if config.targets != self.family:
@@ -199,7 +183,7 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False, init_sync=False)
-            student = _StudentRoute(self.ddp)
+            student = StudentRoute(self.ddp)
         self.velocity = VELOCITY[self.family](student)
         self.scfm = scfm_config(config, getattr(model.config, "guidance_embed", False))
         self.ema = EMAConfig(config.fast_decay, config.slow_decay, config.ema_restart_every)
@@ -243,10 +227,13 @@ class Trainer:
                 loss_sum += self._micro_loss(step, indices, range(start, start + micro))
         params = [p for _, p in self.params]
         norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-        # one reduction carries the loss sum (for the log) and any rank's NaN, so every rank skips together
-        stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()])
+        # one reduction carries the loss sum (for the log), any rank's NaN, so every rank skips together, and any
+        # rank's stop signal (as its number: the largest wins), so every rank stops after the same step
+        stop = torch.tensor(float(self.signals.received or 0), device=loss_sum.device)
+        stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), stop])
         if self.world > 1:
-            dist.all_reduce(stats)
+            dist.all_reduce(stats[:2])
+            dist.all_reduce(stats[2:], op=dist.ReduceOp.MAX)
         loss = stats[0].item() / cfg.batch_size
         bad = stats[1].item() > 0 or not math.isfinite(norm.item())
         self.progress.step += 1  # the batch is consumed either way: a skipped one is not retried
@@ -266,7 +253,7 @@ class Trainer:
             self.progress.bad_in_row = 0
             ema_step(self.model, self.ema, self.progress.updates)
         return {"step": step + 1, "loss": loss, "grad_norm": norm.item(), "skipped": bad,
-                "bucket": list(self.cache.buckets[indices[0]])}
+                "bucket": list(self.cache.buckets[indices[0]]), "stop": int(stats[2].item())}
 
     # --- the loop -----------------------------------------------------------------------------------------
 
@@ -284,7 +271,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="scfm", unit="step",
                    disable=self.rank != 0)
         try:
-            self._loop(log, bar)
+            with self.signals:
+                self._loop(log, bar)
         finally:
             bar.close()
             if log:
@@ -310,7 +298,8 @@ class Trainer:
                            "seconds_per_step": dt / len(window),
                            "images_per_second": len(window) * cfg.batch_size / dt})
                 window, t0 = [], time.perf_counter()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            saved = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps
+            if saved:
                 self.save()
             if cfg.sample_every and step % cfg.sample_every == 0 and (self.rank == 0 or self.sharded):
                 paths = self.sample(step)  # a sharded model samples on every process (each holds a shard)
@@ -318,6 +307,12 @@ class Trainer:
                     log.samples(paths, step)
             if self.on_step:
                 self.on_step(step)
+            if metrics["stop"] and step < cfg.steps:  # every process, at the same step (agreed in `step`)
+                if not saved:
+                    self.save()
+                raise Stopped(f"{signal.Signals(metrics['stop']).name} at step {step}: checkpoint "
+                              f"{self.out / 'checkpoints' / f'step-{step:06d}'} written; --resume continues",
+                              metrics["stop"])
 
     def out_of_memory(self) -> str:
         return out_of_memory(self.config, checkpoints(self.out / "checkpoints"), self.local_batch,
@@ -365,9 +360,7 @@ class Trainer:
             warnings.warn(f"--resume: no checkpoint in {root}; starting from step 0", stacklevel=2)
             return False
         path, tensors, state = found
-        # compared as JSON stored them (tuples become lists); a field newer than the checkpoint has its default
-        now, default = (json.loads(json.dumps(c.to_dict())) for c in (self.config, DistillConfig()))
-        changed = [k for k in RESUME_FIXED if state["config"].get(k, default[k]) != now[k]]
+        changed = resume_conflicts(state, self.config)
         if changed:
             raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
         if state["cache"] != self.cache.fingerprint():
@@ -384,8 +377,7 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, step: int) -> list[Path]:
-        from sampling.samplers import cfg_scale_from_w, euler, sd3_cfg
-        from sampling.schedules import ScheduleConfig, get_sigmas
+        from sampling.samplers import cfg_scale_from_w, sd3_cfg
 
         cfg = self.config
         found = self.cache.sample_cond()
@@ -393,12 +385,8 @@ class Trainer:
             return []
         prompts, cond = found
         cond = {k: v.to(self.device) for k, v in cond.items()}
-        side = cfg.sample_size // 8  # latent pixels; the 16-channel VAEs downscale by 8
         # Flux's packed tokens hold 2x2 latent pixels; the MMDiT patchifies inside
         channels = self.model.config.in_channels // (4 if self.family == "flux" else 1)
-        g = torch.Generator().manual_seed(cfg.seed)  # the same noise every time: comparable images
-        noise = torch.randn(len(prompts), channels, side, side, generator=g).to(self.device)
-        sigmas = get_sigmas(ScheduleConfig(grid="scfm", shift=cfg.sample_shift), cfg.sample_steps)
         velocity = VELOCITY[self.family](self.model)
         guidance = None
         if self.family == "flux":
@@ -407,7 +395,7 @@ class Trainer:
             velocity = sd3_cfg(velocity, self.uncond(len(prompts)), cfg_scale_from_w(cfg.cfg_scale))
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
         with weight_set(self.model, "live"), autocast:
-            latents = euler(velocity, noise, sigmas, cond, guidance).float()
+            latents = sample_latents(velocity, cond, guidance, cfg, channels, self.device)
         if self.rank != 0:
             return []
         return save_samples(latents, prompts, self.out / "samples", step, cfg.vae, self.device)

@@ -74,7 +74,7 @@ def test_an_earlier_checkpoint_exports_its_own_set_without_reading_the_base(tmp_
 
 
 def test_an_older_checkpoint_without_the_model_config_reads_the_model_files_header(tmp_path):
-    cfg, _ = trained(tmp_path)
+    trained(tmp_path)
     step = tmp_path / "run" / "checkpoints" / "step-000004"
     new = export_checkpoint(step, formats=("kohya",), folder=tmp_path / "new")
     state = json.loads((step / "state.json").read_text())
