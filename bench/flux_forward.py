@@ -2,16 +2,24 @@
 
     python bench/flux_forward.py                       # CPU rows: tiny and wide, fp32
     python bench/flux_forward.py --device cuda         # adds full flux-dev shapes in bf16 (1024 px)
+    python bench/flux_forward.py --device cuda --cases flux-dev-1024 --variants all
 
-Prints the median time of each, the ratio ours / diffusers (target <= 1.0) and the max relative error.
-diffusers is a benchmark oracle only; no runtime module imports it.
+Variants (--variants, default: ours): ours (eager), ours+compile (compile_blocks: each block compiled once,
+model/layers.py), ours+fp8 (the blocks' weights in e4m3, fp8 tensor-core GEMMs with per-token activation scales:
+model/fp8_gemm.py; the CPU emulates them), ours+fp8+compile; diffusers (eager) is always run, and
+diffusers+compile with `all` (its own `compile_repeated_blocks` where it has one, else torch.compile).
+Prints the median time of each, its ratio against diffusers eager, the max relative error against diffusers and,
+for fp8, the relative error against our bf16 output (the price of fp8 compute). The first call of a compiled
+variant is reported as its warm-up. diffusers is a benchmark oracle only; no runtime module imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import built_in, median_time  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.flux import Flux, FluxConfig  # noqa: E402
+from model.fp8 import enable_fp8_compute_, quantize_linears_  # noqa: E402
 from model.layers import image_ids, text_ids  # noqa: E402
 from weights.keymaps import to_official  # noqa: E402
 from weights.keymaps.flux import flux_rules  # noqa: E402
@@ -46,8 +55,16 @@ def diffusers_twin(cfg: FluxConfig):
     )
 
 
+VARIANTS = ("ours", "ours+compile", "ours+fp8", "ours+fp8+compile")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
-def run_case(name: str, device: str, iters: int) -> dict:
+def run_case(name: str, device: str, iters: int, variants: tuple[str, ...], compile_diffusers: bool) -> list[dict]:
     cfg, (h, w), n_txt, batch, _, dtype = CASES[name]
     torch.manual_seed(0)
     with built_in(device, dtype):
@@ -57,6 +74,11 @@ def run_case(name: str, device: str, iters: int) -> dict:
         ours = Flux(cfg).eval()
     rules = flux_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed)
     ours.load_state_dict(dict(to_official(rules, ref.state_dict().__getitem__)))
+    models = {"ours": ours}
+    if any("fp8" in v for v in variants):
+        models["fp8"] = copy.deepcopy(ours)
+        quantize_linears_(models["fp8"])
+        enable_fp8_compute_(models["fp8"], device)
 
     g = torch.Generator(device).manual_seed(1)
     img = torch.randn(batch, h * w, cfg.in_channels, generator=g, device=device, dtype=dtype)
@@ -70,20 +92,53 @@ def run_case(name: str, device: str, iters: int) -> dict:
         return ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=iids,
                    txt_ids=tids, guidance=guid).sample
 
-    def run_ours():
-        return ours(img, iids, txt, tids, t, y, guid)
+    def runner(model):
+        return lambda: model(img, iids, txt, tids, t, y, guid)
 
-    out_ref, out_ours = run_ref().float(), run_ours().float()
-    err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
+    out_ref = run_ref().float()
+    out_bf16 = runner(ours)().float()
     warmup = 2 if name != "tiny" else 5
-    # alternate the two so drift in machine load hits both equally
-    t_ref, t_ours = [], []
-    for _ in range(iters):
-        t_ref.append(median_time(run_ref, device, 0 if t_ref else warmup, 1))
-        t_ours.append(median_time(run_ours, device, 0 if t_ours else warmup, 1))
-    ms_ref, ms_ours = 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_ours)
-    return dict(case=name, device=device, dtype=str(dtype).removeprefix("torch."), ours_ms=ms_ours,
-                diffusers_ms=ms_ref, ratio=ms_ours / ms_ref, max_rel_err=err)
+    # diffusers first (the reference of every ratio), then eager rows: compiling is in place, for good
+    order = ["diffusers"] + [v for v in VARIANTS if v in variants and "compile" not in v]
+    order += [v for v in VARIANTS if v in variants and "compile" in v] + ["diffusers+compile"] * compile_diffusers
+    rows, base = [], None
+    for variant in order:  # each measured as soon as it is ready and printed: a slow compile loses no row
+        model = ref if variant.startswith("diffusers") else models["fp8" if "fp8" in variant else "ours"]
+        warm = 0.0
+        if variant.endswith("compile"):
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                if model is ref:
+                    if hasattr(ref, "compile_repeated_blocks"):
+                        ref.compile_repeated_blocks(fullgraph=True)
+                    else:
+                        ref = torch.compile(ref)
+                else:
+                    model.compile_blocks()
+                (run_ref if variant.startswith("diffusers") else runner(model))()
+            except Exception as e:  # noqa: BLE001  (a benchmark row, not a result: report and go on)
+                print(f"{name} {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+                continue
+            _sync(device)
+            warm = time.perf_counter() - t0
+        fn = run_ref if variant.startswith("diffusers") else runner(model)
+        out = fn().float()
+        row = dict(case=name, variant=variant, warmup_s=warm, dtype=str(dtype).removeprefix("torch."),
+                   err=((out - out_ref).abs().max() / out_ref.abs().max()).item(),
+                   err_bf16=((out - out_bf16).abs().max() / out_bf16.abs().max()).item(),
+                   ms=1e3 * statistics.median(median_time(fn, device, warmup if i == 0 else 0, 1)
+                                              for i in range(iters)))
+        base = base if variant != "diffusers" else row["ms"]
+        row["ratio"] = row["ms"] / base if base else float("nan")
+        print_row(row)
+        rows.append(row)
+    return rows
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['case']:<15}{r['variant']:<20}{r['dtype']:<10}{r['ms']:>10.2f}{r['ratio']:>13.3f}"
+          f"{r['warmup_s']:>11.1f}{r['err']:>11.2e}{r['err_bf16']:>11.2e}", flush=True)
 
 
 def main() -> None:
@@ -92,20 +147,22 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    ap.add_argument("--variants", nargs="*", default=["ours"], choices=[*VARIANTS, "all"],
+                    help="our rows (diffusers eager is always measured; `all` adds every row and diffusers+compile)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
+    variants = VARIANTS if "all" in args.variants else tuple(args.variants)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# Flux forward, ours vs diffusers, {device_name}, torch {torch.__version__}")
-    print(f"{'case':<15}{'dtype':<10}{'ours ms':>10}{'diffusers ms':>14}{'ratio':>8}{'max rel err':>13}")
+    print(f"{'case':<15}{'variant':<20}{'dtype':<10}{'ms':>10}{'/ diffusers':>13}{'warm-up s':>11}"
+          f"{'rel err':>11}{'vs bf16':>11}")
     for name in args.cases:
         if args.device not in CASES[name][4]:
             continue
-        r = run_case(name, args.device, args.iters)
-        print(f"{r['case']:<15}{r['dtype']:<10}{r['ours_ms']:>10.2f}{r['diffusers_ms']:>14.2f}{r['ratio']:>8.3f}"
-              f"{r['max_rel_err']:>13.2e}")
+        run_case(name, args.device, args.iters, variants, "all" in args.variants)  # prints each row when ready
 
 
 if __name__ == "__main__":

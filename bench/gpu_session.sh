@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in stages that each fit one 10-minute call of a lent machine (about 30 minutes
-# of device time in all):
+# The checks that need a GPU, in stages that each fit one 10-minute call of a lent machine. With 15 minutes of
+# device time, run the default stage (under 8 minutes) and give the machine back:
 #
+#   bash bench/gpu_session.sh         # the fp8-compute tests on CUDA, then the two target rows: the Flux forward
+#                                     # (bf16, fp8 compute, compiled, both; diffusers eager and compiled) at 1024 px,
+#                                     # and the SCFM step (released vs ours vs fp8 compute + compile + unchecked)
 #   bash bench/gpu_session.sh step    # SCFM step at Flux-dev shapes: ours vs the released design (twice), fp8
 #   bash bench/gpu_session.sh memory  # the same step with block swap (bf16, fp8) and with unchecked blocks
 #   bash bench/gpu_session.sh tests   # the CUDA paths of the tests: Triton kernels, fp8 dequant, block swap
 #   bash bench/gpu_session.sh layers  # one LoRA layer vs peft, the dequant kernel, LoRA loading, Flux forward
 #
 # Each command's output is appended to $OUT/<name>.txt (the device tool's folder; bench-out/ elsewhere).
+# The device image has no diffusers: wheels in .whl/ (see README, "GPU rows") are installed when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench-out}"
 mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
 
 run() {  # run NAME SECONDS COMMAND...: a time limit per command, so one hang cannot eat the whole call
     local name=$1 limit=$2
@@ -22,7 +31,12 @@ run() {  # run NAME SECONDS COMMAND...: a time limit per command, so one hang ca
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
-case "${1:-}" in
+case "${1:-target}" in
+    target)
+        run tests 90 python -m pytest -q -p no:cacheprovider tests/test_fp8_compute.py
+        run flux_forward 200 python bench/flux_forward.py --device cuda --cases flux-dev-1024 --variants all --iters 3
+        run train_step 260 python bench/train_step.py --device cuda --iters 4 --only released ours-fast \
+            --unchecked_blocks "${UNCHECKED:-auto}" --max_memory 40GB ;;
     step)
         run train_step 560 python bench/train_step.py --device cuda --iters 8 --fp8 --rounds 2 ;;
     memory)
@@ -36,6 +50,6 @@ case "${1:-}" in
         run load_loras 150 python bench/load_loras.py --device cuda
         run flux_forward 150 python bench/flux_forward.py --device cuda ;;
     *)
-        echo "usage: bash bench/gpu_session.sh step|memory|tests|layers" >&2
+        echo "usage: bash bench/gpu_session.sh [target|step|memory|tests|layers]" >&2
         exit 2 ;;
 esac

@@ -20,10 +20,19 @@ ours-swap: with --blocks_to_swap N: ours with the last N blocks' weights in host
            ours-fp8-swap. Reported against ours, with the bytes copied per step. On meta: the memory held only.
 ours-unchecked: with --unchecked_blocks N: ours with the first N blocks not checkpointed (the trainer's
            --unchecked_blocks): less recomputation for more activation memory. Reported against ours.
+ours-fp8c: with --fp8_compute: ours with the blocks' GEMMs in fp8 on e4m3 weights (model/fp8_gemm.py, the
+           trainer's --fp8_compute); the CPU emulates them (slower there: it is for the numerics).
+ours-compile, ours-fp8c-compile: with --compile: each block compiled once (the trainer's --compile).
+ours-fast: with --fast: fp8 compute + compile + --unchecked_blocks (a count, or `auto` with --max_memory: the
+           trainer's planner, distill/memory_plan.py). Reported against ours and against released.
+
+A compiled variant first runs every timed step once untimed (each distinct per-element set split of a step is
+its own compiled variant of a block), reported as its warm-up; every variant's loss column is that first pass.
 
 Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
-Prints seconds per step (median), peak memory, the memory held between steps (model tensors, every LoRA set and
-the optimiser state: on meta too), and the ratios ours / released and ours / released* (target < 1).
+Prints seconds per step (median), the share of the blocks' live LoRA tensors that received a gradient (a
+compiled step that drops them is fast and wrong), peak memory, the memory held between steps (model tensors,
+every LoRA set and the optimiser state: on meta too), and the ratios ours / released and ours / released* (target < 1).
 On a shared CPU, `--rounds 3` interleaves the variants so that a drift in machine speed hits all of them alike.
 """
 
@@ -52,7 +61,7 @@ from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_t
 from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
 from model.block_swap import BlockSwap, swappable  # noqa: E402
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig  # noqa: E402
-from model.fp8 import quantize_linears_  # noqa: E402
+from model.fp8 import enable_fp8_compute_, quantize_linears_  # noqa: E402
 from model.layers import named_blocks  # noqa: E402
 from sampling.velocity import FluxVelocity  # noqa: E402
 
@@ -96,10 +105,21 @@ def draw_for(x0: torch.Tensor, step: int):
     return sample_draw(SCFMConfig(), element_generators(0, step, range(x0.shape[0])), x0.shape[1:], tokens)
 
 
+GRADS: list[float] = []  # per step: the share of the blocks' live LoRA tensors that got a gradient (should be 1)
+
+
+def note_block_grads(model) -> None:
+    blocks = tuple(f"{name}." for name, _ in named_blocks(model))
+    got = [layer.lora_down["live"].grad is not None for name, layer in lora_layers(model).items()
+           if name.startswith(blocks)]
+    GRADS.append(sum(got) / max(len(got), 1))
+
+
 def ours(model, x0, cond, opt, step: int) -> torch.Tensor:
     velocity = FluxVelocity(model)
     out = scfm_loss(velocity, model, x0, cond, draw_for(x0, step), SCFMConfig())
     out.loss.backward()
+    note_block_grads(model)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 10.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -155,6 +175,7 @@ def released(model, x0, cond, opt, step: int, swap: Swapped) -> torch.Tensor:
         pred = velocity(x, sig[:, 0], cond, g)
     loss = (pred.float() - target).pow(2).flatten(1).mean(1).mean()
     loss.backward()
+    note_block_grads(model)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 10.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -196,14 +217,34 @@ def swapped_bytes(model, n: int) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
+def plan_unchecked_for(model, x0, cond, opt, max_memory: str, dev: torch.device) -> int:
+    """--unchecked_blocks auto: the trainer's planner on this step (one fully checkpointed step is measured)."""
+    from distill.memory_plan import parse_memory, plan_unchecked
+
+    def forward():
+        with weight_set(model, "live"):
+            FluxVelocity(model)(x0, torch.full((x0.shape[0],), 0.5, device=dev), cond,
+                                torch.full((x0.shape[0],), 3.5, device=dev))
+
+    n, figures = plan_unchecked(model, lambda: ours(model, x0, cond, opt, 0), forward, parse_memory(max_memory), dev)
+    print(f"unchecked_blocks auto under {max_memory}: {n} ({figures})", flush=True)
+    return n
+
+
 def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, swap_n: int,
-            unchecked_n: int, queue) -> None:
+            unchecked_n: str, max_memory: str, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     dev, dt = torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"), fp8="fp8" in variant)
-    if variant == "ours-unchecked":
-        model.enable_gradient_checkpointing(model.gradient_checkpointing, unchecked_n)
+    fast = variant == "ours-fast"
+    model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"), fp8="fp8" in variant or fast)
+    if "fp8c" in variant or fast:
+        enable_fp8_compute_(model, dev)
+    compiled = "compile" in variant or fast
+    if compiled:
+        model.compile_blocks()
+    if variant in ("ours-unchecked", "ours-fast") and unchecked_n != "auto":
+        model.enable_gradient_checkpointing(model.gradient_checkpointing, int(unchecked_n))
     swap = None
     if "swap" in variant and dev.type != "meta":  # meta holds no data to keep in host memory: counted below
         swap = BlockSwap(model, swap_n, dev)
@@ -217,6 +258,9 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         def step_fn(m, x, c, o, s):
             return released(m, x, c, o, s, swapped_sets)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+    if variant in ("ours-unchecked", "ours-fast") and unchecked_n == "auto":
+        n = plan_unchecked_for(model, x0, cond, opt, max_memory, dev)
+        model.enable_gradient_checkpointing(model.gradient_checkpointing, n)
     if dev.type == "meta":  # shapes only: count one step's memory traffic and FLOPs after a warm-up step
         step_fn(model, x0, cond, opt, 0)
         traffic = Traffic()
@@ -229,17 +273,26 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
             held += 2 * largest - total
         queue.put({"bytes": traffic.bytes, "flops": flops.get_total_flops(), "resident": held})
         return
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for step in range(iters + 1):  # the first step warms up (allocator, kernels) and is not timed
+    def timed(step: int) -> tuple[float, float]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        losses.append(step_fn(model, x0, cond, opt, step).item())
+        loss = step_fn(model, x0, cond, opt, step).item()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0, loss
+
+    # the first step warms up (allocator, kernels) and is not timed; a compiled variant warms up on every step
+    warm = [timed(step) for step in range(iters + 1 if compiled else 1)]
+    losses = [loss for _, loss in warm]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(1, iters + 1):
+        seconds, loss = timed(step)
+        times.append(seconds)
+        if not compiled:
+            losses.append(loss)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     held = resident(model, opt)
@@ -248,7 +301,8 @@ def measure(variant: str, case: str, device: str, dtype: str, iters: int, thread
         per_step = swap.copies / (iters + 1) * sum(f.nbytes for f in swap.flat.values()) / len(swap.flat)
         print(f"{variant}: {swap.copies / (iters + 1):.0f} block copies per step, {per_step / 1e9:.1f} GB; "
               f"{swap.late} uses of {swap.late + swap.prefetched} waited for their copy", flush=True)
-    queue.put({"times": times[1:], "peak": peak, "resident": held, "losses": losses})
+    queue.put({"times": times, "peak": peak, "resident": held, "losses": losses,
+               "warmup": sum(t for t, _ in warm), "grads": min(GRADS)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,8 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp8", action="store_true", help="also run ours on e4m3 block weights (--fp8_base)")
     p.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
                    help="also run ours with the last N blocks swapped (and ours-fp8-swap with --fp8)")
-    p.add_argument("--unchecked_blocks", type=int, default=0, metavar="N",
-                   help="also run ours with the first N blocks not checkpointed")
+    p.add_argument("--unchecked_blocks", default="0", metavar="N|auto",
+                   help="also run ours with the first N blocks not checkpointed (auto: planned under --max_memory)")
+    p.add_argument("--max_memory", default="40GB", help="the peak --unchecked_blocks auto plans for")
+    p.add_argument("--fp8_compute", action="store_true", help="also run ours with fp8 GEMMs (ours-fp8c)")
+    p.add_argument("--compile", action="store_true", help="also run ours with compiled blocks (ours-compile; "
+                   "ours-fp8c-compile with --fp8_compute)")
+    p.add_argument("--fast", action="store_true", help="also run ours-fast: fp8 compute + compile + "
+                   "--unchecked_blocks")
+    p.add_argument("--only", nargs="*", metavar="VARIANT", help="run just these variants (ours is always run)")
     p.add_argument("--skip", nargs="*", default=(), metavar="VARIANT",
                    help="variants not to run (e.g. released released*: one device call for the memory variants)")
     p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved; the median "
@@ -274,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")  # a fresh process per variant: its peak memory is its own
     variants = ("released", "released*", "ours") + ("ours-fp8",) * args.fp8
     variants += ("ours-swap",) * bool(args.blocks_to_swap) + ("ours-fp8-swap",) * (args.fp8 and args.blocks_to_swap > 0)
-    variants += ("ours-unchecked",) * bool(args.unchecked_blocks)
+    variants += ("ours-unchecked",) * (args.unchecked_blocks != "0")
+    variants += ("ours-fp8c",) * args.fp8_compute + ("ours-compile",) * args.compile
+    variants += ("ours-fp8c-compile",) * (args.compile and args.fp8_compute) + ("ours-fast",) * args.fast
+    if args.only:
+        variants = ("ours", *dict.fromkeys(v for v in args.only if v != "ours"))
     variants = tuple(v for v in variants if v not in args.skip)
     if "ours" not in variants:
         raise SystemExit("every variant is reported against ours: do not skip it")
@@ -284,16 +349,26 @@ def main(argv: list[str] | None = None) -> int:
             queue = ctx.Queue()
             proc = ctx.Process(target=measure,
                                args=(variant, case, args.device, dtype, args.iters, args.threads,
-                                     args.blocks_to_swap, args.unchecked_blocks, queue))
+                                     args.blocks_to_swap, args.unchecked_blocks, args.max_memory, queue))
             proc.start()
             while True:  # a child that dies never answers: report it instead of waiting forever
                 try:
                     got.append(queue.get(timeout=5))
+                    if "times" in got[-1]:  # each variant's figures as soon as they exist (a later one may hang)
+                        r = got[-1]
+                        print(f"{variant}: {statistics.median(r['times']):.3f} s/step, peak "
+                              f"{r['peak'] / 2**30:.2f} GiB, warm-up {r['warmup']:.1f} s, block LoRA with "
+                              f"gradients {r['grads']:.0%}", flush=True)
                     break
                 except Empty:
                     if not proc.is_alive():
-                        raise SystemExit(f"{variant}: the measuring process died (exit code {proc.exitcode})")
+                        print(f"{variant}: the measuring process died (exit code {proc.exitcode})", flush=True)
+                        break
             proc.join()
+    runs = {v: got for v, got in runs.items() if got}
+    if "ours" not in runs:
+        raise SystemExit("ours did not run: nothing to report against")
+    variants = tuple(runs)
     _, side, _, batch, rank = CASES[case]
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}")
@@ -303,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     else:  # s/step: the median over every timed step of every round; peak: the largest
         table = {v: {"s/step": statistics.median(t for g in got for t in g["times"]),
                      "peak GiB": max(g["peak"] for g in got) / 2**30,
-                     "held GiB": got[0]["resident"] / 2**30} for v, got in runs.items()}
+                     "held GiB": got[0]["resident"] / 2**30,
+                     "warm-up s": max(g["warmup"] for g in got),
+                     "grads %": 100 * min(g["grads"] for g in got)} for v, got in runs.items()}
     losses = "" if args.device == "meta" else "   losses (same draws: should agree)"
     print(f"{'variant':<15}" + "".join(f"{k:>10}" for k in table["ours"]) + losses)
     for variant, cols in table.items():
@@ -312,8 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             line += "   " + ", ".join(f"{x:.5f}" for x in runs[variant][0]["losses"])
         print(f"{variant:<15}{line}")
     pairs = [("ours", "released"), ("ours", "released*")] + [(v, "ours") for v in variants if v.startswith("ours-")]
+    pairs += [(v, "released") for v in variants if v in ("ours-fast", "ours-fp8c-compile")]
     for variant, ref in (pair for pair in pairs if pair[1] in table):
-        ratios = ", ".join(f"{k} {table[variant][k] / table[ref][k]:.2f}" for k in table[variant])
+        ratios = ", ".join(f"{k} {table[variant][k] / table[ref][k]:.2f}" for k in table[variant]
+                           if k not in ("warm-up s", "grads %"))
         print(f"{variant} / {ref}: {ratios}")
     return 0
 

@@ -24,8 +24,21 @@ class ConfigError(ValueError):
     """A bad config file, field or value, reported as one line."""
 
 
-def opt(default, help: str):  # noqa: A002  (argparse's own word)
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, parse=None):  # noqa: A002  (argparse's own word)
+    """A field with its help text; `parse` reads the field's text on the command line and in TOML (e.g. 'auto')."""
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+AUTO = -1  # unchecked_blocks = "auto": planned under max_memory (distill/memory_plan.py)
+
+
+def count_or_auto(text) -> int:
+    if text == "auto":
+        return AUTO
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"unchecked_blocks must be a block count or 'auto', got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -97,11 +110,20 @@ class DistillConfig:
     gradient_checkpointing: bool = opt(True, "recompute block activations in backward")
     unchecked_blocks: int = opt(0, "with gradient_checkpointing: the first N transformer blocks keep their "
                                    "activations for backward instead of recomputing them: faster where memory "
-                                   "is left over (Flux-dev, batch 8, 512 px: at most ~3 GB per block)")
+                                   "is left over; 'auto': as many as keep the step's peak under --max_memory "
+                                   "(measured on the first batch)", parse=count_or_auto)
+    max_memory: str = opt("", "the peak --unchecked_blocks auto plans for, e.g. 40GB or 38GiB (default: 90%% "
+                              "of the device memory free at the start)")
     fp8_base: bool = opt(False, "store the frozen transformer blocks' Linear weights in float8 (e4m3, a "
                                 "power-of-two scale per row): half of bf16's memory (Flux-dev 23.7 -> 11.9 GB), "
                                 "for 24 GB cards; each layer computes in --dtype from them, and the teacher is "
                                 "this fp8 model too. Weights are quantized as they are read")
+    fp8_compute: bool = opt(False, "run the frozen blocks' GEMMs on fp8 tensor cores (sm89 / sm90+: Ada, Hopper): "
+                                   "e4m3 weights as --fp8_base stores them (implied), activations rounded to "
+                                   "e4m3 per token, the input gradient likewise; the LoRA stays in bf16. On "
+                                   "the CPU an exact emulation runs (for checking, not speed)")
+    compile: bool = opt(False, "compile each transformer block once (torch.compile, static shapes: one "
+                               "compilation per bucket and per LoRA set selection, the first steps are slow)")
     fsdp: bool = opt(False, "with torchrun: shard the frozen base and every LoRA set over the processes "
                             "(FSDP2, one group per transformer block) instead of a whole copy on each GPU, "
                             "so Flux-dev in bf16 trains on several 24 GB cards")
@@ -132,7 +154,7 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         non_negative = ("checkpoint_every", "sample_every", "micro_batch", "ema_restart_every",
-                        "max_grad_norm", "lr", "cfg_scale", "blocks_to_swap", "unchecked_blocks")
+                        "max_grad_norm", "lr", "cfg_scale", "blocks_to_swap")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -151,11 +173,23 @@ class DistillConfig:
         if self.blocks_to_swap and not self.gradient_checkpointing:
             raise ConfigError("blocks_to_swap needs gradient_checkpointing (without it backward keeps every "
                               "swapped block on the GPU): add --gradient_checkpointing")
+        if self.unchecked_blocks < AUTO:
+            raise ConfigError(f"unchecked_blocks must be >= 0 or 'auto', got {self.unchecked_blocks}")
+        if self.max_memory and self.unchecked_blocks != AUTO:
+            raise ConfigError("max_memory is the budget of --unchecked_blocks auto; add it or drop --max_memory")
+        if self.compile and self.fsdp:
+            raise ConfigError("compile with fsdp is not supported (FSDP2's per-block hooks around compiled "
+                              "blocks are untested here); drop one")
         if self.unchecked_blocks and not self.gradient_checkpointing:
             raise ConfigError("unchecked_blocks exempts blocks from gradient_checkpointing, which is off; add "
                               "--gradient_checkpointing or drop --unchecked_blocks")
         if self.resolution % 64:
             raise ConfigError(f"resolution must be a multiple of 64, got {self.resolution}")
+
+    @property
+    def fp8_storage(self) -> bool:
+        """The blocks' weights are e4m3: asked for, or needed by fp8 compute."""
+        return self.fp8_base or self.fp8_compute
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -179,7 +213,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         flags = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
         kw = {"dest": f.name, "default": argparse.SUPPRESS,
               "help": f"{f.metadata.get('help', '')} [{f.default!r}]"}
-        if tp is bool:
+        if f.metadata.get("parse"):
+            parser.add_argument(*flags, type=str, metavar="VALUE", **kw)  # read by _check_fields
+        elif tp is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif tp is tuple:
             parser.add_argument(*flags, nargs="*", metavar="VALUE", **kw)
@@ -202,9 +238,12 @@ def _flatten(table: dict, source: str) -> dict:
 
 def _check_fields(cls, values: dict, source: str) -> dict:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     out = {}
     for key, value in values.items():
+        if key in fields and fields[key].metadata.get("parse") and not isinstance(value, bool):
+            value = fields[key].metadata["parse"](value)
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import fp8_gemm
+from model.fp8 import enable_fp8_compute_
 from weights.io import WeightsError
 
 from .demo import quality, world
@@ -54,12 +56,15 @@ class EvalConfig:
     floor: bool = False  # add the reference sampler from other noises: the metrics' floor for a perfect sampler
     shift: float | None = None  # the --steps rows on the SCFM grid with this shift; None: the demo's own grid
     fp8: bool = False  # the LoRA rows on e4m3 block weights, the LoRA merged first (generate --fp8 --lora)
+    fp8_compute: bool = False  # those rows' GEMMs in fp8 too (model/fp8_gemm.py; emulated on the CPU); implies fp8
+    compile: bool = False  # the transformer blocks compiled (model/layers.py compile_blocks)
 
     def __post_init__(self):
         object.__setattr__(self, "model", Path(self.model).expanduser())
         object.__setattr__(self, "lora", None if self.lora is None else Path(self.lora).expanduser())
         object.__setattr__(self, "prompts", tuple(self.prompts))
         object.__setattr__(self, "steps", tuple(dict.fromkeys(int(n) for n in self.steps)))  # ordered, unique
+        object.__setattr__(self, "fp8", self.fp8 or self.fp8_compute)
 
 
 def check(cfg: EvalConfig) -> None:
@@ -80,7 +85,9 @@ def check(cfg: EvalConfig) -> None:
         raise ValueError(f"--model {cfg.model}: no pipeline folder (no model_index.json); build the demo with "
                          "`python -m tools.make_demo` or pass --model FOLDER")
     if cfg.fp8 and cfg.lora is None:
-        raise ValueError("--fp8 samples the LoRA rows on fp8 weights; pass --lora")
+        raise ValueError("--fp8 / --fp8-compute sample the LoRA rows on fp8 weights; pass --lora")
+    if cfg.fp8_compute:
+        fp8_gemm.check_device(cfg.device, "--fp8-compute")
     if cfg.lora is not None and not cfg.lora.is_file():
         raise ValueError(f"--lora {cfg.lora}: no such file; distil one with `python -m distill.train` "
                          "or pass --lora PATH")
@@ -116,13 +123,16 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     noise = torch.randn(len(prompts), pipe.latent_channels(), h, w,
                         generator=torch.Generator().manual_seed(cfg.seed)).to(cfg.device)
     model, vae = pipe.transformer, pipe.vae
+    if cfg.compile:
+        model.compile_blocks()
 
     def draw(steps: int, start: torch.Tensor = noise, shift: float | None = cfg.shift, net=model) -> np.ndarray:
         return quality.decode(vae, quality.sample_latents(net, cond, start, steps, shift=shift))
 
     images: dict[tuple[str, int], np.ndarray] = {}
     teacher_rows = [("teacher", n) for n in dict.fromkeys((cfg.teacher_steps, *cfg.steps))]
-    student_rows = [("scfm-fp8" if cfg.fp8 else "scfm", n) for n in cfg.steps] if lora is not None else []
+    name = "scfm-fp8c" if cfg.fp8_compute else "scfm-fp8" if cfg.fp8 else "scfm"
+    student_rows = [(name, n) for n in cfg.steps] if lora is not None else []
     # The student first: a LoRA that does not fit the model fails before any sampling. Unloading restores the
     # weights bit-exactly, so the teacher rows are those of the model as loaded. fp8: a second copy of the
     # (small) demo model, the LoRA merged as it is read, then rounded; the teacher rows stay in fp32.
@@ -130,6 +140,10 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
         try:
             if cfg.fp8:
                 student = load_flux(sources.transformer, device=cfg.device, fp8=True, loras=[(lora, scale)])
+                if cfg.fp8_compute:
+                    enable_fp8_compute_(student, cfg.device)
+                if cfg.compile:
+                    student.compile_blocks()
             else:
                 apply_loras(model, [(lora, scale)], restorable=True)
         except WeightsError as e:
@@ -174,7 +188,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                   schedule="flux-schnell (linear, shift 1)" if cfg.shift is None else
                   f"reference: flux-schnell (linear, shift 1); --steps rows: scfm grid, shift {cfg.shift}",
                   reference=f"teacher {cfg.teacher_steps}", device=cfg.device, floor=cfg.floor,
-                  shift=cfg.shift, fp8=cfg.fp8)
+                  shift=cfg.shift, fp8=cfg.fp8, fp8_compute=cfg.fp8_compute, compile=cfg.compile)
     return {"config": config, "rows": rows, "grid": grid}
 
 
@@ -249,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", action="store_true",
                    help="sample the LoRA rows (named scfm-fp8) with the transformer blocks' weights in e4m3, the "
                         "LoRA merged before rounding, as `generate --fp8 --lora` does; teacher rows stay fp32")
+    p.add_argument("--fp8-compute", "--fp8_compute", action="store_true",
+                   help="as --fp8, with the LoRA rows' GEMMs on fp8 tensor cores (named scfm-fp8c; an exact "
+                        "emulation on the CPU)")
+    p.add_argument("--compile", action="store_true", help="compile each transformer block once (torch.compile)")
     p.add_argument("--floor", action="store_true",
                    help="add a row: the reference sampler from other noises (the distances' floor)")
     p.add_argument("--json", type=Path, help="write the table and settings here")
@@ -280,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvalConfig(model=args.model, lora=args.lora, prompts=_prompts(args), per_prompt=args.per_prompt,
                          steps=tuple(args.steps), teacher_steps=args.teacher_steps, seed=args.seed,
                          lora_scale=args.lora_scale, device=args.device, floor=args.floor, shift=args.shift,
-                         fp8=args.fp8)
+                         fp8=args.fp8, fp8_compute=args.fp8_compute, compile=args.compile)
         check(cfg)  # inputs, then outputs: both before the run, not after minutes of sampling
         refuse_existing(outputs, args.overwrite)
         report = evaluate(cfg)

@@ -128,6 +128,7 @@ class LoRALayer(Float8Weight, nn.Module):
         self.weight = base.weight  # the same Parameter objects: names, storage and optimiser state unchanged
         self.register_parameter("bias", base.bias)
         self.register_buffer("weight_scale", getattr(base, "weight_scale", None))
+        self.fp8_compute = getattr(base, "fp8_compute", False)  # set on the quantized layer before injection
         self.rank, self.scale, self.slices = config.rank, config.scale, slices
         self.selection = selection  # shared, not a sub-module
         self.zero_sets = set(config.zero_sets)
@@ -175,11 +176,19 @@ class LoRALayer(Float8Weight, nn.Module):
             return self._base(x)
         if sel.name is not None:
             groups = () if self._is_zero(sel.name) else ((None, sel.name),)
-        else:
-            if x.shape[0] != sel.batch:
-                raise ValueError(f"per-element sets chosen for {sel.batch} elements, the input has {x.shape[0]}")
-            # rows: a slice for a run of elements (scfm_loss orders them so), else an index tensor
-            groups = tuple((rows, n) for n, rows in sel.groups_on(x.device) if not self._is_zero(n))
+            return self._with_lora(x, groups, self.scale * sel.multiplier)
+        return self._per_element(x)
+
+    @torch.compiler.disable
+    def _per_element(self, x: Tensor) -> Tensor:
+        """Sets chosen per batch element. Eager inside compiled blocks (model/layers.py `compile_blocks`): the
+        split (how many teacher elements) changes from step to step, and as constants of a compiled graph each
+        split would compile the blocks again."""
+        sel = self.selection
+        if x.shape[0] != sel.batch:
+            raise ValueError(f"per-element sets chosen for {sel.batch} elements, the input has {x.shape[0]}")
+        # rows: a slice for a run of elements (scfm_loss orders them so), else an index tensor
+        groups = tuple((rows, n) for n, rows in sel.groups_on(x.device) if not self._is_zero(n))
         return self._with_lora(x, groups, self.scale * sel.multiplier)
 
 
@@ -192,13 +201,14 @@ class LoRALinear(LoRALayer):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def _base(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.weight_scale, self.bias)
+        return linear(x, self.weight, self.weight_scale, self.bias, self.fp8_compute)
 
     def _with_lora(self, x: Tensor, groups, scale: float) -> Tensor:
         names = list(dict.fromkeys(n for _, n in groups))
         factors = tuple(t for n in names for t in (self.lora_down[n], self.lora_up[n]))
         indexed = tuple((rows, names.index(n)) for rows, n in groups)
-        return lora_linear(x, self.weight, self.bias, scale, self.slices, indexed, factors, self.weight_scale)
+        return lora_linear(x, self.weight, self.bias, scale, self.slices, indexed, factors, self.weight_scale,
+                           self.fp8_compute)
 
     def delta_weight(self, name: str) -> Tensor:
         if name not in self.lora_down:

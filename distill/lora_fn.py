@@ -13,16 +13,16 @@ pair is `factors[2k]` = down (S*r, in) and `factors[2k + 1]` = up (out, r), stor
 the output's dtype. The rows of up that belong to slice i act on the i-th r-wide chunk of x D^T.
 
 A frozen base weight may be e4m3 with a per-row scale (`model/fp8.py`): it is dequantized to the compute dtype
-in forward and again in backward (for dx), so no dense copy outlives the call.
+in forward and again in backward (for dx), so no dense copy outlives the call; with `fp8_compute` both of those
+GEMMs run in fp8 instead (`model/fp8_gemm.py`) while the LoRA GEMMs stay in the compute dtype.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from model.fp8 import compute_dtype, dense, linear
+from model.fp8 import base_input_grad, base_linear, linear
 
 
 def rows_of(t: Tensor, rows) -> Tensor:
@@ -45,28 +45,35 @@ def _add_up_(out2d: Tensor, h: Tensor, up: Tensor, scale: float, slices: tuple[i
         out2d[:, cols].addmm_(h[:, chunk], up[cols].t(), alpha=scale)
 
 
+def _forward(x: Tensor, weight: Tensor, weight_scale: Tensor | None, bias: Tensor | None, scale: float,
+             slices: tuple[int, ...], groups: tuple, fp8_compute: bool, factors: tuple[Tensor, ...]):
+    """The layer's output, x in the compute dtype and each group's x D^T (what backward needs)."""
+    out = base_linear(x, weight, weight_scale, bias, fp8_compute).contiguous()  # rows are updated through views
+    cdt, n_in, n_out = out.dtype, x.shape[-1], out.shape[-1]  # cdt: bf16 under autocast
+    xc = x.to(cdt)
+    rank = factors[1].shape[-1]
+    hs = []
+    for rows, k in groups:
+        down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
+        xr = rows_of(xc, rows).reshape(-1, n_in)  # (N, in), N = elements x tokens
+        h = xr @ down.t()  # (N, S*r)
+        if rows is None or isinstance(rows, slice):
+            _add_up_(rows_of(out, rows).view(-1, n_out), h, up, scale, slices, rank)
+        else:  # scattered elements: their delta, then one index_add_ into the output
+            delta = torch.zeros(h.shape[0], n_out, dtype=cdt, device=h.device)
+            _add_up_(delta, h, up, scale, slices, rank)
+            out.index_add_(0, rows, delta.view(len(rows), *out.shape[1:]))
+        hs.append(h)
+    return out, xc, rank, hs
+
+
 class LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, weight_scale: Tensor | None, bias: Tensor | None, scale: float,
-                slices: tuple[int, ...], groups: tuple, *factors: Tensor) -> Tensor:
-        w = dense(weight, weight_scale, compute_dtype(x))
-        out = F.linear(x, w, bias).contiguous()  # rows are updated through views of it (a no-op normally)
-        cdt, n_in, n_out = out.dtype, x.shape[-1], out.shape[-1]  # cdt: bf16 under autocast
-        xc = x.to(cdt)
-        rank = factors[1].shape[-1]
-        hs = []
-        for rows, k in groups:
-            down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
-            xr = rows_of(xc, rows).reshape(-1, n_in)  # (N, in), N = elements x tokens
-            h = xr @ down.t()  # (N, S*r)
-            if rows is None or isinstance(rows, slice):
-                _add_up_(rows_of(out, rows).view(-1, n_out), h, up, scale, slices, rank)
-            else:  # scattered elements: their delta, then one index_add_ into the output
-                delta = torch.zeros(h.shape[0], n_out, dtype=cdt, device=h.device)
-                _add_up_(delta, h, up, scale, slices, rank)
-                out.index_add_(0, rows, delta.view(len(rows), *out.shape[1:]))
-            hs.append(h)
+                slices: tuple[int, ...], groups: tuple, fp8_compute: bool, *factors: Tensor) -> Tensor:
+        out, xc, rank, hs = _forward(x, weight, weight_scale, bias, scale, slices, groups, fp8_compute, factors)
         ctx.scale, ctx.slices, ctx.rank, ctx.groups, ctx.n_factors = scale, slices, rank, groups, len(factors)
+        ctx.fp8_compute = fp8_compute
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(xc, weight, weight_scale, *factors, *hs)
         return out
@@ -79,12 +86,14 @@ class LoRALinearFn(torch.autograd.Function):
         scale, slices, rank = ctx.scale, ctx.slices, ctx.rank
         n_in, n_out, cdt = xc.shape[-1], dy.shape[-1], xc.dtype
         dy = dy.to(cdt)
-        dx = (dy @ dense(weight, weight_scale, cdt).to(cdt)).contiguous().view(xc.shape) if need[0] else None
+        dx = None
+        if need[0]:
+            dx = base_input_grad(dy, weight, weight_scale, cdt, ctx.fp8_compute).contiguous().view(xc.shape)
         dw = (dy.reshape(-1, n_out).t() @ xc.reshape(-1, n_in)).to(ctx.dtypes[1]) if need[1] else None
         db = dy.reshape(-1, n_out).sum(0).to(ctx.dtypes[2]) if need[3] else None
         d_factors: list[Tensor | None] = [None] * ctx.n_factors
         for (rows, k), h in zip(ctx.groups, hs):
-            need_down, need_up = need[7 + 2 * k], need[8 + 2 * k]
+            need_down, need_up = need[8 + 2 * k], need[9 + 2 * k]
             if not (need[0] or need_down or need_up):
                 continue
             down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
@@ -104,13 +113,18 @@ class LoRALinearFn(torch.autograd.Function):
                 d_factors[2 * k + 1] = (d_up * scale).to(factors[2 * k + 1].dtype)  # (out, r)
         if dx is not None:
             dx = dx.to(ctx.dtypes[0])  # x may be fp32 under autocast; its gradient keeps its dtype
-        return (dx, dw, None, db, None, None, None, *d_factors)
+        return (dx, dw, None, db, None, None, None, None, *d_factors)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, slices: tuple[int, ...],
-                groups: tuple, factors: tuple[Tensor, ...], weight_scale: Tensor | None = None) -> Tensor:
+                groups: tuple, factors: tuple[Tensor, ...], weight_scale: Tensor | None = None,
+                fp8_compute: bool = False) -> Tensor:
     """The base linear plus the LoRA of each group (see the module docstring); no groups: the base only.
-    `weight_scale`: the per-row scale of an e4m3 `weight` (None for a plain one)."""
+    `weight_scale`: the per-row scale of an e4m3 `weight` (None for a plain one); `fp8_compute`: its GEMMs in fp8."""
     if not groups:
-        return linear(x, weight, weight_scale, bias)
-    return LoRALinearFn.apply(x, weight, weight_scale, bias, scale, slices, groups, *factors)
+        return linear(x, weight, weight_scale, bias, fp8_compute)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *factors))):
+        # no graph to record (the no-grad target calls): the math alone. torch.compile (2.13) also binds a
+        # Function's arguments one place off when none of them requires grad.
+        return _forward(x, weight, weight_scale, bias, scale, slices, groups, fp8_compute, factors)[0]
+    return LoRALinearFn.apply(x, weight, weight_scale, bias, scale, slices, groups, fp8_compute, *factors)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.generate import FP8_HELP, SWAP_HELP, out_of_memory
+from sampling.generate import COMPILE_HELP, FP8_COMPUTE_HELP, FP8_HELP, SWAP_HELP, out_of_memory
 from weights.io import WeightsError, file_sha256, parse_lora
 
 from .data import BUCKETS_512, buckets_for
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     p.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    p.add_argument("--fp8-compute", "--fp8_compute", action="store_true", help=FP8_COMPUTE_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA merged into the teacher (e.g. a style LoRA; train with the same --base_loras); "
@@ -146,7 +148,8 @@ def make_pipeline(args):
         FluxSources(transformer=model, **files)
     sources.check()
     return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
-                        loras=[parse_lora(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap)
+                        loras=[parse_lora(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap,
+                        fp8_compute=args.fp8_compute, compile=args.compile)
 
 
 def run(args) -> Path:

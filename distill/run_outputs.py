@@ -138,7 +138,7 @@ def out_of_memory(cfg, found: list, local_batch: int, n_blocks: int, step: int, 
     tips = [tip for tip, useful in (
         (f"--unchecked_blocks {cfg.unchecked_blocks // 2} (fewer blocks that skip recomputation)",
          cfg.unchecked_blocks > 0),
-        ("--fp8_base (the frozen blocks in fp8: Flux-dev 23.7 -> 11.9 GB)", not cfg.fp8_base),
+        ("--fp8_base (the frozen blocks in fp8: Flux-dev 23.7 -> 11.9 GB)", not cfg.fp8_storage),
         ("--gradient_checkpointing", not cfg.gradient_checkpointing),
         (f"--micro_batch {micro // 2} (gradient accumulation: the same batch in halves)", micro % 2 == 0),
         (f"--blocks_to_swap {swap} (those blocks' weights wait in CPU memory: slower)",

@@ -187,7 +187,7 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: s
 
 
 def load_model(cfg: DistillConfig, device: torch.device):
-    """With fp8_base the blocks' weights are quantized as they are read: the bf16 model never exists at once."""
+    """With fp8 storage the blocks' weights are quantized as they are read: the bf16 model never exists at once."""
     from model.flux import FLUX_CONFIGS, Flux
     from model.mmdit import MMDIT_CONFIGS, MMDiT
 
@@ -202,10 +202,10 @@ def load_model(cfg: DistillConfig, device: torch.device):
     if family_of(cfg) == "sd3":
         from weights.mmdit import load_mmdit
 
-        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base, loras=loras)
+        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_storage, loras=loras)
     from weights.flux import load_flux
 
-    return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_base, loras=loras)
+    return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_storage, loras=loras)
 
 
 # ----- main -------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         try:
             model = load_model(cfg, torch.device("cpu") if loads_on_cpu(cfg) else device)
         except torch.OutOfMemoryError:
-            tip = "" if cfg.fp8_base else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
+            tip = "" if cfg.fp8_storage else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
             raise TrainingError(f"out of GPU memory loading the model{tip}") from None
         trainer = Trainer(cfg, model, cache, device=device, on_step=on_step)
         trainer.run()

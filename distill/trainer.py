@@ -31,6 +31,7 @@ from model.layers import named_blocks
 from model.mmdit import MMDiT
 from sampling.velocity import FluxVelocity, MMDiTVelocity
 
+from . import speed
 from .checkpoint import (
     checkpoints,
     clean_temp,
@@ -42,7 +43,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import DistillConfig
+from .config import AUTO, DistillConfig
 from .data import BucketBatches, Cache
 from .ema import EMAConfig, ema_step
 from .lora import (
@@ -143,7 +144,7 @@ class Trainer:
             warnings.warn("--fsdp shards over the processes torchrun starts; with one process nothing is sharded",
                           stacklevel=2)
         home = torch.device("cpu") if loads_on_cpu(config) else self.device
-        if config.fp8_base and not fp8_bytes(model):  # the loaders quantize as they read; a model built in
+        if config.fp8_storage and not fp8_bytes(model):  # the loaders quantize as they read; a model built in
             quantize_linears_(model, home)  # memory (tiny) gets its block Linears quantized here
         # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so (e4m3
         # storage is kept by its own `_apply`)
@@ -151,11 +152,12 @@ class Trainer:
         self.names = inject_lora(model, lora_config(config), torch.Generator().manual_seed(config.seed))
         model.to(home)
         n_blocks = len(named_blocks(model))
-        if config.unchecked_blocks + config.blocks_to_swap > n_blocks:
+        if max(config.unchecked_blocks, 0) + config.blocks_to_swap > n_blocks:
             raise TrainingError(f"unchecked_blocks {config.unchecked_blocks} + blocks_to_swap "
                                 f"{config.blocks_to_swap} exceed this model's {n_blocks} blocks (a swapped block "
                                 "must be checkpointed: its weights would stay on the GPU for backward)")
-        model.enable_gradient_checkpointing(config.gradient_checkpointing, config.unchecked_blocks)
+        # unchecked_blocks auto (-1) is planned on the first batch (distill/speed.py)
+        model.enable_gradient_checkpointing(config.gradient_checkpointing, max(config.unchecked_blocks, 0))
         if config.teacher_lora:
             from safetensors.torch import load_file
 
@@ -169,6 +171,11 @@ class Trainer:
                 BlockSwap(model, config.blocks_to_swap, self.device)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
+        try:
+            speed.prepare(model, config, self.device)  # fp8 compute, compiled blocks
+        except speed.SpeedError as e:
+            raise TrainingError(str(e)) from None
+        self.checked = False  # the first step plans unchecked blocks (auto) and checks compiled gradients
         self.model = model
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -195,6 +202,11 @@ class Trainer:
 
     def _micro_loss(self, step: int, indices: list[int], positions: range) -> Tensor:
         """Backward of one micro-batch's share of the local loss; returns its detached loss sum."""
+        out = self._loss(step, indices, positions)
+        (out.loss * (len(positions) / self.local_batch)).backward()
+        return out.loss.detach().float() * len(positions)
+
+    def _loss(self, step: int, indices: list[int], positions: range):
         cfg = self.config
         x0, cond = self.cache.load([indices[p] for p in positions])
         x0 = x0.to(self.device, torch.float32)
@@ -204,9 +216,7 @@ class Trainer:
         draw = sample_draw(self.scfm, element_generators(cfg.seed, step, positions), x0.shape[1:],
                            (h // 2) * (w // 2), positions=positions, global_batch=cfg.batch_size)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = scfm_loss(self.velocity, self.model, x0, cond, draw, self.scfm, uncond=uncond)
-        (out.loss * (len(positions) / self.local_batch)).backward()
-        return out.loss.detach().float() * len(positions)
+            return scfm_loss(self.velocity, self.model, x0, cond, draw, self.scfm, uncond=uncond)
 
     def uncond(self, batch: int) -> dict[str, Tensor]:
         """The negative prompt's conditioning for `batch` elements (a view, no copy)."""
@@ -217,6 +227,11 @@ class Trainer:
         indices = self.batches.batch(step)
         first = self.rank * self.local_batch
         micro = cfg.micro_batch or self.local_batch
+        if not self.checked and cfg.unchecked_blocks == AUTO:
+            try:
+                speed.plan_on_first_batch(self, step, indices, range(first, first + micro))
+            except speed.SpeedError as e:
+                raise TrainingError(str(e)) from None
         loss_sum = torch.zeros((), device=self.device)
         for start in range(first, first + self.local_batch, micro):
             last = start + micro == first + self.local_batch
@@ -225,6 +240,13 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 loss_sum += self._micro_loss(step, indices, range(start, start + micro))
+        if not self.checked:
+            self.checked = True
+            if cfg.compile:
+                try:
+                    speed.check_block_gradients(self.model)
+                except speed.SpeedError as e:
+                    raise TrainingError(str(e)) from None
         params = [p for _, p in self.params]
         norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
         # one reduction carries the loss sum (for the log), any rank's NaN, so every rank skips together, and any

@@ -4,6 +4,9 @@ Half the memory of bf16 (Flux-dev's blocks: 23.7 -> 11.9 GB), which is what lets
 card (kohya's `--fp8_base`, musubi's `--fp8_scaled`). Each call dequantizes the weight to the compute dtype
 (bf16 under autocast) and runs the usual GEMM, so any GPU and the CPU run it; only storage changes.
 
+With `fp8_compute` on (`enable_fp8_compute_`), the GEMMs read the e4m3 weight directly on GPUs with fp8 tensor
+cores instead (model/fp8_gemm.py): activations are rounded to e4m3 per token, and the LoRA path stays in bf16.
+
 Why a scale per row: e4m3 keeps 3 mantissa bits over 2^-9 .. 448, so a row is scaled into that range before
 rounding and every element keeps ~2^-4 relative precision. Why a power of two: the scale is then exact in
 every float dtype, so `weight.to(bf16) * scale` is the exact dequantized value. `model.to(torch.bfloat16)`
@@ -18,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import fp8_gemm, kernels
 from .layers import BLOCK_LISTS
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
 
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,18 +50,37 @@ def dense(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     return weight if scale is None else dequantize(weight, scale, dtype)
 
 
-def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, fp8_compute: bool = False) -> Tensor:
     """F.linear on a plain or an e4m3 weight (`scale` None: plain). For e4m3, backward keeps only the e4m3
-    storage, not a dense copy."""
+    storage, not a dense copy; `fp8_compute`: the GEMMs run in fp8 (model/fp8_gemm.py)."""
     if scale is None:
         return F.linear(x, weight, bias)
-    return _Float8LinearFn.apply(x, weight, scale, bias)
+    if not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        return base_linear(x, weight, scale, bias, fp8_compute)  # no graph (torch.compile: see distill/lora_fn.py)
+    return _Float8LinearFn.apply(x, weight, scale, bias, fp8_compute)
+
+
+def base_linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, fp8_compute: bool) -> Tensor:
+    """The frozen base's output inside an autograd function (no graph): an fp8 GEMM when `fp8_compute` and the
+    weight is e4m3, else F.linear on the weight as the compute dtype sees it."""
+    if scale is not None and fp8_compute:
+        return fp8_gemm.forward(x, weight, scale, bias, compute_dtype(x))
+    return F.linear(x, dense(weight, scale, compute_dtype(x)), bias)
+
+
+def base_input_grad(dy: Tensor, weight: Tensor, scale: Tensor | None, dtype: torch.dtype, fp8_compute: bool) -> Tensor:
+    """dy @ W in `dtype`, the input gradient of `base_linear` (W frozen)."""
+    if scale is not None and fp8_compute:
+        return fp8_gemm.input_grad(dy, weight, scale, dtype)
+    return dy.to(dtype) @ dense(weight, scale, dtype).to(dtype)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a Linear on `x` computes in here: autocast's when it is on for x's device, else x's."""
     kind = x.device.type
-    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):  # not on meta
+    # a fixed list, not torch.amp.is_autocast_available: torch.compile (2.11) cannot trace that one and would
+    # break the compiled block's graph at every Linear
+    if kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return x.dtype
 
@@ -71,6 +94,7 @@ class Float8Weight:
 
     weight: Tensor
     weight_scale: Tensor | None
+    fp8_compute = False  # set per layer by enable_fp8_compute_
 
     def _apply(self, fn: Callable, recurse: bool = True):
         if getattr(self, "weight_scale", None) is None:
@@ -102,7 +126,7 @@ class Float8Linear(Float8Weight, nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.weight_scale, self.bias)
+        return linear(x, self.weight, self.weight_scale, self.bias, self.fp8_compute)
 
 
 class _Float8LinearFn(torch.autograd.Function):
@@ -110,18 +134,20 @@ class _Float8LinearFn(torch.autograd.Function):
     layer without a LoRA (SD3's context-stream MLPs) would otherwise hold its weight in bf16 until backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-        out = F.linear(x, dequantize(q, scale, compute_dtype(x)), bias)
+    def forward(ctx, x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, fp8_compute: bool) -> Tensor:
+        out = base_linear(x, q, scale, bias, fp8_compute)
         ctx.save_for_backward(q, scale)
-        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+        ctx.x_dtype, ctx.bias_dtype, ctx.fp8_compute = x.dtype, None if bias is None else bias.dtype, fp8_compute
         return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         q, scale = ctx.saved_tensors
-        dx = (dy @ dequantize(q, scale, dy.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = base_input_grad(dy, q, scale, dy.dtype, ctx.fp8_compute).to(ctx.x_dtype)
         db = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
-        return dx, None, None, db
+        return dx, None, None, db, None
 
 
 def is_block_linear(name: str) -> bool:
@@ -154,3 +180,18 @@ def fp8_bytes(model: nn.Module) -> int:
     """Bytes held in e4m3 weights (0 for a model without any)."""
     return sum(p.numel() for p in model.parameters() if p.dtype == E4M3)
 
+
+
+def enable_fp8_compute_(model: nn.Module, device: torch.device | str, enabled: bool = True) -> int:
+    """Run the GEMMs of every e4m3 layer of `model` in fp8 (model/fp8_gemm.py); returns how many layers. Refused
+    in one line on a CUDA GPU without fp8 GEMMs, and for a model without e4m3 weights (quantize it first)."""
+    if enabled:
+        fp8_gemm.check_device(device)
+    layers = [m for m in model.modules()
+              if isinstance(m, Float8Weight) and getattr(m, "weight_scale", None) is not None]
+    if not layers and enabled:
+        raise ValueError(f"{type(model).__name__} has no fp8 weights: fp8 compute runs on e4m3 storage "
+                         "(quantize_linears_, or load with fp8)")
+    for m in layers:
+        m.fp8_compute = enabled
+    return len(layers)

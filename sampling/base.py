@@ -10,7 +10,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from model import fp8_gemm
 from model.block_swap import BlockSwap, check_count
+from model.fp8 import enable_fp8_compute_
 from model.vae import AutoEncoder, vae_to_images
 from weights.io import WeightsError
 from weights.vae import load_vae
@@ -22,8 +24,15 @@ class Pipeline:
     default_config: type  # the family's generation config dataclass
 
     def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 fp8: bool = False, loras: Sequence = (), blocks_to_swap: int = 0):
+                 fp8: bool = False, loras: Sequence = (), blocks_to_swap: int = 0, fp8_compute: bool = False,
+                 compile: bool = False):  # noqa: A002  (the CLI's word)
         self.sources, self.device, self.dtype = sources, torch.device(device), dtype
+        # fp8_compute: the blocks' GEMMs on fp8 tensor cores (model/fp8_gemm.py; e4m3 storage implied), refused
+        # at once on a GPU without them; compile: each transformer block compiled once (model/layers.py)
+        if fp8_compute:
+            fp8_gemm.check_device(self.device, "--fp8-compute")
+        self.fp8_compute, self.compile = fp8_compute, compile
+        fp8 = fp8 or fp8_compute
         # blocks_to_swap: the last N transformer blocks' weights wait in host memory (model/block_swap.py)
         self.blocks_to_swap = blocks_to_swap
         # fp8: the transformer blocks' weights are stored in e4m3 (model/fp8.py), half of bf16's memory.
@@ -74,10 +83,17 @@ class Pipeline:
         if self._transformer is None and self.blocks_to_swap:  # loaded in host memory; the kept part moves
             model = self.load_transformer(torch.device("cpu"))
             BlockSwap(model, self.blocks_to_swap, self.device)
-            self._transformer = model
+            self._transformer = self._speed(model)
         elif self._transformer is None:
-            self._transformer = self.load_transformer()
+            self._transformer = self._speed(self.load_transformer())
         return self._transformer
+
+    def _speed(self, model: nn.Module) -> nn.Module:
+        if self.fp8_compute:
+            enable_fp8_compute_(model, self.device)
+        if self.compile:
+            model.compile_blocks()
+        return model
 
     @property
     def vae(self) -> AutoEncoder:

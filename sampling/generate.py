@@ -31,6 +31,11 @@ from weights.io import WeightsError, parse_lora
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FP8_HELP = ("store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory "
             "(Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")  # also make_dataset's --fp8
+FP8_COMPUTE_HELP = ("run the transformer blocks' GEMMs on fp8 tensor cores (sm89 / sm90+: Ada, Hopper): e4m3 "
+                    "weights as --fp8 stores them (implied), activations rounded to e4m3 per token; refused on "
+                    "other GPUs, emulated exactly on the CPU")  # also make_dataset's and evaluate's
+COMPILE_HELP = ("compile each transformer block once (torch.compile; the first image of each size is slow, "
+                "then each step is faster)")  # also make_dataset's and evaluate's
 SWAP_HELP = ("keep the last N transformer blocks' weights in CPU memory and copy each to the GPU as it runs: "
              "less GPU memory (Flux-dev bf16: ~0.4 GB per block, 57 blocks), slower")  # also make_dataset's
 # The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
@@ -111,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     run.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    run.add_argument("--fp8-compute", "--fp8_compute", action="store_true", help=FP8_COMPUTE_HELP)
+    run.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     run.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
     run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
     run.add_argument("--overwrite", action="store_true", help="replace existing files")
@@ -272,7 +279,7 @@ def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
         sources = FluxSources.from_folder(model, **files) if is_folder else FluxSources(transformer=model, **files)
         sources.check()
         return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras,
-                            blocks_to_swap=args.blocks_to_swap)
+                            blocks_to_swap=args.blocks_to_swap, fp8_compute=args.fp8_compute, compile=args.compile)
     from .sd3 import SD3Pipeline, SD3Sources  # noqa: PLC0415
 
     files = dict(vae=files["vae"], clip_l=files["clip"], clip_g=args.clip_g, t5=None if args.no_t5 else files["t5"],
@@ -285,7 +292,7 @@ def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
         sources = SD3Sources(transformer=model, **files)
     sources.check()
     return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras,
-                       blocks_to_swap=args.blocks_to_swap)
+                       blocks_to_swap=args.blocks_to_swap, fp8_compute=args.fp8_compute, compile=args.compile)
 
 
 def _negative(family: str, cfg) -> str | None:

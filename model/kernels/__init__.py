@@ -13,6 +13,8 @@ dependency: without it every call runs the reference. All ops are differentiable
                                                               text first
     qk_norm(q, k, q_scale, k_scale, eps)                      SD3.5: diffusers casting, no RoPE
     dequant_rows(q, scale, dtype)                             e4m3 (out, in) * fp32 scale (out, 1): model/fp8.py
+    quant_rows(x, col_scale | None)                           x (M, K) -> e4m3 (M, K), pow-2 scale (M, 1): the
+                                                              activations of model/fp8_compute.py
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ from torch import Tensor
 
 from ._triton_utils import HAS_TRITON
 from .dequant import dequant_rows_reference
+from .quant import quant_rows_reference
 from .qk_norm_rope import qk_norm_reference, qk_norm_rope_joint_reference, qk_norm_rope_reference
 from .rmsnorm import rms_norm_reference
 from .rope import rope_reference
 
 if HAS_TRITON:
     from .dequant import dequant_rows_triton
+    from .quant import quant_rows_triton
     from .qk_norm_rope import qk_norm_rope_joint_triton, qk_norm_rope_triton, qk_norm_triton
     from .rmsnorm import rms_norm_triton
     from .rope import rope_triton
 
-__all__ = ["HAS_TRITON", "backend", "dequant_rows", "qk_norm", "qk_norm_rope", "qk_norm_rope_joint", "rms_norm",
-           "rope"]
+__all__ = ["HAS_TRITON", "backend", "dequant_rows", "qk_norm", "qk_norm_rope", "qk_norm_rope_joint", "quant_rows",
+           "rms_norm", "rope"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_D = 8192  # one row must fit one tile of registers; wider rows (none in Flux / SD3.5) take the reference
@@ -113,3 +117,11 @@ def dequant_rows(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     if backend(q) == "triton" and dtype in _DTYPES[:3] and q.ndim == 2 and scale.numel() == q.shape[0]:
         return dequant_rows_triton(q, scale, dtype)
     return dequant_rows_reference(q, scale, dtype)
+
+
+def quant_rows(x: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each row of x (M, K) (times col_scale (K,)) in e4m3 with a power-of-two fp32 scale (M, 1); no gradient.
+    Under torch.compile the reference runs, so inductor fuses it into the op that produces x."""
+    if backend(x) == "triton" and x.ndim == 2 and x.dtype in _DTYPES[:3] and not torch.compiler.is_compiling():
+        return quant_rows_triton(x, col_scale)
+    return quant_rows_reference(x, col_scale)

@@ -1,0 +1,83 @@
+"""fp8 tensor-core GEMMs for the frozen base, behind the `fp8_compute` switch (train, generate, make_dataset, evaluate).
+
+With fp8 storage alone (model/fp8.py) every call dequantizes the e4m3 weight to bf16 and runs a bf16 GEMM. Here
+the GEMM itself reads e4m3: the activation rows are rounded to e4m3 on the fly with one power-of-two scale per
+token (model/kernels/quant.py), and `torch._scaled_mm` multiplies with row-wise scales (per token, per output
+channel), accumulating in fp32, on GPUs with fp8 tensor cores (sm89 Ada, sm90 Hopper and later): twice the bf16
+rate on an H100 / H200, and a quarter of the weight bytes a dequantizing call moves.
+
+The base model is frozen in SCFM, so the weight needs no gradient and backward needs only the input gradient
+dx = dy W. The weight's scale is per output row, which is the contracted dimension of that GEMM, so it is folded
+into dy's columns before dy's rows are rounded (`quant_rows(dy, col_scale=weight_scale)`); the weight then goes in
+as it is stored, transposed. The LoRA path stays in the compute dtype (distill/lora_fn.py).
+
+On any other device (the CPU) the same rounding runs and the product is computed in fp32 from the rounded values:
+e4m3 x e4m3 products are exact in fp32, so this emulation differs from the GPU only by the order of the fp32
+accumulation, and CPU tests check the numerics of the real path. A CUDA GPU without fp8 GEMMs is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+MIN_CAPABILITY = (8, 9)  # Ada; Hopper is (9, 0)
+
+
+def gemm_supported(device: torch.device | str) -> bool:
+    """True where `torch._scaled_mm` runs fp8 on tensor cores; False on other CUDA GPUs and on other devices."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+
+
+def check_device(device: torch.device | str, flag: str = "--fp8_compute") -> None:
+    """One-line refusal for a CUDA GPU without fp8 GEMMs (elsewhere the CPU emulation runs)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not gemm_supported(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"{flag} needs fp8 tensor cores (sm89 / sm90 or newer); {torch.cuda.get_device_name(device)}"
+                         f" is sm{major}{minor}: drop {flag} (fp8 storage alone, --fp8_base / --fp8, works here)")
+
+
+def _no_autocast(device: torch.device):
+    if device.type != "meta" and torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def scaled_mm(a: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, bias: Tensor | None,
+              out_dtype: torch.dtype) -> Tensor:
+    """(a * a_scale) @ (b_t * b_scale^T) + bias in `out_dtype`: a (M, K) e4m3 row-major, b_t (K, N) e4m3 (column-
+    major on CUDA: a transposed row-major (N, K)), a_scale (M, 1), b_scale (N, 1) fp32; fp32 accumulation."""
+    if bias is not None:
+        bias = bias.to(out_dtype)
+    if a.is_cuda:
+        return torch._scaled_mm(a, b_t, scale_a=a_scale, scale_b=b_scale.view(1, -1), bias=bias,
+                                out_dtype=out_dtype)
+    with _no_autocast(a.device):  # the emulation: products exact in fp32, then the scales in the epilogue's order
+        out = (a.float() @ b_t.float()) * a_scale * b_scale.view(1, -1)
+        if bias is not None:
+            out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def forward(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """x (..., in) @ (q * scale)^T + bias: q (out, in) e4m3, scale (out, 1); x's rows rounded to e4m3 per token."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = kernels.quant_rows(x2)
+    out = scaled_mm(xq, xs, q.t(), scale, bias, out_dtype)
+    return out.view(*x.shape[:-1], q.shape[0])
+
+
+def input_grad(dy: Tensor, q: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """dy (..., out) @ (q * scale): the weight's row scale folded into dy's columns, then dy rounded per row."""
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dq, ds = kernels.quant_rows(dy2, scale.view(-1))
+    # _scaled_mm wants its second operand column-major: q (out, in) row-major, transposed, copied, viewed back
+    b_t = q.t().contiguous().t() if dy.is_cuda else q
+    ones = torch.ones(q.shape[1], 1, dtype=torch.float32, device=q.device)
+    return scaled_mm(dq, ds, b_t, ones, None, out_dtype).view(*dy.shape[:-1], q.shape[1])

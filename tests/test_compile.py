@@ -1,0 +1,95 @@
+"""Compiled blocks (`--compile`, model/layers.py compile_blocks) and the trainer's speed options (distill/speed.py).
+
+The compiled runs use torch.compile's aot_eager backend (SCFM_COMPILE_BACKEND): dynamo's capture, the guards,
+AOT autograd's joint graph and its partition into forward and backward all run as with inductor, without
+generating C++ for each kernel, which would cost minutes on a 2-core CI machine. Inductor's kernels are
+exercised on the GPU by bench/ (bench/gpu_session.sh). All compiled tests share one process's compiled code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import config, trainer
+
+from distill import speed
+from distill.config import AUTO, ConfigError, build_config
+from distill.lora import LoRAConfig, inject_lora, lora_layers, set_state_dict
+from distill.train import build_parser
+from model.flux import FLUX_CONFIGS, Flux
+from tests.flux_fixtures import tiny_inputs
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setenv("SCFM_COMPILE_BACKEND", "aot_eager")
+
+
+def run(tmp_path, name: str, steps: int = 3, **kw):
+    t = trainer(tmp_path / name, config(tmp_path, name, steps=steps, checkpoint_every=0, **kw))
+    losses = [t.step()["loss"] for _ in range(steps)]
+    return t, losses, set_state_dict(t.model, "live")
+
+
+def test_compiled_training_gives_the_eager_losses_and_lora(tmp_path, aot_eager):
+    """Three steps (teacher, EMA and per-element set calls, the student's backward) with checkpointing and one
+    unchecked block, then with block swap: the same losses and the same trained LoRA as eager, within fp32
+    reordering; and the compiled code ran (the blocks hold a compiled call)."""
+    _, want_losses, want = run(tmp_path, "eager", gradient_checkpointing=True, unchecked_blocks=1)
+    for name, kw in (("compiled", dict(unchecked_blocks=1)), ("swapped", dict(blocks_to_swap=2))):
+        t, losses, got = run(tmp_path, name, compile=True, gradient_checkpointing=True, **kw)
+        assert all(getattr(b, "_compiled_call_impl", None) is not None for b in t.model.double_blocks)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_compiler_that_drops_block_gradients_is_caught():
+    torch.manual_seed(0)
+    model = Flux(FLUX_CONFIGS["tiny"])
+    inject_lora(model, LoRAConfig(rank=4, alpha=4, sets=("live",)), torch.Generator().manual_seed(0))
+    with pytest.raises(speed.SpeedError, match="no LoRA inside the transformer blocks"):
+        speed.check_block_gradients(model)  # before any backward: nothing anywhere
+    model(**tiny_inputs()).pow(2).mean().backward()
+    speed.check_block_gradients(model)
+    for name, layer in lora_layers(model).items():
+        if "blocks." in name:
+            layer.lora_down["live"].grad = None  # what a compiled block that lost its graph leaves
+    with pytest.raises(speed.SpeedError):
+        speed.check_block_gradients(model)
+
+
+def test_speed_options_are_read_and_refused_in_one_line(tmp_path):
+    args = build_parser().parse_args(["--unchecked_blocks", "auto", "--max_memory", "40GB", "--fp8-compute",
+                                      "--compile"])
+    assert args.unchecked_blocks == "auto" and args.fp8_compute and args.compile
+    cfg = build_config(None, {k: v for k, v in vars(args).items() if k in ("unchecked_blocks", "max_memory",
+                                                                          "fp8_compute", "compile")}
+                       | {"gradient_checkpointing": True})
+    assert cfg.unchecked_blocks == AUTO and cfg.fp8_storage
+    toml = tmp_path / "run.toml"
+    toml.write_text('[runtime]\nunchecked_blocks = "auto"\nmax_memory = "30GiB"\n')
+    assert build_config(str(toml)).unchecked_blocks == AUTO
+    toml.write_text("[runtime]\nunchecked_blocks = 3\n")
+    assert build_config(str(toml)).unchecked_blocks == 3
+    for bad, match in (({"unchecked_blocks": "many"}, "block count or 'auto'"),
+                       ({"max_memory": "40GB"}, "budget of --unchecked_blocks auto"),
+                       ({"compile": True, "fsdp": True}, "compile with fsdp")):
+        with pytest.raises(ConfigError, match=match):
+            build_config(None, bad)
+
+
+def test_fp8_compute_trains_close_to_the_dequantized_fp8_run(tmp_path):
+    """The trainer's --fp8_compute: e4m3 storage implied, every block layer computing in (emulated) fp8. On the
+    first batch its loss and LoRA gradient are near those of the run that only stores fp8, not equal to them."""
+    grads, losses = {}, {}
+    for name, kw in (("fp8c", dict(fp8_compute=True)), ("fp8", dict(fp8_base=True))):
+        t = trainer(tmp_path / name, config(tmp_path, name, steps=2, checkpoint_every=0, **kw))
+        assert all(layer.fp8_compute == (name == "fp8c") and layer.weight_scale is not None
+                   for n, layer in lora_layers(t.model).items() if "blocks." in n)
+        losses[name] = t._micro_loss(0, t.batches.batch(0), range(2)).item()
+        grads[name] = torch.cat([p.grad.flatten() for _, p in t.params])
+        assert t.step()["loss"] > 0  # and a whole step runs
+    assert losses["fp8c"] != losses["fp8"] and abs(losses["fp8c"] / losses["fp8"] - 1) < 0.05
+    cos = torch.nn.functional.cosine_similarity(grads["fp8c"], grads["fp8"], dim=0).item()
+    assert 0.95 < cos < 1
