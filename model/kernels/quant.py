@@ -77,29 +77,31 @@ if HAS_TRITON:
         return code | sign
 
     @triton.jit
+    def _row_chunk(x_row, col_ptr, start, K, HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
+        """Columns start .. start + BLOCK of a row in fp32 (times their column scales), padding 0."""
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < K
+        v = tl.load(x_row + offs, mask=live, other=0.0).to(tl.float32)
+        if HAS_COL:
+            v = v * tl.load(col_ptr + offs, mask=live, other=0.0)
+        return v, offs, live
+
+    @triton.jit
     def _quant_rows_kernel(x_ptr, col_ptr, q_ptr, s_ptr, K, stride_x, HAS_COL: tl.constexpr,
                            BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         peak = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, K, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            live = offs < K
-            v = tl.load(x_row + offs, mask=live, other=0.0).to(tl.float32)
-            if HAS_COL:
-                v = v * tl.load(col_ptr + offs, mask=live, other=0.0)
+            v, _, _ = _row_chunk(x_row, col_ptr, start, K, HAS_COL, BLOCK)
             peak = tl.maximum(peak, tl.abs(v))
         bits = tl.max(peak, axis=0).to(tl.int32, bitcast=True)
         k = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
         k = tl.minimum(tl.maximum(k, -126), 126)
         inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
         tl.store(s_ptr + row, ((k + 127) << 23).to(tl.float32, bitcast=True))
-        for start in range(0, K, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            live = offs < K
-            v = tl.load(x_row + offs, mask=live, other=0.0).to(tl.float32)
-            if HAS_COL:
-                v = v * tl.load(col_ptr + offs, mask=live, other=0.0)
+        for start in range(0, K, BLOCK):  # the second pass reads the row again, from L2
+            v, offs, live = _row_chunk(x_row, col_ptr, start, K, HAS_COL, BLOCK)
             tl.store(q_ptr + row * K + offs, _e4m3_bits(v * inv).to(tl.uint8), mask=live)
 
     def quant_rows_triton(x: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
