@@ -226,7 +226,10 @@ def plan_unchecked_for(model, x0, cond, opt, max_memory: str, dev: torch.device)
             FluxVelocity(model)(x0, torch.full((x0.shape[0],), 0.5, device=dev), cond,
                                 torch.full((x0.shape[0],), 3.5, device=dev))
 
-    n, figures = plan_unchecked(model, lambda: ours(model, x0, cond, opt, 0), forward, parse_memory(max_memory), dev)
+    # the plan's step runs on a fresh optimizer; every later step also holds AdamW's two moments
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    n, figures = plan_unchecked(model, lambda: ours(model, x0, cond, opt, 0), forward,
+                                parse_memory(max_memory) - moments, dev)
     print(f"unchecked_blocks auto under {max_memory}: {n} ({figures})", flush=True)
     return n
 

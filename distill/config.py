@@ -175,6 +175,13 @@ class DistillConfig:
                               "swapped block on the GPU): add --gradient_checkpointing")
         if self.unchecked_blocks < AUTO:
             raise ConfigError(f"unchecked_blocks must be >= 0 or 'auto', got {self.unchecked_blocks}")
+        if self.max_memory:
+            from .memory_plan import parse_memory  # noqa: PLC0415  (torch: only when a budget is given)
+
+            try:
+                parse_memory(self.max_memory)
+            except ValueError as e:
+                raise ConfigError(f"max_memory: {e}") from None
         if self.max_memory and self.unchecked_blocks != AUTO:
             raise ConfigError("max_memory is the budget of --unchecked_blocks auto; add it or drop --max_memory")
         if self.compile and self.fsdp:

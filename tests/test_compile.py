@@ -74,6 +74,7 @@ def test_speed_options_are_read_and_refused_in_one_line(tmp_path):
     assert build_config(str(toml)).unchecked_blocks == 3
     for bad, match in (({"unchecked_blocks": "many"}, "block count or 'auto'"),
                        ({"max_memory": "40GB"}, "budget of --unchecked_blocks auto"),
+                       ({"unchecked_blocks": "auto", "max_memory": "lots"}, "cannot read 'lots'"),
                        ({"compile": True, "fsdp": True}, "compile with fsdp")):
         with pytest.raises(ConfigError, match=match):
             build_config(None, bad)
@@ -93,3 +94,23 @@ def test_fp8_compute_trains_close_to_the_dequantized_fp8_run(tmp_path):
     assert losses["fp8c"] != losses["fp8"] and abs(losses["fp8c"] / losses["fp8"] - 1) < 0.05
     cos = torch.nn.functional.cosine_similarity(grads["fp8c"], grads["fp8"], dim=0).item()
     assert 0.95 < cos < 1
+
+
+@pytest.mark.parametrize("budget, blocks", [("1KB", 0), ("100GB", 4)])
+def test_unchecked_blocks_auto_plans_on_the_first_batch_and_changes_no_result(tmp_path, capsys, budget, blocks):
+    """The planning probe (the first batch's loss and backward, then a counted forward) leaves the run exactly
+    as an explicit count would have it; a budget nothing fits keeps every block checkpointed."""
+    t, losses, got = run(tmp_path, "auto", gradient_checkpointing=True, unchecked_blocks=AUTO, max_memory=budget)
+    assert t.model.unchecked_blocks == blocks
+    assert f"unchecked_blocks auto: {blocks} of 4 blocks" in capsys.readouterr().out
+    _, want_losses, want = run(tmp_path, "fixed", gradient_checkpointing=True, unchecked_blocks=blocks)
+    assert losses == want_losses and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_unchecked_blocks_auto_without_a_budget_off_cuda_is_one_line(tmp_path):
+    from distill.trainer import TrainingError
+
+    t = trainer(tmp_path / "x", config(tmp_path, "x", steps=1, gradient_checkpointing=True, unchecked_blocks=AUTO))
+    with pytest.raises(TrainingError, match="max_memory") as e:
+        t.step()
+    assert "\n" not in str(e.value)
