@@ -123,8 +123,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, sl
     `weight_scale`: the per-row scale of an e4m3 `weight` (None for a plain one); `fp8_compute`: its GEMMs in fp8."""
     if not groups:
         return linear(x, weight, weight_scale, bias, fp8_compute)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *factors))):
+    if not torch.is_grad_enabled():
         # no graph to record (the no-grad target calls): the math alone. torch.compile (2.13) also binds a
-        # Function's arguments one place off when none of them requires grad.
+        # Function's arguments one place off when none of them requires grad. The test is the grad mode alone,
+        # which dynamo guards on, not each tensor's requires_grad: under grad mode the Function always runs, so
+        # a compiled block can never take this branch and lose the LoRA's gradients (the fp8 GEMM has none).
         return _forward(x, weight, weight_scale, bias, scale, slices, groups, fp8_compute, factors)[0]
     return LoRALinearFn.apply(x, weight, weight_scale, bias, scale, slices, groups, fp8_compute, *factors)

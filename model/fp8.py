@@ -55,7 +55,7 @@ def linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None,
     storage, not a dense copy; `fp8_compute`: the GEMMs run in fp8 (model/fp8_gemm.py)."""
     if scale is None:
         return F.linear(x, weight, bias)
-    if not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+    if not torch.is_grad_enabled():
         return base_linear(x, weight, scale, bias, fp8_compute)  # no graph (torch.compile: see distill/lora_fn.py)
     return _Float8LinearFn.apply(x, weight, scale, bias, fp8_compute)
 
