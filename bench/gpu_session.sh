@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_session.sh         # the fp8-compute tests on CUDA, then the two target rows: the Flux forward
 #                                     # (bf16, fp8 compute, compiled, both; diffusers eager and compiled) at 1024 px,
-#                                     # and the SCFM step (released vs ours vs fp8 compute + compile + unchecked)
+#                                     # and the SCFM step (released vs ours, ours with unchecked blocks alone, and
+#                                     # fp8 compute + compile + unchecked; its grads % column must read 100)
 #   bash bench/gpu_session.sh step    # SCFM step at Flux-dev shapes: ours vs the released design (twice), fp8
 #   bash bench/gpu_session.sh memory  # the same step with block swap (bf16, fp8) and with unchecked blocks
 #   bash bench/gpu_session.sh tests   # the CUDA paths of the tests: Triton kernels, fp8 dequant, block swap
@@ -35,7 +36,7 @@ case "${1:-target}" in
     target)
         run tests 90 python -m pytest -q -p no:cacheprovider tests/test_fp8_compute.py
         run flux_forward 200 python bench/flux_forward.py --device cuda --cases flux-dev-1024 --variants all --iters 3
-        run train_step 260 python bench/train_step.py --device cuda --iters 4 --only released ours-fast \
+        run train_step 300 python bench/train_step.py --device cuda --iters 4 --only released ours-unchecked ours-fast \
             --unchecked_blocks "${UNCHECKED:-auto}" --max_memory 40GB ;;
     step)
         run train_step 560 python bench/train_step.py --device cuda --iters 8 --fp8 --rounds 2 ;;
