@@ -129,8 +129,9 @@ def run_case(name: str, device: str, iters: int, variants: tuple[str, ...], comp
                    err_bf16=((out - out_bf16).abs().max() / out_bf16.abs().max()).item(),
                    ms=1e3 * statistics.median(median_time(fn, device, warmup if i == 0 else 0, 1)
                                               for i in range(iters)))
-        base = base if variant != "diffusers" else row["ms"]
-        row["ratio"] = row["ms"] / base if base else float("nan")
+        if variant == "diffusers":  # first in the order: every ratio's reference
+            base = row["ms"]
+        row["ratio"] = row["ms"] / base
         print_row(row)
         rows.append(row)
     return rows

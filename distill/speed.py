@@ -18,7 +18,7 @@ from torch import nn
 from model.fp8 import enable_fp8_compute_
 from model.layers import named_blocks
 
-from .config import AUTO, DistillConfig
+from .config import DistillConfig
 from .lora import lora_layers
 
 
@@ -56,8 +56,6 @@ def plan_unchecked(model: nn.Module, config: DistillConfig, device: torch.device
     from .memory_plan import default_max_memory, parse_memory
     from .memory_plan import plan_unchecked as plan
 
-    if config.unchecked_blocks != AUTO:
-        return config.unchecked_blocks, {}
     try:
         budget = parse_memory(config.max_memory) if config.max_memory else default_max_memory(device)
     except ValueError as e:

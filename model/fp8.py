@@ -22,21 +22,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fp8_gemm, kernels
+from .kernels.quant import quant_rows_reference
 from .layers import BLOCK_LISTS
 
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
 
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(out, in) weight -> e4m3 (out, in) and fp32 scale (out, 1), a power of two: weight ~ q * scale."""
-    w = weight.detach().float()
-    absmax = w.abs().amax(dim=1, keepdim=True)  # (out, 1)
-    # the smallest power of two that brings the row's largest value to <= 448 (zero rows: scale 1)
-    exponent = torch.ceil(torch.log2(torch.where(absmax > 0, absmax, E4M3_MAX) / E4M3_MAX))
-    scale = torch.exp2(exponent)
-    return (w / scale).to(E4M3), scale  # w / scale is exact (a power of two); .to rounds to nearest
+    """(out, in) weight -> e4m3 (out, in) and fp32 scale (out, 1), the smallest power of two that brings the row's
+    largest value to <= 448 (zero rows: 1): weight ~ q * scale. The same rounding as the activations of fp8
+    compute (model/kernels/quant.py), from the fp32 bits: no log2 whose rounding could pick the wrong power."""
+    return quant_rows_reference(weight.detach())
 
 
 def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -179,7 +176,6 @@ def quantize_linears_(model: nn.Module, device: torch.device | str | None = None
 def fp8_bytes(model: nn.Module) -> int:
     """Bytes held in e4m3 weights (0 for a model without any)."""
     return sum(p.numel() for p in model.parameters() if p.dtype == E4M3)
-
 
 
 def enable_fp8_compute_(model: nn.Module, device: torch.device | str, enabled: bool = True) -> int:

@@ -14,7 +14,7 @@ dependency: without it every call runs the reference. All ops are differentiable
     qk_norm(q, k, q_scale, k_scale, eps)                      SD3.5: diffusers casting, no RoPE
     dequant_rows(q, scale, dtype)                             e4m3 (out, in) * fp32 scale (out, 1): model/fp8.py
     quant_rows(x, col_scale | None)                           x (M, K) -> e4m3 (M, K), pow-2 scale (M, 1): the
-                                                              activations of model/fp8_compute.py
+                                                              activations of model/fp8_gemm.py
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Rows to e4m3 with one power-of-two scale per row: the activation (and output-gradient) side of the fp8 GEMMs
-(model/fp8_compute.py).
+(model/fp8_gemm.py), and of the frozen weights' storage (model/fp8.py `quantize_rows`).
 
     quant_rows(x (M, K), col_scale (K,) | None) -> q (M, K) e4m3, scale (M, 1) fp32:  x * col_scale ~ q * scale
 
@@ -35,10 +35,11 @@ def _pow2(k: Tensor) -> Tensor:
 
 
 def row_scale_exponent(absmax: Tensor) -> Tensor:
-    """The smallest k with absmax <= 448 * 2^k (absmax fp32 >= 0), clamped to [-126, 126]; int32."""
+    """The smallest k with absmax <= 448 * 2^k (absmax fp32 >= 0), clamped to [-126, 126]; 0 for a zero row;
+    int32."""
     bits = absmax.view(torch.int32)
     k = (bits >> 23) - 127 - 8 + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
-    return k.clamp(_MIN_K, _MAX_K)
+    return torch.where(bits == 0, 0, k.clamp(_MIN_K, _MAX_K))
 
 
 def quant_rows_reference(x: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -97,7 +98,7 @@ if HAS_TRITON:
             peak = tl.maximum(peak, tl.abs(v))
         bits = tl.max(peak, axis=0).to(tl.int32, bitcast=True)
         k = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-        k = tl.minimum(tl.maximum(k, -126), 126)
+        k = tl.where(bits == 0, 0, tl.minimum(tl.maximum(k, -126), 126))
         inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
         tl.store(s_ptr + row, ((k + 127) << 23).to(tl.float32, bitcast=True))
         for start in range(0, K, BLOCK):  # the second pass reads the row again, from L2
