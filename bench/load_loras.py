@@ -48,7 +48,8 @@ def anonymous_gib() -> float:
 def make_files(preset: str, rank: int, folder: Path) -> tuple[Path, Path]:
     from distill.lora import LoRAConfig, inject_lora, load_set, set_state_dict
     from weights import save_flux
-    from weights.lora import LoRA, write_lora
+    from weights.lora import LoRA
+    from weights.lora_write import write_lora
 
     model_path, lora_path = folder / f"{preset}.safetensors", folder / f"{preset}-r{rank}.safetensors"
     if model_path.exists() and lora_path.exists():
@@ -67,7 +68,7 @@ def make_files(preset: str, rank: int, folder: Path) -> tuple[Path, Path]:
 def run_variant(variant: str, model_path: str, lora_path: str, device: str) -> dict:
     from model.fp8 import quantize_linears_
     from weights import load_flux
-    from weights.lora import apply_loras
+    from weights.lora_merge import apply_loras
 
     peak = [anonymous_gib()]
 

@@ -98,7 +98,8 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     of each prompt for every row. `changes` replace fields of `cfg` (evaluate(per_prompt=2, steps=(1, 2)))."""
     from sampling.pipeline import FluxPipeline, FluxSources
     from weights import load_flux
-    from weights.lora import apply_loras, read_lora, unload_loras
+    from weights.lora import read_lora
+    from weights.lora_merge import apply_loras, unload_loras
 
     cfg = dataclasses.replace(cfg, **changes)
     check(cfg)
@@ -238,7 +239,7 @@ def write_json(path: Path, data: dict) -> None:
 def write_grid(path: Path, grid: np.ndarray, scale: int, report: dict) -> None:
     from PIL import Image
 
-    from sampling.generate import save_png  # atomic, with the settings in a text chunk
+    from sampling.base import save_png  # atomic, with the settings in a text chunk
 
     big = grid.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest: the 64 px images stay sharp
     save_png(Image.fromarray(big), path, dict(report["config"], rows=[r["name"] for r in report["rows"]]))

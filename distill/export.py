@@ -58,7 +58,8 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
     `state`: the set already gathered (a sharded model's, gathered by every process together) or read from a
     checkpoint; `step`: a checkpoint's step (named in the file), else the run's final export of `cfg.steps`;
     `base_loras`: the records of the LoRAs merged into the base (computed from `cfg` when not given)."""
-    from weights.lora import Recommended, save_lora
+    from weights.lora import Recommended
+    from weights.lora_write import save_lora
 
     family = model_family(model)
     state = {k: v.float() for k, v in (state or set_state_dict(model, cfg.export_set)).items()}

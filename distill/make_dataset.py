@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
-from sampling.generate import COMPILE_HELP, FP8_COMPUTE_HELP, FP8_HELP, SWAP_HELP, out_of_memory
-from weights.io import WeightsError, file_sha256, parse_lora
+from sampling.options import COMPILE_HELP, FP8_COMPUTE_HELP, FP8_HELP, SWAP_HELP, out_of_memory
+from weights.io import DTYPES, WeightsError, file_sha256, parse_lora
 
 from .data import BUCKETS_512, buckets_for
 
 ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf16 = 0.5 GB
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +102,7 @@ def check_settings(out: Path, settings: dict) -> None:
 @torch.no_grad()
 def render(pipe, jobs: list[dict], args, out: Path, bar) -> None:
     """One bucket's jobs: encode their prompts once, then batches of independent per-image noise."""
-    from sampling.generate import save_png
+    from sampling.base import save_png
     from sampling.pipeline import GenerationConfig, to_pil
     from sampling.samplers import euler, flux_guidance
     from sampling.schedules import get_sigmas

@@ -40,7 +40,7 @@ def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, v
         return [atomic_save({"latents": latents.cpu()}, folder / f"step-{step:06d}.safetensors",
                             {"prompts": json.dumps(prompts)}, overwrite=True)]
     from model.vae import vae_to_images
-    from sampling.generate import save_png
+    from sampling.base import save_png
     from sampling.pipeline import to_pil
     from weights.vae import load_vae
 

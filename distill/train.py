@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from weights.io import WeightsError, parse_lora
+from weights.detect import detect_family
+from weights.io import DTYPES, WeightsError, parse_lora
 
 from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
 from .data import Cache, DataError, build_cache, file_identity, plan_cache
 from .export import export_lora, export_paths
 from .lora import set_state_dict
 from .sharding import loads_on_cpu
-from .trainer import DTYPES, Stopped, Trainer, TrainingError
+from .trainer import Stopped, Trainer, TrainingError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +96,6 @@ def family_of(cfg: DistillConfig) -> str:
         return {"tiny": "flux", "tiny-sd3": "sd3"}[cfg.model]
     if not cfg.model:
         raise ConfigError("no model: pass --model (a Flux or SD3 / SD3.5 transformer file or folder)")
-    from sampling.generate import detect_family
-
     return detect_family(Path(cfg.model).expanduser())
 
 
@@ -193,7 +192,7 @@ def load_model(cfg: DistillConfig, device: torch.device):
 
     loras = [parse_lora(spec) for spec in cfg.base_loras]  # merged as the weights are read, before fp8
     if cfg.model in ("tiny", "tiny-sd3"):
-        from weights.lora import apply_loras
+        from weights.lora_merge import apply_loras
 
         torch.manual_seed(cfg.seed)  # the test model: random, but the same on every rank
         model = Flux(FLUX_CONFIGS["tiny"]) if cfg.model == "tiny" else MMDiT(MMDIT_CONFIGS["tiny"])

@@ -30,6 +30,7 @@ from model.fp8 import fp8_bytes, quantize_linears_
 from model.layers import named_blocks
 from model.mmdit import MMDiT
 from sampling.velocity import FluxVelocity, MMDiTVelocity
+from weights.io import DTYPES
 
 from . import speed
 from .checkpoint import (
@@ -60,8 +61,6 @@ from .lora import (
 from .run_outputs import JsonlLog, StopSignals, base_lora_records, out_of_memory, sample_latents, save_samples
 from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
 from .sharding import StudentRoute, full, is_sharded, loads_on_cpu, shard_model
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class TrainingError(RuntimeError):

@@ -4,8 +4,12 @@ with its overrides, decoding, and the prompt -> latents -> image flow. Families 
 from __future__ import annotations
 
 import gc
+import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -169,3 +173,20 @@ def to_pil(images: Tensor) -> list:
 
     arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in arrays]
+
+
+def save_png(image, path: Path, params: dict) -> None:
+    """Atomically: a crash never leaves half a PNG under the final name."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps(params))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -18,26 +18,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from weights.io import WeightsError, parse_lora
+from weights.detect import detect_family
+from weights.io import DTYPES, WeightsError, parse_lora
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-FP8_HELP = ("store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory "
-            "(Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")  # also make_dataset's --fp8
-FP8_COMPUTE_HELP = ("run the transformer blocks' GEMMs on fp8 tensor cores (sm89 / sm90+: Ada, Hopper): e4m3 "
-                    "weights as --fp8 stores them (implied), activations rounded to e4m3 per token; refused on "
-                    "other GPUs, emulated exactly on the CPU")  # also make_dataset's and evaluate's
-COMPILE_HELP = ("compile each transformer block once (torch.compile; the first image of each size is slow, "
-                "then each step is faster)")  # also make_dataset's and evaluate's
-SWAP_HELP = ("keep the last N transformer blocks' weights in CPU memory and copy each to the GPU as it runs: "
-             "less GPU memory (Flux-dev bf16: ~0.4 GB per block, 57 blocks), slower")  # also make_dataset's
+from .base import save_png
+from .options import COMPILE_HELP, FP8_COMPUTE_HELP, FP8_HELP, SWAP_HELP, out_of_memory
+
 # The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
 # (CFG 7.0, T5 256). Both use 28 steps.
 DEFAULTS = {"flux": dict(steps=28, guidance=3.5, max_sequence_length=512),
@@ -148,45 +140,6 @@ def _targets(args, count: int) -> list[Path]:
     if clash and not args.overwrite:
         raise ValueError(f"{clash[0]} exists; pass --overwrite or another --out")
     return paths
-
-
-def save_png(image, path: Path, params: dict) -> None:
-    """Atomically: a crash never leaves half a PNG under the final name."""
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(params))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def detect_family(model: Path) -> str:
-    """"flux" or "sd3": from model_index.json / config.json class names, else from the checkpoint's keys."""
-    from weights.io import model_files, read_shapes  # noqa: PLC0415
-
-    if model.is_dir():
-        for name in ("model_index.json", "config.json", "transformer/config.json"):
-            if (model / name).exists():
-                cls = str(json.loads((model / name).read_text()).get("_class_name", ""))
-                if cls.startswith("StableDiffusion3") or cls == "SD3Transformer2DModel":
-                    return "sd3"
-                if cls.startswith("Flux"):
-                    return "flux"
-    files, _ = model_files(model, "transformer")
-    keys = read_shapes(files)[0].keys()
-    # Flux: BFL double_blocks / diffusers single_transformer_blocks; SD3: SAI joint_blocks / diffusers pos_embed
-    if any("double_blocks." in k or "single_transformer_blocks." in k for k in keys):
-        return "flux"
-    if any("joint_blocks." in k or k.endswith("pos_embed.proj.weight") for k in keys):
-        return "sd3"
-    raise WeightsError(f"{model}: neither a Flux nor an SD3 / SD3.5 transformer (by its keys)")
 
 
 def lora_recommendations(paths: list[str]):
@@ -345,14 +298,6 @@ def run(args) -> list[Path]:
                 save_png(image, path, params)
                 written.append(path)
     return written
-
-
-def out_of_memory(args, smaller: str) -> str:
-    """The one line a sampling command prints when the GPU runs out: what lowers the peak (also make_dataset's)."""
-    tips = [] if args.fp8 else ["--fp8 (the transformer blocks in fp8: Flux-dev 23.7 -> 11.9 GB)"]
-    more = "more than " + str(args.blocks_to_swap) if args.blocks_to_swap else "N"
-    tips += [f"--blocks-to-swap {more} (blocks wait in CPU memory: slower)", smaller]
-    return f"error: out of GPU memory; the images written so far are kept; run again with {' or '.join(tips)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ from distill.trainer import TrainingError
 from model.flux import FLUX_CONFIGS, Flux
 from sampling.generate import missing_base_loras
 from weights.io import file_sha256, read_header
-from weights.lora import apply_loras, write_lora
+from weights.lora_merge import apply_loras
+from weights.lora_write import write_lora
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ from weights import load_flux, load_mmdit, load_vae
 from weights.keymaps import to_official
 from weights.keymaps.flux import flux_rules
 from weights.keymaps.mmdit import mmdit_rules
-from weights.lora import LoRA, LoRAPart, ModuleLoRA, apply_loras, read_lora, write_lora
+from weights.lora import LoRA, LoRAPart, ModuleLoRA, read_lora
+from weights.lora_merge import apply_loras
+from weights.lora_write import write_lora
 from weights.stream import nbytes, write_streaming
 
 ROOT = Path(__file__).resolve().parents[1]

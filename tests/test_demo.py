@@ -161,7 +161,8 @@ def test_shipped_lora_is_a_few_step_sampler(demo):
     shift 3): one step already follows the prompts (the teacher's single step does not), and four steps land at
     most half as far from the teacher's 32-step images (same noises) as the teacher's own four steps do, on the
     teacher's grid or on the LoRA's. A zero or mismatched LoRA fails."""
-    from weights.lora import apply_loras, read_lora, unload_loras
+    from weights.lora import read_lora
+    from weights.lora_merge import apply_loras, unload_loras
 
     hints = read_lora(models.DEMO_LORA).recommended  # what `generate --lora demo` follows
     assert (hints.steps, hints.schedule, hints.shift) == (4, "scfm", 3.0)

@@ -17,7 +17,7 @@ from distill.evaluate import EvalConfig, evaluate, main
 from distill.lora import LoRAConfig, inject_lora, set_state_dict
 from model.flux import Flux
 from model.vae import AutoEncoder
-from weights.lora import save_lora
+from weights.lora_write import save_lora
 
 PROMPTS = ("a red circle at the top left", "a blue square in the center on a white background")
 SMALL = ["--per-prompt", "2", "--steps", "1", "2", "--teacher-steps", "4", "--threads", "1", "--prompts", *PROMPTS]

@@ -15,16 +15,9 @@ from weights import WeightsError, load_flux
 from weights.io import read_header
 from weights.keymaps import swap_halves, to_official
 from weights.keymaps.flux import flux_rules
-from weights.lora import (
-    Recommended,
-    applied_loras,
-    apply_loras,
-    lora_state_dict,
-    read_lora,
-    save_lora,
-    unload_loras,
-    write_lora,
-)
+from weights.lora import Recommended, read_lora
+from weights.lora_merge import applied_loras, apply_loras, unload_loras
+from weights.lora_write import lora_state_dict, save_lora, write_lora
 
 R, ALPHA = 2, 8.0
 # diffusers modules with a PEFT LoRA: fused q/k/v (all three, and one alone), linear1 slices, both proj_out,
@@ -438,7 +431,8 @@ def test_one_shot_apply_keeps_nothing_and_refuses_unload(tmp_path):
 
     from model.flux import FLUX_CONFIGS, Flux
     from weights.io import WeightsError
-    from weights.lora import ModuleLoRA, apply_loras, unload_loras  # noqa: F401
+    from weights.lora import ModuleLoRA  # noqa: F401
+    from weights.lora_merge import apply_loras, unload_loras
 
     torch.manual_seed(0)
     model = Flux(FLUX_CONFIGS["tiny"]).eval()

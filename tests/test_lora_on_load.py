@@ -16,7 +16,8 @@ from model.flux import FLUX_CONFIGS, Flux
 from model.fp8 import E4M3, quantize_linears_
 from model.mmdit import MMDiT
 from weights import WeightsError, load_flux, load_mmdit, save_flux, save_mmdit
-from weights.lora import applied_loras, apply_loras, unload_loras, write_lora
+from weights.lora_merge import applied_loras, apply_loras, unload_loras
+from weights.lora_write import write_lora
 
 BF16 = torch.bfloat16
 

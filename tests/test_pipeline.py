@@ -84,7 +84,7 @@ def test_same_latents_and_image_as_diffusers(pipeline_folder):
 def test_fp8_pipeline_stays_close_and_merges_its_loras_before_quantizing(pipeline_folder):
     from model.fp8 import E4M3, Float8Linear, quantize_linears_
     from weights import load_flux
-    from weights.lora import applied_loras, apply_loras
+    from weights.lora_merge import applied_loras, apply_loras
 
     folder, _, _ = pipeline_folder
     cfg = GenerationConfig(height=32, width=48, steps=3, guidance=4.0, seed=7, max_sequence_length=T5_LEN)
@@ -128,7 +128,7 @@ def test_size_must_be_a_multiple_of_the_packed_patch(pipeline_folder):
 def test_cli_refuses_a_lora_for_another_model_before_encoding(pipeline_folder, tmp_path, capsys, monkeypatch):
     from model.flux import FLUX_CONFIGS, Flux
     from sampling.generate import main
-    from weights.lora import write_lora
+    from weights.lora_write import write_lora
 
     folder, _, _ = pipeline_folder
     path = write_lora(random_lora(Flux(FLUX_CONFIGS["tiny"])), tmp_path / "other.safetensors", "kohya")

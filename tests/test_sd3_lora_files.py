@@ -17,16 +17,9 @@ from weights import WeightsError
 from weights.io import read_header
 from weights.keymaps import to_official
 from weights.keymaps.mmdit import mmdit_rules
-from weights.lora import (
-    LoRA,
-    Recommended,
-    apply_loras,
-    lora_state_dict,
-    read_lora,
-    save_lora,
-    unload_loras,
-    write_lora,
-)
+from weights.lora import LoRA, Recommended, read_lora
+from weights.lora_merge import apply_loras, unload_loras
+from weights.lora_write import lora_state_dict, save_lora, write_lora
 from weights.mmdit import load_mmdit
 
 R, ALPHA = 2, 6.0

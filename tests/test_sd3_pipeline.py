@@ -144,7 +144,8 @@ def test_size_must_be_a_multiple_of_vae_scale_times_patch(folders):
 def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
     from PIL import Image
 
-    from sampling.generate import detect_family, main
+    from sampling.generate import main
+    from weights.detect import detect_family
 
     folder, pipe = folders["t5"]
     assert detect_family(folder) == detect_family(folder / "transformer") == "sd3"
@@ -170,7 +171,7 @@ def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
 
 def test_family_is_read_from_single_files(folders, tmp_path):
     from model.flux import FLUX_CONFIGS, Flux
-    from sampling.generate import detect_family
+    from weights.detect import detect_family
     from weights.flux import save_flux
     from weights.io import WeightsError
     from weights.mmdit import load_mmdit, save_mmdit

@@ -289,7 +289,7 @@ def test_wandb_gets_the_logged_rows_and_a_resume_continues_the_same_run(tmp_path
     from PIL import Image
 
     from distill.run_outputs import JsonlLog
-    from sampling.generate import save_png
+    from sampling.base import save_png
 
     png = tmp_path / "s.png"  # a sample as the trainer writes it: its prompt in the PNG becomes the caption
     save_png(Image.new("RGB", (8, 8)), png, {"prompt": "a red circle", "step": 2})

@@ -26,11 +26,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from weights.convert import (  # noqa: E402
-    DTYPES, check_output, convert_checkpoint, detect, merge_loras, plan_conversion)
-from weights.io import WeightsError  # noqa: E402
-from weights.lora import LAYOUTS, read_lora, write_lora  # noqa: E402
+from weights.convert import check_output, convert_checkpoint, detect, merge_loras, plan_conversion  # noqa: E402
+from weights.io import DTYPES, WeightsError  # noqa: E402
+from weights.lora import LAYOUTS, read_lora  # noqa: E402
 from weights.lora_resize import resize_lora, summary  # noqa: E402
+from weights.lora_write import write_lora  # noqa: E402
 
 # Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (reference.md §7.3).
 DROPPED_BY_DIFFUSERS_KOHYA = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")

@@ -2,10 +2,9 @@
 
 from .flux import load_flux, save_flux
 from .io import WeightsError
-
-# weights.lora before its two halves: lora_write / lora_merge import from it and it re-exports them, so entering
-# through either half first would find weights.lora half-built
-from .lora import apply_loras, read_lora, unload_loras, write_lora
+from .lora import read_lora
+from .lora_merge import apply_loras, unload_loras
+from .lora_write import write_lora
 from .mmdit import load_mmdit, save_mmdit
 from .text import load_clip, load_t5
 from .vae import load_vae

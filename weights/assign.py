@@ -15,6 +15,7 @@ from torch import nn
 from model.fp8 import E4M3, quantize_linears_, quantize_rows
 
 from .io import WeightsError
+from .lora_merge import merge_while_reading
 
 
 def _first(keys: Iterable[str], n: int = 3) -> str:
@@ -71,8 +72,6 @@ def assign_tensors(
         quantize_linears_(model)  # on meta: the layers to fill with e4m3 weights
     merge = None
     if loras:
-        from .lora_merge import merge_while_reading  # noqa: PLC0415  (at the top it would run before weights.lora)
-
         merge = merge_while_reading(model, loras)
     if torch.device(device).type == "meta":
         return model

@@ -31,8 +31,15 @@ from . import flux as flux_io
 from . import mmdit as mmdit_io
 from . import vae as vae_io
 from .assign import check_keys_and_shapes
-from .io import (CONFIG_METADATA_KEY, TensorReader, WeightsError, config_from_metadata, model_files,
-                 read_shapes)
+from .detect import detect_flux_layout, detect_mmdit_layout
+from .io import (
+    CONFIG_METADATA_KEY,
+    TensorReader,
+    WeightsError,
+    config_from_metadata,
+    model_files,
+    read_shapes,
+)
 from .keymaps import official_shapes, to_official, to_others
 from .keymaps.flux import flux_rules, flux_split_sizes
 from .keymaps.lora import parse_key, refuse_non_lora
@@ -40,7 +47,6 @@ from .keymaps.mmdit import mmdit_rules, mmdit_split_sizes
 from .keymaps.vae import diffusers_to_ours, ours_to_diffusers
 from .stream import DTYPE_NAMES, Spec, nbytes, write_streaming
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 SAI_PREFIX = "model.diffusion_model."  # what SAI's single files (and ComfyUI) put before the MMDiT keys
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # diffusers' save_pretrained default
@@ -81,7 +87,7 @@ def detect(source: str | os.PathLike) -> Source:
     lora_keys = any((p := parse_key(k)) and p[1] != "alpha" for k in keys)
     if lora_keys or "lora" in metadata.get("scfm_format", ""):
         return make("lora", "")
-    for family, detector in (("flux", flux_io.detect_flux_layout), ("mmdit", mmdit_io.detect_mmdit_layout)):
+    for family, detector in (("flux", detect_flux_layout), ("mmdit", detect_mmdit_layout)):
         try:
             return make(family, *reversed(detector(keys, str(path))))
         except WeightsError:
@@ -189,7 +195,6 @@ def _lora_deltas(model, loras) -> dict[str, list]:
     deltas: dict[str, list] = {}
     if not loras:
         return deltas
-    from . import lora as _lora_module  # noqa: F401  (first: weights.lora imports lora_merge at its end)
     from .lora_merge import _fit_error  # the run-time merger's own check, so both refuse the same files
 
     for item, scale in loras:

@@ -13,6 +13,7 @@ import torch
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
 
 from .assign import assign_tensors, check_keys_and_shapes, resolve_config
+from .detect import detect_flux_layout
 from .io import (
     CONFIG_METADATA_KEY,
     TensorReader,
@@ -23,42 +24,6 @@ from .io import (
 )
 from .keymaps import official_shapes, to_official, to_others
 from .keymaps.flux import flux_rules, flux_split_sizes
-
-# Prefixes other tools put in front of the transformer's keys: ComfyUI and all-in-one files, some exporters.
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
-
-# Key fragments of the other families, so a wrong file gets a pointed message instead of "missing keys".
-_OTHER_FAMILIES = [
-    ("joint_blocks.", "an SD3 / SD3.5 MMDiT checkpoint; load it with weights.load_mmdit"),
-    ("lora_down", "a LoRA, not a base model; load the base model and apply it with --lora"),
-    ("lora_A", "a LoRA, not a base model; load the base model and apply it with --lora"),
-    ("encoder.down.", "a VAE (autoencoder) checkpoint; load it with weights.load_vae"),
-    ("encoder.down_blocks.", "a VAE (autoencoder) checkpoint; load it with weights.load_vae"),
-    ("encoder.block.", "a T5 text encoder; load it with weights.load_t5"),
-    ("text_model.", "a CLIP text encoder; load it with weights.load_clip"),
-]
-
-
-def _strip_prefix(keys) -> str:
-    for p in _PREFIXES:
-        if any(k.startswith(p + "img_in.") or k.startswith(p + "x_embedder.") for k in keys):
-            return p
-    return ""
-
-
-def detect_flux_layout(keys, source: str) -> tuple[str, str]:
-    """(prefix, layout) with layout "official" (BFL) or "diffusers"; a one-line error for anything else."""
-    prefix = _strip_prefix(keys)
-    bare = {k[len(prefix):] for k in keys if k.startswith(prefix)}
-    if "img_in.weight" in bare or any(k.startswith("double_blocks.") for k in bare):
-        return prefix, "official"
-    if "x_embedder.weight" in bare or any(k.startswith("single_transformer_blocks.") for k in bare):
-        return prefix, "diffusers"
-    for fragment, what in _OTHER_FAMILIES:
-        if any(fragment in k for k in keys):
-            raise WeightsError(f"{source}: this is {what}, not a Flux transformer")
-    first = ", ".join(sorted(keys)[:3])
-    raise WeightsError(f"{source}: not a Flux transformer in the BFL or diffusers layout (first keys: {first})")
 
 
 def _count_blocks(keys, stem: str) -> int:

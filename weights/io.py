@@ -19,6 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# The dtype names every command takes (--dtype), to torch dtypes.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 class WeightsError(ValueError):
     """A problem with a user's weights, reported as one line that names the problem and the fix."""

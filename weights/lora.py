@@ -331,9 +331,3 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
             modules[official] = _diffusers_module(names, official, by_slice, config)
     return LoRA(modules, family, layout, recommended, text, src)
 
-
-# Writing lives in weights/lora_write.py; re-exported so `from weights.lora import write_lora` keeps working.
-from .lora_write import lora_state_dict, save_lora, write_lora  # noqa: E402, F401
-
-# Merging lives next door; re-exported so `from weights.lora import apply_loras` keeps working.
-from .lora_merge import applied_loras, apply_loras, unload_loras  # noqa: E402, F401

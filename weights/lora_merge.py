@@ -22,6 +22,7 @@ from torch import Tensor
 
 from model.fp8 import E4M3
 
+from .detect import detect_flux_layout, detect_mmdit_layout
 from .io import TensorReader, WeightsError, model_files, read_shapes
 from .keymaps import to_official
 from .keymaps.flux import flux_rules
@@ -78,9 +79,6 @@ def _fit_error(model, lora: LoRA, src: str) -> str | None:
 
 def _base_weights(source: str, model, modules: list[str]):
     """Yield (module, weight) re-read from the checkpoint `model` was loaded from, in its stored dtype."""
-    from .flux import detect_flux_layout  # here: weights.flux and weights.mmdit are the loaders this mirrors
-    from .mmdit import detect_mmdit_layout
-
     files, _ = model_files(source, "transformer")
     raw, _ = read_shapes(files)
     cfg = model.config

@@ -14,6 +14,7 @@ import torch
 from model.mmdit import MMDiT, MMDiTConfig
 
 from .assign import assign_tensors, check_keys_and_shapes, resolve_config
+from .detect import detect_mmdit_layout
 from .io import (
     CONFIG_METADATA_KEY,
     TensorReader,
@@ -25,36 +26,8 @@ from .io import (
 from .keymaps import official_shapes, to_official, to_others
 from .keymaps.mmdit import mmdit_rules, mmdit_split_sizes
 
-# Prefixes in front of the transformer's keys: SAI single files and ComfyUI use the first.
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
 # The other parts of SAI all-in-one files (VAE, the three text encoders): never the transformer's business.
 _OTHER_PARTS = ("first_stage_model.", "text_encoders.", "cond_stage_model.", "conditioner.")
-
-# Key fragments of the other families, so a wrong file gets a pointed message instead of "missing keys".
-_OTHER_FAMILIES = [
-    ("double_blocks.", "a Flux transformer (BFL layout); load it with weights.load_flux"),
-    ("single_transformer_blocks.", "a Flux transformer (diffusers layout); load it with weights.load_flux"),
-    ("lora_down", "a LoRA, not a base model; load the base model and apply the LoRA to it"),
-    ("lora_A", "a LoRA, not a base model; load the base model and apply the LoRA to it"),
-    ("encoder.down.", "a VAE (autoencoder) checkpoint; load it with weights.load_vae"),
-    ("encoder.down_blocks.", "a VAE (autoencoder) checkpoint; load it with weights.load_vae"),
-    ("encoder.block.", "a T5 text encoder; load it with weights.load_t5"),
-    ("text_model.", "a CLIP text encoder; load it with weights.load_clip"),
-]
-
-
-def detect_mmdit_layout(keys, source: str) -> tuple[str, str]:
-    """(prefix, layout) with layout "official" (SAI) or "diffusers"; a one-line error for anything else."""
-    for prefix in _PREFIXES:
-        if prefix + "x_embedder.proj.weight" in keys:
-            return prefix, "official"
-        if prefix + "pos_embed.proj.weight" in keys:
-            return prefix, "diffusers"
-    for fragment, what in _OTHER_FAMILIES:
-        if any(fragment in k for k in keys):
-            raise WeightsError(f"{source}: this is {what}, not an SD3 / SD3.5 transformer")
-    first = ", ".join(sorted(keys)[:3])
-    raise WeightsError(f"{source}: not an SD3 / SD3.5 MMDiT in the SAI or diffusers layout (keys: {first})")
 
 
 def _block_indices(keys, pattern: str) -> list[int]:
