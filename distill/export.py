@@ -1,140 +1,19 @@
-"""The trained LoRA as files other tools load: at the end of a run, and from any checkpoint while it goes on.
+"""`python -m distill.export`: a checkpoint's LoRA set as the files the run's final export writes
+(distill/lora_export.py says what a checkpoint holds and how the files are named).
 
     python -m distill.export runs/a                      # the newest checkpoint, in the run's set and layouts
     python -m distill.export runs/a/checkpoints/step-001200 --set slow_ema --formats kohya
-
-A checkpoint holds every LoRA set (live, fast_ema, slow_ema, and a teacher LoRA if one was given) and the
-model's config, so an export reads the checkpoint alone: neither the base weights nor a GPU, and the run may be
-training meanwhile. Which step and which set a few-step sampler is best at is found by trying them
-(`python -m distill.evaluate --lora FILE`), so every checkpoint can become a file ComfyUI, diffusers and
-`sampling.generate` load. Files are named `scfm-lora-{set}-step{N}[-{layout}].safetensors`, beside the run's
-final export, and an existing file is never overwritten unless asked.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-from pathlib import Path
 
-import torch
-
-from sampling.samplers import cfg_scale_from_w
 from weights.io import WeightsError
 
-from .checkpoint import latest_checkpoint, read_checkpoint, stored_config
-from .config import ConfigError, DistillConfig
-from .lora import inject_lora, lora_layers, set_state_dict
-from .run_outputs import base_lora_records
-from .trainer import lora_config, model_family
-
-
-def export_paths(cfg: DistillConfig, step: int | None = None, folder: Path | None = None) -> dict[str, Path]:
-    """Layout -> file: the run's final export, or with `step` a checkpoint's (both in the run folder by default)."""
-    out = Path(folder or cfg.output).expanduser()
-    tag = "" if step is None else f"-step{step:06d}"
-    return {fmt: out / f"scfm-lora-{cfg.export_set}{tag}{'' if fmt == 'ours' else '-' + fmt}.safetensors"
-            for fmt in cfg.export_formats}
-
-
-def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict]) -> dict[str, str]:
-    """How the LoRA was made (the layout's own metadata adds rank, alpha, targets and sampling hints)."""
-    info = {"set": cfg.export_set, "steps": step, "t_skip": cfg.t_skip, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
-    if base_loras:  # generate warns when this LoRA is sampled without them
-        info["base_loras"] = base_loras
-    if cfg.cfg_scale:  # scfm-method.md §5: what every training call computed, and how to sample it
-        info["cfg"] = {"w": cfg.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
-                       "diffusers_guidance_scale": cfg_scale_from_w(cfg.cfg_scale)}
-    return {"scfm_training": json.dumps(info)}
-
-
-def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: dict | None = None,
-                step: int | None = None, folder: Path | None = None, base_loras: list[dict] | None = None
-                ) -> list[Path]:
-    """The chosen set (`cfg.export_set`) in each requested layout, through the LoRA file code (weights/lora.py).
-    `state`: the set already gathered (a sharded model's, gathered by every process together) or read from a
-    checkpoint; `step`: a checkpoint's step (named in the file), else the run's final export of `cfg.steps`;
-    `base_loras`: the records of the LoRAs merged into the base (computed from `cfg` when not given)."""
-    from weights.lora import Recommended
-    from weights.lora_write import save_lora
-
-    family = model_family(model)
-    state = {k: v.float() for k, v in (state or set_state_dict(model, cfg.export_set)).items()}
-    slices = {name: layer.slices for name, layer in lora_layers(model).items()}
-    # scfm-method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with.
-    # Flux-dev: its guidance input. SD3.5 with CFG baked in: sampled as trained, c + w (c - u) against the
-    # empty prompt, which is diffusers' guidance scale 1 + w (generate reads it as that).
-    if family == "flux":
-        guidance = cfg.sample_guidance if model.config.guidance_embed else None
-    else:
-        guidance = cfg_scale_from_w(cfg.cfg_scale) if cfg.cfg_scale else None
-    hints = Recommended(steps=cfg.sample_steps, schedule="scfm", shift=cfg.sample_shift, guidance=guidance,
-                        max_sequence_length=cfg.t5_length, training_cfg_scale=cfg.cfg_scale or None)
-    records = base_lora_records(cfg.base_loras) if base_loras is None else base_loras
-    metadata = lora_metadata(cfg, model, cfg.steps if step is None else step, records)
-    return [save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices, family=family,
-                      metadata=metadata, recommended=hints, overwrite=overwrite)
-            for fmt, path in export_paths(cfg, step, folder).items()]
-
-
-# ----- from a checkpoint ------------------------------------------------------------------------------------
-
-
-def find_checkpoint(source: Path) -> tuple[Path, dict, dict]:
-    """A checkpoint folder as given, or a run folder's newest intact checkpoint: (path, tensors, state)."""
-    if not source.is_dir():
-        raise ConfigError(f"{source}: no such folder; pass a run folder (--output of distill.train) or one of its "
-                          "checkpoints/step-NNNNNN folders")
-    if (source / "state.json").exists():
-        try:
-            return source, *read_checkpoint(source)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"{e}; pass another checkpoint, or the run folder for its newest intact one") from None
-    found = latest_checkpoint(source / "checkpoints")
-    if found is None:
-        raise ConfigError(f"{source}: no intact checkpoint in {source / 'checkpoints'}; is it a run folder?")
-    return found
-
-
-def model_on_meta(cfg: DistillConfig, state: dict):
-    """The trained model's architecture with its LoRA layers, holding no data: what a file's layout needs (layer
-    names, fused slices, the config). Checkpoints record the config; older ones name the model file, whose header
-    is read (no tensor)."""
-    from model.flux import Flux, FluxConfig
-    from model.mmdit import MMDiT, MMDiTConfig
-
-    if "model" in state:
-        cls, config_cls = {"flux": (Flux, FluxConfig), "sd3": (MMDiT, MMDiTConfig)}[state["model"]["family"]]
-        with torch.device("meta"):
-            model = cls(config_cls.from_dict(state["model"]["config"]))
-    else:
-        from .train import load_model
-
-        model = load_model(cfg, torch.device("meta"))
-    inject_lora(model, lora_config(cfg))
-    return model
-
-
-def export_checkpoint(source: str | Path, lora_set: str | None = None, formats: tuple[str, ...] | None = None,
-                      folder: str | Path | None = None, overwrite: bool = False) -> list[Path]:
-    """Write a checkpoint's LoRA set (default: the run's `export_set`) in `formats` (default: the run's)."""
-    path, tensors, state = find_checkpoint(Path(source).expanduser())
-    cfg = stored_config(state)
-    cfg = dataclasses.replace(cfg, export_set=lora_set or cfg.export_set,
-                              export_formats=tuple(formats or cfg.export_formats))
-    prefix = f"lora.{cfg.export_set}."
-    lora = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if not lora:
-        sets = sorted({k.split(".")[1] for k in tensors if k.startswith("lora.")})
-        raise ConfigError(f"{path}: no LoRA set {cfg.export_set!r}; it holds {', '.join(sets)} (--set)")
-    # beside the run's final export; a checkpoint copied out of its run: beside the checkpoint
-    run_folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return export_lora(model_on_meta(cfg, state), cfg, overwrite=overwrite, state=lora,
-                       step=state["progress"]["step"], folder=Path(folder) if folder else run_folder,
-                       base_loras=state.get("base_loras"))
+from .config import ConfigError
+from .lora_export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -359,7 +359,7 @@ class Trainer:
         if self.rank == 0:
             rng_tensors, rng_json = rng_state()
             position = self.batches.position(self.progress.step)
-            # the model's config and base LoRAs: a checkpoint exports alone (distill/export.py)
+            # the model's config and base LoRAs: a checkpoint exports alone (distill/lora_export.py)
             state = {"progress": vars(self.progress), "data_position": position,
                      "cache": self.cache.fingerprint(), "config": self.config.to_dict(),
                      "model": {"family": self.family, "config": self.model.config.to_dict()},

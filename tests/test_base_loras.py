@@ -13,8 +13,8 @@ from conftest import assert_same_bits, random_lora
 from test_data import FakePipeline
 from test_trainer import config, trainer
 
-from distill.export import export_checkpoint, export_lora
-from distill.train import load_model
+from distill.lora_export import export_checkpoint, export_lora
+from distill.run_setup import load_model
 from distill.trainer import TrainingError
 from model.flux import FLUX_CONFIGS, Flux
 from sampling.generate import missing_base_loras
@@ -64,15 +64,15 @@ def test_every_layout_records_the_stack_and_generate_warns_without_it(tmp_path, 
 
 
 def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, style, monkeypatch):
-    from distill import make_dataset
+    from distill import make_dataset, teacher_data
     from distill.demo.models import DEMO_FOLDER
 
-    args = make_dataset.build_parser().parse_args(
+    args = teacher_data.build_parser().parse_args(
         ["--model", str(DEMO_FOLDER), "--prompts", "p.txt", "--out", "o", "--images-per-bucket", "1",
          "--lora", f"{style}:0.5", "--device", "cpu"])
-    assert make_dataset.make_pipeline(args).loras == [(str(style), 0.5)]
+    assert teacher_data.make_pipeline(args).loras == [(str(style), 0.5)]
 
-    monkeypatch.setattr(make_dataset, "make_pipeline", lambda args: FakePipeline())
+    monkeypatch.setattr(teacher_data, "make_pipeline", lambda args: FakePipeline())
     (tmp_path / "prompts.txt").write_text("a cat\n")
     argv = ["--model", "unused", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "d"),
             "--images-per-bucket", "1", "--steps", "2"]

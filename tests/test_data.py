@@ -219,10 +219,10 @@ class FakePipeline:
 
 
 def test_make_dataset_renders_every_bucket_and_resumes(tmp_path, monkeypatch):
-    from distill import make_dataset
+    from distill import make_dataset, teacher_data
 
     pipe = FakePipeline()
-    monkeypatch.setattr(make_dataset, "make_pipeline", lambda args: pipe)
+    monkeypatch.setattr(teacher_data, "make_pipeline", lambda args: pipe)
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n\na bird\n")
     argv = ["--model", "unused", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "d"),
             "--images-per-bucket", "2", "--steps", "2", "--batch-size", "3"]

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from distill import evaluate, train
+from distill import evaluate, run_setup, train
 from distill.config import build_config
 from distill.demo import models, world
 
@@ -26,7 +26,7 @@ def test_no_arguments_mean_the_demo_preset():
     assert cfg.model == "demo" and cfg.resolution == models.IMAGE_SIZE and cfg.t5_length == models.T5_LENGTH
     # the recipe's fixed shift range, and its sampling shift in the LoRA's hints (scfm-method.md §2, §8)
     assert (cfg.shift_min, cfg.shift_max, cfg.sample_shift, cfg.dynamic_shift_prob) == (2.5, 4.5, 3.0, 0.0)
-    resolved = train.resolve_demo(cfg)
+    resolved = run_setup.resolve_demo(cfg)
     assert resolved.model == str(models.DEMO_FOLDER) and resolved.data.endswith("data")
     assert resolved.t5_tokenizer.endswith("tokenizer_2") and resolved.vae.endswith("vae")
 

@@ -1,5 +1,5 @@
 """`python -m distill.export`: any checkpoint's LoRA set as the files the run's final export writes, from the
-checkpoint alone (distill/export.py), on the tiny Flux."""
+checkpoint alone (distill/lora_export.py), on the tiny Flux."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 from test_trainer import config, trainer
 
-import distill.train
-from distill.export import export_checkpoint, export_lora, main
+import distill.lora_export
+from distill.export import main
+from distill.lora_export import export_checkpoint, export_lora
 from distill.lora import lora_layers
 from weights.io import read_header
 from weights.lora import read_lora
@@ -58,7 +59,7 @@ def test_an_earlier_checkpoint_exports_its_own_set_without_reading_the_base(tmp_
     def no_base(*_, **__):
         raise AssertionError("the export read the base model")
 
-    monkeypatch.setattr(distill.train, "load_model", no_base)
+    monkeypatch.setattr(distill.lora_export, "load_model", no_base)
     folder = tmp_path / "out"
     paths = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-000002", "slow_ema", LAYOUTS, folder)
     assert [p.parent for p in paths] == [folder] * 3

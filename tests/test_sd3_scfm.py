@@ -162,7 +162,7 @@ def config(tmp_path, **kw) -> DistillConfig:
 
 
 def test_a_few_sd3_scfm_steps_with_cfg_lower_the_loss_restart_the_emas_and_export(tmp_path):
-    from distill.export import export_lora
+    from distill.lora_export import export_lora
     from weights.io import read_header
     from weights.lora import read_lora
 
@@ -210,7 +210,7 @@ def test_a_few_sd3_scfm_steps_with_cfg_lower_the_loss_restart_the_emas_and_expor
     training = json.loads(read_header(paths[0])[1]["scfm_training"])
     assert training["cfg"] == {"w": W, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
                                "diffusers_guidance_scale": 1 + W}
-    from distill.export import export_checkpoint
+    from distill.lora_export import export_checkpoint
     from test_export import assert_same_files
 
     for a, b in zip(paths, export_checkpoint(cfg.output), strict=True):  # the MMDiT rebuilt from the checkpoint

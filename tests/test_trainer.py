@@ -188,7 +188,7 @@ def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_l
 
 
 def test_fp8_base_model_file_is_quantized_as_it_is_read(tmp_path):
-    from distill.train import load_model
+    from distill.run_setup import load_model
     from weights import save_flux
 
     path = save_flux(tiny_model(), tmp_path / "flux.safetensors")
@@ -363,7 +363,7 @@ def test_cli_trains_resumes_and_exports(tmp_path, capsys):
 @pytest.mark.parametrize("which", ["live", "slow_ema"])
 def test_export_in_every_layout_reads_back_as_the_chosen_set(tmp_path, which):
     from distill.lora import lora_layers
-    from distill.export import export_lora
+    from distill.lora_export import export_lora
     from weights.lora import read_lora
 
     cfg = config(tmp_path, steps=2, checkpoint_every=0, export_set=which)

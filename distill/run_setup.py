@@ -1,0 +1,180 @@
+"""What a training run needs before its first step: the process group, the built-in demo's files and data, the
+dataset cache (latents and text embeddings) and the transformer, loaded for training. `python -m distill.train`
+runs them in order; `python -m distill.export` reads a model's architecture through `load_model` on meta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from weights.detect import detect_family
+from weights.io import DTYPES, parse_lora
+
+from .config import ConfigError, DistillConfig
+from .data import Cache, DataError, build_cache, file_identity, plan_cache
+
+
+def setup_distributed(cfg: DistillConfig) -> torch.device:
+    """torchrun sets WORLD_SIZE / LOCAL_RANK: one process per GPU (NCCL), or gloo on CPU."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def resolve_demo(cfg: DistillConfig) -> DistillConfig:
+    """model = "demo": the shipped pipeline folder's transformer, VAE and text encoders, and (without --data) a
+    dataset the teacher renders into <output>/data first, as the recipe does (scfm-method.md §7)."""
+    if cfg.model != "demo":
+        return cfg
+    from distill.demo.models import DEMO_FOLDER, demo_sources
+
+    try:
+        sources = demo_sources()  # the pipeline folder's own parts, as sampling loads them
+    except FileNotFoundError:
+        raise ConfigError(f"the demo pipeline is missing from {DEMO_FOLDER}; reinstall scfm or rebuild it with "
+                          "`python -m tools.make_demo`") from None
+    # the vendored CLIP vocabulary stays (the folder's tokenizer/ holds the same one)
+    files = {k: str(getattr(sources, k)) for k in ("vae", "clip", "t5", "t5_tokenizer") if not getattr(cfg, k)}
+    data = cfg.data or str(Path(cfg.output).expanduser() / "data")
+    return dataclasses.replace(cfg, model=str(DEMO_FOLDER), data=data, **files)
+
+
+def render_demo_data(cfg: DistillConfig) -> None:
+    """The demo teacher renders its training set (resumable: make_dataset skips the images already listed)."""
+    from distill.demo.models import DEMO_PROMPTS
+
+    from . import teacher_data
+
+    args = teacher_data.build_parser().parse_args([
+        "--model", cfg.model, "--prompts", str(DEMO_PROMPTS), "--out", cfg.data, "--images-per-bucket",
+        str(cfg.demo_images), "--resolution", str(cfg.resolution), "--max-sequence-length", str(cfg.t5_length),
+        "--batch-size", "64", "--seed", str(cfg.seed), "--device", "cpu", "--dtype", "fp32",
+        *[arg for spec in cfg.base_loras for arg in ("--lora", spec)]])  # the teacher renders with them
+    teacher_data.run(args)
+
+
+def family_of(cfg: DistillConfig) -> str:
+    """"flux" or "sd3": the demo names, else the model's files (config class names, then keys)."""
+    if cfg.model in ("tiny", "tiny-sd3"):
+        return {"tiny": "flux", "tiny-sd3": "sd3"}[cfg.model]
+    if not cfg.model:
+        raise ConfigError("no model: pass --model (a Flux or SD3 / SD3.5 transformer file or folder)")
+    return detect_family(Path(cfg.model).expanduser())
+
+
+# What each family's text encoder returns, and the negative prompt embedded once (SD3.5's CFG: the empty one).
+COND_NAMES = {"flux": ("txt", "y"), "sd3": ("context", "pooled")}
+
+
+def cache_key(cfg: DistillConfig, family: str = "flux") -> dict:
+    """What the cached tensors depend on besides the images and prompts."""
+    names = ("vae", "clip", "t5", "t5_tokenizer", "clip_tokenizer")
+    names += ("clip_g", "clip_g_tokenizer") if family == "sd3" else ()  # Flux keys stay as they were
+    files = {k: file_identity(getattr(cfg, k)) for k in names}
+    return {**files, "t5_length": cfg.t5_length, "resolution": cfg.resolution, "dtype": cfg.dtype}
+
+
+def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: str):
+    from model.text import encode_flux, encode_sd3
+    from model.tokenizers import CLIPTokenizer, T5Tokenizer
+    from weights.text import load_clip, load_t5
+
+    clip = load_clip(cfg.clip, dtype=dtype, device=device)
+    t5 = load_t5(cfg.t5, dtype=dtype, device=device) if cfg.t5 else None
+    clip_tok = CLIPTokenizer.load(cfg.clip_tokenizer or None)
+    t5_tok = T5Tokenizer.load(cfg.t5_tokenizer, max_length=cfg.t5_length) if cfg.t5 else None
+    if family == "flux":
+        def encode(prompts):
+            txt, _, y = encode_flux(prompts, clip=clip, clip_tokenizer=clip_tok, t5=t5, t5_tokenizer=t5_tok,
+                                    max_length=cfg.t5_length)
+            return {"txt": txt, "y": y}
+        return encode
+    from model.tokenizers import _pad_token_of
+    from sampling.sd3 import CLIP_G_PAD
+
+    clip_g = load_clip(cfg.clip_g, dtype=dtype, device=device)
+    # bigG pads with "!" unless its own tokenizer folder says otherwise, as sampling/sd3.py loads it
+    folder = Path(cfg.clip_g_tokenizer).expanduser() if cfg.clip_g_tokenizer else None
+    g_tok = CLIPTokenizer.load(folder, pad_token=None if folder and _pad_token_of(folder) else CLIP_G_PAD)
+
+    def encode_3(prompts):
+        context, pooled = encode_sd3(prompts, clip_l=clip, clip_l_tokenizer=clip_tok, clip_g=clip_g,
+                                     clip_g_tokenizer=g_tok, t5=t5, t5_tokenizer=t5_tok,
+                                     max_length=cfg.t5_length)
+        return {"context": context, "pooled": pooled}
+    return encode_3
+
+
+def _encoders(cfg: DistillConfig, device: torch.device, family: str = "flux"):
+    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+
+    def text():
+        return _text_encoder(cfg, device, dtype, family)
+
+    def image():
+        from model.vae import images_to_vae
+        from weights.vae import load_vae
+
+        vae = load_vae(cfg.vae, dtype=dtype, device=device)
+        return lambda images: vae.normalize_latents(vae.encode(images_to_vae(images).to(device, dtype)))
+
+    return text, image
+
+
+def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: str = "flux") -> Cache:
+    folder = Path(cfg.cache or Path(cfg.output) / "cache").expanduser()
+    needed = {"flux": ("vae", "clip", "t5", "t5_tokenizer"), "sd3": ("vae", "clip", "clip_g")}[family]
+    encoders_given = all(getattr(cfg, k) for k in needed)
+    if rank == 0:
+        if encoders_given:
+            if not cfg.data:
+                raise DataError("no dataset: pass --data FOLDER")
+            if cfg.t5 and not cfg.t5_tokenizer:
+                raise DataError("--t5 needs --t5-tokenizer (its spiece.model / tokenizer.json / folder)")
+            plan = plan_cache(cfg.data, cache_key(cfg, family), cfg.resolution, cfg.sample_prompts,
+                              cond_names=COND_NAMES[family], negative_prompt="" if family == "sd3" else None)
+            text, image = _encoders(cfg, device, family)
+            build_cache(folder, plan, text, image, dtype=DTYPES[cfg.dtype])
+        elif not (folder / "cache.json").exists():
+            flags = ", ".join("--" + k.replace("_", "-") for k in needed)
+            raise DataError(f"no cache in {folder}: pass {flags} to build it")
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks open the cache once rank 0 has finished it
+    cache = Cache(folder)
+    for field in ("t5_length", "resolution"):
+        if cache.key.get(field) != getattr(cfg, field):
+            raise DataError(f"{folder}: cache built with {field} {cache.key.get(field)}, the config says "
+                            f"{getattr(cfg, field)}; use another --cache")
+    return cache
+
+
+def load_model(cfg: DistillConfig, device: torch.device):
+    """With fp8 storage the blocks' weights are quantized as they are read: the bf16 model never exists at once."""
+    from model.flux import FLUX_CONFIGS, Flux
+    from model.mmdit import MMDIT_CONFIGS, MMDiT
+
+    loras = [parse_lora(spec) for spec in cfg.base_loras]  # merged as the weights are read, before fp8
+    if cfg.model in ("tiny", "tiny-sd3"):
+        from weights.lora_merge import apply_loras
+
+        torch.manual_seed(cfg.seed)  # the test model: random, but the same on every rank
+        model = Flux(FLUX_CONFIGS["tiny"]) if cfg.model == "tiny" else MMDiT(MMDIT_CONFIGS["tiny"])
+        apply_loras(model, loras, restorable=False)
+        return model
+    if family_of(cfg) == "sd3":
+        from weights.mmdit import load_mmdit
+
+        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_storage, loras=loras)
+    from weights.flux import load_flux
+
+    return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_storage, loras=loras)

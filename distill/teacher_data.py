@@ -1,0 +1,182 @@
+"""Render a teacher dataset the way the released recipe does (`python -m distill.make_dataset` is its command
+line; `python -m distill.train` calls it for the demo).
+
+    python -m distill.make_dataset --model FLUX.1-dev/ --prompts prompts.txt --out teacher_data/ \
+        --images-per-bucket 500
+
+Image j of bucket b uses prompt (j * buckets + b) mod P (so prompts spread over the buckets) and its own seed
+(seed + job number), 32 Euler steps of the model's own schedule at guidance 3.5 (scfm-method.md §7). The
+folder gets `{W}x{H}_{j:06d}.png` files and `metadata.jsonl` lines {"file_name", "prompt"}: the layout
+`python -m distill.train --data` reads. Killed and restarted with the same arguments, it continues where it
+stopped; with different arguments it refuses to mix two datasets in one folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from sampling.options import COMPILE_HELP, FP8_COMPUTE_HELP, FP8_HELP, SWAP_HELP
+from weights.io import DTYPES, WeightsError, file_sha256, parse_lora
+
+from .data import BUCKETS_512, buckets_for
+
+ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf16 = 0.5 GB
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distill.make_dataset", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="diffusers Flux pipeline folder, or the transformer file")
+    for name in ("vae", "clip", "t5", "t5-tokenizer", "clip-tokenizer"):
+        p.add_argument(f"--{name}", help=f"{name} file/folder (default: the pipeline folder's)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="dataset folder to create or continue")
+    p.add_argument("--images-per-bucket", type=int, required=True)
+    p.add_argument("--resolution", type=int, default=512,
+                   help="bucket area resolution^2 (512: the 512-px list)")
+    p.add_argument("--steps", type=int, default=32, help="teacher Euler steps")
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens when rendering")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    p.add_argument("--fp8-compute", "--fp8_compute", action="store_true", help=FP8_COMPUTE_HELP)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA merged into the teacher (e.g. a style LoRA; train with the same --base_loras); "
+                        "repeatable")
+    return p
+
+
+def plan_jobs(prompts: list[str], buckets, per_bucket: int, seed: int) -> list[dict]:
+    jobs = []
+    for b, (w, h) in enumerate(buckets):
+        for j in range(per_bucket):
+            prompt = prompts[(j * len(buckets) + b) % len(prompts)]
+            jobs.append({"file_name": f"{w}x{h}_{j:06d}.png", "prompt": prompt, "width": w, "height": h,
+                         "seed": seed + len(jobs)})
+    return jobs
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        prompts = [ln.strip() for ln in Path(path).expanduser().read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ValueError(f"--prompts {path}: {e.strerror}") from None
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def done_files(out: Path) -> set[str]:
+    """Files listed in metadata.jsonl that exist: a PNG written but not yet listed is rendered again."""
+    meta = out / "metadata.jsonl"
+    if not meta.exists():
+        return set()
+    rows = [json.loads(ln) for ln in meta.read_text().splitlines() if ln.strip()]
+    return {r["file_name"] for r in rows if (out / r["file_name"]).exists()}
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    path = out / "make_dataset.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise ValueError(f"{out} holds a dataset made with other {', '.join(diff)}; use another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".make_dataset.json.tmp")
+        tmp.write_text(json.dumps(settings, indent=1))
+        tmp.replace(path)
+
+
+@torch.no_grad()
+def render(pipe, jobs: list[dict], args, out: Path, bar) -> None:
+    """One bucket's jobs: encode their prompts once, then batches of independent per-image noise."""
+    from sampling.base import save_png
+    from sampling.pipeline import GenerationConfig, to_pil
+    from sampling.samplers import euler, flux_guidance
+    from sampling.schedules import get_sigmas
+    from sampling.velocity import FluxVelocity
+
+    w, h = jobs[0]["width"], jobs[0]["height"]
+    cfg = GenerationConfig(height=h, width=w, steps=args.steps, guidance=args.guidance,
+                           max_sequence_length=args.max_sequence_length)
+    prompts = list(dict.fromkeys(j["prompt"] for j in jobs))
+    conds = pipe.encode(prompts, args.max_sequence_length)
+    row = {p: i for i, p in enumerate(prompts)}
+    model = pipe.transformer
+    velocity = FluxVelocity(model)
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        # each image's noise from its own seed: the dataset does not depend on --batch-size
+        x = torch.cat([pipe.noise(1, h, w, torch.Generator().manual_seed(j["seed"])) for j in batch])
+        pick = torch.tensor([row[j["prompt"]] for j in batch])
+        cond = {k: v[pick.to(v.device)] for k, v in conds.items()}
+        tokens = (x.shape[2] // 2) * (x.shape[3] // 2)
+        sigmas = get_sigmas(pipe.schedule(cfg), cfg.steps, tokens, device=x.device)
+        guidance = flux_guidance(cfg.guidance, len(batch), x.device) if model.config.guidance_embed else None
+        images = to_pil(pipe.decode(euler(velocity, x, sigmas, cond, guidance)))
+        with open(out / "metadata.jsonl", "a") as meta:
+            for job, image in zip(batch, images, strict=True):
+                save_png(image, out / job["file_name"], {**job, "steps": cfg.steps, "guidance": cfg.guidance})
+                meta.write(json.dumps({"file_name": job["file_name"], "prompt": job["prompt"]}) + "\n")
+            meta.flush()
+            os.fsync(meta.fileno())
+        bar.update(len(batch))
+
+
+def make_pipeline(args):
+    from sampling.pipeline import FluxPipeline, FluxSources
+
+    model = Path(args.model).expanduser()
+    if not model.exists():
+        raise WeightsError(f"--model {model}: no such file or folder")
+    files = {k: Path(v) for k in ("vae", "clip", "t5", "t5_tokenizer", "clip_tokenizer")
+             if (v := getattr(args, k))}
+    sources = FluxSources.from_folder(model, **files) if (model / "model_index.json").exists() else \
+        FluxSources(transformer=model, **files)
+    sources.check()
+    return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
+                        loras=[parse_lora(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap,
+                        fp8_compute=args.fp8_compute, compile=args.compile)
+
+
+def run(args) -> Path:
+    from tqdm import tqdm
+
+    if args.images_per_bucket < 1 or args.batch_size < 1 or args.steps < 1:
+        raise ValueError("--images-per-bucket, --batch-size and --steps must be >= 1")
+    prompts = read_prompts(args.prompts)
+    buckets = BUCKETS_512 if args.resolution == 512 else buckets_for(args.resolution)
+    out = Path(args.out).expanduser()
+    settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
+                                              "max_sequence_length", "seed")}
+    settings.update(model=str(args.model), prompts=prompts)
+    loras = [parse_lora(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise WeightsError(f"--lora {path}: no such file")
+    if loras:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
+        settings["loras"] = [[Path(path).name, scale, file_sha256(path)] for path, scale in loras]
+    check_settings(out, settings)
+    jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
+    done = done_files(out)
+    todo = [j for j in jobs if j["file_name"] not in done]
+    pipe = make_pipeline(args)
+    pipe.check_transformer()  # a wrong --model fails now, not after the first bucket's prompts are encoded
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="rendering", unit="image") as bar:
+        for w, h in buckets:
+            mine = [j for j in todo if (j["width"], j["height"]) == (w, h)]
+            for start in range(0, len(mine), ENCODE_CHUNK):  # bounded memory for the text embeddings
+                render(pipe, mine[start:start + ENCODE_CHUNK], args, out, bar)
+    return out
