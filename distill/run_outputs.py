@@ -10,8 +10,8 @@ import sys
 import threading
 import time
 import uuid
-from typing import Self
 from pathlib import Path
+from typing import Self
 
 import torch
 from torch import Tensor

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS
 from weights.detect import detect_family
 from weights.io import DTYPES, parse_lora
 
@@ -36,7 +37,7 @@ def resolve_demo(cfg: DistillConfig) -> DistillConfig:
     dataset the teacher renders into <output>/data first, as the recipe does (scfm-method.md §7)."""
     if cfg.model != "demo":
         return cfg
-    from distill.demo.models import DEMO_FOLDER, demo_sources
+    from distill.demo.models import demo_sources
 
     try:
         sources = demo_sources()  # the pipeline folder's own parts, as sampling loads them
@@ -51,8 +52,6 @@ def resolve_demo(cfg: DistillConfig) -> DistillConfig:
 
 def render_demo_data(cfg: DistillConfig) -> None:
     """The demo teacher renders its training set (resumable: make_dataset skips the images already listed)."""
-    from distill.demo.models import DEMO_PROMPTS
-
     from . import teacher_data
 
     args = teacher_data.build_parser().parse_args([

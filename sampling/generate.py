@@ -28,6 +28,7 @@ from weights.detect import detect_family
 from weights.io import DTYPES, WeightsError, parse_lora
 
 from .base import save_png
+from .demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
 from .options import COMPILE_HELP, FP8_COMPUTE_HELP, FP8_HELP, SWAP_HELP, out_of_memory
 
 # The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
@@ -38,16 +39,14 @@ DEFAULTS = {"flux": dict(steps=28, guidance=3.5, max_sequence_length=512),
 
 def with_demo_defaults(args) -> None:
     """No --model: the shipped demo pipeline at its own size and T5 length; `--lora demo` is its SCFM LoRA."""
-    from distill.demo import models  # noqa: PLC0415
-
     demo = args.model is None
     if demo:
-        args.model = str(models.DEMO_FOLDER)
+        args.model = str(DEMO_FOLDER)
         if args.max_sequence_length is None:
-            args.max_sequence_length = models.T5_LENGTH  # what the demo teacher was trained with
-    side = models.IMAGE_SIZE if demo else 1024
+            args.max_sequence_length = T5_LENGTH  # what the demo teacher was trained with
+    side = IMAGE_SIZE if demo else 1024
     args.width, args.height = args.width or side, args.height or side
-    args.lora = [str(models.DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec
+    args.lora = [str(DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec
                  for spec in args.lora]
 
 

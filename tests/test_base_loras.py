@@ -65,7 +65,7 @@ def test_every_layout_records_the_stack_and_generate_warns_without_it(tmp_path, 
 
 def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, style, monkeypatch):
     from distill import make_dataset, teacher_data
-    from distill.demo.models import DEMO_FOLDER
+    from sampling.demo import DEMO_FOLDER
 
     args = teacher_data.build_parser().parse_args(
         ["--model", str(DEMO_FOLDER), "--prompts", "p.txt", "--out", "o", "--images-per-bucket", "1",

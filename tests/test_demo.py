@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distill.demo import models, quality, world
+from sampling.demo import ASSETS, DEMO_FOLDER, DEMO_LORA, DEMO_PROMPTS, T5_LENGTH
 from sampling.pipeline import GenerationConfig
 
 # ---------------------------------------------------------------------------------------------- the world
@@ -87,10 +88,10 @@ def demo():
 
 
 def test_shipped_assets_are_small_and_complete():
-    assert models.folder_size(models.ASSETS) <= 20e6  # the issue's budget: pipeline, LoRA and prompts together
-    assert models.DEMO_LORA.is_file() and models.DEMO_PROMPTS.is_file()
+    assert models.folder_size(ASSETS) <= 20e6  # the issue's budget: pipeline, LoRA and prompts together
+    assert DEMO_LORA.is_file() and DEMO_PROMPTS.is_file()
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
-        assert (models.DEMO_FOLDER / part).is_dir(), part
+        assert (DEMO_FOLDER / part).is_dir(), part
 
 
 def test_shipped_models_have_the_demo_configs(demo):
@@ -105,15 +106,15 @@ def test_shipped_models_have_the_demo_configs(demo):
 def test_tokenizer_has_t5_ids_and_one_piece_per_word():
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(models.DEMO_FOLDER / "tokenizer_2" / "spiece.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(DEMO_FOLDER / "tokenizer_2" / "spiece.model"))
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
     words = {w for c in world.sample(0, 200)[1] for w in c.split()}
     assert all(len(sp.encode(w)) == 1 for w in words)
 
 
 def test_text_embeddings_depend_on_the_prompt(demo):
-    cond = demo.encode(["a red circle", "a blue circle", "a red square"], models.T5_LENGTH)
-    assert cond["txt"].shape == (3, models.T5_LENGTH, models.FLUX_CONFIG.context_in_dim)
+    cond = demo.encode(["a red circle", "a blue circle", "a red square"], T5_LENGTH)
+    assert cond["txt"].shape == (3, T5_LENGTH, models.FLUX_CONFIG.context_in_dim)
     for key in ("txt", "y"):
         v = cond[key].flatten(1)
         assert (v[0] - v[1]).abs().max() > 1e-2 and (v[0] - v[2]).abs().max() > 1e-2, key
@@ -132,7 +133,7 @@ def test_vae_reconstructs_the_world(demo):
 
 
 def test_four_step_sample_draws_an_image(demo):
-    cfg = GenerationConfig(height=64, width=64, steps=4, seed=0, max_sequence_length=models.T5_LENGTH)
+    cfg = GenerationConfig(height=64, width=64, steps=4, seed=0, max_sequence_length=T5_LENGTH)
     images = demo(["a red circle at the top left"], cfg, output="tensor")
     assert images.shape == (1, 3, 64, 64) and images.std() > 0.05
 
@@ -141,7 +142,7 @@ def sample_scores(demo, steps: tuple[int, ...], seed: int, shift: float | None =
     """quality.score of `quality.PROMPTS` x 2 noises (from `seed`) at each step count, plus the images: a cheap
     version of `distill.evaluate`'s measurement (`shift`: the SCFM grid with that shift, else the demo's grid)."""
     prompts = [p for p in quality.PROMPTS for _ in range(2)]
-    cond = demo.encode(prompts, models.T5_LENGTH)
+    cond = demo.encode(prompts, T5_LENGTH)
     noise = torch.randn(len(prompts), 16, 16, 16, generator=torch.Generator().manual_seed(seed))
     out = {}
     for n in steps:
@@ -164,12 +165,12 @@ def test_shipped_lora_is_a_few_step_sampler(demo):
     from weights.lora import read_lora
     from weights.lora_merge import apply_loras, unload_loras
 
-    hints = read_lora(models.DEMO_LORA).recommended  # what `generate --lora demo` follows
+    hints = read_lora(DEMO_LORA).recommended  # what `generate --lora demo` follows
     assert (hints.steps, hints.schedule, hints.shift) == (4, "scfm", 3.0)
     reference = sample_scores(demo, (32,), seed=1)[32]["images"]
     teacher = sample_scores(demo, (1, 4), seed=1)
     teacher_shifted = sample_scores(demo, (4,), seed=1, shift=hints.shift)
-    apply_loras(demo.transformer, [(read_lora(models.DEMO_LORA), 1.0)], restorable=True)
+    apply_loras(demo.transformer, [(read_lora(DEMO_LORA), 1.0)], restorable=True)
     try:
         student = sample_scores(demo, (1, 4), seed=1, shift=hints.shift)
     finally:

@@ -7,9 +7,10 @@ import json
 import pytest
 from PIL import Image
 
-from distill import evaluate, run_setup, train
+from distill import evaluate, evaluation, run_setup, train
 from distill.config import build_config
-from distill.demo import models, world
+from distill.demo import world
+from sampling.demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +24,11 @@ def demo_run(tmp_path_factory):
 
 def test_no_arguments_mean_the_demo_preset():
     cfg = build_config("demo", {})
-    assert cfg.model == "demo" and cfg.resolution == models.IMAGE_SIZE and cfg.t5_length == models.T5_LENGTH
+    assert cfg.model == "demo" and cfg.resolution == IMAGE_SIZE and cfg.t5_length == T5_LENGTH
     # the recipe's fixed shift range, and its sampling shift in the LoRA's hints (scfm-method.md §2, §8)
     assert (cfg.shift_min, cfg.shift_max, cfg.sample_shift, cfg.dynamic_shift_prob) == (2.5, 4.5, 3.0, 0.0)
     resolved = run_setup.resolve_demo(cfg)
-    assert resolved.model == str(models.DEMO_FOLDER) and resolved.data.endswith("data")
+    assert resolved.model == str(DEMO_FOLDER) and resolved.data.endswith("data")
     assert resolved.t5_tokenizer.endswith("tokenizer_2") and resolved.vae.endswith("vae")
 
 
@@ -35,7 +36,7 @@ def test_demo_training_renders_trains_and_exports(demo_run):
     meta = [json.loads(ln) for ln in (demo_run / "data" / "metadata.jsonl").read_text().splitlines()]
     assert len(meta) == 4 and all(world.parse_caption(m["prompt"]) is not None for m in meta)
     image = Image.open(demo_run / "data" / meta[0]["file_name"])
-    assert image.size == (models.IMAGE_SIZE, models.IMAGE_SIZE)
+    assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
     log = [json.loads(ln) for ln in (demo_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r][-1] == 2
     for suffix in ("", "-diffusers", "-kohya"):
@@ -54,7 +55,7 @@ def test_evaluate_scores_the_trained_lora(demo_run, tmp_path):
     names = [r["name"] for r in data["rows"]]
     assert names == ["world", "teacher 4", "teacher 1", "teacher 2", "scfm 1", "scfm 2"]
     for row in data["rows"]:
-        assert {"name", "model", "steps", *evaluate.METRICS} <= set(row)
+        assert {"name", "model", "steps", *evaluation.METRICS} <= set(row)
         assert 0 <= row["adherence"] <= 100
     assert data["rows"][1]["paired"] == 0 and data["rows"][1]["hist"] == 0  # the reference against itself
     assert Image.open(grid).size == (64 * len(prompts), 64 * len(names))
@@ -67,7 +68,7 @@ def test_generate_without_model_samples_the_demo(tmp_path):
     argv = ["--prompt", "a red circle at the top left", "--steps", "4", "--out", str(out), "--lora", "demo"]
     assert generate.main(argv) == 0
     image = Image.open(out)
-    assert image.size == (models.IMAGE_SIZE, models.IMAGE_SIZE)
+    assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
     params = json.loads(image.text["parameters"])
-    assert params["model"] == str(models.DEMO_FOLDER) and params["loras"] == [str(models.DEMO_LORA)]
-    assert params["max_sequence_length"] == models.T5_LENGTH and params["steps"] == 4
+    assert params["model"] == str(DEMO_FOLDER) and params["loras"] == [str(DEMO_LORA)]
+    assert params["max_sequence_length"] == T5_LENGTH and params["steps"] == 4

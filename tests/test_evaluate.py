@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 
 from distill.demo import models, world
-from distill.evaluate import EvalConfig, evaluate, main
+from distill.evaluate import main
+from distill.evaluation import EvalConfig, evaluate
 from distill.lora import LoRAConfig, inject_lora, set_state_dict
 from model.flux import Flux
 from model.vae import AutoEncoder
+from sampling.demo import T5_LENGTH
 from weights.lora_write import save_lora
 
 PROMPTS = ("a red circle at the top left", "a blue square in the center on a white background")
@@ -56,7 +58,7 @@ def test_cli_writes_the_table_and_the_grid(folder, tmp_path, capsys):
     report = json.loads(out.read_text())
     cfg = report["config"]
     assert cfg["steps"] == [1, 2] and cfg["teacher_steps"] == 4 and cfg["prompts"] == list(PROMPTS)
-    assert cfg["per_prompt"] == 2 and cfg["t5_length"] == models.T5_LENGTH and cfg["lora_scale"] == 1.0
+    assert cfg["per_prompt"] == 2 and cfg["t5_length"] == T5_LENGTH and cfg["lora_scale"] == 1.0
     rows = {r["name"]: r for r in report["rows"]}
     assert [r["name"] for r in report["rows"]] == NAMES
     for r in report["rows"]:

@@ -84,13 +84,6 @@ def test_loras_that_do_not_fit_are_refused_before_anything_is_read(flux_files, m
     assert read == []
 
 
-def test_every_lora_module_can_be_imported_first():
-    """weights.lora re-exports its two halves, which import from it: entering through either first must work."""
-    root = Path(__file__).resolve().parents[1]
-    for module in ("weights.lora_merge", "weights.lora_write", "weights.assign"):
-        subprocess.run([sys.executable, "-c", f"import {module}"], cwd=root, check=True, capture_output=True)
-
-
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
 def test_meta_device_runs_every_check_and_reads_no_tensor(flux_files, layout, monkeypatch):
     import weights.io

@@ -1,4 +1,4 @@
-"""Rebuild the shipped demo pipeline (distill/demo/assets/flux-demo) from scratch, with a fixed seed.
+"""Rebuild the shipped demo pipeline (sampling/demo_assets/flux-demo) from scratch, with a fixed seed.
 
     python -m tools.make_demo --overwrite --device cuda    # the shipped teacher: about 8 min of teacher training
                                                            # on one H100 (VAE stage: ~12 min on 2 CPU cores)
@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distill.demo import models, quality, world
-from distill.evaluate import EvalConfig, evaluate, format_table
+from distill.evaluation import EvalConfig, evaluate, format_table
 from model.flux import Flux
 from model.text import encode_flux
 from model.tokenizers import CLIPTokenizer, T5Tokenizer
 from model.vae import AutoEncoder
+from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS, T5_LENGTH  # noqa: E402
 from sampling.velocity import FluxVelocity
 
 SEED = 20251022
@@ -152,11 +153,11 @@ def with_latent_stats(vae: AutoEncoder, latents: torch.Tensor) -> AutoEncoder:
 @torch.no_grad()
 def encode_captions(clip, t5, spiece_path: Path, captions: list[str], batch: int = 512) -> dict[str, torch.Tensor]:
     clip_tok = CLIPTokenizer.load(None)
-    t5_tok = T5Tokenizer.load(spiece_path, max_length=models.T5_LENGTH)
+    t5_tok = T5Tokenizer.load(spiece_path, max_length=T5_LENGTH)
     txt, y = [], []
     for i in range(0, len(captions), batch):
         t, _, p = encode_flux(captions[i:i + batch], clip=clip, clip_tokenizer=clip_tok, t5=t5, t5_tokenizer=t5_tok,
-                              max_length=models.T5_LENGTH)
+                              max_length=T5_LENGTH)
         txt.append(t)
         y.append(p)
     return {"txt": torch.cat(txt), "y": torch.cat(y)}
@@ -227,7 +228,7 @@ def train_teacher(x0: torch.Tensor, text: dict[str, torch.Tensor], caption_idx: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.make_demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=models.DEMO_FOLDER)
+    p.add_argument("--out", type=Path, default=DEMO_FOLDER)
     p.add_argument("--work", type=Path, default=Path("/tmp/scfm-make-demo"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--reuse", action="store_true", help="reuse the stages already saved under --work")
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. teacher
     unique = sorted(set(captions))
     # the demo's dataset prompts ship beside the pipeline; a rebuild elsewhere keeps its own copy in --work
-    prompts_path = models.DEMO_PROMPTS if args.out == models.DEMO_FOLDER else args.work / "prompts.txt"
+    prompts_path = DEMO_PROMPTS if args.out == DEMO_FOLDER else args.work / "prompts.txt"
     prompts_path.write_text("\n".join(unique) + "\n")
     text = encode_captions(clip, t5, spiece_path, unique)
     index = {c: i for i, c in enumerate(unique)}

@@ -1,6 +1,6 @@
 """The demo models: tiny configs of the real classes, and the diffusers-style pipeline folder they ship in.
 
-    distill/demo/assets/flux-demo/
+    sampling/demo_assets/flux-demo/    (where: sampling/demo.py)
         model_index.json                       FluxPipeline
         scheduler/scheduler_config.json        FlowMatchEulerDiscreteScheduler, shift 1, no dynamic shift
         transformer/                           diffusers FluxTransformer2DModel layout + config.json (no guidance)
@@ -28,20 +28,10 @@ from model.flux import Flux, FluxConfig
 from model.t5 import T5Config, T5Encoder
 from model.tokenizers import CLIP_BPE_DIR, T5_EXTRA_IDS
 from model.vae import AutoEncoder, VAEConfig
+from sampling.demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH
 from weights.flux import config_to_diffusers, save_flux
 from weights.io import atomic_save
 from weights.keymaps.vae import ours_to_diffusers
-
-from . import world
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_FOLDER = ASSETS / "flux-demo"
-# The SCFM LoRA distilled from the demo teacher by `python -m distill.train` (its defaults), in our layout.
-DEMO_LORA = ASSETS / "flux-demo-scfm-lora.safetensors"
-# Every distinct caption of the teacher's training scenes: the prompts of the demo's teacher-rendered dataset.
-DEMO_PROMPTS = ASSETS / "prompts.txt"
-T5_LENGTH = 16  # every caption of the world is at most 13 T5 tokens; the teacher is trained at this length
-IMAGE_SIZE = world.SIZE  # 64 px -> 16x16 latents -> 64 packed tokens
 
 # CLIP-L's interface (vocabulary, 77 positions, EOS pooling, no projection as in Flux) at width 32: the 49,408-row
 # embedding is most of its size, so it ships in fp16.

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-SIZE = 64  # image side in pixels: with the demo VAE's downscale of 4 and 2x2 packing, 8x8 = 64 image tokens
+from sampling.demo import IMAGE_SIZE
+
+SIZE = IMAGE_SIZE  # image side in pixels (64)
 SUPERSAMPLE = 4  # shapes are rendered at 4x and box-filtered, so edges are anti-aliased like real images
 
 COLOURS: dict[str, tuple[int, int, int]] = {
