@@ -12,8 +12,8 @@ The plan is measured, not guessed:
 Why a plain sum: a fully checkpointed step peaks in the backward of its last block (the recomputed activations and
 the gradients through them, over every block's held input), and the unchecked blocks, being the first ones,
 still hold their activations then, while their own backward, later, recomputes nothing. On meta at FLUX.1-dev
-shapes (and on the CPU) this predicts the measured peak to the byte for every n but one: with every block unchecked the last
-block's recomputation is gone too, and the peak is one block lower than predicted (safe).
+shapes (and on the CPU) this predicts the measured peak to the byte for every n but one: with every block
+unchecked the last block's recomputation is gone too, and the peak is one block lower than predicted (safe).
 """
 
 from __future__ import annotations

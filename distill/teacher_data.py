@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.options import COMPILE_HELP, FP8_COMPUTE_HELP, FP8_HELP, SWAP_HELP
+from sampling.options import add_run_options
 from weights.io import DTYPES, WeightsError, file_sha256, parse_lora
 
 from .data import BUCKETS_512, buckets_for
@@ -44,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens when rendering")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
-    p.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    p.add_argument("--fp8-compute", "--fp8_compute", action="store_true", help=FP8_COMPUTE_HELP)
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
+    add_run_options(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA merged into the teacher (e.g. a style LoRA; train with the same --base_loras); "
                         "repeatable")

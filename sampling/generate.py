@@ -29,7 +29,7 @@ from weights.io import DTYPES, WeightsError, parse_lora
 
 from .base import save_png
 from .demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
-from .options import COMPILE_HELP, FP8_COMPUTE_HELP, FP8_HELP, SWAP_HELP, out_of_memory
+from .options import add_run_options, out_of_memory
 
 # The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
 # (CFG 7.0, T5 256). Both use 28 steps.
@@ -104,12 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
     run = p.add_argument_group("run")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
-    run.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    run.add_argument("--fp8-compute", "--fp8_compute", action="store_true", help=FP8_COMPUTE_HELP)
-    run.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    run.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
+    add_run_options(run)
     run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
     run.add_argument("--overwrite", action="store_true", help="replace existing files")
     return p

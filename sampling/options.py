@@ -1,7 +1,13 @@
-"""What the sampling commands share (`generate`, `make_dataset`, `evaluate`): the help texts of their run
-options and the one line they print when the GPU runs out of memory."""
+"""What the sampling commands share (`generate`, `make_dataset`): their run options (device, dtype, fp8 storage
+and compute, compiled blocks, block swap) and the one line they print when the GPU runs out of memory."""
 
 from __future__ import annotations
+
+import argparse
+
+import torch
+
+from weights.io import DTYPES
 
 FP8_HELP = ("store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory "
             "(Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")
@@ -12,6 +18,16 @@ COMPILE_HELP = ("compile each transformer block once (torch.compile; the first i
                 "then each step is faster)")
 SWAP_HELP = ("keep the last N transformer blocks' weights in CPU memory and copy each to the GPU as it runs: "
              "less GPU memory (Flux-dev bf16: ~0.4 GB per block, 57 blocks), slower")
+
+
+def add_run_options(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--device, --dtype, --fp8, --fp8-compute, --compile, --blocks-to-swap (the last four: sampling/base.py)."""
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    group.add_argument("--fp8", action="store_true", help=FP8_HELP)
+    group.add_argument("--fp8-compute", "--fp8_compute", action="store_true", help=FP8_COMPUTE_HELP)
+    group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    group.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
 
 
 def out_of_memory(args, smaller: str) -> str:

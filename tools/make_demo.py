@@ -46,7 +46,7 @@ from model.flux import Flux
 from model.text import encode_flux
 from model.tokenizers import CLIPTokenizer, T5Tokenizer
 from model.vae import AutoEncoder
-from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS, T5_LENGTH  # noqa: E402
+from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS, T5_LENGTH
 from sampling.velocity import FluxVelocity
 
 SEED = 20251022

@@ -12,6 +12,17 @@ from pathlib import Path
 
 from .io import WeightsError, model_files, read_shapes
 
+
+def _not_this(keys, source: str, others: list[tuple[str, str]], wanted: str, layouts: str) -> WeightsError:
+    """The one-line error for a file that is not `wanted`: what it is instead when its keys tell, else its first
+    keys."""
+    for fragment, what in others:
+        if any(fragment in k for k in keys):
+            return WeightsError(f"{source}: this is {what}, not {wanted}")
+    first = ", ".join(sorted(keys)[:3])
+    return WeightsError(f"{source}: not {wanted} in {layouts} (first keys: {first})")
+
+
 # Prefixes other tools put in front of the transformer's keys: ComfyUI and all-in-one files, some exporters.
 _FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
@@ -42,11 +53,7 @@ def detect_flux_layout(keys, source: str) -> tuple[str, str]:
         return prefix, "official"
     if "x_embedder.weight" in bare or any(k.startswith("single_transformer_blocks.") for k in bare):
         return prefix, "diffusers"
-    for fragment, what in _NOT_FLUX:
-        if any(fragment in k for k in keys):
-            raise WeightsError(f"{source}: this is {what}, not a Flux transformer")
-    first = ", ".join(sorted(keys)[:3])
-    raise WeightsError(f"{source}: not a Flux transformer in the BFL or diffusers layout (first keys: {first})")
+    raise _not_this(keys, source, _NOT_FLUX, "a Flux transformer", "the BFL or diffusers layout")
 
 
 # Prefixes in front of the transformer's keys: SAI single files and ComfyUI use the first.
@@ -72,11 +79,7 @@ def detect_mmdit_layout(keys, source: str) -> tuple[str, str]:
             return prefix, "official"
         if prefix + "pos_embed.proj.weight" in keys:
             return prefix, "diffusers"
-    for fragment, what in _NOT_MMDIT:
-        if any(fragment in k for k in keys):
-            raise WeightsError(f"{source}: this is {what}, not an SD3 / SD3.5 transformer")
-    first = ", ".join(sorted(keys)[:3])
-    raise WeightsError(f"{source}: not an SD3 / SD3.5 MMDiT in the SAI or diffusers layout (keys: {first})")
+    raise _not_this(keys, source, _NOT_MMDIT, "an SD3 / SD3.5 transformer", "the SAI or diffusers layout")
 
 
 def detect_family(model: Path) -> str:
