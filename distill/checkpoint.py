@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from weights.io import file_sha256
+from weights.io import atomic_path, file_sha256, temp_beside
 
 from .config import DistillConfig
 from .sharding import full, like
@@ -51,10 +50,11 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
     """Write `root/step-{step}` atomically, then delete all but the newest `keep` complete checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = temp_beside(final, folder=True)  # `.step-*.tmp`, which clean_temp removes; the user's umask
     try:
         tensor_file = tmp / "tensors.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tensor_file))
+        with atomic_path(tensor_file) as t:  # for its mode: save_file alone makes 0600
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(t))
         state = {**state, "step": step, "tensors_sha256": file_sha256(tensor_file)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         for f in (tensor_file, tmp / "state.json", tmp):

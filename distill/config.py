@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A bad config file, field or value, reported as one line."""
 
 
-def opt(default, help: str, parse=None):  # noqa: A002  (argparse's own word)
+def opt(default, help: str, parse=None):
     """A field with its help text; `parse` reads the field's text on the command line and in TOML (e.g. 'auto')."""
     return field(default=default, metadata={"help": help, "parse": parse})
 
@@ -134,18 +134,22 @@ class DistillConfig:
     log_every: int = opt(10, "steps between JSONL log lines")
     wandb_project: str = opt("", "also log to Weights & Biases under this project (needs `pip install wandb`; "
                                  "rank 0; a resumed run continues the same W&B run); empty = off")
-    sample_every: int = opt(0, "steps between sample images (0 = off); needs sample_prompts in the cache")
+    sample_every: int = opt(0, "steps between sample images (0 = off); a run whose cache holds no "
+                               "sample_prompts is refused before training (the cache's captions are not used)")
     sample_prompts: tuple[str, ...] = opt((), "prompts for sample images (embedded when the cache is built)")
     sample_steps: int = opt(4, "Euler steps of the sample images")
     sample_shift: float = opt(3.0, "fixed shift of the samples' SCFM grid")
     sample_guidance: float = opt(3.5, "Flux: guidance value of the sample images (SD3 samples use 1 + "
                                       "cfg_scale, as trained)")
-    sample_size: int = opt(512, "sample image side in pixels")
+    sample_size: int = opt(512, "sample image side in pixels: a multiple of the VAE's downscale x 2 (16 for "
+                                "FLUX.1 / SD3.5, 8 for the demo)")
     checkpoint_every: int = opt(200, "steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = opt(3, "keep the newest K checkpoints")
     resume: bool = opt(False, "continue from the newest complete checkpoint in <output>/checkpoints")
     export_set: str = opt("live", "LoRA set to export at the end: 'live' or 'slow_ema'")
-    export_formats: tuple[str, ...] = opt(("ours", "diffusers", "kohya"), "LoRA file layouts to export")
+    export_formats: tuple[str, ...] = opt(("diffusers", "kohya"), "LoRA file layouts to export: diffusers "
+                                          "(scfm-lora-SET.safetensors, loads in ComfyUI, Forge, diffusers), "
+                                          "kohya (-kohya), ours (-scfm-only, read by scfm alone)")
 
     def __post_init__(self):
         positive = ("rank", "steps", "demo_images", "batch_size", "t5_length", "resolution", "log_every",
@@ -176,7 +180,7 @@ class DistillConfig:
         if self.unchecked_blocks < AUTO:
             raise ConfigError(f"unchecked_blocks must be >= 0 or 'auto', got {self.unchecked_blocks}")
         if self.max_memory:
-            from .memory_plan import parse_memory  # noqa: PLC0415  (torch: only when a budget is given)
+            from .memory_plan import parse_memory
 
             try:
                 parse_memory(self.max_memory)

@@ -187,6 +187,12 @@ class Cache:
     def key(self) -> dict:
         return self.plan["key"]
 
+    @property
+    def downscale(self) -> int:
+        """Image pixels per latent pixel of the VAE that built the cache (item 0's bucket width over its latent
+        width): sample images need it, and a run without --vae has no VAE to ask."""
+        return self.buckets[0][0] // self._get("latents-00000.safetensors", "0").shape[-1]
+
     def fingerprint(self) -> str:
         """Changes whenever the contents could: checkpoints store it to refuse a mismatched resume."""
         return hashlib.sha256(json.dumps(self.plan, sort_keys=True).encode()).hexdigest()[:16]

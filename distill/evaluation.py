@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from model import fp8_gemm
 from model.fp8 import enable_fp8_compute_
 from sampling.demo import DEMO_FOLDER, DEMO_LORA, T5_LENGTH
-from weights.io import WeightsError
+from weights.io import WeightsError, atomic_path
 
 from .demo import quality, world
 
@@ -208,15 +206,8 @@ def refuse_existing(paths: list[Path], overwrite: bool) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically: a crash never leaves half a file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def write_grid(path: Path, grid: np.ndarray, scale: int, report: dict) -> None:

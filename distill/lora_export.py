@@ -9,12 +9,17 @@ training meanwhile. Which step and which set a few-step sampler is best at is fo
 (`python -m distill.evaluate --lora FILE`), so every checkpoint can become a file ComfyUI, diffusers and
 `sampling.generate` load. Files are named `scfm-lora-{set}-step{N}[-{layout}].safetensors`, beside the run's
 final export, and an existing file is never overwritten unless asked.
+
+The file without a layout suffix is the diffusers / PEFT layout with alpha folded into the weights: the one
+file ComfyUI, Forge, diffusers and scfm all load at the right strength (weights/lora.py). `-kohya` is the
+sd-scripts layout (kohya's tools, A1111-style loaders); `-scfm-only` is our own layout, which only scfm reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -28,17 +33,23 @@ from .run_outputs import base_lora_records
 from .run_setup import load_model
 from .trainer import lora_config, model_family
 
+# The main file (no suffix) loads everywhere; the others are named for who reads them.
+SUFFIXES = {"diffusers": "", "kohya": "-kohya", "ours": "-scfm-only"}
+
 
 def export_paths(cfg: DistillConfig, step: int | None = None, folder: Path | None = None) -> dict[str, Path]:
     """Layout -> file: the run's final export, or with `step` a checkpoint's (both in the run folder by default)."""
     out = Path(folder or cfg.output).expanduser()
     tag = "" if step is None else f"-step{step:06d}"
-    return {fmt: out / f"scfm-lora-{cfg.export_set}{tag}{'' if fmt == 'ours' else '-' + fmt}.safetensors"
+    return {fmt: out / f"scfm-lora-{cfg.export_set}{tag}{SUFFIXES[fmt]}.safetensors"
             for fmt in cfg.export_formats}
 
 
-def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict]) -> dict[str, str]:
-    """How the LoRA was made (the layout's own metadata adds rank, alpha, targets and sampling hints)."""
+def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict], hints) -> dict[str, str]:
+    """How the LoRA was made and how to sample it, for us (`scfm_training`) and for the tools that show a
+    LoRA's card (ModelSpec and sd-scripts keys; the layout's own metadata adds rank, alpha and our hints)."""
+    from weights.lora_write import base_architecture
+
     info = {"set": cfg.export_set, "steps": step, "t_skip": cfg.t_skip, "batch_size": cfg.batch_size,
             "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
     if base_loras:  # generate warns when this LoRA is sampled without them
@@ -46,7 +57,18 @@ def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict]) 
     if cfg.cfg_scale:  # scfm-method.md §5: what every training call computed, and how to sample it
         info["cfg"] = {"w": cfg.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
                        "diffusers_guidance_scale": cfg_scale_from_w(cfg.cfg_scale)}
-    return {"scfm_training": json.dumps(info)}
+    family = model_family(model)
+    usage = f"SCFM few-step LoRA: {hints.steps} Euler steps, shift {hints.shift:g} (README: Use the LoRA)"
+    if hints.guidance is not None:
+        usage += f", {'guidance' if family == 'flux' else 'CFG scale'} {hints.guidance:g}"
+    return {"scfm_training": json.dumps(info),
+            "modelspec.architecture": f"{base_architecture(family, model.config)}/lora",
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}", "modelspec.usage_hint": usage,
+            "modelspec.description": f"SCFM velocity-field self-distillation, {cfg.export_set} weights, "
+                                     f"step {step}",
+            "ss_max_train_steps": str(cfg.steps), "ss_steps": str(step), "ss_learning_rate": str(cfg.lr),
+            "ss_seed": str(cfg.seed), "ss_training_comment": usage}
 
 
 def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: dict | None = None,
@@ -72,7 +94,7 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
     hints = Recommended(steps=cfg.sample_steps, schedule="scfm", shift=cfg.sample_shift, guidance=guidance,
                         max_sequence_length=cfg.t5_length, training_cfg_scale=cfg.cfg_scale or None)
     records = base_lora_records(cfg.base_loras) if base_loras is None else base_loras
-    metadata = lora_metadata(cfg, model, cfg.steps if step is None else step, records)
+    metadata = lora_metadata(cfg, model, cfg.steps if step is None else step, records, hints)
     return [save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices, family=family,
                       metadata=metadata, recommended=hints, overwrite=overwrite)
             for fmt, path in export_paths(cfg, step, folder).items()]

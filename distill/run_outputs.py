@@ -17,14 +17,25 @@ import torch
 from torch import Tensor
 
 
-def sample_latents(velocity, cond: dict[str, Tensor], guidance: Tensor | None, cfg, channels: int,
+def sample_side(size: int, downscale: int, patch: int) -> int:
+    """Latent pixels per side of `size`-pixel sample images, for a VAE with `downscale` image pixels per latent
+    pixel and a transformer that takes `patch` x `patch` latent pixels per token (Flux packs 2x2, the MMDiT
+    patchifies)."""
+    multiple = downscale * patch
+    if size % multiple:
+        fit = max(1, round(size / multiple)) * multiple
+        raise ValueError(f"sample_size {size} is not a multiple of {multiple} (this VAE's {downscale} pixels per "
+                         f"latent pixel x {patch} per token); pass --sample_size {fit}")
+    return size // downscale
+
+
+def sample_latents(velocity, cond: dict[str, Tensor], guidance: Tensor | None, cfg, channels: int, side: int,
                    device: torch.device) -> Tensor:
-    """The sample images' latents on the SCFM grid, from the same noise every time (seeded by the run's seed), so
-    that the images of successive steps compare."""
+    """The sample images' latents (`side` latent pixels square, `sample_side`) on the SCFM grid, from the same
+    noise every time (seeded by the run's seed), so that the images of successive steps compare."""
     from sampling.samplers import euler
     from sampling.schedules import ScheduleConfig, get_sigmas
 
-    side = cfg.sample_size // 8  # latent pixels; the 16-channel VAEs downscale by 8
     g = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(next(iter(cond.values())).shape[0], channels, side, side, generator=g).to(device)
     sigmas = get_sigmas(ScheduleConfig(grid="scfm", shift=cfg.sample_shift), cfg.sample_steps)
@@ -56,10 +67,11 @@ def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, v
 def base_lora_records(specs: tuple[str, ...]) -> list[dict]:
     """What an exported LoRA records of the LoRAs merged into its base (`--base_loras`): file name, scale and
     sha256, so that `generate` can tell when it is sampled without them."""
-    from weights.io import file_sha256, parse_lora
+    from weights.io import file_sha256
+    from weights.lora_merge import lora_spec
 
     return [{"file": Path(path).name, "scale": scale, "sha256": file_sha256(path)}
-            for path, scale in map(parse_lora, specs)]
+            for path, scale in map(lora_spec, specs)]
 
 
 SCALARS = ("loss", "loss_mean", "grad_norm", "seconds_per_step")  # what TensorBoard and W&B plot
@@ -99,9 +111,10 @@ class JsonlLog:
         """Sample PNGs to W&B, captioned with the prompt each PNG carries (TensorBoard users open samples/)."""
         if self.wandb and paths and paths[0].suffix == ".png":
             import wandb
-            from PIL import Image
 
-            prompts = [json.loads(Image.open(p).text["parameters"])["prompt"] for p in paths]
+            from sampling.base import read_png_params
+
+            prompts = [read_png_params(p)["prompt"] for p in paths]
             self.wandb.log({"samples": [wandb.Image(str(p), caption=c) for p, c in zip(paths, prompts)]}, step=step)
 
     def close(self, finished: bool) -> None:

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS
 from weights.detect import detect_family
-from weights.io import DTYPES, parse_lora
+from weights.io import DTYPES
+from weights.lora_merge import lora_spec
 
 from .config import ConfigError, DistillConfig
 from .data import Cache, DataError, build_cache, file_identity, plan_cache
@@ -162,7 +163,7 @@ def load_model(cfg: DistillConfig, device: torch.device):
     from model.flux import FLUX_CONFIGS, Flux
     from model.mmdit import MMDIT_CONFIGS, MMDiT
 
-    loras = [parse_lora(spec) for spec in cfg.base_loras]  # merged as the weights are read, before fp8
+    loras = [lora_spec(spec) for spec in cfg.base_loras]  # merged as the weights are read, before fp8
     if cfg.model in ("tiny", "tiny-sd3"):
         from weights.lora_merge import apply_loras
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from sampling.options import add_run_options
-from weights.io import DTYPES, WeightsError, file_sha256, parse_lora
+from weights.io import DTYPES, WeightsError, file_sha256
+from weights.lora_merge import lora_spec
 
 from .data import BUCKETS_512, buckets_for
 
@@ -142,7 +143,7 @@ def make_pipeline(args):
         FluxSources(transformer=model, **files)
     sources.check()
     return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
-                        loras=[parse_lora(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap,
+                        loras=[lora_spec(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap,
                         fp8_compute=args.fp8_compute, compile=args.compile)
 
 
@@ -157,7 +158,7 @@ def run(args) -> Path:
     settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
                                               "max_sequence_length", "seed")}
     settings.update(model=str(args.model), prompts=prompts)
-    loras = [parse_lora(spec) for spec in args.lora]
+    loras = [lora_spec(spec) for spec in args.lora]  # no :SCALE: the LoRA's recommended scale
     for path, _ in loras:
         if not Path(path).is_file():
             raise WeightsError(f"--lora {path}: no such file")

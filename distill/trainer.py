@@ -58,7 +58,15 @@ from .lora import (
     set_state_dict,
     weight_set,
 )
-from .run_outputs import JsonlLog, StopSignals, base_lora_records, out_of_memory, sample_latents, save_samples
+from .run_outputs import (
+    JsonlLog,
+    StopSignals,
+    base_lora_records,
+    out_of_memory,
+    sample_latents,
+    sample_side,
+    save_samples,
+)
 from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
 from .sharding import StudentRoute, full, is_sharded, loads_on_cpu, shard_model
 
@@ -137,6 +145,16 @@ class Trainer:
             if self.negative is None:
                 raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "
                                     "needs; build a cache for SD3.5 (it embeds the empty prompt once)")
+        if config.sample_every:  # refused now, not at the first sample steps into the run
+            if cache.sample_cond() is None:
+                raise TrainingError(f"sample_every {config.sample_every}: the cache {cache.folder} holds no sample "
+                                    "prompts; pass --sample_prompts (with the encoders, to embed them) or "
+                                    "--sample_every 0")
+            patch = 2 if self.family == "flux" else model.config.patch_size  # Flux packs 2x2 latent pixels
+            try:
+                self.sample_side = sample_side(config.sample_size, cache.downscale, patch)
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
 
         self.sharded = is_sharded(config.fsdp)
         if config.fsdp and self.world == 1:
@@ -401,10 +419,7 @@ class Trainer:
         from sampling.samplers import cfg_scale_from_w, sd3_cfg
 
         cfg = self.config
-        found = self.cache.sample_cond()
-        if found is None:
-            return []
-        prompts, cond = found
+        prompts, cond = self.cache.sample_cond()  # __init__ refused a cache without sample prompts
         cond = {k: v.to(self.device) for k, v in cond.items()}
         # Flux's packed tokens hold 2x2 latent pixels; the MMDiT patchifies inside
         channels = self.model.config.in_channels // (4 if self.family == "flux" else 1)
@@ -416,7 +431,7 @@ class Trainer:
             velocity = sd3_cfg(velocity, self.uncond(len(prompts)), cfg_scale_from_w(cfg.cfg_scale))
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
         with weight_set(self.model, "live"), autocast:
-            latents = sample_latents(velocity, cond, guidance, cfg, channels, self.device)
+            latents = sample_latents(velocity, cond, guidance, cfg, channels, self.sample_side, self.device)
         if self.rank != 0:
             return []
         return save_samples(latents, prompts, self.out / "samples", step, cfg.vae, self.device)

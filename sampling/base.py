@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,9 +16,10 @@ from model import fp8_gemm
 from model.block_swap import BlockSwap, check_count
 from model.fp8 import enable_fp8_compute_
 from model.vae import AutoEncoder, vae_to_images
-from weights.io import WeightsError
+from weights.io import WeightsError, atomic_path
 from weights.vae import load_vae
 
+from .infotext import infotext
 from .schedules import ScheduleConfig
 
 
@@ -175,18 +174,37 @@ def to_pil(images: Tensor) -> list:
     return [Image.fromarray(a) for a in arrays]
 
 
+# The PNG text chunk holding our settings as JSON; `parameters` holds the A1111 infotext other tools read.
+PNG_PARAMS_KEY = "scfm"
+
+
 def save_png(image, path: Path, params: dict) -> None:
-    """Atomically: a crash never leaves half a PNG under the final name."""
+    """Atomically (a crash never leaves half a PNG under the final name), with `params` twice: as JSON under
+    `scfm`, which `read_png_params` reads, and as A1111 infotext under `parameters` (sampling/infotext.py)."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(params))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    info.add_text("parameters", infotext(params))
+    info.add_text(PNG_PARAMS_KEY, json.dumps(params))
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def read_png_params(image) -> dict:
+    """The params `save_png` stored, from a path or an open PIL image. PNGs written before the infotext hold the
+    JSON under `parameters`; a PNG without either is a ValueError."""
+    from PIL import Image
+
+    if hasattr(image, "text"):
+        text = image.text
+    else:
+        with Image.open(image) as im:
+            text = im.text
+    raw = text.get(PNG_PARAMS_KEY) or text.get("parameters", "")
+    try:
+        params = json.loads(raw)
+        if isinstance(params, dict):
+            return params
+    except json.JSONDecodeError:
+        pass
+    raise ValueError(f"{getattr(image, 'filename', image)}: no scfm settings in this PNG (not written by scfm?)")

@@ -9,8 +9,10 @@
 The family (Flux or SD3) is read from the model: a pipeline folder's model_index.json, a transformer folder's
 config.json, or the checkpoint's keys. Settings not given on the command line come from an SCFM LoRA's metadata
 (steps, grid, shift, guidance, T5 length), so an SCFM LoRA samples on the `scfm` grid it was trained on; otherwise
-from the family's diffusers defaults. Every PNG carries its generation parameters (seed included) in a text chunk;
-existing files are never replaced without --overwrite.
+from the family's diffusers defaults. A LoRA without :SCALE is merged at the scale its metadata recommends, else 1.
+Every PNG carries its generation parameters (seed and LoRA scales included) twice: as the infotext A1111 / Forge's
+PNG Info and Civitai read, and as our JSON (sampling.base.read_png_params); existing files are never replaced
+without --overwrite.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from weights.detect import detect_family
-from weights.io import DTYPES, WeightsError, parse_lora
+from weights.io import DTYPES, WeightsError
 
 from .base import save_png
 from .demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
@@ -75,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "vocabulary padded with '!')")
     src.add_argument("--t5-tokenizer", help="T5 spiece.model / tokenizer.json / folder")
     src.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                     help="a LoRA to merge, with an optional scale; repeatable ('demo': the shipped SCFM LoRA of "
-                     "the demo model)")
+                     help="a LoRA to merge, at SCALE if given, else at the scale its metadata recommends, else 1; "
+                     "repeatable ('demo': the shipped SCFM LoRA of the demo model)")
     gen = p.add_argument_group("generation (unset values: an SCFM LoRA's recommendation, else the family default)")
     gen.add_argument("--prompt", action="append", default=[], help="repeatable")
     gen.add_argument("--prompts-file", help="a text file, one prompt per line")
@@ -148,7 +150,7 @@ def lora_recommendations(paths: list[str]):
             raise WeightsError(f"--lora {path}: no such file")
         meta = read_header(Path(path))[1]
         rec = dataclasses.asdict(Recommended.from_metadata(meta))
-        if meta.get("scfm_format") == FORMAT or "scfm_lora" in meta:
+        if meta.get("scfm_format") == FORMAT or "scfm_lora" in meta or "scfm_training" in meta:
             rec["schedule"] = rec["schedule"] or "scfm"
         merged = {k: merged.get(k) if merged.get(k) is not None else v for k, v in rec.items()}
     return Recommended(**merged) if merged else Recommended()
@@ -169,6 +171,15 @@ def missing_base_loras(loras: list[tuple[str, float]]) -> list[str]:
     return [f"warning: {name} was trained on top of {b['file']} at scale {b['scale']:g}; add --lora "
             f"{b['file']}:{b['scale']:g} to sample it as trained" for name, b in wanted
             if (b["sha256"], b["scale"]) not in given]
+
+
+def lora_records(loras: list[tuple[str, float]]) -> list[dict]:
+    """What a PNG records of each LoRA: file name, path, the scale used, sha256 (as train's base_loras records
+    do) and the short hash A1111 / Forge write under `Lora hashes` (sampling/infotext.py)."""
+    from weights.io import a1111_lora_hash, file_sha256
+
+    return [{"file": Path(path).name, "path": path, "scale": scale, "sha256": file_sha256(path),
+             "a1111_hash": a1111_lora_hash(path)} for path, scale in loras]
 
 
 def _pick(*values):
@@ -249,6 +260,17 @@ def _negative(family: str, cfg) -> str | None:
     return cfg.negative_prompt if cfg.guidance > 1 else None
 
 
+def used_settings(pipe, cfg, family: str, negative_prompt: str | None) -> dict:
+    """The config as sampled, for the PNG: the negative prompt only when a negative pass ran, the shift the
+    schedule used when --shift left it to the model, and no Flux guidance for a model without the embedding."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "grid")}
+    schedule = pipe.schedule(cfg)
+    settings.update(negative_prompt=negative_prompt, shift="dynamic" if schedule.dynamic else schedule.shift)
+    if family == "flux" and not pipe.transformer.config.guidance_embed:
+        settings["guidance"] = None  # schnell: the value was never used
+    return settings
+
+
 def run(args) -> list[Path]:
     from tqdm import tqdm
 
@@ -261,10 +283,13 @@ def run(args) -> list[Path]:
         raise WeightsError(f"--model {model}: no such file or folder")
     family = detect_family(model)
     check_family_flags(args, family)
-    loras = [parse_lora(s) for s in args.lora]
+    from weights.lora_merge import lora_spec  # here, not at the top: keeps --help fast
+
+    loras = [lora_spec(s) for s in args.lora]  # no :SCALE: the LoRA's recommended scale, else 1
     cfg = generation_config(args, family, lora_recommendations([path for path, _ in loras]))
     for warning in missing_base_loras(loras):
         print(warning, file=sys.stderr)
+    records = lora_records(loras)
     if loras:
         from weights.lora import read_lora  # noqa: PLC0415  (only when asked: keeps --help fast)
 
@@ -286,9 +311,8 @@ def run(args) -> list[Path]:
             latents = pipe.sample(cond, cfg, negative=negative, callback=lambda *_: bar.update(1))
             for i, (prompt, image) in enumerate(zip(prompts, to_pil(pipe.decode(latents)))):
                 path = paths[b * len(prompts) + i]
-                settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "grid")}
-                params = dict(prompt=prompt, family=family, model=str(model), loras=args.lora, schedule=cfg.grid,
-                              **settings)
+                params = dict(prompt=prompt, family=family, model=str(model), loras=records, schedule=cfg.grid,
+                              **used_settings(pipe, cfg, family, negative_prompt))
                 save_png(image, path, params)
                 written.append(path)
     return written

@@ -10,6 +10,7 @@ from PIL import Image
 from distill import evaluate, evaluation, run_setup, train
 from distill.config import build_config
 from distill.demo import world
+from sampling.base import read_png_params
 from sampling.demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
 
 
@@ -17,7 +18,8 @@ from sampling.demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-run")
     argv = ["--output", str(out), "--demo_images", "4", "--steps", "2", "--batch_size", "2", "--log_every", "1",
-            "--checkpoint_every", "0"]
+            "--checkpoint_every", "0", "--sample_every", "2", "--sample_steps", "1",
+            "--sample_prompts", "a red circle at the top left"]
     assert train.main(argv) == 0
     return out
 
@@ -39,8 +41,14 @@ def test_demo_training_renders_trains_and_exports(demo_run):
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
     log = [json.loads(ln) for ln in (demo_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r][-1] == 2
-    for suffix in ("", "-diffusers", "-kohya"):
+    for suffix in ("", "-kohya"):  # diffusers (loads everywhere) and kohya: the default layouts
         assert (demo_run / f"scfm-lora-live{suffix}.safetensors").is_file()
+
+
+def test_demo_training_samples_have_the_configured_size(demo_run):
+    # the demo VAE has 4 image pixels per latent pixel, not the 8 of FLUX.1's: samples were 32 px once
+    assert build_config("demo", {}).sample_size == 64
+    assert Image.open(demo_run / "samples" / "step-000002_00.png").size == (64, 64)
 
 
 def test_evaluate_scores_the_trained_lora(demo_run, tmp_path):
@@ -69,6 +77,6 @@ def test_generate_without_model_samples_the_demo(tmp_path):
     assert generate.main(argv) == 0
     image = Image.open(out)
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
-    params = json.loads(image.text["parameters"])
-    assert params["model"] == str(DEMO_FOLDER) and params["loras"] == [str(DEMO_LORA)]
+    params = read_png_params(image)
+    assert params["model"] == str(DEMO_FOLDER) and [r["path"] for r in params["loras"]] == [str(DEMO_LORA)]
     assert params["max_sequence_length"] == T5_LENGTH and params["steps"] == 4

@@ -18,6 +18,7 @@ from distill.evaluation import EvalConfig, evaluate
 from distill.lora import LoRAConfig, inject_lora, set_state_dict
 from model.flux import Flux
 from model.vae import AutoEncoder
+from sampling.base import read_png_params
 from sampling.demo import T5_LENGTH
 from weights.lora_write import save_lora
 
@@ -81,7 +82,7 @@ def test_cli_writes_the_table_and_the_grid(folder, tmp_path, capsys):
     size = world.SIZE * 3
     with Image.open(grid) as im:
         assert im.size == (len(PROMPTS) * size, len(NAMES) * size) and im.mode == "RGB"
-        assert json.loads(im.text["parameters"])["rows"] == NAMES
+        assert read_png_params(im)["rows"] == NAMES
         pixels = np.asarray(im)
     assert np.array_equal(pixels[:size:3, :size:3], world.sample_for_prompt(PROMPTS[0], 0, 1)[0][0])
 

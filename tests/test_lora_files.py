@@ -109,28 +109,29 @@ def test_peft_file_applied_by_us_equals_diffusers(ref, base_file, tmp_path, scal
     assert_same_bits(ours.state_dict(), before)
 
 
-def test_peft_alpha_keys_and_our_rank_alpha_patterns_load_the_same_in_diffusers(ref, base_file, tmp_path):
-    """`.alpha` keys; our writer's rank_pattern / alpha_pattern with a final `proj_out` alpha of its own."""
-    sd = random_peft(ref) | random_peft(ref, ["single_transformer_blocks.1.proj_out"], rank=3, seed=1)
-    alphas = {m: ALPHA for m in PEFT_MODULES} | {"single_transformer_blocks.1.proj_out": 5.0}
+def test_peft_alpha_keys_and_our_folded_alpha_and_rank_patterns_load_the_same_in_diffusers(ref, base_file,
+                                                                                           tmp_path):
+    """`.alpha` keys in; out, alpha / r folded into B (alpha = r) with rank_pattern / alpha_pattern for the
+    layers of another rank, the final `proj_out` among them."""
+    modules = [m for m in PEFT_MODULES if m != "proj_out"]
+    sd = random_peft(ref, modules) | random_peft(ref, ["single_transformer_blocks.1.proj_out", "proj_out"],
+                                                 rank=3, seed=1)
+    alphas = {m: ALPHA for m in modules} | {"single_transformer_blocks.1.proj_out": 5.0, "proj_out": 3.0}
     save_file({f"transformer.{k}": v for k, v in sd.items()} |
               {f"transformer.{m}.alpha": torch.tensor(a) for m, a in alphas.items()},
               tmp_path / "alphas.safetensors")
-    # diffusers turns `.alpha` keys into peft alpha_pattern keys, which peft matches as name suffixes: a
-    # distinct alpha on the final `proj_out` would also land on every single block's `proj_out` there. Our
-    # writer anchors its pattern keys, so our file carries it exactly.
-    save_file({f"transformer.{k}": v for k, v in sd.items()} |
-              {f"transformer.{m}.alpha": torch.tensor(a) for m, a in (alphas | {"proj_out": 3.0}).items()},
-              tmp_path / "final_alpha.safetensors")
-    write_lora(read_lora(tmp_path / "final_alpha.safetensors"), tmp_path / "ours_peft.safetensors",
-               "diffusers")
+    write_lora(read_lora(tmp_path / "alphas.safetensors"), tmp_path / "ours_peft.safetensors", "diffusers")
     meta = json.loads(read_header(tmp_path / "ours_peft.safetensors")[1]["lora_adapter_metadata"])
-    assert (meta["transformer.r"], meta["transformer.lora_alpha"]) == (R, ALPHA)
-    assert meta["transformer.alpha_pattern"] == {"^proj_out": 3.0,
-                                                 r"^single_transformer_blocks\.1\.proj_out": 5.0}
+    assert (meta["transformer.r"], meta["transformer.lora_alpha"]) == (R, R)
+    # peft matches pattern keys as name suffixes: unanchored, "proj_out" (rank 3) would also claim every single
+    # block's proj_out (rank 2) and diffusers would fail to load the file
+    patterns = {"^proj_out": 3, r"^single_transformer_blocks\.1\.proj_out": 3}
+    assert meta["transformer.rank_pattern"] == meta["transformer.alpha_pattern"] == patterns
     inp = tiny_inputs()
+    # diffusers itself reads the source file wrong (its unanchored "proj_out" rank); it reads ours right, and
+    # that is what we read from either file
+    expected = run_diffusers_scaled(diffusers_with_lora(ref, tmp_path / "ours_peft.safetensors"), inp, 1.0)
     for path in ("alphas.safetensors", "ours_peft.safetensors"):
-        expected = run_diffusers_scaled(diffusers_with_lora(ref, tmp_path / path), inp, 1.0)
         ours = load_flux(base_file)
         apply_loras(ours, [tmp_path / path])
         assert_close(run_ours(ours, inp), expected)
@@ -270,7 +271,11 @@ def test_ours_schema_and_round_trips_through_kohya_and_peft(tmp_path):
         tensors = lora_state_dict(again, "ours")[0]
         assert tensors.keys() == ours.keys()
         for k, v in ours.items():
-            assert torch.equal(tensors[k], v), (layout, k)  # lossless, alpha included
+            if layout == "diffusers" and not k.endswith(".lora_down"):  # alpha / r = 4 folded into up, exactly
+                m = k.rsplit(".", 1)[0]
+                assert torch.equal(again.modules[m].delta(), lora.modules[m].delta()), k
+            else:
+                assert torch.equal(tensors[k], v), (layout, k)  # lossless, alpha included
     # kohya: a block-diagonal layer stores alpha * S, so a generic loader's alpha / lora_down.shape[0] is ours
     kohya = lora_state_dict(lora, "kohya")[0]
     stem = "lora_unet_double_blocks_0_img_attn_qkv"

@@ -2,7 +2,6 @@
 (reference.md §9 row 17): same latents for the same seed, and the same 8-bit image within one level."""
 
 import dataclasses
-import json
 import warnings
 
 import numpy as np
@@ -162,14 +161,16 @@ def test_cli_out_of_memory_is_one_line(pipeline_folder, tmp_path, capsys, monkey
 def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, tmp_path, capsys):
     from PIL import Image
 
-    from sampling.generate import main, parse_lora
+    from sampling.base import read_png_params
+    from sampling.generate import main
+    from weights.io import parse_lora
 
     folder, _, _ = pipeline_folder
     args = ["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "2", "--width", "48", "--height", "32",
             "--seed", "11", "--max-sequence-length", str(T5_LEN), "--out", str(tmp_path / "one.png"), "--dtype", "fp32"]
     assert main(args) == 0
     first = np.asarray(Image.open(tmp_path / "one.png"))
-    meta = json.loads(Image.open(tmp_path / "one.png").text["parameters"])
+    meta = read_png_params(tmp_path / "one.png")
     assert meta["seed"] == 11 and meta["prompt"] == PROMPTS[0] and meta["steps"] == 2
     assert main(args) == 2 and "exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
@@ -187,5 +188,5 @@ def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, t
     assert "not a multiple of 8" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert parse_lora("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
+    assert parse_lora("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", None)  # None: not given
     assert parse_lora("a.safetensors:1.5") == ("a.safetensors", 1.5)

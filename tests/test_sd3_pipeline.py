@@ -4,7 +4,6 @@ image within one level, with CFG off and on (explicit and default negative promp
 without T5; the CLI picks the SD3 family from the folder and writes the same image."""
 
 import dataclasses
-import json
 import warnings
 
 import numpy as np
@@ -144,6 +143,7 @@ def test_size_must_be_a_multiple_of_vae_scale_times_patch(folders):
 def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
     from PIL import Image
 
+    from sampling.base import read_png_params
     from sampling.generate import main
     from weights.detect import detect_family
 
@@ -154,7 +154,7 @@ def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
             str(HEIGHT), "--seed", "7", "--max-sequence-length", str(T5_LEN), "--cfg", "4.5", "--slg-layers", "1",
             "--slg-start", "0", "--slg-stop", "0.5", "--out", str(out), "--dtype", "fp32", "--device", "cpu"]
     assert main(args) == 0, capsys.readouterr().err
-    meta = json.loads(Image.open(out).text["parameters"])
+    meta = read_png_params(out)
     assert meta["family"] == "sd3" and meta["guidance"] == 4.5 and meta["slg_layers"] == [1]
     assert meta["schedule"] == "diffusers" and meta["seed"] == 7 and meta["negative_prompt"] == ""
     with warnings.catch_warnings():  # the same run in diffusers: SLG on step 1 of 3

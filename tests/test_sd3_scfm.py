@@ -156,8 +156,8 @@ def config(tmp_path, **kw) -> DistillConfig:
     base = dict(model="tiny-sd3", targets="sd3", cfg_scale=W, dynamic_shift_prob=0.0, max_grad_norm=2.0,
                 output=str(tmp_path / "run"), cache=str(tmp_path / "cache"), dtype="fp32", autocast=False,
                 gradient_checkpointing=False, device="cpu", rank=8, alpha=8.0, batch_size=4, steps=12,
-                lr=3e-3, checkpoint_every=0, log_every=1, t5_length=5, sample_every=12, sample_size=64,
-                sample_steps=2)
+                lr=3e-3, checkpoint_every=0, log_every=1, t5_length=5, sample_every=12, sample_size=512,
+                sample_steps=2)  # fake_vae's 64 px per latent pixel: 8 x 8 sample latents
     return DistillConfig(**{**base, **kw})
 
 

@@ -344,12 +344,27 @@ def test_help_lists_every_field_with_its_meaning(capsys):
     assert "share of teacher elements" in text
 
 
+def test_sample_every_is_refused_without_sample_prompts_or_with_a_size_the_vae_cannot_make(tmp_path):
+    # the fake VAE downscales by 32 and Flux packs 2x2 latent pixels: sample sides are multiples of 64 px
+    no_prompts = make_cache(tmp_path / "a", sample_prompts=())
+    with pytest.raises(TrainingError, match=r"^sample_every 5: the cache .* holds no sample prompts; pass "
+                                            r"--sample_prompts .* or --sample_every 0$"):
+        Trainer(config(tmp_path, sample_every=5), tiny_model(), no_prompts, device="cpu")
+    Trainer(config(tmp_path, sample_every=0), tiny_model(), no_prompts, device="cpu")  # sampling off: fine
+    prompts = make_cache(tmp_path / "b")
+    with pytest.raises(TrainingError, match=r"^sample_size 80 is not a multiple of 64 \(this VAE's 32 pixels .* "
+                                            r"2 per token\); pass --sample_size 64$"):
+        Trainer(config(tmp_path, sample_every=5, sample_size=80), tiny_model(), prompts, device="cpu")
+    t = Trainer(config(tmp_path, sample_every=5, sample_size=128), tiny_model(), prompts, device="cpu")
+    assert (prompts.downscale, t.sample_side) == (32, 4)
+
+
 def test_cli_trains_resumes_and_exports(tmp_path, capsys):
     make_cache(tmp_path)
     args = ["--model", "tiny", "--cache", str(tmp_path / "cache"), "--output", str(tmp_path / "cli"),
             "--dtype", "fp32", "--device", "cpu", "--rank", "4", "--batch_size", "2", "--steps", "3",
             "--checkpoint_every", "2", "--sample_every", "3", "--sample_size", "64", "--sample_steps", "2",
-            "--export_formats", "ours", "--t5_length", "5"]
+            "--export_formats", "diffusers", "--t5_length", "5"]
     assert main(args) == 0
     out = tmp_path / "cli"
     assert (out / "scfm-lora-live.safetensors").exists()
@@ -370,8 +385,7 @@ def test_export_in_every_layout_reads_back_as_the_chosen_set(tmp_path, which):
     t = trainer(tmp_path, cfg)
     t.run()
     paths = export_lora(t.model, cfg)
-    suffixes = ("", "-diffusers", "-kohya")
-    assert [p.name for p in paths] == [f"scfm-lora-{which}{s}.safetensors" for s in suffixes]
+    assert [p.name for p in paths] == [f"scfm-lora-{which}{s}.safetensors" for s in ("", "-kohya")]  # default
     layers = lora_layers(t.model)
     for path in paths:
         lora = read_lora(path)

@@ -26,11 +26,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from weights.convert import check_output, convert_checkpoint, detect, merge_loras, plan_conversion  # noqa: E402
-from weights.io import DTYPES, WeightsError  # noqa: E402
-from weights.lora import LAYOUTS, read_lora  # noqa: E402
-from weights.lora_resize import resize_lora, summary  # noqa: E402
-from weights.lora_write import write_lora  # noqa: E402
+from weights.convert import check_output, convert_checkpoint, detect, merge_loras, plan_conversion
+from weights.io import DTYPES, WeightsError, read_header
+from weights.lora import LAYOUTS, read_lora
+from weights.lora_resize import resize_lora, summary
+from weights.lora_write import write_lora
 
 # Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (reference.md §7.3).
 DROPPED_BY_DIFFUSERS_KOHYA = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
@@ -151,7 +151,9 @@ def cmd_lora(args) -> None:
         if resize:
             print(summary(report))
         print(f"LoRA tensors: {before / 1e6:.2f} MB -> {_lora_bytes(lora) / 1e6:.2f} MB")
-    write_lora(lora, args.output, args.to, overwrite=args.overwrite)
+    # what the source says of its base and its training travels on; the new file's title is its own name
+    carried = {k: v for k, v in read_header(Path(args.input))[1].items() if k != "modelspec.title"}
+    write_lora(lora, args.output, args.to, overwrite=args.overwrite, metadata=carried)
     print(f"wrote {args.output} ({args.to}, {len(lora.modules)} layers)")
 
 

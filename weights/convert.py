@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from .io import (
     config_from_metadata,
     model_files,
     read_shapes,
+    temp_beside,
 )
 from .keymaps import official_shapes, to_official, to_others
 from .keymaps.flux import flux_rules, flux_split_sizes
@@ -296,7 +296,7 @@ def check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
 def _replace(tmp: Path, out: Path) -> None:
     """Move a finished temp file or folder into place; an old OUT is removed only after the move."""
     if out.exists() and (out.is_dir() or tmp.is_dir()):
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+        old = temp_beside(out, folder=True)
         os.replace(out, old / "x")
         os.replace(tmp, out)
         shutil.rmtree(old)
@@ -333,7 +333,7 @@ def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bo
             _replace(tmp, out)
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        tmp_dir = temp_beside(out, folder=True)  # the user's umask, unlike mkdtemp's 0700
         try:
             _write_folder(tmp_dir, plan, spec, tensors, metadata, shard_bytes)
             _replace(tmp_dir, out)

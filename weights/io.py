@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import stat
 import struct
-import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,16 +87,16 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
-    """`PATH[:SCALE]` as the CLIs take LoRAs: the suffix is a scale only if it parses as a number, so
-    `C:\\loras\\x.safetensors` works."""
+def parse_lora(spec: str) -> tuple[str, float | None]:
+    """`PATH[:SCALE]` as the CLIs take LoRAs, scale None when not given (`weights.lora_merge.lora_spec` then
+    asks the file). The suffix is a scale only if it parses as a number, so `C:\\loras\\x.safetensors` works."""
     path, sep, tail = spec.rpartition(":")
     if sep:
         try:
             return path, float(tail)
         except ValueError:
             pass
-    return spec, 1.0
+    return spec, None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -104,6 +106,23 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def a1111_lora_hash(path: str | os.PathLike) -> str:
+    """The 12 hex digits A1111 / Forge write in an image's `Lora hashes` and Civitai looks LoRAs up by
+    ("AutoV3"): sd-scripts' `sshs_model_hash` when the file states one, else the sha256 of the tensor bytes
+    (the file less its header, so that editing the metadata keeps the hash)."""
+    path = Path(path)
+    stated = read_header(path)[1].get("sshs_model_hash")
+    if stated:
+        return stated[:12]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
@@ -176,17 +195,49 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metad
     path = Path(path)
     if path.exists() and not overwrite:
         raise WeightsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    return path
+
+
+def temp_beside(path: Path, *, folder: bool = False) -> Path:
+    """A new, empty file (or folder) `.NAME.<random>.tmp` beside `path`, to be renamed onto it once complete.
+
+    Created with mode 0666 (0777) for the OS to take the umask off, as for any open(): tempfile's mkstemp and
+    mkdtemp make 0600 / 0700, the rename keeps that, and no other user (a ComfyUI in Docker, a web server)
+    could read what we wrote. Asking the OS to apply the umask also spares reading it, which POSIX allows only
+    by setting it, a race with other threads. O_EXCL makes the name ours alone, as mkstemp does."""
+    for _ in range(10):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue  # another writer drew the same name: draw again
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}; delete its .{path.name}.*.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file beside `path` (see `temp_beside`) for the block to write; renamed onto `path` when the block
+    ends, deleted if it raises, so a crash never leaves half a file under the final name. The file keeps the
+    mode the umask gave the temp file even when the block's writer replaced it: safetensors' save_file writes
+    its own 0600 file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_beside(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata=metadata)
+        yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        if tmp.exists():
+            tmp.unlink()
 
 
 class TensorReader:

@@ -23,9 +23,12 @@ Layouts (`read_lora` detects which; `write_lora(lora, path, layout)` writes any 
 - **diffusers / PEFT** (`"diffusers"`): `transformer.<diffusers module>.lora_A.weight` (r, in) and
   `.lora_B.weight` (out, r), one module per slice (to_q / to_k / to_v, proj_mlp); delta_W = alpha / r * B @ A.
   Alpha comes from the `lora_adapter_metadata` JSON (r, lora_alpha, rank_pattern, alpha_pattern: what
-  diffusers writes, and we do) or `.alpha` keys, else alpha = r. The final adaLN's B rows are (scale, shift)
-  there, (shift, scale) officially; SD3's last-block context adaLN likewise. diffusers' SD3 loader accepts
-  only this layout (with no `.alpha` keys), the patch embedding's conv LoRA included.
+  diffusers writes) or `.alpha` keys, else alpha = r. We write alpha / r folded into B and alpha = r in that
+  metadata: ComfyUI and Forge ignore the metadata, diffusers' SD3 loader refuses `.alpha` keys, so only
+  folded weights have the same strength everywhere. The final adaLN's B rows are (scale, shift) there,
+  (shift, scale) officially; SD3's last-block context adaLN likewise. diffusers' SD3 loader accepts only this
+  layout (with no `.alpha` keys), the patch embedding's conv LoRA included. It is the layout of a training
+  run's main export: ComfyUI, Forge, diffusers and we all load it as it is.
 - **kohya / ComfyUI** (`"kohya"`): `lora_unet_<official path, '.' -> '_'>.lora_down.weight` (R, in),
   `.lora_up.weight` (out, R), `.alpha`; delta_W = alpha / R * up @ down, R = lora_down.shape[0], alpha = R
   when missing or 0. Also read as `diffusion_model.<official path>` and with lora_A / lora_B. ComfyUI reads
@@ -35,6 +38,12 @@ Layouts (`read_lora` detects which; `write_lora(lora, path, layout)` writes any 
   alpha / r, but every generic loader (ComfyUI, diffusers) uses alpha / (S*r). We read it as they do, so an
   image matches ComfyUI (`kohya_split_alpha="per_slice"` gives the training-time strength), and when we write
   a block-diagonal layer we store alpha * S, so a generic loader reproduces our alpha / r exactly.
+
+Every layout also carries what other tools read to tell the base model and the strength: ModelSpec's
+`modelspec.architecture` (e.g. `flux-1-dev/lora`), `.implementation`, `.title`, and sd-scripts'
+`ss_network_module`, `ss_network_dim`, `ss_network_alpha`, `ss_base_model_version` (A1111 / Forge, Civitai,
+kohya's tools); `write_lora` writes them, a caller's metadata may add more (a training run: date, resolution,
+steps, a usage hint).
 
 The family comes from the file's scfm_family, else from the names (only one family has them all), else,
 for diffusers names both families use, from `family=` (the model it is for: `apply_loras` passes it), else

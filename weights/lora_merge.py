@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -23,11 +24,11 @@ from torch import Tensor
 from model.fp8 import E4M3
 
 from .detect import detect_flux_layout, detect_mmdit_layout
-from .io import TensorReader, WeightsError, model_files, read_shapes
+from .io import TensorReader, WeightsError, model_files, parse_lora, read_header, read_shapes
 from .keymaps import to_official
 from .keymaps.flux import flux_rules
 from .keymaps.mmdit import mmdit_rules
-from .lora import LoRA, read_lora
+from .lora import LoRA, Recommended, read_lora
 
 _NAMES = {"flux": "Flux", "sd3": "SD3 / SD3.5"}
 
@@ -124,6 +125,19 @@ def _resolve(model, loras: Sequence, ignore_text_encoders: bool) -> list[tuple[L
             raise WeightsError(f"{src}: has {len(lora.text_encoders)} text-encoder LoRA keys, which a "
                                "transformer cannot use; ignore_text_encoders=True applies the rest")
     return items
+
+
+def lora_spec(spec: str) -> tuple[str, float]:
+    """A command line's `PATH[:SCALE]` LoRA as (path, scale): the scale given, else the one the file recommends
+    (`scfm_lora_scale`, `Recommended.lora_scale`), else 1. generate, make_dataset and train all resolve here, so
+    the scale a run records for a base LoRA is the one generate compares with."""
+    path, scale = parse_lora(spec)
+    if scale is None:
+        recommended = None
+        if Path(path).is_file():  # else the LoRA reader names the problem
+            recommended = Recommended.from_metadata(read_header(Path(path))[1]).lora_scale
+        scale = 1.0 if recommended is None else recommended
+    return path, scale
 
 
 def _names(items: list[tuple[LoRA, float]]) -> list[str]:

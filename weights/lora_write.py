@@ -18,6 +18,10 @@ from .keymaps.lora import KOHYA_PREFIX, kohya_name, lora_names
 from .lora import FORMAT, LAYOUTS, PEFT_METADATA_KEY, LoRA, LoRAPart, ModuleLoRA, Recommended
 
 
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
 def _uniform(mod: ModuleLoRA) -> tuple[list[Tensor], list[Tensor], float]:
     """Parts with one rank and one alpha: absent parts and lower ranks padded with zeros (exact); parts with a
     different alpha / r get that ratio multiplied into their up (one rounding; only mixed-scale sources)."""
@@ -75,9 +79,19 @@ def _kohya_state(lora: LoRA) -> dict[str, Tensor]:
     return out
 
 
+def _folded(p: LoRAPart) -> Tensor:
+    """up * alpha / r, so that alpha = r (scale 1) gives the same delta: ComfyUI, Forge and every kohya-style
+    loader ignore the `lora_adapter_metadata` diffusers keeps alpha in, and diffusers' SD3 loader refuses
+    `.alpha` keys, so the scale travels in the weights. Exact when alpha / r is a power of two (alpha = r, the
+    default, included); otherwise one rounding in the stored dtype."""
+    if p.scale == 1:
+        return p.up
+    return (p.up.double() * p.scale).to(p.up.dtype)
+
+
 def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
     names = lora_names(lora.family, lora.modules)
-    out, ranks, alphas = {}, {}, {}
+    out, ranks = {}, {}
     for m, mod in lora.modules.items():
         rule = names.rules[m]
         parts = mod.parts
@@ -88,18 +102,54 @@ def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
         for other, p in zip(rule.others, parts):
             if p is None:
                 continue
-            up = swap_halves(p.up) if names.swapped(m, p.up.shape[0], p.down.shape[1]) else p.up
+            up = _folded(p)
+            up = swap_halves(up) if names.swapped(m, p.up.shape[0], p.down.shape[1]) else up
             # clones: safetensors refuses tensors that share storage
             out[f"transformer.{other}.lora_A.weight"] = p.down.clone()
             out[f"transformer.{other}.lora_B.weight"] = up.clone()
-            ranks[other], alphas[other] = p.up.shape[1], p.alpha
-    r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-    # peft matches pattern keys as `(.*\.)?(key)$`; the leading ^ keeps "proj_out" (the final layer) from also
-    # matching every single block's proj_out
-    config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
-              "rank_pattern": {"^" + re.escape(k): v for k, v in ranks.items() if v != r},
-              "alpha_pattern": {"^" + re.escape(k): v for k, v in alphas.items() if v != alpha}}
+            ranks[other] = p.up.shape[1]
+    r = _most_common(ranks.values())
+    # alpha = r everywhere (folded). peft matches pattern keys as `(.*\.)?(key)$`; the leading ^ keeps
+    # "proj_out" (the final layer) from also matching every single block's proj_out
+    others = {"^" + re.escape(k): v for k, v in ranks.items() if v != r}
+    config = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": others,
+              "alpha_pattern": others}
     return out, {f"transformer.{k}": v for k, v in config.items()}
+
+
+# What A1111 / Forge, Civitai and kohya's tools read to tell a LoRA's base model (Stability AI's ModelSpec and
+# sd-scripts' `ss_*` keys, spelled as sd-scripts writes them for Flux and SD3 LoRAs). A caller that knows the
+# exact base (distill/lora_export.py: `base_architecture`) overrides the family-wide id.
+_ARCHITECTURE = {"flux": "flux-1", "sd3": "stable-diffusion-3"}
+_IMPLEMENTATION = {"flux": "https://github.com/black-forest-labs/flux", "sd3": "diffusers"}
+_KOHYA_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
+_KOHYA_BASE = {"flux": "flux1", "sd3": "sd3"}
+
+
+_LAYOUT_KEYS = {"scfm_format", "scfm_rank", "scfm_alpha", "scfm_targets", PEFT_METADATA_KEY}
+
+
+def base_architecture(family: str, config) -> str:
+    """The ModelSpec id of a base model from its config: flux-1-dev / -schnell, stable-diffusion-3-5-large /
+    -3-5-medium / -3-medium; the family-wide id for any other size (a tiny test model, the demo)."""
+    if family == "flux":
+        if (config.depth, config.depth_single_blocks, config.hidden_size) == (19, 38, 3072):
+            return "flux-1-dev" if config.guidance_embed else "flux-1-schnell"
+    elif config.depth == 38:
+        return "stable-diffusion-3-5-large"
+    elif config.depth == 24:
+        return "stable-diffusion-3-5-medium" if config.dual_attention_layers else "stable-diffusion-3-medium"
+    return _ARCHITECTURE[family]
+
+
+def _tool_metadata(lora: LoRA, layout: str) -> dict[str, str]:
+    """The `ss_*` keys of this layout: the rank and the alpha a kohya-style loader applies (r for the diffusers
+    layout, whose alpha is folded into the weights)."""
+    parts = [p for mod in lora.modules.values() for p in mod.parts if p is not None]
+    rank = _most_common(p.up.shape[1] for p in parts)
+    alpha = rank if layout == "diffusers" else _most_common(p.alpha for p in parts)
+    return {"ss_network_module": _KOHYA_MODULE[lora.family], "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": _KOHYA_BASE[lora.family]}
 
 
 def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -109,7 +159,8 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
     if lora.text_encoders and layout != lora.layout:
         raise WeightsError(f"{lora.source or 'this LoRA'} has text-encoder keys in the {lora.layout} layout, "
                            f"which cannot be converted to {layout}; lora.text_encoders.clear() drops them")
-    meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata()}
+    meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata(),
+            **_tool_metadata(lora, layout)}
     if layout == "ours":
         tensors = _ours_state(lora)
         ranks = Counter(t.shape[1] for k, t in tensors.items() if k.endswith(".lora_up"))
@@ -127,9 +178,14 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
 
 def write_lora(lora: LoRA, path: str | os.PathLike, layout: str = "ours", *, overwrite: bool = False,
                metadata: dict[str, str] | None = None) -> Path:
-    """`lora` as one safetensors file in `layout`; extra `metadata` is kept beside ours."""
+    """`lora` as one safetensors file in `layout`; extra `metadata` is kept beside ours (and may name the
+    exact base: `modelspec.architecture`). What the tensors fix (layout, rank, alpha, hints) is always ours."""
     tensors, meta = lora_state_dict(lora, layout)
-    return atomic_save(tensors, path, {**(metadata or {}), **meta}, overwrite=overwrite)
+    # keys that describe another layout's tensors (a converted file's metadata passed on) would mislead a reader
+    metadata = {k: v for k, v in (metadata or {}).items() if k not in _LAYOUT_KEYS}
+    spec = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"{_ARCHITECTURE[lora.family]}/lora",
+            "modelspec.implementation": _IMPLEMENTATION[lora.family], "modelspec.title": Path(path).stem}
+    return atomic_save(tensors, path, {**spec, **metadata, **meta}, overwrite=overwrite)
 
 
 def save_lora(state: dict[str, Tensor], path: str | os.PathLike, *, layout: str = "ours", alpha: float,

@@ -20,13 +20,12 @@ import math
 import os
 import struct
 import sys
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from .io import WeightsError
+from .io import WeightsError, temp_beside
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -81,8 +80,8 @@ class StreamWriter:
     def __init__(self, path: str | os.PathLike, plan: list[Spec], metadata: dict[str, str] | None = None):
         self.path, self.plan, self._next = Path(path), list(plan), 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._f = os.fdopen(fd, "wb")
+        self._tmp = temp_beside(self.path)  # the user's umask, unlike mkstemp's 0600
+        self._f = open(self._tmp, "wb")  # noqa: SIM115  (closed by close() or abort())
         self._f.write(encode_header(self.plan, metadata))
 
     def write(self, key: str, t: torch.Tensor) -> None:

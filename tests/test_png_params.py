@@ -1,0 +1,123 @@
+"""What a PNG of ours tells other tools and ours: A1111-style infotext under `parameters` (read here by a
+re-implementation of A1111's reader), our JSON under `scfm` (read by `read_png_params`, which still reads the
+JSON-in-`parameters` PNGs written before), and the LoRAs with the scale each was applied at, a LoRA's
+recommended scale when the command line gives none."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+from safetensors.torch import load_file, save_file
+
+from distill.run_outputs import base_lora_records
+from sampling.base import read_png_params, save_png
+from sampling.demo import DEMO_LORA
+from sampling.generate import main
+from sampling.infotext import infotext
+from weights.io import read_header
+from weights.lora_merge import lora_spec
+
+# A1111's infotext reader, written here from the behaviour of parse_generation_parameters and unquote in
+# AUTOMATIC1111/stable-diffusion-webui, modules/infotext_utils.py (v1.10): the last line holds the settings when
+# at least three `Key: value` pairs are found in it, else it is prompt too; the lines before are the prompt up to
+# one starting "Negative prompt:", the rest the negative prompt; a value in double quotes is read as JSON; a
+# value like 64x32 becomes Key-1 and Key-2.
+PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
+
+
+def a1111_parse(text: str) -> dict[str, str]:
+    *lines, last = text.strip().split("\n")
+    if len(PAIR.findall(last)) < 3:
+        lines, last = [*lines, last], ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    into = prompt
+    for line in (ln.strip() for ln in lines):
+        if line.startswith("Negative prompt:"):
+            into, line = negative, line.removeprefix("Negative prompt:").strip()
+        into.append(line)
+    found = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in PAIR.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        size = re.fullmatch(r"(\d+)x(\d+)", value)
+        if size:
+            found[f"{key}-1"], found[f"{key}-2"] = size.groups()
+        else:
+            found[key] = value
+    return found
+
+
+PROMPT = 'a red circle, top left: "big"'
+NEGATIVE = "dark, blue: x"
+
+
+def generate(tmp_path, name: str, *extra: str) -> Image.Image:
+    out = tmp_path / name
+    assert main(["--prompt", PROMPT, "--steps", "2", "--seed", "5", "--out", str(out), *extra]) == 0
+    return Image.open(out)
+
+
+def test_a1111_reads_prompt_negative_and_settings_of_a_generated_png(tmp_path):
+    # the demo Flux with real CFG, so that a negative prompt is used
+    image = generate(tmp_path, "a.png", "--width", "64", "--height", "32", "--true-cfg", "2",
+                     "--negative-prompt", NEGATIVE)
+    found = a1111_parse(image.text["parameters"])
+    assert (found["Prompt"], found["Negative prompt"]) == (PROMPT, NEGATIVE)
+    assert (found["Steps"], found["Seed"], found["Size-1"], found["Size-2"]) == ("2", "5", "64", "32")
+    assert (found["Sampler"], found["CFG scale"], found["Model"]) == ("Euler", "2", "flux-demo")
+    assert found["Schedule type"] == "Diffusers shift 1"  # the demo scheduler's own: flux-schnell's
+    assert "Distilled CFG Scale" not in found  # the demo transformer has no guidance embedding
+    params = read_png_params(image)
+    assert (params["prompt"], params["negative_prompt"], params["seed"], params["shift"]) == (PROMPT, NEGATIVE, 5, 1.0)
+    assert params["guidance"] is None and params["true_cfg"] == 2.0
+
+
+def test_only_known_settings_are_written_and_old_pngs_still_read(tmp_path):
+    # a training sample knows its prompt only: fewer than three pairs would be read as prompt, so none are written
+    assert infotext({"prompt": "a b, c: d", "step": 100}) == "a b, c: d"
+    assert a1111_parse(infotext({"prompt": "x", "step": 100})) == {"Prompt": "x", "Negative prompt": ""}
+    text = infotext({"prompt": "x", "family": "sd3", "guidance": 4.5, "negative_prompt": "", "steps": 4, "seed": 1,
+                     "width": 32, "height": 64, "schedule": "scfm", "shift": 3.0, "model": "/m/sd3.5, large"})
+    assert a1111_parse(text) == {"Prompt": "x", "Negative prompt": "", "Steps": "4", "Sampler": "Euler",
+                                 "Schedule type": "SCFM shift 3", "CFG scale": "4.5", "Seed": "1", "Size-1": "32",
+                                 "Size-2": "64", "Model": "sd3.5, large", "Version": "scfm"}
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "new.png", {"prompt": "p", "step": 3})
+    assert read_png_params(tmp_path / "new.png") == {"prompt": "p", "step": 3}
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps({"prompt": "p", "seed": 1}))  # how PNGs were written before
+    Image.new("RGB", (8, 8)).save(tmp_path / "old.png", pnginfo=info)
+    assert read_png_params(tmp_path / "old.png") == {"prompt": "p", "seed": 1}
+    Image.new("RGB", (8, 8)).save(tmp_path / "none.png")
+    with pytest.raises(ValueError, match="no scfm settings"):
+        read_png_params(tmp_path / "none.png")
+
+
+def test_generate_applies_and_records_a_loras_recommended_scale(tmp_path):
+    lora = tmp_path / "half.safetensors"
+    meta = {k: v for k, v in read_header(DEMO_LORA)[1].items() if k != "sshs_model_hash"}  # hashed below
+    save_file(load_file(DEMO_LORA), lora, metadata={**meta, "scfm_lora_scale": "0.5"})
+    assert lora_spec(str(lora)) == (str(lora), 0.5) and lora_spec(f"{lora}:1") == (str(lora), 1.0)
+    assert base_lora_records((str(lora),))[0]["scale"] == 0.5  # train --base_loras resolves the same way
+    default, half, full = (generate(tmp_path, f"{n}.png", "--lora", str(lora) + s)
+                           for n, s in (("default", ""), ("half", ":0.5"), ("full", ":1")))
+    assert np.array_equal(np.asarray(default), np.asarray(half))
+    assert not np.array_equal(np.asarray(default), np.asarray(full))
+    record = read_png_params(default)["loras"]
+    data = lora.read_bytes()
+    tensor_bytes = data[8 + int.from_bytes(data[:8], "little"):]  # A1111's LoRA hash: the file less its header
+    assert record == [{"file": "half.safetensors", "path": str(lora), "scale": 0.5,
+                       "sha256": hashlib.sha256(data).hexdigest(),
+                       "a1111_hash": hashlib.sha256(tensor_bytes).hexdigest()[:12]}]
+    found = a1111_parse(default.text["parameters"])
+    assert found["Prompt"] == f"{PROMPT} <lora:half:0.5>"  # as A1111 writes a LoRA used at 0.5
+    assert found["Lora hashes"] == f"half: {record[0]['a1111_hash']}"
+    assert read_png_params(full)["loras"][0]["scale"] == 1.0
