@@ -73,6 +73,9 @@ class DistillConfig:
                                           "PATH[:SCALE] in any layout (e.g. a style LoRA): teacher and student "
                                           "both run on base + these, so the SCFM LoRA is made for that stack; "
                                           "recorded in the exported LoRA")
+    ignore_te_lora: bool = opt(False, "merge only the transformer part of the base_loras: their text-encoder "
+                                      "part (kohya lora_te*_, diffusers text_encoder*.), otherwise merged into "
+                                      "CLIP / T5 when the text cache is built, is skipped with one line saying so")
     # --- SCFM objective (scfm-method.md §2-§5) ------------------------------------------------------------
     t_skip: int = opt(2, "grid steps per student step")
     teacher_steps_min: int = opt(32, "smallest teacher grid")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -59,7 +60,8 @@ def render_demo_data(cfg: DistillConfig) -> None:
         "--model", cfg.model, "--prompts", str(DEMO_PROMPTS), "--out", cfg.data, "--images-per-bucket",
         str(cfg.demo_images), "--resolution", str(cfg.resolution), "--max-sequence-length", str(cfg.t5_length),
         "--batch-size", "64", "--seed", str(cfg.seed), "--device", "cpu", "--dtype", "fp32",
-        *[arg for spec in cfg.base_loras for arg in ("--lora", spec)]])  # the teacher renders with them
+        *[arg for spec in cfg.base_loras for arg in ("--lora", spec)],  # the teacher renders with them
+        *(["--ignore-te-lora"] if cfg.ignore_te_lora else [])])
     teacher_data.run(args)
 
 
@@ -81,16 +83,37 @@ def cache_key(cfg: DistillConfig, family: str = "flux") -> dict:
     names = ("vae", "clip", "t5", "t5_tokenizer", "clip_tokenizer")
     names += ("clip_g", "clip_g_tokenizer") if family == "sd3" else ()  # Flux keys stay as they were
     files = {k: file_identity(getattr(cfg, k)) for k in names}
-    return {**files, "t5_length": cfg.t5_length, "resolution": cfg.resolution, "dtype": cfg.dtype}
+    key = {**files, "t5_length": cfg.t5_length, "resolution": cfg.resolution, "dtype": cfg.dtype}
+    records = text_lora_records(cfg)
+    return key | {"text_loras": records} if records else key  # without them, a cache keeps its old key
+
+
+def text_lora_records(cfg: DistillConfig) -> list[dict]:
+    """The base LoRAs whose text-encoder part goes into the text embeddings (none with ignore_te_lora), recorded
+    as the exported LoRA records them (file, scale, sha256), so that a changed stack never reuses a stale cache."""
+    from weights.lora_text import has_text_part
+
+    from .run_outputs import base_lora_records
+
+    if cfg.ignore_te_lora:
+        return []
+    return base_lora_records(tuple(s for s in cfg.base_loras if has_text_part(lora_spec(s)[0])))
 
 
 def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: str):
     from model.text import encode_flux, encode_sd3
     from model.tokenizers import CLIPTokenizer, T5Tokenizer
+    from weights.lora_text import split_loras
     from weights.text import load_clip, load_t5
 
-    clip = load_clip(cfg.clip, dtype=dtype, device=device)
-    t5 = load_t5(cfg.t5, dtype=dtype, device=device) if cfg.t5 else None
+    # the base LoRAs' text-encoder parts, merged as the encoders are read (the transformer takes the rest)
+    encoders = ("clip_l", "clip_g", "t5") if family == "sd3" else ("clip_l", "t5")
+    loras = split_loras([lora_spec(s) for s in cfg.base_loras], family,
+                        encoders=[e for e in encoders if e != "t5" or cfg.t5], ignore_text=cfg.ignore_te_lora)
+    for line in loras.notes:
+        print(line, file=sys.stderr)
+    clip = load_clip(cfg.clip, dtype=dtype, device=device, loras=loras.text_for("clip_l"))
+    t5 = load_t5(cfg.t5, dtype=dtype, device=device, loras=loras.text_for("t5")) if cfg.t5 else None
     clip_tok = CLIPTokenizer.load(cfg.clip_tokenizer or None)
     t5_tok = T5Tokenizer.load(cfg.t5_tokenizer, max_length=cfg.t5_length) if cfg.t5 else None
     if family == "flux":
@@ -102,7 +125,7 @@ def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, 
     from model.tokenizers import _pad_token_of
     from sampling.sd3 import CLIP_G_PAD
 
-    clip_g = load_clip(cfg.clip_g, dtype=dtype, device=device)
+    clip_g = load_clip(cfg.clip_g, dtype=dtype, device=device, loras=loras.text_for("clip_g"))
     # bigG pads with "!" unless its own tokenizer folder says otherwise, as sampling/sd3.py loads it
     folder = Path(cfg.clip_g_tokenizer).expanduser() if cfg.clip_g_tokenizer else None
     g_tok = CLIPTokenizer.load(folder, pad_token=None if folder and _pad_token_of(folder) else CLIP_G_PAD)
@@ -155,6 +178,13 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: s
         if cache.key.get(field) != getattr(cfg, field):
             raise DataError(f"{folder}: cache built with {field} {cache.key.get(field)}, the config says "
                             f"{getattr(cfg, field)}; use another --cache")
+    if not encoders_given:  # a cache built before (or elsewhere): with encoders, build_cache compared whole keys
+        built, wanted = cache.key.get("text_loras") or [], text_lora_records(cfg)
+        if built != wanted:
+            def names(records):
+                return ", ".join(f"{r['file']} @ {r['scale']:g}" for r in records) or "none"
+            raise DataError(f"{folder}: its text embeddings were made with the text-encoder parts of "
+                            f"{names(built)}, this run's base_loras give {names(wanted)}; use another --cache")
     return cache
 
 
@@ -162,8 +192,11 @@ def load_model(cfg: DistillConfig, device: torch.device):
     """With fp8 storage the blocks' weights are quantized as they are read: the bf16 model never exists at once."""
     from model.flux import FLUX_CONFIGS, Flux
     from model.mmdit import MMDIT_CONFIGS, MMDiT
+    from weights.lora_text import transformer_parts
 
-    loras = [lora_spec(spec) for spec in cfg.base_loras]  # merged as the weights are read, before fp8
+    family = family_of(cfg)
+    # merged as the weights are read, before fp8; their text-encoder parts are in the text cache (_text_encoder)
+    loras = transformer_parts([lora_spec(spec) for spec in cfg.base_loras], family)
     if cfg.model in ("tiny", "tiny-sd3"):
         from weights.lora_merge import apply_loras
 
@@ -171,7 +204,7 @@ def load_model(cfg: DistillConfig, device: torch.device):
         model = Flux(FLUX_CONFIGS["tiny"]) if cfg.model == "tiny" else MMDiT(MMDIT_CONFIGS["tiny"])
         apply_loras(model, loras, restorable=False)
         return model
-    if family_of(cfg) == "sd3":
+    if family == "sd3":
         from weights.mmdit import load_mmdit
 
         return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_storage, loras=loras)

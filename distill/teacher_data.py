@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.options import add_run_options
+from sampling.options import add_ignore_te_lora, add_run_options
 from weights.io import DTYPES, WeightsError, file_sha256
 from weights.lora_merge import lora_spec
 
@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_run_options(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA merged into the teacher (e.g. a style LoRA; train with the same --base_loras); "
-                        "repeatable")
+                   help="a LoRA merged into the teacher, its text-encoder part into CLIP / T5 (e.g. a style LoRA; "
+                        "train with the same --base_loras and --ignore-te-lora); repeatable")
+    add_ignore_te_lora(p)
     return p
 
 
@@ -144,7 +145,7 @@ def make_pipeline(args):
     sources.check()
     return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
                         loras=[lora_spec(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap,
-                        fp8_compute=args.fp8_compute, compile=args.compile)
+                        fp8_compute=args.fp8_compute, compile=args.compile, ignore_te_lora=args.ignore_te_lora)
 
 
 def run(args) -> Path:
@@ -164,6 +165,8 @@ def run(args) -> Path:
             raise WeightsError(f"--lora {path}: no such file")
     if loras:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
         settings["loras"] = [[Path(path).name, scale, file_sha256(path)] for path, scale in loras]
+        if args.ignore_te_lora:  # the prompts were encoded without their text-encoder parts
+            settings["ignore_te_lora"] = True
     check_settings(out, settings)
     jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
     done = done_files(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from model.block_swap import BlockSwap, check_count
 from model.fp8 import enable_fp8_compute_
 from model.vae import AutoEncoder, vae_to_images
 from weights.io import WeightsError, atomic_path
+from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
 from weights.vae import load_vae
 
 from .infotext import infotext
@@ -25,10 +27,11 @@ from .schedules import ScheduleConfig
 
 class Pipeline:
     default_config: type  # the family's generation config dataclass
+    family: str  # "flux" | "sd3": the LoRA names its files are read for
 
     def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  fp8: bool = False, loras: Sequence = (), blocks_to_swap: int = 0, fp8_compute: bool = False,
-                 compile: bool = False):  # noqa: A002  (the CLI's word)
+                 compile: bool = False, ignore_te_lora: bool = False):  # noqa: A002  (the CLI's word)
         self.sources, self.device, self.dtype = sources, torch.device(device), dtype
         # fp8_compute: the blocks' GEMMs on fp8 tensor cores (model/fp8_gemm.py; e4m3 storage implied), refused
         # at once on a GPU without them; compile: each transformer block compiled once (model/layers.py)
@@ -42,6 +45,10 @@ class Pipeline:
         # loras (as weights.lora.apply_loras takes them) are merged for good as the weights are read, before fp8
         # rounds them: no full-precision copy of the model exists on either device
         self.fp8, self.loras = fp8, list(loras)
+        # A LoRA's text-encoder part (kohya lora_te*_, diffusers text_encoder*.) is merged into the encoders as they
+        # are read, as diffusers and ComfyUI apply it; ignore_te_lora skips it (one line says so)
+        self.ignore_te_lora = ignore_te_lora
+        self._lora_parts: SplitLoRAs | None = None
         self._transformer: nn.Module | None = None
         self._vae: AutoEncoder | None = None
 
@@ -65,6 +72,10 @@ class Pipeline:
     def wants_negative(self, cfg) -> bool:
         raise NotImplementedError
 
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """The encoders `encode` loads, as weights/lora_text.py names them ("clip_l", "clip_g", "t5")."""
+        raise NotImplementedError
+
     def encode(self, prompts: Sequence[str], max_sequence_length: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -72,6 +83,20 @@ class Pipeline:
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------------------
+
+    def lora_parts(self) -> SplitLoRAs:
+        """`self.loras` split into transformer and text-encoder parts: each file read once, its notes (a part
+        skipped, or for an encoder this run does not load) printed once."""
+        if self._lora_parts is None:
+            self._lora_parts = split_loras(self.loras, self.family, encoders=self.text_encoder_names(),
+                                           ignore_text=self.ignore_te_lora)
+            for line in self._lora_parts.notes:
+                print(line, file=sys.stderr)
+        return self._lora_parts
+
+    def text_loras(self, encoder: str) -> list[EncoderLoRA]:
+        """The LoRAs' parts for one text encoder, as the text loaders' `loras=` take them."""
+        return self.lora_parts().text_for(encoder)
 
     def check_transformer(self) -> None:
         """Everything loading the transformer checks (its files, keys, shapes, the LoRAs' fit) without reading a

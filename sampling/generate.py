@@ -9,10 +9,11 @@
 The family (Flux or SD3) is read from the model: a pipeline folder's model_index.json, a transformer folder's
 config.json, or the checkpoint's keys. Settings not given on the command line come from an SCFM LoRA's metadata
 (steps, grid, shift, guidance, T5 length), so an SCFM LoRA samples on the `scfm` grid it was trained on; otherwise
-from the family's diffusers defaults. A LoRA without :SCALE is merged at the scale its metadata recommends, else 1.
-Every PNG carries its generation parameters (seed and LoRA scales included) twice: as the infotext A1111 / Forge's
-PNG Info and Civitai read, and as our JSON (sampling.base.read_png_params); existing files are never replaced
-without --overwrite.
+from the family's diffusers defaults. A LoRA without :SCALE is merged at the scale its metadata recommends, else 1;
+its text-encoder part, if any (kohya lora_te*_, diffusers text_encoder*.), goes into CLIP / T5 at that scale unless
+--ignore-te-lora. Every PNG carries its generation parameters (seed and LoRA scales included) twice: as the infotext
+A1111 / Forge's PNG Info and Civitai read, and as our JSON (sampling.base.read_png_params); existing files are never
+replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from weights.io import DTYPES, WeightsError
 
 from .base import save_png
 from .demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
-from .options import add_run_options, out_of_memory
+from .options import add_ignore_te_lora, add_run_options, out_of_memory
 
 # The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
 # (CFG 7.0, T5 256). Both use 28 steps.
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="a LoRA to merge, at SCALE if given, else at the scale its metadata recommends, else 1; "
                      "repeatable ('demo': the shipped SCFM LoRA of the demo model)")
+    add_ignore_te_lora(src)
     gen = p.add_argument_group("generation (unset values: an SCFM LoRA's recommendation, else the family default)")
     gen.add_argument("--prompt", action="append", default=[], help="repeatable")
     gen.add_argument("--prompts-file", help="a text file, one prompt per line")
@@ -227,6 +229,9 @@ def generation_config(args, family: str, rec):
 
 
 def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
+    options = {"device": args.device, "dtype": DTYPES[args.dtype], "fp8": args.fp8, "loras": loras,
+               "blocks_to_swap": args.blocks_to_swap, "fp8_compute": args.fp8_compute, "compile": args.compile,
+               "ignore_te_lora": args.ignore_te_lora}
     files = dict(vae=args.vae, clip=args.clip, t5=args.t5, clip_tokenizer=args.clip_tokenizer,
                  t5_tokenizer=args.t5_tokenizer)
     if family == "flux":
@@ -236,8 +241,7 @@ def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
         is_folder = (model / "model_index.json").exists()
         sources = FluxSources.from_folder(model, **files) if is_folder else FluxSources(transformer=model, **files)
         sources.check()
-        return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras,
-                            blocks_to_swap=args.blocks_to_swap, fp8_compute=args.fp8_compute, compile=args.compile)
+        return FluxPipeline(sources, **options)
     from .sd3 import SD3Pipeline, SD3Sources  # noqa: PLC0415
 
     files = dict(vae=files["vae"], clip_l=files["clip"], clip_g=args.clip_g, t5=None if args.no_t5 else files["t5"],
@@ -249,8 +253,7 @@ def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
     else:
         sources = SD3Sources(transformer=model, **files)
     sources.check()
-    return SD3Pipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras,
-                       blocks_to_swap=args.blocks_to_swap, fp8_compute=args.fp8_compute, compile=args.compile)
+    return SD3Pipeline(sources, **options)
 
 
 def _negative(family: str, cfg) -> str | None:
@@ -290,10 +293,12 @@ def run(args) -> list[Path]:
     for warning in missing_base_loras(loras):
         print(warning, file=sys.stderr)
     records = lora_records(loras)
+    skipped = {"ignore_te_lora": True} if loras and args.ignore_te_lora else {}  # the PNG says what was left out
     if loras:
         from weights.lora import read_lora  # noqa: PLC0415  (only when asked: keeps --help fast)
 
-        # read once: the check below and the load both take these (merged for good as the transformer is read)
+        # read once: the check below and the loads take these (merged for good as the transformer and, for a
+        # text-encoder part, CLIP / T5 are read)
         loras = [(read_lora(path, family=family), scale) for path, scale in loras]
     pipe = build_pipeline(args, model, family, loras)
     paths = _targets(args, len(prompts) * args.batch_size)
@@ -312,7 +317,7 @@ def run(args) -> list[Path]:
             for i, (prompt, image) in enumerate(zip(prompts, to_pil(pipe.decode(latents)))):
                 path = paths[b * len(prompts) + i]
                 params = dict(prompt=prompt, family=family, model=str(model), loras=records, schedule=cfg.grid,
-                              **used_settings(pipe, cfg, family, negative_prompt))
+                              **skipped, **used_settings(pipe, cfg, family, negative_prompt))
                 save_png(image, path, params)
                 written.append(path)
     return written

@@ -1,5 +1,6 @@
 """What the sampling commands share (`generate`, `make_dataset`): their run options (device, dtype, fp8 storage
-and compute, compiled blocks, block swap) and the one line they print when the GPU runs out of memory."""
+and compute, compiled blocks, block swap), --ignore-te-lora, and the one line they print when the GPU runs out of
+memory."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ COMPILE_HELP = ("compile each transformer block once (torch.compile; the first i
                 "then each step is faster)")
 SWAP_HELP = ("keep the last N transformer blocks' weights in CPU memory and copy each to the GPU as it runs: "
              "less GPU memory (Flux-dev bf16: ~0.4 GB per block, 57 blocks), slower")
+
+
+IGNORE_TE_LORA_HELP = ("apply only the transformer part of the LoRAs: their text-encoder part (kohya lora_te*_, "
+                       "diffusers text_encoder*.), which is otherwise merged into CLIP / T5 as diffusers and "
+                       "ComfyUI do, is skipped with one line saying so")
+
+
+def add_ignore_te_lora(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--ignore-te-lora, the one spelling every command has (train's config field is ignore_te_lora)."""
+    group.add_argument("--ignore-te-lora", "--ignore_te_lora", action="store_true", help=IGNORE_TE_LORA_HELP)
 
 
 def add_run_options(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -95,10 +95,14 @@ class GenerationConfig:
 
 class FluxPipeline(Pipeline):
     default_config = GenerationConfig
+    family = "flux"
 
     def load_transformer(self, device: torch.device | None = None) -> Flux:
         return load_flux(self.sources.transformer, dtype=self.dtype, device=device or self.device,
-                         fp8=self.fp8, loras=self.loras)
+                         fp8=self.fp8, loras=self.lora_parts().transformer)
+
+    def text_encoder_names(self) -> tuple[str, ...]:
+        return ("clip_l", "t5")
 
     def size_multiple(self) -> int:
         return 2 * self.vae_scale  # one packed token covers 2x2 latent pixels
@@ -120,8 +124,8 @@ class FluxPipeline(Pipeline):
         s = self.sources
         if s.clip is None or s.t5 is None or s.t5_tokenizer is None:
             raise WeightsError("Flux needs text encoders: pass --clip, --t5 and --t5-tokenizer (or a pipeline folder)")
-        clip = load_clip(s.clip, dtype=self.dtype, device=self.device)
-        t5 = load_t5(s.t5, dtype=self.dtype, device=self.device)
+        clip = load_clip(s.clip, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"))
+        t5 = load_t5(s.t5, dtype=self.dtype, device=self.device, loras=self.text_loras("t5"))
         txt, _, y = encode_flux(
             list(prompts), clip=clip, clip_tokenizer=CLIPTokenizer.load(s.clip_tokenizer), t5=t5,
             t5_tokenizer=T5Tokenizer.load(s.t5_tokenizer, max_length=max_sequence_length),

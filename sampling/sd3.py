@@ -160,10 +160,14 @@ def sd3_guidance(velocity: MMDiTVelocity, negative: Any, scale: float, *, slg_la
 
 class SD3Pipeline(Pipeline):
     default_config = SD3GenerationConfig
+    family = "sd3"
 
     def load_transformer(self, device: torch.device | None = None) -> MMDiT:
         return load_mmdit(self.sources.transformer, dtype=self.dtype, device=device or self.device,
-                          fp8=self.fp8, loras=self.loras)
+                          fp8=self.fp8, loras=self.lora_parts().transformer)
+
+    def text_encoder_names(self) -> tuple[str, ...]:
+        return ("clip_l", "clip_g") + (() if self.sources.t5 is None else ("t5",))
 
     def size_multiple(self) -> int:
         """diffusers' check: sizes must be multiples of vae_scale * patch_size."""
@@ -192,9 +196,10 @@ class SD3Pipeline(Pipeline):
         if s.clip_l is None or s.clip_g is None:
             raise WeightsError("SD3 needs CLIP-L and CLIP-bigG: pass --clip and --clip-g (or a pipeline folder)")
         tok_l, tok_g, tok_t5 = self._tokenizers(max_sequence_length)
-        clip_l = load_clip(s.clip_l, dtype=self.dtype, device=self.device)
-        clip_g = load_clip(s.clip_g, dtype=self.dtype, device=self.device)
-        t5 = None if s.t5 is None else load_t5(s.t5, dtype=self.dtype, device=self.device)
+        clip_l = load_clip(s.clip_l, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"))
+        clip_g = load_clip(s.clip_g, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_g"))
+        t5 = None if s.t5 is None else load_t5(s.t5, dtype=self.dtype, device=self.device,
+                                               loras=self.text_loras("t5"))
         # Without T5 the zeros take the transformer's context width; loading it here is cheap next to T5-XXL.
         joint_dim = 4096 if t5 is not None else self.transformer.config.context_in_dim
         context, pooled = encode_sd3(list(prompts), clip_l=clip_l, clip_l_tokenizer=tok_l, clip_g=clip_g,

@@ -193,3 +193,29 @@ def patch(weights: dict[str, Tensor], patches: list[Patch], strength: float) -> 
         else:
             view.copy_(p.tensors[0])
     return out, skipped
+
+
+def assert_comfyui_merge_is_ours(plain, family: str, path, strength: float = 1.0) -> None:
+    """The LoRA file at `path` patched into `plain`'s weights by ComfyUI's rule: every key loaded, every patch
+    placed, and each patched parameter equal to our merge (`apply_loras` on a copy) within 1e-5 of its delta."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from weights.lora import read_lora
+    from weights.lora_merge import apply_loras, touched_keys
+
+    sd = load_file(str(path))
+    weights = dict(plain.state_dict())
+    patches, not_loaded = load_lora(sd, key_map(family, plain.config, weights))
+    assert not_loaded == [], f"{path.name}: ComfyUI would not load {not_loaded[:3]}"
+    patched, skipped = patch(weights, patches, strength)
+    assert skipped == [], path.name
+    assert set(patched) == set(touched_keys(read_lora(path))), path.name
+    ours = copy.deepcopy(plain)
+    apply_loras(ours, [(path, strength)])
+    merged = ours.state_dict()
+    for name, want in patched.items():
+        delta = (want - weights[name].float()).abs().max()
+        err = (merged[name].float() - want).abs().max()
+        assert err <= 1e-5 * delta, f"{path.name}: {name}: {err} vs max delta {delta}"

@@ -70,3 +70,17 @@ def random_lora(model: torch.nn.Module, seed: int = 0, *, rank: int = 2, alpha: 
     live = set_state_dict(model, "live")
     load_set(model, "live", {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in live.items()})
     return LoRA.from_set_state(set_state_dict(model, "live"), alpha, recommended=recommended, family=family)
+
+
+def tiny_diffusers_vae(scaling_factor: float, shift_factor: float):
+    """A random 16-channel diffusers AutoencoderKL that downscales by 4, with the family's latent scale and
+    shift (the tiny pipelines' VAE)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    )
+    return randomize_(vae, 0.05, seed=4)

@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from text_fixtures import hf_clip, hf_clip_tokenizer, hf_t5, train_spm
+from conftest import random_lora
+from flux_fixtures import save_tiny_flux_pipeline
 
-from conftest import random_lora, randomize_
 from model.clip import CLIP_CONFIGS
 from model.layers import pack
 from model.t5 import T5_CONFIGS
@@ -24,35 +24,8 @@ T5_LEN = 48
 
 @pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
 def pipeline_folder(request, tmp_path_factory):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline as DiffusersFlux, \
-        FluxTransformer2DModel
-    from transformers import T5Tokenizer as HFT5Tokenizer
-
-    guidance = request.param
-    root = tmp_path_factory.mktemp("pipe")
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=T5.d_model, pooled_projection_dim=CLIP.hidden_size,
-        guidance_embeds=guidance, axes_dims_rope=(4, 6, 6),
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
-        latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=0.3611, shift_factor=0.1159,
-    )
-    randomize_(transformer, 0.1, seed=3)
-    randomize_(vae, 0.05, seed=4)
-    scheduler = (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
-                 if guidance else FlowMatchEulerDiscreteScheduler(shift=1.0))
-    train_spm(root / "spm")
-    pipe = DiffusersFlux(
-        scheduler=scheduler, vae=vae, text_encoder=hf_clip(CLIP, 0.1, seed=1, bos=49406),
-        tokenizer=hf_clip_tokenizer(), text_encoder_2=hf_t5(T5, 0.1, seed=2),
-        tokenizer_2=HFT5Tokenizer.from_pretrained(str(root / "spm")), transformer=transformer,
-    )
-    pipe.save_pretrained(root / "flux")
-    return root / "flux", pipe, guidance
+    folder, pipe = save_tiny_flux_pipeline(tmp_path_factory.mktemp("pipe"), request.param, CLIP, T5)
+    return folder, pipe, request.param
 
 
 def _diffusers(pipe, output_type, steps=3):

@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_, tiny_diffusers_vae
 from text_fixtures import hf_clip, hf_clip_tokenizer, hf_t5, train_spm
 
-from conftest import randomize_
 from model.clip import CLIP_CONFIGS
 from model.t5 import T5_CONFIGS
 from sampling.pipeline import to_pil
@@ -31,8 +31,7 @@ HEIGHT, WIDTH = 32, 48  # the tiny VAE downsamples 4x: 8 x 12 latents, a 4 x 6 p
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """The same tiny SD3.5 parts saved twice: with T5 and, as diffusers allows, without."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, \
-        StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5Tokenizer as HFT5Tokenizer
 
     root = tmp_path_factory.mktemp("sd3")
@@ -43,14 +42,8 @@ def folders(tmp_path_factory):
         pooled_projection_dim=CLIP_L.projection_dim + CLIP_G.projection_dim, pos_embed_max_size=8,
         qk_norm="rms_norm", dual_attention_layers=(0, 1),
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
-        latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=1.5305, shift_factor=0.0609,
-    )
+    vae = tiny_diffusers_vae(1.5305, 0.0609)
     randomize_(transformer, 0.1, seed=3)
-    randomize_(vae, 0.05, seed=4)
     train_spm(root / "spm")
     parts = dict(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,

@@ -28,7 +28,9 @@ if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repo
 
 from weights.convert import check_output, convert_checkpoint, detect, merge_loras, plan_conversion
 from weights.io import DTYPES, WeightsError, read_header
+from weights.keymaps.lora import NotLoRAError
 from weights.lora import LAYOUTS, read_lora
+from weights.lora_foreign import PEFT_FILE
 from weights.lora_resize import resize_lora, summary
 from weights.lora_write import write_lora
 
@@ -75,33 +77,55 @@ def _variant(family: str, cfg) -> str:
     return f"VAE, {cfg.z_channels} latent channels, scale {cfg.scale_factor} shift {cfg.shift_factor}"
 
 
+# Which text encoder a LoRA's text-encoder keys name, by prefix (sd-scripts: te1 CLIP-L, te2 CLIP-G, te3 T5;
+# diffusers: text_encoder CLIP-L, text_encoder_2 SD3's CLIP-G or Flux's T5; ComfyUI: text_encoders.<name>.)
+_TEXT_PARTS = {"lora_te_": "CLIP-L", "lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G", "lora_te3_": "T5",
+               "text_encoder.": "CLIP-L", "text_encoder_2.": "CLIP-G (SD3) / T5 (Flux)",
+               "text_encoders.": "ComfyUI text_encoders."}
+
+
 def _lora_lines(path) -> list[str]:
     lora = read_lora(path)
-    ranks = Counter(p.up.shape[1] for mod in lora.modules.values() for p in mod.parts if p is not None)
-    alphas = Counter(p.alpha for mod in lora.modules.values() for p in mod.parts if p is not None)
+    parts = [p for mod in lora.modules.values() for p in mod.parts if p is not None]
+    ranks, alphas = Counter(p.up.shape[1] for p in parts), Counter(p.alpha for p in parts)
     groups = Counter(re.sub(r"\.\d+\.", ".*.", m) for m in lora.modules)
     blocks = {"double_blocks": 0, "single_blocks": 0, "joint_blocks": 0}
-    for m in lora.modules:
+    for m in [*lora.modules, *lora.diffs]:
         head, _, rest = m.partition(".")
         if head in blocks:
             blocks[head] = max(blocks[head], int(rest.split(".")[0]) + 1)
     fits = ", ".join(f"{k} >= {v}" for k, v in blocks.items() if v)
     dev_only = any(m.startswith("guidance_in.") for m in lora.modules)
-    lines = [f"family: LoRA for {lora.family}", f"layout: {lora.layout}",
-             f"rank(s): {dict(ranks)}", f"alpha(s): {dict(alphas)}",
-             f"targets: {len(lora.modules)} layers: "
-             + ", ".join(f"{g} x{n}" for g, n in sorted(groups.items())),
+    lines = [f"family: LoRA for {lora.family}", f"layout: {lora.layout}" + (f", {lora.flavour}" if lora.flavour
+                                                                             else ""),
+             f"rank(s): {dict(ranks)}",
+             # alpha as applied: scale alpha / r (an rsLoRA's lora_alpha / sqrt(r) is stated as that alpha)
+             f"alpha(s): {dict(alphas)}" + (" (rsLoRA, as alpha / r)" if "rsLoRA" in lora.flavour else ""),
+             f"targets: {len(lora.modules)} layers: " + ", ".join(f"{g} x{n}" for g, n in sorted(groups.items())),
              f"fits: {lora.family} with {fits or 'any depth'}"
              + ("; FLUX.1-dev only (has guidance_in)" if dev_only else "")]
+    if lora.diffs:
+        kinds = Counter("bias" if k.endswith(".bias") else "weight" for k in lora.diffs)
+        lines.append(f"full differences: {dict(kinds)} (ComfyUI .diff_b / .diff), added to those parameters")
     if lora.text_encoders:
-        lines.append(f"text encoders: {len(lora.text_encoders)} keys (kept as is)")
+        found = Counter(next((name for prefix, name in _TEXT_PARTS.items() if k.startswith(prefix)), "other")
+                        for k in lora.text_encoders)
+        lines.append(f"text encoders: {len(lora.text_encoders)} keys ({', '.join(f'{n}: {c}' for n, c in found.items())})"
+                     "; generate, make_dataset and train --base_loras apply them (--ignore-te-lora skips them)")
+    lines.append(f"scfm applies: {len(lora.modules)} LoRA layers" + (f", {len(lora.diffs)} full differences"
+                                                                       if lora.diffs else ""))
     return lines
 
 
 def info_lines(path) -> list[str]:
-    src = detect(path)
-    if src.family == "lora":
-        return [f"file: {src.path}", *_lora_lines(path)]
+    if (Path(path) / PEFT_FILE).is_file():  # a PEFT save_pretrained folder: its adapter, with its config
+        path = Path(path) / PEFT_FILE
+    try:
+        src = detect(path)
+        if src.family == "lora":
+            return [f"file: {src.path}", *_lora_lines(path)]
+    except NotLoRAError as e:  # LoKr, LoHa, DoRA, ...: say what it is and why scfm does not apply it
+        return [f"file: {path}", "layout: not a plain LoRA", f"scfm refuses it: {e}"]
     dtypes = Counter(d for _, d in src.header.values())
     params = sum(math.prod(s) for s, _ in src.header.values())
     lines = [f"file: {src.path}" + (f" ({len(src.files)} files)" if len(src.files) > 1 else ""),

@@ -45,6 +45,7 @@ from .keymaps.flux import flux_rules, flux_split_sizes
 from .keymaps.lora import parse_key, refuse_non_lora
 from .keymaps.mmdit import mmdit_rules, mmdit_split_sizes
 from .keymaps.vae import diffusers_to_ours, ours_to_diffusers
+from .lora_merge import param_delta
 from .stream import DTYPE_NAMES, Spec, nbytes, write_streaming
 
 _BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -162,10 +163,9 @@ def _transformer_plan(src: Source, to: str, dtype, loras, out_prefix: str | None
             rule = by_official[key]
             t = read(key) if src.layout == "official" else next(to_official([rule], read))[1]
             t = _cast(t, dtype)  # before the LoRA, as loading in `dtype` and then applying does
-            module = key.removesuffix(".weight")
-            if real and key.endswith(".weight") and module in deltas:
+            if real and key in deltas:
                 with torch.no_grad():  # apply_loras' arithmetic: sum the deltas in fp32, round once
-                    delta = sum(s * lora.modules[module].delta(t.device) for lora, s in deltas[module])
+                    delta = sum(s * param_delta(lora, key, t.device) for lora, s in deltas[key])
                     t = (t.float() + delta).to(t.dtype)
             return t
 
@@ -191,11 +191,11 @@ def _check_exact(wanted: set[str], shapes: dict, src: Source, layout: str) -> No
 
 
 def _lora_deltas(model, loras) -> dict[str, list]:
-    """Official module -> [(LoRA, scale)] after checking every LoRA fits `model` (built on meta)."""
+    """Official parameter -> [(LoRA, scale)] after checking every LoRA fits `model` (built on meta)."""
     deltas: dict[str, list] = {}
     if not loras:
         return deltas
-    from .lora_merge import _fit_error  # the run-time merger's own check, so both refuse the same files
+    from .lora_merge import _fit_error, touched_keys  # the run-time merger's own check and keys
 
     for item, scale in loras:
         error = _fit_error(model, item, item.source or "LoRA")  # the family first, then every layer's shape
@@ -204,8 +204,8 @@ def _lora_deltas(model, loras) -> dict[str, list]:
         if item.text_encoders:
             raise WeightsError(f"{item.source}: has {len(item.text_encoders)} text-encoder LoRA keys, which "
                                "a transformer checkpoint cannot hold")
-        for m in item.modules:
-            deltas.setdefault(m, []).append((item, float(scale)))
+        for key in touched_keys(item):
+            deltas.setdefault(key, []).append((item, float(scale)))
     return deltas
 
 

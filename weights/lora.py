@@ -45,6 +45,17 @@ Every layout also carries what other tools read to tell the base model and the s
 kohya's tools); `write_lora` writes them, a caller's metadata may add more (a training run: date, resolution,
 steps, a usage hint).
 
+Other tools' spellings, all read at the strength those tools apply (ComfyUI maps each of them):
+- kohya names under `diffusion_model.` / `model.diffusion_model.` or bare (ComfyUI, its Extract and Save LoRA);
+- diffusers names with '.' -> '_' under `lycoris_` (SimpleTuner's LyCORIS) or `lora_transformer_` (OneTrainer),
+  with lora_down / lora_up / alpha;
+- PEFT: `base_model.model.` names; a `save_pretrained` folder (or its adapter_model.safetensors) with the
+  `adapter_config.json` beside it giving lora_alpha, rank_pattern, alpha_pattern; `use_rslora` (there or in
+  diffusers' metadata) scales by alpha / sqrt(r), kept as alpha * sqrt(r) / r;
+- full differences, ComfyUI's `.diff_b` (a bias) and `.diff` (a whole weight, or a 1-D norm weight such as SD3's
+  ln_q): kept in `LoRA.diffs` by official parameter and added times the scale; refused where the parameter has
+  no place in the model. Only the kohya layout writes them back.
+
 The family comes from the file's scfm_family, else from the names (only one family has them all), else,
 for diffusers names both families use, from `family=` (the model it is for: `apply_loras` passes it), else
 from the layers' width (SD3.5 large 2432, SD3 / SD3.5 medium 1536), else Flux.
@@ -56,7 +67,9 @@ convert it first: `write_lora(read_lora(f), out, "diffusers")`. LoKr, LoHa, DoRA
 not plain LoRA are refused in one line. Text-encoder keys (`lora_te*`, `text_encoder*.`) are kept apart in
 `LoRA.text_encoders` and written back only to their own layout.
 
-Merging into a loaded model (`apply_loras`, `unload_loras`) lives in `weights/lora_merge.py`.
+Merging into a loaded model (`apply_loras`, `unload_loras`) lives in `weights/lora_merge.py`, the PEFT
+configuration, full differences and tool spellings in `weights/lora_foreign.py`, the text-encoder part in
+`weights/lora_text.py`.
 """
 
 from __future__ import annotations
@@ -65,7 +78,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,10 +87,10 @@ from torch import Tensor
 from .io import TensorReader, WeightsError, read_header
 from .keymaps import swap_halves
 from .keymaps.lora import TEXT_ENCODER_PREFIXES, detect_family, lora_names, parse_key, refuse_non_lora
+from .lora_foreign import flavour, peft_alpha, peft_config, peft_file, whole_diff
 
 FORMAT = "scfm-lora/1"
 LAYOUTS = ("ours", "diffusers", "kohya")
-PEFT_METADATA_KEY = "lora_adapter_metadata"
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,10 @@ class LoRA:
     recommended: Recommended = field(default_factory=Recommended)
     text_encoders: dict[str, Tensor] = field(default_factory=dict)  # as read, untouched
     source: str = ""
+    # full differences (ComfyUI's `.diff_b` / `.diff`): official parameter -> delta in its official layout, added
+    # times the LoRA's scale; biases, norm weights, or whole weights
+    diffs: dict[str, Tensor] = field(default_factory=dict)
+    flavour: str = ""  # which tool's spelling the file uses, for `convert.py info`
 
     @classmethod
     def from_set_state(cls, state: dict[str, Tensor], alpha: float, *, recommended: Recommended | None = None,
@@ -218,17 +234,6 @@ def _modules_from_ours(tensors: dict[str, Tensor], source: str, family: str) -> 
     return modules
 
 
-def _peft_alpha(config: dict, module: str, rank: int, alpha_key: Tensor | None) -> float:
-    if alpha_key is not None:
-        return float(alpha_key)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):  # peft's own pattern rule
-            return float(value)
-    if config:  # diffusers builds peft's LoraConfig from this metadata, whose lora_alpha defaults to 8
-        return float(config.get("lora_alpha", 8))
-    return float(rank)  # no alpha anywhere: diffusers uses alpha = r (scale 1)
-
-
 def _kohya_module(names, official, down, up, alpha, split_alpha) -> ModuleLoRA:
     R = down.shape[0]
     alpha = R if alpha is None or float(alpha) == 0 else float(alpha)
@@ -248,7 +253,7 @@ def _diffusers_module(names, official, by_slice, config) -> ModuleLoRA:
     rule = names.rules[official]
     parts: list[LoRAPart | None] = [None] * len(rule.others)
     for index, g in by_slice.items():
-        alpha = _peft_alpha(config, rule.others[index], g["up"].shape[1], g.get("alpha"))
+        alpha = peft_alpha(config, rule.others[index], g["up"].shape[1], g.get("alpha"))
         swap = names.swapped(official, g["up"].shape[0], g["down"].shape[1])
         parts[index] = LoRAPart(g["down"], swap_halves(g["up"]) if swap else g["up"], alpha)
     first = next(p for p in parts if p is not None)
@@ -290,7 +295,7 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     is used or refused: nothing is dropped (unlike diffusers' kohya loader)."""
     if kohya_split_alpha not in ("generic", "per_slice"):
         raise ValueError(f"kohya_split_alpha must be 'generic' or 'per_slice', got {kohya_split_alpha!r}")
-    path = Path(path)
+    path = peft_file(Path(path))
     src = str(path)
     header, meta = read_header(path)
     refuse_non_lora(header, src)
@@ -303,8 +308,10 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     text = {k: v for k, v in tensors.items() if k.startswith(TEXT_ENCODER_PREFIXES)}
     parsed = {k: parse_key(k) for k in tensors if k not in text}
     if not any(p and p[1] != "alpha" for p in parsed.values()):
-        if text:
-            raise WeightsError(f"{src}: only text-encoder LoRA keys ({len(text)}), none for the transformer")
+        if text and not any(parsed.values()):  # sd-scripts can train the text encoders alone
+            stated = meta.get("scfm_family") or family or "flux"
+            return LoRA({}, stated, "kohya" if any(k.startswith("lora_te") for k in text) else "diffusers",
+                        recommended, text, src, flavour="text encoders only")
         first = ", ".join(sorted(header)[:3])
         raise WeightsError(f"{src}: no LoRA tensors in this file (first keys: {first}); is it a base model? "
                            "load it with weights.load_flux or weights.load_mmdit")
@@ -313,30 +320,40 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     family = _family(src, stems, False, widths, meta, family)
     names = lora_names(family, stems)
     groups: dict[str, dict] = {}
+    diffs: dict[str, Tensor] = {}
     namings = set()
     for key, p in parsed.items():
         resolved = names.resolve(p[0]) if p else None
+        if resolved is None and p and p[1] == "diff" and names.param(p[0]):  # a norm weight's difference
+            diffs[names.param(p[0])] = tensors[key]
+            namings.add("kohya")
+            continue
         if resolved is None:
-            raise WeightsError(f"{src}: key {key} names no Flux Linear layer (nor an SD3 / SD3.5 one); "
-                               "a LoRA for another model?")
+            what = "names no parameter with a place for a full difference" if p and p[1].startswith("diff") \
+                else "names no Flux Linear layer (nor an SD3 / SD3.5 one)"
+            raise WeightsError(f"{src}: key {key} {what}; a LoRA for another model?")
         naming, official, index = resolved
         namings.add(naming)
         groups.setdefault(official, {}).setdefault(index, {})[p[1]] = tensors[key]
     if len(namings) > 1:
         raise WeightsError(f"{src}: mixes kohya and diffusers module names; not a single LoRA layout")
     layout = namings.pop()
-    config = json.loads(meta.get(PEFT_METADATA_KEY, "{}"))
-    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    config = peft_config(path, meta, src)
     modules = {}
+    width = max(widths, default=None)  # the model's width, for SD3's last context adaLN (see LoRANames.swapped)
     for official, by_slice in sorted(groups.items()):
-        for index, g in by_slice.items():
+        lora = {i: g for i, g in by_slice.items() if "down" in g or "up" in g}
+        for index, g in lora.items():
             if "down" not in g or "up" not in g:
                 raise WeightsError(f"{src}: {official} has {sorted(g)} but needs both down (A) and up (B)")
-        if layout == "kohya":
-            g = by_slice[None]
+        if lora and layout == "kohya":
+            g = lora[None]
             modules[official] = _kohya_module(names, official, g["down"], g["up"], g.get("alpha"),
                                               kohya_split_alpha)
-        else:
-            modules[official] = _diffusers_module(names, official, by_slice, config)
-    return LoRA(modules, family, layout, recommended, text, src)
-
+        elif lora:
+            modules[official] = _diffusers_module(names, official, lora, config)
+        for role, param in (("diff", "weight"), ("diff_b", "bias")):
+            pieces = {i: g[role] for i, g in by_slice.items() if role in g}
+            if pieces:
+                diffs[f"{official}.{param}"] = whole_diff(names, official, pieces, width, src)
+    return LoRA(modules, family, layout, recommended, text, src, diffs, flavour(stems, layout, path, config))

@@ -48,7 +48,7 @@ def model_family(model) -> str:
 @dataclass
 class _Applied:
     names: list[str]  # "source @ scale" of every applied LoRA, in order
-    touched: list[str]  # modules whose weights differ from the originals
+    touched: list[str]  # parameters (official keys) that differ from the originals
     base: str | None  # the checkpoint the originals are re-read from, or None: `originals` holds them
     stats: dict[str, tuple[int, int]]  # base file -> (size, mtime_ns) when applied
     originals: dict[str, Tensor] = field(default_factory=dict)
@@ -75,11 +75,41 @@ def _fit_error(model, lora: LoRA, src: str) -> str | None:
                 for p, n in zip(mod.parts, mod.rows)):
             return (f"{src}: LoRA for {m} has shape {list(mod.weight_shape)}, the model's weight "
                     f"{list(weight.shape)}; the LoRA is for a different model size")
+    for key, diff in lora.diffs.items():
+        try:
+            param = _tensor(model, key)
+        except AttributeError:
+            return f"{src}: a full difference for {key}, which this model does not have; another model's LoRA?"
+        if tuple(diff.shape) != tuple(param.shape):
+            return (f"{src}: the difference for {key} has shape {list(diff.shape)}, the model's "
+                    f"{list(param.shape)}; the LoRA is for a different model size")
     return None
 
 
-def _base_weights(source: str, model, modules: list[str]):
-    """Yield (module, weight) re-read from the checkpoint `model` was loaded from, in its stored dtype."""
+def _tensor(model, key: str) -> Tensor:
+    """The model's tensor under an official key (a Parameter, or an fp8 module's stored weight)."""
+    module, name = key.rsplit(".", 1)
+    return getattr(model.get_submodule(module), name)
+
+
+def touched_keys(lora: LoRA) -> list[str]:
+    """The official parameters `lora` changes: its layers' weights and its full differences' parameters."""
+    return list(dict.fromkeys([f"{m}.weight" for m in lora.modules] + list(lora.diffs)))
+
+
+def param_delta(lora: LoRA, key: str, device=None) -> Tensor | float:
+    """`lora`'s fp32 delta of the official parameter `key` (0 when it has none): a layer's LoRA delta on its
+    weight plus any full difference."""
+    module = key.removesuffix(".weight")
+    delta = lora.modules[module].delta(device) if key.endswith(".weight") and module in lora.modules else 0.0
+    if key in lora.diffs:
+        delta = delta + lora.diffs[key].to(device, torch.float32)
+    return delta
+
+
+def _base_weights(source: str, model, keys: list[str]):
+    """Yield (key, tensor) of official parameters re-read from the checkpoint `model` was loaded from, in its
+    stored dtype."""
     files, _ = model_files(source, "transformer")
     raw, _ = read_shapes(files)
     cfg = model.config
@@ -91,13 +121,12 @@ def _base_weights(source: str, model, modules: list[str]):
         rules = mmdit_rules(cfg.depth, cfg.dual_attention_layers, cfg.qk_norm is not None)
     rules = {r.official: r for r in rules}
     with TensorReader(files, prefix=prefix) as read:
-        for m in modules:
-            key = f"{m}.weight"
+        for key in keys:
             try:
                 # a diffusers file's fused (or swapped) weights are rebuilt exactly as the loaders do
-                yield m, read(key) if layout == "official" else next(to_official([rules[key]], read))[1]
+                yield key, read(key) if layout == "official" else next(to_official([rules[key]], read))[1]
             except KeyError:
-                raise WeightsError(f"{source}: no weight for {m}; base= must be the model's file") from None
+                raise WeightsError(f"{source}: no tensor for {key}; base= must be the model's file") from None
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:
@@ -122,8 +151,10 @@ def _resolve(model, loras: Sequence, ignore_text_encoders: bool) -> list[tuple[L
         if (error := _fit_error(model, lora, src)) is not None:
             raise WeightsError(error)
         if lora.text_encoders and not ignore_text_encoders:
+            # the pipelines and the CLIs split such files first (weights/lora_text.py); this is the Python API
             raise WeightsError(f"{src}: has {len(lora.text_encoders)} text-encoder LoRA keys, which a "
-                               "transformer cannot use; ignore_text_encoders=True applies the rest")
+                               "transformer cannot use; load it through a pipeline (its loras= also go to the "
+                               "text encoders) or pass ignore_text_encoders=True to apply the transformer part")
     return items
 
 
@@ -144,10 +175,10 @@ def _names(items: list[tuple[LoRA, float]]) -> list[str]:
     return [f"{lora.source or 'LoRA'} @ {s}" for lora, s in items]
 
 
-def _merged(weight: Tensor, module: str, items: list[tuple[LoRA, float]]) -> Tensor:
-    """`weight` plus every LoRA's delta on `module`, summed in fp32 and rounded once to the weight's dtype."""
-    delta = sum(s * lora.modules[module].delta(weight.device) for lora, s in items if module in lora.modules)
-    return (weight.float() + delta).to(weight.dtype)
+def merged_param(t: Tensor, key: str, items: list[tuple[LoRA, float]]) -> Tensor:
+    """The parameter `key` plus every LoRA's delta on it, summed in fp32 and rounded once to its dtype."""
+    delta = sum(s * param_delta(lora, key, t.device) for lora, s in items)
+    return (t.float() + delta).to(t.dtype)
 
 
 def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None,
@@ -163,26 +194,26 @@ def apply_loras(model, loras: Sequence, *, base: str | os.PathLike | None = None
     if state is not None and state.base != base:
         raise WeightsError("LoRAs are already applied with a different base=; unload_loras first")
     state = state or _Applied([], [], base, _file_stats(base) if base else {})
-    modules = dict.fromkeys(m for lora, _ in items for m in lora.modules)  # ordered, unique
-    weights = {m: model.get_submodule(m).weight for m in modules}
+    keys = dict.fromkeys(k for lora, _ in items for k in touched_keys(lora))  # ordered, unique
+    weights = {k: _tensor(model, k) for k in keys}
     if any(w.dtype == E4M3 for w in weights.values()):
         raise WeightsError("the model's weights are stored in fp8; merge LoRAs before quantizing (the loaders' "
                            "and pipelines' loras= do), or load the model again")
-    new = [m for m in modules if m not in state.touched]
+    new = [k for k in keys if k not in state.touched]
     state.restorable = state.restorable and restorable
     with torch.no_grad():
         if not state.restorable:
             pass  # nothing to keep: the caller will never unload
         elif base is None:
-            state.originals |= {m: weights[m].detach().to("cpu", copy=True) for m in new}
+            state.originals |= {k: weights[k].detach().to("cpu", copy=True) for k in new}
         else:
-            for m, t in _base_weights(base, model, new):  # one tensor at a time: nothing is kept
-                if not _same_bits(t.to(weights[m].device, weights[m].dtype), weights[m]):
-                    raise WeightsError(f"{base}: {m} differs from the model's weight, so unloading could not "
-                                       "restore it; pass the file the model was loaded from, or base=None")
+            for k, t in _base_weights(base, model, new):  # one tensor at a time: nothing is kept
+                if not _same_bits(t.to(weights[k].device, weights[k].dtype), weights[k]):
+                    raise WeightsError(f"{base}: {k} differs from the model's, so unloading could not restore "
+                                       "it; pass the file the model was loaded from, or base=None")
         state.touched += new
-        for m, w in weights.items():
-            w.copy_(_merged(w, m, items))
+        for k, w in weights.items():
+            w.copy_(merged_param(w, k, items))
     state.names += _names(items)
     model._scfm_loras = state
 
@@ -194,12 +225,11 @@ def merge_while_reading(model, loras: Sequence, *, ignore_text_encoders: bool = 
     tensor, bit for bit what `apply_loras(..., restorable=False)` gives after loading. The model records them
     (`applied_loras`) as not restorable."""
     items = _resolve(model, loras, ignore_text_encoders)
-    modules = dict.fromkeys(m for lora, _ in items for m in lora.modules)
-    model._scfm_loras = _Applied(_names(items), list(modules), None, {}, restorable=False)
+    keys = dict.fromkeys(k for lora, _ in items for k in touched_keys(lora))
+    model._scfm_loras = _Applied(_names(items), list(keys), None, {}, restorable=False)
 
     def merge(key: str, t: Tensor) -> Tensor:
-        module = key[: -len(".weight")]
-        return _merged(t, module, items) if key.endswith(".weight") and module in modules else t
+        return merged_param(t, key, items) if key in keys else t
 
     return merge
 
@@ -216,16 +246,16 @@ def unload_loras(model) -> None:
         return
     if not state.restorable:
         raise WeightsError("these LoRAs were applied with restorable=False; reload the model to remove them")
-    if any(model.get_submodule(m).weight.dtype == E4M3 for m in state.touched):
+    if any(_tensor(model, k).dtype == E4M3 for k in state.touched):
         raise WeightsError("the model was quantized to fp8 after its LoRAs were merged; reload it to remove them")
     with torch.no_grad():
         if state.base is not None:
             if _file_stats(state.base) != state.stats:
                 raise WeightsError(f"{state.base} changed since the LoRAs were applied; reload the model")
-            for m, t in _base_weights(state.base, model, state.touched):
-                w = model.get_submodule(m).weight
+            for k, t in _base_weights(state.base, model, state.touched):
+                w = _tensor(model, k)
                 w.copy_(t.to(w.dtype))
         else:
-            for m, t in state.originals.items():
-                model.get_submodule(m).weight.copy_(t)
+            for k, t in state.originals.items():
+                _tensor(model, k).copy_(t)
     del model._scfm_loras

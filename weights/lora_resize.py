@@ -85,7 +85,8 @@ def resize_lora(lora: LoRA, *, rank: int | None = None, energy: float | None = N
             parts.append(new)
             report.append(Resized(name, i, part.up.shape[1], k, kept))
         modules[name] = ModuleLoRA(parts, mod.rows)
-    return dataclasses.replace(lora, modules=modules), report
+    diffs = {k: d.to(dtype) if dtype else d for k, d in lora.diffs.items()}  # full differences: only cast
+    return dataclasses.replace(lora, modules=modules, diffs=diffs), report
 
 
 def summary(report: list[Resized]) -> str:

@@ -15,7 +15,8 @@ from torch import Tensor
 from .io import WeightsError, atomic_save
 from .keymaps import swap_halves
 from .keymaps.lora import KOHYA_PREFIX, kohya_name, lora_names
-from .lora import FORMAT, LAYOUTS, PEFT_METADATA_KEY, LoRA, LoRAPart, ModuleLoRA, Recommended
+from .lora import FORMAT, LAYOUTS, LoRA, LoRAPart, ModuleLoRA, Recommended
+from .lora_foreign import PEFT_METADATA_KEY
 
 
 def _most_common(values):
@@ -76,6 +77,9 @@ def _kohya_state(lora: LoRA) -> dict[str, Tensor]:
             alpha = alpha * len(ups)
         out |= {f"{stem}.lora_down.weight": down.clone(), f"{stem}.lora_up.weight": up.clone(),
                 f"{stem}.alpha": _alpha_tensor(alpha)}
+    for key, diff in lora.diffs.items():  # ComfyUI's spelling: `.diff_b` adds to the bias, `.diff` to the weight
+        param, kind = key.rsplit(".", 1)
+        out[f"{KOHYA_PREFIX}{kohya_name(param)}.{'diff_b' if kind == 'bias' else 'diff'}"] = diff.clone()
     return out
 
 
@@ -108,6 +112,8 @@ def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
             out[f"transformer.{other}.lora_A.weight"] = p.down.clone()
             out[f"transformer.{other}.lora_B.weight"] = up.clone()
             ranks[other] = p.up.shape[1]
+    if not ranks:  # text encoders only: nothing of the transformer to describe
+        return out, {}
     r = _most_common(ranks.values())
     # alpha = r everywhere (folded). peft matches pattern keys as `(.*\.)?(key)$`; the leading ^ keeps
     # "proj_out" (the final layer) from also matching every single block's proj_out
@@ -146,6 +152,8 @@ def _tool_metadata(lora: LoRA, layout: str) -> dict[str, str]:
     """The `ss_*` keys of this layout: the rank and the alpha a kohya-style loader applies (r for the diffusers
     layout, whose alpha is folded into the weights)."""
     parts = [p for mod in lora.modules.values() for p in mod.parts if p is not None]
+    if not parts:  # full differences only
+        return {"ss_network_module": _KOHYA_MODULE[lora.family], "ss_base_model_version": _KOHYA_BASE[lora.family]}
     rank = _most_common(p.up.shape[1] for p in parts)
     alpha = rank if layout == "diffusers" else _most_common(p.alpha for p in parts)
     return {"ss_network_module": _KOHYA_MODULE[lora.family], "ss_network_dim": str(rank),
@@ -159,6 +167,9 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
     if lora.text_encoders and layout != lora.layout:
         raise WeightsError(f"{lora.source or 'this LoRA'} has text-encoder keys in the {lora.layout} layout, "
                            f"which cannot be converted to {layout}; lora.text_encoders.clear() drops them")
+    if lora.diffs and layout != "kohya":
+        raise WeightsError(f"{lora.source or 'this LoRA'} has {len(lora.diffs)} full differences (.diff / "
+                           "diff_b), which only the kohya / ComfyUI layout holds; write it with --to kohya")
     meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata(),
             **_tool_metadata(lora, layout)}
     if layout == "ours":

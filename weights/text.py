@@ -10,7 +10,9 @@ Accepted sources:
 
 Without a config.json the config is inferred from tensor shapes. Loading builds the model on the meta device,
 checks every key and shape from the headers, then streams tensors in one at a time, cast straight from the
-file dtype to the requested one: a bf16 T5-XXL from an fp16 file never has an fp32 copy.
+file dtype to the requested one: a bf16 T5-XXL from an fp16 file never has an fp32 copy. `loras=` (the
+text-encoder parts of LoRA files, weights/lora_text.py) are checked on the meta model and merged into each weight
+as it is read.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from model.t5 import T5Config, T5Encoder
 
 from .assign import assign_tensors, check_keys_and_shapes
 from .io import WeightsError, iter_tensors, read_config_json, read_shapes, weight_files
+from .lora_text import EncoderLoRA, text_lora_merger
 
 # ours-key -> (file key, transform of the file tensor); the transform also applies to shapes via a meta
 # tensor.
@@ -106,11 +109,16 @@ def _infer(fn, shapes, source: str, what: str):
                            "incomplete, or pass config=") from None
 
 
-def _load(model_cls, config, files, plan, shapes, *, source, layout, dtype, device):
+def _load(model_cls, config, files, plan, shapes, *, source, layout, dtype, device, loras=()):
     with torch.device("meta"):
         model = model_cls(config)
     check_keys_and_shapes(model, _shapes_after(plan, shapes), source=source, layout=layout)
-    return assign_tensors(model, _stream(files, plan), dtype=dtype, device=device, source=source).eval()
+    tensors = _stream(files, plan)
+    merge = text_lora_merger(model, loras)  # the LoRAs' names and shapes are checked here, before any read
+    if merge is not None:
+        # cast as assign_tensors would, then merge: the LoRA adds to the weight as loaded, rounded once
+        tensors = ((k, merge(k, t.to(device, dtype) if t.is_floating_point() else t)) for k, t in tensors)
+    return assign_tensors(model, tensors, dtype=dtype, device=device, source=source).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- T5
@@ -139,12 +147,13 @@ def t5_config_from_transformers(d: dict) -> T5Config:
 
 def load_t5(source: str | os.PathLike, *, config: T5Config | None = None, dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu", subfolder: str | None = None,
-            prefix: str | None = None) -> T5Encoder:
+            prefix: str | None = None, loras: Sequence[EncoderLoRA] = ()) -> T5Encoder:
     """A T5 v1.1 encoder from a transformers folder or a single safetensors file (see the module docstring).
 
     `config`: overrides config.json / shape inference. `subfolder`: for diffusers pipeline folders.
     `prefix`: the text in front of the transformers key names (e.g. `text_encoders.t5xxl.transformer.`), found
     automatically unless a file holds several encoders.
+    `loras`: LoRAs' parts for this encoder (weights/lora_text.py), merged into the weights as they are read.
     """
     files, cfg_json, source = _resolve(source, subfolder)
     shapes, _ = read_shapes(files)
@@ -167,7 +176,7 @@ def load_t5(source: str | os.PathLike, *, config: T5Config | None = None, dtype:
         config = (t5_config_from_transformers(cfg_json) if cfg_json
                   else _infer(t5_config_from_shapes, bare, source, "T5"))
     return _load(T5Encoder, config, files, plan, shapes, source=source, layout="transformers T5", dtype=dtype,
-                 device=device)
+                 device=device, loras=loras)
 
 
 # -------------------------------------------------------------------------------------------------- CLIP
@@ -268,11 +277,12 @@ def _clip_plan(shapes: dict, source: str, prefix: str | None) -> tuple[Plan, str
 
 def load_clip(source: str | os.PathLike, *, config: CLIPConfig | None = None,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-              subfolder: str | None = None, prefix: str | None = None) -> CLIPTextEncoder:
+              subfolder: str | None = None, prefix: str | None = None,
+              loras: Sequence[EncoderLoRA] = ()) -> CLIPTextEncoder:
     """A CLIP text encoder (CLIP-L, bigG, ...) from a folder or a single safetensors file (see the module
     docstring).
 
-    `config`, `subfolder`, `prefix` as for `load_t5` (the CLIP prefix is what precedes `text_model.`, e.g.
+    `config`, `subfolder`, `prefix`, `loras` as for `load_t5` (the CLIP prefix is what precedes `text_model.`, e.g.
     `text_encoders.clip_g.transformer.`, or the OpenCLIP names, e.g. `conditioner.embedders.1.model.`).
     Whether `text_projection` exists is decided by the file (Flux's CLIP-L folder has none, SD3's has one):
     the projection_dim of `config` is overridden accordingly, so one preset serves both.
@@ -287,4 +297,4 @@ def load_clip(source: str | os.PathLike, *, config: CLIPConfig | None = None,
                   else _infer(clip_config_from_shapes, ours, source, "CLIP"))
     config = dataclasses.replace(config, projection_dim=proj[0] if proj else None)
     return _load(CLIPTextEncoder, config, files, plan, shapes, source=source, layout=layout, dtype=dtype,
-                 device=device)
+                 device=device, loras=loras)

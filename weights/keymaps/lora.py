@@ -4,8 +4,9 @@ official (BFL / SAI) path with '.' -> '_', PEFT names are the table's diffusers 
 written twice.
 
 A LoRA key is `<prefix><module><suffix>`; `parse_key` splits it into (stem, role) with role down / up /
-alpha, and `LoRANames.resolve` maps the stem to an official Linear (or SD3's patch-embedding Conv2d) and, for
-diffusers names, the slice of a fused layer it covers. `detect_family` tells Flux from SD3 by the names.
+alpha (or diff / diff_b, ComfyUI's full differences), and `LoRANames.resolve` maps the stem to an official
+Linear (or SD3's patch-embedding Conv2d) and, for diffusers names, the slice of a fused layer it covers;
+`LoRANames.param` maps a `.diff` stem to a norm weight. `detect_family` tells Flux from SD3 by the names.
 
 SD3 in ComfyUI: its `model_lora_keys_unet` maps every weight `diffusion_model.<SAI path>.weight` of the loaded
 model to the LoRA stems `lora_unet_<SAI path, '.' -> '_'>` and `diffusion_model.<SAI path>`, and for SD3 also
@@ -37,13 +38,19 @@ SUFFIXES = (
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),  # a raw peft model state dict
     (".alpha", "alpha"),
+    # ComfyUI's full differences (its Extract and Save LoRA writes `.diff_b` for every bias and, for SD3, `.diff`
+    # for the 1-D norm weights; `full_diff` writes `.diff` for every weight): added to the parameter as they are
+    (".diff_b", "diff_b"), (".diff", "diff"),
 )
+# Prefixes of diffusers module names written with '.' -> '_': SimpleTuner's LyCORIS files and OneTrainer's
+# (ComfyUI maps both, comfy/lora.py model_lora_keys_unet).
+FLAT_DIFFUSERS_PREFIXES = ("lycoris_", "lora_transformer_")
 # Prefixes in front of the module name, by naming scheme. "lora_unet_" is followed by the flattened BFL path.
 KOHYA_PREFIX = "lora_unet_"
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 PEFT_PREFIXES = ("transformer.", "base_model.model.")
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_",
-                         "text_encoder.", "text_encoder_2.", "text_encoders.")
+                         "text_encoder.", "text_encoder_2.", "text_encoder_3.", "text_encoders.")
 
 # Key patterns (regex, searched) of adapters that are not plain LoRA, with what to tell the user. Checked
 # before anything else so such a file is refused whole instead of half-applied.
@@ -55,7 +62,6 @@ NOT_LORA = (
     ("lora_mid", "a LoCon / Tucker-decomposed adapter (lora_mid)"),
     (r"(^|[._])b?oft_", "an OFT / BOFT adapter"),
     (r"ia3_", "an IA3 adapter"),
-    (r"\.diff(_b)?$", "a full-weight difference (.diff / .diff_b), not a LoRA"),
     ("processor", "an XLabs-layout Flux LoRA; convert it to kohya or diffusers first"),
     (r"query_norm\.scale", "a BFL control LoRA (it replaces norm weights), not a plain LoRA"),
     (r"lora_B\.bias", "a LoRA with bias terms (peft lora_bias), which scfm does not support"),
@@ -67,11 +73,15 @@ def kohya_name(official: str) -> str:
     return official.replace(".", "_")
 
 
+class NotLoRAError(WeightsError):
+    """An adapter that is not a plain LoRA (LoKr, LoHa, DoRA, ...): `convert.py info` describes it instead."""
+
+
 def refuse_non_lora(keys, source: str) -> None:
     for pattern, what in NOT_LORA:
         hit = next((k for k in keys if re.search(pattern, k)), None)
         if hit is not None:
-            raise WeightsError(f"{source}: this is {what} (key {hit}); scfm reads plain LoRA files only")
+            raise NotLoRAError(f"{source}: this is {what} (key {hit}); scfm reads plain LoRA files only")
 
 
 def parse_key(key: str) -> tuple[str, str] | None:
@@ -106,6 +116,8 @@ class LoRANames:
     rules: dict[str, Rule]  # official Linear / Conv2d module -> its table rule
     by_diffusers: dict[str, tuple[str, int]]  # diffusers module -> (official module, slice index)
     by_kohya: dict[str, str]  # flattened official path -> official module
+    by_flat_diffusers: dict[str, tuple[str, int]]  # diffusers module, '.' -> '_' -> (official module, slice)
+    params: dict[str, str]  # official parameter path without .weight / .bias, and flattened -> the parameter
 
     def split_rows(self, official: str, out: int, in_features: int) -> list[int]:
         """Output rows of each slice of `official` (one entry for a layer that is not fused)."""
@@ -126,7 +138,11 @@ class LoRANames:
     def resolve(self, stem: str) -> tuple[str, str, int | None] | None:
         """(naming, official module, slice index or None for the whole module) of a key stem, or None.
 
-        naming is "kohya" (lora_unet_ or BFL dotted names) or "diffusers" (PEFT names)."""
+        naming is "kohya" (lora_unet_ or BFL dotted names) or "diffusers" (PEFT names, also flattened under
+        `lycoris_` / `lora_transformer_`)."""
+        for p in FLAT_DIFFUSERS_PREFIXES:
+            if stem.startswith(p) and stem[len(p):] in self.by_flat_diffusers:
+                return ("diffusers", *self.by_flat_diffusers[stem[len(p):]])
         if stem.startswith(KOHYA_PREFIX):
             official = self.by_kohya.get(stem[len(KOHYA_PREFIX):])
             return None if official is None else ("kohya", official, None)
@@ -142,6 +158,15 @@ class LoRANames:
         return None
 
 
+    def param(self, stem: str) -> str | None:
+        """The official parameter a `.diff` stem names that is not a Linear / Conv2d (a norm weight), in
+        kohya or BFL spelling; None if none."""
+        for p in (KOHYA_PREFIX, *BFL_PREFIXES, ""):
+            if stem.startswith(p) and stem[len(p):] in self.params:
+                return self.params[stem[len(p):]]
+        return None
+
+
 def flux_lora_names(depth: int, depth_single_blocks: int) -> LoRANames:
     """Names for a Flux with at least these block counts; the guidance embedder is always included (a dev
     LoRA read for a schnell model is refused when applied, where the model is known)."""
@@ -149,7 +174,7 @@ def flux_lora_names(depth: int, depth_single_blocks: int) -> LoRANames:
     linear = {r.official.removesuffix(".weight") for r in params if r.official.endswith(".weight")}
     modules = flux_rules(depth, depth_single_blocks, True, modules=True)
     rules = {r.official: r for r in modules if r.official in linear}  # not the q / k norm scales
-    return _names("flux", rules)
+    return _names("flux", rules, params)
 
 
 def mmdit_lora_names(depth: int) -> LoRANames:
@@ -159,12 +184,18 @@ def mmdit_lora_names(depth: int) -> LoRANames:
     # Linear and Conv2d layers: the modules with a bias (not the position table, not the q / k norms)
     layers = {r.official.removesuffix(".bias") for r in params if r.official.endswith(".bias")}
     modules = mmdit_rules(depth, tuple(range(depth)), True, modules=True)
-    return _names("sd3", {r.official: r for r in modules if r.official in layers})
+    return _names("sd3", {r.official: r for r in modules if r.official in layers}, params)
 
 
-def _names(family: str, rules: dict[str, Rule]) -> LoRANames:
+def _names(family: str, rules: dict[str, Rule], params: list[Rule]) -> LoRANames:
     by_diffusers = {other: (r.official, i) for r in rules.values() for i, other in enumerate(r.others)}
-    return LoRANames(family, rules, by_diffusers, {kohya_name(official): official for official in rules})
+    flat = {kohya_name(k): v for k, v in by_diffusers.items()}
+    # parameters that are not a LoRA-able layer's weight or bias (norm weights), as a `.diff` may name them
+    others = [r.official for r in params if r.official.rsplit(".", 1)[0] not in rules]
+    stems = {k.removesuffix(".weight"): k for k in others if k.endswith(".weight")}
+    stems |= {kohya_name(k): v for k, v in stems.items()}
+    return LoRANames(family, rules, by_diffusers, {kohya_name(official): official for official in rules}, flat,
+                     stems)
 
 
 def lora_names(family: str, stems) -> LoRANames:
@@ -191,7 +222,7 @@ def detect_family(stems, official: bool, widths=(), stated: str | None = None,
     fits = []
     for family in FAMILIES:
         names = lora_names(family, stems)
-        if all((s in names.rules) if official else names.resolve(s) is not None for s in stems):
+        if all((s in names.rules) if official else names.resolve(s) or names.param(s) for s in stems):
             fits.append(family)
     if len(fits) == 1:
         return fits[0]
