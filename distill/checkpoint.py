@@ -7,7 +7,11 @@ A checkpoint is a folder `step-000200/` with
 
 It is written into a hidden temp folder, flushed to disk, then renamed into place: a run killed at any moment
 leaves either no new checkpoint or a complete one. On resume the sha256 is checked too, so a checkpoint
-damaged afterwards (a full disk, a copy cut short) is skipped with a warning and the previous one is used.
+damaged afterwards (a full disk, a copy cut short) is skipped with a warning and the previous one is used; when
+every one is damaged, resuming is refused rather than silently starting over on top of them.
+
+A checkpoint is never written with a NaN or an infinity in it (a diverged run): the newest checkpoint is always
+one a lower-lr `--resume` can continue from. A write that fails (a full disk) leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from weights.io import atomic_path, file_sha256, temp_beside
+from weights.atomic import atomic_path, temp_beside, temp_writer_gone
+from weights.io import file_sha256
 
 from .config import DistillConfig
 from .sharding import full, like
@@ -38,6 +43,42 @@ RESUME_FIXED = ("rank", "alpha", "targets", "seed", "batch_size", "t_skip", "tea
                 "teacher_lora", "base_loras")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written, or a run with none left to resume from, as one line."""
+
+
+def first_non_finite(tensors: dict[str, Tensor]) -> str | None:
+    """The key of the first floating-point tensor holding a NaN or an infinity, None when all are finite."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return None
+
+
+def _what(key: str) -> str:
+    """A checkpoint key as the user knows it: `lora.live.M.lora_up` is LoRA set 'live', tensor M.lora_up."""
+    kind, _, rest = key.partition(".")
+    if kind == "lora":
+        lora_set, _, name = rest.partition(".")
+        return f"LoRA set {lora_set!r} (first bad tensor {name})"
+    return f"the optimizer state (first bad tensor {rest})" if kind == "optim" else f"tensor {key}"
+
+
+def check_finite(root: Path, step: int, tensors: dict[str, Tensor]) -> None:
+    """Refuse to checkpoint a diverged run. The trainer skips NaN/inf *steps* (max_bad_steps) and advises
+    "lower lr, then --resume"; weights that went non-finite anyway (an update with a huge lr) must not replace
+    the checkpoint that advice resumes from."""
+    bad = first_non_finite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"step {step}: {_what(bad)} holds NaN/inf: the run diverged; checkpoint not written, "
+                              f"{_kept(root)}: lower --lr, then --resume")
+
+
+def _kept(root: Path) -> str:
+    found = checkpoints(root)
+    return f"{found[-1]} is kept" if found else f"no earlier checkpoint in {root} (--resume starts at step 0)"
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -47,11 +88,14 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: dict, keep: int) -> Path:
-    """Write `root/step-{step}` atomically, then delete all but the newest `keep` complete checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write `root/step-{step}` atomically, then delete all but the newest `keep` complete checkpoints.
+    CheckpointError (one line) for non-finite tensors or a failed write; the previous checkpoints stay."""
+    check_finite(root, step, tensors)
     final = root / f"step-{step:06d}"
-    tmp = temp_beside(final, folder=True)  # `.step-*.tmp`, which clean_temp removes; the user's umask
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = temp_beside(final, folder=True)  # `.step-*.tmp`, which clean_temp removes; the user's umask
         tensor_file = tmp / "tensors.safetensors"
         with atomic_path(tensor_file) as t:  # for its mode: save_file alone makes 0600
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(t))
@@ -63,8 +107,11 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: the run stops, its checkpoints stay
+        raise CheckpointError(f"step {step}: checkpoint not written to {root} ({e.strerror or e}); "
+                              f"{_kept(root)}: free some space (or fix the folder), then --resume") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -108,22 +155,34 @@ def resume_conflicts(state: dict, config: DistillConfig) -> list[str]:
 
 
 def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Tensor], dict] | None:
-    """The newest checkpoint that reads back intact; damaged newer ones are skipped with a warning."""
+    """The newest checkpoint that reads back intact; damaged newer ones are skipped with a warning. None when
+    `root` holds no checkpoint; CheckpointError (one line, naming each) when it holds only damaged ones: the
+    run's state would be lost by treating that as "no checkpoint"."""
+    damaged = []
     for path in reversed(checkpoints(root)):
         try:
             tensors, state = read_checkpoint(path)
         except (ValueError, OSError) as e:
-            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+            damaged.append((path, e))
             continue
+        for _, e in damaged:
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
         return path, tensors, state
+    if damaged:
+        why = "; ".join(f"{p.name}: {str(e).removeprefix(f'{p}: ')}" for p, e in damaged[:3])
+        more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        raise CheckpointError(f"{root}: every checkpoint is damaged ({why}{more})")
     return None
 
 
 def clean_temp(root: Path) -> None:
-    """Remove temp folders left by writes that were killed (only ours: `.step-*.tmp`)."""
+    """Remove the temp folders (`.step-*.tmp`) of checkpoint writes whose process is gone: a killed run's.
+    A live writer's folder (another run writing here now, say) and any name whose writer cannot be told are
+    kept (weights/io.py `temp_writer_gone`)."""
     if root.is_dir():
         for p in root.glob(".step-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+            if temp_writer_gone(p):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 # ----- RNG and optimizer state as tensors + JSON ------------------------------------------------------------

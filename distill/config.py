@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib.util
+import math
 import tomllib
 import types
 import typing
@@ -30,6 +31,39 @@ def opt(default, help: str, parse=None):
 
 
 AUTO = -1  # unchecked_blocks = "auto": planned under max_memory (distill/memory_plan.py)
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values; `ends` says which ends belong to it ("[]", "[)", "(]", "()")."""
+
+    low: float
+    high: float
+    ends: str = "[]"
+
+    def __contains__(self, x: float) -> bool:
+        above = x >= self.low if self.ends[0] == "[" else x > self.low
+        below = x <= self.high if self.ends[1] == "]" else x < self.high
+        return math.isfinite(x) and above and below
+
+    def __str__(self) -> str:
+        return f"{self.ends[0]}{self.low:g}, {self.high:g}{self.ends[1]}"
+
+
+# Every float field's allowed values, checked at start: a NaN, inf or huge lr otherwise trains to a NaN (or
+# 1e6-sized) LoRA that is exported with exit 0. tests/test_config_resume.py asserts every float field is here.
+# lr: up to 1 (the recipe uses 2e-5, the demo 1e-3); decays and betas below 1 (1 would never move);
+# eps above 0 (Adam divides by sqrt(v) + eps, v starts at 0); max_grad_norm 0 means no clipping.
+INF = math.inf
+FLOAT_RANGES = {
+    "alpha": Range(0, INF, "()"), "teacher_ratio": Range(0, 1), "non_shortcut_ratio": Range(0, 1),
+    "dynamic_shift_prob": Range(0, 1), "shift_min": Range(0, INF, "()"), "shift_max": Range(0, INF, "()"),
+    "guidance_max": Range(0, INF, "[)"), "cfg_scale": Range(0, INF, "[)"), "fast_decay": Range(0, 1, "[)"),
+    "slow_decay": Range(0, 1, "[)"), "lr": Range(0, 1, "(]"), "weight_decay": Range(0, 1),
+    "beta1": Range(0, 1, "[)"), "beta2": Range(0, 1, "[)"), "eps": Range(0, 1, "()"),
+    "max_grad_norm": Range(0, INF, "[)"), "sample_shift": Range(0, INF, "()"),
+    "sample_guidance": Range(0, INF, "[)"),
+}
 
 
 def count_or_auto(text) -> int:
@@ -68,7 +102,8 @@ class DistillConfig:
     alpha: float = opt(64.0, "LoRA alpha (scale = alpha / rank)")
     targets: str = opt("flux", "LoRA target table: 'flux' (the released list in BFL names) or 'sd3' (in SAI "
                                "names, the patch embedding included); must match the model")
-    teacher_lora: str = opt("", "optional teacher LoRA (our layout); both EMAs start from it too")
+    teacher_lora: str = opt("", "optional teacher LoRA (any layout: ours, diffusers, kohya); both EMAs "
+                                "start from it too")
     base_loras: tuple[str, ...] = opt((), "LoRAs merged for good into the frozen base before training, "
                                           "PATH[:SCALE] in any layout (e.g. a style LoRA): teacher and student "
                                           "both run on base + these, so the SCFM LoRA is made for that stack; "
@@ -91,7 +126,8 @@ class DistillConfig:
                                 "diffusers' guidance 4.5); 0 = off")
     fast_decay: float = opt(0.99, "fast EMA decay")
     slow_decay: float = opt(0.999, "slow EMA decay")
-    ema_restart_every: int = opt(0, "restart both EMAs from live every N steps (0 = never; SD3.5: 2000)")
+    ema_restart_every: int = opt(0, "restart both EMAs from live every N updates, after updates N+1, 2N+1, ... "
+                                    "as the released trainer does (0 = never; SD3.5: 2000)")
     # --- optimisation -------------------------------------------------------------------------------------
     steps: int = opt(10_000, "training steps (one global batch each)")
     batch_size: int = opt(8, "global batch: split evenly over the processes")
@@ -160,11 +196,18 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("checkpoint_every", "sample_every", "micro_batch", "ema_restart_every",
-                        "max_grad_norm", "lr", "cfg_scale", "blocks_to_swap")
+        non_negative = ("checkpoint_every", "sample_every", "micro_batch", "ema_restart_every", "blocks_to_swap")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, allowed in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+                raise ConfigError(f"{name} must lie in {allowed}, got {value} (--{name}; default {default})")
+        if self.shift_min > self.shift_max:
+            raise ConfigError(f"shift_min {self.shift_min} > shift_max {self.shift_max}: fixed shifts are drawn "
+                              "from [shift_min, shift_max); pass --shift_min <= --shift_max")
         choices = {"dtype": ("bf16", "fp16", "fp32"), "export_set": ("live", "slow_ema", "fast_ema"),
                    "targets": ("flux", "sd3")}
         for name, allowed in choices.items():
@@ -275,6 +318,8 @@ def _check_fields(cls, values: dict, source: str) -> dict:
 
 def resolve_config_path(name: str) -> Path:
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--config {name} is a folder, not a TOML file; pass a .toml file or a preset name")
     if path.exists():
         return path
     preset = PRESETS / f"{name.removesuffix('.toml')}.toml"
@@ -287,9 +332,13 @@ def resolve_config_path(name: str) -> Path:
 def load_toml(path: str | Path) -> dict:
     path = resolve_config_path(str(path))
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not UTF-8 text (a binary file?); pass a .toml file") from None
+    except OSError as e:
+        raise ConfigError(f"--config {path} cannot be read ({e.strerror}); check its permissions") from None
     return _check_fields(DistillConfig, _flatten(table, str(path)), str(path))
 
 

@@ -20,13 +20,13 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from weights.io import atomic_save
+from weights.atomic import atomic_save
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # scfm-method.md §7, (width, height): the released 512-px buckets; buckets_for(512) reproduces them
@@ -51,6 +51,30 @@ class Example:
 # ----- folders and buckets ----------------------------------------------------------------------------------
 
 
+def inside_folder(folder: Path, name: str, where: str) -> Path:
+    """folder / name, refused when `name` leaves the folder: absolute, a drive, or a `..` part (in / or \\ form).
+    Checked on the name, not on the resolved path: a dataset of symlinks into a shared image store stays valid,
+    while a metadata.jsonl row cannot make training read (or make_dataset trust) an arbitrary file."""
+    posix, windows = PurePosixPath(name.replace("\\", "/")), PureWindowsPath(name)
+    if not name or posix.is_absolute() or windows.anchor or ".." in posix.parts:
+        raise DataError(f"{where}: file_name {name!r} is outside the dataset folder; list images by their path "
+                        f"inside {folder} (copy the image there)")
+    return folder / name
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return DataError(f"{path}: not a readable image ({reason}); replace it, or remove it and its caption / "
+                     "metadata.jsonl row")
+
+
 def read_folder(folder: str | Path) -> list[Example]:
     """`metadata.jsonl` rows {"file_name", "prompt"} ("text", "caption" too), else image + same-stem .txt."""
     folder = Path(folder).expanduser()
@@ -59,15 +83,17 @@ def read_folder(folder: str | Path) -> list[Example]:
     meta = folder / "metadata.jsonl"
     out: list[Example] = []
     if meta.exists():
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, line in enumerate(_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 prompt = next(row[k] for k in ("prompt", "text", "caption") if k in row)
-                out.append(Example(str(row["file_name"]), str(prompt)))
+                example = Example(str(row["file_name"]), str(prompt))
             except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
                 raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"prompt\": ...}}") from None
+            inside_folder(folder, example.file, f"{meta}:{n}")
+            out.append(example)
         missing = [e.file for e in out if not (folder / e.file).is_file()]
         if missing:
             raise DataError(f"{meta}: {len(missing)} listed images are missing, e.g. {missing[0]}")
@@ -75,7 +101,7 @@ def read_folder(folder: str | Path) -> list[Example]:
         for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             caption = image.with_suffix(".txt")
             if caption.exists():
-                out.append(Example(str(image.relative_to(folder)), caption.read_text().strip()))
+                out.append(Example(str(image.relative_to(folder)), _text(caption).strip()))
     if not out:
         raise DataError(f"{folder}: empty dataset (no metadata.jsonl rows and no image + .txt pairs)")
     return out
@@ -102,23 +128,29 @@ def load_image(path: Path, bucket: tuple[int, int]) -> Tensor:
     from PIL import Image
 
     w, h = bucket
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = max(w / im.width, h / im.height)
-        size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
-        if size != im.size:
-            im = im.resize(size, Image.Resampling.LANCZOS)
-        left, top = (im.width - w) // 2, (im.height - h) // 2
-        im = im.crop((left, top, left + w, top + h))
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # decodes the pixels: a truncated file fails here, not in Image.open
+            scale = max(w / im.width, h / im.height)
+            size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+            if size != im.size:
+                im = im.resize(size, Image.Resampling.LANCZOS)
+            left, top = (im.width - w) // 2, (im.height - h) // 2
+            im = im.crop((left, top, left + w, top + h))
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways to fail a file
+        raise _unreadable(path, e) from None
     return data.view(h, w, 3).permute(2, 0, 1).float() / 255.0
 
 
 def image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.size
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _unreadable(path, e) from None
 
 
 # ----- the cache --------------------------------------------------------------------------------------------

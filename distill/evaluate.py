@@ -27,15 +27,25 @@ from pathlib import Path
 import torch
 
 from sampling.demo import DEMO_FOLDER, DEMO_LORA
+from sampling.options import OneLineParser, check_device, check_writable, read_prompt_lines
 from weights.io import WeightsError
 
 from .demo import quality
-from .evaluation import EvalConfig, check, evaluate, format_table, refuse_existing, write_grid, write_json
+from .evaluation import (
+    EvalConfig,
+    check,
+    check_grid_scale,
+    evaluate,
+    format_table,
+    refuse_existing,
+    write_grid,
+    write_json,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distill.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m distill.evaluate", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_FOLDER, help="the teacher's pipeline folder (default: the demo)")
     p.add_argument("--lora", type=Path, default=DEMO_LORA, help="the SCFM LoRA, any layout (default: the demo's)")
     p.add_argument("--lora-scale", type=float, help="default: the LoRA's recommended scale, else 1")
@@ -71,14 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _prompts(args) -> tuple[str, ...]:
     if args.prompts_file is None:
         return tuple(args.prompts or quality.PROMPTS)
-    try:
-        return tuple(ln.strip() for ln in args.prompts_file.read_text().splitlines() if ln.strip())
-    except OSError as e:
-        raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
+    return tuple(read_prompt_lines(args.prompts_file, "--prompts-file"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()  # restored on the way out: main() is also called in-process (tests)
     try:
         if args.threads < 1 or args.grid_scale < 1:
             raise ValueError("--threads and --grid-scale must be positive integers")
@@ -89,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                          lora_scale=args.lora_scale, device=args.device, floor=args.floor, shift=args.shift,
                          fp8=args.fp8, fp8_compute=args.fp8_compute, compile=args.compile)
         check(cfg)  # inputs, then outputs: both before the run, not after minutes of sampling
+        check_device(cfg.device)
+        if not args.no_grid:
+            check_grid_scale(cfg, args.grid_scale)
         refuse_existing(outputs, args.overwrite)
+        for flag, path in (("--json", args.json), ("--grid", None if args.no_grid else args.grid)):
+            if path is not None:  # a few MB at most: the grid is 64-px tiles
+                check_writable(path.parent, flag, path, need_bytes=1 << 20)
         report = evaluate(cfg)
         print(format_table(report["rows"]))
         refuse_existing(outputs, args.overwrite)  # a file that appeared meanwhile is still someone's
@@ -101,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.grid} (rows: {', '.join(r['name'] for r in report['rows'])})")
     except (WeightsError, ValueError, OSError) as e:
         raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

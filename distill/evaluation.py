@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 from model import fp8_gemm
 from model.fp8 import enable_fp8_compute_
 from sampling.demo import DEMO_FOLDER, DEMO_LORA, T5_LENGTH
-from weights.io import WeightsError, atomic_path
+from weights.atomic import atomic_path
+from weights.io import WeightsError
 
 from .demo import quality, world
 
@@ -52,8 +54,13 @@ def check(cfg: EvalConfig) -> None:
     """Everything that can be wrong with the inputs, before anything is loaded or sampled (one line each)."""
     if cfg.per_prompt < 1 or cfg.teacher_steps < 1 or not cfg.steps or min(cfg.steps) < 1:
         raise ValueError("--per-prompt, --steps and --teacher-steps must be positive integers")
-    if cfg.shift is not None and not cfg.shift > 0:
+    if cfg.shift is not None and not (math.isfinite(cfg.shift) and cfg.shift > 0):
         raise ValueError(f"--shift {cfg.shift}: must be a positive number (1 = unshifted, ~3 = the recipe's)")
+    if cfg.lora_scale is not None and not math.isfinite(cfg.lora_scale):
+        raise ValueError(f"--lora-scale {cfg.lora_scale}: must be a finite number; pass --lora-scale 1")
+    # numpy's generators take seeds >= 0, torch's below 2**64; the floor row draws from seed + 1
+    if not 0 <= cfg.seed < 2**64 - 1:
+        raise ValueError(f"--seed {cfg.seed}: must be from 0 to 2**64 - 2; pass --seed 0")
     if not cfg.prompts:
         raise ValueError("no prompts: pass --prompts TEXT ... or --prompts-file FILE")
     for p in cfg.prompts:
@@ -172,6 +179,26 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                   reference=f"teacher {cfg.teacher_steps}", device=cfg.device, floor=cfg.floor,
                   shift=cfg.shift, fp8=cfg.fp8, fp8_compute=cfg.fp8_compute, compile=cfg.compile)
     return {"config": config, "rows": rows, "grid": grid}
+
+
+def grid_rows(cfg: EvalConfig) -> int:
+    """Rows of the grid `evaluate` returns: world, the teacher rows (the reference first), floor, the LoRA's."""
+    teacher = len(dict.fromkeys((cfg.teacher_steps, *cfg.steps)))
+    return 1 + teacher + cfg.floor + (len(cfg.steps) if cfg.lora is not None else 0)
+
+
+def check_grid_scale(cfg: EvalConfig, scale: int) -> None:
+    """The grid PNG must stay under PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 MP), or PIL and
+    the tools built on it warn, then refuse, when it is opened again."""
+    from PIL import Image
+
+    if scale < 1:
+        raise ValueError(f"--grid-scale {scale}: must be 1 or more; pass --grid-scale 2")
+    tile = world.SIZE * world.SIZE * grid_rows(cfg) * len(cfg.prompts)  # pixels at scale 1
+    largest = max(1, math.isqrt(Image.MAX_IMAGE_PIXELS // tile))
+    if scale > largest:
+        raise ValueError(f"--grid-scale {scale}: the grid would be {tile * scale * scale / 1e6:.0f} MP, over the "
+                         f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP PIL opens; pass --grid-scale {largest} or --no-grid")
 
 
 def _row(name: str, model: str, steps: int | None, score: dict, **distances) -> dict:

@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from sampling.samplers import cfg_scale_from_w
+from weights.io import WeightsError
 
-from .checkpoint import latest_checkpoint, read_checkpoint, stored_config
+from .checkpoint import CheckpointError, first_non_finite, latest_checkpoint, read_checkpoint, stored_config
 from .config import ConfigError, DistillConfig
 from .lora import inject_lora, lora_layers, set_state_dict
 from .run_outputs import base_lora_records
-from .run_setup import load_model
+from .run_setup import check_writable, load_model
 from .trainer import lora_config, model_family
 
 # The main file (no suffix) loads everywhere; the others are named for who reads them.
@@ -83,6 +84,12 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
 
     family = model_family(model)
     state = {k: v.float() for k, v in (state or set_state_dict(model, cfg.export_set)).items()}
+    bad = first_non_finite(state)
+    if bad is not None:  # a diverged run's LoRA would load everywhere and draw black images
+        where = f"step {step}" if step is not None else "the run's end"
+        raise WeightsError(f"LoRA set {cfg.export_set!r} at {where} holds NaN/inf (first bad tensor {bad}); "
+                           "nothing exported: export an earlier checkpoint (python -m distill.export "
+                           "RUN/checkpoints/step-N) or another --set")
     slices = {name: layer.slices for name, layer in lora_layers(model).items()}
     # scfm-method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with.
     # Flux-dev: its guidance input. SD3.5 with CFG baked in: sampled as trained, c + w (c - u) against the
@@ -95,9 +102,15 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
                         max_sequence_length=cfg.t5_length, training_cfg_scale=cfg.cfg_scale or None)
     records = base_lora_records(cfg.base_loras) if base_loras is None else base_loras
     metadata = lora_metadata(cfg, model, cfg.steps if step is None else step, records, hints)
-    return [save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices, family=family,
-                      metadata=metadata, recommended=hints, overwrite=overwrite)
-            for fmt, path in export_paths(cfg, step, folder).items()]
+    written = []
+    for fmt, path in export_paths(cfg, step, folder).items():
+        try:
+            written.append(save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices,
+                                     family=family, metadata=metadata, recommended=hints, overwrite=overwrite))
+        except OSError as e:  # a full disk: the write went to a temp file, removed; `path` is as it was
+            raise WeightsError(f"{path}: not written ({e.strerror or e}); free some space (or pass a writable "
+                               "--output), then export again") from None
+    return written
 
 
 # ----- from a checkpoint ------------------------------------------------------------------------------------
@@ -113,7 +126,10 @@ def find_checkpoint(source: Path) -> tuple[Path, dict, dict]:
             return source, *read_checkpoint(source)
         except (ValueError, OSError) as e:
             raise ConfigError(f"{e}; pass another checkpoint, or the run folder for its newest intact one") from None
-    found = latest_checkpoint(source / "checkpoints")
+    try:
+        found = latest_checkpoint(source / "checkpoints")
+    except CheckpointError as e:
+        raise ConfigError(f"{e}; nothing to export") from None
     if found is None:
         raise ConfigError(f"{source}: no intact checkpoint in {source / 'checkpoints'}; is it a run folder?")
     return found
@@ -150,6 +166,8 @@ def export_checkpoint(source: str | Path, lora_set: str | None = None, formats: 
         raise ConfigError(f"{path}: no LoRA set {cfg.export_set!r}; it holds {', '.join(sets)} (--set)")
     # beside the run's final export; a checkpoint copied out of its run: beside the checkpoint
     run_folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    check_writable(Path(folder).expanduser() if folder else run_folder,
+                   "pass --output FOLDER" if not folder else "choose another --output")
     return export_lora(model_on_meta(cfg, state), cfg, overwrite=overwrite, state=lora,
                        step=state["progress"]["step"], folder=Path(folder) if folder else run_folder,
                        base_loras=state.get("base_loras"))

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(run(args))
-    except (WeightsError, ValueError, FileNotFoundError) as e:
+    except (WeightsError, ValueError, OSError) as e:  # OSError: a disk that fills up or vanishes while writing
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:

@@ -45,7 +45,7 @@ def sample_latents(velocity, cond: dict[str, Tensor], guidance: Tensor | None, c
 def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, vae_path: str,
                  device: torch.device) -> list[Path]:
     """PNGs when a VAE is configured, else the latents as safetensors (no decoder, still inspectable)."""
-    from weights.io import atomic_save
+    from weights.atomic import atomic_save
 
     if not vae_path:
         return [atomic_save({"latents": latents.cpu()}, folder / f"step-{step:06d}.safetensors",
@@ -77,6 +77,31 @@ def base_lora_records(specs: tuple[str, ...]) -> list[dict]:
 SCALARS = ("loss", "loss_mean", "grad_norm", "seconds_per_step")  # what TensorBoard and W&B plot
 
 
+class LogError(ValueError):
+    """A log.jsonl that cannot be continued (a damaged line before its last), as one line."""
+
+
+def _log_rows(path: Path, resumed_step: int) -> list[str]:
+    """The lines of `path` up to `resumed_step`. A last line that does not parse is what a run killed while
+    writing it leaves: dropped, with one line on stderr. Any earlier one is damage we must not paper over."""
+    if resumed_step == 0:  # a run starting over keeps no row: nothing to read
+        return []
+    lines = path.read_text().splitlines()
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            kept = bool(line) and json.loads(line)["step"] <= resumed_step
+        except (ValueError, KeyError, TypeError):  # not JSON, not a row, a step that is not a number
+            if i == len(lines) - 1:
+                print(f"{path}: dropped its last line, cut short by a killed run ({line[:40]!r}...)", file=sys.stderr)
+                break
+            raise LogError(f"{path}: line {i + 1} of {len(lines)} is not a JSON log row ({line[:40]!r}); fix or "
+                           f"delete that line (or move {path.name} aside), then --resume") from None
+        if kept:
+            keep.append(line)
+    return keep
+
+
 class JsonlLog:
     """Append-only JSONL; on resume, lines past the checkpoint (from the killed run) are dropped first. Also
     TensorBoard's event files when it is installed, and a Weights & Biases run when a project is given."""
@@ -84,8 +109,7 @@ class JsonlLog:
     def __init__(self, path: Path, resumed_step: int, wandb_project: str = "", config: dict | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            lines = path.read_text().splitlines()
-            keep = [ln for ln in lines if ln and json.loads(ln)["step"] <= resumed_step]
+            keep = _log_rows(path, resumed_step)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             tmp.replace(path)

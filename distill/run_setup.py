@@ -34,6 +34,20 @@ def setup_distributed(cfg: DistillConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def check_writable(folder: Path, fix: str) -> None:
+    """Refuse, before minutes of loading and encoding, a folder the run could never write into: it (or, not made
+    yet, its nearest existing parent) must be a folder this user may write. Nothing is created. `fix`: the
+    advice ending the one-line ConfigError."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{folder}: {existing} is a file, not a folder; {fix}")
+    # os.access applies what a write would meet: permissions (root bypasses them) and a read-only file system
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{folder}: {existing} is not writable (permissions or a read-only disk); {fix}")
+
+
 def resolve_demo(cfg: DistillConfig) -> DistillConfig:
     """model = "demo": the shipped pipeline folder's transformer, VAE and text encoders, and (without --data) a
     dataset the teacher renders into <output>/data first, as the recipe does (scfm-method.md §7)."""
@@ -186,6 +200,79 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: s
             raise DataError(f"{folder}: its text embeddings were made with the text-encoder parts of "
                             f"{names(built)}, this run's base_loras give {names(wanted)}; use another --cache")
     return cache
+
+
+def teacher_set(model, path: str, family: str) -> dict[str, torch.Tensor]:
+    """`--teacher_lora` as a set of this run's LoRA layers (for `distill.lora.load_set`), from a file in any
+    layout weights.lora reads (ours, diffusers / PEFT, kohya): each of the file's LoRAs goes into the layer slice
+    its rows fall in, its rank zero-padded up to the run's and its up matrix rescaled from the file's alpha / r
+    to the run's, so the teacher's delta_W is the file's whatever the layout (ours, same rank and alpha: as is)."""
+    from weights.io import WeightsError
+    from weights.lora import read_lora
+
+    from .lora import lora_layers
+
+    flag = f"--teacher_lora {path}"
+    try:
+        lora = read_lora(Path(path).expanduser(), family=family)
+    except WeightsError as e:
+        raise ConfigError(f"--teacher_lora: {e}") from None
+    if lora.family != family:
+        names = {"flux": "Flux", "sd3": "SD3 / SD3.5"}
+        raise ConfigError(f"{flag}: a LoRA for {names[lora.family]}, this run trains {names[family]}; pass a "
+                          f"teacher LoRA made for this model")
+    layers = lora_layers(model)
+    extra = sorted(set(lora.modules) - set(layers)) or sorted(lora.diffs)
+    if extra or lora.text_encoders:
+        what = (f"a LoRA or weight difference on {extra[0]}" + (f" (and {len(extra) - 1} more)" if extra[1:] else "")
+                if extra else "text-encoder weights (the cached text embeddings cannot include them)")
+        raise ConfigError(f"{flag}: has {what}, which a teacher LoRA set cannot hold (SCFM's LoRA layers are "
+                          "distill/lora_targets.py's); merge it into the base with --base_loras instead")
+    state = {}
+    for name, layer in layers.items():
+        down, up = (torch.zeros(t["live"].shape) for t in (layer.lora_down, layer.lora_up))
+        if name in lora.modules:
+            _place_teacher(lora.modules[name], layer, down, up, f"{flag}: {name}")
+        state[f"{name}.lora_down"], state[f"{name}.lora_up"] = down, up
+    return state
+
+
+def _place_teacher(mod, layer, down: torch.Tensor, up: torch.Tensor, where: str) -> None:
+    """Fill one layer's (down, up) from the file's ModuleLoRA (weights/lora.py); see `teacher_set`."""
+    shape = [up.shape[0], *down.shape[1:]]
+    if list(mod.weight_shape) != shape:
+        raise ConfigError(f"{where}: delta_W {list(mod.weight_shape)} in the file, {shape} in this model; a LoRA "
+                          "for another model?")
+    parts, at = [], 0  # (first row, last row + 1, part) of each slice the file has a LoRA for
+    for part, n in zip(mod.parts, mod.rows):
+        if part is not None:
+            parts.append((at, at + n, part))
+        at += n
+    at = 0
+    for i, n in enumerate(layer.slices):  # slice i: rows [a, b) of up, rows i*r:(i+1)*r of down
+        a, b = at, at + n
+        at = b
+        inside = [(pa, pb, p) for pa, pb, p in parts if pa < b and pb > a]
+        if len(inside) == 1 and inside[0][0] <= a and b <= inside[0][1]:  # one LoRA spans it (a dense fused one)
+            pa, _, p = inside[0]
+            pieces = [(a, p.down, p.up[a - pa:b - pa], p.scale)]
+        elif all(a <= pa and pb <= b for pa, pb, _ in inside):  # LoRAs of parts of it: side by side in the rank
+            pieces = [(pa, p.down, p.up, p.scale) for pa, _, p in inside]
+        else:
+            raise ConfigError(f"{where}: the file's LoRA slices {list(mod.rows)} straddle this layer's "
+                              f"{list(layer.slices)}, which a LoRA set cannot hold; merge the file into the base "
+                              "with --base_loras instead")
+        rank = sum(d.shape[0] for _, d, _, _ in pieces)
+        if rank > layer.rank:
+            raise ConfigError(f"{where}: rank {rank} is above this run's --rank {layer.rank}; train with --rank "
+                              f"{rank} or more, or resize the file (python tools/convert.py lora --rank)")
+        k = 0
+        for row, d, u, scale in pieces:
+            r = d.shape[0]
+            down[i * layer.rank + k:i * layer.rank + k + r] = d.float()
+            # delta = scale * u @ d = layer.scale * (u * scale / layer.scale) @ d; 1.0 for our own file
+            up[row:row + u.shape[0], k:k + r] = u.float().reshape(u.shape[0], r, *up.shape[2:]) * (scale / layer.scale)
+            k += r
 
 
 def load_model(cfg: DistillConfig, device: torch.device):

@@ -15,23 +15,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from sampling.options import add_ignore_te_lora, add_run_options
+from sampling.base import MAX_SIDE
+from sampling.options import (
+    OneLineParser,
+    add_ignore_te_lora,
+    add_run_options,
+    check_finite,
+    check_run_options,
+    check_seed,
+    check_writable,
+    read_prompt_lines,
+)
 from weights.io import DTYPES, WeightsError, file_sha256
 from weights.lora_merge import lora_spec
 
-from .data import BUCKETS_512, buckets_for
+from .data import BUCKETS_512, DataError, buckets_for, inside_folder
 
 ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf16 = 0.5 GB
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distill.make_dataset", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m distill.make_dataset", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers Flux pipeline folder, or the transformer file")
     for name in ("vae", "clip", "t5", "t5-tokenizer", "clip-tokenizer"):
         p.add_argument(f"--{name}", help=f"{name} file/folder (default: the pipeline folder's)")
@@ -64,22 +76,41 @@ def plan_jobs(prompts: list[str], buckets, per_bucket: int, seed: int) -> list[d
 
 
 def read_prompts(path: str) -> list[str]:
-    try:
-        prompts = [ln.strip() for ln in Path(path).expanduser().read_text().splitlines() if ln.strip()]
-    except OSError as e:
-        raise ValueError(f"--prompts {path}: {e.strerror}") from None
+    prompts = read_prompt_lines(path, "--prompts")
     if not prompts:
         raise ValueError(f"--prompts {path}: no prompts in the file")
     return prompts
 
 
-def done_files(out: Path) -> set[str]:
-    """Files listed in metadata.jsonl that exist: a PNG written but not yet listed is rendered again."""
+def done_files(out: Path, repair: bool = True) -> set[str]:
+    """Files listed in metadata.jsonl that exist: a PNG written but not yet listed is rendered again.
+
+    A kill while a row was written leaves a last line without its newline: that row is cut off here (its image
+    is rendered again), else the next row would be appended to it. Any other unreadable row, or one naming a
+    file outside the folder, is refused: this folder holds another dataset or was edited. `repair=False` only
+    checks (nothing is cut)."""
     meta = out / "metadata.jsonl"
     if not meta.exists():
         return set()
-    rows = [json.loads(ln) for ln in meta.read_text().splitlines() if ln.strip()]
-    return {r["file_name"] for r in rows if (out / r["file_name"]).exists()}
+    text = meta.read_bytes()
+    complete = text[: text.rfind(b"\n") + 1]
+    if len(complete) < len(text) and repair:
+        print(f"note: {meta}: dropping a row cut off by an interrupted run; its image is rendered again",
+              file=sys.stderr)
+        os.truncate(meta, len(complete))
+    done = set()
+    for n, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            name = json.loads(line)["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{meta}:{n}: not a row {{\"file_name\": ..., \"prompt\": ...}}; fix or delete "
+                            "that line, or use another --out") from None
+        path = inside_folder(out, name, f"{meta}:{n}")
+        if path.exists():
+            done.add(name)
+    return done
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -148,31 +179,68 @@ def make_pipeline(args):
                         fp8_compute=args.fp8_compute, compile=args.compile, ignore_te_lora=args.ignore_te_lora)
 
 
+def resolution_buckets(resolution: int) -> tuple[tuple[int, int], ...]:
+    """--resolution's buckets, refused when there are none or one is over the largest side sampled."""
+    if resolution > MAX_SIDE:  # before buckets_for, whose loop grows with the resolution
+        raise ValueError(f"--resolution {resolution}: over the {MAX_SIDE} px sampled (sampling/base.py MAX_SIDE); "
+                         "pass --resolution 512 or 1024")
+    buckets = BUCKETS_512 if resolution == 512 else buckets_for(resolution)
+    if not buckets:
+        raise ValueError(f"--resolution {resolution}: no bucket of 64-px multiples fits (the smallest is 64x64); "
+                         "pass --resolution 512")
+    widest = max(max(b) for b in buckets)
+    if widest > MAX_SIDE:
+        raise ValueError(f"--resolution {resolution}: its buckets reach {widest} px, over the {MAX_SIDE} px sampled "
+                         "(sampling/base.py MAX_SIDE); pass --resolution 512 or 1024")
+    return buckets
+
+
+def check_args(args) -> None:
+    """Every flag that can be wrong by itself, before anything is read or written."""
+    for flag, value in (("--images-per-bucket", args.images_per_bucket), ("--batch-size", args.batch_size),
+                        ("--steps", args.steps), ("--max-sequence-length", args.max_sequence_length)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be 1 or more; pass {flag} 1 or more")
+    if args.max_sequence_length > 512:
+        raise ValueError(f"--max-sequence-length {args.max_sequence_length}: T5 is used with at most 512 tokens "
+                         "(as diffusers); pass --max-sequence-length 512")
+    check_finite(guidance=args.guidance)
+    check_run_options(args)
+
+
 def run(args) -> Path:
     from tqdm import tqdm
 
-    if args.images_per_bucket < 1 or args.batch_size < 1 or args.steps < 1:
-        raise ValueError("--images-per-bucket, --batch-size and --steps must be >= 1")
+    check_args(args)
     prompts = read_prompts(args.prompts)
-    buckets = BUCKETS_512 if args.resolution == 512 else buckets_for(args.resolution)
+    buckets = resolution_buckets(args.resolution)
+    check_seed(args.seed, len(buckets) * args.images_per_bucket)  # image j's seed is seed + j
     out = Path(args.out).expanduser()
+    # before any model loads: room for one batch of the largest bucket at least (raw RGB bounds a PNG)
+    check_writable(out, "--out", args.out, need_bytes=args.batch_size * max(w * h for w, h in buckets) * 3)
     settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
                                               "max_sequence_length", "seed")}
     settings.update(model=str(args.model), prompts=prompts)
     loras = [lora_spec(spec) for spec in args.lora]  # no :SCALE: the LoRA's recommended scale
-    for path, _ in loras:
+    for path, scale in loras:
         if not Path(path).is_file():
             raise WeightsError(f"--lora {path}: no such file")
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {path}:{scale}: the scale must be a finite number; pass --lora {path}:1")
     if loras:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
         settings["loras"] = [[Path(path).name, scale, file_sha256(path)] for path, scale in loras]
         if args.ignore_te_lora:  # the prompts were encoded without their text-encoder parts
             settings["ignore_te_lora"] = True
-    check_settings(out, settings)
+    pipe = make_pipeline(args)
+    pipe.check_transformer()  # a wrong --model fails now, not after the first bucket's prompts are encoded
+    for w, h in buckets:  # so does a bucket the model or the device cannot take (configs only: nothing is read)
+        pipe.check_size(h, w, args.batch_size)
+    pipe.tokenizers(args.max_sequence_length)  # and a wrong tokenizer file, before anything is written
+    done_files(out, repair=False)  # an existing metadata.jsonl's rows are checked before anything is written
+    check_settings(out, settings)  # the first write: every check above leaves --out as it was
     jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
     done = done_files(out)
     todo = [j for j in jobs if j["file_name"] not in done]
-    pipe = make_pipeline(args)
-    pipe.check_transformer()  # a wrong --model fails now, not after the first bucket's prompts are encoded
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="rendering", unit="image") as bar:
         for w, h in buckets:
             mine = [j for j in todo if (j["width"], j["height"]) == (w, h)]

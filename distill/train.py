@@ -22,13 +22,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from weights.io import WeightsError
+from weights.io import WeightsError, read_header
+from weights.lora_foreign import peft_file
 
 from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
 from .data import DataError
 from .lora import set_state_dict
 from .lora_export import export_lora, export_paths
-from .run_setup import family_of, load_model, prepare_cache, render_demo_data, resolve_demo, setup_distributed
+from .run_setup import (
+    check_writable,
+    family_of,
+    load_model,
+    prepare_cache,
+    render_demo_data,
+    resolve_demo,
+    setup_distributed,
+)
 from .sharding import loads_on_cpu
 from .trainer import Stopped, Trainer, TrainingError
 
@@ -44,7 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
 # ----- main -------------------------------------------------------------------------------------------------
 
 
+def check_paths(cfg: DistillConfig) -> None:
+    """What would otherwise fail as a traceback after the cache is built or the model loaded."""
+    out = Path(cfg.output).expanduser()
+    taken = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if taken is not None:
+        raise ConfigError(f"--output {cfg.output}: {taken} is a file, not a folder; choose another --output")
+    if cfg.teacher_lora:  # missing, pickled or not safetensors: refused here, before the model loads
+        read_header(peft_file(Path(cfg.teacher_lora).expanduser()))
+
+
 def run(cfg: DistillConfig, on_step=None) -> list[Path]:
+    check_paths(cfg)
+    check_writable(Path(cfg.output).expanduser(), "choose another --output")  # before the cache and model
     device = setup_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:

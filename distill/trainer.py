@@ -34,6 +34,8 @@ from weights.io import DTYPES
 
 from . import speed
 from .checkpoint import (
+    CheckpointError,
+    check_finite,
     checkpoints,
     clean_temp,
     latest_checkpoint,
@@ -60,6 +62,7 @@ from .lora import (
 )
 from .run_outputs import (
     JsonlLog,
+    LogError,
     StopSignals,
     base_lora_records,
     out_of_memory,
@@ -67,6 +70,7 @@ from .run_outputs import (
     sample_side,
     save_samples,
 )
+from .run_setup import teacher_set
 from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
 from .sharding import StudentRoute, full, is_sharded, loads_on_cpu, shard_model
 
@@ -109,6 +113,21 @@ def model_family(model: nn.Module) -> str:
 
 
 VELOCITY = {"flux": FluxVelocity, "sd3": MMDiTVelocity}
+
+
+def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: DistillConfig) -> None:
+    """The config's AdamW settings replace a checkpoint's (which `load_state_dict` restores with the moments):
+    a resume trains with what the user passes now, as log.jsonl and the export record. The lr is constant
+    (no scheduler), so nothing else holds a copy of it."""
+    wanted = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    # betas come back from state.json as a list
+    before = {k: tuple(v) if isinstance(v, list) else v for k, v in optimizer.param_groups[0].items()}
+    changed = [f"{k} {before[k]} -> {v}" for k, v in wanted.items() if before[k] != v]
+    for group in optimizer.param_groups:
+        group.update(wanted)
+    if changed:
+        warnings.warn(f"--resume: {', '.join(changed)} (the values passed now replace the checkpoint's)",
+                      stacklevel=2)
 
 
 @dataclass
@@ -175,10 +194,8 @@ class Trainer:
                                 "must be checkpointed: its weights would stay on the GPU for backward)")
         # unchecked_blocks auto (-1) is planned on the first batch (distill/speed.py)
         model.enable_gradient_checkpointing(config.gradient_checkpointing, max(config.unchecked_blocks, 0))
-        if config.teacher_lora:
-            from safetensors.torch import load_file
-
-            load_set(model, "teacher", load_file(config.teacher_lora))
+        if config.teacher_lora:  # any layout weights.lora reads, fitted to this run's rank and alpha
+            load_set(model, "teacher", teacher_set(model, config.teacher_lora, self.family))
             for ema in ("fast_ema", "slow_ema"):  # scfm-method.md §3: EMAs start from the teacher LoRA
                 copy_set(model, ema, "teacher")
         if self.sharded:  # after every set exists: sets created later would not be sharded
@@ -305,8 +322,11 @@ class Trainer:
         elif checkpoints(self.out / "checkpoints"):
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume to continue that run "
                                 "or choose another --output")
-        log = JsonlLog(self.out / "log.jsonl", self.progress.step, cfg.wandb_project,
-                       cfg.to_dict()) if self.rank == 0 else None
+        try:
+            log = JsonlLog(self.out / "log.jsonl", self.progress.step, cfg.wandb_project,
+                           cfg.to_dict()) if self.rank == 0 else None
+        except LogError as e:
+            raise TrainingError(str(e)) from None
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="scfm", unit="step",
                    disable=self.rank != 0)
         try:
@@ -333,7 +353,8 @@ class Trainer:
             bar.update(1)
             if log and (step % cfg.log_every == 0 or step == cfg.steps):
                 dt = time.perf_counter() - t0
-                log.write({**metrics, "loss_mean": sum(window) / len(window), "lr": cfg.lr,
+                log.write({**metrics, "loss_mean": sum(window) / len(window),
+                           "lr": self.optimizer.param_groups[0]["lr"],  # what the step used, resumed or not
                            "seconds_per_step": dt / len(window),
                            "images_per_second": len(window) * cfg.batch_size / dt})
                 window, t0 = [], time.perf_counter()
@@ -374,6 +395,11 @@ class Trainer:
         # every process: sharded sets and moments are gathered together (plain ones are views, no copy)
         tensors = {f"lora.{s}.{k}": v for s in self._sets() for k, v in set_state_dict(self.model, s).items()}
         opt_tensors, opt_state = optimizer_state(self.optimizer, [n for n, _ in self.params])
+        if self.world > 1:  # rank 0 checks as it writes; the others check too, so that every process stops
+            try:
+                check_finite(self.out / "checkpoints", self.progress.step, {**tensors, **opt_tensors})
+            except CheckpointError as e:
+                raise TrainingError(str(e)) from None
         if self.rank == 0:
             rng_tensors, rng_json = rng_state()
             position = self.batches.position(self.progress.step)
@@ -383,9 +409,12 @@ class Trainer:
                      "model": {"family": self.family, "config": self.model.config.to_dict()},
                      "base_loras": self.base_loras,
                      "world_size": self.world, "optimizer": opt_state, "rng": rng_json}
-            path = save_checkpoint(self.out / "checkpoints", self.progress.step,
-                                   {**tensors, **opt_tensors, **rng_tensors}, state,
-                                   self.config.keep_checkpoints)
+            try:
+                path = save_checkpoint(self.out / "checkpoints", self.progress.step,
+                                       {**tensors, **opt_tensors, **rng_tensors}, state,
+                                       self.config.keep_checkpoints)
+            except CheckpointError as e:  # NaN/inf weights, a full disk: the newest checkpoint stays
+                raise TrainingError(str(e)) from None
         if self.world > 1:
             dist.barrier()
         return path
@@ -394,11 +423,19 @@ class Trainer:
         root = self.out / "checkpoints"
         if self.rank == 0:
             clean_temp(root)
-        found = latest_checkpoint(root)
+        try:
+            found = latest_checkpoint(root)
+        except CheckpointError as e:  # starting over would overwrite them: the user decides that
+            raise TrainingError(f"{e}; --resume has nothing to continue from: to start over, pass a new --output "
+                                f"or delete {root}") from None
         if found is None:
             warnings.warn(f"--resume: no checkpoint in {root}; starting from step 0", stacklevel=2)
             return False
         path, tensors, state = found
+        if state["step"] > self.config.steps:  # training on would export the later weights stamped `steps`
+            raise TrainingError(f"{path} is at step {state['step']}; pass --steps {state['step']} or more (not "
+                                f"{self.config.steps}) to continue that run, or export that checkpoint with "
+                                f"`python -m distill.export {path}`")
         changed = resume_conflicts(state, self.config)
         if changed:
             raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
@@ -408,8 +445,10 @@ class Trainer:
             prefix = f"lora.{s}."
             load_set(self.model, s, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         load_optimizer_state(self.optimizer, [n for n, _ in self.params], tensors, state["optimizer"])
+        apply_optimizer_config(self.optimizer, self.config)
         set_rng_state(tensors, state["rng"])
-        self.progress = Progress(**state["progress"])
+        # the NaN stop's advice is "lower lr, then --resume": the resumed run gets its own max_bad_steps
+        self.progress = Progress(**{**state["progress"], "bad_in_row": 0})
         return True
 
     # --- sample images ------------------------------------------------------------------------------------

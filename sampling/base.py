@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -16,13 +18,22 @@ from torch import Tensor, nn
 from model import fp8_gemm
 from model.block_swap import BlockSwap, check_count
 from model.fp8 import enable_fp8_compute_
-from model.vae import AutoEncoder, vae_to_images
-from weights.io import WeightsError, atomic_path
+from model.vae import AUTO_TILE_PIXELS, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
+from weights.atomic import atomic_path
+from weights.io import WeightsError
 from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
 from weights.vae import load_vae
 
 from .infotext import infotext
 from .schedules import ScheduleConfig
+
+# The largest image side we sample (SD3 may allow less: its position table). A sanity cap, not a memory limit
+# (activation_bytes is that): 4x the released models' 1024-px training side. Far beyond what they were trained on,
+# images break down into repeated parts, and a step at 4096x4096 has 16x the tokens and 256x the attention work
+# of one at 1024x1024.
+MAX_SIDE = 4096
+# Text tokens next to the image's, at most: T5's 512 plus CLIP's 77 (SD3's context), for the memory estimate.
+TEXT_TOKENS = 512 + 77
 
 
 class Pipeline:
@@ -31,7 +42,7 @@ class Pipeline:
 
     def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  fp8: bool = False, loras: Sequence = (), blocks_to_swap: int = 0, fp8_compute: bool = False,
-                 compile: bool = False, ignore_te_lora: bool = False):  # noqa: A002  (the CLI's word)
+                 compile: bool = False, ignore_te_lora: bool = False):
         self.sources, self.device, self.dtype = sources, torch.device(device), dtype
         # fp8_compute: the blocks' GEMMs on fp8 tensor cores (model/fp8_gemm.py; e4m3 storage implied), refused
         # at once on a GPU without them; compile: each transformer block compiled once (model/layers.py)
@@ -50,7 +61,9 @@ class Pipeline:
         self.ignore_te_lora = ignore_te_lora
         self._lora_parts: SplitLoRAs | None = None
         self._transformer: nn.Module | None = None
+        self._meta: nn.Module | None = None  # the transformer built on "meta": its config and checks, no weights
         self._vae: AutoEncoder | None = None
+        self._vae_config: VAEConfig | None = None
 
     # --- what a family defines -----------------------------------------------------------------------------------
 
@@ -74,6 +87,10 @@ class Pipeline:
 
     def text_encoder_names(self) -> tuple[str, ...]:
         """The encoders `encode` loads, as weights/lora_text.py names them ("clip_l", "clip_g", "t5")."""
+        raise NotImplementedError
+
+    def tokenizers(self, max_sequence_length: int) -> tuple:
+        """The text encoders' tokenizers, in `encode`'s order; loaded first there, so a wrong file costs no load."""
         raise NotImplementedError
 
     def encode(self, prompts: Sequence[str], max_sequence_length: int) -> dict[str, Tensor]:
@@ -102,9 +119,17 @@ class Pipeline:
         """Everything loading the transformer checks (its files, keys, shapes, the LoRAs' fit) without reading a
         weight: bad input fails in seconds, before the text encoders load and run."""
         if self._transformer is None:
-            model = self.load_transformer(torch.device("meta"))
+            self.transformer_config()
             if self.blocks_to_swap:
-                check_count(model, self.blocks_to_swap)
+                check_count(self._meta, self.blocks_to_swap)
+
+    def transformer_config(self):
+        """The transformer's config, read without a weight (a build on "meta", whose checks run once)."""
+        if self._transformer is not None:
+            return self._transformer.config
+        if self._meta is None:
+            self._meta = self.load_transformer(torch.device("meta"))
+        return self._meta.config
 
     @property
     def transformer(self) -> nn.Module:
@@ -131,9 +156,19 @@ class Pipeline:
             self._vae = load_vae(self.sources.vae, dtype=self.dtype, device=self.device)
         return self._vae
 
+    def vae_config(self) -> VAEConfig:
+        """The VAE's config without reading its weights (a build on "meta"): size checks need only this."""
+        if self._vae is not None:
+            return self._vae.config
+        if self._vae_config is None:
+            if self.sources.vae is None:
+                raise WeightsError("no VAE given: pass --vae (ae.safetensors, a vae/ folder or a pipeline folder)")
+            self._vae_config = load_vae(self.sources.vae, dtype=self.dtype, device="meta").config
+        return self._vae_config
+
     @property
     def vae_scale(self) -> int:
-        return self.vae.config.downscale
+        return self.vae_config().downscale
 
     def release_text_encoders(self) -> None:
         """Called after encoding: the encoders are gone before the transformer loads (T5-XXL is 9 GB in bf16)."""
@@ -141,13 +176,62 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def max_side(self) -> tuple[int, str]:
+        """The largest image side this model samples, and why (a family with a hard limit says so)."""
+        return MAX_SIDE, "sampling/base.py MAX_SIDE: 4x the released models' training size"
+
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the latents; a size that is not positive, over max_side() or not a multiple of what the model
+        needs is one line with the nearest valid values (always positive)."""
         multiple = self.size_multiple()
+        cap, why = self.max_side()
         for name, size in (("height", height), ("width", width)):
-            if size % multiple or size <= 0:
+            if size <= 0:
+                default = self.default_config().width
+                raise ValueError(f"--{name} {size}: must be a positive multiple of {multiple}; pass --{name} "
+                                 f"{default} (the default) or another positive multiple of {multiple}")
+            if size > cap:
+                raise ValueError(f"--{name} {size}: over {cap} px, the largest side this model samples ({why}); "
+                                 f"pass --{name} {cap // multiple * multiple} or less")
+            if size % multiple:
                 lo, hi = max(multiple, size // multiple * multiple), (size // multiple + 1) * multiple
-                raise ValueError(f"{name} {size} is not a multiple of {multiple}; use {lo} or {hi}")
+                fix = f"use {lo} or {hi}" if lo != hi else f"use {lo}"
+                raise ValueError(f"--{name} {size} is not a multiple of {multiple}; {fix}")
         return height // self.vae_scale, width // self.vae_scale
+
+    def activation_bytes(self, images: int, height: int, width: int) -> int:
+        """Peak activation memory of sampling then decoding `images` images at once, roughly; weights are not
+        counted (--blocks-to-swap and --fp8 shrink those). A transformer block holds ~16 hidden-wide rows per token
+        at its peak (counted for Flux's single block: its 21504-wide linear1 output, the 12288-wide GELU and the
+        15360-wide concat, at hidden 3072). The VAE decoder holds ~8 x ch values per decoded pixel (measured on the
+        CPU: 7.3 x 128 at 512 px, 6.9 x 128 at 1024), of one tile above AUTO_TILE_PIXELS, plus three fp32 copies
+        of the image (decoder output, tile blend, PIL). Sampling ends before decoding starts: the peak is the
+        larger of the two."""
+        multiple, size = self.size_multiple(), self.dtype.itemsize
+        tokens = (height // multiple) * (width // multiple) + TEXT_TOKENS
+        sampling = tokens * self.transformer_config().hidden_size * 16 * size
+        pixels = height * width
+        decoded = pixels if pixels <= AUTO_TILE_PIXELS else TILE_SIZE * TILE_SIZE
+        decoding = decoded * self.vae_config().ch * 8 * size + pixels * 3 * 4 * 3
+        return images * max(sampling, decoding)
+
+    def check_size(self, height: int, width: int, images: int = 1) -> None:
+        """latent_size's checks, then refuse a size whose activations alone (`images` at once) exceed the
+        device's whole memory: it could never run, and would fail only after the text encoders ran."""
+        self.latent_size(height, width)
+        need, have = self.activation_bytes(images, height, width), device_memory(self.device)
+        if have is None or need <= have:
+            return
+        multiple = self.size_multiple()
+        shrink = math.sqrt(have / need) * 0.9  # both terms grow with the pixels: scale each side by the root
+
+        def fit(side: int) -> int:
+            return max(multiple, int(side * shrink) // multiple * multiple)
+
+        fewer = " or fewer prompts per run" if images > 1 else ""
+        raise ValueError(f"--width {width} --height {height}: sampling {images} image(s) at once needs about "
+                         f"{need / 1e9:.1f} GB of activations, more than all {have / 1e9:.1f} GB of "
+                         f"{self.device}; pass --width {fit(width)} --height {fit(height)} or smaller{fewer}")
 
     def noise(self, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:
         """diffusers' `randn_tensor`: drawn on the generator's device in the model dtype, then moved."""
@@ -178,8 +262,9 @@ class Pipeline:
                  callback=None, output: str = "pil"):
         cfg = cfg or self.default_config()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        self.latent_size(cfg.height, cfg.width)  # fail on a bad size before loading the big parts
         with_negative = self.wants_negative(cfg)
+        # fail on a bad size before loading the big parts
+        self.check_size(cfg.height, cfg.width, len(prompts) * (2 if with_negative else 1))
         conds = self.encode(prompts + ([cfg.negative_prompt] * len(prompts) if with_negative else []),
                             cfg.max_sequence_length)
         cond = {k: v[: len(prompts)] for k, v in conds.items()}
@@ -189,6 +274,30 @@ class Pipeline:
             return latents
         images = self.decode(latents)
         return images if output == "tensor" else to_pil(images)
+
+
+def load_tokenizer(load, path, flag: str, **kwargs):
+    """`load(path, **kwargs)` with a file that is no tokenizer as one line naming `flag`: sentencepiece raises a
+    bare RuntimeError, tokenizers a bare Exception, a damaged config a JSON error. Callers load tokenizers before
+    the text encoders, so a wrong file costs no encoder load."""
+    try:
+        return load(path, **kwargs)
+    except Exception as e:  # noqa: BLE001  (any of the libraries' errors means the same: not a tokenizer)
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise WeightsError(f"{flag} {path}: not a tokenizer ({reason}); pass the model's tokenizer folder or "
+                           "file") from None
+
+
+def device_memory(device: torch.device) -> int | None:
+    """All of `device`'s memory in bytes (the host's RAM for the CPU); None when it cannot be asked cheaply."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX host
+            return None
+    return None
 
 
 def to_pil(images: Tensor) -> list:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 DEMO_FOLDER = ASSETS / "flux-demo"  # a diffusers Flux pipeline folder
-# The SCFM LoRA distilled from the demo teacher by `python -m distill.train` (its defaults), in our layout.
+# The SCFM LoRA distilled from the demo teacher by `python -m distill.train` (README: the shipped run), in the
+# diffusers layout a run exports.
 DEMO_LORA = ASSETS / "flux-demo-scfm-lora.safetensors"
 # Every distinct caption of the teacher's training scenes: the prompts of the demo's teacher-rendered dataset.
 DEMO_PROMPTS = ASSETS / "prompts.txt"

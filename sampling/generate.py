@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,9 +31,19 @@ import torch
 from weights.detect import detect_family
 from weights.io import DTYPES, WeightsError
 
-from .base import save_png
+from .base import MAX_SIDE, save_png
 from .demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
-from .options import add_ignore_te_lora, add_run_options, out_of_memory
+from .options import (
+    OneLineParser,
+    add_ignore_te_lora,
+    add_run_options,
+    check_finite,
+    check_run_options,
+    check_seed,
+    check_writable,
+    out_of_memory,
+    read_prompt_lines,
+)
 
 # The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
 # (CFG 7.0, T5 256). Both use 28 steps.
@@ -48,7 +59,9 @@ def with_demo_defaults(args) -> None:
         if args.max_sequence_length is None:
             args.max_sequence_length = T5_LENGTH  # what the demo teacher was trained with
     side = IMAGE_SIZE if demo else 1024
-    args.width, args.height = args.width or side, args.height or side
+    # `is None`, not `or`: --width 0 is refused by check_sizes, not silently replaced by the default
+    args.width = side if args.width is None else args.width
+    args.height = side if args.height is None else args.height
     args.lora = [str(DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec
                  for spec in args.lora]
 
@@ -62,8 +75,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sampling.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m sampling.generate", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model files")
     src.add_argument("--model", help="diffusers Flux / SD3 pipeline folder, or the transformer file or folder "
                      "(default: the built-in 64-px demo model, distill/demo)")
@@ -117,13 +130,55 @@ def build_parser() -> argparse.ArgumentParser:
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        try:
-            prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
-        except OSError as e:
-            raise ValueError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
+        prompts += read_prompt_lines(args.prompts_file, "--prompts-file")
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     return prompts
+
+
+def check_args(args) -> None:
+    """Every flag that can be wrong by itself, before anything is read: one line naming the flag and the fix."""
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--max-sequence-length", args.max_sequence_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be 1 or more; pass {flag} 1 or more")
+    if args.max_sequence_length is not None and args.max_sequence_length > 512:
+        raise ValueError(f"--max-sequence-length {args.max_sequence_length}: T5 is used with at most 512 tokens "
+                         "(as diffusers); pass --max-sequence-length 512")
+    check_seed(args.seed, args.batch_size)
+    check_finite(guidance=args.guidance, cfg=args.cfg, true_cfg=args.true_cfg, slg_scale=args.slg_scale,
+                 slg_start=args.slg_start, slg_stop=args.slg_stop)
+    for flag, value, default in (("--slg-start", args.slg_start, 0.01), ("--slg-stop", args.slg_stop, 0.2)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{flag} {value}: a fraction of the steps, from 0 to 1; pass {flag} {default}")
+    if args.shift is not None:
+        args.shift = parse_shift(args.shift, "--shift")
+    check_run_options(args)
+
+
+def parse_shift(text, flag: str) -> float | str:
+    """A shift as given (flag) or recommended: 'dynamic' or a positive finite number."""
+    if text == "dynamic":
+        return text
+    try:
+        shift = float(text)
+    except (TypeError, ValueError):
+        shift = math.nan
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"{flag} {text}: expected a positive number (1 = unshifted, 3 = SD3.5's) or 'dynamic'; "
+                         "pass --shift 3")
+    return shift
+
+
+def check_sizes(args, default: int) -> None:
+    """Sizes any model refuses; the model's own multiple and limit are Pipeline.check_size's, before any weight."""
+    for name in ("width", "height"):
+        size = getattr(args, name)
+        if size <= 0:
+            raise ValueError(f"--{name} {size}: image sizes are positive; pass --{name} {default} (the default)")
+        if size > MAX_SIDE:
+            raise ValueError(f"--{name} {size}: over {MAX_SIDE} px, the largest side sampled (sampling/base.py "
+                             f"MAX_SIDE); pass --{name} {default} (the default) or at most {MAX_SIDE}")
 
 
 def _targets(args, count: int) -> list[Path]:
@@ -143,8 +198,8 @@ def _targets(args, count: int) -> list[Path]:
 def lora_recommendations(paths: list[str]):
     """The sampling settings the LoRAs' metadata recommends (the first LoRA stating a field wins), with the grid
     set to `scfm` for an SCFM LoRA that does not state one: SCFM is trained on that grid."""
-    from weights.io import read_header  # noqa: PLC0415
-    from weights.lora import FORMAT, Recommended  # noqa: PLC0415
+    from weights.io import read_header
+    from weights.lora import FORMAT, Recommended
 
     merged: dict = {}
     for path in paths:
@@ -152,6 +207,11 @@ def lora_recommendations(paths: list[str]):
             raise WeightsError(f"--lora {path}: no such file")
         meta = read_header(Path(path))[1]
         rec = dataclasses.asdict(Recommended.from_metadata(meta))
+        if rec["shift"] is not None:
+            try:
+                rec["shift"] = parse_shift(rec["shift"], f"--lora {path}: its scfm_shift")
+            except ValueError as e:
+                raise WeightsError(f"{e} to override it") from None
         if meta.get("scfm_format") == FORMAT or "scfm_lora" in meta or "scfm_training" in meta:
             rec["schedule"] = rec["schedule"] or "scfm"
         merged = {k: merged.get(k) if merged.get(k) is not None else v for k, v in rec.items()}
@@ -161,18 +221,38 @@ def lora_recommendations(paths: list[str]):
 def missing_base_loras(loras: list[tuple[str, float]]) -> list[str]:
     """One warning per LoRA that an SCFM LoRA among `loras` was trained on top of (distill.train --base_loras)
     and that is not given here at the same scale (files compared by sha256)."""
-    from weights.io import file_sha256, read_header  # noqa: PLC0415
+    from weights.io import file_sha256, read_header
 
     wanted = []
     for path, _ in loras:
-        info = json.loads(read_header(Path(path))[1].get("scfm_training", "{}"))
-        wanted += [(Path(path).name, base) for base in info.get("base_loras", ())]
+        wanted += [(Path(path).name, base) for base in _base_loras(path, read_header(Path(path))[1])]
     if not wanted:
         return []
     given = {(file_sha256(path), scale) for path, scale in loras}
     return [f"warning: {name} was trained on top of {b['file']} at scale {b['scale']:g}; add --lora "
             f"{b['file']}:{b['scale']:g} to sample it as trained" for name, b in wanted
             if (b["sha256"], b["scale"]) not in given]
+
+
+def _base_loras(path: str, meta: dict[str, str]) -> list[dict]:
+    """The `base_loras` an SCFM LoRA's `scfm_training` metadata records ({file, sha256, scale} each); damaged
+    metadata is one line naming the file, not a bare JSON error."""
+    raw = meta.get("scfm_training")
+    if raw is None:
+        return []
+    try:
+        info = json.loads(raw)
+        bases = info.get("base_loras", []) if isinstance(info, dict) else None
+        ok = isinstance(bases, list) and all(
+            isinstance(b, dict) and isinstance(b.get("file"), str) and isinstance(b.get("sha256"), str)
+            and isinstance(b.get("scale"), (int, float)) for b in bases)
+    except json.JSONDecodeError:
+        ok = False
+    if not ok:
+        raise WeightsError(f"--lora {path}: its scfm_training metadata is damaged (not a JSON object with "
+                           "base_loras entries {file, sha256, scale}); re-export the LoRA with "
+                           "`python -m distill.export` or pass an intact file")
+    return bases
 
 
 def lora_records(loras: list[tuple[str, float]]) -> list[dict]:
@@ -207,16 +287,15 @@ def check_family_flags(args, family: str) -> None:
 
 def generation_config(args, family: str, rec):
     """The family's GenerationConfig: command line, then the LoRA's recommendation, then the family default."""
-    from .pipeline import GenerationConfig  # noqa: PLC0415
-    from .sd3 import SD3GenerationConfig  # noqa: PLC0415
+    from .pipeline import GenerationConfig
+    from .sd3 import SD3GenerationConfig
 
     d = DEFAULTS[family]
     shift = _pick(args.shift, rec.shift)
     common = dict(height=args.height, width=args.width, steps=_pick(args.steps, rec.steps, d["steps"]),
                   max_sequence_length=_pick(args.max_sequence_length, rec.max_sequence_length,
                                             d["max_sequence_length"]),
-                  grid=_pick(args.schedule, rec.schedule, "diffusers"), seed=args.seed,
-                  shift=shift if shift in (None, "dynamic") else float(shift))
+                  grid=_pick(args.schedule, rec.schedule, "diffusers"), seed=args.seed, shift=shift)
     if family == "flux":
         return GenerationConfig(**common, guidance=_pick(args.guidance, rec.guidance, d["guidance"]),
                                 true_cfg=_pick(_one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg"), 1.0),
@@ -235,14 +314,14 @@ def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
     files = dict(vae=args.vae, clip=args.clip, t5=args.t5, clip_tokenizer=args.clip_tokenizer,
                  t5_tokenizer=args.t5_tokenizer)
     if family == "flux":
-        from .pipeline import FluxPipeline, FluxSources  # noqa: PLC0415
+        from .pipeline import FluxPipeline, FluxSources
 
         files = {k: Path(v) for k, v in files.items() if v}
         is_folder = (model / "model_index.json").exists()
         sources = FluxSources.from_folder(model, **files) if is_folder else FluxSources(transformer=model, **files)
         sources.check()
         return FluxPipeline(sources, **options)
-    from .sd3 import SD3Pipeline, SD3Sources  # noqa: PLC0415
+    from .sd3 import SD3Pipeline, SD3Sources
 
     files = dict(vae=files["vae"], clip_l=files["clip"], clip_g=args.clip_g, t5=None if args.no_t5 else files["t5"],
                  clip_l_tokenizer=files["clip_tokenizer"], clip_g_tokenizer=args.clip_g_tokenizer,
@@ -279,8 +358,15 @@ def run(args) -> list[Path]:
 
     from .pipeline import to_pil
 
+    check_args(args)
     prompts = _prompts(args)
+    default_side = IMAGE_SIZE if args.model is None else 1024
     with_demo_defaults(args)
+    check_sizes(args, default_side)
+    paths = _targets(args, len(prompts) * args.batch_size)
+    # before any model loads: an unwritable --out used to fail only when the first PNG was saved
+    check_writable(paths[0].parent, "--out", args.out,
+                   need_bytes=len(paths) * (3 * args.width * args.height + 65536))  # raw RGB bounds a PNG
     model = Path(args.model).expanduser()
     if not model.exists():
         raise WeightsError(f"--model {model}: no such file or folder")
@@ -289,22 +375,32 @@ def run(args) -> list[Path]:
     from weights.lora_merge import lora_spec  # here, not at the top: keeps --help fast
 
     loras = [lora_spec(s) for s in args.lora]  # no :SCALE: the LoRA's recommended scale, else 1
+    for path, scale in loras:
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {path}:{scale}: the scale must be a finite number; pass --lora {path}:1")
     cfg = generation_config(args, family, lora_recommendations([path for path, _ in loras]))
+    for flag, value in (("--steps", cfg.steps), ("--max-sequence-length", cfg.max_sequence_length)):
+        if value < 1:  # only a LoRA's metadata can get here: check_args refused the flags
+            raise WeightsError(f"{flag} {value}, as a --lora recommends: must be 1 or more; pass {flag} yourself")
     for warning in missing_base_loras(loras):
         print(warning, file=sys.stderr)
     records = lora_records(loras)
     skipped = {"ignore_te_lora": True} if loras and args.ignore_te_lora else {}  # the PNG says what was left out
     if loras:
-        from weights.lora import read_lora  # noqa: PLC0415  (only when asked: keeps --help fast)
+        from weights.lora import read_lora
 
         # read once: the check below and the loads take these (merged for good as the transformer and, for a
         # text-encoder part, CLIP / T5 are read)
         loras = [(read_lora(path, family=family), scale) for path, scale in loras]
     pipe = build_pipeline(args, model, family, loras)
-    paths = _targets(args, len(prompts) * args.batch_size)
-    pipe.latent_size(args.height, args.width)  # a bad size fails before the big models are loaded
-    pipe.check_transformer()  # so do a wrong file or a LoRA for another model: nothing is read yet
     negative_prompt = _negative(family, cfg)
+    # a bad size fails before the big models are loaded (the configs are read on "meta"), so do a wrong file or
+    # a LoRA for another model: nothing is read yet
+    pipe.check_size(args.height, args.width, len(prompts) * (2 if negative_prompt is not None else 1))
+    pipe.check_transformer()
+    pipe.tokenizers(cfg.max_sequence_length)  # milliseconds; a wrong file then fails before the encoders load
+    if family == "sd3":
+        pipe.check_slg_layers(cfg.slg_layers)
     conds = pipe.encode(prompts + ([negative_prompt] * len(prompts) if negative_prompt is not None else []),
                         cfg.max_sequence_length)  # encoders run once, then are freed
     cond = {k: v[: len(prompts)] for k, v in conds.items()}
@@ -328,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in run(args):
             print(path)
-    except (WeightsError, ValueError, FileNotFoundError) as e:
+    except (WeightsError, ValueError, OSError) as e:  # OSError: a disk that fills up or vanishes while writing
         print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:

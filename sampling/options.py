@@ -1,10 +1,15 @@
-"""What the sampling commands share (`generate`, `make_dataset`): their run options (device, dtype, fp8 storage
-and compute, compiled blocks, block swap), --ignore-te-lora, and the one line they print when the GPU runs out of
-memory."""
+"""What the sampling commands share (`generate`, `make_dataset`, `evaluate`): their run options (device, dtype, fp8
+storage and compute, compiled blocks, block swap), --ignore-te-lora, the checks of their flags and output folders
+made before any model loads, and the one line they print when the GPU runs out of memory."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -47,3 +52,83 @@ def out_of_memory(args, smaller: str) -> str:
     more = "more than " + str(args.blocks_to_swap) if args.blocks_to_swap else "N"
     tips += [f"--blocks-to-swap {more} (blocks wait in CPU memory: slower)", smaller]
     return f"error: out of GPU memory; the images written so far are kept; run again with {' or '.join(tips)}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one `error: ...` line, as the commands' own: the usage block argparse prints
+    first runs to 15 lines for generate and buries the error; --help still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def check_device(text: str, flag: str = "--device") -> None:
+    """A device string torch cannot parse, or a GPU this machine does not have, fails here rather than as an
+    assertion when the first weight moves."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"{flag} {text}: not a device name; pass {flag} cpu or {flag} cuda") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"{flag} {text}: no such CUDA device here ({count} visible to this PyTorch); "
+                             f"pass {flag} cpu" + (f" or {flag} cuda:0" if count else ""))
+
+
+def check_run_options(args) -> None:
+    """What add_run_options adds, checked before anything loads."""
+    check_device(args.device)
+    if args.blocks_to_swap < 0:
+        raise ValueError(f"--blocks-to-swap {args.blocks_to_swap}: must be 0 (off) or more; pass --blocks-to-swap 0")
+
+
+def check_finite(**values: float | None) -> None:
+    """Float flags given as `dashed_name=value` (None: not given): nan and inf parse as floats but would sample
+    black or noisy images with exit 0."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value}: must be a finite number; pass {flag} with a number such as 1.0")
+
+
+def check_seed(seed: int, count: int = 1) -> None:
+    """Seeds seed .. seed + count - 1 must be ones torch.Generator.manual_seed takes and A1111's infotext reads as
+    a seed: -1 means "random" there, and we never draw one."""
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: seeds are 0 or more (-1 does not mean random here); pass --seed 0")
+    if seed + count - 1 >= 2**64:
+        raise ValueError(f"--seed {seed}: over torch's largest seed 2**64 - 1 (with {count} images); pass --seed 0")
+
+
+def check_writable(folder: str | os.PathLike, flag: str, value, need_bytes: int = 0) -> None:
+    """Fail before any model loads when `folder` (made later if missing) cannot take the outputs: a file in the
+    way, no permission, a read-only or full disk. The probe is an unnamed temp file in the nearest existing folder,
+    so a refused run leaves nothing behind; `need_bytes` is a lower bound of what the run writes."""
+    existing = Path(os.path.abspath(folder))
+    try:
+        while not existing.exists():  # the root always exists
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(f"{flag} {value}: {existing} is a file, not a folder; pass another {flag}")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+        free = shutil.disk_usage(existing).free
+    except OSError as e:
+        raise ValueError(f"{flag} {value}: cannot write in {existing} ({e.strerror or e}); pass another {flag} "
+                         "or make that folder writable") from None
+    if free < need_bytes:
+        raise ValueError(f"{flag} {value}: {free / 1e6:.1f} MB free on its disk, the outputs need at least "
+                         f"{need_bytes / 1e6:.1f} MB; free some space or pass another {flag}")
+
+
+def read_prompt_lines(path: str | os.PathLike, flag: str) -> list[str]:
+    """The non-empty lines of a prompts file, stripped; a missing or non-text file is one line naming it."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: {e.strerror or e}; pass a text file with one prompt per line") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text (byte {e.start}); pass a text file with one prompt per "
+                         "line") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]

@@ -23,7 +23,7 @@ from weights.flux import load_flux
 from weights.io import WeightsError
 from weights.text import load_clip, load_t5
 
-from .base import Pipeline, to_pil  # noqa: F401  (to_pil is part of this module's API)
+from .base import Pipeline, load_tokenizer, to_pil  # noqa: F401  (to_pil is part of this module's API)
 from .samplers import euler, flux_guidance, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
 from .velocity import FluxVelocity
@@ -118,19 +118,22 @@ class FluxPipeline(Pipeline):
     def wants_negative(self, cfg: GenerationConfig) -> bool:
         return cfg.negative_prompt is not None and cfg.true_cfg > 1
 
+    def tokenizers(self, max_sequence_length: int) -> tuple[CLIPTokenizer, T5Tokenizer]:
+        s = self.sources
+        return (load_tokenizer(CLIPTokenizer.load, s.clip_tokenizer, "--clip-tokenizer"),
+                load_tokenizer(T5Tokenizer.load, s.t5_tokenizer, "--t5-tokenizer", max_length=max_sequence_length))
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], max_sequence_length: int = 512) -> dict[str, Tensor]:
         """Run CLIP-L and T5 once for all prompts, then free them: cond = {txt (B, T, 4096), y (B, 768)}."""
         s = self.sources
         if s.clip is None or s.t5 is None or s.t5_tokenizer is None:
             raise WeightsError("Flux needs text encoders: pass --clip, --t5 and --t5-tokenizer (or a pipeline folder)")
+        clip_tokenizer, t5_tokenizer = self.tokenizers(max_sequence_length)
         clip = load_clip(s.clip, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"))
         t5 = load_t5(s.t5, dtype=self.dtype, device=self.device, loras=self.text_loras("t5"))
-        txt, _, y = encode_flux(
-            list(prompts), clip=clip, clip_tokenizer=CLIPTokenizer.load(s.clip_tokenizer), t5=t5,
-            t5_tokenizer=T5Tokenizer.load(s.t5_tokenizer, max_length=max_sequence_length),
-            max_length=max_sequence_length,
-        )
+        txt, _, y = encode_flux(list(prompts), clip=clip, clip_tokenizer=clip_tokenizer, t5=t5,
+                                t5_tokenizer=t5_tokenizer, max_length=max_sequence_length)
         del clip, t5
         self.release_text_encoders()
         return {"txt": txt, "y": y}

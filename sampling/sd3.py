@@ -25,7 +25,7 @@ from weights.io import WeightsError
 from weights.mmdit import load_mmdit
 from weights.text import load_clip, load_t5
 
-from .base import Pipeline
+from .base import MAX_SIDE, Pipeline, load_tokenizer
 from .pipeline import schedule_from_diffusers
 from .samplers import Velocity, cat_cond, euler
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
@@ -34,8 +34,6 @@ from .velocity import MMDiTVelocity
 # bigG pads with "!" (id 0), not <|endoftext|>: SAI's SDXLClipGTokenizer(pad_with_end=False) and diffusers'
 # tokenizer_2 config. Used when no tokenizer folder says otherwise.
 CLIP_G_PAD = "!"
-# Every released SD3 / SD3.5 MMDiT patchifies 2x2; the size check uses it before the transformer is loaded.
-DEFAULT_PATCH = 2
 # FlowMatchEulerDiscreteScheduler options whose grids or steps we do not reproduce: refused, not ignored.
 _UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                           "stochastic_sampling", "shift_terminal")
@@ -171,8 +169,23 @@ class SD3Pipeline(Pipeline):
 
     def size_multiple(self) -> int:
         """diffusers' check: sizes must be multiples of vae_scale * patch_size."""
-        patch = self._transformer.config.patch_size if self._transformer is not None else DEFAULT_PATCH
-        return self.vae_scale * patch
+        return self.vae_scale * self.transformer_config().patch_size
+
+    def max_side(self) -> tuple[int, str]:
+        """The position table covers pos_embed_max_size patches per side (SD3.5-large: 192, 3072 px): a larger
+        image fails in the first step, after the text encoders ran."""
+        config = self.transformer_config()
+        table = config.pos_embed_max_size * config.patch_size * self.vae_scale
+        if table >= MAX_SIDE:
+            return super().max_side()
+        return table, f"its position table covers {config.pos_embed_max_size} patches per side"
+
+    def check_slg_layers(self, layers: Sequence[int]) -> None:
+        depth = self.transformer_config().depth
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:  # diffusers silently skips nothing for these; a typo should not pass as guidance
+            raise ValueError(f"--slg-layers {','.join(map(str, layers))}: layers {bad} are outside the model's "
+                             f"{depth} blocks; pass indices from 0 to {depth - 1} (SD3.5-medium: 7,8,9)")
 
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels
@@ -183,11 +196,16 @@ class SD3Pipeline(Pipeline):
     def wants_negative(self, cfg: SD3GenerationConfig) -> bool:
         return cfg.guidance > 1
 
-    def _tokenizers(self, max_sequence_length: int):
+    def tokenizers(self, max_sequence_length: int):
         s = self.sources
-        g_pad = None if s.clip_g_tokenizer is not None and _pad_token_of(Path(s.clip_g_tokenizer)) else CLIP_G_PAD
-        t5 = None if s.t5 is None else T5Tokenizer.load(s.t5_tokenizer, max_length=max_sequence_length)
-        return CLIPTokenizer.load(s.clip_l_tokenizer), CLIPTokenizer.load(s.clip_g_tokenizer, pad_token=g_pad), t5
+        g_pad = None
+        if s.clip_g_tokenizer is None or not load_tokenizer(_pad_token_of, Path(s.clip_g_tokenizer),
+                                                            "--clip-g-tokenizer"):
+            g_pad = CLIP_G_PAD
+        t5 = None if s.t5 is None else load_tokenizer(T5Tokenizer.load, s.t5_tokenizer, "--t5-tokenizer",
+                                                      max_length=max_sequence_length)
+        return (load_tokenizer(CLIPTokenizer.load, s.clip_l_tokenizer, "--clip-tokenizer"),
+                load_tokenizer(CLIPTokenizer.load, s.clip_g_tokenizer, "--clip-g-tokenizer", pad_token=g_pad), t5)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict[str, Tensor]:
@@ -195,7 +213,7 @@ class SD3Pipeline(Pipeline):
         s = self.sources
         if s.clip_l is None or s.clip_g is None:
             raise WeightsError("SD3 needs CLIP-L and CLIP-bigG: pass --clip and --clip-g (or a pipeline folder)")
-        tok_l, tok_g, tok_t5 = self._tokenizers(max_sequence_length)
+        tok_l, tok_g, tok_t5 = self.tokenizers(max_sequence_length)
         clip_l = load_clip(s.clip_l, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"))
         clip_g = load_clip(s.clip_g, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_g"))
         t5 = None if s.t5 is None else load_t5(s.t5, dtype=self.dtype, device=self.device,
@@ -213,10 +231,7 @@ class SD3Pipeline(Pipeline):
 
     def velocity(self, cfg: SD3GenerationConfig, sigmas: Tensor, negative: dict[str, Tensor] | None) -> Velocity:
         """The guided velocity of one run: plain, CFG, or CFG + skip-layer guidance."""
-        depth = self.transformer.config.depth
-        bad = [i for i in cfg.slg_layers if not 0 <= i < depth]
-        if bad:  # diffusers silently skips nothing for these; a typo should not pass as guidance
-            raise ValueError(f"skip-layer guidance layers {bad} are outside the model's {depth} blocks")
+        self.check_slg_layers(cfg.slg_layers)
         velocity = MMDiTVelocity(self.transformer)
         if cfg.guidance <= 1:
             return velocity

@@ -207,6 +207,12 @@ class FakePipeline:
     def check_transformer(self):
         pass  # the tiny Flux is built in memory: there are no files to check
 
+    def check_size(self, height, width, images):
+        pass  # nor a VAE whose config would give the size multiple
+
+    def tokenizers(self, max_sequence_length):
+        return None  # FakeText needs none
+
     def encode(self, prompts, max_sequence_length):
         return self.text(prompts)
 

@@ -51,14 +51,14 @@ def test_steps_follow_the_closed_form_and_restart_resets_to_live():
     model = small_model()
     live = set_live_(model, 3)
     config = EMAConfig(restart_every=5)
-    for step in range(1, 5):
+    for step in range(1, 6):
         ema_step(model, config, step)
     # from zero with a constant live: ema_n = (1 - decay^n) live
     for name, decay in config.decays().items():
         sd = set_state_dict(model, name)
         for k in live:
-            torch.testing.assert_close(sd[k], (1 - decay**4) * live[k], rtol=1e-5, atol=1e-6)
-    ema_step(model, config, 5)  # a restart step
+            torch.testing.assert_close(sd[k], (1 - decay**5) * live[k], rtol=1e-5, atol=1e-6)
+    ema_step(model, config, 6)  # a restart: after update R + 1, as the released trainer times it
     for name in ("fast_ema", "slow_ema"):
         sd = set_state_dict(model, name)
         assert all(torch.equal(sd[k], live[k]) for k in live)

@@ -15,8 +15,8 @@ from distill.checkpoint import save_checkpoint
 from distill.evaluation import write_json
 from sampling.base import save_png
 from sampling.demo import DEMO_FOLDER, DEMO_LORA
+from weights.atomic import atomic_save
 from weights.convert import convert_checkpoint
-from weights.io import atomic_save
 from weights.lora import read_lora
 from weights.lora_write import write_lora
 

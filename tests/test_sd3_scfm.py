@@ -168,12 +168,13 @@ def test_a_few_sd3_scfm_steps_with_cfg_lower_the_loss_restart_the_emas_and_expor
 
     cache = sd3_cache(tmp_path)
     assert cache.negative_cond()["context"].shape == (1, 5, 32)  # the empty prompt, embedded once
-    cfg = config(tmp_path, ema_restart_every=8, steps=24, sample_every=24)
+    # 25 steps end right after a restart (updates 9, 17, 25), so the held-out targets' EMAs equal live
+    cfg = config(tmp_path, ema_restart_every=8, steps=25, sample_every=25)
     torch.manual_seed(0)
     restarts = []
 
     def on_step(step):
-        if step % 8 == 0:  # just restarted: both EMAs equal live
+        if step % 8 == 1:  # after updates R + 1, 2R + 1, ... (the released timing) both EMAs equal live
             live = set_state_dict(t.model, "live")
             restarts.append(all(torch.equal(set_state_dict(t.model, s)[k], v)
                                 for s in ("fast_ema", "slow_ema") for k, v in live.items()))
@@ -190,11 +191,11 @@ def test_a_few_sd3_scfm_steps_with_cfg_lower_the_loss_restart_the_emas_and_expor
     before = held_out()
     t.run()
     after = held_out()
-    # over seeds 0-2 the held-out loss fell to 0.75-0.85 of its start (the CFG target moves with the EMAs,
-    # restarted twice on the way), so 0.9 leaves room without accepting a run that does not learn
+    # seed 0's held-out loss falls to 0.74 of its start (seeds 1, 2: 0.94, 0.75; the CFG target moves with the
+    # EMAs), so 0.9 leaves room without accepting a run that does not learn
     assert after < 0.9 * before, (before, after)
-    assert restarts == [True, True, True]
-    assert (tmp_path / "run" / "samples" / "step-000024.safetensors").exists()  # sampled with CFG 1 + w
+    assert restarts == [False, True, True, True]  # step 1 is a plain update
+    assert (tmp_path / "run" / "samples" / "step-000025.safetensors").exists()  # sampled with CFG 1 + w
 
     paths = export_lora(t.model, cfg)
     layers = lora_layers(t.model)
@@ -210,8 +211,9 @@ def test_a_few_sd3_scfm_steps_with_cfg_lower_the_loss_restart_the_emas_and_expor
     training = json.loads(read_header(paths[0])[1]["scfm_training"])
     assert training["cfg"] == {"w": W, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
                                "diffusers_guidance_scale": 1 + W}
-    from distill.lora_export import export_checkpoint
     from test_export import assert_same_files
+
+    from distill.lora_export import export_checkpoint
 
     for a, b in zip(paths, export_checkpoint(cfg.output), strict=True):  # the MMDiT rebuilt from the checkpoint
         assert_same_files(a, b)

@@ -30,6 +30,7 @@ from . import flux as flux_io
 from . import mmdit as mmdit_io
 from . import vae as vae_io
 from .assign import check_keys_and_shapes
+from .atomic import remove_stale_temps, temp_beside
 from .detect import detect_flux_layout, detect_mmdit_layout
 from .io import (
     CONFIG_METADATA_KEY,
@@ -38,7 +39,6 @@ from .io import (
     config_from_metadata,
     model_files,
     read_shapes,
-    temp_beside,
 )
 from .keymaps import official_shapes, to_official, to_others
 from .keymaps.flux import flux_rules, flux_split_sizes
@@ -328,11 +328,14 @@ def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bo
     metadata = {**src.metadata, **plan.metadata, "format": "pt"}
     with TensorReader(src.files, prefix=src.prefix) as read:
         tensors = plan.tensors(read, True)
-        if out.suffix == ".safetensors":
+        if out.suffix == ".safetensors" and not out.is_dir():
+            return write_streaming(out, spec, tensors, metadata)  # its own temp and rename: nothing left behind
+        if out.suffix == ".safetensors":  # replacing a folder that happens to be called *.safetensors
             tmp = write_streaming(out.parent / f".{out.name}.partial", spec, tensors, metadata)
             _replace(tmp, out)
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # the folders of a killed conversion to this OUT
         tmp_dir = temp_beside(out, folder=True)  # the user's umask, unlike mkdtemp's 0700
         try:
             _write_folder(tmp_dir, plan, spec, tensors, metadata, shard_bytes)

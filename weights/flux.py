@@ -13,12 +13,12 @@ import torch
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
 
 from .assign import assign_tensors, check_keys_and_shapes, resolve_config
+from .atomic import atomic_save
 from .detect import detect_flux_layout
 from .io import (
     CONFIG_METADATA_KEY,
     TensorReader,
     WeightsError,
-    atomic_save,
     model_files,
     read_shapes,
 )

@@ -1,4 +1,5 @@
-"""Reading and writing safetensors: file discovery, pickle refusal, streamed reads, atomic writes.
+"""Reading safetensors: file discovery, header checks, pickle refusal, streamed reads (atomic writes:
+weights/atomic.py).
 
 Every loader in `weights/` reads through here, so every model family gets the same errors and the same memory
 discipline: tensors are read one at a time from a memory-mapped file and cast on the way, so the only resident
@@ -9,17 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import secrets
-import stat
 import struct
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 # The dtype names every command takes (--dtype), to torch dtypes.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,18 +41,40 @@ _INPUT_SCALES = ("scale_input", "input_scale")
 _MARKERS = ("scaled_fp8",)
 
 
-def _check_safetensors_file(path: Path) -> None:
+# safetensors' own cap on the JSON header (its MAX_HEADER_SIZE): a longer length prefix is refused before any
+# read, so a damaged or hostile file cannot make us allocate its whole size for a "header".
+MAX_HEADER_BYTES = 100_000_000
+
+# Bits per element of every dtype name safetensors writes: each tensor's byte range must match its shape.
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+               "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U16": 16, "I16": 16, "F16": 16, "BF16": 16,
+               "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64}
+
+
+def _check_safetensors_file(path: Path) -> dict:
+    """The JSON header of `path` (tensor entries and `__metadata__`), checked as safetensors checks it before
+    opening, so that no damaged file reaches its Rust errors: reads the header only, never the tensors."""
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder; pass the path of a .safetensors file or a model folder")
     if not path.is_file():
         raise WeightsError(f"{path}: not a file")
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
+            if len(head) == 9 and head[8:9] == b"{":  # a safetensors header, whatever the file is called
+                (n,) = struct.unpack("<Q", head[:8])
+                if n > MAX_HEADER_BYTES:
+                    raise WeightsError(f"{path}: header length {n:,} bytes is over safetensors' limit of 100 MB; "
+                                       "the file is damaged or not a safetensors file: re-download or re-export it")
+                if 8 + n > size:
+                    raise WeightsError(f"{path}: truncated (its header alone should be {n:,} bytes, the file has "
+                                       f"{size - 8:,} after the length field); re-download it")
+                f.seek(8)
+                raw = f.read(n)
     except OSError as e:
         raise WeightsError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
-        return  # a valid safetensors header, whatever the file is called
+    if len(head) == 9 and head[8:9] == b"{":
+        return _parse_header(path, raw, size - 8 - n)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or path.suffix in _PICKLE_SUFFIXES:
         raise WeightsError(
             f"{path}: a pickled PyTorch checkpoint; scfm loads safetensors only (pickles can run code): "
@@ -63,6 +83,46 @@ def _check_safetensors_file(path: Path) -> None:
     if len(head) < 9:
         raise WeightsError(f"{path}: too short to be a safetensors file (truncated download?)")
     raise WeightsError(f"{path}: not a safetensors file (bad header); re-download or re-export it")
+
+
+def _parse_header(path: Path, raw: bytes, data_bytes: int) -> dict:
+    """`raw` as JSON whose entries tile the `data_bytes` after the header exactly, as safetensors requires."""
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (header is not a JSON object); re-download or re-export it")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise WeightsError(f"{path}: damaged header (__metadata__ is not a map of strings); re-export the file")
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ints = isinstance(shape, list) and all(type(x) is int and x >= 0 for x in [*shape, begin, end])
+            fits = ints and begin <= end and (end - begin) * 8 == math.prod(shape) * _DTYPE_BITS[dtype]
+        except (TypeError, KeyError, ValueError):
+            fits = False
+        if not fits:
+            raise WeightsError(f"{path}: damaged header: tensor {key!r} has no valid dtype, shape and data_offsets "
+                               f"({repr(entry)[:80]}); re-download or re-export the file")
+        spans.append((begin, end, key))
+    at = 0
+    for begin, end, key in sorted(spans):
+        if begin != at:
+            raise WeightsError(f"{path}: damaged header: tensor {key!r} overlaps another or leaves a gap before it; "
+                               "re-download or re-export the file")
+        at = end
+    if at > data_bytes:
+        raise WeightsError(f"{path}: truncated (header says {at:,} bytes of tensors, the file has {data_bytes:,}); "
+                           "re-download it")
+    if at < data_bytes:
+        raise WeightsError(f"{path}: damaged ({data_bytes - at:,} bytes after the last tensor its header names); "
+                           "re-download or re-export it")
+    return header
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -125,15 +185,10 @@ def a1111_lora_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:12]
 
 
-def read_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
-    """Key -> (shape, dtype name) and the metadata of one file, without reading any tensor."""
-    _check_safetensors_file(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError:
-            raise WeightsError(f"{path}: not a safetensors file (header is not JSON)") from None
+def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    """Key -> (shape, dtype name) and the metadata of one file, without reading any tensor (the header is
+    checked whole: a truncated or damaged file fails here, in one line)."""
+    header = _check_safetensors_file(Path(path))
     metadata = header.pop("__metadata__", None) or {}
     return {k: (v["shape"], v["dtype"]) for k, v in header.items()}, metadata
 
@@ -189,57 +244,6 @@ def config_from_metadata(metadata: dict[str, str]) -> dict | None:
         return None
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
-                *, overwrite: bool = False) -> Path:
-    """Write a safetensors file through a temp file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise WeightsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    return path
-
-
-def temp_beside(path: Path, *, folder: bool = False) -> Path:
-    """A new, empty file (or folder) `.NAME.<random>.tmp` beside `path`, to be renamed onto it once complete.
-
-    Created with mode 0666 (0777) for the OS to take the umask off, as for any open(): tempfile's mkstemp and
-    mkdtemp make 0600 / 0700, the rename keeps that, and no other user (a ComfyUI in Docker, a web server)
-    could read what we wrote. Asking the OS to apply the umask also spares reading it, which POSIX allows only
-    by setting it, a race with other threads. O_EXCL makes the name ours alone, as mkstemp does."""
-    for _ in range(10):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            if folder:
-                os.mkdir(tmp, 0o777)
-            else:
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-                os.close(os.open(tmp, flags, 0o666))
-            return tmp
-        except FileExistsError:
-            continue  # another writer drew the same name: draw again
-    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}; delete its .{path.name}.*.tmp")
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp file beside `path` (see `temp_beside`) for the block to write; renamed onto `path` when the block
-    ends, deleted if it raises, so a crash never leaves half a file under the final name. The file keeps the
-    mode the umask gave the temp file even when the block's writer replaced it: safetensors' save_file writes
-    its own 0600 file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    mode = stat.S_IMODE(tmp.stat().st_mode)
-    try:
-        yield tmp
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 class TensorReader:
     """Random access to the tensors of several safetensors files, each read on demand and cast to `dtype`.
 
@@ -258,7 +262,10 @@ class TensorReader:
     def __enter__(self) -> TensorReader:
         dtypes: dict[str, str] = {}  # from the open handles: no second read of the headers
         for path in self.files:
-            h = safe_open(str(path), framework="pt", device="cpu")
+            try:
+                h = safe_open(str(path), framework="pt", device="cpu")
+            except SafetensorError as e:  # what our header check missed (the file changed since, say)
+                raise WeightsError(f"{path}: safetensors cannot open it ({e}); re-download or re-export it") from None
             self._handles.append(h)
             for key in h.keys():
                 self._where[key] = h

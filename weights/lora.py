@@ -115,9 +115,10 @@ class Recommended:
         def parse(name, kind):
             raw = meta.get(f"scfm_{name}")
             try:
-                return None if raw is None else kind(raw)
+                value = None if raw is None else kind(raw)
             except ValueError:
                 return raw if name == "shift" else None  # "dynamic"; an unreadable hint is no hint
+            return None if isinstance(value, float) and not math.isfinite(value) else value  # "nan" too
 
         kinds = {"steps": int, "schedule": str, "shift": float, "guidance": float, "lora_scale": float,
                  "max_sequence_length": int, "training_cfg_scale": float}
@@ -277,8 +278,14 @@ def _read_ours(tensors, meta, src, recommended, family) -> LoRA | None:
     if meta.get("scfm_format") != FORMAT:
         if "scfm_lora" not in meta or not downs:
             return None
-        info = json.loads(meta["scfm_lora"])
-        alpha = torch.tensor(float(info["alpha"]), dtype=torch.float64)
+        try:
+            info = json.loads(meta["scfm_lora"])
+            alpha = torch.tensor(float(info["alpha"]), dtype=torch.float64)
+        except (ValueError, TypeError, KeyError):
+            info = None
+        if info is None or not torch.isfinite(alpha):
+            raise WeightsError(f"{src}: its scfm_lora metadata holds no finite alpha ({meta['scfm_lora'][:60]!r}); "
+                               "the file is damaged: re-export it")
         tensors |= {k.removesuffix(".lora_down") + ".alpha": alpha for k in downs}
         if recommended.max_sequence_length is None and info.get("t5_length"):
             recommended = dataclasses.replace(recommended, max_sequence_length=int(info["t5_length"]))
@@ -286,6 +293,16 @@ def _read_ours(tensors, meta, src, recommended, family) -> LoRA | None:
     widths = [tensors[k].shape[1] for k in downs]
     family = _family(src, stems, True, widths, meta, family)
     return LoRA(_modules_from_ours(tensors, src, family), family, "ours", recommended, source=src)
+
+
+def _check_finite(tensors: dict[str, Tensor], src: str) -> None:
+    """Refuse a LoRA holding NaN or infinity in any tensor (transformer, text encoders, full differences,
+    alphas): one such value blackens every image it touches, and fails an SVD (`convert.py lora --rank`)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t.float()).all():
+            bad = int((~torch.isfinite(t.float())).sum())
+            raise WeightsError(f"{src}: tensor {key} holds {bad} NaN / infinite value(s) of {t.numel()}; the LoRA "
+                               "is corrupt (a diverged training run?): use an earlier export or retrain it")
 
 
 def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
@@ -301,10 +318,12 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     refuse_non_lora(header, src)
     with TensorReader([path]) as read:
         tensors = {k: read(k) for k in header}
+    _check_finite(tensors, src)
     recommended = Recommended.from_metadata(meta)
     ours = _read_ours(tensors, meta, src, recommended, family)
     if ours is not None:
         return ours
+    config = peft_config(path, meta, src)  # before any use, so damaged PEFT metadata fails alike for every file
     text = {k: v for k, v in tensors.items() if k.startswith(TEXT_ENCODER_PREFIXES)}
     parsed = {k: parse_key(k) for k in tensors if k not in text}
     if not any(p and p[1] != "alpha" for p in parsed.values()):
@@ -338,7 +357,6 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     if len(namings) > 1:
         raise WeightsError(f"{src}: mixes kohya and diffusers module names; not a single LoRA layout")
     layout = namings.pop()
-    config = peft_config(path, meta, src)
     modules = {}
     width = max(widths, default=None)  # the model's width, for SD3's last context adaLN (see LoRANames.swapped)
     for official, by_slice in sorted(groups.items()):

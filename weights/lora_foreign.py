@@ -65,19 +65,46 @@ def peft_config(path: Path, meta: dict, src: str) -> dict:
     """peft's LoraConfig for the file: diffusers' `lora_adapter_metadata`, else the `adapter_config.json` of a
     PEFT save_pretrained folder (rank / alpha patterns, use_rslora), else none."""
     if PEFT_METADATA_KEY in meta:
-        config = json.loads(meta[PEFT_METADATA_KEY])
+        try:
+            config = json.loads(meta[PEFT_METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{src}: its {PEFT_METADATA_KEY} metadata is not JSON ({e}); the file is damaged: "
+                               "re-export it") from None
+        _check_alphas(config, f"{src}: its {PEFT_METADATA_KEY} metadata")
         return {k.removeprefix("transformer."): v for k, v in config.items()}
     beside = path.parent / "adapter_config.json"
     if path.name != PEFT_FILE or not beside.is_file():
         return {}
     try:
         config = json.loads(beside.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{beside}: unreadable ({e}); the PEFT folder is damaged") from None
+    _check_alphas(config, str(beside))
     if config.get("use_dora"):
         raise WeightsError(f"{beside}: a DoRA adapter (peft use_dora; its magnitude vector has no LoRA "
                            "equivalent); scfm reads plain LoRA files only")
     return config
+
+
+def _check_alphas(config, where: str) -> None:
+    """A PEFT configuration must be a JSON object whose alphas (lora_alpha, alpha_pattern's values, also under
+    diffusers' `transformer.` / `text_encoder.` prefixes) are finite numbers: they scale every delta."""
+    if not isinstance(config, dict):
+        raise WeightsError(f"{where} is not a JSON object (a PEFT LoraConfig); the file is damaged: re-export it")
+    for key, value in config.items():
+        name = key.rpartition(".")[2]
+        if name == "lora_alpha":
+            values = {key: value}
+        elif name == "alpha_pattern" and value is not None:
+            if not isinstance(value, dict):
+                raise WeightsError(f"{where}: {key} is not a JSON object; the file is damaged: re-export it")
+            values = {f"{key}[{k!r}]": v for k, v in value.items()}
+        else:
+            continue
+        for label, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise WeightsError(f"{where}: {label} is {v!r}, not a finite number; the file is damaged: "
+                                   "re-export it")
 
 
 def flavour(stems: list[str], layout: str, path: Path, config: dict) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .io import WeightsError, atomic_save
+from .atomic import atomic_save
+from .io import WeightsError
 from .keymaps import swap_halves
 from .keymaps.lora import KOHYA_PREFIX, kohya_name, lora_names
 from .lora import FORMAT, LAYOUTS, LoRA, LoRAPart, ModuleLoRA, Recommended

@@ -14,12 +14,12 @@ import torch
 from model.mmdit import MMDiT, MMDiTConfig
 
 from .assign import assign_tensors, check_keys_and_shapes, resolve_config
+from .atomic import atomic_save
 from .detect import detect_mmdit_layout
 from .io import (
     CONFIG_METADATA_KEY,
     TensorReader,
     WeightsError,
-    atomic_save,
     model_files,
     read_shapes,
 )

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .io import WeightsError, temp_beside
+from .atomic import remove_stale_temps, temp_beside
+from .io import WeightsError
 
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -80,6 +81,7 @@ class StreamWriter:
     def __init__(self, path: str | os.PathLike, plan: list[Spec], metadata: dict[str, str] | None = None):
         self.path, self.plan, self._next = Path(path), list(plan), 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path)  # what a killed write of this same file left
         self._tmp = temp_beside(self.path)  # the user's umask, unlike mkstemp's 0600
         self._f = open(self._tmp, "wb")  # noqa: SIM115  (closed by close() or abort())
         self._f.write(encode_header(self.plan, metadata))

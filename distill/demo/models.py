@@ -29,8 +29,8 @@ from model.t5 import T5Config, T5Encoder
 from model.tokenizers import CLIP_BPE_DIR, T5_EXTRA_IDS
 from model.vae import AutoEncoder, VAEConfig
 from sampling.demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH
+from weights.atomic import atomic_save
 from weights.flux import config_to_diffusers, save_flux
-from weights.io import atomic_save
 from weights.keymaps.vae import ours_to_diffusers
 
 # CLIP-L's interface (vocabulary, 77 positions, EOS pooling, no projection as in Flux) at width 32: the 49,408-row

@@ -1,0 +1,216 @@
+"""Config validation, resume semantics and the EMA restart timing (issue 21: #1 config, #3, #11, #12, #15).
+
+Bad values must stop `python -m distill.train` before anything loads or is written, as one `error:` line that
+names the field and its allowed range; a resume applies the optimizer settings passed now and refuses a
+--steps the checkpoint has already passed; SD3.5's EMA restart follows the released trainer's timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+import pytest
+import torch
+from test_data import make_cache
+from test_ema import set_live_, small_model
+from test_trainer import config, tiny_model, trainer
+
+from distill.config import FLOAT_RANGES, ConfigError, DistillConfig
+from distill.ema import EMAConfig, ema_step
+from distill.lora import set_state_dict
+from distill.train import main
+from distill.trainer import Trainer, TrainingError
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` with its bytes and mtime: a refused command must leave them as they were."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory) -> list[str]:
+    """A CLI run that would train (a built cache): before the fixes, bad values trained or raised mid-run."""
+    folder = tmp_path_factory.mktemp("cli")
+    make_cache(folder)
+    return ["--model", "tiny", "--cache", str(folder / "cache"), "--dtype", "fp32", "--device", "cpu", "--rank",
+            "4", "--batch_size", "2", "--steps", "2", "--export_formats", "diffusers", "--t5_length", "5"]
+
+
+def one_line_error(capsys, argv: list[str], substring: str) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert substring in err, err
+
+
+# ----- #1 / #11: every float field finite and in range ----------------------------------------------------
+
+
+def test_every_float_field_has_a_range_and_refuses_nan_and_inf():
+    hints = typing.get_type_hints(DistillConfig)
+    floats = {f.name for f in dataclasses.fields(DistillConfig) if hints[f.name] is float}
+    assert floats == set(FLOAT_RANGES)  # a new float field must say what it accepts
+    for name in floats:
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ConfigError, match=rf"^{name} must lie in .*, got {bad}"):
+                DistillConfig(**{name: bad})
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lr", 1e6, "lr must lie in (0, 1], got 1000000.0"),
+    ("lr", 0.0, "lr must lie in (0, 1], got 0.0"),
+    ("fast_decay", 2.0, "fast_decay must lie in [0, 1), got 2.0"),
+    ("slow_decay", 1.0, "slow_decay must lie in [0, 1), got 1.0"),
+    ("beta2", 1.0, "beta2 must lie in [0, 1)"),
+    ("eps", 0.0, "eps must lie in (0, 1)"),
+    ("teacher_ratio", 1.5, "teacher_ratio must lie in [0, 1]"),
+    ("max_grad_norm", -1.0, "max_grad_norm must lie in [0, inf)"),
+    ("alpha", 0.0, "alpha must lie in (0, inf)"),
+    ("cfg_scale", -0.5, "cfg_scale must lie in [0, inf)"),
+])
+def test_float_fields_out_of_range_are_refused_with_the_range(field, value, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        DistillConfig(**{field: value})
+
+
+def test_shift_min_above_shift_max_is_refused():
+    with pytest.raises(ConfigError, match=r"^shift_min 5.0 > shift_max 1.0: .*--shift_min <= --shift_max"):
+        DistillConfig(shift_min=5.0, shift_max=1.0)
+    DistillConfig(shift_min=3.0, shift_max=3.0)  # one fixed shift
+
+
+@pytest.mark.parametrize(("argv", "substring"), [
+    (["--lr", "inf"], "lr must lie in (0, 1], got inf"),
+    (["--lr", "nan"], "lr must lie in (0, 1], got nan"),
+    (["--lr", "1e6"], "lr must lie in (0, 1], got 1000000.0"),
+    (["--fast_decay", "2"], "fast_decay must lie in [0, 1), got 2.0"),
+    (["--shift_min", "5", "--shift_max", "1"], "shift_min 5.0 > shift_max 1.0"),
+])
+def test_cli_refuses_bad_floats_in_one_line(tmp_path, capsys, cli, argv, substring):
+    one_line_error(capsys, [*cli, "--output", str(tmp_path / "out"), *argv], substring)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_folder_or_a_binary_file_as_config(tmp_path, capsys):
+    one_line_error(capsys, ["--config", str(tmp_path)], "is a folder, not a TOML file")
+    binary = tmp_path / "x.toml"
+    binary.write_bytes(b"\xff\xfe\x00rank")
+    one_line_error(capsys, ["--config", str(binary)], "is not UTF-8 text")
+
+
+def test_cli_refuses_an_output_that_is_a_file_and_a_pickled_teacher_lora(tmp_path, capsys, cli):
+    file = tmp_path / "taken"
+    file.write_text("keep me")
+    one_line_error(capsys, [*cli, "--output", str(file)], "is a file, not a folder")
+    one_line_error(capsys, [*cli, "--output", str(file / "sub")], "is a file, not a folder")
+    assert file.read_text() == "keep me"
+    pickled = tmp_path / "teacher.safetensors"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    before = snapshot(tmp_path)
+    one_line_error(capsys, [*cli, "--output", str(tmp_path / "out"), "--teacher_lora", str(pickled)],
+                   "a pickled PyTorch checkpoint")
+    assert snapshot(tmp_path) == before
+
+
+# ----- #3: a resume applies the optimizer settings passed now ---------------------------------------------
+
+
+NEW = {"lr": 3e-4, "weight_decay": 0.05, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6}
+
+
+def test_resume_applies_the_new_optimizer_settings_and_resets_the_bad_step_count(tmp_path):
+    import json
+
+    cfg = config(tmp_path, steps=2, checkpoint_every=0)
+    first = trainer(tmp_path, cfg)
+    first.run()
+    first.progress.bad_in_row = 3  # a run stopped by NaN steps, resumed with a lower lr
+    first.save()
+    t = trainer(tmp_path, dataclasses.replace(cfg, resume=True, steps=3, **NEW))
+    with pytest.warns(UserWarning, match=r"--resume: lr 0.001 -> 0.0003, .*betas \(0.9, 0.999\) -> \(0.8, 0.99\)"):
+        assert t.resume()
+    assert t.progress.bad_in_row == 0 and t.progress.step == 2
+    for group in t.optimizer.param_groups:
+        assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (3e-4, 0.05, (0.8, 0.99), 1e-6)
+    # the next update is the one an AdamW built with the new settings makes from the checkpoint's moments
+    live = [p for _, p in t.params]
+    ref_params = [p.detach().clone().requires_grad_() for p in live]
+    ref = torch.optim.AdamW(ref_params, lr=NEW["lr"], betas=(NEW["beta1"], NEW["beta2"]), eps=NEW["eps"],
+                            weight_decay=NEW["weight_decay"])
+    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in t.optimizer.state_dict()["state"].items()}
+    ref.load_state_dict({"state": moments, "param_groups": ref.state_dict()["param_groups"]})
+    grads = []
+    t.optimizer.register_step_pre_hook(lambda *_: grads.extend(p.grad.clone() for p in live))
+    t.step()
+    for p, g in zip(ref_params, grads, strict=True):
+        p.grad = g
+    ref.step()
+    for p, r in zip(live, ref_params, strict=True):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=1e-7)
+    # the log records the lr the optimizer used
+    t2 = trainer(tmp_path, dataclasses.replace(cfg, resume=True, steps=3, **NEW))
+    with pytest.warns(UserWarning, match="--resume: lr"):
+        t2.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step" in r and "loss" in r]
+    assert [(r["step"], r["lr"]) for r in steps] == [(1, 1e-3), (2, 1e-3), (3, 3e-4)]
+
+
+# ----- #12: a resume never goes back ----------------------------------------------------------------------
+
+
+def test_resume_with_steps_below_the_checkpoint_is_refused_and_changes_nothing(tmp_path, capsys):
+    make_cache(tmp_path)
+    args = ["--model", "tiny", "--cache", str(tmp_path / "cache"), "--output", str(tmp_path / "cli"),
+            "--dtype", "fp32", "--device", "cpu", "--rank", "4", "--batch_size", "2", "--steps", "3",
+            "--checkpoint_every", "2", "--export_formats", "diffusers", "--t5_length", "5"]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = snapshot(tmp_path / "cli")
+    one_line_error(capsys, [*args, "--steps", "2", "--resume"], "is at step 3; pass --steps 3 or more")
+    assert snapshot(tmp_path / "cli") == before
+    cfg = config(tmp_path, "lib", steps=2, checkpoint_every=0)
+    trainer(tmp_path, cfg).run()
+    with pytest.raises(TrainingError, match=r"step-000002 is at step 2; pass --steps 2 or more .*distill\.export"):
+        trainer(tmp_path, dataclasses.replace(cfg, steps=1, resume=True)).run()
+
+
+# ----- #15: the EMA restart follows the released trainer ----------------------------------------------------
+
+
+def emas_equal_live(model) -> bool:
+    live = set_state_dict(model, "live")
+    return all(torch.equal(set_state_dict(model, s)[k], v) for s in ("fast_ema", "slow_ema") for k, v in live.items())
+
+
+def test_ema_restarts_after_updates_r_plus_1_2r_plus_1_like_the_released_trainer():
+    model = small_model()
+    restarted = []
+    for update in range(1, 11):
+        set_live_(model, update)  # live moves every update: an EMA equals live only right after a restart
+        ema_step(model, EMAConfig(restart_every=3), update)
+        if emas_equal_live(model):
+            restarted.append(update)
+    assert restarted == [4, 7, 10]
+    model = small_model()
+    for update in range(1, 4):  # R = 1: every update but the first is a restart
+        set_live_(model, update)
+        ema_step(model, EMAConfig(restart_every=1), update)
+        assert emas_equal_live(model) == (update > 1)
+
+
+def test_trainer_restarts_the_emas_after_updates_r_plus_1(tmp_path):
+    restarted = []
+
+    def on_step(step):
+        if emas_equal_live(t.model):
+            restarted.append(step)
+
+    t = Trainer(config(tmp_path, steps=5, checkpoint_every=0, ema_restart_every=2), tiny_model(),
+                make_cache(tmp_path), device="cpu", on_step=on_step)
+    t.run()
+    assert restarted == [3, 5]

@@ -1,0 +1,140 @@
+"""Atomic writes: every file scfm writes goes through a temp file beside it and a rename, so a crash never leaves
+half a file under the final name; the temp is made with the user's umask, and names its host and process so that
+what a killed write left is removed later without touching a live writer's."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .io import WeightsError
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                *, overwrite: bool = False) -> Path:
+    """Write a safetensors file through a temp file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WeightsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    return path
+
+
+def _writer_token() -> str:
+    """Where a pid names one process: the host name (letters, digits and '-' only, so it holds no '.'), and on
+    Linux the PID namespace, as containers sharing a host name (docker --network host) have their own pids."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+    try:
+        return f"{host}-{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
+
+
+_WRITER = _writer_token()
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix" or pid <= 0:
+        return True  # no harmless probe (Windows' os.kill ends the process): count it alive, never delete
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the pid exists
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: alive, another user's
+    return True
+
+
+def temp_writer_gone(tmp: str | os.PathLike) -> bool:
+    """Whether the process that made the temp file or folder `tmp` (named by `temp_beside`,
+    `.NAME.<host>.<pid>.<random>.tmp`) is gone, so that `tmp` is what a killed write left and safe to delete.
+
+    True only for a name made on this host (and PID namespace) whose pid no process holds now. False for a
+    live writer (whatever it writes: a training run's export beside a running `distill.export`), another
+    host's temp on a shared disk (its pids are not ours to probe), and any other name, including the older
+    `.NAME.<random>.tmp`: when unsure, keep it. A reused pid reads as alive, which only keeps a file longer."""
+    parts = Path(tmp).name.rsplit(".", 4)  # [".NAME", host, pid, random, "tmp"]
+    if len(parts) != 5 or len(parts[0]) < 2 or parts[4] != "tmp" or parts[1] != _WRITER:
+        return False
+    return parts[2].isdigit() and not _pid_alive(int(parts[2]))
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files and folders that `temp_beside` made for `path` itself (the same NAME, beside it) in
+    processes now gone (see `temp_writer_gone`); return what was removed. Writers call it before their own
+    write, so a write killed once leaves nothing after the next success. Best effort: a temp that cannot be
+    removed stays, and the write goes on."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    try:
+        names = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for name in names:
+        tmp = path.parent / name
+        if name.rsplit(".", 4)[0] != prefix[:-1] or not temp_writer_gone(tmp):
+            continue  # a longer NAME's temp (`.NAME.partial.…`), a live writer's, another host's
+        try:
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass  # a racing cleaner took it, or no permission: harmless
+    return removed
+
+
+def temp_beside(path: Path, *, folder: bool = False) -> Path:
+    """A new, empty file (or folder) `.NAME.<host>.<pid>.<random>.tmp` beside `path`, to be renamed onto it
+    once complete. Host and pid tell a later run whether the writer is gone (`temp_writer_gone`), so what a
+    killed write left can be removed without touching a live one (`remove_stale_temps`).
+
+    Created with mode 0666 (0777) for the OS to take the umask off, as for any open(): tempfile's mkstemp and
+    mkdtemp make 0600 / 0700, the rename keeps that, and no other user (a ComfyUI in Docker, a web server)
+    could read what we wrote. Asking the OS to apply the umask also spares reading it, which POSIX allows only
+    by setting it, a race with other threads. O_EXCL makes the name ours alone, as mkstemp does."""
+    for _ in range(10):
+        tmp = path.parent / f".{path.name}.{_WRITER}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue  # another writer drew the same name: draw again
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}; delete its .{path.name}.*.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file beside `path` (see `temp_beside`) for the block to write; renamed onto `path` when the block
+    ends, deleted if it raises, so a crash never leaves half a file under the final name. The file keeps the
+    mode the umask gave the temp file even when the block's writer replaced it: safetensors' save_file writes
+    its own 0600 file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = temp_beside(path)
+    mode = stat.S_IMODE(tmp.stat().st_mode)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
