@@ -58,6 +58,8 @@ def bad(tmp_path_factory) -> Path:
     save_file({k: torch.zeros(*(2 * s if s > 16 else s for s in v.shape)) for k, v in good.items()},
               root / "wide-lora.safetensors")
     write_lora(random_lora(MMDiT(SD35_TINY), 0, family="sd3"), root / "sd3-lora.safetensors", "diffusers")
+    transformer = load_file(str(DEMO_FOLDER / "transformer" / "diffusion_pytorch_model.safetensors"))
+    save_file({k: v for k, v in transformer.items() if k != "norm_out.linear.weight"}, root / "missing.safetensors")
     (root / "a-file").write_text("not a folder")
     damaged = root / "damaged" / "checkpoints" / "step-000002"
     damaged.mkdir(parents=True)
@@ -81,6 +83,8 @@ CASES = [  # (cli, argv with {bad} / {demo} / {prompts} placeholders, substring 
     ("generate", [*GEN, "--lora", "{bad}/wide-lora.safetensors"], "for a different model size"),
     ("generate", [*GEN, "--lora", "{bad}/sd3-lora.safetensors"], "a sd3 LoRA; this model is Flux"),
     ("generate", [*GEN, "--model", "{bad}/truncated.safetensors"], "truncated (header says"),
+    ("generate", [*GEN, "--model", "{bad}/missing.safetensors", "--vae", "{demo}/vae", "--clip", "{demo}/text_encoder",
+                  "--t5", "{demo}/text_encoder_2", "--t5-tokenizer", "{demo}/tokenizer_2"], "1 missing keys"),
     ("generate", [*GEN, "--width", "0"], "--width 0: image sizes are positive"),
     ("generate", [*GEN, "--width", "100000", "--height", "100000"], "over 4096 px"),
     ("generate", [*GEN, "--shift", "abc"], "--shift abc: expected a positive number"),
@@ -108,6 +112,7 @@ CASES = [  # (cli, argv with {bad} / {demo} / {prompts} placeholders, substring 
     ("evaluate", [*EVAL, "--json", "{bad}/a-file/x.json"], "is a file, not a folder"),
     ("convert", ["info", "{bad}/truncated.safetensors"], "truncated (header says"),
     ("convert", ["info", "{bad}/random.safetensors"], "not a safetensors file"),
+    ("convert", ["checkpoint", "{bad}/missing.safetensors", "{bad}/o", "--to", "official"], "1 missing keys"),
     ("convert", ["lora", "{bad}/nan-lora.safetensors", "{bad}/o.safetensors", "--to", "kohya", "--rank", "2"],
      "NaN / infinite value(s)"),
     ("convert", ["lora", "{bad}/pickled.pt", "{bad}/o.safetensors", "--to", "kohya"], "a pickled PyTorch"),
