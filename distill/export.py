@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sampling.options import OneLineParser
 from weights.io import WeightsError
 
 from .config import ConfigError
@@ -17,7 +18,7 @@ from .lora_export import export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m distill.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder (its newest intact checkpoint) or a checkpoints/step-N folder")
     p.add_argument("--set", dest="lora_set", help="LoRA set: live, fast_ema, slow_ema (default: the run's "
                    "export_set)")

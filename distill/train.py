@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sampling.options import OneLineParser
 from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
 
@@ -43,7 +44,7 @@ from .trainer import Stopped, Trainer, TrainingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distill.train", description=__doc__,
+    p = OneLineParser(prog="python -m distill.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a TOML file, or a packaged preset name (flux-dev-scfm, sd35-large-scfm)")
     add_dataclass_args(p.add_argument_group("config fields (override the file)"), DistillConfig)

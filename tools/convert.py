@@ -26,6 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sampling.options import OneLineParser
 from weights.convert import check_output, convert_checkpoint, detect, merge_loras, plan_conversion
 from weights.io import DTYPES, WeightsError, read_header
 from weights.keymaps.lora import NotLoRAError
@@ -195,7 +196,7 @@ def cmd_merge(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="family, layout, dtypes, size; a LoRA's ranks, alphas, targets and fit")
