@@ -29,6 +29,7 @@ def test_no_arguments_mean_the_demo_preset():
     assert cfg.model == "demo" and cfg.resolution == IMAGE_SIZE and cfg.t5_length == T5_LENGTH
     # the recipe's fixed shift range, and its sampling shift in the LoRA's hints (scfm-method.md §2, §8)
     assert (cfg.shift_min, cfg.shift_max, cfg.sample_shift, cfg.dynamic_shift_prob) == (2.5, 4.5, 3.0, 0.0)
+    assert cfg.export_set == "slow_ema"  # what the default run's numbers in README are of
     resolved = run_setup.resolve_demo(cfg)
     assert resolved.model == str(DEMO_FOLDER) and resolved.data.endswith("data")
     assert resolved.t5_tokenizer.endswith("tokenizer_2") and resolved.vae.endswith("vae")
@@ -42,7 +43,7 @@ def test_demo_training_renders_trains_and_exports(demo_run):
     log = [json.loads(ln) for ln in (demo_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r][-1] == 2
     for suffix in ("", "-kohya"):  # diffusers (loads everywhere) and kohya: the default layouts
-        assert (demo_run / f"scfm-lora-live{suffix}.safetensors").is_file()
+        assert (demo_run / f"scfm-lora-slow_ema{suffix}.safetensors").is_file()  # the demo exports the slow EMA
 
 
 def test_demo_training_samples_have_the_configured_size(demo_run):
@@ -55,7 +56,7 @@ def test_evaluate_scores_the_trained_lora(demo_run, tmp_path):
     report = tmp_path / "eval.json"
     grid = tmp_path / "grid.png"
     prompts = ["a red circle at the top left", "a blue square in the center on a white background"]
-    argv = ["--lora", str(demo_run / "scfm-lora-live-kohya.safetensors"), "--prompts", *prompts, "--per-prompt", "1",
+    argv = ["--lora", str(demo_run / "scfm-lora-slow_ema-kohya.safetensors"), "--prompts", *prompts, "--per-prompt", "1",
             "--steps", "1", "2", "--teacher-steps", "4", "--json", str(report), "--grid", str(grid),
             "--grid-scale", "1", "--threads", "1"]
     assert evaluate.main(argv) == 0
