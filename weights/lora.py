@@ -87,7 +87,7 @@ from torch import Tensor
 from .io import TensorReader, WeightsError, read_header
 from .keymaps import swap_halves
 from .keymaps.lora import TEXT_ENCODER_PREFIXES, detect_family, lora_names, parse_key, refuse_non_lora
-from .lora_foreign import flavour, peft_alpha, peft_config, peft_file, whole_diff
+from .lora_foreign import flavour, kohya_alpha, peft_alpha, peft_config, peft_file, whole_diff
 
 FORMAT = "scfm-lora/1"
 LAYOUTS = ("ours", "diffusers", "kohya")
@@ -237,7 +237,7 @@ def _modules_from_ours(tensors: dict[str, Tensor], source: str, family: str) -> 
 
 def _kohya_module(names, official, down, up, alpha, split_alpha) -> ModuleLoRA:
     R = down.shape[0]
-    alpha = R if alpha is None or float(alpha) == 0 else float(alpha)
+    alpha = kohya_alpha(alpha, R)
     rows = names.split_rows(official, up.shape[0], down.shape[1])
     S = len(rows)
     if S > 1 and R % S == 0:

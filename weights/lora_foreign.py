@@ -65,13 +65,7 @@ def peft_config(path: Path, meta: dict, src: str) -> dict:
     """peft's LoraConfig for the file: diffusers' `lora_adapter_metadata`, else the `adapter_config.json` of a
     PEFT save_pretrained folder (rank / alpha patterns, use_rslora), else none."""
     if PEFT_METADATA_KEY in meta:
-        try:
-            config = json.loads(meta[PEFT_METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{src}: its {PEFT_METADATA_KEY} metadata is not JSON ({e}); the file is damaged: "
-                               "re-export it") from None
-        _check_alphas(config, f"{src}: its {PEFT_METADATA_KEY} metadata")
-        return {k.removeprefix("transformer."): v for k, v in config.items()}
+        return {k.removeprefix("transformer."): v for k, v in peft_metadata(meta, src).items()}
     beside = path.parent / "adapter_config.json"
     if path.name != PEFT_FILE or not beside.is_file():
         return {}
@@ -84,6 +78,25 @@ def peft_config(path: Path, meta: dict, src: str) -> dict:
         raise WeightsError(f"{beside}: a DoRA adapter (peft use_dora; its magnitude vector has no LoRA "
                            "equivalent); scfm reads plain LoRA files only")
     return config
+
+
+def peft_metadata(meta: dict, src: str) -> dict:
+    """diffusers' `lora_adapter_metadata` as written, every part's config under its prefix (`transformer.`,
+    `text_encoder.`, ...), checked; {} without it."""
+    if PEFT_METADATA_KEY not in meta:
+        return {}
+    try:
+        config = json.loads(meta[PEFT_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{src}: its {PEFT_METADATA_KEY} metadata is not JSON ({e}); the file is damaged: "
+                           "re-export it") from None
+    _check_alphas(config, f"{src}: its {PEFT_METADATA_KEY} metadata")
+    return config
+
+
+def kohya_alpha(alpha: Tensor | None, rank: int) -> float:
+    """kohya's rule (and every generic loader's): a missing or zero alpha means alpha = rank, scale 1."""
+    return float(rank) if alpha is None or float(alpha) == 0 else float(alpha)
 
 
 def _check_alphas(config, where: str) -> None:

@@ -28,7 +28,6 @@ fp32 and rounded once to the load dtype: weights/lora_merge.py's arithmetic for 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from .io import WeightsError, read_header
 from .keymaps.lora import TEXT_ENCODER_PREFIXES, parse_key
 from .lora import LoRA, LoRAPart, ModuleLoRA, read_lora
-from .lora_foreign import PEFT_METADATA_KEY, peft_alpha
+from .lora_foreign import kohya_alpha, peft_alpha, peft_metadata
 from .lora_merge import merged_param, touched_keys
 
 ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-bigG", "t5": "T5"}
@@ -93,11 +92,7 @@ def _peft_config(source: str, prefix: str) -> dict:
     """The peft LoraConfig diffusers saved for the encoder under `prefix` in the file's metadata ({} if none)."""
     if not source or not Path(source).is_file():
         return {}
-    raw = read_header(Path(source))[1].get(PEFT_METADATA_KEY)
-    try:
-        config = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        raise WeightsError(f"{source}: its {PEFT_METADATA_KEY} metadata is not JSON; the file is damaged") from None
+    config = peft_metadata(read_header(Path(source))[1], source)
     return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
 
 
@@ -108,8 +103,7 @@ def _part(src: str, prefix: str, stem: str, g: dict[str, Tensor], config: dict) 
                            "LoRA of a Linear layer")
     if prefix in _PEFT_PREFIXES:
         return LoRAPart(down, up, peft_alpha(config, stem, up.shape[1], g.get("alpha")))
-    alpha = g.get("alpha")  # kohya's rule, as for the transformer part
-    return LoRAPart(down, up, down.shape[0] if alpha is None or float(alpha) == 0 else float(alpha))
+    return LoRAPart(down, up, kohya_alpha(g.get("alpha"), down.shape[0]))  # as for the transformer part
 
 
 def encoder_parts(lora: LoRA, scale: float, family: str) -> list[EncoderLoRA]:
