@@ -6,8 +6,10 @@
 
 Variants (--variants, default: ours): ours (eager), ours+compile (compile_blocks: each block compiled once,
 model/layers.py), ours+fp8 (the blocks' weights in e4m3, fp8 tensor-core GEMMs with per-token activation scales:
-model/fp8_gemm.py; the CPU emulates them), ours+fp8+compile; diffusers (eager) is always run, and
-diffusers+compile with `all` (its own `compile_repeated_blocks` where it has one, else torch.compile).
+model/fp8_gemm.py; the CPU emulates them), ours+fp8+compile; two trials on CUDA: +fastacc (Hopper's fast
+accumulation in the forward fp8 GEMMs, fp8_gemm.FAST_ACCUM_FORWARD) and +cudnn (torch's cuDNN attention first in
+SDPA's priority, instead of its FlashAttention-2). diffusers (eager) is always run, and diffusers+compile with
+`all` (its own `compile_repeated_blocks` where it has one, else torch.compile).
 Prints the median time of each, its ratio against diffusers eager, the max relative error against diffusers and,
 for fp8, the relative error against our bf16 output (the price of fp8 compute). The first call of a compiled
 variant is reported as its warm-up. diffusers is a benchmark oracle only; no runtime module imports it.
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import built_in, median_time  # noqa: E402  (bench/timing.py, beside this file)
+from timing import built_in, median_time, trials  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.flux import Flux, FluxConfig  # noqa: E402
 from model.fp8 import enable_fp8_compute_, quantize_linears_  # noqa: E402
@@ -56,6 +58,13 @@ def diffusers_twin(cfg: FluxConfig):
 
 
 VARIANTS = ("ours", "ours+compile", "ours+fp8", "ours+fp8+compile")
+TRIALS = ("ours+cudnn", "ours+fp8+fastacc", "ours+fp8+fastacc+compile", "ours+fp8+fastacc+cudnn+compile")
+
+
+def features(variant: str):
+    """A variant's trial switches (bench/timing.py `trials`), for its calls and its compiled code's trace."""
+    parts = variant.split("+")
+    return trials(fast_accum="fastacc" in parts, cudnn="cudnn" in parts)
 
 
 def _sync(device: str) -> None:
@@ -99,10 +108,12 @@ def run_case(name: str, device: str, iters: int, variants: tuple[str, ...], comp
     out_bf16 = runner(ours)().float()
     warmup = 2 if name != "tiny" else 5
     # diffusers first (the reference of every ratio), then eager rows: compiling is in place, for good
-    order = ["diffusers"] + [v for v in VARIANTS if v in variants and "compile" not in v]
-    order += [v for v in VARIANTS if v in variants and "compile" in v] + ["diffusers+compile"] * compile_diffusers
+    order = ["diffusers"] + [v for v in variants if "compile" not in v]
+    order += [v for v in variants if "compile" in v] + ["diffusers+compile"] * compile_diffusers
     rows, base = [], None
-    for variant in order:  # each measured as soon as it is ready and printed: a slow compile loses no row
+
+    def measure(variant: str) -> dict | None:
+        nonlocal ref
         model = ref if variant.startswith("diffusers") else models["fp8" if "fp8" in variant else "ours"]
         warm = 0.0
         if variant.endswith("compile"):
@@ -114,21 +125,28 @@ def run_case(name: str, device: str, iters: int, variants: tuple[str, ...], comp
                         ref.compile_repeated_blocks(fullgraph=True)
                     else:
                         ref = torch.compile(ref)
-                else:
+                else:  # blocks of one class share compiled code, and the attention backend is not among its
+                    torch._dynamo.reset()  # guards: each variant traces its own, warm-up included
                     model.compile_blocks()
                 (run_ref if variant.startswith("diffusers") else runner(model))()
             except Exception as e:  # noqa: BLE001  (a benchmark row, not a result: report and go on)
                 print(f"{name} {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-                continue
+                return None
             _sync(device)
             warm = time.perf_counter() - t0
         fn = run_ref if variant.startswith("diffusers") else runner(model)
         out = fn().float()
-        row = dict(case=name, variant=variant, warmup_s=warm, dtype=str(dtype).removeprefix("torch."),
-                   err=((out - out_ref).abs().max() / out_ref.abs().max()).item(),
-                   err_bf16=((out - out_bf16).abs().max() / out_bf16.abs().max()).item(),
-                   ms=1e3 * statistics.median(median_time(fn, device, warmup if i == 0 else 0, 1)
-                                              for i in range(iters)))
+        return dict(case=name, variant=variant, warmup_s=warm, dtype=str(dtype).removeprefix("torch."),
+                    err=((out - out_ref).abs().max() / out_ref.abs().max()).item(),
+                    err_bf16=((out - out_bf16).abs().max() / out_bf16.abs().max()).item(),
+                    ms=1e3 * statistics.median(median_time(fn, device, warmup if i == 0 else 0, 1)
+                                               for i in range(iters)))
+
+    for variant in order:  # each measured as soon as it is ready and printed: a slow compile loses no row
+        with features(variant):
+            row = measure(variant)
+        if row is None:
+            continue
         if variant == "diffusers":  # first in the order: every ratio's reference
             base = row["ms"]
         row["ratio"] = row["ms"] / base
@@ -138,7 +156,7 @@ def run_case(name: str, device: str, iters: int, variants: tuple[str, ...], comp
 
 
 def print_row(r: dict) -> None:
-    print(f"{r['case']:<15}{r['variant']:<20}{r['dtype']:<10}{r['ms']:>10.2f}{r['ratio']:>13.3f}"
+    print(f"{r['case']:<15}{r['variant']:<32}{r['dtype']:<10}{r['ms']:>10.2f}{r['ratio']:>13.3f}"
           f"{r['warmup_s']:>11.1f}{r['err']:>11.2e}{r['err_bf16']:>11.2e}", flush=True)
 
 
@@ -148,17 +166,18 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    ap.add_argument("--variants", nargs="*", default=["ours"], choices=[*VARIANTS, "all"],
-                    help="our rows (diffusers eager is always measured; `all` adds every row and diffusers+compile)")
+    ap.add_argument("--variants", nargs="*", default=["ours"], choices=[*VARIANTS, *TRIALS, "all"],
+                    help="our rows (diffusers eager is always measured; `all` adds every row and diffusers+compile, "
+                         "and the trials on CUDA)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
-    variants = VARIANTS if "all" in args.variants else tuple(args.variants)
+    variants = VARIANTS + TRIALS * (args.device == "cuda") if "all" in args.variants else tuple(args.variants)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# Flux forward, ours vs diffusers, {device_name}, torch {torch.__version__}")
-    print(f"{'case':<15}{'variant':<20}{'dtype':<10}{'ms':>10}{'/ diffusers':>13}{'warm-up s':>11}"
+    print(f"{'case':<15}{'variant':<32}{'dtype':<10}{'ms':>10}{'/ diffusers':>13}{'warm-up s':>11}"
           f"{'rel err':>11}{'vs bf16':>11}")
     for name in args.cases:
         if args.device not in CASES[name][4]:

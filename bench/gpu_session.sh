@@ -2,10 +2,13 @@
 # The checks that need a GPU, in stages that each fit one 10-minute call of a lent machine. With 15 minutes of
 # device time, run the default stage (under 8 minutes) and give the machine back:
 #
-#   bash bench/gpu_session.sh         # the fp8-compute tests on CUDA, then the two target rows: the Flux forward
-#                                     # (bf16, fp8 compute, compiled, both; diffusers eager and compiled) at 1024 px,
-#                                     # and the SCFM step (released vs ours, ours with unchecked blocks alone, and
-#                                     # fp8 compute + compile + unchecked; its grads % column must read 100)
+#   bash bench/gpu_session.sh         # inductor's compiled blocks against eager LoRA gradients on CUDA, then the two
+#                                     # target rows: the Flux forward (bf16, fp8 compute, compiled, both, and the
+#                                     # fast-accumulation / cuDNN-attention trials; diffusers eager and compiled) at
+#                                     # 1024 px, and the SCFM step (released vs ours, ours with unchecked blocks
+#                                     # alone, and fp8 compute + compile + unchecked; its grads % must read 100)
+#   bash bench/gpu_session.sh compiled  # what compiled blocks keep for backward against eager (block_memory.py),
+#                                     # the fast step with every block unchecked, and with fast accumulation
 #   bash bench/gpu_session.sh step    # SCFM step at Flux-dev shapes: ours vs the released design (twice), fp8
 #   bash bench/gpu_session.sh memory  # the same step with block swap (bf16, fp8) and with unchecked blocks
 #   bash bench/gpu_session.sh tests   # the CUDA paths of the tests: Triton kernels, fp8 dequant, block swap
@@ -31,26 +34,34 @@ run() {  # run NAME SECONDS COMMAND...: a time limit per command, so one hang ca
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$out/device.txt"
 case "${1:-target}" in
     target)
-        run tests 90 python -m pytest -q -p no:cacheprovider tests/test_fp8_compute.py
+        run tests 100 python -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_fp8_compute.py -k "inductor or gpu"
         run flux_forward 200 python bench/flux_forward.py --device cuda --cases flux-dev-1024 --variants all --iters 3
-        run train_step 300 python bench/train_step.py --device cuda --iters 4 --only released ours-unchecked ours-fast \
+        run train_step 280 python bench/train_step.py --device cuda --iters 4 --only released ours-unchecked ours-fast \
             --unchecked_blocks "${UNCHECKED:-auto}" --max_memory 40GB ;;
+    compiled)
+        run tests 100 python -m pytest -q -p no:cacheprovider tests/test_compile.py -k inductor
+        run block_memory 120 python bench/block_memory.py --device cuda --fp8_compute
+        run block_memory 60 python bench/block_memory.py --device cuda
+        run train_step 160 python bench/train_step.py --device cuda --iters 3 --only ours-fast --unchecked_blocks 57
+        run train_step 160 python bench/train_step.py --device cuda --iters 3 --only ours-fast \
+            --unchecked_blocks "${UNCHECKED:-auto}" --max_memory 40GB --fast_accum ;;
     step)
         run train_step 560 python bench/train_step.py --device cuda --iters 8 --fp8 --rounds 2 ;;
     memory)
         run train_step_memory 560 python bench/train_step.py --device cuda --iters 8 --fp8 --blocks_to_swap 19 \
             --unchecked_blocks 6 --skip released released* ours-fp8 ;;
     tests)
-        run tests 560 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_block_swap.py ;;
+        run tests 560 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_block_swap.py \
+            tests/test_fp8_compute.py ;;
     layers)
         run lora_layer 150 python bench/lora_layer.py --device cuda
         run dequant 100 python bench/kernels.py --device cuda --ops dequant_rows --skip-model
         run load_loras 150 python bench/load_loras.py --device cuda
         run flux_forward 150 python bench/flux_forward.py --device cuda ;;
     *)
-        echo "usage: bash bench/gpu_session.sh [target|step|memory|tests|layers]" >&2
+        echo "usage: bash bench/gpu_session.sh [target|compiled|step|memory|tests|layers]" >&2
         exit 2 ;;
 esac

@@ -28,6 +28,25 @@ def median_time(fn, device: str, warmup: int, iters: int) -> float:
 
 
 @contextlib.contextmanager
+def trials(fast_accum: bool = False, cudnn: bool = False):
+    """Two speed trials, for the calls inside only: Hopper's fast accumulation in the forward fp8 GEMMs
+    (model/fp8_gemm.py FAST_ACCUM_FORWARD) and torch's cuDNN attention first in SDPA's priority (its default
+    order puts FlashAttention-2 first). Compiled code keeps what it was traced under."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from model import fp8_gemm
+
+    previous = fp8_gemm.FAST_ACCUM_FORWARD
+    fp8_gemm.FAST_ACCUM_FORWARD = fast_accum
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        with sdpa_kernel(order, set_priority=True) if cudnn else contextlib.nullcontext():
+            yield
+    finally:
+        fp8_gemm.FAST_ACCUM_FORWARD = previous
+
+
+@contextlib.contextmanager
 def built_in(device: str | torch.device, dtype: torch.dtype):
     """Build modules directly on `device` in `dtype`: a full-size model built in fp32 and cast afterwards would
     need twice its bf16 size (flux-dev: 48 GB) at the peak."""

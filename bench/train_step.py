@@ -30,7 +30,7 @@ A compiled variant first runs every timed step once untimed (each distinct per-e
 its own compiled variant of a block), reported as its warm-up; every variant's loss column is that first pass.
 
 Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
-Prints seconds per step (median), the share of the blocks' live LoRA tensors that received a gradient (a
+Prints seconds per step (median), the share of the blocks' live LoRA tensors that received a non-zero gradient (a
 compiled step that drops them is fast and wrong), peak memory, the memory held between steps (model tensors,
 every LoRA set and the optimiser state: on meta too), and the ratios ours / released and ours / released* (target < 1).
 On a shared CPU, `--rounds 3` interleaves the variants so that a drift in machine speed hits all of them alike.
@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import Traffic, built_in  # noqa: E402  (bench/timing.py, beside this file)
+from timing import Traffic, built_in, trials  # noqa: E402  (bench/timing.py, beside this file)
 
 from distill.ema import EMAConfig, ema_step  # noqa: E402
 from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
@@ -105,13 +105,13 @@ def draw_for(x0: torch.Tensor, step: int):
     return sample_draw(SCFMConfig(), element_generators(0, step, range(x0.shape[0])), x0.shape[1:], tokens)
 
 
-GRADS: list[float] = []  # per step: the share of the blocks' live LoRA tensors that got a gradient (should be 1)
+GRADS: list[float] = []  # per step: the share of the blocks' live LoRA tensors with a non-zero gradient (1)
 
 
 def note_block_grads(model) -> None:
     blocks = tuple(f"{name}." for name, _ in named_blocks(model))
-    got = [layer.lora_down["live"].grad is not None for name, layer in lora_layers(model).items()
-           if name.startswith(blocks)]
+    got = [g is not None and (g.is_meta or bool(g.any())) for name, layer in lora_layers(model).items()
+           if name.startswith(blocks) for g in (layer.lora_down["live"].grad, layer.lora_up["live"].grad)]
     GRADS.append(sum(got) / max(len(got), 1))
 
 
@@ -235,7 +235,13 @@ def plan_unchecked_for(model, x0, cond, opt, max_memory: str, dev: torch.device)
 
 
 def measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, swap_n: int,
-            unchecked_n: str, max_memory: str, queue) -> None:
+            unchecked_n: str, max_memory: str, queue, switches: dict) -> None:
+    with trials(**switches) if variant.startswith("ours") else contextlib.nullcontext():
+        _measure(variant, case, device, dtype, iters, threads, swap_n, unchecked_n, max_memory, queue)
+
+
+def _measure(variant: str, case: str, device: str, dtype: str, iters: int, threads: int, swap_n: int,
+             unchecked_n: str, max_memory: str, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     dev, dt = torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -327,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                    "ours-fp8c-compile with --fp8_compute)")
     p.add_argument("--fast", action="store_true", help="also run ours-fast: fp8 compute + compile + "
                    "--unchecked_blocks")
+    p.add_argument("--fast_accum", action="store_true", help="trial: our variants' forward fp8 GEMMs with "
+                   "Hopper's fast accumulation (fp8_gemm.FAST_ACCUM_FORWARD)")
+    p.add_argument("--cudnn", action="store_true", help="trial: our variants with torch's cuDNN attention first in "
+                   "SDPA's priority (the released design keeps torch's default)")
     p.add_argument("--only", nargs="*", metavar="VARIANT", help="run just these variants (ours is always run)")
     p.add_argument("--skip", nargs="*", default=(), metavar="VARIANT",
                    help="variants not to run (e.g. released released*: one device call for the memory variants)")
@@ -352,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             queue = ctx.Queue()
             proc = ctx.Process(target=measure,
                                args=(variant, case, args.device, dtype, args.iters, args.threads,
-                                     args.blocks_to_swap, args.unchecked_blocks, args.max_memory, queue))
+                                     args.blocks_to_swap, args.unchecked_blocks, args.max_memory, queue,
+                                     {"fast_accum": args.fast_accum, "cudnn": args.cudnn}))
             proc.start()
             while True:  # a child that dies never answers: report it instead of waiting forever
                 try:
@@ -374,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = tuple(runs)
     _, side, _, batch, rank = CASES[case]
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}")
+    on = [k for k in ("fast_accum", "cudnn") if getattr(args, k)]
+    print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}"
+          + (f"; our variants with the trials: {', '.join(on)}" if on else ""))
     if args.device == "meta":  # one counted step per variant (the counts do not vary between rounds)
         table = {v: {"GB moved": got[0]["bytes"] / 1e9, "TFLOP": got[0]["flops"] / 1e12,
                      "held GiB": got[0]["resident"] / 2**30} for v, got in runs.items()}

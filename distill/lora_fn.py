@@ -45,19 +45,36 @@ def _add_up_(out2d: Tensor, h: Tensor, up: Tensor, scale: float, slices: tuple[i
         out2d[:, cols].addmm_(h[:, chunk], up[cols].t(), alpha=scale)
 
 
+def _added_up(out: Tensor, rows, h: Tensor, up: Tensor, scale: float, slices: tuple[int, ...], rank: int) -> Tensor:
+    """out plus scale * h U^T on `rows`, out of place: what a compiled block runs (see `_forward`)."""
+    delta = torch.cat([h[:, chunk] @ up[cols].t() for cols, chunk in _spans(slices, rank)], dim=1) * scale
+    if rows is None:
+        return out + delta.view(out.shape)
+    index = torch.arange(out.shape[0], device=out.device)[rows] if isinstance(rows, slice) else rows
+    return out.index_add(0, index, delta.view(len(index), *out.shape[1:]))
+
+
 def _forward(x: Tensor, weight: Tensor, weight_scale: Tensor | None, bias: Tensor | None, scale: float,
              slices: tuple[int, ...], groups: tuple, fp8_compute: bool, factors: tuple[Tensor, ...]):
-    """The layer's output, x in the compute dtype and each group's x D^T (what backward needs)."""
+    """The layer's output, x in the compute dtype and each group's x D^T (what backward needs).
+
+    Eager adds each up-projection into the base output in place, through views of it. Inside a compiled block the
+    sum is out of place instead: torch.compile 2.11 loses every gradient of an autograd function whose forward
+    writes into views of its output (the LoRA's and the input's: the block trains nothing; 2.13 is right), and
+    inductor fuses the out-of-place sum anyway (bench/block_memory.py shows both)."""
     out = base_linear(x, weight, weight_scale, bias, fp8_compute).contiguous()  # rows are updated through views
     cdt, n_in, n_out = out.dtype, x.shape[-1], out.shape[-1]  # cdt: bf16 under autocast
     xc = x.to(cdt)
     rank = factors[1].shape[-1]
+    compiling = torch.compiler.is_compiling()
     hs = []
     for rows, k in groups:
         down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
         xr = rows_of(xc, rows).reshape(-1, n_in)  # (N, in), N = elements x tokens
         h = xr @ down.t()  # (N, S*r)
-        if rows is None or isinstance(rows, slice):
+        if compiling:
+            out = _added_up(out, rows, h, up, scale, slices, rank)
+        elif rows is None or isinstance(rows, slice):
             _add_up_(rows_of(out, rows).view(-1, n_out), h, up, scale, slices, rank)
         else:  # scattered elements: their delta, then one index_add_ into the output
             delta = torch.zeros(h.shape[0], n_out, dtype=cdt, device=h.device)

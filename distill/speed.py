@@ -39,11 +39,13 @@ def prepare(model: nn.Module, config: DistillConfig, device: torch.device) -> No
 
 def check_block_gradients(model: nn.Module) -> None:
     """After the first backward of a compiled model: the live LoRA inside the blocks got gradients. A compiler
-    that drops them would train only the embedders while every number looks fine."""
+    that drops them would train only the embedders while every number looks fine. The up factors are asked:
+    at the first step every down gradient is zero by design (up starts at zero), while a block that lost its
+    graph leaves None or, as torch 2.11 did (distill/lora_fn.py `_forward`), zeros in both."""
     blocks = tuple(f"{name}." for name, _ in named_blocks(model))
-    got = [layer.lora_down["live"].grad is not None for name, layer in lora_layers(model).items()
-           if name.startswith(blocks) and "live" in layer.lora_down]
-    if got and not any(got):
+    got = [layer.lora_up["live"].grad for name, layer in lora_layers(model).items()
+           if name.startswith(blocks) and "live" in layer.lora_up]
+    if got and not any(g is not None and bool(g.any()) for g in got):
         raise SpeedError(f"--compile: no LoRA inside the transformer blocks received a gradient (torch "
                          f"{torch.__version__}); train without --compile and report this torch version")
 

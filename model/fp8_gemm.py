@@ -26,6 +26,10 @@ from torch import Tensor
 from . import kernels
 
 MIN_CAPABILITY = (8, 9)  # Ada; Hopper is (9, 0)
+# Hopper's fast accumulation for the forward GEMM (torchao's float8 recipe uses it for the output GEMM only, not
+# for gradients): the tensor cores' partial sums are promoted to fp32 less often. Off: measured first (bench/).
+FAST_ACCUM_FORWARD = False
+_GEMM_OUT = (torch.bfloat16, torch.float16)  # what torch._scaled_mm writes with row-wise scales
 
 
 def gemm_supported(device: torch.device | str) -> bool:
@@ -50,14 +54,20 @@ def _no_autocast(device: torch.device):
 
 
 def scaled_mm(a: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, bias: Tensor | None,
-              out_dtype: torch.dtype) -> Tensor:
+              out_dtype: torch.dtype, fast_accum: bool = False) -> Tensor:
     """(a * a_scale) @ (b_t * b_scale^T) + bias in `out_dtype`: a (M, K) e4m3 row-major, b_t (K, N) e4m3 (column-
-    major on CUDA: a transposed row-major (N, K)), a_scale (M, 1), b_scale (N, 1) fp32; fp32 accumulation."""
+    major on CUDA: a transposed row-major (N, K)), a_scale (M, 1), b_scale (N, 1) fp32; fp32 accumulation
+    (`fast_accum`: Hopper's faster one, promoted to fp32 less often; CUDA only, the emulation sums in fp32)."""
     if bias is not None:
         bias = bias.to(out_dtype)
     if a.is_cuda:
-        return torch._scaled_mm(a, b_t, scale_a=a_scale, scale_b=b_scale.view(1, -1), bias=bias,
-                                out_dtype=out_dtype)
+        if out_dtype in _GEMM_OUT:
+            return torch._scaled_mm(a, b_t, scale_a=a_scale, scale_b=b_scale.view(1, -1), bias=bias,
+                                    out_dtype=out_dtype, use_fast_accum=fast_accum)
+        # row-wise scaled GEMMs write bf16 / fp16 only (torch refuses fp32): bf16 out, then the bias in out_dtype
+        out = torch._scaled_mm(a, b_t, scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16,
+                               use_fast_accum=fast_accum).to(out_dtype)
+        return out if bias is None else out + bias
     with _no_autocast(a.device):  # the emulation: products exact in fp32, then the scales in the epilogue's order
         out = (a.float() @ b_t.float()) * a_scale * b_scale.view(1, -1)
         if bias is not None:
@@ -69,7 +79,7 @@ def forward(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, out_dtype:
     """x (..., in) @ (q * scale)^T + bias: q (out, in) e4m3, scale (out, 1); x's rows rounded to e4m3 per token."""
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = kernels.quant_rows(x2)
-    out = scaled_mm(xq, xs, q.t(), scale, bias, out_dtype)
+    out = scaled_mm(xq, xs, q.t(), scale, bias, out_dtype, FAST_ACCUM_FORWARD)
     return out.view(*x.shape[:-1], q.shape[0])
 
 

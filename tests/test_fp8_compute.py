@@ -189,6 +189,20 @@ def test_scaled_mm_on_the_gpu_equals_the_emulation(m):
     assert ((got.cpu().float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-3).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the _scaled_mm path needs a CUDA GPU with fp8 GEMMs")
+def test_scaled_mm_on_the_gpu_serves_an_fp32_model():
+    """torch's row-wise scaled GEMM writes bf16 / fp16 only: an fp32 model gets that product, then its bias in fp32."""
+    if not fp8_gemm.gemm_supported("cuda"):
+        pytest.skip("this GPU has no fp8 GEMMs")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    layer = Float8Linear.from_linear(nn.Linear(256, 128, device="cuda"), "cuda")
+    xq, xs = quant_rows_reference(torch.randn(64, 256, device="cuda", generator=g))
+    got = fp8_gemm.scaled_mm(xq, xs, layer.weight.t(), layer.weight_scale, layer.bias, torch.float32)
+    bf16 = fp8_gemm.scaled_mm(xq, xs, layer.weight.t(), layer.weight_scale, None, torch.bfloat16)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, bf16.float() + layer.bias.float(), rtol=0, atol=0)
+
+
 def test_quant_kernel_compiles_for_ada_and_hopper():
     """Compiled ahead of time for sm89 / sm90 with no GPU (the interpreter accepts Python the compiler may not)."""
     import os
