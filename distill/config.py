@@ -59,11 +59,24 @@ FLOAT_RANGES = {
     "alpha": Range(0, INF, "()"), "teacher_ratio": Range(0, 1), "non_shortcut_ratio": Range(0, 1),
     "dynamic_shift_prob": Range(0, 1), "shift_min": Range(0, INF, "()"), "shift_max": Range(0, INF, "()"),
     "guidance_max": Range(0, INF, "[)"), "cfg_scale": Range(0, INF, "[)"), "fast_decay": Range(0, 1, "[)"),
-    "slow_decay": Range(0, 1, "[)"), "lr": Range(0, 1, "(]"), "weight_decay": Range(0, 1),
+    "slow_decay": Range(0, 1, "[)"), "lr": Range(0, 1, "(]"), "lr_final": Range(0, 1),
+    "weight_decay": Range(0, 1),
     "beta1": Range(0, 1, "[)"), "beta2": Range(0, 1, "[)"), "eps": Range(0, 1, "()"),
     "max_grad_norm": Range(0, INF, "[)"), "sample_shift": Range(0, INF, "()"),
     "sample_guidance": Range(0, INF, "[)"),
 }
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_at(config: DistillConfig, step: int) -> float:
+    """The lr of (0-based) step `step`: a pure function of the step, so a resumed run continues the schedule."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    done = min(step / max(config.steps - 1, 1), 1.0)
+    fall = 1 - done if config.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * done))
+    return config.lr * (config.lr_final + (1 - config.lr_final) * fall)
 
 
 def count_or_auto(text) -> int:
@@ -134,7 +147,10 @@ class DistillConfig:
     micro_batch: int = opt(0, "elements per forward/backward (gradient accumulation); 0 = the whole "
                               "per-process batch. A fixed value makes runs bitwise independent of the "
                               "process count (powers of two)")
-    lr: float = opt(2e-5, "AdamW learning rate (constant, no warm-up)")
+    lr: float = opt(2e-5, "AdamW learning rate (the peak of --lr_schedule)")
+    lr_schedule: str = opt("constant", "constant (the recipe's), or linear / cosine: from lr down to lr x "
+                                       "lr_final at the last step")
+    lr_final: float = opt(0.0, "the decaying schedules' last lr, as a fraction of lr")
     weight_decay: float = opt(1e-4, "AdamW weight decay")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.999, "AdamW beta2")
@@ -209,7 +225,7 @@ class DistillConfig:
             raise ConfigError(f"shift_min {self.shift_min} > shift_max {self.shift_max}: fixed shifts are drawn "
                               "from [shift_min, shift_max); pass --shift_min <= --shift_max")
         choices = {"dtype": ("bf16", "fp16", "fp32"), "export_set": ("live", "slow_ema", "fast_ema"),
-                   "targets": ("flux", "sd3")}
+                   "targets": ("flux", "sd3"), "lr_schedule": LR_SCHEDULES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

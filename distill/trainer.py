@@ -46,7 +46,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import AUTO, DistillConfig
+from .config import AUTO, DistillConfig, lr_at
 from .data import BucketBatches, Cache
 from .ema import EMAConfig, ema_step
 from .lora import (
@@ -117,8 +117,8 @@ VELOCITY = {"flux": FluxVelocity, "sd3": MMDiTVelocity}
 
 def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: DistillConfig) -> None:
     """The config's AdamW settings replace a checkpoint's (which `load_state_dict` restores with the moments):
-    a resume trains with what the user passes now, as log.jsonl and the export record. The lr is constant
-    (no scheduler), so nothing else holds a copy of it."""
+    a resume trains with what the user passes now, as log.jsonl and the export record. Each step then sets its
+    lr from the schedule (config.lr_at: a function of the step), so no scheduler state needs restoring."""
     wanted = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
     # betas come back from state.json as a list
     before = {k: tuple(v) if isinstance(v, list) else v for k, v in optimizer.param_groups[0].items()}
@@ -303,6 +303,8 @@ class Trainer:
                                     f"gradient (last at step {step + 1}); lower lr or check the data, "
                                     "then --resume")
         else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.updates += 1

@@ -17,7 +17,7 @@ from test_data import make_cache
 from test_ema import set_live_, small_model
 from test_trainer import config, tiny_model, trainer
 
-from distill.config import FLOAT_RANGES, ConfigError, DistillConfig
+from distill.config import FLOAT_RANGES, ConfigError, DistillConfig, build_config, lr_at
 from distill.ema import EMAConfig, ema_step
 from distill.lora import set_state_dict
 from distill.train import main
@@ -214,3 +214,17 @@ def test_trainer_restarts_the_emas_after_updates_r_plus_1(tmp_path):
                 make_cache(tmp_path), device="cpu", on_step=on_step)
     t.run()
     assert restarted == [3, 5]
+
+
+def test_lr_schedules_run_from_lr_to_lr_final_as_a_function_of_the_step():
+    cfg = build_config(None, {"lr": 1e-3, "steps": 101, "lr_final": 0.1})
+    assert [lr_at(cfg, s) for s in (0, 50, 100)] == [1e-3] * 3  # constant: the recipe's
+    cos = dataclasses.replace(cfg, lr_schedule="cosine")
+    lin = dataclasses.replace(cfg, lr_schedule="linear")
+    for c in (cos, lin):
+        assert lr_at(c, 0) == pytest.approx(1e-3) and lr_at(c, 100) == pytest.approx(1e-4)
+        assert lr_at(c, 50) == pytest.approx(5.5e-4)  # half way: the mean of the two ends for both shapes
+    assert lr_at(cos, 25) == pytest.approx(1e-4 + 9e-4 * (1 + math.cos(math.pi / 4)) / 2)
+    assert lr_at(lin, 25) == pytest.approx(1e-4 + 9e-4 * 0.75)
+    with pytest.raises(ConfigError, match="lr_schedule must be one of"):
+        build_config(None, {"lr_schedule": "step"})

@@ -13,7 +13,7 @@ from conftest import assert_same_bits, randomize_
 from test_data import make_cache
 
 from distill import checkpoint as ckpt
-from distill.config import ConfigError, DistillConfig, build_config, load_toml
+from distill.config import ConfigError, DistillConfig, build_config, load_toml, lr_at
 from distill.lora import set_state_dict
 from distill.scfm import element_generators, sample_draw, scfm_loss
 from distill.sharding import full
@@ -96,13 +96,14 @@ def test_a_few_steps_lower_the_loss_on_a_tiny_overfit_case(tmp_path):
 
 @pytest.mark.parametrize("fp8_base", [False, True], ids=["fp32 base", "fp8 base"])
 def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path, fp8_base):
-    whole = trainer(tmp_path, config(tmp_path, "whole", fp8_base=fp8_base))
+    """With a decaying lr, which the resumed run must pick up at its step (config.lr_at)."""
+    whole = trainer(tmp_path, config(tmp_path, "whole", fp8_base=fp8_base, lr_schedule="cosine"))
     whole.run()
     if fp8_base:  # the blocks' Linears hold e4m3 storage; embedders and LoRA sets keep their dtypes
         dtypes = {n: p.dtype for n, p in whole.model.named_parameters()}
         assert dtypes["single_blocks.0.linear1.weight"] == torch.float8_e4m3fn
         assert dtypes["img_in.weight"] == dtypes["single_blocks.0.linear1.lora_down.live"] == torch.float32
-    cfg = config(tmp_path, "killed", fp8_base=fp8_base)
+    cfg = config(tmp_path, "killed", fp8_base=fp8_base, lr_schedule="cosine")
     with pytest.raises(Kill):
         trainer(tmp_path, cfg, on_step=kill_at(5)).run()  # dies after step 5; newest checkpoint: step 4
     names = [p.name for p in ckpt.checkpoints(tmp_path / "killed" / "checkpoints")]
@@ -111,8 +112,9 @@ def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path, fp8_base):
     resumed.run()
     assert resumed.progress.step == 6 and resumed.progress.updates == 6
     assert_same(state(resumed), state(whole))
-    log = [json.loads(line)["step"] for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
-    assert log == [1, 2, 3, 4, 5, 6]  # the killed run's step-5 line was replaced, not duplicated
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the killed run's step-5 line was replaced
+    assert [r["lr"] for r in rows] == [lr_at(cfg, r["step"] - 1) for r in rows] and rows[0]["lr"] > rows[-1]["lr"]
 
 
 def test_block_swap_trains_bit_for_bit_like_the_whole_model_on_the_device(tmp_path):
