@@ -37,12 +37,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$out/device.txt"
 case "${1:-target}" in
     target)
-        run tests 100 python -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_fp8_compute.py -k "inductor or gpu"
+        run tests 200 python -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_fp8_compute.py \
+            -k "inductor and fp8compute or gpu"
         run flux_forward 200 python bench/flux_forward.py --device cuda --cases flux-dev-1024 --variants all --iters 3
         run train_step 280 python bench/train_step.py --device cuda --iters 4 --only released ours-unchecked ours-fast \
             --unchecked_blocks "${UNCHECKED:-auto}" --max_memory 40GB ;;
     compiled)
-        run tests 100 python -m pytest -q -p no:cacheprovider tests/test_compile.py -k inductor
+        run tests 240 python -m pytest -q -p no:cacheprovider tests/test_compile.py -k inductor
         run block_memory 120 python bench/block_memory.py --device cuda --fp8_compute
         run block_memory 60 python bench/block_memory.py --device cuda
         run train_step 160 python bench/train_step.py --device cuda --iters 3 --only ours-fast --unchecked_blocks 57

@@ -115,11 +115,13 @@ def model_family(model: nn.Module) -> str:
 VELOCITY = {"flux": FluxVelocity, "sd3": MMDiTVelocity}
 
 
-def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: DistillConfig) -> None:
+def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: DistillConfig, last_step: int) -> None:
     """The config's AdamW settings replace a checkpoint's (which `load_state_dict` restores with the moments):
     a resume trains with what the user passes now, as log.jsonl and the export record. Each step then sets its
     lr from the schedule (config.lr_at: a function of the step), so no scheduler state needs restoring."""
-    wanted = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    # the lr the schedule gives the checkpoint's last step: a changed --lr or schedule is reported, the decay not
+    wanted = {"lr": lr_at(cfg, last_step), "weight_decay": cfg.weight_decay, "betas": (cfg.beta1, cfg.beta2),
+              "eps": cfg.eps}
     # betas come back from state.json as a list
     before = {k: tuple(v) if isinstance(v, list) else v for k, v in optimizer.param_groups[0].items()}
     changed = [f"{k} {before[k]} -> {v}" for k, v in wanted.items() if before[k] != v]
@@ -447,7 +449,7 @@ class Trainer:
             prefix = f"lora.{s}."
             load_set(self.model, s, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         load_optimizer_state(self.optimizer, [n for n, _ in self.params], tensors, state["optimizer"])
-        apply_optimizer_config(self.optimizer, self.config)
+        apply_optimizer_config(self.optimizer, self.config, max(state["progress"]["step"] - 1, 0))
         set_rng_state(tensors, state["rng"])
         # the NaN stop's advice is "lower lr, then --resume": the resumed run gets its own max_bad_steps
         self.progress = Progress(**{**state["progress"], "bad_in_row": 0})

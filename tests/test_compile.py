@@ -123,8 +123,8 @@ def test_unchecked_blocks_auto_without_a_budget_off_cuda_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU code: run by bench/gpu_session.sh")
-@pytest.mark.parametrize("checkpointed", [False, True])
-@pytest.mark.parametrize("fp8_compute", [False, True])
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["kept", "checkpointed"])
+@pytest.mark.parametrize("fp8_compute", [False, True], ids=["fp32", "fp8compute"])
 def test_inductor_blocks_on_cuda_give_the_eager_lora_gradients(checkpointed, fp8_compute):
     """What the trainer does on a GPU, with inductor's real kernels: a no-grad call on another set first (the
     targets), then the live set with a graph, the blocks kept or checkpointed. The compiled blocks must give
