@@ -30,8 +30,8 @@ A compiled variant first runs every timed step once untimed (each distinct per-e
 its own compiled variant of a block), reported as its warm-up; every variant's loss column is that first pass.
 
 Each variant runs in its own process so peak memory is its own: CUDA max allocated, or peak RSS on CPU.
-Prints seconds per step (median), the share of the blocks' live LoRA tensors that received a non-zero gradient (a
-compiled step that drops them is fast and wrong), peak memory, the memory held between steps (model tensors,
+Prints seconds per step (median), the share of the blocks' LoRA layers whose live up factor got a non-zero
+gradient (a compiled step that drops them is fast and wrong), peak memory, the memory held between steps (model tensors,
 every LoRA set and the optimiser state: on meta too), and the ratios ours / released and ours / released* (target < 1).
 On a shared CPU, `--rounds 3` interleaves the variants so that a drift in machine speed hits all of them alike.
 """
@@ -59,6 +59,7 @@ from timing import Traffic, built_in, trials  # noqa: E402  (bench/timing.py, be
 from distill.ema import EMAConfig, ema_step  # noqa: E402
 from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
 from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
+from distill.speed import block_lora_gradients  # noqa: E402
 from model.block_swap import BlockSwap, swappable  # noqa: E402
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig  # noqa: E402
 from model.fp8 import enable_fp8_compute_, quantize_linears_  # noqa: E402
@@ -105,14 +106,12 @@ def draw_for(x0: torch.Tensor, step: int):
     return sample_draw(SCFMConfig(), element_generators(0, step, range(x0.shape[0])), x0.shape[1:], tokens)
 
 
-GRADS: list[float] = []  # per step: the share of the blocks' live LoRA tensors with a non-zero gradient (1)
+GRADS: list[float] = []  # per step: the share of the blocks' LoRA layers with a non-zero gradient (1)
 
 
 def note_block_grads(model) -> None:
-    blocks = tuple(f"{name}." for name, _ in named_blocks(model))
-    got = [g is not None and (g.is_meta or bool(g.any())) for name, layer in lora_layers(model).items()
-           if name.startswith(blocks) for g in (layer.lora_down["live"].grad, layer.lora_up["live"].grad)]
-    GRADS.append(sum(got) / max(len(got), 1))
+    got, total = block_lora_gradients(model)  # the trainer's check of compiled runs (distill/speed.py)
+    GRADS.append(got / max(total, 1))
 
 
 def ours(model, x0, cond, opt, step: int) -> torch.Tensor:

@@ -37,15 +37,22 @@ def prepare(model: nn.Module, config: DistillConfig, device: torch.device) -> No
         model.compile_blocks()
 
 
+def block_lora_gradients(model: nn.Module) -> tuple[int, int]:
+    """(how many, of how many) LoRA layers inside the blocks have a non-zero gradient on their live up factor.
+    The up factors are asked: at the first step every down gradient is zero by design (up starts at zero), while
+    a block that lost its graph leaves None or, as torch 2.11 did (distill/lora_fn.py `_forward`), zeros. Meta
+    tensors hold no values: a gradient there counts as present."""
+    blocks = tuple(f"{name}." for name, _ in named_blocks(model))
+    grads = [layer.lora_up["live"].grad for name, layer in lora_layers(model).items()
+             if name.startswith(blocks) and "live" in layer.lora_up]
+    return sum(g is not None and (g.is_meta or bool(g.any())) for g in grads), len(grads)
+
+
 def check_block_gradients(model: nn.Module) -> None:
     """After the first backward of a compiled model: the live LoRA inside the blocks got gradients. A compiler
-    that drops them would train only the embedders while every number looks fine. The up factors are asked:
-    at the first step every down gradient is zero by design (up starts at zero), while a block that lost its
-    graph leaves None or, as torch 2.11 did (distill/lora_fn.py `_forward`), zeros in both."""
-    blocks = tuple(f"{name}." for name, _ in named_blocks(model))
-    got = [layer.lora_up["live"].grad for name, layer in lora_layers(model).items()
-           if name.startswith(blocks) and "live" in layer.lora_up]
-    if got and not any(g is not None and bool(g.any()) for g in got):
+    that drops them would train only the embedders while every number looks fine."""
+    got, total = block_lora_gradients(model)
+    if total and not got:
         raise SpeedError(f"--compile: no LoRA inside the transformer blocks received a gradient (torch "
                          f"{torch.__version__}); train without --compile and report this torch version")
 

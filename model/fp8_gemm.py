@@ -61,12 +61,13 @@ def scaled_mm(a: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, bias: Te
     if bias is not None:
         bias = bias.to(out_dtype)
     if a.is_cuda:
-        if out_dtype in _GEMM_OUT:
-            return torch._scaled_mm(a, b_t, scale_a=a_scale, scale_b=b_scale.view(1, -1), bias=bias,
-                                    out_dtype=out_dtype, use_fast_accum=fast_accum)
         # row-wise scaled GEMMs write bf16 / fp16 only (torch refuses fp32): bf16 out, then the bias in out_dtype
-        out = torch._scaled_mm(a, b_t, scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16,
-                               use_fast_accum=fast_accum).to(out_dtype)
+        direct = out_dtype in _GEMM_OUT
+        out = torch._scaled_mm(a, b_t, scale_a=a_scale, scale_b=b_scale.view(1, -1), bias=bias if direct else None,
+                               out_dtype=out_dtype if direct else torch.bfloat16, use_fast_accum=fast_accum)
+        if direct:
+            return out
+        out = out.to(out_dtype)
         return out if bias is None else out + bias
     with _no_autocast(a.device):  # the emulation: products exact in fp32, then the scales in the epilogue's order
         out = (a.float() @ b_t.float()) * a_scale * b_scale.view(1, -1)
