@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sampling.schedules import SCFM_FIRST_SIGMA, dynamic_mu, scfm_grid
+
 from .lora import weight_set, weight_sets
 
 Velocity = Callable[[Tensor, Tensor, object, "Tensor | None"], Tensor]
@@ -37,7 +39,7 @@ class SCFMConfig:
     dynamic_shift_prob: float = 0.1  # Flux's resolution-dependent shift; otherwise a fixed shift U[min, max)
     shift_min: float = 2.5
     shift_max: float = 4.5
-    sigma_max: float = 1.0 - 1e-5  # s[0]: never pure noise
+    sigma_max: float = SCFM_FIRST_SIGMA  # s[0]: never pure noise
     guidance_max: float | None = 7.5  # Flux-dev: g ~ U[0, guidance_max) per element; None: no guidance input
     cfg_scale: float | None = None  # SD3.5: every call is c + w (c - u) with an empty negative; None: off
 
@@ -80,24 +82,6 @@ def element_generators(seed: int, step: int, positions: Sequence[int]) -> list[t
         digest = hashlib.blake2b(f"scfm/{seed}/{step}/{p}".encode(), digest_size=8).digest()
         gens.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))  # 63 bits
     return gens
-
-
-def flux_mu(image_tokens: int) -> float:
-    """Flux's dynamic shift exponent, linear in the packed token count from (256, 0.5) to (4096, 1.15)."""
-    return 0.5 + (1.15 - 0.5) * (image_tokens - 256) / (4096 - 256)
-
-
-def shifted_grid(steps: int, *, shift: float | None = None, mu: float | None = None,
-                 sigma_max: float = 1.0 - 1e-5) -> Tensor:
-    """linspace(1, 0, steps + 1) shifted (fixed `shift` or Flux's dynamic `mu`), s[0] = sigma_max; fp64."""
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    if mu is not None:
-        # e^mu / (e^mu + (1/s - 1)), multiplied through by s so that s = 0 needs no division by zero
-        s = math.exp(mu) * s / (math.exp(mu) * s + (1.0 - s))
-    else:
-        s = shift * s / (1.0 + (shift - 1.0) * s)
-    s[0] = sigma_max
-    return s
 
 
 @dataclass(frozen=True)
@@ -162,10 +146,8 @@ def sample_draw(
         shift = config.shift_min + (config.shift_max - config.shift_min) * u_shift
         starts = range(0, n - config.t_skip + 1, config.t_skip)
         start = starts[int(u_start * len(starts))]
-        if dynamic:
-            grid = shifted_grid(n, mu=flux_mu(image_tokens), sigma_max=config.sigma_max)
-        else:
-            grid = shifted_grid(n, shift=shift, sigma_max=config.sigma_max)
+        # the sampler's grid (sampling/schedules.py): a LoRA is trained on the grid `generate` samples it on
+        grid = scfm_grid(n, math.exp(dynamic_mu(image_tokens)) if dynamic else shift, config.sigma_max)
         guidance = None if config.guidance_max is None else config.guidance_max * u_guid
         rows.append((teacher, n, dynamic, shift, start, grid[start:start + config.t_skip + 1], guidance))
     noise = torch.stack([torch.randn(tuple(sample_shape), generator=g) for g in generators])  # (B, ...)

@@ -104,6 +104,16 @@ def effective_shift(config: ScheduleConfig, image_seq_len: int | None = None) ->
     return math.exp(dynamic_mu(image_seq_len, config))
 
 
+def scfm_grid(steps: int, shift: float, first_sigma: float = SCFM_FIRST_SIGMA) -> Tensor:
+    """SCFM's grid in float64: linspace(1, 0, steps + 1) shifted by `shift` (exp(mu) for Flux's dynamic shift),
+    s[0] = first_sigma. The one grid both sides use: the trainer draws its sub-grids from it
+    (distill/scfm.py `sample_draw`) and `get_sigmas` samples on its float32 rounding, so a LoRA is sampled on
+    the grid it was trained on."""
+    sigmas = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+    sigmas[0] = first_sigma
+    return sigmas
+
+
 def get_sigmas(config: ScheduleConfig | str, steps: int, image_seq_len: int | None = None,
                device: torch.device | str | None = None) -> Tensor:
     """The (steps + 1,) float32 sigma grid, from ~1 down to 0. `config` is a ScheduleConfig or a family name."""
@@ -113,9 +123,7 @@ def get_sigmas(config: ScheduleConfig | str, steps: int, image_seq_len: int | No
         raise ValueError(f"steps must be at least 1, got {steps}")
     s = effective_shift(config, image_seq_len)  # exp(mu) when dynamic
     if config.grid == "scfm":
-        sigmas = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), s)
-        sigmas[0] = SCFM_FIRST_SIGMA
-        return sigmas.to(dtype=torch.float32, device=device)
+        return scfm_grid(steps, s).to(dtype=torch.float32, device=device)
     # The diffusers grid repeats the scheduler's arithmetic (numpy linspace, the same dtypes, the same operation
     # order) so the sigmas are bit-identical to diffusers', not just close: a seed then means the same image.
     if config.pipeline == "flux":

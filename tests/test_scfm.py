@@ -15,10 +15,8 @@ from distill.scfm import (
     SCFM_CONFIGS,
     SCFMConfig,
     element_generators,
-    flux_mu,
     sample_draw,
     scfm_loss,
-    shifted_grid,
     shortcut_target,
 )
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
@@ -71,8 +69,36 @@ def test_grid_values_fixed_and_dynamic_shift():
             s = k * s / (1 + (k - 1) * s)
         s[0] = 1 - 1e-5
         torch.testing.assert_close(d.sigmas[b], s[i:i + 3], rtol=0, atol=1e-15)
-    assert flux_mu(256) == 0.5 and abs(flux_mu(4096) - 1.15) < 1e-12
-    assert shifted_grid(4, shift=3.0)[-1] == 0 and shifted_grid(4, mu=1.0)[-1] == 0
+
+
+@pytest.mark.parametrize("shift", [2.5, 3.0, 4.2])
+def test_the_grid_a_lora_is_trained_on_is_the_grid_generate_samples_it_on(shift, tmp_path):
+    """Draws at a fixed shift k come from the grid `generate` picks for a LoRA whose hints say shift k, bit for
+    bit once rounded to float32 (the sampler's dtype): one function makes both (sampling/schedules.py)."""
+    from safetensors.torch import save_file
+
+    from distill.demo.models import demo_pipeline
+    from sampling.generate import build_parser, generation_config, lora_recommendations
+    from sampling.schedules import get_sigmas
+    from weights.lora import FORMAT
+
+    config = SCFMConfig(shift_min=shift, shift_max=shift, dynamic_shift_prob=0.0, teacher_steps_min=8,
+                        teacher_steps_max=8)
+    draw = draw_for(config, 64)
+    pipe = demo_pipeline()
+    for n in config.self_grid_sizes() + config.teacher_grid_sizes():
+        path = tmp_path / f"lora-{n}.safetensors"
+        save_file({"unused": torch.zeros(1)}, path,
+                  metadata={"scfm_format": FORMAT, "scfm_shift": str(shift), "scfm_steps": str(n)})
+        args = build_parser().parse_args(["--model", "demo", "--prompt", "a", "--lora", str(path)])
+        cfg = generation_config(args, "flux", lora_recommendations([str(path)]))
+        sampled = get_sigmas(pipe.schedule(cfg), cfg.steps, 16)
+        assert cfg.grid == "scfm" and cfg.steps == n and sampled.dtype == torch.float32
+        rows = [b for b in range(64) if draw.steps[b] == n]
+        assert rows, f"no draw with a {n}-step grid"
+        for b in rows:
+            i = draw.start[b].item()
+            assert torch.equal(draw.sigmas[b].float(), sampled[i:i + config.t_skip + 1])
 
 
 def test_draws_do_not_depend_on_how_the_batch_is_split():
