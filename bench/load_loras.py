@@ -47,7 +47,7 @@ def anonymous_gib() -> float:
 
 def make_files(preset: str, rank: int, folder: Path) -> tuple[Path, Path]:
     from distill.lora import LoRAConfig, inject_lora, load_set, set_state_dict
-    from weights import save_flux
+    from weights import save_transformer
     from weights.lora import LoRA
     from weights.lora_write import write_lora
 
@@ -56,7 +56,7 @@ def make_files(preset: str, rank: int, folder: Path) -> tuple[Path, Path]:
         return model_path, lora_path
     with built_in("cpu", torch.bfloat16):
         model = Flux(PRESETS[preset]).requires_grad_(False)
-    save_flux(model, model_path, overwrite=True)
+    save_transformer(model, model_path, overwrite=True)
     inject_lora(model, LoRAConfig(rank=rank, alpha=rank))
     g = torch.Generator().manual_seed(0)
     live = set_state_dict(model, "live")

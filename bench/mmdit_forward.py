@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import built_in, median_time  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig  # noqa: E402
+from weights.families.sd3 import config_to_diffusers  # noqa: E402
 from weights.keymaps import to_official  # noqa: E402
 from weights.keymaps.mmdit import mmdit_rules  # noqa: E402
-from weights.mmdit import config_to_diffusers  # noqa: E402
 
 # name -> (config, latent (H, W), text tokens, batch, devices, dtype). 77 CLIP + 256 T5 tokens is the
 # pipeline's default context; 1024 px is a 128 x 128 latent, 4096 image tokens.

@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weights.families import default_family, names
+
 PRESETS = Path(__file__).parent / "configs"
 
 
@@ -113,8 +115,8 @@ class DistillConfig:
     # --- LoRA ---------------------------------------------------------------------------------------------
     rank: int = opt(64, "LoRA rank")
     alpha: float = opt(64.0, "LoRA alpha (scale = alpha / rank)")
-    targets: str = opt("flux", "LoRA target table: 'flux' (the released list in BFL names) or 'sd3' (in SAI "
-                               "names, the patch embedding included); must match the model")
+    targets: str = opt(default_family().name, "LoRA target table, by model family (distill/lora_targets.py: "
+                                              "the released list for flux, SAI names for sd3); must match the model")
     teacher_lora: str = opt("", "optional teacher LoRA (any layout: ours, diffusers, kohya); both EMAs "
                                 "start from it too")
     base_loras: tuple[str, ...] = opt((), "LoRAs merged for good into the frozen base before training, "
@@ -225,7 +227,7 @@ class DistillConfig:
             raise ConfigError(f"shift_min {self.shift_min} > shift_max {self.shift_max}: fixed shifts are drawn "
                               "from [shift_min, shift_max); pass --shift_min <= --shift_max")
         choices = {"dtype": ("bf16", "fp16", "fp32"), "export_set": ("live", "slow_ema", "fast_ema"),
-                   "targets": ("flux", "sd3"), "lr_schedule": LR_SCHEDULES}
+                   "targets": names(), "lr_schedule": LR_SCHEDULES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -86,6 +86,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     of each prompt for every row. `changes` replace fields of `cfg` (evaluate(per_prompt=2, steps=(1, 2)))."""
     from sampling.pipeline import FluxPipeline, FluxSources
     from weights import load_flux
+    from weights.families.flux import FLUX  # the demo model's family
     from weights.lora import read_lora
     from weights.lora_merge import apply_loras, unload_loras
 
@@ -94,7 +95,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     lora, scale = None, None
     if cfg.lora is not None:
         try:
-            lora = read_lora(cfg.lora, family="flux")  # a wrong file fails here, before the models load
+            lora = read_lora(cfg.lora, family=FLUX.name)  # a wrong file fails here, before the models load
         except WeightsError as e:
             raise WeightsError(f"--lora {e}") from None
         scale = next(s for s in (cfg.lora_scale, lora.recommended.lora_scale, 1.0) if s is not None)

@@ -32,7 +32,6 @@ from model.fp8 import Float8Weight, linear
 from .lora_fn import lora_linear, rows_of
 from .lora_targets import (  # noqa: F401  (the tables and config are part of this module's API)
     FLUX_TARGETS,
-    LORA_CONFIGS,
     SD3_TARGETS,
     SETS,
     LoRAConfig,

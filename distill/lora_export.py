@@ -61,9 +61,9 @@ def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict], 
     family = model_family(model)
     usage = f"SCFM few-step LoRA: {hints.steps} Euler steps, shift {hints.shift:g} (README: Use the LoRA)"
     if hints.guidance is not None:
-        usage += f", {'guidance' if family == 'flux' else 'CFG scale'} {hints.guidance:g}"
+        usage += f", {'guidance' if family.guidance == 'embedding' else 'CFG scale'} {hints.guidance:g}"
     return {"scfm_training": json.dumps(info),
-            "modelspec.architecture": f"{base_architecture(family, model.config)}/lora",
+            "modelspec.architecture": f"{base_architecture(family.name, model.config)}/lora",
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}", "modelspec.usage_hint": usage,
             "modelspec.description": f"SCFM velocity-field self-distillation, {cfg.export_set} weights, "
@@ -94,7 +94,7 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
     # scfm-method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with.
     # Flux-dev: its guidance input. SD3.5 with CFG baked in: sampled as trained, c + w (c - u) against the
     # empty prompt, which is diffusers' guidance scale 1 + w (generate reads it as that).
-    if family == "flux":
+    if family.guidance == "embedding":
         guidance = cfg.sample_guidance if model.config.guidance_embed else None
     else:
         guidance = cfg_scale_from_w(cfg.cfg_scale) if cfg.cfg_scale else None
@@ -106,7 +106,7 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
     for fmt, path in export_paths(cfg, step, folder).items():
         try:
             written.append(save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices,
-                                     family=family, metadata=metadata, recommended=hints, overwrite=overwrite))
+                                     family=family.name, metadata=metadata, recommended=hints, overwrite=overwrite))
         except OSError as e:  # a full disk: the write went to a temp file, removed; `path` is as it was
             raise WeightsError(f"{path}: not written ({e.strerror or e}); free some space (or pass a writable "
                                "--output), then export again") from None
@@ -139,13 +139,12 @@ def model_on_meta(cfg: DistillConfig, state: dict):
     """The trained model's architecture with its LoRA layers, holding no data: what a file's layout needs (layer
     names, fused slices, the config). Checkpoints record the config; older ones name the model file, whose header
     is read (no tensor)."""
-    from model.flux import Flux, FluxConfig
-    from model.mmdit import MMDiT, MMDiTConfig
+    from weights.families import get_family
 
     if "model" in state:
-        cls, config_cls = {"flux": (Flux, FluxConfig), "sd3": (MMDiT, MMDiTConfig)}[state["model"]["family"]]
+        family = get_family(state["model"]["family"])
         with torch.device("meta"):
-            model = cls(config_cls.from_dict(state["model"]["config"]))
+            model = family.model_class(family.config_class.from_dict(state["model"]["config"]))
     else:
         model = load_model(cfg, torch.device("meta"))
     inject_lora(model, lora_config(cfg))

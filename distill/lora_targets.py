@@ -86,9 +86,3 @@ def slice_sizes(kind: str, in_features: int, out_features: int) -> tuple[int, ..
             raise ValueError(f"a qkv_mlp layer needs out_features > 3 * in_features, got {out_features}")
         return (in_features,) * 3 + (out_features - 3 * in_features,)
     return (out_features,)
-
-
-LORA_CONFIGS: dict[str, LoRAConfig] = {
-    "flux": LoRAConfig(),
-    "sd3": LoRAConfig(targets=SD3_TARGETS),
-}

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS
-from weights.detect import detect_family
+from weights.families import default_family, detect_family, get_family
+from weights.family import Family
 from weights.io import DTYPES
 from weights.lora_merge import lora_spec
 
@@ -79,23 +79,21 @@ def render_demo_data(cfg: DistillConfig) -> None:
     teacher_data.run(args)
 
 
-def family_of(cfg: DistillConfig) -> str:
-    """"flux" or "sd3": the demo names, else the model's files (config class names, then keys)."""
-    if cfg.model in ("tiny", "tiny-sd3"):
-        return {"tiny": "flux", "tiny-sd3": "sd3"}[cfg.model]
+def family_of(cfg: DistillConfig) -> Family:
+    """The model's family: the test models by name ("tiny": the first family's tiny preset, "tiny-<family>"),
+    else from its files (config class names, then keys)."""
+    if cfg.model == "tiny" or cfg.model.startswith("tiny-"):
+        return get_family(cfg.model.removeprefix("tiny").removeprefix("-") or default_family())
     if not cfg.model:
-        raise ConfigError("no model: pass --model (a Flux or SD3 / SD3.5 transformer file or folder)")
+        raise ConfigError("no model: pass --model (a transformer file or folder of a family scfm knows)")
     return detect_family(Path(cfg.model).expanduser())
 
 
-# What each family's text encoder returns, and the negative prompt embedded once (SD3.5's CFG: the empty one).
-COND_NAMES = {"flux": ("txt", "y"), "sd3": ("context", "pooled")}
-
-
-def cache_key(cfg: DistillConfig, family: str = "flux") -> dict:
+def cache_key(cfg: DistillConfig, family: Family | None = None) -> dict:
     """What the cached tensors depend on besides the images and prompts."""
     names = ("vae", "clip", "t5", "t5_tokenizer", "clip_tokenizer")
-    names += ("clip_g", "clip_g_tokenizer") if family == "sd3" else ()  # Flux keys stay as they were
+    # a family with CLIP-bigG keys its files too (the others' keys stay as they were)
+    names += ("clip_g", "clip_g_tokenizer") if "clip_g" in (family or default_family()).text_encoders else ()
     files = {k: file_identity(getattr(cfg, k)) for k in names}
     key = {**files, "t5_length": cfg.t5_length, "resolution": cfg.resolution, "dtype": cfg.dtype}
     records = text_lora_records(cfg)
@@ -114,45 +112,19 @@ def text_lora_records(cfg: DistillConfig) -> list[dict]:
     return base_lora_records(tuple(s for s in cfg.base_loras if has_text_part(lora_spec(s)[0])))
 
 
-def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: str):
-    from model.text import encode_flux, encode_sd3
-    from model.tokenizers import CLIPTokenizer, T5Tokenizer
-    from weights.lora_text import split_loras
-    from weights.text import load_clip, load_t5
-
-    # the base LoRAs' text-encoder parts, merged as the encoders are read (the transformer takes the rest)
-    encoders = ("clip_l", "clip_g", "t5") if family == "sd3" else ("clip_l", "t5")
-    loras = split_loras([lora_spec(s) for s in cfg.base_loras], family,
-                        encoders=[e for e in encoders if e != "t5" or cfg.t5], ignore_text=cfg.ignore_te_lora)
-    for line in loras.notes:
-        print(line, file=sys.stderr)
-    clip = load_clip(cfg.clip, dtype=dtype, device=device, loras=loras.text_for("clip_l"))
-    t5 = load_t5(cfg.t5, dtype=dtype, device=device, loras=loras.text_for("t5")) if cfg.t5 else None
-    clip_tok = CLIPTokenizer.load(cfg.clip_tokenizer or None)
-    t5_tok = T5Tokenizer.load(cfg.t5_tokenizer, max_length=cfg.t5_length) if cfg.t5 else None
-    if family == "flux":
-        def encode(prompts):
-            txt, _, y = encode_flux(prompts, clip=clip, clip_tokenizer=clip_tok, t5=t5, t5_tokenizer=t5_tok,
-                                    max_length=cfg.t5_length)
-            return {"txt": txt, "y": y}
-        return encode
-    from model.tokenizers import _pad_token_of
-    from sampling.sd3 import CLIP_G_PAD
-
-    clip_g = load_clip(cfg.clip_g, dtype=dtype, device=device, loras=loras.text_for("clip_g"))
-    # bigG pads with "!" unless its own tokenizer folder says otherwise, as sampling/sd3.py loads it
-    folder = Path(cfg.clip_g_tokenizer).expanduser() if cfg.clip_g_tokenizer else None
-    g_tok = CLIPTokenizer.load(folder, pad_token=None if folder and _pad_token_of(folder) else CLIP_G_PAD)
-
-    def encode_3(prompts):
-        context, pooled = encode_sd3(prompts, clip_l=clip, clip_l_tokenizer=clip_tok, clip_g=clip_g,
-                                     clip_g_tokenizer=g_tok, t5=t5, t5_tokenizer=t5_tok,
-                                     max_length=cfg.t5_length)
-        return {"context": context, "pooled": pooled}
-    return encode_3
+def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: Family):
+    """The family pipeline's own text encoder (sampling: `Pipeline.text_encoder`), loaded once for every batch,
+    the base LoRAs' text-encoder parts merged as the encoders are read (the transformer takes the rest)."""
+    files = {"vae": cfg.vae, "clip": cfg.clip, "clip_g": cfg.clip_g, "t5": cfg.t5, "no_t5": not cfg.t5,
+             "clip_tokenizer": cfg.clip_tokenizer, "clip_g_tokenizer": cfg.clip_g_tokenizer,
+             "t5_tokenizer": cfg.t5_tokenizer}
+    pipe = family.part("pipeline").from_files(Path(cfg.model).expanduser(), files, device=device, dtype=dtype,
+                                              loras=[lora_spec(s) for s in cfg.base_loras],
+                                              ignore_te_lora=cfg.ignore_te_lora)
+    return pipe.text_encoder(cfg.t5_length)
 
 
-def _encoders(cfg: DistillConfig, device: torch.device, family: str = "flux"):
+def _encoders(cfg: DistillConfig, device: torch.device, family: Family):
     dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
 
     def text():
@@ -168,9 +140,10 @@ def _encoders(cfg: DistillConfig, device: torch.device, family: str = "flux"):
     return text, image
 
 
-def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: str = "flux") -> Cache:
+def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: Family | None = None) -> Cache:
     folder = Path(cfg.cache or Path(cfg.output) / "cache").expanduser()
-    needed = {"flux": ("vae", "clip", "t5", "t5_tokenizer"), "sd3": ("vae", "clip", "clip_g")}[family]
+    family = family or default_family()
+    needed = ("vae", *family.part("pipeline").needed_files)
     encoders_given = all(getattr(cfg, k) for k in needed)
     if rank == 0:
         if encoders_given:
@@ -178,8 +151,10 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: s
                 raise DataError("no dataset: pass --data FOLDER")
             if cfg.t5 and not cfg.t5_tokenizer:
                 raise DataError("--t5 needs --t5-tokenizer (its spiece.model / tokenizer.json / folder)")
+            # a CFG family embeds the empty negative prompt once (SD3.5's baked-in CFG, scfm-method.md §5)
             plan = plan_cache(cfg.data, cache_key(cfg, family), cfg.resolution, cfg.sample_prompts,
-                              cond_names=COND_NAMES[family], negative_prompt="" if family == "sd3" else None)
+                              cond_names=family.part("pipeline").cond_names,
+                              negative_prompt="" if family.guidance == "cfg" else None)
             text, image = _encoders(cfg, device, family)
             build_cache(folder, plan, text, image, dtype=DTYPES[cfg.dtype])
         elif not (folder / "cache.json").exists():
@@ -202,7 +177,7 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: s
     return cache
 
 
-def teacher_set(model, path: str, family: str) -> dict[str, torch.Tensor]:
+def teacher_set(model, path: str, family: Family) -> dict[str, torch.Tensor]:
     """`--teacher_lora` as a set of this run's LoRA layers (for `distill.lora.load_set`), from a file in any
     layout weights.lora reads (ours, diffusers / PEFT, kohya): each of the file's LoRAs goes into the layer slice
     its rows fall in, its rank zero-padded up to the run's and its up matrix rescaled from the file's alpha / r
@@ -214,13 +189,12 @@ def teacher_set(model, path: str, family: str) -> dict[str, torch.Tensor]:
 
     flag = f"--teacher_lora {path}"
     try:
-        lora = read_lora(Path(path).expanduser(), family=family)
+        lora = read_lora(Path(path).expanduser(), family=family.name)
     except WeightsError as e:
         raise ConfigError(f"--teacher_lora: {e}") from None
-    if lora.family != family:
-        names = {"flux": "Flux", "sd3": "SD3 / SD3.5"}
-        raise ConfigError(f"{flag}: a LoRA for {names[lora.family]}, this run trains {names[family]}; pass a "
-                          f"teacher LoRA made for this model")
+    if lora.family != family.name:
+        raise ConfigError(f"{flag}: a LoRA for {get_family(lora.family).title}, this run trains {family.title}; "
+                          "pass a teacher LoRA made for this model")
     layers = lora_layers(model)
     extra = sorted(set(lora.modules) - set(layers)) or sorted(lora.diffs)
     if extra or lora.text_encoders:
@@ -277,24 +251,18 @@ def _place_teacher(mod, layer, down: torch.Tensor, up: torch.Tensor, where: str)
 
 def load_model(cfg: DistillConfig, device: torch.device):
     """With fp8 storage the blocks' weights are quantized as they are read: the bf16 model never exists at once."""
-    from model.flux import FLUX_CONFIGS, Flux
-    from model.mmdit import MMDIT_CONFIGS, MMDiT
     from weights.lora_text import transformer_parts
+    from weights.transformer import load_transformer
 
     family = family_of(cfg)
     # merged as the weights are read, before fp8; their text-encoder parts are in the text cache (_text_encoder)
-    loras = transformer_parts([lora_spec(spec) for spec in cfg.base_loras], family)
-    if cfg.model in ("tiny", "tiny-sd3"):
+    loras = transformer_parts([lora_spec(spec) for spec in cfg.base_loras], family.name)
+    if cfg.model == "tiny" or cfg.model.startswith("tiny-"):
         from weights.lora_merge import apply_loras
 
         torch.manual_seed(cfg.seed)  # the test model: random, but the same on every rank
-        model = Flux(FLUX_CONFIGS["tiny"]) if cfg.model == "tiny" else MMDiT(MMDIT_CONFIGS["tiny"])
+        model = family.model_class(family.config_class.preset("tiny"))
         apply_loras(model, loras, restorable=False)
         return model
-    if family == "sd3":
-        from weights.mmdit import load_mmdit
-
-        return load_mmdit(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_storage, loras=loras)
-    from weights.flux import load_flux
-
-    return load_flux(cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_storage, loras=loras)
+    return load_transformer(family, cfg.model, dtype=DTYPES[cfg.dtype], device=device, fp8=cfg.fp8_storage,
+                            loras=loras)

@@ -44,7 +44,8 @@ ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m distill.make_dataset", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers Flux pipeline folder, or the transformer file")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder, or the transformer file (its family is "
+                   "read from it)")
     for name in ("vae", "clip", "t5", "t5-tokenizer", "clip-tokenizer"):
         p.add_argument(f"--{name}", help=f"{name} file/folder (default: the pipeline folder's)")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
@@ -129,31 +130,24 @@ def check_settings(out: Path, settings: dict) -> None:
 
 @torch.no_grad()
 def render(pipe, jobs: list[dict], args, out: Path, bar) -> None:
-    """One bucket's jobs: encode their prompts once, then batches of independent per-image noise."""
-    from sampling.base import save_png
-    from sampling.pipeline import GenerationConfig, to_pil
-    from sampling.samplers import euler, flux_guidance
-    from sampling.schedules import get_sigmas
-    from sampling.velocity import FluxVelocity
+    """One bucket's jobs: encode their prompts once, then batches of independent per-image noise, sampled by the
+    family's pipeline as `generate` samples (its guidance, and its negative prompt when it uses one)."""
+    from sampling.base import save_png, to_pil
 
     w, h = jobs[0]["width"], jobs[0]["height"]
-    cfg = GenerationConfig(height=h, width=w, steps=args.steps, guidance=args.guidance,
-                           max_sequence_length=args.max_sequence_length)
+    cfg = pipe.default_config(height=h, width=w, steps=args.steps, guidance=args.guidance,
+                              max_sequence_length=args.max_sequence_length)
     prompts = list(dict.fromkeys(j["prompt"] for j in jobs))
-    conds = pipe.encode(prompts, args.max_sequence_length)
+    conds, negatives = pipe.encode_prompts(prompts, cfg)  # the negative's rows only when cfg runs that pass
     row = {p: i for i, p in enumerate(prompts)}
-    model = pipe.transformer
-    velocity = FluxVelocity(model)
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         # each image's noise from its own seed: the dataset does not depend on --batch-size
         x = torch.cat([pipe.noise(1, h, w, torch.Generator().manual_seed(j["seed"])) for j in batch])
         pick = torch.tensor([row[j["prompt"]] for j in batch])
         cond = {k: v[pick.to(v.device)] for k, v in conds.items()}
-        tokens = (x.shape[2] // 2) * (x.shape[3] // 2)
-        sigmas = get_sigmas(pipe.schedule(cfg), cfg.steps, tokens, device=x.device)
-        guidance = flux_guidance(cfg.guidance, len(batch), x.device) if model.config.guidance_embed else None
-        images = to_pil(pipe.decode(euler(velocity, x, sigmas, cond, guidance)))
+        negative = None if negatives is None else {k: v[pick.to(v.device)] for k, v in negatives.items()}
+        images = to_pil(pipe.decode(pipe.sample(cond, cfg, negative=negative, noise=x)))
         with open(out / "metadata.jsonl", "a") as meta:
             for job, image in zip(batch, images, strict=True):
                 save_png(image, out / job["file_name"], {**job, "steps": cfg.steps, "guidance": cfg.guidance})
@@ -164,19 +158,20 @@ def render(pipe, jobs: list[dict], args, out: Path, bar) -> None:
 
 
 def make_pipeline(args):
-    from sampling.pipeline import FluxPipeline, FluxSources
+    """The teacher: the model's family's pipeline (weights/families), as `generate` builds it."""
+    from weights.families import detect_family
 
     model = Path(args.model).expanduser()
     if not model.exists():
         raise WeightsError(f"--model {model}: no such file or folder")
-    files = {k: Path(v) for k in ("vae", "clip", "t5", "t5_tokenizer", "clip_tokenizer")
-             if (v := getattr(args, k))}
-    sources = FluxSources.from_folder(model, **files) if (model / "model_index.json").exists() else \
-        FluxSources(transformer=model, **files)
-    sources.check()
-    return FluxPipeline(sources, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
-                        loras=[lora_spec(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap,
-                        fp8_compute=args.fp8_compute, compile=args.compile, ignore_te_lora=args.ignore_te_lora)
+    files = {k: getattr(args, k, None) for k in ("vae", "clip", "clip_g", "t5", "no_t5", "t5_tokenizer",
+                                                 "clip_tokenizer", "clip_g_tokenizer")}
+    pipe = detect_family(model).part("pipeline").from_files(
+        model, files, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
+        loras=[lora_spec(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap,
+        fp8_compute=args.fp8_compute, compile=args.compile, ignore_te_lora=args.ignore_te_lora)
+    pipe.sources.check()
+    return pipe
 
 
 def resolution_buckets(resolution: int) -> tuple[tuple[int, int], ...]:

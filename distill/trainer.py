@@ -25,11 +25,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.block_swap import BlockSwap
-from model.flux import Flux
 from model.fp8 import fp8_bytes, quantize_linears_
 from model.layers import named_blocks
-from model.mmdit import MMDiT
-from sampling.velocity import FluxVelocity, MMDiTVelocity
+from weights.families import family_of, get_family, names
+from weights.family import Family
 from weights.io import DTYPES
 
 from . import speed
@@ -50,8 +49,6 @@ from .config import AUTO, DistillConfig, lr_at
 from .data import BucketBatches, Cache
 from .ema import EMAConfig, ema_step
 from .lora import (
-    FLUX_TARGETS,
-    SD3_TARGETS,
     LoRAConfig,
     copy_set,
     inject_lora,
@@ -97,22 +94,17 @@ def scfm_config(cfg: DistillConfig, guidance: bool) -> SCFMConfig:
     )
 
 
-TARGETS = {"flux": FLUX_TARGETS, "sd3": SD3_TARGETS}  # scfm-method.md §6 in official names (distill/lora.py)
-
-
 def lora_config(cfg: DistillConfig) -> LoRAConfig:
-    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=TARGETS[cfg.targets])
+    """The run's LoRA: its family's target table (scfm-method.md §6 in official names, distill/lora_targets.py)."""
+    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=get_family(cfg.targets).part("lora_targets"))
 
 
-def model_family(model: nn.Module) -> str:
-    if isinstance(model, Flux):
-        return "flux"
-    if isinstance(model, MMDiT):
-        return "sd3"
-    raise TrainingError(f"SCFM trains a Flux or an SD3 / SD3.5 MMDiT, not a {type(model).__name__}")
-
-
-VELOCITY = {"flux": FluxVelocity, "sd3": MMDiTVelocity}
+def model_family(model: nn.Module) -> Family:
+    try:
+        return family_of(model)
+    except TypeError:
+        raise TrainingError(f"SCFM trains a transformer of a family scfm knows ({', '.join(names())}), not a "
+                            f"{type(model).__name__}") from None
 
 
 def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: DistillConfig, last_step: int) -> None:
@@ -140,7 +132,7 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, config: DistillConfig, model: Flux | MMDiT, cache: Cache, *,
+    def __init__(self, config: DistillConfig, model: nn.Module, cache: Cache, *,
                  device: torch.device | str = "cpu", on_step: Callable[[int], None] | None = None):
         self.config, self.cache, self.device = config, cache, torch.device(device)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -154,14 +146,16 @@ class Trainer:
         self.on_step = on_step  # called after every step (tests use it to kill a run)
         self.signals = StopSignals()
         self.out = Path(config.output).expanduser()
-        self.family = model_family(model)
-        if config.targets != self.family:
+        self.kind = model_family(model)
+        self.family = self.kind.name
+        if get_family(config.targets) is not self.kind:
             raise TrainingError(f"targets {config.targets!r} are for another model; this one is "
                                 f"{self.family} (--targets {self.family})")
         self.negative = None
         if config.cfg_scale:
-            if self.family != "sd3":
-                raise TrainingError("cfg_scale is SD3.5's baked-in CFG; Flux-dev uses its guidance input")
+            if self.kind.guidance != "cfg":
+                raise TrainingError(f"cfg_scale bakes in classifier-free guidance, which {self.kind.title} does not "
+                                    "use (it has a guidance input)")
             self.negative = cache.negative_cond()  # {name: (1, ...)}: the empty prompt, embedded once
             if self.negative is None:
                 raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "
@@ -171,9 +165,8 @@ class Trainer:
                 raise TrainingError(f"sample_every {config.sample_every}: the cache {cache.folder} holds no sample "
                                     "prompts; pass --sample_prompts (with the encoders, to embed them) or "
                                     "--sample_every 0")
-            patch = 2 if self.family == "flux" else model.config.patch_size  # Flux packs 2x2 latent pixels
             try:
-                self.sample_side = sample_side(config.sample_size, cache.downscale, patch)
+                self.sample_side = sample_side(config.sample_size, cache.downscale, self.kind.token_side(model.config))
             except ValueError as e:
                 raise TrainingError(str(e)) from None
 
@@ -197,7 +190,7 @@ class Trainer:
         # unchecked_blocks auto (-1) is planned on the first batch (distill/speed.py)
         model.enable_gradient_checkpointing(config.gradient_checkpointing, max(config.unchecked_blocks, 0))
         if config.teacher_lora:  # any layout weights.lora reads, fitted to this run's rank and alpha
-            load_set(model, "teacher", teacher_set(model, config.teacher_lora, self.family))
+            load_set(model, "teacher", teacher_set(model, config.teacher_lora, self.kind))
             for ema in ("fast_ema", "slow_ema"):  # scfm-method.md §3: EMAs start from the teacher LoRA
                 copy_set(model, ema, "teacher")
         if self.sharded:  # after every set exists: sets created later would not be sharded
@@ -227,7 +220,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False, init_sync=False)
             student = StudentRoute(self.ddp)
-        self.velocity = VELOCITY[self.family](student)
+        self.velocity = self.kind.part("velocity")(student)
         self.scfm = scfm_config(config, getattr(model.config, "guidance_embed", False))
         self.ema = EMAConfig(config.fast_decay, config.slow_decay, config.ema_restart_every)
         self.batches = BucketBatches(cache.buckets, config.batch_size, config.seed)
@@ -464,11 +457,10 @@ class Trainer:
         cfg = self.config
         prompts, cond = self.cache.sample_cond()  # __init__ refused a cache without sample prompts
         cond = {k: v.to(self.device) for k, v in cond.items()}
-        # Flux's packed tokens hold 2x2 latent pixels; the MMDiT patchifies inside
-        channels = self.model.config.in_channels // (4 if self.family == "flux" else 1)
-        velocity = VELOCITY[self.family](self.model)
+        channels = self.kind.latent_channels(self.model.config)
+        velocity = self.kind.part("velocity")(self.model)
         guidance = None
-        if self.family == "flux":
+        if self.kind.guidance == "embedding":
             guidance = torch.full((len(prompts),), cfg.sample_guidance, device=self.device)
         elif self.negative is not None:  # sampled as trained: c + w (c - u), diffusers' scale 1 + w
             velocity = sd3_cfg(velocity, self.uncond(len(prompts)), cfg_scale_from_w(cfg.cfg_scale))

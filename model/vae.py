@@ -47,8 +47,8 @@ class VAEConfig:
 
 
 VAE_CONFIGS: dict[str, VAEConfig] = {
-    "flux": VAEConfig(),
-    # Same network as Flux's; only the latent statistics differ.
+    "flux1": VAEConfig(),  # FLUX.1's autoencoder (BFL's ae.safetensors)
+    # Same network as FLUX.1's; only the latent statistics differ.
     "sd3.5": VAEConfig(scale_factor=1.5305, shift_factor=0.0609),
     # diffusers AutoencoderKL(block_out_channels=(32, 64, 64), layers_per_block=2, latent_channels=16): the tests' twin.
     "tiny": VAEConfig(ch=32, ch_mult=(1, 2, 2)),

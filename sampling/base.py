@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from model.vae import AUTO_TILE_PIXELS, TILE_SIZE, AutoEncoder, VAEConfig, vae_t
 from weights.atomic import atomic_path
 from weights.io import WeightsError
 from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
+from weights.transformer import load_transformer
 from weights.vae import load_vae
 
 from .infotext import infotext
@@ -37,8 +38,17 @@ TEXT_TOKENS = 512 + 77
 
 
 class Pipeline:
+    """One family's text-to-image pipeline (its sampling half: weights/families names it as part "pipeline").
+    `generate` and the trainer's cache drive every family through this interface alone."""
+
     default_config: type  # the family's generation config dataclass
-    family: str  # "flux" | "sd3": the LoRA names its files are read for
+    family: str  # the family's name (weights/families): the LoRA names its files are read for
+    cond_names: tuple[str, ...]  # the keys of `encode`'s conditioning, in the cache's order
+    defaults: dict  # `generate`'s defaults: steps, guidance, max_sequence_length (the diffusers pipeline's)
+    # `generate` flags only this family reads, (flag, args attribute): another family's model refuses them
+    own_flags: tuple[tuple[str, str], ...] = ()
+    flag_hint: str = ""  # said when another family's flag is refused for this family's model
+    needed_files: tuple[str, ...] = ()  # the text-encoder files (DistillConfig fields) a training cache needs
 
     def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  fp8: bool = False, loras: Sequence = (), blocks_to_swap: int = 0, fp8_compute: bool = False,
@@ -70,7 +80,8 @@ class Pipeline:
     def load_transformer(self, device: torch.device | None = None) -> nn.Module:
         """The transformer in `self.dtype` on `device` (default `self.device`), `self.loras` merged, block weights
         in e4m3 if `self.fp8`. On "meta" the loader's checks run and nothing is read."""
-        raise NotImplementedError
+        return load_transformer(self.family, self.sources.transformer, dtype=self.dtype,
+                                device=device or self.device, fp8=self.fp8, loras=self.lora_parts().transformer)
 
     def size_multiple(self) -> int:
         """Image sizes must be multiples of this (VAE downscale x the transformer's patch)."""
@@ -93,13 +104,57 @@ class Pipeline:
         """The text encoders' tokenizers, in `encode`'s order; loaded first there, so a wrong file costs no load."""
         raise NotImplementedError
 
-    def encode(self, prompts: Sequence[str], max_sequence_length: int) -> dict[str, Tensor]:
+    @classmethod
+    def from_files(cls, model: Path, files: dict, **options) -> Pipeline:
+        """The pipeline of a model file or pipeline folder with the components `files` names (generate's flags:
+        vae, clip, clip_g, t5, no_t5, clip_tokenizer, clip_g_tokenizer, t5_tokenizer; None for not given)."""
         raise NotImplementedError
 
-    def sample(self, cond: dict[str, Tensor], cfg, *, negative=None, generator=None, callback=None) -> Tensor:
+    @classmethod
+    def generation_config(cls, args, rec, common: dict):
+        """`generate`'s config: `common` (sizes, steps, grid, shift, seed), then this family's settings from the
+        command line `args`, the LoRAs' recommendation `rec` and `defaults`."""
+        raise NotImplementedError
+
+    def text_encoder(self, max_sequence_length: int) -> Callable[[Sequence[str]], dict[str, Tensor]]:
+        """Load the tokenizers (first: a wrong file costs no load) and the text encoders, LoRA parts merged; the
+        function returned encodes prompts with them into {cond_names...}. `encode` uses it once; the trainer's
+        cache build keeps it for every batch."""
+        raise NotImplementedError
+
+    def sample(self, cond: dict[str, Tensor], cfg, *, negative=None, generator=None, callback=None,
+               noise: Tensor | None = None) -> Tensor:
+        """Latents from the conditioning (and `negative`'s when `wants_negative`), from `noise` (as `noise`
+        draws it) or a fresh draw of the config's seed."""
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], max_sequence_length: int) -> dict[str, Tensor]:
+        """Run the text encoders once for all prompts, then free them before the transformer loads."""
+        encode = self.text_encoder(max_sequence_length)
+        cond = encode(list(prompts))
+        del encode
+        self.release_text_encoders()
+        return cond
+
+    def encode_prompts(self, prompts: Sequence[str], cfg) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """The prompts' conditioning and, when `cfg` runs a negative pass (`wants_negative`), the negative
+        prompt's, one row per prompt: both from one run of the text encoders."""
+        prompts = list(prompts)
+        with_negative = self.wants_negative(cfg)
+        conds = self.encode(prompts + ([cfg.negative_prompt] * len(prompts) if with_negative else []),
+                            cfg.max_sequence_length)
+        cond = {k: v[: len(prompts)] for k, v in conds.items()}
+        return cond, ({k: v[len(prompts):] for k, v in conds.items()} if with_negative else None)
+
+    def check_config(self, cfg) -> None:
+        """Settings only this model can judge (a block index, say), checked before the text encoders run."""
+
+    def used_settings(self, settings: dict) -> dict:
+        """The settings as sampled, for the PNG: a family drops what its model ignored."""
+        return settings
 
     def lora_parts(self) -> SplitLoRAs:
         """`self.loras` split into transformer and text-encoder parts: each file read once, its notes (a part
@@ -265,10 +320,7 @@ class Pipeline:
         with_negative = self.wants_negative(cfg)
         # fail on a bad size before loading the big parts
         self.check_size(cfg.height, cfg.width, len(prompts) * (2 if with_negative else 1))
-        conds = self.encode(prompts + ([cfg.negative_prompt] * len(prompts) if with_negative else []),
-                            cfg.max_sequence_length)
-        cond = {k: v[: len(prompts)] for k, v in conds.items()}
-        negative = {k: v[len(prompts):] for k, v in conds.items()} if with_negative else None
+        cond, negative = self.encode_prompts(prompts, cfg)
         latents = self.sample(cond, cfg, negative=negative, generator=generator, callback=callback)
         if output == "latent":
             return latents

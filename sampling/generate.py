@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from weights.detect import detect_family
+from weights.families import article, detect_family, families, get_family
+from weights.family import Family
 from weights.io import DTYPES, WeightsError
 
 from .base import MAX_SIDE, save_png
@@ -42,13 +43,9 @@ from .options import (
     check_seed,
     check_writable,
     out_of_memory,
+    pick,
     read_prompt_lines,
 )
-
-# The family's diffusers defaults: FluxPipeline (guidance embedding 3.5, T5 512) and StableDiffusion3Pipeline
-# (CFG 7.0, T5 256). Both use 28 steps.
-DEFAULTS = {"flux": dict(steps=28, guidance=3.5, max_sequence_length=512),
-            "sd3": dict(steps=28, guidance=7.0, max_sequence_length=256)}
 
 
 def with_demo_defaults(args) -> None:
@@ -264,93 +261,48 @@ def lora_records(loras: list[tuple[str, float]]) -> list[dict]:
              "a1111_hash": a1111_lora_hash(path)} for path, scale in loras]
 
 
-def _pick(*values):
-    return next((v for v in values if v is not None), None)
-
-
-def _one_scale(a: float | None, b: float | None, names: str) -> float | None:
-    if a is not None and b is not None and a != b:
-        raise ValueError(f"{names} name the same scale here; pass one (got {a} and {b})")
-    return _pick(a, b)
-
-
-def check_family_flags(args, family: str) -> None:
-    """A flag of the other family would be ignored silently; refuse it instead."""
-    if family == "flux":
-        used = [f for f, v in (("--clip-g", args.clip_g), ("--clip-g-tokenizer", args.clip_g_tokenizer),
-                               ("--no-t5", args.no_t5), ("--slg-layers", args.slg_layers)) if v]
+def check_family_flags(args, family: Family | str) -> None:
+    """A flag only another family reads would be ignored silently; refuse it instead."""
+    family = get_family(family)
+    for other in families():
+        if other is family:
+            continue
+        used = [flag for flag, attr in other.part("pipeline").own_flags if getattr(args, attr)]
         if used:
-            raise ValueError(f"{', '.join(used)}: SD3 options, but {args.model} is a Flux model")
-    elif args.true_cfg is not None:
-        raise ValueError("--true-cfg is Flux's; SD3's classifier-free guidance scale is --cfg")
+            hint = family.part("pipeline").flag_hint
+            raise ValueError(f"{', '.join(used)}: {other.title} options, but {args.model} is {article(family.title)} "
+                             f"model" + (f"; {hint}" if hint else ""))
 
 
-def generation_config(args, family: str, rec):
-    """The family's GenerationConfig: command line, then the LoRA's recommendation, then the family default."""
-    from .pipeline import GenerationConfig
-    from .sd3 import SD3GenerationConfig
-
-    d = DEFAULTS[family]
-    shift = _pick(args.shift, rec.shift)
-    common = dict(height=args.height, width=args.width, steps=_pick(args.steps, rec.steps, d["steps"]),
-                  max_sequence_length=_pick(args.max_sequence_length, rec.max_sequence_length,
-                                            d["max_sequence_length"]),
-                  grid=_pick(args.schedule, rec.schedule, "diffusers"), seed=args.seed, shift=shift)
-    if family == "flux":
-        return GenerationConfig(**common, guidance=_pick(args.guidance, rec.guidance, d["guidance"]),
-                                true_cfg=_pick(_one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg"), 1.0),
-                                negative_prompt=args.negative_prompt)
-    # SD3 metadata records guidance in diffusers' convention (SCFM's w = 3.5 is stored as 4.5), used as is
-    guidance = _pick(_one_scale(args.cfg, args.guidance, "--cfg and --guidance"), rec.guidance, d["guidance"])
-    return SD3GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "",
-                               slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
-                               slg_stop=args.slg_stop)
+def generation_config(args, family: Family | str, rec):
+    """The family's generation config: command line, then the LoRA's recommendation, then the family default."""
+    pipeline = get_family(family).part("pipeline")
+    d = pipeline.defaults
+    common = dict(height=args.height, width=args.width, steps=pick(args.steps, rec.steps, d["steps"]),
+                  max_sequence_length=pick(args.max_sequence_length, rec.max_sequence_length,
+                                           d["max_sequence_length"]),
+                  grid=pick(args.schedule, rec.schedule, "diffusers"), seed=args.seed, shift=pick(args.shift, rec.shift))
+    return pipeline.generation_config(args, rec, common)
 
 
-def build_pipeline(args, model: Path, family: str, loras: Sequence = ()):
+def build_pipeline(args, model: Path, family: Family | str, loras: Sequence = ()):
     options = {"device": args.device, "dtype": DTYPES[args.dtype], "fp8": args.fp8, "loras": loras,
                "blocks_to_swap": args.blocks_to_swap, "fp8_compute": args.fp8_compute, "compile": args.compile,
                "ignore_te_lora": args.ignore_te_lora}
-    files = dict(vae=args.vae, clip=args.clip, t5=args.t5, clip_tokenizer=args.clip_tokenizer,
-                 t5_tokenizer=args.t5_tokenizer)
-    if family == "flux":
-        from .pipeline import FluxPipeline, FluxSources
-
-        files = {k: Path(v) for k, v in files.items() if v}
-        is_folder = (model / "model_index.json").exists()
-        sources = FluxSources.from_folder(model, **files) if is_folder else FluxSources(transformer=model, **files)
-        sources.check()
-        return FluxPipeline(sources, **options)
-    from .sd3 import SD3Pipeline, SD3Sources
-
-    files = dict(vae=files["vae"], clip_l=files["clip"], clip_g=args.clip_g, t5=None if args.no_t5 else files["t5"],
-                 clip_l_tokenizer=files["clip_tokenizer"], clip_g_tokenizer=args.clip_g_tokenizer,
-                 t5_tokenizer=files["t5_tokenizer"])
-    files = {k: Path(v) for k, v in files.items() if v}
-    if (model / "model_index.json").exists():
-        sources = SD3Sources.from_folder(model, without_t5=args.no_t5, **files)
-    else:
-        sources = SD3Sources(transformer=model, **files)
-    sources.check()
-    return SD3Pipeline(sources, **options)
+    files = {k: getattr(args, k) for k in ("vae", "clip", "clip_g", "t5", "no_t5", "clip_tokenizer",
+                                           "clip_g_tokenizer", "t5_tokenizer")}
+    pipe = get_family(family).part("pipeline").from_files(model, files, **options)
+    pipe.sources.check()
+    return pipe
 
 
-def _negative(family: str, cfg) -> str | None:
-    """The negative prompt the pipeline will use, or None when no negative pass runs."""
-    if family == "flux":
-        return cfg.negative_prompt if cfg.negative_prompt is not None and cfg.true_cfg > 1 else None
-    return cfg.negative_prompt if cfg.guidance > 1 else None
-
-
-def used_settings(pipe, cfg, family: str, negative_prompt: str | None) -> dict:
+def used_settings(pipe, cfg, negative_prompt: str | None) -> dict:
     """The config as sampled, for the PNG: the negative prompt only when a negative pass ran, the shift the
-    schedule used when --shift left it to the model, and no Flux guidance for a model without the embedding."""
+    schedule used when --shift left it to the model, less what the model ignored (the family says)."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "grid")}
     schedule = pipe.schedule(cfg)
     settings.update(negative_prompt=negative_prompt, shift="dynamic" if schedule.dynamic else schedule.shift)
-    if family == "flux" and not pipe.transformer.config.guidance_embed:
-        settings["guidance"] = None  # schnell: the value was never used
-    return settings
+    return pipe.used_settings(settings)
 
 
 def run(args) -> list[Path]:
@@ -391,20 +343,16 @@ def run(args) -> list[Path]:
 
         # read once: the check below and the loads take these (merged for good as the transformer and, for a
         # text-encoder part, CLIP / T5 are read)
-        loras = [(read_lora(path, family=family), scale) for path, scale in loras]
+        loras = [(read_lora(path, family=family.name), scale) for path, scale in loras]
     pipe = build_pipeline(args, model, family, loras)
-    negative_prompt = _negative(family, cfg)
+    negative_prompt = cfg.negative_prompt if pipe.wants_negative(cfg) else None
     # a bad size fails before the big models are loaded (the configs are read on "meta"), so do a wrong file or
     # a LoRA for another model: nothing is read yet
     pipe.check_size(args.height, args.width, len(prompts) * (2 if negative_prompt is not None else 1))
     pipe.check_transformer()
     pipe.tokenizers(cfg.max_sequence_length)  # milliseconds; a wrong file then fails before the encoders load
-    if family == "sd3":
-        pipe.check_slg_layers(cfg.slg_layers)
-    conds = pipe.encode(prompts + ([negative_prompt] * len(prompts) if negative_prompt is not None else []),
-                        cfg.max_sequence_length)  # encoders run once, then are freed
-    cond = {k: v[: len(prompts)] for k, v in conds.items()}
-    negative = {k: v[len(prompts):] for k, v in conds.items()} if negative_prompt is not None else None
+    pipe.check_config(cfg)
+    cond, negative = pipe.encode_prompts(prompts, cfg)  # the encoders run once, then are freed
     written: list[Path] = []
     with tqdm(total=args.batch_size * cfg.steps, desc="sampling", unit="step") as bar:
         for b in range(args.batch_size):
@@ -412,8 +360,8 @@ def run(args) -> list[Path]:
             latents = pipe.sample(cond, cfg, negative=negative, callback=lambda *_: bar.update(1))
             for i, (prompt, image) in enumerate(zip(prompts, to_pil(pipe.decode(latents)))):
                 path = paths[b * len(prompts) + i]
-                params = dict(prompt=prompt, family=family, model=str(model), loras=records, schedule=cfg.grid,
-                              **skipped, **used_settings(pipe, cfg, family, negative_prompt))
+                params = dict(prompt=prompt, family=family.name, model=str(model), loras=records, schedule=cfg.grid,
+                              **skipped, **used_settings(pipe, cfg, negative_prompt))
                 save_png(image, path, params)
                 written.append(path)
     return written

@@ -57,10 +57,12 @@ def infotext(params: dict) -> str:
     pairs["Schedule type"] = schedule_type(get("schedule"), get("shift"))
     # generate's negative_prompt is None when no negative pass ran: CFG was off, which A1111 writes as scale 1
     cfg_on = get("negative_prompt") is not None
-    if family == "flux":
+    # which scale is CFG's is told by the settings the family's config has, not by its name: a guidance-embedding
+    # model (Flux) has `true_cfg` beside its `guidance`; a CFG model (SD3) has `guidance` alone
+    if "true_cfg" in params:
         pairs["CFG scale"] = get("true_cfg") if cfg_on else 1  # real CFG against the negative prompt
         pairs["Distilled CFG Scale"] = get("guidance")  # the guidance embedding: Forge's name for it
-    elif family == "sd3":
+    elif family is not None:
         pairs["CFG scale"] = get("guidance") if cfg_on else 1
     pairs["Seed"] = get("seed")
     if isinstance(get("width"), int) and isinstance(get("height"), int):

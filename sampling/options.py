@@ -132,3 +132,15 @@ def read_prompt_lines(path: str | os.PathLike, flag: str) -> list[str]:
         raise ValueError(f"{flag} {path}: not UTF-8 text (byte {e.start}); pass a text file with one prompt per "
                          "line") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def pick(*values):
+    """The first value that is set: the command line, then a LoRA's recommendation, then the default."""
+    return next((v for v in values if v is not None), None)
+
+
+def one_scale(a: float | None, b: float | None, names: str) -> float | None:
+    """Two flags that name the same scale: the one given, and an error when both disagree."""
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"{names} name the same scale here; pass one (got {a} and {b})")
+    return pick(a, b)

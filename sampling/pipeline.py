@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.flux import Flux
 from model.text import encode_flux
 from model.tokenizers import CLIPTokenizer, T5Tokenizer
-from weights.flux import load_flux
+from weights.families.flux import FLUX
 from weights.io import WeightsError
 from weights.text import load_clip, load_t5
 
 from .base import Pipeline, load_tokenizer, to_pil  # noqa: F401  (to_pil is part of this module's API)
+from .options import one_scale, pick
 from .samplers import euler, flux_guidance, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
 from .velocity import FluxVelocity
@@ -72,7 +72,7 @@ def schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
         return None
     d = json.loads(path.read_text())
     return ScheduleConfig(
-        pipeline="flux", shift=float(d.get("shift", 1.0)), dynamic=bool(d.get("use_dynamic_shifting", False)),
+        pipeline="FluxPipeline", shift=float(d.get("shift", 1.0)), dynamic=bool(d.get("use_dynamic_shifting", False)),
         base_shift=float(d.get("base_shift", 0.5)), max_shift=float(d.get("max_shift", 1.15)),
         base_seq_len=int(d.get("base_image_seq_len", 256)), max_seq_len=int(d.get("max_image_seq_len", 4096)),
     )
@@ -95,11 +95,30 @@ class GenerationConfig:
 
 class FluxPipeline(Pipeline):
     default_config = GenerationConfig
-    family = "flux"
+    family = FLUX.name
+    cond_names = ("txt", "y")
+    defaults = {"steps": 28, "guidance": 3.5, "max_sequence_length": 512}  # FluxPipeline's (guidance embedding)
+    own_flags = (("--true-cfg", "true_cfg"),)
+    needed_files = ("clip", "t5", "t5_tokenizer")  # the text encoders a cache build needs
 
-    def load_transformer(self, device: torch.device | None = None) -> Flux:
-        return load_flux(self.sources.transformer, dtype=self.dtype, device=device or self.device,
-                         fp8=self.fp8, loras=self.lora_parts().transformer)
+    @classmethod
+    def from_files(cls, model: Path, files: dict, **options) -> FluxPipeline:
+        names = ("vae", "clip", "t5", "clip_tokenizer", "t5_tokenizer")
+        given = {k: Path(files[k]) for k in names if files.get(k)}
+        if (model / "model_index.json").exists():
+            return cls(FluxSources.from_folder(model, **given), **options)
+        return cls(FluxSources(transformer=model, **given), **options)
+
+    @classmethod
+    def generation_config(cls, args, rec, common: dict) -> GenerationConfig:
+        return GenerationConfig(**common, guidance=pick(args.guidance, rec.guidance, cls.defaults["guidance"]),
+                                true_cfg=pick(one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg"), 1.0),
+                                negative_prompt=args.negative_prompt)
+
+    def used_settings(self, settings: dict) -> dict:
+        if not self.transformer.config.guidance_embed:
+            settings["guidance"] = None  # schnell: the value was never used
+        return settings
 
     def text_encoder_names(self) -> tuple[str, ...]:
         return ("clip_l", "t5")
@@ -123,27 +142,29 @@ class FluxPipeline(Pipeline):
         return (load_tokenizer(CLIPTokenizer.load, s.clip_tokenizer, "--clip-tokenizer"),
                 load_tokenizer(T5Tokenizer.load, s.t5_tokenizer, "--t5-tokenizer", max_length=max_sequence_length))
 
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], max_sequence_length: int = 512) -> dict[str, Tensor]:
-        """Run CLIP-L and T5 once for all prompts, then free them: cond = {txt (B, T, 4096), y (B, 768)}."""
+    def text_encoder(self, max_sequence_length: int = 512):
+        """CLIP-L and T5: cond = {txt (B, T, 4096), y (B, 768)}."""
         s = self.sources
         if s.clip is None or s.t5 is None or s.t5_tokenizer is None:
             raise WeightsError("Flux needs text encoders: pass --clip, --t5 and --t5-tokenizer (or a pipeline folder)")
         clip_tokenizer, t5_tokenizer = self.tokenizers(max_sequence_length)
         clip = load_clip(s.clip, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"))
         t5 = load_t5(s.t5, dtype=self.dtype, device=self.device, loras=self.text_loras("t5"))
-        txt, _, y = encode_flux(list(prompts), clip=clip, clip_tokenizer=clip_tokenizer, t5=t5,
-                                t5_tokenizer=t5_tokenizer, max_length=max_sequence_length)
-        del clip, t5
-        self.release_text_encoders()
-        return {"txt": txt, "y": y}
+
+        @torch.no_grad()
+        def encode(prompts: Sequence[str]) -> dict[str, Tensor]:
+            txt, _, y = encode_flux(list(prompts), clip=clip, clip_tokenizer=clip_tokenizer, t5=t5,
+                                    t5_tokenizer=t5_tokenizer, max_length=max_sequence_length)
+            return {"txt": txt, "y": y}
+
+        return encode
 
     @torch.no_grad()
     def sample(self, cond: dict[str, Tensor], cfg: GenerationConfig, *, negative: dict[str, Tensor] | None = None,
-               generator: torch.Generator | None = None, callback=None) -> Tensor:
-        """Latents (B, 16, h, w) in the model's normalised latent space."""
+               generator: torch.Generator | None = None, callback=None, noise: Tensor | None = None) -> Tensor:
+        """Latents (B, 16, h, w) in the model's normalised latent space; from `noise` when given."""
         batch = cond["txt"].shape[0]
-        x = self.noise(batch, cfg.height, cfg.width, self.generator(cfg, generator))
+        x = self.noise(batch, cfg.height, cfg.width, self.generator(cfg, generator)) if noise is None else noise
         velocity = FluxVelocity(self.transformer)
         if negative is not None and cfg.true_cfg > 1:
             velocity = true_cfg(velocity, negative, cfg.true_cfg)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 GRIDS = ("diffusers", "scfm")
+PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")  # whose `diffusers` grid (see ScheduleConfig)
 SCFM_FIRST_SIGMA = 1 - 1e-5
 _NUM_TRAIN_TIMESTEPS = 1000  # diffusers' training grid: sigmas k / 1000 for k = 1..1000
 
@@ -30,9 +31,9 @@ _NUM_TRAIN_TIMESTEPS = 1000  # diffusers' training grid: sigmas k / 1000 for k =
 @dataclass(frozen=True)
 class ScheduleConfig:
     grid: str = "diffusers"  # "diffusers" or "scfm"
-    # Which diffusers pipeline's grid `diffusers` reproduces: "flux" (linspace(1, 1/N, N)) or "sd3" (the
-    # scheduler's own linspace over its shifted training grid).
-    pipeline: str = "flux"
+    # Which diffusers pipeline's grid `diffusers` reproduces: "FluxPipeline" (linspace(1, 1/N, N)) or
+    # "StableDiffusion3Pipeline" (the scheduler's own linspace over its shifted training grid).
+    pipeline: str = "FluxPipeline"
     shift: float = 1.0  # fixed shift, used when dynamic is False
     dynamic: bool = False  # resolution-dependent shift: s = exp(mu(image_seq_len))
     base_shift: float = 0.5  # mu at base_seq_len tokens
@@ -43,27 +44,28 @@ class ScheduleConfig:
     def __post_init__(self):
         if self.grid not in GRIDS:
             raise ValueError(f"ScheduleConfig: grid must be one of {GRIDS}, got {self.grid!r}")
-        if self.pipeline not in ("flux", "sd3"):
-            raise ValueError(f"ScheduleConfig: pipeline must be 'flux' or 'sd3', got {self.pipeline!r}")
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"ScheduleConfig: pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         if not self.dynamic and not self.shift > 0:
             raise ValueError(f"ScheduleConfig: shift must be positive, got {self.shift}")
         if self.max_seq_len == self.base_seq_len:
             raise ValueError("ScheduleConfig: max_seq_len must differ from base_seq_len")
 
 
-# Each family's diffusers default (the scheduler config shipped with the model).
+# Each released model's diffusers default (the scheduler config shipped with it).
 SCHEDULES: dict[str, ScheduleConfig] = {
-    "flux-dev": ScheduleConfig(pipeline="flux", dynamic=True),
-    "flux-schnell": ScheduleConfig(pipeline="flux", shift=1.0),
-    "sd3.5": ScheduleConfig(pipeline="sd3", shift=3.0),
+    "flux-dev": ScheduleConfig(pipeline="FluxPipeline", dynamic=True),
+    "flux-schnell": ScheduleConfig(pipeline="FluxPipeline", shift=1.0),
+    "sd3.5": ScheduleConfig(pipeline="StableDiffusion3Pipeline", shift=3.0),
 }
 
 
-def schedule_for(family: str, grid: str = "diffusers", shift: float | str | None = None) -> ScheduleConfig:
-    """The family's default schedule on `grid`; `shift` overrides it: a number (fixed) or "dynamic"."""
-    if family not in SCHEDULES:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(SCHEDULES)}")
-    config = dataclasses.replace(SCHEDULES[family], grid=grid)
+def schedule_for(model: str, grid: str = "diffusers", shift: float | str | None = None) -> ScheduleConfig:
+    """A released model's default schedule (SCHEDULES) on `grid`; `shift` overrides it: a number (fixed) or
+    "dynamic"."""
+    if model not in SCHEDULES:
+        raise ValueError(f"unknown model {model!r}; expected one of {sorted(SCHEDULES)}")
+    config = dataclasses.replace(SCHEDULES[model], grid=grid)
     if shift is None:
         return config
     if isinstance(shift, str):
@@ -116,7 +118,7 @@ def scfm_grid(steps: int, shift: float, first_sigma: float = SCFM_FIRST_SIGMA) -
 
 def get_sigmas(config: ScheduleConfig | str, steps: int, image_seq_len: int | None = None,
                device: torch.device | str | None = None) -> Tensor:
-    """The (steps + 1,) float32 sigma grid, from ~1 down to 0. `config` is a ScheduleConfig or a family name."""
+    """The (steps + 1,) float32 sigma grid, from ~1 down to 0. `config` is a ScheduleConfig or a SCHEDULES name."""
     if isinstance(config, str):
         config = schedule_for(config)
     if steps < 1:
@@ -126,7 +128,7 @@ def get_sigmas(config: ScheduleConfig | str, steps: int, image_seq_len: int | No
         return scfm_grid(steps, s).to(dtype=torch.float32, device=device)
     # The diffusers grid repeats the scheduler's arithmetic (numpy linspace, the same dtypes, the same operation
     # order) so the sigmas are bit-identical to diffusers', not just close: a seed then means the same image.
-    if config.pipeline == "flux":
+    if config.pipeline == "FluxPipeline":
         # FluxPipeline passes np.linspace(1, 1/N, N); the scheduler casts it to float32 and shifts in float32.
         base = torch.from_numpy(np.linspace(1.0, 1.0 / steps, steps).astype(np.float32))
         sigmas = _exp_shift(base, s) if config.dynamic else shift_sigmas(base, s)

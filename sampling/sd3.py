@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.mmdit import MMDiT
 from model.text import encode_sd3
 from model.tokenizers import CLIPTokenizer, T5Tokenizer, _pad_token_of
+from weights.families.sd3 import SD3
 from weights.io import WeightsError
-from weights.mmdit import load_mmdit
 from weights.text import load_clip, load_t5
 
 from .base import MAX_SIDE, Pipeline, load_tokenizer
+from .options import one_scale, pick
 from .pipeline import schedule_from_diffusers
 from .samplers import Velocity, cat_cond, euler
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
@@ -104,7 +104,7 @@ def sd3_schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
     bad = [k for k in _UNSUPPORTED_SCHEDULER if d.get(k)]
     if bad:
         raise WeightsError(f"{path}: scheduler options {bad} are not supported (plain flow-matching Euler only)")
-    return replace(base, pipeline="sd3")
+    return replace(base, pipeline="StableDiffusion3Pipeline")
 
 
 @dataclass
@@ -158,11 +158,36 @@ def sd3_guidance(velocity: MMDiTVelocity, negative: Any, scale: float, *, slg_la
 
 class SD3Pipeline(Pipeline):
     default_config = SD3GenerationConfig
-    family = "sd3"
+    family = SD3.name
+    cond_names = ("context", "pooled")
+    defaults = {"steps": 28, "guidance": 7.0, "max_sequence_length": 256}  # StableDiffusion3Pipeline's (CFG)
+    own_flags = (("--clip-g", "clip_g"), ("--clip-g-tokenizer", "clip_g_tokenizer"), ("--no-t5", "no_t5"),
+                 ("--slg-layers", "slg_layers"))
+    flag_hint = "its classifier-free guidance scale is --cfg"
+    needed_files = ("clip", "clip_g")  # the text encoders a cache build needs (T5 is optional)
 
-    def load_transformer(self, device: torch.device | None = None) -> MMDiT:
-        return load_mmdit(self.sources.transformer, dtype=self.dtype, device=device or self.device,
-                          fp8=self.fp8, loras=self.lora_parts().transformer)
+    @classmethod
+    def from_files(cls, model: Path, files: dict, **options) -> SD3Pipeline:
+        names = {"vae": "vae", "clip_l": "clip", "clip_g": "clip_g", "t5": "t5", "clip_l_tokenizer": "clip_tokenizer",
+                 "clip_g_tokenizer": "clip_g_tokenizer", "t5_tokenizer": "t5_tokenizer"}
+        no_t5 = bool(files.get("no_t5"))
+        given = {ours: Path(files[flag]) for ours, flag in names.items()
+                 if files.get(flag) and not (no_t5 and ours == "t5")}
+        if (model / "model_index.json").exists():
+            return cls(SD3Sources.from_folder(model, without_t5=no_t5, **given), **options)
+        return cls(SD3Sources(transformer=model, **given), **options)
+
+    @classmethod
+    def generation_config(cls, args, rec, common: dict) -> SD3GenerationConfig:
+        # SD3 metadata records guidance in diffusers' convention (SCFM's w = 3.5 is stored as 4.5), used as is
+        guidance = pick(one_scale(args.cfg, args.guidance, "--cfg and --guidance"), rec.guidance,
+                        cls.defaults["guidance"])
+        return SD3GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "",
+                                   slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
+                                   slg_stop=args.slg_stop)
+
+    def check_config(self, cfg: SD3GenerationConfig) -> None:
+        self.check_slg_layers(cfg.slg_layers)
 
     def text_encoder_names(self) -> tuple[str, ...]:
         return ("clip_l", "clip_g") + (() if self.sources.t5 is None else ("t5",))
@@ -207,9 +232,8 @@ class SD3Pipeline(Pipeline):
         return (load_tokenizer(CLIPTokenizer.load, s.clip_l_tokenizer, "--clip-tokenizer"),
                 load_tokenizer(CLIPTokenizer.load, s.clip_g_tokenizer, "--clip-g-tokenizer", pad_token=g_pad), t5)
 
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict[str, Tensor]:
-        """Run the text encoders once for all prompts, then free them: {context (B, 77 + T, 4096), pooled (B, 2048)}."""
+    def text_encoder(self, max_sequence_length: int = 256):
+        """CLIP-L, CLIP-bigG and T5 (or zeros): {context (B, 77 + T, 4096), pooled (B, 2048)}."""
         s = self.sources
         if s.clip_l is None or s.clip_g is None:
             raise WeightsError("SD3 needs CLIP-L and CLIP-bigG: pass --clip and --clip-g (or a pipeline folder)")
@@ -218,14 +242,17 @@ class SD3Pipeline(Pipeline):
         clip_g = load_clip(s.clip_g, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_g"))
         t5 = None if s.t5 is None else load_t5(s.t5, dtype=self.dtype, device=self.device,
                                                loras=self.text_loras("t5"))
-        # Without T5 the zeros take the transformer's context width; loading it here is cheap next to T5-XXL.
-        joint_dim = 4096 if t5 is not None else self.transformer.config.context_in_dim
-        context, pooled = encode_sd3(list(prompts), clip_l=clip_l, clip_l_tokenizer=tok_l, clip_g=clip_g,
-                                     clip_g_tokenizer=tok_g, t5=t5, t5_tokenizer=tok_t5,
-                                     max_length=max_sequence_length, joint_dim=joint_dim)
-        del clip_l, clip_g, t5
-        self.release_text_encoders()
-        return {"context": context, "pooled": pooled}
+        # Without T5 the zeros take the transformer's context width (its config: no weight is read).
+        joint_dim = 4096 if t5 is not None else self.transformer_config().context_in_dim
+
+        @torch.no_grad()
+        def encode(prompts: Sequence[str]) -> dict[str, Tensor]:
+            context, pooled = encode_sd3(list(prompts), clip_l=clip_l, clip_l_tokenizer=tok_l, clip_g=clip_g,
+                                         clip_g_tokenizer=tok_g, t5=t5, t5_tokenizer=tok_t5,
+                                         max_length=max_sequence_length, joint_dim=joint_dim)
+            return {"context": context, "pooled": pooled}
+
+        return encode
 
     # --- sampling ----------------------------------------------------------------------------------------------
 
@@ -244,9 +271,10 @@ class SD3Pipeline(Pipeline):
 
     @torch.no_grad()
     def sample(self, cond: dict[str, Tensor], cfg: SD3GenerationConfig, *, negative: dict[str, Tensor] | None = None,
-               generator: torch.Generator | None = None, callback=None) -> Tensor:
-        """Latents (B, C, h, w) in the model's normalised latent space."""
-        x = self.noise(cond["context"].shape[0], cfg.height, cfg.width, self.generator(cfg, generator))
+               generator: torch.Generator | None = None, callback=None, noise: Tensor | None = None) -> Tensor:
+        """Latents (B, C, h, w) in the model's normalised latent space; from `noise` when given."""
+        x = noise if noise is not None else self.noise(cond["context"].shape[0], cfg.height, cfg.width,
+                                                       self.generator(cfg, generator))
         p = self.transformer.config.patch_size
         sigmas = get_sigmas(self.schedule(cfg), cfg.steps, (x.shape[2] // p) * (x.shape[3] // p), device=self.device)
         return euler(self.velocity(cfg, sigmas, negative), x, sigmas, cond, callback=callback)

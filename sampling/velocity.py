@@ -17,6 +17,7 @@ from model.flux import Flux
 from model.fp8 import E4M3
 from model.layers import image_ids, pack, text_ids, unpack
 from model.mmdit import MMDiT
+from weights.families import family_of
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -27,8 +28,6 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 class FluxVelocity:
     """Flux: cond is a dict with `txt` (B, T, context_in_dim) and `y` (B, vec_in_dim); guidance (B,) or None."""
-
-    family = "flux"
 
     def __init__(self, model: Flux):
         self.model = model
@@ -64,8 +63,6 @@ class MMDiTVelocity:
     `skip_layers`: blocks left out of every call (the skip-layer-guidance pass); `skipping(layers)` makes one.
     """
 
-    family = "sd3"
-
     def __init__(self, model: MMDiT, skip_layers: Sequence[int] | None = None):
         self.model = model
         self.skip_layers = list(skip_layers) if skip_layers else None
@@ -89,9 +86,5 @@ class MMDiTVelocity:
 
 
 def velocity_for(model: nn.Module) -> Any:
-    """The velocity wrapper of a loaded model."""
-    if isinstance(model, Flux):
-        return FluxVelocity(model)
-    if isinstance(model, MMDiT):
-        return MMDiTVelocity(model)
-    raise TypeError(f"no velocity interface for {type(model).__name__}")
+    """The velocity wrapper of a loaded model: its family's (weights/families, part "velocity")."""
+    return family_of(model).part("velocity")(model)

@@ -91,7 +91,7 @@ def test_activation_estimate_at_flux_dev_scale():
 
     flux = FluxPipeline(FluxSources(transformer=Path("unused")), dtype=torch.bfloat16)
     flux.transformer_config = lambda: FLUX_CONFIGS["flux-dev"]
-    flux.vae_config = lambda: VAE_CONFIGS["flux"]
+    flux.vae_config = lambda: VAE_CONFIGS["flux1"]
     assert 1e9 < flux.activation_bytes(1, 1024, 1024) < 4e9
     assert 4e9 < flux.activation_bytes(1, 4096, 4096) < 80e9
     sd3 = SD3Pipeline(SD3Sources(transformer=Path("unused")))

@@ -54,9 +54,8 @@ def _one_line_error(argv, capsys, *contains) -> str:
 
 def _loaders():
     from weights.convert import detect
-    from weights.flux import load_flux
-    from weights.mmdit import load_mmdit
     from weights.text import load_clip, load_t5
+    from weights.transformer import load_flux, load_mmdit
     from weights.vae import load_vae
 
     return [load_flux, load_mmdit, load_t5, load_clip, load_vae, read_lora, read_header, detect]
@@ -316,9 +315,9 @@ def test_a_killed_write_is_cleaned_by_the_next_one(tmp_path):
 
 def test_a_conversion_to_a_folder_removes_its_dead_temp_folders(tmp_path):
     from weights.convert import convert_checkpoint
-    from weights.flux import save_flux
+    from weights.transformer import save_transformer
 
-    base = save_flux(Flux(FLUX_CONFIGS["tiny"]), tmp_path / "flux.safetensors")
+    base = save_transformer(Flux(FLUX_CONFIGS["tiny"]), tmp_path / "flux.safetensors")
     out = tmp_path / "flux-diffusers"
     dead, live = (tmp_path / f".{out.name}.{_writer(tmp_path)}.{pid}.0badf01d.tmp" for pid in (_dead_pid(), os.getpid()))
     for folder in (dead, live):

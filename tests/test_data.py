@@ -25,6 +25,7 @@ from distill.data import (
     plan_cache,
     read_folder,
 )
+from sampling.pipeline import FluxPipeline
 
 # (width, height) of each test image; the blocky content keeps the PNGs tiny and the pooled latents varied
 IMAGES = [((512, 512), "a red circle"), ((512, 512), "a blue square"), ((512, 512), "a red circle"),
@@ -193,16 +194,21 @@ def test_bucket_batches_are_a_function_of_the_step():
 # ----- python -m distill.make_dataset -----------------------------------------------------------------------
 
 
-class FakePipeline:
-    """FluxPipeline's surface as make_dataset uses it, on the tiny Flux with a 32x 'VAE' (fast on CPU)."""
+class FakePipeline(FluxPipeline):
+    """FluxPipeline as make_dataset drives it (its own config, negative rule and sampler), on the tiny Flux with
+    fake text encoders and a 32x 'VAE' (fast on CPU)."""
 
     def __init__(self):
         from model.flux import FLUX_CONFIGS, Flux
+
+        super().__init__(None)
+        torch.manual_seed(0)
+        self._transformer, self.text, self.rendered = Flux(FLUX_CONFIGS["tiny"]), FakeText(), 0
+
+    def schedule(self, cfg):
         from sampling.schedules import SCHEDULES
 
-        torch.manual_seed(0)
-        self.transformer, self.text, self.rendered = Flux(FLUX_CONFIGS["tiny"]), FakeText(), 0
-        self.schedule = lambda cfg: SCHEDULES["flux-dev"]
+        return SCHEDULES["flux-dev"]
 
     def check_transformer(self):
         pass  # the tiny Flux is built in memory: there are no files to check

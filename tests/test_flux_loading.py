@@ -20,8 +20,8 @@ from flux_fixtures import (
 from safetensors.torch import save_file
 
 from model.flux import FLUX_CONFIGS, FluxConfig
-from weights import WeightsError, load_flux, save_flux
-from weights.flux import infer_flux_config
+from weights import WeightsError, load_flux, save_transformer
+from weights.families.flux import infer_flux_config
 from weights.keymaps import to_official
 from weights.keymaps.flux import flux_rules
 
@@ -113,13 +113,13 @@ def test_our_saver_round_trips_and_records_the_config(layouts, tmp_path):
     cfg = FluxConfig(**{**model.config.to_dict(), "theta": 2000})  # not inferable from the keys alone
     model.config = cfg
     for layout in ("official", "diffusers"):
-        path = save_flux(model, tmp_path / f"{layout}.safetensors", layout=layout)
+        path = save_transformer(model, tmp_path / f"{layout}.safetensors", layout=layout)
         again = load_flux(path)
         assert again.config == cfg
         for k, v in model.state_dict().items():
             assert torch.equal(again.state_dict()[k], v), k
     with pytest.raises(WeightsError, match="exists"):
-        save_flux(model, tmp_path / "official.safetensors")
+        save_transformer(model, tmp_path / "official.safetensors")
 
 
 def test_config_inferred_from_full_size_shapes():
@@ -180,7 +180,7 @@ def test_errors(layouts, tmp_path):
     save_file(partial, tmp_path / "partial.safetensors")
     with pytest.raises(WeightsError, match=r"missing .*single_blocks\.1\.norm") as e:
         load_flux(tmp_path / "partial.safetensors", config="tiny")
-    assert "official Flux" in one_line(e)
+    assert "BFL Flux" in one_line(e)
 
     save_file(bfl | {"extra.weight": torch.ones(1)}, tmp_path / "extra.safetensors")
     with pytest.raises(WeightsError, match="unexpected keys .*extra.weight"):
@@ -202,11 +202,11 @@ def test_loading_peak_memory_is_one_copy(tmp_path):
     script = textwrap.dedent(f"""
         import torch, gc
         from model.flux import Flux, FluxConfig
-        from weights import load_flux, save_flux
+        from weights import load_flux, save_transformer
         cfg = FluxConfig(**{cfg.to_dict()!r})
         with torch.device("meta"):
             model = Flux(cfg)
-        save_flux(model.to_empty(device="cpu"), {str(tmp_path / 'big.safetensors')!r})  # values do not matter
+        save_transformer(model.to_empty(device="cpu"), {str(tmp_path / 'big.safetensors')!r})  # values do not matter
         del model
         gc.collect()
 

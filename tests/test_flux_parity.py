@@ -14,9 +14,9 @@ from flux_fixtures import (
 
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
 from model.layers import image_ids, pack, text_ids, unpack
-from weights.flux import flux_state_dict
 from weights.keymaps import Rule, to_official
 from weights.keymaps.flux import flux_rules
+from weights.transformer import transformer_state_dict
 
 
 def ours_from(ref, guidance: bool) -> Flux:
@@ -112,7 +112,7 @@ def test_full_size_key_set_matches_bfl_and_diffusers(name, n_keys, params):
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
     # ... and our own table must agree with it
-    assert {k: tuple(v.shape) for k, v in flux_state_dict(ours, "diffusers").items()} == expected
+    assert {k: tuple(v.shape) for k, v in transformer_state_dict(ours, "diffusers").items()} == expected
 
 
 # --- packing, ids, RoPE ------------------------------------------------------------------------------------------

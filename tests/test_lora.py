@@ -371,7 +371,7 @@ def test_sd3_table_equals_what_peft_wraps_for_the_released_list():
     from peft import inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from distill.lora import LORA_CONFIGS
+    from distill.lora import SD3_TARGETS, LoRAConfig
 
     # reference.md §3.1 tiny: 3 layers so the last block is context_pre_only, dual attention in blocks 0 and 1
     ref = SD3Transformer2DModel(
@@ -400,7 +400,7 @@ def test_sd3_table_equals_what_peft_wraps_for_the_released_list():
                 parent.add_module(part, nn.Module())
             parent = getattr(parent, part)
         parent.add_module(name.split(".")[-1], layer)
-    ours = inject_lora(skeleton, LORA_CONFIGS["sd3"])
+    ours = inject_lora(skeleton, LoRAConfig(targets=SD3_TARGETS))
     assert isinstance(skeleton.get_submodule("x_embedder.proj"), LoRAConv2d)
     assert all(len(lora_layers(skeleton)[n].slices) == len(sai[n]) for n in ours)  # one slice per q/k/v
     inject_adapter_in_model(PeftConfig(r=2, lora_alpha=2, target_modules=RELEASED_SD3), ref)

@@ -3,9 +3,6 @@
 before anything is read when they do not fit."""
 
 import dataclasses
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from mmdit_fixtures import SD35_TINY
 from model.flux import FLUX_CONFIGS, Flux
 from model.fp8 import E4M3, quantize_linears_
 from model.mmdit import MMDiT
-from weights import WeightsError, load_flux, load_mmdit, save_flux, save_mmdit
+from weights import WeightsError, load_flux, load_mmdit, save_transformer
 from weights.lora_merge import applied_loras, apply_loras, unload_loras
 from weights.lora_write import write_lora
 
@@ -28,7 +25,7 @@ def flux_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux")
     model = randomize_(Flux(FLUX_CONFIGS["tiny"]), 0.2, seed=1).eval()
     for layout in ("official", "diffusers"):
-        save_flux(model, root / f"{layout}.safetensors", layout=layout)
+        save_transformer(model, root / f"{layout}.safetensors", layout=layout)
     a = random_lora(randomize_(Flux(FLUX_CONFIGS["tiny"]), 0.2, seed=2), seed=3)
     b = random_lora(randomize_(Flux(FLUX_CONFIGS["tiny"]), 0.2, seed=4), seed=5, rank=3, alpha=1.5)
     write_lora(b, root / "b.safetensors", "kohya")
@@ -55,7 +52,7 @@ def test_flux_loras_merged_while_reading_equal_merging_after_loading(flux_files,
 
 def test_sd35_loras_merged_while_reading_include_the_conv_patch_embedding(tmp_path):
     model = randomize_(MMDiT(SD35_TINY), 0.2, seed=1).eval()
-    save_mmdit(model, tmp_path / "sd35.safetensors", layout="diffusers")
+    save_transformer(model, tmp_path / "sd35.safetensors", layout="diffusers")
     lora = random_lora(randomize_(MMDiT(SD35_TINY), 0.2, seed=2), seed=3, family="sd3")
     assert isinstance(model.x_embedder.proj, torch.nn.Conv2d) and "x_embedder.proj" in lora.modules
     for fp8 in (False, True):

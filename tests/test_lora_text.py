@@ -140,6 +140,7 @@ def test_train_caches_embeddings_with_the_text_part_and_keys_the_cache_by_it(flu
     from distill.data import DataError
     from distill.run_setup import _text_encoder, cache_key, prepare_cache
     from distill.train import build_parser
+    from weights.families.flux import FLUX
 
     folder, _ = flux
     style, unet_only = flux_loras
@@ -160,7 +161,7 @@ def test_train_caches_embeddings_with_the_text_part_and_keys_the_cache_by_it(flu
     cfg = DistillConfig(**base, base_loras=(f"{style}:{SCALE}",), clip=str(folder / "text_encoder"),
                         t5=str(folder / "text_encoder_2"), t5_tokenizer=str(folder / "tokenizer_2"),
                         clip_tokenizer=str(folder / "tokenizer"))
-    got = _text_encoder(cfg, torch.device("cpu"), torch.float32, "flux")(PROMPTS)
+    got = _text_encoder(cfg, torch.device("cpu"), torch.float32, FLUX)(PROMPTS)
     pipe = FluxPipeline(FluxSources.from_folder(folder), loras=[(str(style), SCALE)])
     want = pipe.encode(PROMPTS, T5_LEN)
     assert all(torch.equal(got[k], want[k]) for k in ("txt", "y"))

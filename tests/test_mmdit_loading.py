@@ -17,16 +17,11 @@ from mmdit_fixtures import (
 from safetensors.torch import save_file
 
 from model.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig
+from weights.families.sd3 import config_from_diffusers, config_to_diffusers, infer_mmdit_config
 from weights.io import WeightsError
 from weights.keymaps import to_official
 from weights.keymaps.mmdit import mmdit_rules
-from weights.mmdit import (
-    config_from_diffusers,
-    config_to_diffusers,
-    infer_mmdit_config,
-    load_mmdit,
-    save_mmdit,
-)
+from weights.transformer import load_mmdit, save_transformer
 
 SAI_PREFIX = "model.diffusion_model."
 
@@ -125,15 +120,15 @@ def test_sd3_style_loads_with_a_config(tmp_path):
 def test_our_saver_round_trips_and_records_the_config(layouts, tmp_path):
     model = load_mmdit(layouts / "sai_bare.safetensors")
     for layout in ("official", "diffusers"):
-        path = save_mmdit(model, tmp_path / f"{layout}.safetensors", layout=layout)
+        path = save_transformer(model, tmp_path / f"{layout}.safetensors", layout=layout)
         again = load_mmdit(path)
         assert again.config == model.config
         for k, v in model.state_dict().items():
             assert torch.equal(again.state_dict()[k], v), k
     with pytest.raises(WeightsError, match="exists"):
-        save_mmdit(model, tmp_path / "official.safetensors")
+        save_transformer(model, tmp_path / "official.safetensors")
     with pytest.raises(ValueError, match="layout"):
-        save_mmdit(model, tmp_path / "x.safetensors", layout="comfy")
+        save_transformer(model, tmp_path / "x.safetensors", layout="comfy")
 
 
 @pytest.mark.parametrize("name", ["sd3-medium", "sd3.5-large", "sd3.5-medium"])
@@ -194,7 +189,7 @@ def test_errors(sai, ref, tmp_path):
     save_file(partial, tmp_path / "partial.safetensors")
     with pytest.raises(WeightsError, match=r"missing .*joint_blocks\.1\.x_block\.attn2") as e:
         load_mmdit(tmp_path / "partial.safetensors", config="tiny")
-    assert "SAI MMDiT" in one_line(e)
+    assert "SAI SD3 / SD3.5" in one_line(e)
 
     save_file(sai | {"extra.weight": torch.ones(1)}, tmp_path / "extra.safetensors")
     with pytest.raises(WeightsError, match="unexpected keys .*extra.weight"):
@@ -203,7 +198,7 @@ def test_errors(sai, ref, tmp_path):
     diffusers_sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     partial = {k: v for k, v in diffusers_sd.items() if k != "proj_out.bias"}
     save_file(partial, tmp_path / "d_partial.safetensors")
-    with pytest.raises(WeightsError, match="missing keys for the diffusers SD3 layout .*proj_out.bias") as e:
+    with pytest.raises(WeightsError, match="missing keys for the diffusers SD3 / SD3.5 layout .*proj_out.bias") as e:
         load_mmdit(tmp_path / "d_partial.safetensors")
     one_line(e)
 

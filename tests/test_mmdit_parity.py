@@ -16,7 +16,7 @@ from mmdit_fixtures import (
 from model.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig, sincos_pos_embed_2d
 from weights.keymaps import Rule
 from weights.keymaps.mmdit import mmdit_rules
-from weights.mmdit import mmdit_state_dict
+from weights.transformer import transformer_state_dict
 
 
 @pytest.mark.parametrize("variant,skip_layers", [("sd3", None), ("sd3.5", None), ("sd3.5", [1])],
@@ -119,7 +119,7 @@ def test_full_size_key_set_matches_sai_and_diffusers(name, n_sai, n_diffusers, p
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    from weights.mmdit import config_to_diffusers
+    from weights.families.sd3 import config_to_diffusers
 
     cfg = MMDIT_CONFIGS[name]
     kwargs = config_to_diffusers(cfg)
@@ -141,4 +141,4 @@ def test_full_size_key_set_matches_sai_and_diffusers(name, n_sai, n_diffusers, p
     assert checkpoint == {}, f"keys the converter did not expect: {sorted(checkpoint)[:5]}"
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
     # ... and our table must agree with it
-    assert {k: tuple(v.shape) for k, v in mmdit_state_dict(ours, "diffusers").items()} == expected
+    assert {k: tuple(v.shape) for k, v in transformer_state_dict(ours, "diffusers").items()} == expected

@@ -80,6 +80,7 @@ def test_the_grid_a_lora_is_trained_on_is_the_grid_generate_samples_it_on(shift,
     from distill.demo.models import demo_pipeline
     from sampling.generate import build_parser, generation_config, lora_recommendations
     from sampling.schedules import get_sigmas
+    from weights.families.flux import FLUX
     from weights.lora import FORMAT
 
     config = SCFMConfig(shift_min=shift, shift_max=shift, dynamic_shift_prob=0.0, teacher_steps_min=8,
@@ -91,7 +92,7 @@ def test_the_grid_a_lora_is_trained_on_is_the_grid_generate_samples_it_on(shift,
         save_file({"unused": torch.zeros(1)}, path,
                   metadata={"scfm_format": FORMAT, "scfm_shift": str(shift), "scfm_steps": str(n)})
         args = build_parser().parse_args(["--model", "demo", "--prompt", "a", "--lora", str(path)])
-        cfg = generation_config(args, "flux", lora_recommendations([str(path)]))
+        cfg = generation_config(args, FLUX, lora_recommendations([str(path)]))
         sampled = get_sigmas(pipe.schedule(cfg), cfg.steps, 16)
         assert cfg.grid == "scfm" and cfg.steps == n and sampled.dtype == torch.float32
         rows = [b for b in range(64) if draw.steps[b] == n]

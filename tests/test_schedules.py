@@ -104,10 +104,10 @@ def test_sd3_pipeline_with_dynamic_shift_and_other_fixed_shift():
     # Any scheduler setting on the sd3-style grid, not just the default shift 3.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
     scheduler.set_timesteps(10)
-    assert_grid(get_sigmas(ScheduleConfig(pipeline="sd3", shift=2.0), 10), scheduler)
+    assert_grid(get_sigmas(ScheduleConfig(pipeline="StableDiffusion3Pipeline", shift=2.0), 10), scheduler)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     scheduler.set_timesteps(10, mu=dynamic_mu(2304))
-    assert_grid(get_sigmas(ScheduleConfig(pipeline="sd3", dynamic=True), 10, 2304), scheduler)
+    assert_grid(get_sigmas(ScheduleConfig(pipeline="StableDiffusion3Pipeline", dynamic=True), 10, 2304), scheduler)
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0, "dynamic"])
@@ -125,7 +125,7 @@ def test_scfm_grid(shift):
 
 def test_schedule_for_and_errors():
     assert schedule_for("sd3.5") == SCHEDULES["sd3.5"]
-    assert schedule_for("flux-dev", shift="2.5") == ScheduleConfig(pipeline="flux", shift=2.5)
+    assert schedule_for("flux-dev", shift="2.5") == ScheduleConfig(pipeline="FluxPipeline", shift=2.5)
     assert schedule_for("sd3.5", shift="dynamic").dynamic
     with pytest.raises(ValueError, match="image_seq_len"):
         get_sigmas("flux-dev", 4)
@@ -133,7 +133,7 @@ def test_schedule_for_and_errors():
         ScheduleConfig(grid="karras")
     with pytest.raises(ValueError, match="number or 'dynamic'"):
         schedule_for("flux-dev", shift="big")
-    with pytest.raises(ValueError, match="family"):
+    with pytest.raises(ValueError, match="unknown model"):
         schedule_for("sdxl")
 
 

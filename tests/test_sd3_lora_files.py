@@ -20,7 +20,7 @@ from weights.keymaps.mmdit import mmdit_rules
 from weights.lora import LoRA, Recommended, read_lora
 from weights.lora_merge import apply_loras, unload_loras
 from weights.lora_write import lora_state_dict, save_lora, write_lora
-from weights.mmdit import load_mmdit
+from weights.transformer import load_mmdit
 
 R, ALPHA = 2, 6.0
 LAST = SD35_TINY.depth - 1  # block 2: its context stream is pre-only (2-way adaLN, swapped in diffusers)

@@ -138,10 +138,10 @@ def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
 
     from sampling.base import read_png_params
     from sampling.generate import main
-    from weights.detect import detect_family
+    from weights.families import detect_family
 
     folder, pipe = folders["t5"]
-    assert detect_family(folder) == detect_family(folder / "transformer") == "sd3"
+    assert detect_family(folder).name == detect_family(folder / "transformer").name == "sd3"
     out = tmp_path / "one.png"
     args = ["--model", str(folder), "--prompt", PROMPTS[0], "--steps", "3", "--width", str(WIDTH), "--height",
             str(HEIGHT), "--seed", "7", "--max-sequence-length", str(T5_LEN), "--cfg", "4.5", "--slg-layers", "1",
@@ -159,20 +159,19 @@ def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
     assert main(args[:-6] + ["--guidance", "3", "--out", str(tmp_path / "x.png")]) == 2
     assert "--cfg and --guidance" in capsys.readouterr().err
     assert main(args[:-6] + ["--true-cfg", "3", "--out", str(tmp_path / "x.png")]) == 2
-    assert "SD3's classifier-free guidance scale is --cfg" in capsys.readouterr().err
+    assert "--true-cfg: Flux options" in (err := capsys.readouterr().err) and "guidance scale is --cfg" in err
 
 
 def test_family_is_read_from_single_files(folders, tmp_path):
     from model.flux import FLUX_CONFIGS, Flux
-    from weights.detect import detect_family
-    from weights.flux import save_flux
+    from weights.families import detect_family
     from weights.io import WeightsError
-    from weights.mmdit import load_mmdit, save_mmdit
+    from weights.transformer import load_mmdit, save_transformer
 
-    sai = save_mmdit(load_mmdit(folders["t5"][0]), tmp_path / "sd35.safetensors")  # SAI names, no config.json
-    flux = save_flux(Flux(FLUX_CONFIGS["tiny"]), tmp_path / "flux.safetensors")
-    assert detect_family(sai) == "sd3" and detect_family(flux) == "flux"
-    with pytest.raises(WeightsError, match="neither a Flux nor an SD3"):
+    sai = save_transformer(load_mmdit(folders["t5"][0]), tmp_path / "sd35.safetensors")  # SAI names, no config.json
+    flux = save_transformer(Flux(FLUX_CONFIGS["tiny"]), tmp_path / "flux.safetensors")
+    assert detect_family(sai).name == "sd3" and detect_family(flux).name == "flux"
+    with pytest.raises(WeightsError, match="not the transformer of any family"):
         detect_family(folders["t5"][0] / "vae")
 
 

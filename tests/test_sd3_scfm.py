@@ -15,7 +15,6 @@ from test_data import write_images
 from distill.config import DistillConfig, build_config, load_toml
 from distill.data import build_cache, plan_cache
 from distill.lora import (
-    LORA_CONFIGS,
     SD3_TARGETS,
     LoRAConfig,
     LoRAConv2d,
@@ -139,7 +138,7 @@ def test_sd3_targets_on_the_real_mmdit_are_what_peft_wraps_for_the_released_list
     from test_lora import RELEASED_SD3
 
     model = MMDiT(TINY)
-    names = inject_lora(model, LORA_CONFIGS["sd3"])
+    names = inject_lora(model, LoRAConfig(targets=SD3_TARGETS))
     assert isinstance(model.x_embedder.proj, LoRAConv2d)
     table = mmdit_rules(TINY.depth, TINY.dual_attention_layers, True, modules=True)
     rules = {r.official: r.others for r in table}
@@ -230,7 +229,7 @@ def test_preset_and_refusals(tmp_path):
         Trainer(config(tmp_path, targets="flux"), MMDiT(TINY), cache)
     from model.flux import FLUX_CONFIGS, Flux
 
-    with pytest.raises(TrainingError, match="cfg_scale is SD3.5's"):
+    with pytest.raises(TrainingError, match="cfg_scale bakes in classifier-free guidance, which Flux does not use"):
         Trainer(config(tmp_path, targets="flux"), Flux(FLUX_CONFIGS["tiny"]), cache)
 
 

@@ -191,9 +191,9 @@ def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_l
 
 def test_fp8_base_model_file_is_quantized_as_it_is_read(tmp_path):
     from distill.run_setup import load_model
-    from weights import save_flux
+    from weights import save_transformer
 
-    path = save_flux(tiny_model(), tmp_path / "flux.safetensors")
+    path = save_transformer(tiny_model(), tmp_path / "flux.safetensors")
     model = load_model(config(tmp_path, model=str(path), fp8_base=True), torch.device("cpu"))
     assert model.single_blocks[0].linear1.weight.dtype == torch.float8_e4m3fn
     assert model.img_in.weight.dtype == torch.float32

@@ -135,7 +135,7 @@ def test_pipeline_folder_file_and_dtype(reference, tmp_path):
 def test_full_size_layout_matches_diffusers():
     """ae.safetensors and the diffusers Flux VAE (244 keys each) map onto our model key for key, shape for shape."""
     with torch.device("meta"):
-        ours = AutoEncoder(VAE_CONFIGS["flux"]).state_dict()
+        ours = AutoEncoder(VAE_CONFIGS["flux1"]).state_dict()
         ref = AutoencoderKL(**FLUX).state_dict()
     assert len(ours) == len(ref) == 244
     mapped = {}
@@ -149,10 +149,10 @@ def test_full_size_layout_matches_diffusers():
 
 
 def test_presets_and_latent_normalisation():
-    assert (VAE_CONFIGS["flux"].scale_factor, VAE_CONFIGS["flux"].shift_factor) == (0.3611, 0.1159)
+    assert (VAE_CONFIGS["flux1"].scale_factor, VAE_CONFIGS["flux1"].shift_factor) == (0.3611, 0.1159)
     assert (VAE_CONFIGS["sd3.5"].scale_factor, VAE_CONFIGS["sd3.5"].shift_factor) == (1.5305, 0.0609)
     z = torch.randn(2, 16, 4, 4)
-    config = VAE_CONFIGS["flux"]
+    config = VAE_CONFIGS["flux1"]
     torch.testing.assert_close(normalize_latents(z, config), (z - 0.1159) * 0.3611)  # diffusers' pipeline formulas
     torch.testing.assert_close(denormalize_latents(normalize_latents(z, config), config), z)
     with pytest.raises(ValueError, match="norm_groups"):
@@ -245,7 +245,7 @@ def test_errors(tmp_path):
 
     save_file(ldm, tmp_path / "c.safetensors")
     with pytest.raises(WeightsError) as e:
-        load_vae(tmp_path / "c.safetensors", config=VAE_CONFIGS["flux"])
+        load_vae(tmp_path / "c.safetensors", config=VAE_CONFIGS["flux1"])
     assert "shape mismatch" in one_line(e) or "missing" in one_line(e)
 
 

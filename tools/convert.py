@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repo
 
 from sampling.options import OneLineParser
 from weights.convert import check_output, convert_checkpoint, detect, merge_loras, plan_conversion
+from weights.families import get_family
 from weights.io import DTYPES, WeightsError, read_header
 from weights.keymaps.lora import NotLoRAError
 from weights.lora import LAYOUTS, read_lora
@@ -36,7 +37,6 @@ from weights.lora_resize import resize_lora, summary
 from weights.lora_write import write_lora
 
 # Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (reference.md §7.3).
-DROPPED_BY_DIFFUSERS_KOHYA = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
 
 
 def _size(text: str) -> int:
@@ -63,18 +63,9 @@ def _lora_arg(text: str) -> tuple[str, float]:
 # ----- info -------------------------------------------------------------------------------------------------
 
 
-def _variant(family: str, cfg) -> str:
-    if family == "flux":
-        size = "12B" if cfg.hidden_size == 3072 and cfg.depth == 19 else f"width {cfg.hidden_size}"
-        kind = "dev (guidance-distilled)" if cfg.guidance_embed else "schnell (no guidance embedding)"
-        return f"Flux {kind}, {size}, {cfg.depth} double + {cfg.depth_single_blocks} single blocks"
-    if family == "mmdit":
-        if cfg.qk_norm is None:
-            name = "SD3 medium" if cfg.depth == 24 else "SD3"
-        else:
-            name = {38: "SD3.5 large", 24: "SD3.5 medium"}.get(cfg.depth, "SD3.5")
-            name += " (dual attention)" if cfg.dual_attention_layers else ""
-        return f"{name} MMDiT, width {cfg.hidden_size}, {cfg.depth} joint blocks"
+def _variant(src, cfg) -> str:
+    if src.transformer is not None:
+        return src.transformer.describe(cfg)
     return f"VAE, {cfg.z_channels} latent channels, scale {cfg.scale_factor} shift {cfg.shift_factor}"
 
 
@@ -132,10 +123,10 @@ def info_lines(path) -> list[str]:
     lines = [f"file: {src.path}" + (f" ({len(src.files)} files)" if len(src.files) > 1 else ""),
              f"layout: {src.layout}" + (f" (key prefix {src.prefix!r})" if src.prefix else ""),
              f"dtypes: {dict(dtypes)}", f"parameters: {params:,} in {len(src.header)} tensors"]
-    if src.family in ("flux", "mmdit", "vae"):
+    if src.transformer is not None or src.family == "vae":
         cfg = plan_conversion(src, "official").config
-        lines.insert(1, f"family: {_variant(src.family, cfg)}")
-        if src.family == "mmdit" and any(k.startswith("first_stage_model.") for k in src.header):
+        lines.insert(1, f"family: {_variant(src, cfg)}")
+        if src.transformer is not None and any(k.startswith("first_stage_model.") for k in src.header):
             clips = any(k.startswith("text_encoders.") for k in src.header)
             lines.append("also holds: VAE (first_stage_model.*)" + (", text encoders" if clips else ""))
     else:
@@ -159,11 +150,12 @@ def cmd_checkpoint(args) -> None:
 def cmd_lora(args) -> None:
     check_output(Path(args.output), args.overwrite, [Path(args.input)])
     lora = read_lora(args.input)  # Flux or SD3 / SD3.5, by metadata, names, then width (weights/lora.py)
-    if args.to == "kohya" and lora.family == "sd3":
-        print("note: diffusers has no kohya loader for SD3; ComfyUI and scfm read this file. For diffusers, "
-              "convert with --to diffusers", file=sys.stderr)
+    drops = get_family(lora.family).diffusers_kohya_drops
+    if args.to == "kohya" and drops is None:
+        print(f"note: diffusers has no kohya loader for {get_family(lora.family).title}; ComfyUI and scfm read "
+              "this file. For diffusers, convert with --to diffusers", file=sys.stderr)
     elif args.to == "kohya":
-        dropped = sorted(m for m in lora.modules if m.startswith(DROPPED_BY_DIFFUSERS_KOHYA))
+        dropped = sorted(m for m in lora.modules if m.startswith(drops))
         if dropped:
             print(f"warning: {len(dropped)} embedder / final-layer LoRA layers ({', '.join(dropped[:3])}"
                   f"{', ...' if len(dropped) > 3 else ''}) are written, but diffusers' kohya loader silently "

@@ -90,21 +90,3 @@ def assign_tensors(
         raise WeightsError(f"{source}: tensors missing after reading ({_first(missing)}); the file is truncated")
     model.load_state_dict(state, strict=True, assign=True)
     return model
-
-
-def resolve_config(config, config_json: dict | None, metadata: dict[str, str], shapes, source: str, *, cls,
-                   family: str, from_diffusers, infer):
-    """The model config, from (in order): `config=` (an instance or a preset name), a diffusers config.json, the
-    config our savers write into the file's metadata, and finally the key names and shapes."""
-    from .io import config_from_metadata
-
-    if isinstance(config, str):
-        return cls.preset(config)
-    if config is not None:
-        return config
-    if config_json is not None:
-        return from_diffusers(config_json)
-    meta = config_from_metadata(metadata)
-    if meta is not None and meta.get("family") == family:
-        return cls.from_dict(meta["config"])
-    return infer(shapes, source)

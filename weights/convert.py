@@ -1,7 +1,7 @@
 """Checkpoint conversion and LoRA merging, streamed tensor by tensor (the logic behind `tools/convert.py`).
 
-Every model family goes through its loader's own key map and config helpers (weights/flux.py, mmdit.py,
-vae.py and weights/keymaps/); nothing here names a key. A conversion is a generator of (key, tensor) driven
+Every model family goes through its own key map and config helpers (its record in weights/families, and
+weights/vae.py); nothing here names a key. A conversion is a generator of (key, tensor) driven
 by a reader: run once on meta tensors it yields the output's plan (keys, dtypes, shapes) for the streaming
 writer's header, run again on the memory-mapped input it yields the tensors, one at a time. Transformers
 pass through the official (BFL / SAI) layout on the way, one rule at a time, which is where a merged LoRA's
@@ -22,16 +22,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model.flux import Flux
-from model.mmdit import MMDiT
 from model.vae import AutoEncoder, VAEConfig
 
-from . import flux as flux_io
-from . import mmdit as mmdit_io
 from . import vae as vae_io
 from .assign import check_keys_and_shapes
 from .atomic import remove_stale_temps, temp_beside
-from .detect import detect_flux_layout, detect_mmdit_layout
+from .families import checkpoint_family, families
+from .family import Family
 from .io import (
     CONFIG_METADATA_KEY,
     TensorReader,
@@ -40,16 +37,14 @@ from .io import (
     model_files,
     read_shapes,
 )
-from .keymaps import official_shapes, to_official, to_others
-from .keymaps.flux import flux_rules, flux_split_sizes
+from .keymaps import to_official, to_others
 from .keymaps.lora import parse_key, refuse_non_lora
-from .keymaps.mmdit import mmdit_rules, mmdit_split_sizes
 from .keymaps.vae import diffusers_to_ours, ours_to_diffusers
 from .lora_merge import param_delta
 from .stream import DTYPE_NAMES, Spec, nbytes, write_streaming
+from .transformer import layout_name, read_layout, resolve_config
 
 _BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-SAI_PREFIX = "model.diffusion_model."  # what SAI's single files (and ComfyUI) put before the MMDiT keys
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # diffusers' save_pretrained default
 
 Reader = Callable[[str], Tensor]
@@ -57,8 +52,8 @@ Reader = Callable[[str], Tensor]
 
 @dataclass
 class Source:
-    """A checkpoint as found on disk: its files, header, family ("flux" | "mmdit" | "vae" | "t5" | "clip" |
-    "lora"), layout and key prefix."""
+    """A checkpoint as found on disk: its files, header, family (a transformer family's name, or "vae" | "t5" |
+    "clip" | "lora"), layout and key prefix; `transformer` is the family record of a transformer."""
 
     path: Path
     files: list[Path]
@@ -68,6 +63,7 @@ class Source:
     family: str
     layout: str
     prefix: str = ""
+    transformer: Family | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes by key without the prefix (the keys a conversion names)."""
@@ -82,17 +78,16 @@ def detect(source: str | os.PathLike) -> Source:
     header, metadata = read_shapes(files)
     keys = header.keys()
 
-    def make(family, layout, prefix=""):
-        return Source(path, files, config_json, header, metadata, family, layout, prefix)
+    def make(family, layout, prefix="", transformer=None):
+        return Source(path, files, config_json, header, metadata, family, layout, prefix, transformer)
 
     lora_keys = any((p := parse_key(k)) and p[1] != "alpha" for k in keys)
     if lora_keys or "lora" in metadata.get("scfm_format", ""):
         return make("lora", "")
-    for family, detector in (("flux", detect_flux_layout), ("mmdit", detect_mmdit_layout)):
-        try:
-            return make(family, *reversed(detector(keys, str(path))))
-        except WeightsError:
-            pass
+    family = checkpoint_family(keys, metadata)
+    if family is not None:
+        prefix, layout = family.detect_layout(keys)
+        return make(family.name, layout, prefix, family)
     if any(k.startswith((vae_io.SAI_PREFIX, "encoder.down.", "encoder.down_blocks.")) for k in keys):
         layout = vae_io._detect_layout(set(keys), path)  # the VAE loader's own rule
         return make("vae", layout, vae_io.SAI_PREFIX if layout == "sai" else "")
@@ -101,7 +96,7 @@ def detect(source: str | os.PathLike) -> Source:
         return make("t5", "transformers")
     if any("text_model." in k or k.startswith(("transformer.resblocks.", "token_embedding.")) for k in keys):
         return make("clip", "transformers" if any("text_model." in k for k in keys) else "open_clip")
-    raise WeightsError(f"{path}: not a Flux, SD3 / SD3.5, VAE, T5, CLIP or LoRA checkpoint "
+    raise WeightsError(f"{path}: not a {', '.join(f.title for f in families())}, VAE, T5, CLIP or LoRA checkpoint "
                        f"(first keys: {', '.join(sorted(keys)[:3])})")
 
 
@@ -129,34 +124,17 @@ class Plan:
 
 
 def _transformer_plan(src: Source, to: str, dtype, loras, out_prefix: str | None) -> Plan:
-    shapes = src.shapes()
-    if src.family == "flux":
-        io, model_cls, split = flux_io, Flux, None
-        if src.layout == "diffusers":
-            count = flux_io._count_blocks
-            rules = flux_rules(count(shapes, "transformer_blocks"),
-                               count(shapes, "single_transformer_blocks"),
-                               "time_text_embed.guidance_embedder.linear_1.weight" in shapes)
-            _check_exact({k for r in rules for k in r.others}, shapes, src, "diffusers Flux")
-    else:
-        shapes = {k: s for k, s in shapes.items() if not k.startswith(mmdit_io._OTHER_PARTS)}
-        io, model_cls, split = mmdit_io, MMDiT, mmdit_split_sizes
-        if src.layout == "diffusers":
-            rules = mmdit_io._diffusers_rules(shapes, str(src.path))
-    official = official_shapes(rules, shapes) if src.layout == "diffusers" else shapes
-    cfg = io._resolve_config(None, src.config_json, src.metadata, official, str(src.path))
+    family = src.transformer
+    _, _, _, official, _ = read_layout(family, src.files, str(src.path))
+    cfg = resolve_config(family, None, src.config_json, src.metadata, official, str(src.path))
     with torch.device("meta"):
-        model = model_cls(cfg)
-    check_keys_and_shapes(model, official, source=str(src.path), layout=f"{src.layout} {src.family}")
-    if src.family == "flux":
-        rules, split = flux_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed), \
-            flux_split_sizes(cfg.hidden_size)
-    else:
-        rules = mmdit_rules(cfg.depth, cfg.dual_attention_layers, cfg.qk_norm is not None)
+        model = family.model_class(cfg)
+    check_keys_and_shapes(model, official, source=str(src.path), layout=layout_name(family, src.layout))
+    rules, split = family.rules(cfg), family.split_sizes(cfg)
     by_official = {r.official: r for r in rules}
     deltas = _lora_deltas(model, loras)
     if out_prefix is None:
-        out_prefix = SAI_PREFIX if to == "official" and src.family == "mmdit" else ""
+        out_prefix = family.official_prefix if to == "official" else ""
 
     def tensors(read: Reader, real: bool) -> Iterator[tuple[str, Tensor]]:
         def get_official(key: str) -> Tensor:
@@ -176,18 +154,9 @@ def _transformer_plan(src: Source, to: str, dtype, loras, out_prefix: str | None
         for k, t in pairs:
             yield out_prefix + k, t
 
-    family = {"flux": "flux", "mmdit": "mmdit"}[src.family]
-    meta = {CONFIG_METADATA_KEY: json.dumps({"family": family, "config": cfg.to_dict()}), "layout": to}
-    config_json = io.config_to_diffusers(cfg) if to == "diffusers" else None
+    meta = {CONFIG_METADATA_KEY: json.dumps({"family": family.name, "config": cfg.to_dict()}), "layout": to}
+    config_json = family.config_to_diffusers(cfg) if to == "diffusers" else None
     return Plan(src.family, to, cfg, tensors, meta, config_json)
-
-
-def _check_exact(wanted: set[str], shapes: dict, src: Source, layout: str) -> None:
-    missing, unexpected = wanted - shapes.keys(), shapes.keys() - wanted
-    if missing or unexpected:
-        which, names = ("missing", missing) if missing else ("unexpected", unexpected)
-        raise WeightsError(f"{src.path}: {len(names)} {which} keys for the {layout} layout "
-                           f"({', '.join(sorted(names)[:3])}); the file is incomplete or another model")
 
 
 def _lora_deltas(model, loras) -> dict[str, list]:
@@ -267,10 +236,10 @@ def plan_conversion(src: Source, to: str, dtype: torch.dtype | None = None, lora
                     out_prefix: str | None = None) -> Plan:
     if to not in ("official", "diffusers"):
         raise WeightsError(f"--to must be official or diffusers, got {to!r}")
-    if src.family in ("flux", "mmdit"):
+    if src.transformer is not None:
         return _transformer_plan(src, to, dtype, loras, out_prefix)
     if loras:
-        raise WeightsError(f"{src.path}: LoRAs merge into a Flux or SD3 transformer, not a {src.family}")
+        raise WeightsError(f"{src.path}: LoRAs merge into a transformer, not a {src.family}")
     if src.family == "vae":
         return _vae_plan(src, to, dtype)
     if src.family == "lora":
@@ -372,8 +341,8 @@ def merge_loras(base, loras, out, *, dtype: torch.dtype | None = None, overwrite
                 shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Bake `loras` ([(LoRA, scale)]) into a copy of `base`, written in the base's layout and key prefix."""
     src = detect(base)
-    if src.family not in ("flux", "mmdit"):
-        raise WeightsError(f"{src.path}: a {src.family}, not a Flux or SD3 transformer to merge LoRAs into")
+    if src.transformer is None:
+        raise WeightsError(f"{src.path}: a {src.family}, not a transformer to merge LoRAs into")
     plan = plan_conversion(src, src.layout, dtype, loras, out_prefix=src.prefix)
     plan.metadata["scfm_merged_loras"] = json.dumps([f"{lora.source} @ {s}" for lora, s in loras])
     return write_plan(src, plan, out, overwrite=overwrite, shard_bytes=shard_bytes)

@@ -84,9 +84,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .families import default_family, get_family, lora_family
 from .io import TensorReader, WeightsError, read_header
 from .keymaps import swap_halves
-from .keymaps.lora import TEXT_ENCODER_PREFIXES, detect_family, lora_names, parse_key, refuse_non_lora
+from .keymaps.lora import TEXT_ENCODER_PREFIXES, parse_key, refuse_non_lora
 from .lora_foreign import flavour, kohya_alpha, peft_alpha, peft_config, peft_file, whole_diff
 
 FORMAT = "scfm-lora/1"
@@ -188,7 +189,7 @@ class ModuleLoRA:
 @dataclass
 class LoRA:
     modules: dict[str, ModuleLoRA]  # official (BFL / SAI) module name -> its LoRA
-    family: str = "flux"  # "flux" | "sd3"
+    family: str = field(default_factory=lambda: default_family().name)  # a registered family's name
     layout: str = "ours"  # the layout it was read from
     recommended: Recommended = field(default_factory=Recommended)
     text_encoders: dict[str, Tensor] = field(default_factory=dict)  # as read, untouched
@@ -200,11 +201,12 @@ class LoRA:
 
     @classmethod
     def from_set_state(cls, state: dict[str, Tensor], alpha: float, *, recommended: Recommended | None = None,
-                       family: str = "flux") -> LoRA:
+                       family: str | None = None) -> LoRA:
         """From `distill.lora.set_state_dict(model, name)` and the LoRAConfig's alpha."""
         tensors = {k: v.detach() for k, v in state.items()}
         tensors |= {k.removesuffix(".lora_down") + ".alpha": torch.tensor(float(alpha), dtype=torch.float64)
                     for k in state if k.endswith(".lora_down")}
+        family = get_family(family or default_family()).name
         return cls(_modules_from_ours(tensors, "set state", family), family, "ours",
                    recommended or Recommended())
 
@@ -214,8 +216,8 @@ class LoRA:
 
 def _modules_from_ours(tensors: dict[str, Tensor], source: str, family: str) -> dict[str, ModuleLoRA]:
     stems = {k.rsplit(".", 1)[0] for k in tensors}
-    names = lora_names(family, stems)
-    what = {"flux": "Flux", "sd3": "SD3 / SD3.5"}[family]
+    names = get_family(family).lora_names(stems)
+    what = get_family(family).title
     modules = {}
     for m in sorted(stems):
         if m not in names.rules:
@@ -267,7 +269,7 @@ def _diffusers_module(names, official, by_slice, config) -> ModuleLoRA:
 
 def _family(src, stems, official, widths, meta, hint) -> str:
     try:
-        return detect_family(stems, official, widths, meta.get("scfm_family"), hint)
+        return lora_family(stems, official, widths, meta.get("scfm_family"), hint)
     except WeightsError as e:
         raise WeightsError(f"{src}: {e}") from None
 
@@ -308,7 +310,7 @@ def _check_finite(tensors: dict[str, Tensor], src: str) -> None:
 def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
               family: str | None = None) -> LoRA:
     """Read a Flux or SD3 / SD3.5 LoRA in our, diffusers / PEFT or kohya / ComfyUI layout (detected).
-    `family` ("flux" | "sd3") decides only names both families share (see the module docstring). Every key
+    `family` (a family's name) decides only names both families share (see the module docstring). Every key
     is used or refused: nothing is dropped (unlike diffusers' kohya loader)."""
     if kohya_split_alpha not in ("generic", "per_slice"):
         raise ValueError(f"kohya_split_alpha must be 'generic' or 'per_slice', got {kohya_split_alpha!r}")
@@ -328,7 +330,7 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     parsed = {k: parse_key(k) for k in tensors if k not in text}
     if not any(p and p[1] != "alpha" for p in parsed.values()):
         if text and not any(parsed.values()):  # sd-scripts can train the text encoders alone
-            stated = meta.get("scfm_family") or family or "flux"
+            stated = get_family(meta.get("scfm_family") or family or default_family()).name
             return LoRA({}, stated, "kohya" if any(k.startswith("lora_te") for k in text) else "diffusers",
                         recommended, text, src, flavour="text encoders only")
         first = ", ".join(sorted(header)[:3])
@@ -337,7 +339,7 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     stems = [p[0] for p in parsed.values() if p]
     widths = [tensors[k].shape[1] for k, p in parsed.items() if p and p[1] == "down"]
     family = _family(src, stems, False, widths, meta, family)
-    names = lora_names(family, stems)
+    names = get_family(family).lora_names(stems)
     groups: dict[str, dict] = {}
     diffs: dict[str, Tensor] = {}
     namings = set()

@@ -23,26 +23,10 @@ from torch import Tensor
 
 from model.fp8 import E4M3
 
-from .detect import detect_flux_layout, detect_mmdit_layout
+from .families import family_of, find_layout, names
 from .io import TensorReader, WeightsError, model_files, parse_lora, read_header, read_shapes
 from .keymaps import to_official
-from .keymaps.flux import flux_rules
-from .keymaps.mmdit import mmdit_rules
 from .lora import LoRA, Recommended, read_lora
-
-_NAMES = {"flux": "Flux", "sd3": "SD3 / SD3.5"}
-
-
-def model_family(model) -> str:
-    """"flux" or "sd3", by the model's class (the names LoRA families go by)."""
-    from model.flux import Flux
-    from model.mmdit import MMDiT
-
-    if isinstance(model, Flux):
-        return "flux"
-    if isinstance(model, MMDiT):
-        return "sd3"
-    raise TypeError(f"LoRAs merge into a Flux or an SD3 / SD3.5 MMDiT, not a {type(model).__name__}")
 
 
 @dataclass
@@ -56,9 +40,9 @@ class _Applied:
 
 
 def _fit_error(model, lora: LoRA, src: str) -> str | None:
-    family = model_family(model)
-    if lora.family != family:
-        return f"{src}: a {lora.family} LoRA; this model is {_NAMES[family]}"
+    family = family_of(model)
+    if lora.family != family.name:
+        return f"{src}: a {lora.family} LoRA; this model is {family.title}"
     for m, mod in lora.modules.items():
         try:
             weight = model.get_submodule(m).weight
@@ -68,7 +52,7 @@ def _fit_error(model, lora: LoRA, src: str) -> str | None:
             elif ".attn2." in m:
                 hint = "an SD3.5-medium LoRA (dual attention blocks) on another SD3 model"
             else:
-                hint = f"the LoRA is for a different {_NAMES[family]} variant"
+                hint = f"the LoRA is for a different {family.title} variant"
             return f"{src}: LoRA module {m} is not in this model; {hint}"
         if mod.weight_shape != tuple(weight.shape) or any(
                 p is not None and (p.up.shape[0], *p.down.shape[1:]) != (n, *weight.shape[1:])
@@ -112,14 +96,9 @@ def _base_weights(source: str, model, keys: list[str]):
     stored dtype."""
     files, _ = model_files(source, "transformer")
     raw, _ = read_shapes(files)
-    cfg = model.config
-    if model_family(model) == "flux":
-        prefix, layout = detect_flux_layout(raw.keys(), source)
-        rules = flux_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed)
-    else:
-        prefix, layout = detect_mmdit_layout(raw.keys(), source)
-        rules = mmdit_rules(cfg.depth, cfg.dual_attention_layers, cfg.qk_norm is not None)
-    rules = {r.official: r for r in rules}
+    family = family_of(model)
+    prefix, layout = find_layout(family, raw.keys(), source)
+    rules = {r.official: r for r in family.rules(model.config)}
     with TensorReader(files, prefix=prefix) as read:
         for key in keys:
             try:
@@ -144,7 +123,11 @@ def _resolve(model, loras: Sequence, ignore_text_encoders: bool) -> list[tuple[L
     """(LoRA, scale) pairs from LoRAs or paths, alone (scale 1) or as (lora, scale), each checked to fit `model`
     (a meta model will do: only names and shapes are read)."""
     items = [x if isinstance(x, tuple) else (x, 1.0) for x in loras]
-    family = model_family(model)
+    try:
+        family = family_of(model).name
+    except TypeError:
+        raise TypeError(f"LoRAs merge into a transformer of a family scfm knows ({', '.join(names())}), "
+                        f"not a {type(model).__name__}") from None
     items = [(x if isinstance(x, LoRA) else read_lora(x, family=family), float(s)) for x, s in items]
     for lora, _ in items:
         src = lora.source or "LoRA"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from .families import get_family
 from .io import WeightsError, read_header
 from .keymaps.lora import TEXT_ENCODER_PREFIXES, parse_key
 from .lora import LoRA, LoRAPart, ModuleLoRA, read_lora
@@ -41,15 +42,7 @@ from .lora_foreign import kohya_alpha, peft_alpha, peft_metadata
 from .lora_merge import merged_param, touched_keys
 
 ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-bigG", "t5": "T5"}
-FAMILY_ENCODERS = {"flux": ("clip_l", "t5"), "sd3": ("clip_l", "clip_g", "t5")}
-_FAMILY_NAMES = {"flux": "FLUX.1", "sd3": "SD3 / SD3.5"}
-# prefix -> encoder (the module docstring's table)
-_PREFIXES = {
-    "flux": {"lora_te_": "clip_l", "lora_te1_": "clip_l", "lora_te2_": "t5", "lora_te3_": "t5",
-             "text_encoder.": "clip_l", "text_encoder_2.": "t5"},
-    "sd3": {"lora_te_": "clip_l", "lora_te1_": "clip_l", "lora_te2_": "clip_g", "lora_te3_": "t5",
-            "text_encoder.": "clip_l", "text_encoder_2.": "clip_g", "text_encoder_3.": "t5"},
-}
+# prefix -> encoder beyond each family's own table (weights/families: text_lora_prefixes)
 _COMFY_PREFIXES = {"text_encoders.clip_l.transformer.": "clip_l", "text_encoders.clip_g.transformer.": "clip_g",
                    "text_encoders.t5xxl.transformer.": "t5"}
 # diffusers' names, whose alpha may also come from its metadata
@@ -109,7 +102,8 @@ def _part(src: str, prefix: str, stem: str, g: dict[str, Tensor], config: dict) 
 def encoder_parts(lora: LoRA, scale: float, family: str) -> list[EncoderLoRA]:
     """`lora.text_encoders` as one EncoderLoRA per prefix, each for the encoder its prefix names in `family`."""
     src = lora.source or "LoRA"
-    table = {**_PREFIXES[family], **_COMFY_PREFIXES}
+    family = get_family(family)
+    table = {**family.text_lora_prefixes, **_COMFY_PREFIXES}
     by_length = sorted(table, key=len, reverse=True)
     groups: dict[str, dict[str, dict[str, Tensor]]] = {}  # prefix -> module -> role -> tensor
     for key, t in lora.text_encoders.items():
@@ -122,9 +116,9 @@ def encoder_parts(lora: LoRA, scale: float, family: str) -> list[EncoderLoRA]:
     out = []
     for prefix, modules in groups.items():
         encoder = table[prefix]
-        if encoder not in FAMILY_ENCODERS[family]:
+        if encoder not in family.text_encoders:
             raise WeightsError(f"{src}: keys {prefix}... are for a {ENCODER_NAMES[encoder]}, which "
-                               f"{_FAMILY_NAMES[family]} does not have; a LoRA for another model?")
+                               f"{family.display} does not have; a LoRA for another model?")
         config = _peft_config(lora.source, prefix) if prefix in _PEFT_PREFIXES else {}
         parts, diffs = {}, {}
         for stem, g in modules.items():

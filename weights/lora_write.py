@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from .atomic import atomic_save
+from .families import get_family
 from .io import WeightsError
 from .keymaps import swap_halves
-from .keymaps.lora import KOHYA_PREFIX, kohya_name, lora_names
+from .keymaps.lora import KOHYA_PREFIX, kohya_name
 from .lora import FORMAT, LAYOUTS, LoRA, LoRAPart, ModuleLoRA, Recommended
 from .lora_foreign import PEFT_METADATA_KEY
 
@@ -95,7 +96,7 @@ def _folded(p: LoRAPart) -> Tensor:
 
 
 def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
-    names = lora_names(lora.family, lora.modules)
+    names = get_family(lora.family).lora_names(lora.modules)
     out, ranks = {}, {}
     for m, mod in lora.modules.items():
         rule = names.rules[m]
@@ -124,41 +125,30 @@ def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
     return out, {f"transformer.{k}": v for k, v in config.items()}
 
 
-# What A1111 / Forge, Civitai and kohya's tools read to tell a LoRA's base model (Stability AI's ModelSpec and
-# sd-scripts' `ss_*` keys, spelled as sd-scripts writes them for Flux and SD3 LoRAs). A caller that knows the
-# exact base (distill/lora_export.py: `base_architecture`) overrides the family-wide id.
-_ARCHITECTURE = {"flux": "flux-1", "sd3": "stable-diffusion-3"}
-_IMPLEMENTATION = {"flux": "https://github.com/black-forest-labs/flux", "sd3": "diffusers"}
-_KOHYA_MODULE = {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}
-_KOHYA_BASE = {"flux": "flux1", "sd3": "sd3"}
-
-
 _LAYOUT_KEYS = {"scfm_format", "scfm_rank", "scfm_alpha", "scfm_targets", PEFT_METADATA_KEY}
 
 
+# What A1111 / Forge, Civitai and kohya's tools read to tell a LoRA's base model (Stability AI's ModelSpec and
+# sd-scripts' `ss_*` keys, as each family's record spells them). A caller that knows the exact base
+# (distill/lora_export.py: `base_architecture`) overrides the family-wide id.
 def base_architecture(family: str, config) -> str:
-    """The ModelSpec id of a base model from its config: flux-1-dev / -schnell, stable-diffusion-3-5-large /
-    -3-5-medium / -3-medium; the family-wide id for any other size (a tiny test model, the demo)."""
-    if family == "flux":
-        if (config.depth, config.depth_single_blocks, config.hidden_size) == (19, 38, 3072):
-            return "flux-1-dev" if config.guidance_embed else "flux-1-schnell"
-    elif config.depth == 38:
-        return "stable-diffusion-3-5-large"
-    elif config.depth == 24:
-        return "stable-diffusion-3-5-medium" if config.dual_attention_layers else "stable-diffusion-3-medium"
-    return _ARCHITECTURE[family]
+    """The ModelSpec id of a base model from its config (flux-1-dev, stable-diffusion-3-5-large, ...); the
+    family-wide id for any other size (a tiny test model, the demo)."""
+    family = get_family(family)
+    return family.base_architecture(config) or family.architecture
 
 
 def _tool_metadata(lora: LoRA, layout: str) -> dict[str, str]:
     """The `ss_*` keys of this layout: the rank and the alpha a kohya-style loader applies (r for the diffusers
     layout, whose alpha is folded into the weights)."""
+    family = get_family(lora.family)
     parts = [p for mod in lora.modules.values() for p in mod.parts if p is not None]
     if not parts:  # full differences only
-        return {"ss_network_module": _KOHYA_MODULE[lora.family], "ss_base_model_version": _KOHYA_BASE[lora.family]}
+        return {"ss_network_module": family.kohya_module, "ss_base_model_version": family.kohya_base}
     rank = _most_common(p.up.shape[1] for p in parts)
     alpha = rank if layout == "diffusers" else _most_common(p.alpha for p in parts)
-    return {"ss_network_module": _KOHYA_MODULE[lora.family], "ss_network_dim": str(rank),
-            "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": _KOHYA_BASE[lora.family]}
+    return {"ss_network_module": family.kohya_module, "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": family.kohya_base}
 
 
 def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -195,15 +185,16 @@ def write_lora(lora: LoRA, path: str | os.PathLike, layout: str = "ours", *, ove
     tensors, meta = lora_state_dict(lora, layout)
     # keys that describe another layout's tensors (a converted file's metadata passed on) would mislead a reader
     metadata = {k: v for k, v in (metadata or {}).items() if k not in _LAYOUT_KEYS}
-    spec = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"{_ARCHITECTURE[lora.family]}/lora",
-            "modelspec.implementation": _IMPLEMENTATION[lora.family], "modelspec.title": Path(path).stem}
+    family = get_family(lora.family)
+    spec = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": f"{family.architecture}/lora",
+            "modelspec.implementation": family.implementation, "modelspec.title": Path(path).stem}
     return atomic_save(tensors, path, {**spec, **metadata, **meta}, overwrite=overwrite)
 
 
 def save_lora(state: dict[str, Tensor], path: str | os.PathLike, *, layout: str = "ours", alpha: float,
               rank: int | None = None, slices: dict[str, tuple[int, ...]] | None = None,
               metadata: dict[str, str] | None = None, recommended: Recommended | None = None,
-              overwrite: bool = False, family: str = "flux") -> Path:
+              overwrite: bool = False, family: str | None = None) -> Path:
     """A distill/ weight set (`set_state_dict`) of a `family` model in `layout`. `rank` and `slices`
     (module -> the LoRALayer's slice widths) are checked against the tensors, so a mis-sliced export fails
     here, not in a user's UI."""

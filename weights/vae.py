@@ -20,16 +20,16 @@ import torch
 from model.vae import VAE_CONFIGS, AutoEncoder, VAEConfig
 
 from .assign import assign_tensors, check_keys_and_shapes
+from .families import transformer_hints
 from .io import WeightsError, config_from_metadata, iter_tensors, read_config_json, read_shapes, weight_files
 from .keymaps.vae import diffusers_to_ours
 
 SAI_PREFIX = "first_stage_model."
 
-# Keys that show a file is some other model, for a useful "wrong family" message.
-_OTHER_FAMILIES = (
-    ("double_blocks.", "a Flux transformer"),
+# Keys that show a file is some other model, for a useful "wrong file" message (the transformers' come from
+# their families, weights/families).
+_NOT_A_VAE = (
     ("transformer_blocks.", "a diffusers transformer"),
-    ("joint_blocks.", "an SD3 transformer"),
     ("encoder.block.", "a T5 encoder"),
     ("text_model.", "a CLIP text encoder"),
     ("lora_", "a LoRA"),
@@ -57,9 +57,9 @@ def _detect_layout(keys: set[str], source: Path) -> str:
         return "ldm"
     if any(k.startswith("encoder.down_blocks.") for k in keys):
         return "diffusers"
-    for marker, family in _OTHER_FAMILIES:
+    for marker, what in (*transformer_hints(), *_NOT_A_VAE):
         if any(k.startswith(marker) or f".{marker}" in k for k in keys):
-            raise WeightsError(f"{source}: this is {family}, not a VAE; pass ae.safetensors or a vae/ folder")
+            raise WeightsError(f"{source}: this is {what}, not a VAE; pass ae.safetensors or a vae/ folder")
     example = min(keys) if keys else "no keys"
     raise WeightsError(f"{source}: not a VAE checkpoint (no encoder/decoder keys; first key {example!r})")
 
@@ -90,7 +90,7 @@ def _config_from_shapes(shapes: dict[str, list[int]], layout: str, source: Path)
     """Infer the architecture from our-named shapes; the latent scale/shift come from the family the layout implies."""
     if layout == "diffusers":
         raise WeightsError(f"{source}: a diffusers VAE file without config.json: the Flux (0.3611 / 0.1159) and SD3.5 "
-                           "(1.5305 / 0.0609) latent scalings cannot be told apart; pass config=VAE_CONFIGS['flux'] "
+                           "(1.5305 / 0.0609) latent scalings cannot be told apart; pass config=VAE_CONFIGS['flux1'] "
                            "or VAE_CONFIGS['sd3.5'], or load the vae/ folder")
     try:
         out_ch, in_ch = shapes["encoder.conv_in.weight"][:2]
@@ -103,7 +103,7 @@ def _config_from_shapes(shapes: dict[str, list[int]], layout: str, source: Path)
         raise WeightsError(f"{source}: incomplete VAE checkpoint (encoder/decoder keys missing)") from None
     if any(w % out_ch for w in widths):
         raise WeightsError(f"{source}: level widths {widths} are not multiples of {out_ch}; not a supported VAE")
-    preset = VAE_CONFIGS["sd3.5" if layout == "sai" else "flux"]
+    preset = VAE_CONFIGS["sd3.5" if layout == "sai" else "flux1"]
     groups = preset.norm_groups if all(w % preset.norm_groups == 0 for w in widths) else 1
     try:
         return dataclasses.replace(preset, in_channels=in_ch, out_channels=out_channels, ch=out_ch,

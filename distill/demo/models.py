@@ -30,8 +30,9 @@ from model.tokenizers import CLIP_BPE_DIR, T5_EXTRA_IDS
 from model.vae import AutoEncoder, VAEConfig
 from sampling.demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH
 from weights.atomic import atomic_save
-from weights.flux import config_to_diffusers, save_flux
+from weights.families.flux import config_to_diffusers
 from weights.keymaps.vae import ours_to_diffusers
+from weights.transformer import save_transformer
 
 # CLIP-L's interface (vocabulary, 77 positions, EOS pooling, no projection as in Flux) at width 32: the 49,408-row
 # embedding is most of its size, so it ships in fp16.
@@ -178,7 +179,7 @@ def save_pipeline(folder: Path, *, transformer: Flux, vae: AutoEncoder, clip: CL
 
     half = Flux(transformer.config).half()
     half.load_state_dict(transformer.state_dict())
-    save_flux(half, folder / "transformer" / "diffusion_pytorch_model.safetensors", layout="diffusers")
+    save_transformer(half, folder / "transformer" / "diffusion_pytorch_model.safetensors", layout="diffusers")
     _config_json(folder / "transformer", {"_diffusers_version": "0.30.0", **config_to_diffusers(transformer.config)})
 
     atomic_save(vae_diffusers_state(vae), folder / "vae" / "diffusion_pytorch_model.safetensors")

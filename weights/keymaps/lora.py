@@ -6,7 +6,8 @@ written twice.
 A LoRA key is `<prefix><module><suffix>`; `parse_key` splits it into (stem, role) with role down / up /
 alpha (or diff / diff_b, ComfyUI's full differences), and `LoRANames.resolve` maps the stem to an official
 Linear (or SD3's patch-embedding Conv2d) and, for diffusers names, the slice of a fused layer it covers;
-`LoRANames.param` maps a `.diff` stem to a norm weight. `detect_family` tells Flux from SD3 by the names.
+`LoRANames.param` maps a `.diff` stem to a norm weight. Which family a LoRA is for is the registry's
+(weights/families: `lora_family`).
 
 SD3 in ComfyUI: its `model_lora_keys_unet` maps every weight `diffusion_model.<SAI path>.weight` of the loaded
 model to the LoRA stems `lora_unet_<SAI path, '.' -> '_'>` and `diffusion_model.<SAI path>`, and for SD3 also
@@ -17,6 +18,7 @@ LoRAs use the same `lora_unet_<SAI path>` names, so that is the kohya layout we 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +27,6 @@ from ..io import WeightsError
 from . import Rule
 from .flux import flux_rules, flux_split_sizes
 from .mmdit import mmdit_rules, mmdit_split_sizes
-
-FAMILIES = ("flux", "sd3")
-# Widths (Linear inputs) of the released SD3 / SD3.5 models (medium 1536, large 2432); no Flux Linear has
-# them.
-# Only a last resort: names and metadata decide first.
-SD3_WIDTHS = frozenset({1536, 2432})
 
 # (suffix, role). kohya writes lora_down / lora_up / alpha; PEFT lora_A / lora_B; ComfyUI accepts both.
 SUFFIXES = (
@@ -112,26 +108,28 @@ def mmdit_depth(stems) -> int:
 
 @dataclass(frozen=True)
 class LoRANames:
-    family: str  # "flux" | "sd3"
     rules: dict[str, Rule]  # official Linear / Conv2d module -> its table rule
     by_diffusers: dict[str, tuple[str, int]]  # diffusers module -> (official module, slice index)
     by_kohya: dict[str, str]  # flattened official path -> official module
     by_flat_diffusers: dict[str, tuple[str, int]]  # diffusers module, '.' -> '_' -> (official module, slice)
     params: dict[str, str]  # official parameter path without .weight / .bias, and flattened -> the parameter
+    split_sizes: Callable  # in_features -> the row split of a fused layer (weights/keymaps: *_split_sizes)
+    # official modules whose diffusers halves are swapped only when they have 2 * D rows (SD3's last-block
+    # context adaLN; see `swapped`)
+    swapped_by_rows: tuple[str, ...] = ()
 
     def split_rows(self, official: str, out: int, in_features: int) -> list[int]:
         """Output rows of each slice of `official` (one entry for a layer that is not fused)."""
         rule = self.rules[official]
         if rule.kind != "fuse":
             return [out]
-        split = flux_split_sizes(in_features) if self.family == "flux" else mmdit_split_sizes
-        return split(rule, torch.empty(out, 0))
+        return self.split_sizes(in_features)(rule, torch.empty(out, 0))
 
     def swapped(self, official: str, rows: int, in_features: int) -> bool:
         """Whether diffusers stores this layer's rows as (scale, shift), halves swapped from the official
         order: the final adaLN, and SD3's last-block context adaLN, told by its 2 * D rows (not 6 * D), so a
         LoRA need not reach the last block for its blocks to be named right."""
-        if self.family == "sd3" and official.endswith("context_block.adaLN_modulation.1"):
+        if official.endswith(self.swapped_by_rows):
             return rows == 2 * in_features
         return self.rules[official].kind == "swap"
 
@@ -174,7 +172,7 @@ def flux_lora_names(depth: int, depth_single_blocks: int) -> LoRANames:
     linear = {r.official.removesuffix(".weight") for r in params if r.official.endswith(".weight")}
     modules = flux_rules(depth, depth_single_blocks, True, modules=True)
     rules = {r.official: r for r in modules if r.official in linear}  # not the q / k norm scales
-    return _names("flux", rules, params)
+    return _names(rules, params, flux_split_sizes)
 
 
 def mmdit_lora_names(depth: int) -> LoRANames:
@@ -184,48 +182,16 @@ def mmdit_lora_names(depth: int) -> LoRANames:
     # Linear and Conv2d layers: the modules with a bias (not the position table, not the q / k norms)
     layers = {r.official.removesuffix(".bias") for r in params if r.official.endswith(".bias")}
     modules = mmdit_rules(depth, tuple(range(depth)), True, modules=True)
-    return _names("sd3", {r.official: r for r in modules if r.official in layers}, params)
+    return _names({r.official: r for r in modules if r.official in layers}, params, lambda _: mmdit_split_sizes,
+                  ("context_block.adaLN_modulation.1",))
 
 
-def _names(family: str, rules: dict[str, Rule], params: list[Rule]) -> LoRANames:
+def _names(rules: dict[str, Rule], params: list[Rule], split_sizes, swapped_by_rows=()) -> LoRANames:
     by_diffusers = {other: (r.official, i) for r in rules.values() for i, other in enumerate(r.others)}
     flat = {kohya_name(k): v for k, v in by_diffusers.items()}
     # parameters that are not a LoRA-able layer's weight or bias (norm weights), as a `.diff` may name them
     others = [r.official for r in params if r.official.rsplit(".", 1)[0] not in rules]
     stems = {k.removesuffix(".weight"): k for k in others if k.endswith(".weight")}
     stems |= {kohya_name(k): v for k, v in stems.items()}
-    return LoRANames(family, rules, by_diffusers, {kohya_name(official): official for official in rules}, flat,
-                     stems)
-
-
-def lora_names(family: str, stems) -> LoRANames:
-    """The names of `family` large enough for every block index named in `stems`."""
-    stems = list(stems)
-    if family == "flux":
-        return flux_lora_names(*block_counts(stems))
-    if family == "sd3":
-        return mmdit_lora_names(mmdit_depth(stems))
-    raise WeightsError(f"unknown LoRA family {family!r}; scfm reads {', '.join(FAMILIES)} LoRAs")
-
-
-def detect_family(stems, official: bool, widths=(), stated: str | None = None,
-                  hint: str | None = None) -> str:
-    """The family of a LoRA from its key stems: `stated` (the file's scfm_family) wins; then the names, when
-    only one family has them all (`official`: the stems are official module names, as in our layout); then,
-    for names both have (diffusers calls SD3's and Flux's double-block attention alike), the caller's `hint`
-    (the model it is for), then the width of its layers, and Flux last."""
-    if stated is not None:
-        if stated not in FAMILIES:
-            raise WeightsError(f"a LoRA for {stated}; scfm reads {', '.join(FAMILIES)} LoRAs")
-        return stated
-    stems = list(stems)
-    fits = []
-    for family in FAMILIES:
-        names = lora_names(family, stems)
-        if all((s in names.rules) if official else names.resolve(s) or names.param(s) for s in stems):
-            fits.append(family)
-    if len(fits) == 1:
-        return fits[0]
-    if hint in fits:
-        return hint
-    return "sd3" if set(widths) & SD3_WIDTHS else "flux"
+    return LoRANames(rules, by_diffusers, {kohya_name(official): official for official in rules}, flat, stems,
+                     split_sizes, swapped_by_rows)
