@@ -9,8 +9,6 @@ diffusers is a benchmark oracle only; no runtime module imports it.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import built_in, median_time  # noqa: E402  (bench/timing.py, beside this file)
+from timing import alternate, built_in, twin_main  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig  # noqa: E402
 from weights.families.sd3 import config_to_diffusers  # noqa: E402
@@ -71,36 +69,10 @@ def run_case(name: str, device: str, iters: int) -> dict:
 
     out_ref, out_ours = run_ref().float(), run_ours().float()
     err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
-    warmup = 2 if name != "tiny" else 5
-    # alternate the two so drift in machine load hits both equally
-    t_ref, t_ours = [], []
-    for _ in range(iters):
-        t_ref.append(median_time(run_ref, device, 0 if t_ref else warmup, 1))
-        t_ours.append(median_time(run_ours, device, 0 if t_ours else warmup, 1))
-    ms_ref, ms_ours = 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_ours)
+    ms_ours, ms_ref = alternate(run_ref, run_ours, device, iters, warmup=2 if name != "tiny" else 5)
     return dict(case=name, device=device, dtype=str(dtype).removeprefix("torch."), ours_ms=ms_ours,
                 diffusers_ms=ms_ref, ratio=ms_ours / ms_ref, max_rel_err=err)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--iters", type=int, default=7)
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device here")
-    cpu_name = f"CPU x{torch.get_num_threads()} threads"
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name
-    print(f"# MMDiT forward, ours vs diffusers, {device_name}, torch {torch.__version__}")
-    print(f"{'case':<20}{'dtype':<10}{'ours ms':>10}{'diffusers ms':>14}{'ratio':>8}{'max rel err':>13}")
-    for name in args.cases:
-        if args.device not in CASES[name][4]:
-            continue
-        r = run_case(name, args.device, args.iters)
-        print(f"{r['case']:<20}{r['dtype']:<10}{r['ours_ms']:>10.2f}{r['diffusers_ms']:>14.2f}{r['ratio']:>8.3f}"
-              f"{r['max_rel_err']:>13.2e}", flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    twin_main(__doc__, "MMDiT forward", CASES, run_case)

@@ -27,6 +27,39 @@ def median_time(fn, device: str, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
+def alternate(run_ref, run_ours, device: str, iters: int, warmup: int) -> tuple[float, float]:
+    """Median milliseconds of (ours, reference), one call of each in turn, so drift in the machine's load hits
+    both equally."""
+    t_ref, t_ours = [], []
+    for _ in range(iters):
+        t_ref.append(median_time(run_ref, device, 0 if t_ref else warmup, 1))
+        t_ours.append(median_time(run_ours, device, 0 if t_ours else warmup, 1))
+    return 1e3 * statistics.median(t_ours), 1e3 * statistics.median(t_ref)
+
+
+def twin_main(description: str, title: str, cases: dict, run_case) -> None:
+    """The command line of a forward-against-diffusers benchmark (bench/*_forward.py): `cases` name ->
+    (..., devices, dtype) with the devices fifth; `run_case(name, device, iters)` gives one row."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cases", nargs="*", default=list(cases), choices=list(cases))
+    ap.add_argument("--iters", type=int, default=7)
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"# {title}, ours vs diffusers, {device_name}, torch {torch.__version__}")
+    print(f"{'case':<20}{'dtype':<10}{'ours ms':>10}{'diffusers ms':>14}{'ratio':>8}{'max rel err':>13}")
+    for name in args.cases:
+        if args.device in cases[name][4]:
+            r = run_case(name, args.device, args.iters)
+            print(f"{r['case']:<20}{r['dtype']:<10}{r['ours_ms']:>10.2f}{r['diffusers_ms']:>14.2f}"
+                  f"{r['ratio']:>8.3f}{r['max_rel_err']:>13.2e}", flush=True)
+
+
 @contextlib.contextmanager
 def trials(fast_accum: bool = False, cudnn: bool = False):
     """Two speed trials, for the calls inside only: Hopper's fast accumulation in the forward fp8 GEMMs

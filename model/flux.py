@@ -15,12 +15,24 @@ from torch import Tensor, nn
 
 from . import kernels
 from .config import PresetConfig
-from .layers import BlockRunner, MLPEmbedder, Modulation, QKNorm, attention, timestep_embedding
-from .rope import EmbedND
+from .layers import BlockRunner, MLPEmbedder, Modulation, ModulationOut, QKNorm, attention, timestep_embedding
+from .rope import EmbedND, check_axes
+
+
+class StreamsShape:
+    """What the FLUX.1 and FLUX.2 configs share: their attention shape is checked, their MLP width derived."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+        check_axes(self.hidden_size, self.num_heads, self.axes_dim)
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
 
 
 @dataclass(frozen=True)
-class FluxConfig(PresetConfig):
+class FluxConfig(StreamsShape, PresetConfig):
     """BFL `FluxParams` field names and meaning."""
 
     in_channels: int = 64  # packed latent channels: 16 VAE channels x 2 x 2
@@ -36,21 +48,6 @@ class FluxConfig(PresetConfig):
     theta: int = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True  # dev is guidance-distilled; schnell has no guidance input
-
-    def __post_init__(self):
-        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        head_dim = self.hidden_size // self.num_heads
-        if sum(self.axes_dim) != head_dim:
-            raise ValueError(f"sum(axes_dim) = {sum(self.axes_dim)} must equal the head dim {head_dim}")
-        if any(d % 2 for d in self.axes_dim):
-            raise ValueError(f"every axes_dim entry must be even (RoPE rotates pairs), got {self.axes_dim}")
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
 
 
 FLUX_CONFIGS: dict[str, FluxConfig] = {
@@ -72,12 +69,12 @@ def _clip_fp16(x: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     def split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D) -> raw q, k, v, each (B, H, L, D/H), strided views of one projection output."""
@@ -101,28 +98,33 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        n_txt = txt.shape[1]
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        return double_stream(self, img, txt, self.img_mod(vec), self.txt_mod(vec), pe)
 
-        txt_q, txt_k, txt_v = self.txt_attn.split_qkv(txt_mod1.modulate(self.txt_norm1(txt)))
-        img_q, img_k, img_v = self.img_attn.split_qkv(img_mod1.modulate(self.img_norm1(img)))
-        # Each stream's own QK-norm, then RoPE over the joint [txt, img] sequence: one fused op that writes
-        # straight into the joint buffers, so the q/k concatenations cost nothing extra.
-        q, k = kernels.qk_norm_rope_joint(
-            txt_q, txt_k, img_q, img_k, self.txt_attn.norm.query_norm.scale, self.txt_attn.norm.key_norm.scale,
-            self.img_attn.norm.query_norm.scale, self.img_attn.norm.key_norm.scale, pe,
-            self.img_attn.norm.query_norm.eps,
-        )  # each (B, H, T + L, D/H)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, T + L, D)
-        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt)))
-        return _clip_fp16(img), _clip_fp16(txt)
+def double_stream(block: nn.Module, img: Tensor, txt: Tensor, img_mods: tuple[ModulationOut, ModulationOut],
+                  txt_mods: tuple[ModulationOut, ModulationOut], pe: Tensor) -> tuple[Tensor, Tensor]:
+    """A double block's computation (FLUX.1 and FLUX.2: they differ in where the modulations come from and in
+    the MLP), on the block's `{img,txt}_{norm1,attn,norm2,mlp}` modules."""
+    n_txt = txt.shape[1]
+    (img_mod1, img_mod2), (txt_mod1, txt_mod2) = img_mods, txt_mods
+    txt_q, txt_k, txt_v = block.txt_attn.split_qkv(txt_mod1.modulate(block.txt_norm1(txt)))
+    img_q, img_k, img_v = block.img_attn.split_qkv(img_mod1.modulate(block.img_norm1(img)))
+    # Each stream's own QK-norm, then RoPE over the joint [txt, img] sequence: one fused op that writes
+    # straight into the joint buffers, so the q/k concatenations cost nothing extra.
+    q, k = kernels.qk_norm_rope_joint(
+        txt_q, txt_k, img_q, img_k, block.txt_attn.norm.query_norm.scale, block.txt_attn.norm.key_norm.scale,
+        block.img_attn.norm.query_norm.scale, block.img_attn.norm.key_norm.scale, pe,
+        block.img_attn.norm.query_norm.eps,
+    )  # each (B, H, T + L, D/H)
+    v = torch.cat((txt_v, img_v), dim=2)
+    attn = attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, T + L, D)
+    txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+
+    img = img + img_mod1.gate * block.img_attn.proj(img_attn)
+    img = img + img_mod2.gate * block.img_mlp(img_mod2.modulate(block.img_norm2(img)))
+    txt = txt + txt_mod1.gate * block.txt_attn.proj(txt_attn)
+    txt = txt + txt_mod2.gate * block.txt_mlp(txt_mod2.modulate(block.txt_norm2(txt)))
+    return _clip_fp16(img), _clip_fp16(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -154,17 +156,33 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    def __init__(self, hidden_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, out_channels: int, bias: bool = True):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, out_channels, bias=True)
+        self.linear = nn.Linear(hidden_size, out_channels, bias=bias)
         # stored (shift, scale) by BFL; diffusers stores (scale, shift), which the key map swaps
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=bias))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # each (B, D)
         x = (1 + scale[:, None, :]) * self.norm_final(x) + shift[:, None, :]
         return self.linear(x)
+
+
+def time_vector(model: nn.Module, img: Tensor, txt: Tensor, timesteps: Tensor, guidance: Tensor | None,
+                example: str) -> Tensor:
+    """`time_in(t)`, plus `guidance_in(g)` for a guidance-distilled model (FLUX.1 and FLUX.2 alike); img and txt
+    are checked to be (B, L, C). As diffusers, sigma and guidance are rounded to the activation dtype before the
+    x1000 inside the embedding."""
+    if img.ndim != 3 or txt.ndim != 3:
+        raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
+    vec = model.time_in(timestep_embedding(timesteps.to(img.dtype), 256))
+    if model.config.guidance_embed:
+        if guidance is None:
+            raise ValueError(f"this {model.config.FAMILY} model has a guidance embedding (dev): pass guidance=, "
+                             f"e.g. {example}")
+        vec = vec + model.guidance_in(timestep_embedding(guidance.to(img.dtype), 256))
+    return vec
 
 
 class Flux(BlockRunner, nn.Module):
@@ -194,24 +212,11 @@ class Flux(BlockRunner, nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
     ) -> Tensor:
-        if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
-        dtype = img.dtype
-        # diffusers rounds sigma and guidance to the activation dtype before the x1000 inside the embedding
-        vec = self.time_in(timestep_embedding(timesteps.to(dtype), 256))
-        if self.config.guidance_embed:
-            if guidance is None:
-                raise ValueError("this Flux model has a guidance embedding (dev): pass guidance=, e.g. 3.5")
-            vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype), 256))
-        vec = vec + self.vector_in(y)
+        vec = time_vector(self, img, txt, timesteps, guidance, "3.5") + self.vector_in(y)
 
         img = self.img_in(img)
         txt = self.txt_in(txt)
-        if img_ids.ndim == 2 and txt_ids.ndim == 3:
-            img_ids = img_ids.expand(txt_ids.shape[0], -1, -1)
-        if txt_ids.ndim == 2 and img_ids.ndim == 3:
-            txt_ids = txt_ids.expand(img_ids.shape[0], -1, -1)
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=-2))  # (B|1, 1, T + L, D/2, 2)
+        pe = self.pe_embedder.joint(txt_ids, img_ids)
 
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, vec, pe)

@@ -1,4 +1,4 @@
-"""Pieces shared by the Flux and MMDiT transformers: embeddings, norms, modulation, attention, latent packing.
+"""Pieces shared by the Flux (FLUX.1, FLUX.2) and MMDiT transformers: embeddings, norms, modulation, attention, latent packing.
 
 Parameter names follow the official checkpoints (BFL for Flux), so those files load with no key map.
 """
@@ -90,11 +90,11 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_fa
 
 
 class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim: int, hidden_dim: int):
+    def __init__(self, in_dim: int, hidden_dim: int, bias: bool = True):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True)
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=bias)
         self.silu = nn.SiLU()
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(self.silu(self.in_layer(x)))

@@ -265,7 +265,7 @@ def check_family_flags(args, family: Family | str) -> None:
     """A flag only another family reads would be ignored silently; refuse it instead."""
     family = get_family(family)
     for other in families():
-        if other is family:
+        if other is family or "pipeline" not in other.parts:
             continue
         used = [flag for flag, attr in other.part("pipeline").own_flags if getattr(args, attr)]
         if used:

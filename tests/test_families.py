@@ -65,7 +65,7 @@ def test_lookups_by_name_model_and_spelling():
     assert get_family("flux") is FLUX and get_family("sd3") is SD3
     assert get_family("mmdit") is SD3  # the spelling checkpoints saved before the registry carry
     assert family_of(Flux(FLUX_CONFIGS["tiny"])) is FLUX and family_of(MMDiT(MMDIT_CONFIGS["tiny"])) is SD3
-    with pytest.raises(WeightsError, match="unknown model family 'sd4'; scfm knows flux, sd3"):
+    with pytest.raises(WeightsError, match="unknown model family 'sd4'; scfm knows flux, sd3, flux2"):
         get_family("sd4")
     with pytest.raises(TypeError, match="not a model of any family"):
         family_of(object())
@@ -77,9 +77,9 @@ def test_a_spelling_cannot_be_taken_twice():
 
     with pytest.raises(ValueError, match="a spelling of 'sd3' is taken"):
         register(replace(FLUX, name="other", aliases=("mmdit",)))
-    assert [f.name for f in families()] == ["flux", "sd3"]
+    assert [f.name for f in families()] == ["flux", "sd3", "flux2"]
     unregister("nothing")  # no such family: nothing happens
-    assert [f.name for f in families()] == ["flux", "sd3"]
+    assert [f.name for f in families()] == ["flux", "sd3", "flux2"]
 
 
 def test_old_checkpoints_spelling_loads(tmp_path):

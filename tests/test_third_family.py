@@ -45,7 +45,8 @@ def _layout(keys):
 FLAX = replace(
     FLUX, name="flax", title="Flax", display="Flax", aliases=(), model_class=Flax, diffusers_classes=("Flax",),
     detect_layout=_layout, claims=lambda keys: any(k.startswith(PREFIX) for k in keys),
-    key_hints=((PREFIX, "a Flax transformer"),), loader="weights.load_transformer('flax', path)", official_prefix=PREFIX,
+    key_hints=((PREFIX, "a Flax transformer"),), loader="weights.load_transformer('flax', path)",
+    official_prefix=PREFIX,
     parts={"velocity": FluxVelocity, "pipeline": FlaxPipeline, "lora_targets": FLUX_TARGETS},
 )
 
@@ -79,7 +80,8 @@ def test_loading_and_converting_a_third_family(flax, tmp_path):
     assert detect_family(path) is flax and detect(path).family == "flax"
     model = load_transformer("flax", path)
     assert type(model) is Flax and all((model.state_dict()[k] == v).all() for k, v in demo.state_dict().items())
-    with pytest.raises(WeightsError, match=r"this is a Flax transformer; load it with weights.load_transformer\('flax', path\), not a Flux"):
+    hint = r"this is a Flax transformer; load it with weights.load_transformer\('flax', path\), not a Flux"
+    with pytest.raises(WeightsError, match=hint):
         load_flux(path)
     out = convert_checkpoint(path, tmp_path / "diffusers", "diffusers")  # Flux's key tables, Flax's record
     back = convert_checkpoint(out, tmp_path / "back.safetensors", "official")

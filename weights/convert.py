@@ -27,7 +27,7 @@ from model.vae import AutoEncoder, VAEConfig
 from . import vae as vae_io
 from .assign import check_keys_and_shapes
 from .atomic import remove_stale_temps, temp_beside
-from .families import checkpoint_family, families
+from .families import checkpoint_family, families, reads
 from .family import Family
 from .io import (
     CONFIG_METADATA_KEY,
@@ -86,7 +86,7 @@ def detect(source: str | os.PathLike) -> Source:
         return make("lora", "")
     family = checkpoint_family(keys, metadata)
     if family is not None:
-        prefix, layout = family.detect_layout(keys)
+        prefix, layout = reads(family, keys)
         return make(family.name, layout, prefix, family)
     if any(k.startswith((vae_io.SAI_PREFIX, "encoder.down.", "encoder.down_blocks.")) for k in keys):
         layout = vae_io._detect_layout(set(keys), path)  # the VAE loader's own rule

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .io import WeightsError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -38,6 +40,8 @@ class Family:
     diffusers_classes: tuple[str, ...] = ()  # `_class_name` prefixes of its model_index.json / config.json
     diffusers_class: str = ""  # its transformer's diffusers class, named when a diffusers file is incomplete
     claims: Callable = None  # keys -> bool: a checkpoint of this family's transformer (any layout)
+    # key fragments only its files have: another family whose names its files also match does not read them
+    markers: tuple[str, ...] = ()
     key_hints: tuple[tuple[str, str], ...] = ()  # (key fragment, "what such a file is"): other loaders' errors
     loader: str = ""  # how a user loads it, said in those errors: "weights.load_flux"
     other_parts: tuple[str, ...] = ()  # key prefixes of the other parts of all-in-one files (never loaded)
@@ -77,7 +81,8 @@ class Family:
         does not have it."""
         ref = self.parts.get(name)
         if ref is None:
-            raise ValueError(f"{self.title} has no {name}; scfm cannot do that with this family")
+            raise WeightsError(f"scfm has no {name.replace('_', ' ')} for {self.title} models yet "
+                             f"(weights/families/{self.name}.py lists what it has)")
         if not isinstance(ref, str):
             return ref  # a family registered at run time may hand the object itself
         module, attribute = ref.split(":")

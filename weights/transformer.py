@@ -22,9 +22,17 @@ from .assign import assign_tensors, check_keys_and_shapes
 from .atomic import atomic_save
 from .families import article, family_of, find_layout, get_family
 from .families.flux import FLUX
+from .families.flux2 import FLUX2
 from .families.sd3 import SD3
 from .family import Family
-from .io import CONFIG_METADATA_KEY, TensorReader, WeightsError, config_from_metadata, model_files, read_shapes
+from .io import (
+    CONFIG_METADATA_KEY,
+    TensorReader,
+    WeightsError,
+    config_from_metadata,
+    model_files,
+    read_shapes,
+)
 from .keymaps import official_shapes, to_official, to_others
 
 
@@ -126,6 +134,11 @@ def save_transformer(model: nn.Module, path: str | os.PathLike, *, layout: str =
 def load_flux(source: str | os.PathLike, **kwargs) -> nn.Module:
     """`load_transformer` for FLUX.1 (BFL or diffusers layout)."""
     return load_transformer(FLUX, source, **kwargs)
+
+
+def load_flux2(source: str | os.PathLike, **kwargs) -> nn.Module:
+    """`load_transformer` for FLUX.2 (BFL or diffusers layout; ComfyUI's prefixed files too)."""
+    return load_transformer(FLUX2, source, **kwargs)
 
 
 def load_mmdit(source: str | os.PathLike, **kwargs) -> nn.Module:

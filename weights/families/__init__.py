@@ -13,9 +13,10 @@ from pathlib import Path
 from ..family import Family
 from ..io import WeightsError, config_from_metadata, model_files, read_shapes
 from .flux import FLUX
+from .flux2 import FLUX2
 from .sd3 import SD3
 
-_FAMILIES: list[Family] = [FLUX, SD3]
+_FAMILIES: list[Family] = [FLUX, SD3, FLUX2]
 
 # Files that are no family's transformer, so a wrong file gets a pointed message instead of "missing keys".
 NOT_A_TRANSFORMER = (
@@ -85,10 +86,20 @@ def transformer_hints() -> list[tuple[str, str]]:
     return [h for f in _FAMILIES for h in f.key_hints]
 
 
+def reads(family: Family, keys) -> tuple[str, str] | None:
+    """(key prefix, "official" | "diffusers") when `family` reads a checkpoint with `keys`: its layout is there and
+    no other family's marker is (a FLUX.2 file also matches FLUX.1's names)."""
+    found = family.detect_layout(keys)
+    if found is None:
+        return None
+    others = [m for f in _FAMILIES if f is not family for m in f.markers if m not in family.markers]
+    return None if any(m in k for k in keys for m in others) else found
+
+
 def find_layout(family: Family, keys, source: str) -> tuple[str, str]:
     """(key prefix, "official" | "diffusers") of `family`'s transformer in a checkpoint with `keys`; for any other
     file one line saying what it is instead when its keys tell, else its first keys."""
-    found = family.detect_layout(keys)
+    found = reads(family, keys)
     if found is not None:
         return found
     for fragment, what in not_this_hints(family):
@@ -107,7 +118,7 @@ def article(title: str) -> str:
 def checkpoint_family(keys, metadata: dict[str, str]) -> Family | None:
     """The family whose layout reads a checkpoint's keys whole; where several do (one family's diffusers layout
     can be another's), the one its metadata names (our savers write it), else the first registered."""
-    found = [f for f in _FAMILIES if f.detect_layout(keys) is not None]
+    found = [f for f in _FAMILIES if reads(f, keys) is not None]
     stated = (config_from_metadata(metadata) or {}).get("family")
     return next((f for f in found if stated in f.spellings), found[0] if found else None)
 
@@ -118,14 +129,15 @@ def detect_family(model: Path) -> Family:
         for name in ("model_index.json", "config.json", "transformer/config.json"):
             if (model / name).exists():
                 cls = str(json.loads((model / name).read_text()).get("_class_name", ""))
-                found = [f for f in _FAMILIES if cls.startswith(f.diffusers_classes)]
+                # the longest matching prefix: "Flux2..." is FLUX.2's, not FLUX.1's "Flux"
+                found = [(len(p), f) for f in _FAMILIES for p in f.diffusers_classes if cls.startswith(p)]
                 if found:
-                    return found[0]
+                    return max(found, key=lambda x: x[0])[1]
     files, _ = model_files(model, "transformer")
     header, metadata = read_shapes(files)
     found = checkpoint_family(header.keys(), metadata)
-    if found is None:  # no layout any family reads whole: the key names alone, for the loader's own error
-        found = next((f for f in _FAMILIES if f.claims(header.keys())), None)
+    if found is None:  # no layout any family reads whole: the key names alone (markers first), for the loader's error
+        found = next((f for f in sorted(_FAMILIES, key=lambda f: not f.markers) if f.claims(header.keys())), None)
     if found is not None:
         return found
     raise WeightsError(f"{model}: not the transformer of any family scfm knows "

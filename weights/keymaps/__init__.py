@@ -40,6 +40,21 @@ def expand(table: list[tuple[str, str, tuple[str, ...], str]], counts: dict[str,
     return rules
 
 
+def tables(modules: list[tuple[str, str, tuple[str, ...], str, tuple[tuple[str, str], ...]]]) -> tuple[list, list]:
+    """(parameter rows, module rows) of a module table whose rows are (block kind, official module, diffusers
+    module(s), kind, (official param, diffusers param) pairs): the first drives checkpoints, the second LoRAs."""
+    params = [(block, f"{off}.{po}", tuple(f"{o}.{pd}" for o in others), kind)
+              for block, off, others, kind, pairs in modules for po, pd in pairs]
+    return params, [(block, off, others, kind) for block, off, others, kind, _ in modules]
+
+
+def double_single_rules(table: list, depth: int, depth_single_blocks: int, guidance_embed: bool) -> list[Rule]:
+    """A FLUX-style table (block kinds "double", "single" and "guidance": the guidance embedder, kept only for
+    models that have one) expanded for a model shape."""
+    rows = [("" if b == "guidance" else b, *rest) for b, *rest in table if guidance_embed or b != "guidance"]
+    return expand(rows, {"double": depth, "single": depth_single_blocks})
+
+
 def swap_halves(t: Tensor) -> Tensor:
     a, b = t.chunk(2, dim=0)
     return torch.cat((b, a), dim=0)

@@ -26,6 +26,7 @@ import torch
 from ..io import WeightsError
 from . import Rule
 from .flux import flux_rules, flux_split_sizes
+from .flux2 import flux2_rules, flux2_split_sizes
 from .mmdit import mmdit_rules, mmdit_split_sizes
 
 # (suffix, role). kohya writes lora_down / lora_up / alpha; PEFT lora_A / lora_B; ComfyUI accepts both.
@@ -168,11 +169,20 @@ class LoRANames:
 def flux_lora_names(depth: int, depth_single_blocks: int) -> LoRANames:
     """Names for a Flux with at least these block counts; the guidance embedder is always included (a dev
     LoRA read for a schnell model is refused when applied, where the model is known)."""
-    params = flux_rules(depth, depth_single_blocks, True)
+    return _linear_names(flux_rules, depth, depth_single_blocks, flux_split_sizes)
+
+
+def flux2_lora_names(depth: int, depth_single_blocks: int) -> LoRANames:
+    """Names for a FLUX.2 with at least these block counts, the guidance embedder (dev) included."""
+    return _linear_names(flux2_rules, depth, depth_single_blocks, lambda _: flux2_split_sizes)
+
+
+def _linear_names(rules_of, depth: int, depth_single_blocks: int, split_sizes) -> LoRANames:
+    """The LoRA names of a double / single block model: its Linear layers (not the q / k norm scales)."""
+    params = rules_of(depth, depth_single_blocks, True)
     linear = {r.official.removesuffix(".weight") for r in params if r.official.endswith(".weight")}
-    modules = flux_rules(depth, depth_single_blocks, True, modules=True)
-    rules = {r.official: r for r in modules if r.official in linear}  # not the q / k norm scales
-    return _names(rules, params, flux_split_sizes)
+    modules = rules_of(depth, depth_single_blocks, True, modules=True)
+    return _names({r.official: r for r in modules if r.official in linear}, params, split_sizes)
 
 
 def mmdit_lora_names(depth: int) -> LoRANames:

@@ -1,0 +1,153 @@
+"""FLUX.2 (model/flux2.py, weights/families/flux2.py): the transformer against diffusers' Flux2Transformer2DModel,
+klein-like (no guidance input) and dev-like, through our key map and through diffusers' own BFL converter;
+loading BFL single files (with ComfyUI's prefix) and diffusers folders; the one-line errors between FLUX.1 and
+FLUX.2 files (flux2-reference.md §7: the tiny parity config)."""
+
+import pytest
+import torch
+from conftest import randomize_
+
+from model.flux import FLUX_CONFIGS, Flux
+from model.flux2 import FLUX2_CONFIGS, Flux2, Flux2Config, flux2_image_ids, flux2_text_ids
+from weights.families import detect_family
+from weights.families.flux2 import FLUX2, config_to_diffusers
+from weights.io import WeightsError
+from weights.keymaps import to_official
+from weights.transformer import load_flux, load_flux2, save_transformer, transformer_state_dict
+
+TINY = FLUX2_CONFIGS["tiny"]
+
+
+def diffusers_model(guidance: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    cfg = {k: v for k, v in config_to_diffusers(Flux2Config(**{**TINY.to_dict(), "guidance_embed": guidance})).items()
+           if not k.startswith("_")}
+    return randomize_(Flux2Transformer2DModel(**cfg), 0.3, seed=1).eval()
+
+
+def inputs(guidance: bool):
+    """B = 2 at different times; 7 text tokens; a 3 x 5 image plus 4 reference tokens at T = 10 (§1.3)."""
+    g = torch.Generator().manual_seed(0)
+    img_ids = torch.cat([flux2_image_ids(3, 5), torch.tensor([[10.0, i, j, 0] for i in (0, 1) for j in (0, 1)])])
+    return dict(img=torch.randn(2, 19, 8, generator=g), img_ids=img_ids, txt=torch.randn(2, 7, 24, generator=g),
+                txt_ids=flux2_text_ids(7), timesteps=torch.tensor([0.3, 0.85]),
+                guidance=torch.tensor([4.0, 2.5]) if guidance else None)
+
+
+@pytest.mark.parametrize("guidance", [False, True], ids=["klein", "dev"])
+def test_transformer_equals_diffusers(guidance):
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    ref = diffusers_model(guidance)
+    theirs = ref.state_dict()
+    cfg = Flux2Config(**{**TINY.to_dict(), "guidance_embed": guidance})
+    ours = Flux2(cfg).eval()
+    ours.load_state_dict(dict(to_official(FLUX2.rules(cfg), theirs.__getitem__)), strict=True)
+    # our map and diffusers' own BFL converter agree key for key, tensor for tensor
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(dict(ours.state_dict()))
+    assert converted.keys() == theirs.keys() and all(torch.equal(converted[k], theirs[k]) for k in theirs)
+    assert all(torch.equal(v, theirs[k]) for k, v in transformer_state_dict(ours, "diffusers").items())
+
+    x = inputs(guidance)
+    with torch.no_grad():
+        want = ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], timestep=x["timesteps"],
+                   img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"], return_dict=False)[0]
+        got = ours(**x)
+    assert got.shape == want.shape == (2, 19, 8)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-5, err
+
+
+def test_presets_have_the_published_sizes():
+    with torch.device("meta"):
+        counts = {n: sum(p.numel() for p in Flux2(FLUX2_CONFIGS[n]).parameters()) for n in FLUX2_CONFIGS}
+    # flux2-reference.md §0, counted on meta models there
+    assert round(counts["klein-4b"] / 1e9, 3) == 3.876 and round(counts["klein-9b"] / 1e9, 3) == 9.079
+    assert round(counts["flux2-dev"] / 1e9, 2) == 32.22
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = randomize_(Flux2(TINY), 0.3, seed=2)
+    x = inputs(False)
+    grads = []
+    for checkpointed in (False, True):
+        model.zero_grad()
+        model.enable_gradient_checkpointing(checkpointed)
+        model(**x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=0, atol=1e-7) for n in grads[0])
+
+
+def test_loading_bfl_comfyui_and_diffusers_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from weights.convert import convert_checkpoint, detect
+
+    model = randomize_(Flux2(TINY), 0.3, seed=3).eval()
+    want = model.state_dict()
+    comfy = tmp_path / "flux-2-klein-tiny.safetensors"  # ComfyUI's prefix, no config in the file: inferred
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in want.items()}, comfy)
+    folder = tmp_path / "transformer"
+    diffusers_model(False).save_pretrained(folder)  # a diffusers transformer folder (config.json + weights)
+    for path in (comfy, folder, save_transformer(model, tmp_path / "ours.safetensors", layout="diffusers")):
+        assert detect_family(path) is FLUX2 and detect(path).family == "flux2"
+        loaded = load_flux2(path)
+        assert type(loaded) is Flux2 and loaded.config == TINY
+    assert all(torch.equal(load_flux2(comfy).state_dict()[k], v) for k, v in want.items())
+    from tools.convert import info_lines
+
+    assert "family: FLUX.2 width 64, no guidance input" in "\n".join(info_lines(str(comfy)))
+    out = convert_checkpoint(comfy, tmp_path / "converted", "diffusers")
+    back = load_flux2(convert_checkpoint(out, tmp_path / "back.safetensors", "official"))
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in want.items())
+
+
+def test_flux1_and_flux2_files_name_each_other(tmp_path):
+    flux2 = save_transformer(Flux2(TINY), tmp_path / "flux2.safetensors")
+    flux1 = save_transformer(Flux(FLUX_CONFIGS["tiny"]), tmp_path / "flux1.safetensors")
+    with pytest.raises(WeightsError, match="this is a FLUX.2 transformer; load it with weights.load_flux2, not a Flux"):
+        load_flux(flux2)
+    with pytest.raises(WeightsError, match=r"this is a Flux transformer \(BFL layout\); load it with weights.load_flux,"
+                                           " not a FLUX.2 transformer"):
+        load_flux2(flux1)
+    assert detect_family(flux1).name == "flux" and detect_family(flux2) is FLUX2
+
+
+def test_generate_and_train_refuse_flux2_in_one_line(tmp_path, capsys):
+    from distill.train import main as train
+    from sampling.generate import main as generate
+
+    path = save_transformer(Flux2(TINY), tmp_path / "flux2.safetensors")
+    assert generate(["--model", str(path), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: scfm has no pipeline for FLUX.2 models yet (weights/families/flux2.py lists what it has)"
+    assert train(["--model", str(path), "--targets", "flux2", "--output", str(tmp_path / "run"), "--cache",
+                  str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "FLUX.2" in err and "Traceback" not in err, err
+
+
+def test_fp8_storage_and_block_swap_work_as_for_flux1():
+    """The blocks' Linears (no biases here) store e4m3 and equal the model on their dequantized weights; a block
+    swap gives the whole model's bits."""
+    import copy
+
+    from model.block_swap import BlockSwap
+    from model.fp8 import Float8Linear, dequantize, quantize_linears_
+
+    x = inputs(False)
+    model = randomize_(Flux2(TINY), 0.3, seed=4).eval()
+    quantized = copy.deepcopy(model)
+    quantize_linears_(quantized)
+    layers = {n: m for n, m in quantized.named_modules() if isinstance(m, Float8Linear)}
+    assert layers and all(n.startswith(("double_blocks.", "single_blocks.")) for n in layers)
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in layers.items():
+            dense.get_submodule(name).weight.copy_(dequantize(m.weight, m.weight_scale, torch.float32))
+        out = quantized(**x)
+        torch.testing.assert_close(out, dense(**x), rtol=1e-5, atol=1e-6)
+        whole = model(**x)
+        BlockSwap(model, 2, "cpu")
+        assert torch.equal(model(**x), whole)
