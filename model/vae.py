@@ -1,12 +1,14 @@
-"""The 16-channel AutoEncoder of FLUX.1 and SD3.5, with BFL / LDM parameter names.
+"""The AutoEncoder of FLUX.1 and SD3.5 (16 channels) and of FLUX.2 (32 channels), with BFL / LDM parameter names.
 
 The parameter names are the keys of BFL `ae.safetensors` (and of SD3.5's `first_stage_model.*`), so those files load
 with no key map; diffusers `AutoencoderKL` files go through `weights/keymaps/vae.py`. The attention q/k/v/proj_out
 are 1x1 convolutions because that is how the LDM files store them.
 
 `encode` returns unscaled latents and `decode` takes unscaled latents; `normalize_latents` / `denormalize_latents`
-apply the family's scale and shift (what the transformer sees). Large images are encoded and decoded in overlapping
-tiles blended with linear ramps, so a 2048x2048 decode needs the memory of one tile, not of the whole image.
+give what the transformer sees: FLUX.1 / SD3.5 scale and shift them; FLUX.2 patchifies them 2x2 (32 -> 128 channels,
+half the side) and normalises with its BatchNorm running statistics, eps 1e-4 (flux2-reference.md §3).
+Large images are encoded and decoded in overlapping tiles blended with linear ramps, so a 2048x2048 decode needs
+the memory of one tile, not of the whole image.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -30,6 +33,10 @@ class VAEConfig:
     norm_groups: int = 32  # GroupNorm groups everywhere (eps 1e-6)
     scale_factor: float = 0.3611  # normalised latent = (z - shift) * scale
     shift_factor: float = 0.1159
+    quant_conv: bool = False  # FLUX.2: 1x1 convs after the encoder (2z -> 2z) and before the decoder (z -> z)
+    # FLUX.2: the latent normalisation is BatchNorm running statistics (`bn`) over 2x2-patchified latents, with
+    # this eps (None: scale / shift)
+    batch_norm_eps: float | None = None
 
     def __post_init__(self):
         widths = [self.ch * m for m in self.ch_mult]
@@ -52,6 +59,8 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
     "sd3.5": VAEConfig(scale_factor=1.5305, shift_factor=0.0609),
     # diffusers AutoencoderKL(block_out_channels=(32, 64, 64), layers_per_block=2, latent_channels=16): the tests' twin.
     "tiny": VAEConfig(ch=32, ch_mult=(1, 2, 2)),
+    # FLUX.2's autoencoder (BFL ae.safetensors of FLUX.2, the klein repos' vae/): the same body, 32 channels
+    "flux2-ae": VAEConfig(z_channels=32, scale_factor=1.0, shift_factor=0.0, quant_conv=True, batch_norm_eps=1e-4),
 }
 
 # Images with more pixels than this are tiled when `tiled=None`: it keeps every standard Flux / SD3.5 resolution
@@ -159,6 +168,8 @@ class Encoder(nn.Module):
         self.mid = MidBlock(width, groups)
         self.norm_out = _norm(width, groups)
         self.conv_out = nn.Conv2d(width, 2 * c.z_channels, 3, padding=1)
+        if c.quant_conv:
+            self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.z_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -168,7 +179,8 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/8, W/8): mean and log-variance
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, 2z, H/8, W/8): mean and log-variance
+        return self.quant_conv(h) if hasattr(self, "quant_conv") else h
 
 
 class Decoder(nn.Module):
@@ -177,6 +189,8 @@ class Decoder(nn.Module):
         c, groups = config, config.norm_groups
         widths = [c.ch * m for m in c.ch_mult]
         width = widths[-1]
+        if c.quant_conv:
+            self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
         self.conv_in = nn.Conv2d(c.z_channels, width, 3, padding=1)
         self.mid = MidBlock(width, groups)
         # up[l] is level l (same resolution as encoder.down[l]); it runs from the last level to the first.
@@ -196,6 +210,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(width, c.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
+        if hasattr(self, "post_quant_conv"):
+            z = self.post_quant_conv(z)
         h = self.mid(self.conv_in(z))
         for stage in reversed(self.up):
             for block in stage.block:
@@ -281,6 +297,8 @@ class AutoEncoder(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        if config.batch_norm_eps is not None:
+            self.bn = LatentStatistics(4 * config.z_channels)
 
     def _use_tiles(self, tiled: bool | None, pixels: int) -> bool:
         return pixels > AUTO_TILE_PIXELS if tiled is None else tiled
@@ -320,12 +338,43 @@ class AutoEncoder(nn.Module):
         return self.decoder(latents)
 
     def normalize_latents(self, z: Tensor) -> Tensor:
-        """Unscaled VAE latents -> the normalised latents the transformer is trained on."""
-        return normalize_latents(z, self.config)
+        """Unscaled VAE latents -> the normalised latents the transformer is trained on (FLUX.2: 2x2-patchified,
+        (B, 4z, h/2, w/2))."""
+        if self.config.batch_norm_eps is None:
+            return normalize_latents(z, self.config)
+        mean, std = self.bn.mean_std(self.config.batch_norm_eps, z)
+        return (patchify(z) - mean) / std
 
     def denormalize_latents(self, z: Tensor) -> Tensor:
         """Transformer latents -> unscaled latents for `decode`."""
-        return denormalize_latents(z, self.config)
+        if self.config.batch_norm_eps is None:
+            return denormalize_latents(z, self.config)
+        mean, std = self.bn.mean_std(self.config.batch_norm_eps, z)
+        return unpatchify(z * std + mean)
+
+
+class LatentStatistics(nn.Module):
+    """FLUX.2's latent statistics: a BatchNorm2d's running mean and variance (no affine, always in eval), stored as
+    `bn.running_mean` / `bn.running_var` as both BFL and diffusers files hold them."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def mean_std(self, eps: float, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, sqrt(var + eps)), each (1, C, 1, 1) in `like`'s dtype and device, computed as diffusers does."""
+        std = torch.sqrt(self.running_var.view(1, -1, 1, 1) + eps)
+        return (self.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype), std.to(like.device, like.dtype))
+
+
+def patchify(z: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, 4C, H/2, W/2), channel c*4 + pi*2 + pj: the (c ph pw) order of FLUX.1's token packing."""
+    return rearrange(z, "B C (H ph) (W pw) -> B (C ph pw) H W", ph=2, pw=2)
+
+
+def unpatchify(z: Tensor) -> Tensor:
+    return rearrange(z, "B (C ph pw) H W -> B C (H ph) (W pw)", ph=2, pw=2)
 
 
 def normalize_latents(z: Tensor, config: VAEConfig) -> Tensor:

@@ -179,8 +179,19 @@ def _lora_deltas(model, loras) -> dict[str, list]:
 
 
 def vae_config_to_diffusers(cfg: VAEConfig) -> dict:
-    """Our VAEConfig as diffusers' AutoencoderKL config.json (the inverse of weights/vae.py's reader)."""
+    """Our VAEConfig as diffusers' AutoencoderKL (or, FLUX.2's, AutoencoderKLFlux2) config.json (the inverse of
+    weights/vae.py's reader)."""
     n = len(cfg.ch_mult)
+    if cfg.batch_norm_eps is not None:
+        return {
+            "_class_name": "AutoencoderKLFlux2", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
+            "act_fn": "silu", "latent_channels": cfg.z_channels, "norm_num_groups": cfg.norm_groups,
+            "sample_size": 1024, "use_quant_conv": True, "use_post_quant_conv": True,
+            "mid_block_add_attention": True, "batch_norm_eps": cfg.batch_norm_eps, "batch_norm_momentum": 0.1,
+            "patch_size": [2, 2],
+        }
     return {
         "_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
@@ -198,12 +209,12 @@ def _vae_plan(src: Source, to: str, dtype) -> Plan:
         pattern = re.compile(r"encoder\.down_blocks\.(\d+)\.")
         levels = 1 + max(int(m.group(1)) for k in shapes if (m := pattern.match(k)))
         names = {}
-        for k in shapes:
+        for k in (k for k in shapes if k != vae_io._SKIPPED):
             if (mapped := diffusers_to_ours(k, levels)) is None:
                 raise WeightsError(f"{src.path}: unexpected key {k!r} for the diffusers AutoencoderKL layout")
             names[k] = mapped
     else:
-        names = {k: (k, None) for k in shapes}
+        names = {k: (k, None) for k in shapes if k != vae_io._SKIPPED}
     ours = {o: tuple(t(torch.empty(shapes[k], device="meta")).shape) if t else shapes[k]
             for k, (o, t) in names.items()}
     stored = config_from_metadata(src.metadata)

@@ -1,4 +1,4 @@
-"""Load the T5 v1.1 and CLIP text encoders from the layouts users have.
+"""Load the T5 v1.1, CLIP and Qwen3 (FLUX.2 [klein]) text encoders from the layouts users have.
 
 Accepted sources:
 - a transformers folder (config.json + model.safetensors, or shards with an index), or a diffusers pipeline
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from model.clip import CLIP_CONFIGS, CLIPConfig, CLIPTextEncoder
+from model.qwen3 import Qwen3Config, Qwen3TextEncoder
 from model.t5 import T5Config, T5Encoder
 
 from .assign import assign_tensors, check_keys_and_shapes
@@ -298,3 +299,49 @@ def load_clip(source: str | os.PathLike, *, config: CLIPConfig | None = None,
     config = dataclasses.replace(config, projection_dim=proj[0] if proj else None)
     return _load(CLIPTextEncoder, config, files, plan, shapes, source=source, layout=layout, dtype=dtype,
                  device=device, loras=loras)
+
+
+# ------------------------------------------------------------------------------------------------- Qwen3
+
+_QWEN3_ANCHOR = "layers.0.self_attn.q_norm.weight"
+
+
+def qwen3_config_from_shapes(shapes: dict[str, tuple[list[int], str]], taps: tuple[int, ...]) -> Qwen3Config:
+    """Widths, depth and heads from transformers-named keys (after `model.`); RoPE theta 1e6 and eps 1e-6 leave
+    no trace in the shapes and are Qwen3's."""
+    vocab, hidden = shapes["embed_tokens.weight"][0]
+    head_dim = shapes[_QWEN3_ANCHOR][0][0]
+    return Qwen3Config(vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0][0],
+                       num_hidden_layers=_count(shapes, r"layers\.(\d+)\."),
+                       num_attention_heads=shapes["layers.0.self_attn.q_proj.weight"][0][0] // head_dim,
+                       num_key_value_heads=shapes["layers.0.self_attn.k_proj.weight"][0][0] // head_dim,
+                       head_dim=head_dim, taps=taps)
+
+
+def qwen3_config_from_transformers(d: dict, taps: tuple[int, ...]) -> Qwen3Config:
+    theta = (d.get("rope_parameters") or {}).get("rope_theta", d.get("rope_theta", 1e6))
+    return Qwen3Config(**{**_fields(Qwen3Config, d), "rope_theta": float(theta), "taps": taps})
+
+
+def load_qwen3(source: str | os.PathLike, *, config: Qwen3Config | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", subfolder: str | None = None,
+               taps: tuple[int, ...] = (9, 18, 27)) -> Qwen3TextEncoder:
+    """FLUX.2 [klein]'s Qwen3 text encoder from a transformers folder (sharded or not; `subfolder="text_encoder"`
+    in a pipeline folder) or a single file such as ComfyUI's `qwen_3_4b.safetensors`. Only the embeddings and
+    the layers up to the last of `taps` are read (model/qwen3.py)."""
+    files, cfg_json, source = _resolve(source, subfolder)
+    shapes, _ = read_shapes(files)
+    found = _find_prefix(shapes, _QWEN3_ANCHOR, source, "Qwen3 models", None)
+    if found is None:
+        raise WeightsError(f"{source}: not a Qwen3 text encoder (no {_QWEN3_ANCHOR}); pass the text_encoder/ "
+                           "folder or qwen_3_4b.safetensors")
+    bare = {k[len(found):]: v for k, v in shapes.items() if k.startswith(found)}
+    if config is None:
+        config = (qwen3_config_from_transformers(cfg_json, taps) if cfg_json
+                  else _infer(lambda s: qwen3_config_from_shapes(s, taps), bare, source, "Qwen3"))
+    used = max(config.taps)
+    plan: Plan = {"model." + k: (found + k, None) for k in bare
+                  if k == "embed_tokens.weight" or (k.startswith("layers.") and int(k.split(".")[1]) < used)}
+    return _load(Qwen3TextEncoder, config, files, plan, shapes, source=source, layout="transformers Qwen3",
+                 dtype=dtype, device=device)

@@ -36,6 +36,12 @@ _NOT_A_VAE = (
 )
 
 
+# diffusers' classes for our AutoEncoder: FLUX.1 / SD3.5's, and FLUX.2's (32 channels, quant convs, latent statistics)
+DIFFUSERS_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2")
+# BatchNorm's step counter beside FLUX.2's running statistics: meaningless for a frozen VAE, never read
+_SKIPPED = "bn.num_batches_tracked"
+
+
 def _resolve(source: Path) -> tuple[list[Path], dict | None]:
     """The weight files and the diffusers config.json (if any) for a file, a vae/ folder or a pipeline folder."""
     if not source.exists():
@@ -44,7 +50,7 @@ def _resolve(source: Path) -> tuple[list[Path], dict | None]:
     if source.is_dir() and (source / "vae").is_dir():  # a diffusers pipeline folder
         folder = source = source / "vae"
     config_json = read_config_json(folder)
-    if config_json is not None and config_json.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+    if config_json is not None and config_json.get("_class_name", "AutoencoderKL") not in DIFFUSERS_CLASSES:
         config_json = None  # a config.json for something else sitting next to a single file
     files = weight_files(source) if source.is_dir() else [source]
     return files, config_json
@@ -65,7 +71,12 @@ def _detect_layout(keys: set[str], source: Path) -> str:
 
 
 def _config_from_diffusers(cfg: dict, source: Path) -> VAEConfig:
-    if cfg.get("use_quant_conv", True) or cfg.get("use_post_quant_conv", True):
+    flux2 = cfg.get("_class_name") == "AutoencoderKLFlux2"
+    if flux2 and tuple(cfg.get("patch_size", (2, 2))) != (2, 2):
+        raise WeightsError(f"{source}: an AutoencoderKLFlux2 with patch_size {cfg['patch_size']}; FLUX.2's is (2, 2)")
+    if flux2 and not (cfg.get("use_quant_conv", True) and cfg.get("use_post_quant_conv", True)):
+        raise WeightsError(f"{source}: an AutoencoderKLFlux2 without its quant convs is not supported")
+    if not flux2 and (cfg.get("use_quant_conv", True) or cfg.get("use_post_quant_conv", True)):
         raise WeightsError(f"{source}: an AutoencoderKL with quant convs (SD1/SDXL-style); only the 16-channel "
                            "Flux / SD3.5 VAE is supported")
     if not cfg.get("mid_block_add_attention", True):
@@ -79,8 +90,10 @@ def _config_from_diffusers(cfg: dict, source: Path) -> VAEConfig:
         return VAEConfig(
             in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3), ch=ch,
             ch_mult=tuple(w // ch for w in widths), num_res_blocks=cfg.get("layers_per_block", 1),
-            z_channels=cfg.get("latent_channels", 4), norm_groups=cfg.get("norm_num_groups", 32),
-            scale_factor=cfg.get("scaling_factor", 0.18215), shift_factor=0.0 if shift is None else shift,
+            z_channels=cfg.get("latent_channels", 32 if flux2 else 4), norm_groups=cfg.get("norm_num_groups", 32),
+            scale_factor=1.0 if flux2 else cfg.get("scaling_factor", 0.18215),
+            shift_factor=0.0 if flux2 or shift is None else shift, quant_conv=flux2,
+            batch_norm_eps=cfg.get("batch_norm_eps", 1e-4) if flux2 else None,
         )
     except ValueError as e:
         raise WeightsError(f"{source}: config.json describes an unsupported VAE ({e})") from None
@@ -103,7 +116,9 @@ def _config_from_shapes(shapes: dict[str, list[int]], layout: str, source: Path)
         raise WeightsError(f"{source}: incomplete VAE checkpoint (encoder/decoder keys missing)") from None
     if any(w % out_ch for w in widths):
         raise WeightsError(f"{source}: level widths {widths} are not multiples of {out_ch}; not a supported VAE")
-    preset = VAE_CONFIGS["sd3.5" if layout == "sai" else "flux1"]
+    # BFL's FLUX.2 file has the quant convs and the latent statistics; without, BFL's is FLUX.1's, SAI's SD3.5's
+    flux2 = "encoder.quant_conv.weight" in shapes and "bn.running_mean" in shapes
+    preset = VAE_CONFIGS["flux2-ae" if flux2 else "sd3.5" if layout == "sai" else "flux1"]
     groups = preset.norm_groups if all(w % preset.norm_groups == 0 for w in widths) else 1
     try:
         return dataclasses.replace(preset, in_channels=in_ch, out_channels=out_channels, ch=out_ch,
@@ -115,7 +130,8 @@ def _config_from_shapes(shapes: dict[str, list[int]], layout: str, source: Path)
 
 def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu") -> AutoEncoder:
-    """Load the 16-channel VAE; returns an `AutoEncoder` in eval mode with gradients off.
+    """Load the FLUX.1 / SD3.5 (16-channel) or FLUX.2 (32-channel) VAE; returns an `AutoEncoder` in eval mode with
+    gradients off.
 
     `config=None` takes the config from the file's metadata, the diffusers config.json, or the shapes (BFL files
     are Flux, SAI files SD3.5). Raises a one-line `WeightsError` for anything it cannot load.
@@ -128,12 +144,12 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
     # checkpoint key -> (our key, transform); keys not listed here are not read.
     names: dict[str, tuple[str, object]] = {}
     if layout == "ldm":
-        names = {k: (k, None) for k in header}
+        names = {k: (k, None) for k in header if k != _SKIPPED}
     elif layout == "sai":
         names = {k: (k[len(SAI_PREFIX):], None) for k in header if k.startswith(SAI_PREFIX)}
     else:
         levels = 1 + max(int(m.group(1)) for k in header if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
-        for k in header:
+        for k in (k for k in header if k != _SKIPPED):
             mapped = diffusers_to_ours(k, levels)
             if mapped is None:
                 raise WeightsError(f"{source}: unexpected key {k!r} for the diffusers AutoencoderKL layout; "

@@ -43,6 +43,11 @@ VAE_DIFFUSERS: tuple[tuple[str, str, Transform, Transform], ...] = (
     ("{side}.norm_out.", "{side}.conv_norm_out.", None, None),
     ("{side}.conv_in.", "{side}.conv_in.", None, None),
     ("{side}.conv_out.", "{side}.conv_out.", None, None),
+    # FLUX.2 (AutoencoderKLFlux2): the quant convs sit at the top level in diffusers, inside the encoder / decoder
+    # in BFL's file; the latent statistics are `bn.*` in both
+    ("encoder.quant_conv.", "quant_conv.", None, None),
+    ("decoder.post_quant_conv.", "post_quant_conv.", None, None),
+    ("bn.", "bn.", None, None),
 )
 
 # Files saved by diffusers before 0.14 name the attention projections like this; diffusers still reads them.

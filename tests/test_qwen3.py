@@ -1,0 +1,79 @@
+"""FLUX.2 [klein]'s text encoder (model/qwen3.py, weights/text.py load_qwen3) against transformers' Qwen3ForCausalLM
+hidden states 9 / 18 / 27, all positions of a right-padded batch (flux2-reference.md §2.2, §7: vocab 300, hidden 48,
+28 layers, 4 q / 2 kv heads, head_dim 16), tied and untied, eager and SDPA attention; transformers folders (sharded)
+and ComfyUI-style single files."""
+
+import pytest
+import torch
+from conftest import randomize_
+
+from model.qwen3 import QWEN3_CONFIGS, Qwen3TextEncoder
+from weights.io import WeightsError
+from weights.text import load_qwen3
+
+TINY = QWEN3_CONFIGS["tiny"]
+
+
+def reference(tied: bool, attention: str = "sdpa"):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=28,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-6,
+                      tie_word_embeddings=tied, attn_implementation=attention)
+    ref = Qwen3ForCausalLM(cfg)
+    inv_freq = ref.model.rotary_emb.inv_freq.clone()  # a buffer randomize_ would overwrite: the frequencies
+    randomize_(ref, 0.2, seed=0)
+    ref.model.rotary_emb.inv_freq.copy_(inv_freq)
+    return ref.eval()
+
+
+def batch():
+    """Two prompts right-padded to 12 tokens (the second has 7), as klein pads to 512."""
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    return ids, mask
+
+
+def taps(ref, ids, mask):
+    with torch.no_grad():
+        hidden = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    return torch.cat([hidden[t] for t in (9, 18, 27)], dim=-1)
+
+
+def close(got, want):
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert got.shape == want.shape and err <= 1e-5, err
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_taps_equal_transformers_on_every_position(tied, attention):
+    ref = reference(tied, attention)
+    ours = Qwen3TextEncoder(TINY).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k in ours.state_dict()}, strict=True)
+    assert len(ours.model.layers) == 27  # layers 27.. , the final norm and the LM head are never built
+    ids, mask = batch()
+    with torch.no_grad():
+        close(ours(ids, mask), taps(ref, ids, mask))
+
+
+def test_loading_folders_and_single_files(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = reference(tied=False)
+    ref.save_pretrained(tmp_path / "text_encoder", max_shard_size="100KB")  # shards and an index, as 4B has
+    assert len(list((tmp_path / "text_encoder").glob("*.safetensors"))) > 1
+    (tmp_path / "model_index.json").write_text("{}")
+    comfy = tmp_path / "qwen_3_tiny.safetensors"  # ComfyUI's text_encoders/ file: the same keys, one file
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items() if k != "lm_head.weight"}, comfy)
+    ids, mask = batch()
+    want = taps(ref, ids, mask)
+    for source, kw in ((tmp_path / "text_encoder", {}), (tmp_path, {"subfolder": "text_encoder"}), (comfy, {})):
+        model = load_qwen3(source, **kw)
+        assert model.config == TINY  # from config.json, or the shapes of a bare file
+        with torch.no_grad():
+            close(model(ids, mask), want)
+    with pytest.raises(WeightsError, match="not a Qwen3 text encoder"):
+        save_file({"encoder.final_layer_norm.weight": torch.ones(4)}, tmp_path / "t5.safetensors")
+        load_qwen3(tmp_path / "t5.safetensors")
