@@ -1,5 +1,5 @@
-"""CLIP and T5 tokenizers with the diffusers Flux / SD3 padding and truncation, on `tokenizers` and
-`sentencepiece`.
+"""CLIP, T5 and Qwen3 tokenizers with the diffusers Flux / SD3 / FLUX.2 [klein] padding and truncation, on
+`tokenizers` and `sentencepiece`.
 
 What the pipelines do, and so what these return (a (B, max_length) int64 tensor):
 - CLIP (L and bigG share one BPE): `<|startoftext|>` 49406, the BPE ids, `<|endoftext|>` 49407, then padding
@@ -8,6 +8,10 @@ What the pipelines do, and so what these return (a (B, max_length) int64 tensor)
   prompts keep the first 75 tokens and end with EOS.
 - T5: the sentencepiece ids, `</s>` (1), then pad (0) to the pipeline's length (Flux 512, or 256 in the
   schnell recipe; SD3 256). Over-long prompts keep the first max_length - 1 pieces and end with `</s>`.
+- Qwen3 (FLUX.2 [klein]): the prompt inside the chat template `Flux2KleinPipeline` renders (one user turn, the
+  generation prompt, thinking off: `QWEN3_TEMPLATE`, flux2-reference.md §2.1), its byte-level BPE ids with no BOS,
+  right-padded with `<|endoftext|>` to 512 and cut at 512 (transformers' truncation: the end of the template goes
+  first), with the attention mask Qwen3 reads.
 - Special tokens written in a prompt (`<|endoftext|>`, `</s>`, `<extra_id_0>` ...) are single tokens, as in
   transformers. Truncation warns once per call with the number of tokens dropped from each prompt.
 
@@ -201,3 +205,51 @@ def _sentencepiece_encoder(path: Path) -> Callable[[list[str]], list[list[int]]]
         return ids + sp.encode(text[start:]) + [sp.eos_id()]
 
     return lambda texts: [encode_one(t) for t in texts]
+
+
+# The chat template klein applies to every prompt (the negative "" too): transformers' `apply_chat_template` of
+# [{"role": "user", "content": prompt}] with add_generation_prompt=True, enable_thinking=False, as the Qwen3 jinja
+# template renders it (ComfyUI writes the same literal), so no template engine is needed.
+QWEN3_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+class Qwen3Tokenizer:
+    """`tokenizer(prompts) -> (ids, attention_mask)`, each (B, max_length) int64. Build with `Qwen3Tokenizer.load`."""
+
+    def __init__(self, tokenizer: Tokenizer, *, max_length: int = 512, pad_token: str = EOS):
+        self.pad_id = tokenizer.token_to_id(pad_token)
+        if self.pad_id is None:
+            raise ValueError(f"the Qwen3 vocabulary lacks the pad token {pad_token!r}")
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    @classmethod
+    def load(cls, path: str | Path, *, max_length: int = 512) -> Qwen3Tokenizer:
+        """`path`: a `tokenizer.json`, or a folder holding one (a klein pipeline's `tokenizer/`)."""
+        path = Path(path).expanduser()
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json (the klein pipeline folder's tokenizer/ has one)")
+        return cls(Tokenizer.from_file(str(file)), max_length=max_length)
+
+    @staticmethod
+    def template(prompt: str) -> str:
+        return QWEN3_TEMPLATE.format(prompt=prompt)
+
+    def __call__(self, prompts: str | Sequence[str], max_length: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max_length or self.max_length
+        rows = [e.ids for e in self.tokenizer.encode_batch([self.template(p) for p in prompt_list(prompts)],
+                                                             add_special_tokens=True)]
+        dropped = {i: len(r) - n for i, r in enumerate(rows) if len(r) > n}
+        if dropped:
+            detail = ", ".join(f"prompt {i}: {k}" for i, k in dropped.items())
+            warnings.warn(f"Qwen3 tokenizer: prompts longer than {n} tokens were truncated; tokens dropped: {detail}",
+                          stacklevel=2)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            r = r[:n]
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+        return ids, mask

@@ -77,3 +77,46 @@ def test_loading_folders_and_single_files(tmp_path):
     with pytest.raises(WeightsError, match="not a Qwen3 text encoder"):
         save_file({"encoder.final_layer_norm.weight": torch.ones(4)}, tmp_path / "t5.safetensors")
         load_qwen3(tmp_path / "t5.safetensors")
+
+
+def tiny_qwen_tokenizer(folder):
+    """A byte-level BPE trained on a few sentences, with Qwen's special tokens and pre-tokenizer, saved as the
+    tokenizer.json a klein folder's tokenizer/ holds."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    split = Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                  r"|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(split, "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a red fox in the snow", "a cat on a mat", "user assistant\n\n"] * 20, trainer)
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def test_chat_template_and_ids_as_transformers_tokenizes_them(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from model.tokenizers import Qwen3Tokenizer
+
+    tiny_qwen_tokenizer(tmp_path / "tokenizer")
+    ours = Qwen3Tokenizer.load(tmp_path / "tokenizer", max_length=40)
+    # the literal of flux2-reference.md §2.1 (transformers' apply_chat_template with thinking off)
+    assert ours.template("a red fox") == ("<|im_start|>user\na red fox<|im_end|>\n<|im_start|>assistant\n"
+                                          "<think>\n\n</think>\n\n")
+    theirs = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer" / "tokenizer.json"),
+                                     pad_token="<|endoftext|>")
+    prompts = ["a red fox in the snow", "", "a cat <|im_end|> on a mat " * 4]  # "": klein's negative
+    with pytest.warns(UserWarning, match="truncated"):
+        ids, mask = ours(prompts)
+    want = theirs([ours.template(p) for p in prompts], padding="max_length", max_length=40, truncation=True,
+                  return_tensors="pt")
+    assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+    assert mask[0].sum() < 40 and ids[0, -1] == theirs.pad_token_id and mask[2].all()  # padded right; cut
+    assert "<|im_start|>" in theirs.decode(ids[1]) and theirs.bos_token_id is None  # no BOS is added
