@@ -40,6 +40,9 @@ class ScheduleConfig:
     max_shift: float = 1.15  # mu at max_seq_len tokens
     base_seq_len: int = 256
     max_seq_len: int = 4096
+    # How a dynamic shift's mu is found: "linear" (FLUX.1: linear in the image tokens, from base_shift at
+    # base_seq_len to max_shift at max_seq_len) or "empirical" (FLUX.2: `empirical_mu`, of the tokens and steps)
+    mu: str = "linear"
 
     def __post_init__(self):
         if self.grid not in GRIDS:
@@ -48,6 +51,8 @@ class ScheduleConfig:
             raise ValueError(f"ScheduleConfig: pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
         if not self.dynamic and not self.shift > 0:
             raise ValueError(f"ScheduleConfig: shift must be positive, got {self.shift}")
+        if self.mu not in ("linear", "empirical"):
+            raise ValueError(f"ScheduleConfig: mu must be 'linear' or 'empirical', got {self.mu!r}")
         if self.max_seq_len == self.base_seq_len:
             raise ValueError("ScheduleConfig: max_seq_len must differ from base_seq_len")
 
@@ -57,6 +62,8 @@ SCHEDULES: dict[str, ScheduleConfig] = {
     "flux-dev": ScheduleConfig(pipeline="FluxPipeline", dynamic=True),
     "flux-schnell": ScheduleConfig(pipeline="FluxPipeline", shift=1.0),
     "sd3.5": ScheduleConfig(pipeline="StableDiffusion3Pipeline", shift=3.0),
+    # Flux2KleinPipeline (base and distilled): FLUX.1-dev's scheduler config, fed its empirical mu
+    "flux2-klein": ScheduleConfig(pipeline="FluxPipeline", dynamic=True, mu="empirical"),
 }
 
 
@@ -98,11 +105,27 @@ def _exp_shift(sigmas: Tensor, e: float) -> Tensor:
     return torch.div(e, e + (1 / sigmas - 1))
 
 
-def effective_shift(config: ScheduleConfig, image_seq_len: int | None = None) -> float:
+def empirical_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's mu (BFL `get_schedule`, diffusers `compute_empirical_mu`; flux2-reference.md §4): past 4300 image
+    tokens linear in them alone; below, linear in the step count between a 10-step and a 200-step line."""
+    a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m200, m10 = a2 * image_seq_len + b2, a1 * image_seq_len + b1
+    a = (m200 - m10) / 190.0
+    b = m200 - 200.0 * a  # in this order: a seed then means diffusers' grid to the last bit
+    return float(a * steps + b)
+
+
+def effective_shift(config: ScheduleConfig, image_seq_len: int | None = None, steps: int | None = None) -> float:
     if not config.dynamic:
         return config.shift
     if image_seq_len is None:
         raise ValueError("a dynamic shift needs image_seq_len (packed image tokens, (H/16) * (W/16))")
+    if config.mu == "empirical":
+        if steps is None:
+            raise ValueError("FLUX.2's empirical shift needs the step count too")
+        return math.exp(empirical_mu(image_seq_len, steps))
     return math.exp(dynamic_mu(image_seq_len, config))
 
 
@@ -123,7 +146,7 @@ def get_sigmas(config: ScheduleConfig | str, steps: int, image_seq_len: int | No
         config = schedule_for(config)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    s = effective_shift(config, image_seq_len)  # exp(mu) when dynamic
+    s = effective_shift(config, image_seq_len, steps)  # exp(mu) when dynamic
     if config.grid == "scfm":
         return scfm_grid(steps, s).to(dtype=torch.float32, device=device)
     # The diffusers grid repeats the scheduler's arithmetic (numpy linspace, the same dtypes, the same operation

@@ -228,3 +228,31 @@ def test_cat_cond_structures():
     assert out[0].shape == (2, 2) and out[1]["p"].tolist() == [1.0, 0.0] and out[2] is None
     with pytest.raises(TypeError):
         cat_cond("text", "text")
+
+
+@pytest.mark.parametrize("steps", [1, 4, 50])
+@pytest.mark.parametrize("seq_len", [1024, 4096, 4301, 9216])
+def test_flux2_klein_grid(steps, seq_len):
+    """Flux2KleinPipeline: FLUX.1-dev's scheduler fed linspace(1, 1/N, N) and its empirical mu of the image
+    tokens and the step count (flux2-reference.md §4), bit for bit."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    from sampling.schedules import empirical_mu
+
+    assert empirical_mu(seq_len, steps) == compute_empirical_mu(seq_len, steps)
+    scheduler = flux_scheduler()
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(seq_len, steps))
+    assert_grid(get_sigmas("flux2-klein", steps, image_seq_len=seq_len), scheduler)
+
+
+def test_flux2_klein_grid_values():
+    """The reference table's rows (flux2-reference.md §4)."""
+    from sampling.schedules import empirical_mu
+
+    for seq_len, steps, mu, first in ((1024, 4, 2.0307, (1, .9581, .8840, .7175, 0)),
+                                      (4096, 4, 2.2912, (1, .9674, .9081, .7672, 0)),
+                                      (4096, 50, 2.0234, (1, .9973, .9945, .9916))):
+        assert empirical_mu(seq_len, steps) == pytest.approx(mu, abs=1e-4)
+        got = get_sigmas("flux2-klein", steps, image_seq_len=seq_len)[:len(first)]
+        torch.testing.assert_close(got, torch.tensor(first, dtype=torch.float32), rtol=0, atol=1e-4)
+    assert empirical_mu(9216, 4) == empirical_mu(9216, 50) == pytest.approx(2.0167, abs=1e-4)
