@@ -77,7 +77,9 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         cfg = resolve_demo(cfg)
         if demo_data and rank == 0:
             render_demo_data(cfg)
-        cache = prepare_cache(cfg, device, rank, family_of(cfg))
+        family = family_of(cfg)
+        family.part("lora_targets")  # a family SCFM cannot train yet is refused in one line, before the cache
+        cache = prepare_cache(cfg, device, rank, family)
         if cfg.cache_only:
             return []
         try:

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--clip-g-tokenizer", help="SD3: CLIP-bigG tokenizer folder (default: the vendored "
                                                 "vocabulary padded with '!')")
     src.add_argument("--t5-tokenizer", help="T5 spiece.model / tokenizer.json / folder")
+    src.add_argument("--qwen", help="FLUX.2 [klein]: the Qwen3 text encoder folder or file (default: the pipeline "
+                                    "folder's text_encoder/)")
+    src.add_argument("--qwen-tokenizer", help="FLUX.2 [klein]: its tokenizer.json or folder (default: the pipeline "
+                                              "folder's tokenizer/)")
     src.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="a LoRA to merge, at SCALE if given, else at the scale its metadata recommends, else 1; "
                      "repeatable ('demo': the shipped SCFM LoRA of the demo model)")
@@ -290,7 +294,7 @@ def build_pipeline(args, model: Path, family: Family | str, loras: Sequence = ()
                "blocks_to_swap": args.blocks_to_swap, "fp8_compute": args.fp8_compute, "compile": args.compile,
                "ignore_te_lora": args.ignore_te_lora}
     files = {k: getattr(args, k) for k in ("vae", "clip", "clip_g", "t5", "no_t5", "clip_tokenizer",
-                                           "clip_g_tokenizer", "t5_tokenizer")}
+                                           "clip_g_tokenizer", "t5_tokenizer", "qwen", "qwen_tokenizer")}
     pipe = get_family(family).part("pipeline").from_files(model, files, **options)
     pipe.sources.check()
     return pipe

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from model.flux import Flux
+from model.flux2 import Flux2, flux2_image_ids, flux2_text_ids
 from model.fp8 import E4M3
 from model.layers import image_ids, pack, text_ids, unpack
 from model.mmdit import MMDiT
@@ -54,6 +55,34 @@ class FluxVelocity:
             y.to(dtype), None if guidance is None else guidance.expand(b).to(x.device),
         )  # (B, h/2 * w/2, 64)
         return unpack(v, h, w)
+
+
+class Flux2Velocity:
+    """FLUX.2: x is the normalised, 2x2-patchified latent (B, 128, h, w) (model/vae.py `normalize_latents`): one
+    token per position, raster order, ids (0, row, col, 0); cond is a dict with `txt` (B, T, 3 * Qwen3 width);
+    guidance (B,) only for a model with a guidance input (dev; klein has none)."""
+
+    def __init__(self, model: Flux2):
+        self.model = model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.model)
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: Tensor | None = None) -> Tensor:
+        b, c, h, w = x.shape
+        dtype = self.dtype
+        txt = cond["txt"]
+        # Flux2KleinPipeline hands the model (sigma * 1000).to(dtype) / 1000, as FluxPipeline does
+        t = (sigma.float() * 1000).to(dtype) / 1000
+        if not self.model.config.guidance_embed:
+            guidance = None
+        elif guidance is None:
+            raise ValueError("this FLUX.2 model has a guidance input (dev): pass a guidance value such as 4.0")
+        v = self.model(x.flatten(2).transpose(1, 2).to(dtype), flux2_image_ids(h, w, x.device), txt.to(dtype),
+                       flux2_text_ids(txt.shape[1], x.device), t,
+                       None if guidance is None else guidance.expand(b).to(x.device))  # (B, h * w, c)
+        return v.transpose(1, 2).reshape(b, c, h, w)
 
 
 class MMDiTVelocity:

@@ -1,7 +1,7 @@
 """FLUX.2 as a family (weights/family.py): how its files look (BFL single files, with or without ComfyUI's prefix,
-and diffusers folders), its config in each layout, its key maps and LoRA names. Sampling it (the Qwen3 text
-encoder, the 32-channel VAE, the klein pipeline) is not built yet: its record names no pipeline, so `generate`
-and training refuse it in one line."""
+and diffusers folders), its config in each layout, its key maps and LoRA names, and its sampling parts (the klein
+pipeline, sampling/flux2.py). SCFM training is not built for it yet: its record names no LoRA target table, so
+`distill.train` refuses it in one line."""
 
 from __future__ import annotations
 
@@ -115,4 +115,5 @@ FLUX2 = Family(
     architecture="flux-2", implementation="https://github.com/black-forest-labs/flux2",
     kohya_module="networks.lora_flux_2", kohya_base="flux2", base_architecture=base_architecture,
     diffusers_kohya_drops=(), describe=describe,
+    parts={"velocity": "sampling.velocity:Flux2Velocity", "pipeline": "sampling.flux2:Flux2KleinPipeline"},
 )

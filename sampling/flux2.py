@@ -1,0 +1,152 @@
+"""FLUX.2 [klein] text-to-image: prompts -> Qwen3 (hidden states 9 / 18 / 27) -> Euler over the FLUX.2 transformer
+on its empirical-shift grid -> the 32-channel VAE -> images.
+
+The same seed gives the same image as diffusers' `Flux2KleinPipeline`: noise drawn as (B, 128, H/16, W/16) with the
+same generator and dtype, packed in raster order; the grid is FLUX.1-dev's scheduler fed klein's empirical mu; base
+models run real CFG u + g (c - u) against the empty prompt when g > 1, distilled ones never (the pipeline ignores g
+for them); the latents are un-normalised with the VAE's BatchNorm statistics and unpatchified before decoding
+(model/vae.py). Image editing (reference images) is not supported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model.tokenizers import Qwen3Tokenizer
+from weights.families.flux2 import FLUX2
+from weights.io import WeightsError
+from weights.text import load_qwen3
+
+from .base import Pipeline, load_tokenizer
+from .options import pick
+from .pipeline import schedule_from_diffusers
+from .samplers import euler, true_cfg
+from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
+from .velocity import Flux2Velocity
+
+
+@dataclass(frozen=True)
+class Flux2Sources:
+    """Where each component comes from; `distilled`: the step-distilled klein (no CFG), None when unknown."""
+
+    transformer: Path
+    vae: Path | None = None
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+    schedule: ScheduleConfig | None = None
+    distilled: bool | None = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **overrides) -> Flux2Sources:
+        """A diffusers Flux2KleinPipeline folder (model_index.json with `is_distilled`, transformer/, vae/,
+        text_encoder/, tokenizer/, scheduler/)."""
+        folder = Path(folder).expanduser()
+        if not (folder / "model_index.json").exists():
+            raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        index = json.loads((folder / "model_index.json").read_text())
+        schedule = schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
+        parts = dict(transformer=folder, vae=folder / "vae", text_encoder=folder / "text_encoder",
+                     tokenizer=folder / "tokenizer", distilled=index.get("is_distilled"),
+                     schedule=None if schedule is None else replace(schedule, mu="empirical"))
+        return cls(**{**parts, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def check(self) -> None:
+        flags = dict(transformer="--model", vae="--vae", text_encoder="--qwen", tokenizer="--qwen-tokenizer")
+        for name, flag in flags.items():
+            path = getattr(self, name)
+            if path is None:
+                raise WeightsError(f"no {name.replace('_', ' ')} given: pass {flag} (or a diffusers pipeline folder)")
+            if not Path(path).exists():
+                raise WeightsError(f"{flag} {path}: no such file or folder")
+
+
+@dataclass
+class Flux2GenerationConfig:
+    height: int = 1024
+    width: int = 1024
+    steps: int = 50  # the pipeline's default; the distilled klein is meant for 4
+    guidance: float = 4.0  # real CFG u + g (c - u) for base models (g > 1); distilled models ignore it
+    negative_prompt: str = ""
+    max_sequence_length: int = 512  # Qwen3 tokens (the template included)
+    seed: int | None = 0
+    grid: str = "diffusers"  # or "scfm"
+    shift: float | str | None = None  # None: the empirical dynamic shift
+    extra: dict = field(default_factory=dict)
+
+
+class Flux2KleinPipeline(Pipeline):
+    default_config = Flux2GenerationConfig
+    family = FLUX2.name
+    cond_names = ("txt",)
+    defaults = {"steps": 50, "guidance": 4.0, "max_sequence_length": 512}  # Flux2KleinPipeline's
+    own_flags = (("--qwen", "qwen"), ("--qwen-tokenizer", "qwen_tokenizer"))
+    needed_files = ("qwen", "qwen_tokenizer")
+
+    @classmethod
+    def from_files(cls, model: Path, files: dict, **options) -> Flux2KleinPipeline:
+        names = {"vae": "vae", "text_encoder": "qwen", "tokenizer": "qwen_tokenizer"}
+        given = {ours: Path(files[flag]) for ours, flag in names.items() if files.get(flag)}
+        if (model / "model_index.json").exists():
+            return cls(Flux2Sources.from_folder(model, **given), **options)
+        return cls(Flux2Sources(transformer=model, **given), **options)
+
+    @classmethod
+    def generation_config(cls, args, rec, common: dict) -> Flux2GenerationConfig:
+        return Flux2GenerationConfig(**common, guidance=pick(args.cfg, args.guidance, rec.guidance,
+                                                             cls.defaults["guidance"]),
+                                     negative_prompt=args.negative_prompt or "")
+
+    def text_encoder_names(self) -> tuple[str, ...]:
+        return ()  # LoRA parts for Qwen3 are not read yet
+
+    def size_multiple(self) -> int:
+        return 2 * self.vae_scale  # one token per 2x2 latent pixels
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        h, w = super().latent_size(height, width)
+        return h // 2, w // 2  # after the VAE's 2x2 patchify (model/vae.py normalize_latents)
+
+    def latent_channels(self) -> int:
+        return self.transformer_config().in_channels
+
+    def base_schedule(self) -> ScheduleConfig:
+        return self.sources.schedule or SCHEDULES["flux2-klein"]
+
+    def wants_negative(self, cfg: Flux2GenerationConfig) -> bool:
+        return cfg.guidance > 1 and not self.sources.distilled
+
+    def tokenizers(self, max_sequence_length: int) -> tuple[Qwen3Tokenizer]:
+        return (load_tokenizer(Qwen3Tokenizer.load, self.sources.tokenizer, "--qwen-tokenizer",
+                               max_length=max_sequence_length),)
+
+    def text_encoder(self, max_sequence_length: int = 512):
+        """Qwen3 on klein's chat template: cond = {txt (B, 512, 3 * width)}, pads included."""
+        if self.sources.text_encoder is None or self.sources.tokenizer is None:
+            raise WeightsError("FLUX.2 needs its text encoder: pass --qwen and --qwen-tokenizer (or a pipeline folder)")
+        (tokenizer,) = self.tokenizers(max_sequence_length)
+        encoder = load_qwen3(self.sources.text_encoder, dtype=self.dtype, device=self.device)
+
+        @torch.no_grad()
+        def encode(prompts: Sequence[str]) -> dict[str, Tensor]:
+            ids, mask = tokenizer(list(prompts))
+            return {"txt": encoder(ids.to(self.device), mask.to(self.device))}
+
+        return encode
+
+    @torch.no_grad()
+    def sample(self, cond: dict[str, Tensor], cfg: Flux2GenerationConfig, *, negative: dict[str, Tensor] | None = None,
+               generator: torch.Generator | None = None, callback=None, noise: Tensor | None = None) -> Tensor:
+        """Normalised, patchified latents (B, 128, H/16, W/16)."""
+        batch = cond["txt"].shape[0]
+        x = self.noise(batch, cfg.height, cfg.width, self.generator(cfg, generator)) if noise is None else noise
+        velocity = Flux2Velocity(self.transformer)
+        if negative is not None and self.wants_negative(cfg):
+            velocity = true_cfg(velocity, negative, cfg.guidance)
+        sigmas = get_sigmas(self.schedule(cfg), cfg.steps, x.shape[2] * x.shape[3], device=self.device)
+        return euler(velocity, x, sigmas, cond, None, callback=callback)

@@ -1,0 +1,96 @@
+"""FLUX.2 [klein] sampling (sampling/flux2.py) against diffusers' Flux2KleinPipeline on a tiny pipeline folder that
+diffusers itself writes (Qwen3 with 28 layers, a tiny byte-level BPE with Qwen's specials, the 32-channel VAE's
+tiny twin, a tiny FLUX.2 transformer): same seed, same latents and image, base (real CFG) and distilled."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_
+from test_qwen3 import reference as qwen_reference
+from test_qwen3 import tiny_qwen_tokenizer
+
+from model.flux2 import Flux2Config
+from sampling.flux2 import Flux2KleinPipeline, Flux2Sources
+from weights.families.flux2 import config_to_diffusers
+
+# klein's template as a jinja chat template, so that diffusers' apply_chat_template renders the same string
+CHAT_TEMPLATE = ("{{ '<|im_start|>user\\n' + messages[0]['content'] + '<|im_end|>\\n<|im_start|>assistant\\n"
+                 "<think>\\n\\n</think>\\n\\n' }}")
+TRANSFORMER = Flux2Config(in_channels=16, out_channels=16, context_in_dim=144, hidden_size=64, num_heads=4, depth=2,
+                          depth_single_blocks=2, axes_dim=(4, 4, 4, 4), guidance_embed=False)
+PROMPT, SIZE = "a red fox in the snow", 64
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from test_lora_everywhere import FLUX_DEV_SCHEDULER
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("klein")
+    tiny_qwen_tokenizer(root / "tok")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(root / "tok" / "tokenizer.json"), pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    transformer = Flux2Transformer2DModel(**{k: v for k, v in config_to_diffusers(TRANSFORMER).items() if k[0] != "_"})
+    vae = AutoencoderKLFlux2(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    randomize_(transformer, 0.1, seed=2)
+    randomize_(vae, 0.05, seed=3)
+    with torch.no_grad():
+        vae.bn.running_var.copy_(torch.rand(16, generator=torch.Generator().manual_seed(4)) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER)
+    out = {}
+    for distilled in (False, True):
+        pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=qwen_reference(tied=True),
+                                  tokenizer=tokenizer, transformer=transformer.eval(), is_distilled=distilled)
+        folder = root / ("distilled" if distilled else "base")
+        pipe.save_pretrained(folder)
+        out[distilled] = pipe, folder
+    return out
+
+
+@pytest.mark.parametrize("distilled,guidance,steps", [(False, 4.0, 3), (True, 1.0, 2), (True, 4.0, 2)],
+                         ids=["base-cfg", "distilled", "distilled-ignores-guidance"])
+def test_same_latents_and_image_as_diffusers(folders, distilled, guidance, steps):
+    ref, folder = folders[distilled]
+    assert json.loads((folder / "model_index.json").read_text())["is_distilled"] is distilled
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance,
+                  max_sequence_length=48)
+    want = ref(**kwargs, output_type="latent", generator=torch.Generator().manual_seed(5)).images
+    image = ref(**kwargs, output_type="np", generator=torch.Generator().manual_seed(5)).images[0]
+
+    ours = Flux2KleinPipeline(Flux2Sources.from_folder(folder))
+    cfg = ours.default_config(height=SIZE, width=SIZE, steps=steps, guidance=guidance, max_sequence_length=48,
+                              seed=5)
+    assert ours.wants_negative(cfg) == (guidance > 1 and not distilled)
+    cond, negative = ours.encode_prompts([PROMPT], cfg)
+    latents = ours.sample(cond, cfg, negative=negative)
+    # diffusers returns the unpatchified, un-normalised latents for output_type="latent"
+    got = ours.vae.denormalize_latents(latents)
+    assert got.shape == want.shape
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-5
+    pixels = ours.decode(latents)[0].permute(1, 2, 0).numpy()
+    assert np.abs(np.round(pixels * 255) - np.round(image * 255)).max() <= 1  # one 8-bit level
+
+
+def test_generate_writes_the_klein_image(folders, tmp_path):
+    from PIL import Image
+
+    from sampling.generate import main
+
+    ref, folder = folders[True]
+    assert main(["--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--width", str(SIZE), "--height",
+                 str(SIZE), "--max-sequence-length", "48", "--seed", "5", "--out", str(tmp_path / "k.png")]) == 0
+    image = ref(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=48,
+                output_type="np", generator=torch.Generator().manual_seed(5)).images[0]
+    ours = np.asarray(Image.open(tmp_path / "k.png")).astype(int)
+    assert np.abs(ours - np.round(image * 255)).max() <= 1
+    assert json.loads(Image.open(tmp_path / "k.png").text["scfm"])["family"] == "flux2"
