@@ -11,6 +11,7 @@ for them); the latents are un-normalised with the VAE's BatchNorm statistics and
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,27 +81,54 @@ class Flux2GenerationConfig:
     extra: dict = field(default_factory=dict)
 
 
+def klein_variant(model: Path, given: str | None) -> tuple[bool, str]:
+    """(distilled, what said so): `--variant`, else a pipeline folder's `is_distilled`, else a klein file's name
+    (BFL names them flux-2-klein-4b / flux-2-klein-base-4b); base and distilled weights have the same keys."""
+    if given is not None:
+        return given == "distilled", "--variant"
+    if (model / "model_index.json").exists():
+        distilled = json.loads((model / "model_index.json").read_text()).get("is_distilled")
+        if distilled is not None:
+            return bool(distilled), "model_index.json"
+    name = model.name.lower()
+    if "klein" in name:
+        return "base" not in name, "the file name"
+    raise WeightsError(f"{model}: a FLUX.2 [klein] base or distilled model? their weights look alike; pass "
+                       "--variant base or --variant distilled")
+
+
 class Flux2KleinPipeline(Pipeline):
     default_config = Flux2GenerationConfig
     family = FLUX2.name
     cond_names = ("txt",)
     defaults = {"steps": 50, "guidance": 4.0, "max_sequence_length": 512}  # Flux2KleinPipeline's
-    own_flags = (("--qwen", "qwen"), ("--qwen-tokenizer", "qwen_tokenizer"))
+    own_flags = (("--qwen", "qwen"), ("--qwen-tokenizer", "qwen_tokenizer"), ("--variant", "variant"))
     needed_files = ("qwen", "qwen_tokenizer")
 
     @classmethod
     def from_files(cls, model: Path, files: dict, **options) -> Flux2KleinPipeline:
         names = {"vae": "vae", "text_encoder": "qwen", "tokenizer": "qwen_tokenizer"}
         given = {ours: Path(files[flag]) for ours, flag in names.items() if files.get(flag)}
+        distilled, _ = klein_variant(model, files.get("variant"))
         if (model / "model_index.json").exists():
-            return cls(Flux2Sources.from_folder(model, **given), **options)
-        return cls(Flux2Sources(transformer=model, **given), **options)
+            pipe = cls(Flux2Sources.from_folder(model, **given, distilled=distilled), **options)
+        else:
+            pipe = cls(Flux2Sources(transformer=model, distilled=distilled, **given), **options)
+        if pipe.transformer_config().guidance_embed:  # read on meta: no weight is loaded for this
+            raise WeightsError(f"{model}: FLUX.2 [dev], whose text encoder (Mistral Small 3.2) scfm does not have; "
+                               "generate samples FLUX.2 [klein]")
+        return pipe
 
     @classmethod
     def generation_config(cls, args, rec, common: dict) -> Flux2GenerationConfig:
-        return Flux2GenerationConfig(**common, guidance=pick(args.cfg, args.guidance, rec.guidance,
-                                                             cls.defaults["guidance"]),
-                                     negative_prompt=args.negative_prompt or "")
+        """The distilled klein defaults to its 4 steps and no CFG (as its model card and BFL's CLI); the variant
+        and what told it are printed."""
+        distilled, source = klein_variant(Path(args.model), args.variant)
+        print(f"FLUX.2 [klein] {'distilled' if distilled else 'base'} (from {source})", file=sys.stderr)
+        if distilled and args.steps is None and rec.steps is None:
+            common = {**common, "steps": 4}
+        guidance = pick(args.cfg, args.guidance, rec.guidance, 1.0 if distilled else cls.defaults["guidance"])
+        return Flux2GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "")
 
     def text_encoder_names(self) -> tuple[str, ...]:
         return ()  # LoRA parts for Qwen3 are not read yet

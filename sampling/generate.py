@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "folder's text_encoder/)")
     src.add_argument("--qwen-tokenizer", help="FLUX.2 [klein]: its tokenizer.json or folder (default: the pipeline "
                                               "folder's tokenizer/)")
+    src.add_argument("--variant", choices=["base", "distilled"],
+                     help="FLUX.2 [klein]: base (real CFG, 50 steps) or distilled (4 steps, no CFG); default: the "
+                          "folder's is_distilled, else the file name (their weights look alike)")
     src.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="a LoRA to merge, at SCALE if given, else at the scale its metadata recommends, else 1; "
                      "repeatable ('demo': the shipped SCFM LoRA of the demo model)")
@@ -285,7 +288,8 @@ def generation_config(args, family: Family | str, rec):
     common = dict(height=args.height, width=args.width, steps=pick(args.steps, rec.steps, d["steps"]),
                   max_sequence_length=pick(args.max_sequence_length, rec.max_sequence_length,
                                            d["max_sequence_length"]),
-                  grid=pick(args.schedule, rec.schedule, "diffusers"), seed=args.seed, shift=pick(args.shift, rec.shift))
+                  grid=pick(args.schedule, rec.schedule, "diffusers"), seed=args.seed,
+                  shift=pick(args.shift, rec.shift))
     return pipeline.generation_config(args, rec, common)
 
 
@@ -294,7 +298,7 @@ def build_pipeline(args, model: Path, family: Family | str, loras: Sequence = ()
                "blocks_to_swap": args.blocks_to_swap, "fp8_compute": args.fp8_compute, "compile": args.compile,
                "ignore_te_lora": args.ignore_te_lora}
     files = {k: getattr(args, k) for k in ("vae", "clip", "clip_g", "t5", "no_t5", "clip_tokenizer",
-                                           "clip_g_tokenizer", "t5_tokenizer", "qwen", "qwen_tokenizer")}
+                                           "clip_g_tokenizer", "t5_tokenizer", "qwen", "qwen_tokenizer", "variant")}
     pipe = get_family(family).part("pipeline").from_files(model, files, **options)
     pipe.sources.check()
     return pipe

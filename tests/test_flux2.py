@@ -121,7 +121,15 @@ def test_generate_needs_the_text_encoder_and_train_refuses_flux2_in_one_line(tmp
     path = save_transformer(Flux2(TINY), tmp_path / "flux2.safetensors")
     assert generate(["--model", str(path), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: no vae given: pass --vae (or a diffusers pipeline folder)", err
+    assert err.endswith("their weights look alike; pass --variant base or --variant distilled"), err
+    klein = save_transformer(Flux2(TINY), tmp_path / "flux-2-klein-base-tiny.safetensors")
+    assert generate(["--model", str(klein), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.splitlines() == ["FLUX.2 [klein] base (from the file name)",
+                                                    "error: no vae given: pass --vae (or a diffusers pipeline folder)"]
+    dev_config = Flux2Config(**{**TINY.to_dict(), "guidance_embed": True})
+    dev = save_transformer(Flux2(dev_config), tmp_path / "dev.safetensors")
+    assert generate(["--model", str(dev), "--variant", "base", "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    assert "FLUX.2 [dev], whose text encoder (Mistral Small 3.2) scfm does not have" in capsys.readouterr().err
     assert generate(["--model", str(path), "--prompt", "a", "--clip-g", "g.safetensors", "--out",
                      str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.startswith("error: --clip-g: SD3 / SD3.5 options, but ")
@@ -130,6 +138,19 @@ def test_generate_needs_the_text_encoder_and_train_refuses_flux2_in_one_line(tmp
     err = capsys.readouterr().err.strip()
     assert err.endswith("scfm has no lora targets for FLUX.2 models yet (weights/families/flux2.py lists what it "
                         "has)"), err
+
+
+def test_klein_variant_from_flag_folder_and_file_name(tmp_path):
+    from sampling.flux2 import klein_variant
+
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text('{"is_distilled": true}')
+    assert klein_variant(tmp_path / "pipe", None) == (True, "model_index.json")
+    assert klein_variant(tmp_path / "pipe", "base") == (False, "--variant")
+    assert klein_variant(tmp_path / "flux-2-klein-4b.safetensors", None) == (True, "the file name")
+    assert klein_variant(tmp_path / "flux-2-klein-base-9b.safetensors", None) == (False, "the file name")
+    with pytest.raises(WeightsError, match="pass --variant base or --variant distilled"):
+        klein_variant(tmp_path / "model.safetensors", None)
 
 
 def test_fp8_storage_and_block_swap_work_as_for_flux1():
