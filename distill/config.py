@@ -108,6 +108,8 @@ class DistillConfig:
                                     "padded with '!')")
     t5: str = opt("", "T5-XXL file/folder: builds the text cache only (optional for SD3: zeros without)")
     t5_tokenizer: str = opt("", "T5 spiece.model / tokenizer.json / folder")
+    qwen: str = opt("", "FLUX.2 [klein]: the Qwen3 text encoder (transformers folder or single file)")
+    qwen_tokenizer: str = opt("", "FLUX.2 [klein]: its tokenizer.json or tokenizer/ folder")
     clip_tokenizer: str = opt("", "CLIP tokenizer folder (default: the vendored CLIP vocabulary)")
     t5_length: int = opt(256, "T5 tokens per prompt (released recipe: 256); recorded in the LoRA metadata")
     resolution: int = opt(512, "training buckets have about resolution^2 pixels (the 512-px list at 512)")

@@ -38,6 +38,23 @@ SD3_TARGETS: tuple[str, ...] = (
     "final_layer.linear", "final_layer.adaLN_modulation.1",
 )
 
+# FLUX.2 in BFL names: FLUX.1's list on FLUX.2's layers (every Linear: the embedders, the three shared modulations,
+# both streams' attention and SwiGLU MLP, the single blocks' fused linear1 / linear2, the final layer); no released
+# SCFM list exists for it. `mlp.0` ([gate | up]) and the single blocks' `linear1` ([qkv | gate | up]) take one LoRA
+# each, as musubi-tuner and ai-toolkit train them and diffusers keeps linear1 fused (`to_qkv_mlp_proj`).
+FLUX2_TARGETS: tuple[str, ...] = (
+    "img_in", "txt_in",
+    "time_in.in_layer", "time_in.out_layer",
+    "guidance_in.in_layer", "guidance_in.out_layer",
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+    "double_blocks.{i}.img_attn.qkv:qkv", "double_blocks.{i}.txt_attn.qkv:qkv",
+    "double_blocks.{i}.img_attn.proj", "double_blocks.{i}.txt_attn.proj",
+    "double_blocks.{i}.img_mlp.0", "double_blocks.{i}.img_mlp.2",
+    "double_blocks.{i}.txt_mlp.0", "double_blocks.{i}.txt_mlp.2",
+    "single_blocks.{i}.linear1", "single_blocks.{i}.linear2",
+    "final_layer.linear", "final_layer.adaLN_modulation.1",
+)
+
 FUSED_KINDS = ("qkv", "qkv_mlp")
 
 

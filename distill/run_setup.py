@@ -91,9 +91,11 @@ def family_of(cfg: DistillConfig) -> Family:
 
 def cache_key(cfg: DistillConfig, family: Family | None = None) -> dict:
     """What the cached tensors depend on besides the images and prompts."""
+    family = family or default_family()
     names = ("vae", "clip", "t5", "t5_tokenizer", "clip_tokenizer")
-    # a family with CLIP-bigG keys its files too (the others' keys stay as they were)
-    names += ("clip_g", "clip_g_tokenizer") if "clip_g" in (family or default_family()).text_encoders else ()
+    # a family with CLIP-bigG keys its files too, and one with other encoders theirs (FLUX.1's keys stay as they were)
+    names += ("clip_g", "clip_g_tokenizer") if "clip_g" in family.text_encoders else ()
+    names += tuple(k for k in family.part("pipeline").needed_files if k not in names + ("clip_g",))
     files = {k: file_identity(getattr(cfg, k)) for k in names}
     key = {**files, "t5_length": cfg.t5_length, "resolution": cfg.resolution, "dtype": cfg.dtype}
     records = text_lora_records(cfg)
@@ -117,7 +119,8 @@ def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, 
     the base LoRAs' text-encoder parts merged as the encoders are read (the transformer takes the rest)."""
     files = {"vae": cfg.vae, "clip": cfg.clip, "clip_g": cfg.clip_g, "t5": cfg.t5, "no_t5": not cfg.t5,
              "clip_tokenizer": cfg.clip_tokenizer, "clip_g_tokenizer": cfg.clip_g_tokenizer,
-             "t5_tokenizer": cfg.t5_tokenizer}
+             "t5_tokenizer": cfg.t5_tokenizer, "qwen": cfg.qwen, "qwen_tokenizer": cfg.qwen_tokenizer,
+             "variant": "base"}  # SCFM distils a base model (FLUX.2 [klein]: its text encoder is the same)
     pipe = family.part("pipeline").from_files(Path(cfg.model).expanduser(), files, device=device, dtype=dtype,
                                               loras=[lora_spec(s) for s in cfg.base_loras],
                                               ignore_te_lora=cfg.ignore_te_lora)

@@ -114,7 +114,7 @@ def test_flux1_and_flux2_files_name_each_other(tmp_path):
     assert detect_family(flux1).name == "flux" and detect_family(flux2) is FLUX2
 
 
-def test_generate_needs_the_text_encoder_and_train_refuses_flux2_in_one_line(tmp_path, capsys):
+def test_generate_and_train_name_what_flux2_needs_in_one_line(tmp_path, capsys):
     from distill.train import main as train
     from sampling.generate import main as generate
 
@@ -136,8 +136,7 @@ def test_generate_needs_the_text_encoder_and_train_refuses_flux2_in_one_line(tmp
     assert train(["--model", str(path), "--targets", "flux2", "--output", str(tmp_path / "run"), "--cache",
                   str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("scfm has no lora targets for FLUX.2 models yet (weights/families/flux2.py lists what it "
-                        "has)"), err
+    assert err.endswith("pass --vae, --qwen, --qwen-tokenizer to build it"), err
 
 
 def test_klein_variant_from_flag_folder_and_file_name(tmp_path):
@@ -176,3 +175,51 @@ def test_fp8_storage_and_block_swap_work_as_for_flux1():
         whole = model(**x)
         BlockSwap(model, 2, "cpu")
         assert torch.equal(model(**x), whole)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 3.0], ids=["plain", "cfg-baked"])
+def test_scfm_trains_a_flux2_lora_and_exports_it(tmp_path, cfg_scale):
+    """A few SCFM steps on a tiny FLUX.2 (a cache of 4-channel latents and 32-wide text, as the tests' fake encoders
+    make: its context and channel widths follow them), the FLUX.2 target table, and the exported file read back and
+    merged (flux2-reference.md §5: BFL module names)."""
+    from test_data import KEY, POOL, FakeText, FakeVAE, write_images
+    from test_data import IMAGES as images
+    from test_trainer import config
+
+    from distill.data import build_cache, plan_cache
+
+    from distill.lora import lora_layers
+    from distill.lora_export import export_lora
+    from distill.trainer import Trainer
+    from weights.lora import read_lora
+    from weights.lora_merge import apply_loras
+
+    model_cfg = Flux2Config(in_channels=4, out_channels=4, context_in_dim=32, hidden_size=64, num_heads=4, depth=1,
+                            depth_single_blocks=1, axes_dim=(4, 4, 4, 4), guidance_embed=False)
+    model = randomize_(Flux2(model_cfg), 0.1, seed=8)
+    cfg = config(tmp_path, targets="flux2", steps=3, checkpoint_every=0, sample_every=3, sample_size=128,
+                 sample_steps=2, export_formats=("ours", "kohya", "diffusers"), cfg_scale=cfg_scale,
+                 dynamic_shift_prob=0.0)
+    write_images(tmp_path / "data", images)
+    # klein's CFG negative is the empty prompt, embedded once into the cache (as the run setup does for a CFG family)
+    plan = plan_cache(tmp_path / "data", KEY, 512, ("a sample",), shard_size=4, negative_prompt="")
+    cache = build_cache(tmp_path / "cache", plan, FakeText, lambda: FakeVAE(POOL), batch_size=2, progress=False)
+    trainer = Trainer(cfg, model, cache, device="cpu")
+    assert (trainer.negative is not None) == bool(cfg_scale)  # every call c + w (c - u) against ""
+    trainer.run()
+    layers = lora_layers(trainer.model)
+    assert "single_blocks.0.linear1" in layers and layers["double_blocks.0.img_attn.qkv"].slices == (64, 64, 64)
+    assert any(t.abs().sum() > 0 for layer in layers.values() for t in layer.lora_up.values())
+    assert (trainer.out / "samples" / "step-000003.safetensors").exists()  # sampled on the 1x1-token grid
+    files = export_lora(trainer.model, cfg)
+    lora = read_lora(next(f for f in files if "kohya" in f.name))
+    assert lora.family == "flux2" and "double_stream_modulation_img.lin" in lora.modules
+    assert lora.recommended.guidance == (cfg_scale + 1 if cfg_scale else None)  # sampled as trained: g = w + 1
+    peft = read_lora(next(f for f in files if f.name == f"scfm-lora-{cfg.export_set}.safetensors"))  # diffusers names
+    assert peft.layout == "diffusers" and peft.modules.keys() == lora.modules.keys()
+    for name, mod in lora.modules.items():
+        torch.testing.assert_close(peft.modules[name].delta("cpu"), mod.delta("cpu"), rtol=1e-5, atol=1e-7)
+    base = Flux2(model_cfg)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    apply_loras(base, [(lora, 1.0)])
+    assert any(not torch.equal(before[k], v) for k, v in base.state_dict().items())

@@ -1,7 +1,6 @@
 """FLUX.2 as a family (weights/family.py): how its files look (BFL single files, with or without ComfyUI's prefix,
-and diffusers folders), its config in each layout, its key maps and LoRA names, and its sampling parts (the klein
-pipeline, sampling/flux2.py). SCFM training is not built for it yet: its record names no LoRA target table, so
-`distill.train` refuses it in one line."""
+and diffusers folders), its config in each layout, its key maps and LoRA names, and its sampling and training
+parts (the klein pipeline, sampling/flux2.py; the LoRA target table, distill/lora_targets.py)."""
 
 from __future__ import annotations
 
@@ -101,7 +100,11 @@ def describe(cfg: Flux2Config) -> str:
 
 FLUX2 = Family(
     name="flux2", title="FLUX.2", display="FLUX.2", model_class=Flux2, config_class=Flux2Config,
-    guidance="embedding", latent_channels=lambda cfg: cfg.in_channels // 4, token_side=lambda cfg: 2,
+    # the transformer sees the VAE's latents already 2x2-patchified (model/vae.py normalize_latents): one token per
+    # latent pixel of the normalised latent, which has all of in_channels
+    # klein (what scfm samples and trains) is guided by real CFG, u + g (c - u), so SCFM can bake it in as for SD3.5
+    # (cfg_scale w = g - 1); dev's guidance input is refused by generate
+    guidance="cfg", latent_channels=lambda cfg: cfg.in_channels, token_side=lambda cfg: 1,
     detect_layout=detect_flux2_layout, official_name="BFL", diffusers_classes=("Flux2",),
     diffusers_class="Flux2Transformer2DModel", claims=lambda keys: any(MARKER in k for k in keys),
     markers=(MARKER,), key_hints=((MARKER, "a FLUX.2 transformer"),), loader="weights.load_flux2",
@@ -115,5 +118,6 @@ FLUX2 = Family(
     architecture="flux-2", implementation="https://github.com/black-forest-labs/flux2",
     kohya_module="networks.lora_flux_2", kohya_base="flux2", base_architecture=base_architecture,
     diffusers_kohya_drops=(), describe=describe,
-    parts={"velocity": "sampling.velocity:Flux2Velocity", "pipeline": "sampling.flux2:Flux2KleinPipeline"},
+    parts={"velocity": "sampling.velocity:Flux2Velocity", "pipeline": "sampling.flux2:Flux2KleinPipeline",
+           "lora_targets": "distill.lora_targets:FLUX2_TARGETS"},
 )
