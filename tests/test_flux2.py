@@ -182,12 +182,11 @@ def test_scfm_trains_a_flux2_lora_and_exports_it(tmp_path, cfg_scale):
     """A few SCFM steps on a tiny FLUX.2 (a cache of 4-channel latents and 32-wide text, as the tests' fake encoders
     make: its context and channel widths follow them), the FLUX.2 target table, and the exported file read back and
     merged (flux2-reference.md §5: BFL module names)."""
-    from test_data import KEY, POOL, FakeText, FakeVAE, write_images
     from test_data import IMAGES as images
+    from test_data import KEY, POOL, FakeText, FakeVAE, write_images
     from test_trainer import config
 
     from distill.data import build_cache, plan_cache
-
     from distill.lora import lora_layers
     from distill.lora_export import export_lora
     from distill.trainer import Trainer
@@ -223,3 +222,42 @@ def test_scfm_trains_a_flux2_lora_and_exports_it(tmp_path, cfg_scale):
     before = {k: v.clone() for k, v in base.state_dict().items()}
     apply_loras(base, [(lora, 1.0)])
     assert any(not torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("tool", ["ai-toolkit", "musubi"])
+def test_other_tools_loras_read_as_diffusers_converts_them(tmp_path, tool):
+    """FLUX.2 LoRAs as ai-toolkit writes them (`diffusion_model.<BFL module>.lora_A / lora_B`, no alpha: scale 1) and
+    as musubi-tuner does (`lora_unet_<BFL module, _>` lora_down / lora_up / alpha), flux2-reference.md §5, read for a
+    FLUX.2 model: every layer's delta W equals what diffusers' own converters give (the fused qkv in thirds there)."""
+    from diffusers.loaders import lora_conversion_utils as convert
+    from safetensors.torch import save_file
+
+    from weights.keymaps.flux2 import flux2_rules
+    from weights.lora import read_lora
+
+    g = torch.Generator().manual_seed(9)
+    h, m, r = TINY.hidden_size, TINY.mlp_hidden_dim, 4
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * h, h), "double_blocks.1.txt_attn.proj": (h, h),
+              "double_blocks.0.img_mlp.0": (2 * m, h), "double_blocks.0.txt_mlp.2": (h, m),
+              "single_blocks.1.linear1": (3 * h + 2 * m, h), "single_blocks.0.linear2": (h, h + m)}
+    sd = {}
+    for module, (out, inp) in shapes.items():
+        down, up = torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g)
+        if tool == "ai-toolkit":
+            sd |= {f"diffusion_model.{module}.lora_A.weight": down, f"diffusion_model.{module}.lora_B.weight": up}
+        else:
+            stem = "lora_unet_" + module.replace(".", "_")
+            sd |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(2.0)}
+    save_file(sd, tmp_path / "lora.safetensors")
+    ours = read_lora(tmp_path / "lora.safetensors", family="flux2")  # the names fit FLUX.1 too: the model decides
+    assert ours.family == "flux2" and ours.modules.keys() == shapes.keys()
+
+    fn = (convert._convert_non_diffusers_flux2_lora_to_diffusers if tool == "ai-toolkit"
+          else convert._convert_kohya_flux2_lora_to_diffusers)
+    theirs = {k.removeprefix("transformer."): v for k, v in fn(dict(sd)).items()}
+    delta = {k.removesuffix(".lora_A.weight"): theirs[k.replace("lora_A", "lora_B")] @ v
+             for k, v in theirs.items() if k.endswith("lora_A.weight")}
+    for rule in flux2_rules(2, 2, False, modules=True):
+        if rule.official in shapes:
+            want = torch.cat([delta[o] for o in rule.others])  # a fused qkv: diffusers' three parts stacked
+            torch.testing.assert_close(ours.modules[rule.official].delta("cpu"), want, rtol=1e-6, atol=1e-5)
