@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import alternate, built_in, twin_main  # noqa: E402  (bench/timing.py, beside this file)
+from timing import built_in, twin_main, twin_row  # noqa: E402  (bench/timing.py, beside this file)
 
 from model.flux2 import FLUX2_CONFIGS, Flux2, Flux2Config, flux2_image_ids, flux2_text_ids  # noqa: E402
 from weights.families.flux2 import FLUX2, config_to_diffusers  # noqa: E402
@@ -61,11 +61,7 @@ def run_case(name: str, device: str, iters: int) -> dict:
     def run_ours():
         return ours(x, img_ids, ctx, txt_ids, t, guidance)
 
-    out_ref, out_ours = run_ref().float(), run_ours().float()
-    err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
-    ms_ours, ms_ref = alternate(run_ref, run_ours, device, iters, warmup=2 if name != "tiny" else 5)
-    return dict(case=name, device=device, dtype=str(dtype).removeprefix("torch."), ours_ms=ms_ours,
-                diffusers_ms=ms_ref, ratio=ms_ours / ms_ref, max_rel_err=err)
+    return twin_row(name, device, dtype, run_ref, run_ours, iters)
 
 
 if __name__ == "__main__":

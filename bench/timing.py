@@ -27,14 +27,19 @@ def median_time(fn, device: str, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def alternate(run_ref, run_ours, device: str, iters: int, warmup: int) -> tuple[float, float]:
-    """Median milliseconds of (ours, reference), one call of each in turn, so drift in the machine's load hits
-    both equally."""
+def twin_row(name: str, device: str, dtype: torch.dtype, run_ref, run_ours, iters: int) -> dict:
+    """One row of a forward-against-diffusers benchmark: the max relative error of ours, then the median
+    milliseconds of each, one call of each in turn, so drift in the machine's load hits both equally."""
+    out_ref, out_ours = run_ref().float(), run_ours().float()
+    err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
+    warmup = 2 if name != "tiny" else 5
     t_ref, t_ours = [], []
     for _ in range(iters):
         t_ref.append(median_time(run_ref, device, 0 if t_ref else warmup, 1))
         t_ours.append(median_time(run_ours, device, 0 if t_ours else warmup, 1))
-    return 1e3 * statistics.median(t_ours), 1e3 * statistics.median(t_ref)
+    ms_ref, ms_ours = 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_ours)
+    return dict(case=name, device=device, dtype=str(dtype).removeprefix("torch."), ours_ms=ms_ours,
+                diffusers_ms=ms_ref, ratio=ms_ours / ms_ref, max_rel_err=err)
 
 
 def twin_main(description: str, title: str, cases: dict, run_case) -> None:

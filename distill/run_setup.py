@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sampling.base import component_files
 from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS
 from weights.families import default_family, detect_family, get_family
 from weights.family import Family
@@ -79,10 +80,15 @@ def render_demo_data(cfg: DistillConfig) -> None:
     teacher_data.run(args)
 
 
+def _is_test_model(cfg: DistillConfig) -> bool:
+    """--model tiny (the first family's tiny preset) or tiny-<family>: a random test model, no files."""
+    return cfg.model == "tiny" or cfg.model.startswith("tiny-")
+
+
 def family_of(cfg: DistillConfig) -> Family:
-    """The model's family: the test models by name ("tiny": the first family's tiny preset, "tiny-<family>"),
-    else from its files (config class names, then keys)."""
-    if cfg.model == "tiny" or cfg.model.startswith("tiny-"):
+    """The model's family: the test models by name (`_is_test_model`), else from its files (config class names,
+    then keys)."""
+    if _is_test_model(cfg):
         return get_family(cfg.model.removeprefix("tiny").removeprefix("-") or default_family())
     if not cfg.model:
         raise ConfigError("no model: pass --model (a transformer file or folder of a family scfm knows)")
@@ -95,7 +101,7 @@ def cache_key(cfg: DistillConfig, family: Family | None = None) -> dict:
     names = ("vae", "clip", "t5", "t5_tokenizer", "clip_tokenizer")
     # a family with CLIP-bigG keys its files too, and one with other encoders theirs (FLUX.1's keys stay as they were)
     names += ("clip_g", "clip_g_tokenizer") if "clip_g" in family.text_encoders else ()
-    names += tuple(k for k in family.part("pipeline").needed_files if k not in names + ("clip_g",))
+    names += tuple(k for k in family.part("pipeline").needed_files if k not in names)
     files = {k: file_identity(getattr(cfg, k)) for k in names}
     key = {**files, "t5_length": cfg.t5_length, "resolution": cfg.resolution, "dtype": cfg.dtype}
     records = text_lora_records(cfg)
@@ -117,10 +123,8 @@ def text_lora_records(cfg: DistillConfig) -> list[dict]:
 def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: Family):
     """The family pipeline's own text encoder (sampling: `Pipeline.text_encoder`), loaded once for every batch,
     the base LoRAs' text-encoder parts merged as the encoders are read (the transformer takes the rest)."""
-    files = {"vae": cfg.vae, "clip": cfg.clip, "clip_g": cfg.clip_g, "t5": cfg.t5, "no_t5": not cfg.t5,
-             "clip_tokenizer": cfg.clip_tokenizer, "clip_g_tokenizer": cfg.clip_g_tokenizer,
-             "t5_tokenizer": cfg.t5_tokenizer, "qwen": cfg.qwen, "qwen_tokenizer": cfg.qwen_tokenizer,
-             "variant": "base"}  # SCFM distils a base model (FLUX.2 [klein]: its text encoder is the same)
+    # no T5 file: SD3 without T5; SCFM distils a base model (FLUX.2 [klein]: its text encoder is the same)
+    files = component_files(cfg) | {"no_t5": not cfg.t5, "variant": "base"}
     pipe = family.part("pipeline").from_files(Path(cfg.model).expanduser(), files, device=device, dtype=dtype,
                                               loras=[lora_spec(s) for s in cfg.base_loras],
                                               ignore_te_lora=cfg.ignore_te_lora)
@@ -252,15 +256,16 @@ def _place_teacher(mod, layer, down: torch.Tensor, up: torch.Tensor, where: str)
             k += r
 
 
-def load_model(cfg: DistillConfig, device: torch.device):
-    """With fp8 storage the blocks' weights are quantized as they are read: the bf16 model never exists at once."""
+def load_model(cfg: DistillConfig, device: torch.device, family: Family | None = None):
+    """With fp8 storage the blocks' weights are quantized as they are read: the bf16 model never exists at once.
+    `family`: the model's, when the caller has already read it (`family_of`), so its files are not read twice."""
     from weights.lora_text import transformer_parts
     from weights.transformer import load_transformer
 
-    family = family_of(cfg)
+    family = family or family_of(cfg)
     # merged as the weights are read, before fp8; their text-encoder parts are in the text cache (_text_encoder)
     loras = transformer_parts([lora_spec(spec) for spec in cfg.base_loras], family.name)
-    if cfg.model == "tiny" or cfg.model.startswith("tiny-"):
+    if _is_test_model(cfg):
         from weights.lora_merge import apply_loras
 
         torch.manual_seed(cfg.seed)  # the test model: random, but the same on every rank

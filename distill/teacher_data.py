@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.base import MAX_SIDE
+from sampling.base import MAX_SIDE, pipeline_from_args
 from sampling.options import (
     OneLineParser,
     add_ignore_te_lora,
@@ -33,7 +33,7 @@ from sampling.options import (
     check_writable,
     read_prompt_lines,
 )
-from weights.io import DTYPES, WeightsError, file_sha256
+from weights.io import WeightsError, file_sha256
 from weights.lora_merge import lora_spec
 
 from .data import BUCKETS_512, DataError, buckets_for, inside_folder
@@ -164,14 +164,7 @@ def make_pipeline(args):
     model = Path(args.model).expanduser()
     if not model.exists():
         raise WeightsError(f"--model {model}: no such file or folder")
-    files = {k: getattr(args, k, None) for k in ("vae", "clip", "clip_g", "t5", "no_t5", "t5_tokenizer",
-                                                 "clip_tokenizer", "clip_g_tokenizer")}
-    pipe = detect_family(model).part("pipeline").from_files(
-        model, files, device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8,
-        loras=[lora_spec(spec) for spec in args.lora], blocks_to_swap=args.blocks_to_swap,
-        fp8_compute=args.fp8_compute, compile=args.compile, ignore_te_lora=args.ignore_te_lora)
-    pipe.sources.check()
-    return pipe
+    return pipeline_from_args(args, model, detect_family(model), [lora_spec(spec) for spec in args.lora])
 
 
 def resolution_buckets(resolution: int) -> tuple[tuple[int, int], ...]:

@@ -83,7 +83,7 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         if cfg.cache_only:
             return []
         try:
-            model = load_model(cfg, torch.device("cpu") if loads_on_cpu(cfg) else device)
+            model = load_model(cfg, torch.device("cpu") if loads_on_cpu(cfg) else device, family)
         except torch.OutOfMemoryError:
             tip = "" if cfg.fp8_storage else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
             raise TrainingError(f"out of GPU memory loading the model{tip}") from None

@@ -49,9 +49,9 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-def _fit(rows: list[list[int]], max_length: int, end_id: int, pad_id: int, name: str) -> torch.Tensor:
-    """Truncate each row (which ends with its end token) to `max_length`, keeping the end token last, then
-    pad; one warning for the whole batch naming what was dropped."""
+def _fit(rows: list[list[int]], max_length: int, end_id: int | None, pad_id: int, name: str) -> torch.Tensor:
+    """Truncate each row to `max_length` (keeping its end token `end_id` last; None: a plain cut), then pad; one
+    warning for the whole batch naming what was dropped."""
     dropped = {i: len(r) - max_length for i, r in enumerate(rows) if len(r) > max_length}
     if dropped:
         detail = ", ".join(f"prompt {i}: {n}" for i, n in dropped.items())
@@ -59,7 +59,8 @@ def _fit(rows: list[list[int]], max_length: int, end_id: int, pad_id: int, name:
                       f"tokens dropped: {detail}", stacklevel=3)
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
-        r = r[: max_length - 1] + [end_id] if len(r) > max_length else r
+        if len(r) > max_length:
+            r = r[: max_length - 1] + [end_id] if end_id is not None else r[:max_length]
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
 
@@ -242,14 +243,6 @@ class Qwen3Tokenizer:
         n = max_length or self.max_length
         rows = [e.ids for e in self.tokenizer.encode_batch([self.template(p) for p in prompt_list(prompts)],
                                                              add_special_tokens=True)]
-        dropped = {i: len(r) - n for i, r in enumerate(rows) if len(r) > n}
-        if dropped:
-            detail = ", ".join(f"prompt {i}: {k}" for i, k in dropped.items())
-            warnings.warn(f"Qwen3 tokenizer: prompts longer than {n} tokens were truncated; tokens dropped: {detail}",
-                          stacklevel=2)
-        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            r = r[:n]
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
-        return ids, mask
+        ids = _fit(rows, n, None, self.pad_id, "Qwen3 tokenizer")  # transformers' truncation: a plain cut
+        lengths = torch.tensor([min(len(r), n) for r in rows])
+        return ids, (torch.arange(n)[None, :] < lengths[:, None]).long()

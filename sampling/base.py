@@ -20,7 +20,7 @@ from model.block_swap import BlockSwap, check_count
 from model.fp8 import enable_fp8_compute_
 from model.vae import AUTO_TILE_PIXELS, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
 from weights.atomic import atomic_path
-from weights.io import WeightsError
+from weights.io import DTYPES, WeightsError
 from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
 from weights.transformer import load_transformer
 from weights.vae import load_vae
@@ -106,8 +106,8 @@ class Pipeline:
 
     @classmethod
     def from_files(cls, model: Path, files: dict, **options) -> Pipeline:
-        """The pipeline of a model file or pipeline folder with the components `files` names (generate's flags:
-        vae, clip, clip_g, t5, no_t5, clip_tokenizer, clip_g_tokenizer, t5_tokenizer; None for not given)."""
+        """The pipeline of a model file or pipeline folder with the components `files` names (`component_files`;
+        None for not given)."""
         raise NotImplementedError
 
     @classmethod
@@ -326,6 +326,44 @@ class Pipeline:
             return latents
         images = self.decode(latents)
         return images if output == "tensor" else to_pil(images)
+
+
+# The component files every family's `from_files` picks from, by the names generate's flags, make_dataset's and
+# DistillConfig's fields share; `no_t5` (SD3 without T5) and `variant` (FLUX.2 [klein] base or distilled) ride along.
+COMPONENT_FILES = ("vae", "clip", "clip_g", "t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
+                   "qwen_tokenizer", "no_t5", "variant")
+
+
+def component_files(options) -> dict:
+    """`COMPONENT_FILES` read off a command line's args or a config (None where it has no such field)."""
+    return {k: getattr(options, k, None) for k in COMPONENT_FILES}
+
+
+def pipeline_from_args(args, model: Path, family, loras: Sequence = ()) -> Pipeline:
+    """`family`'s pipeline for a sampling command (generate, make_dataset): its component files and run options
+    (sampling/options.py add_run_options) from the command line, checked before anything loads."""
+    pipe = family.part("pipeline").from_files(
+        model, component_files(args), device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras,
+        blocks_to_swap=args.blocks_to_swap, fp8_compute=args.fp8_compute, compile=args.compile,
+        ignore_te_lora=args.ignore_te_lora)
+    pipe.sources.check()
+    return pipe
+
+
+def require_sources(sources, flags: dict[str, str], required, what=lambda name: name.replace("_", " ")) -> None:
+    """Every `required` component of a pipeline's sources given (`what` names it; `flags`: field -> the generate
+    flag that sets it), one line for the first that is not: before anything loads."""
+    for name in required:
+        if getattr(sources, name) is None:
+            raise WeightsError(f"no {what(name)} given: pass {flags[name]} (or a diffusers pipeline folder)")
+
+
+def check_paths(sources, flags: dict[str, str]) -> None:
+    """Every path the sources were given exists; one line naming the flag of the first that does not."""
+    for name, flag in flags.items():
+        path = getattr(sources, name)
+        if path is not None and not Path(path).exists():
+            raise WeightsError(f"{flag} {path}: no such file or folder")
 
 
 def load_tokenizer(load, path, flag: str, **kwargs):

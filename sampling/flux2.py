@@ -24,7 +24,7 @@ from weights.families.flux2 import FLUX2
 from weights.io import WeightsError
 from weights.text import load_qwen3
 
-from .base import Pipeline, load_tokenizer
+from .base import Pipeline, check_paths, load_tokenizer, require_sources
 from .options import pick
 from .pipeline import schedule_from_diffusers
 from .samplers import euler, true_cfg
@@ -59,12 +59,8 @@ class Flux2Sources:
 
     def check(self) -> None:
         flags = dict(transformer="--model", vae="--vae", text_encoder="--qwen", tokenizer="--qwen-tokenizer")
-        for name, flag in flags.items():
-            path = getattr(self, name)
-            if path is None:
-                raise WeightsError(f"no {name.replace('_', ' ')} given: pass {flag} (or a diffusers pipeline folder)")
-            if not Path(path).exists():
-                raise WeightsError(f"{flag} {path}: no such file or folder")
+        require_sources(self, flags, flags)
+        check_paths(self, flags)
 
 
 @dataclass

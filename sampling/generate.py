@@ -23,16 +23,15 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from weights.families import article, detect_family, families, get_family
 from weights.family import Family
-from weights.io import DTYPES, WeightsError
+from weights.io import WeightsError
 
-from .base import MAX_SIDE, save_png
+from .base import MAX_SIDE, pipeline_from_args, save_png
 from .demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
 from .options import (
     OneLineParser,
@@ -293,17 +292,6 @@ def generation_config(args, family: Family | str, rec):
     return pipeline.generation_config(args, rec, common)
 
 
-def build_pipeline(args, model: Path, family: Family | str, loras: Sequence = ()):
-    options = {"device": args.device, "dtype": DTYPES[args.dtype], "fp8": args.fp8, "loras": loras,
-               "blocks_to_swap": args.blocks_to_swap, "fp8_compute": args.fp8_compute, "compile": args.compile,
-               "ignore_te_lora": args.ignore_te_lora}
-    files = {k: getattr(args, k) for k in ("vae", "clip", "clip_g", "t5", "no_t5", "clip_tokenizer",
-                                           "clip_g_tokenizer", "t5_tokenizer", "qwen", "qwen_tokenizer", "variant")}
-    pipe = get_family(family).part("pipeline").from_files(model, files, **options)
-    pipe.sources.check()
-    return pipe
-
-
 def used_settings(pipe, cfg, negative_prompt: str | None) -> dict:
     """The config as sampled, for the PNG: the negative prompt only when a negative pass ran, the shift the
     schedule used when --shift left it to the model, less what the model ignored (the family says)."""
@@ -352,7 +340,7 @@ def run(args) -> list[Path]:
         # read once: the check below and the loads take these (merged for good as the transformer and, for a
         # text-encoder part, CLIP / T5 are read)
         loras = [(read_lora(path, family=family.name), scale) for path, scale in loras]
-    pipe = build_pipeline(args, model, family, loras)
+    pipe = pipeline_from_args(args, model, family, loras)
     negative_prompt = cfg.negative_prompt if pipe.wants_negative(cfg) else None
     # a bad size fails before the big models are loaded (the configs are read on "meta"), so do a wrong file or
     # a LoRA for another model: nothing is read yet

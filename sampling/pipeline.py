@@ -22,7 +22,13 @@ from weights.families.flux import FLUX
 from weights.io import WeightsError
 from weights.text import load_clip, load_t5
 
-from .base import Pipeline, load_tokenizer, to_pil  # noqa: F401  (to_pil is part of this module's API)
+from .base import (
+    Pipeline,
+    check_paths,
+    load_tokenizer,
+    require_sources,
+    to_pil,  # noqa: F401  (to_pil is part of this module's API)
+)
 from .options import one_scale, pick
 from .samplers import euler, flux_guidance, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
@@ -58,12 +64,8 @@ class FluxSources:
         """Fail before loading anything: every component present, every path existing (one line each)."""
         flags = dict(transformer="--model", vae="--vae", clip="--clip", t5="--t5", t5_tokenizer="--t5-tokenizer",
                      clip_tokenizer="--clip-tokenizer")
-        for name, flag in flags.items():
-            path = getattr(self, name)
-            if path is None and name != "clip_tokenizer":
-                raise WeightsError(f"no {name.replace('_', ' ')} given: pass {flag} (or a diffusers pipeline folder)")
-            if path is not None and not Path(path).exists():
-                raise WeightsError(f"{flag} {path}: no such file or folder")
+        require_sources(self, flags, [name for name in flags if name != "clip_tokenizer"])
+        check_paths(self, flags)
 
 
 def schedule_from_diffusers(path: Path) -> ScheduleConfig | None:

@@ -24,7 +24,7 @@ from weights.families.sd3 import SD3
 from weights.io import WeightsError
 from weights.text import load_clip, load_t5
 
-from .base import MAX_SIDE, Pipeline, load_tokenizer
+from .base import MAX_SIDE, Pipeline, check_paths, load_tokenizer, require_sources
 from .options import one_scale, pick
 from .pipeline import schedule_from_diffusers
 from .samplers import Velocity, cat_cond, euler
@@ -79,16 +79,11 @@ class SD3Sources:
         flags = dict(transformer="--model", vae="--vae", clip_l="--clip", clip_g="--clip-g", t5="--t5",
                      clip_l_tokenizer="--clip-tokenizer", clip_g_tokenizer="--clip-g-tokenizer",
                      t5_tokenizer="--t5-tokenizer")
-        for name in ("transformer", "vae", "clip_l", "clip_g"):
-            if getattr(self, name) is None:
-                what = name.replace("_", "-").replace("clip-l", "CLIP-L").replace("clip-g", "CLIP-bigG")
-                raise WeightsError(f"no {what} given: pass {flags[name]} (or a diffusers pipeline folder)")
+        require_sources(self, flags, ("transformer", "vae", "clip_l", "clip_g"),
+                        lambda name: name.replace("_", "-").replace("clip-l", "CLIP-L").replace("clip-g", "CLIP-bigG"))
         if self.t5 is not None and self.t5_tokenizer is None:
             raise WeightsError("T5 needs its tokenizer: pass --t5-tokenizer (spiece.model or tokenizer.json)")
-        for name, flag in flags.items():
-            path = getattr(self, name)
-            if path is not None and not Path(path).exists():
-                raise WeightsError(f"{flag} {path}: no such file or folder")
+        check_paths(self, flags)
 
 
 def _existing(path: Path) -> Path | None:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from model.flux import Flux
-from model.flux2 import Flux2, flux2_image_ids, flux2_text_ids
+from model.flux2 import flux2_image_ids, flux2_text_ids
 from model.fp8 import E4M3
 from model.layers import image_ids, pack, text_ids, unpack
 from model.mmdit import MMDiT
@@ -37,51 +37,42 @@ class FluxVelocity:
     def dtype(self) -> torch.dtype:
         return model_dtype(self.model)
 
+    def timestep_and_guidance(self, sigma: Tensor, guidance: Tensor | None, batch: int,
+                              device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """What the model takes for sigma (B,) and guidance: FluxPipeline (and Flux2KleinPipeline) hand it
+        (sigma * 1000).to(dtype) / 1000 and the model multiplies by 1000 again in its dtype: in bf16 that is two
+        roundings of the timestep, reproduced here so a seed gives diffusers' image. Guidance only for a model
+        with a guidance input (FLUX.1-dev; not schnell, the demo or klein)."""
+        t = (sigma.float() * 1000).to(self.dtype) / 1000
+        if not self.model.config.guidance_embed:
+            return t, None
+        if guidance is None:
+            raise ValueError(f"this {self.model.config.FAMILY} model is guidance-distilled (dev): pass a guidance "
+                             "value such as 3.5")
+        return t, guidance.expand(batch).to(device)
+
     def __call__(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: Tensor | None = None) -> Tensor:
         b, _, h, w = x.shape
         if h % 2 or w % 2:
             raise ValueError(f"Flux latents need even height and width (2x2 packing), got {h}x{w}")
         dtype = self.dtype
         txt, y = cond["txt"], cond["y"]
-        # FluxPipeline hands the model (sigma * 1000).to(dtype) / 1000 and the model multiplies by 1000 again in its
-        # dtype: in bf16 that is two roundings of the timestep, reproduced here so a seed gives diffusers' image.
-        t = (sigma.float() * 1000).to(dtype) / 1000
-        if not self.model.config.guidance_embed:
-            guidance = None  # schnell and the demo model have no guidance input
-        elif guidance is None:
-            raise ValueError("this Flux model is guidance-distilled (dev): pass a guidance value such as 3.5")
-        v = self.model(
-            pack(x).to(dtype), image_ids(h, w, x.device), txt.to(dtype), text_ids(txt.shape[1], x.device), t,
-            y.to(dtype), None if guidance is None else guidance.expand(b).to(x.device),
-        )  # (B, h/2 * w/2, 64)
+        t, guidance = self.timestep_and_guidance(sigma, guidance, b, x.device)
+        v = self.model(pack(x).to(dtype), image_ids(h, w, x.device), txt.to(dtype), text_ids(txt.shape[1], x.device),
+                       t, y.to(dtype), guidance)  # (B, h/2 * w/2, 64)
         return unpack(v, h, w)
 
 
-class Flux2Velocity:
+class Flux2Velocity(FluxVelocity):
     """FLUX.2: x is the normalised, 2x2-patchified latent (B, 128, h, w) (model/vae.py `normalize_latents`): one
-    token per position, raster order, ids (0, row, col, 0); cond is a dict with `txt` (B, T, 3 * Qwen3 width);
-    guidance (B,) only for a model with a guidance input (dev; klein has none)."""
-
-    def __init__(self, model: Flux2):
-        self.model = model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return model_dtype(self.model)
+    token per position, raster order, ids (0, row, col, 0); cond is a dict with `txt` (B, T, 3 * Qwen3 width)."""
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], guidance: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
-        dtype = self.dtype
-        txt = cond["txt"]
-        # Flux2KleinPipeline hands the model (sigma * 1000).to(dtype) / 1000, as FluxPipeline does
-        t = (sigma.float() * 1000).to(dtype) / 1000
-        if not self.model.config.guidance_embed:
-            guidance = None
-        elif guidance is None:
-            raise ValueError("this FLUX.2 model has a guidance input (dev): pass a guidance value such as 4.0")
+        dtype, txt = self.dtype, cond["txt"]
+        t, guidance = self.timestep_and_guidance(sigma, guidance, b, x.device)
         v = self.model(x.flatten(2).transpose(1, 2).to(dtype), flux2_image_ids(h, w, x.device), txt.to(dtype),
-                       flux2_text_ids(txt.shape[1], x.device), t,
-                       None if guidance is None else guidance.expand(b).to(x.device))  # (B, h * w, c)
+                       flux2_text_ids(txt.shape[1], x.device), t, guidance)  # (B, h * w, c)
         return v.transpose(1, 2).reshape(b, c, h, w)
 
 

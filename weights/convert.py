@@ -42,7 +42,7 @@ from .keymaps.lora import parse_key, refuse_non_lora
 from .keymaps.vae import diffusers_to_ours, ours_to_diffusers
 from .lora_merge import param_delta
 from .stream import DTYPE_NAMES, Spec, nbytes, write_streaming
-from .transformer import layout_name, read_layout, resolve_config
+from .transformer import meta_model, read_layout
 
 _BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # diffusers' save_pretrained default
@@ -125,11 +125,9 @@ class Plan:
 
 def _transformer_plan(src: Source, to: str, dtype, loras, out_prefix: str | None) -> Plan:
     family = src.transformer
-    _, _, _, official, _ = read_layout(family, src.files, str(src.path))
-    cfg = resolve_config(family, None, src.config_json, src.metadata, official, str(src.path))
-    with torch.device("meta"):
-        model = family.model_class(cfg)
-    check_keys_and_shapes(model, official, source=str(src.path), layout=layout_name(family, src.layout))
+    _, _, official, _ = read_layout(family, src.header, str(src.path))  # the header detect already read
+    model = meta_model(family, None, src.config_json, src.metadata, official, str(src.path), src.layout)
+    cfg = model.config
     rules, split = family.rules(cfg), family.split_sizes(cfg)
     by_official = {r.official: r for r in rules}
     deltas = _lora_deltas(model, loras)

@@ -3,7 +3,7 @@
 
 A family is the set of its own files plus one record: no code outside those files branches on its name. The
 weights floor (loading, key maps, LoRA read / write / merge, conversion) uses the fields directly. What sampling
-and distill add (the velocity wrapper, the pipeline, the SCFM preset) lives above this floor, so the record
+and distill add (the velocity wrapper, the pipeline, the SCFM LoRA target table) lives above this floor, so the record
 names it as "module:attribute" and `Family.part` imports it when an upper layer asks: the registry stays
 importable by everything and imports nothing above it.
 """
@@ -35,7 +35,7 @@ class Family:
     token_side: Callable = None  # config -> latent pixels per token side (Flux packs 2x2 outside the model)
 
     # ----- recognising files
-    detect_layout: Callable = None  # (keys, source) -> (prefix, "official" | "diffusers"); WeightsError if not
+    detect_layout: Callable = None  # keys -> (prefix, "official" | "diffusers"), or None: not this family's layout
     official_name: str = ""  # who names the official layout: "BFL", "SAI"
     diffusers_classes: tuple[str, ...] = ()  # `_class_name` prefixes of its model_index.json / config.json
     diffusers_class: str = ""  # its transformer's diffusers class, named when a diffusers file is incomplete

@@ -216,8 +216,8 @@ class LoRA:
 
 def _modules_from_ours(tensors: dict[str, Tensor], source: str, family: str) -> dict[str, ModuleLoRA]:
     stems = {k.rsplit(".", 1)[0] for k in tensors}
-    names = get_family(family).lora_names(stems)
-    what = get_family(family).title
+    family = get_family(family)
+    names, what = family.lora_names(stems), family.title
     modules = {}
     for m in sorted(stems):
         if m not in names.rules:

@@ -53,15 +53,21 @@ def resolve_config(family: Family, config, config_json: dict | None, metadata: d
     return family.infer_config(shapes, source)
 
 
-def layout_name(family: Family, layout: str) -> str:
-    """"BFL Flux", "diffusers SD3 / SD3.5": how messages name a file's layout."""
-    return f"{family.official_name if layout == 'official' else layout} {family.title}"
+def meta_model(family: Family, config, config_json: dict | None, metadata: dict[str, str], shapes, source: str,
+               layout: str) -> nn.Module:
+    """The model its config resolves to (`resolve_config`), built on the meta device, with the checkpoint's
+    official `shapes` checked against it: every check before a tensor is read, for loading and conversion alike."""
+    with torch.device("meta"):
+        model = family.model_class(resolve_config(family, config, config_json, metadata, shapes, source))
+    check_keys_and_shapes(model, shapes, source=source,
+                          layout=f"{family.official_name if layout == 'official' else layout} {family.title}")
+    return model
 
 
-def read_layout(family: Family, files, source: str):
-    """(metadata, key prefix, layout, official shapes, rules or None) of `family`'s transformer in `files`: the
-    diffusers keys checked whole and mapped to official names (rules), the official ones as they are."""
-    raw, metadata = read_shapes(files)
+def read_layout(family: Family, raw: dict, source: str):
+    """(key prefix, layout, official shapes, rules or None) of `family`'s transformer in a checkpoint whose header
+    is `raw` (key -> (shape, dtype)): the diffusers keys checked whole and mapped to official names (rules), the
+    official ones as they are."""
     prefix, layout = find_layout(family, raw.keys(), source)
     keys = {k[len(prefix):]: tuple(s) for k, (s, _) in raw.items()
             if k.startswith(prefix) and not k[len(prefix):].startswith(family.other_parts)}
@@ -74,8 +80,8 @@ def read_layout(family: Family, files, source: str):
             raise WeightsError(f"{source}: {len(names)} {which} keys for the diffusers {family.title} layout "
                                f"({', '.join(sorted(names)[:3])}); the file is incomplete or not "
                                f"{article(family.diffusers_class or family.title)}")
-        return metadata, prefix, layout, official_shapes(rules, keys), rules
-    return metadata, prefix, layout, keys, None
+        return prefix, layout, official_shapes(rules, keys), rules
+    return prefix, layout, keys, None
 
 
 def load_transformer(
@@ -96,11 +102,9 @@ def load_transformer(
     family = get_family(family)
     files, config_json = model_files(source, "transformer")
     src = str(source)
-    metadata, prefix, layout, shapes, rules = read_layout(family, files, src)
-    cfg = resolve_config(family, config, config_json, metadata, shapes, src)
-    with torch.device("meta"):
-        model = family.model_class(cfg)
-    check_keys_and_shapes(model, shapes, source=src, layout=layout_name(family, layout))
+    raw, metadata = read_shapes(files)
+    prefix, layout, shapes, rules = read_layout(family, raw, src)
+    model = meta_model(family, config, config_json, metadata, shapes, src, layout)
 
     with TensorReader(files, dtype=dtype, prefix=prefix) as read:
         tensors = to_official(rules, read) if rules is not None else ((k, read(k)) for k in shapes)

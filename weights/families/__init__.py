@@ -1,8 +1,8 @@
 """The family registry: every question "which family is this and how is it driven" is asked here.
 
-Each family is one record (weights/family.py) filled in by its own file (weights/families/flux.py, sd3.py);
-`register` adds another at run time. Callers look a family up by its name (or an older spelling), by a loaded
-model, by a model file or folder, or by a LoRA's key names; none of them branches on a family's name.
+Each family is one record (weights/family.py) filled in by its own file (weights/families/flux.py, sd3.py,
+flux2.py); `register` adds another at run time. Callers look a family up by its name (or an older spelling), by a
+loaded model, by a model file or folder, or by a LoRA's key names; none of them branches on a family's name.
 """
 
 from __future__ import annotations

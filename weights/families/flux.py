@@ -65,26 +65,32 @@ def config_to_diffusers(cfg: FluxConfig) -> dict:
     }
 
 
+def stream_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, int]:
+    """What FLUX.1 and FLUX.2 official keys tell alike: (config fields, head dim). Widths, heads, the MLP ratio
+    (from the MLP's output layer, whose input is the MLP width in both), block counts and the guidance input;
+    KeyError / TypeError / ValueError for keys that are not there."""
+    hidden, in_ch = shapes["img_in.weight"]
+    head_dim = (shapes.get("double_blocks.0.img_attn.norm.query_norm.scale")
+                or shapes["single_blocks.0.norm.query_norm.scale"])[0]
+    mlp = (shapes.get("double_blocks.0.img_mlp.2.weight") or shapes["single_blocks.0.linear2.weight"])[1]
+    if "double_blocks.0.img_mlp.2.weight" not in shapes:
+        mlp -= hidden  # linear2 takes [attention (D), mlp]
+    return {"in_channels": in_ch, "out_channels": shapes["final_layer.linear.weight"][0],
+            "context_in_dim": shapes["txt_in.weight"][1], "hidden_size": hidden, "mlp_ratio": mlp / hidden,
+            "num_heads": hidden // head_dim, "depth": _count_blocks(shapes, "double_blocks"),
+            "depth_single_blocks": _count_blocks(shapes, "single_blocks"),
+            "guidance_embed": "guidance_in.in_layer.weight" in shapes}, head_dim
+
+
 def infer_flux_config(shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> FluxConfig:
     """Widths, depths, MLP ratio, biases and the guidance embedding from official key names and shapes.
 
     RoPE axes and theta are not in the weights: they come from the preset with the same head dim.
     """
     try:
-        hidden, in_ch = shapes["img_in.weight"]
-        head_dim = (shapes.get("double_blocks.0.img_attn.norm.query_norm.scale")
-                    or shapes["single_blocks.0.norm.query_norm.scale"])[0]
-        mlp = (shapes.get("double_blocks.0.img_mlp.0.weight") or shapes["single_blocks.0.linear2.weight"])[0]
-        if "double_blocks.0.img_mlp.0.weight" not in shapes:
-            mlp -= hidden  # linear2 takes [attention (D), mlp]
-        cfg = dict(
-            in_channels=in_ch, out_channels=shapes["final_layer.linear.weight"][0],
-            vec_in_dim=shapes["vector_in.in_layer.weight"][1], context_in_dim=shapes["txt_in.weight"][1],
-            hidden_size=hidden, mlp_ratio=mlp / hidden, num_heads=hidden // head_dim,
-            depth=_count_blocks(shapes, "double_blocks"), depth_single_blocks=_count_blocks(shapes, "single_blocks"),
-            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes or "single_blocks.0.linear1.bias" in shapes,
-            guidance_embed="guidance_in.in_layer.weight" in shapes,
-        )
+        cfg, head_dim = stream_shapes(shapes)
+        cfg |= {"vec_in_dim": shapes["vector_in.in_layer.weight"][1],
+                "qkv_bias": "double_blocks.0.img_attn.qkv.bias" in shapes or "single_blocks.0.linear1.bias" in shapes}
     except (KeyError, TypeError, ValueError) as e:
         raise WeightsError(f"{source}: cannot infer the Flux config from its keys (no {e}); pass config=") from None
     same_head = [p for p in FLUX_CONFIGS.values() if sum(p.axes_dim) == head_dim]

@@ -10,7 +10,7 @@ from ..family import Family
 from ..io import WeightsError
 from ..keymaps.flux2 import flux2_rules, flux2_split_sizes
 from ..keymaps.lora import block_counts, flux2_lora_names
-from .flux import _count_blocks
+from .flux import _count_blocks, stream_shapes
 
 # The key only FLUX.2 files have (its global modulation): FLUX.1's keys are otherwise a subset of its names.
 MARKER = "double_stream_modulation_img."
@@ -65,17 +65,7 @@ def infer_flux2_config(shapes: dict[str, tuple[int, ...]], source: str = "checkp
     """Widths, depths, MLP ratio and the guidance input from BFL key names and shapes (as ComfyUI's detection:
     flux2-reference.md §1.4); the RoPE axes split the head dim in four, theta is FLUX.2's 2000."""
     try:
-        hidden, in_ch = shapes["img_in.weight"]
-        head_dim = (shapes.get("double_blocks.0.img_attn.norm.query_norm.scale")
-                    or shapes["single_blocks.0.norm.query_norm.scale"])[0]
-        mlp = (shapes.get("double_blocks.0.img_mlp.2.weight") or shapes["single_blocks.0.linear2.weight"])[1]
-        if "double_blocks.0.img_mlp.2.weight" not in shapes:
-            mlp -= hidden  # linear2 takes [attention (D), mlp]
-        cfg = {"in_channels": in_ch, "out_channels": shapes["final_layer.linear.weight"][0],
-               "context_in_dim": shapes["txt_in.weight"][1], "hidden_size": hidden, "mlp_ratio": mlp / hidden,
-               "num_heads": hidden // head_dim, "depth": _count_blocks(shapes, "double_blocks"),
-               "depth_single_blocks": _count_blocks(shapes, "single_blocks"),
-               "guidance_embed": "guidance_in.in_layer.weight" in shapes}
+        cfg, head_dim = stream_shapes(shapes)
     except (KeyError, TypeError, ValueError) as e:
         raise WeightsError(f"{source}: cannot infer the FLUX.2 config from its keys (no {e}); pass config=") from None
     return Flux2Config(axes_dim=_axes(head_dim, source), **cfg)
