@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, help="default 1024 (the demo: 64)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
+    # accepted only to be refused in words: klein's image= references (editing) are out of scope, and argparse's
+    # "unrecognized arguments" would not say so
+    gen.add_argument("--image", action="append", default=[], help=argparse.SUPPRESS)
     run = p.add_argument_group("run")
     add_run_options(run)
     run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
@@ -141,6 +144,9 @@ def _prompts(args) -> list[str]:
 
 def check_args(args) -> None:
     """Every flag that can be wrong by itself, before anything is read: one line naming the flag and the fix."""
+    if args.image:
+        raise ValueError(f"--image {args.image[0]}: image editing (reference images) is not supported; scfm "
+                         "generates from text only, so drop --image")
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--max-sequence-length", args.max_sequence_length)):
         if value is not None and value < 1:

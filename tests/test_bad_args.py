@@ -108,6 +108,7 @@ def test_activation_estimate_at_flux_dev_scale():
     (["--steps", "0"], "--steps 0: must be 1 or more"),
     (["--max-sequence-length", "0"], "--max-sequence-length 0: must be 1 or more"),
     (["--max-sequence-length", "1000"], "pass --max-sequence-length 512"),
+    (["--image", "ref.png"], "--image ref.png: image editing (reference images) is not supported"),
     (["--seed", "-1"], "--seed -1: seeds are 0 or more"),
     (["--seed", str(2**64)], "over torch's largest seed"),
     (["--cfg", "nan"], "--cfg nan: must be a finite number"),
