@@ -3,6 +3,11 @@
     python bench/train_step.py                  # CPU, a small Flux (seconds)
     python bench/train_step.py --device cuda    # full Flux-dev shapes: random bf16 weights, 512 px, batch 8,
                                                 # rank 64, gradient checkpointing, cached-embedding shapes
+    python bench/train_step.py --device meta --case klein-4b [--fp8] [--blocks_to_swap N]   # or klein-9b
+
+FLUX.2 klein cases (512 px, batch 8, rank 64, 512 Qwen3 tokens): FLUX2_TARGETS, the latent already 2x2-patchified
+(one token per latent pixel), and klein base's CFG baked into every call (cfg_scale 3, g = 4) against an empty-prompt
+negative, as the trainer's --cfg_scale does: each call is two (cond, uncond). Our variants only (released* is FLUX.1's).
 
 ours:      every LoRA set is its own tensors; the first jump of teacher and self elements is one batched call
            with per-element set selection (distill/scfm.py).
@@ -33,6 +38,8 @@ Each variant runs in its own process so peak memory is its own: CUDA max allocat
 Prints seconds per step (median), the share of the blocks' LoRA layers whose live up factor got a non-zero
 gradient (a compiled step that drops them is fast and wrong), peak memory, the memory held between steps (model tensors,
 every LoRA set and the optimiser state: on meta too), and the ratios ours / released and ours / released* (target < 1).
+On meta the peak is memory_plan.step_peak of the counted step run again (the storages alive before it and the most
+alive during it); meta's attention is the math one, whose L x L scores put it above a flash-attention peak.
 On a shared CPU, `--rounds 3` interleaves the variants so that a drift in machine speed hits all of them alike.
 """
 
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import multiprocessing as mp
 import resource
 import statistics
@@ -58,52 +66,85 @@ from timing import Traffic, built_in, trials  # noqa: E402  (bench/timing.py, be
 
 from distill.ema import EMAConfig, ema_step  # noqa: E402
 from distill.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, set_tensors, weight_set  # noqa: E402
-from distill.scfm import SCFMConfig, element_generators, sample_draw, scfm_loss  # noqa: E402
+from distill.memory_plan import step_peak  # noqa: E402
+from distill.scfm import SCFMConfig, cfg_velocity, element_generators, sample_draw, scfm_loss  # noqa: E402
 from distill.speed import block_lora_gradients  # noqa: E402
 from model.block_swap import BlockSwap, swappable  # noqa: E402
-from model.flux import FLUX_CONFIGS, Flux, FluxConfig  # noqa: E402
+from model.flux import FLUX_CONFIGS, FluxConfig  # noqa: E402
+from model.flux2 import FLUX2_CONFIGS  # noqa: E402
 from model.fp8 import enable_fp8_compute_, quantize_linears_  # noqa: E402
 from model.layers import named_blocks  # noqa: E402
 from sampling.velocity import FluxVelocity  # noqa: E402
+from weights.families import family_of, get_family  # noqa: E402
 
-# name -> (config, latent side (px), text tokens, batch, rank)
+# name -> (family, config, latent side (x0's: FLUX.2's is already 2x2-patchified), text tokens, batch, rank)
 CASES = {
-    "small": (FluxConfig(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=128, hidden_size=128,
-                         num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(8, 28, 28)), 32, 64, 4, 16),
+    "small": ("flux", FluxConfig(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=128, hidden_size=128,
+                                 num_heads=2, depth=1, depth_single_blocks=2, axes_dim=(8, 28, 28)), 32, 64, 4, 16),
     # layer widths where the LoRA layer's memory traffic counts, as at full size, still seconds on a CPU
-    "wide": (FluxConfig(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=128, hidden_size=512,
-                        num_heads=4, depth=1, depth_single_blocks=2, axes_dim=(16, 56, 56)), 32, 64, 4, 16),
-    "flux-dev": (FLUX_CONFIGS["flux-dev"], 64, 256, 8, 64),  # 512 px, T5 length 256
+    "wide": ("flux", FluxConfig(in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=128, hidden_size=512,
+                                num_heads=4, depth=1, depth_single_blocks=2, axes_dim=(16, 56, 56)), 32, 64, 4, 16),
+    "flux-dev": ("flux", FLUX_CONFIGS["flux-dev"], 64, 256, 8, 64),  # 512 px, T5 length 256
+    "klein-4b": ("flux2", FLUX2_CONFIGS["klein-4b"], 32, 512, 8, 64),  # 512 px, Qwen3 length 512
+    "klein-9b": ("flux2", FLUX2_CONFIGS["klein-9b"], 32, 512, 8, 64),
 }
+KLEIN_CFG = 3.0  # klein base's baked-in CFG: c + w (c - u), w = g - 1 for its guidance scale g = 4
+
+
+def px(case: str) -> int:
+    """Image side: 16 px per token side in both families (the VAE's 8 x 2x2 patches)."""
+    family, cfg, side, *_ = CASES[case]
+    return side * 16 // get_family(family).token_side(cfg)
+
+
+def scfm_for(model) -> SCFMConfig:
+    """The trainer's SCFM config: FLUX.1's drawn guidance input; for a CFG family (klein) the CFG baked in."""
+    family = family_of(model)
+    if family.guidance != "cfg":
+        return SCFMConfig()
+    return SCFMConfig(guidance_max=None, cfg_scale=KLEIN_CFG, dynamic_shift=family.dynamic_shift)
+
+
+def velocity_for(model):
+    return family_of(model).part("velocity")(model)  # FluxVelocity, Flux2Velocity
 
 
 def build(case: str, device: torch.device, dtype: torch.dtype, sets: tuple[str, ...], fp8: bool = False):
-    cfg, side, tokens, batch, rank = CASES[case]
+    """The model, x0, cond and the negative prompt's cond (None unless the family bakes CFG in)."""
+    name, cfg, side, tokens, batch, rank = CASES[case]
+    family = get_family(name)
     torch.manual_seed(0)
     with built_in(device, dtype):
-        model = Flux(cfg)  # random weights, built on the device in the training dtype
+        model = family.model_class(cfg)  # random weights, built on the device in the training dtype
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     if fp8:
         quantize_linears_(model)
     # the teacher is the base model: a zero set, whose LoRA work every call skips (as the trainer runs it)
-    inject_lora(model, LoRAConfig(rank=rank, alpha=rank, sets=sets), torch.Generator().manual_seed(0))
+    inject_lora(model, LoRAConfig(rank=rank, alpha=rank, sets=sets, targets=family.part("lora_targets")),
+                torch.Generator().manual_seed(0))
     model.enable_gradient_checkpointing(device.type != "cpu")  # meta counts what the CUDA run does
     g = torch.Generator().manual_seed(1)
-    x0 = torch.randn(batch, cfg.in_channels // 4, side, side, generator=g).to(device)
-    cond = {"txt": torch.randn(batch, tokens, cfg.context_in_dim, generator=g).to(device, dtype),
-            "y": torch.randn(batch, cfg.vec_in_dim, generator=g).to(device, dtype)}
+    x0 = torch.randn(batch, family.latent_channels(cfg), side, side, generator=g).to(device)
+    cond = {"txt": torch.randn(batch, tokens, cfg.context_in_dim, generator=g).to(device, dtype)}
+    if hasattr(cfg, "vec_in_dim"):  # FLUX.1's pooled CLIP vector; FLUX.2 has none
+        cond["y"] = torch.randn(batch, cfg.vec_in_dim, generator=g).to(device, dtype)
+    uncond = None  # the trainer's negative: the empty prompt embedded once, a view per element
+    if family.guidance == "cfg":
+        empty = torch.randn(1, tokens, cfg.context_in_dim, generator=g).to(device, dtype)
+        uncond = {"txt": empty.expand(batch, -1, -1)}
     for layer in lora_layers(model).values():  # distinct, non-zero sets so every call does real work
         for name in sets:
             with torch.no_grad():
                 layer.lora_up[name].normal_(0, 1e-3)
-    return model, x0, cond
+    return model, x0, cond, uncond
 
 
-def draw_for(x0: torch.Tensor, step: int):
-    tokens = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
-    return sample_draw(SCFMConfig(), element_generators(0, step, range(x0.shape[0])), x0.shape[1:], tokens)
+def draw_for(model, x0: torch.Tensor, step: int):
+    side = family_of(model).token_side(model.config)  # latent pixels per token side: FLUX.1 2, FLUX.2 1
+    tokens = (x0.shape[-2] // side) * (x0.shape[-1] // side)
+    return sample_draw(scfm_for(model), element_generators(0, step, range(x0.shape[0])), x0.shape[1:], tokens)
 
 
 GRADS: list[float] = []  # per step: the share of the blocks' LoRA layers with a non-zero gradient (1)
@@ -114,9 +155,8 @@ def note_block_grads(model) -> None:
     GRADS.append(got / max(total, 1))
 
 
-def ours(model, x0, cond, opt, step: int) -> torch.Tensor:
-    velocity = FluxVelocity(model)
-    out = scfm_loss(velocity, model, x0, cond, draw_for(x0, step), SCFMConfig())
+def ours(model, x0, cond, opt, step: int, uncond=None) -> torch.Tensor:
+    out = scfm_loss(velocity_for(model), model, x0, cond, draw_for(model, x0, step), scfm_for(model), uncond)
     out.loss.backward()
     note_block_grads(model)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 10.0)
@@ -141,7 +181,7 @@ class Swapped:
 
 
 def released(model, x0, cond, opt, step: int, swap: Swapped) -> torch.Tensor:
-    velocity, draw = FluxVelocity(model), draw_for(x0, step)
+    velocity, draw = FluxVelocity(model), draw_for(model, x0, step)
     dev = x0.device
     sig = draw.sigmas.to(dev, torch.float32)  # (B, 3)
     dt = draw.dt.to(dev, torch.float32)
@@ -216,18 +256,18 @@ def swapped_bytes(model, n: int) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def plan_unchecked_for(model, x0, cond, opt, max_memory: str, dev: torch.device) -> int:
+def plan_unchecked_for(model, x0, cond, uncond, opt, max_memory: str, dev: torch.device) -> int:
     """--unchecked_blocks auto: the trainer's planner on this step (one fully checkpointed step is measured)."""
     from distill.memory_plan import parse_memory, plan_unchecked
 
-    def forward():
+    def forward():  # the student's call as the step makes it (with CFG baked in: cond and uncond)
+        velocity = velocity_for(model) if uncond is None else cfg_velocity(velocity_for(model), KLEIN_CFG, uncond)
         with weight_set(model, "live"):
-            FluxVelocity(model)(x0, torch.full((x0.shape[0],), 0.5, device=dev), cond,
-                                torch.full((x0.shape[0],), 3.5, device=dev))
+            velocity(x0, torch.full((x0.shape[0],), 0.5, device=dev), cond, torch.full((x0.shape[0],), 3.5, device=dev))
 
     # the plan's step runs on a fresh optimizer; every later step also holds AdamW's two moments
     moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    n, figures = plan_unchecked(model, lambda: ours(model, x0, cond, opt, 0), forward,
+    n, figures = plan_unchecked(model, lambda: ours(model, x0, cond, opt, 0, uncond), forward,
                                 parse_memory(max_memory) - moments, dev)
     print(f"unchecked_blocks auto under {max_memory}: {n} ({figures})", flush=True)
     return n
@@ -245,7 +285,7 @@ def _measure(variant: str, case: str, device: str, dtype: str, iters: int, threa
         torch.set_num_threads(threads)
     dev, dt = torch.device(device), {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     fast = variant == "ours-fast"
-    model, x0, cond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"), fp8="fp8" in variant or fast)
+    model, x0, cond, uncond = build(case, dev, dt, ("live", "fast_ema", "slow_ema"), fp8="fp8" in variant or fast)
     if "fp8c" in variant or fast:
         enable_fp8_compute_(model, dev)
     compiled = "compile" in variant or fast
@@ -259,7 +299,7 @@ def _measure(variant: str, case: str, device: str, dtype: str, iters: int, threa
     if variant == "released":
         LoRALinear._with_lora = peft_style  # this process only: each variant runs in its own
     if variant.startswith("ours"):
-        step_fn = ours
+        step_fn = functools.partial(ours, uncond=uncond)
     else:
         swapped_sets = Swapped(model)
 
@@ -267,7 +307,7 @@ def _measure(variant: str, case: str, device: str, dtype: str, iters: int, threa
             return released(m, x, c, o, s, swapped_sets)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     if variant in ("ours-unchecked", "ours-fast") and unchecked_n == "auto":
-        n = plan_unchecked_for(model, x0, cond, opt, max_memory, dev)
+        n = plan_unchecked_for(model, x0, cond, uncond, opt, max_memory, dev)
         model.enable_gradient_checkpointing(model.gradient_checkpointing, n)
     if dev.type == "meta":  # shapes only: count one step's memory traffic and FLOPs after a warm-up step
         step_fn(model, x0, cond, opt, 0)
@@ -275,11 +315,13 @@ def _measure(variant: str, case: str, device: str, dtype: str, iters: int, threa
         flops = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
         with traffic, flops:
             step_fn(model, x0, cond, opt, 1)
+        # the same step again for its peak: inside the counting modes (the FLOP counter's) it reads far too high
+        peak = step_peak(model, lambda: step_fn(model, x0, cond, opt, 1), dev)
         held = resident(model, opt)
         if "swap" in variant:  # the device keeps all but the swapped blocks, plus two blocks' copies at a time
             total, largest = swapped_bytes(model, swap_n)
-            held += 2 * largest - total
-        queue.put({"bytes": traffic.bytes, "flops": flops.get_total_flops(), "resident": held})
+            held, peak = held + 2 * largest - total, peak + 2 * largest - total
+        queue.put({"bytes": traffic.bytes, "flops": flops.get_total_flops(), "resident": held, "peak": peak})
         return
     def timed(step: int) -> tuple[float, float]:
         if dev.type == "cuda":
@@ -353,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         variants = ("ours", *dict.fromkeys(v for v in args.only if v != "ours"))
     variants = tuple(v for v in variants if v not in args.skip)
+    if CASES[case][0] != "flux" and any(v.startswith("released") for v in variants):
+        print(f"released, released*: FLUX.1's released trainer design, not run on {case}", flush=True)
+        variants = tuple(v for v in variants if not v.startswith("released"))
     if "ours" not in variants:
         raise SystemExit("every variant is reported against ours: do not skip it")
     runs: dict[str, list] = {v: [] for v in variants}
@@ -382,14 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     if "ours" not in runs:
         raise SystemExit("ours did not run: nothing to report against")
     variants = tuple(runs)
-    _, side, _, batch, rank = CASES[case]
+    *_, batch, rank = CASES[case]
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     on = [k for k in ("fast_accum", "cudnn") if getattr(args, k)]
-    print(f"SCFM step, {case} ({side * 8} px, batch {batch}, rank {rank}, {dtype}) on {name}"
+    print(f"SCFM step, {case} ({px(case)} px, batch {batch}, rank {rank}, {dtype}) on {name}"
           + (f"; our variants with the trials: {', '.join(on)}" if on else ""))
     if args.device == "meta":  # one counted step per variant (the counts do not vary between rounds)
         table = {v: {"GB moved": got[0]["bytes"] / 1e9, "TFLOP": got[0]["flops"] / 1e12,
-                     "held GiB": got[0]["resident"] / 2**30} for v, got in runs.items()}
+                     "held GiB": got[0]["resident"] / 2**30, "peak GiB": got[0]["peak"] / 2**30}
+                 for v, got in runs.items()}
     else:  # s/step: the median over every timed step of every round; peak: the largest
         table = {v: {"s/step": statistics.median(t for g in got for t in g["times"]),
                      "peak GiB": max(g["peak"] for g in got) / 2**30,

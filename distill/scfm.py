@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sampling.schedules import SCFM_FIRST_SIGMA, dynamic_mu, scfm_grid
+from sampling.schedules import SCFM_FIRST_SIGMA, dynamic_mu, empirical_mu, scfm_grid
 
 from .lora import weight_set, weight_sets
 
@@ -36,7 +36,10 @@ class SCFMConfig:
     teacher_steps_max: int = 32
     teacher_ratio: float = 0.4  # share of teacher elements (first jump with the teacher weights)
     non_shortcut_ratio: float = 0.0  # share of elements that keep the plain flow-matching target eps - x0
-    dynamic_shift_prob: float = 0.1  # Flux's resolution-dependent shift; otherwise a fixed shift U[min, max)
+    dynamic_shift_prob: float = 0.1  # the pipeline's resolution-dependent shift; otherwise a fixed U[min, max)
+    # which one (the family's, weights/family.py): "linear" FLUX.1's mu of the image tokens; "empirical" FLUX.2's,
+    # of the image tokens and the element's grid size (what klein's pipeline samples that many steps with)
+    dynamic_shift: str = "linear"
     shift_min: float = 2.5
     shift_max: float = 4.5
     sigma_max: float = SCFM_FIRST_SIGMA  # s[0]: never pure noise
@@ -53,6 +56,8 @@ class SCFMConfig:
             raise ValueError(f"teacher_steps_min {self.teacher_steps_min} leaves no self grid size")
         if any(n % self.t_skip for n in self.teacher_grid_sizes()):
             raise ValueError("teacher grid sizes must be multiples of t_skip")
+        if self.dynamic_shift not in ("linear", "empirical"):
+            raise ValueError(f"dynamic_shift must be 'linear' or 'empirical', got {self.dynamic_shift!r}")
         if not self.shift_min <= self.shift_max:
             raise ValueError(f"shift_min {self.shift_min} > shift_max {self.shift_max}")
 
@@ -90,7 +95,7 @@ class Draw:
 
     teacher: Tensor  # bool: teacher element (first jump with the teacher weights)
     steps: Tensor  # long: grid size N
-    dynamic: Tensor  # bool: Flux dynamic shift instead of the fixed one
+    dynamic: Tensor  # bool: the family's dynamic shift instead of the fixed one
     shift: Tensor  # float64: the fixed shift k (drawn for every element, used where not dynamic)
     start: Tensor  # long: start index i, a multiple of t_skip
     sigmas: Tensor  # (B, t_skip + 1) float64: s[i], ..., s[i + t_skip]
@@ -147,7 +152,11 @@ def sample_draw(
         starts = range(0, n - config.t_skip + 1, config.t_skip)
         start = starts[int(u_start * len(starts))]
         # the sampler's grid (sampling/schedules.py): a LoRA is trained on the grid `generate` samples it on
-        grid = scfm_grid(n, math.exp(dynamic_mu(image_tokens)) if dynamic else shift, config.sigma_max)
+        used = shift
+        if dynamic:
+            linear = config.dynamic_shift == "linear"
+            used = math.exp(dynamic_mu(image_tokens) if linear else empirical_mu(image_tokens, n))
+        grid = scfm_grid(n, used, config.sigma_max)
         guidance = None if config.guidance_max is None else config.guidance_max * u_guid
         rows.append((teacher, n, dynamic, shift, start, grid[start:start + config.t_skip + 1], guidance))
     noise = torch.stack([torch.randn(tuple(sample_shape), generator=g) for g in generators])  # (B, ...)

@@ -5,7 +5,8 @@ line; `python -m distill.train` calls it for the demo).
         --images-per-bucket 500
 
 Image j of bucket b uses prompt (j * buckets + b) mod P (so prompts spread over the buckets) and its own seed
-(seed + job number), 32 Euler steps of the model's own schedule at guidance 3.5 (scfm-method.md §7). The
+(seed + job number), 32 Euler steps of the model's own schedule at guidance 3.5 (scfm-method.md §7; FLUX.2
+[klein] base: its pipeline's 50 steps at real CFG 4, against the empty prompt). The
 folder gets `{W}x{H}_{j:06d}.png` files and `metadata.jsonl` lines {"file_name", "prompt"}: the layout
 `python -m distill.train --data` reads. Killed and restarted with the same arguments, it continues where it
 stopped; with different arguments it refuses to mix two datasets in one folder.
@@ -46,15 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers pipeline folder, or the transformer file (its family is "
                    "read from it)")
-    for name in ("vae", "clip", "t5", "t5-tokenizer", "clip-tokenizer"):
+    for name in ("vae", "clip", "t5", "t5-tokenizer", "clip-tokenizer", "qwen", "qwen-tokenizer"):
         p.add_argument(f"--{name}", help=f"{name} file/folder (default: the pipeline folder's)")
+    p.add_argument("--variant", choices=["base", "distilled"], help="FLUX.2 [klein] given as a file: which one")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="dataset folder to create or continue")
     p.add_argument("--images-per-bucket", type=int, required=True)
     p.add_argument("--resolution", type=int, default=512,
                    help="bucket area resolution^2 (512: the 512-px list)")
-    p.add_argument("--steps", type=int, default=32, help="teacher Euler steps")
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--steps", type=int, help="teacher Euler steps (default 32; FLUX.2 [klein]: 50)")
+    p.add_argument("--guidance", type=float, help="default 3.5 (Flux's guidance, SD3's CFG); FLUX.2 [klein]: "
+                   "CFG 4")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens when rendering")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -187,13 +190,22 @@ def check_args(args) -> None:
     """Every flag that can be wrong by itself, before anything is read or written."""
     for flag, value in (("--images-per-bucket", args.images_per_bucket), ("--batch-size", args.batch_size),
                         ("--steps", args.steps), ("--max-sequence-length", args.max_sequence_length)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be 1 or more; pass {flag} 1 or more")
     if args.max_sequence_length > 512:
         raise ValueError(f"--max-sequence-length {args.max_sequence_length}: T5 is used with at most 512 tokens "
                          "(as diffusers); pass --max-sequence-length 512")
     check_finite(guidance=args.guidance)
     check_run_options(args)
+
+
+def family_defaults(args, pipe) -> None:
+    """--steps and --guidance left unset: the teacher defaults of the model's pipeline (Pipeline.teacher_defaults)."""
+    from sampling.base import Pipeline
+
+    defaults = getattr(pipe, "teacher_defaults", Pipeline.teacher_defaults)
+    args.steps = defaults["steps"] if args.steps is None else args.steps
+    args.guidance = defaults["guidance"] if args.guidance is None else args.guidance
 
 
 def run(args) -> Path:
@@ -206,20 +218,21 @@ def run(args) -> Path:
     out = Path(args.out).expanduser()
     # before any model loads: room for one batch of the largest bucket at least (raw RGB bounds a PNG)
     check_writable(out, "--out", args.out, need_bytes=args.batch_size * max(w * h for w, h in buckets) * 3)
-    settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
-                                              "max_sequence_length", "seed")}
-    settings.update(model=str(args.model), prompts=prompts)
     loras = [lora_spec(spec) for spec in args.lora]  # no :SCALE: the LoRA's recommended scale
     for path, scale in loras:
         if not Path(path).is_file():
             raise WeightsError(f"--lora {path}: no such file")
         if not math.isfinite(scale):
             raise ValueError(f"--lora {path}:{scale}: the scale must be a finite number; pass --lora {path}:1")
+    pipe = make_pipeline(args)
+    family_defaults(args, pipe)
+    settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
+                                              "max_sequence_length", "seed")}
+    settings.update(model=str(args.model), prompts=prompts)
     if loras:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
         settings["loras"] = [[Path(path).name, scale, file_sha256(path)] for path, scale in loras]
         if args.ignore_te_lora:  # the prompts were encoded without their text-encoder parts
             settings["ignore_te_lora"] = True
-    pipe = make_pipeline(args)
     pipe.check_transformer()  # a wrong --model fails now, not after the first bucket's prompts are encoded
     for w, h in buckets:  # so does a bucket the model or the device cannot take (configs only: nothing is read)
         pipe.check_size(h, w, args.batch_size)

@@ -84,13 +84,15 @@ class Stopped(TrainingError):
         self.signum = signum
 
 
-def scfm_config(cfg: DistillConfig, guidance: bool) -> SCFMConfig:
-    """`guidance`: the model has a guidance input (Flux-dev). `cfg_scale` > 0 bakes SD3.5's CFG in."""
+def scfm_config(cfg: DistillConfig, guidance: bool, dynamic_shift: str = "linear") -> SCFMConfig:
+    """`guidance`: the model has a guidance input (Flux-dev). `cfg_scale` > 0 bakes SD3.5's CFG in.
+    `dynamic_shift`: the family's resolution-dependent shift rule (weights/family.py)."""
     return SCFMConfig(
         t_skip=cfg.t_skip, teacher_steps_min=cfg.teacher_steps_min, teacher_steps_max=cfg.teacher_steps_max,
         teacher_ratio=cfg.teacher_ratio, non_shortcut_ratio=cfg.non_shortcut_ratio,
         dynamic_shift_prob=cfg.dynamic_shift_prob, shift_min=cfg.shift_min, shift_max=cfg.shift_max,
         guidance_max=cfg.guidance_max if guidance else None, cfg_scale=cfg.cfg_scale or None,
+        dynamic_shift=dynamic_shift,
     )
 
 
@@ -148,6 +150,7 @@ class Trainer:
         self.out = Path(config.output).expanduser()
         self.kind = model_family(model)
         self.family = self.kind.name
+        self.token_side = self.kind.token_side(model.config)  # latent pixels per token side: Flux 2, FLUX.2 1
         if get_family(config.targets) is not self.kind:
             raise TrainingError(f"targets {config.targets!r} are for another model; this one is "
                                 f"{self.family} (--targets {self.family})")
@@ -166,7 +169,7 @@ class Trainer:
                                     "prompts; pass --sample_prompts (with the encoders, to embed them) or "
                                     "--sample_every 0")
             try:
-                self.sample_side = sample_side(config.sample_size, cache.downscale, self.kind.token_side(model.config))
+                self.sample_side = sample_side(config.sample_size, cache.downscale, self.token_side)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
 
@@ -221,7 +224,7 @@ class Trainer:
                 forward_sync_buffers=False, init_sync=False)
             student = StudentRoute(self.ddp)
         self.velocity = self.kind.part("velocity")(student)
-        self.scfm = scfm_config(config, getattr(model.config, "guidance_embed", False))
+        self.scfm = scfm_config(config, getattr(model.config, "guidance_embed", False), self.kind.dynamic_shift)
         self.ema = EMAConfig(config.fast_decay, config.slow_decay, config.ema_restart_every)
         self.batches = BucketBatches(cache.buckets, config.batch_size, config.seed)
         self.progress = Progress()
@@ -242,8 +245,9 @@ class Trainer:
         cond = {k: v.to(self.device) for k, v in cond.items()}
         uncond = None if self.negative is None else self.uncond(len(positions))
         h, w = x0.shape[-2:]
-        draw = sample_draw(self.scfm, element_generators(cfg.seed, step, positions), x0.shape[1:],
-                           (h // 2) * (w // 2), positions=positions, global_batch=cfg.batch_size)
+        tokens = (h // self.token_side) * (w // self.token_side)  # the image tokens the dynamic shift depends on
+        draw = sample_draw(self.scfm, element_generators(cfg.seed, step, positions), x0.shape[1:], tokens,
+                           positions=positions, global_batch=cfg.batch_size)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return scfm_loss(self.velocity, self.model, x0, cond, draw, self.scfm, uncond=uncond)
 

@@ -98,6 +98,8 @@ class Flux2KleinPipeline(Pipeline):
     family = FLUX2.name
     cond_names = ("txt",)
     defaults = {"steps": 50, "guidance": 4.0, "max_sequence_length": 512}  # Flux2KleinPipeline's
+    # klein base's teacher data at its own defaults: real CFG 4 (u + g (c - u)) over 50 steps
+    teacher_defaults = {"steps": 50, "guidance": 4.0}
     own_flags = (("--qwen", "qwen"), ("--qwen-tokenizer", "qwen_tokenizer"), ("--variant", "variant"))
     needed_files = ("qwen", "qwen_tokenizer")
 

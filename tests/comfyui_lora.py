@@ -1,4 +1,4 @@
-"""ComfyUI's LoRA loading rule for Flux and SD3 / SD3.5, written for these tests from ComfyUI's source (no
+"""ComfyUI's LoRA loading rule for Flux, FLUX.2 and SD3 / SD3.5, written for these tests from ComfyUI's source (no
 ComfyUI import: it is not a dependency). What a LoRA file does in ComfyUI is what this module computes:
 
 - `key_map`: comfy/lora.py `model_lora_keys_unet` (the generic `lora_unet_<path>` and `diffusion_model.<path>`
@@ -115,14 +115,18 @@ def key_map(family: str, cfg, weight_names) -> dict[str, Target]:
             out[f"diffusion_model.{path}"] = Target(full)
         else:
             out[full] = Target(full)
-    table = _flux_table(cfg) if family == "flux" else _mmdit_table(cfg)
-    prefixes = (("transformer.", "."), ("lycoris_", "_"), ("lora_transformer_", "_"), ("", ".")) if family == "flux" \
+    # FLUX.2: ComfyUI's model_base.Flux2 subclasses Flux, so the Flux branch runs, but which diffusers FLUX.2 names
+    # its flux_to_diffusers knows was never read from ComfyUI itself (flux2-reference.md §5): left out, so that
+    # only what is certain (the generic stems and linear1_qkv) can make a test pass
+    table = {"flux": _flux_table, "sd3": _mmdit_table}.get(family, lambda cfg: {})(cfg)
+    prefixes = (("transformer.", "."), ("lycoris_", "_"), ("lora_transformer_", "_"), ("", ".")) \
+        if family.startswith("flux") \
         else (("transformer.", "."), ("base_model.model.", "."), ("lora_transformer_", "_"), ("lycoris_", "_"))
     for module, t in table.items():
         target = Target(f"diffusion_model.{t.key}.weight", t.rows, t.function)
         for prefix, dot in prefixes:
             out[prefix + module.replace(".", dot)] = target
-    if family == "flux":
+    if family.startswith("flux"):
         for name in weight_names:
             if name.endswith(".linear1.weight"):
                 out[f"diffusion_model.{name.replace('.linear1.weight', '.linear1_qkv')}"] = Target(

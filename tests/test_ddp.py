@@ -124,3 +124,33 @@ def test_sharded_sd3_with_cfg_and_ema_restarts_equals_one_process(tmp_path):
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _klein_run(tmp_path, name: str) -> dict[str, torch.Tensor]:
+    from test_flux2_scfm import W, base_model
+
+    cfg = config(tmp_path, name, **RUN, targets="flux2", cfg_scale=W, dynamic_shift_prob=0.5)
+    t = Trainer(cfg, base_model(), Cache(tmp_path / "cache"), device="cpu")
+    t.run()
+    return state(t)
+
+
+def _klein_worker(rank: int, tmp_path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store-klein'}", rank=rank, world_size=2)
+    try:
+        torch.save(_klein_run(tmp_path, "klein-ddp"), tmp_path / f"klein-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_klein_with_cfg_as_one(tmp_path):
+    """FLUX.2 [klein] base with its CFG baked in (negative broadcast to each rank's elements) and its empirical
+    dynamic shift: two processes end where one does, bit for bit."""
+    from test_flux2_scfm import klein_cache
+
+    klein_cache(tmp_path)
+    mp.start_processes(_klein_worker, args=(tmp_path,), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"klein-rank{r}.pt") for r in range(2)]
+    assert_same(ranks[0], ranks[1], atol=0.0)
+    assert_same(ranks[0], _klein_run(tmp_path, "klein-single"), atol=0.0)

@@ -122,9 +122,10 @@ def test_default_max_memory_needs_cuda():
 def _build(config: FluxConfig):
     """train_step.build with `config` in its flux-dev case (the same shapes, batch, rank and sets)."""
     name = f"test-{config.depth}-{config.depth_single_blocks}"
-    train_step.CASES[name] = (config, *train_step.CASES["flux-dev"][1:])
+    family, _, *shapes = train_step.CASES["flux-dev"]
+    train_step.CASES[name] = (family, config, *shapes)
     try:
-        model, x0, cond = train_step.build(name, META, torch.bfloat16, ("live", "fast_ema", "slow_ema"))
+        model, x0, cond, _ = train_step.build(name, META, torch.bfloat16, ("live", "fast_ema", "slow_ema"))
     finally:
         del train_step.CASES[name]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
@@ -210,7 +211,7 @@ def test_plan_at_full_depth_under_40gb():
     """All 57 blocks at 40 GB: the fully checkpointed step (28 GB of weights and LoRA sets, 2.8 GB of AdamW state)
     peaks just under 40 GB in meta's eager count, so no block fits, and one would go over."""
     budget = _stray() + 40 * GB
-    model, step, forward = _build(train_step.CASES["flux-dev"][0])
+    model, step, forward = _build(train_step.CASES["flux-dev"][1])
     n, figures = plan_unchecked(model, step, forward, budget, META)
     base, per_block = figures["base_peak"], figures["per_block"]
     assert len(per_block) == 57 and figures["predicted_peak"] == base + sum(per_block[:n]) <= budget

@@ -33,6 +33,10 @@ class Family:
     guidance: str = "embedding"
     latent_channels: Callable = None  # config -> channels of the VAE latent it denoises
     token_side: Callable = None  # config -> latent pixels per token side (Flux packs 2x2 outside the model)
+    # the resolution-dependent shift its pipeline samples with, which SCFM's dynamic-shift elements train on
+    # (distill/scfm.py): "linear" FLUX.1's mu, linear in the image tokens; "empirical" FLUX.2's, in the tokens and
+    # the step count (sampling/schedules.py)
+    dynamic_shift: str = "linear"
 
     # ----- recognising files
     detect_layout: Callable = None  # keys -> (prefix, "official" | "diffusers"), or None: not this family's layout

@@ -95,6 +95,7 @@ FLUX2 = Family(
     # klein (what scfm samples and trains) is guided by real CFG, u + g (c - u), so SCFM can bake it in as for SD3.5
     # (cfg_scale w = g - 1); dev's guidance input is refused by generate
     guidance="cfg", latent_channels=lambda cfg: cfg.in_channels, token_side=lambda cfg: 1,
+    dynamic_shift="empirical",
     detect_layout=detect_flux2_layout, official_name="BFL", diffusers_classes=("Flux2",),
     diffusers_class="Flux2Transformer2DModel", claims=lambda keys: any(MARKER in k for k in keys),
     markers=(MARKER,), key_hints=((MARKER, "a FLUX.2 transformer"),), loader="weights.load_flux2",
