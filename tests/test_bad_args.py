@@ -139,7 +139,9 @@ def test_generate_refuses_a_binary_prompts_file_naming_it(capsys, tmp_path, noth
 
 
 def test_generate_refuses_an_unwritable_out_before_loading(capsys, tmp_path, nothing_read, monkeypatch):
-    monkeypatch.setattr(generate, "detect_family", lambda model: pytest.fail("the model was looked at"))
+    import sampling.job
+
+    monkeypatch.setattr(sampling.job, "detect_family", lambda model: pytest.fail("the model was looked at"))
     blocker = tmp_path / "mine.txt"
     msg = run_generate(capsys, tmp_path, out=str(blocker / "x.png"))
     assert f"--out {blocker / 'x.png'}: {blocker} is a file, not a folder" in msg

@@ -17,7 +17,7 @@ from distill.lora_export import export_checkpoint, export_lora
 from distill.run_setup import load_model
 from distill.trainer import TrainingError
 from model.flux import FLUX_CONFIGS, Flux
-from sampling.generate import missing_base_loras
+from sampling.job import missing_base_loras
 from weights.io import file_sha256, read_header
 from weights.lora_merge import apply_loras
 from weights.lora_write import write_lora

@@ -121,3 +121,26 @@ def test_generate_applies_and_records_a_loras_recommended_scale(tmp_path):
     assert found["Prompt"] == f"{PROMPT} <lora:half:0.5>"  # as A1111 writes a LoRA used at 0.5
     assert found["Lora hashes"] == f"half: {record[0]['a1111_hash']}"
     assert read_png_params(full)["loras"][0]["scale"] == 1.0
+
+
+@pytest.mark.parametrize("extra", [(), ("--lora", "demo:0.8", "--steps", "3", "--shift", "2.5", "--true-cfg", "2",
+                                        "--negative-prompt", "blurry")], ids=["teacher", "lora-cfg"])
+def test_from_png_renders_the_same_image_from_the_png_alone(tmp_path, capsys, extra):
+    """Every setting the PNG records (prompt, model, LoRAs at their scales, grid, shift, CFG, seed) is what
+    `--from-png` samples again: the same pixels; a PNG without our chunk and a changed LoRA file are refused."""
+    first = tmp_path / "a.png"
+    assert main(["--prompt", "a red circle above a blue square", "--seed", "7", "--out", str(first), *extra]) == 0
+    assert main(["--from-png", str(first), "--out", str(tmp_path / "b.png")]) == 0
+    a, b = Image.open(first), Image.open(tmp_path / "b.png")
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and read_png_params(a) == read_png_params(b)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert main(["--from-png", str(tmp_path / "plain.png"), "--out", str(tmp_path / "c.png")]) == 2
+    assert "no scfm settings in this PNG" in capsys.readouterr().err
+    if extra:
+        lora = tmp_path / "lora.safetensors"
+        lora.write_bytes(DEMO_LORA.read_bytes())
+        assert main(["--prompt", "a tree", "--lora", f"{lora}:0.8", "--out", str(tmp_path / "d.png")]) == 0
+        tensors = load_file(lora)
+        save_file({k: v * 1.01 for k, v in tensors.items()}, lora, read_header(DEMO_LORA)[1])
+        assert main(["--from-png", str(tmp_path / "d.png"), "--out", str(tmp_path / "e.png")]) == 2
+        assert "is not the file the image was made with" in capsys.readouterr().err

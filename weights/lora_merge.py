@@ -217,6 +217,32 @@ def merge_while_reading(model, loras: Sequence, *, ignore_text_encoders: bool = 
     return merge
 
 
+def requantize_loras(model, loras: Sequence, *, source: str | os.PathLike, dtype: torch.dtype) -> list[str]:
+    """An fp8 model's weights made those its loader gives with `loras` (bit for bit what loading `source` with
+    fp8=True, loras=`loras` in `dtype` gives): every weight the previous call's LoRAs or these touch is re-read from
+    `source`, cast to `dtype`, its LoRAs merged in fp32 and rounded once (merged_param), and an e4m3 one quantized
+    again. e4m3 weights cannot be unmerged, so a change of LoRAs goes back to the file (the comparison app's fp8
+    path; without fp8, apply_loras / unload_loras). Returns the keys rewritten."""
+    from model.fp8 import quantize_rows
+
+    items = _resolve(model, loras, ignore_text_encoders=True)
+    new = dict.fromkeys(k for lora, _ in items for k in touched_keys(lora))
+    keys = list(dict.fromkeys([*getattr(model, "_scfm_requantized", []), *new]))
+    with torch.no_grad():
+        for key, t in _base_weights(str(source), model, keys):
+            w = _tensor(model, key)
+            t = t.to(dtype).to(w.device)
+            t = merged_param(t, key, items) if key in new else t
+            if w.dtype == E4M3:
+                q, scale = quantize_rows(t)
+                w.copy_(q)
+                _tensor(model, key.removesuffix("weight") + "weight_scale").copy_(scale)
+            else:
+                w.copy_(t)
+    model._scfm_requantized = list(new)
+    return keys
+
+
 def applied_loras(model) -> list[str]:
     state = getattr(model, "_scfm_loras", None)
     return [] if state is None else list(state.names)

@@ -1,0 +1,258 @@
+"""`python -m sampling.app`: the teacher against its few-step student, side by side in the browser.
+
+    python -m sampling.app                                   # the built-in demo and its SCFM LoRA, on a CPU
+    python -m sampling.app --model FLUX.1-dev/ --lora-dir runs/flux-scfm --lora-dir loras/styles
+    python -m sampling.app --model sd3.5_large.safetensors --vae ... --fp8 --lora-dir runs/sd35-scfm
+
+Compare: one prompt and seed; column A the teacher (its own steps and guidance), column B the student (an SCFM
+LoRA at the steps, grid, shift and scale its metadata recommends, plus style LoRAs), an optional column C; each
+image appears as it finishes, with its NFE and seconds, and a slider lays any two over each other. Sweep: one or
+two axes among steps, LoRA scale, shift, guidance and seed, rendered as one labelled grid. Every image is the PNG
+`sampling.generate` would write for the same settings (its parameters inside), served as written, and
+`python -m sampling.generate --from-png IMAGE.png` renders it again.
+
+The model is read once; a LoRA change merges on the loaded weights (sampling/compare.py). Only the model files and
+the LoRAs named at launch (--lora, --lora-dir) are read; the server listens on 127.0.0.1 unless --host says
+otherwise, is never shared without --share, and runs one job at a time (a queue): two users never hold the model's
+memory twice. Needs the `ui` extra: pip install -e ".[ui]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from weights.io import WeightsError
+
+from .compare import AXES, Column, Session, grid_image, parse_values, random_seed, sweep_columns
+from .demo import DEMO_LORA, IMAGE_SIZE
+from .job import add_model_files
+from .options import OneLineParser, add_run_options, check_run_options
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported (below, in build_ui)
+
+NAMES = ("A", "B", "C")
+# small images (the demo's 64 px) drawn at the box's size, pixels kept sharp; the served PNG is untouched
+CSS = "".join(f"#image-{n} img {{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}}"
+              for n in NAMES) + ".image-slider img {image-rendering: pixelated}"
+PROMPT = "a red circle above a blue square"  # a caption of the demo's world (distill/demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m sampling.app", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_files(p)
+    add_run_options(p.add_argument_group("run"))
+    app = p.add_argument_group("app")
+    app.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                     help="a folder whose .safetensors LoRAs the page offers (repeatable; default: the demo's)")
+    app.add_argument("--out", help="where the PNGs go (default: a new temporary folder)")
+    app.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--share", action="store_true", help="a public gradio.live link (off unless asked)")
+    return p
+
+
+def _number(value, kind=float):
+    """An optional number field (a textbox: an empty one is "the default", which a number box cannot say)."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number; leave the field empty for the default") from None
+
+
+def optional(label: str):
+    import gradio as gr
+
+    return gr.Textbox(label=label, placeholder="default")
+
+
+def describe(result, col: Column) -> str:
+    loras = ", ".join(f"{Path(p).name} @ {s:g}" for p, s in col.loras) or "no LoRA"
+    change = f"; LoRA change {result.lora_seconds:.2f} s" if result.lora_seconds else ""
+    return f"{loras}: {result.nfe} NFE, {result.seconds:.2f} s{change}"
+
+
+def build_ui(session: Session):
+    import gradio as gr
+
+    files = session.lora_files()
+    choices = [("none", ""), *((Path(f).name, f) for f in files)]  # a dropdown without "none" picks the first file
+    scfm = str(DEMO_LORA.resolve()) if session.demo else (files[0] if files else None)
+    side = IMAGE_SIZE if session.demo else 1024
+
+    def hint_values(path):
+        """The student's fields from a LoRA's metadata (empty where it states nothing)."""
+        if not path:
+            return 1.0, "", "", "", "no LoRA: the base model"
+        try:
+            h = session.hints(path)
+        except (WeightsError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        shift = h.shift if isinstance(h.shift, (int, float)) else ""
+        said = ", ".join(f"{k} {v}" for k, v in (("steps", h.steps), ("grid", h.schedule), ("shift", h.shift),
+                                                   ("guidance", h.guidance), ("scale", h.lora_scale)) if v is not None)
+        text = [("" if v is None else str(v)) for v in (h.steps, shift, h.guidance)]
+        return h.lora_scale or 1.0, *text, f"{Path(path).name} recommends: {said or 'nothing'}"
+
+    with gr.Blocks(title="scfm: compare", analytics_enabled=False) as ui:
+        gr.Markdown(f"### scfm compare: {'the built-in demo' if session.demo else session.model}")
+        paths = gr.State({})
+        with gr.Tab("Compare"):
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", value=PROMPT if session.demo else "", elem_id="prompt", scale=3)
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative", scale=2)
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                randomize = gr.Checkbox(label="Random seed (shown above once drawn)")
+                width = gr.Number(label="Width", value=side, precision=0)
+                height = gr.Number(label="Height", value=side, precision=0)
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown("**A: teacher** (empty fields: the model's defaults)")
+                    a_steps, a_guidance = optional("Steps"), optional("Guidance / CFG")
+                with gr.Column():
+                    gr.Markdown("**B: student**")
+                    b_lora = gr.Dropdown(choices, value=scfm or "", label="SCFM LoRA")
+                    b_scale, b_steps, b_shift, b_guidance, b_hint = (
+                        gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale"), optional("Steps"), optional("Shift"),
+                        optional("Guidance / CFG"), gr.Markdown())
+                with gr.Column():
+                    c_on = gr.Checkbox(label="C: another setting")
+                    c_lora = gr.Dropdown(choices, value=scfm or "", label="LoRA")
+                    c_scale, c_steps, c_shift = (gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale"),
+                                                 optional("Steps"), optional("Shift"))
+            with gr.Row():  # style LoRAs, merged with B's and C's
+                styles = []
+                for i in range(2):
+                    styles.append((gr.Dropdown(choices, value="", label=f"Style LoRA {i + 1} (on B and C)"),
+                                   gr.Slider(0, 2, value=1.0, step=0.05, label="Scale")))
+            run = gr.Button("Generate", variant="primary", elem_id="generate")
+            images, downloads, infos = [], [], []
+            with gr.Row():
+                for name in NAMES:
+                    with gr.Column():
+                        images.append(gr.Image(label=name, type="filepath", format="png", elem_id=f"image-{name}",
+                                               interactive=False, height=320))
+                        downloads.append(gr.File(label=f"{name} (PNG)", elem_id=f"file-{name}"))
+                        infos.append(gr.Markdown(elem_id=f"info-{name}"))
+            pair = gr.Radio(["A|B", "A|C", "B|C"], value="A|B", label="Slider: one image over the other")
+            slider = gr.ImageSlider(type="filepath", format="png", label="A | B", max_height=320)
+        with gr.Tab("Sweep"):
+            gr.Markdown("Column B's settings, varied along one or two axes (values separated by commas).")
+            with gr.Row():
+                axis1, values1 = gr.Dropdown(list(AXES), value="steps", label="Axis 1"), gr.Textbox("1, 2, 4")
+                axis2, values2 = gr.Dropdown(["(none)", *AXES], value="lora scale", label="Axis 2"), gr.Textbox(
+                    "0.75, 1.0, 1.25")
+            run_sweep = gr.Button("Render grid", elem_id="sweep")
+            grid, grid_file = gr.Image(type="filepath", format="png", label="Grid"), gr.File(label="Grid (PNG)")
+
+        b_lora.change(hint_values, b_lora, [b_scale, b_steps, b_shift, b_guidance, b_hint])
+        ui.load(hint_values, b_lora, [b_scale, b_steps, b_shift, b_guidance, b_hint])
+
+        def student(lora, scale, steps, shift, guidance, style_values):
+            stack = [(lora, float(scale))] if lora else []
+            stack += [(s, float(v)) for s, v in zip(style_values[::2], style_values[1::2]) if s]
+            return Column(stack, _number(steps, int), _number(shift), _number(guidance))
+
+        def compare(prompt, negative, seed, randomize, width, height, a_steps, a_guidance, b_lora, b_scale, b_steps,
+                    b_shift, b_guidance, c_on, c_lora, c_scale, c_steps, c_shift, pair, *style_values,
+                    progress=gr.Progress()):
+            seed = random_seed() if randomize else int(seed or 0)
+            try:
+                cols = {"A": Column([], _number(a_steps, int), None, _number(a_guidance)),
+                        "B": student(b_lora, b_scale, b_steps, b_shift, b_guidance, style_values)}
+                if c_on:
+                    cols["C"] = student(c_lora, c_scale, c_steps, c_shift, b_guidance, style_values)
+            except ValueError as e:
+                raise gr.Error(str(e)) from None
+            shown = {n: (None, None, "") for n in NAMES}
+            done: dict[str, str] = {}
+
+            def outputs():
+                flat = [x for n in NAMES for x in shown[n]]
+                return [seed, *flat, done, pick(pair, done)]
+
+            yield outputs()
+            for name, col in cols.items():
+                count = [0]
+
+                def step(*_):
+                    count[0] += 1
+                    progress((count[0], None), desc=f"column {name}")
+
+                try:
+                    r = session.render(prompt, negative or "", seed, int(width), int(height), col, callback=step)
+                except (WeightsError, ValueError, OSError) as e:
+                    raise gr.Error(str(e)) from None
+                done[name] = str(r.path)
+                shown[name] = (str(r.path), str(r.path), describe(r, col))
+                yield outputs()
+
+        def pick(pair, done):
+            a, b = pair.split("|")
+            return (done[a], done[b]) if a in done and b in done else None
+
+        compare_inputs = [prompt, negative, seed, randomize, width, height, a_steps, a_guidance, b_lora, b_scale,
+                          b_steps, b_shift, b_guidance, c_on, c_lora, c_scale, c_steps, c_shift, pair,
+                          *[x for s in styles for x in s]]
+        outs = [seed, *[x for n in range(3) for x in (images[n], downloads[n], infos[n])], paths, slider]
+        run.click(compare, compare_inputs, outs)
+        pair.change(pick, [pair, paths], slider)
+
+        def sweep(prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance, axis1,
+                  values1, axis2, values2, *style_values, progress=gr.Progress()):
+            try:
+                axes = [(axis1, parse_values(axis1, values1))]
+                if axis2 != "(none)":
+                    axes.append((axis2, parse_values(axis2, values2)))
+                base = student(b_lora, b_scale, b_steps, b_shift, b_guidance, style_values)
+                cells = sweep_columns(base, int(seed or 0), axes)
+                from PIL import Image
+
+                rendered = []
+                for i, (_, col, s) in enumerate(progress.tqdm(cells, desc="grid")):
+                    r = session.render(prompt, negative or "", s, int(width), int(height), col)
+                    rendered.append(Image.open(r.path).convert("RGB"))
+            except (WeightsError, ValueError, OSError) as e:
+                raise gr.Error(str(e)) from None
+            path = session.out / f"grid-{len(list(session.out.glob('grid-*.png'))):04d}.png"
+            grid_image(rendered, axes, [labels for labels, _, _ in cells]).save(path)
+            return str(path), str(path)
+
+        run_sweep.click(sweep, [prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance,
+                                axis1, values1, axis2, values2, *[x for s in styles for x in s]], [grid, grid_file])
+    return ui
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_run_options(args)
+        import gradio  # noqa: F401  (the optional extra: refused in one line when missing)
+    except ImportError:
+        print('error: the app needs gradio: pip install -e ".[ui]"', file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        session = Session(args)
+    except (WeightsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ui = build_ui(session)
+    ui.queue(default_concurrency_limit=1)  # one job at a time: the model's memory is held once
+    print(f"PNGs go to {session.out}", flush=True)
+    ui.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(session.out)],
+              footer_links=[], css=CSS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

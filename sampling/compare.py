@@ -1,0 +1,231 @@
+"""The comparison app's engine, without a UI (sampling/app.py is the gradio page over it): one model loaded once,
+LoRA stacks changed on the loaded weights, and columns rendered exactly as `python -m sampling.generate` renders
+them (the same flags, config resolution, sampler and PNG writer: a column is a generate command line run on the
+loaded model). Only LoRA files given at launch (`--lora`) or inside the `--lora-dir` folders are read.
+
+A LoRA change without fp8 unmerges the previous stack and merges the new one (weights/lora_merge.py apply_loras /
+unload_loras: bit-exact, weights re-read from the model file); with `--fp8` the touched weights are re-read from the
+file, merged in fp32 and quantized again (requantize_loras), as loading with those LoRAs does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from weights.families import detect_family
+from weights.io import WeightsError, read_header
+from weights.lora import Recommended
+from weights.lora_merge import apply_loras, lora_spec, requantize_loras, unload_loras
+
+from .base import pipeline_from_args
+from .demo import ASSETS, DEMO_FOLDER
+from .job import build_parser, check_args, check_job, check_sizes, render, resolve, with_demo_defaults
+
+MAX_SEED = 2**31 - 1  # the random seeds the page draws
+AXES = ("steps", "lora scale", "shift", "guidance", "seed")  # what a sweep varies
+
+
+@dataclass
+class Column:
+    """One image's settings as the page sets them; None: what generate would pick (the LoRA's hint, else the
+    family default)."""
+
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale)
+    steps: int | None = None
+    shift: float | None = None
+    guidance: float | None = None  # Flux-dev's guidance input; SD3's / klein's CFG scale
+    schedule: str | None = None  # "scfm" or "diffusers"
+
+
+@dataclass
+class Result:
+    path: Path  # the PNG our writer wrote
+    seconds: float
+    nfe: int  # transformer calls
+    lora_seconds: float  # the LoRA change before it (0: the stack was already on)
+
+
+class Session:
+    def __init__(self, args):
+        """`args`: the app's command line (generate's model-file and run flags, --lora-dir, --out). The model is
+        read now, once; with no --model, the built-in demo and its SCFM LoRA."""
+        self.launch = args
+        self.demo = args.model is None
+        self.model = str(DEMO_FOLDER) if self.demo else args.model
+        lora_dirs = args.lora_dir or ([str(ASSETS)] if self.demo else [])
+        self.lora_dirs = [Path(d).expanduser().resolve() for d in lora_dirs]
+        for d in self.lora_dirs:
+            if not d.is_dir():
+                raise WeightsError(f"--lora-dir {d}: no such folder")
+        self.launch_loras = [Path(lora_spec(s)[0]).expanduser().resolve() for s in args.lora]
+        self.out = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="scfm-app-"))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.family = detect_family(Path(self.model))
+        args = build_parser().parse_args(self.model_argv() + ["--prompt", "-"])
+        self.pipe = pipeline_from_args(args, Path(self.model), self.family, ())
+        self.pipe.transformer  # noqa: B018  (loaded now, once, without LoRAs)
+        self.stack: list[tuple[str, float]] = []
+        self.count = itertools.count()
+
+    # ----- files ----------------------------------------------------------------------------------------------
+
+    def model_argv(self) -> list[str]:
+        """The launch's model-file and run flags, as generate takes them (a column adds its own). The demo goes
+        without --model, as generate's demo does (its own size and T5 length)."""
+        a, argv = self.launch, [] if self.demo else ["--model", self.model]
+        for flag in ("vae", "clip", "clip_g", "t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
+                     "qwen_tokenizer", "variant", "device", "dtype", "blocks_to_swap"):
+            value = getattr(a, flag, None)
+            if value is not None:
+                argv += [f"--{flag.replace('_', '-')}", str(value)]
+        for flag in ("no_t5", "fp8", "fp8_compute", "compile", "ignore_te_lora"):
+            if getattr(a, flag, False):
+                argv.append(f"--{flag.replace('_', '-')}")
+        return argv
+
+    def lora_files(self) -> list[str]:
+        """Every LoRA the page may offer: those given at launch and the .safetensors in the --lora-dir folders."""
+        found = [*self.launch_loras, *(f for d in self.lora_dirs for f in sorted(d.rglob("*.safetensors")))]
+        return [str(f) for f in dict.fromkeys(found) if f.is_file() and not self._is_model_part(f)]
+
+    def _is_model_part(self, path: Path) -> bool:
+        return self.demo and DEMO_FOLDER.resolve() in path.parents  # the demo pipeline's own weights
+
+    def allowed(self, path: str) -> Path:
+        """A LoRA path from the page, refused unless given at launch or inside a --lora-dir folder: the page
+        never makes the server read another file."""
+        p = Path(path).expanduser().resolve()
+        if p in self.launch_loras or any(d in p.parents for d in self.lora_dirs):
+            if p.suffix != ".safetensors":
+                raise ValueError(f"{path}: not a .safetensors file; only safetensors LoRAs are read")
+            if not p.is_file():
+                raise WeightsError(f"{path}: no such file")
+            return p
+        raise ValueError(f"{path}: outside the LoRA folders this app was started with; pass --lora-dir with its "
+                         "folder when starting the app")
+
+    def hints(self, path: str) -> Recommended:
+        """The sampling settings a LoRA's metadata recommends (shown beside its column)."""
+        return Recommended.from_metadata(read_header(self.allowed(path))[1])
+
+    # ----- LoRAs and columns ----------------------------------------------------------------------------------
+
+    def set_loras(self, loras: list) -> float:
+        """Make `loras` ((LoRA, scale) as generate reads them) the merged stack; seconds it took (0: unchanged)."""
+        key = [(lora.source, scale) for lora, scale in loras]
+        if key == self.stack:
+            return 0.0
+        start = time.perf_counter()
+        pipe = self.pipe
+        pipe.loras, pipe._lora_parts = list(loras), None  # text-encoder parts: merged as the encoders load
+        parts = pipe.lora_parts().transformer
+        if pipe.fp8:
+            requantize_loras(pipe.transformer, parts, source=pipe.sources.transformer, dtype=pipe.dtype)
+        else:
+            unload_loras(pipe.transformer)
+            if parts:
+                apply_loras(pipe.transformer, parts, base=pipe.sources.transformer)
+        self.stack = key
+        return time.perf_counter() - start
+
+    def column_argv(self, prompt: str, negative: str, seed: int, width: int, height: int, col: Column) -> list[str]:
+        argv = self.model_argv() + ["--prompt", prompt, "--seed", str(seed), "--width", str(width), "--height",
+                                    str(height)]
+        if negative:
+            argv += ["--negative-prompt", negative]
+        for flag, value in (("--steps", col.steps), ("--shift", col.shift), ("--schedule", col.schedule)):
+            if value is not None:
+                argv += [flag, str(value)]
+        if col.guidance is not None:  # FLUX.1: its guidance input; SD3 / klein: their CFG scale
+            argv += ["--guidance" if self.family.guidance == "embedding" else "--cfg", str(col.guidance)]
+        for path, scale in col.loras:
+            if not math.isfinite(scale):
+                raise ValueError(f"{path}: the scale must be a finite number")
+            argv += ["--lora", f"{self.allowed(path)}:{scale}"]
+        return argv
+
+    def render(self, prompt: str, negative: str, seed: int, width: int, height: int, col: Column,
+               callback=None) -> Result:
+        """One column: generate's command line for these settings, sampled on the loaded model into a PNG."""
+        args = build_parser().parse_args(self.column_argv(prompt, negative, seed, width, height, col))
+        check_args(args)
+        with_demo_defaults(args)
+        check_sizes(args, 1024)
+        job = resolve(args, [prompt])
+        lora_seconds = self.set_loras(job.loras)
+        check_job(self.pipe, job)
+        path = self.out / f"{next(self.count):05d}-{seed}.png"
+        start = time.perf_counter()
+        render(self.pipe, job, [path], 1, seed, callback)
+        nfe = job.cfg.steps * (2 if self.pipe.wants_negative(job.cfg) else 1)
+        return Result(path, time.perf_counter() - start, nfe, lora_seconds)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(MAX_SEED)
+
+
+def sweep_columns(base: Column, seed: int, axes: list[tuple[str, list]]) -> list[tuple[dict, Column, int]]:
+    """The grid's cells, row-major: (axis values, column, seed) for every combination of one or two axes, the
+    first axis along each row (grid_image's columns)."""
+    cells = []
+    for reverse in itertools.product(*[v for _, v in reversed(axes)]):
+        values = reverse[::-1]
+        col, s = Column(list(base.loras), base.steps, base.shift, base.guidance, base.schedule), seed
+        for (axis, _), v in zip(axes, values):
+            if axis == "steps":
+                col.steps = int(v)
+            elif axis == "shift":
+                col.shift = float(v)
+            elif axis == "guidance":
+                col.guidance = float(v)
+            elif axis == "seed":
+                s = int(v)
+            elif axis == "lora scale":  # the first LoRA of the stack (the SCFM one)
+                if not col.loras:
+                    raise ValueError("a 'lora scale' sweep needs a LoRA in the column")
+                col.loras[0] = (col.loras[0][0], float(v))
+            else:
+                raise ValueError(f"unknown sweep axis {axis!r}; one of {', '.join(AXES)}")
+        cells.append((dict(zip([a for a, _ in axes], values)), col, s))
+    return cells
+
+
+def parse_values(axis: str, text: str) -> list:
+    """'2, 4, 8' -> [2, 4, 8] (ints for steps and seeds, floats otherwise); one line when a value is no number."""
+    kind = int if axis in ("steps", "seed") else float
+    try:
+        values = [kind(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{axis}: {text!r} is not a list of numbers such as '2, 4, 8'") from None
+    if not values:
+        raise ValueError(f"{axis}: give at least one value")
+    return values
+
+
+def grid_image(images: list, axes: list[tuple[str, list]], cell_labels: list[dict]):
+    """The sweep's images in one labelled grid: columns along the first axis, rows along the second."""
+    from PIL import Image, ImageDraw
+
+    cols = len(axes[0][1])
+    rows = len(images) // cols
+    w, h = images[0].size
+    band = 14  # a line of PIL's default font above the grid, and the row labels' width to its left
+    left = 0 if len(axes) == 1 else 7 * max(len(f"{axes[1][0]}={v}") for v in axes[1][1])
+    grid = Image.new("RGB", (left + cols * w, band + rows * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, labels) in enumerate(zip(images, cell_labels)):
+        r, c = divmod(i, cols)
+        x, y = left + c * w, band + r * h
+        grid.paste(image, (x, y))
+        if r == 0:
+            draw.text((x + 2, 1), f"{axes[0][0]}={labels[axes[0][0]]}", fill="black")
+        if c == 0 and len(axes) > 1:
+            draw.text((2, y + h // 2 - 5), f"{axes[1][0]}={labels[axes[1][0]]}", fill="black")
+    return grid

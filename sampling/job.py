@@ -1,0 +1,426 @@
+"""One `python -m sampling.generate` job, shared by that command line (sampling/generate.py) and the comparison
+app (sampling/app.py, whose columns are generate command lines run on a model it keeps loaded): the parser, the
+checks of every flag, the generation config (flags, then a LoRA's recommendation, then the family default), a
+PNG's record read back (`--from-png`), and the render that writes each PNG with its parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+from weights.families import article, detect_family, families, get_family
+from weights.family import Family
+from weights.io import WeightsError
+
+from .base import MAX_SIDE, save_png
+from .demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
+from .options import (
+    OneLineParser,
+    add_ignore_te_lora,
+    add_run_options,
+    check_finite,
+    check_run_options,
+    check_seed,
+    pick,
+    read_prompt_lines,
+)
+
+
+def with_demo_defaults(args) -> None:
+    """No --model: the shipped demo pipeline at its own size and T5 length; `--lora demo` is its SCFM LoRA."""
+    demo = args.model is None
+    if demo:
+        args.model = str(DEMO_FOLDER)
+        if args.max_sequence_length is None:
+            args.max_sequence_length = T5_LENGTH  # what the demo teacher was trained with
+    side = IMAGE_SIZE if demo else 1024
+    # `is None`, not `or`: --width 0 is refused by check_sizes, not silently replaced by the default
+    args.width = side if args.width is None else args.width
+    args.height = side if args.height is None else args.height
+    args.lora = [str(DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec
+                 for spec in args.lora]
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """`7,8,9` -> (7, 8, 9); an empty string turns skip-layer guidance off."""
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 7,8,9, got {text!r}")
+
+
+def add_model_files(p: argparse.ArgumentParser) -> None:
+    """The model-file flags (`generate`'s, which the comparison app, sampling/app.py, takes too)."""
+    src = p.add_argument_group("model files")
+    src.add_argument("--model", help="diffusers Flux / SD3 pipeline folder, or the transformer file or folder "
+                     "(default: the built-in 64-px demo model, distill/demo)")
+    src.add_argument("--vae", help="VAE file or diffusers vae/ folder (default: the pipeline folder's)")
+    src.add_argument("--clip", help="CLIP-L file or folder (default: the pipeline folder's text_encoder/)")
+    src.add_argument("--clip-g", help="SD3: CLIP-bigG file or folder (default: the pipeline folder's text_encoder_2/)")
+    src.add_argument("--t5", help="T5-XXL file or folder (default: the pipeline folder's text_encoder_2/ (Flux) "
+                                  "or text_encoder_3/ (SD3))")
+    src.add_argument("--no-t5", action="store_true", help="SD3: run without T5 (zeros in its place, as diffusers)")
+    src.add_argument("--clip-tokenizer", help="CLIP-L tokenizer folder (default: the vendored CLIP vocabulary)")
+    src.add_argument("--clip-g-tokenizer", help="SD3: CLIP-bigG tokenizer folder (default: the vendored "
+                                                "vocabulary padded with '!')")
+    src.add_argument("--t5-tokenizer", help="T5 spiece.model / tokenizer.json / folder")
+    src.add_argument("--qwen", help="FLUX.2 [klein]: the Qwen3 text encoder folder or file (default: the pipeline "
+                                    "folder's text_encoder/)")
+    src.add_argument("--qwen-tokenizer", help="FLUX.2 [klein]: its tokenizer.json or folder (default: the pipeline "
+                                              "folder's tokenizer/)")
+    src.add_argument("--variant", choices=["base", "distilled"],
+                     help="FLUX.2 [klein]: base (real CFG, 50 steps) or distilled (4 steps, no CFG); default: the "
+                          "folder's is_distilled, else the file name (their weights look alike)")
+    src.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="a LoRA to merge, at SCALE if given, else at the scale its metadata recommends, else 1; "
+                     "repeatable ('demo': the shipped SCFM LoRA of the demo model)")
+    add_ignore_te_lora(src)
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """generate's command line (`description`: its --help text)."""
+    p = OneLineParser(prog="python -m sampling.generate", description=description,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_files(p)
+    gen = p.add_argument_group("generation (unset values: an SCFM LoRA's recommendation, else the family default)")
+    gen.add_argument("--from-png", metavar="PNG", help="render again the image this PNG of ours records (prompt, "
+                     "model, LoRAs and every setting, from its scfm chunk); other flags here name the files a "
+                     "single-file model needs")
+    gen.add_argument("--prompt", action="append", default=[], help="repeatable")
+    gen.add_argument("--prompts-file", help="a text file, one prompt per line")
+    gen.add_argument("--negative-prompt", help="Flux: used with --true-cfg > 1; SD3: the CFG negative (default '')")
+    gen.add_argument("--steps", type=int, help="default 28")
+    gen.add_argument("--schedule", choices=["diffusers", "scfm"],
+                     help="sigma grid: the scheduler's, or SCFM's shifted linspace (default: scfm with an SCFM "
+                          "LoRA, else diffusers)")
+    gen.add_argument("--shift", help="a fixed shift (e.g. 3) or 'dynamic'; default: the schedule's own")
+    gen.add_argument("--guidance", type=float,
+                     help="diffusers' guidance_scale: Flux-dev's guidance embedding (default 3.5); SD3's CFG scale, "
+                          "the same as --cfg (default 7.0)")
+    gen.add_argument("--cfg", type=float,
+                     help="real classifier-free guidance, uncond + s (cond - uncond): SD3's guidance scale "
+                          "(default 7.0, <= 1 off); Flux's --true-cfg")
+    gen.add_argument("--true-cfg", type=float, help="Flux: > 1 with --negative-prompt: real CFG (default 1, off)")
+    gen.add_argument("--slg-layers", type=parse_layers, default=(), metavar="I,J,...",
+                     help="SD3: skip-layer guidance blocks (SD3.5-medium: 7,8,9); needs CFG on")
+    gen.add_argument("--slg-scale", type=float, default=2.8, help="SD3: skip-layer guidance scale")
+    gen.add_argument("--slg-start", type=float, default=0.01, help="SD3: SLG from this fraction of the steps")
+    gen.add_argument("--slg-stop", type=float, default=0.2, help="SD3: SLG until this fraction of the steps")
+    gen.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: Flux 512, SD3 256)")
+    gen.add_argument("--width", type=int, help="default 1024 (the demo: 64)")
+    gen.add_argument("--height", type=int, help="default 1024 (the demo: 64)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
+    # accepted only to be refused in words: klein's image= references (editing) are out of scope, and argparse's
+    # "unrecognized arguments" would not say so
+    gen.add_argument("--image", action="append", default=[], help=argparse.SUPPRESS)
+    run = p.add_argument_group("run")
+    add_run_options(run)
+    run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
+    run.add_argument("--overwrite", action="store_true", help="replace existing files")
+    return p
+
+
+def prompt_list(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += read_prompt_lines(args.prompts_file, "--prompts-file")
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def check_args(args) -> None:
+    """Every flag that can be wrong by itself, before anything is read: one line naming the flag and the fix."""
+    if args.image:
+        raise ValueError(f"--image {args.image[0]}: image editing (reference images) is not supported; scfm "
+                         "generates from text only, so drop --image")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--max-sequence-length", args.max_sequence_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be 1 or more; pass {flag} 1 or more")
+    if args.max_sequence_length is not None and args.max_sequence_length > 512:
+        raise ValueError(f"--max-sequence-length {args.max_sequence_length}: T5 is used with at most 512 tokens "
+                         "(as diffusers); pass --max-sequence-length 512")
+    check_seed(args.seed, args.batch_size)
+    check_finite(guidance=args.guidance, cfg=args.cfg, true_cfg=args.true_cfg, slg_scale=args.slg_scale,
+                 slg_start=args.slg_start, slg_stop=args.slg_stop)
+    for flag, value, default in (("--slg-start", args.slg_start, 0.01), ("--slg-stop", args.slg_stop, 0.2)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{flag} {value}: a fraction of the steps, from 0 to 1; pass {flag} {default}")
+    if args.shift is not None:
+        args.shift = parse_shift(args.shift, "--shift")
+    check_run_options(args)
+
+
+def parse_shift(text, flag: str) -> float | str:
+    """A shift as given (flag) or recommended: 'dynamic' or a positive finite number."""
+    if text == "dynamic":
+        return text
+    try:
+        shift = float(text)
+    except (TypeError, ValueError):
+        shift = math.nan
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"{flag} {text}: expected a positive number (1 = unshifted, 3 = SD3.5's) or 'dynamic'; "
+                         "pass --shift 3")
+    return shift
+
+
+def check_sizes(args, default: int) -> None:
+    """Sizes any model refuses; the model's own multiple and limit are Pipeline.check_size's, before any weight."""
+    for name in ("width", "height"):
+        size = getattr(args, name)
+        if size <= 0:
+            raise ValueError(f"--{name} {size}: image sizes are positive; pass --{name} {default} (the default)")
+        if size > MAX_SIDE:
+            raise ValueError(f"--{name} {size}: over {MAX_SIDE} px, the largest side sampled (sampling/base.py "
+                             f"MAX_SIDE); pass --{name} {default} (the default) or at most {MAX_SIDE}")
+
+
+def output_paths(args, count: int) -> list[Path]:
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        if count != 1:
+            raise ValueError(f"--out {out} names one file but {count} images will be made; pass a folder")
+        paths = [out]
+    else:
+        paths = [out / f"{args.seed + i // len(prompt_list(args)):06d}_{i:03d}.png" for i in range(count)]
+    clash = [p for p in paths if p.exists()]
+    if clash and not args.overwrite:
+        raise ValueError(f"{clash[0]} exists; pass --overwrite or another --out")
+    return paths
+
+
+def lora_recommendations(paths: list[str]):
+    """The sampling settings the LoRAs' metadata recommends (the first LoRA stating a field wins), with the grid
+    set to `scfm` for an SCFM LoRA that does not state one: SCFM is trained on that grid."""
+    from weights.io import read_header
+    from weights.lora import FORMAT, Recommended
+
+    merged: dict = {}
+    for path in paths:
+        if not Path(path).exists():
+            raise WeightsError(f"--lora {path}: no such file")
+        meta = read_header(Path(path))[1]
+        rec = dataclasses.asdict(Recommended.from_metadata(meta))
+        if rec["shift"] is not None:
+            try:
+                rec["shift"] = parse_shift(rec["shift"], f"--lora {path}: its scfm_shift")
+            except ValueError as e:
+                raise WeightsError(f"{e} to override it") from None
+        if meta.get("scfm_format") == FORMAT or "scfm_lora" in meta or "scfm_training" in meta:
+            rec["schedule"] = rec["schedule"] or "scfm"
+        merged = {k: merged.get(k) if merged.get(k) is not None else v for k, v in rec.items()}
+    return Recommended(**merged) if merged else Recommended()
+
+
+def missing_base_loras(loras: list[tuple[str, float]]) -> list[str]:
+    """One warning per LoRA that an SCFM LoRA among `loras` was trained on top of (distill.train --base_loras)
+    and that is not given here at the same scale (files compared by sha256)."""
+    from weights.io import file_sha256, read_header
+
+    wanted = []
+    for path, _ in loras:
+        wanted += [(Path(path).name, base) for base in _base_loras(path, read_header(Path(path))[1])]
+    if not wanted:
+        return []
+    given = {(file_sha256(path), scale) for path, scale in loras}
+    return [f"warning: {name} was trained on top of {b['file']} at scale {b['scale']:g}; add --lora "
+            f"{b['file']}:{b['scale']:g} to sample it as trained" for name, b in wanted
+            if (b["sha256"], b["scale"]) not in given]
+
+
+def _base_loras(path: str, meta: dict[str, str]) -> list[dict]:
+    """The `base_loras` an SCFM LoRA's `scfm_training` metadata records ({file, sha256, scale} each); damaged
+    metadata is one line naming the file, not a bare JSON error."""
+    raw = meta.get("scfm_training")
+    if raw is None:
+        return []
+    try:
+        info = json.loads(raw)
+        bases = info.get("base_loras", []) if isinstance(info, dict) else None
+        ok = isinstance(bases, list) and all(
+            isinstance(b, dict) and isinstance(b.get("file"), str) and isinstance(b.get("sha256"), str)
+            and isinstance(b.get("scale"), (int, float)) for b in bases)
+    except json.JSONDecodeError:
+        ok = False
+    if not ok:
+        raise WeightsError(f"--lora {path}: its scfm_training metadata is damaged (not a JSON object with "
+                           "base_loras entries {file, sha256, scale}); re-export the LoRA with "
+                           "`python -m distill.export` or pass an intact file")
+    return bases
+
+
+def lora_records(loras: list[tuple[str, float]]) -> list[dict]:
+    """What a PNG records of each LoRA: file name, path, the scale used, sha256 (as train's base_loras records
+    do) and the short hash A1111 / Forge write under `Lora hashes` (sampling/infotext.py)."""
+    from weights.io import a1111_lora_hash, file_sha256
+
+    return [{"file": Path(path).name, "path": path, "scale": scale, "sha256": file_sha256(path),
+             "a1111_hash": a1111_lora_hash(path)} for path, scale in loras]
+
+
+def check_family_flags(args, family: Family | str) -> None:
+    """A flag only another family reads would be ignored silently; refuse it instead."""
+    family = get_family(family)
+    for other in families():
+        if other is family or "pipeline" not in other.parts:
+            continue
+        used = [flag for flag, attr in other.part("pipeline").own_flags if getattr(args, attr)]
+        if used:
+            hint = family.part("pipeline").flag_hint
+            raise ValueError(f"{', '.join(used)}: {other.title} options, but {args.model} is {article(family.title)} "
+                             f"model" + (f"; {hint}" if hint else ""))
+
+
+def generation_config(args, family: Family | str, rec):
+    """The family's generation config: command line, then the LoRA's recommendation, then the family default."""
+    pipeline = get_family(family).part("pipeline")
+    d = pipeline.defaults
+    common = dict(height=args.height, width=args.width, steps=pick(args.steps, rec.steps, d["steps"]),
+                  max_sequence_length=pick(args.max_sequence_length, rec.max_sequence_length,
+                                           d["max_sequence_length"]),
+                  grid=pick(args.schedule, rec.schedule, "diffusers"), seed=args.seed,
+                  shift=pick(args.shift, rec.shift))
+    return pipeline.generation_config(args, rec, common)
+
+
+def used_settings(pipe, cfg, negative_prompt: str | None) -> dict:
+    """The config as sampled, for the PNG: the negative prompt only when a negative pass ran, the shift the
+    schedule used when --shift left it to the model, less what the model ignored (the family says)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "grid")}
+    schedule = pipe.schedule(cfg)
+    settings.update(negative_prompt=negative_prompt, shift="dynamic" if schedule.dynamic else schedule.shift)
+    return pipe.used_settings(settings)
+
+
+@dataclasses.dataclass
+class Job:
+    """What one `generate` call samples, resolved and checked before any weight is read."""
+
+    model: Path
+    family: Family
+    prompts: list[str]
+    loras: list  # (LoRA, scale), read for the family
+    records: list[dict]  # what the PNGs record of them
+    skipped: dict  # what was left out on purpose, for the PNG
+    cfg: object  # the family's generation config
+
+
+def from_png(args) -> dict:
+    """--from-png: the settings one of our PNGs records; its prompt, model, size and seed go onto `args`."""
+    from .base import read_png_params
+
+    params = read_png_params(args.from_png)  # a PNG without our chunk: one line
+    missing = [k for k in ("prompt", "model", "family", "loras", "width", "height", "seed", "schedule")
+               if k not in params]
+    if missing:
+        raise ValueError(f"--from-png {args.from_png}: its scfm settings lack {', '.join(missing)}; only PNGs "
+                         "sampling.generate (or the app) wrote can be rendered again")
+    if args.prompt or args.prompts_file or args.lora:
+        raise ValueError("--from-png takes the prompt and the LoRAs from the PNG; drop --prompt, --prompts-file "
+                         "and --lora")
+    args.prompt, args.model = [params["prompt"]], args.model or params["model"]
+    args.width, args.height, args.seed, args.batch_size = params["width"], params["height"], params["seed"], 1
+    args.ignore_te_lora = bool(params.get("ignore_te_lora"))
+    return params
+
+
+def png_config(params: dict, family: Family):
+    """The generation config a PNG records (used_settings wrote it: None where the model ignored a value)."""
+    config = family.part("pipeline").default_config
+    names = {f.name for f in dataclasses.fields(config)} - {"extra", "grid"}
+    given = {k: params[k] for k in names if params.get(k) is not None}
+    if "slg_layers" in given:
+        given["slg_layers"] = tuple(given["slg_layers"])
+    return config(**given, grid=params["schedule"])
+
+
+def png_loras(params: dict) -> list[tuple[str, float]]:
+    """The LoRAs a PNG records, each checked to be the same file (sha256) as when it was made."""
+    from weights.io import file_sha256
+
+    loras = []
+    for rec in params["loras"]:
+        path = rec["path"]
+        if not Path(path).is_file():
+            raise WeightsError(f"--from-png: {path}, one of its LoRAs, is not there; put it back at that path")
+        if file_sha256(path) != rec["sha256"]:
+            raise WeightsError(f"--from-png: {path} is not the file the image was made with (its sha256 differs); "
+                               "restore that file")
+        loras.append((path, float(rec["scale"])))
+    return loras
+
+
+def resolve(args, prompts: list[str], png: dict | None = None) -> Job:
+    """The model's family, the LoRAs (read and checked) and the generation config: from the flags, the LoRAs'
+    recommendations and the family's defaults, or from a PNG's record (`png`). Nothing heavy is read."""
+    model = Path(args.model).expanduser()
+    if not model.exists():
+        raise WeightsError(f"--model {model}: no such file or folder")
+    family = detect_family(model)
+    if png is not None and png["family"] != family.name:
+        raise WeightsError(f"--from-png: the image was made with {article(get_family(png['family']).title)} model, "
+                           f"but {model} is {article(family.title)} one; pass its --model")
+    check_family_flags(args, family)
+    from weights.lora_merge import lora_spec  # here, not at the top: keeps --help fast
+
+    loras = png_loras(png) if png is not None else [lora_spec(s) for s in args.lora]  # no :SCALE: recommended
+    for path, scale in loras:
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {path}:{scale}: the scale must be a finite number; pass --lora {path}:1")
+    if png is not None:
+        cfg = png_config(png, family)
+    else:
+        cfg = generation_config(args, family, lora_recommendations([path for path, _ in loras]))
+    for flag, value in (("--steps", cfg.steps), ("--max-sequence-length", cfg.max_sequence_length)):
+        if value < 1:  # only a LoRA's metadata can get here: check_args refused the flags
+            raise WeightsError(f"{flag} {value}, as a --lora recommends: must be 1 or more; pass {flag} yourself")
+    for warning in missing_base_loras(loras):
+        print(warning, file=sys.stderr)
+    records = lora_records(loras)
+    skipped = {"ignore_te_lora": True} if loras and args.ignore_te_lora else {}  # the PNG says what was left out
+    if loras:
+        from weights.lora import read_lora
+
+        # read once: the checks and the loads take these (merged for good as the transformer and, for a
+        # text-encoder part, CLIP / T5 are read)
+        loras = [(read_lora(path, family=family.name), scale) for path, scale in loras]
+    return Job(model, family, prompts, loras, records, skipped, cfg)
+
+
+def check_job(pipe, job: Job) -> None:
+    """What the pipeline can judge before the big models load (configs read on "meta"): the size, a wrong file,
+    a LoRA for another model, a setting only this model refuses. Nothing is read yet."""
+    cfg = job.cfg
+    pipe.check_size(cfg.height, cfg.width, len(job.prompts) * (2 if pipe.wants_negative(cfg) else 1))
+    pipe.check_transformer()
+    pipe.tokenizers(cfg.max_sequence_length)  # milliseconds; a wrong file then fails before the encoders load
+    pipe.check_config(cfg)
+
+
+def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callback=None) -> list[Path]:
+    """Encode the prompts once, then per batch index (seed, seed + 1, ...) sample, decode and write each PNG with
+    its parameters: `generate` and the app (sampling/app.py) both end here, after `check_job`."""
+    from .pipeline import to_pil
+
+    cfg = job.cfg
+    negative_prompt = cfg.negative_prompt if pipe.wants_negative(cfg) else None
+    cond, negative = pipe.encode_prompts(job.prompts, cfg)  # the encoders run once, then are freed
+    written: list[Path] = []
+    for b in range(batch_size):
+        cfg.seed = seed + b
+        latents = pipe.sample(cond, cfg, negative=negative, callback=callback)
+        for i, (prompt, image) in enumerate(zip(job.prompts, to_pil(pipe.decode(latents)))):
+            path = paths[b * len(job.prompts) + i]
+            params = dict(prompt=prompt, family=job.family.name, model=str(job.model), loras=job.records,
+                          schedule=cfg.grid, **job.skipped, **used_settings(pipe, cfg, negative_prompt))
+            save_png(image, path, params)
+            written.append(path)
+    return written

@@ -1,0 +1,118 @@
+"""The comparison app's engine (sampling/compare.py) on the built-in demo, without a browser: its columns are
+`sampling.generate`'s images bit for bit, LoRA changes merge and unmerge exactly (and, with --fp8, give what a load
+with those LoRAs gives), a LoRA that does not fit is refused with the CLI's line, and no file outside the folders
+given at launch is read. tests/test_app_browser.py drives the page itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from sampling.app import build_parser
+from sampling.base import read_png_params
+from sampling.compare import Column, Session, grid_image, parse_values, sweep_columns
+from sampling.demo import DEMO_LORA
+from sampling.generate import main as generate
+from weights.io import WeightsError, read_header
+
+PROMPT = "a red circle above a blue square"
+
+
+def style_lora(folder):
+    """A second LoRA in a --lora-dir: the demo's, halved (so a stack of two differs from either)."""
+    folder.mkdir(exist_ok=True)
+    path = folder / "style.safetensors"
+    save_file({k: v * 0.5 for k, v in load_file(DEMO_LORA).items()}, path, read_header(DEMO_LORA)[1])
+    return path
+
+
+def session(tmp_path, *argv) -> Session:
+    loras = tmp_path / "loras"
+    style_lora(loras)
+    return Session(build_parser().parse_args(["--lora-dir", str(DEMO_LORA.parent), "--lora-dir", str(loras),
+                                              "--out", str(tmp_path / "out"), *argv]))
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_columns_are_generates_images_and_lora_changes_undo_exactly(tmp_path):
+    app = session(tmp_path)
+    base = {k: v.clone() for k, v in app.pipe.transformer.state_dict().items()}
+    style = tmp_path / "loras" / "style.safetensors"
+    columns = {"teacher": (Column(), []),
+               "student": (Column([(str(DEMO_LORA), 1.0)]), ["--lora", "demo"]),
+               "stack": (Column([(str(DEMO_LORA), 0.8), (str(style), 1.3)], steps=3, shift=2.5),
+                         ["--lora", f"{DEMO_LORA}:0.8", "--lora", f"{style}:1.3", "--steps", "3", "--shift", "2.5"])}
+    for name, (col, flags) in columns.items():
+        got = app.render(PROMPT, "", 3, 64, 64, col)
+        assert generate(["--prompt", PROMPT, "--seed", "3", "--out", str(tmp_path / f"{name}.png"), *flags]) == 0
+        assert np.array_equal(pixels(got.path), pixels(tmp_path / f"{name}.png")), name
+        assert read_png_params(got.path) == read_png_params(tmp_path / f"{name}.png")
+        assert got.nfe == (28 if name == "teacher" else 4 if name == "student" else 3)
+    assert app.render(PROMPT, "", 3, 64, 64, columns["stack"][0]).lora_seconds == 0  # the same stack: no change
+    app.set_loras([])
+    assert all(torch.equal(v, base[k]) for k, v in app.pipe.transformer.state_dict().items())  # bit for bit
+
+
+def test_fp8_lora_changes_give_what_loading_with_them_gives(tmp_path):
+    from weights.transformer import load_flux
+
+    app = session(tmp_path, "--fp8")
+    col = Column([(str(DEMO_LORA), 1.2)])
+    got = app.render(PROMPT, "", 1, 64, 64, col)
+    assert generate(["--prompt", PROMPT, "--seed", "1", "--fp8", "--lora", f"{DEMO_LORA}:1.2", "--out",
+                     str(tmp_path / "cli.png")]) == 0
+    assert np.array_equal(pixels(got.path), pixels(tmp_path / "cli.png"))
+    app.set_loras([])
+    fresh = load_flux(app.pipe.sources.transformer, fp8=True).state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in app.pipe.transformer.state_dict().items())
+
+
+def test_refusals_are_the_clis_lines_and_no_file_outside_the_launch_folders_is_read(tmp_path, capsys):
+    from test_sd3_lora_files import trained_set
+
+    from weights.lora_write import write_lora
+
+    app = session(tmp_path)
+    _, sd3 = trained_set()
+    write_lora(sd3, tmp_path / "loras" / "sd3.safetensors", "diffusers")
+    with pytest.raises(WeightsError) as refused:
+        app.render(PROMPT, "", 0, 64, 64, Column([(str(tmp_path / "loras" / "sd3.safetensors"), 1.0)]))
+    assert generate(["--prompt", PROMPT, "--lora", str(tmp_path / "loras" / "sd3.safetensors"), "--out",
+                     str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {refused.value}" and "\n" not in str(refused.value)
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(DEMO_LORA.read_bytes())
+    for path in (str(outside), str(tmp_path / "loras" / ".." / "elsewhere.safetensors"), "/etc/passwd"):
+        with pytest.raises(ValueError, match="outside the LoRA folders this app was started with"):
+            app.render(PROMPT, "", 0, 64, 64, Column([(path, 1.0)]))
+    assert str(tmp_path / "loras" / "sd3.safetensors") in app.lora_files()
+    args = build_parser().parse_args([])
+    assert (args.host, args.share) == ("127.0.0.1", False)  # never on the network unless asked
+
+
+def test_a_sweep_is_one_labelled_grid_of_the_columns_it_varies(tmp_path):
+    app = session(tmp_path)
+    axes = [("steps", parse_values("steps", "1, 2")), ("lora scale", parse_values("lora scale", "0.5 1"))]
+    cells = sweep_columns(Column([(str(DEMO_LORA), 1.0)]), 4, axes)
+    assert [(c.steps, c.loras[0][1]) for _, c, _ in cells] == [(1, 0.5), (2, 0.5), (1, 1.0), (2, 1.0)]
+    images = [Image.open(app.render(PROMPT, "", s, 64, 64, c).path).convert("RGB") for _, c, s in cells]
+    grid = grid_image(images, axes, [labels for labels, _, _ in cells])
+    assert grid.size[0] > 2 * 64 and grid.size[1] == 14 + 2 * 64
+    assert np.array_equal(np.asarray(grid)[14:78, -64:], np.asarray(images[1]))  # row 1, column 2: steps 2
+    with pytest.raises(ValueError, match="is not a list of numbers"):
+        parse_values("shift", "3, high")
+
+
+def test_only_the_app_imports_gradio_and_it_imports_nothing_from_distill():
+    from test_imports import graph, modules
+
+    mods, g = modules(), graph()
+    users = {name for name, path in mods.items() if "import gradio" in path.read_text()}
+    assert users == {"sampling.app"}
+    assert not [d for name in ("sampling.app", "sampling.compare") for d in g[name] if d.startswith("distill")]
