@@ -1,7 +1,21 @@
-"""`python -m distill.evaluate`: what an SCFM LoRA buys over its teacher at few steps, measured on the demo world.
+"""`python -m distill.evaluate`: what an SCFM LoRA buys over its teacher at few steps.
 
     python -m distill.evaluate                                   # the shipped demo teacher and its SCFM LoRA
     python -m distill.evaluate --lora run/scfm.safetensors --per-prompt 4 --json eval.json --overwrite
+    python -m distill.evaluate --model FLUX.1-dev/ --lora run/scfm.safetensors --compare hyper.safetensors:0.125 \
+        --prompts-file prompts.txt --per-prompt 8 --steps 2 4 8 --teacher-steps 32 --out eval/
+
+Any model, with --out (distill/judge.py): rows of the same prompts and noises (the teacher at --teacher-steps, the
+reference; the teacher, the --lora student and each --compare LoRA at every --steps; --base-lora under all of them),
+every image a generate PNG with its final latent under OUT/<row>/ beside a manifest (a rerun renders only what is
+missing; a row whose settings changed is refused without --overwrite), OUT/report.json and OUT/grid.png. Per row,
+against the reference from the same noise: mean |d| (pixels, 0..1), PSNR (dB; identical: null), SSIM, the latents'
+MSE; as sets, on the final latents average-pooled to 4 x 4 per channel (the VAE's space, coarsened: colour and
+layout, no fine texture or semantics): the Fréchet distance (fd; biased upward with fewer images than features,
+a warning says so) and KID; across each prompt's noises: the mean pairwise distance and the Vendi score (diversity:
+1 = all alike, N = all different); NFE and seconds per image (distill/metrics.py defines each).
+
+Without --out, on the demo world:
 
 From the same prompts and noises it samples the teacher at --teacher-steps (the reference), the teacher at each of
 --steps, and the teacher with the LoRA merged at each of --steps, all with plain Euler on the demo's grid (schnell's
@@ -27,8 +41,10 @@ from pathlib import Path
 import torch
 
 from sampling.demo import DEMO_FOLDER, DEMO_LORA
-from sampling.options import OneLineParser, check_device, check_writable, read_prompt_lines
-from weights.io import WeightsError
+from sampling.job import add_model_files
+from sampling.options import OneLineParser, add_run_options, check_device, check_writable, read_prompt_lines
+from weights.io import WeightsError, parse_lora
+from weights.lora_merge import lora_spec
 
 from .demo import quality
 from .evaluation import (
@@ -46,9 +62,12 @@ from .evaluation import (
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m distill.evaluate", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=DEMO_FOLDER, help="the teacher's pipeline folder (default: the demo)")
-    p.add_argument("--lora", type=Path, default=DEMO_LORA, help="the SCFM LoRA, any layout (default: the demo's)")
+    add_model_files(p)  # generate's: --model (default: the demo), --vae, --clip, ..., --lora (the student)
     p.add_argument("--lora-scale", type=float, help="default: the LoRA's recommended scale, else 1")
+    p.add_argument("--compare", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="another few-step LoRA, a row per --steps (repeatable)")
+    p.add_argument("--base-lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA under every row, the reference included (a style LoRA the student was trained on)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--prompts", nargs="+", metavar="TEXT", help="default: distill/demo/quality.PROMPTS")
     which.add_argument("--prompts-file", type=Path, help="one prompt per line")
@@ -58,14 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift", type=float,
                    help="sample the --steps rows (teacher and LoRA) on the SCFM grid with this shift, as a LoRA "
-                        "trained with shift_min/shift_max > 1 is meant to be sampled (default: the demo's grid)")
-    p.add_argument("--fp8", action="store_true",
-                   help="sample the LoRA rows (named scfm-fp8) with the transformer blocks' weights in e4m3, the "
-                        "LoRA merged before rounding, as `generate --fp8 --lora` does; teacher rows stay fp32")
-    p.add_argument("--fp8-compute", "--fp8_compute", action="store_true",
-                   help="as --fp8, with the LoRA rows' GEMMs on fp8 tensor cores (named scfm-fp8c; an exact "
-                        "emulation on the CPU)")
-    p.add_argument("--compile", action="store_true", help="compile each transformer block once (torch.compile)")
+                        "trained with shift_min/shift_max > 1 is meant to be sampled (default: the demo's grid; "
+                        "with --out, the LoRA's own)")
+    p.add_argument("--width", type=int, help="with --out: image width (default: 1024; the demo 64)")
+    p.add_argument("--height", type=int, help="with --out: image height (default: as --width)")
+    p.add_argument("--out", type=Path, help="any model: render the rows into this folder and report there (below)")
+    add_run_options(p.add_argument_group("run (--fp8 / --fp8-compute: on the demo, the LoRA rows only)"))
     p.add_argument("--floor", action="store_true",
                    help="add a row: the reference sampler from other noises (the distances' floor)")
     p.add_argument("--json", type=Path, help="write the table and settings here")
@@ -73,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grid", action="store_true", help="write no grid")
     p.add_argument("--grid-scale", type=int, default=2, help="nearest-neighbour upscaling of the grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing --json / --grid files")
-    p.add_argument("--device", default="cpu", help="cuda works too; results differ from the CPU's by rounding")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the demo models gain little from more)")
     return p
 
@@ -86,6 +102,14 @@ def _prompts(args) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.out is not None:
+        return judge_main(args)
+    args.model = DEMO_FOLDER if args.model is None else Path(args.model)
+    if args.lora:  # the demo world's rows take one LoRA: PATH[:SCALE] (no header read yet: errors come below)
+        path, scale = parse_lora(args.lora[0])
+        args.lora, args.lora_scale = Path(path), args.lora_scale if scale is None else scale
+    else:
+        args.lora = DEMO_LORA
     threads = torch.get_num_threads()  # restored on the way out: main() is also called in-process (tests)
     try:
         if args.threads < 1 or args.grid_scale < 1:
@@ -117,6 +141,32 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
     finally:
         torch.set_num_threads(threads)
+    return 0
+
+
+def judge_main(args) -> int:
+    """Any model (distill/judge.py): the rows rendered into --out, the table printed, report.json written."""
+    from .judge import format_report, judge
+
+    try:
+        if args.model is not None and not args.prompts and args.prompts_file is None:
+            raise ValueError("no prompts: pass --prompts-file FILE (one per line) or --prompts TEXT ...")
+        if args.per_prompt < 1 or args.teacher_steps < 1 or min(args.steps) < 1:
+            raise ValueError("--per-prompt, --steps and --teacher-steps must be positive integers")
+        def expand(spec: str) -> str:  # 'demo[:SCALE]': the shipped SCFM LoRA, as generate reads it
+            return str(DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec
+
+        args.lora, args.compare, args.base_lora = ([expand(s) for s in v] for v in (args.lora, args.compare,
+                                                                                     args.base_lora))
+        if args.lora and args.lora_scale is not None:
+            args.lora = [f"{lora_spec(args.lora[0])[0]}:{args.lora_scale}", *args.lora[1:]]
+        args.prompt_list = _prompts(args)
+        args.height = args.height or args.width
+        report = judge(args)
+        print(format_report(report))
+        print(f"wrote {args.out / 'report.json'} and {args.out / 'grid.png'}")
+    except (WeightsError, ValueError, OSError) as e:
+        raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
     return 0
 
 

@@ -134,9 +134,11 @@ class Session:
         self.stack = key
         return time.perf_counter() - start
 
-    def column_argv(self, prompt: str, negative: str, seed: int, width: int, height: int, col: Column) -> list[str]:
-        argv = self.model_argv() + ["--prompt", prompt, "--seed", str(seed), "--width", str(width), "--height",
-                                    str(height)]
+    def column_argv(self, prompts: str | list[str], negative: str, seed: int, width: int, height: int,
+                    col: Column) -> list[str]:
+        argv = self.model_argv() + [x for p in ([prompts] if isinstance(prompts, str) else prompts)
+                                    for x in ("--prompt", p)]
+        argv += ["--seed", str(seed), "--width", str(width), "--height", str(height)]
         if negative:
             argv += ["--negative-prompt", negative]
         for flag, value in (("--steps", col.steps), ("--shift", col.shift), ("--schedule", col.schedule)):
@@ -150,21 +152,25 @@ class Session:
             argv += ["--lora", f"{self.allowed(path)}:{scale}"]
         return argv
 
-    def render(self, prompt: str, negative: str, seed: int, width: int, height: int, col: Column,
-               callback=None) -> Result:
-        """One column: generate's command line for these settings, sampled on the loaded model into a PNG."""
-        args = build_parser().parse_args(self.column_argv(prompt, negative, seed, width, height, col))
+    def render(self, prompts: str | list[str], negative: str, seed: int, width: int, height: int, col: Column,
+               callback=None, *, noises: int = 1, paths: list[Path] | None = None,
+               latents_out: list | None = None) -> Result:
+        """One column: generate's command line for these settings, sampled on the loaded model into PNGs (one
+        prompt for the page; several prompts x `noises` seeds from `seed` on for distill.evaluate, written to
+        `paths` in generate's order: noise-major)."""
+        many = [prompts] if isinstance(prompts, str) else list(prompts)
+        args = build_parser().parse_args(self.column_argv(many, negative, seed, width, height, col))
         check_args(args)
         with_demo_defaults(args)
         check_sizes(args, 1024)
-        job = resolve(args, [prompt])
+        job = resolve(args, many)
         lora_seconds = self.set_loras(job.loras)
         check_job(self.pipe, job)
-        path = self.out / f"{next(self.count):05d}-{seed}.png"
+        paths = paths or [self.out / f"{next(self.count):05d}-{seed}.png"]
         start = time.perf_counter()
-        render(self.pipe, job, [path], 1, seed, callback)
+        render(self.pipe, job, paths, noises, seed, callback, latents_out)
         nfe = job.cfg.steps * (2 if self.pipe.wants_negative(job.cfg) else 1)
-        return Result(path, time.perf_counter() - start, nfe, lora_seconds)
+        return Result(paths[0], time.perf_counter() - start, nfe, lora_seconds)
 
 
 def random_seed() -> int:

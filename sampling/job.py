@@ -405,9 +405,11 @@ def check_job(pipe, job: Job) -> None:
     pipe.check_config(cfg)
 
 
-def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callback=None) -> list[Path]:
+def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callback=None,
+           latents_out: list | None = None) -> list[Path]:
     """Encode the prompts once, then per batch index (seed, seed + 1, ...) sample, decode and write each PNG with
-    its parameters: `generate` and the app (sampling/app.py) both end here, after `check_job`."""
+    its parameters: `generate` and the app (sampling/app.py) both end here, after `check_job`. `latents_out`
+    collects each batch index's final latents (distill.evaluate compares them)."""
     from .pipeline import to_pil
 
     cfg = job.cfg
@@ -417,6 +419,8 @@ def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callba
     for b in range(batch_size):
         cfg.seed = seed + b
         latents = pipe.sample(cond, cfg, negative=negative, callback=callback)
+        if latents_out is not None:
+            latents_out.append(latents.detach().float().cpu())
         for i, (prompt, image) in enumerate(zip(job.prompts, to_pil(pipe.decode(latents)))):
             path = paths[b * len(job.prompts) + i]
             params = dict(prompt=prompt, family=job.family.name, model=str(job.model), loras=job.records,

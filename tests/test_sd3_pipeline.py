@@ -197,3 +197,18 @@ def test_scfm_lora_metadata_sets_the_grid_and_guidance(tmp_path):
     assert (cfg.grid, cfg.steps, cfg.guidance) == ("diffusers", 28, 7.0)
     flux = generation_config(parse(base), "flux", lora_recommendations([str(plain)]))
     assert (flux.grid, flux.guidance, flux.true_cfg, flux.max_sequence_length) == ("diffusers", 3.5, 1.0, 512)
+
+
+def test_evaluate_judges_an_sd3_pipeline_folder(folders, tmp_path):
+    """distill.evaluate --out on SD3.5 (through the family registry): its teacher rows, CFG counted in the NFE."""
+    import json
+
+    from distill.evaluate import main
+
+    folder, _ = folders["t5"]
+    assert main(["--model", str(folder), "--prompts", *PROMPTS[:2], "--per-prompt", "2", "--steps", "2",
+                 "--teacher-steps", "4", "--width", str(WIDTH), "--height", str(HEIGHT), "--device", "cpu",
+                 "--dtype", "fp32", "--out", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
+    assert [(r["name"], r["nfe"]) for r in rows] == [("teacher 4", 8), ("teacher 2", 4)]  # cond + uncond per step
+    assert rows[0]["fd"] == 0 and rows[1]["mean|d|"] > 0
