@@ -129,6 +129,9 @@ class DistillConfig:
                                       "part (kohya lora_te*_, diffusers text_encoder*.), otherwise merged into "
                                       "CLIP / T5 when the text cache is built, is skipped with one line saying so")
     # --- SCFM objective (scfm-method.md §2-§5) ------------------------------------------------------------
+    objective: str = opt("scfm", "scfm: velocity-field self-distillation (teacher, fast and slow EMA); "
+                                 "flow_matching: ordinary LoRA training on the data's images (every element the "
+                                 "plain target eps - x0: no target calls, no EMA or teacher sets; a style LoRA)")
     t_skip: int = opt(2, "grid steps per student step")
     teacher_steps_min: int = opt(32, "smallest teacher grid")
     teacher_steps_max: int = opt(32, "largest teacher grid")
@@ -229,10 +232,16 @@ class DistillConfig:
             raise ConfigError(f"shift_min {self.shift_min} > shift_max {self.shift_max}: fixed shifts are drawn "
                               "from [shift_min, shift_max); pass --shift_min <= --shift_max")
         choices = {"dtype": ("bf16", "fp16", "fp32"), "export_set": ("live", "slow_ema", "fast_ema"),
-                   "targets": names(), "lr_schedule": LR_SCHEDULES}
+                   "targets": names(), "lr_schedule": LR_SCHEDULES, "objective": ("scfm", "flow_matching")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.objective == "flow_matching":  # one trained set, the plain target: what SCFM adds is refused
+            for name, bad in (("export_set", self.export_set != "live"), ("cfg_scale", self.cfg_scale),
+                              ("teacher_lora", self.teacher_lora)):
+                if bad:
+                    raise ConfigError(f"{name}: objective flow_matching trains the live set alone on the plain "
+                                      f"target (no EMAs, no teacher, no CFG); drop --{name}")
         unknown = set(self.export_formats) - {"ours", "diffusers", "kohya"}
         if unknown:
             raise ConfigError(f"export_formats: unknown {sorted(unknown)}; use ours, diffusers, kohya")

@@ -13,7 +13,9 @@ against the reference from the same noise: mean |d| (pixels, 0..1), PSNR (dB; id
 MSE; as sets, on the final latents average-pooled to 4 x 4 per channel (the VAE's space, coarsened: colour and
 layout, no fine texture or semantics): the Fréchet distance (fd; biased upward with fewer images than features,
 a warning says so) and KID; across each prompt's noises: the mean pairwise distance and the Vendi score (diversity:
-1 = all alike, N = all different); NFE and seconds per image (distill/metrics.py defines each).
+1 = all alike, N = all different); NFE and seconds per image (distill/metrics.py defines each). With --clip-vision
+(your CLIP weights): CLIP score (100 max(cos, 0) of image and prompt embeddings), and the Fréchet distance and CMMD
+of the CLIP image embeddings to the reference's. On the demo the world's adherence and hist columns are added.
 
 Without --out, on the demo world:
 
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=float, help="default: the LoRA's recommended scale, else 1")
     p.add_argument("--compare", action="append", default=[], metavar="PATH[:SCALE]",
                    help="another few-step LoRA, a row per --steps (repeatable)")
+    p.add_argument("--compare-model", action="append", default=[], metavar="MODEL",
+                   help="with --out: another whole few-step model (a pipeline folder, e.g. FLUX.1-schnell), a row per "
+                        "--steps on its own schedule, from the same noises (repeatable)")
     p.add_argument("--base-lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA under every row, the reference included (a style LoRA the student was trained on)")
     which = p.add_mutually_exclusive_group()
@@ -82,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="with --out: image width (default: 1024; the demo 64)")
     p.add_argument("--height", type=int, help="with --out: image height (default: as --width)")
     p.add_argument("--out", type=Path, help="any model: render the rows into this folder and report there (below)")
+    p.add_argument("--clip-vision", metavar="CLIP", help="with --out: your CLIP weights (a transformers CLIPModel "
+                   "folder or safetensors file, e.g. clip-vit-large-patch14) for CLIP score and the Fréchet "
+                   "distance and CMMD in CLIP space; never downloaded")
     add_run_options(p.add_argument_group("run (--fp8 / --fp8-compute: on the demo, the LoRA rows only)"))
     p.add_argument("--floor", action="store_true",
                    help="add a row: the reference sampler from other noises (the distances' floor)")

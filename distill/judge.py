@@ -11,7 +11,7 @@ import shutil
 import sys
 import time
 from argparse import Namespace
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ TABLE = ("nfe", "sec/img", "mean|d|", "psnr", "ssim", "lat mse", "fd", "kid", "p
 class Row:
     name: str
     column: Column
-    loras: list = field(default_factory=list)  # (path, scale), base LoRAs included
+    model: str | None = None  # --compare-model: another whole model (None: --model)
 
 
 def rows_for(args, lora, compare, base) -> list[Row]:
@@ -47,13 +47,15 @@ def rows_for(args, lora, compare, base) -> list[Row]:
             rows.append(Row(f"student {n}", Column([lora, *base], n, **shift)))
         for path, scale in compare:
             rows.append(Row(f"{Path(path).stem}@{scale:g} {n}", Column([(path, scale), *base], n, **shift)))
+        for model in args.compare_model:  # a whole few-step model (FLUX.1-schnell, a merged checkpoint) on its grid
+            rows.append(Row(f"{Path(model).name} {n}", Column(list(base), n), model=model))
     return rows
 
 
 def manifest(row: Row, args, session: Session, prompts: list[str]) -> dict:
     loras = [{"file": Path(p).name, "sha256": file_sha256(p), "scale": s} for p, s in row.column.loras]
     col = row.column
-    return dict(model=session.model, loras=loras, steps=col.steps, shift=col.shift, schedule=col.schedule,
+    return dict(model=row.model or session.model, loras=loras, steps=col.steps, shift=col.shift, schedule=col.schedule,
                 seed=args.seed, prompts=prompts, width=args.width, height=args.height, dtype=args.dtype,
                 device=args.device, fp8=args.fp8)
 
@@ -120,30 +122,104 @@ def score(row: dict, ref: dict, n_prompts: int) -> dict:
     return out
 
 
+def world_columns(rendered: dict, ref: dict, prompts: list[str]) -> dict:
+    """On the demo model, whose prompts the world's checker reads (distill/demo): adherence (percent of images
+    matching everything the prompt fixes) and hist (the read attributes' histogram distance to the reference's)."""
+    from .demo import quality
+
+    per_image = [prompts[i % len(prompts)] for i in range(len(ref["images"]))]  # noise-major
+
+    def reads(images):
+        return quality.score((images * 255).round().astype(np.uint8), per_image)
+
+    ref_reads = reads(ref["images"])["reads"]
+    out = {}
+    for name, row in rendered.items():
+        s = reads(row["images"])
+        hist = quality.histogram_distances(s["reads"], ref_reads, per_image)
+        out[name] = {"adherence": s["adherence"], "hist": float(np.mean(list(hist.values())))}
+    return out
+
+
+def world_prompts(prompts: list[str]) -> bool:
+    from .demo import world
+
+    try:
+        for p in prompts:
+            world.parse_caption(p)
+    except ValueError:
+        return False
+    return True
+
+
+def clip_columns(rendered: dict, ref_name: str, prompts: list[str], source: str) -> dict:
+    """With --clip-vision (the user's CLIP weights: weights/vision.py): CLIP score against each image's prompt,
+    and the Fréchet distance and CMMD of the CLIP image embeddings to the reference's."""
+    from model.clip_vision import clip_score, embed_images
+    from model.tokenizers import CLIPTokenizer
+    from weights.text import load_clip
+    from weights.vision import load_clip_vision
+
+    vision, text = load_clip_vision(source), load_clip(source)
+    with torch.no_grad():
+        text_embeds = text(CLIPTokenizer.load()(prompts)).text_embeds
+        per_image = {name: (row["images"] * 255).round().astype(np.uint8) for name, row in rendered.items()}
+        embeds = {name: embed_images(vision, list(images)) for name, images in per_image.items()}
+        repeat = text_embeds[torch.arange(len(next(iter(per_image.values())))) % len(prompts)]  # noise-major
+        out = {}
+        for name, images in per_image.items():
+            e, ref = embeds[name].numpy(), embeds[ref_name].numpy()
+            out[name] = {"clip": float(np.mean(clip_score(vision, repeat, list(images)))),
+                         "fd clip": metrics.frechet(e, ref),
+                         "cmmd": 0.0 if name == ref_name else metrics.cmmd(e, ref)}
+    return out
+
+
 def judge(args) -> dict:
     """Render (or reuse) every row under args.out and score it; the report that --out/report.json holds."""
+    from tqdm import tqdm
+
     from weights.lora_merge import lora_spec
 
     prompts = list(args.prompt_list)
     lora = lora_spec(args.lora[0]) if args.lora else None
     compare = [lora_spec(s) for s in args.compare]
     base = [lora_spec(s) for s in args.base_lora]
-    launch = Namespace(**{**vars(args), "lora": [s for s in (*args.lora, *args.compare, *args.base_lora)],
-                          "lora_dir": [], "out": str(args.out / "_app")})
-    session = Session(launch)
-    if args.width is None:
-        args.width = args.height = 64 if session.demo else 1024
     rows = rows_for(args, lora, compare, base)
-    rendered = {}
-    for row in rows:
-        rendered[row.name] = render_row(session, row, args, prompts, args.out)
+    rendered, session, demo, model = {}, None, None, None
+    with tqdm(total=len(rows) * len(prompts) * args.per_prompt, desc="evaluate", unit="image") as bar:
+        for wanted in [None, *args.compare_model]:  # one model in memory at a time
+            mine = [r for r in rows if r.model == wanted]
+            if not mine:
+                continue
+            session = None  # the previous model goes before the next loads
+            launch = Namespace(**{**vars(args), "model": wanted or args.model, "lora_dir": [],
+                                  "lora": [s for s in (*args.lora, *args.compare, *args.base_lora)],
+                                  "out": str(args.out / "_app")})
+            session = Session(launch)
+            if wanted is None:
+                demo, model = session.demo, session.model
+                if args.width is None:
+                    args.width = args.height = 64 if demo else 1024
+            for row in mine:
+                rendered[row.name] = render_row(session, row, args, prompts, args.out)
+                bar.update(len(prompts) * args.per_prompt)
+    rendered = {r.name: rendered[r.name] for r in rows}
     ref = rendered[rows[0].name]
     width = ref["latents"][0].numel() and metrics.latent_features(ref["latents"][:1]).shape[1]
     if len(ref["latents"]) < width:
         print(f"warning: {len(ref['latents'])} images per row, fewer than the {width} latent features: the Fréchet "
               "distances are biased upward (compare rows with each other, or raise --per-prompt)", file=sys.stderr)
     table = [{"name": row.name, **score(rendered[row.name], ref, len(prompts))} for row in rows]
-    report = {"config": {"model": session.model, "prompts": prompts, "per_prompt": args.per_prompt,
+    extras = []
+    if demo and world_prompts(prompts):  # the demo world's own columns beside them
+        extras.append(world_columns(rendered, ref, prompts))
+    if args.clip_vision:
+        extras.append(clip_columns(rendered, rows[0].name, prompts, args.clip_vision))
+    for extra in extras:
+        for r in table:
+            r.update(extra[r["name"]])
+    report = {"config": {"model": model, "prompts": prompts, "per_prompt": args.per_prompt,
                          "steps": list(args.steps), "teacher_steps": args.teacher_steps, "seed": args.seed,
                          "shift": args.shift, "reference": rows[0].name, "features": f"latents pooled 4x4 ({width})",
                          "images_per_row": len(ref["latents"])},
@@ -163,8 +239,9 @@ def judge(args) -> dict:
 def format_report(report: dict) -> str:
     rows = report["rows"]
     width = max(len(r["name"]) for r in rows)
-    lines = [" ".join([" " * width] + [f"{c:>9}" for c in TABLE])]
+    cols = TABLE + tuple(c for c in ("adherence", "hist", "clip", "fd clip", "cmmd") if c in rows[0])
+    lines = [" ".join([" " * width] + [f"{c:>9}" for c in cols])]
     for r in rows:
-        cells = ["-" if r[c] is None else f"{r[c]}" if c == "nfe" else f"{r[c]:.4g}" for c in TABLE]
+        cells = ["-" if r[c] is None else f"{r[c]}" if c == "nfe" else f"{r[c]:.4g}" for c in cols]
         lines.append(" ".join([f"{r['name']:>{width}}"] + [f"{c:>9}" for c in cells]))
     return "\n".join(lines)

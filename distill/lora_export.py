@@ -51,23 +51,26 @@ def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict], 
     LoRA's card (ModelSpec and sd-scripts keys; the layout's own metadata adds rank, alpha and our hints)."""
     from weights.lora_write import base_architecture
 
-    info = {"set": cfg.export_set, "steps": step, "t_skip": cfg.t_skip, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
+    info = {"objective": cfg.objective, "set": cfg.export_set, "steps": step, "t_skip": cfg.t_skip,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
     if base_loras:  # generate warns when this LoRA is sampled without them
         info["base_loras"] = base_loras
     if cfg.cfg_scale:  # scfm-method.md §5: what every training call computed, and how to sample it
         info["cfg"] = {"w": cfg.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
                        "diffusers_guidance_scale": cfg_scale_from_w(cfg.cfg_scale)}
     family = model_family(model)
-    usage = f"SCFM few-step LoRA: {hints.steps} Euler steps, shift {hints.shift:g} (README: Use the LoRA)"
+    what = "SCFM velocity-field self-distillation"
+    if cfg.objective == "flow_matching":
+        what = usage = "LoRA trained with the flow-matching objective: sample it as its base model"
+    else:
+        usage = f"SCFM few-step LoRA: {hints.steps} Euler steps, shift {hints.shift:g} (README: Use the LoRA)"
     if hints.guidance is not None:
         usage += f", {'guidance' if family.guidance == 'embedding' else 'CFG scale'} {hints.guidance:g}"
     return {"scfm_training": json.dumps(info),
             "modelspec.architecture": f"{base_architecture(family.name, model.config)}/lora",
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}", "modelspec.usage_hint": usage,
-            "modelspec.description": f"SCFM velocity-field self-distillation, {cfg.export_set} weights, "
-                                     f"step {step}",
+            "modelspec.description": f"{what}, {cfg.export_set} weights, step {step}",
             "ss_max_train_steps": str(cfg.steps), "ss_steps": str(step), "ss_learning_rate": str(cfg.lr),
             "ss_seed": str(cfg.seed), "ss_training_comment": usage}
 
@@ -100,6 +103,8 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
         guidance = cfg_scale_from_w(cfg.cfg_scale) if cfg.cfg_scale else None
     hints = Recommended(steps=cfg.sample_steps, schedule="scfm", shift=cfg.sample_shift, guidance=guidance,
                         max_sequence_length=cfg.t5_length, training_cfg_scale=cfg.cfg_scale or None)
+    if cfg.objective == "flow_matching":  # an ordinary LoRA: sampled as its base is, nothing to recommend
+        hints = Recommended(max_sequence_length=cfg.t5_length)
     records = base_lora_records(cfg.base_loras) if base_loras is None else base_loras
     metadata = lora_metadata(cfg, model, cfg.steps if step is None else step, records, hints)
     written = []

@@ -10,6 +10,8 @@ Between sets, on feature vectors (N, D):
   deficient and the value is biased upward: `evaluate` warns.
 - `kid`: the unbiased squared MMD with the polynomial kernel (x.y / D + 1)^3, over the whole sets (KID's estimator;
   unbiased, so it can be slightly negative, and comparable across sample sizes where FD is not).
+- `cmmd`: the same unbiased MMD with CMMD's Gaussian kernel (Jayasumana et al., 2024: exp(-|x - y|^2 / 2 sigma^2),
+  sigma 10, times 1000) on L2-normalised CLIP image embeddings.
 Within a set (diversity across the noises of one prompt):
 - `pairwise`: the mean L2 distance between distinct items; `vendi`: exp of the entropy of the eigenvalues of K / N,
   K the cosine-similarity matrix: 1 for N identical items, N for N orthogonal ones (Friedman and Dieng, 2023).
@@ -80,15 +82,30 @@ def frechet(f1, f2) -> float:
     return float(max(value, 0.0))
 
 
-def kid(f1, f2) -> float:
-    a, b = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
-    d = a.shape[1]
-    kxx, kyy, kxy = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
+def _mmd(a: np.ndarray, b: np.ndarray, kernel) -> float:
+    kxx, kyy, kxy = kernel(a, a), kernel(b, b), kernel(a, b)
     m, n = len(a), len(b)
     if m < 2 or n < 2:
         raise ValueError("KID needs at least two items in each set")
     within = (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
     return float(within - 2 * kxy.mean())
+
+
+def kid(f1, f2) -> float:
+    a, b = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
+    d = a.shape[1]
+    return _mmd(a, b, lambda x, y: (x @ y.T / d + 1) ** 3)
+
+
+def cmmd(e1, e2, sigma: float = 10.0) -> float:
+    a, b = (np.asarray(e, dtype=np.float64) for e in (e1, e2))
+    a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b))
+
+    def rbf(x, y):
+        sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * x @ y.T
+        return np.exp(-np.clip(sq, 0, None) / (2 * sigma**2))
+
+    return 1000 * _mmd(a, b, rbf)
 
 
 def pairwise(features) -> float:

@@ -87,9 +87,10 @@ class Stopped(TrainingError):
 def scfm_config(cfg: DistillConfig, guidance: bool, dynamic_shift: str = "linear") -> SCFMConfig:
     """`guidance`: the model has a guidance input (Flux-dev). `cfg_scale` > 0 bakes SD3.5's CFG in.
     `dynamic_shift`: the family's resolution-dependent shift rule (weights/family.py)."""
+    plain = cfg.objective == "flow_matching"  # every element the flow-matching target: no target calls
     return SCFMConfig(
         t_skip=cfg.t_skip, teacher_steps_min=cfg.teacher_steps_min, teacher_steps_max=cfg.teacher_steps_max,
-        teacher_ratio=cfg.teacher_ratio, non_shortcut_ratio=cfg.non_shortcut_ratio,
+        teacher_ratio=cfg.teacher_ratio, non_shortcut_ratio=1.0 if plain else cfg.non_shortcut_ratio,
         dynamic_shift_prob=cfg.dynamic_shift_prob, shift_min=cfg.shift_min, shift_max=cfg.shift_max,
         guidance_max=cfg.guidance_max if guidance else None, cfg_scale=cfg.cfg_scale or None,
         dynamic_shift=dynamic_shift,
@@ -97,8 +98,12 @@ def scfm_config(cfg: DistillConfig, guidance: bool, dynamic_shift: str = "linear
 
 
 def lora_config(cfg: DistillConfig) -> LoRAConfig:
-    """The run's LoRA: its family's target table (scfm-method.md §6 in official names, distill/lora_targets.py)."""
-    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=get_family(cfg.targets).part("lora_targets"))
+    """The run's LoRA: its family's target table (scfm-method.md §6 in official names, distill/lora_targets.py);
+    the flow-matching objective holds the live set alone (no EMA sets, no teacher)."""
+    targets = get_family(cfg.targets).part("lora_targets")
+    if cfg.objective == "flow_matching":
+        return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=targets, sets=("live",), zero_sets=())
+    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=targets)
 
 
 def model_family(model: nn.Module) -> Family:
@@ -308,7 +313,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.updates += 1
             self.progress.bad_in_row = 0
-            ema_step(self.model, self.ema, self.progress.updates)
+            if cfg.objective == "scfm":  # flow matching holds no EMA sets
+                ema_step(self.model, self.ema, self.progress.updates)
         return {"step": step + 1, "loss": loss, "grad_norm": norm.item(), "skipped": bad,
                 "bucket": list(self.cache.buckets[indices[0]]), "stop": int(stats[2].item())}
 

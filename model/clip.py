@@ -74,9 +74,15 @@ class CLIPTextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight[:L]  # (B, L, D)
 
 
+# The attention, MLP and encoder layers below serve the vision tower too (model/clip_vision.py): transformers'
+# text and vision layers have the same names and math, the vision tower only attends without the causal mask.
+# `config` is a CLIPConfig or a CLIPVisionConfig; only the fields both share are read.
+
+
 class CLIPAttention(nn.Module):
-    def __init__(self, config: CLIPConfig):
+    def __init__(self, config: CLIPConfig, causal: bool = True):
         super().__init__()
+        self.causal = causal
         D = config.hidden_size
         self.num_heads, self.head_dim = config.num_attention_heads, D // config.num_attention_heads
         self.q_proj, self.k_proj = nn.Linear(D, D), nn.Linear(D, D)
@@ -87,9 +93,9 @@ class CLIPAttention(nn.Module):
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         k = self.k_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        # Causal, and no padding mask: the pipelines pass none, and with causal attention the tokens before
-        # EOS never see the padding anyway.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, Dh)
+        # Text: causal, and no padding mask: the pipelines pass none, and with causal attention the tokens
+        # before EOS never see the padding anyway. Vision: every patch sees every other.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
 
 
@@ -107,9 +113,9 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: CLIPConfig):
+    def __init__(self, config: CLIPConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -120,9 +126,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, config: CLIPConfig):
+    def __init__(self, config: CLIPConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([CLIPEncoderLayer(config, causal) for _ in range(config.num_hidden_layers)])
 
 
 class CLIPTextTransformer(nn.Module):

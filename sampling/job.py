@@ -214,10 +214,18 @@ def lora_recommendations(paths: list[str]):
                 rec["shift"] = parse_shift(rec["shift"], f"--lora {path}: its scfm_shift")
             except ValueError as e:
                 raise WeightsError(f"{e} to override it") from None
-        if meta.get("scfm_format") == FORMAT or "scfm_lora" in meta or "scfm_training" in meta:
+        if (meta.get("scfm_format") == FORMAT or "scfm_lora" in meta or "scfm_training" in meta) and not plain(meta):
             rec["schedule"] = rec["schedule"] or "scfm"
         merged = {k: merged.get(k) if merged.get(k) is not None else v for k, v in rec.items()}
     return Recommended(**merged) if merged else Recommended()
+
+
+def plain(meta: dict[str, str]) -> bool:
+    """A LoRA our trainer made with the flow-matching objective (a style LoRA): sampled on its base's schedule."""
+    try:
+        return json.loads(meta.get("scfm_training", "{}")).get("objective") == "flow_matching"
+    except (json.JSONDecodeError, AttributeError):
+        return False
 
 
 def missing_base_loras(loras: list[tuple[str, float]]) -> list[str]:

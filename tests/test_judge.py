@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from distill.evaluate import main
-from sampling.demo import DEMO_LORA
+from sampling.demo import DEMO_FOLDER, DEMO_LORA
 from weights.io import read_header
 
 COMMON = ["--prompts", "a red circle", "a blue square at the top", "--per-prompt", "2", "--teacher-steps", "6",
@@ -36,6 +36,7 @@ def test_report_reference_reruns_and_refusals(tmp_path, capsys):
     ref = rows[0]
     assert (ref["mean|d|"], ref["psnr"], ref["ssim"], ref["lat mse"], ref["fd"]) == (0, None, 1, 0, 0)
     assert all(r["mean|d|"] > 0 and r["psnr"] > 0 and r["fd"] > 0 for r in rows[1:]) and rows[2]["nfe"] == 2
+    assert ref["hist"] == 0 and all(0 <= r["adherence"] <= 100 for r in rows)  # the demo world's columns
     assert (tmp_path / "a" / "grid.png").exists() and len(list((tmp_path / "a" / "student_2").glob("*.png"))) == 4
     manifest = json.loads((tmp_path / "a" / "student_2" / "manifest.json").read_text())
     assert manifest["loras"][0]["file"] == DEMO_LORA.name and manifest["steps"] == 2
@@ -56,3 +57,51 @@ def test_report_reference_reruns_and_refusals(tmp_path, capsys):
         run(tmp_path / "a", str(other))
     assert run(tmp_path / "a", str(other), ("2",), "--overwrite") == 0
     assert report(tmp_path / "a")["rows"][2]["mean|d|"] != rows[2]["mean|d|"]
+
+
+def test_a_whole_model_compares_from_the_same_noises(tmp_path):
+    """--compare-model: another model's rows (here the demo folder named as a model: generate's defaults for a
+    named model, so not the demo's own rows), rendered after the first model is released."""
+    assert run(tmp_path, "demo", ("2",), "--compare-model", str(DEMO_FOLDER)) == 0
+    rows = report(tmp_path)["rows"]
+    assert [r["name"] for r in rows][-1] == "flux-demo 2" and rows[-1]["nfe"] == 2
+    manifest = json.loads((tmp_path / "flux-demo_2" / "manifest.json").read_text())
+    assert manifest["model"] == str(DEMO_FOLDER) and manifest["loras"] == []
+
+
+def test_clip_columns_with_the_users_clip_weights(tmp_path):
+    """--clip-vision: CLIP score per row equals 100 max(cos, 0) computed with transformers' CLIPModel on the
+    row's PNGs (a tiny random CLIPModel on CLIP's real vocabulary, saved as the real files are)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from test_clip_vision import TEXT, VISION
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from model.tokenizers import CLIPTokenizer
+
+    text = dataclasses.replace(TEXT, vocab_size=49408, eos_token_id=49407)
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings", "hidden_act", "eos_token_id")
+    config = CLIPConfig(text_config={**{n: getattr(text, n) for n in names}, "bos_token_id": 49406,
+                                     "pad_token_id": 49407},
+                        vision_config={f.name: getattr(VISION, f.name) for f in dataclasses.fields(VISION)},
+                        projection_dim=VISION.projection_dim)
+    torch.manual_seed(0)
+    hf = CLIPModel(config).eval()
+    hf.save_pretrained(tmp_path / "clip")
+    assert run(tmp_path / "eval", "demo", ("2",), "--clip-vision", str(tmp_path / "clip")) == 0
+    rows = {r["name"]: r for r in report(tmp_path / "eval")["rows"]}
+    assert rows["teacher 6"]["fd clip"] == pytest.approx(0, abs=1e-6) and rows["teacher 6"]["cmmd"] == 0
+    prompts = COMMON[1:3]
+    images = [Image.open(tmp_path / "eval" / "student_2" / f"{b:03d}_{i:03d}.png") for b in range(2) for i in range(2)]
+    with torch.no_grad():
+        pixels = CLIPImageProcessorPil(size={"shortest_edge": VISION.image_size},
+                                       crop_size=VISION.image_size)(images, return_tensors="pt")["pixel_values"]
+        img = hf.get_image_features(pixel_values=pixels).pooler_output
+        txt = hf.get_text_features(input_ids=CLIPTokenizer.load()(prompts)).pooler_output[[0, 1, 0, 1]]
+    cos = torch.nn.functional.cosine_similarity(img, txt)
+    want = float(np.mean((100 * cos.clamp(min=0)).numpy()))
+    assert rows["student 2"]["clip"] == pytest.approx(want, rel=1e-5)

@@ -62,3 +62,17 @@ def test_vendi_counts_identical_and_orthogonal_items_and_pairwise_distance():
     assert metrics.vendi(np.eye(7)) == pytest.approx(7.0)
     assert metrics.pairwise(one) == 0 and metrics.pairwise(np.eye(3)) == pytest.approx(math.sqrt(2))
     assert metrics.latent_features(torch.ones(2, 3, 8, 8)).shape == (2, 48)
+
+
+def test_cmmd_is_the_gaussian_kernel_mmd_on_normalised_embeddings():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(30, 8)), rng.normal(1, 1, size=(25, 8))
+    an, bn = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+
+    def k(x, y):
+        return np.exp(-((x[:, None] - y[None]) ** 2).sum(-1) / 200)
+
+    kxx, kyy = k(an, an), k(bn, bn)
+    want = ((kxx.sum() - 30) / (30 * 29) + (kyy.sum() - 25) / (25 * 24) - 2 * k(an, bn).mean()) * 1000
+    assert metrics.cmmd(a, b) == pytest.approx(want, rel=1e-9)
+    assert metrics.cmmd(a * 3, b * 0.5) == pytest.approx(want, rel=1e-9)  # the norms do not count
