@@ -122,22 +122,23 @@ def score(row: dict, ref: dict, n_prompts: int) -> dict:
     return out
 
 
-def world_columns(rendered: dict, ref: dict, prompts: list[str]) -> dict:
+def world_columns(rendered: dict, ref: dict, prompts: list[str], world: str = "base") -> dict:
     """On the demo model, whose prompts the world's checker reads (distill/demo): adherence (percent of images
-    matching everything the prompt fixes) and hist (the read attributes' histogram distance to the reference's)."""
+    matching everything the prompt fixes, read in `world`'s colours), hist (the read attributes' histogram distance
+    to the reference's) and style (percent of shapes in `world`'s palette: the pastel variant's style LoRA)."""
     from .demo import quality
 
     per_image = [prompts[i % len(prompts)] for i in range(len(ref["images"]))]  # noise-major
 
     def reads(images):
-        return quality.score((images * 255).round().astype(np.uint8), per_image)
+        return quality.score((images * 255).round().astype(np.uint8), per_image, world)
 
     ref_reads = reads(ref["images"])["reads"]
     out = {}
     for name, row in rendered.items():
         s = reads(row["images"])
         hist = quality.histogram_distances(s["reads"], ref_reads, per_image)
-        out[name] = {"adherence": s["adherence"], "hist": float(np.mean(list(hist.values())))}
+        out[name] = {"adherence": s["adherence"], "hist": float(np.mean(list(hist.values()))), "style": s["style"]}
     return out
 
 
@@ -213,7 +214,7 @@ def judge(args) -> dict:
     table = [{"name": row.name, **score(rendered[row.name], ref, len(prompts))} for row in rows]
     extras = []
     if demo and world_prompts(prompts):  # the demo world's own columns beside them
-        extras.append(world_columns(rendered, ref, prompts))
+        extras.append(world_columns(rendered, ref, prompts, args.world))
     if args.clip_vision:
         extras.append(clip_columns(rendered, rows[0].name, prompts, args.clip_vision))
     for extra in extras:
@@ -239,7 +240,7 @@ def judge(args) -> dict:
 def format_report(report: dict) -> str:
     rows = report["rows"]
     width = max(len(r["name"]) for r in rows)
-    cols = TABLE + tuple(c for c in ("adherence", "hist", "clip", "fd clip", "cmmd") if c in rows[0])
+    cols = TABLE + tuple(c for c in ("adherence", "hist", "style", "clip", "fd clip", "cmmd") if c in rows[0])
     lines = [" ".join([" " * width] + [f"{c:>9}" for c in cols])]
     for r in rows:
         cells = ["-" if r[c] is None else f"{r[c]}" if c == "nfe" else f"{r[c]:.4g}" for c in cols]

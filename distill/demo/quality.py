@@ -66,12 +66,14 @@ def decode(vae, latents: Tensor, batch: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def score(images: np.ndarray, prompts: list[str]) -> dict:
-    """Adherence (percent), crispness, template IoU and the read attributes of each image."""
-    reads = [world.read_image(im) for im in images]
+def score(images: np.ndarray, prompts: list[str], world_name: str = "base") -> dict:
+    """Adherence (percent), crispness, template IoU, style (percent of shapes in `world_name`'s palette) and the
+    read attributes of each image, read in `world_name`'s colours."""
+    reads = [world.read_image(im, world_name) for im in images]
     ok = [world.adheres(r, world.parse_caption(p)) for r, p in zip(reads, prompts)]
     return dict(adherence=100.0 * float(np.mean(ok)), crispness=float(np.mean([r["crispness"] for r in reads])),
-                iou=float(np.mean([r["iou"] for r in reads])), reads=reads)
+                iou=float(np.mean([r["iou"] for r in reads])),
+                style=100.0 * float(np.mean([r["style"] == world_name for r in reads])), reads=reads)
 
 
 def histogram_distances(reads: list[dict], ref: list[dict], prompts: list[str]) -> dict[str, float]:

@@ -51,6 +51,19 @@ SIZE_SPLIT = (SIZES["small"][1] + SIZES["large"][0]) / 2
 MENTION_P = {"colour": 0.7, "shape": 0.7, "position": 1.0, "background": 0.5, "size": 0.25}
 ATTRIBUTES = ("shape", "colour", "background", "position", "size")
 PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)  # (8, 3)
+# The variant world (a "style" for the own-LoRA demo): the same scenes and captions, every shape in a pastel of
+# its colour (45% of the way to white). Each pastel stays >= 83 from every background (the checker's mask needs 60),
+# >= 63 from the other pastels and >= 99 from every base colour, so the checker reads both the colour name and
+# which world drew it.
+PASTELS: dict[str, tuple[int, int, int]] = {k: tuple(round(0.55 * c + 0.45 * 255) for c in v)
+                                            for k, v in COLOURS.items()}
+WORLDS = {"base": COLOURS, "variant": PASTELS}
+
+
+def colours_of(world: str) -> dict[str, tuple[int, int, int]]:
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; one of {', '.join(WORLDS)}")
+    return WORLDS[world]
 
 
 @dataclass(frozen=True)
@@ -147,19 +160,20 @@ def parse_caption(text: str) -> dict[str, str]:
     return out
 
 
-def sample(seed: int, n: int, *, size: int = SIZE) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """n scenes from one seed: images (n, size, size, 3) uint8, captions, scenes."""
+def sample(seed: int, n: int, *, size: int = SIZE, world: str = "base") -> tuple[np.ndarray, list[str], list[Scene]]:
+    """n scenes from one seed: images (n, size, size, 3) uint8, captions, scenes (the same in every world)."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, size=size) for _ in range(n)]
-    return np.stack([render(s, size) for s in scenes]), [s.caption for s in scenes], scenes
+    return np.stack([render(s, size, world) for s in scenes]), [s.caption for s in scenes], scenes
 
 
-def sample_for_prompt(prompt: str, seed: int, n: int = 1, *, size: int = SIZE) -> tuple[np.ndarray, list[Scene]]:
+def sample_for_prompt(prompt: str, seed: int, n: int = 1, *, size: int = SIZE,
+                      world: str = "base") -> tuple[np.ndarray, list[Scene]]:
     """n images of one caption, the open attributes drawn from `seed`: the caption's ground-truth distribution."""
     fixed = parse_caption(prompt)
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, prompt=fixed, size=size) for _ in range(n)]
-    return np.stack([render(s, size) for s in scenes]), scenes
+    return np.stack([render(s, size, world) for s in scenes]), scenes
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -193,10 +207,10 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE
     return m
 
 
-def render(scene: Scene, size: int = SIZE) -> np.ndarray:
-    """The scene as an (size, size, 3) uint8 image."""
+def render(scene: Scene, size: int = SIZE, world: str = "base") -> np.ndarray:
+    """The scene as an (size, size, 3) uint8 image, its shape in `world`'s colours."""
     a = shape_mask(scene.shape, scene.cx, scene.cy, scene.radius, size, SUPERSAMPLE)[..., None]
-    fg = np.array(COLOURS[scene.colour], dtype=np.float32)
+    fg = np.array(colours_of(world)[scene.colour], dtype=np.float32)
     bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
     return np.round(a * fg + (1 - a) * bg).astype(np.uint8)
 
@@ -210,21 +224,24 @@ def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> tuple[s
     return names[int(d.argmin())], float(d.min())
 
 
-def crispness(image: np.ndarray) -> float:
-    """Mean distance (0..1, per channel /255) of each pixel to the nearest palette colour: blur and washed-out
-    colours score high, a rendered image scores only its anti-aliased edge pixels."""
+def crispness(image: np.ndarray, world: str = "base") -> float:
+    """Mean distance (0..1, per channel /255) of each pixel to the nearest palette colour of `world`: blur and
+    washed-out colours score high, a rendered image scores only its anti-aliased edge pixels."""
+    palette = PALETTE if world == "base" else np.array(
+        list(colours_of(world).values()) + list(BACKGROUNDS.values()), dtype=np.float32)
     px = image.reshape(-1, 3).astype(np.float32)
-    d = np.linalg.norm(px[:, None, :] - PALETTE[None], axis=2).min(axis=1)
+    d = np.linalg.norm(px[:, None, :] - palette[None], axis=2).min(axis=1)
     return float(d.mean() / 255.0)
 
 
-def read_image(image: np.ndarray) -> dict:
-    """Recover a scene's attributes from an (H, W, 3) uint8 image of the world (rendered or generated).
+def read_image(image: np.ndarray, world: str = "base") -> dict:
+    """Recover a scene's attributes from an (H, W, 3) uint8 image of `world` (rendered or generated).
 
     Background: the median border colour, nearest palette entry. Shape pixels: those far from the background.
     Colour: the median shape pixel. Position: the cell of the shape pixels' centroid. Shape and size: the template
     (shape, radius) at that centroid with the best IoU against the shape pixels. `found` is False when there is no
-    shape at all; `iou` tells how well the best template fits (low for blobs and mixtures).
+    shape at all; `iou` tells how well the best template fits (low for blobs and mixtures). `style`: the world whose
+    palette the shape's colour is nearest (the own-LoRA demo checks that a style LoRA changed it).
     """
     img = image.astype(np.float32)
     size = img.shape[0]
@@ -232,10 +249,12 @@ def read_image(image: np.ndarray) -> dict:
     background, _ = _nearest(np.median(border, axis=0), BACKGROUNDS)
     bg = np.array(BACKGROUNDS[background], dtype=np.float32)
     mask = np.linalg.norm(img - bg, axis=2) > 60.0  # half-way-ish between any background and any shape colour
-    out = dict(background=background, found=bool(mask.sum() >= 9), crispness=crispness(image))
+    out = dict(background=background, found=bool(mask.sum() >= 9), crispness=crispness(image, world))
     if not out["found"]:
-        return dict(out, shape=None, colour=None, position=None, size=None, radius=0.0, iou=0.0)
-    colour, _ = _nearest(np.median(img[mask], axis=0), COLOURS)
+        return dict(out, shape=None, colour=None, position=None, size=None, radius=0.0, iou=0.0, style=None)
+    median = np.median(img[mask], axis=0)
+    colour, _ = _nearest(median, colours_of(world))
+    style = min(WORLDS, key=lambda w: _nearest(median, WORLDS[w])[1])
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     col, row = min(int(cx * 3 // size), 2), min(int(cy * 3 // size), 2)
@@ -248,7 +267,8 @@ def read_image(image: np.ndarray) -> dict:
                 best = (float(iou), shape, float(r))
     iou, shape, radius = best
     probe = Scene(shape, colour, background, POSITIONS[row * 3 + col], cx, cy, radius)
-    return dict(out, shape=shape, colour=colour, position=probe.position, size=probe.size, radius=radius, iou=iou)
+    return dict(out, shape=shape, colour=colour, position=probe.position, size=probe.size, radius=radius, iou=iou,
+                style=style)
 
 
 def adheres(read: dict, prompt: dict[str, str]) -> bool:
