@@ -292,11 +292,12 @@ def _base_type(tp) -> type:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per field (`--t_skip` and `--t-skip`); default SUPPRESS: unset flags keep the file's value."""
+    """One flag per field (`--t_skip`; the parser also takes `--t-skip`, sampling/options.py OneLineParser);
+    default SUPPRESS: unset flags keep the file's value."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
-        flags = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
+        flags = [f"--{f.name}"]
         kw = {"dest": f.name, "default": argparse.SUPPRESS,
               "help": f"{f.metadata.get('help', '')} [{f.default!r}]"}
         if f.metadata.get("parse"):

@@ -17,8 +17,9 @@ from .config import ConfigError
 from .lora_export import export_checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m distill.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m distill.export", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a run folder (its newest intact checkpoint) or a checkpoints/step-N folder")
     p.add_argument("--set", dest="lora_set", help="LoRA set: live, fast_ema, slow_ema (default: the run's "
                    "export_set)")
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="file layouts (default: the run's export_formats)")
     p.add_argument("--output", help="folder for the files (default: the run folder)")
     p.add_argument("--overwrite", action="store_true", help="replace files that exist")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         for path in export_checkpoint(args.source, args.lora_set, args.formats, args.output, args.overwrite):
             print(path)

@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,7 @@ IGNORE_TE_LORA_HELP = ("apply only the transformer part of the LoRAs: their text
 
 def add_ignore_te_lora(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--ignore-te-lora, the one spelling every command has (train's config field is ignore_te_lora)."""
-    group.add_argument("--ignore-te-lora", "--ignore_te_lora", action="store_true", help=IGNORE_TE_LORA_HELP)
+    group.add_argument("--ignore-te-lora", action="store_true", help=IGNORE_TE_LORA_HELP)
 
 
 def add_run_options(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -41,7 +42,7 @@ def add_run_options(group: argparse.ArgumentParser | argparse._ArgumentGroup) ->
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
     group.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    group.add_argument("--fp8-compute", "--fp8_compute", action="store_true", help=FP8_COMPUTE_HELP)
+    group.add_argument("--fp8-compute", action="store_true", help=FP8_COMPUTE_HELP)
     group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     group.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
 
@@ -56,10 +57,29 @@ def out_of_memory(args, smaller: str) -> str:
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one `error: ...` line, as the commands' own: the usage block argparse prints
-    first runs to 15 lines for generate and buries the error; --help still shows it."""
+    first runs to 15 lines for generate and buries the error; --help still shows it.
+
+    Every flag takes both spellings: `--blocks-to-swap` and `--blocks_to_swap` (the sampling commands define the
+    first, `train` the second, after its config fields); --help shows the one defined."""
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def spelled(self, token: str) -> str:
+        """`token` with its flag in the spelling this parser defines (`--a_b=1` -> `--a-b=1` where that exists)."""
+        name, eq, value = token.partition("=")
+        if not token.startswith("--") or name in self._option_string_actions:
+            return token
+        key = name[2:].replace("_", "-")
+        for option in self._option_string_actions:
+            if option.startswith("--") and option[2:].replace("_", "-") == key:
+                return option + eq + value
+        return token
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        cut = args.index("--") if "--" in args else len(args)  # after `--` everything is positional
+        return super().parse_known_args([self.spelled(t) for t in args[:cut]] + args[cut:], namespace)
 
 
 def check_device(text: str, flag: str = "--device") -> None:
