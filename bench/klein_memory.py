@@ -24,7 +24,7 @@ from model.qwen3 import QWEN3_CONFIGS, Qwen3TextEncoder  # noqa: E402
 from model.vae import VAE_CONFIGS, AutoEncoder  # noqa: E402
 from sampling.flux2 import Flux2KleinPipeline, Flux2Sources  # noqa: E402
 
-MODELS = {"klein-4b": "qwen3-4b", "klein-9b": "qwen3-8b"}  # flux2-reference.md §0: each klein's encoder
+MODELS = {"klein-4b": "qwen3-4b", "klein-9b": "qwen3-8b"}  # docs/flux2.md §0: each klein's encoder
 SIDES = (512, 1024)
 
 

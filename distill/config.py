@@ -128,7 +128,7 @@ class DistillConfig:
     ignore_te_lora: bool = opt(False, "merge only the transformer part of the base_loras: their text-encoder "
                                       "part (kohya lora_te*_, diffusers text_encoder*.), otherwise merged into "
                                       "CLIP / T5 when the text cache is built, is skipped with one line saying so")
-    # --- SCFM objective (scfm-method.md §2-§5) ------------------------------------------------------------
+    # --- SCFM objective (docs/method.md §2-§5) ------------------------------------------------------------
     objective: str = opt("scfm", "scfm: velocity-field self-distillation (teacher, fast and slow EMA); "
                                  "flow_matching: ordinary LoRA training on the data's images (every element the "
                                  "plain target eps - x0: no target calls, no EMA or teacher sets; a style LoRA)")

@@ -29,7 +29,7 @@ from torch import Tensor
 from weights.atomic import atomic_save
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# scfm-method.md §7, (width, height): the released 512-px buckets; buckets_for(512) reproduces them
+# docs/method.md §7, (width, height): the released 512-px buckets; buckets_for(512) reproduces them
 BUCKETS_512 = ((384, 640), (448, 576), (512, 512), (576, 448), (640, 384))
 CACHE_VERSION = 1
 

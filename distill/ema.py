@@ -1,7 +1,7 @@
 """Exponential moving averages of the live LoRA, held as weight sets of the same layers (distill/lora.py).
 
 After every optimiser step: fast <- 0.99 fast + 0.01 live, slow <- 0.999 slow + 0.001 live
-(scfm-method.md §4). The SD3.5 recipe also restarts both EMAs from live every `restart_every` updates, at
+(docs/method.md §4). The SD3.5 recipe also restarts both EMAs from live every `restart_every` updates, at
 the released trainer's timing (see `ema_step`).
 EMA sets are fp32: at decay 0.999 an update moves a weight by 1e-3 of the difference, which bf16
 (8 mantissa bits) would mostly round away.
@@ -59,7 +59,7 @@ def ema_step(model: nn.Module, config: EMAConfig, step: int) -> None:
 
     Restarts come after updates R+1, 2R+1, ... (u > 1 and (u - 1) % R == 0), *instead of* that update's EMA
     step: the released trainer checks its step counter before incrementing it, so its restarts land one
-    update later than "every R updates" reads (scfm-method.md §4).
+    update later than "every R updates" reads (docs/method.md §4).
     """
     r = config.restart_every
     if r and step > 1 and (step - 1) % r == 0:

@@ -1,7 +1,7 @@
 """LoRA layers that hold several named weight sets (live, fast EMA, slow EMA, teacher) and pick one per call.
 
 The released SCFM trainer copies EMA and teacher weights into the live parameters around every no-grad call
-(scfm-method.md §10). Here each set is its own tensors and the forward reads the set the caller selected:
+(docs/method.md §10). Here each set is its own tensors and the forward reads the set the caller selected:
 
     with weight_set(model, "slow_ema"):
         v = model(...)
@@ -140,7 +140,7 @@ class LoRALayer(Float8Weight, nn.Module):
         self.lora_up = nn.ParameterDict()
         for name in config.sets:
             live = name == "live"
-            # EMAs start at zero (the base model, scfm-method.md §3); live gets Gaussian down, zero up
+            # EMAs start at zero (the base model, docs/method.md §3); live gets Gaussian down, zero up
             init = down.clone() if live else torch.zeros_like(down)
             self.lora_down[name] = nn.Parameter(init, requires_grad=live)
             self.lora_up[name] = nn.Parameter(torch.zeros(up_shape, device=device), requires_grad=live)

@@ -55,7 +55,7 @@ def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict], 
             "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
     if base_loras:  # generate warns when this LoRA is sampled without them
         info["base_loras"] = base_loras
-    if cfg.cfg_scale:  # scfm-method.md §5: what every training call computed, and how to sample it
+    if cfg.cfg_scale:  # docs/method.md §5: what every training call computed, and how to sample it
         info["cfg"] = {"w": cfg.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
                        "diffusers_guidance_scale": cfg_scale_from_w(cfg.cfg_scale)}
     family = model_family(model)
@@ -94,7 +94,7 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
                            "nothing exported: export an earlier checkpoint (python -m distill.export "
                            "RUN/checkpoints/step-N) or another --set")
     slices = {name: layer.slices for name, layer in lora_layers(model).items()}
-    # scfm-method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with.
+    # docs/method.md §8: a few Euler steps on the SCFM grid at shift ~3; the T5 length it was distilled with.
     # Flux-dev: its guidance input. SD3.5 with CFG baked in: sampled as trained, c + w (c - u) against the
     # empty prompt, which is diffusers' guidance scale 1 + w (generate reads it as that).
     if family.guidance == "embedding":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 SETS = ("live", "fast_ema", "slow_ema", "teacher")
 
 # Official (BFL) module names, `{i}` = block index, `:kind` = per-slice LoRAs on a fused layer. Mapped through
-# reference.md §2.4 this is exactly the released diffusers list of scfm-method.md §6 (tests/test_lora.py
+# docs/models.md §2.4 this is exactly the released diffusers list of docs/method.md §6 (tests/test_lora.py
 # checks it against peft). `proj_out` there means both single_blocks.{i}.linear2 and final_layer.linear.
 FLUX_TARGETS: tuple[str, ...] = (
     "img_in", "txt_in",
@@ -25,7 +25,7 @@ FLUX_TARGETS: tuple[str, ...] = (
     "final_layer.linear", "final_layer.adaLN_modulation.1",
 )
 
-# SD3.5 in SAI names (reference.md §3.4). The released list has no context-stream adaLN or MLP
+# SD3.5 in SAI names (docs/models.md §3.4). The released list has no context-stream adaLN or MLP
 # (`norm1_context`, `ff_context`), its `norm2.linear` matches no SD3 module and its `attn.to_q` misses
 # the dual blocks' `attn2`.
 SD3_TARGETS: tuple[str, ...] = (

@@ -51,7 +51,7 @@ def check_writable(folder: Path, fix: str) -> None:
 
 def resolve_demo(cfg: DistillConfig) -> DistillConfig:
     """model = "demo": the shipped pipeline folder's transformer, VAE and text encoders, and (without --data) a
-    dataset the teacher renders into <output>/data first, as the recipe does (scfm-method.md §7)."""
+    dataset the teacher renders into <output>/data first, as the recipe does (docs/method.md §7)."""
     if cfg.model != "demo":
         return cfg
     from distill.demo.models import demo_sources
@@ -158,7 +158,7 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: F
                 raise DataError("no dataset: pass --data FOLDER")
             if cfg.t5 and not cfg.t5_tokenizer:
                 raise DataError("--t5 needs --t5-tokenizer (its spiece.model / tokenizer.json / folder)")
-            # a CFG family embeds the empty negative prompt once (SD3.5's baked-in CFG, scfm-method.md §5)
+            # a CFG family embeds the empty negative prompt once (SD3.5's baked-in CFG, docs/method.md §5)
             plan = plan_cache(cfg.data, cache_key(cfg, family), cfg.resolution, cfg.sample_prompts,
                               cond_names=family.part("pipeline").cond_names,
                               negative_prompt="" if family.guidance == "cfg" else None)

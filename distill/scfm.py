@@ -1,4 +1,4 @@
-"""The SCFM objective (scfm-method.md §2-§5): schedule sampler, shortcut target and loss, as pure functions.
+"""The SCFM objective (docs/method.md §2-§5): schedule sampler, shortcut target and loss, as pure functions.
 
 Everything here talks to the network only through a velocity function
 

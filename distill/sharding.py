@@ -3,7 +3,7 @@
 model that does not fit one GPU (Flux-dev in bf16 on 24 GB cards) trains on several.
 
 The released trainer could not shard its model because it swaps EMA and teacher weights into the live
-parameters in place (scfm-method.md §10). Here every set is its own parameter of its layer (distill/lora.py), so
+parameters in place (docs/method.md §10). Here every set is its own parameter of its layer (distill/lora.py), so
 `fully_shard` shards them like any other: each transformer block is one shard group, gathered for its forward
 (all sets: a call picks one) and freed after. Sharded tensors are DTensors; the few places that need a whole set
 (checkpoints, export, loading) go through `full` and `like`, which every process must call together.

@@ -5,7 +5,7 @@ line; `python -m distill.train` calls it for the demo).
         --images-per-bucket 500
 
 Image j of bucket b uses prompt (j * buckets + b) mod P (so prompts spread over the buckets) and its own seed
-(seed + job number), 32 Euler steps of the model's own schedule at guidance 3.5 (scfm-method.md §7; FLUX.2
+(seed + job number), 32 Euler steps of the model's own schedule at guidance 3.5 (docs/method.md §7; FLUX.2
 [klein] base: its pipeline's 50 steps at real CFG 4, against the empty prompt). The
 folder gets `{W}x{H}_{j:06d}.png` files and `metadata.jsonl` lines {"file_name", "prompt"}: the layout
 `python -m distill.train --data` reads. Killed and restarted with the same arguments, it continues where it

@@ -2,7 +2,7 @@
 
 The objective lives in `distill/scfm.py`; this file owns everything around it. Flux and SD3 / SD3.5 (the
 MMDiT) train the same way; the family decides the velocity wrapper, the LoRA targets and, for SD3.5 with
-`cfg_scale`, the classifier-free guidance baked into every call (scfm-method.md §5) against the cache's
+`cfg_scale`, the classifier-free guidance baked into every call (docs/method.md §5) against the cache's
 negative (empty) prompt. Each step's data and random
 draws are pure functions of (seed, step, global element position) (`BucketBatches`, `element_generators`), so
 a resumed run and a run on any number of processes train on exactly the same numbers.
@@ -98,7 +98,7 @@ def scfm_config(cfg: DistillConfig, guidance: bool, dynamic_shift: str = "linear
 
 
 def lora_config(cfg: DistillConfig) -> LoRAConfig:
-    """The run's LoRA: its family's target table (scfm-method.md §6 in official names, distill/lora_targets.py);
+    """The run's LoRA: its family's target table (docs/method.md §6 in official names, distill/lora_targets.py);
     the flow-matching objective holds the live set alone (no EMA sets, no teacher)."""
     targets = get_family(cfg.targets).part("lora_targets")
     if cfg.objective == "flow_matching":
@@ -199,7 +199,7 @@ class Trainer:
         model.enable_gradient_checkpointing(config.gradient_checkpointing, max(config.unchecked_blocks, 0))
         if config.teacher_lora:  # any layout weights.lora reads, fitted to this run's rank and alpha
             load_set(model, "teacher", teacher_set(model, config.teacher_lora, self.kind))
-            for ema in ("fast_ema", "slow_ema"):  # scfm-method.md §3: EMAs start from the teacher LoRA
+            for ema in ("fast_ema", "slow_ema"):  # docs/method.md §3: EMAs start from the teacher LoRA
                 copy_set(model, ema, "teacher")
         if self.sharded:  # after every set exists: sets created later would not be sharded
             shard_model(model, self.device.type, self.world)

@@ -39,11 +39,16 @@ class CLIPConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}")
+        check_tower(self)
+
+
+def check_tower(config) -> None:
+    """What a text or vision tower's config must satisfy (model/clip_vision.py shares the layers)."""
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not divisible by "
+                         f"num_attention_heads {config.num_attention_heads}")
+    if config.hidden_act not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {config.hidden_act!r}")
 
 
 CLIP_CONFIGS: dict[str, CLIPConfig] = {

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .clip import _ACTIVATIONS, CLIPEncoder
+from .clip import CLIPEncoder, check_tower
 from .config import PresetConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,11 +42,7 @@ class CLIPVisionConfig(PresetConfig):
     hidden_act: str = "quick_gelu"  # OpenAI: x*sigmoid(1.702x); OpenCLIP (laion) towers: exact erf GELU
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}")
+        check_tower(self)
         if self.image_size < self.patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
 

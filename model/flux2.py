@@ -1,5 +1,5 @@
 """The FLUX.2 transformer (klein 4B / 9B, base and distilled; dev), with BFL parameter names so
-`flux-2-klein-4b.safetensors` loads as is (../shared/docs/flux2-reference.md §1).
+`flux-2-klein-4b.safetensors` loads as is (docs/flux2.md §1).
 
 forward(img, img_ids, txt, txt_ids, timesteps, guidance) -> velocity (B, L, out_channels), with timesteps the noise
 level sigma in [0, 1]. What differs from FLUX.1 (model/flux.py): the modulations are computed once per forward from
@@ -47,7 +47,7 @@ FLUX2_CONFIGS: dict[str, Flux2Config] = {
                             guidance_embed=False),
     "klein-9b": Flux2Config(context_in_dim=12288, hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24,
                             guidance_embed=False),
-    # the parity plan's tiny model (flux2-reference.md §7): every feature, milliseconds on a CPU
+    # the parity plan's tiny model (docs/flux2.md §7): every feature, milliseconds on a CPU
     "tiny": Flux2Config(in_channels=8, out_channels=8, context_in_dim=24, hidden_size=64, num_heads=4, depth=2,
                         depth_single_blocks=2, axes_dim=(4, 4, 4, 4), guidance_embed=False),
 }

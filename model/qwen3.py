@@ -1,5 +1,5 @@
 """The Qwen3 decoder as FLUX.2 [klein]'s text encoder, with Hugging Face parameter names so `text_encoder/`
-folders and ComfyUI's `qwen_3_4b.safetensors` load as they are (flux2-reference.md §2.2).
+folders and ComfyUI's `qwen_3_4b.safetensors` load as they are (docs/flux2.md §2.2).
 
 Only what the klein pipeline reads is built: the embeddings and the decoder layers up to the last tapped one
 (`hidden_states[27]` is the output of layers 0..26, before the final norm), so Qwen3-4B's last 9 layers, its final
@@ -52,7 +52,7 @@ class Qwen3Config(PresetConfig):
 QWEN3_CONFIGS: dict[str, Qwen3Config] = {
     "qwen3-4b": Qwen3Config(),
     "qwen3-8b": Qwen3Config(hidden_size=4096, intermediate_size=12288),
-    # the parity plan's tiny model (flux2-reference.md §7): 28 layers so that the taps are real, head_dim 16 != 48/4
+    # the parity plan's tiny model (docs/flux2.md §7): 28 layers so that the taps are real, head_dim 16 != 48/4
     "tiny": Qwen3Config(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=28,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }

@@ -9,7 +9,7 @@ What the pipelines do, and so what these return (a (B, max_length) int64 tensor)
 - T5: the sentencepiece ids, `</s>` (1), then pad (0) to the pipeline's length (Flux 512, or 256 in the
   schnell recipe; SD3 256). Over-long prompts keep the first max_length - 1 pieces and end with `</s>`.
 - Qwen3 (FLUX.2 [klein]): the prompt inside the chat template `Flux2KleinPipeline` renders (one user turn, the
-  generation prompt, thinking off: `QWEN3_TEMPLATE`, flux2-reference.md §2.1), its byte-level BPE ids with no BOS,
+  generation prompt, thinking off: `QWEN3_TEMPLATE`, docs/flux2.md §2.1), its byte-level BPE ids with no BOS,
   right-padded with `<|endoftext|>` to 512 and cut at 512 (transformers' truncation: the end of the template goes
   first), with the attention mask Qwen3 reads.
 - Special tokens written in a prompt (`<|endoftext|>`, `</s>`, `<extra_id_0>` ...) are single tokens, as in

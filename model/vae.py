@@ -6,7 +6,7 @@ are 1x1 convolutions because that is how the LDM files store them.
 
 `encode` returns unscaled latents and `decode` takes unscaled latents; `normalize_latents` / `denormalize_latents`
 give what the transformer sees: FLUX.1 / SD3.5 scale and shift them; FLUX.2 patchifies them 2x2 (32 -> 128 channels,
-half the side) and normalises with its BatchNorm running statistics, eps 1e-4 (flux2-reference.md §3).
+half the side) and normalises with its BatchNorm running statistics, eps 1e-4 (docs/flux2.md §3).
 Large images are encoded and decoded in overlapping tiles blended with linear ramps, so a 2048x2048 decode needs
 the memory of one tile, not of the whole image.
 """

@@ -46,7 +46,7 @@ class Pipeline:
     cond_names: tuple[str, ...]  # the keys of `encode`'s conditioning, in the cache's order
     defaults: dict  # `generate`'s defaults: steps, guidance, max_sequence_length (the diffusers pipeline's)
     # `make_dataset`'s: the released recipe renders its teacher data with 32 steps at guidance 3.5
-    # (scfm-method.md §7); a family whose pipeline guides otherwise says so
+    # (docs/method.md §7); a family whose pipeline guides otherwise says so
     teacher_defaults: dict = {"steps": 32, "guidance": 3.5}
     # `generate` flags only this family reads, (flag, args attribute): another family's model refuses them
     own_flags: tuple[tuple[str, str], ...] = ()

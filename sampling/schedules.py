@@ -106,7 +106,7 @@ def _exp_shift(sigmas: Tensor, e: float) -> Tensor:
 
 
 def empirical_mu(image_seq_len: int, steps: int) -> float:
-    """FLUX.2's mu (BFL `get_schedule`, diffusers `compute_empirical_mu`; flux2-reference.md §4): past 4300 image
+    """FLUX.2's mu (BFL `get_schedule`, diffusers `compute_empirical_mu`; docs/flux2.md §4): past 4300 image
     tokens linear in them alone; below, linear in the step count between a 10-step and a 200-step line."""
     a1, b1, a2, b2 = 8.73809524e-05, 1.89833333, 0.00016927, 0.45666666
     if image_seq_len > 4300:

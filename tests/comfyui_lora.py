@@ -116,7 +116,7 @@ def key_map(family: str, cfg, weight_names) -> dict[str, Target]:
         else:
             out[full] = Target(full)
     # FLUX.2: ComfyUI's model_base.Flux2 subclasses Flux, so the Flux branch runs, but which diffusers FLUX.2 names
-    # its flux_to_diffusers knows was never read from ComfyUI itself (flux2-reference.md §5): left out, so that
+    # its flux_to_diffusers knows was never read from ComfyUI itself (docs/flux2.md §5): left out, so that
     # only what is certain (the generic stems and linear1_qkv) can make a test pass
     table = {"flux": _flux_table, "sd3": _mmdit_table}.get(family, lambda cfg: {})(cfg)
     prefixes = (("transformer.", "."), ("lycoris_", "_"), ("lora_transformer_", "_"), ("", ".")) \

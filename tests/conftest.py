@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 def randomize_(module: torch.nn.Module, sigma: float, seed: int = 0) -> torch.nn.Module:
-    """Randomise every parameter and persistent buffer (reference.md §1): norm scales get 1 + N(0, sigma) so a
+    """Randomise every parameter and persistent buffer (docs/models.md §1): norm scales get 1 + N(0, sigma) so a
     swapped scale/shift or a mis-mapped norm cannot hide behind default init."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

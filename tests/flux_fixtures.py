@@ -41,7 +41,7 @@ def tiny_config(guidance: bool = True) -> FluxConfig:
 
 
 def tiny_inputs(guidance: bool = True, batch: int = 2, seed: int = 1) -> dict:
-    """B=2, latent 4x8x12 -> 24 packed tokens of 16 channels, 5 text tokens (reference.md §9 row 1)."""
+    """B=2, latent 4x8x12 -> 24 packed tokens of 16 channels, 5 text tokens (docs/models.md §9 row 1)."""
     g = torch.Generator().manual_seed(seed)
     t_len = 5
     return dict(

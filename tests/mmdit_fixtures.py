@@ -1,4 +1,4 @@
-"""Tiny diffusers SD3 / SD3.5 oracles and inputs shared by the MMDiT tests (reference.md §9 rows 6-9)."""
+"""Tiny diffusers SD3 / SD3.5 oracles and inputs shared by the MMDiT tests (docs/models.md §9 rows 6-9)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ DIFFUSERS_KWARGS = {
 
 
 def tiny_diffusers_mmdit(variant: str = "sd3.5", sigma: float = 0.02, seed: int = 0):
-    """Every parameter and the pos_embed table random (reference.md §1)."""
+    """Every parameter and the pos_embed table random (docs/models.md §1)."""
     from diffusers import SD3Transformer2DModel
 
     return randomize_(SD3Transformer2DModel(**DIFFUSERS_KWARGS[variant]), sigma, seed).eval()

@@ -1,4 +1,4 @@
-"""CLIP text transformer against transformers' CLIPTextModel and CLIPTextModelWithProjection (reference.md
+"""CLIP text transformer against transformers' CLIPTextModel and CLIPTextModelWithProjection (docs/models.md
 §9 row 13)."""
 
 import dataclasses
@@ -70,7 +70,7 @@ def test_clip_matches_transformers_bf16(config):
 
 def test_clip_full_size_parameter_counts():
     # transformers' CLIPTextModelWithProjection: CLIP-L 123,650,304, bigG 694,659,840; CLIP-L without
-    # projection (Flux's CLIPTextModel) 123,060,480 (reference.md §5.2, §5.3).
+    # projection (Flux's CLIPTextModel) 123,060,480 (docs/models.md §5.2, §5.3).
     with torch.device("meta"):
         counts = {name: sum(p.numel() for p in CLIPTextEncoder(CLIP_CONFIGS[name]).parameters())
                   for name in ("clip-l", "clip-bigg")}

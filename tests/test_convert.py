@@ -193,7 +193,7 @@ def ours_with(bfl, loras):
 
 
 def assert_lora_close(ours, expected):
-    # merged (ours) vs unmerged (peft) LoRA in fp32, as in test_lora_files.py (reference.md §7.1: 4.8e-7)
+    # merged (ours) vs unmerged (peft) LoRA in fp32, as in test_lora_files.py (docs/models.md §7.1: 4.8e-7)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * max(1.0, expected.abs().max().item()))
 
 
@@ -221,7 +221,7 @@ def test_lora_to_kohya_warns_loads_in_diffusers_on_block_keys_and_keeps_every_ke
         k = back.modules[m]
         torch.testing.assert_close(k.delta_times(x[: mod.in_features]), mod.delta_times(x[: mod.in_features]))
 
-    # diffusers' kohya path hard-codes full-size single blocks (reference.md §7.3), so the file it reads holds
+    # diffusers' kohya path hard-codes full-size single blocks (docs/models.md §7.3), so the file it reads holds
     # the double-block layers; it drops the embedders and final layer, so those are left out of our side too
     block = ("double_blocks.", "single_blocks.1.linear2")
     kept = LoRA({m: v for m, v in flux_lora.modules.items() if m.startswith(block)}, source="blocks")

@@ -1,7 +1,7 @@
 """FLUX.2 (model/flux2.py, weights/families/flux2.py): the transformer against diffusers' Flux2Transformer2DModel,
 klein-like (no guidance input) and dev-like, through our key map and through diffusers' own BFL converter;
 loading BFL single files (with ComfyUI's prefix) and diffusers folders; the one-line errors between FLUX.1 and
-FLUX.2 files (flux2-reference.md §7: the tiny parity config)."""
+FLUX.2 files (docs/flux2.md §7: the tiny parity config)."""
 
 import pytest
 import torch
@@ -27,7 +27,8 @@ def diffusers_model(guidance: bool):
 
 
 def inputs(guidance: bool):
-    """B = 2 at different times; 7 text tokens; a 3 x 5 image plus 4 reference tokens at T = 10 (§1.3)."""
+    """B = 2 at different times; 7 text tokens; a 3 x 5 image plus 4 reference tokens at T = 10
+    (docs/flux2.md §1.3)."""
     g = torch.Generator().manual_seed(0)
     img_ids = torch.cat([flux2_image_ids(3, 5), torch.tensor([[10.0, i, j, 0] for i in (0, 1) for j in (0, 1)])])
     return dict(img=torch.randn(2, 19, 8, generator=g), img_ids=img_ids, txt=torch.randn(2, 7, 24, generator=g),
@@ -87,7 +88,7 @@ def test_bf16_is_close_to_the_fp32_oracle():
 def test_presets_have_the_published_sizes():
     with torch.device("meta"):
         counts = {n: sum(p.numel() for p in Flux2(FLUX2_CONFIGS[n]).parameters()) for n in FLUX2_CONFIGS}
-    # flux2-reference.md §0, counted on meta models there
+    # docs/flux2.md §0, counted on meta models there
     assert round(counts["klein-4b"] / 1e9, 3) == 3.876 and round(counts["klein-9b"] / 1e9, 3) == 9.079
     assert round(counts["flux2-dev"] / 1e9, 2) == 32.22
 
@@ -206,7 +207,7 @@ def test_fp8_storage_and_block_swap_work_as_for_flux1():
 def test_scfm_trains_a_flux2_lora_and_exports_it(tmp_path, cfg_scale):
     """A few SCFM steps on a tiny FLUX.2 (a cache of 4-channel latents and 32-wide text, as the tests' fake encoders
     make: its context and channel widths follow them), the FLUX.2 target table, and the exported file read back and
-    merged (flux2-reference.md §5: BFL module names)."""
+    merged (docs/flux2.md §5: BFL module names)."""
     from test_data import IMAGES as images
     from test_data import KEY, POOL, FakeText, FakeVAE, write_images
     from test_trainer import config
@@ -252,7 +253,7 @@ def test_scfm_trains_a_flux2_lora_and_exports_it(tmp_path, cfg_scale):
 @pytest.mark.parametrize("tool", ["ai-toolkit", "musubi"])
 def test_other_tools_loras_read_as_diffusers_converts_them(tmp_path, tool):
     """FLUX.2 LoRAs as ai-toolkit writes them (`diffusion_model.<BFL module>.lora_A / lora_B`, no alpha: scale 1) and
-    as musubi-tuner does (`lora_unet_<BFL module, _>` lora_down / lora_up / alpha), flux2-reference.md §5, read for a
+    as musubi-tuner does (`lora_unet_<BFL module, _>` lora_down / lora_up / alpha), docs/flux2.md §5, read for a
     FLUX.2 model: every layer's delta W equals what diffusers' own converters give (the fused qkv in thirds there)."""
     from diffusers.loaders import lora_conversion_utils as convert
     from safetensors.torch import save_file

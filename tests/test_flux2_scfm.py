@@ -1,7 +1,7 @@
 """SCFM for FLUX.2 [klein] base (distill/ with model/flux2.py): the CFG-baked target and loss against u + g (c - u)
 computed by hand, klein's empirical dynamic shift in the draws, and a tiny CFG-baked run whose exported files load
 where users load them: the PEFT file in diffusers' Flux2KleinPipeline and in `generate`, the kohya file by
-ComfyUI's rule, conversion and merging; a killed run resumes to the uninterrupted one (flux2-reference.md §4-§5)."""
+ComfyUI's rule, conversion and merging; a killed run resumes to the uninterrupted one (docs/flux2.md §4-§5)."""
 
 from __future__ import annotations
 
@@ -306,7 +306,7 @@ def test_the_klein_recipe_trains_with_its_cfg_and_shift_range(tmp_path):
     assert (preset["targets"], preset["cfg_scale"], preset["t5_length"]) == ("flux2", 3.0, 512)
     assert (preset["rank"], preset["lr"], preset["t_skip"], preset["teacher_ratio"]) == (64, 2e-5, 2, 0.4)
     assert build_config("flux2-klein-4b-scfm") == dataclasses.replace(DistillConfig(), **preset)
-    # the fixed shifts cover what klein samples 512 px with, from 32 steps down to 4 (flux2-reference.md §4)
+    # the fixed shifts cover what klein samples 512 px with, from 32 steps down to 4 (docs/flux2.md §4)
     for steps in (32, 4):
         assert preset["shift_min"] < math.exp(empirical_mu(1024, steps)) < preset["shift_max"]
     assert preset["shift_min"] < preset["sample_shift"] < preset["shift_max"]

@@ -1,5 +1,5 @@
 """FLUX.2's 32-channel VAE (model/vae.py, weights/vae.py) against diffusers' AutoencoderKLFlux2 plus the klein
-pipeline's patchify and BatchNorm normalisation (flux2-reference.md §3, §7: ch 32, ch_mult (1, 2), one res block,
+pipeline's patchify and BatchNorm normalisation (docs/flux2.md §3, §7: ch 32, ch_mult (1, 2), one res block,
 z 4, random running statistics, a 32 x 48 image), from a diffusers folder and from BFL's single-file layout."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Our Flux against diffusers' FluxTransformer2DModel on the same weights (reference.md §9 rows 1, 2, 4, 5)."""
+"""Our Flux against diffusers' FluxTransformer2DModel on the same weights (docs/models.md §9 rows 1, 2, 4, 5)."""
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ def test_matches_diffusers_fp32_and_bf16(guidance, sigma):
     ours = ours_from(ref, guidance)
     inp = tiny_inputs(guidance)
     assert_fp32_close(run_ours(ours, inp), run_diffusers(ref, inp))
-    # bf16 against diffusers also in bf16: both round sigma to bf16 before x1000 (reference.md §1)
+    # bf16 against diffusers also in bf16: both round sigma to bf16 before x1000 (docs/models.md §1)
     assert_bf16_close(run_ours(ours, inp, torch.bfloat16), run_diffusers(ref, inp, torch.bfloat16))
 
 

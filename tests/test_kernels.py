@@ -1,7 +1,7 @@
 """Triton kernels against their torch references (model/kernels). On CPU the kernels run under
 TRITON_INTERPRET=1 (tests/conftest.py); on a GPU the same tests run the compiled kernels.
 
-fp32: tight (reference.md §1 tolerances). bf16/fp16 outputs: >= 99% bit-identical to the reference run in the
+fp32: tight (docs/models.md §1 tolerances). bf16/fp16 outputs: >= 99% bit-identical to the reference run in the
 same dtype (the kernels reproduce its rounding points), and within one ulp of it or within the error-ratio
 criterion against an fp64 oracle. Low-precision gradients: the error ratio (the reference's autograd rounds
 intermediate gradients to bf16; the kernels keep them in fp32). Then the whole tiny Flux, and a tiny training
@@ -487,7 +487,7 @@ def test_tiny_flux_kernels_on_equals_off(monkeypatch):
 
 
 def test_tiny_flux_bf16_kernels_on_equals_off(monkeypatch):
-    """bf16 at the model level: the transformer criterion of reference.md §1 (3e-2 of max|ref|)."""
+    """bf16 at the model level: the transformer criterion of docs/models.md §1 (3e-2 of max|ref|)."""
     pytest.importorskip("model.flux")
     model, inp = _tiny_lora_flux(torch.bfloat16), _inputs(torch.bfloat16)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from model.flux import FLUX_CONFIGS, Flux
 from weights.keymaps import swap_halves, to_official
 from weights.keymaps.flux import flux_rules
 
-# scfm-method.md §6, the released Flux list in diffusers names, as given to peft
+# docs/method.md §6, the released Flux list in diffusers names, as given to peft
 RELEASED_FLUX = [
     *(f"time_text_embed.{e}_embedder.linear_{k}" for e in ("timestep", "text", "guidance") for k in (1, 2)),
     "context_embedder", "x_embedder", "norm.linear", "norm1.linear", "norm1_context.linear",
@@ -339,7 +339,7 @@ RELEASED_SD3 = [
     "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     "ff.net.0.proj", "ff.net.2", "norm_out.linear", "proj_out",
 ]
-# diffusers module -> SAI module (reference.md §3.4); q/k/v map onto one fused qkv
+# diffusers module -> SAI module (docs/models.md §3.4); q/k/v map onto one fused qkv
 _SD3_NAMES = [
     (r"pos_embed\.proj", "x_embedder.proj"),
     (r"time_text_embed\.timestep_embedder\.linear_(\d)", lambda m: f"t_embedder.mlp.{2 * int(m[1]) - 2}"),
@@ -373,7 +373,7 @@ def test_sd3_table_equals_what_peft_wraps_for_the_released_list():
 
     from distill.lora import SD3_TARGETS, LoRAConfig
 
-    # reference.md §3.1 tiny: 3 layers so the last block is context_pre_only, dual attention in blocks 0 and 1
+    # docs/models.md §3.1 tiny: 3 layers so the last block is context_pre_only, dual attention in blocks 0 and 1
     ref = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=24,

@@ -1,5 +1,5 @@
 """LoRA files (weights/lora.py): PEFT and kohya files against diffusers, round trips, refusals, apply and
-unload (reference.md §7, §9 rows 18-20)."""
+unload (docs/models.md §7, §9 rows 18-20)."""
 
 import json
 
@@ -76,7 +76,7 @@ def run_diffusers_scaled(model, inp, scale):
 
 
 def assert_close(ours, expected):
-    # merged (ours) vs unmerged (peft) LoRA in fp32; reference.md §7.1 measured 4.8e-7
+    # merged (ours) vs unmerged (peft) LoRA in fp32; docs/models.md §7.1 measured 4.8e-7
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * max(1.0, expected.abs().max().item()))
 
 
@@ -150,7 +150,7 @@ KOHYA = [
     ("final_layer_linear", 64, D, 4, 0), ("final_layer_adaLN_modulation_1", 2 * D, D, 4, 0),
 ]
 LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-# reference.md §2.4 written out by hand (not through our table): BFL module -> diffusers modules in row order
+# docs/models.md §2.4 written out by hand (not through our table): BFL module -> diffusers modules in row order
 DIFFUSERS_OF = {
     "double_blocks.0.img_attn.qkv": [f"transformer_blocks.0.attn.to_{x}" for x in "qkv"],
     "double_blocks.0.txt_attn.qkv": [f"transformer_blocks.0.attn.add_{x}_proj" for x in "qkv"],
@@ -196,7 +196,7 @@ def test_kohya_at_real_dims_equals_diffusers_on_block_keys_and_our_math_on_the_r
         x = probes[: lora.modules[official].in_features]
         expected = torch.cat([delta_theirs(f"transformer.{o}", x) for o in others])
         close(lora.modules[official].delta_times(x), expected)
-    # the rest: diffusers emits them without the `transformer.` prefix, so its loader drops them (§7.3)
+    # the rest: diffusers emits them without the `transformer.` prefix, so its loader drops them (docs/models.md §7.3)
     unprefixed = {"x_embedder.lora_A.weight", "norm_out.linear.lora_B.weight", "proj_out.lora_A.weight"}
     assert unprefixed <= theirs.keys()
     for stem, out, inp, r, _ in KOHYA[8:]:
@@ -211,7 +211,8 @@ def test_kohya_at_real_dims_equals_diffusers_on_block_keys_and_our_math_on_the_r
 
 
 def test_kohya_split_qkv_alpha_trap(tmp_path):
-    """Block-diagonal layers: generic loaders use alpha / (S r); sd-scripts trained at alpha / r (§7.2)."""
+    """Block-diagonal layers: generic loaders use alpha / (S r); sd-scripts trained at alpha / r
+    (docs/models.md §7.2)."""
     path, _ = kohya_file(tmp_path)
     generic, per_slice = read_lora(path), read_lora(path, kohya_split_alpha="per_slice")
     x = torch.randn(D, 3, generator=torch.Generator().manual_seed(2))

@@ -53,7 +53,7 @@ def _kohya(stem: str, down, up, alpha: float) -> dict[str, torch.Tensor]:
 
 FLUX_UNET = {"double_blocks_0_img_attn_qkv": (96, 32), "double_blocks_0_img_attn_proj": (32, 32),
              "double_blocks_0_txt_mlp_0": (128, 32), "single_blocks_1_linear2": (32, 160)}  # not linear1: diffusers
-# splits it at FLUX.1-dev's full widths (reference.md §7.3)
+# splits it at FLUX.1-dev's full widths (docs/models.md §7.3)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`load_mmdit` from every layout users have, config resolution, one-line errors (reference.md §9 row 8)."""
+"""`load_mmdit` from every layout users have, config resolution, one-line errors (docs/models.md §9 row 8)."""
 
 import json
 

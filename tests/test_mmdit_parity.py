@@ -1,4 +1,4 @@
-"""Our MMDiT against diffusers' SD3Transformer2DModel on the same weights (reference.md §9 rows 6, 7, 9)."""
+"""Our MMDiT against diffusers' SD3Transformer2DModel on the same weights (docs/models.md §9 rows 6, 7, 9)."""
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ def test_matches_diffusers_fp32_and_bf16(variant, skip_layers, sigma):
     inp = tiny_inputs(cfg)
     expected = run_diffusers(ref, inp, skip_layers=skip_layers)
     assert_fp32_close(run_ours(ours, inp, skip_layers=skip_layers), expected)
-    # bf16 against diffusers also in bf16 (reference.md §1); both take fp32 timesteps, as the pipeline does
+    # bf16 against diffusers also in bf16 (docs/models.md §1); both take fp32 timesteps, as the pipeline does
     assert_bf16_close(run_ours(ours, inp, torch.bfloat16, skip_layers),
                       run_diffusers(ref, inp, torch.bfloat16, skip_layers))
     if skip_layers:  # the skip must be visible at the fp32 tolerance, or this case would prove nothing

@@ -1,5 +1,5 @@
 """The Flux pipeline against diffusers' FluxPipeline on a tiny pipeline folder saved by `save_pretrained`
-(reference.md §9 row 17): same latents for the same seed, and the same 8-bit image within one level."""
+(docs/models.md §9 row 17): same latents for the same seed, and the same 8-bit image within one level."""
 
 import dataclasses
 import warnings

@@ -1,5 +1,5 @@
 """encode_flux / encode_sd3 against FluxPipeline.encode_prompt / StableDiffusion3Pipeline.encode_prompt built
-from the same tiny parts, with the real CLIP BPE and a T5 sentencepiece model trained on the fly (reference.md
+from the same tiny parts, with the real CLIP BPE and a T5 sentencepiece model trained on the fly (docs/models.md
 §9 row 16)."""
 
 import dataclasses

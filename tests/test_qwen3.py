@@ -1,5 +1,5 @@
 """FLUX.2 [klein]'s text encoder (model/qwen3.py, weights/text.py load_qwen3) against transformers' Qwen3ForCausalLM
-hidden states 9 / 18 / 27, all positions of a right-padded batch (flux2-reference.md §2.2, §7: vocab 300, hidden 48,
+hidden states 9 / 18 / 27, all positions of a right-padded batch (docs/flux2.md §2.2, §7: vocab 300, hidden 48,
 28 layers, 4 q / 2 kv heads, head_dim 16), tied and untied, eager and SDPA attention; transformers folders (sharded)
 and ComfyUI-style single files."""
 
@@ -107,7 +107,7 @@ def test_chat_template_and_ids_as_transformers_tokenizes_them(tmp_path):
 
     tiny_qwen_tokenizer(tmp_path / "tokenizer")
     ours = Qwen3Tokenizer.load(tmp_path / "tokenizer", max_length=40)
-    # the literal of flux2-reference.md §2.1 (transformers' apply_chat_template with thinking off)
+    # the literal of docs/flux2.md §2.1 (transformers' apply_chat_template with thinking off)
     assert ours.template("a red fox") == ("<|im_start|>user\na red fox<|im_end|>\n<|im_start|>assistant\n"
                                           "<think>\n\n</think>\n\n")
     theirs = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer" / "tokenizer.json"),

@@ -1,4 +1,4 @@
-"""Sigma grids, Euler steps and guidance against diffusers' FlowMatchEulerDiscreteScheduler (reference.md §6, §9
+"""Sigma grids, Euler steps and guidance against diffusers' FlowMatchEulerDiscreteScheduler (docs/models.md §6, §9
 rows 14 and 15)."""
 
 import math
@@ -62,7 +62,7 @@ def test_flux_dev_grid(steps, seq_len):
 
 
 def test_flux_dev_grid_known_values():
-    # reference.md §6.1, also equal to BFL get_schedule
+    # docs/models.md §6.1, also equal to BFL get_schedule
     torch.testing.assert_close(get_sigmas("flux-dev", 4, 4096)[:2], torch.tensor([1.0, 0.904531]), rtol=0, atol=1e-6)
     torch.testing.assert_close(get_sigmas("flux-dev", 28, 4096)[:3], torch.tensor([1.0, 0.988409, 0.976222]),
                                rtol=0, atol=1e-6)
@@ -91,7 +91,7 @@ def test_sd3_grid(steps):
     scheduler.set_timesteps(steps)  # StableDiffusion3Pipeline passes neither sigmas nor mu
     ours = get_sigmas("sd3.5", steps)
     assert_grid(ours, scheduler)
-    # the double shift at the sigma_min end (reference.md §6.2)
+    # the double shift at the sigma_min end (docs/models.md §6.2)
     assert ours[-2].item() == pytest.approx(0.008929, abs=1e-6)
 
 
@@ -234,7 +234,7 @@ def test_cat_cond_structures():
 @pytest.mark.parametrize("seq_len", [1024, 4096, 4301, 9216])
 def test_flux2_klein_grid(steps, seq_len):
     """Flux2KleinPipeline: FLUX.1-dev's scheduler fed linspace(1, 1/N, N) and its empirical mu of the image
-    tokens and the step count (flux2-reference.md §4), bit for bit."""
+    tokens and the step count (docs/flux2.md §4), bit for bit."""
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
     from sampling.schedules import empirical_mu
@@ -246,7 +246,7 @@ def test_flux2_klein_grid(steps, seq_len):
 
 
 def test_flux2_klein_grid_values():
-    """The reference table's rows (flux2-reference.md §4)."""
+    """The reference table's rows (docs/flux2.md §4)."""
     from sampling.schedules import empirical_mu
 
     for seq_len, steps, mu, first in ((1024, 4, 2.0307, (1, .9581, .8840, .7175, 0)),

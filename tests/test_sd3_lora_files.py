@@ -96,7 +96,7 @@ def run_diffusers_scaled(model, inp, scale):
 
 
 def assert_close(ours, expected):
-    # merged (ours) vs unmerged (peft) LoRA in fp32, as test_lora_files.py (reference.md §7.1 measured 4.8e-7)
+    # merged (ours) vs unmerged (peft) LoRA in fp32, as test_lora_files.py (docs/models.md §7.1 measured 4.8e-7)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6 * max(1.0, expected.abs().max().item()))
 
 

@@ -1,4 +1,4 @@
-"""T5 v1.1 encoder against transformers' T5EncoderModel (reference.md §9 row 12)."""
+"""T5 v1.1 encoder against transformers' T5EncoderModel (docs/models.md §9 row 12)."""
 
 import dataclasses
 
@@ -86,7 +86,7 @@ def test_t5_position_bias_only_in_block_0_and_param_count():
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     with torch.device("meta"):
         xxl = T5Encoder(T5_CONFIGS["t5-v1.1-xxl"])
-    # transformers' T5EncoderModel for google/t5-v1_1-xxl (reference.md §5.1)
+    # transformers' T5EncoderModel for google/t5-v1_1-xxl (docs/models.md §5.1)
     assert sum(p.numel() for p in xxl.parameters()) == 4_762_310_656
 
 

@@ -1,4 +1,4 @@
-"""CLIP BPE and T5 sentencepiece tokenizers against transformers' tokenizers (reference.md §9 rows 21, 22)."""
+"""CLIP BPE and T5 sentencepiece tokenizers against transformers' tokenizers (docs/models.md §9 rows 21, 22)."""
 
 import warnings
 

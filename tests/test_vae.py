@@ -1,4 +1,4 @@
-"""The 16-channel VAE against diffusers' AutoencoderKL, in every layout load_vae reads (reference.md §4, §9 rows
+"""The 16-channel VAE against diffusers' AutoencoderKL, in every layout load_vae reads (docs/models.md §4, §9 rows
 10 and 11)."""
 
 import json
@@ -16,20 +16,20 @@ from weights.keymaps.vae import diffusers_to_ours, ours_to_diffusers
 from weights.vae import load_vae
 
 LEVELS = 3
-TINY = {  # reference.md §9 row 10
+TINY = {  # docs/models.md §9 row 10
     "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * LEVELS,
     "up_block_types": ("UpDecoderBlock2D",) * LEVELS, "block_out_channels": (32, 64, 64), "layers_per_block": 2,
     "latent_channels": 16, "norm_num_groups": 32, "use_quant_conv": False, "use_post_quant_conv": False,
     "scaling_factor": 0.3611, "shift_factor": 0.1159,
 }
-FLUX = {  # reference.md §4
+FLUX = {  # docs/models.md §4
     **TINY, "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
     "block_out_channels": (128, 256, 512, 512), "sample_size": 1024,
 }
 
 
 def close(ours, ref):
-    # reference.md §1: fp32 VAE tolerance rtol 1e-4, atol 1e-4 * max|ref|
+    # docs/models.md §1: fp32 VAE tolerance rtol 1e-4, atol 1e-4 * max|ref|
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
@@ -62,7 +62,7 @@ def test_diffusers_folder_matches_autoencoderkl(reference):
 
 def test_bf16_matches_autoencoderkl_in_bf16(tmp_path):
     # One scale only: bf16 convolutions take the slow reference path on CPU (seconds per pass). sigma 0.02 is the
-    # regime closest to trained weights and where bf16 deviates most (reference.md §10: up to 0.106).
+    # regime closest to trained weights and where bf16 deviates most (docs/models.md §10: up to 0.106).
     ref = randomize_(AutoencoderKL(**TINY), 0.02, seed=0).eval()
     ref.save_pretrained(tmp_path)
     ours = load_vae(tmp_path, dtype=torch.bfloat16)
@@ -73,7 +73,7 @@ def test_bf16_matches_autoencoderkl_in_bf16(tmp_path):
         mean = ours.encode(x)
         out_ref, out = ref.decode(mean_ref).sample, ours.decode(mean_ref)
     assert mean.dtype == out.dtype == torch.bfloat16
-    # reference.md §1: bf16 against the reference in bf16, <= 0.2 max|ref| for the VAE
+    # docs/models.md §1: bf16 against the reference in bf16, <= 0.2 max|ref| for the VAE
     assert (mean - mean_ref).abs().max() <= 0.2 * mean_ref.abs().max()
     assert (out - out_ref).abs().max() <= 0.2 * out_ref.abs().max()
 
@@ -92,7 +92,7 @@ def diffusers_from_ldm(ldm):
 
 
 def test_ldm_layout_matches_convert_ldm_vae_checkpoint(tmp_path):
-    # sigma 0.2 (large activations) is the scale that exposes a mis-mapped or mis-ordered weight (reference.md §1);
+    # sigma 0.2 (large activations) is the scale that exposes a mis-mapped or mis-ordered weight (docs/models.md §1);
     # both scales of the arithmetic itself are covered by the diffusers-folder test.
     ldm = ldm_state_dict(0.2)
     assert ldm["encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)  # stored like ae.safetensors
@@ -145,7 +145,7 @@ def test_full_size_layout_matches_diffusers():
         back, _ = ours_to_diffusers(name, 4)
         assert back == k
     assert mapped == {k: tuple(v.shape) for k, v in ours.items()}
-    assert sum(v.numel() for v in ours.values()) == 83_819_683  # reference.md §4
+    assert sum(v.numel() for v in ours.values()) == 83_819_683  # docs/models.md §4
 
 
 def test_presets_and_latent_normalisation():

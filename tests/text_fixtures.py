@@ -19,7 +19,7 @@ CLIP_BPE_DIR = Path(__file__).resolve().parents[1] / "model" / "assets" / "clip_
 
 
 def assert_close_rel(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """reference.md §1: fp32 rtol 1e-4 / atol 1e-5*max; low precision (both sides run in it) 3e-2*max."""
+    """docs/models.md §1: fp32 rtol 1e-4 / atol 1e-5*max; low precision (both sides run in it) 3e-2*max."""
     scale = max(1.0, ref.float().abs().max().item())
     if dtype == torch.float32:
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * scale)

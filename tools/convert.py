@@ -36,7 +36,7 @@ from weights.lora_foreign import PEFT_FILE
 from weights.lora_resize import resize_lora, summary
 from weights.lora_write import write_lora
 
-# Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (reference.md §7.3).
+# Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (docs/models.md §7.3).
 
 
 def _size(text: str) -> int:

@@ -29,7 +29,7 @@ class Family:
 
     # ----- how it is driven
     # "embedding": a guidance input (FLUX.1-dev; absent in schnell); "cfg": classifier-free guidance against a
-    # negative prompt, which SCFM can bake in (scfm-method.md §5)
+    # negative prompt, which SCFM can bake in (docs/method.md §5)
     guidance: str = "embedding"
     latent_channels: Callable = None  # config -> channels of the VAE latent it denoises
     token_side: Callable = None  # config -> latent pixels per token side (Flux packs 2x2 outside the model)

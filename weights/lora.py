@@ -34,7 +34,7 @@ Layouts (`read_lora` detects which; `write_lora(lora, path, layout)` writes any 
   when missing or 0. Also read as `diffusion_model.<official path>` and with lora_A / lora_B. ComfyUI reads
   both spellings for Flux and SD3 (keymaps/lora.py). A fused layer is
   dense (one down for all of q, k, v) or, from sd-scripts' split_qkv, block-diagonal: up (out, S*r) holds
-  slice i's up in column block i. The alpha trap (reference.md §7.2): sd-scripts trained such a file at
+  slice i's up in column block i. The alpha trap (docs/models.md §7.2): sd-scripts trained such a file at
   alpha / r, but every generic loader (ComfyUI, diffusers) uses alpha / (S*r). We read it as they do, so an
   image matches ComfyUI (`kohya_split_alpha="per_slice"` gives the training-time strength), and when we write
   a block-diagonal layer we store alpha * S, so a generic loader reproduces our alpha / r exactly.
@@ -104,7 +104,7 @@ class Recommended:
     guidance: float | None = None
     lora_scale: float | None = None
     max_sequence_length: int | None = None  # T5 tokens
-    # SD3 distilled with CFG baked in (scfm-method.md §5): the w of c + w (c - u) in training; `guidance`
+    # SD3 distilled with CFG baked in (docs/method.md §5): the w of c + w (c - u) in training; `guidance`
     # then holds diffusers' scale 1 + w, with an empty negative prompt
     training_cfg_scale: float | None = None
 

@@ -45,7 +45,7 @@ PROMPTS = (
 def sample_latents(model: Flux, cond: dict[str, Tensor], noise: Tensor, steps: int, batch: int = 64,
                    shift: float | None = None) -> Tensor:
     """Euler from the given noise on the demo's own grid (schnell's: linspace(1, 1/N, N) then 0, shift 1), or with
-    `shift` on the SCFM training grid (linspace(1, 0, N + 1) shifted, scfm-method.md §2 and §8)."""
+    `shift` on the SCFM training grid (linspace(1, 0, N + 1) shifted, docs/method.md §2 and §8)."""
     config = SCHEDULES["flux-schnell"] if shift is None else schedule_for("flux-schnell", grid="scfm", shift=shift)
     sigmas = get_sigmas(config, steps, (noise.shape[2] // 2) * (noise.shape[3] // 2))
     velocity = FluxVelocity(model)

@@ -63,7 +63,7 @@ def config_to_diffusers(cfg: Flux2Config) -> dict:
 
 def infer_flux2_config(shapes: dict[str, tuple[int, ...]], source: str = "checkpoint") -> Flux2Config:
     """Widths, depths, MLP ratio and the guidance input from BFL key names and shapes (as ComfyUI's detection:
-    flux2-reference.md §1.4); the RoPE axes split the head dim in four, theta is FLUX.2's 2000."""
+    docs/flux2.md §1.4); the RoPE axes split the head dim in four, theta is FLUX.2's 2000."""
     try:
         cfg, head_dim = stream_shapes(shapes)
     except (KeyError, TypeError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""Flux: BFL (official) <-> diffusers `FluxTransformer2DModel` names (reference.md §2.4)."""
+"""Flux: BFL (official) <-> diffusers `FluxTransformer2DModel` names (docs/models.md §2.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FLUX.2: BFL (official) <-> diffusers `Flux2Transformer2DModel` names (flux2-reference.md §1.2).
+"""FLUX.2: BFL (official) <-> diffusers `Flux2Transformer2DModel` names (docs/flux2.md §1.2).
 
 No Linear has a bias; the modulations are global (three top-level layers instead of one per block); the single
 blocks' `linear1` stays fused in diffusers too (`attn.to_qkv_mlp_proj`), so only the double blocks' qkv split.

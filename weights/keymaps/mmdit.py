@@ -1,4 +1,4 @@
-"""SD3 / SD3.5: SAI (official) <-> diffusers `SD3Transformer2DModel` names (reference.md §3.4).
+"""SD3 / SD3.5: SAI (official) <-> diffusers `SD3Transformer2DModel` names (docs/models.md §3.4).
 
 Rows apply to groups of blocks rather than to every block: the last block's context stream has no output
 projection, no MLP and a 2-way adaLN stored in the other order; QK-norm exists only in SD3.5; `attn2` only in
