@@ -2,7 +2,8 @@
 
 Precedence: the dataclass defaults, then the TOML file (`--config FILE`, or a packaged preset name such as
 `flux-dev-scfm`), then flags. TOML tables (`[lora]`, `[scfm]`, ...) only group keys for reading: their
-contents are flattened, so `rank = 64` under `[lora]` sets the field `rank`.
+contents are flattened, so `rank = 64` under `[lora]` sets the field `rank`. A top-level `base = "demo"` starts
+from that file or preset and changes only what follows (`distill/configs/demo-10shot.toml`).
 """
 
 from __future__ import annotations
@@ -355,12 +356,13 @@ def resolve_config_path(name: str) -> Path:
     preset = PRESETS / f"{name.removesuffix('.toml')}.toml"
     if preset.exists():
         return preset
-    presets = sorted(p.stem for p in PRESETS.glob("*.toml"))
-    raise ConfigError(f"--config {name}: no such file, and not a preset name ({', '.join(presets)})")
+    raise ConfigError(f"--config {name}: no such file, and not a preset name ({', '.join(presets())})")
 
 
-def load_toml(path: str | Path) -> dict:
+def load_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     path = resolve_config_path(str(path))
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: its `base` chain comes back to itself ({' -> '.join(map(str, _seen))})")
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
@@ -369,7 +371,18 @@ def load_toml(path: str | Path) -> dict:
         raise ConfigError(f"--config {path} is not UTF-8 text (a binary file?); pass a .toml file") from None
     except OSError as e:
         raise ConfigError(f"--config {path} cannot be read ({e.strerror}); check its permissions") from None
-    return _check_fields(DistillConfig, _flatten(table, str(path)), str(path))
+    base = table.pop("base", None)
+    values = {}
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must be a file or preset name, got {base!r}")
+        values = load_toml(base if Path(base).is_absolute() or base in presets() else path.parent / base,
+                           (*_seen, path.resolve()))
+    return values | _check_fields(DistillConfig, _flatten(table, str(path)), str(path))
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.toml"))
 
 
 def build_config(file: str | None = None, overrides: dict | None = None) -> DistillConfig:

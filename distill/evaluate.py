@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="with --out: image height (default: as --width)")
     p.add_argument("--out", type=Path, help="any model: render the rows into this folder and report there (below)")
     p.add_argument("--world", choices=["base", "variant"], default="base",
-                   help="with --out on the demo: the world whose colours the checker reads (variant: the pastel "
-                        "style of the own-LoRA demo, distill/demo/world.py)")
+                   help="with --out on the demo: the world whose colours the checker reads (variant: the swapped "
+                        "palette, the own-LoRA demo's style, distill/demo/world.py)")
     p.add_argument("--clip-vision", metavar="CLIP", help="with --out: your CLIP weights (a transformers CLIPModel "
                    "folder or safetensors file, e.g. clip-vit-large-patch14) for CLIP score and the Fréchet "
                    "distance and CMMD in CLIP space; never downloaded")

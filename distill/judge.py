@@ -125,7 +125,8 @@ def score(row: dict, ref: dict, n_prompts: int) -> dict:
 def world_columns(rendered: dict, ref: dict, prompts: list[str], world: str = "base") -> dict:
     """On the demo model, whose prompts the world's checker reads (distill/demo): adherence (percent of images
     matching everything the prompt fixes, read in `world`'s colours), hist (the read attributes' histogram distance
-    to the reference's) and style (percent of shapes in `world`'s palette: the pastel variant's style LoRA)."""
+    to the reference's) and style (percent of colour-naming prompts drawn in `world`'s colours: whether a style
+    LoRA took; None without such prompts)."""
     from .demo import quality
 
     per_image = [prompts[i % len(prompts)] for i in range(len(ref["images"]))]  # noise-major

@@ -76,3 +76,17 @@ def test_flow_matching_refuses_what_it_does_not_have_and_exports_an_ordinary_lor
     (path,) = [f for f in export_lora(t.model, cfg) if f.name == "scfm-lora-live.safetensors"]
     rec = lora_recommendations([str(path)])
     assert (rec.schedule, rec.steps, rec.shift) == (None, None, None)  # sampled as its base model is
+
+
+def test_ten_shot_recipes_start_from_their_base_and_change_only_what_they_say(tmp_path):
+    from distill.config import build_config, load_toml
+
+    demo, ten = load_toml("demo"), load_toml("demo-10shot")
+    assert {k for k in ten if ten[k] != demo.get(k)} == {"demo_images", "output"} and ten["demo_images"] == 10
+    flux, flux10 = load_toml("flux-dev-scfm"), load_toml("flux-dev-scfm-10shot")
+    assert {k for k in flux10 if flux10[k] != flux.get(k)} == {"steps", "checkpoint_every", "keep_checkpoints"}
+    assert build_config("flux-dev-scfm-10shot").lr == build_config("flux-dev-scfm").lr
+    (tmp_path / "a.toml").write_text('base = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('base = "a.toml"\n')
+    with pytest.raises(ConfigError, match="its `base` chain comes back to itself"):
+        load_toml(tmp_path / "a.toml")

@@ -67,13 +67,16 @@ def decode(vae, latents: Tensor, batch: int = 64) -> np.ndarray:
 
 
 def score(images: np.ndarray, prompts: list[str], world_name: str = "base") -> dict:
-    """Adherence (percent), crispness, template IoU, style (percent of shapes in `world_name`'s palette) and the
-    read attributes of each image, read in `world_name`'s colours."""
+    """Adherence (percent), crispness, template IoU and the read attributes of each image, read as `world_name`
+    draws (its colours); style: percent of the images whose prompt names a colour that show it in `world_name`'s
+    drawing of it (None without such prompts): whether a style LoRA took."""
     reads = [world.read_image(im, world_name) for im in images]
-    ok = [world.adheres(r, world.parse_caption(p)) for r, p in zip(reads, prompts)]
+    fixed = [world.parse_caption(p) for p in prompts]
+    ok = [world.adheres(r, f) for r, f in zip(reads, fixed)]
+    styled = [r["colour"] == f["colour"] for r, f in zip(reads, fixed) if "colour" in f and r["found"]]
     return dict(adherence=100.0 * float(np.mean(ok)), crispness=float(np.mean([r["crispness"] for r in reads])),
                 iou=float(np.mean([r["iou"] for r in reads])),
-                style=100.0 * float(np.mean([r["style"] == world_name for r in reads])), reads=reads)
+                style=100.0 * float(np.mean(styled)) if styled else None, reads=reads)
 
 
 def histogram_distances(reads: list[dict], ref: list[dict], prompts: list[str]) -> dict[str, float]:

@@ -3,9 +3,10 @@
     python -m distill.demo.render_world --world variant --n 512 --out data/pastel
 
 Writes `{W}x{H}_{i:06d}.png` and `metadata.jsonl` lines {"file_name", "prompt"} (the layout `distill.train --data`
-reads): scenes sampled from --seed with their captions, drawn in --world's colours. The pastel `variant` world is
-the own-LoRA demo's "style" (README: Make your own LoRA fast): a LoRA trained on it with `--objective
-flow_matching` makes the demo teacher draw pastel shapes. An existing non-empty folder is refused.
+reads): scenes sampled from --seed with their captions, drawn in --world's colours. The `variant` world (the
+palette swapped: red shapes drawn blue, ...) is the own-LoRA demo's "style" (README: Make your own LoRA fast): a
+LoRA trained on it with `--objective flow_matching` makes the demo teacher draw that way. An existing non-empty
+folder is refused.
 """
 
 from __future__ import annotations

@@ -51,13 +51,12 @@ SIZE_SPLIT = (SIZES["small"][1] + SIZES["large"][0]) / 2
 MENTION_P = {"colour": 0.7, "shape": 0.7, "position": 1.0, "background": 0.5, "size": 0.25}
 ATTRIBUTES = ("shape", "colour", "background", "position", "size")
 PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)  # (8, 3)
-# The variant world (a "style" for the own-LoRA demo): the same scenes and captions, every shape in a pastel of
-# its colour (45% of the way to white). Each pastel stays >= 83 from every background (the checker's mask needs 60),
-# >= 63 from the other pastels and >= 99 from every base colour, so the checker reads both the colour name and
-# which world drew it.
-PASTELS: dict[str, tuple[int, int, int]] = {k: tuple(round(0.55 * c + 0.45 * 255) for c in v)
-                                            for k, v in COLOURS.items()}
-WORLDS = {"base": COLOURS, "variant": PASTELS}
+# The variant world (the "style" of the own-LoRA demo): the same scenes and captions, every shape drawn in another
+# colour of the palette: red ones blue, blue green, green yellow, yellow purple, purple red. A swap of the palette,
+# not new colours: the demo VAE, trained on this palette alone, cannot draw others (pastels come back out of it
+# as the nearest palette colour), so a LoRA on the transformer could never learn them.
+VARIANT_SWAP = {"red": "blue", "blue": "green", "green": "yellow", "yellow": "purple", "purple": "red"}
+WORLDS = {"base": COLOURS, "variant": {name: COLOURS[VARIANT_SWAP[name]] for name in COLOURS}}
 
 
 def colours_of(world: str) -> dict[str, tuple[int, int, int]]:
@@ -224,13 +223,12 @@ def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> tuple[s
     return names[int(d.argmin())], float(d.min())
 
 
-def crispness(image: np.ndarray, world: str = "base") -> float:
-    """Mean distance (0..1, per channel /255) of each pixel to the nearest palette colour of `world`: blur and
-    washed-out colours score high, a rendered image scores only its anti-aliased edge pixels."""
-    palette = PALETTE if world == "base" else np.array(
-        list(colours_of(world).values()) + list(BACKGROUNDS.values()), dtype=np.float32)
+def crispness(image: np.ndarray) -> float:
+    """Mean distance (0..1, per channel /255) of each pixel to the nearest palette colour (every world draws from
+    the same palette): blur and washed-out colours score high, a rendered image scores only its anti-aliased edge
+    pixels."""
     px = image.reshape(-1, 3).astype(np.float32)
-    d = np.linalg.norm(px[:, None, :] - palette[None], axis=2).min(axis=1)
+    d = np.linalg.norm(px[:, None, :] - PALETTE[None], axis=2).min(axis=1)
     return float(d.mean() / 255.0)
 
 
@@ -240,8 +238,8 @@ def read_image(image: np.ndarray, world: str = "base") -> dict:
     Background: the median border colour, nearest palette entry. Shape pixels: those far from the background.
     Colour: the median shape pixel. Position: the cell of the shape pixels' centroid. Shape and size: the template
     (shape, radius) at that centroid with the best IoU against the shape pixels. `found` is False when there is no
-    shape at all; `iou` tells how well the best template fits (low for blobs and mixtures). `style`: the world whose
-    palette the shape's colour is nearest (the own-LoRA demo checks that a style LoRA changed it).
+    shape at all; `iou` tells how well the best template fits (low for blobs and mixtures). The colour is named as
+    `world` draws it (in the variant, a blue shape is a red one).
     """
     img = image.astype(np.float32)
     size = img.shape[0]
@@ -249,12 +247,10 @@ def read_image(image: np.ndarray, world: str = "base") -> dict:
     background, _ = _nearest(np.median(border, axis=0), BACKGROUNDS)
     bg = np.array(BACKGROUNDS[background], dtype=np.float32)
     mask = np.linalg.norm(img - bg, axis=2) > 60.0  # half-way-ish between any background and any shape colour
-    out = dict(background=background, found=bool(mask.sum() >= 9), crispness=crispness(image, world))
+    out = dict(background=background, found=bool(mask.sum() >= 9), crispness=crispness(image))
     if not out["found"]:
-        return dict(out, shape=None, colour=None, position=None, size=None, radius=0.0, iou=0.0, style=None)
-    median = np.median(img[mask], axis=0)
-    colour, _ = _nearest(median, colours_of(world))
-    style = min(WORLDS, key=lambda w: _nearest(median, WORLDS[w])[1])
+        return dict(out, shape=None, colour=None, position=None, size=None, radius=0.0, iou=0.0)
+    colour, _ = _nearest(np.median(img[mask], axis=0), colours_of(world))
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     col, row = min(int(cx * 3 // size), 2), min(int(cy * 3 // size), 2)
@@ -267,8 +263,7 @@ def read_image(image: np.ndarray, world: str = "base") -> dict:
                 best = (float(iou), shape, float(r))
     iou, shape, radius = best
     probe = Scene(shape, colour, background, POSITIONS[row * 3 + col], cx, cy, radius)
-    return dict(out, shape=shape, colour=colour, position=probe.position, size=probe.size, radius=radius, iou=iou,
-                style=style)
+    return dict(out, shape=shape, colour=colour, position=probe.position, size=probe.size, radius=radius, iou=iou)
 
 
 def adheres(read: dict, prompt: dict[str, str]) -> bool:
