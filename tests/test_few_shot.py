@@ -82,7 +82,7 @@ def test_ten_shot_recipes_start_from_their_base_and_change_only_what_they_say(tm
     from distill.config import build_config, load_toml
 
     demo, ten = load_toml("demo"), load_toml("demo-10shot")
-    assert {k for k in ten if ten[k] != demo.get(k)} == {"demo_images", "output"} and ten["demo_images"] == 10
+    assert {k for k in ten if ten[k] != demo.get(k)} == {"demo_images", "output", "steps"} and ten["demo_images"] == 10
     flux, flux10 = load_toml("flux-dev-scfm"), load_toml("flux-dev-scfm-10shot")
     assert {k for k in flux10 if flux10[k] != flux.get(k)} == {"steps", "checkpoint_every", "keep_checkpoints"}
     assert build_config("flux-dev-scfm-10shot").lr == build_config("flux-dev-scfm").lr
