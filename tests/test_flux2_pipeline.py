@@ -115,3 +115,16 @@ def test_make_dataset_renders_klein_base_as_generate_does_at_the_pipelines_defau
     assert generate(["--model", str(folder), "--prompt", PROMPT, "--width", str(SIZE), "--height", str(SIZE),
                      "--max-sequence-length", "48", "--seed", "0", "--out", str(tmp_path / "g.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "g.png")))
+
+
+def test_evaluate_judges_a_klein_pipeline_folder(folders, tmp_path):
+    """distill.evaluate --out on FLUX.2 [klein] base (through the family registry): the teacher rows, CFG counted."""
+    from distill.evaluate import main as evaluate
+
+    _, folder = folders[False]
+    assert evaluate(["--model", str(folder), "--prompts", PROMPT, "a blue square", "--per-prompt", "2", "--steps",
+                     "2", "--teacher-steps", "3", "--width", str(SIZE), "--height", str(SIZE), "--device", "cpu",
+                     "--dtype", "fp32", "--out", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
+    assert [(r["name"], r["nfe"]) for r in rows] == [("teacher 3", 6), ("teacher 2", 4)]  # u and c per step
+    assert rows[0]["mean|d|"] == 0 and rows[1]["mean|d|"] > 0
