@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.demo import DEMO_FOLDER, DEMO_LORA
+from sampling.demo import DEMO_FOLDER, DEMO_LORA, demo_lora
 from sampling.job import add_model_files
 from sampling.options import OneLineParser, add_run_options, check_device, check_writable, read_prompt_lines
 from weights.io import WeightsError, parse_lora
@@ -164,11 +164,8 @@ def judge_main(args) -> int:
             raise ValueError("no prompts: pass --prompts-file FILE (one per line) or --prompts TEXT ...")
         if args.per_prompt < 1 or args.teacher_steps < 1 or min(args.steps) < 1:
             raise ValueError("--per-prompt, --steps and --teacher-steps must be positive integers")
-        def expand(spec: str) -> str:  # 'demo[:SCALE]': the shipped SCFM LoRA, as generate reads it
-            return str(DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec
-
-        args.lora, args.compare, args.base_lora = ([expand(s) for s in v] for v in (args.lora, args.compare,
-                                                                                     args.base_lora))
+        args.lora, args.compare, args.base_lora = ([demo_lora(s) for s in v] for v in (args.lora, args.compare,
+                                                                                        args.base_lora))
         if args.lora and args.lora_scale is not None:
             args.lora = [f"{lora_spec(args.lora[0])[0]}:{args.lora_scale}", *args.lora[1:]]
         args.prompt_list = _prompts(args)

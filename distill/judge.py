@@ -71,18 +71,18 @@ def render_row(session: Session, row: Row, args, prompts: list[str], out: Path) 
     folder = out / folder_name(row.name)
     want = manifest(row, args, session, prompts)
     record = folder / "manifest.json"
-    if record.exists():
-        have = json.loads(record.read_text())
-        if {k: v for k, v in have.items() if k != "timing"} != want:
-            if not args.overwrite:
-                raise ValueError(f"{folder}: rendered with other settings ({row.name}); pass --overwrite to replace "
-                                 "it, or another --out")
-            shutil.rmtree(folder)
+    have = json.loads(record.read_text()) if record.exists() else {}
+    timing = have.pop("timing", {})
+    if have and have != want:
+        if not args.overwrite:
+            raise ValueError(f"{folder}: rendered with other settings ({row.name}); pass --overwrite to replace "
+                             "it, or another --out")
+        shutil.rmtree(folder)
+        timing = {}
     folder.mkdir(parents=True, exist_ok=True)
     done = 0
     while (folder / f"latents-{done:03d}.safetensors").exists():
         done += 1
-    timing = json.loads(record.read_text()).get("timing", {}) if record.exists() else {}
     if done < args.per_prompt:
         print(f"rendering {row.name}: noises {done} to {args.per_prompt - 1}", file=sys.stderr, flush=True)
         paths = [folder / f"{b:03d}_{i:03d}.png" for b in range(done, args.per_prompt) for i in range(len(prompts))]
@@ -98,22 +98,23 @@ def render_row(session: Session, row: Row, args, prompts: list[str], out: Path) 
         tmp.write_text(json.dumps({**want, "timing": timing}, indent=1) + "\n")
     from PIL import Image
 
-    images = np.stack([np.asarray(Image.open(folder / f"{b:03d}_{i:03d}.png").convert("RGB"), dtype=np.float64) / 255
-                       for b in range(args.per_prompt) for i in range(len(prompts))])
+    pixels = np.stack([np.asarray(Image.open(folder / f"{b:03d}_{i:03d}.png").convert("RGB"))
+                       for b in range(args.per_prompt) for i in range(len(prompts))])  # (N, H, W, 3) uint8
     lat = torch.cat([load_file(folder / f"latents-{b:03d}.safetensors")["latents"] for b in range(args.per_prompt)])
-    return {"images": images, "latents": lat, "timing": timing}
+    return {"pixels": pixels, "latents": lat, "features": metrics.latent_features(lat), "timing": timing}
 
 
 def score(row: dict, ref: dict, n_prompts: int) -> dict:
     """The row's metrics against the reference row (distill/metrics.py); the reference against itself is at
     distance 0 by definition (KID's unbiased estimator would read a same-set pair as negative)."""
-    feats, ref_feats = metrics.latent_features(row["latents"]), metrics.latent_features(ref["latents"])
+    feats, ref_feats = row["features"], ref["features"]
     by_prompt = [feats[i::n_prompts] for i in range(n_prompts)]  # noise-major: prompt i every n_prompts
-    psnrs = [metrics.psnr(a, b) for a, b in zip(row["images"], ref["images"])]
+    images, ref_images = row["pixels"] / 255, ref["pixels"] / 255  # metrics.py's [0, 1]
+    psnrs = [metrics.psnr(a, b) for a, b in zip(images, ref_images)]
     out = {"nfe": row["timing"].get("nfe"), "sec/img": row["timing"].get("sec_per_image"),
-           "mean|d|": metrics.mean_abs(row["images"], ref["images"]),
+           "mean|d|": metrics.mean_abs(images, ref_images),
            "psnr": float(np.mean(psnrs)) if all(np.isfinite(psnrs)) else None,  # identical images: inf, null
-           "ssim": metrics.ssim(row["images"], ref["images"]),
+           "ssim": metrics.ssim(images, ref_images),
            "lat mse": metrics.mse(row["latents"], ref["latents"]),
            "fd": metrics.frechet(feats, ref_feats),
            "kid": 0.0 if row is ref else metrics.kid(feats, ref_feats) if len(feats) > 1 else None,
@@ -122,23 +123,18 @@ def score(row: dict, ref: dict, n_prompts: int) -> dict:
     return out
 
 
-def world_columns(rendered: dict, ref: dict, prompts: list[str], world: str = "base") -> dict:
+def world_columns(rendered: dict, ref_name: str, prompts: list[str], world: str = "base") -> dict:
     """On the demo model, whose prompts the world's checker reads (distill/demo): adherence (percent of images
     matching everything the prompt fixes, read in `world`'s colours), hist (the read attributes' histogram distance
     to the reference's) and style (percent of colour-naming prompts drawn in `world`'s colours: whether a style
     LoRA took; None without such prompts)."""
     from .demo import quality
 
-    per_image = [prompts[i % len(prompts)] for i in range(len(ref["images"]))]  # noise-major
-
-    def reads(images):
-        return quality.score((images * 255).round().astype(np.uint8), per_image, world)
-
-    ref_reads = reads(ref["images"])["reads"]
+    per_image = [prompts[i % len(prompts)] for i in range(len(rendered[ref_name]["pixels"]))]  # noise-major
+    scores = {name: quality.score(row["pixels"], per_image, world) for name, row in rendered.items()}
     out = {}
-    for name, row in rendered.items():
-        s = reads(row["images"])
-        hist = quality.histogram_distances(s["reads"], ref_reads, per_image)
+    for name, s in scores.items():
+        hist = quality.histogram_distances(s["reads"], scores[ref_name]["reads"], per_image)
         out[name] = {"adherence": s["adherence"], "hist": float(np.mean(list(hist.values()))), "style": s["style"]}
     return out
 
@@ -165,13 +161,12 @@ def clip_columns(rendered: dict, ref_name: str, prompts: list[str], source: str)
     vision, text = load_clip_vision(source), load_clip(source)
     with torch.no_grad():
         text_embeds = text(CLIPTokenizer.load()(prompts)).text_embeds
-        per_image = {name: (row["images"] * 255).round().astype(np.uint8) for name, row in rendered.items()}
-        embeds = {name: embed_images(vision, list(images)) for name, images in per_image.items()}
-        repeat = text_embeds[torch.arange(len(next(iter(per_image.values())))) % len(prompts)]  # noise-major
+        embeds = {name: embed_images(vision, list(row["pixels"])) for name, row in rendered.items()}
+        repeat = text_embeds[torch.arange(len(rendered[ref_name]["pixels"])) % len(prompts)]  # noise-major
         out = {}
-        for name, images in per_image.items():
+        for name in rendered:
             e, ref = embeds[name].numpy(), embeds[ref_name].numpy()
-            out[name] = {"clip": float(np.mean(clip_score(vision, repeat, list(images)))),
+            out[name] = {"clip": float(np.mean(clip_score(embeds[name], repeat))),
                          "fd clip": metrics.frechet(e, ref),
                          "cmmd": 0.0 if name == ref_name else metrics.cmmd(e, ref)}
     return out
@@ -208,14 +203,14 @@ def judge(args) -> dict:
                 bar.update(len(prompts) * args.per_prompt)
     rendered = {r.name: rendered[r.name] for r in rows}
     ref = rendered[rows[0].name]
-    width = ref["latents"][0].numel() and metrics.latent_features(ref["latents"][:1]).shape[1]
+    width = ref["features"].shape[1]
     if len(ref["latents"]) < width:
         print(f"warning: {len(ref['latents'])} images per row, fewer than the {width} latent features: the Fréchet "
               "distances are biased upward (compare rows with each other, or raise --per-prompt)", file=sys.stderr)
     table = [{"name": row.name, **score(rendered[row.name], ref, len(prompts))} for row in rows]
     extras = []
     if demo and world_prompts(prompts):  # the demo world's own columns beside them
-        extras.append(world_columns(rendered, ref, prompts, args.world))
+        extras.append(world_columns(rendered, rows[0].name, prompts, args.world))
     if args.clip_vision:
         extras.append(clip_columns(rendered, rows[0].name, prompts, args.clip_vision))
     for extra in extras:
@@ -229,11 +224,11 @@ def judge(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.out / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1) + "\n")
-    grid = np.concatenate([np.concatenate(list(rendered[r.name]["images"][: len(prompts)]), axis=1) for r in rows])
+    grid = np.concatenate([np.concatenate(list(rendered[r.name]["pixels"][: len(prompts)]), axis=1) for r in rows])
     from PIL import Image
 
     with atomic_path(args.out / "grid.png") as tmp:
-        Image.fromarray((grid * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+        Image.fromarray(grid).save(tmp, format="PNG")
     shutil.rmtree(args.out / "_app", ignore_errors=True)
     return report
 

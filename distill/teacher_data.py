@@ -201,9 +201,7 @@ def check_args(args) -> None:
 
 def family_defaults(args, pipe) -> None:
     """--steps and --guidance left unset: the teacher defaults of the model's pipeline (Pipeline.teacher_defaults)."""
-    from sampling.base import Pipeline
-
-    defaults = getattr(pipe, "teacher_defaults", Pipeline.teacher_defaults)
+    defaults = pipe.teacher_defaults
     args.steps = defaults["steps"] if args.steps is None else args.steps
     args.guidance = defaults["guidance"] if args.guidance is None else args.guidance
 

@@ -172,21 +172,19 @@ def embed_images(vision: CLIPVisionTower, images: Sequence, batch_size: int = 32
     return torch.cat(out)
 
 
-def clip_score(vision: CLIPVisionTower, text_embeds: Tensor, images: Sequence) -> list[float]:
+def clip_score(image_embeds: Tensor, text_embeds: Tensor) -> list[float]:
     """CLIPScore (Hessel et al. 2021) per image: w * max(cos(image_embed, text_embed), 0) with w = 100, the
     torchmetrics convention (the paper's w = 2.5 is a rescaling of the same number).
 
-    `text_embeds`: (N, projection_dim) for N images, one prompt each, or (projection_dim,) / (1, projection_dim)
-    for one prompt shared by all: the projected text embeddings (`CLIPTextEncoder(...).text_embeds`,
-    transformers' `get_text_features`) of the same CLIP checkpoint.
+    `image_embeds`: (N, projection_dim), `embed_images`'s. `text_embeds`: (N, projection_dim), one prompt per
+    image, or (projection_dim,) / (1, projection_dim) for one prompt shared by all: the projected text embeddings
+    (`CLIPTextEncoder(...).text_embeds`, transformers' `get_text_features`) of the same CLIP checkpoint.
     """
-    images, P = list(images), vision.config.projection_dim
+    n, P = image_embeds.shape
     text = text_embeds.detach().float()
     text = text[None] if text.ndim == 1 else text  # (N | 1, P)
-    if text.ndim != 2 or text.shape[1] != P or text.shape[0] not in (1, len(images)):
-        raise ValueError(f"text_embeds of shape {tuple(text_embeds.shape)} for {len(images)} images: pass "
-                         f"({len(images)}, {P}) or ({P},), the projected embeddings of the same CLIP checkpoint")
-    image_embeds = embed_images(vision, images)  # (N, P)
-    text = text.to(image_embeds.device)
-    cos = F.cosine_similarity(image_embeds, text, dim=-1)  # (N,)
+    if text.ndim != 2 or text.shape[1] != P or text.shape[0] not in (1, n):
+        raise ValueError(f"text_embeds of shape {tuple(text_embeds.shape)} for {n} images: pass "
+                         f"({n}, {P}) or ({P},), the projected embeddings of the same CLIP checkpoint")
+    cos = F.cosine_similarity(image_embeds.float(), text.to(image_embeds.device), dim=-1)  # (N,)
     return (100 * cos.clamp(min=0)).tolist()

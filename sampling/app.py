@@ -180,11 +180,9 @@ def build_ui(session: Session):
 
             yield outputs()
             for name, col in cols.items():
-                count = [0]
 
-                def step(*_):
-                    count[0] += 1
-                    progress((count[0], None), desc=f"column {name}")
+                def step(i, n, _latents, name=name):  # the sampler's callback (sampling/samplers.py)
+                    progress((i, n), desc=f"column {name}")
 
                 try:
                     r = session.render(prompt, negative or "", seed, int(width), int(height), col, callback=step)
@@ -216,7 +214,7 @@ def build_ui(session: Session):
                 from PIL import Image
 
                 rendered = []
-                for i, (_, col, s) in enumerate(progress.tqdm(cells, desc="grid")):
+                for _, col, s in progress.tqdm(cells, desc="grid"):
                     r = session.render(prompt, negative or "", s, int(width), int(height), col)
                     rendered.append(Image.open(r.path).convert("RGB"))
             except (WeightsError, ValueError, OSError) as e:

@@ -21,6 +21,7 @@ from model.fp8 import enable_fp8_compute_
 from model.vae import AUTO_TILE_PIXELS, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
 from weights.atomic import atomic_path
 from weights.io import DTYPES, WeightsError
+from weights.lora_merge import apply_loras, requantize_loras, unload_loras
 from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
 from weights.transformer import load_transformer
 from weights.vae import load_vae
@@ -158,6 +159,23 @@ class Pipeline:
     def used_settings(self, settings: dict) -> dict:
         """The settings as sampled, for the PNG: a family drops what its model ignored."""
         return settings
+
+    def set_loras(self, loras: Sequence) -> None:
+        """Replace the LoRAs (as `loras=` takes them) of a pipeline that may have its transformer loaded: their
+        transformer parts are unmerged and the new ones merged on the loaded weights, bit-exactly (a transformer
+        loaded with LoRAs cannot unmerge them: unload_loras says so); with fp8, the touched weights are re-read
+        from the file, merged and quantized again, as loading does. Text-encoder parts apply as the encoders next
+        load (`encode` loads them each time)."""
+        self.loras, self._lora_parts = list(loras), None
+        if self._transformer is None:
+            return
+        parts = self.lora_parts().transformer
+        if self.fp8:
+            requantize_loras(self._transformer, parts, source=self.sources.transformer, dtype=self.dtype)
+            return
+        unload_loras(self._transformer)
+        if parts:
+            apply_loras(self._transformer, parts, base=self.sources.transformer)
 
     def lora_parts(self) -> SplitLoRAs:
         """`self.loras` split into transformer and text-encoder parts: each file read once, its notes (a part

@@ -21,11 +21,12 @@ from pathlib import Path
 from weights.families import detect_family
 from weights.io import WeightsError, read_header
 from weights.lora import Recommended
-from weights.lora_merge import apply_loras, lora_spec, requantize_loras, unload_loras
+from weights.lora_merge import lora_spec
 
-from .base import pipeline_from_args
+from .base import COMPONENT_FILES, pipeline_from_args
 from .demo import ASSETS, DEMO_FOLDER
 from .job import build_parser, check_args, check_job, check_sizes, render, resolve, with_demo_defaults
+from .options import RUN_OPTIONS
 
 MAX_SEED = 2**31 - 1  # the random seeds the page draws
 AXES = ("steps", "lora scale", "shift", "guidance", "seed")  # what a sweep varies
@@ -67,7 +68,6 @@ class Session:
         self.out = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="scfm-app-"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.family = detect_family(Path(self.model))
-        args = build_parser().parse_args(self.model_argv() + ["--prompt", "-"])
         self.pipe = pipeline_from_args(args, Path(self.model), self.family, ())
         self.pipe.transformer  # noqa: B018  (loaded now, once, without LoRAs)
         self.stack: list[tuple[str, float]] = []
@@ -78,15 +78,13 @@ class Session:
     def model_argv(self) -> list[str]:
         """The launch's model-file and run flags, as generate takes them (a column adds its own). The demo goes
         without --model, as generate's demo does (its own size and T5 length)."""
-        a, argv = self.launch, [] if self.demo else ["--model", self.model]
-        for flag in ("vae", "clip", "clip_g", "t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
-                     "qwen_tokenizer", "variant", "device", "dtype", "blocks_to_swap"):
-            value = getattr(a, flag, None)
-            if value is not None:
-                argv += [f"--{flag.replace('_', '-')}", str(value)]
-        for flag in ("no_t5", "fp8", "fp8_compute", "compile", "ignore_te_lora"):
-            if getattr(a, flag, False):
-                argv.append(f"--{flag.replace('_', '-')}")
+        argv = [] if self.demo else ["--model", self.model]
+        for name in (*COMPONENT_FILES, *RUN_OPTIONS, "ignore_te_lora"):
+            value, flag = getattr(self.launch, name, None), f"--{name.replace('_', '-')}"
+            if value is True:
+                argv.append(flag)
+            elif value is not None and value is not False:
+                argv += [flag, str(value)]
         return argv
 
     def lora_files(self) -> list[str]:
@@ -117,20 +115,13 @@ class Session:
     # ----- LoRAs and columns ----------------------------------------------------------------------------------
 
     def set_loras(self, loras: list) -> float:
-        """Make `loras` ((LoRA, scale) as generate reads them) the merged stack; seconds it took (0: unchanged)."""
+        """Make `loras` ((LoRA, scale) as generate reads them) the merged stack (Pipeline.set_loras); seconds it
+        took (0: unchanged)."""
         key = [(lora.source, scale) for lora, scale in loras]
         if key == self.stack:
             return 0.0
         start = time.perf_counter()
-        pipe = self.pipe
-        pipe.loras, pipe._lora_parts = list(loras), None  # text-encoder parts: merged as the encoders load
-        parts = pipe.lora_parts().transformer
-        if pipe.fp8:
-            requantize_loras(pipe.transformer, parts, source=pipe.sources.transformer, dtype=pipe.dtype)
-        else:
-            unload_loras(pipe.transformer)
-            if parts:
-                apply_loras(pipe.transformer, parts, base=pipe.sources.transformer)
+        self.pipe.set_loras(loras)
         self.stack = key
         return time.perf_counter() - start
 

@@ -16,3 +16,8 @@ DEMO_LORA = ASSETS / "flux-demo-scfm-lora.safetensors"
 DEMO_PROMPTS = ASSETS / "prompts.txt"
 T5_LENGTH = 16  # every caption of the world is at most 13 T5 tokens; the teacher is trained at this length
 IMAGE_SIZE = 64  # px: with the demo VAE's downscale of 4 and 2x2 packing, 8x8 = 64 image tokens
+
+
+def demo_lora(spec: str) -> str:
+    """A `--lora` spec with 'demo' (optionally 'demo:SCALE') standing for the shipped SCFM LoRA's path."""
+    return str(DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec

@@ -18,7 +18,7 @@ from weights.family import Family
 from weights.io import WeightsError
 
 from .base import MAX_SIDE, save_png
-from .demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
+from .demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH, demo_lora
 from .options import (
     OneLineParser,
     add_ignore_te_lora,
@@ -42,8 +42,7 @@ def with_demo_defaults(args) -> None:
     # `is None`, not `or`: --width 0 is refused by check_sizes, not silently replaced by the default
     args.width = side if args.width is None else args.width
     args.height = side if args.height is None else args.height
-    args.lora = [str(DEMO_LORA) + spec[4:] if spec == "demo" or spec.startswith("demo:") else spec
-                 for spec in args.lora]
+    args.lora = [demo_lora(spec) for spec in args.lora]
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

@@ -37,6 +37,9 @@ def add_ignore_te_lora(group: argparse.ArgumentParser | argparse._ArgumentGroup)
     group.add_argument("--ignore-te-lora", action="store_true", help=IGNORE_TE_LORA_HELP)
 
 
+RUN_OPTIONS = ("device", "dtype", "fp8", "fp8_compute", "compile", "blocks_to_swap")  # what add_run_options adds
+
+
 def add_run_options(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--device, --dtype, --fp8, --fp8-compute, --compile, --blocks-to-swap (the last four: sampling/base.py)."""
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from model.clip import CLIP_CONFIGS
-from model.clip_vision import CLIP_VISION_CONFIGS, CLIPVisionConfig, CLIPVisionTower, clip_score, preprocess
+from model.clip_vision import (
+    CLIP_VISION_CONFIGS,
+    CLIPVisionConfig,
+    CLIPVisionTower,
+    clip_score,
+    embed_images,
+    preprocess,
+)
 from weights.io import WeightsError
 from weights.text import load_clip
 from weights.vision import load_clip_vision, vision_config_from_shapes
@@ -154,15 +161,15 @@ def test_clip_score(hf_folder):
     for sign in (1, -1):  # negating the prompts flips every cosine: each pair is clipped under one of the signs
         cos = torch.nn.functional.normalize(hf_image, dim=-1) @ torch.nn.functional.normalize(sign * hf_text, dim=-1).T
         want = (100 * cos.diagonal().clamp(min=0)).tolist()
-        got = clip_score(vision, sign * text_embeds, images)
+        got = clip_score(embed_images(vision, images), sign * text_embeds)
         assert got == pytest.approx(want, abs=1e-3)
-    assert clip_score(vision, -hf_image[0], images[:1]) == [0.0]  # the exact opposite
-    shared = clip_score(vision, text_embeds[0], images)  # one prompt for every image
+    assert clip_score(embed_images(vision, images[:1]), -hf_image[0]) == [0.0]  # the exact opposite
+    shared = clip_score(embed_images(vision, images), text_embeds[0])  # one prompt for every image
     assert shared == pytest.approx((100 * (torch.nn.functional.normalize(hf_image, dim=-1)
                                            @ torch.nn.functional.normalize(hf_text[0], dim=-1)).clamp(min=0)).tolist(),
                                    abs=1e-3)
     with pytest.raises(ValueError, match=r"pass \(7, 32\)"):
-        clip_score(vision, text_embeds[:2], images)
+        clip_score(embed_images(vision, images), text_embeds[:2])
 
 
 def test_vit_l_config_from_shapes():

@@ -8,6 +8,7 @@ copy is the one handed to the model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -159,8 +160,20 @@ def parse_lora(spec: str) -> tuple[str, float | None]:
     return spec, None
 
 
+def _file_key(path: str | os.PathLike) -> tuple:
+    """What changes when a file is rewritten: the hashes below are remembered under it (the app and
+    distill.evaluate ask again for the same LoRAs on every column and row)."""
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """The file's sha256 in hex, read in 4 MiB blocks."""
+    """The file's sha256 in hex, read in 4 MiB blocks (once per version of the file)."""
+    return _sha256(*_file_key(path))
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, *_version) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -171,9 +184,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 def a1111_lora_hash(path: str | os.PathLike) -> str:
     """The 12 hex digits A1111 / Forge write in an image's `Lora hashes` and Civitai looks LoRAs up by
     ("AutoV3"): sd-scripts' `sshs_model_hash` when the file states one, else the sha256 of the tensor bytes
-    (the file less its header, so that editing the metadata keeps the hash)."""
-    path = Path(path)
-    stated = read_header(path)[1].get("sshs_model_hash")
+    (the file less its header, so that editing the metadata keeps the hash). Once per version of the file."""
+    return _a1111_hash(*_file_key(path))
+
+
+@functools.lru_cache(maxsize=256)
+def _a1111_hash(path: str, *_version) -> str:
+    stated = read_header(Path(path))[1].get("sshs_model_hash")
     if stated:
         return stated[:12]
     digest = hashlib.sha256()

@@ -219,15 +219,17 @@ def merge_while_reading(model, loras: Sequence, *, ignore_text_encoders: bool = 
 
 def requantize_loras(model, loras: Sequence, *, source: str | os.PathLike, dtype: torch.dtype) -> list[str]:
     """An fp8 model's weights made those its loader gives with `loras` (bit for bit what loading `source` with
-    fp8=True, loras=`loras` in `dtype` gives): every weight the previous call's LoRAs or these touch is re-read from
-    `source`, cast to `dtype`, its LoRAs merged in fp32 and rounded once (merged_param), and an e4m3 one quantized
-    again. e4m3 weights cannot be unmerged, so a change of LoRAs goes back to the file (the comparison app's fp8
-    path; without fp8, apply_loras / unload_loras). Returns the keys rewritten."""
+    fp8=True, loras=`loras` in `dtype` gives): every weight the LoRAs merged so far (at load, or by the last call)
+    or these touch is re-read from `source`, cast to `dtype`, its LoRAs merged in fp32 and rounded once
+    (merged_param), and an e4m3 one quantized again. e4m3 weights cannot be unmerged, so a change of LoRAs goes
+    back to the file (Pipeline.set_loras with fp8; without it, apply_loras / unload_loras). Returns the keys
+    rewritten."""
     from model.fp8 import quantize_rows
 
     items = _resolve(model, loras, ignore_text_encoders=True)
     new = dict.fromkeys(k for lora, _ in items for k in touched_keys(lora))
-    keys = list(dict.fromkeys([*getattr(model, "_scfm_requantized", []), *new]))
+    state = getattr(model, "_scfm_loras", None)
+    keys = list(dict.fromkeys([*(state.touched if state else []), *new]))
     with torch.no_grad():
         for key, t in _base_weights(str(source), model, keys):
             w = _tensor(model, key)
@@ -239,7 +241,7 @@ def requantize_loras(model, loras: Sequence, *, source: str | os.PathLike, dtype
                 _tensor(model, key.removesuffix("weight") + "weight_scale").copy_(scale)
             else:
                 w.copy_(t)
-    model._scfm_requantized = list(new)
+    model._scfm_loras = _Applied(_names(items), list(new), None, {}, restorable=False)  # as merge_while_reading
     return keys
 
 
