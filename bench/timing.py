@@ -28,18 +28,24 @@ def median_time(fn, device: str, warmup: int, iters: int) -> float:
 
 
 def twin_row(name: str, device: str, dtype: torch.dtype, run_ref, run_ours, iters: int) -> dict:
-    """One row of a forward-against-diffusers benchmark: the max relative error of ours, then the median
-    milliseconds of each, one call of each in turn, so drift in the machine's load hits both equally."""
+    """One row of a forward-against-diffusers benchmark: the max relative error of ours, the median
+    milliseconds of each, and the ratio as the median of per-pair ratios with its quartiles. Each pair is one
+    call of each, back to back, the first of the pair alternating, so drift in the machine's load (a shared
+    2-core VM swings a whole forward by +-5% between seconds) hits both sides of a pair alike instead of
+    landing in the ratio of two separate medians."""
     out_ref, out_ours = run_ref().float(), run_ours().float()
     err = ((out_ours - out_ref).abs().max() / out_ref.abs().max()).item()
     warmup = 2 if name != "tiny" else 5
     t_ref, t_ours = [], []
-    for _ in range(iters):
-        t_ref.append(median_time(run_ref, device, 0 if t_ref else warmup, 1))
-        t_ours.append(median_time(run_ours, device, 0 if t_ours else warmup, 1))
-    ms_ref, ms_ours = 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_ours)
-    return dict(case=name, device=device, dtype=str(dtype).removeprefix("torch."), ours_ms=ms_ours,
-                diffusers_ms=ms_ref, ratio=ms_ours / ms_ref, max_rel_err=err)
+    for i in range(iters):
+        pair = [(run_ref, t_ref), (run_ours, t_ours)]
+        for fn, times in pair if i % 2 == 0 else pair[::-1]:
+            times.append(median_time(fn, device, 0 if times else warmup, 1))
+    ratios = sorted(o / r for o, r in zip(t_ours, t_ref))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return dict(case=name, device=device, dtype=str(dtype).removeprefix("torch."),
+                ours_ms=1e3 * statistics.median(t_ours), diffusers_ms=1e3 * statistics.median(t_ref),
+                ratio=statistics.median(ratios), ratio_q1=q1, ratio_q3=q3, max_rel_err=err)
 
 
 def twin_main(description: str, title: str, cases: dict, run_case) -> None:
@@ -57,12 +63,13 @@ def twin_main(description: str, title: str, cases: dict, run_case) -> None:
         sys.exit("--device cuda: no CUDA device here")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# {title}, ours vs diffusers, {device_name}, torch {torch.__version__}")
-    print(f"{'case':<20}{'dtype':<10}{'ours ms':>10}{'diffusers ms':>14}{'ratio':>8}{'max rel err':>13}")
+    print(f"{'case':<20}{'dtype':<10}{'ours ms':>10}{'diffusers ms':>14}{'ratio':>8}{'quartiles':>14}"
+          f"{'max rel err':>13}")
     for name in args.cases:
         if args.device in cases[name][4]:
             r = run_case(name, args.device, args.iters)
             print(f"{r['case']:<20}{r['dtype']:<10}{r['ours_ms']:>10.2f}{r['diffusers_ms']:>14.2f}"
-                  f"{r['ratio']:>8.3f}{r['max_rel_err']:>13.2e}", flush=True)
+                  f"{r['ratio']:>8.3f}{r['ratio_q1']:>8.3f}-{r['ratio_q3']:.3f}{r['max_rel_err']:>13.2e}", flush=True)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,16 @@ from torch import Tensor, nn
 
 from . import kernels
 from .config import PresetConfig
-from .layers import BlockRunner, MLPEmbedder, Modulation, ModulationOut, QKNorm, attention, timestep_embedding
+from .layers import (
+    BlockRunner,
+    MLPEmbedder,
+    Modulation,
+    ModulationOut,
+    QKNorm,
+    WideLinear,
+    attention,
+    timestep_embedding,
+)
 from .rope import EmbedND, check_axes
 
 
@@ -72,7 +81,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = WideLinear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
@@ -90,12 +99,12 @@ class DoubleStreamBlock(nn.Module):
         self.img_norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.img_attn = SelfAttention(d, cfg.num_heads, cfg.qkv_bias)
         self.img_norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.img_mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
+        self.img_mlp = nn.Sequential(WideLinear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
         self.txt_mod = Modulation(d, double=True)
         self.txt_norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.txt_attn = SelfAttention(d, cfg.num_heads, cfg.qkv_bias)
         self.txt_norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.txt_mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
+        self.txt_mlp = nn.Sequential(WideLinear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         return double_stream(self, img, txt, self.img_mod(vec), self.txt_mod(vec), pe)
@@ -136,7 +145,7 @@ class SingleStreamBlock(nn.Module):
         self.hidden_size = d
         self.num_heads = cfg.num_heads
         self.mlp_hidden_dim = cfg.mlp_hidden_dim
-        self.linear1 = nn.Linear(d, d * 3 + self.mlp_hidden_dim)
+        self.linear1 = WideLinear(d, d * 3 + self.mlp_hidden_dim)
         self.linear2 = nn.Linear(d + self.mlp_hidden_dim, d)
         self.norm = QKNorm(d // cfg.num_heads)
         self.pre_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import PresetConfig
 from .flux import LastLayer, SelfAttention, StreamsShape, _clip_fp16, double_stream, time_vector
-from .layers import BlockRunner, MLPEmbedder, ModulationOut, QKNorm, attention
+from .layers import BlockRunner, MLPEmbedder, ModulationOut, QKNorm, WideLinear, attention
 from .rope import EmbedND
 
 
@@ -68,7 +68,7 @@ class SwiGLU(nn.Module):
 
 def _mlp(d: int, hidden: int) -> nn.Sequential:
     # indices 0 and 2 are BFL's `img_mlp.0` / `img_mlp.2`
-    return nn.Sequential(nn.Linear(d, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, d, bias=False))
+    return nn.Sequential(WideLinear(d, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, d, bias=False))
 
 
 def _mods(mod: Tensor, sets: int) -> list[ModulationOut]:
@@ -103,7 +103,7 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.hidden_size, self.num_heads, self.mlp_hidden_dim = d, cfg.num_heads, cfg.mlp_hidden_dim
-        self.linear1 = nn.Linear(d, 3 * d + 2 * self.mlp_hidden_dim, bias=False)
+        self.linear1 = WideLinear(d, 3 * d + 2 * self.mlp_hidden_dim, bias=False)
         self.linear2 = nn.Linear(d + self.mlp_hidden_dim, d, bias=False)
         self.norm = QKNorm(d // cfg.num_heads)
         self.pre_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import fp8_gemm, kernels
 from .kernels.quant import quant_rows_reference
-from .layers import BLOCK_LISTS
+from .layers import BLOCK_LISTS, WideLinear
 
 E4M3 = torch.float8_e4m3fn
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
@@ -160,7 +160,7 @@ def quantize_linears_(model: nn.Module, device: torch.device | str | None = None
     weights' previous dtype. Quantize before `inject_lora`: the LoRA layers take the e4m3 weight as it is."""
     saved = 0
     # names, not modules: each replaced layer's full-precision weight is freed before the next is quantized
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and include(n)]
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, WideLinear) and include(n)]
     if not names:
         raise ValueError(f"no Linear of {type(model).__name__} matches; nothing to store in fp8")
     for name in names:

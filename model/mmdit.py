@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .config import PresetConfig
-from .layers import BlockRunner, attention, timestep_embedding
+from .layers import BlockRunner, WideLinear, attention, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None, pre_only: bool = False):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.qkv = WideLinear(dim, 3 * dim, bias=True)
         self.proj = None if pre_only else nn.Linear(dim, dim)
         self.ln_q = HeadNorm(dim // num_heads) if qk_norm else None
         self.ln_k = HeadNorm(dim // num_heads) if qk_norm else None
@@ -142,7 +142,7 @@ class SelfAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = WideLinear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
 
