@@ -26,7 +26,9 @@ unshifted linear one), and reads every image back with the world's checker (dist
 - adherence: percent of images whose read attributes match everything the prompt fixes;
 - paired: mean |pixel| difference (0..1) to the reference image from the same noise;
 - hist: distance of the read-attribute histograms to the reference's (0: the same distribution of attributes);
-- crispness: mean distance of the pixels to the world's palette (lower is crisper); iou: shape-template fit.
+- crispness: mean distance of the pixels to the world's palette (lower is crisper); iou: shape-template fit;
+- style, with --world variant (the checker then reads the swapped palette and the world row is drawn in it): percent
+  of the colour-naming prompts drawn the variant's way, e.g. whether a style LoRA (--lora) took.
 
 The `world` row scores ground-truth renders of the same prompts: the ceiling for adherence and crispness. With
 --floor, a `teacher N new noises` row runs the reference sampler from other noises: a sampler that draws exactly the
@@ -88,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="with --out: image height (default: as --width)")
     p.add_argument("--out", type=Path, help="any model: render the rows into this folder and report there (below)")
     p.add_argument("--world", choices=["base", "variant"], default="base",
-                   help="with --out on the demo: the world whose colours the checker reads (variant: the swapped "
-                        "palette, the own-LoRA demo's style, distill/demo/world.py)")
+                   help="on the demo: the world whose colours the checker reads and the world row draws (variant: "
+                        "the swapped palette, the own-LoRA demo's style, distill/demo/world.py); adds a style column")
     p.add_argument("--clip-vision", metavar="CLIP", help="with --out: your CLIP weights (a transformers CLIPModel "
                    "folder or safetensors file, e.g. clip-vit-large-patch14) for CLIP score and the Fréchet "
                    "distance and CMMD in CLIP space; never downloaded")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvalConfig(model=args.model, lora=args.lora, prompts=_prompts(args), per_prompt=args.per_prompt,
                          steps=tuple(args.steps), teacher_steps=args.teacher_steps, seed=args.seed,
                          lora_scale=args.lora_scale, device=args.device, floor=args.floor, shift=args.shift,
-                         fp8=args.fp8, fp8_compute=args.fp8_compute, compile=args.compile)
+                         fp8=args.fp8, fp8_compute=args.fp8_compute, compile=args.compile, world=args.world)
         check(cfg)  # inputs, then outputs: both before the run, not after minutes of sampling
         check_device(cfg.device)
         if not args.no_grid:

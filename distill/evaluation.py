@@ -41,6 +41,7 @@ class EvalConfig:
     fp8: bool = False  # the LoRA rows on e4m3 block weights, the LoRA merged first (generate --fp8 --lora)
     fp8_compute: bool = False  # those rows' GEMMs in fp8 too (model/fp8_gemm.py; emulated on the CPU); implies fp8
     compile: bool = False  # the transformer blocks compiled (model/layers.py compile_blocks)
+    world: str = "base"  # whose colours the checker reads and the ground truth is drawn in (variant: a style LoRA's)
 
     def __post_init__(self):
         object.__setattr__(self, "model", Path(self.model).expanduser())
@@ -63,6 +64,8 @@ def check(cfg: EvalConfig) -> None:
         raise ValueError(f"--seed {cfg.seed}: must be from 0 to 2**64 - 2; pass --seed 0")
     if not cfg.prompts:
         raise ValueError("no prompts: pass --prompts TEXT ... or --prompts-file FILE")
+    if cfg.world not in world.WORLDS:
+        raise ValueError(f"--world {cfg.world}: one of {', '.join(world.WORLDS)}")
     for p in cfg.prompts:
         try:
             world.parse_caption(p)
@@ -158,11 +161,11 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     order = teacher_rows[:1] + floor_rows + teacher_rows[1:] + student_rows
 
     # ground truth for the same prompts; seed + i so that repeated prompts still get fresh scenes
-    truth = np.concatenate([world.sample_for_prompt(p, cfg.seed + i, cfg.per_prompt)[0]
+    truth = np.concatenate([world.sample_for_prompt(p, cfg.seed + i, cfg.per_prompt, world=cfg.world)[0]
                             for i, p in enumerate(cfg.prompts)])
     ref = images["teacher", cfg.teacher_steps]
-    scores = {key: quality.score(im, prompts) for key, im in images.items()}
-    rows = [_row("world", "world", None, quality.score(truth, prompts))]
+    scores = {key: _world_score(im, prompts, cfg.world) for key, im in images.items()}
+    rows = [_row("world", "world", None, _world_score(truth, prompts, cfg.world))]
     for kind, n in order:
         s, ref_reads = scores[kind, n], scores["teacher", cfg.teacher_steps]["reads"]
         by_attribute = quality.histogram_distances(s["reads"], ref_reads, prompts)
@@ -178,7 +181,7 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
                   schedule="flux-schnell (linear, shift 1)" if cfg.shift is None else
                   f"reference: flux-schnell (linear, shift 1); --steps rows: scfm grid, shift {cfg.shift}",
                   reference=f"teacher {cfg.teacher_steps}", device=cfg.device, floor=cfg.floor,
-                  shift=cfg.shift, fp8=cfg.fp8, fp8_compute=cfg.fp8_compute, compile=cfg.compile)
+                  shift=cfg.shift, fp8=cfg.fp8, fp8_compute=cfg.fp8_compute, compile=cfg.compile, world=cfg.world)
     return {"config": config, "rows": rows, "grid": grid}
 
 
@@ -202,19 +205,28 @@ def check_grid_scale(cfg: EvalConfig, scale: int) -> None:
                          f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP PIL opens; pass --grid-scale {largest} or --no-grid")
 
 
+def _world_score(images: np.ndarray, prompts: list[str], world_name: str) -> dict:
+    score = quality.score(images, prompts, world_name)
+    if world_name == "base" or score["style"] is None:
+        del score["style"]
+    return score
+
+
 def _row(name: str, model: str, steps: int | None, score: dict, **distances) -> dict:
     values = {"paired": None, "hist": None, **score, **distances}  # the world row has no reference
-    return dict(name=name, model=model, steps=steps, **{k: values[k] and round(values[k], 4) for k in METRICS})
+    # style: a variant world's column (in the base world it is the colour part of adherence)
+    keys = METRICS + (("style",) if "style" in values else ())
+    return dict(name=name, model=model, steps=steps, **{k: values[k] and round(values[k], 4) for k in keys})
 
 
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text; '-' where a metric does not apply (the world row has no reference to compare with). A
     second block splits `hist` by attribute: which attribute's distribution a sampler gets wrong."""
     width = max(len(r["name"]) for r in rows)
-    cols = ("steps",) + METRICS
+    cols = ("steps",) + METRICS + (("style",) if "style" in rows[0] else ())
     lines = [" ".join([" " * width] + [f"{c:>9}" for c in cols])]
     for r in rows:
-        cells = ["-" if r[c] is None else f"{r[c]}" if c == "steps" else f"{r[c]:.1f}" if c == "adherence"
+        cells = ["-" if r[c] is None else f"{r[c]}" if c == "steps" else f"{r[c]:.1f}" if c in ("adherence", "style")
                  else f"{r[c]:.4f}" for c in cols]
         lines.append(" ".join([f"{r['name']:>{width}}"] + [f"{c:>9}" for c in cells]))
     split = [r for r in rows if "hist_by_attribute" in r]

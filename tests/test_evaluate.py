@@ -87,6 +87,24 @@ def test_cli_writes_the_table_and_the_grid(folder, tmp_path, capsys):
     assert np.array_equal(pixels[:size:3, :size:3], world.sample_for_prompt(PROMPTS[0], 0, 1)[0][0])
 
 
+def test_the_variant_world_reads_its_own_palette_and_adds_style(folder):
+    """--world variant without --out: the world row is drawn in the swapped palette (100% adherent, 100% styled
+    as that world reads it), the rows carry a style column, and the other metrics are those of the base world's
+    table wherever the palette does not enter (paired: pixels against the same reference)."""
+    base, variant = (evaluate(EvalConfig(model=folder, lora=None, prompts=PROMPTS, per_prompt=2, steps=(1,),
+                                         teacher_steps=2, world=w)) for w in ("base", "variant"))
+    rows = {r["name"]: r for r in variant["rows"]}
+    assert rows["world"]["adherence"] == 100.0 and rows["world"]["style"] == 100.0
+    assert all("style" in r for r in variant["rows"]) and not any("style" in r for r in base["rows"])
+    assert variant["config"]["world"] == "variant" and base["config"]["world"] == "base"
+    assert [r["paired"] for r in variant["rows"]] == [r["paired"] for r in base["rows"]]
+    truth = world.sample_for_prompt(PROMPTS[0], 0, 1, world="variant")[0][0]
+    assert np.array_equal(variant["grid"][:world.SIZE, :world.SIZE], truth)
+    assert not np.array_equal(base["grid"][:world.SIZE, :world.SIZE], truth)  # red drawn blue: another image
+    with pytest.raises(ValueError, match="--world sepia: one of base, variant"):
+        evaluate(EvalConfig(model=folder, lora=None, prompts=PROMPTS, world="sepia"))
+
+
 def test_a_zero_lora_gives_the_teacher_rows(folder, tmp_path):
     lora = lora_file(tmp_path / "zero.safetensors", "diffusers", up_std=0.0)
     report = evaluate(EvalConfig(model=folder, lora=lora, prompts=PROMPTS, per_prompt=2, steps=(1, 2),
