@@ -115,6 +115,9 @@ class DistillConfig:
     t5_length: int = opt(256, "T5 tokens per prompt (released recipe: 256); recorded in the LoRA metadata")
     resolution: int = opt(512, "training buckets have about resolution^2 pixels (the 512-px list at 512)")
     cache_only: bool = opt(False, "build the cache and stop")
+    flip: bool = opt(False, "also train on every image mirrored left-right, 'left' and 'right' swapped in its "
+                            "caption (re-embedded): twice the pairs. Off by default: a caption or image with "
+                            "any other handedness (text, a one-sided detail) would be taught mirrored")
     # --- LoRA ---------------------------------------------------------------------------------------------
     rank: int = opt(64, "LoRA rank")
     alpha: float = opt(64.0, "LoRA alpha (scale = alpha / rank)")

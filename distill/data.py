@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -260,11 +261,25 @@ class Cache:
         return self._stacked(lambda _: "negative.safetensors", [0])
 
 
+_SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirror_caption(text: str) -> str:
+    """The caption of the image mirrored left-right: every whole word "left" and "right" swapped, its case kept
+    ("at the top Left" -> "at the top Right"; "leftover", "bright" untouched)."""
+    def swap(m: re.Match) -> str:
+        word = {"left": "right", "right": "left"}[m.group(0).lower()]
+        return word.upper() if m.group(0).isupper() else word.capitalize() if m.group(0)[0].isupper() else word
+    return _SIDES.sub(swap, text)
+
+
 def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Sequence[str] = (),
                shard_size: int = 256, *, cond_names: Sequence[str] = COND_NAMES,
-               negative_prompt: str | None = None) -> dict:
+               negative_prompt: str | None = None, flip: bool = False) -> dict:
     """Which items go into which bucket, and the deduplicated prompts; a pure function of folder + key.
-    `cond_names`: what the text encoder returns; `negative_prompt`: embedded once (SD3.5's CFG: "")."""
+    `cond_names`: what the text encoder returns; `negative_prompt`: embedded once (SD3.5's CFG: "").
+    `flip`: every image a second time, mirrored left-right (item "flip": true), under its mirrored caption
+    (`mirror_caption`, embedded like any prompt), so image and caption still agree."""
     data = Path(data).expanduser()
     examples = read_folder(data)
     buckets = BUCKETS_512 if resolution == 512 else buckets_for(resolution)
@@ -275,6 +290,13 @@ def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Seq
         path = data / e.file
         items.append({"file": e.file, "prompt": index[e.prompt], "bytes": path.stat().st_size,
                       "bucket": list(nearest_bucket(*image_size(path), buckets))})
+    if flip:  # after the originals: a plan without flip keeps its item numbers (and its caches stay valid)
+        for item in list(items):
+            mirrored = mirror_caption(prompts[item["prompt"]])
+            if mirrored not in index:
+                index[mirrored] = len(prompts)
+                prompts.append(mirrored)
+            items.append({**item, "prompt": index[mirrored], "flip": True})
     plan = {"version": CACHE_VERSION, "key": key, "data": str(data.resolve()), "shard_size": shard_size,
             "prompts": prompts, "items": items, "sample_prompts": list(sample_prompts)}
     if tuple(cond_names) != COND_NAMES:  # Flux plans stay as they were, so their caches stay valid
@@ -357,13 +379,18 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
             for bucket, ids in by_bucket.items():
                 for chunk in _shards(len(ids), batch_size):
                     batch = [ids[j] for j in chunk]
-                    images = torch.stack([load_image(data / plan["items"][i]["file"], bucket) for i in batch])
+                    images = torch.stack([_item_image(data, plan["items"][i], bucket) for i in batch])
                     for i, z in zip(batch, encode(images)):
                         tensors[str(i)] = cast(z)
                     bar.update(len(batch))
             atomic_save(tensors, folder / f"latents-{k:05d}.safetensors")
         bar.close()
     return Cache(folder)
+
+
+def _item_image(data: Path, item: dict, bucket: tuple[int, int]) -> Tensor:
+    image = load_image(data / item["file"], bucket)
+    return image.flip(-1) if item.get("flip") else image
 
 
 def _write_json(path: Path, obj) -> None:

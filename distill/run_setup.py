@@ -161,7 +161,7 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: F
             # a CFG family embeds the empty negative prompt once (SD3.5's baked-in CFG, docs/method.md §5)
             plan = plan_cache(cfg.data, cache_key(cfg, family), cfg.resolution, cfg.sample_prompts,
                               cond_names=family.part("pipeline").cond_names,
-                              negative_prompt="" if family.guidance == "cfg" else None)
+                              negative_prompt="" if family.guidance == "cfg" else None, flip=cfg.flip)
             text, image = _encoders(cfg, device, family)
             build_cache(folder, plan, text, image, dtype=DTYPES[cfg.dtype])
         elif not (folder / "cache.json").exists():

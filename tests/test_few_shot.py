@@ -9,10 +9,12 @@ import dataclasses
 
 import pytest
 import torch
-from test_data import make_cache
+from test_data import KEY, FakeText, FakeVAE, make_cache, write_images
 from test_trainer import Kill, assert_same, config, kill_at, state, tiny_model
 
 from distill.config import ConfigError
+from distill.data import build_cache, load_image, mirror_caption, plan_cache
+from distill.demo import world
 from distill.lora import lora_layers, weight_set
 from distill.scfm import element_generators, sample_draw
 from distill.trainer import Trainer
@@ -90,3 +92,36 @@ def test_ten_shot_recipes_start_from_their_base_and_change_only_what_they_say(tm
     (tmp_path / "b.toml").write_text('base = "a.toml"\n')
     with pytest.raises(ConfigError, match="its `base` chain comes back to itself"):
         load_toml(tmp_path / "a.toml")
+
+
+def test_mirror_caption_swaps_whole_words_and_keeps_case():
+    assert mirror_caption("a red circle at the top left") == "a red circle at the top right"
+    assert mirror_caption("Left of the RIGHT door, leftover bright") == "Right of the LEFT door, leftover bright"
+    assert mirror_caption("a shape on a black background") == "a shape on a black background"
+
+
+def test_flip_adds_mirrored_pairs_whose_caption_still_fits_and_is_off_by_default(tmp_path):
+    """Every image again, mirrored, under the mirrored caption; the demo world's checker reads a mirrored render
+    as its mirrored caption (so the pair is consistent); without flip the plan is what it always was."""
+    data = tmp_path / "data"
+    write_images(data, [((512, 512), "a red circle at the top left"), ((512, 512), "a shape in the center")])
+    plain = plan_cache(data, KEY, 512, shard_size=4)
+    assert plain == plan_cache(data, KEY, 512, shard_size=4, flip=False)
+    assert len(plain["items"]) == 2 and not any("flip" in it for it in plain["items"])
+    plan = plan_cache(data, KEY, 512, shard_size=4, flip=True)
+    assert plan["items"][:2] == plain["items"]  # the originals keep their numbers
+    assert [plan["prompts"][it["prompt"]] for it in plan["items"][2:]] == [
+        "a red circle at the top right", "a shape in the center"]
+    vae = FakeVAE()
+    cache = build_cache(tmp_path / "cache", plan, FakeText, lambda: vae, batch_size=2, progress=False)
+    assert vae.calls == 4 and len(cache) == 4
+    for i in range(2):
+        image = load_image(data / plan["items"][i]["file"], (512, 512))
+        torch.testing.assert_close(cache.load([i + 2])[0][0], vae(image.flip(-1)[None])[0])
+        mirrored = plan["prompts"][plan["items"][i + 2]["prompt"]]
+        torch.testing.assert_close(cache.load([i + 2])[1]["txt"], FakeText()([mirrored])["txt"])
+    for seed in range(20):  # every position and shape: a mirrored render is its mirrored caption's image
+        images, captions, _ = world.sample(seed, 4)
+        for image, caption in zip(images, captions):
+            read = world.read_image(image[:, ::-1].copy())
+            assert world.adheres(read, world.parse_caption(mirror_caption(caption))), caption
