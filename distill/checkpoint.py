@@ -16,7 +16,6 @@ one a lower-lr `--resume` can continue from. A write that fails (a full disk) le
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from torch import Tensor
 from weights.atomic import atomic_path, temp_beside, temp_writer_gone
 from weights.io import file_sha256
 
-from .config import DistillConfig
+from .config import DistillConfig, flat_fields
 from .sharding import full, like
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -143,15 +142,15 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
 def stored_config(state: dict) -> DistillConfig:
     """The run's config as its checkpoint stored it: JSON lists become the tuples they were, fields newer than
     the checkpoint keep their defaults, and W&B is not needed to read it."""
-    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    fields = flat_fields()  # checkpoints store the flat names (DistillConfig.to_dict), before and after nesting
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in fields}
-    return DistillConfig(**{**saved, "wandb_project": ""})
+    return DistillConfig.from_flat(**{**saved, "wandb_project": ""})
 
 
 def resume_conflicts(state: dict, config: DistillConfig) -> list[str]:
     """The RESUME_FIXED fields in which `config` differs from the checkpoint's run."""
     stored = stored_config(state)
-    return [k for k in RESUME_FIXED if getattr(stored, k) != getattr(config, k)]
+    return [k for k in RESUME_FIXED if stored.get(k) != config.get(k)]
 
 
 def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Tensor], dict] | None:

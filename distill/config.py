@@ -1,36 +1,35 @@
 """DistillConfig: every knob of `python -m distill.train`, from a TOML file and/or `--field value` flags.
 
 Precedence: the dataclass defaults, then the TOML file (`--config FILE`, or a packaged preset name such as
-`flux-dev-scfm`), then flags. TOML tables (`[lora]`, `[scfm]`, ...) only group keys for reading: their
-contents are flattened, so `rank = 64` under `[lora]` sets the field `rank`. A top-level `base = "demo"` starts
-from that file or preset and changes only what follows (`distill/configs/demo-10shot.toml`).
+`flux-dev-scfm`), then flags. DistillConfig holds the `[lora]`, `[scfm]` and `[ema]` tables as sub-configs
+(`cfg.lora.rank`, `cfg.scfm.t_skip`, `cfg.ema.fast_decay`), which make the trainer's LoRAConfig, SCFMConfig and
+EMAConfig; the other tables (`[data]`, `[optim]`, `[runtime]`, `[run]`) group its own fields. Every field keeps
+one flat name, unique across tables: the flag (`--rank`), the TOML key under whichever table a file puts it
+(files from before the nesting had the EMA decays under `[scfm]`), and the key in checkpoints and log lines
+(`to_dict`). A top-level `base = "demo"` starts from that file or preset and changes only what follows
+(`distill/configs/demo-10shot.toml`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import importlib.util
 import math
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sampling.fields import check_fields, field_index, opt
 from weights.families import default_family, names
+
+from .ema import EMAConfig
+from .scfm import SCFMConfig
 
 PRESETS = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
     """A bad config file, field or value, reported as one line."""
-
-
-def opt(default, help: str, parse=None):
-    """A field with its help text; `parse` reads the field's text on the command line and in TOML (e.g. 'auto')."""
-    return field(default=default, metadata={"help": help, "parse": parse})
 
 
 AUTO = -1  # unchecked_blocks = "auto": planned under max_memory (distill/memory_plan.py)
@@ -92,6 +91,76 @@ def count_or_auto(text) -> int:
 
 
 @dataclass(frozen=True)
+class LoRASettings:
+    """[lora]: the LoRA the run trains, the table it targets, and the LoRAs under it."""
+
+    rank: int = opt(64, "LoRA rank")
+    alpha: float = opt(64.0, "LoRA alpha (scale = alpha / rank)")
+    targets: str = opt(default_family().name, "LoRA target table, by model family (distill/lora_targets.py: "
+                                              "the released list for flux, SAI names for sd3); must match the model")
+    teacher_lora: str = opt("", "optional teacher LoRA (any layout: ours, diffusers, kohya); both EMAs "
+                                "start from it too")
+    base_loras: tuple[str, ...] = opt((), "LoRAs merged for good into the frozen base before training, "
+                                          "PATH[:SCALE] in any layout (e.g. a style LoRA): teacher and student "
+                                          "both run on base + these, so the SCFM LoRA is made for that stack; "
+                                          "recorded in the exported LoRA")
+    ignore_te_lora: bool = opt(False, "merge only the transformer part of the base_loras: their text-encoder "
+                                      "part (kohya lora_te*_, diffusers text_encoder*.), otherwise merged into "
+                                      "CLIP / T5 when the text cache is built, is skipped with one line saying so")
+
+
+@dataclass(frozen=True)
+class SCFMSettings:
+    """[scfm]: the objective (docs/method.md §2-§5). `scfm_config` makes the sampler's SCFMConfig of it."""
+
+    objective: str = opt("scfm", "scfm: velocity-field self-distillation (teacher, fast and slow EMA); "
+                                 "flow_matching: ordinary LoRA training on the data's images (every element the "
+                                 "plain target eps - x0: no target calls, no EMA or teacher sets; a style LoRA)")
+    t_skip: int = opt(2, "grid steps per student step")
+    teacher_steps_min: int = opt(32, "smallest teacher grid")
+    teacher_steps_max: int = opt(32, "largest teacher grid")
+    teacher_ratio: float = opt(0.4, "share of teacher elements (first jump with the teacher weights)")
+    non_shortcut_ratio: float = opt(0.0, "share of elements trained on the plain flow-matching target")
+    dynamic_shift_prob: float = opt(0.1, "probability of Flux's resolution-dependent shift per element")
+    shift_min: float = opt(2.5, "fixed shift ~ U[shift_min, shift_max)")
+    shift_max: float = opt(4.5, "see shift_min")
+    guidance_max: float = opt(7.5, "Flux-dev guidance ~ U[0, guidance_max); ignored by models without one")
+    cfg_scale: float = opt(0.0, "SD3.5: every call (the student's too, both branches with gradient) is "
+                                "c + w (c - u) against the empty prompt, w = cfg_scale (recipe 3.5, which is "
+                                "diffusers' guidance 4.5); 0 = off")
+
+    def scfm_config(self, guidance: bool, dynamic_shift: str = "linear") -> SCFMConfig:
+        """`guidance`: the model has a guidance input (Flux-dev). `cfg_scale` > 0 bakes SD3.5's CFG in.
+        `dynamic_shift`: the family's resolution-dependent shift rule (weights/family.py). The flow-matching
+        objective gives every element the plain target: no target calls."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(SCFMConfig) if hasattr(self, f.name)}
+        return SCFMConfig(**shared | dict(
+            non_shortcut_ratio=1.0 if self.objective == "flow_matching" else self.non_shortcut_ratio,
+            guidance_max=self.guidance_max if guidance else None, cfg_scale=self.cfg_scale or None,
+            dynamic_shift=dynamic_shift))
+
+
+@dataclass(frozen=True)
+class EMASettings:
+    """[ema]: the fast and slow EMA of the live set (docs/method.md §4)."""
+
+    fast_decay: float = opt(0.99, "fast EMA decay")
+    slow_decay: float = opt(0.999, "slow EMA decay")
+    ema_restart_every: int = opt(0, "restart both EMAs from live every N updates, after updates N+1, 2N+1, ... "
+                                    "as the released trainer does (0 = never; SD3.5: 2000)")
+
+    def ema_config(self) -> EMAConfig:
+        return EMAConfig(self.fast_decay, self.slow_decay, self.ema_restart_every)
+
+
+# The tables DistillConfig holds, by field name: each of their fields keeps its flat name everywhere it is spelled
+# (flags, TOML keys under any table, checkpoints, log lines), so files and command lines from before the tables
+# nested still read (tests/test_config_fixture.py).
+TABLES = {"lora": LoRASettings, "scfm": SCFMSettings, "ema": EMASettings}
+TABLE_OF = {f.name: table for table, cls in TABLES.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     # --- files --------------------------------------------------------------------------------------------
     model: str = opt("", "Flux or SD3 / SD3.5 transformer: .safetensors file, model folder or diffusers "
@@ -118,40 +187,10 @@ class DistillConfig:
     flip: bool = opt(False, "also train on every image mirrored left-right, 'left' and 'right' swapped in its "
                             "caption (re-embedded): twice the pairs. Off by default: a caption or image with "
                             "any other handedness (text, a one-sided detail) would be taught mirrored")
-    # --- LoRA ---------------------------------------------------------------------------------------------
-    rank: int = opt(64, "LoRA rank")
-    alpha: float = opt(64.0, "LoRA alpha (scale = alpha / rank)")
-    targets: str = opt(default_family().name, "LoRA target table, by model family (distill/lora_targets.py: "
-                                              "the released list for flux, SAI names for sd3); must match the model")
-    teacher_lora: str = opt("", "optional teacher LoRA (any layout: ours, diffusers, kohya); both EMAs "
-                                "start from it too")
-    base_loras: tuple[str, ...] = opt((), "LoRAs merged for good into the frozen base before training, "
-                                          "PATH[:SCALE] in any layout (e.g. a style LoRA): teacher and student "
-                                          "both run on base + these, so the SCFM LoRA is made for that stack; "
-                                          "recorded in the exported LoRA")
-    ignore_te_lora: bool = opt(False, "merge only the transformer part of the base_loras: their text-encoder "
-                                      "part (kohya lora_te*_, diffusers text_encoder*.), otherwise merged into "
-                                      "CLIP / T5 when the text cache is built, is skipped with one line saying so")
-    # --- SCFM objective (docs/method.md §2-§5) ------------------------------------------------------------
-    objective: str = opt("scfm", "scfm: velocity-field self-distillation (teacher, fast and slow EMA); "
-                                 "flow_matching: ordinary LoRA training on the data's images (every element the "
-                                 "plain target eps - x0: no target calls, no EMA or teacher sets; a style LoRA)")
-    t_skip: int = opt(2, "grid steps per student step")
-    teacher_steps_min: int = opt(32, "smallest teacher grid")
-    teacher_steps_max: int = opt(32, "largest teacher grid")
-    teacher_ratio: float = opt(0.4, "share of teacher elements (first jump with the teacher weights)")
-    non_shortcut_ratio: float = opt(0.0, "share of elements trained on the plain flow-matching target")
-    dynamic_shift_prob: float = opt(0.1, "probability of Flux's resolution-dependent shift per element")
-    shift_min: float = opt(2.5, "fixed shift ~ U[shift_min, shift_max)")
-    shift_max: float = opt(4.5, "see shift_min")
-    guidance_max: float = opt(7.5, "Flux-dev guidance ~ U[0, guidance_max); ignored by models without one")
-    cfg_scale: float = opt(0.0, "SD3.5: every call (the student's too, both branches with gradient) is "
-                                "c + w (c - u) against the empty prompt, w = cfg_scale (recipe 3.5, which is "
-                                "diffusers' guidance 4.5); 0 = off")
-    fast_decay: float = opt(0.99, "fast EMA decay")
-    slow_decay: float = opt(0.999, "slow EMA decay")
-    ema_restart_every: int = opt(0, "restart both EMAs from live every N updates, after updates N+1, 2N+1, ... "
-                                    "as the released trainer does (0 = never; SD3.5: 2000)")
+    # --- LoRA, SCFM objective, EMA: the tables above -------------------------------------------------------
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    scfm: SCFMSettings = field(default_factory=SCFMSettings)
+    ema: EMASettings = field(default_factory=EMASettings)
     # --- optimisation -------------------------------------------------------------------------------------
     steps: int = opt(10_000, "training steps (one global batch each)")
     batch_size: int = opt(8, "global batch: split evenly over the processes")
@@ -221,28 +260,29 @@ class DistillConfig:
         positive = ("rank", "steps", "demo_images", "batch_size", "t5_length", "resolution", "log_every",
                     "keep_checkpoints", "sample_steps", "sample_size", "max_bad_steps")
         for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if self.get(name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {self.get(name)}")
         non_negative = ("checkpoint_every", "sample_every", "micro_batch", "ema_restart_every", "blocks_to_swap")
         for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if self.get(name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {self.get(name)}")
         for name, allowed in FLOAT_RANGES.items():
-            value = getattr(self, name)
+            value = self.get(name)
             if value not in allowed:
-                default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+                default = flat_fields()[name][0].default
                 raise ConfigError(f"{name} must lie in {allowed}, got {value} (--{name}; default {default})")
-        if self.shift_min > self.shift_max:
-            raise ConfigError(f"shift_min {self.shift_min} > shift_max {self.shift_max}: fixed shifts are drawn "
+        low, high = self.scfm.shift_min, self.scfm.shift_max
+        if low > high:
+            raise ConfigError(f"shift_min {low} > shift_max {high}: fixed shifts are drawn "
                               "from [shift_min, shift_max); pass --shift_min <= --shift_max")
         choices = {"dtype": ("bf16", "fp16", "fp32"), "export_set": ("live", "slow_ema", "fast_ema"),
                    "targets": names(), "lr_schedule": LR_SCHEDULES, "objective": ("scfm", "flow_matching")}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.objective == "flow_matching":  # one trained set, the plain target: what SCFM adds is refused
-            for name, bad in (("export_set", self.export_set != "live"), ("cfg_scale", self.cfg_scale),
-                              ("teacher_lora", self.teacher_lora)):
+            if self.get(name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {self.get(name)!r}")
+        if self.scfm.objective == "flow_matching":  # one trained set, the plain target: what SCFM adds is refused
+            for name, bad in (("export_set", self.export_set != "live"), ("cfg_scale", self.scfm.cfg_scale),
+                              ("teacher_lora", self.lora.teacher_lora)):
                 if bad:
                     raise ConfigError(f"{name}: objective flow_matching trains the live set alone on the plain "
                                       f"target (no EMAs, no teacher, no CFG); drop --{name}")
@@ -281,37 +321,37 @@ class DistillConfig:
         """The blocks' weights are e4m3: asked for, or needed by fp8 compute."""
         return self.fp8_base or self.fp8_compute
 
+    @classmethod
+    def from_flat(cls, **values) -> DistillConfig:
+        """From fields by their flat names (`rank=16, lr=1e-3`), as flags, TOML files and checkpoints name them."""
+        tables: dict[str, dict] = {name: {} for name in TABLES}
+        top = {}
+        for name, value in values.items():
+            if name in TABLES:
+                raise TypeError(f"pass the fields of [{name}] by their names, not the table")
+            (tables[TABLE_OF[name]] if name in TABLE_OF else top)[name] = value
+        return cls(**top, **{name: TABLES[name](**kw) for name, kw in tables.items()})
+
+    def get(self, name: str):
+        """A field by its flat name, wherever it lives (`get("rank")` is `self.lora.rank`)."""
+        return getattr(getattr(self, TABLE_OF[name]), name) if name in TABLE_OF else getattr(self, name)
+
+    def replace(self, **values) -> DistillConfig:
+        """A copy with fields changed, by their flat names (dataclasses.replace for the nested config)."""
+        return DistillConfig.from_flat(**self.to_dict() | values)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field by its flat name: what checkpoints and log lines store (the same keys as before the tables
+        nested, so older checkpoints compare and resume)."""
+        return {name: self.get(name) for name in flat_fields()}
 
 
-# ----- the generic dataclass <-> argparse / TOML helpers ----------------------------------------------------
+def flat_fields() -> dict[str, tuple[dataclasses.Field, type]]:
+    """name -> (field, its type) for every field of DistillConfig, the tables' fields in their place."""
+    return field_index(DistillConfig)
 
 
-def _base_type(tp) -> type:
-    """`float | None` -> float, `tuple[str, ...]` -> tuple; plain types unchanged."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return next(a for a in typing.get_args(tp) if a is not type(None))
-    return typing.get_origin(tp) or tp
-
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per field (`--t_skip`; the parser also takes `--t-skip`, sampling/options.py OneLineParser);
-    default SUPPRESS: unset flags keep the file's value."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
-        flags = [f"--{f.name}"]
-        kw = {"dest": f.name, "default": argparse.SUPPRESS,
-              "help": f"{f.metadata.get('help', '')} [{f.default!r}]"}
-        if f.metadata.get("parse"):
-            parser.add_argument(*flags, type=str, metavar="VALUE", **kw)  # read by _check_fields
-        elif tp is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
-        elif tp is tuple:
-            parser.add_argument(*flags, nargs="*", metavar="VALUE", **kw)
-        else:
-            parser.add_argument(*flags, type=tp, metavar=tp.__name__.upper(), **kw)
+# ----- TOML files ----------------------------------------------------------------------------------------
 
 
 def _flatten(table: dict, source: str) -> dict:
@@ -324,29 +364,6 @@ def _flatten(table: dict, source: str) -> dict:
             if k in out:
                 raise ConfigError(f"{source}: field {k!r} is set twice")
             out[k] = v
-    return out
-
-
-def _check_fields(cls, values: dict, source: str) -> dict:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    out = {}
-    for key, value in values.items():
-        if key in fields and fields[key].metadata.get("parse") and not isinstance(value, bool):
-            value = fields[key].metadata["parse"](value)
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown field {key!r}{hint}")
-        tp = _base_type(hints[key])
-        if tp is tuple and isinstance(value, (list, tuple)):
-            value = tuple(value)
-        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"{source}: field {key!r} needs a {tp.__name__}, got {value!r}")
-        out[key] = value
     return out
 
 
@@ -381,7 +398,7 @@ def load_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
             raise ConfigError(f"{path}: base must be a file or preset name, got {base!r}")
         values = load_toml(base if Path(base).is_absolute() or base in presets() else path.parent / base,
                            (*_seen, path.resolve()))
-    return values | _check_fields(DistillConfig, _flatten(table, str(path)), str(path))
+    return values | check_fields(DistillConfig, _flatten(table, str(path)), str(path), ConfigError)
 
 
 def presets() -> list[str]:
@@ -390,5 +407,5 @@ def presets() -> list[str]:
 
 def build_config(file: str | None = None, overrides: dict | None = None) -> DistillConfig:
     values = load_toml(file) if file else {}
-    values.update(_check_fields(DistillConfig, overrides or {}, "command line"))
-    return DistillConfig(**values)
+    values.update(check_fields(DistillConfig, overrides or {}, "command line", ConfigError))
+    return DistillConfig.from_flat(**values)

@@ -51,16 +51,16 @@ def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict], 
     LoRA's card (ModelSpec and sd-scripts keys; the layout's own metadata adds rank, alpha and our hints)."""
     from weights.lora_write import base_architecture
 
-    info = {"objective": cfg.objective, "set": cfg.export_set, "steps": step, "t_skip": cfg.t_skip,
+    info = {"objective": cfg.scfm.objective, "set": cfg.export_set, "steps": step, "t_skip": cfg.scfm.t_skip,
             "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, "base": model.config.to_dict()}
     if base_loras:  # generate warns when this LoRA is sampled without them
         info["base_loras"] = base_loras
-    if cfg.cfg_scale:  # docs/method.md §5: what every training call computed, and how to sample it
-        info["cfg"] = {"w": cfg.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
-                       "diffusers_guidance_scale": cfg_scale_from_w(cfg.cfg_scale)}
+    if cfg.scfm.cfg_scale:  # docs/method.md §5: what every training call computed, and how to sample it
+        info["cfg"] = {"w": cfg.scfm.cfg_scale, "formula": "cond + w * (cond - uncond)", "negative_prompt": "",
+                       "diffusers_guidance_scale": cfg_scale_from_w(cfg.scfm.cfg_scale)}
     family = model_family(model)
     what = "SCFM velocity-field self-distillation"
-    if cfg.objective == "flow_matching":
+    if cfg.scfm.objective == "flow_matching":
         what = usage = "LoRA trained with the flow-matching objective: sample it as its base model"
     else:
         usage = f"SCFM few-step LoRA: {hints.steps} Euler steps, shift {hints.shift:g} (README: Use the LoRA)"
@@ -100,17 +100,17 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
     if family.guidance == "embedding":
         guidance = cfg.sample_guidance if model.config.guidance_embed else None
     else:
-        guidance = cfg_scale_from_w(cfg.cfg_scale) if cfg.cfg_scale else None
+        guidance = cfg_scale_from_w(cfg.scfm.cfg_scale) if cfg.scfm.cfg_scale else None
     hints = Recommended(steps=cfg.sample_steps, schedule="scfm", shift=cfg.sample_shift, guidance=guidance,
-                        max_sequence_length=cfg.t5_length, training_cfg_scale=cfg.cfg_scale or None)
-    if cfg.objective == "flow_matching":  # an ordinary LoRA: sampled as its base is, nothing to recommend
+                        max_sequence_length=cfg.t5_length, training_cfg_scale=cfg.scfm.cfg_scale or None)
+    if cfg.scfm.objective == "flow_matching":  # an ordinary LoRA: sampled as its base is, nothing to recommend
         hints = Recommended(max_sequence_length=cfg.t5_length)
-    records = base_lora_records(cfg.base_loras) if base_loras is None else base_loras
+    records = base_lora_records(cfg.lora.base_loras) if base_loras is None else base_loras
     metadata = lora_metadata(cfg, model, cfg.steps if step is None else step, records, hints)
     written = []
     for fmt, path in export_paths(cfg, step, folder).items():
         try:
-            written.append(save_lora(state, path, layout=fmt, alpha=cfg.alpha, rank=cfg.rank, slices=slices,
+            written.append(save_lora(state, path, layout=fmt, alpha=cfg.lora.alpha, rank=cfg.lora.rank, slices=slices,
                                      family=family.name, metadata=metadata, recommended=hints, overwrite=overwrite))
         except OSError as e:  # a full disk: the write went to a temp file, removed; `path` is as it was
             raise WeightsError(f"{path}: not written ({e.strerror or e}); free some space (or pass a writable "

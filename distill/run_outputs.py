@@ -181,7 +181,7 @@ def out_of_memory(cfg, found: list, local_batch: int, n_blocks: int, step: int, 
         (f"--blocks_to_swap {swap} (those blocks' weights wait in CPU memory: slower)",
          swap > cfg.blocks_to_swap and cfg.gradient_checkpointing and not cfg.fsdp),
     ) if useful]
-    tips = tips or [f"a new run with --rank {max(1, cfg.rank // 2)}"]
+    tips = tips or [f"a new run with --rank {max(1, cfg.lora.rank // 2)}"]
     used = (f" ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB at the peak)"
             if device.type == "cuda" else "")
     return f"out of GPU memory at step {step}{used}; {where}: {', '.join(tips)}"

@@ -75,8 +75,8 @@ def render_demo_data(cfg: DistillConfig) -> None:
         "--model", cfg.model, "--prompts", str(DEMO_PROMPTS), "--out", cfg.data, "--images-per-bucket",
         str(cfg.demo_images), "--resolution", str(cfg.resolution), "--max-sequence-length", str(cfg.t5_length),
         "--batch-size", "64", "--seed", str(cfg.seed), "--device", "cpu", "--dtype", "fp32",
-        *[arg for spec in cfg.base_loras for arg in ("--lora", spec)],  # the teacher renders with them
-        *(["--ignore-te-lora"] if cfg.ignore_te_lora else [])])
+        *[arg for spec in cfg.lora.base_loras for arg in ("--lora", spec)],  # the teacher renders with them
+        *(["--ignore-te-lora"] if cfg.lora.ignore_te_lora else [])])
     teacher_data.run(args)
 
 
@@ -115,9 +115,9 @@ def text_lora_records(cfg: DistillConfig) -> list[dict]:
 
     from .run_outputs import base_lora_records
 
-    if cfg.ignore_te_lora:
+    if cfg.lora.ignore_te_lora:
         return []
-    return base_lora_records(tuple(s for s in cfg.base_loras if has_text_part(lora_spec(s)[0])))
+    return base_lora_records(tuple(s for s in cfg.lora.base_loras if has_text_part(lora_spec(s)[0])))
 
 
 def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: Family):
@@ -126,8 +126,8 @@ def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, 
     # no T5 file: SD3 without T5; SCFM distils a base model (FLUX.2 [klein]: its text encoder is the same)
     files = component_files(cfg) | {"no_t5": not cfg.t5, "variant": "base"}
     pipe = family.part("pipeline").from_files(Path(cfg.model).expanduser(), files, device=device, dtype=dtype,
-                                              loras=[lora_spec(s) for s in cfg.base_loras],
-                                              ignore_te_lora=cfg.ignore_te_lora)
+                                              loras=[lora_spec(s) for s in cfg.lora.base_loras],
+                                              ignore_te_lora=cfg.lora.ignore_te_lora)
     return pipe.text_encoder(cfg.t5_length)
 
 
@@ -264,7 +264,7 @@ def load_model(cfg: DistillConfig, device: torch.device, family: Family | None =
 
     family = family or family_of(cfg)
     # merged as the weights are read, before fp8; their text-encoder parts are in the text cache (_text_encoder)
-    loras = transformer_parts([lora_spec(spec) for spec in cfg.base_loras], family.name)
+    loras = transformer_parts([lora_spec(spec) for spec in cfg.lora.base_loras], family.name)
     if _is_test_model(cfg):
         from weights.lora_merge import apply_loras
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sampling.fields import add_dataclass_args
 from sampling.options import OneLineParser
 from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
 
-from .config import ConfigError, DistillConfig, add_dataclass_args, build_config
+from .config import ConfigError, DistillConfig, build_config
 from .data import DataError
 from .lora import set_state_dict
 from .lora_export import export_lora, export_paths
@@ -60,8 +61,8 @@ def check_paths(cfg: DistillConfig) -> None:
     taken = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if taken is not None:
         raise ConfigError(f"--output {cfg.output}: {taken} is a file, not a folder; choose another --output")
-    if cfg.teacher_lora:  # missing, pickled or not safetensors: refused here, before the model loads
-        read_header(peft_file(Path(cfg.teacher_lora).expanduser()))
+    if cfg.lora.teacher_lora:  # missing, pickled or not safetensors: refused here, before the model loads
+        read_header(peft_file(Path(cfg.lora.teacher_lora).expanduser()))
 
 
 def run(cfg: DistillConfig, on_step=None) -> list[Path]:

@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .config import AUTO, DistillConfig, lr_at
 from .data import BucketBatches, Cache
-from .ema import EMAConfig, ema_step
+from .ema import ema_step
 from .lora import (
     LoRAConfig,
     copy_set,
@@ -68,7 +68,7 @@ from .run_outputs import (
     save_samples,
 )
 from .run_setup import teacher_set
-from .scfm import SCFMConfig, element_generators, sample_draw, scfm_loss
+from .scfm import element_generators, sample_draw, scfm_loss
 from .sharding import StudentRoute, full, is_sharded, loads_on_cpu, shard_model
 
 
@@ -84,26 +84,13 @@ class Stopped(TrainingError):
         self.signum = signum
 
 
-def scfm_config(cfg: DistillConfig, guidance: bool, dynamic_shift: str = "linear") -> SCFMConfig:
-    """`guidance`: the model has a guidance input (Flux-dev). `cfg_scale` > 0 bakes SD3.5's CFG in.
-    `dynamic_shift`: the family's resolution-dependent shift rule (weights/family.py)."""
-    plain = cfg.objective == "flow_matching"  # every element the flow-matching target: no target calls
-    return SCFMConfig(
-        t_skip=cfg.t_skip, teacher_steps_min=cfg.teacher_steps_min, teacher_steps_max=cfg.teacher_steps_max,
-        teacher_ratio=cfg.teacher_ratio, non_shortcut_ratio=1.0 if plain else cfg.non_shortcut_ratio,
-        dynamic_shift_prob=cfg.dynamic_shift_prob, shift_min=cfg.shift_min, shift_max=cfg.shift_max,
-        guidance_max=cfg.guidance_max if guidance else None, cfg_scale=cfg.cfg_scale or None,
-        dynamic_shift=dynamic_shift,
-    )
-
-
 def lora_config(cfg: DistillConfig) -> LoRAConfig:
     """The run's LoRA: its family's target table (docs/method.md §6 in official names, distill/lora_targets.py);
     the flow-matching objective holds the live set alone (no EMA sets, no teacher)."""
-    targets = get_family(cfg.targets).part("lora_targets")
-    if cfg.objective == "flow_matching":
-        return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=targets, sets=("live",), zero_sets=())
-    return LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=targets)
+    targets = get_family(cfg.lora.targets).part("lora_targets")
+    if cfg.scfm.objective == "flow_matching":
+        return LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets, sets=("live",), zero_sets=())
+    return LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets)
 
 
 def model_family(model: nn.Module) -> Family:
@@ -156,11 +143,11 @@ class Trainer:
         self.kind = model_family(model)
         self.family = self.kind.name
         self.token_side = self.kind.token_side(model.config)  # latent pixels per token side: Flux 2, FLUX.2 1
-        if get_family(config.targets) is not self.kind:
-            raise TrainingError(f"targets {config.targets!r} are for another model; this one is "
+        if get_family(config.lora.targets) is not self.kind:
+            raise TrainingError(f"targets {config.lora.targets!r} are for another model; this one is "
                                 f"{self.family} (--targets {self.family})")
         self.negative = None
-        if config.cfg_scale:
+        if config.scfm.cfg_scale:
             if self.kind.guidance != "cfg":
                 raise TrainingError(f"cfg_scale bakes in classifier-free guidance, which {self.kind.title} does not "
                                     "use (it has a guidance input)")
@@ -197,8 +184,8 @@ class Trainer:
                                 "must be checkpointed: its weights would stay on the GPU for backward)")
         # unchecked_blocks auto (-1) is planned on the first batch (distill/speed.py)
         model.enable_gradient_checkpointing(config.gradient_checkpointing, max(config.unchecked_blocks, 0))
-        if config.teacher_lora:  # any layout weights.lora reads, fitted to this run's rank and alpha
-            load_set(model, "teacher", teacher_set(model, config.teacher_lora, self.kind))
+        if config.lora.teacher_lora:  # any layout weights.lora reads, fitted to this run's rank and alpha
+            load_set(model, "teacher", teacher_set(model, config.lora.teacher_lora, self.kind))
             for ema in ("fast_ema", "slow_ema"):  # docs/method.md §3: EMAs start from the teacher LoRA
                 copy_set(model, ema, "teacher")
         if self.sharded:  # after every set exists: sets created later would not be sharded
@@ -229,8 +216,8 @@ class Trainer:
                 forward_sync_buffers=False, init_sync=False)
             student = StudentRoute(self.ddp)
         self.velocity = self.kind.part("velocity")(student)
-        self.scfm = scfm_config(config, getattr(model.config, "guidance_embed", False), self.kind.dynamic_shift)
-        self.ema = EMAConfig(config.fast_decay, config.slow_decay, config.ema_restart_every)
+        self.scfm = config.scfm.scfm_config(getattr(model.config, "guidance_embed", False), self.kind.dynamic_shift)
+        self.ema = config.ema.ema_config()
         self.batches = BucketBatches(cache.buckets, config.batch_size, config.seed)
         self.progress = Progress()
         self.autocast = config.autocast and self.device.type == "cuda"
@@ -313,7 +300,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.updates += 1
             self.progress.bad_in_row = 0
-            if cfg.objective == "scfm":  # flow matching holds no EMA sets
+            if cfg.scfm.objective == "scfm":  # flow matching holds no EMA sets
                 ema_step(self.model, self.ema, self.progress.updates)
         return {"step": step + 1, "loss": loss, "grad_norm": norm.item(), "skipped": bad,
                 "bucket": list(self.cache.buckets[indices[0]]), "stop": int(stats[2].item())}
@@ -394,7 +381,7 @@ class Trainer:
     @functools.cached_property
     def base_loras(self) -> list[dict]:
         """Name, scale and sha256 of each LoRA merged into the base, hashed once (exports record them)."""
-        return base_lora_records(self.config.base_loras)
+        return base_lora_records(self.config.lora.base_loras)
 
     def save(self) -> Path | None:
         """Rank 0 writes; the others wait, so nobody runs ahead of a checkpoint that may yet fail."""
@@ -473,7 +460,7 @@ class Trainer:
         if self.kind.guidance == "embedding":
             guidance = torch.full((len(prompts),), cfg.sample_guidance, device=self.device)
         elif self.negative is not None:  # sampled as trained: c + w (c - u), diffusers' scale 1 + w
-            velocity = sd3_cfg(velocity, self.uncond(len(prompts)), cfg_scale_from_w(cfg.cfg_scale))
+            velocity = sd3_cfg(velocity, self.uncond(len(prompts)), cfg_scale_from_w(cfg.scfm.cfg_scale))
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
         with weight_set(self.model, "live"), autocast:
             latents = sample_latents(velocity, cond, guidance, cfg, channels, self.sample_side, self.device)

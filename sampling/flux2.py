@@ -63,7 +63,7 @@ class Flux2Sources:
         check_paths(self, flags)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Flux2GenerationConfig:
     height: int = 1024
     width: int = 1024

@@ -419,12 +419,11 @@ def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callba
     collects each batch index's final latents (distill.evaluate compares them)."""
     from .pipeline import to_pil
 
-    cfg = job.cfg
-    negative_prompt = cfg.negative_prompt if pipe.wants_negative(cfg) else None
-    cond, negative = pipe.encode_prompts(job.prompts, cfg)  # the encoders run once, then are freed
+    negative_prompt = job.cfg.negative_prompt if pipe.wants_negative(job.cfg) else None
+    cond, negative = pipe.encode_prompts(job.prompts, job.cfg)  # the encoders run once, then are freed
     written: list[Path] = []
     for b in range(batch_size):
-        cfg.seed = seed + b
+        cfg = dataclasses.replace(job.cfg, seed=seed + b)  # generation configs are frozen: one per image batch
         latents = pipe.sample(cond, cfg, negative=negative, callback=callback)
         if latents_out is not None:
             latents_out.append(latents.detach().float().cpu())

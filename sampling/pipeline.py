@@ -80,7 +80,7 @@ def schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
     height: int = 1024
     width: int = 1024

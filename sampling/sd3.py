@@ -102,7 +102,7 @@ def sd3_schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
     return replace(base, pipeline="StableDiffusion3Pipeline")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SD3GenerationConfig:
     height: int = 1024
     width: int = 1024

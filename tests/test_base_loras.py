@@ -4,7 +4,6 @@ sampled without it."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -60,7 +59,7 @@ def test_every_layout_records_the_stack_and_generate_warns_without_it(tmp_path, 
         assert len(missing_base_loras([(str(path), 1.0), (str(style), 0.8)])) == 1  # another scale
     assert missing_base_loras([(str(style), 1.0)]) == []  # a LoRA without the record: nothing to say
     with pytest.raises(TrainingError, match="different base_loras"):
-        trainer(tmp_path, dataclasses.replace(cfg, base_loras=(), resume=True, steps=4)).run()
+        trainer(tmp_path, cfg.replace(base_loras=(), resume=True, steps=4)).run()
 
 
 def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, style, monkeypatch):
@@ -91,6 +90,6 @@ def test_a_checkpoint_from_before_the_field_existed_resumes(tmp_path):
     state = json.loads(state_file.read_text())
     del state["config"]["base_loras"]
     state_file.write_text(json.dumps(state))
-    resumed = trainer(tmp_path, dataclasses.replace(cfg, resume=True, steps=3))
+    resumed = trainer(tmp_path, cfg.replace(resume=True, steps=3))
     resumed.run()
     assert resumed.progress.step == 3

@@ -70,7 +70,7 @@ def test_the_old_lora_loads_and_names_its_recipe():
 def test_the_old_checkpoint_config_reads():
     _, state = read_checkpoint(FIXTURE / "run" / "checkpoints" / "step-000002")
     cfg = stored_config(state)
-    assert (cfg.rank, cfg.alpha, cfg.t_skip, cfg.teacher_ratio, cfg.fast_decay, cfg.slow_decay) == (
-        2, 2.0, 2, 0.5, 0.9, 0.99)
-    assert (cfg.shift_min, cfg.shift_max, cfg.batch_size, cfg.lr, cfg.export_formats) == (2.0, 4.0, 2, 1e-3,
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.scfm.t_skip, cfg.scfm.teacher_ratio) == (2, 2.0, 2, 0.5)
+    assert (cfg.ema.fast_decay, cfg.ema.slow_decay) == (0.9, 0.99)
+    assert (cfg.scfm.shift_min, cfg.scfm.shift_max, cfg.batch_size, cfg.lr, cfg.export_formats) == (2.0, 4.0, 2, 1e-3,
                                                                                           ("diffusers",))

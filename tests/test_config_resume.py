@@ -7,9 +7,7 @@ names the field and its allowed range; a resume applies the optimizer settings p
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from test_data import make_cache
 from test_ema import set_live_, small_model
 from test_trainer import config, tiny_model, trainer
 
-from distill.config import FLOAT_RANGES, ConfigError, DistillConfig, build_config, lr_at
+from distill.config import FLOAT_RANGES, ConfigError, DistillConfig, build_config, flat_fields, lr_at
 from distill.ema import EMAConfig, ema_step
 from distill.lora import set_state_dict
 from distill.train import main
@@ -50,13 +48,12 @@ def one_line_error(capsys, argv: list[str], substring: str) -> None:
 
 
 def test_every_float_field_has_a_range_and_refuses_nan_and_inf():
-    hints = typing.get_type_hints(DistillConfig)
-    floats = {f.name for f in dataclasses.fields(DistillConfig) if hints[f.name] is float}
+    floats = {name for name, (_, tp) in flat_fields().items() if tp is float}
     assert floats == set(FLOAT_RANGES)  # a new float field must say what it accepts
     for name in floats:
         for bad in (math.nan, math.inf, -math.inf):
             with pytest.raises(ConfigError, match=rf"^{name} must lie in .*, got {bad}"):
-                DistillConfig(**{name: bad})
+                DistillConfig.from_flat(**{name: bad})
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
@@ -74,13 +71,13 @@ def test_every_float_field_has_a_range_and_refuses_nan_and_inf():
 def test_float_fields_out_of_range_are_refused_with_the_range(field, value, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
-        DistillConfig(**{field: value})
+        DistillConfig.from_flat(**{field: value})
 
 
 def test_shift_min_above_shift_max_is_refused():
     with pytest.raises(ConfigError, match=r"^shift_min 5.0 > shift_max 1.0: .*--shift_min <= --shift_max"):
-        DistillConfig(shift_min=5.0, shift_max=1.0)
-    DistillConfig(shift_min=3.0, shift_max=3.0)  # one fixed shift
+        DistillConfig.from_flat(shift_min=5.0, shift_max=1.0)
+    DistillConfig.from_flat(shift_min=3.0, shift_max=3.0)  # one fixed shift
 
 
 @pytest.mark.parametrize(("argv", "substring"), [
@@ -130,7 +127,7 @@ def test_resume_applies_the_new_optimizer_settings_and_resets_the_bad_step_count
     first.run()
     first.progress.bad_in_row = 3  # a run stopped by NaN steps, resumed with a lower lr
     first.save()
-    t = trainer(tmp_path, dataclasses.replace(cfg, resume=True, steps=3, **NEW))
+    t = trainer(tmp_path, cfg.replace(resume=True, steps=3, **NEW))
     with pytest.warns(UserWarning, match=r"--resume: lr 0.001 -> 0.0003, .*betas \(0.9, 0.999\) -> \(0.8, 0.99\)"):
         assert t.resume()
     assert t.progress.bad_in_row == 0 and t.progress.step == 2
@@ -152,7 +149,7 @@ def test_resume_applies_the_new_optimizer_settings_and_resets_the_bad_step_count
     for p, r in zip(live, ref_params, strict=True):
         torch.testing.assert_close(p.detach(), r.detach(), rtol=0, atol=1e-7)
     # the log records the lr the optimizer used
-    t2 = trainer(tmp_path, dataclasses.replace(cfg, resume=True, steps=3, **NEW))
+    t2 = trainer(tmp_path, cfg.replace(resume=True, steps=3, **NEW))
     with pytest.warns(UserWarning, match="--resume: lr"):
         t2.run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -176,7 +173,7 @@ def test_resume_with_steps_below_the_checkpoint_is_refused_and_changes_nothing(t
     cfg = config(tmp_path, "lib", steps=2, checkpoint_every=0)
     trainer(tmp_path, cfg).run()
     with pytest.raises(TrainingError, match=r"step-000002 is at step 2; pass --steps 2 or more .*distill\.export"):
-        trainer(tmp_path, dataclasses.replace(cfg, steps=1, resume=True)).run()
+        trainer(tmp_path, cfg.replace(steps=1, resume=True)).run()
 
 
 # ----- #15: the EMA restart follows the released trainer ----------------------------------------------------
@@ -219,8 +216,8 @@ def test_trainer_restarts_the_emas_after_updates_r_plus_1(tmp_path):
 def test_lr_schedules_run_from_lr_to_lr_final_as_a_function_of_the_step():
     cfg = build_config(None, {"lr": 1e-3, "steps": 101, "lr_final": 0.1})
     assert [lr_at(cfg, s) for s in (0, 50, 100)] == [1e-3] * 3  # constant: the recipe's
-    cos = dataclasses.replace(cfg, lr_schedule="cosine")
-    lin = dataclasses.replace(cfg, lr_schedule="linear")
+    cos = cfg.replace(lr_schedule="cosine")
+    lin = cfg.replace(lr_schedule="linear")
     for c in (cos, lin):
         assert lr_at(c, 0) == pytest.approx(1e-3) and lr_at(c, 100) == pytest.approx(1e-4)
         assert lr_at(c, 50) == pytest.approx(5.5e-4)  # half way: the mean of the two ends for both shapes
@@ -228,3 +225,33 @@ def test_lr_schedules_run_from_lr_to_lr_final_as_a_function_of_the_step():
     assert lr_at(lin, 25) == pytest.approx(1e-4 + 9e-4 * 0.75)
     with pytest.raises(ConfigError, match="lr_schedule must be one of"):
         build_config(None, {"lr_schedule": "step"})
+
+
+def test_the_config_holds_its_lora_scfm_and_ema_tables_and_reads_flat_names(tmp_path):
+    """Sub-configs as the TOML tables are; flat names everywhere outside (flags, files, checkpoints); the tables
+    make the trainer's SCFMConfig and EMAConfig whole, with the model-dependent parts filled in."""
+    from distill.config import EMASettings, LoRASettings, SCFMSettings
+    from distill.ema import EMAConfig
+    from distill.scfm import SCFMConfig
+
+    cfg = DistillConfig.from_flat(rank=8, t_skip=4, teacher_steps_min=16, teacher_steps_max=32, cfg_scale=2.0,
+                                  fast_decay=0.9, lr=1e-3)
+    assert [type(t) for t in (cfg.lora, cfg.scfm, cfg.ema)] == [LoRASettings, SCFMSettings, EMASettings]
+    assert (cfg.lora.rank, cfg.scfm.t_skip, cfg.ema.fast_decay, cfg.lr) == (8, 4, 0.9, 1e-3)
+    assert cfg.get("rank") == 8 and cfg.to_dict()["fast_decay"] == 0.9 and "lora" not in cfg.to_dict()
+    assert DistillConfig.from_flat(**cfg.to_dict()) == cfg and cfg.replace(rank=4).lora.rank == 4
+    assert cfg.replace(rank=4).scfm == cfg.scfm
+    assert cfg.scfm.scfm_config(guidance=False, dynamic_shift="empirical") == SCFMConfig(
+        t_skip=4, teacher_steps_min=16, teacher_steps_max=32, guidance_max=None, cfg_scale=2.0,
+        dynamic_shift="empirical")
+    plain = cfg.replace(objective="flow_matching", cfg_scale=0.0).scfm.scfm_config(guidance=True)
+    assert plain.non_shortcut_ratio == 1.0 and plain.guidance_max == 7.5 and plain.cfg_scale is None
+    assert cfg.ema.ema_config() == EMAConfig(fast_decay=0.9, slow_decay=0.999, restart_every=0)
+    with pytest.raises(TypeError):
+        DistillConfig.from_flat(lora={"rank": 2})
+    old = tmp_path / "old.toml"  # the EMA decays under [scfm], as files had them before [ema]
+    old.write_text("[lora]\nrank = 8\n[scfm]\nt_skip = 4\nteacher_steps_min = 16\nfast_decay = 0.9\n")
+    new = tmp_path / "new.toml"
+    new.write_text("[lora]\nrank = 8\n[scfm]\nt_skip = 4\nteacher_steps_min = 16\n[ema]\nfast_decay = 0.9\n")
+    assert build_config(str(old)) == build_config(str(new)) == DistillConfig.from_flat(
+        rank=8, t_skip=4, teacher_steps_min=16, fast_decay=0.9)

@@ -28,7 +28,8 @@ def test_no_arguments_mean_the_demo_preset():
     cfg = build_config("demo", {})
     assert cfg.model == "demo" and cfg.resolution == IMAGE_SIZE and cfg.t5_length == T5_LENGTH
     # the recipe's fixed shift range, and its sampling shift in the LoRA's hints (docs/method.md §2, §8)
-    assert (cfg.shift_min, cfg.shift_max, cfg.sample_shift, cfg.dynamic_shift_prob) == (2.5, 4.5, 3.0, 0.0)
+    scfm = cfg.scfm
+    assert (scfm.shift_min, scfm.shift_max, cfg.sample_shift, scfm.dynamic_shift_prob) == (2.5, 4.5, 3.0, 0.0)
     assert cfg.export_set == "slow_ema"  # what the default run's numbers in README are of
     resolved = run_setup.resolve_demo(cfg)
     assert resolved.model == str(DEMO_FOLDER) and resolved.data.endswith("data")

@@ -5,7 +5,6 @@ its exported LoRA is sampled on its base's schedule."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ def test_one_pair_trains_resumes_and_exports(tmp_path):
     cfg = config(tmp_path, "killed", steps=4, batch_size=4)
     with pytest.raises(Kill):
         Trainer(cfg, tiny_model(), cache, on_step=kill_at(3)).run()
-    resumed = Trainer(dataclasses.replace(cfg, resume=True), tiny_model(), cache)
+    resumed = Trainer(cfg.replace(resume=True), tiny_model(), cache)
     resumed.run()
     assert_same(state(resumed), state(whole))
     files = export_lora(resumed.model, cfg)

@@ -293,7 +293,7 @@ def test_a_killed_cfg_baked_run_resumes_to_the_uninterrupted_one(tmp_path):
     cfg = config(tmp_path, "killed", **kw)
     with pytest.raises(Kill):
         Trainer(cfg, base_model(), cache, device="cpu", on_step=kill_at(3)).run()
-    resumed = Trainer(dataclasses.replace(cfg, resume=True), base_model(), cache, device="cpu")
+    resumed = Trainer(cfg.replace(resume=True), base_model(), cache, device="cpu")
     resumed.run()
     assert resumed.progress.step == 4
     assert_same(state(resumed), state(whole))
@@ -305,7 +305,7 @@ def test_the_klein_recipe_trains_with_its_cfg_and_shift_range(tmp_path):
     preset = load_toml("flux2-klein-4b-scfm")
     assert (preset["targets"], preset["cfg_scale"], preset["t5_length"]) == ("flux2", 3.0, 512)
     assert (preset["rank"], preset["lr"], preset["t_skip"], preset["teacher_ratio"]) == (64, 2e-5, 2, 0.4)
-    assert build_config("flux2-klein-4b-scfm") == dataclasses.replace(DistillConfig(), **preset)
+    assert build_config("flux2-klein-4b-scfm") == DistillConfig().replace(**preset)
     # the fixed shifts cover what klein samples 512 px with, from 32 steps down to 4 (docs/flux2.md §4)
     for steps in (32, 4):
         assert preset["shift_min"] < math.exp(empirical_mu(1024, steps)) < preset["shift_max"]

@@ -180,35 +180,6 @@ def test_rope(shape, layout, dtype):
     )  # fmt: skip
 
 
-def _rope_written_out(x, pe):
-    """BFL's `apply_rope` as plain arithmetic on the pairs (the spec the complex-product reference must
-    equal bit for bit)."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    x0, x1 = x.to(compute).unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = pe.to(compute).unbind(-1)
-    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_rope_reference_is_the_written_out_rotation(dtype):
-    """Same bits as the written-out rotation, forward and backward, for every layout the models pass (odd
-    lengths too, so a vector loop's tail is covered) and a table shared over the batch or one per sample."""
-    gen = torch.Generator().manual_seed(13)
-    for shape in [(2, 3, 37, 24), (1, 24, 21, 128)]:
-        for layout in LAYOUTS:
-            for table_batch in (1, shape[0]):
-                base = make_base(shape, dtype, layout, gen).cpu().detach().requires_grad_()
-                pe = make_pe(table_batch, shape[2], shape[3], gen).cpu().to(
-                    torch.float64 if dtype == torch.float64 else torch.float32)
-                dy = torch.randn(shape, generator=gen).to(dtype)
-                outs = []
-                for fn in (rope_reference, _rope_written_out):
-                    y = fn(views(base, shape, layout)[0], pe)
-                    (grad,) = torch.autograd.grad(y, base, dy)
-                    outs.append((y, grad))
-                assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-
-
 def test_rope_table_layouts():
     """A per-batch table, an L-slice of a longer table (what a double block passes per stream) and a table
     whose (cos, sin) pairs are not adjacent in memory (the kernels then read a contiguous copy)."""

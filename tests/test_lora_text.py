@@ -149,7 +149,7 @@ def test_train_caches_embeddings_with_the_text_part_and_keys_the_cache_by_it(flu
             "device": "cpu", "t5_length": T5_LEN}
 
     def key(*loras, **kw):
-        return cache_key(DistillConfig(**base, base_loras=loras, **kw))
+        return cache_key(DistillConfig.from_flat(**base, base_loras=loras, **kw))
 
     half, more = key(f"{style}:0.5"), key(f"{style}:0.8")
     assert half != more and [r["scale"] for r in half["text_loras"]] == [0.5]
@@ -159,7 +159,7 @@ def test_train_caches_embeddings_with_the_text_part_and_keys_the_cache_by_it(flu
     assert vars(build_parser().parse_args(["--ignore-te-lora"]))["ignore_te_lora"] is True
 
     # the embeddings the cache is built from are the pipeline's, the CLIP-L part merged
-    cfg = DistillConfig(**base, base_loras=(f"{style}:{SCALE}",), clip=str(folder / "text_encoder"),
+    cfg = DistillConfig.from_flat(**base, base_loras=(f"{style}:{SCALE}",), clip=str(folder / "text_encoder"),
                         t5=str(folder / "text_encoder_2"), t5_tokenizer=str(folder / "tokenizer_2"),
                         clip_tokenizer=str(folder / "tokenizer"))
     got = _text_encoder(cfg, torch.device("cpu"), torch.float32, FLUX)(PROMPTS)
@@ -173,11 +173,11 @@ def test_train_caches_embeddings_with_the_text_part_and_keys_the_cache_by_it(flu
     plan = {"key": half, "items": [], "prompts": [], "shard_size": 8}
     (tmp_path / "cache" / "cache.json").write_text(json.dumps(plan))
     cpu = torch.device("cpu")
-    prepare_cache(DistillConfig(**base, base_loras=(f"{style}:0.5",)), cpu, 0)
+    prepare_cache(DistillConfig.from_flat(**base, base_loras=(f"{style}:0.5",)), cpu, 0)
     with pytest.raises(DataError, match=r"style.safetensors @ 0.5, this run's base_loras give style.safetensors @ 0.8"):
-        prepare_cache(DistillConfig(**base, base_loras=(f"{style}:0.8",)), cpu, 0)
+        prepare_cache(DistillConfig.from_flat(**base, base_loras=(f"{style}:0.8",)), cpu, 0)
     with pytest.raises(DataError, match="give none"):
-        prepare_cache(DistillConfig(**base, base_loras=(f"{style}:0.5",), ignore_te_lora=True), cpu, 0)
+        prepare_cache(DistillConfig.from_flat(**base, base_loras=(f"{style}:0.5",), ignore_te_lora=True), cpu, 0)
 
 
 # ----- SD3: CLIP-L and CLIP-bigG, diffusers' layout against StableDiffusion3Pipeline ------------------------------

@@ -5,7 +5,6 @@ only once its process is gone, and a teacher LoRA loads from every layout we wri
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import os
@@ -193,7 +192,7 @@ def test_a_torn_last_log_line_is_dropped_and_an_earlier_damaged_one_refused(tmp_
     good = log.read_text()
     log.write_text(good + '{"step": 4, "loss": 0.0')  # killed while writing the step-4 row
     capsys.readouterr()
-    resumed = trainer(tmp_path, dataclasses.replace(cfg, resume=True))
+    resumed = trainer(tmp_path, cfg.replace(resume=True))
     resumed.run()
     said = [ln for ln in capsys.readouterr().err.splitlines() if "dropped" in ln]  # beside the progress bar
     assert len(said) == 1 and said[0].startswith(f"{log}: dropped its last line, cut short by a killed run"), said
@@ -203,7 +202,7 @@ def test_a_torn_last_log_line_is_dropped_and_an_earlier_damaged_one_refused(tmp_
     log.write_text("\n".join([lines[0], "not json", *lines[2:]]) + "\n")
     before = files(tmp_path / "run")
     with pytest.raises(TrainingError) as e:
-        trainer(tmp_path, dataclasses.replace(cfg, steps=6, resume=True)).run()
+        trainer(tmp_path, cfg.replace(steps=6, resume=True)).run()
     assert one_line(str(e.value)).startswith(f"{log}: line 2 of 4 is not a JSON log row ('not json'); fix or delete")
     assert files(tmp_path / "run") == before
 
@@ -237,7 +236,7 @@ def test_a_full_disk_mid_checkpoint_keeps_the_previous_one_and_says_so_in_one_li
     _, saved = ckpt.read_checkpoint(root / "step-000002")
     assert saved["step"] == 2
     monkeypatch.setattr(ckpt, "save_file", real_save)
-    resumed = trainer(tmp_path, dataclasses.replace(cfg, resume=True))
+    resumed = trainer(tmp_path, cfg.replace(resume=True))
     resumed.run()  # the kept checkpoint continues the run
     whole = trainer(tmp_path, config(tmp_path, "whole", steps=4, checkpoint_every=2))
     whole.run()

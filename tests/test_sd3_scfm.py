@@ -157,7 +157,7 @@ def config(tmp_path, **kw) -> DistillConfig:
                 gradient_checkpointing=False, device="cpu", rank=8, alpha=8.0, batch_size=4, steps=12,
                 lr=3e-3, checkpoint_every=0, log_every=1, t5_length=5, sample_every=12, sample_size=512,
                 sample_steps=2)  # fake_vae's 64 px per latent pixel: 8 x 8 sample latents
-    return DistillConfig(**{**base, **kw})
+    return DistillConfig.from_flat(**{**base, **kw})
 
 
 def test_a_few_sd3_scfm_steps_with_cfg_lower_the_loss_restart_the_emas_and_export(tmp_path):

@@ -13,7 +13,7 @@ from conftest import assert_same_bits, randomize_
 from test_data import make_cache
 
 from distill import checkpoint as ckpt
-from distill.config import ConfigError, DistillConfig, build_config, load_toml, lr_at
+from distill.config import ConfigError, DistillConfig, build_config, flat_fields, load_toml, lr_at
 from distill.lora import set_state_dict
 from distill.scfm import element_generators, sample_draw, scfm_loss
 from distill.sharding import full
@@ -33,7 +33,7 @@ def config(tmp_path, name: str = "run", **kw) -> DistillConfig:
     base = dict(model="tiny", output=str(tmp_path / name), cache=str(tmp_path / "cache"), dtype="fp32",
                 autocast=False, gradient_checkpointing=False, device="cpu", rank=4, alpha=4.0, batch_size=2,
                 steps=6, lr=1e-3, checkpoint_every=2, keep_checkpoints=2, log_every=1)
-    return DistillConfig(**{**base, **kw})
+    return DistillConfig.from_flat(**{**base, **kw})
 
 
 def trainer(tmp_path, cfg: DistillConfig, **kw) -> Trainer:
@@ -108,7 +108,7 @@ def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path, fp8_base):
         trainer(tmp_path, cfg, on_step=kill_at(5)).run()  # dies after step 5; newest checkpoint: step 4
     names = [p.name for p in ckpt.checkpoints(tmp_path / "killed" / "checkpoints")]
     assert names == ["step-000002", "step-000004"]
-    resumed = trainer(tmp_path, dataclasses.replace(cfg, resume=True))
+    resumed = trainer(tmp_path, cfg.replace(resume=True))
     resumed.run()
     assert resumed.progress.step == 6 and resumed.progress.updates == 6
     assert_same(state(resumed), state(whole))
@@ -176,7 +176,7 @@ def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_l
     assert "step-000004" in msg and "--resume" in msg
     assert "--fp8_base" in msg and "--gradient_checkpointing" in msg and "--micro_batch 2" in msg
     assert "--blocks_to_swap" not in msg  # it needs checkpointing, which is off here
-    on = dataclasses.replace(cfg, fp8_base=True, gradient_checkpointing=True, micro_batch=1, resume=True)
+    on = cfg.replace(fp8_base=True, gradient_checkpointing=True, micro_batch=1, resume=True)
     msg = trainer(tmp_path, on).out_of_memory()  # the tiny model has 4 blocks: swap 2 of the 3 that may go
     assert "--fp8_base" not in msg and "--micro_batch" not in msg and "--blocks_to_swap 2 " in msg
     msg = trainer(tmp_path, dataclasses.replace(on, blocks_to_swap=3)).out_of_memory()
@@ -184,7 +184,7 @@ def test_out_of_memory_is_one_line_that_keeps_the_checkpoint_and_names_what_is_l
     msg = trainer(tmp_path, dataclasses.replace(on, blocks_to_swap=0, unchecked_blocks=3)).out_of_memory()
     assert msg.split(": ", 1)[1].startswith("--unchecked_blocks 1 (")  # the cheapest first
     monkeypatch.setattr(Trainer, "step", real_step)
-    resumed = trainer(tmp_path, dataclasses.replace(cfg, micro_batch=2, resume=True))  # the advice works
+    resumed = trainer(tmp_path, cfg.replace(micro_batch=2, resume=True))  # the advice works
     resumed.run()
     assert resumed.progress.step == 6
 
@@ -225,7 +225,7 @@ def test_a_checkpoint_torn_mid_write_leaves_the_previous_usable(tmp_path, monkey
     (root / "step-000003").mkdir()
     (root / "step-000003" / "state.json").write_text("{")
     (root / "step-000003" / "tensors.safetensors").write_bytes(b"\0" * 16)
-    resumed = trainer(tmp_path, dataclasses.replace(cfg, resume=True))
+    resumed = trainer(tmp_path, cfg.replace(resume=True))
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         resumed.run()
     assert not list(root.glob(".step-*"))  # the killed write's temp folder was cleaned up
@@ -278,7 +278,7 @@ def test_wandb_gets_the_logged_rows_and_a_resume_continues_the_same_run(tmp_path
     cfg = config(tmp_path, "wb", steps=4, wandb_project="scfm-test")
     with pytest.raises(Kill):
         trainer(tmp_path, cfg, on_step=kill_at(3)).run()
-    trainer(tmp_path, dataclasses.replace(cfg, resume=True)).run()
+    trainer(tmp_path, cfg.replace(resume=True)).run()
     inits = [c[1] for c in calls if c[0] == "init"]
     assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and inits[0]["resume"] == "allow"
     assert inits[0]["project"] == "scfm-test" and inits[0]["config"]["rank"] == 4
@@ -318,13 +318,13 @@ def test_config_file_flags_and_errors(tmp_path):
     preset = load_toml("flux-dev-scfm")
     assert preset["rank"] == 64 and preset["lr"] == 2e-5 and preset["batch_size"] == 8
     assert preset["t_skip"] == 2 and preset["teacher_ratio"] == 0.4 and preset["max_grad_norm"] == 10.0
-    assert build_config("flux-dev-scfm") == dataclasses.replace(DistillConfig(), **preset)
+    assert build_config("flux-dev-scfm") == DistillConfig().replace(**preset)
     file = tmp_path / "a.toml"
     file.write_text('[lora]\nrank = 16\n[optim]\nlr = 1\nsample_prompts = ["a", "b"]\n')
     argv = ["--config", str(file), "--rank", "8", "--no-autocast", "--t-skip", "4"]
     args = vars(build_parser().parse_args(argv))
     cfg = build_config(args.pop("config"), args)
-    assert (cfg.rank, cfg.lr, cfg.autocast, cfg.t_skip, cfg.sample_prompts) == (8, 1.0, False, 4, ("a", "b"))
+    assert (cfg.lora.rank, cfg.lr, cfg.autocast, cfg.scfm.t_skip, cfg.sample_prompts) == (8, 1.0, False, 4, ("a", "b"))
     file.write_text("rnak = 3\n")
     with pytest.raises(ConfigError, match="unknown field 'rnak' \\(did you mean 'rank'\\?\\)"):
         build_config(str(file))
@@ -341,8 +341,8 @@ def test_help_lists_every_field_with_its_meaning(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for field in dataclasses.fields(DistillConfig):
-        assert f"--{field.name}" in text
+    for name in flat_fields():  # the tables' fields by their flat names
+        assert f"--{name}" in text
     assert "share of teacher elements" in text
 
 

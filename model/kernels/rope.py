@@ -11,20 +11,13 @@ from ._triton_utils import HAS_TRITON, next_pow2, row_tile, tl, triton
 
 
 def rope_reference(x: Tensor, pe: Tensor) -> Tensor:
-    """x (B, H, L, D); pe (B or 1, 1, L, D/2, 2) fp32 holding (cos, sin). Computed in fp32, cast back.
-
-    Each pair (x0, x1) turns by its angle: (x0 cos - x1 sin, x1 cos + x0 sin), BFL's `apply_rope`. Written
-    here as (x1, x0) * (-sin, sin) + x * (cos, cos) over whole rows: the same products and one sum each, so
-    the same bits (x1 * -sin is -(x1 sin) exactly; tests/test_kernels.py checks it, forward and backward),
-    with two full-size temporaries instead of six half-size ones and a stride-2 interleave: 1.4x faster on
-    CPU, where the models take this path (the kernels need a GPU)."""
+    """x (B, H, L, D); pe (B or 1, 1, L, D/2, 2) fp32 holding (cos, sin). Computed in fp32, cast back."""
     compute = torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64 for gradcheck and the fp64 oracle
-    xf = x.to(compute)
+    xf = x.to(compute).unflatten(-1, (-1, 2))  # (B, H, L, D/2, 2)
+    x0, x1 = xf.unbind(-1)
     cos, sin = pe.to(compute).unbind(-1)  # (B or 1, 1, L, D/2)
-    cos2, sin2 = torch.stack((cos, cos), -1).flatten(-2), torch.stack((-sin, sin), -1).flatten(-2)
-    x0, x1 = xf.unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1, x0), dim=-1).flatten(-2)  # a fresh tensor: the in-place ops below are safe
-    return out.mul_(sin2).add_(xf * cos2).to(x.dtype)
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.flatten(-2).to(x.dtype)
 
 
 def check_pe(x: Tensor, pe: Tensor) -> None:

@@ -1,0 +1,82 @@
+"""Dataclass fields as flags and config-file values: one flag per field with its help, and the check that a
+value from a file or a command line has the field's type. `python -m distill.train` builds its parser and reads
+its TOML files with these (distill/config.py); a sub-config (a field whose type is a dataclass) gives its
+fields in its place, under their own names."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import field
+
+
+def opt(default, help: str, parse=None):
+    """A field with its help text; `parse` reads the field's text on the command line and in files (e.g. 'auto')."""
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+def field_index(cls) -> dict[str, tuple[dataclasses.Field, type]]:
+    """name -> (field, its type) for every field of `cls`, a sub-config's fields in its place (names unique)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[dataclasses.Field, type]] = {}
+    for f in dataclasses.fields(cls):
+        inner = field_index(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else {f.name: (f, hints[f.name])}
+        clash = out.keys() & inner.keys()
+        if clash:
+            raise TypeError(f"{cls.__name__}: field names {sorted(clash)} appear twice")
+        out |= inner
+    return out
+
+
+def base_type(tp) -> type:
+    """`float | None` -> float, `tuple[str, ...]` -> tuple; plain types unchanged."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field (`--t_skip`; the parser also takes `--t-skip`, sampling/options.py OneLineParser);
+    default SUPPRESS: unset flags keep the file's value."""
+    for f, hint in field_index(cls).values():
+        tp = base_type(hint)
+        flags = [f"--{f.name}"]
+        kw = {"dest": f.name, "default": argparse.SUPPRESS,
+              "help": f"{f.metadata.get('help', '')} [{f.default!r}]"}
+        if f.metadata.get("parse"):
+            parser.add_argument(*flags, type=str, metavar="VALUE", **kw)  # read by check_fields
+        elif tp is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif tp is tuple:
+            parser.add_argument(*flags, nargs="*", metavar="VALUE", **kw)
+        else:
+            parser.add_argument(*flags, type=tp, metavar=tp.__name__.upper(), **kw)
+
+
+def check_fields(cls, values: dict, source: str, error: type[Exception] = ValueError) -> dict:
+    """`values` by field name, each parsed (a field's `parse`) and checked against its type: an int where a
+    float is asked is taken, a list where a tuple is. An unknown name or a wrong type raises `error`, one line
+    naming `source`."""
+    index = field_index(cls)
+    names = list(index)
+    out = {}
+    for key, value in values.items():
+        if key not in index:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise error(f"{source}: unknown field {key!r}{hint}")
+        f, hint = index[key]
+        if f.metadata.get("parse") and not isinstance(value, bool):
+            value = f.metadata["parse"](value)
+        tp = base_type(hint)
+        if tp is tuple and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise error(f"{source}: field {key!r} needs a {tp.__name__}, got {value!r}")
+        out[key] = value
+    return out
