@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from sampling.demo import DEMO_FOLDER, DEMO_LORA, demo_lora
-from sampling.job import add_model_files
+from sampling.flags import add_model_files
 from sampling.options import OneLineParser, add_run_options, check_device, check_writable, read_prompt_lines
 from weights.io import WeightsError, parse_lora
 from weights.lora_merge import lora_spec

@@ -28,7 +28,7 @@ from weights.io import WeightsError
 
 from .compare import AXES, Column, Session, grid_image, parse_values, random_seed, sweep_columns
 from .demo import DEMO_LORA, IMAGE_SIZE
-from .job import add_model_files
+from .flags import add_model_files
 from .options import OneLineParser, add_run_options, check_run_options
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported (below, in build_ui)

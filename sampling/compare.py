@@ -25,7 +25,8 @@ from weights.lora_merge import lora_spec
 
 from .base import COMPONENT_FILES, pipeline_from_args
 from .demo import ASSETS, DEMO_FOLDER
-from .job import build_parser, check_args, check_job, check_sizes, render, resolve, with_demo_defaults
+from .flags import build_parser
+from .job import check_args, check_job, check_sizes, render, resolve, with_demo_defaults
 from .options import RUN_OPTIONS
 
 MAX_SEED = 2**31 - 1  # the random seeds the page draws

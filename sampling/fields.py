@@ -13,9 +13,11 @@ import typing
 from dataclasses import field
 
 
-def opt(default, help: str, parse=None):
-    """A field with its help text; `parse` reads the field's text on the command line and in files (e.g. 'auto')."""
-    return field(default=default, metadata={"help": help, "parse": parse})
+def opt(default, help: str, parse=None, **flag):
+    """A field with its help text; `parse` reads the field's text on the command line and in files (e.g. 'auto').
+    `flag`, for the flags alone: choices, metavar, repeat (a repeatable flag, each use adding one value),
+    hidden (accepted, not listed in --help)."""
+    return field(default=default, metadata={"help": help, "parse": parse, **flag})
 
 
 def field_index(cls) -> dict[str, tuple[dataclasses.Field, type]]:
@@ -38,22 +40,35 @@ def base_type(tp) -> type:
     return typing.get_origin(tp) or tp
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per field (`--t_skip`; the parser also takes `--t-skip`, sampling/options.py OneLineParser);
-    default SUPPRESS: unset flags keep the file's value."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: bool = False, spell: str = "_") -> None:
+    """One flag per field, named as the field (`--t_skip`) or with `spell="-"` hyphenated (`--blocks-to-swap`);
+    sampling/options.py OneLineParser takes both spellings either way.
+
+    defaults=False (train's config fields): each flag defaults to SUPPRESS, so an unset flag keeps the config
+    file's value; values are checked and parsed afterwards (check_fields); --help shows the field's default.
+    defaults=True (the sampling commands): each flag carries its field's default and parses its value itself; a
+    False bool is a switch (`--fp8`), a True one gets its `--no-` form."""
     for f, hint in field_index(cls).values():
-        tp = base_type(hint)
-        flags = [f"--{f.name}"]
-        kw = {"dest": f.name, "default": argparse.SUPPRESS,
-              "help": f"{f.metadata.get('help', '')} [{f.default!r}]"}
-        if f.metadata.get("parse"):
-            parser.add_argument(*flags, type=str, metavar="VALUE", **kw)  # read by check_fields
+        tp, meta = base_type(hint), f.metadata
+        flags = [f"--{f.name.replace('_', spell)}"]
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS if meta.get("hidden") else
+              meta.get("help", "") if defaults else f"{meta.get('help', '')} [{f.default!r}]"}
+        kw |= {k: meta[k] for k in ("choices", "metavar") if meta.get(k) is not None}
+        if defaults:
+            kw["default"] = list(f.default) if meta.get("repeat") else f.default
+        if meta.get("repeat"):
+            parser.add_argument(*flags, action="append", type=meta.get("parse") or str, **kw)
+        elif meta.get("parse"):
+            # train reads the text in check_fields; the sampling commands parse it here
+            parser.add_argument(*flags, type=meta["parse"] if defaults else str, **{"metavar": "VALUE"} | kw)
         elif tp is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+            action = "store_true" if defaults and f.default is False else argparse.BooleanOptionalAction
+            parser.add_argument(*flags, action=action, **kw)
         elif tp is tuple:
-            parser.add_argument(*flags, nargs="*", metavar="VALUE", **kw)
-        else:
-            parser.add_argument(*flags, type=tp, metavar=tp.__name__.upper(), **kw)
+            parser.add_argument(*flags, nargs="*", **{"metavar": "VALUE"} | kw)
+        else:  # choices are listed as argparse writes them, {a,b}
+            named = {} if "choices" in kw else {"metavar": tp.__name__.upper()}
+            parser.add_argument(*flags, type=tp, **named | kw)
 
 
 def check_fields(cls, values: dict, source: str, error: type[Exception] = ValueError) -> dict:

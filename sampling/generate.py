@@ -27,8 +27,8 @@ from weights.io import WeightsError
 
 from .base import pipeline_from_args
 from .demo import IMAGE_SIZE
+from .flags import build_parser
 from .job import (
-    build_parser,
     check_args,
     check_job,
     check_sizes,

@@ -1,12 +1,11 @@
 """One `python -m sampling.generate` job, shared by that command line (sampling/generate.py) and the comparison
-app (sampling/app.py, whose columns are generate command lines run on a model it keeps loaded): the parser, the
-checks of every flag, the generation config (flags, then a LoRA's recommendation, then the family default), a
-PNG's record read back (`--from-png`), and the render that writes each PNG with its parameters.
+app (sampling/app.py, whose columns are generate command lines run on a model it keeps loaded): the checks of
+every flag (the parser is sampling/flags.py), the generation config (flags, then a LoRA's recommendation, then the
+family default), a PNG's record read back (`--from-png`), and the render that writes each PNG with its parameters.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -20,9 +19,6 @@ from weights.io import WeightsError
 from .base import MAX_SIDE, save_png
 from .demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH, demo_lora
 from .options import (
-    OneLineParser,
-    add_ignore_te_lora,
-    add_run_options,
     check_finite,
     check_run_options,
     check_seed,
@@ -43,86 +39,6 @@ def with_demo_defaults(args) -> None:
     args.width = side if args.width is None else args.width
     args.height = side if args.height is None else args.height
     args.lora = [demo_lora(spec) for spec in args.lora]
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """`7,8,9` -> (7, 8, 9); an empty string turns skip-layer guidance off."""
-    try:
-        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 7,8,9, got {text!r}")
-
-
-def add_model_files(p: argparse.ArgumentParser) -> None:
-    """The model-file flags (`generate`'s, which the comparison app, sampling/app.py, takes too)."""
-    src = p.add_argument_group("model files")
-    src.add_argument("--model", help="diffusers Flux / SD3 pipeline folder, or the transformer file or folder "
-                     "(default: the built-in 64-px demo model, distill/demo)")
-    src.add_argument("--vae", help="VAE file or diffusers vae/ folder (default: the pipeline folder's)")
-    src.add_argument("--clip", help="CLIP-L file or folder (default: the pipeline folder's text_encoder/)")
-    src.add_argument("--clip-g", help="SD3: CLIP-bigG file or folder (default: the pipeline folder's text_encoder_2/)")
-    src.add_argument("--t5", help="T5-XXL file or folder (default: the pipeline folder's text_encoder_2/ (Flux) "
-                                  "or text_encoder_3/ (SD3))")
-    src.add_argument("--no-t5", action="store_true", help="SD3: run without T5 (zeros in its place, as diffusers)")
-    src.add_argument("--clip-tokenizer", help="CLIP-L tokenizer folder (default: the vendored CLIP vocabulary)")
-    src.add_argument("--clip-g-tokenizer", help="SD3: CLIP-bigG tokenizer folder (default: the vendored "
-                                                "vocabulary padded with '!')")
-    src.add_argument("--t5-tokenizer", help="T5 spiece.model / tokenizer.json / folder")
-    src.add_argument("--qwen", help="FLUX.2 [klein]: the Qwen3 text encoder folder or file (default: the pipeline "
-                                    "folder's text_encoder/)")
-    src.add_argument("--qwen-tokenizer", help="FLUX.2 [klein]: its tokenizer.json or folder (default: the pipeline "
-                                              "folder's tokenizer/)")
-    src.add_argument("--variant", choices=["base", "distilled"],
-                     help="FLUX.2 [klein]: base (real CFG, 50 steps) or distilled (4 steps, no CFG); default: the "
-                          "folder's is_distilled, else the file name (their weights look alike)")
-    src.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                     help="a LoRA to merge, at SCALE if given, else at the scale its metadata recommends, else 1; "
-                     "repeatable ('demo': the shipped SCFM LoRA of the demo model)")
-    add_ignore_te_lora(src)
-
-
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """generate's command line (`description`: its --help text)."""
-    p = OneLineParser(prog="python -m sampling.generate", description=description,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_files(p)
-    gen = p.add_argument_group("generation (unset values: an SCFM LoRA's recommendation, else the family default)")
-    gen.add_argument("--from-png", metavar="PNG", help="render again the image this PNG of ours records (prompt, "
-                     "model, LoRAs and every setting, from its scfm chunk); other flags here name the files a "
-                     "single-file model needs")
-    gen.add_argument("--prompt", action="append", default=[], help="repeatable")
-    gen.add_argument("--prompts-file", help="a text file, one prompt per line")
-    gen.add_argument("--negative-prompt", help="Flux: used with --true-cfg > 1; SD3: the CFG negative (default '')")
-    gen.add_argument("--steps", type=int, help="default 28")
-    gen.add_argument("--schedule", choices=["diffusers", "scfm"],
-                     help="sigma grid: the scheduler's, or SCFM's shifted linspace (default: scfm with an SCFM "
-                          "LoRA, else diffusers)")
-    gen.add_argument("--shift", help="a fixed shift (e.g. 3) or 'dynamic'; default: the schedule's own")
-    gen.add_argument("--guidance", type=float,
-                     help="diffusers' guidance_scale: Flux-dev's guidance embedding (default 3.5); SD3's CFG scale, "
-                          "the same as --cfg (default 7.0)")
-    gen.add_argument("--cfg", type=float,
-                     help="real classifier-free guidance, uncond + s (cond - uncond): SD3's guidance scale "
-                          "(default 7.0, <= 1 off); Flux's --true-cfg")
-    gen.add_argument("--true-cfg", type=float, help="Flux: > 1 with --negative-prompt: real CFG (default 1, off)")
-    gen.add_argument("--slg-layers", type=parse_layers, default=(), metavar="I,J,...",
-                     help="SD3: skip-layer guidance blocks (SD3.5-medium: 7,8,9); needs CFG on")
-    gen.add_argument("--slg-scale", type=float, default=2.8, help="SD3: skip-layer guidance scale")
-    gen.add_argument("--slg-start", type=float, default=0.01, help="SD3: SLG from this fraction of the steps")
-    gen.add_argument("--slg-stop", type=float, default=0.2, help="SD3: SLG until this fraction of the steps")
-    gen.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: Flux 512, SD3 256)")
-    gen.add_argument("--width", type=int, help="default 1024 (the demo: 64)")
-    gen.add_argument("--height", type=int, help="default 1024 (the demo: 64)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch-size", type=int, default=1, help="images per prompt, seeds seed, seed+1, ...")
-    # accepted only to be refused in words: klein's image= references (editing) are out of scope, and argparse's
-    # "unrecognized arguments" would not say so
-    gen.add_argument("--image", action="append", default=[], help=argparse.SUPPRESS)
-    run = p.add_argument_group("run")
-    add_run_options(run)
-    run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
-    run.add_argument("--overwrite", action="store_true", help="replace existing files")
-    return p
 
 
 def prompt_list(args) -> list[str]:

@@ -10,11 +10,14 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from weights.io import DTYPES
+
+from .fields import add_dataclass_args, opt
 
 FP8_HELP = ("store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory "
             "(Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")
@@ -37,17 +40,25 @@ def add_ignore_te_lora(group: argparse.ArgumentParser | argparse._ArgumentGroup)
     group.add_argument("--ignore-te-lora", action="store_true", help=IGNORE_TE_LORA_HELP)
 
 
-RUN_OPTIONS = ("device", "dtype", "fp8", "fp8_compute", "compile", "blocks_to_swap")  # what add_run_options adds
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a sampling command runs the transformer (the last four: sampling/base.py)."""
+
+    device: str = opt("cuda" if torch.cuda.is_available() else "cpu", "cuda, cpu, or a device such as cuda:1")
+    dtype: str = opt("bf16" if torch.cuda.is_available() else "fp32", "the models' compute dtype",
+                     choices=tuple(DTYPES))
+    fp8: bool = opt(False, FP8_HELP)
+    fp8_compute: bool = opt(False, FP8_COMPUTE_HELP)
+    compile: bool = opt(False, COMPILE_HELP)
+    blocks_to_swap: int = opt(0, SWAP_HELP, metavar="N")
+
+
+RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
 
 
 def add_run_options(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--device, --dtype, --fp8, --fp8-compute, --compile, --blocks-to-swap (the last four: sampling/base.py)."""
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
-    group.add_argument("--fp8", action="store_true", help=FP8_HELP)
-    group.add_argument("--fp8-compute", action="store_true", help=FP8_COMPUTE_HELP)
-    group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    group.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help=SWAP_HELP)
+    """--device, --dtype, --fp8, --fp8-compute, --compile, --blocks-to-swap."""
+    add_dataclass_args(group, RunOptions, defaults=True, spell="-")
 
 
 def out_of_memory(args, smaller: str) -> str:

@@ -13,7 +13,7 @@ def parsers():
     from distill.export import build_parser as export
     from distill.teacher_data import build_parser as make_dataset
     from distill.train import build_parser as train
-    from sampling.job import build_parser as generate
+    from sampling.flags import build_parser as generate
     from tools.convert import build_parser as convert
 
     out = {"generate": generate(), "make_dataset": make_dataset(), "train": train(), "export": export(),
@@ -40,10 +40,33 @@ def test_both_spellings_of_every_flag_and_one_in_help(name):
 
 def test_the_other_spelling_parses_to_the_same_values():
     from distill.train import build_parser as train
-    from sampling.job import build_parser as generate
+    from sampling.flags import build_parser as generate
 
     a = generate().parse_args(["--prompt", "x", "--blocks_to_swap", "2", "--fp8_compute", "--t5_tokenizer=tok",
                                "--negative_prompt=--x"])
     assert (a.blocks_to_swap, a.fp8_compute, a.t5_tokenizer, a.negative_prompt) == (2, True, "tok", "--x")
     b = vars(train().parse_args(["--blocks-to-swap", "3", "--t5-tokenizer", "tok", "--fp8-base"]))
     assert (b["blocks_to_swap"], b["t5_tokenizer"], b["fp8_base"]) == (3, "tok", True)
+
+
+def test_generate_and_train_build_their_flags_from_dataclasses_with_one_helper():
+    """generate's model-file, generation and run flags are the fields of ModelFiles, GenerationFlags and
+    RunOptions (sampling/fields.py add_dataclass_args, which builds train's from DistillConfig too): a flag per
+    field, unset flags at the field's default, each value parsed to the field's type."""
+    import dataclasses
+
+    from sampling.flags import GenerationFlags, ModelFiles, build_parser
+    from sampling.options import RunOptions
+
+    parser = build_parser()
+    dests = {a.dest for a in parser._actions}
+    args = vars(parser.parse_args([]))
+    for cls in (ModelFiles, GenerationFlags, RunOptions):
+        for f in dataclasses.fields(cls):
+            assert f.name in dests and args[f.name] == (list(f.default) if f.metadata.get("repeat") else f.default)
+    given = vars(parser.parse_args(["--steps", "4", "--slg-layers", "7,8", "--lora", "a:0.5", "--lora", "b",
+                                    "--fp8", "--guidance", "2", "--variant", "base"]))
+    assert (given["steps"], given["slg_layers"], given["lora"], given["fp8"], given["guidance"]) == (
+        4, (7, 8), ["a:0.5", "b"], True, 2.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--variant", "turbo"])

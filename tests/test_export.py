@@ -11,8 +11,8 @@ from test_trainer import config, trainer
 
 import distill.lora_export
 from distill.export import main
-from distill.lora_export import export_checkpoint, export_lora
 from distill.lora import lora_layers
+from distill.lora_export import export_checkpoint, export_lora
 from weights.io import read_header
 from weights.lora import read_lora
 

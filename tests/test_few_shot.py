@@ -5,7 +5,6 @@ its exported LoRA is sampled on its base's schedule."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from test_data import KEY, FakeText, FakeVAE, make_cache, write_images

@@ -105,8 +105,8 @@ def test_generate_applies_the_text_encoder_part_unless_ignore_te_lora(flux, flux
 
     from distill import teacher_data
     from sampling.base import read_png_params
+    from sampling.flags import build_parser
     from sampling.generate import main
-    from sampling.job import build_parser
 
     folder, _ = flux
     style, unet_only = flux_loras

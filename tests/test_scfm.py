@@ -78,7 +78,8 @@ def test_the_grid_a_lora_is_trained_on_is_the_grid_generate_samples_it_on(shift,
     from safetensors.torch import save_file
 
     from distill.demo.models import demo_pipeline
-    from sampling.job import build_parser, generation_config, lora_recommendations
+    from sampling.flags import build_parser
+    from sampling.job import generation_config, lora_recommendations
     from sampling.schedules import get_sigmas
     from weights.families.flux import FLUX
     from weights.lora import FORMAT

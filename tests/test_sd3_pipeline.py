@@ -178,7 +178,8 @@ def test_family_is_read_from_single_files(folders, tmp_path):
 def test_scfm_lora_metadata_sets_the_grid_and_guidance(tmp_path):
     from safetensors.torch import save_file
 
-    from sampling.job import build_parser, generation_config, lora_recommendations
+    from sampling.flags import build_parser
+    from sampling.job import generation_config, lora_recommendations
     from weights.lora import FORMAT
 
     scfm, plain = tmp_path / "scfm.safetensors", tmp_path / "style.safetensors"
