@@ -102,8 +102,11 @@ class WideLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         n = self.out_features
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        # compiled blocks (compile_blocks) get the one GEMM: inductor picks its own tiling, and out= views are
+        # no graph for it to fuse
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or n < 2 * self.PANEL or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+                or n < 2 * self.PANEL or needs_grad or torch.compiler.is_compiling()):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
         out = x2.new_empty(x2.shape[0], n)

@@ -68,6 +68,14 @@ def test_autograd_bf16_and_narrow_layers_take_f_linear():
     assert calls.calls == ["addmm.default", "addmm.default"]
 
 
+def test_compiled_blocks_get_the_one_gemm(monkeypatch):
+    layer = _layer(24, 64, True, 16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what dynamo reports while it traces
+    with torch.no_grad(), GemmCalls() as calls:
+        layer(torch.randn(5, 24))
+    assert calls.calls == ["addmm.default"]
+
+
 def _wide_names(model: nn.Module) -> list[str]:
     return sorted(n for n, m in model.named_modules() if isinstance(m, WideLinear))
 
