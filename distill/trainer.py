@@ -88,9 +88,8 @@ def lora_config(cfg: DistillConfig) -> LoRAConfig:
     """The run's LoRA: its family's target table (docs/method.md §6 in official names, distill/lora_targets.py);
     the flow-matching objective holds the live set alone (no EMA sets, no teacher)."""
     targets = get_family(cfg.lora.targets).part("lora_targets")
-    if cfg.scfm.objective == "flow_matching":
-        return LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets, sets=("live",), zero_sets=())
-    return LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets)
+    live_only = {"sets": ("live",), "zero_sets": ()} if cfg.scfm.objective == "flow_matching" else {}
+    return LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets, **live_only)
 
 
 def model_family(model: nn.Module) -> Family:

@@ -51,11 +51,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: bool =
     for f, hint in field_index(cls).values():
         tp, meta = base_type(hint), f.metadata
         flags = [f"--{f.name.replace('_', spell)}"]
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS if meta.get("hidden") else
-              meta.get("help", "") if defaults else f"{meta.get('help', '')} [{f.default!r}]"}
+        text = meta.get("help", "") if defaults else f"{meta.get('help', '')} [{f.default!r}]"
+        default = (list(f.default) if meta.get("repeat") else f.default) if defaults else argparse.SUPPRESS
+        kw = {"dest": f.name, "default": default, "help": argparse.SUPPRESS if meta.get("hidden") else text}
         kw |= {k: meta[k] for k in ("choices", "metavar") if meta.get(k) is not None}
-        if defaults:
-            kw["default"] = list(f.default) if meta.get("repeat") else f.default
         if meta.get("repeat"):
             parser.add_argument(*flags, action="append", type=meta.get("parse") or str, **kw)
         elif meta.get("parse"):
