@@ -81,6 +81,11 @@ def assign_tensors(
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         t = t.to(device) if merge is None else merge(key, t.to(device))
+        if t.device.type == "cpu" and t.data_ptr() % 64:
+            # safetensors hands out tensors in Python buffers 8 bytes past a 64-byte line; MKL's small GEMMs (the
+            # modulation's batch-1 products) round differently there on some CPUs (AMD EPYC), so the same weights
+            # from two files gave images a bit apart. torch's allocator aligns to 64; one tensor is copied at a time.
+            t = t.clone()
         if key in expected and expected[key].dtype == E4M3:
             state[key], state[key[: -len("weight")] + "weight_scale"] = quantize_rows(t)
         else:
