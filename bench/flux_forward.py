@@ -6,10 +6,12 @@
 
 Variants (--variants, default: ours): ours (eager), ours+compile (compile_blocks: each block compiled once,
 model/layers.py), ours+fp8 (the blocks' weights in e4m3, fp8 tensor-core GEMMs with per-token activation scales:
-model/fp8_gemm.py; the CPU emulates them), ours+fp8+compile; two trials on CUDA: +fastacc (Hopper's fast
-accumulation in the forward fp8 GEMMs, fp8_gemm.FAST_ACCUM_FORWARD) and +cudnn (torch's cuDNN attention first in
-SDPA's priority, instead of its FlashAttention-2). diffusers (eager) is always run, and diffusers+compile with
-`all` (its own `compile_repeated_blocks` where it has one, else torch.compile).
+model/fp8_gemm.py; the CPU emulates them), ours+fp8+compile; trials on CUDA: +fastacc (Hopper's fast
+accumulation in the forward fp8 GEMMs, fp8_gemm.FAST_ACCUM_FORWARD), +cudnn (torch's cuDNN attention first in
+SDPA's priority, instead of its FlashAttention-2) and +unfused (each fp8 GEMM rounds its own input; ours+fp8 takes
+the adaLN producers' rows from model/kernels/adanorm.py: the pair measures that kernel). diffusers (eager) is
+always run, and diffusers+compile with `all` (its own `compile_repeated_blocks` where it has one, else
+torch.compile).
 Prints the median time of each, its ratio against diffusers eager, the max relative error against diffusers and,
 for fp8, the relative error against our bf16 output (the price of fp8 compute). The first call of a compiled
 variant is reported as its warm-up. diffusers is a benchmark oracle only; no runtime module imports it.
@@ -58,13 +60,14 @@ def diffusers_twin(cfg: FluxConfig):
 
 
 VARIANTS = ("ours", "ours+compile", "ours+fp8", "ours+fp8+compile")
-TRIALS = ("ours+cudnn", "ours+fp8+fastacc", "ours+fp8+fastacc+compile", "ours+fp8+fastacc+cudnn+compile")
+TRIALS = ("ours+cudnn", "ours+fp8+unfused", "ours+fp8+fastacc", "ours+fp8+fastacc+compile",
+          "ours+fp8+fastacc+cudnn+compile")
 
 
 def features(variant: str):
     """A variant's trial switches (bench/timing.py `trials`), for its calls and its compiled code's trace."""
     parts = variant.split("+")
-    return trials(fast_accum="fastacc" in parts, cudnn="cudnn" in parts)
+    return trials(fast_accum="fastacc" in parts, cudnn="cudnn" in parts, unfused="unfused" in parts)
 
 
 def _sync(device: str) -> None:

@@ -2,7 +2,8 @@
 # The checks that need a GPU, in stages that each fit one 10-minute call of a lent machine. With 15 minutes of
 # device time, run the default stage (under 8 minutes) and give the machine back:
 #
-#   bash bench/gpu_session.sh         # inductor's compiled blocks against eager LoRA gradients on CUDA, then the two
+#   bash bench/gpu_session.sh         # inductor's compiled blocks against eager LoRA gradients on CUDA, the fused
+#                                     # adaLN + fp8 rounding kernel on CUDA (tests/test_kernels_adanorm.py), then the two
 #                                     # target rows: the Flux forward (bf16, fp8 compute, compiled, both, and the
 #                                     # fast-accumulation / cuDNN-attention trials; diffusers eager and compiled) at
 #                                     # 1024 px, and the SCFM step (released vs ours, ours with unchecked blocks
@@ -38,7 +39,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 case "${1:-target}" in
     target)
         run tests 200 python -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_fp8_compute.py \
-            -k "inductor and fp8compute or gpu"
+            tests/test_kernels_adanorm.py -k "inductor and fp8compute or gpu or adanorm"
         run flux_forward 200 python bench/flux_forward.py --device cuda --cases flux-dev-1024 --variants all --iters 3
         run train_step 280 python bench/train_step.py --device cuda --iters 4 --only released ours-unchecked ours-fast \
             --unchecked_blocks "${UNCHECKED:-auto}" --max_memory 40GB ;;
@@ -56,7 +57,7 @@ case "${1:-target}" in
             --unchecked_blocks 6 --skip released released* ours-fp8 ;;
     tests)
         run tests 560 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_block_swap.py \
-            tests/test_fp8_compute.py ;;
+            tests/test_fp8_compute.py tests/test_kernels_adanorm.py ;;
     layers)
         run lora_layer 150 python bench/lora_layer.py --device cuda
         run dequant 100 python bench/kernels.py --device cuda --ops dequant_rows --skip-model

@@ -73,22 +73,24 @@ def twin_main(description: str, title: str, cases: dict, run_case) -> None:
 
 
 @contextlib.contextmanager
-def trials(fast_accum: bool = False, cudnn: bool = False):
-    """Two speed trials, for the calls inside only: Hopper's fast accumulation in the forward fp8 GEMMs
-    (model/fp8_gemm.py FAST_ACCUM_FORWARD) and torch's cuDNN attention first in SDPA's priority (its default
-    order puts FlashAttention-2 first). Compiled code keeps what it was traced under."""
+def trials(fast_accum: bool = False, cudnn: bool = False, unfused: bool = False):
+    """Speed trials, for the calls inside only: Hopper's fast accumulation in the forward fp8 GEMMs
+    (model/fp8_gemm.py FAST_ACCUM_FORWARD), torch's cuDNN attention first in SDPA's priority (its default order
+    puts FlashAttention-2 first), and the fp8 GEMMs rounding their own inputs instead of taking the adaLN
+    producers' rows (fp8_gemm.FUSED_PRODUCERS off: the eager path before the fused kernel). Compiled code keeps
+    what it was traced under."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from model import fp8_gemm
 
-    previous = fp8_gemm.FAST_ACCUM_FORWARD
-    fp8_gemm.FAST_ACCUM_FORWARD = fast_accum
+    previous = fp8_gemm.FAST_ACCUM_FORWARD, fp8_gemm.FUSED_PRODUCERS
+    fp8_gemm.FAST_ACCUM_FORWARD, fp8_gemm.FUSED_PRODUCERS = fast_accum, not unfused
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     try:
         with sdpa_kernel(order, set_priority=True) if cudnn else contextlib.nullcontext():
             yield
     finally:
-        fp8_gemm.FAST_ACCUM_FORWARD = previous
+        fp8_gemm.FAST_ACCUM_FORWARD, fp8_gemm.FUSED_PRODUCERS = previous
 
 
 @contextlib.contextmanager

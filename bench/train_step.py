@@ -378,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                    "Hopper's fast accumulation (fp8_gemm.FAST_ACCUM_FORWARD)")
     p.add_argument("--cudnn", action="store_true", help="trial: our variants with torch's cuDNN attention first in "
                    "SDPA's priority (the released design keeps torch's default)")
+    p.add_argument("--unfused", action="store_true", help="trial: our fp8-compute variants' GEMMs round their own "
+                   "inputs instead of taking the adaLN producers' rows (fp8_gemm.FUSED_PRODUCERS off)")
     p.add_argument("--only", nargs="*", metavar="VARIANT", help="run just these variants (ours is always run)")
     p.add_argument("--skip", nargs="*", default=(), metavar="VARIANT",
                    help="variants not to run (e.g. released released*: one device call for the memory variants)")
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             proc = ctx.Process(target=measure,
                                args=(variant, case, args.device, dtype, args.iters, args.threads,
                                      args.blocks_to_swap, args.unchecked_blocks, args.max_memory, queue,
-                                     {"fast_accum": args.fast_accum, "cudnn": args.cudnn}))
+                                     {"fast_accum": args.fast_accum, "cudnn": args.cudnn, "unfused": args.unfused}))
             proc.start()
             while True:  # a child that dies never answers: report it instead of waiting forever
                 try:
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = tuple(runs)
     *_, batch, rank = CASES[case]
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    on = [k for k in ("fast_accum", "cudnn") if getattr(args, k)]
+    on = [k for k in ("fast_accum", "cudnn", "unfused") if getattr(args, k)]
     print(f"SCFM step, {case} ({px(case)} px, batch {batch}, rank {rank}, {dtype}) on {name}"
           + (f"; our variants with the trials: {', '.join(on)}" if on else ""))
     if args.device == "meta":  # one counted step per variant (the counts do not vary between rounds)

@@ -116,23 +116,22 @@ def double_stream(block: nn.Module, img: Tensor, txt: Tensor, img_mods: tuple[Mo
     the MLP), on the block's `{img,txt}_{norm1,attn,norm2,mlp}` modules."""
     n_txt = txt.shape[1]
     (img_mod1, img_mod2), (txt_mod1, txt_mod2) = img_mods, txt_mods
-    txt_q, txt_k, txt_v = block.txt_attn.split_qkv(txt_mod1.modulate(block.txt_norm1(txt)))
-    img_q, img_k, img_v = block.img_attn.split_qkv(img_mod1.modulate(block.img_norm1(img)))
+    txt_attn, img_attn = block.txt_attn, block.img_attn
+    txt_q, txt_k, txt_v = txt_attn.split_qkv(txt_mod1.modulate_norm(block.txt_norm1, txt, txt_attn.qkv))
+    img_q, img_k, img_v = img_attn.split_qkv(img_mod1.modulate_norm(block.img_norm1, img, img_attn.qkv))
     # Each stream's own QK-norm, then RoPE over the joint [txt, img] sequence: one fused op that writes
     # straight into the joint buffers, so the q/k concatenations cost nothing extra.
     q, k = kernels.qk_norm_rope_joint(
-        txt_q, txt_k, img_q, img_k, block.txt_attn.norm.query_norm.scale, block.txt_attn.norm.key_norm.scale,
-        block.img_attn.norm.query_norm.scale, block.img_attn.norm.key_norm.scale, pe,
-        block.img_attn.norm.query_norm.eps,
+        txt_q, txt_k, img_q, img_k, txt_attn.norm.query_norm.scale, txt_attn.norm.key_norm.scale,
+        img_attn.norm.query_norm.scale, img_attn.norm.key_norm.scale, pe, img_attn.norm.query_norm.eps,
     )  # each (B, H, T + L, D/H)
     v = torch.cat((txt_v, img_v), dim=2)
     attn = attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, T + L, D)
-    txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
-    img = img + img_mod1.gate * block.img_attn.proj(img_attn)
-    img = img + img_mod2.gate * block.img_mlp(img_mod2.modulate(block.img_norm2(img)))
-    txt = txt + txt_mod1.gate * block.txt_attn.proj(txt_attn)
-    txt = txt + txt_mod2.gate * block.txt_mlp(txt_mod2.modulate(block.txt_norm2(txt)))
+    img = img + img_mod1.gate * img_attn.proj(attn[:, n_txt:])
+    img = img + img_mod2.gate * block.img_mlp(img_mod2.modulate_norm(block.img_norm2, img, block.img_mlp[0]))
+    txt = txt + txt_mod1.gate * txt_attn.proj(attn[:, :n_txt])
+    txt = txt + txt_mod2.gate * block.txt_mlp(txt_mod2.modulate_norm(block.txt_norm2, txt, block.txt_mlp[0]))
     return _clip_fp16(img), _clip_fp16(txt)
 
 
@@ -154,9 +153,8 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         mod, _ = self.modulation(vec)
-        qkv, mlp = torch.split(
-            self.linear1(mod.modulate(self.pre_norm(x))), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )
+        qkv, mlp = torch.split(self.linear1(mod.modulate_norm(self.pre_norm, x, self.linear1)),
+                               [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, pe)
         attn = attention(q.to(v.dtype), k.to(v.dtype), v)  # (B, L, D)

@@ -110,7 +110,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, mod: Tensor, pe: Tensor) -> Tensor:
         (m,) = _mods(mod, 1)
-        qkv, mlp = torch.split(self.linear1(m.modulate(self.pre_norm(x))),
+        qkv, mlp = torch.split(self.linear1(m.modulate_norm(self.pre_norm, x, self.linear1)),
                                [3 * self.hidden_size, 2 * self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, pe)

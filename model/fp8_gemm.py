@@ -29,6 +29,10 @@ MIN_CAPABILITY = (8, 9)  # Ada; Hopper is (9, 0)
 # Hopper's fast accumulation for the forward GEMM (torchao's float8 recipe uses it for the output GEMM only, not
 # for gradients): the tensor cores' partial sums are promoted to fp32 less often. Off: measured first (bench/).
 FAST_ACCUM_FORWARD = False
+# The blocks' adaLN producers round their output's rows for the GEMM that reads it, in the kernel that writes it
+# (model/kernels/adanorm.py; eager CUDA only). Off: every GEMM rounds its own input (bench/flux_forward.py's
+# "+unfused" trial measures the difference).
+FUSED_PRODUCERS = True
 _GEMM_OUT = (torch.bfloat16, torch.float16)  # what torch._scaled_mm writes with row-wise scales
 
 
@@ -76,10 +80,43 @@ def scaled_mm(a: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, bias: Te
     return out.to(out_dtype)
 
 
+_ROWS = "_scfm_fp8_rows"
+
+
+def reads_rows(layer: object) -> bool:
+    """Whether `layer` runs an fp8 GEMM on its input (an e4m3 layer with fp8 compute on, LoRA-wrapped or not): its
+    producer may then hand it the rounded rows (`attach_rows`)."""
+    return (FUSED_PRODUCERS and bool(getattr(layer, "fp8_compute", False))
+            and getattr(layer, "weight_scale", None) is not None)
+
+
+def attach_rows(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """Hang x's e4m3 rows (M, K) and scales (M, 1), computed by the kernel that wrote x, on x for the next fp8
+    GEMM to read it (`forward` takes them once; an in-place change to x since voids them)."""
+    setattr(x, _ROWS, (q, scale, _version(x)))
+    return x
+
+
+def _version(x: Tensor) -> int | None:
+    """x's in-place change counter; inference tensors keep none (the reader comes straight after the producer)."""
+    return None if x.is_inference() else x._version
+
+
+def _take_rows(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    if torch.compiler.is_compiling():
+        return None
+    rows = x.__dict__.pop(_ROWS, None)  # once: the rows must not live on in a tensor saved for backward
+    if rows is None or rows[2] != _version(x):
+        return None
+    return rows[0], rows[1]
+
+
 def forward(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """x (..., in) @ (q * scale)^T + bias: q (out, in) e4m3, scale (out, 1); x's rows rounded to e4m3 per token."""
+    """x (..., in) @ (q * scale)^T + bias: q (out, in) e4m3, scale (out, 1); x's rows rounded to e4m3 per token
+    (or taken from its producer, `attach_rows`)."""
     x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = kernels.quant_rows(x2)
+    rows = _take_rows(x)
+    xq, xs = rows if rows is not None else kernels.quant_rows(x2)
     out = scaled_mm(xq, xs, q.t(), scale, bias, out_dtype, FAST_ACCUM_FORWARD)
     return out.view(*x.shape[:-1], q.shape[0])
 

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import kernels
+from . import fp8_gemm, kernels
 
 # The ModuleLists that hold the transformer blocks (Flux double / single, SD3 joint): nearly all the weights, one
 # unit for fp8 storage (model/fp8.py) and for sharding (distill/sharding.py)
@@ -161,6 +161,18 @@ class ModulationOut:
 
     def modulate(self, x: Tensor) -> Tensor:
         return (1 + self.scale) * x + self.shift
+
+    def modulate_norm(self, norm: nn.LayerNorm, x: Tensor, reader: nn.Module) -> Tensor:
+        """self.modulate(norm(x)) for the Linear `reader` (see `modulate_norm`)."""
+        return modulate_norm(norm, x, self.shift, self.scale, reader)
+
+
+def modulate_norm(norm: nn.LayerNorm, x: Tensor, shift: Tensor, scale: Tensor, reader: nn.Module) -> Tensor:
+    """(1 + scale) * norm(x) + shift (`norm` without affine), read by the Linear `reader`: when that runs fp8
+    GEMMs, one kernel that also rounds the rows for it (model/kernels/adanorm.py, CUDA); elsewhere exactly the
+    modules' own ops."""
+    y, rows = kernels.modulated_layer_norm(x, shift, scale, norm.eps, fp8_gemm.reads_rows(reader))
+    return y if rows is None else fp8_gemm.attach_rows(y, *rows)
 
 
 class Modulation(nn.Module):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .config import PresetConfig
-from .layers import BlockRunner, WideLinear, attention, timestep_embedding
+from .layers import BlockRunner, WideLinear, attention, modulate_norm, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -174,11 +174,12 @@ class DismantledBlock(nn.Module):
     def pre_attention(self, x: Tensor, c: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple]:
         """-> (q, k, v) for the joint attention, and what `post_attention` needs."""
         mods = self.adaLN_modulation(c)[:, None, :].chunk(self.n_mods, dim=-1)  # each (B, 1, D)
+        if not self.dual:
+            return self.attn.qkv_heads(modulate_norm(self.norm1, x, mods[0], mods[1], self.attn.qkv)), (mods, None)
         xn = self.norm1(x)
         qkv = self.attn.qkv_heads(modulate(xn, mods[0], mods[1]))
         # attn2 reads the same normalised x, with its own shift and scale
-        x2 = modulate(xn, mods[6], mods[7]) if self.dual else None
-        return qkv, (mods, x2)
+        return qkv, (mods, modulate(xn, mods[6], mods[7]))
 
     def post_attention(self, x: Tensor, attn: Tensor, state: tuple) -> Tensor:
         mods, x2 = state
@@ -186,7 +187,7 @@ class DismantledBlock(nn.Module):
         x = x + gate_msa * self.attn.proj(attn)
         if self.dual:
             x = x + mods[8] * self.attn2(x2)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + gate_mlp * self.mlp(modulate_norm(self.norm2, x, shift_mlp, scale_mlp, self.mlp.fc1))
 
 
 class JointBlock(nn.Module):

@@ -15,6 +15,9 @@ dependency: without it every call runs the reference. All ops are differentiable
     dequant_rows(q, scale, dtype)                             e4m3 (out, in) * fp32 scale (out, 1): model/fp8.py
     quant_rows(x, col_scale | None)                           x (M, K) -> e4m3 (M, K), pow-2 scale (M, 1): the
                                                               activations of model/fp8_gemm.py
+    modulated_layer_norm(x, shift, scale, eps, quantize)      (1 + scale) * LayerNorm(x) + shift, x (B, L, D);
+                                                              with `quantize`, fused with quant_rows of the
+                                                              result where the kernel runs (else rows None)
 """
 
 from __future__ import annotations
@@ -24,22 +27,25 @@ import os
 import torch
 from torch import Tensor
 
+from . import adanorm
 from ._triton_utils import HAS_TRITON
+from .adanorm import modulated_layer_norm_reference
 from .dequant import dequant_rows_reference
-from .quant import quant_rows_reference
 from .qk_norm_rope import qk_norm_reference, qk_norm_rope_joint_reference, qk_norm_rope_reference
+from .quant import quant_rows_reference
 from .rmsnorm import rms_norm_reference
 from .rope import rope_reference
 
 if HAS_TRITON:
+    from .adanorm import modulated_layer_norm_triton
     from .dequant import dequant_rows_triton
-    from .quant import quant_rows_triton
     from .qk_norm_rope import qk_norm_rope_joint_triton, qk_norm_rope_triton, qk_norm_triton
+    from .quant import quant_rows_triton
     from .rmsnorm import rms_norm_triton
     from .rope import rope_triton
 
-__all__ = ["HAS_TRITON", "backend", "dequant_rows", "qk_norm", "qk_norm_rope", "qk_norm_rope_joint", "quant_rows",
-           "rms_norm", "rope"]
+__all__ = ["HAS_TRITON", "backend", "dequant_rows", "modulated_layer_norm", "qk_norm", "qk_norm_rope",
+           "qk_norm_rope_joint", "quant_rows", "rms_norm", "rope"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_D = 8192  # one row must fit one tile of registers; wider rows (none in Flux / SD3.5) take the reference
@@ -125,3 +131,15 @@ def quant_rows(x: Tensor, col_scale: Tensor | None = None) -> tuple[Tensor, Tens
     if backend(x) == "triton" and x.ndim == 2 and x.dtype in _DTYPES[:3] and not torch.compiler.is_compiling():
         return quant_rows_triton(x, col_scale)
     return quant_rows_reference(x, col_scale)
+
+
+def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
+                         quantize: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """adaLN: (1 + scale) * LayerNorm(x) + shift (no affine), and, with `quantize` (the reader is an fp8 GEMM),
+    the result's e4m3 rows and scales from the same kernel where it runs (Triton; else None: the GEMM rounds y
+    itself). Without `quantize`, or under torch.compile (inductor fuses the ops itself), the torch ops run."""
+    if (quantize and backend(x) == "triton" and adanorm.fits(x, shift, scale)
+            and not torch.compiler.is_compiling()):
+        y, q, s = modulated_layer_norm_triton(x, shift, scale, eps)
+        return y, (q, s)
+    return modulated_layer_norm_reference(x, shift, scale, eps), None

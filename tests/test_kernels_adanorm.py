@@ -1,0 +1,205 @@
+"""The fused adaLN producer (model/kernels/adanorm.py) under the Triton interpreter: its output against the fp32
+reference and the blocks' own ops, its rows bit for bit those `quant_rows` gives its output, its gradients, and
+the fp8 GEMMs of whole tiny models taking its rows instead of rounding again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model.kernels as kernels
+from model import fp8_gemm
+from model.kernels.adanorm import modulated_layer_norm_fp32, modulated_layer_norm_reference
+from model.kernels.quant import quant_rows_reference
+
+pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _force_triton(monkeypatch):
+    monkeypatch.setenv("SCFM_KERNELS", "triton")
+
+
+def _case(b, n, d, x_dtype, mod_dtype, *, broadcast=False, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, n, d + 8 if strided else d, generator=g) * 3 + 1
+    x = (x[..., 4:4 + d] if strided else x).to(DEVICE, x_dtype)  # strided: a view into wider rows
+    rows = 1 if broadcast else b
+    shift, scale = (torch.randn(rows, 1, d, generator=g).to(DEVICE, mod_dtype) for _ in range(2))
+    return x, shift, scale
+
+
+CASES = [  # (B, L, D, x dtype, modulation dtype, broadcast, strided): D not a power of two, one token, views
+    (2, 5, 48, torch.float32, torch.float32, False, False),
+    (1, 1, 100, torch.float32, torch.float32, True, True),
+    (2, 3, 64, torch.bfloat16, torch.bfloat16, False, True),
+    (3, 4, 40, torch.float32, torch.bfloat16, False, False),  # autocast's case: an fp32 norm, bf16 modulation
+]
+
+
+@pytest.mark.parametrize("b,n,d,x_dtype,mod_dtype,broadcast,strided", CASES)
+def test_kernel_against_the_fp32_reference_and_its_rows_bit_for_bit(b, n, d, x_dtype, mod_dtype, broadcast,
+                                                                      strided):
+    x, shift, scale = _case(b, n, d, x_dtype, mod_dtype, broadcast=broadcast, strided=strided)
+    y, rows = kernels.modulated_layer_norm(x, shift, scale, 1e-6, quantize=True)
+    want = modulated_layer_norm_fp32(x, shift, scale, 1e-6, torch.promote_types(x_dtype, mod_dtype))
+    assert rows is not None and y.dtype == want.dtype and y.shape == x.shape
+    if y.dtype == torch.float32:
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    else:  # one rounding of the same fp32 value: a summation-order difference may move it one bf16 step
+        step = want.float().abs().clamp_min(1e-3) * 2.0**-7
+        assert ((y.float() - want.float()).abs() <= step).all()
+    q, s = rows
+    want_q, want_s = quant_rows_reference(y.reshape(-1, d))
+    assert torch.equal(s, want_s) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    # and the blocks' own ops, which round after each step, within those roundings
+    ref = modulated_layer_norm_reference(x, shift, scale, 1e-6)
+    assert (y.float() - ref.float()).abs().max() <= 4 * 2.0**-8 * ref.float().abs().max()
+
+
+def test_without_quantize_or_on_the_torch_path_the_blocks_ops_run_exactly(monkeypatch):
+    x, shift, scale = _case(2, 5, 48, torch.float32, torch.float32)
+    want = (1 + scale) * torch.nn.LayerNorm(48, elementwise_affine=False, eps=1e-6).to(DEVICE)(x) + shift
+    for quantize, backend in ((False, "triton"), (True, "torch")):
+        monkeypatch.setenv("SCFM_KERNELS", backend)
+        y, rows = kernels.modulated_layer_norm(x, shift, scale, 1e-6, quantize=quantize)
+        assert rows is None and torch.equal(y, want)
+
+
+def test_gradients_are_the_fp32_references():
+    x, shift, scale = _case(2, 6, 40, torch.float32, torch.float32, seed=3)
+    dy = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    inputs = [t.clone().requires_grad_() for t in (x, shift, scale)]
+    y, _ = kernels.modulated_layer_norm(*inputs, 1e-6, quantize=True)
+    got = torch.autograd.grad(y, inputs, dy)
+    ref_inputs = [t.clone().requires_grad_() for t in (x, shift, scale)]
+    want = torch.autograd.grad(modulated_layer_norm_reference(*ref_inputs, 1e-6), ref_inputs, dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # a frozen modulation: only dx is asked for, and given
+    xs = x.clone().requires_grad_()
+    y, _ = kernels.modulated_layer_norm(xs, shift, scale, 1e-6, quantize=True)
+    (dx,) = torch.autograd.grad(y, [xs], dy)
+    torch.testing.assert_close(dx, want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_attached_rows_are_taken_once_and_never_after_an_in_place_change(monkeypatch):
+    calls = []
+    real = fp8_gemm.kernels.quant_rows
+    monkeypatch.setattr(fp8_gemm.kernels, "quant_rows", lambda *a: calls.append(1) or real(*a))
+    x, shift, scale = _case(1, 4, 32, torch.float32, torch.float32)
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    wq, ws = quant_rows_reference(weight)
+    y, rows = kernels.modulated_layer_norm(x, shift, scale, 1e-6, quantize=True)
+    y = fp8_gemm.attach_rows(y, *rows)
+    first = fp8_gemm.forward(y, wq, ws, None, torch.float32)
+    assert calls == []  # the producer's rows
+    assert torch.equal(fp8_gemm.forward(y, wq, ws, None, torch.float32), first) and calls == [1]  # taken once
+    y = fp8_gemm.attach_rows(y, *rows)
+    y.mul_(2)
+    assert not torch.equal(fp8_gemm.forward(y, wq, ws, None, torch.float32), first) and calls == [1, 1]
+    with torch.inference_mode():  # inference tensors keep no change counter: taken all the same
+        y, rows = kernels.modulated_layer_norm(x, shift, scale, 1e-6, quantize=True)
+        assert torch.equal(fp8_gemm.forward(fp8_gemm.attach_rows(y, *rows), wq, ws, None, torch.float32), first)
+    assert calls == [1, 1]
+
+
+def _count_rounded_rows(monkeypatch):
+    """Count the GEMMs' own roundings; they run the reference (bit-equal to their kernel, tests/test_fp8_compute.py)
+    and so do the norm / RoPE kernels (tests/test_kernels.py): only the producer runs interpreted, in seconds."""
+    calls = []
+    monkeypatch.setattr(fp8_gemm.kernels, "quant_rows", lambda *a: calls.append(1) or quant_rows_reference(*a))
+    monkeypatch.setattr(kernels, "_use_triton", lambda *a: False)
+    return calls
+
+
+def _tiny_model_and_inputs(family: str):
+    """Each family's tiny model (SD3.5's with two dual blocks and a pre-only last block) and its inputs."""
+    if family == "flux":
+        from flux_fixtures import tiny_inputs
+
+        from model.flux import FLUX_CONFIGS, Flux
+
+        return Flux(FLUX_CONFIGS["tiny"]), tiny_inputs()
+    if family == "flux2":
+        from test_flux2 import TINY, inputs
+
+        from model.flux2 import Flux2
+
+        return Flux2(TINY), inputs(False)
+    from mmdit_fixtures import SD35_TINY, tiny_inputs
+
+    from model.mmdit import MMDiT
+
+    return MMDiT(SD35_TINY), tiny_inputs(SD35_TINY)
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2", "sd3"])
+def test_whole_models_take_the_producers_rows(family, monkeypatch):
+    """fp8 compute with the fused producers against the same model whose GEMMs round every input themselves:
+    each block's adaLN readers take the producer's rows (fewer roundings, counted), and the output and the LoRA
+    gradients agree within the fp8 rounding of the few values the two roundings of y put on either side of a
+    step."""
+    from conftest import randomize_
+
+    from distill.lora import LoRAConfig, inject_lora
+    from model.fp8 import enable_fp8_compute_, quantize_linears_
+
+    model, inputs = _tiny_model_and_inputs(family)
+    randomize_(model, sigma=0.1, seed=0)
+    quantize_linears_(model)
+    inject_lora(model, LoRAConfig(rank=4, alpha=4.0), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_up" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    model.to(DEVICE)
+    enable_fp8_compute_(model, DEVICE)
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    results = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(fp8_gemm, "FUSED_PRODUCERS", False)
+        calls = _count_rounded_rows(monkeypatch)
+        out = model(**inputs)
+        n_forward = len(calls)
+        grads = torch.autograd.grad(out, lora, torch.ones_like(out))
+        results[fused] = out.detach(), grads, n_forward
+    (out, grads, n_fused), (ref, ref_grads, n_plain) = results[True], results[False]
+    assert 0 < n_fused < n_plain
+    assert (out - ref).abs().max() <= 0.02 * ref.abs().max()
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= 0.05 * r.abs().max() + 1e-6
+
+
+def test_kernel_compiles_for_ada_and_hopper():
+    """Compiled ahead of time for sm89 / sm90 at Flux-dev's width, bf16 and fp32 out, with no GPU (the interpreter
+    accepts Python the compiler may not)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import triton, triton.language as tl\n"
+        "from triton.compiler import ASTSource\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from model.kernels.adanorm import _adanorm_kernel\n"
+        "sig = {'x_ptr': '*fp32', 'shift_ptr': '*bf16', 'scale_ptr': '*bf16', 'y_ptr': '*fp32', 'q_ptr': '*u8',\n"
+        "       's_ptr': '*fp32', 'n_rows': 'i32', 'L': 'i32', 'D': 'i32', 'eps': 'fp32', 'stride_xb': 'i32',\n"
+        "       'stride_xl': 'i32', 'stride_mb': 'i32', 'Y_DTYPE': 'constexpr', 'BLOCK_M': 'constexpr',\n"
+        "       'BLOCK_D': 'constexpr'}\n"
+        "for cap in (89, 90):\n"
+        "    for y in (tl.float32, tl.bfloat16):\n"
+        "        s = {**sig, 'y_ptr': '*fp32' if y == tl.float32 else '*bf16'}\n"
+        "        k = triton.compile(ASTSource(fn=_adanorm_kernel, signature=s,\n"
+        "                                     constexprs={'Y_DTYPE': y, 'BLOCK_M': 1, 'BLOCK_D': 4096}),\n"
+        "                           target=GPUTarget('cuda', cap, 32))\n"
+        "        assert 'cubin' in k.asm\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo)
+    assert result.returncode == 0, result.stderr[-2000:]
