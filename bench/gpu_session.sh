@@ -13,7 +13,8 @@
 #   bash bench/gpu_session.sh step    # SCFM step at Flux-dev shapes: ours vs the released design (twice), fp8
 #   bash bench/gpu_session.sh memory  # the same step with block swap (bf16, fp8) and with unchecked blocks
 #   bash bench/gpu_session.sh tests   # the CUDA paths of the tests: Triton kernels, fp8 dequant, block swap
-#   bash bench/gpu_session.sh layers  # one LoRA layer vs peft, the dequant kernel, LoRA loading, Flux forward
+#   bash bench/gpu_session.sh layers  # one LoRA layer vs peft, the dequant and fused adaLN kernels, LoRA loading,
+#                                     # Flux forward
 #
 # Each command's output is appended to $OUT/<name>.txt (the device tool's folder; bench-out/ elsewhere).
 # The device image has no diffusers: wheels in .whl/ (see README, "GPU rows") are installed when present.
@@ -60,7 +61,7 @@ case "${1:-target}" in
             tests/test_fp8_compute.py tests/test_kernels_adanorm.py ;;
     layers)
         run lora_layer 150 python bench/lora_layer.py --device cuda
-        run dequant 100 python bench/kernels.py --device cuda --ops dequant_rows --skip-model
+        run kernels 200 python bench/kernels.py --device cuda --ops dequant_rows adanorm_fp8 --skip-model
         run load_loras 150 python bench/load_loras.py --device cuda
         run flux_forward 150 python bench/flux_forward.py --device cuda ;;
     *)

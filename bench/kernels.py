@@ -51,6 +51,7 @@ from einops import rearrange  # noqa: E402
 sys.path.insert(0, str(ROOT))
 import model.kernels as kernels  # noqa: E402
 from model.fp8 import quantize_rows  # noqa: E402
+from model.kernels.adanorm import modulated_layer_norm_reference  # noqa: E402
 from model.kernels.dequant import dequant_rows_reference  # noqa: E402
 from model.kernels.qk_norm_rope import (  # noqa: E402
     qk_norm_reference,
@@ -176,10 +177,24 @@ def make_op(name: str, B: int, L_txt: int, L_img: int, H: int, D: int, device, d
         q, s = quantize_rows(torch.randn(7 * H * D, H * D, generator=g, device=device))
         return ([], lambda: (dequant_rows_reference(q, s, dtype),), lambda: (kernels.dequant_rows(q, s, dtype),),
                 q.numel() * (1 + es), 0)
+    if name == "adanorm_fp8":  # a block's adaLN output and its e4m3 rows for an fp8 GEMM (fp8 compute); no backward
+        x = torch.randn(B, L, H * D, generator=g, device=device, dtype=dtype)
+        shift, mod = (0.1 * torch.randn(B, 1, H * D, generator=g, device=device, dtype=dtype) for _ in range(2))
+
+        def eager():  # the torch ops, then the rounding on its own (the torch reference in this column)
+            y = modulated_layer_norm_reference(x, shift, mod, 1e-6)
+            return (y, *kernels.quant_rows(y.reshape(-1, H * D)))
+
+        def fused():
+            y, rows = kernels.modulated_layer_norm(x, shift, mod, 1e-6, quantize=True)
+            return (y, *rows)
+
+        return [], eager, fused, B * L * H * D * (2 * es + 1), 0
     raise ValueError(name)
 
 
-OPS = ["rms_norm", "rope", "qk_norm_rope", "qk_norm_rope_joint", "qk_norm_sd35", "dequant_rows"]
+OPS = ["rms_norm", "rope", "qk_norm_rope", "qk_norm_rope_joint", "qk_norm_sd35", "dequant_rows", "adanorm_fp8"]
+NO_BACKWARD = ("dequant_rows", "adanorm_fp8")
 
 
 def fwd_bwd(fn, inputs):
@@ -200,7 +215,7 @@ def bench_ops(args, device, dtype, peak):
                 continue  # a weight: the same at every resolution and batch
             inputs, ref, tri, bytes_f, bytes_b = make_op(name, B, lt, L_img, h, d, device, dtype)
             comp = None if args.no_compile else torch.compile(ref, dynamic=False)
-            for mode in ("fwd",) if name == "dequant_rows" else ("fwd", "fwd+bwd"):
+            for mode in ("fwd",) if name in NO_BACKWARD else ("fwd", "fwd+bwd"):
                 wrap = (lambda f: lambda: f(*inputs)) if mode == "fwd" else (lambda f: fwd_bwd(f, inputs))
                 ctx = torch.no_grad() if mode == "fwd" else torch.enable_grad()
                 with ctx:
