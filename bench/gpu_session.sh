@@ -3,8 +3,8 @@
 # device time, run the default stage (under 8 minutes) and give the machine back:
 #
 #   bash bench/gpu_session.sh         # inductor's compiled blocks against eager LoRA gradients on CUDA, the fused
-#                                     # adaLN + fp8 rounding kernel on CUDA (tests/test_kernels_adanorm.py), then the two
-#                                     # target rows: the Flux forward (bf16, fp8 compute, compiled, both, and the
+#                                     # adaLN / MLP-activation + fp8 rounding kernels on CUDA
+#                                     # (tests/test_fp8_producers.py), then the two target rows: the Flux forward (bf16, fp8 compute, compiled, both, and the
 #                                     # fast-accumulation / cuDNN-attention trials; diffusers eager and compiled) at
 #                                     # 1024 px, and the SCFM step (released vs ours, ours with unchecked blocks
 #                                     # alone, and fp8 compute + compile + unchecked; its grads % must read 100)
@@ -13,7 +13,7 @@
 #   bash bench/gpu_session.sh step    # SCFM step at Flux-dev shapes: ours vs the released design (twice), fp8
 #   bash bench/gpu_session.sh memory  # the same step with block swap (bf16, fp8) and with unchecked blocks
 #   bash bench/gpu_session.sh tests   # the CUDA paths of the tests: Triton kernels, fp8 dequant, block swap
-#   bash bench/gpu_session.sh layers  # one LoRA layer vs peft, the dequant and fused adaLN kernels, LoRA loading,
+#   bash bench/gpu_session.sh layers  # one LoRA layer vs peft, the dequant and fused producer kernels, LoRA loading,
 #                                     # Flux forward
 #
 # Each command's output is appended to $OUT/<name>.txt (the device tool's folder; bench-out/ elsewhere).
@@ -40,7 +40,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 case "${1:-target}" in
     target)
         run tests 200 python -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_fp8_compute.py \
-            tests/test_kernels_adanorm.py -k "inductor and fp8compute or gpu or adanorm"
+            tests/test_fp8_producers.py -k "inductor and fp8compute or gpu or producers"
         run flux_forward 200 python bench/flux_forward.py --device cuda --cases flux-dev-1024 --variants all --iters 3
         run train_step 280 python bench/train_step.py --device cuda --iters 4 --only released ours-unchecked ours-fast \
             --unchecked_blocks "${UNCHECKED:-auto}" --max_memory 40GB ;;
@@ -58,10 +58,10 @@ case "${1:-target}" in
             --unchecked_blocks 6 --skip released released* ours-fp8 ;;
     tests)
         run tests 560 python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_block_swap.py \
-            tests/test_fp8_compute.py tests/test_kernels_adanorm.py ;;
+            tests/test_fp8_compute.py tests/test_fp8_producers.py ;;
     layers)
         run lora_layer 150 python bench/lora_layer.py --device cuda
-        run kernels 200 python bench/kernels.py --device cuda --ops dequant_rows adanorm_fp8 --skip-model
+        run kernels 200 python bench/kernels.py --device cuda --ops dequant_rows adanorm_fp8 gelu_fp8 --skip-model
         run load_loras 150 python bench/load_loras.py --device cuda
         run flux_forward 150 python bench/flux_forward.py --device cuda ;;
     *)

@@ -53,6 +53,7 @@ import model.kernels as kernels  # noqa: E402
 from model.fp8 import quantize_rows  # noqa: E402
 from model.kernels.adanorm import modulated_layer_norm_reference  # noqa: E402
 from model.kernels.dequant import dequant_rows_reference  # noqa: E402
+from model.kernels.mlp_act import mlp_activation_reference  # noqa: E402
 from model.kernels.qk_norm_rope import (  # noqa: E402
     qk_norm_reference,
     qk_norm_rope_joint_reference,
@@ -190,11 +191,24 @@ def make_op(name: str, B: int, L_txt: int, L_img: int, H: int, D: int, device, d
             return (y, *rows)
 
         return [], eager, fused, B * L * H * D * (2 * es + 1), 0
+    if name == "gelu_fp8":  # a FLUX.1 double block's MLP activation (4 x width) and its e4m3 rows for mlp.2
+        h = torch.randn(B, L, 4 * H * D, generator=g, device=device, dtype=dtype)
+
+        def eager_gelu():
+            y = mlp_activation_reference(h, "gelu_tanh")
+            return (y, *kernels.quant_rows(y.reshape(-1, 4 * H * D)))
+
+        def fused_gelu():
+            y, rows = kernels.mlp_activation(h, "gelu_tanh", quantize=True)
+            return (y, *rows)
+
+        return [], eager_gelu, fused_gelu, B * L * 4 * H * D * (2 * es + 1), 0
     raise ValueError(name)
 
 
-OPS = ["rms_norm", "rope", "qk_norm_rope", "qk_norm_rope_joint", "qk_norm_sd35", "dequant_rows", "adanorm_fp8"]
-NO_BACKWARD = ("dequant_rows", "adanorm_fp8")
+OPS = ["rms_norm", "rope", "qk_norm_rope", "qk_norm_rope_joint", "qk_norm_sd35", "dequant_rows", "adanorm_fp8",
+       "gelu_fp8"]
+NO_BACKWARD = ("dequant_rows", "adanorm_fp8", "gelu_fp8")
 
 
 def fwd_bwd(fn, inputs):

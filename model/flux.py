@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import kernels
 from .config import PresetConfig
 from .layers import (
+    MLP,
     BlockRunner,
     MLPEmbedder,
     Modulation,
@@ -99,12 +100,12 @@ class DoubleStreamBlock(nn.Module):
         self.img_norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.img_attn = SelfAttention(d, cfg.num_heads, cfg.qkv_bias)
         self.img_norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.img_mlp = nn.Sequential(WideLinear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
+        self.img_mlp = MLP(WideLinear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
         self.txt_mod = Modulation(d, double=True)
         self.txt_norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.txt_attn = SelfAttention(d, cfg.num_heads, cfg.qkv_bias)
         self.txt_norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.txt_mlp = nn.Sequential(WideLinear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
+        self.txt_mlp = MLP(WideLinear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         return double_stream(self, img, txt, self.img_mod(vec), self.txt_mod(vec), pe)

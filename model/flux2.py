@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from .config import PresetConfig
 from .flux import LastLayer, SelfAttention, StreamsShape, _clip_fp16, double_stream, time_vector
-from .layers import BlockRunner, MLPEmbedder, ModulationOut, QKNorm, WideLinear, attention
+from .kernels.mlp_act import mlp_activation_reference
+from .layers import MLP, BlockRunner, MLPEmbedder, ModulationOut, QKNorm, WideLinear, attention
 from .rope import EmbedND
 
 
@@ -57,18 +58,18 @@ Flux2Config.FAMILY = "FLUX.2"
 
 def swiglu(x: Tensor) -> Tensor:
     """silu(first half) * second half of the last dimension (`mlp.0` writes [gate | up])."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return mlp_activation_reference(x, "swiglu")
 
 
 class SwiGLU(nn.Module):
+    kind = "swiglu"  # model/layers.py activate: fused with the fp8 rounding of mlp.2's input
+
     def forward(self, x: Tensor) -> Tensor:
         return swiglu(x)
 
 
-def _mlp(d: int, hidden: int) -> nn.Sequential:
-    # indices 0 and 2 are BFL's `img_mlp.0` / `img_mlp.2`
-    return nn.Sequential(WideLinear(d, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, d, bias=False))
+def _mlp(d: int, hidden: int) -> MLP:
+    return MLP(WideLinear(d, 2 * hidden, bias=False), SwiGLU(), nn.Linear(hidden, d, bias=False))
 
 
 def _mods(mod: Tensor, sets: int) -> list[ModulationOut]:

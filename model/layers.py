@@ -167,6 +167,24 @@ class ModulationOut:
         return modulate_norm(norm, x, self.shift, self.scale, reader)
 
 
+def activate(act: nn.Module, h: Tensor, reader: nn.Module) -> Tensor:
+    """act(h) for the Linear `reader`: a tanh GELU or a SwiGLU (a module with `kind = "swiglu"`) whose reader runs
+    fp8 GEMMs is one kernel that also rounds the rows for it (model/kernels/mlp_act.py, CUDA); else act(h)."""
+    kind = "gelu_tanh" if isinstance(act, nn.GELU) and act.approximate == "tanh" else getattr(act, "kind", None)
+    if kind is None or not fp8_gemm.reads_rows(reader):
+        return act(h)
+    y, rows = kernels.mlp_activation(h, kind, quantize=True)
+    return y if rows is None else fp8_gemm.attach_rows(y, *rows)
+
+
+class MLP(nn.Sequential):
+    """Linear, activation, Linear under the official indices 0, 1, 2 (BFL's `img_mlp.0` / `img_mlp.2`); the
+    activation rounds the second Linear's fp8 rows when it can (`activate`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self[2](activate(self[1], self[0](x), self[2]))
+
+
 def modulate_norm(norm: nn.LayerNorm, x: Tensor, shift: Tensor, scale: Tensor, reader: nn.Module) -> Tensor:
     """(1 + scale) * norm(x) + shift (`norm` without affine), read by the Linear `reader`: when that runs fp8
     GEMMs, one kernel that also rounds the rows for it (model/kernels/adanorm.py, CUDA); elsewhere exactly the

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .config import PresetConfig
-from .layers import BlockRunner, WideLinear, attention, modulate_norm, timestep_embedding
+from .layers import BlockRunner, WideLinear, activate, attention, modulate_norm, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(activate(self.act, self.fc1(x), self.fc2))
 
 
 class DismantledBlock(nn.Module):

@@ -13,6 +13,19 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 
+def compile_for_gpus(code: str) -> None:
+    """Run `code` (triton.compile of a kernel for GPU targets) in a fresh interpreter-free process: a kernel that
+    has only run interpreted is checked against the real compiler, with no GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def randomize_(module: torch.nn.Module, sigma: float, seed: int = 0) -> torch.nn.Module:
     """Randomise every parameter and persistent buffer (docs/models.md §1): norm scales get 1 + N(0, sigma) so a
     swapped scale/shift or a mis-mapped norm cannot hide behind default init."""

@@ -4,6 +4,7 @@ GEMMs, and on CUDA the real `_scaled_mm` path against the emulation."""
 
 import pytest
 import torch
+from conftest import compile_for_gpus
 from torch import nn
 
 from distill.lora import LoRAConfig, inject_lora, lora_layers
@@ -205,11 +206,6 @@ def test_scaled_mm_on_the_gpu_serves_an_fp32_model():
 
 def test_quant_kernel_compiles_for_ada_and_hopper():
     """Compiled ahead of time for sm89 / sm90 with no GPU (the interpreter accepts Python the compiler may not)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = (
         "import triton\n"
         "from triton.compiler import ASTSource\n"
@@ -223,7 +219,4 @@ def test_quant_kernel_compiles_for_ada_and_hopper():
         "                       target=GPUTarget('cuda', cap, 32))\n"
         "    assert 'cubin' in k.asm\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo)
-    assert result.returncode == 0, result.stderr[-2000:]
+    compile_for_gpus(code)

@@ -18,6 +18,7 @@ dependency: without it every call runs the reference. All ops are differentiable
     modulated_layer_norm(x, shift, scale, eps, quantize)      (1 + scale) * LayerNorm(x) + shift, x (B, L, D);
                                                               with `quantize`, fused with quant_rows of the
                                                               result where the kernel runs (else rows None)
+    mlp_activation(h, kind, quantize)                         GELU (tanh) or SwiGLU of h (..., W), the same way
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import os
 import torch
 from torch import Tensor
 
-from . import adanorm
+from . import adanorm, mlp_act
 from ._triton_utils import HAS_TRITON
 from .adanorm import modulated_layer_norm_reference
 from .dequant import dequant_rows_reference
+from .mlp_act import mlp_activation_reference
 from .qk_norm_rope import qk_norm_reference, qk_norm_rope_joint_reference, qk_norm_rope_reference
 from .quant import quant_rows_reference
 from .rmsnorm import rms_norm_reference
@@ -39,13 +41,14 @@ from .rope import rope_reference
 if HAS_TRITON:
     from .adanorm import modulated_layer_norm_triton
     from .dequant import dequant_rows_triton
+    from .mlp_act import mlp_activation_triton
     from .qk_norm_rope import qk_norm_rope_joint_triton, qk_norm_rope_triton, qk_norm_triton
     from .quant import quant_rows_triton
     from .rmsnorm import rms_norm_triton
     from .rope import rope_triton
 
-__all__ = ["HAS_TRITON", "backend", "dequant_rows", "modulated_layer_norm", "qk_norm", "qk_norm_rope",
-           "qk_norm_rope_joint", "quant_rows", "rms_norm", "rope"]
+__all__ = ["HAS_TRITON", "backend", "dequant_rows", "mlp_activation", "modulated_layer_norm", "qk_norm",
+           "qk_norm_rope", "qk_norm_rope_joint", "quant_rows", "rms_norm", "rope"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_D = 8192  # one row must fit one tile of registers; wider rows (none in Flux / SD3.5) take the reference
@@ -143,3 +146,12 @@ def modulated_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
         y, q, s = modulated_layer_norm_triton(x, shift, scale, eps)
         return y, (q, s)
     return modulated_layer_norm_reference(x, shift, scale, eps), None
+
+
+def mlp_activation(h: Tensor, kind: str, quantize: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """GELU (`kind` "gelu_tanh") or SwiGLU ("swiglu": silu of the first half times the second) of h, and, with
+    `quantize`, the result's e4m3 rows and scales from the same kernel where it runs (as modulated_layer_norm)."""
+    if quantize and backend(h) == "triton" and mlp_act.fits(h, kind) and not torch.compiler.is_compiling():
+        y, q, s = mlp_activation_triton(h, kind)
+        return y, (q, s)
+    return mlp_activation_reference(h, kind), None

@@ -11,7 +11,7 @@ One kernel reads x once and writes y (a LoRA on the reader takes it) and q: 9 by
 rows `fp8_gemm.attach_rows` hangs on y instead of rounding y again.
 
 The kernel computes in fp32 and rounds once, where the torch ops round after each (the LayerNorm output and the
-product to the compute dtype); the differences stay within those roundings (tests/test_kernels_adanorm.py). Its q
+product to the compute dtype); the differences stay within those roundings (tests/test_fp8_producers.py). Its q
 and s are exactly `quant_rows(y)` of the y it writes, so the GEMM sees what the unfused path would give it for that
 y. Backward recomputes the fp32 reference under autograd (a LayerNorm's backward needs its statistics; recomputing
 them is one pass over x, which the checkpointed step re-reads anyway).
@@ -59,7 +59,7 @@ def fits(x: Tensor, shift: Tensor, scale: Tensor) -> bool:
 
 if HAS_TRITON:
     from ._triton_utils import round_to
-    from .quant import _e4m3_bits
+    from .quant import store_rows
 
     @triton.jit
     def _adanorm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, q_ptr, s_ptr, n_rows, L, D, eps, stride_xb, stride_xl,
@@ -79,13 +79,7 @@ if HAS_TRITON:
         y = round_to(centred * rstd[:, None] * (1.0 + scale) + shift, Y_DTYPE)  # the stored value, exactly
         out = rows[:, None] * D + cols[None, :]
         tl.store(y_ptr + out, y.to(Y_DTYPE), mask=live)
-        # quant.py's _quant_rows_kernel on the rows in registers: no second read
-        bits = tl.max(tl.where(live, tl.abs(y), 0.0), axis=1).to(tl.int32, bitcast=True)
-        k = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-        k = tl.where(bits == 0, 0, tl.minimum(tl.maximum(k, -126), 126))
-        inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
-        tl.store(s_ptr + rows, ((k + 127) << 23).to(tl.float32, bitcast=True), mask=rows < n_rows)
-        tl.store(q_ptr + out, _e4m3_bits(y * inv[:, None]).to(tl.uint8), mask=live)
+        store_rows(y, live, rows < n_rows, s_ptr + rows, q_ptr + out)  # quant.py, from registers
 
     _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 

@@ -78,6 +78,21 @@ if HAS_TRITON:
         return code | sign
 
     @triton.jit
+    def scale_exponent(bits):
+        """row_scale_exponent on the int32 bits of the rows' fp32 absolute maxima."""
+        k = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+        return tl.where(bits == 0, 0, tl.minimum(tl.maximum(k, -126), 126))
+
+    @triton.jit
+    def store_rows(y, live, row_live, s_ptrs, q_ptrs):
+        """Rows of y (BLOCK_M, BLOCK_D) fp32 held in registers by a producer (`live`: its real elements): each
+        row's power-of-two scale to s_ptrs (BLOCK_M,) and its e4m3 codes to q_ptrs, as _quant_rows_kernel does."""
+        k = scale_exponent(tl.max(tl.where(live, tl.abs(y), 0.0), axis=1).to(tl.int32, bitcast=True))
+        inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
+        tl.store(s_ptrs, ((k + 127) << 23).to(tl.float32, bitcast=True), mask=row_live)
+        tl.store(q_ptrs, _e4m3_bits(y * inv[:, None]).to(tl.uint8), mask=live)
+
+    @triton.jit
     def _row_chunk(x_row, col_ptr, start, K, HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
         """Columns start .. start + BLOCK of a row in fp32 (times their column scales), padding 0."""
         offs = start + tl.arange(0, BLOCK)
@@ -96,9 +111,7 @@ if HAS_TRITON:
         for start in range(0, K, BLOCK):
             v, _, _ = _row_chunk(x_row, col_ptr, start, K, HAS_COL, BLOCK)
             peak = tl.maximum(peak, tl.abs(v))
-        bits = tl.max(peak, axis=0).to(tl.int32, bitcast=True)
-        k = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-        k = tl.where(bits == 0, 0, tl.minimum(tl.maximum(k, -126), 126))
+        k = scale_exponent(tl.max(peak, axis=0).to(tl.int32, bitcast=True))
         inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
         tl.store(s_ptr + row, ((k + 127) << 23).to(tl.float32, bitcast=True))
         for start in range(0, K, BLOCK):  # the second pass reads the row again, from L2
