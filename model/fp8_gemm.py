@@ -29,9 +29,9 @@ MIN_CAPABILITY = (8, 9)  # Ada; Hopper is (9, 0)
 # Hopper's fast accumulation for the forward GEMM (torchao's float8 recipe uses it for the output GEMM only, not
 # for gradients): the tensor cores' partial sums are promoted to fp32 less often. Off: measured first (bench/).
 FAST_ACCUM_FORWARD = False
-# The blocks' adaLN producers round their output's rows for the GEMM that reads it, in the kernel that writes it
-# (model/kernels/adanorm.py; eager CUDA only). Off: every GEMM rounds its own input (bench/flux_forward.py's
-# "+unfused" trial measures the difference).
+# The blocks' adaLN and MLP-activation producers round their output's rows for the GEMM that reads it, in the kernel
+# that writes it (model/kernels/adanorm.py, mlp_act.py; eager CUDA only). Off: every GEMM rounds its own input
+# (bench/flux_forward.py's "+unfused" trial measures the difference).
 FUSED_PRODUCERS = True
 _GEMM_OUT = (torch.bfloat16, torch.float16)  # what torch._scaled_mm writes with row-wise scales
 
