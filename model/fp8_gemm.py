@@ -90,10 +90,11 @@ def reads_rows(layer: object) -> bool:
             and getattr(layer, "weight_scale", None) is not None)
 
 
-def attach_rows(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+def attach_rows(x: Tensor, rows: tuple[Tensor, Tensor] | None) -> Tensor:
     """Hang x's e4m3 rows (M, K) and scales (M, 1), computed by the kernel that wrote x, on x for the next fp8
-    GEMM to read it (`forward` takes them once; an in-place change to x since voids them)."""
-    setattr(x, _ROWS, (q, scale, _version(x)))
+    GEMM to read it (`forward` takes them once; an in-place change to x since voids them); None: x as it is."""
+    if rows is not None:
+        setattr(x, _ROWS, (*rows, _version(x)))
     return x
 
 

@@ -173,8 +173,7 @@ def activate(act: nn.Module, h: Tensor, reader: nn.Module) -> Tensor:
     kind = "gelu_tanh" if isinstance(act, nn.GELU) and act.approximate == "tanh" else getattr(act, "kind", None)
     if kind is None or not fp8_gemm.reads_rows(reader):
         return act(h)
-    y, rows = kernels.mlp_activation(h, kind, quantize=True)
-    return y if rows is None else fp8_gemm.attach_rows(y, *rows)
+    return fp8_gemm.attach_rows(*kernels.mlp_activation(h, kind, quantize=True))
 
 
 class MLP(nn.Sequential):
@@ -189,8 +188,7 @@ def modulate_norm(norm: nn.LayerNorm, x: Tensor, shift: Tensor, scale: Tensor, r
     """(1 + scale) * norm(x) + shift (`norm` without affine), read by the Linear `reader`: when that runs fp8
     GEMMs, one kernel that also rounds the rows for it (model/kernels/adanorm.py, CUDA); elsewhere exactly the
     modules' own ops."""
-    y, rows = kernels.modulated_layer_norm(x, shift, scale, norm.eps, fp8_gemm.reads_rows(reader))
-    return y if rows is None else fp8_gemm.attach_rows(y, *rows)
+    return fp8_gemm.attach_rows(*kernels.modulated_layer_norm(x, shift, scale, norm.eps, fp8_gemm.reads_rows(reader)))
 
 
 class Modulation(nn.Module):

@@ -141,16 +141,16 @@ def test_attached_rows_are_taken_once_and_never_after_an_in_place_change(monkeyp
     weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     wq, ws = quant_rows_reference(weight)
     y, rows = kernels.modulated_layer_norm(x, shift, scale, 1e-6, quantize=True)
-    y = fp8_gemm.attach_rows(y, *rows)
+    y = fp8_gemm.attach_rows(y, rows)
     first = fp8_gemm.forward(y, wq, ws, None, torch.float32)
     assert calls == []  # the producer's rows
     assert torch.equal(fp8_gemm.forward(y, wq, ws, None, torch.float32), first) and calls == [1]  # taken once
-    y = fp8_gemm.attach_rows(y, *rows)
+    y = fp8_gemm.attach_rows(y, rows)
     y.mul_(2)
     assert not torch.equal(fp8_gemm.forward(y, wq, ws, None, torch.float32), first) and calls == [1, 1]
     with torch.inference_mode():  # inference tensors keep no change counter: taken all the same
         y, rows = kernels.modulated_layer_norm(x, shift, scale, 1e-6, quantize=True)
-        assert torch.equal(fp8_gemm.forward(fp8_gemm.attach_rows(y, *rows), wq, ws, None, torch.float32), first)
+        assert torch.equal(fp8_gemm.forward(fp8_gemm.attach_rows(y, rows), wq, ws, None, torch.float32), first)
     assert calls == [1, 1]
 
 
@@ -238,29 +238,26 @@ def test_kernels_compile_for_ada_and_hopper():
     12288 in one 16384 tile over 16 warps, both kinds), with no GPU (the interpreter accepts Python the compiler
     may not)."""
     code = (
-        "import triton, triton.language as tl\n"
+        "import triton\n"
         "from triton.compiler import ASTSource\n"
         "from triton.backends.compiler import GPUTarget\n"
         "from model.kernels.adanorm import _adanorm_kernel\n"
-        "sig = {'x_ptr': '*fp32', 'shift_ptr': '*bf16', 'scale_ptr': '*bf16', 'y_ptr': '*fp32', 'q_ptr': '*u8',\n"
-        "       's_ptr': '*fp32', 'n_rows': 'i32', 'L': 'i32', 'D': 'i32', 'eps': 'fp32', 'stride_xb': 'i32',\n"
-        "       'stride_xl': 'i32', 'stride_mb': 'i32', 'Y_DTYPE': 'constexpr', 'BLOCK_M': 'constexpr',\n"
-        "       'BLOCK_D': 'constexpr'}\n"
+        "sig = {'x_ptr': '*fp32', 'shift_ptr': '*bf16', 'scale_ptr': '*bf16', 'q_ptr': '*u8', 's_ptr': '*fp32',\n"
+        "       'n_rows': 'i32', 'L': 'i32', 'D': 'i32', 'eps': 'fp32', 'stride_xb': 'i32', 'stride_xl': 'i32',\n"
+        "       'stride_mb': 'i32', 'BLOCK_M': 'constexpr', 'BLOCK_D': 'constexpr'}\n"
         "for cap in (89, 90):\n"
-        "    for y in (tl.float32, tl.bfloat16):\n"
-        "        s = {**sig, 'y_ptr': '*fp32' if y == tl.float32 else '*bf16'}\n"
-        "        k = triton.compile(ASTSource(fn=_adanorm_kernel, signature=s,\n"
-        "                                     constexprs={'Y_DTYPE': y, 'BLOCK_M': 1, 'BLOCK_D': 4096}),\n"
+        "    for y in ('*fp32', '*bf16'):\n"
+        "        k = triton.compile(ASTSource(fn=_adanorm_kernel, signature={**sig, 'y_ptr': y},\n"
+        "                                     constexprs={'BLOCK_M': 1, 'BLOCK_D': 4096}),\n"
         "                           target=GPUTarget('cuda', cap, 32))\n"
         "        assert 'cubin' in k.asm\n"
         "from model.kernels.mlp_act import _act_kernel\n"
         "sig = {'h_ptr': '*bf16', 'y_ptr': '*bf16', 'q_ptr': '*u8', 's_ptr': '*fp32', 'n_rows': 'i32', 'W': 'i32',\n"
-        "       'stride_h': 'i32', 'SWIGLU': 'constexpr', 'Y_DTYPE': 'constexpr', 'BLOCK_M': 'constexpr',\n"
-        "       'BLOCK_D': 'constexpr'}\n"
+        "       'stride_h': 'i32', 'SWIGLU': 'constexpr', 'BLOCK_M': 'constexpr', 'BLOCK_D': 'constexpr'}\n"
         "for cap in (89, 90):\n"
         "    for swiglu in (False, True):\n"
         "        k = triton.compile(ASTSource(fn=_act_kernel, signature=sig, constexprs={'SWIGLU': swiglu,\n"
-        "                                     'Y_DTYPE': tl.bfloat16, 'BLOCK_M': 1, 'BLOCK_D': 16384}),\n"
+        "                                     'BLOCK_M': 1, 'BLOCK_D': 16384}),\n"
         "                           target=GPUTarget('cuda', cap, 32), options={'num_warps': 16})\n"
         "        assert 'cubin' in k.asm and k.metadata.num_warps == 16\n"
     )

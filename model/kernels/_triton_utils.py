@@ -46,6 +46,16 @@ def as_4d(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def reference_grads(fn, inputs, needs, dy: torch.Tensor) -> list:
+    """Backward of a forward-only kernel whose torch reference is `fn`: the gradients of fn(*inputs) against dy
+    for the inputs that `needs` marks (None for the others), fn recomputed under autograd."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+        wanted = [t for t, n in zip(leaves, needs) if n]
+        grads = iter(torch.autograd.grad(fn(*leaves), wanted, dy.float()))
+    return [next(grads) if n else None for n in needs]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

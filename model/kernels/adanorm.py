@@ -58,12 +58,12 @@ def fits(x: Tensor, shift: Tensor, scale: Tensor) -> bool:
 
 
 if HAS_TRITON:
-    from ._triton_utils import round_to
+    from ._triton_utils import reference_grads, round_to
     from .quant import store_rows
 
     @triton.jit
     def _adanorm_kernel(x_ptr, shift_ptr, scale_ptr, y_ptr, q_ptr, s_ptr, n_rows, L, D, eps, stride_xb, stride_xl,
-                        stride_mb, Y_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                        stride_mb, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # b * L + l
         b, pos = rows // L, rows % L
         cols = tl.arange(0, BLOCK_D)
@@ -76,12 +76,11 @@ if HAS_TRITON:
         mod = (b * stride_mb)[:, None] + cols[None, :]
         scale = tl.load(scale_ptr + mod, mask=live, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + mod, mask=live, other=0.0).to(tl.float32)
-        y = round_to(centred * rstd[:, None] * (1.0 + scale) + shift, Y_DTYPE)  # the stored value, exactly
+        out_ty = y_ptr.dtype.element_ty
+        y = round_to(centred * rstd[:, None] * (1.0 + scale) + shift, out_ty)  # the stored value, exactly
         out = rows[:, None] * D + cols[None, :]
-        tl.store(y_ptr + out, y.to(Y_DTYPE), mask=live)
+        tl.store(y_ptr + out, y.to(out_ty), mask=live)
         store_rows(y, live, rows < n_rows, s_ptr + rows, q_ptr + out)  # quant.py, from registers
-
-    _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
     def _launch(x: Tensor, shift: Tensor, scale: Tensor, eps: float, dtype: torch.dtype):
         if x.stride(-1) != 1:
@@ -96,7 +95,7 @@ if HAS_TRITON:
         if b * n:
             _adanorm_kernel[(triton.cdiv(b * n, block_m),)](
                 x, shift, scale, y, q, s, b * n, n, d, eps, x.stride(0), x.stride(1), d,
-                Y_DTYPE=_TL[dtype], BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+                BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
         return y, q.view(E4M3), s
 
     class _AdaNormFn(torch.autograd.Function):
@@ -104,20 +103,16 @@ if HAS_TRITON:
         def forward(ctx, x: Tensor, shift: Tensor, scale: Tensor, eps: float, dtype: torch.dtype):
             y, q, s = _launch(x, shift, scale, eps, dtype)
             ctx.save_for_backward(x, shift, scale)
-            ctx.eps, ctx.dtype = eps, dtype
+            ctx.eps = eps
             ctx.mark_non_differentiable(q, s)
             return y, q, s
 
         @staticmethod
         def backward(ctx, dy: Tensor, _dq, _ds):
-            x, shift, scale = ctx.saved_tensors
-            need = ctx.needs_input_grad[:3]
-            with torch.enable_grad():
-                inputs = [t.detach().requires_grad_(n) for t, n in zip((x, shift, scale), need)]
-                y = modulated_layer_norm_fp32(*inputs, ctx.eps, torch.float32)
-                wanted = [t for t, n in zip(inputs, need) if n]
-                grads = iter(torch.autograd.grad(y, wanted, dy.float()))
-            return (*(next(grads) if n else None for n in need), None, None)
+            def fp32(x, shift, scale):
+                return modulated_layer_norm_fp32(x, shift, scale, ctx.eps, torch.float32)
+
+            return (*reference_grads(fp32, ctx.saved_tensors, ctx.needs_input_grad[:3], dy), None, None)
 
     def modulated_layer_norm_triton(x: Tensor, shift: Tensor, scale: Tensor, eps: float):
         """-> y and its rows for the fp8 GEMM, q and s (no gradient)."""

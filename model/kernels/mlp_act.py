@@ -50,12 +50,12 @@ def fits(h: Tensor, kind: str) -> bool:
 
 
 if HAS_TRITON:
-    from ._triton_utils import round_to
+    from ._triton_utils import reference_grads, round_to
     from .quant import store_rows
 
     @triton.jit
-    def _act_kernel(h_ptr, y_ptr, q_ptr, s_ptr, n_rows, W, stride_h, SWIGLU: tl.constexpr, Y_DTYPE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _act_kernel(h_ptr, y_ptr, q_ptr, s_ptr, n_rows, W, stride_h, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
         live = (rows < n_rows)[:, None] & (cols < W)[None, :]
@@ -67,12 +67,11 @@ if HAS_TRITON:
         else:
             z = 0.7978845608028654 * (a + 0.044715 * a * a * a)  # sqrt(2 / pi) (a + 0.044715 a^3)
             y = 0.5 * a * (2.0 / (1.0 + tl.exp(-2.0 * z)))  # 1 + tanh(z)
-        y = round_to(y, Y_DTYPE)  # the stored value, exactly, in fp32
+        out_ty = y_ptr.dtype.element_ty
+        y = round_to(y, out_ty)  # the stored value, exactly, in fp32
         out = rows[:, None] * W + cols[None, :]
-        tl.store(y_ptr + out, y.to(Y_DTYPE), mask=live)
+        tl.store(y_ptr + out, y.to(out_ty), mask=live)
         store_rows(y, live, rows < n_rows, s_ptr + rows, q_ptr + out)  # quant.py, from registers
-
-    _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
     def _launch(h: Tensor, kind: str):
         h2 = h.reshape(-1, h.shape[-1])
@@ -86,7 +85,7 @@ if HAS_TRITON:
         block_m, warps = row_tile(_act_kernel, rows, block_d)
         if rows:
             _act_kernel[(triton.cdiv(rows, block_m),)](
-                h2, y, q, s, rows, width, h2.stride(0), SWIGLU=kind == "swiglu", Y_DTYPE=_TL[h.dtype],
+                h2, y, q, s, rows, width, h2.stride(0), SWIGLU=kind == "swiglu",
                 BLOCK_M=block_m, BLOCK_D=block_d, num_warps=16 if block_m * block_d >= 16384 else warps)
         return y.view(*h.shape[:-1], width), q.view(E4M3), s
 
@@ -101,11 +100,10 @@ if HAS_TRITON:
 
         @staticmethod
         def backward(ctx, dy: Tensor, _dq, _ds):
-            (h,) = ctx.saved_tensors
-            with torch.enable_grad():
-                leaf = h.detach().requires_grad_()
-                (dh,) = torch.autograd.grad(mlp_activation_fp32(leaf, ctx.kind, torch.float32), [leaf], dy.float())
-            return dh, None
+            def fp32(h):
+                return mlp_activation_fp32(h, ctx.kind, torch.float32)
+
+            return (*reference_grads(fp32, ctx.saved_tensors, ctx.needs_input_grad[:1], dy), None)
 
     def mlp_activation_triton(h: Tensor, kind: str):
         """-> y and its rows for the fp8 GEMM, q and s (no gradient)."""
