@@ -36,7 +36,7 @@ from .sharding import full, like
 STEP_DIR = re.compile(r"step-(\d{6,})")
 # Fields a resumed run must share with the checkpoint: anything else changing would silently make the
 # "resumed" run a different run.
-RESUME_FIXED = ("rank", "alpha", "targets", "seed", "batch_size", "t_skip", "teacher_steps_min",
+RESUME_FIXED = ("objective", "rank", "alpha", "targets", "seed", "batch_size", "t_skip", "teacher_steps_min",
                 "teacher_steps_max", "teacher_ratio", "non_shortcut_ratio", "dynamic_shift_prob", "shift_min",
                 "shift_max", "guidance_max", "cfg_scale", "fast_decay", "slow_decay", "ema_restart_every",
                 "teacher_lora", "base_loras")
@@ -139,18 +139,51 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
     return load_file(str(tensor_file)), state
 
 
+def run_settings(state: dict) -> dict:
+    """The run's config fields as its checkpoint stored them, by flat name (DistillConfig.to_dict, before and after
+    the tables nested): JSON lists become the tuples they were; fields newer than the checkpoint are absent."""
+    fields = flat_fields()
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in fields}
+
+
 def stored_config(state: dict) -> DistillConfig:
-    """The run's config as its checkpoint stored it: JSON lists become the tuples they were, fields newer than
-    the checkpoint keep their defaults, and W&B is not needed to read it."""
-    fields = flat_fields()  # checkpoints store the flat names (DistillConfig.to_dict), before and after nesting
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items() if k in fields}
-    return DistillConfig.from_flat(**{**saved, "wandb_project": ""})
+    """The run's config as its checkpoint stored it (fields newer than the checkpoint keep their defaults); W&B
+    is not needed to read it."""
+    return DistillConfig.from_flat(**{**run_settings(state), "wandb_project": ""})
+
+
+def newest_settings(root: Path) -> dict | None:
+    """run_settings of the newest checkpoint in `root` whose state.json reads, None without one: what `--resume`
+    starts from (the trainer then checks the tensors, and skips a damaged checkpoint as it does)."""
+    for path in reversed(checkpoints(root)):
+        try:
+            return run_settings(json.loads((path / "state.json").read_text()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+    return None
 
 
 def resume_conflicts(state: dict, config: DistillConfig) -> list[str]:
     """The RESUME_FIXED fields in which `config` differs from the checkpoint's run."""
     stored = stored_config(state)
     return [k for k in RESUME_FIXED if stored.get(k) != config.get(k)]
+
+
+def model_record(family: str, config) -> dict:
+    """The model a checkpoint was trained on, as its state.json stores it (JSON types: tuples as lists)."""
+    return json.loads(json.dumps({"family": family, "config": config.to_dict()}))
+
+
+def other_model(stored: dict | None, now: dict) -> str:
+    """'' when a checkpoint's model record is the model `now` describes (or it has none: checkpoints before
+    2026-11-23 record none), else what differs, in words."""
+    if stored is None:
+        return ""
+    if stored.get("family") != now["family"]:
+        return f"a {stored.get('family')} model; this one is {now['family']}"
+    old, new = stored.get("config", {}), now["config"]
+    diff = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
 
 
 def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Tensor], dict] | None:

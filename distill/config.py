@@ -258,7 +258,8 @@ class DistillConfig:
 
     def __post_init__(self):
         positive = ("rank", "steps", "demo_images", "batch_size", "t5_length", "resolution", "log_every",
-                    "keep_checkpoints", "sample_steps", "sample_size", "max_bad_steps")
+                    "keep_checkpoints", "sample_steps", "sample_size", "max_bad_steps", "t_skip",
+                    "teacher_steps_min", "teacher_steps_max")
         for name in positive:
             if self.get(name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {self.get(name)}")
@@ -275,6 +276,10 @@ class DistillConfig:
         if low > high:
             raise ConfigError(f"shift_min {low} > shift_max {high}: fixed shifts are drawn "
                               "from [shift_min, shift_max); pass --shift_min <= --shift_max")
+        try:  # the grids t_skip and the teacher step range allow: here, not after the cache and model load
+            self.scfm.scfm_config(guidance=False)
+        except ValueError as e:
+            raise ConfigError(f"{e}: change --t_skip, --teacher_steps_min or --teacher_steps_max") from None
         choices = {"dtype": ("bf16", "fp16", "fp32"), "export_set": ("live", "slow_ema", "fast_ema"),
                    "targets": names(), "lr_schedule": LR_SCHEDULES, "objective": ("scfm", "flow_matching")}
         for name, allowed in choices.items():
@@ -405,7 +410,9 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.toml"))
 
 
-def build_config(file: str | None = None, overrides: dict | None = None) -> DistillConfig:
-    values = load_toml(file) if file else {}
+def build_config(file: str | None = None, overrides: dict | None = None, base: dict | None = None) -> DistillConfig:
+    """`base` (flat names: a resumed run's own settings), under the TOML `file`, under `overrides` (flags)."""
+    values = dict(base or {})
+    values.update(load_toml(file) if file else {})
     values.update(check_fields(DistillConfig, overrides or {}, "command line", ConfigError))
     return DistillConfig.from_flat(**values)

@@ -180,6 +180,10 @@ def file_identity(path: str | Path | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _shards(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
@@ -227,8 +231,13 @@ class Cache:
         return self.buckets[0][0] // self._get("latents-00000.safetensors", "0").shape[-1]
 
     def fingerprint(self) -> str:
-        """Changes whenever the contents could: checkpoints store it to refuse a mismatched resume."""
-        return hashlib.sha256(json.dumps(self.plan, sort_keys=True).encode()).hexdigest()[:16]
+        """Changes whenever the training data could: checkpoints store it to refuse a mismatched resume. The
+        sample prompts are left out: build_cache lets a run change them (only those are embedded again)."""
+        return _digest({k: v for k, v in self.plan.items() if k != "sample_prompts"})
+
+    def fingerprints(self) -> tuple[str, str]:
+        """The fingerprint, and the one checkpoints written before it left the sample prompts out carry."""
+        return self.fingerprint(), _digest(self.plan)
 
     def _get(self, shard: str, key: str) -> Tensor:
         if shard not in self._handles:

@@ -113,13 +113,25 @@ def _prompts(args) -> tuple[str, ...]:
     return tuple(read_prompt_lines(args.prompts_file, "--prompts-file"))
 
 
+# Flags that only the --out mode reads (any model: distill/judge.py): the demo world's table has no place for them
+OUT_ONLY = ("vae", "clip", "clip_g", "t5", "no_t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
+            "qwen_tokenizer", "variant", "ignore_te_lora", "compare", "compare_model", "base_lora", "width",
+            "height", "clip_vision", "dtype", "blocks_to_swap")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.out is not None:
         return judge_main(args)
+    unread = [f"--{name.replace('_', '-')}" for name in OUT_ONLY if getattr(args, name) != parser.get_default(name)]
+    unread += ["a second --lora"] if len(args.lora) > 1 else []
+    if unread:  # read by --out alone: taking them silently would print a table that ignored them
+        raise SystemExit(f"evaluate: {', '.join(unread)}: read with --out DIR only (any model, the demo's too); "
+                         "the demo world's table takes the demo model and one --lora")
     args.model = DEMO_FOLDER if args.model is None else Path(args.model)
     if args.lora:  # the demo world's rows take one LoRA: PATH[:SCALE] (no header read yet: errors come below)
-        path, scale = parse_lora(args.lora[0])
+        path, scale = parse_lora(demo_lora(args.lora[0]))
         args.lora, args.lora_scale = Path(path), args.lora_scale if scale is None else scale
     else:
         args.lora = DEMO_LORA

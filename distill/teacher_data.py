@@ -122,7 +122,8 @@ def check_settings(out: Path, settings: dict) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         if old != settings:
-            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            # both sides' keys: a setting given then and absent now (a --lora dropped) is a difference too
+            diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
             raise ValueError(f"{out} holds a dataset made with other {', '.join(diff)}; use another --out")
     else:
         out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python -m distill.train                    # the built-in demo: distils the shipped tiny teacher on a CPU
     python -m distill.train --config flux-dev-scfm --model FLUX.1-dev/ --data teacher_data/ --output runs/a
     python -m distill.train --config sd35-large-scfm --model sd3.5_large.safetensors --data d/ --output runs/b
-    python -m distill.train --config runs/a.toml --resume          # continue from the newest checkpoint
+    python -m distill.train --output runs/a --resume               # continue from the newest checkpoint
     python -m distill.export runs/a                                # that checkpoint as LoRA files (export.py)
     torchrun --nproc_per_node 8 -m distill.train --config runs/a.toml   # data-parallel, same results
 
@@ -27,6 +27,7 @@ from sampling.options import OneLineParser
 from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
 
+from .checkpoint import checkpoints, newest_settings
 from .config import ConfigError, DistillConfig, build_config
 from .data import DataError
 from .lora import set_state_dict
@@ -74,6 +75,9 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         clash = [p for p in export_paths(cfg).values() if p.exists()]
         if clash and not cfg.resume:
             raise ConfigError(f"{clash[0]} exists; choose another --output (or --resume that run)")
+        if clash and not checkpoints(Path(cfg.output).expanduser() / "checkpoints"):
+            raise ConfigError(f"--resume: no checkpoint to continue from, and {clash[0]} is an earlier run's: "
+                              "starting over would replace it; choose another --output")
         demo_data = cfg.model == "demo" and not cfg.data
         cfg = resolve_demo(cfg)
         if demo_data and rank == 0:
@@ -99,12 +103,22 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
             dist.destroy_process_group()
 
 
+def resumed_config(cfg: DistillConfig, file: str | None, args: dict) -> DistillConfig:
+    """--resume: the run's own settings (its newest checkpoint's) under the config file and the flags given now,
+    so `--output RUN --resume` is enough. What may not change (checkpoint.RESUME_FIXED, the model, the cache) is
+    then refused by the trainer; lr and the other settings given now apply."""
+    stored = newest_settings(Path(cfg.output).expanduser() / "checkpoints")
+    return cfg if stored is None else build_config(file, args, base=stored)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     try:
         # no config and no model: the built-in demo (distill/configs/demo.toml)
-        config = args.pop("config") or (None if args.get("model") else "demo")
-        cfg = build_config(config, args)
+        file = args.pop("config")
+        cfg = build_config(file or (None if args.get("model") else "demo"), args)
+        if cfg.resume:
+            cfg = resumed_config(cfg, file, args)
         for path in run(cfg):
             print(path)
     except Stopped as e:  # Ctrl-C or SIGTERM, with a checkpoint written

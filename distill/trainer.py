@@ -39,7 +39,9 @@ from .checkpoint import (
     clean_temp,
     latest_checkpoint,
     load_optimizer_state,
+    model_record,
     optimizer_state,
+    other_model,
     resume_conflicts,
     rng_state,
     save_checkpoint,
@@ -399,7 +401,7 @@ class Trainer:
             # the model's config and base LoRAs: a checkpoint exports alone (distill/lora_export.py)
             state = {"progress": vars(self.progress), "data_position": position,
                      "cache": self.cache.fingerprint(), "config": self.config.to_dict(),
-                     "model": {"family": self.family, "config": self.model.config.to_dict()},
+                     "model": model_record(self.family, self.model.config),
                      "base_loras": self.base_loras,
                      "world_size": self.world, "optimizer": opt_state, "rng": rng_json}
             try:
@@ -432,12 +434,22 @@ class Trainer:
         changed = resume_conflicts(state, self.config)
         if changed:
             raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
-        if state["cache"] != self.cache.fingerprint():
-            raise TrainingError(f"{path}: the cache differs from the one this run trained on")
-        for s in self._sets():
-            prefix = f"lora.{s}."
-            load_set(self.model, s, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        load_optimizer_state(self.optimizer, [n for n, _ in self.params], tensors, state["optimizer"])
+        other = other_model(state.get("model"), model_record(self.family, self.model.config))
+        if other:
+            raise TrainingError(f"{path}: that run trained another model ({other}); pass its --model, or a new "
+                                "--output to start a run on this one")
+        if state["cache"] not in self.cache.fingerprints():
+            raise TrainingError(f"{path}: the cache ({self.cache.folder}) holds other training data than that run's "
+                                "(images, captions, encoders or resolution); pass that run's --data and --cache, or "
+                                "a new --output")
+        try:
+            for s in self._sets():
+                prefix = f"lora.{s}."
+                load_set(self.model, s, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            load_optimizer_state(self.optimizer, [n for n, _ in self.params], tensors, state["optimizer"])
+        except (KeyError, ValueError) as e:  # what the checks above cannot see (other LoRA targets): one line
+            raise TrainingError(f"{path}: its LoRA does not fit this run ({str(e).strip(chr(34))}); resume with "
+                                "that run's settings, or pass a new --output") from None
         apply_optimizer_config(self.optimizer, self.config, max(state["progress"]["step"] - 1, 0))
         set_rng_state(tensors, state["rng"])
         # the NaN stop's advice is "lower lr, then --resume": the resumed run gets its own max_bad_steps

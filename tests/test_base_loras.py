@@ -62,7 +62,7 @@ def test_every_layout_records_the_stack_and_generate_warns_without_it(tmp_path, 
         trainer(tmp_path, cfg.replace(base_loras=(), resume=True, steps=4)).run()
 
 
-def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, style, monkeypatch):
+def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, style, monkeypatch, capsys):
     from distill import make_dataset, teacher_data
     from sampling.demo import DEMO_FOLDER
 
@@ -78,7 +78,9 @@ def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, 
     assert make_dataset.main([*argv, "--lora", f"{style}:0.5"]) == 0
     settings = json.loads((tmp_path / "d" / "make_dataset.json").read_text())
     assert settings["loras"] == [["style.safetensors", 0.5, file_sha256(style)]]
+    capsys.readouterr()
     assert make_dataset.main(argv) == 2  # without the LoRA it would be another teacher's data
+    assert "made with other loras; use another --out" in capsys.readouterr().err  # a setting dropped is named too
     assert make_dataset.main([*argv, "--lora", str(tmp_path / "missing.safetensors")]) == 2
 
 

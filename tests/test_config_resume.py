@@ -7,7 +7,11 @@ names the field and its allowed range; a resume applies the optimizer settings p
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -16,10 +20,12 @@ from test_ema import set_live_, small_model
 from test_trainer import config, tiny_model, trainer
 
 from distill.config import FLOAT_RANGES, ConfigError, DistillConfig, build_config, flat_fields, lr_at
+from distill.data import Cache
 from distill.ema import EMAConfig, ema_step
 from distill.lora import set_state_dict
 from distill.train import main
 from distill.trainer import Trainer, TrainingError
+from model.flux import FLUX_CONFIGS, Flux
 
 
 def snapshot(folder) -> dict:
@@ -120,8 +126,6 @@ NEW = {"lr": 3e-4, "weight_decay": 0.05, "beta1": 0.8, "beta2": 0.99, "eps": 1e-
 
 
 def test_resume_applies_the_new_optimizer_settings_and_resets_the_bad_step_count(tmp_path):
-    import json
-
     cfg = config(tmp_path, steps=2, checkpoint_every=0)
     first = trainer(tmp_path, cfg)
     first.run()
@@ -174,6 +178,69 @@ def test_resume_with_steps_below_the_checkpoint_is_refused_and_changes_nothing(t
     trainer(tmp_path, cfg).run()
     with pytest.raises(TrainingError, match=r"step-000002 is at step 2; pass --steps 2 or more .*distill\.export"):
         trainer(tmp_path, cfg.replace(steps=1, resume=True)).run()
+
+
+# ----- a resume reads the run's settings, and refuses another model, objective or cache ----------------------
+
+
+def test_resume_needs_only_the_output_and_refuses_another_run_in_one_line(tmp_path, capsys, cli):
+    out = tmp_path / "cli"
+    assert main([*cli, "--output", str(out), "--checkpoint_every", "2"]) == 0  # 2 steps, exported
+    capsys.readouterr()
+    # the README's resume: the model, cache and every setting come from the newest checkpoint
+    assert main(["--output", str(out), "--steps", "3", "--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 3]  # logged every 10 steps and at the last
+    capsys.readouterr()
+    before = snapshot(out)
+    one_line_error(capsys, ["--output", str(out), "--steps", "4", "--resume", "--rank", "8"], "different rank")
+    one_line_error(capsys, ["--output", str(out), "--steps", "4", "--resume", "--t_skip", "3"],
+                   "t_skip must be even and >= 2 (two jumps of t_skip/2 steps), got 3: change --t_skip")
+    assert snapshot(out) == before
+    # no checkpoint left, the exports there: starting over would replace them
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    one_line_error(capsys, [*cli, "--output", str(out), "--resume"], "no checkpoint to continue from, and")
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_another_objective_model_or_training_data(tmp_path):
+    cfg = config(tmp_path, steps=2, checkpoint_every=0)
+    trainer(tmp_path, cfg).run()
+    with pytest.raises(TrainingError, match=r"resuming with different objective would be another run"):
+        trainer(tmp_path, cfg.replace(resume=True, objective="flow_matching", export_set="live")).resume()
+    state_file = next((tmp_path / "run" / "checkpoints").glob("step-*/state.json"))
+    state = json.loads(state_file.read_text())
+    state["model"]["config"]["depth"] += 1  # as if trained on a deeper model
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TrainingError, match=r"trained another model \(depth 3 -> 2\); pass its --model"):
+        trainer(tmp_path, cfg.replace(resume=True)).resume()
+    del state["model"]  # a checkpoint from before models were recorded: the LoRA's keys still tell
+    state_file.write_text(json.dumps(state))
+    deeper = Flux(dataclasses.replace(FLUX_CONFIGS["tiny"], depth=3))
+    with pytest.raises(TrainingError, match=r"its LoRA does not fit this run \(set 'live': missing"):
+        Trainer(cfg.replace(resume=True), deeper, make_cache(tmp_path), device="cpu").resume()
+
+
+def test_new_sample_prompts_keep_a_run_resumable_and_other_training_data_is_refused(tmp_path):
+    cfg = config(tmp_path, steps=2, checkpoint_every=0)
+    trainer(tmp_path, cfg).run()
+    state_file = next((tmp_path / "run" / "checkpoints").glob("step-*/state.json"))
+    state = json.loads(state_file.read_text())
+    plan = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    # other sample prompts (build_cache embeds them again): the same run
+    cache = make_cache(tmp_path, sample_prompts=("another sample",))
+    assert cache.plan["sample_prompts"] == ["another sample"] and cache.fingerprint() == state["cache"]
+    assert Trainer(cfg.replace(resume=True, steps=3), tiny_model(), cache, device="cpu").resume()
+    # a checkpoint from before: it stored the fingerprint of the whole plan, sample prompts included
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps(plan))
+    state_file.write_text(json.dumps({**state, "cache": hashlib.sha256(json.dumps(plan, sort_keys=True).encode())
+                                      .hexdigest()[:16]}))
+    assert Trainer(cfg.replace(resume=True, steps=3), tiny_model(), Cache(tmp_path / "cache"), device="cpu").resume()
+    # other training data: refused, naming what to pass
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps({**plan, "key": {**plan["key"], "t5_length": 7}}))
+    with pytest.raises(TrainingError, match="holds other training data than that run's .* pass that run's --data"):
+        Trainer(cfg.replace(resume=True, steps=3), tiny_model(), Cache(tmp_path / "cache"), device="cpu").resume()
 
 
 # ----- #15: the EMA restart follows the released trainer ----------------------------------------------------

@@ -173,6 +173,17 @@ def test_wrong_files_and_prompts_are_one_line_errors(folder, tmp_path):
     assert "not a caption of the demo world" in msg
 
 
+def test_flags_that_only_out_reads_are_refused_on_the_demo_table(folder, tmp_path, capsys):
+    lora = str(lora_file(tmp_path / "ok.safetensors"))
+    msg = one_line_error(["--model", str(folder), "--lora", lora, "--compare", lora, "--width", "128", "--vae",
+                          str(folder / "vae"), "--no-grid", *SMALL])
+    assert msg.startswith("evaluate: --vae, --compare, --width: read with --out DIR only"), msg
+    msg = one_line_error(["--model", str(folder), "--lora", lora, "--lora", lora, "--no-grid", *SMALL])
+    assert "a second --lora" in msg
+    assert main(["--lora", "demo", "--no-grid", *SMALL[:-len(PROMPTS)], PROMPTS[0]]) == 0  # as --help says
+    assert "scfm 2" in capsys.readouterr().out
+
+
 def test_existing_outputs_are_kept_without_overwrite(folder, tmp_path):
     lora = lora_file(tmp_path / "ok.safetensors")
     for flags in (["--grid"], ["--no-grid", "--json"]):
