@@ -39,13 +39,18 @@ _GEMM_OUT = (torch.bfloat16, torch.float16)  # what torch._scaled_mm writes with
 def gemm_supported(device: torch.device | str) -> bool:
     """True where `torch._scaled_mm` runs fp8 on tensor cores; False on other CUDA GPUs and on other devices."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+    # ROCm GPUs also say "cuda", and MI300 reports (9, 4); their fp8 is e4m3fnuz, not the e4m3fn we store
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY)
 
 
 def check_device(device: torch.device | str, flag: str = "--fp8_compute") -> None:
     """One-line refusal for a CUDA GPU without fp8 GEMMs (elsewhere the CPU emulation runs)."""
     device = torch.device(device)
     if device.type == "cuda" and not gemm_supported(device):
+        if torch.version.hip is not None:
+            raise ValueError(f"{flag} runs NVIDIA's fp8 GEMMs (e4m3fn); on ROCm drop {flag} (fp8 storage alone, "
+                             "--fp8_base / --fp8, works here)")
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"{flag} needs fp8 tensor cores (sm89 / sm90 or newer); {torch.cuda.get_device_name(device)}"
                          f" is sm{major}{minor}: drop {flag} (fp8 storage alone, --fp8_base / --fp8, works here)")

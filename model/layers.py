@@ -102,7 +102,8 @@ class WideLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         n = self.out_features
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                  or (self.bias is not None and self.bias.requires_grad))
         # compiled blocks (compile_blocks) get the one GEMM: inductor picks its own tiling, and out= views are
         # no graph for it to fuse
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32

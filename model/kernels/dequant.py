@@ -19,7 +19,9 @@ from ._triton_utils import HAS_TRITON, tl, triton
 
 def dequant_rows_reference(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """q (out, in) e4m3, scale (out, 1) -> q * scale in `dtype`."""
-    return q.to(dtype).mul_(scale.to(dtype))  # in place: no second weight-sized tensor
+    # in place: no second weight-sized tensor. The scale stays fp32 (the product is formed in fp32 and rounded
+    # once): cast to fp16 first, a scale under 2^-24 would flush to 0 and zero its whole row
+    return q.to(dtype).mul_(scale)
 
 
 if HAS_TRITON:

@@ -6,7 +6,9 @@
 Why powers of two, as for the weights (model/fp8.py): `x / scale` is then exact, so the only rounding is the
 one to e4m3, and e4m3 is a float format, so a row keeps its ~2^-4 relative precision whatever its largest value
 is (a power of two costs at most the top half-octave of headroom, which e4m3's exponent absorbs). It also makes
-the kernel's bits equal the reference's: no division, log or exp that could round differently. The scale is
+the kernel's bits equal the reference's for finite rows (a row holding an inf or a NaN is garbage either way, and
+differently: the kernel's maximum skips a NaN, torch's cast saturates an inf; the trainer skips such a step by its
+non-finite loss): no division, log or exp that could round differently. The scale is
 built from the fp32 bits of the row's absolute maximum `a = m * 2^E` (1 <= m < 2): the smallest `2^k` with
 `a / 2^k <= 448 = 1.75 * 2^8` is `k = E - 8`, plus one when `m > 1.75`.
 
