@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from sampling.compare import Column, Session
+from sampling.options import run_dtype
 from weights.atomic import atomic_path
 from weights.io import file_sha256
 
@@ -56,7 +57,7 @@ def manifest(row: Row, args, session: Session, prompts: list[str]) -> dict:
     loras = [{"file": Path(p).name, "sha256": file_sha256(p), "scale": s} for p, s in row.column.loras]
     col = row.column
     return dict(model=row.model or session.model, loras=loras, steps=col.steps, shift=col.shift, schedule=col.schedule,
-                seed=args.seed, prompts=prompts, width=args.width, height=args.height, dtype=args.dtype,
+                seed=args.seed, prompts=prompts, width=args.width, height=args.height, dtype=run_dtype(args),
                 device=args.device, fp8=args.fp8)
 
 

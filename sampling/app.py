@@ -217,10 +217,9 @@ def build_ui(session: Session):
                 for _, col, s in progress.tqdm(cells, desc="grid"):
                     r = session.render(prompt, negative or "", s, int(width), int(height), col)
                     rendered.append(Image.open(r.path).convert("RGB"))
+                path = session.save_grid(grid_image(rendered, axes, [labels for labels, _, _ in cells]))
             except (WeightsError, ValueError, OSError) as e:
                 raise gr.Error(str(e)) from None
-            path = session.out / f"grid-{len(list(session.out.glob('grid-*.png'))):04d}.png"
-            grid_image(rendered, axes, [labels for labels, _, _ in cells]).save(path)
             return str(path), str(path)
 
         run_sweep.click(sweep, [prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance,

@@ -21,12 +21,13 @@ from model.fp8 import enable_fp8_compute_
 from model.vae import AUTO_TILE_PIXELS, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
 from weights.atomic import atomic_path
 from weights.io import DTYPES, WeightsError
-from weights.lora_merge import apply_loras, requantize_loras, unload_loras
+from weights.lora_merge import _fit_error, apply_loras, requantize_loras, unload_loras
 from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
 from weights.transformer import load_transformer
 from weights.vae import load_vae
 
 from .infotext import infotext
+from .options import run_dtype
 from .schedules import ScheduleConfig
 
 # The largest image side we sample (SD3 may allow less: its position table). A sanity cap, not a memory limit
@@ -165,17 +166,35 @@ class Pipeline:
         transformer parts are unmerged and the new ones merged on the loaded weights, bit-exactly (a transformer
         loaded with LoRAs cannot unmerge them: unload_loras says so); with fp8, the touched weights are re-read
         from the file, merged and quantized again, as loading does. Text-encoder parts apply as the encoders next
-        load (`encode` loads them each time)."""
+        load (`encode` loads them each time). A refused LoRA (one that does not fit, an unreadable file) leaves the
+        pipeline as it was: its LoRAs and the weights they merged."""
+        previous = self.loras, self._lora_parts
         self.loras, self._lora_parts = list(loras), None
         if self._transformer is None:
             return
-        parts = self.lora_parts().transformer
-        if self.fp8:
-            requantize_loras(self._transformer, parts, source=self.sources.transformer, dtype=self.dtype)
-            return
-        unload_loras(self._transformer)
-        if parts:
-            apply_loras(self._transformer, parts, base=self.sources.transformer)
+        try:
+            parts = self.lora_parts().transformer
+            if self.fp8:  # requantize_loras checks every LoRA's fit before it rewrites a weight
+                requantize_loras(self._transformer, parts, source=self.sources.transformer, dtype=self.dtype)
+                return
+            # checked before the merged stack is undone: a refused LoRA must not leave the model without the
+            # previous ones while the caller (the app's Session) still believes they are merged
+            for lora, _ in parts:
+                if (error := _fit_error(self._transformer, lora, lora.source or "LoRA")) is not None:
+                    raise WeightsError(error)
+            unload_loras(self._transformer)  # its refusals come before it restores a weight
+        except Exception:
+            self.loras, self._lora_parts = previous
+            raise
+        try:
+            if parts:
+                apply_loras(self._transformer, parts, base=self.sources.transformer)
+        except Exception:
+            # the previous stack is unmerged already: merge it again, so the weights match `self.loras`
+            self.loras, self._lora_parts = previous
+            if old := self.lora_parts().transformer:
+                apply_loras(self._transformer, old, base=self.sources.transformer)
+            raise
 
     def lora_parts(self) -> SplitLoRAs:
         """`self.loras` split into transformer and text-encoder parts: each file read once, its notes (a part
@@ -364,7 +383,7 @@ def pipeline_from_args(args, model: Path, family, loras: Sequence = ()) -> Pipel
     """`family`'s pipeline for a sampling command (generate, make_dataset): its component files and run options
     (sampling/options.py add_run_options) from the command line, checked before anything loads."""
     pipe = family.part("pipeline").from_files(
-        model, component_files(args), device=args.device, dtype=DTYPES[args.dtype], fp8=args.fp8, loras=loras,
+        model, component_files(args), device=args.device, dtype=DTYPES[run_dtype(args)], fp8=args.fp8, loras=loras,
         blocks_to_swap=args.blocks_to_swap, fp8_compute=args.fp8_compute, compile=args.compile,
         ignore_te_lora=args.ignore_te_lora)
     pipe.sources.check()

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from weights.atomic import atomic_path
 from weights.families import detect_family
 from weights.io import WeightsError, read_header
 from weights.lora import Recommended
@@ -71,8 +73,7 @@ class Session:
         self.family = detect_family(Path(self.model))
         self.pipe = pipeline_from_args(args, Path(self.model), self.family, ())
         self.pipe.transformer  # noqa: B018  (loaded now, once, without LoRAs)
-        self.stack: list[tuple[str, float]] = []
-        self.count = itertools.count()
+        self.stack: list[tuple[str, float]] | None = []  # None: unknown, after a change that failed
 
     # ----- files ----------------------------------------------------------------------------------------------
 
@@ -92,6 +93,20 @@ class Session:
         """Every LoRA the page may offer: those given at launch and the .safetensors in the --lora-dir folders."""
         found = [*self.launch_loras, *(f for d in self.lora_dirs for f in sorted(d.rglob("*.safetensors")))]
         return [str(f) for f in dict.fromkeys(found) if f.is_file() and not self._is_model_part(f)]
+
+    def column_path(self, seed: int) -> Path:
+        """A new column's PNG, `NNNNN-SEED.png`, numbered on after the highest number in the folder: a second
+        session with the same --out never replaces the first one's images."""
+        return self.out / f"{next_index(self.out, _COLUMN):05d}-{seed}.png"
+
+    def save_grid(self, grid) -> Path:
+        """A sweep's grid (a PIL image) as `grid-NNNN.png`, numbered on after the highest grid in the folder, so that
+        it never replaces one (nor fills the gap a deleted grid left: the numbers keep the order they were made in),
+        written atomically."""
+        path = self.out / f"grid-{next_index(self.out, _GRID):04d}.png"
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")
+        return path
 
     def _is_model_part(self, path: Path) -> bool:
         return self.demo and DEMO_FOLDER.resolve() in path.parents  # the demo pipeline's own weights
@@ -122,6 +137,9 @@ class Session:
         if key == self.stack:
             return 0.0
         start = time.perf_counter()
+        # not known until the change succeeds: after a failure, the next column merges its stack whatever it is,
+        # instead of rendering weights that may lack the LoRAs its PNG records
+        self.stack = None
         self.pipe.set_loras(loras)
         self.stack = key
         return time.perf_counter() - start
@@ -158,11 +176,22 @@ class Session:
         job = resolve(args, many)
         lora_seconds = self.set_loras(job.loras)
         check_job(self.pipe, job)
-        paths = paths or [self.out / f"{next(self.count):05d}-{seed}.png"]
+        paths = paths or [self.column_path(seed)]
         start = time.perf_counter()
         render(self.pipe, job, paths, noises, seed, callback, latents_out)
         nfe = job.cfg.steps * (2 if self.pipe.wants_negative(job.cfg) else 1)
         return Result(paths[0], time.perf_counter() - start, nfe, lora_seconds)
+
+
+_COLUMN = re.compile(r"(\d+)--?\d+\.png")  # Session.column_path's names
+_GRID = re.compile(r"grid-(\d+)\.png")  # Session.save_grid's
+
+
+def next_index(folder: Path, pattern: re.Pattern) -> int:
+    """One past the highest number (`pattern`'s group 1) among the names in `folder` that `pattern` matches, 0
+    when none does: counting the files instead would reuse the last number after a gap."""
+    found = (pattern.fullmatch(p.name) for p in folder.iterdir())
+    return max((int(m[1]) + 1 for m in found if m), default=0)
 
 
 def random_seed() -> int:

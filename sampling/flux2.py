@@ -123,10 +123,19 @@ class Flux2KleinPipeline(Pipeline):
         and what told it are printed."""
         distilled, source = klein_variant(Path(args.model), args.variant)
         print(f"FLUX.2 [klein] {'distilled' if distilled else 'base'} (from {source})", file=sys.stderr)
+        given = [flag for flag, value in (("--cfg", args.cfg), ("--guidance", args.guidance),
+                                          ("--negative-prompt", args.negative_prompt)) if value is not None]
+        if distilled and given and (args.negative_prompt is not None or pick(args.cfg, args.guidance) > 1):
+            raise ValueError(f"{', '.join(given)}: the distilled klein samples without CFG (its guidance is distilled "
+                             "in), so they would do nothing; drop them, or pass --variant base for the base model")
         if distilled and args.steps is None and rec.steps is None:
             common = {**common, "steps": 4}
         guidance = pick(args.cfg, args.guidance, rec.guidance, 1.0 if distilled else cls.defaults["guidance"])
         return Flux2GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "")
+
+    def used_settings(self, settings: dict) -> dict:
+        # the variant decides the defaults and whether CFG runs; a PNG says which one it was (--from-png takes it)
+        return {**settings, "variant": "distilled" if self.sources.distilled else "base"}
 
     def text_encoder_names(self) -> tuple[str, ...]:
         return ()  # LoRA parts for Qwen3 are not read yet

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from weights.families import article, detect_family, families, get_family
 from weights.family import Family
-from weights.io import WeightsError
+from weights.io import DTYPES, WeightsError
 
 from .base import MAX_SIDE, save_png
 from .demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH, demo_lora
@@ -185,7 +185,8 @@ def lora_records(loras: list[tuple[str, float]]) -> list[dict]:
     do) and the short hash A1111 / Forge write under `Lora hashes` (sampling/infotext.py)."""
     from weights.io import a1111_lora_hash, file_sha256
 
-    return [{"file": Path(path).name, "path": path, "scale": scale, "sha256": file_sha256(path),
+    # the absolute path: `--from-png` finds the file from any working directory
+    return [{"file": Path(path).name, "path": str(Path(path).resolve()), "scale": scale, "sha256": file_sha256(path),
              "a1111_hash": a1111_lora_hash(path)} for path, scale in loras]
 
 
@@ -234,6 +235,8 @@ class Job:
     records: list[dict]  # what the PNGs record of them
     skipped: dict  # what was left out on purpose, for the PNG
     cfg: object  # the family's generation config
+    # --from-png of an image from an n-prompt run: (r, n), its noise being row r of an n-row draw of its seed
+    noise_row: tuple[int, int] | None = None
 
 
 def from_png(args) -> dict:
@@ -252,6 +255,12 @@ def from_png(args) -> dict:
     args.prompt, args.model = [params["prompt"]], args.model or params["model"]
     args.width, args.height, args.seed, args.batch_size = params["width"], params["height"], params["seed"], 1
     args.ignore_te_lora = bool(params.get("ignore_te_lora"))
+    # what moves the pixels besides the generation config (recorded since 2026-12-05), unless given now: the
+    # dtype, fp8 storage / compute, klein's variant
+    args.dtype = args.dtype or params.get("dtype")
+    args.fp8 = args.fp8 or bool(params.get("fp8"))
+    args.fp8_compute = args.fp8_compute or bool(params.get("fp8_compute"))
+    args.variant = args.variant or params.get("variant")
     return params
 
 
@@ -315,7 +324,8 @@ def resolve(args, prompts: list[str], png: dict | None = None) -> Job:
         # read once: the checks and the loads take these (merged for good as the transformer and, for a
         # text-encoder part, CLIP / T5 are read)
         loras = [(read_lora(path, family=family.name), scale) for path, scale in loras]
-    return Job(model, family, prompts, loras, records, skipped, cfg)
+    row = png.get("noise_row") if png is not None else None
+    return Job(model, family, prompts, loras, records, skipped, cfg, None if row is None else tuple(row))
 
 
 def check_job(pipe, job: Job) -> None:
@@ -337,16 +347,26 @@ def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callba
 
     negative_prompt = job.cfg.negative_prompt if pipe.wants_negative(job.cfg) else None
     cond, negative = pipe.encode_prompts(job.prompts, job.cfg)  # the encoders run once, then are freed
+    # how the transformer ran, which moves pixels too (--from-png takes it back)
+    run = {"dtype": next(k for k, v in DTYPES.items() if v == pipe.dtype), "fp8": pipe.fp8,
+           "fp8_compute": pipe.fp8_compute}
     written: list[Path] = []
     for b in range(batch_size):
         cfg = dataclasses.replace(job.cfg, seed=seed + b)  # generation configs are frozen: one per image batch
-        latents = pipe.sample(cond, cfg, negative=negative, callback=callback)
+        noise = None
+        if job.noise_row is not None:  # the row this prompt had in its first run's draw of the seed
+            r, n = job.noise_row
+            noise = pipe.noise(n, cfg.height, cfg.width, pipe.generator(cfg, None))[r:r + 1]
+        latents = pipe.sample(cond, cfg, negative=negative, callback=callback, noise=noise)
         if latents_out is not None:
             latents_out.append(latents.detach().float().cpu())
         for i, (prompt, image) in enumerate(zip(job.prompts, to_pil(pipe.decode(latents)))):
             path = paths[b * len(job.prompts) + i]
-            params = dict(prompt=prompt, family=job.family.name, model=str(job.model), loras=job.records,
-                          schedule=cfg.grid, **job.skipped, **used_settings(pipe, cfg, negative_prompt))
+            # an image of a many-prompt run: its noise is row i of the draw (what --from-png draws again)
+            row = job.noise_row or ((i, len(job.prompts)) if len(job.prompts) > 1 else None)
+            params = dict(prompt=prompt, family=job.family.name, model=str(job.model.resolve()), loras=job.records,
+                          schedule=cfg.grid, **job.skipped, **used_settings(pipe, cfg, negative_prompt), **run,
+                          **({} if row is None else {"noise_row": list(row)}))
             save_png(image, path, params)
             written.append(path)
     return written

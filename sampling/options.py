@@ -45,8 +45,8 @@ class RunOptions:
     """Where and how a sampling command runs the transformer (the last four: sampling/base.py)."""
 
     device: str = opt("cuda" if torch.cuda.is_available() else "cpu", "cuda, cpu, or a device such as cuda:1")
-    dtype: str = opt("bf16" if torch.cuda.is_available() else "fp32", "the models' compute dtype",
-                     choices=tuple(DTYPES))
+    dtype: str | None = opt(None, "the models' compute dtype (default: bf16 on a GPU, fp32 on the CPU)",
+                            choices=tuple(DTYPES))
     fp8: bool = opt(False, FP8_HELP)
     fp8_compute: bool = opt(False, FP8_COMPUTE_HELP)
     compile: bool = opt(False, COMPILE_HELP)
@@ -110,9 +110,16 @@ def check_device(text: str, flag: str = "--device") -> None:
                              f"pass {flag} cpu" + (f" or {flag} cuda:0" if count else ""))
 
 
+def run_dtype(args) -> str:
+    """--dtype, else the device's default: bf16 on a GPU (what diffusers' examples run), fp32 on the CPU (whose
+    bf16 GEMMs are slow). By the device chosen, not the one present: `--device cpu` on a GPU machine is fp32."""
+    return args.dtype or ("fp32" if torch.device(args.device).type == "cpu" else "bf16")
+
+
 def check_run_options(args) -> None:
-    """What add_run_options adds, checked before anything loads."""
+    """What add_run_options adds, checked before anything loads; the default dtype is filled in."""
     check_device(args.device)
+    args.dtype = run_dtype(args)
     if args.blocks_to_swap < 0:
         raise ValueError(f"--blocks-to-swap {args.blocks_to_swap}: must be 0 (off) or more; pass --blocks-to-swap 0")
 

@@ -72,7 +72,12 @@ def schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
     """A `FlowMatchEulerDiscreteScheduler` config.json -> our ScheduleConfig (None when the file is absent)."""
     if not path.exists():
         return None
-    d = json.loads(path.read_text())
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: damaged ({e}); restore the pipeline folder's scheduler config") from None
+    if not isinstance(d, dict):
+        raise WeightsError(f"{path}: not a scheduler config (a JSON object); restore the pipeline folder's")
     return ScheduleConfig(
         pipeline="FluxPipeline", shift=float(d.get("shift", 1.0)), dynamic=bool(d.get("use_dynamic_shifting", False)),
         base_shift=float(d.get("base_shift", 0.5)), max_shift=float(d.get("max_shift", 1.15)),
@@ -113,9 +118,13 @@ class FluxPipeline(Pipeline):
 
     @classmethod
     def generation_config(cls, args, rec, common: dict) -> GenerationConfig:
+        true_cfg = pick(one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg"), 1.0)
+        if true_cfg > 1 and args.negative_prompt is None:  # diffusers' FluxPipeline skips CFG then: silently
+            flag = "--cfg" if args.cfg is not None else "--true-cfg"
+            raise ValueError(f"{flag} {true_cfg:g}: real CFG runs against a negative prompt and none is given, so it "
+                             "would do nothing; add --negative-prompt '' for the empty one")
         return GenerationConfig(**common, guidance=pick(args.guidance, rec.guidance, cls.defaults["guidance"]),
-                                true_cfg=pick(one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg"), 1.0),
-                                negative_prompt=args.negative_prompt)
+                                true_cfg=true_cfg, negative_prompt=args.negative_prompt)
 
     def used_settings(self, settings: dict) -> dict:
         if not self.transformer.config.guidance_embed:

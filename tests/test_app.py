@@ -5,6 +5,8 @@ given at launch is read. tests/test_app_browser.py drives the page itself."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,91 @@ def test_a_sweep_is_one_labelled_grid_of_the_columns_it_varies(tmp_path):
     with pytest.raises(ValueError, match="is not a list of numbers"):
         parse_values("shift", "3, high")
 
+
+
+def test_a_refused_lora_leaves_the_merged_stack_and_the_next_column_has_it(tmp_path, monkeypatch):
+    import sampling.base
+    from weights.lora_merge import unload_loras
+
+    app = session(tmp_path)
+    dev_only = tmp_path / "loras" / "dev_only.safetensors"  # a FLUX.1-dev LoRA: the demo has no guidance_in
+    save_file({"lora_unet_guidance_in_in_layer.lora_down.weight": torch.zeros(2, 256),
+               "lora_unet_guidance_in_in_layer.lora_up.weight": torch.zeros(64, 2)}, dev_only)
+    student = Column([(str(DEMO_LORA), 1.0)])
+    before = app.render(PROMPT, "", 2, 64, 64, student)
+    merged = {k: v.clone() for k, v in app.pipe.transformer.state_dict().items()}
+    loras = [(lora.source, scale) for lora, scale in app.pipe.loras]
+
+    def unchanged():
+        assert [(lora.source, scale) for lora, scale in app.pipe.loras] == loras
+        assert all(torch.equal(v, merged[k]) for k, v in app.pipe.transformer.state_dict().items())
+
+    with pytest.raises(WeightsError, match="guidance_in.in_layer is not in this model"):
+        app.render(PROMPT, "", 2, 64, 64, Column([(str(dev_only), 1.0)]))
+    unchanged()  # refused before the demo LoRA was unmerged
+    after = app.render(PROMPT, "", 2, 64, 64, student)
+    assert np.array_equal(pixels(after.path), pixels(before.path))
+    assert read_png_params(after.path)["loras"] == read_png_params(before.path)["loras"]
+    params = read_png_params(before.path)  # the LoRA's own settings, so that only the LoRA differs
+    bare = app.render(PROMPT, "", 2, 64, 64, Column(steps=params["steps"], shift=params["shift"],
+                                                    schedule=params["schedule"]))
+    assert not np.array_equal(pixels(bare.path), pixels(before.path))
+
+    # a merge that fails after the previous stack was unmerged merges that stack again
+    app.render(PROMPT, "", 2, 64, 64, student)
+    real = sampling.base.apply_loras
+
+    def failing(model, parts, **kw):
+        if any(lora.source.endswith("style.safetensors") for lora, _ in parts):
+            raise WeightsError("a merge that fails")
+        real(model, parts, **kw)
+
+    monkeypatch.setattr(sampling.base, "apply_loras", failing)
+    with pytest.raises(WeightsError, match="a merge that fails"):
+        app.render(PROMPT, "", 2, 64, 64, Column([(str(tmp_path / "loras" / "style.safetensors"), 1.0)]))
+    monkeypatch.undo()
+    unchanged()
+
+    # and whatever a failed change left, the Session merges the next column's stack again instead of trusting it
+    def unmerged_then_failed(_):
+        unload_loras(app.pipe.transformer)
+        raise WeightsError("a change that failed half way")
+
+    monkeypatch.setattr(app.pipe, "set_loras", unmerged_then_failed)
+    with pytest.raises(WeightsError, match="half way"):
+        app.render(PROMPT, "", 2, 64, 64, Column([(str(tmp_path / "loras" / "style.safetensors"), 1.0)]))
+    monkeypatch.undo()
+    again = app.render(PROMPT, "", 2, 64, 64, student)
+    assert again.lora_seconds > 0 and np.array_equal(pixels(again.path), pixels(before.path))
+
+
+def test_sessions_sharing_an_out_folder_never_replace_a_file(tmp_path):
+    first = session(tmp_path)
+    paths = [first.render(PROMPT, "", s, 64, 64, Column(steps=2)).path for s in (0, 1)]
+    kept = {p: p.read_bytes() for p in paths}
+    second = session(tmp_path)  # a later launch with the same --out
+    new = second.render(PROMPT, "", 0, 64, 64, Column([(str(DEMO_LORA), 1.0)])).path
+    assert new.name == "00002-0.png" and new not in kept
+    assert {p: p.read_bytes() for p in paths} == kept
+
+    out = second.out  # grids 0 and 2 left, 1 deleted: the next is 3, and neither earlier grid is replaced
+    for n in (0, 2):
+        Image.new("RGB", (8, 8), (n, 0, 0)).save(out / f"grid-{n:04d}.png")
+    grids = {p: p.read_bytes() for p in out.glob("grid-*.png")}
+    image = Image.new("RGB", (16, 8), (0, 200, 0))
+    saved = second.save_grid(image)
+    assert saved.name == "grid-0003.png" and np.array_equal(pixels(saved), np.asarray(image))
+    assert second.save_grid(image).name == "grid-0004.png"
+    assert {p: p.read_bytes() for p in grids} == grids
+
+    class Broken:  # a write that fails half way leaves no file under the grid's name, and no temp file
+        def save(self, path, format):
+            Path(path).write_bytes(b"\x89PNG half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        second.save_grid(Broken())
+    assert not (out / "grid-0005.png").exists() and not list(out.glob(".grid-*"))
 
 def test_only_the_app_imports_gradio_and_it_imports_nothing_from_distill():
     from test_imports import graph, modules

@@ -81,7 +81,7 @@ def test_same_latents_and_image_as_diffusers(folders, distilled, guidance, steps
     assert np.abs(np.round(pixels * 255) - np.round(image * 255)).max() <= 1  # one 8-bit level
 
 
-def test_generate_writes_the_klein_image(folders, tmp_path):
+def test_generate_writes_the_klein_image(folders, tmp_path, capsys):
     from PIL import Image
 
     from sampling.generate import main
@@ -93,7 +93,14 @@ def test_generate_writes_the_klein_image(folders, tmp_path):
                 output_type="np", generator=torch.Generator().manual_seed(5)).images[0]
     ours = np.asarray(Image.open(tmp_path / "k.png")).astype(int)
     assert np.abs(ours - np.round(image * 255)).max() <= 1
-    assert json.loads(Image.open(tmp_path / "k.png").text["scfm"])["family"] == "flux2"
+    params = json.loads(Image.open(tmp_path / "k.png").text["scfm"])
+    assert (params["family"], params["variant"]) == ("flux2", "distilled")  # what --from-png renders it with
+    # CFG on the distilled klein would do nothing: refused in one line (diffusers warns and drops it)
+    for extra in (["--cfg", "4"], ["--negative-prompt", "blurry"]):
+        assert main(["--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--width", str(SIZE), "--height",
+                     str(SIZE), "--out", str(tmp_path / "cfg.png"), *extra]) == 2
+        assert "the distilled klein samples without CFG" in capsys.readouterr().err
+    assert not (tmp_path / "cfg.png").exists()
 
 
 def test_make_dataset_renders_klein_base_as_generate_does_at_the_pipelines_defaults(folders, tmp_path):

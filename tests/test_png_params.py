@@ -144,3 +144,52 @@ def test_from_png_renders_the_same_image_from_the_png_alone(tmp_path, capsys, ex
         save_file({k: v * 1.01 for k, v in tensors.items()}, lora, read_header(DEMO_LORA)[1])
         assert main(["--from-png", str(tmp_path / "d.png"), "--out", str(tmp_path / "e.png")]) == 2
         assert "is not the file the image was made with" in capsys.readouterr().err
+
+
+def test_from_png_takes_the_noise_row_of_a_many_prompt_run_and_the_run_settings(tmp_path, capsys):
+    """An image of a two-prompt run had row 1 of its seed's two-row noise draw; an image made in bf16 on this
+    CPU was made in bf16: --from-png draws and computes so again (before: one row, the first prompt's noise, and
+    the device's default dtype)."""
+    out = tmp_path / "two"
+    assert main(["--prompt", "a red circle at the top left", "--prompt", "a blue square at the bottom right",
+                 "--steps", "2", "--seed", "3", "--out", str(out)]) == 0
+    second = out / "000003_001.png"
+    params = read_png_params(second)
+    assert (params["noise_row"], params["dtype"], params["fp8"], params["fp8_compute"]) == ([1, 2], "fp32", False,
+                                                                                          False)
+    assert main(["--from-png", str(second), "--out", str(tmp_path / "again.png")]) == 0
+    want, got = (np.asarray(Image.open(p)).astype(int) for p in (second, tmp_path / "again.png"))
+    # the same noise; within one level: the first run's GEMMs had two rows of batch, this one's one
+    assert np.abs(want - got).max() <= 1 and read_png_params(tmp_path / "again.png") == params
+    save_png(Image.fromarray(want.astype(np.uint8)), tmp_path / "row0.png",
+             {k: v for k, v in params.items() if k != "noise_row"})
+    assert main(["--from-png", str(tmp_path / "row0.png"), "--out", str(tmp_path / "other.png")]) == 0
+    assert np.abs(want - np.asarray(Image.open(tmp_path / "other.png")).astype(int)).max() > 32  # the other noise
+    bf16 = generate(tmp_path, "bf16.png", "--dtype", "bf16")
+    assert main(["--from-png", str(tmp_path / "bf16.png"), "--out", str(tmp_path / "bf16-again.png")]) == 0
+    assert np.array_equal(np.asarray(bf16), np.asarray(Image.open(tmp_path / "bf16-again.png")))
+    capsys.readouterr()
+    assert main(["--prompt", "x", "--cfg", "4", "--out", str(tmp_path / "cfg.png")]) == 2  # no negative: no CFG
+    assert "real CFG runs against a negative prompt and none is given" in capsys.readouterr().err
+
+
+def test_a_peft_folder_is_a_lora_and_a_damaged_scheduler_config_is_one_line(tmp_path, capsys):
+    import shutil
+
+    from sampling.demo import DEMO_FOLDER
+
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    tensors = load_file(DEMO_LORA)
+    save_file({"base_model.model." + k.removeprefix("transformer."): v for k, v in tensors.items()},
+              peft / "adapter_model.safetensors")
+    rank = max(v.shape[1] for k, v in tensors.items() if "lora_B" in k)
+    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank}))
+    assert lora_spec(str(peft)) == (str(peft / "adapter_model.safetensors"), 1.0)
+    assert lora_spec(f"{peft}:0.5")[1] == 0.5
+    folder = tmp_path / "demo"
+    shutil.copytree(DEMO_FOLDER, folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text("{")
+    assert main(["--model", str(folder), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scheduler_config.json: damaged" in err and "restore the pipeline" in err

@@ -27,6 +27,7 @@ from .families import family_of, find_layout, names
 from .io import TensorReader, WeightsError, model_files, parse_lora, read_header, read_shapes
 from .keymaps import to_official
 from .lora import LoRA, Recommended, read_lora
+from .lora_foreign import peft_file
 
 
 @dataclass
@@ -146,6 +147,8 @@ def lora_spec(spec: str) -> tuple[str, float]:
     (`scfm_lora_scale`, `Recommended.lora_scale`), else 1. generate, make_dataset and train all resolve here, so
     the scale a run records for a base LoRA is the one generate compares with."""
     path, scale = parse_lora(spec)
+    if Path(path).is_dir():  # a PEFT save_pretrained folder: its adapter file (adapter_config.json beside it)
+        path = str(peft_file(Path(path)))
     if scale is None:
         recommended = None
         if Path(path).is_file():  # else the LoRA reader names the problem
