@@ -387,6 +387,17 @@ def test_dequant_rows_is_bit_exact_for_every_e4m3_code(dtype):
     assert torch.equal(kernels.dequant_rows(q, scale, dtype).isnan(), want.isnan())  # the dispatcher's path
 
 
+def test_dequant_reference_keeps_rows_with_tiny_scales_in_fp16():
+    """A row scale below fp16's smallest subnormal (2^-24) must not flush to zero before the product: the values
+    themselves (448 * 2^-30) are fp16 subnormals, and the kernel gets them."""
+    from model.kernels.dequant import dequant_rows_reference
+
+    q = torch.tensor([[448.0, -2.0, 0.5], [1.0, 0.5, -448.0]]).to(torch.float8_e4m3fn)
+    scale = torch.tensor([[2.0**-30], [1.0]])
+    got = dequant_rows_reference(q, scale, torch.float16)
+    assert torch.equal(got, (q.float() * scale).to(torch.float16)) and got[0, 0] > 0
+
+
 def test_dequant_kernel_compiles_for_ampere_and_hopper():
     """The dequant kernel has never run on a GPU here: compile it ahead of time for sm80 / sm90 (no GPU needed;
     the interpreter would accept Python that the compiler rejects)."""

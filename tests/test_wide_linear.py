@@ -62,6 +62,10 @@ def test_autograd_bf16_and_narrow_layers_take_f_linear():
     with GemmCalls() as calls:  # grad mode with trainable weights: one ordinary GEMM, gradients flow
         layer(x).sum().backward()
     assert calls.calls[0] == "addmm.default" and layer.weight.grad is not None
+    frozen = _layer(24, 64, True, 16).requires_grad_(False)
+    frozen.bias.requires_grad_(True)  # the bias alone trains: autograd needs the ordinary GEMM too
+    frozen(x).sum().backward()
+    assert torch.equal(frozen.bias.grad, torch.full((64,), 5.0))
     with torch.no_grad(), GemmCalls() as calls:
         layer.to(torch.bfloat16)(x.bfloat16())  # bf16: measured only in fp32, so left to F.linear
         _layer(24, 31, True, 16)(x)  # under two panels wide: nothing to gain
