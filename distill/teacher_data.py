@@ -121,6 +121,8 @@ def check_settings(out: Path, settings: dict) -> None:
     path = out / "make_dataset.json"
     if path.exists():
         old = json.loads(path.read_text())
+        if "run" not in old:  # a dataset from before the run options were recorded (2026-12-05): not known
+            settings = {k: v for k, v in settings.items() if k != "run"}
         if old != settings:
             # both sides' keys: a setting given then and absent now (a --lora dropped) is a difference too
             diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
@@ -228,6 +230,9 @@ def run(args) -> Path:
     settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
                                               "max_sequence_length", "seed")}
     settings.update(model=str(args.model), prompts=prompts)
+    # how the teacher ran moves its pixels too: a restart in another dtype would mix two renders in one dataset
+    settings["run"] = {"dtype": args.dtype, "fp8": args.fp8 or args.fp8_compute, "fp8_compute": args.fp8_compute,
+                       "variant": args.variant}
     if loras:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
         settings["loras"] = [[Path(path).name, scale, file_sha256(path)] for path, scale in loras]
         if args.ignore_te_lora:  # the prompts were encoded without their text-encoder parts

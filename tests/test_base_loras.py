@@ -81,6 +81,12 @@ def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, 
     capsys.readouterr()
     assert make_dataset.main(argv) == 2  # without the LoRA it would be another teacher's data
     assert "made with other loras; use another --out" in capsys.readouterr().err  # a setting dropped is named too
+    assert settings["run"] == {"dtype": "fp32", "fp8": False, "fp8_compute": False, "variant": None}
+    assert make_dataset.main([*argv, "--lora", f"{style}:0.5", "--dtype", "bf16"]) == 2  # other pixels: refused
+    assert "made with other run; use another --out" in capsys.readouterr().err
+    del settings["run"]  # a dataset from before the run options were recorded: continued
+    (tmp_path / "d" / "make_dataset.json").write_text(json.dumps(settings))
+    assert make_dataset.main([*argv, "--lora", f"{style}:0.5", "--dtype", "bf16"]) == 0
     assert make_dataset.main([*argv, "--lora", str(tmp_path / "missing.safetensors")]) == 2
 
 
