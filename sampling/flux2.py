@@ -25,7 +25,7 @@ from weights.io import WeightsError
 from weights.text import load_qwen3
 
 from .base import Pipeline, check_paths, load_tokenizer, require_sources
-from .options import pick
+from .options import one_scale, pick
 from .pipeline import schedule_from_diffusers
 from .samplers import euler, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
@@ -125,12 +125,13 @@ class Flux2KleinPipeline(Pipeline):
         print(f"FLUX.2 [klein] {'distilled' if distilled else 'base'} (from {source})", file=sys.stderr)
         given = [flag for flag, value in (("--cfg", args.cfg), ("--guidance", args.guidance),
                                           ("--negative-prompt", args.negative_prompt)) if value is not None]
-        if distilled and given and (args.negative_prompt is not None or pick(args.cfg, args.guidance) > 1):
+        scale = one_scale(args.cfg, args.guidance, "--cfg and --guidance")  # klein's one CFG scale, as SD3's
+        if distilled and given and (args.negative_prompt is not None or scale > 1):
             raise ValueError(f"{', '.join(given)}: the distilled klein samples without CFG (its guidance is distilled "
                              "in), so they would do nothing; drop them, or pass --variant base for the base model")
         if distilled and args.steps is None and rec.steps is None:
             common = {**common, "steps": 4}
-        guidance = pick(args.cfg, args.guidance, rec.guidance, 1.0 if distilled else cls.defaults["guidance"])
+        guidance = pick(scale, rec.guidance, 1.0 if distilled else cls.defaults["guidance"])
         return Flux2GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "")
 
     def used_settings(self, settings: dict) -> dict:

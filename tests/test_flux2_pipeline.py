@@ -96,10 +96,12 @@ def test_generate_writes_the_klein_image(folders, tmp_path, capsys):
     params = json.loads(Image.open(tmp_path / "k.png").text["scfm"])
     assert (params["family"], params["variant"]) == ("flux2", "distilled")  # what --from-png renders it with
     # CFG on the distilled klein would do nothing: refused in one line (diffusers warns and drops it)
-    for extra in (["--cfg", "4"], ["--negative-prompt", "blurry"]):
+    for extra, why in ((["--cfg", "4"], "the distilled klein samples without CFG"),
+                       (["--negative-prompt", "blurry"], "the distilled klein samples without CFG"),
+                       (["--cfg", "4", "--guidance", "3"], "--cfg and --guidance name the same scale")):
         assert main(["--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--width", str(SIZE), "--height",
                      str(SIZE), "--out", str(tmp_path / "cfg.png"), *extra]) == 2
-        assert "the distilled klein samples without CFG" in capsys.readouterr().err
+        assert why in capsys.readouterr().err
     assert not (tmp_path / "cfg.png").exists()
 
 
