@@ -3,6 +3,7 @@
     python tools/convert.py info FILE_OR_FOLDER
     python tools/convert.py checkpoint flux1-dev.safetensors flux-dev-diffusers/ --to diffusers --dtype bf16
     python tools/convert.py lora my_lora.safetensors my_lora_kohya.safetensors --to kohya
+    python tools/convert.py lora klein_attn.safetensors klein_attn_peft.safetensors --to diffusers --family flux2
     python tools/convert.py lora scfm.safetensors scfm-r32.safetensors --to ours --rank 32 --dtype bf16
     python tools/convert.py merge --base flux1-dev.safetensors --lora scfm.safetensors:1.0 \
         --out flux-4step.safetensors
@@ -11,12 +12,18 @@ Checkpoints (Flux BFL <-> diffusers, SD3 / SD3.5 SAI <-> diffusers, the 16-chann
 tensor, so peak memory is about one tensor whatever the model's size. An OUT ending in .safetensors is one
 file, any other OUT a folder (diffusers: config.json, shards and index, loadable by `from_pretrained`).
 Outputs are written atomically and never replace an existing path without --overwrite. Every error is one
-line on stderr and exit code 2. All the key mapping lives in weights/ (see weights/convert.py).
+line on stderr and exit code 2 (bad input, and the disk's own: a full disk, a path through a file, no permission).
+A merge into an all-in-one file (ComfyUI / SAI: VAE and text encoders beside the transformer) keeps those parts
+as stored. A LoRA's family comes from its metadata or names, else from which released model sizes its shapes fit
+(FLUX.1 and FLUX.2 [klein] share block names); when several fit, --family chooses. All the key mapping lives in
+weights/ (see weights/convert.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import math
 import re
 import sys
@@ -27,12 +34,20 @@ if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sampling.options import OneLineParser
-from weights.convert import check_output, convert_checkpoint, detect, merge_loras, plan_conversion
-from weights.families import get_family
+from weights.convert import (
+    check_output,
+    convert_checkpoint,
+    detect,
+    merge_loras,
+    outside_transformer,
+    plan_conversion,
+)
+from weights.families import get_family, names
 from weights.io import DTYPES, WeightsError, read_header
 from weights.keymaps.lora import NotLoRAError
 from weights.lora import LAYOUTS, read_lora
-from weights.lora_foreign import PEFT_FILE
+from weights.lora_alone import read_lora_alone, undecided_family
+from weights.lora_foreign import PEFT_FILE, peft_file
 from weights.lora_resize import resize_lora, summary
 from weights.lora_write import write_lora
 
@@ -76,8 +91,23 @@ _TEXT_PARTS = {"lora_te_": "CLIP-L", "lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G
                "text_encoders.": "ComfyUI text_encoders."}
 
 
-def _lora_lines(path) -> list[str]:
-    lora = read_lora(path)
+def _family_line(lora, sizes: dict[str, list[str]], path) -> str:
+    """What the family rests on when the names alone did not tell (weights/lora_alone.py read_lora_alone)."""
+    if undecided_family(path, sizes):
+        fitting = [n for n, fits in sizes.items() if fits]
+        alike = " and ".join(f"{get_family(n).display} ({', '.join(sizes[n])})" for n in fitting)
+        return (f"family: LoRA for {' or '.join(fitting)}: its layers fit {alike} alike; read here as "
+                f"{lora.family}, pass --family to choose (convert.py lora needs it)")
+    if sizes.get(lora.family):
+        return f"family: LoRA for {lora.family} (by its shapes: {', '.join(sizes[lora.family])})"
+    if sizes:
+        return (f"family: LoRA for {lora.family} (its names fit {' and '.join(sizes)}, its shapes no released size; "
+                "pass --family to choose)")
+    return f"family: LoRA for {lora.family}"
+
+
+def _lora_lines(path, family: str | None = None) -> list[str]:
+    lora, sizes = read_lora_alone(path, family)
     parts = [p for mod in lora.modules.values() for p in mod.parts if p is not None]
     ranks, alphas = Counter(p.up.shape[1] for p in parts), Counter(p.alpha for p in parts)
     groups = Counter(re.sub(r"\.\d+\.", ".*.", m) for m in lora.modules)
@@ -88,8 +118,8 @@ def _lora_lines(path) -> list[str]:
             blocks[head] = max(blocks[head], int(rest.split(".")[0]) + 1)
     fits = ", ".join(f"{k} >= {v}" for k, v in blocks.items() if v)
     dev_only = any(m.startswith("guidance_in.") for m in lora.modules)
-    lines = [f"family: LoRA for {lora.family}", f"layout: {lora.layout}" + (f", {lora.flavour}" if lora.flavour
-                                                                             else ""),
+    lines = [_family_line(lora, sizes, path), f"layout: {lora.layout}" + (f", {lora.flavour}" if lora.flavour
+                                                                          else ""),
              f"rank(s): {dict(ranks)}",
              # alpha as applied: scale alpha / r (an rsLoRA's lora_alpha / sqrt(r) is stated as that alpha)
              f"alpha(s): {dict(alphas)}" + (" (rsLoRA, as alpha / r)" if "rsLoRA" in lora.flavour else ""),
@@ -102,20 +132,22 @@ def _lora_lines(path) -> list[str]:
     if lora.text_encoders:
         found = Counter(next((name for prefix, name in _TEXT_PARTS.items() if k.startswith(prefix)), "other")
                         for k in lora.text_encoders)
-        lines.append(f"text encoders: {len(lora.text_encoders)} keys ({', '.join(f'{n}: {c}' for n, c in found.items())})"
-                     "; generate, make_dataset and train --base_loras apply them (--ignore-te-lora skips them)")
+        counts = ", ".join(f"{n}: {c}" for n, c in found.items())
+        lines.append(f"text encoders: {len(lora.text_encoders)} keys ({counts})"
+                     "; generate, make_dataset and train --base_loras apply them (--ignore-te-lora skips them, "
+                     "as it leaves them out of convert.py lora and merge)")
     lines.append(f"scfm applies: {len(lora.modules)} LoRA layers" + (f", {len(lora.diffs)} full differences"
                                                                        if lora.diffs else ""))
     return lines
 
 
-def info_lines(path) -> list[str]:
+def info_lines(path, family: str | None = None) -> list[str]:
     if (Path(path) / PEFT_FILE).is_file():  # a PEFT save_pretrained folder: its adapter, with its config
         path = Path(path) / PEFT_FILE
     try:
         src = detect(path)
         if src.family == "lora":
-            return [f"file: {src.path}", *_lora_lines(path)]
+            return [f"file: {src.path}", *_lora_lines(path, family)]
     except NotLoRAError as e:  # LoKr, LoHa, DoRA, ...: say what it is and why scfm does not apply it
         return [f"file: {path}", "layout: not a plain LoRA", f"scfm refuses it: {e}"]
     dtypes = Counter(d for _, d in src.header.values())
@@ -138,18 +170,39 @@ def info_lines(path) -> list[str]:
 
 
 def cmd_info(args) -> None:
-    print("\n".join(info_lines(args.path)))
+    print("\n".join(info_lines(args.path, args.family)))
 
 
 def cmd_checkpoint(args) -> None:
     out = convert_checkpoint(args.input, args.output, args.to, dtype=DTYPES.get(args.dtype),
                              overwrite=args.overwrite, shard_bytes=args.shard_size)
     print(f"wrote {out}")
+    src = detect(args.input)
+    if src.transformer is not None and (left := outside_transformer(src)):  # said, not silently dropped
+        print(f"note: {args.input} also holds {len(left)} tensors outside the transformer (VAE, text encoders: "
+              f"{', '.join(sorted({k.split('.')[0] for k in left}))}), which a checkpoint conversion does not "
+              "write (merge keeps them)", file=sys.stderr)
+
+
+def _without_text_encoders(lora, ignore: bool, what: str):
+    """--ignore-te-lora: the LoRA without its text-encoder part, said in one line (as generate says it)."""
+    if not (ignore and lora.text_encoders):
+        return lora
+    print(f"--ignore-te-lora: the text-encoder part of {Path(lora.source).name} ({len(lora.text_encoders)} keys) "
+          f"is {what}", file=sys.stderr)
+    return dataclasses.replace(lora, text_encoders={})
 
 
 def cmd_lora(args) -> None:
     check_output(Path(args.output), args.overwrite, [Path(args.input)])
-    lora = read_lora(args.input)  # Flux or SD3 / SD3.5, by metadata, names, then width (weights/lora.py)
+    # the family by metadata, names, then the released sizes its shapes fit (weights/lora_alone.py read_lora_alone)
+    lora, sizes = read_lora_alone(args.input, args.family)
+    if (undecided := undecided_family(args.input, sizes)) is not None:
+        raise WeightsError(undecided)  # the file's scfm_family and the output's names would be a guess
+    if sizes and not any(sizes.values()):  # a model of another size: read_lora's rule chose; say so
+        print(f"note: {args.input}: its names fit {' and '.join(sizes)}, its shapes no released size of either; "
+              f"read as {lora.family} (pass --family to choose)", file=sys.stderr)
+    lora = _without_text_encoders(lora, args.ignore_te_lora, "left out")
     drops = get_family(lora.family).diffusers_kohya_drops
     if args.to == "kohya" and drops is None:
         print(f"note: diffusers has no kohya loader for {get_family(lora.family).title}; ComfyUI and scfm read "
@@ -169,7 +222,7 @@ def cmd_lora(args) -> None:
             print(summary(report))
         print(f"LoRA tensors: {before / 1e6:.2f} MB -> {_lora_bytes(lora) / 1e6:.2f} MB")
     # what the source says of its base and its training travels on; the new file's title is its own name
-    carried = {k: v for k, v in read_header(Path(args.input))[1].items() if k != "modelspec.title"}
+    carried = {k: v for k, v in read_header(peft_file(Path(args.input)))[1].items() if k != "modelspec.title"}
     write_lora(lora, args.output, args.to, overwrite=args.overwrite, metadata=carried)
     print(f"wrote {args.output} ({args.to}, {len(lora.modules)} layers)")
 
@@ -181,7 +234,11 @@ def _lora_bytes(lora) -> int:
 
 def cmd_merge(args) -> None:
     check_output(Path(args.out), args.overwrite, [Path(args.base)])
-    loras = [(read_lora(path), scale) for path, scale in args.lora]
+    base = detect(args.base)
+    # the base's family decides names several families share (FLUX.2 [klein] LoRAs use FLUX.1's block names)
+    hint = base.family if base.transformer is not None else None
+    loras = [(_without_text_encoders(read_lora(path, family=hint), args.ignore_te_lora, "not merged"), scale)
+             for path, scale in args.lora]
     out = merge_loras(args.base, loras, args.out, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
                       shard_bytes=args.shard_size)
     print(f"wrote {out} ({len(loras)} LoRA(s) merged)")
@@ -191,8 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="convert.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    family_help = ("the model family a LoRA is for ({}), when its layers fit released models of several (an "
+                   "attention-only LoRA of FLUX.1 or FLUX.2 [klein] 4B); refused when its metadata or names say "
+                   "another").format(", ".join(names()))
+    ignore_help = ("{} only the transformer part of the LoRAs: their text-encoder part (kohya lora_te*_, diffusers "
+                   "text_encoder*.), which {}, is left out with one line saying so")
+
     p = sub.add_parser("info", help="family, layout, dtypes, size; a LoRA's ranks, alphas, targets and fit")
     p.add_argument("path", help="a .safetensors file or a model / pipeline folder")
+    p.add_argument("--family", choices=names(), help=family_help)
     p.set_defaults(run=cmd_info)
 
     def common(p, dtype=True):
@@ -219,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per slice, the lowest rank keeping this share of the delta's squared norm (e.g. 0.99); "
                         "with --rank, the smaller of the two")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast the LoRA's tensors (default: keep)")
+    p.add_argument("--family", choices=names(), help=family_help)
+    p.add_argument("--ignore-te-lora", action="store_true",
+                   help=ignore_help.format("write", "has no names in another layout"))
     common(p, dtype=False)
     p.set_defaults(run=cmd_lora)
 
@@ -227,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", required=True, action="append", type=_lora_arg, metavar="FILE[:SCALE]",
                    help="repeatable; scale 1 when omitted")
     p.add_argument("--out", required=True, metavar="OUT")
+    p.add_argument("--ignore-te-lora", action="store_true",
+                   help=ignore_help.format("merge", "a merge does not bake into the text encoders"))
     common(p)
     p.set_defaults(run=cmd_merge)
     return parser
@@ -239,7 +308,29 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk's own refusals while reading or writing: one line too, not a traceback
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+# What to do about the usual OSErrors of a conversion, by errno; anything else: check the path.
+_OS_FIXES = {errno.ENOSPC: "free disk space or write OUT to another disk",
+             errno.EDQUOT: "free disk space or write OUT to another disk",
+             errno.EACCES: "check its permissions or write somewhere else",
+             errno.EPERM: "check its permissions or write somewhere else",
+             errno.EROFS: "the file system is read-only: write somewhere else",
+             errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+             errno.EEXIST: "a file stands where a folder is needed: choose another path",
+             errno.EISDIR: "it is a folder: name a file, or remove the folder first",
+             errno.ENAMETOOLONG: "choose a shorter name"}
+
+
+def _os_error(e: OSError) -> str:
+    # a rename's error names the temp file first and the user's path second: the second is the one to name
+    where = e.filename2 or e.filename
+    where = where if where is not None else "(writing the output)"
+    return f"{where}: {e.strerror or e}; {_OS_FIXES.get(e.errno, 'check the path and try again')}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ delta is added, with the same fp32 arithmetic as `apply_loras`, so a merged file
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from model.vae import AutoEncoder, VAEConfig
@@ -35,12 +37,13 @@ from .io import (
     WeightsError,
     config_from_metadata,
     model_files,
+    read_header,
     read_shapes,
 )
 from .keymaps import to_official, to_others
 from .keymaps.lora import parse_key, refuse_non_lora
 from .keymaps.vae import diffusers_to_ours, ours_to_diffusers
-from .lora_merge import param_delta
+from .lora_merge import _fit_error, param_delta
 from .stream import DTYPE_NAMES, Spec, nbytes, write_streaming
 from .transformer import meta_model, read_layout
 
@@ -121,6 +124,9 @@ class Plan:
     tensors: Callable[[Reader, bool], Iterator[tuple[str, Tensor]]]  # (reader of bare input keys, real?)
     metadata: dict[str, str]
     config_json: dict | None  # the diffusers config.json of a folder output
+    # input keys written as they are stored, after `tensors`: an all-in-one file's VAE and text encoders, which a
+    # merge keeps beside the merged transformer (see `merge_loras`)
+    kept: list[str] = dataclasses.field(default_factory=list)
 
 
 def _transformer_plan(src: Source, to: str, dtype, loras, out_prefix: str | None) -> Plan:
@@ -162,15 +168,16 @@ def _lora_deltas(model, loras) -> dict[str, list]:
     deltas: dict[str, list] = {}
     if not loras:
         return deltas
-    from .lora_merge import _fit_error, touched_keys  # the run-time merger's own check and keys
+    from .lora_merge import touched_keys  # the run-time merger's own keys
 
     for item, scale in loras:
         error = _fit_error(model, item, item.source or "LoRA")  # the family first, then every layer's shape
         if error is not None:
             raise WeightsError(error)
         if item.text_encoders:
-            raise WeightsError(f"{item.source}: has {len(item.text_encoders)} text-encoder LoRA keys, which "
-                               "a transformer checkpoint cannot hold")
+            raise WeightsError(f"{item.source}: has {len(item.text_encoders)} text-encoder LoRA keys, which a "
+                               "merge does not bake in (only the transformer's layers); pass --ignore-te-lora "
+                               "to merge the transformer part alone")
         for key in touched_keys(item):
             deltas.setdefault(key, []).append((item, float(scale)))
     return deltas
@@ -303,9 +310,10 @@ def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bo
     out = Path(out)
     check_output(out, overwrite, [src.path])
     spec = [(k, t.dtype, tuple(t.shape)) for k, t in plan.tensors(_meta_reader(src), False)]
+    spec += _stored_spec(src.files, plan.kept)
     metadata = {**src.metadata, **plan.metadata, "format": "pt"}
     with TensorReader(src.files, prefix=src.prefix) as read:
-        tensors = plan.tensors(read, True)
+        tensors = itertools.chain(plan.tensors(read, True), _stored_tensors(src.files, plan.kept))
         if out.suffix == ".safetensors" and not out.is_dir():
             return write_streaming(out, spec, tensors, metadata)  # its own temp and rename: nothing left behind
         if out.suffix == ".safetensors":  # replacing a folder that happens to be called *.safetensors
@@ -322,6 +330,42 @@ def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bo
             if tmp_dir.exists():
                 shutil.rmtree(tmp_dir)
     return out
+
+
+def _stored_header(files: list[Path]) -> dict[str, tuple[list[int], str, Path]]:
+    """Key -> (shape, dtype name, file) as stored: scaled-fp8 scales and markers are keys like any other here."""
+    return {k: (shape, dtype, f) for f in files for k, (shape, dtype) in read_header(f)[0].items()}
+
+
+def _stored_spec(files: list[Path], keys: list[str]) -> list[Spec]:
+    header = _stored_header(files) if keys else {}
+    spec = []
+    for k in keys:
+        shape, name, path = header[k]
+        if name not in _BY_NAME:
+            raise WeightsError(f"{path}: tensor {k} is {name}, a dtype the writer cannot copy; convert that part "
+                               "with its own tool, or merge into the transformer file alone")
+        spec.append((k, _BY_NAME[name], tuple(shape)))
+    return spec
+
+
+def _stored_tensors(files: list[Path], keys: list[str]) -> Iterator[tuple[str, Tensor]]:
+    """`keys` one at a time, bit for bit as stored (no fp8 scale applied, no cast): what a merge does not touch."""
+    if not keys:
+        return
+    handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
+    header = _stored_header(files)
+    for k in keys:
+        yield k, handles[header[k][2]].get_tensor(k)
+
+
+def outside_transformer(src: Source) -> list[str]:
+    """The keys of an all-in-one file outside its transformer (ComfyUI / SAI checkpoints: the VAE under
+    first_stage_model., the text encoders under text_encoders. or conditioner.), in file order."""
+    others = src.transformer.other_parts
+    n = len(src.prefix)
+    return [k for k in _stored_header(src.files)
+            if not k.startswith(src.prefix) or k[n:].startswith(others)]
 
 
 def _write_folder(folder: Path, plan: Plan, spec, tensors, metadata, shard_bytes) -> None:
@@ -354,4 +398,7 @@ def merge_loras(base, loras, out, *, dtype: torch.dtype | None = None, overwrite
         raise WeightsError(f"{src.path}: a {src.family}, not a transformer to merge LoRAs into")
     plan = plan_conversion(src, src.layout, dtype, loras, out_prefix=src.prefix)
     plan.metadata["scfm_merged_loras"] = json.dumps([f"{lora.source} @ {s}" for lora, s in loras])
+    # an all-in-one file stays one: its VAE and text encoders are copied as stored (never cast by `dtype`, which
+    # is the transformer's), so the output loads wherever the base did
+    plan.kept = outside_transformer(src)
     return write_plan(src, plan, out, overwrite=overwrite, shard_bytes=shard_bytes)

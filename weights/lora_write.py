@@ -157,7 +157,8 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if lora.text_encoders and layout != lora.layout:
         raise WeightsError(f"{lora.source or 'this LoRA'} has text-encoder keys in the {lora.layout} layout, "
-                           f"which cannot be converted to {layout}; lora.text_encoders.clear() drops them")
+                           f"which cannot be converted to {layout}; pass --ignore-te-lora to write the transformer "
+                           "part alone (in Python: lora.text_encoders.clear())")
     if lora.diffs and layout != "kohya":
         raise WeightsError(f"{lora.source or 'this LoRA'} has {len(lora.diffs)} full differences (.diff / "
                            "diff_b), which only the kohya / ComfyUI layout holds; write it with --to kohya")

@@ -128,7 +128,15 @@ def detect_family(model: Path) -> Family:
     if model.is_dir():
         for name in ("model_index.json", "config.json", "transformer/config.json"):
             if (model / name).exists():
-                cls = str(json.loads((model / name).read_text()).get("_class_name", ""))
+                try:
+                    index = json.loads((model / name).read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    index = e
+                if not isinstance(index, dict):  # a truncated download or a hand edit: one line, not a traceback
+                    why = f"unreadable ({index})" if isinstance(index, Exception) else "not a JSON object"
+                    raise WeightsError(f"{model / name}: {why}; re-download the model or repair the pipeline "
+                                       "folder (its _class_name names the model)")
+                cls = str(index.get("_class_name", ""))
                 # the longest matching prefix: "Flux2..." is FLUX.2's, not FLUX.1's "Flux"
                 found = [(len(p), f) for f in _FAMILIES for p in f.diffusers_classes if cls.startswith(p)]
                 if found:
@@ -164,5 +172,6 @@ def lora_family(stems, official: bool, widths=(), stated: str | None = None, hin
         return fits[0]
     if hint in fits:
         return hint
-    by_width = [f.name for f in _FAMILIES if set(widths) & f.lora_widths]
+    # only among the families whose names fit: SD3's widths say nothing of a LoRA only Flux names read
+    by_width = [f.name for f in _FAMILIES if set(widths) & f.lora_widths and (f.name in fits or not fits)]
     return (by_width or fits or [default_family().name])[0]

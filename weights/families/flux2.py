@@ -104,8 +104,11 @@ FLUX2 = Family(
     rules=lambda cfg: flux2_rules(cfg.depth, cfg.depth_single_blocks, cfg.guidance_embed),
     diffusers_rules=diffusers_rules, split_sizes=lambda cfg: flux2_split_sizes,
     lora_names=lambda stems: flux2_lora_names(*block_counts(stems)),
-    # widths only FLUX.2 layers have: klein 4B's MLP (9216), dev's width and MLP (6144, 18432)
-    lora_widths=frozenset({9216, 6144, 18432}),
+    # input widths (a LoRA down's) no FLUX.1 layer has: klein 4B's mlp.2 and txt_in (9216, 7680), klein 9B's linear2
+    # (16384), dev's width, mlp.2 and linear2 (6144, 18432, 24576). klein 9B's 4096 and 12288 are FLUX.1's txt_in and
+    # mlp.2 widths too, and klein 4B's 3072 is FLUX.1's: those LoRAs are told by their released shapes instead
+    # (weights/lora_alone.py read_lora_alone)
+    lora_widths=frozenset({9216, 7680, 16384, 6144, 18432, 24576}),
     architecture="flux-2", implementation="https://github.com/black-forest-labs/flux2",
     kohya_module="networks.lora_flux_2", kohya_base="flux2", base_architecture=base_architecture,
     diffusers_kohya_drops=(), describe=describe,
