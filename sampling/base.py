@@ -53,6 +53,9 @@ class Pipeline:
     # `generate` flags only this family reads, (flag, args attribute): another family's model refuses them
     own_flags: tuple[tuple[str, str], ...] = ()
     flag_hint: str = ""  # said when another family's flag is refused for this family's model
+    # flags several other families read and this one does not (its parts are others): refused too
+    unread_flags: tuple[tuple[str, str], ...] = ()
+    unread_hint: str = ""
     needed_files: tuple[str, ...] = ()  # the text-encoder files (DistillConfig fields) a training cache needs
 
     def __init__(self, sources, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

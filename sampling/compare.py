@@ -26,7 +26,7 @@ from weights.lora import Recommended
 from weights.lora_merge import lora_spec
 
 from .base import COMPONENT_FILES, pipeline_from_args
-from .demo import ASSETS, DEMO_FOLDER
+from .demo import ASSETS, DEMO_FOLDER, demo_lora
 from .flags import build_parser
 from .job import check_args, check_job, check_sizes, render, resolve, with_demo_defaults
 from .options import RUN_OPTIONS
@@ -67,7 +67,8 @@ class Session:
         for d in self.lora_dirs:
             if not d.is_dir():
                 raise WeightsError(f"--lora-dir {d}: no such folder")
-        self.launch_loras = [Path(lora_spec(s)[0]).expanduser().resolve() for s in args.lora]
+        # `--lora demo` is the shipped SCFM LoRA, as for generate
+        self.launch_loras = [Path(lora_spec(demo_lora(s))[0]).expanduser().resolve() for s in args.lora]
         self.out = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="scfm-app-"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.family = detect_family(Path(self.model))

@@ -101,6 +101,9 @@ class Flux2KleinPipeline(Pipeline):
     # klein base's teacher data at its own defaults: real CFG 4 (u + g (c - u)) over 50 steps
     teacher_defaults = {"steps": 50, "guidance": 4.0}
     own_flags = (("--qwen", "qwen"), ("--qwen-tokenizer", "qwen_tokenizer"), ("--variant", "variant"))
+    unread_flags = (("--clip", "clip"), ("--t5", "t5"), ("--clip-tokenizer", "clip_tokenizer"),
+                    ("--t5-tokenizer", "t5_tokenizer"))
+    unread_hint = "its text encoder is Qwen3: --qwen and --qwen-tokenizer (or a pipeline folder)"
     needed_files = ("qwen", "qwen_tokenizer")
 
     @classmethod

@@ -193,6 +193,10 @@ def lora_records(loras: list[tuple[str, float]]) -> list[dict]:
 def check_family_flags(args, family: Family | str) -> None:
     """A flag only another family reads would be ignored silently; refuse it instead."""
     family = get_family(family)
+    pipeline = family.part("pipeline")
+    unread = [flag for flag, attr in pipeline.unread_flags if getattr(args, attr, None)]
+    if unread:
+        raise ValueError(f"{', '.join(unread)}: {article(family.title)} model has no such part; {pipeline.unread_hint}")
     for other in families():
         if other is family or "pipeline" not in other.parts:
             continue

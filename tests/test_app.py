@@ -96,6 +96,8 @@ def test_refusals_are_the_clis_lines_and_no_file_outside_the_launch_folders_is_r
     assert str(tmp_path / "loras" / "sd3.safetensors") in app.lora_files()
     args = build_parser().parse_args([])
     assert (args.host, args.share) == ("127.0.0.1", False)  # never on the network unless asked
+    launched = Session(build_parser().parse_args(["--lora", "demo", "--out", str(tmp_path / "demo-out")]))
+    assert launched.launch_loras == [DEMO_LORA.resolve()]  # `--lora demo`, as generate reads it
 
 
 def test_a_sweep_is_one_labelled_grid_of_the_columns_it_varies(tmp_path):

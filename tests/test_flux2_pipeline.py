@@ -98,7 +98,8 @@ def test_generate_writes_the_klein_image(folders, tmp_path, capsys):
     # CFG on the distilled klein would do nothing: refused in one line (diffusers warns and drops it)
     for extra, why in ((["--cfg", "4"], "the distilled klein samples without CFG"),
                        (["--negative-prompt", "blurry"], "the distilled klein samples without CFG"),
-                       (["--cfg", "4", "--guidance", "3"], "--cfg and --guidance name the same scale")):
+                       (["--cfg", "4", "--guidance", "3"], "--cfg and --guidance name the same scale"),
+                       (["--t5", str(folder)], "--t5: a FLUX.2 model has no such part; its text encoder is Qwen3")):
         assert main(["--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--width", str(SIZE), "--height",
                      str(SIZE), "--out", str(tmp_path / "cfg.png"), *extra]) == 2
         assert why in capsys.readouterr().err
