@@ -43,8 +43,8 @@ class Qwen3Config(PresetConfig):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.num_attention_heads} attention heads are not a multiple of "
                              f"{self.num_key_value_heads} key / value heads")
-        if not self.taps or not 0 < max(self.taps) <= self.num_hidden_layers:
-            raise ValueError(f"taps {self.taps} must lie in 1..{self.num_hidden_layers}")
+        if not self.taps or min(self.taps) < 0 or max(self.taps) > self.num_hidden_layers:
+            raise ValueError(f"taps {self.taps} must lie in 0..{self.num_hidden_layers} (0: the embeddings)")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even (RoPE rotates halves)")
 
@@ -155,7 +155,7 @@ class Qwen3TextEncoder(nn.Module):
         if attention_mask is not None:  # and no padded key (right padding: every row keeps key 0)
             allowed = allowed[None] & attention_mask.bool()[:, None, :]
         mask = allowed[:, None] if allowed.ndim == 3 else allowed  # (B, 1, L, L) or (L, L)
-        taps = {}
+        taps = {0: x}  # hidden_states[0], as transformers counts them: the embeddings
         for i, layer in enumerate(self.model.layers, start=1):
             x = layer(x, cos, sin, mask)
             if i in self.config.taps:

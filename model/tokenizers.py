@@ -174,9 +174,13 @@ class T5Tokenizer:
             tok = Tokenizer.from_file(str(path))
             tok.no_truncation()
             tok.no_padding()
+            eos, pad = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
+            if eos is None or pad is None:  # CLIP's or Qwen's tokenizer.json, say: it would fail at the first prompt
+                raise ValueError(f"{path}: not a T5 tokenizer (no </s> or <pad> token); pass T5's tokenizer.json or "
+                                 "spiece.model (a pipeline's tokenizer_2/ for FLUX.1, tokenizer_3/ for SD3)")
             # tokenizer.json's post-processor already appends </s>.
             return cls(lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=True)],
-                       max_length=max_length, eos_id=tok.token_to_id("</s>"), pad_id=tok.token_to_id("<pad>"))
+                       max_length=max_length, eos_id=eos, pad_id=pad)
         return cls(_sentencepiece_encoder(path), max_length=max_length)
 
     def __call__(self, prompts: str | Sequence[str], max_length: int | None = None) -> torch.Tensor:

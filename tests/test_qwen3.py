@@ -35,10 +35,10 @@ def batch():
     return ids, mask
 
 
-def taps(ref, ids, mask):
+def taps(ref, ids, mask, which=(9, 18, 27)):
     with torch.no_grad():
         hidden = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    return torch.cat([hidden[t] for t in (9, 18, 27)], dim=-1)
+    return torch.cat([hidden[t] for t in which], dim=-1)
 
 
 def close(got, want):
@@ -56,6 +56,19 @@ def test_taps_equal_transformers_on_every_position(tied, attention):
     ids, mask = batch()
     with torch.no_grad():
         close(ours(ids, mask), taps(ref, ids, mask))
+
+
+def test_tap_0_is_the_embeddings_as_transformers_counts_hidden_states():
+    from dataclasses import replace
+
+    ref = reference(False)
+    ours = Qwen3TextEncoder(replace(TINY, taps=(0, 3))).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k in ours.state_dict()}, strict=True)
+    ids, mask = batch()
+    with torch.no_grad():
+        close(ours(ids, mask), taps(ref, ids, mask, (0, 3)))
+    with pytest.raises(ValueError, match=r"must lie in 0..28 \(0: the embeddings\)"):
+        replace(TINY, taps=(-1, 3))
 
 
 def test_loading_folders_and_single_files(tmp_path):

@@ -114,5 +114,8 @@ def test_tokenizer_bad_inputs(tmp_path):
         CLIPTokenizer.load(tmp_path)
     with pytest.raises(FileNotFoundError, match="spiece.model"):
         T5Tokenizer.load(tmp_path)
+    hf_clip_tokenizer("!").save_pretrained(tmp_path / "clip")  # CLIP's tokenizer.json where T5's belongs
+    with pytest.raises(ValueError, match="not a T5 tokenizer \\(no </s> or <pad> token\\)"):
+        T5Tokenizer.load(tmp_path / "clip" / "tokenizer.json")
     with pytest.raises(TypeError, match="list of strings"):
         ours_clip_tokenizer()(["ok", 3])
