@@ -92,8 +92,14 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         except torch.OutOfMemoryError:
             tip = "" if cfg.fp8_storage else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
             raise TrainingError(f"out of GPU memory loading the model{tip}") from None
-        trainer = Trainer(cfg, model, cache, device=device, on_step=on_step)
-        trainer.run()
+        try:
+            trainer = Trainer(cfg, model, cache, device=device, on_step=on_step)
+            trainer.run()  # a step's own out-of-memory is its one line already (Trainer.out_of_memory)
+        except torch.OutOfMemoryError:  # the sets and optimizer, a sample image, a checkpoint's gathering
+            raise TrainingError("out of GPU memory outside a training step (setting up the LoRA sets, sampling "
+                                "images or writing a checkpoint); checkpoints written so far are intact: add "
+                                "--fp8_base or --blocks_to_swap N, or lower --sample_size / --sample_every 0, then "
+                                "--resume") from None
         state = set_state_dict(trainer.model, cfg.export_set)  # on every process: a sharded set is gathered
         if rank != 0:
             return []

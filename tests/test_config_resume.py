@@ -204,6 +204,16 @@ def test_resume_needs_only_the_output_and_refuses_another_run_in_one_line(tmp_pa
     assert snapshot(out) == before
 
 
+def test_out_of_memory_outside_a_step_is_one_line(tmp_path, capsys, cli, monkeypatch):
+    def sample(self, step):  # a sample image that does not fit beside the training state
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "sample", sample)
+    assert main([*cli, "--output", str(tmp_path / "o"), "--sample_every", "1"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar's line
+    assert last.startswith("error: out of GPU memory outside a training step") and "Traceback" not in last
+
+
 def test_resume_refuses_another_objective_model_or_training_data(tmp_path):
     cfg = config(tmp_path, steps=2, checkpoint_every=0)
     trainer(tmp_path, cfg).run()
