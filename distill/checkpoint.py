@@ -17,7 +17,6 @@ one a lower-lr `--resume` can continue from. A write that fails (a full disk) le
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -27,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from weights.atomic import atomic_path, temp_beside, temp_writer_gone
+from weights.atomic import atomic_path, durable_replace, temp_beside, temp_writer_gone
 from weights.io import file_sha256
 
 from .config import DistillConfig, flat_fields
@@ -78,14 +77,6 @@ def _kept(root: Path) -> str:
     return f"{found[-1]} is kept" if found else f"no earlier checkpoint in {root} (--resume starts at step 0)"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: dict, keep: int) -> Path:
     """Write `root/step-{step}` atomically, then delete all but the newest `keep` complete checkpoints.
     CheckpointError (one line) for non-finite tensors or a failed write; the previous checkpoints stay."""
@@ -100,12 +91,9 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(t))
         state = {**state, "step": step, "tensors_sha256": file_sha256(tensor_file)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for f in (tensor_file, tmp / "state.json", tmp):
-            _fsync(f)  # contents on disk before the rename makes them visible
         if final.exists():  # the same step written again (e.g. a resumed run): replace it
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
+        durable_replace(tmp, final)  # its files on the disk before the rename makes them visible, root's after
     except OSError as e:  # a full disk, a folder made read-only meanwhile: the run stops, its checkpoints stay
         raise CheckpointError(f"step {step}: checkpoint not written to {root} ({e.strerror or e}); "
                               f"{_kept(root)}: free some space (or fix the folder), then --resume") from None

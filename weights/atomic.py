@@ -1,9 +1,12 @@
 """Atomic writes: every file scfm writes goes through a temp file beside it and a rename, so a crash never leaves
 half a file under the final name; the temp is made with the user's umask, and names its host and process so that
-what a killed write left is removed later without touching a live writer's."""
+what a killed write left is removed later without touching a live writer's. The rename is made durable too
+(`durable_replace`): the data is on the disk before it, the folder entry after it, so a power loss cannot leave an
+empty file under the final name either."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -123,7 +126,8 @@ def temp_beside(path: Path, *, folder: bool = False) -> Path:
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temp file beside `path` (see `temp_beside`) for the block to write; renamed onto `path` when the block
-    ends, deleted if it raises, so a crash never leaves half a file under the final name. The file keeps the
+    ends (flushed to the disk before and after, see `durable_replace`), deleted if it raises or the flush fails,
+    so neither a crash nor a power loss leaves half a file under the final name. The file keeps the
     mode the umask gave the temp file even when the block's writer replaced it: safetensors' save_file writes
     its own 0600 file."""
     path = Path(path)
@@ -134,7 +138,64 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush one file's data and metadata (its size, its mode) to the disk, by name; OSError when they cannot be
+    written (a full disk that delayed allocation, as in ext4 and XFS, only finds out now)."""
+    # POSIX fsync takes a read-only descriptor, which also opens a file the umask left read-only (0444); Windows'
+    # fsync (_commit) needs a handle that may write.
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# fsync errors meaning "this file system does not sync folders" (some network and FUSE ones), not a failed write.
+_NO_DIR_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it, a new or removed name) to the disk. A rename lives in its
+    folder, not in the file: until the folder is flushed a power loss can undo it, and a write reported done is
+    gone, along with whatever its caller removed in the belief that it was safe (a source, older checkpoints).
+
+    Best effort where there is nothing to flush: Windows cannot open a folder (and NTFS journals the rename
+    itself), a folder without read permission cannot be opened, and some file systems refuse to sync one."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except PermissionError:
+        return  # a write-only folder (mode 0300): the rename stands, only its durability is not ours to force
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _NO_DIR_SYNC:
+            raise  # EIO: the disk failed; say so rather than report a write that may not survive
+    finally:
+        os.close(fd)
+
+
+def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """`os.replace(tmp, path)` that a power loss cannot leave half done. The temp file (or every file and folder
+    in a temp folder) is flushed first: file systems that write data late (ext4, XFS) may put the rename on the
+    disk before the data, leaving an empty or partial file under the final name, and the file it replaced
+    already gone. The folder holding `path` is flushed after, so that the rename itself is on the disk when this
+    returns (see `fsync_dir`). On OSError before the rename, `path` is untouched and `tmp` is the caller's."""
+    tmp, path = Path(tmp), Path(path)
+    if tmp.is_dir() and not tmp.is_symlink():
+        for root, _, files in os.walk(tmp, topdown=False):  # innermost first, each folder after its files
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):  # a link's target is not ours to flush
+                    fsync_path(os.path.join(root, name))
+            fsync_dir(root)
+    else:
+        fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -129,17 +129,25 @@ def _parse_header(path: Path, raw: bytes, data_bytes: int) -> dict:
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of one model folder: the shards named by an index, or the single file."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
+    names: list[str] = []
     if indexes:
         try:
             index = json.loads(indexes[0].read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 text
             raise WeightsError(f"{indexes[0]}: unreadable index ({e}); re-download the model folder") from None
-        names = sorted(set(index.get("weight_map", {}).values()))
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n for n in weight_map.values()):
+            raise WeightsError(f"{indexes[0]}: damaged index (not {{\"weight_map\": {{tensor: file name}}}}); "
+                               "re-download it, or delete it to load the folder's .safetensors files")
+        names = sorted(set(weight_map.values()))
+    if names:
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise WeightsError(f"{folder}: shards listed in {indexes[0].name} are missing: {missing[:3]}")
         return files
+    # no index, or one naming no file (a stub beside a single model.safetensors): the folder's files, as
+    # transformers and diffusers read a folder whose index is absent
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -252,13 +260,17 @@ def iter_tensors(
 
 
 def config_from_metadata(metadata: dict[str, str]) -> dict | None:
+    """The object our savers write under CONFIG_METADATA_KEY; None when it is absent or damaged (not a JSON
+    object), so that the config comes from the next source (the key shapes) as for a file without one. Its
+    fields are not checked here: the loaders turn a bad one into a WeightsError."""
     raw = metadata.get(CONFIG_METADATA_KEY)
     if raw is None:
         return None
     try:
-        return json.loads(raw)
+        stored = json.loads(raw)
     except json.JSONDecodeError:
         return None
+    return stored if isinstance(stored, dict) else None
 
 
 class TensorReader:
@@ -321,9 +333,13 @@ def read_config_json(folder: Path) -> dict | None:
     if not (folder / "config.json").exists():
         return None
     try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 text
         raise WeightsError(f"{folder / 'config.json'}: unreadable ({e}); fix or delete it") from None
+    if not isinstance(config, dict):  # every reader looks fields up in it
+        raise WeightsError(f"{folder / 'config.json'}: not a JSON object (a {type(config).__name__}); "
+                           "fix or delete it")
+    return config
 
 
 def model_files(source: str | os.PathLike, subfolder: str) -> tuple[list[Path], dict | None]:

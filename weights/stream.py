@@ -10,7 +10,7 @@ which a conversion knows before it reads any tensor (run it once on meta tensors
     data      every tensor's raw little-endian bytes, back to back in header order, no gaps
 
 Peak memory is the tensor being written. Files appear atomically: written to a temp file beside the target
-and renamed into place only once complete.
+and renamed into place only once complete and flushed to the disk (weights/atomic.py `durable_replace`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import remove_stale_temps, temp_beside
+from .atomic import durable_replace, remove_stale_temps, temp_beside
 from .io import WeightsError
 
 DTYPE_NAMES = {
@@ -43,18 +43,30 @@ def nbytes(dtype: torch.dtype, shape) -> int:
 
 
 def encode_header(plan: list[Spec], metadata: dict[str, str] | None) -> bytes:
-    """The length prefix and padded JSON header for tensors written in `plan` order."""
+    """The length prefix and padded JSON header for tensors written in `plan` order; WeightsError (one line, the
+    first bad entry and the fix) for what safetensors cannot hold."""
     header: dict[str, dict] = {}
     if metadata:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise ValueError("safetensors metadata must map str to str")
+        for k, v in metadata.items():
+            if not (isinstance(k, str) and isinstance(v, str)):
+                bad = f"key {k!r} ({type(k).__name__}, not str)" if not isinstance(k, str) else \
+                    f"{k!r} = {v!r:.40} ({type(v).__name__}, not str)"
+                raise WeightsError(f"metadata {bad}; safetensors metadata maps str to str: pass str() or "
+                                   "json.dumps() of it")
         header["__metadata__"] = dict(metadata)
     offset = 0
     for key, dtype, shape in plan:
+        if not isinstance(key, str) or key == "__metadata__":
+            raise WeightsError(f"tensor key {key!r} cannot be written: a key is a str other than __metadata__, "
+                               "which safetensors reserves; rename the tensor")
         if key in header:
-            raise ValueError(f"duplicate tensor key {key!r}")
+            raise WeightsError(f"tensor key {key!r} is planned twice; a file holds each key once: drop or rename "
+                               "the second")
         if dtype not in DTYPE_NAMES:
-            raise ValueError(f"{key}: dtype {dtype} has no safetensors name")
+            raise WeightsError(f"tensor {key}: dtype {dtype} has no safetensors name; cast it to one of "
+                               f"{', '.join(str(d).removeprefix('torch.') for d in DTYPE_NAMES)}")
+        if not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise WeightsError(f"tensor {key}: shape {list(shape)} is not a list of sizes >= 0; fix the plan")
         size = nbytes(dtype, shape)
         header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
                        "data_offsets": [offset, offset + size]}
@@ -80,11 +92,20 @@ class StreamWriter:
 
     def __init__(self, path: str | os.PathLike, plan: list[Spec], metadata: dict[str, str] | None = None):
         self.path, self.plan, self._next = Path(path), list(plan), 0
+        try:  # checked before the temp file exists: an error raised out of __init__ reaches no abort()
+            header = encode_header(self.plan, metadata)
+        except WeightsError as e:
+            raise WeightsError(f"{self.path}: {e}") from None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.path)  # what a killed write of this same file left
         self._tmp = temp_beside(self.path)  # the user's umask, unlike mkstemp's 0600
-        self._f = open(self._tmp, "wb")  # noqa: SIM115  (closed by close() or abort())
-        self._f.write(encode_header(self.plan, metadata))
+        self._f = None
+        try:
+            self._f = open(self._tmp, "wb")  # noqa: SIM115  (closed by close() or abort())
+            self._f.write(header)
+        except BaseException:  # a full disk, an interrupt: no caller holds the writer to abort it
+            self.abort()
+            raise
 
     def write(self, key: str, t: torch.Tensor) -> None:
         if self._next >= len(self.plan):
@@ -101,14 +122,16 @@ class StreamWriter:
             self.abort()
             missing = len(self.plan) - self._next
             raise WeightsError(f"{self.path}: {missing} planned tensors were never written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._f.close()
+            durable_replace(self._tmp, self.path)  # data on the disk, renamed, the rename on the disk
+        except BaseException:  # a full disk at the flush: the temp goes (a no-op once renamed), `path` stays
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:
-        if not self._f.closed:
+        if self._f is not None and not self._f.closed:
             self._f.close()
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)

@@ -35,30 +35,64 @@ from .io import (
 )
 from .keymaps import official_shapes, to_official, to_others
 
+# Where a config read from the checkpoint came from, and how to mend it, for the one-line errors.
+_FROM_JSON = ("its config.json", "fix or delete the config.json, or pass config=")
+_FROM_METADATA = (f"its metadata ({CONFIG_METADATA_KEY})", "re-export the file, or pass config=")
+_FROM_SHAPES = ("its key shapes", "pass config=")
+
+
+def _bad_config(family: Family, source: str, origin: tuple[str, str], problem: str) -> WeightsError:
+    return WeightsError(f"{source}: the {family.title} config from {origin[0]} {problem}; {origin[1]}")
+
+
+def _config_and_origin(family: Family, config, config_json: dict | None, metadata: dict[str, str], shapes,
+                       source: str):
+    """(`resolve_config`'s config, (where it came from, the fix)), the latter None for the caller's `config=`."""
+    if isinstance(config, str):
+        return family.config_class.preset(config), None
+    if config is not None:
+        return config, None
+    if config_json is not None:
+        try:
+            return family.config_from_diffusers(config_json), _FROM_JSON
+        except WeightsError:
+            raise  # already one line that names the problem
+        except (TypeError, ValueError) as e:  # a field of the wrong type: "24" for a head count, a list
+            raise _bad_config(family, source, _FROM_JSON, f"is invalid ({e})") from None
+    meta = config_from_metadata(metadata)
+    if meta is not None and meta.get("family") in family.spellings:
+        stored = meta.get("config")
+        if not isinstance(stored, dict):
+            raise _bad_config(family, source, _FROM_METADATA, f"is a {type(stored).__name__}, not an object")
+        try:
+            return family.config_class.from_dict(stored), _FROM_METADATA
+        except (TypeError, ValueError) as e:  # the config class's own checks
+            raise _bad_config(family, source, _FROM_METADATA, f"is invalid ({e})") from None
+    return family.infer_config(shapes, source), _FROM_SHAPES
+
 
 def resolve_config(family: Family, config, config_json: dict | None, metadata: dict[str, str], shapes,
                    source: str):
     """The model config, from (in order): `config=` (an instance or a preset name), a diffusers config.json, the
     config our savers write into the file's metadata (any spelling of the family), and the key names and
-    shapes."""
-    if isinstance(config, str):
-        return family.config_class.preset(config)
-    if config is not None:
-        return config
-    if config_json is not None:
-        return family.config_from_diffusers(config_json)
-    meta = config_from_metadata(metadata)
-    if meta is not None and meta.get("family") in family.spellings:
-        return family.config_class.from_dict(meta["config"])
-    return family.infer_config(shapes, source)
+    shapes. WeightsError (one line, naming the source) for a config.json or stored config that is damaged."""
+    return _config_and_origin(family, config, config_json, metadata, shapes, source)[0]
 
 
 def meta_model(family: Family, config, config_json: dict | None, metadata: dict[str, str], shapes, source: str,
                layout: str) -> nn.Module:
     """The model its config resolves to (`resolve_config`), built on the meta device, with the checkpoint's
     official `shapes` checked against it: every check before a tensor is read, for loading and conversion alike."""
-    with torch.device("meta"):
-        model = family.model_class(resolve_config(family, config, config_json, metadata, shapes, source))
+    cfg, origin = _config_and_origin(family, config, config_json, metadata, shapes, source)
+    try:
+        with torch.device("meta"):
+            model = family.model_class(cfg)
+    except (TypeError, ValueError) as e:
+        # The config classes hold any value; the model is what checks them (a width its heads do not divide,
+        # "2" for a depth). From the checkpoint, that is damaged input; the caller's own config= is theirs.
+        if origin is None or isinstance(e, WeightsError):
+            raise
+        raise _bad_config(family, source, origin, f"is invalid ({e})") from None
     check_keys_and_shapes(model, shapes, source=source,
                           layout=f"{family.official_name if layout == 'official' else layout} {family.title}")
     return model
