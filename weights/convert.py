@@ -28,7 +28,7 @@ from model.vae import AutoEncoder, VAEConfig
 
 from . import vae as vae_io
 from .assign import check_keys_and_shapes
-from .atomic import remove_stale_temps, temp_beside
+from .atomic import durable_replace, remove_stale_temps, temp_beside
 from .families import checkpoint_family, families, reads
 from .family import Family
 from .io import (
@@ -283,10 +283,10 @@ def _replace(tmp: Path, out: Path) -> None:
     if out.exists() and (out.is_dir() or tmp.is_dir()):
         old = temp_beside(out, folder=True)
         os.replace(out, old / "x")
-        os.replace(tmp, out)
+        durable_replace(tmp, out)  # on the disk (files, then the rename) before the old OUT goes
         shutil.rmtree(old)
     else:
-        os.replace(tmp, out)
+        durable_replace(tmp, out)
 
 
 def shard(plan: list[Spec], max_bytes: int) -> list[list[Spec]]:
