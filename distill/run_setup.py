@@ -104,6 +104,8 @@ def cache_key(cfg: DistillConfig, family: Family | None = None) -> dict:
     names += tuple(k for k in family.part("pipeline").needed_files if k not in names)
     files = {k: file_identity(getattr(cfg, k)) for k in names}
     key = {**files, "t5_length": cfg.t5_length, "resolution": cfg.resolution, "dtype": cfg.dtype}
+    if cfg.dtype == "fp16" and "t5" in names:  # since 2026-12-05 an fp16 T5 keeps `wo` in fp32, as transformers
+        key["t5_wo"] = "fp32"  # does: fp16 embeddings cached before are another model's (other keys keep theirs)
     records = text_lora_records(cfg)
     return key | {"text_loras": records} if records else key  # without them, a cache keeps its old key
 

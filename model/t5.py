@@ -9,7 +9,12 @@ Differences from a textbook transformer, all of which the checkpoints depend on:
 - one relative position bias, computed by block 0 from bucketed key-query distances and reused by every block;
 - RMSNorm without mean subtraction or bias;
 - gated tanh-GELU feed-forward, no biases anywhere;
-- fp16 activations are clamped after each sub-layer, since fp16 T5-XXL overflows to inf without it.
+- fp16 activations are clamped after each sub-layer, since fp16 T5-XXL overflows to inf without it;
+- loaded in fp16 (weights/text.py load_t5), every feed-forward output projection `wo` stays fp32, as
+  transformers' from_pretrained(dtype=float16) keeps it (`_keep_in_fp32_modules`): its input is cast to fp32
+  and its fp32 output promotes the residual stream to fp32 from block 0's feed-forward on, so the clamp no
+  longer fires and the norms round to fp16 only on their way into the fp16 layers. A model cast whole to fp16
+  (`.half()`) runs all in fp16 with the clamp, as transformers' `.half()` does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
+from .kernels.rmsnorm import rms_norm_diffusers_reference
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,13 @@ class T5LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # T5's RMSNorm: variance in fp32, normalised value rounded to the (half-precision) weight dtype before
-        # the scale multiply. With x and weight in one dtype (how we build models) this is exactly the shared
-        # kernel.
-        return kernels.rms_norm(x, self.weight, self.eps)
+        # T5's RMSNorm: variance in fp32, normalised value rounded to the weight dtype before the scale multiply
+        # when the weight is fp16/bf16 (an fp32 weight keeps it fp32). With x and weight in one dtype that is
+        # exactly the shared kernel; an fp16 model whose `wo` is fp32 feeds fp32 x to fp16 weights, and there the
+        # rounding goes to the weight's dtype (diffusers' RMSNorm rule, the same as transformers' T5LayerNorm).
+        if x.dtype == self.weight.dtype:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return rms_norm_diffusers_reference(x, self.weight, self.eps)
 
 
 class T5Attention(nn.Module):
@@ -138,7 +147,13 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # "gated-gelu" in T5 v1.1 is the tanh approximation (transformers' gelu_new), not exact erf GELU.
-        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+        h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
+        # An fp32 `wo` in an fp16 model (how load_t5 loads fp16, as transformers does) takes its input in fp32:
+        # wo's output is where fp16 T5-XXL overflows. transformers casts to wo's dtype whenever the two differ
+        # (int8 weights excepted; fp8 ones here).
+        if h.dtype != self.wo.weight.dtype and self.wo.weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
 
 
 class T5LayerFF(nn.Module):

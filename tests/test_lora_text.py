@@ -149,13 +149,15 @@ def test_train_caches_embeddings_with_the_text_part_and_keys_the_cache_by_it(flu
             "device": "cpu", "t5_length": T5_LEN}
 
     def key(*loras, **kw):
-        return cache_key(DistillConfig.from_flat(**base, base_loras=loras, **kw))
+        return cache_key(DistillConfig.from_flat(**{**base, **kw}, base_loras=loras))
 
     half, more = key(f"{style}:0.5"), key(f"{style}:0.8")
     assert half != more and [r["scale"] for r in half["text_loras"]] == [0.5]
     assert half["text_loras"][0]["file"] == "style.safetensors" and len(half["text_loras"][0]["sha256"]) == 64
     # no text part applied, no entry: such caches keep the key they had before
     assert key() == key(f"{unet_only}:0.5") == key(f"{style}:0.5", ignore_te_lora=True)
+    # an fp16 T5 computes `wo` in fp32 since 2026-12-05: fp16 caches from before are not reused; others keep theirs
+    assert key(dtype="fp16")["t5_wo"] == "fp32" and "t5_wo" not in key() and "t5_wo" not in key(dtype="bf16")
     assert vars(build_parser().parse_args(["--ignore-te-lora"]))["ignore_te_lora"] is True
 
     # the embeddings the cache is built from are the pipeline's, the CLIP-L part merged

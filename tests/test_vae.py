@@ -10,9 +10,13 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
 
+from model.flux import FLUX_CONFIGS, Flux
+from model.t5 import T5_CONFIGS, T5Encoder
 from model.vae import VAE_CONFIGS, AutoEncoder, VAEConfig, denormalize_latents, normalize_latents, tiled_apply
 from weights.io import WeightsError
 from weights.keymaps.vae import diffusers_to_ours, ours_to_diffusers
+from weights.text import load_t5
+from weights.transformer import transformer_state_dict
 from weights.vae import load_vae
 
 LEVELS = 3
@@ -111,15 +115,43 @@ def test_ldm_config_inferred_from_shapes(tmp_path):
     assert load_vae(tmp_path / "ae.safetensors").config == VAE_CONFIGS["tiny"]  # BFL files are Flux
 
 
-def test_sai_single_file_prefix(tmp_path):
+# the scfm_config of a transformer, as convert.py merge writes it into an all-in-one file it merged LoRAs into
+TRANSFORMER_META = {"scfm_config": json.dumps({"family": "flux", "config": FLUX_CONFIGS["tiny"].to_dict()})}
+
+
+@pytest.mark.parametrize("metadata", [None, TRANSFORMER_META], ids=["as-saved", "lora-merged"])
+def test_sai_single_file_prefix(tmp_path, metadata):
     ldm = ldm_state_dict(0.02)
     single = {f"first_stage_model.{k}": v for k, v in ldm.items()}
     single["model.diffusion_model.x_embedder.proj.weight"] = torch.zeros(4, 16, 2, 2)  # the transformer is skipped
-    save_file(single, tmp_path / "sd3.5_tiny.safetensors")
+    save_file(single, tmp_path / "sd3.5_tiny.safetensors", metadata=metadata)
     ours = load_vae(tmp_path / "sd3.5_tiny.safetensors")
     assert ours.config.scale_factor == 1.5305 and ours.config.shift_factor == 0.0609  # SAI files are SD3.5
     for k, v in ours.state_dict().items():
         assert torch.equal(v, ldm[k]), k
+
+
+@pytest.mark.parametrize("metadata", [None, TRANSFORMER_META], ids=["as-saved", "lora-merged"])
+def test_comfyui_flux_all_in_one_file(tmp_path, metadata):
+    """ComfyUI's all-in-one FLUX.1 checkpoints (its Flux model class: the transformer under model.diffusion_model.,
+    the VAE under vae., the text encoders under text_encoders.): the VAE loads as from ae.safetensors alone, config
+    (FLUX.1's latent scaling) included."""
+    ldm = ldm_state_dict(0.02)
+    save_file(ldm, tmp_path / "ae.safetensors")
+    want = load_vae(tmp_path / "ae.safetensors")
+    t5 = {k: v.contiguous() for k, v in T5Encoder(T5_CONFIGS["tiny"]).state_dict().items()}
+    aio = {"model.diffusion_model." + k: v.contiguous()
+           for k, v in transformer_state_dict(Flux(FLUX_CONFIGS["tiny"])).items()}
+    aio |= {"vae." + k: v for k, v in ldm.items()}
+    aio |= {"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()}
+    save_file(aio, tmp_path / "flux1-dev-aio.safetensors", metadata=metadata)
+    ours = load_vae(tmp_path / "flux1-dev-aio.safetensors")
+    assert ours.config == want.config == VAE_CONFIGS["tiny"]  # FLUX.1's scale / shift, as BFL's file
+    assert ours.state_dict().keys() == want.state_dict().keys()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, want.state_dict()[k]), k
+    # the text encoder beside it reads from the same file
+    assert all(torch.equal(v, t5[k]) for k, v in load_t5(tmp_path / "flux1-dev-aio.safetensors").state_dict().items())
 
 
 def test_pipeline_folder_file_and_dtype(reference, tmp_path):

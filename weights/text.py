@@ -10,9 +10,9 @@ Accepted sources:
 
 Without a config.json the config is inferred from tensor shapes. Loading builds the model on the meta device,
 checks every key and shape from the headers, then streams tensors in one at a time, cast straight from the
-file dtype to the requested one: a bf16 T5-XXL from an fp16 file never has an fp32 copy. `loras=` (the
-text-encoder parts of LoRA files, weights/lora_text.py) are checked on the meta model and merged into each weight
-as it is read.
+file dtype to the requested one: a bf16 T5-XXL from an fp16 file never has an fp32 copy (an fp16 T5 keeps its
+feed-forward `wo` weights in fp32, as transformers does; see load_t5). `loras=` (the text-encoder parts of LoRA
+files, weights/lora_text.py) are checked on the meta model and merged into each weight as it is read.
 """
 
 from __future__ import annotations
@@ -110,16 +110,47 @@ def _infer(fn, shapes, source: str, what: str):
                            "incomplete, or pass config=") from None
 
 
-def _load(model_cls, config, files, plan, shapes, *, source, layout, dtype, device, loras=()):
+def _load(model_cls, config, files, plan, shapes, *, source, layout, dtype, device, loras=(), fp32_modules=()):
+    """`fp32_modules`: names of Linears whose weights load in fp32 whatever `dtype` is (T5's `wo` in fp16)."""
     with torch.device("meta"):
         model = model_cls(config)
     check_keys_and_shapes(model, _shapes_after(plan, shapes), source=source, layout=layout)
+    fp32_keys = {name + ".weight" for name in fp32_modules}
     tensors = _stream(files, plan)
     merge = text_lora_merger(model, loras)  # the LoRAs' names and shapes are checked here, before any read
     if merge is not None:
         # cast as assign_tensors would, then merge: the LoRA adds to the weight as loaded, rounded once
-        tensors = ((k, merge(k, t.to(device, dtype) if t.is_floating_point() else t)) for k, t in tensors)
-    return assign_tensors(model, tensors, dtype=dtype, device=device, source=source).eval()
+        tensors = ((k, merge(k, t.to(device, torch.float32 if k in fp32_keys else dtype))
+                    if t.is_floating_point() else t) for k, t in tensors)
+    if not fp32_modules:
+        return assign_tensors(model, tensors, dtype=dtype, device=device, source=source).eval()
+    # assign_tensors gives every tensor one dtype, so the fp32 Linears leave the model while it fills the rest
+    # and are filled apart, each weight cast once from the file dtype (never through the lower `dtype`).
+    apart = {name: model.get_submodule(name) for name in fp32_modules}
+    held: dict[str, torch.Tensor] = {}
+
+    def others():
+        for k, t in tensors:
+            if k in fp32_keys:
+                held[k] = t.to(device, torch.float32)
+            else:
+                yield k, t
+
+    parents = [(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in fp32_modules]
+    for parent, child in parents:
+        setattr(parent, child, None)  # a None child has no state_dict entries
+    try:
+        assign_tensors(model, others(), dtype=dtype, device=device, source=source)
+    finally:
+        for (parent, child), module in zip(parents, apart.values()):
+            setattr(parent, child, module)
+    for name, module in apart.items():
+        if torch.device(device).type == "meta":  # nothing is read on meta (as in assign_tensors): dtypes only
+            module.float()
+        else:
+            assign_tensors(module, [("weight", held[name + ".weight"])], dtype=torch.float32, device=device,
+                           source=source)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------- T5
@@ -163,7 +194,10 @@ def load_t5(source: str | os.PathLike, *, config: T5Config | None = None, dtype:
         clip_like = any("text_model." in k or "resblocks." in k for k in shapes)
         hint = " (this looks like a CLIP text encoder: use load_clip)" if clip_like else ""
         raise WeightsError(f"{source}: not a T5 encoder (no {_T5_ANCHOR}){hint}")
-    bare = {k[len(found):]: v for k, v in shapes.items() if k.startswith(found)}
+    # An encoder-decoder checkpoint (T5ForConditionalGeneration: google's t5-v1_1-xxl) also holds the decoder and
+    # the LM head; only the encoder is used, so those keys are left unread rather than reported as unexpected.
+    bare = {k[len(found):]: v for k, v in shapes.items()
+            if k.startswith(found) and not k[len(found):].startswith(("decoder.", "lm_head."))}
     if any(".DenseReluDense.wi." in k for k in bare):
         raise WeightsError(f"{source}: an original T5 (ReLU feed-forward); only T5 v1.1 (gated-GELU) is "
                            "supported")
@@ -176,8 +210,14 @@ def load_t5(source: str | os.PathLike, *, config: T5Config | None = None, dtype:
     if config is None:
         config = (t5_config_from_transformers(cfg_json) if cfg_json
                   else _infer(t5_config_from_shapes, bare, source, "T5"))
+    # In fp16, every `wo` stays fp32, as transformers' from_pretrained(dtype=float16) keeps it
+    # (`_keep_in_fp32_modules`, fp16 only, not bf16) and so as diffusers' Flux / SD3 pipelines run T5: fp16 T5-XXL
+    # overflows in the feed-forward output, and model/t5.py then runs its residual stream in fp32. Costs 2 bytes
+    # a parameter more on a fifth of the weights (2.0 GB for T5-XXL).
+    fp32_modules = ([f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(config.num_layers)]
+                    if dtype == torch.float16 else [])
     return _load(T5Encoder, config, files, plan, shapes, source=source, layout="transformers T5", dtype=dtype,
-                 device=device, loras=loras)
+                 device=device, loras=loras, fp32_modules=fp32_modules)
 
 
 # -------------------------------------------------------------------------------------------------- CLIP

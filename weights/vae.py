@@ -3,6 +3,8 @@
 Layouts, told apart by their keys:
 - `ldm`: BFL `ae.safetensors` (our parameter names, no key map);
 - `sai`: the VAE inside an SD3.5 single file, the same names under `first_stage_model.` (other keys are skipped);
+- `comfy`: the VAE inside a ComfyUI all-in-one FLUX.1 file, the same names under `vae.` (ComfyUI's Flux model class
+  saves its VAE there, the transformer under `model.diffusion_model.`, the text encoders under `text_encoders.`);
 - `diffusers`: `AutoencoderKL` names (`vae/` folder with `config.json`, a pipeline folder, or a file), mapped by
   `weights/keymaps/vae.py`.
 
@@ -25,6 +27,9 @@ from .io import WeightsError, config_from_metadata, iter_tensors, read_config_js
 from .keymaps.vae import diffusers_to_ours
 
 SAI_PREFIX = "first_stage_model."
+COMFY_PREFIX = "vae."
+# the layouts that hold ldm (our) names under a prefix, and the prefix
+PREFIXED = {"sai": SAI_PREFIX, "comfy": COMFY_PREFIX}
 
 # Keys that show a file is some other model, for a useful "wrong file" message (the transformers' come from
 # their families, weights/families).
@@ -59,6 +64,10 @@ def _resolve(source: Path) -> tuple[list[Path], dict | None]:
 def _detect_layout(keys: set[str], source: Path) -> str:
     if any(k.startswith(SAI_PREFIX) for k in keys):
         return "sai"
+    # before the "which other model is this" hints below: an all-in-one FLUX.1 file also holds the transformer
+    comfy_down = COMFY_PREFIX + "encoder.down."
+    if COMFY_PREFIX + "encoder.conv_in.weight" in keys and any(k.startswith(comfy_down) for k in keys):
+        return "comfy"
     if "encoder.conv_in.weight" in keys and any(k.startswith("encoder.down.") for k in keys):
         return "ldm"
     if any(k.startswith("encoder.down_blocks.") for k in keys):
@@ -116,7 +125,8 @@ def _config_from_shapes(shapes: dict[str, list[int]], layout: str, source: Path)
         raise WeightsError(f"{source}: incomplete VAE checkpoint (encoder/decoder keys missing)") from None
     if any(w % out_ch for w in widths):
         raise WeightsError(f"{source}: level widths {widths} are not multiples of {out_ch}; not a supported VAE")
-    # BFL's FLUX.2 file has the quant convs and the latent statistics; without, BFL's is FLUX.1's, SAI's SD3.5's
+    # BFL's FLUX.2 file has the quant convs and the latent statistics; without, BFL's (and ComfyUI's all-in-one, the
+    # VAE under vae.) is FLUX.1's, SAI's SD3.5's
     flux2 = "encoder.quant_conv.weight" in shapes and "bn.running_mean" in shapes
     preset = VAE_CONFIGS["flux2-ae" if flux2 else "sd3.5" if layout == "sai" else "flux1"]
     groups = preset.norm_groups if all(w % preset.norm_groups == 0 for w in widths) else 1
@@ -133,8 +143,8 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
     """Load the FLUX.1 / SD3.5 (16-channel) or FLUX.2 (32-channel) VAE; returns an `AutoEncoder` in eval mode with
     gradients off.
 
-    `config=None` takes the config from the file's metadata, the diffusers config.json, or the shapes (BFL files
-    are Flux, SAI files SD3.5). Raises a one-line `WeightsError` for anything it cannot load.
+    `config=None` takes the config from the file's metadata, the diffusers config.json, or the shapes (BFL files and
+    ComfyUI all-in-one files are Flux, SAI files SD3.5). Raises a one-line `WeightsError` for anything it cannot load.
     """
     source = Path(source)
     files, config_json = _resolve(source)
@@ -145,8 +155,9 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
     names: dict[str, tuple[str, object]] = {}
     if layout == "ldm":
         names = {k: (k, None) for k in header if k != _SKIPPED}
-    elif layout == "sai":
-        names = {k: (k[len(SAI_PREFIX):], None) for k in header if k.startswith(SAI_PREFIX)}
+    elif layout in PREFIXED:
+        prefix = PREFIXED[layout]
+        names = {k: (k[len(prefix):], None) for k in header if k.startswith(prefix) and k != prefix + _SKIPPED}
     else:
         levels = 1 + max(int(m.group(1)) for k in header if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
         for k in (k for k in header if k != _SKIPPED):
@@ -165,6 +176,10 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
 
     if config is None:
         from_metadata = config_from_metadata(metadata)
+        if isinstance(from_metadata, dict) and "family" in from_metadata:
+            # a transformer's config ({"family", "config"}): an all-in-one file that convert.py merged LoRAs into
+            # carries it; the VAE beside that transformer is inferred as in any all-in-one file
+            from_metadata = None
         if from_metadata is not None:
             from_metadata = {k: tuple(v) if isinstance(v, list) else v for k, v in from_metadata.items()}
             try:
