@@ -251,7 +251,8 @@ class DistillConfig:
     checkpoint_every: int = opt(200, "steps between checkpoints (0 = only at the end)")
     keep_checkpoints: int = opt(3, "keep the newest K checkpoints")
     resume: bool = opt(False, "continue from the newest complete checkpoint in <output>/checkpoints")
-    export_set: str = opt("live", "LoRA set to export at the end: 'live' or 'slow_ema'")
+    export_set: str = opt("live", "LoRA set to export at the end: live, slow_ema or fast_ema (the packaged "
+                                  "recipes: slow_ema)")
     export_formats: tuple[str, ...] = opt(("diffusers", "kohya"), "LoRA file layouts to export: diffusers "
                                           "(scfm-lora-SET.safetensors, loads in ComfyUI, Forge, diffusers), "
                                           "kohya (-kohya), ours (-scfm-only, read by scfm alone)")
@@ -267,6 +268,10 @@ class DistillConfig:
         for name in non_negative:
             if self.get(name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {self.get(name)}")
+        if self.micro_batch and self.batch_size % self.micro_batch:  # it must divide each process's share too
+            fits = max(d for d in range(1, min(self.micro_batch, self.batch_size) + 1) if self.batch_size % d == 0)
+            raise ConfigError(f"micro_batch {self.micro_batch} does not divide batch_size {self.batch_size}; pass a "
+                              f"divisor of it (--micro_batch {fits}, say)")
         for name, allowed in FLOAT_RANGES.items():
             value = self.get(name)
             if value not in allowed:

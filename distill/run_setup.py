@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,10 +36,11 @@ def setup_distributed(cfg: DistillConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def check_writable(folder: Path, fix: str) -> None:
+def check_writable(folder: Path, fix: str, need_bytes: int = 4 << 20) -> None:
     """Refuse, before minutes of loading and encoding, a folder the run could never write into: it (or, not made
-    yet, its nearest existing parent) must be a folder this user may write. Nothing is created. `fix`: the
-    advice ending the one-line ConfigError."""
+    yet, its nearest existing parent) must be a folder this user may write, on a disk with `need_bytes` free (a
+    lower bound: the demo run writes some 4 MB). Nothing is created. `fix`: the advice ending the one-line
+    ConfigError."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -47,6 +49,10 @@ def check_writable(folder: Path, fix: str) -> None:
     # os.access applies what a write would meet: permissions (root bypasses them) and a read-only file system
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{folder}: {existing} is not writable (permissions or a read-only disk); {fix}")
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise ConfigError(f"{folder}: {free / 1e6:.1f} MB free on its disk, the run needs more than "
+                          f"{need_bytes / 1e6:.0f} MB; free some space or {fix}")
 
 
 def resolve_demo(cfg: DistillConfig) -> DistillConfig:
@@ -77,7 +83,10 @@ def render_demo_data(cfg: DistillConfig) -> None:
         "--batch-size", "64", "--seed", str(cfg.seed), "--device", "cpu", "--dtype", "fp32",
         *[arg for spec in cfg.lora.base_loras for arg in ("--lora", spec)],  # the teacher renders with them
         *(["--ignore-te-lora"] if cfg.lora.ignore_te_lora else [])])
-    teacher_data.run(args)
+    try:
+        teacher_data.run(args)
+    except ValueError as e:  # make_dataset's one line (its data made with other settings, say), in train's words
+        raise ConfigError(str(e).replace("use another --out", "choose another --output")) from None
 
 
 def _is_test_model(cfg: DistillConfig) -> bool:

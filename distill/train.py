@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 from sampling.fields import add_dataclass_args
-from sampling.options import OneLineParser
+from sampling.options import OneLineParser, check_device
 from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
 
 from .checkpoint import checkpoints, newest_settings
-from .config import ConfigError, DistillConfig, build_config
+from .config import ConfigError, DistillConfig, build_config, presets
 from .data import DataError
 from .lora import set_state_dict
 from .lora_export import export_lora, export_paths
@@ -48,7 +48,7 @@ from .trainer import Stopped, Trainer, TrainingError
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m distill.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a TOML file, or a packaged preset name (flux-dev-scfm, sd35-large-scfm)")
+    p.add_argument("--config", help=f"a TOML file, or a packaged preset name ({', '.join(presets())})")
     add_dataclass_args(p.add_argument_group("config fields (override the file)"), DistillConfig)
     return p
 
@@ -69,6 +69,11 @@ def check_paths(cfg: DistillConfig) -> None:
 def run(cfg: DistillConfig, on_step=None) -> list[Path]:
     check_paths(cfg)
     check_writable(Path(cfg.output).expanduser(), "choose another --output")  # before the cache and model
+    if cfg.device != "auto":
+        try:  # a GPU this machine lacks: one line now, not an AttributeError from torch.cuda.set_device
+            check_device(cfg.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     device = setup_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
@@ -132,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except (ConfigError, DataError, WeightsError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk's own refusal mid-run (full, gone): what is written stays; --resume goes on
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; checkpoints written so far are intact: free some space (or fix "
+              "the folder), then --resume", file=sys.stderr)
         return 2
     return 0
 

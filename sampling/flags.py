@@ -24,7 +24,7 @@ class ModelFiles:
     """generate's model-file flags (the comparison app, sampling/app.py, and evaluate take them too)."""
 
     model: str | None = opt(None, "diffusers Flux / SD3 pipeline folder, or the transformer file or folder "
-                                  "(default: the built-in 64-px demo model, distill/demo)")
+                                  "(default: the built-in 64-px demo model, sampling/demo_assets/flux-demo)")
     vae: str | None = opt(None, "VAE file or diffusers vae/ folder (default: the pipeline folder's)")
     clip: str | None = opt(None, "CLIP-L file or folder (default: the pipeline folder's text_encoder/)")
     clip_g: str | None = opt(None, "SD3: CLIP-bigG file or folder (default: the pipeline folder's text_encoder_2/)")

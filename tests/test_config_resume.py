@@ -214,6 +214,33 @@ def test_out_of_memory_outside_a_step_is_one_line(tmp_path, capsys, cli, monkeyp
     assert last.startswith("error: out of GPU memory outside a training step") and "Traceback" not in last
 
 
+def test_a_full_disk_before_and_during_the_run_and_demo_data_of_other_settings_are_one_line(tmp_path, capsys, cli,
+                                                                                          monkeypatch):
+    from collections import namedtuple
+
+    from distill import run_setup, teacher_data
+
+    usage = namedtuple("usage", "total used free")
+    real = run_setup.shutil.disk_usage
+    monkeypatch.setattr(run_setup.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    one_line_error(capsys, [*cli, "--output", str(tmp_path / "full")], "0.0 MB free on its disk, the run needs more")
+    assert not (tmp_path / "full").exists()
+    monkeypatch.setattr(run_setup.shutil, "disk_usage", real)
+
+    def full(self):  # the disk fills up mid-run
+        raise OSError(28, "No space left on device", str(tmp_path / "o" / "log.jsonl"))
+
+    monkeypatch.setattr(Trainer, "run", full)
+    one_line_error(capsys, [*cli, "--output", str(tmp_path / "o")], "log.jsonl: No space left on device; checkpoints")
+
+    def other(args):  # make_dataset's refusal of a demo dataset rendered with other settings
+        raise ValueError(f"{args.out} holds a dataset made with other images_per_bucket; use another --out")
+
+    monkeypatch.setattr(teacher_data, "run", other)
+    one_line_error(capsys, ["--output", str(tmp_path / "demo"), "--demo_images", "8"],
+                   "made with other images_per_bucket; choose another --output")
+
+
 def test_resume_refuses_another_objective_model_or_training_data(tmp_path):
     cfg = config(tmp_path, steps=2, checkpoint_every=0)
     trainer(tmp_path, cfg).run()
