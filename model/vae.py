@@ -63,9 +63,11 @@ VAE_CONFIGS: dict[str, VAEConfig] = {
     "flux2-ae": VAEConfig(z_channels=32, scale_factor=1.0, shift_factor=0.0, quant_conv=True, batch_norm_eps=1e-4),
 }
 
-# Images with more pixels than this are tiled when `tiled=None`: it keeps every standard Flux / SD3.5 resolution
-# (up to ~2 MP) exact and untiled, while a 2048x2048 decode goes through tiles.
-AUTO_TILE_PIXELS = 1536 * 1536
+# Images with more latent pixels than this are tiled when `tiled=None`: it keeps every standard Flux / SD3.5
+# resolution (up to ~2 MP at downscale 8) exact and untiled, while a 2048x2048 decode goes through tiles. Counted
+# in latent pixels, the mid-block attention's tokens: its score matrix (tokens^2) is what grows fastest, and on the
+# CPU torch's SDPA holds it whole (the demo VAE, downscale 4, held 34 GB at 1024 px untiled).
+AUTO_TILE_LATENT = (1536 // 8) ** 2
 TILE_SIZE = 512  # image pixels per tile side
 TILE_OVERLAP = 128  # image pixels shared by neighbouring tiles; the seams are blended across this width
 
@@ -301,7 +303,7 @@ class AutoEncoder(nn.Module):
             self.bn = LatentStatistics(4 * config.z_channels)
 
     def _use_tiles(self, tiled: bool | None, pixels: int) -> bool:
-        return pixels > AUTO_TILE_PIXELS if tiled is None else tiled
+        return pixels // self.config.downscale ** 2 > AUTO_TILE_LATENT if tiled is None else tiled
 
     def moments(self, images: Tensor, *, tiled: bool | None = None, tile_size: int = TILE_SIZE,
                 tile_overlap: int = TILE_OVERLAP) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from model import fp8_gemm
 from model.block_swap import BlockSwap, check_count
 from model.fp8 import enable_fp8_compute_
-from model.vae import AUTO_TILE_PIXELS, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
+from model.vae import AUTO_TILE_LATENT, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
 from weights.atomic import atomic_path
 from weights.io import DTYPES, WeightsError
 from weights.lora_merge import _fit_error, apply_loras, requantize_loras, unload_loras
@@ -302,15 +302,19 @@ class Pipeline:
         counted (--blocks-to-swap and --fp8 shrink those). A transformer block holds ~16 hidden-wide rows per token
         at its peak (counted for Flux's single block: its 21504-wide linear1 output, the 12288-wide GELU and the
         15360-wide concat, at hidden 3072). The VAE decoder holds ~8 x ch values per decoded pixel (measured on the
-        CPU: 7.3 x 128 at 512 px, 6.9 x 128 at 1024), of one tile above AUTO_TILE_PIXELS, plus three fp32 copies
-        of the image (decoder output, tile blend, PIL). Sampling ends before decoding starts: the peak is the
-        larger of the two."""
+        CPU: 7.3 x 128 at 512 px, 6.9 x 128 at 1024), of one tile above AUTO_TILE_LATENT, plus three fp32 copies
+        of the image (decoder output, tile blend, PIL); on the CPU, whose SDPA holds the scores whole, also the
+        mid-block attention's two (tokens x tokens) fp32 matrices. Sampling ends before decoding starts: the peak
+        is the larger of the two."""
         multiple, size = self.size_multiple(), self.dtype.itemsize
         tokens = (height // multiple) * (width // multiple) + TEXT_TOKENS
         sampling = tokens * self.transformer_config().hidden_size * 16 * size
         pixels = height * width
-        decoded = pixels if pixels <= AUTO_TILE_PIXELS else TILE_SIZE * TILE_SIZE
+        untiled = pixels // self.vae_scale ** 2 <= AUTO_TILE_LATENT
+        decoded = pixels if untiled else TILE_SIZE * TILE_SIZE
         decoding = decoded * self.vae_config().ch * 8 * size + pixels * 3 * 4 * 3
+        if self.device.type == "cpu":
+            decoding += 2 * 4 * (decoded // self.vae_scale ** 2) ** 2
         return images * max(sampling, decoding)
 
     def check_size(self, height: int, width: int, images: int = 1) -> None:

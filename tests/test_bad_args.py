@@ -89,11 +89,16 @@ def test_activation_estimate_at_flux_dev_scale():
     from sampling.pipeline import FluxPipeline, FluxSources
     from sampling.sd3 import SD3Pipeline, SD3Sources
 
-    flux = FluxPipeline(FluxSources(transformer=Path("unused")), dtype=torch.bfloat16)
-    flux.transformer_config = lambda: FLUX_CONFIGS["flux-dev"]
-    flux.vae_config = lambda: VAE_CONFIGS["flux1"]
+    flux, on_cpu = (FluxPipeline(FluxSources(transformer=Path("unused")), dtype=torch.bfloat16, device=d)
+                    for d in ("cuda", "cpu"))  # a device name only: nothing runs
+    for pipe in (flux, on_cpu):
+        pipe.transformer_config = lambda: FLUX_CONFIGS["flux-dev"]
+        pipe.vae_config = lambda: VAE_CONFIGS["flux1"]
     assert 1e9 < flux.activation_bytes(1, 1024, 1024) < 4e9
     assert 4e9 < flux.activation_bytes(1, 4096, 4096) < 80e9
+    # the CPU's SDPA holds the VAE attention's scores whole: two fp32 (128^2)^2 matrices at 1024 px (where the
+    # decode is the peak)
+    assert on_cpu.activation_bytes(1, 1024, 1024) - flux.activation_bytes(1, 1024, 1024) == 8 * (128 * 128) ** 2
     sd3 = SD3Pipeline(SD3Sources(transformer=Path("unused")))
     sd3.transformer_config = lambda: MMDIT_CONFIGS["sd3.5-large"]
     sd3.vae_config = lambda: VAE_CONFIGS["sd3.5"]

@@ -298,3 +298,17 @@ def test_diffusers_errors(reference, tmp_path):
     with pytest.raises(WeightsError) as e:
         load_vae(sdxl)
     assert "quant" in one_line(e)
+
+
+def test_auto_tiling_counts_latent_pixels_whatever_the_downscale():
+    """The mid-block attention grows with the latent tokens squared (and the CPU's SDPA holds its scores whole):
+    FLUX's VAE (downscale 8) decodes 1536 px untiled and 2048 px in tiles, as before; the demo's (downscale 4)
+    tiles from 1024 px on, where untiled it held 34 GB."""
+    from model.vae import VAE_CONFIGS, AutoEncoder
+
+    with torch.device("meta"):
+        flux, small = AutoEncoder(VAE_CONFIGS["flux1"]), AutoEncoder(VAE_CONFIGS["tiny"])
+    assert (flux.config.downscale, small.config.downscale) == (8, 4)
+    assert not flux._use_tiles(None, 1536 * 1536) and flux._use_tiles(None, 2048 * 2048)
+    assert not small._use_tiles(None, 768 * 768) and small._use_tiles(None, 1024 * 1024)
+    assert not small._use_tiles(False, 4096 * 4096) and small._use_tiles(True, 64 * 64)
