@@ -174,6 +174,27 @@ def other_model(stored: dict | None, now: dict) -> str:
     return ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
 
 
+def lora_files(base_loras: list[dict], teacher_lora: str) -> dict:
+    """The LoRA files a run's teacher is made of, by content: each base LoRA's record (file, scale, sha256) and
+    the teacher LoRA's sha256 (its PEFT folder's adapter file), as a checkpoint stores them."""
+    from weights.lora_foreign import peft_file
+
+    teacher = file_sha256(peft_file(Path(teacher_lora).expanduser())) if teacher_lora else None
+    return {"base_loras": base_loras, "teacher_lora_sha256": teacher}
+
+
+def changed_lora_files(state: dict, now: dict) -> list[str]:
+    """The flags whose files differ by content from those the checkpoint's run trained with (the paths are
+    RESUME_FIXED's; a file replaced at the same path is caught here). Checkpoints without the record: none."""
+    changed = []
+    if "base_loras" in state and [b["sha256"] for b in state["base_loras"]] != [b["sha256"] for b in
+                                                                               now["base_loras"]]:
+        changed.append("--base_loras")
+    if state.get("teacher_lora_sha256") not in (None, now["teacher_lora_sha256"]):
+        changed.append("--teacher_lora")
+    return changed
+
+
 def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Tensor], dict] | None:
     """The newest checkpoint that reads back intact; damaged newer ones are skipped with a warning. None when
     `root` holds no checkpoint; CheckpointError (one line, naming each) when it holds only damaged ones: the

@@ -34,11 +34,13 @@ from weights.io import DTYPES
 from . import speed
 from .checkpoint import (
     CheckpointError,
+    changed_lora_files,
     check_finite,
     checkpoints,
     clean_temp,
     latest_checkpoint,
     load_optimizer_state,
+    lora_files,
     model_record,
     optimizer_state,
     other_model,
@@ -402,7 +404,7 @@ class Trainer:
             state = {"progress": vars(self.progress), "data_position": position,
                      "cache": self.cache.fingerprint(), "config": self.config.to_dict(),
                      "model": model_record(self.family, self.model.config),
-                     "base_loras": self.base_loras,
+                     **lora_files(self.base_loras, self.config.lora.teacher_lora),
                      "world_size": self.world, "optimizer": opt_state, "rng": rng_json}
             try:
                 path = save_checkpoint(self.out / "checkpoints", self.progress.step,
@@ -434,6 +436,10 @@ class Trainer:
         changed = resume_conflicts(state, self.config)
         if changed:
             raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
+        changed = changed_lora_files(state, lora_files(self.base_loras, self.config.lora.teacher_lora))
+        if changed:
+            raise TrainingError(f"{path}: the files of {' and '.join(changed)} are not those that run trained with "
+                                "(their sha256 differs); put those files back, or pass a new --output")
         other = other_model(state.get("model"), model_record(self.family, self.model.config))
         if other:
             raise TrainingError(f"{path}: that run trained another model ({other}); pass its --model, or a new "

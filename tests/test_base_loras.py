@@ -60,6 +60,19 @@ def test_every_layout_records_the_stack_and_generate_warns_without_it(tmp_path, 
     assert missing_base_loras([(str(style), 1.0)]) == []  # a LoRA without the record: nothing to say
     with pytest.raises(TrainingError, match="different base_loras"):
         trainer(tmp_path, cfg.replace(base_loras=(), resume=True, steps=4)).run()
+    # another style LoRA at the same path (the spec is the same): the checkpoint's sha256 tells
+    write_lora(random_lora(Flux(FLUX_CONFIGS["tiny"]), seed=4), style, "kohya", overwrite=True)
+    with pytest.raises(TrainingError, match=r"the files of --base_loras are not those that run trained with"):
+        trainer(tmp_path, cfg.replace(resume=True, steps=4)).resume()
+
+
+def test_a_teacher_lora_replaced_at_its_path_is_refused_on_resume(tmp_path, style):
+    cfg = config(tmp_path, steps=2, checkpoint_every=0, teacher_lora=str(style))
+    trainer(tmp_path, cfg).run()
+    assert trainer(tmp_path, cfg.replace(resume=True, steps=3)).resume()  # the same file: resumed
+    write_lora(random_lora(Flux(FLUX_CONFIGS["tiny"]), seed=4), style, "kohya", overwrite=True)
+    with pytest.raises(TrainingError, match=r"the files of --teacher_lora are not those that run trained with"):
+        trainer(tmp_path, cfg.replace(resume=True, steps=3)).resume()
 
 
 def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, style, monkeypatch, capsys):
