@@ -233,11 +233,15 @@ def test_a_damaged_index_is_one_line(index, flux_sd, tmp_path):
     _one_line(e, "damaged index")
 
 
-def test_an_index_that_is_not_text_is_one_line(tmp_path):
-    (tmp_path / "model.safetensors.index.json").write_bytes(b"\xff\xfe\x00garbage")
+@pytest.mark.parametrize("name, read, says", [
+    ("model.safetensors.index.json", weight_files, ("unreadable index", "re-download")),
+    ("config.json", read_config_json, ("config.json: unreadable", "fix or delete it")),
+], ids=["index", "config"])
+def test_a_json_file_that_is_not_text_is_one_line(tmp_path, name, read, says):
+    (tmp_path / name).write_bytes(b"\xff\xfe\x00garbage{")
     with pytest.raises(WeightsError) as e:
-        weight_files(tmp_path)
-    _one_line(e, "unreadable index", "re-download")
+        read(tmp_path)
+    _one_line(e, *says)
 
 
 def test_an_empty_weight_map_falls_back_to_the_folders_file(flux_sd, tmp_path):
@@ -267,13 +271,6 @@ def test_a_config_json_that_is_not_an_object_is_one_line(text, flux_sd, tmp_path
     with pytest.raises(WeightsError) as e:
         load_flux(tmp_path)
     _one_line(e, "config.json: not a JSON object")
-
-
-def test_a_config_json_that_is_not_text_is_one_line(tmp_path):
-    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
-    with pytest.raises(WeightsError) as e:
-        read_config_json(tmp_path)
-    _one_line(e, "config.json: unreadable", "fix or delete it")
 
 
 def test_the_vae_loader_refuses_a_list_config_json_in_one_line(tmp_path):

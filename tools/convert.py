@@ -46,7 +46,7 @@ from weights.families import get_family, names
 from weights.io import DTYPES, WeightsError, read_header
 from weights.keymaps.lora import NotLoRAError
 from weights.lora import LAYOUTS, read_lora
-from weights.lora_alone import read_lora_alone, undecided_family
+from weights.lora_alone import fits_alike, read_lora_alone, undecided_family
 from weights.lora_foreign import PEFT_FILE, peft_file
 from weights.lora_resize import resize_lora, summary
 from weights.lora_write import write_lora
@@ -93,9 +93,8 @@ _TEXT_PARTS = {"lora_te_": "CLIP-L", "lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G
 
 def _family_line(lora, sizes: dict[str, list[str]], path) -> str:
     """What the family rests on when the names alone did not tell (weights/lora_alone.py read_lora_alone)."""
-    if undecided_family(path, sizes):
+    if (alike := fits_alike(sizes)) is not None:
         fitting = [n for n, fits in sizes.items() if fits]
-        alike = " and ".join(f"{get_family(n).display} ({', '.join(sizes[n])})" for n in fitting)
         return (f"family: LoRA for {' or '.join(fitting)}: its layers fit {alike} alike; read here as "
                 f"{lora.family}, pass --family to choose (convert.py lora needs it)")
     if sizes.get(lora.family):

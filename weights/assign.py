@@ -7,7 +7,7 @@ and assign them. Peak memory is one copy of the weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -59,8 +59,11 @@ def assign_tensors(
     source: str,
     fp8: bool = False,
     loras: Sequence = (),
+    fp32_keys: Collection[str] = (),
 ) -> nn.Module:
     """Move each tensor to `device` / `dtype` as it arrives and assign it; every model key must be provided.
+    `fp32_keys` are cast to fp32 instead, straight from the file's dtype (T5's `wo` loaded in fp16, as
+    transformers keeps it: weights/text.py load_t5).
     `loras` (a Flux or SD3 model's, as weights.lora.apply_loras takes them) are checked against the model before
     anything is read, then merged into each weight as it arrives (weights/lora_merge.merge_while_reading).
 
@@ -78,8 +81,9 @@ def assign_tensors(
     expected = model.state_dict()  # meta tensors: names and dtypes only
     state: dict[str, torch.Tensor] = {}
     for key, t in tensors:
-        if t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
+        want = torch.float32 if key in fp32_keys else dtype
+        if t.is_floating_point() and t.dtype != want:
+            t = t.to(want)
         t = t.to(device) if merge is None else merge(key, t.to(device))
         if t.device.type == "cpu" and t.data_ptr() % 64:
             # safetensors hands out tensors in Python buffers 8 bytes past a 64-byte line; MKL's small GEMMs (the

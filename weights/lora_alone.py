@@ -69,11 +69,19 @@ def read_lora_alone(path: str | os.PathLike, family: str | None = None) -> tuple
     return (readings[fitting[0]] if len(fitting) == 1 else lora), sizes
 
 
-def undecided_family(path, sizes: dict[str, list[str]]) -> str | None:
-    """The one line for a LoRA whose shapes fit released sizes of several families (`read_lora_alone`)."""
+def fits_alike(sizes: dict[str, list[str]]) -> str | None:
+    """'FLUX.1 (flux-dev) and FLUX.2 (klein-4b)' when `read_lora_alone`'s shapes fit released sizes of several
+    families, None when they do not."""
     fitting = {name: fits for name, fits in sizes.items() if fits}
     if len(fitting) < 2:
         return None
-    alike = " and ".join(f"{get_family(n).display} ({', '.join(f)})" for n, f in fitting.items())
-    flags = " or ".join(f"--family {n}" for n in fitting)
+    return " and ".join(f"{get_family(n).display} ({', '.join(f)})" for n, f in fitting.items())
+
+
+def undecided_family(path, sizes: dict[str, list[str]]) -> str | None:
+    """The one line for a LoRA whose shapes fit released sizes of several families (`read_lora_alone`)."""
+    alike = fits_alike(sizes)
+    if alike is None:
+        return None
+    flags = " or ".join(f"--family {n}" for n, fits in sizes.items() if fits)
     return f"{path}: its layers fit {alike} alike, by names and shapes; pass {flags}"

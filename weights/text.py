@@ -122,35 +122,7 @@ def _load(model_cls, config, files, plan, shapes, *, source, layout, dtype, devi
         # cast as assign_tensors would, then merge: the LoRA adds to the weight as loaded, rounded once
         tensors = ((k, merge(k, t.to(device, torch.float32 if k in fp32_keys else dtype))
                     if t.is_floating_point() else t) for k, t in tensors)
-    if not fp32_modules:
-        return assign_tensors(model, tensors, dtype=dtype, device=device, source=source).eval()
-    # assign_tensors gives every tensor one dtype, so the fp32 Linears leave the model while it fills the rest
-    # and are filled apart, each weight cast once from the file dtype (never through the lower `dtype`).
-    apart = {name: model.get_submodule(name) for name in fp32_modules}
-    held: dict[str, torch.Tensor] = {}
-
-    def others():
-        for k, t in tensors:
-            if k in fp32_keys:
-                held[k] = t.to(device, torch.float32)
-            else:
-                yield k, t
-
-    parents = [(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name in fp32_modules]
-    for parent, child in parents:
-        setattr(parent, child, None)  # a None child has no state_dict entries
-    try:
-        assign_tensors(model, others(), dtype=dtype, device=device, source=source)
-    finally:
-        for (parent, child), module in zip(parents, apart.values()):
-            setattr(parent, child, module)
-    for name, module in apart.items():
-        if torch.device(device).type == "meta":  # nothing is read on meta (as in assign_tensors): dtypes only
-            module.float()
-        else:
-            assign_tensors(module, [("weight", held[name + ".weight"])], dtype=torch.float32, device=device,
-                           source=source)
-    return model.eval()
+    return assign_tensors(model, tensors, dtype=dtype, device=device, source=source, fp32_keys=fp32_keys).eval()
 
 
 # ---------------------------------------------------------------------------------------------------- T5

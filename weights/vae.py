@@ -176,7 +176,7 @@ def load_vae(source: str | Path, *, config: VAEConfig | None = None, dtype: torc
 
     if config is None:
         from_metadata = config_from_metadata(metadata)
-        if isinstance(from_metadata, dict) and "family" in from_metadata:
+        if from_metadata is not None and "family" in from_metadata:
             # a transformer's config ({"family", "config"}): an all-in-one file that convert.py merged LoRAs into
             # carries it; the VAE beside that transformer is inferred as in any all-in-one file
             from_metadata = None
