@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from model.fp8 import Float8Weight, linear
 
-from .lora_fn import lora_linear, rows_of
+from .lora_fn import is_mask, lora_linear, rows_of
 from .lora_targets import (  # noqa: F401  (the tables and config are part of this module's API)
     FLUX_TARGETS,
     SD3_TARGETS,
@@ -49,6 +49,8 @@ class Selection:
     def __init__(self):
         self.name: str | None = "live"  # one set for the whole batch, or None when chosen per element
         self.groups: tuple[tuple[str, Tensor | slice], ...] = ()  # (set, batch rows) when per element
+        # the same choice as (set, (B,) 0/1 fp32 mask): what compiled blocks read (LoRALayer._masked)
+        self.masks: tuple[tuple[str, Tensor], ...] = ()
         self.batch = 0
         self.multiplier = 1.0
         self._on_device: dict[torch.device, tuple[tuple[str, Tensor | slice], ...]] = {}
@@ -76,13 +78,14 @@ def _selection(model: nn.Module) -> Selection:
 
 
 @contextlib.contextmanager
-def _selected(sel: Selection, name: str | None, groups, batch: int, multiplier: float) -> Iterator[None]:
-    saved = (sel.name, sel.groups, sel.batch, sel.multiplier, sel._on_device)
-    sel.name, sel.groups, sel.batch, sel.multiplier, sel._on_device = name, groups, batch, multiplier, {}
+def _selected(sel: Selection, name: str | None, groups, batch: int, multiplier: float, masks=()) -> Iterator[None]:
+    saved = (sel.name, sel.groups, sel.masks, sel.batch, sel.multiplier, sel._on_device)
+    sel.name, sel.groups, sel.masks, sel.batch, sel.multiplier, sel._on_device = (
+        name, groups, masks, batch, multiplier, {})
     try:
         yield
     finally:
-        sel.name, sel.groups, sel.batch, sel.multiplier, sel._on_device = saved
+        sel.name, sel.groups, sel.masks, sel.batch, sel.multiplier, sel._on_device = saved
 
 
 def weight_set(model: nn.Module, name: str, multiplier: float = 1.0) -> contextlib.AbstractContextManager:
@@ -95,16 +98,23 @@ def weight_sets(
     per_element: Sequence[str] | Tensor,
     names: Sequence[str] = SETS,
     multiplier: float = 1.0,
+    device: torch.device | str | None = None,
 ) -> contextlib.AbstractContextManager:
-    """Batch element b uses set `per_element[b]`: a list of set names, or a (B,) index tensor into `names`."""
+    """Batch element b uses set `per_element[b]`: a list of set names, or a (B,) index tensor into `names`.
+    `device`: where the model computes (default: the index tensor's device, else the CPU), for the masks that
+    compiled blocks read; another device costs each layer a copy of B numbers."""
     if isinstance(per_element, Tensor):
+        device = per_element.device if device is None else device
         index = per_element.detach().long().cpu()  # one sync per call; the layers then need none
         per_element = [names[k] for k in index.tolist()]
     per_element = list(per_element)
     if len(set(per_element)) == 1:
         return weight_set(model, per_element[0], multiplier)
-    groups = tuple((n, _rows([b for b, m in enumerate(per_element) if m == n])) for n in dict.fromkeys(per_element))
-    return _selected(_selection(model), None, groups, len(per_element), multiplier)
+    order = dict.fromkeys(per_element)
+    groups = tuple((n, _rows([b for b, m in enumerate(per_element) if m == n])) for n in order)
+    # sorted: the same sets in another split are the same graph inputs (compiled code guards on their order)
+    masks = tuple((n, torch.tensor([float(m == n) for m in per_element], device=device)) for n in sorted(order))
+    return _selected(_selection(model), None, groups, len(per_element), multiplier, masks)
 
 
 def _rows(rows: list[int]) -> Tensor | slice:
@@ -176,16 +186,28 @@ class LoRALayer(Float8Weight, nn.Module):
         if sel.name is not None:
             groups = () if self._is_zero(sel.name) else ((None, sel.name),)
             return self._with_lora(x, groups, self.scale * sel.multiplier)
+        if x.shape[0] != sel.batch:
+            raise ValueError(f"per-element sets chosen for {sel.batch} elements, the input has {x.shape[0]}")
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return self._masked(x)
         return self._per_element(x)
+
+    def _masked(self, x: Tensor) -> Tensor:
+        """Sets chosen per batch element inside a compiled block, without a graph: each set's LoRA on every
+        element, times that set's 0/1 mask. The masks are inputs of the graph, so the split (how many teacher
+        elements, which changes every step) compiles nothing again; the price is each set's LoRA GEMMs on all
+        rows (rank 64 on Flux-dev's widths: some 4% of the base GEMMs' FLOPs, in the step's first target call).
+        Only without grad (the target calls): the autograd function takes rows, not masks."""
+        sel = self.selection
+        groups = tuple((mask if mask.device == x.device else mask.to(x.device), n)
+                       for n, mask in sel.masks if not self._is_zero(n))
+        return self._with_lora(x, groups, self.scale * sel.multiplier)
 
     @torch.compiler.disable
     def _per_element(self, x: Tensor) -> Tensor:
-        """Sets chosen per batch element. Eager inside compiled blocks (model/layers.py `compile_blocks`): the
-        split (how many teacher elements) changes from step to step, and as constants of a compiled graph each
-        split would compile the blocks again."""
+        """Sets chosen per batch element, eager. Inside a compiled block with grad this stays eager (a graph
+        break): as constants of a compiled graph each split would compile the blocks again."""
         sel = self.selection
-        if x.shape[0] != sel.batch:
-            raise ValueError(f"per-element sets chosen for {sel.batch} elements, the input has {x.shape[0]}")
         # rows: a slice for a run of elements (scfm_loss orders them so), else an index tensor
         groups = tuple((rows, n) for n, rows in sel.groups_on(x.device) if not self._is_zero(n))
         return self._with_lora(x, groups, self.scale * sel.multiplier)
@@ -244,7 +266,9 @@ class LoRAConv2d(LoRALayer):
             down, up = self.lora_down[name].to(x.dtype), self.lora_up[name].to(x.dtype)
             h = F.conv2d(rows_of(x, rows), down, None, self.stride, self.padding, self.dilation)  # (n, r, H', W')
             delta = F.conv2d(h * scale, up).to(out.dtype)  # (n, out, H', W')
-            if rows is None or isinstance(rows, slice):
+            if is_mask(rows):
+                out = out + delta * rows.view(-1, 1, 1, 1).to(delta.dtype)
+            elif rows is None or isinstance(rows, slice):
                 rows_of(out, rows).add_(delta)  # backward of conv needs its inputs, not `out`
             else:
                 out.index_add_(0, rows, delta)

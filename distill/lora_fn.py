@@ -8,7 +8,8 @@ each slice's up-projection is accumulated straight into the base output by the G
 and backward computes exactly the needed gradients: dx, d(down), d(up), and dW / db only if asked.
 
 `groups` says which batch elements use which factor pair: `(rows, k)` with rows `None` (every element), a
-`slice` (a contiguous run: views, no copies) or a LongTensor of element indices (gather / scatter); the
+`slice` (a contiguous run: views, no copies), a LongTensor of element indices (gather / scatter) or, without
+grad only, a (B,) 0/1 float mask (every element, the delta times its mask: compiled blocks, distill/lora.py); the
 pair is `factors[2k]` = down (S*r, in) and `factors[2k + 1]` = up (out, r), stored in any dtype and used in
 the output's dtype. The rows of up that belong to slice i act on the i-th r-wide chunk of x D^T.
 
@@ -25,8 +26,12 @@ from torch import Tensor
 from model.fp8 import base_input_grad, base_linear, linear
 
 
+def is_mask(rows) -> bool:
+    return isinstance(rows, Tensor) and rows.is_floating_point()
+
+
 def rows_of(t: Tensor, rows) -> Tensor:
-    if rows is None:
+    if rows is None or is_mask(rows):
         return t
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
@@ -50,6 +55,8 @@ def _added_up(out: Tensor, rows, h: Tensor, up: Tensor, scale: float, slices: tu
     delta = torch.cat([h[:, chunk] @ up[cols].t() for cols, chunk in _spans(slices, rank)], dim=1) * scale
     if rows is None:
         return out + delta.view(out.shape)
+    if is_mask(rows):
+        return out + delta.view(out.shape) * rows.view(-1, *[1] * (out.dim() - 1)).to(delta.dtype)
     index = torch.arange(out.shape[0], device=out.device)[rows] if isinstance(rows, slice) else rows
     return out.index_add(0, index, delta.view(len(index), *out.shape[1:]))
 
@@ -72,7 +79,7 @@ def _forward(x: Tensor, weight: Tensor, weight_scale: Tensor | None, bias: Tenso
         down, up = factors[2 * k].to(cdt), factors[2 * k + 1].to(cdt)
         xr = rows_of(xc, rows).reshape(-1, n_in)  # (N, in), N = elements x tokens
         h = xr @ down.t()  # (N, S*r)
-        if compiling:
+        if compiling or is_mask(rows):
             out = _added_up(out, rows, h, up, scale, slices, rank)
         elif rows is None or isinstance(rows, slice):
             _add_up_(rows_of(out, rows).view(-1, n_out), h, up, scale, slices, rank)
@@ -146,4 +153,6 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, sl
         # which dynamo guards on, not each tensor's requires_grad: under grad mode the Function always runs, so
         # a compiled block can never take this branch and lose the LoRA's gradients (the fp8 GEMM has none).
         return _forward(x, weight, weight_scale, bias, scale, slices, groups, fp8_compute, factors)[0]
+    if any(is_mask(rows) for rows, _ in groups):
+        raise ValueError("LoRA masks are for calls without grad; with grad give the rows (a slice or indices)")
     return LoRALinearFn.apply(x, weight, weight_scale, bias, scale, slices, groups, fp8_compute, *factors)

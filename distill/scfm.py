@@ -223,7 +223,7 @@ def shortcut_target(
     travelled = torch.zeros_like(x_start)  # sum_j dt_j v_j, fp32 whatever the model dtype
     k = dt.shape[1]
     for j in range(k):
-        chooser = weight_sets(model, first) if j < k // 2 else weight_set(model, "slow_ema")
+        chooser = weight_sets(model, first, device=device) if j < k // 2 else weight_set(model, "slow_ema")
         with chooser:
             x_j = (x_start - travelled).to(x_sigma.dtype)  # x_sigma minus the sub-steps so far
             v = velocity(x_j, sigmas[:, j], cond, guidance)

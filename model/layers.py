@@ -52,7 +52,7 @@ class BlockRunner:
         import torch._dynamo
 
         # The guarded variants of one block kind: grad on / off, each LoRA set selection a step uses (teacher,
-        # live, per-element runs), fp8 on / off; dynamo's default of 8 would drop the rest back to eager.
+        # live, per-element masks), fp8 on / off; dynamo's default of 8 would drop the rest back to eager.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         blocks = named_blocks(self)
         backend = os.environ.get("SCFM_COMPILE_BACKEND") or backend or "inductor"

@@ -13,10 +13,12 @@ import copy
 import pytest
 import torch
 from test_trainer import config, trainer
+from torch import nn
 
 from distill import speed
 from distill.config import AUTO, ConfigError, build_config
-from distill.lora import LoRAConfig, inject_lora, lora_layers, set_state_dict, weight_set
+from distill.lora import LoRAConfig, inject_lora, lora_layers, set_state_dict, weight_set, weight_sets
+from distill.lora_fn import lora_linear
 from distill.train import build_parser
 from model.flux import FLUX_CONFIGS, Flux
 from tests.flux_fixtures import tiny_inputs
@@ -44,6 +46,51 @@ def test_compiled_training_gives_the_eager_losses_and_lora(tmp_path, aot_eager):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+class _TwoLinears(nn.Module):  # its own forward: no compiled code cached by another test can answer for it
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 12), nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
+@pytest.mark.parametrize("sets", [("live", "fast_ema"), ("live", "fast_ema", "slow_ema")], ids=["zero+1", "2"])
+def test_per_element_sets_compile_once_into_one_graph(sets):
+    """The target calls' per-element sets (teacher / fast EMA) inside compiled code: one graph (fullgraph raises
+    at a graph break), compiled once for every split of the batch (a recompilation raises), each element on its
+    set as eager's rows give it."""
+    torch.manual_seed(0)
+    net = _TwoLinears()
+    inject_lora(net, LoRAConfig(rank=2, alpha=2, targets=("a", "b"), sets=sets), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in lora_layers(net).values():
+            for p in layer.lora_up.values():
+                p.normal_()
+    compiled = torch.compile(net, fullgraph=True, dynamic=False, backend="aot_eager")
+    x = torch.randn(4, 3, 8)
+    other = "teacher" if len(sets) == 2 else "slow_ema"
+    splits = [[other, "fast_ema", "fast_ema", other], ["fast_ema", other, other, other],
+              ["fast_ema", other, "fast_ema", other]]
+
+    def check(split):
+        with weight_sets(net, split):
+            got, want = compiled(x), net(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        fast = torch.tensor([s == "fast_ema" for s in split])
+        assert (got[fast] - base[fast]).abs().min() > 0  # the fast EMA's rows really carry a LoRA
+
+    with torch.no_grad():
+        base = net(x)
+        check(splits[0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for split in splits[1:]:
+                check(split)
+    with pytest.raises(ValueError, match="without grad"):  # the autograd function takes rows, not masks
+        lora_linear(x.requires_grad_(), net.a.weight, None, 1.0, (12,), ((torch.ones(4), 0),),
+                    (net.a.lora_down["live"], net.a.lora_up["live"]))
 
 
 def test_a_compiler_that_drops_block_gradients_is_caught():
