@@ -181,7 +181,9 @@ class DistillConfig:
     qwen: str = opt("", "FLUX.2 [klein]: the Qwen3 text encoder (transformers folder or single file)")
     qwen_tokenizer: str = opt("", "FLUX.2 [klein]: its tokenizer.json or tokenizer/ folder")
     clip_tokenizer: str = opt("", "CLIP tokenizer folder (default: the vendored CLIP vocabulary)")
-    t5_length: int = opt(256, "T5 tokens per prompt (released recipe: 256); recorded in the LoRA metadata")
+    t5_length: int = opt(0, "text tokens per prompt, recorded in the LoRA metadata; 0: the family's (FLUX.1 / "
+                            "SD3.5: the released recipe's 256 T5 tokens; FLUX.2 [klein]: the 512 Qwen3 tokens "
+                            "every klein pipeline gives its transformer)")
     resolution: int = opt(512, "training buckets have about resolution^2 pixels (the 512-px list at 512)")
     cache_only: bool = opt(False, "build the cache and stop")
     flip: bool = opt(False, "also train on every image mirrored left-right, 'left' and 'right' swapped in its "
@@ -258,13 +260,14 @@ class DistillConfig:
                                           "kohya (-kohya), ours (-scfm-only, read by scfm alone)")
 
     def __post_init__(self):
-        positive = ("rank", "steps", "demo_images", "batch_size", "t5_length", "resolution", "log_every",
+        positive = ("rank", "steps", "demo_images", "batch_size", "resolution", "log_every",
                     "keep_checkpoints", "sample_steps", "sample_size", "max_bad_steps", "t_skip",
                     "teacher_steps_min", "teacher_steps_max")
         for name in positive:
             if self.get(name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {self.get(name)}")
-        non_negative = ("checkpoint_every", "sample_every", "micro_batch", "ema_restart_every", "blocks_to_swap")
+        non_negative = ("checkpoint_every", "sample_every", "micro_batch", "ema_restart_every", "blocks_to_swap",
+                        "t5_length")
         for name in non_negative:
             if self.get(name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {self.get(name)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -102,6 +103,24 @@ def family_of(cfg: DistillConfig) -> Family:
     if not cfg.model:
         raise ConfigError("no model: pass --model (a transformer file or folder of a family scfm knows)")
     return detect_family(Path(cfg.model).expanduser())
+
+
+RECIPE_TEXT_LENGTH = 256  # the released recipe's T5 tokens (docs/method.md §7)
+
+
+def with_text_length(cfg: DistillConfig, family: Family, warn: bool = True) -> DistillConfig:
+    """t5_length 0 (the default) made the family's: the length every pipeline of the family gives its transformer
+    where that is fixed (FLUX.2 [klein]: 512 Qwen3 tokens, pads included: diffusers, BFL and ComfyUI alike), else
+    the released recipe's 256. Another length for such a family trains the LoRA on text embeddings its pipelines
+    never make (the transformer attends to the pads), so `warn` says so."""
+    fixed = family.part("pipeline").pads_text_to
+    if cfg.t5_length == 0:
+        return dataclasses.replace(cfg, t5_length=fixed or RECIPE_TEXT_LENGTH)
+    if warn and fixed and cfg.t5_length != fixed:
+        warnings.warn(f"t5_length {cfg.t5_length}: every {family.display} pipeline gives its transformer {fixed} "
+                      f"text tokens, so the LoRA would meet other text embeddings than it trained on; drop "
+                      f"--t5_length (or pass {fixed})", stacklevel=2)
+    return cfg
 
 
 def cache_key(cfg: DistillConfig, family: Family | None = None) -> dict:

@@ -40,6 +40,7 @@ from .run_setup import (
     render_demo_data,
     resolve_demo,
     setup_distributed,
+    with_text_length,
 )
 from .sharding import loads_on_cpu
 from .trainer import Stopped, Trainer, TrainingError
@@ -88,6 +89,7 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
         if demo_data and rank == 0:
             render_demo_data(cfg)
         family = family_of(cfg)
+        cfg = with_text_length(cfg, family)
         family.part("lora_targets")  # a family SCFM cannot train yet is refused in one line, before the cache
         cache = prepare_cache(cfg, device, rank, family)
         if cfg.cache_only:

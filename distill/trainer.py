@@ -71,7 +71,7 @@ from .run_outputs import (
     sample_side,
     save_samples,
 )
-from .run_setup import teacher_set
+from .run_setup import teacher_set, with_text_length
 from .scfm import element_generators, sample_draw, scfm_loss
 from .sharding import StudentRoute, full, is_sharded, loads_on_cpu, shard_model
 
@@ -144,6 +144,7 @@ class Trainer:
         self.signals = StopSignals()
         self.out = Path(config.output).expanduser()
         self.kind = model_family(model)
+        self.config = config = with_text_length(config, self.kind, warn=False)  # run() has resolved it already
         self.family = self.kind.name
         self.token_side = self.kind.token_side(model.config)  # latent pixels per token side: Flux 2, FLUX.2 1
         if get_family(config.lora.targets) is not self.kind:

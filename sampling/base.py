@@ -50,6 +50,9 @@ class Pipeline:
     # `make_dataset`'s: the released recipe renders its teacher data with 32 steps at guidance 3.5
     # (docs/method.md §7); a family whose pipeline guides otherwise says so
     teacher_defaults: dict = {"steps": 32, "guidance": 3.5}
+    # the text length every pipeline of the family gives its transformer, where that is fixed (None: a choice,
+    # `max_sequence_length`); the trainer's default t5_length (distill/run_setup.py with_text_length)
+    pads_text_to: int | None = None
     # `generate` flags only this family reads, (flag, args attribute): another family's model refuses them
     own_flags: tuple[tuple[str, str], ...] = ()
     flag_hint: str = ""  # said when another family's flag is refused for this family's model

@@ -98,8 +98,7 @@ class Flux2KleinPipeline(Pipeline):
     family = FLUX2.name
     cond_names = ("txt",)
     defaults = {"steps": 50, "guidance": 4.0, "max_sequence_length": 512}  # Flux2KleinPipeline's
-    # klein base's teacher data at its own defaults: real CFG 4 (u + g (c - u)) over 50 steps
-    teacher_defaults = {"steps": 50, "guidance": 4.0}
+    pads_text_to = 512  # diffusers, BFL and ComfyUI always pad Qwen3's output to 512 (docs/flux2.md §2.1)
     own_flags = (("--qwen", "qwen"), ("--qwen-tokenizer", "qwen_tokenizer"), ("--variant", "variant"))
     unread_flags = (("--clip", "clip"), ("--t5", "t5"), ("--clip-tokenizer", "clip_tokenizer"),
                     ("--t5-tokenizer", "t5_tokenizer"))
@@ -119,6 +118,12 @@ class Flux2KleinPipeline(Pipeline):
             raise WeightsError(f"{model}: FLUX.2 [dev], whose text encoder (Mistral Small 3.2) scfm does not have; "
                                "generate samples FLUX.2 [klein]")
         return pipe
+
+    @property
+    def teacher_defaults(self) -> dict:
+        """make_dataset's defaults: klein base at its pipeline's, real CFG 4 (u + g (c - u)) over 50 steps; the
+        distilled klein as `generate` samples it, 4 steps without CFG."""
+        return {"steps": 4, "guidance": 1.0} if self.sources.distilled else {"steps": 50, "guidance": 4.0}
 
     @classmethod
     def generation_config(cls, args, rec, common: dict) -> Flux2GenerationConfig:

@@ -106,22 +106,23 @@ def test_generate_writes_the_klein_image(folders, tmp_path, capsys):
     assert not (tmp_path / "cfg.png").exists()
 
 
-def test_make_dataset_renders_klein_base_as_generate_does_at_the_pipelines_defaults(folders, tmp_path):
-    """Teacher data for klein base: its pipeline's 50 steps at real CFG 4 (no flags), image for image what
-    `generate` makes from the same seed."""
+@pytest.mark.parametrize("distilled,defaults", [(False, (50, 4.0)), (True, (4, 1.0))], ids=["base", "distilled"])
+def test_make_dataset_renders_klein_as_generate_does_at_the_variants_defaults(folders, tmp_path, distilled, defaults):
+    """Teacher data for klein base: its pipeline's 50 steps at real CFG 4 (no flags); for the distilled klein its
+    4 steps without CFG; image for image what `generate` makes from the same seed."""
     from PIL import Image
 
     from distill.make_dataset import main as make_dataset
     from sampling.generate import main as generate
 
-    _, folder = folders[False]
+    _, folder = folders[distilled]
     (tmp_path / "prompts.txt").write_text(PROMPT + "\n")
     assert make_dataset(["--model", str(folder), "--prompts", str(tmp_path / "prompts.txt"), "--out",
                          str(tmp_path / "data"), "--images-per-bucket", "1", "--resolution", str(SIZE),
                          "--max-sequence-length", "48"]) == 0
     (png,) = (tmp_path / "data").glob("*.png")
     params = json.loads(Image.open(png).text["scfm"])
-    assert (params["steps"], params["guidance"]) == (50, 4.0)
+    assert (params["steps"], params["guidance"]) == defaults
     assert generate(["--model", str(folder), "--prompt", PROMPT, "--width", str(SIZE), "--height", str(SIZE),
                      "--max-sequence-length", "48", "--seed", "0", "--out", str(tmp_path / "g.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "g.png")))

@@ -385,3 +385,27 @@ def test_block_swap_and_fp8_base_train_klein_as_they_train_flux1(tmp_path):
     t.run()
     assert t.model.get_parameter("single_blocks.0.linear1.weight").dtype == torch.float8_e4m3fn
     assert all(torch.isfinite(v).all() for v in set_state_dict(t.model, "live").values())
+
+
+def test_the_text_length_defaults_to_what_each_familys_pipelines_give(tmp_path):
+    """No --t5_length: klein trains on the 512 Qwen3 tokens its pipelines always give the transformer (not FLUX.1's
+    recipe length, 256); another length for klein is warned about, and FLUX.1 / SD3.5 keep the recipe's 256."""
+    import warnings
+
+    from distill.config import build_config
+    from distill.run_setup import with_text_length
+    from weights.families import get_family
+
+    cfg = build_config(None, {"model": "tiny-flux2", "targets": "flux2"})
+    assert cfg.t5_length == 0
+    assert with_text_length(cfg, get_family("flux2")).t5_length == 512
+    for name in ("flux", "sd3"):
+        assert with_text_length(cfg, get_family(name)).t5_length == 256
+    with pytest.warns(UserWarning, match="t5_length 300: every FLUX.2 .* 512"):
+        assert with_text_length(cfg.replace(t5_length=300), get_family("flux2")).t5_length == 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert with_text_length(cfg.replace(t5_length=300), get_family("flux")).t5_length == 300
+    trainer = Trainer(config(tmp_path, targets="flux2", steps=1, t5_length=0), base_model(), klein_cache(tmp_path),
+                      device="cpu")
+    assert trainer.config.t5_length == 512  # what the export records as the LoRA's sequence length
