@@ -256,7 +256,8 @@ class DistillConfig:
     export_set: str = opt("live", "LoRA set to export at the end: live, slow_ema or fast_ema (the packaged "
                                   "recipes: slow_ema)")
     export_formats: tuple[str, ...] = opt(("diffusers", "kohya"), "LoRA file layouts to export: diffusers "
-                                          "(scfm-lora-SET.safetensors, loads in ComfyUI, Forge, diffusers), "
+                                          "(scfm-lora-SET.safetensors, loads in ComfyUI, Forge, diffusers; FLUX.2: "
+                                          "diffusers, ComfyUI takes -kohya), "
                                           "kohya (-kohya), ours (-scfm-only, read by scfm alone)")
 
     def __post_init__(self):

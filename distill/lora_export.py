@@ -10,9 +10,11 @@ training meanwhile. Which step and which set a few-step sampler is best at is fo
 `sampling.generate` load. Files are named `scfm-lora-{set}-step{N}[-{layout}].safetensors`, beside the run's
 final export, and an existing file is never overwritten unless asked.
 
-The file without a layout suffix is the diffusers / PEFT layout with alpha folded into the weights: the one
-file ComfyUI, Forge, diffusers and scfm all load at the right strength (weights/lora.py). `-kohya` is the
-sd-scripts layout (kohya's tools, A1111-style loaders); `-scfm-only` is our own layout, which only scfm reads.
+The file without a layout suffix is the diffusers / PEFT layout with alpha folded into the weights: for FLUX.1
+and SD3.5 the one file ComfyUI, Forge, diffusers and scfm all load at the right strength (weights/lora.py).
+`-kohya` is the sd-scripts layout (kohya's tools, A1111-style loaders), and for FLUX.2 [klein] the file ComfyUI
+loads whole: its map of diffusers' FLUX.2 names lacks the shared modulations and the time embedding, and no one
+file loads right in both (README, "Distil klein base"). `-scfm-only` is our own layout, which only scfm reads.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ ComfyUI import: it is not a dependency). What a LoRA file does in ComfyUI is wha
   and bare, plus `linear1_qkv`; for SD3 `transformer.`, `base_model.model.`, `lora_transformer_`, `lycoris_`),
   with the diffusers -> official tables of comfy/utils.py `flux_to_diffusers` and `mmdit_to_diffusers`
   (q / k / v and proj_mlp as row ranges of the fused weight; `norm_out` and SD3's last context adaLN through
-  `swap_scale_shift`). The LoKr-only aliases (`ff.linear_in`, ...) and the ControlNet embedder are left out:
-  no LoRA we write or read names them.
+  `swap_scale_shift`). The LoKr aliases (`ff.linear_in`, ...) are in the FLUX.2 table only, where they are
+  diffusers' own MLP names; the ControlNet embedder is left out: no LoRA we write or read names it.
 - `load_lora`: comfy/lora.py `load_lora` with comfy/weight_adapter/lora.py `LoRAAdapter.load` (alpha from
   `<stem>.alpha`, the up / down spellings in ComfyUI's order) and the `.diff` / `.diff_b` / `.set_weight`
   patches; keys it does not load are what ComfyUI logs as "lora key not loaded".
@@ -17,7 +17,8 @@ ComfyUI import: it is not a dependency). What a LoRA file does in ComfyUI is wha
 
 Commits read: Comfy-Org/ComfyUI comfy/lora.py 17358c8f73b5, comfy/utils.py 09708eae709a,
 comfy/weight_adapter/lora.py 6f98b150e065, comfy/lora_convert.py 2bffe2f4ce57 (`convert_lora` passes these
-layouts through unchanged).
+layouts through unchanged). FLUX.2's entries of `flux_to_diffusers` (after that snapshot) from a mirror that tracks
+ComfyUI upstream, hiddenswitch/pip-and-uv-installable-ComfyUI comfy/utils.py aac23e5dd997 (2026-02).
 """
 
 from __future__ import annotations
@@ -74,6 +75,31 @@ def _flux_table(cfg) -> dict[str, Target]:
     return out
 
 
+def _flux2_table(cfg) -> dict[str, Target]:
+    """diffusers FLUX.2 module -> target: the entries of comfy/utils.py flux_to_diffusers that name FLUX.2's
+    diffusers modules (Flux2 subclasses Flux in comfy/model_base.py, so the Flux map is the one used). Its
+    LoKr aliases `ff.linear_in` / `ff.linear_out` are FLUX.2's MLP names, and it adds `to_qkv_mlp_proj` / `to_out`
+    for the single blocks. It has no entry for `time_guidance_embed.*` (FLUX.1's `time_text_embed.*` only) or the
+    three shared `*_modulation.linear` layers: those keys stay "not loaded"."""
+    h, out = cfg.hidden_size, {}
+    for i in range(cfg.depth):
+        d, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for j, x in enumerate("qkv"):
+            out[f"{d}.attn.to_{x}"] = Target(f"{o}.img_attn.qkv", (h * j, h))
+            out[f"{d}.attn.add_{x}_proj"] = Target(f"{o}.txt_attn.qkv", (h * j, h))
+        for a, b in {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                     "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2", "ff_context.linear_in": "txt_mlp.0",
+                     "ff_context.linear_out": "txt_mlp.2"}.items():
+            out[f"{d}.{a}"] = Target(f"{o}.{b}")
+    for i in range(cfg.depth_single_blocks):
+        d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        out[f"{d}.attn.to_qkv_mlp_proj"] = Target(f"{o}.linear1")
+        out[f"{d}.attn.to_out"] = Target(f"{o}.linear2")
+    return out | {"proj_out": Target("final_layer.linear"), "x_embedder": Target("img_in"),
+                  "context_embedder": Target("txt_in"),
+                  "norm_out.linear": Target("final_layer.adaLN_modulation.1", None, swap_scale_shift)}
+
+
 def _mmdit_table(cfg) -> dict[str, Target]:
     """diffusers module -> target (comfy/utils.py mmdit_to_diffusers). ComfyUI takes the q / k / v width as
     depth * 64, true of every released SD3 / SD3.5 (a test model must keep hidden_size = 64 * depth)."""
@@ -115,10 +141,7 @@ def key_map(family: str, cfg, weight_names) -> dict[str, Target]:
             out[f"diffusion_model.{path}"] = Target(full)
         else:
             out[full] = Target(full)
-    # FLUX.2: ComfyUI's model_base.Flux2 subclasses Flux, so the Flux branch runs, but which diffusers FLUX.2 names
-    # its flux_to_diffusers knows was never read from ComfyUI itself (docs/flux2.md §5): left out, so that
-    # only what is certain (the generic stems and linear1_qkv) can make a test pass
-    table = {"flux": _flux_table, "sd3": _mmdit_table}.get(family, lambda cfg: {})(cfg)
+    table = {"flux": _flux_table, "flux2": _flux2_table, "sd3": _mmdit_table}[family](cfg)
     prefixes = (("transformer.", "."), ("lycoris_", "_"), ("lora_transformer_", "_"), ("", ".")) \
         if family.startswith("flux") \
         else (("transformer.", "."), ("base_model.model.", "."), ("lora_transformer_", "_"), ("lycoris_", "_"))

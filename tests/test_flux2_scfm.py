@@ -224,6 +224,35 @@ def test_the_kohya_file_is_what_comfyui_loads_key_for_key(run):
     assert_comfyui_merge_is_ours(plain, "flux2", files["kohya"], strength=0.8)
 
 
+def test_comfyui_loads_the_main_file_but_for_five_layers(run):
+    """Why ComfyUI users take `-kohya` (README, "Distil klein base"): ComfyUI's map of diffusers' FLUX.2 names has
+    no time embedding and no shared modulations, so the main file loses exactly those layers there (its console's
+    "lora key not loaded"); every layer it does load is patched as we merge it."""
+    import copy
+
+    from comfyui_lora import key_map, load_lora, patch
+
+    from weights.lora_merge import apply_loras
+
+    _, base, files = run
+    plain = Flux2(TINY)
+    plain.load_state_dict(base)
+    weights = dict(plain.state_dict())
+    patches, not_loaded = load_lora(load_file(files["diffusers"]), key_map("flux2", TINY, weights))
+    lost = {k.split(".lora_")[0].removeprefix("transformer.") for k in not_loaded}
+    assert lost == {"time_guidance_embed.timestep_embedder.linear_1", "time_guidance_embed.timestep_embedder.linear_2",
+                    "double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
+                    "single_stream_modulation.linear"}
+    patched, skipped = patch(weights, patches, 1.0)
+    assert not skipped and "final_layer.adaLN_modulation.1.weight" in patched and "img_in.weight" in patched
+    ours = copy.deepcopy(plain)
+    apply_loras(ours, [(files["diffusers"], 1.0)])
+    merged = ours.state_dict()
+    for name, want in patched.items():
+        delta = (want - weights[name]).abs().max()
+        assert (merged[name] - want).abs().max() <= 1e-5 * delta, name
+
+
 def test_what_diffusers_makes_of_the_bfl_named_files(run, tmp_path):
     """Why the main file is the PEFT one (README, "Distil klein base"): diffusers 0.42.1 reads a `diffusion_model.`
     (ai-toolkit) file's final_layer.adaLN_modulation.1 into norm_out.linear without swapping its shift and scale
