@@ -119,6 +119,34 @@ def test_merge_into_an_all_in_one_file_keeps_its_vae_and_text_encoders_bit_for_b
     assert code == 0 and "holds 8 tensors outside the transformer" in err and "first_stage_model" in err, err
 
 
+@pytest.mark.parametrize("per_row", [False, True], ids=["scale_weight", "weight_scale"])
+def test_merge_into_a_scaled_fp8_base_writes_bf16_not_fp32(flux_base, tmp_path, capsys, per_row):
+    """A ComfyUI scaled-fp8 base (dequantized as it is read) merged without --dtype: the transformer's weights come
+    out in bf16, as loading the base in bf16 and applying the LoRA gives, and the line says so; --dtype fp32
+    keeps every bit of the dequantized values. Before, "keep" wrote fp32: four times the fp8 file."""
+    from conftest import comfy_scaled_fp8
+
+    plain = {k: v.contiguous() for k, v in transformer_state_dict(load_flux(flux_base)).items()}
+    tensors, _ = comfy_scaled_fp8(plain, per_row=per_row)
+    base = tmp_path / "fp8.safetensors"
+    save_file(tensors, base, metadata={"scfm_config": json.dumps({"family": "flux",
+                                                                  "config": FLUX_CONFIGS["tiny"].to_dict()})})
+    lora = flux_lora({"double_blocks.0.img_attn.qkv": (96, 32), "single_blocks.1.linear2": (32, 160)})
+    write_lora(lora, tmp_path / "l.safetensors", "kohya")
+    for dtype, want in ((None, torch.bfloat16), ("fp32", torch.float32)):
+        out = tmp_path / f"merged-{dtype}.safetensors"
+        extra = ("--dtype", dtype) if dtype else ()
+        code, _, err = run(capsys, "merge", "--base", base, "--lora", tmp_path / "l.safetensors", "--out", out, *extra)
+        assert code == 0, err
+        assert ("stores its transformer's weights in fp8; they are written in bf16" in err) == (dtype is None)
+        merged = load_file(out)
+        assert {t.dtype for k, t in merged.items() if k.endswith(".weight")} == {want}
+        assert not any(k.endswith(("scale_weight", "weight_scale", "scaled_fp8")) for k in merged)
+        expected = load_flux(base, dtype=want)
+        apply_loras(expected, [(read_lora(tmp_path / "l.safetensors"), 1.0)])
+        assert_same_state(load_flux(out, dtype=want), expected)
+
+
 # ----- FLUX.2 [klein] LoRAs ---------------------------------------------------------------------------------
 
 DIFFUSERS_NAMES = {r.official: r.others for r in flux2_rules(8, 24, False, modules=True)}

@@ -30,6 +30,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -172,11 +174,27 @@ def cmd_info(args) -> None:
     print("\n".join(info_lines(args.path, args.family)))
 
 
+def _out_dtype(args, src, path) -> torch.dtype | None:
+    """--dtype, else the stored dtypes kept, except fp8 transformer weights: read dequantized (times their scales,
+    in fp32), kept they would be written in fp32 (four times the fp8 file), and rounded back to fp8 a merged
+    LoRA's delta would mostly vanish under e4m3's 3 mantissa bits. Those are written in bf16, said in one line."""
+    if args.dtype:
+        return DTYPES[args.dtype]
+    stored = {k: d for f in src.files for k, (_, d) in read_header(f)[0].items()}  # src.header: as read
+    if src.transformer is not None and any(d.startswith("F8") for k, d in stored.items()
+                                           if k.startswith(src.prefix) and k.endswith(".weight")):
+        print(f"note: {path} stores its transformer's weights in fp8; they are written in bf16 (--dtype fp32 keeps "
+              "every bit of the dequantized values; --fp8 quantizes the result again when it is loaded)",
+              file=sys.stderr)
+        return torch.bfloat16
+    return None
+
+
 def cmd_checkpoint(args) -> None:
-    out = convert_checkpoint(args.input, args.output, args.to, dtype=DTYPES.get(args.dtype),
+    src = detect(args.input)
+    out = convert_checkpoint(args.input, args.output, args.to, dtype=_out_dtype(args, src, args.input),
                              overwrite=args.overwrite, shard_bytes=args.shard_size)
     print(f"wrote {out}")
-    src = detect(args.input)
     if src.transformer is not None and (left := outside_transformer(src)):  # said, not silently dropped
         print(f"note: {args.input} also holds {len(left)} tensors outside the transformer (VAE, text encoders: "
               f"{', '.join(sorted({k.split('.')[0] for k in left}))}), which a checkpoint conversion does not "
@@ -238,7 +256,7 @@ def cmd_merge(args) -> None:
     hint = base.family if base.transformer is not None else None
     loras = [(_without_text_encoders(read_lora(path, family=hint), args.ignore_te_lora, "not merged"), scale)
              for path, scale in args.lora]
-    out = merge_loras(args.base, loras, args.out, dtype=DTYPES.get(args.dtype), overwrite=args.overwrite,
+    out = merge_loras(args.base, loras, args.out, dtype=_out_dtype(args, base, args.base), overwrite=args.overwrite,
                       shard_bytes=args.shard_size)
     print(f"wrote {out} ({len(loras)} LoRA(s) merged)")
 
@@ -260,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, dtype=True):
         if dtype:
-            p.add_argument("--dtype", choices=sorted(DTYPES), help="cast float tensors (default: keep)")
+            p.add_argument("--dtype", choices=sorted(DTYPES),
+                           help="cast float tensors (default: keep; a transformer's fp8 weights: bf16)")
             p.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE",
                            help="largest shard of a folder output (default 5GB)")
         p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
