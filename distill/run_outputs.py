@@ -117,7 +117,9 @@ class JsonlLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            # purge_step: TensorBoard hides the killed run's events from the first step this run logs again (rows
+            # are 1-based), as log.jsonl drops those rows; a run starting over hides them all
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resumed_step + 1)
         except ImportError:  # TensorBoard is optional
             self.tb = None
         self.wandb = _wandb_run(path.parent, wandb_project, config or {}) if wandb_project else None

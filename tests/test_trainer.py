@@ -273,6 +273,40 @@ def fake_wandb(monkeypatch) -> list:
     return calls
 
 
+def test_a_resume_hides_the_killed_runs_tensorboard_events_past_its_checkpoint(tmp_path, monkeypatch):
+    """TensorBoard (optional, so a stand-in records what is asked of it): the resumed run's writer purges the
+    events from the first step it logs again, so the killed run's step 3 does not plot beside the resumed one."""
+    import importlib.machinery
+    import types
+
+    writers = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir, self.purge_step, self.scalars = log_dir, purge_step, []
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def close(self):
+            pass
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.__spec__ = importlib.machinery.ModuleSpec("torch.utils.tensorboard", None)
+    module.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    cfg = config(tmp_path, "tb", steps=4, checkpoint_every=2)
+    with pytest.raises(Kill):
+        trainer(tmp_path, cfg, on_step=kill_at(3)).run()
+    trainer(tmp_path, cfg.replace(resume=True)).run()
+    killed, resumed = writers
+    assert killed.purge_step == 1 and resumed.purge_step == 3  # the checkpoint is step 2's
+    assert {s for tag, s in killed.scalars if tag == "loss"} == {1, 2, 3}
+    assert {s for tag, s in resumed.scalars if tag == "loss"} == {3, 4}
+    assert killed.log_dir == resumed.log_dir == str(tmp_path / "tb" / "tensorboard")
+
+
 def test_wandb_gets_the_logged_rows_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
     calls = fake_wandb(monkeypatch)
     cfg = config(tmp_path, "wb", steps=4, wandb_project="scfm-test")
