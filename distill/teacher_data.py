@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.base import MAX_SIDE, pipeline_from_args
+from sampling.base import MAX_SIDE, component_files, pipeline_from_args
 from sampling.options import (
     OneLineParser,
     add_ignore_te_lora,
@@ -37,7 +37,7 @@ from sampling.options import (
 from weights.io import WeightsError, file_sha256
 from weights.lora_merge import lora_spec
 
-from .data import BUCKETS_512, DataError, buckets_for, inside_folder
+from .data import BUCKETS_512, DataError, buckets_for, file_identity, inside_folder
 
 ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf16 = 0.5 GB
 
@@ -121,8 +121,9 @@ def check_settings(out: Path, settings: dict) -> None:
     path = out / "make_dataset.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if "run" not in old:  # a dataset from before the run options were recorded (2026-12-05): not known
-            settings = {k: v for k, v in settings.items() if k != "run"}
+        for since in ("run", "parts"):  # a dataset from before these were recorded (2026-12-05): not known
+            if since not in old:
+                settings = {k: v for k, v in settings.items() if k != since}
         if old != settings:
             # both sides' keys: a setting given then and absent now (a --lora dropped) is a difference too
             diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
@@ -233,6 +234,10 @@ def run(args) -> Path:
     # how the teacher ran moves its pixels too: a restart in another dtype would mix two renders in one dataset
     settings["run"] = {"dtype": args.dtype, "fp8": args.fp8 or args.fp8_compute, "fp8_compute": args.fp8_compute,
                        "variant": args.variant}
+    # the parts given beside --model (a VAE, text encoders, tokenizers) render the images too: recorded by content
+    # (distill/data.py file_identity), not path, so a file moved or its path spelled otherwise is the same part
+    settings["parts"] = {k: v if isinstance(v, bool) else file_identity(v)
+                         for k, v in component_files(args).items() if v and k != "variant"}
     if loras:  # other LoRAs make another dataset (recorded only when given: older datasets stay valid)
         settings["loras"] = [[Path(path).name, scale, file_sha256(path)] for path, scale in loras]
         if args.ignore_te_lora:  # the prompts were encoded without their text-encoder parts

@@ -103,6 +103,36 @@ def test_make_dataset_renders_with_the_loras_and_keeps_datasets_apart(tmp_path, 
     assert make_dataset.main([*argv, "--lora", str(tmp_path / "missing.safetensors")]) == 2
 
 
+def test_make_dataset_keeps_datasets_of_other_parts_apart_by_content(tmp_path, monkeypatch, capsys):
+    """The parts given beside --model render the images too: another VAE file is refused, the same one at another
+    path continues (distill/data.py file_identity: name, size, header and sampled chunks), and a dataset from
+    before the parts were recorded continues as it was."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from distill import make_dataset, teacher_data
+
+    monkeypatch.setattr(teacher_data, "make_pipeline", lambda args: FakePipeline())
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    save_file({"w": torch.ones(4)}, tmp_path / "vae.safetensors")
+    save_file({"w": torch.full((4,), 2.0)}, tmp_path / "other.safetensors")
+    (tmp_path / "moved").mkdir()
+    shutil.copy(tmp_path / "vae.safetensors", tmp_path / "moved" / "vae.safetensors")
+    argv = ["--model", "unused", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "d"),
+            "--images-per-bucket", "1", "--steps", "2"]
+    assert make_dataset.main([*argv, "--vae", str(tmp_path / "vae.safetensors")]) == 0
+    assert make_dataset.main([*argv, "--vae", str(tmp_path / "moved" / "vae.safetensors")]) == 0  # the same file
+    capsys.readouterr()
+    for vae in (tmp_path / "other.safetensors", None):  # another VAE, or the pipeline's own: other pixels
+        assert make_dataset.main([*argv, *(("--vae", str(vae)) if vae else ())]) == 2
+        assert "made with other parts; use another --out" in capsys.readouterr().err
+    settings = json.loads((tmp_path / "d" / "make_dataset.json").read_text())
+    del settings["parts"]  # a dataset from before the parts were recorded: continued
+    (tmp_path / "d" / "make_dataset.json").write_text(json.dumps(settings))
+    assert make_dataset.main([*argv, "--vae", str(tmp_path / "other.safetensors")]) == 0
+
+
 def test_a_checkpoint_from_before_the_field_existed_resumes(tmp_path):
     """A checkpoint written without base_loras in its config is a run without them (the field's default)."""
     cfg = config(tmp_path, "old", steps=2)
