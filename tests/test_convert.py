@@ -213,7 +213,7 @@ def test_lora_to_kohya_warns_loads_in_diffusers_on_block_keys_and_keeps_every_ke
     write_lora(flux_lora, tmp_path / "ours.safetensors", "ours")
     code, _, err = run("lora", tmp_path / "ours.safetensors", tmp_path / "kohya.safetensors", "--to", "kohya",
                        capsys=capsys)
-    assert code == 0 and "warning: 3 embedder / final-layer" in err and "diffusers' kohya loader" in err
+    assert code == 0 and "warning: 3 LoRA layers (" in err and "diffusers' kohya loader" in err
     back = read_lora(tmp_path / "kohya.safetensors")
     assert back.layout == "kohya" and back.modules.keys() == flux_lora.modules.keys()  # our math: every key
     x = torch.randn(256, 5)

@@ -227,10 +227,9 @@ def cmd_lora(args) -> None:
     elif args.to == "kohya":
         dropped = sorted(m for m in lora.modules if m.startswith(drops))
         if dropped:
-            print(f"warning: {len(dropped)} embedder / final-layer LoRA layers ({', '.join(dropped[:3])}"
-                  f"{', ...' if len(dropped) > 3 else ''}) are written, but diffusers' kohya loader silently "
-                  "drops them; ComfyUI and scfm read them. For diffusers, convert with --to diffusers",
-                  file=sys.stderr)
+            print(f"warning: {len(dropped)} LoRA layers ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''})"
+                  " are written, but diffusers' kohya loader silently drops them; ComfyUI and scfm read them. For "
+                  "diffusers, convert with --to diffusers", file=sys.stderr)
     resize = args.rank is not None or args.energy is not None
     if resize or args.dtype:
         before = _lora_bytes(lora)

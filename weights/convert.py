@@ -33,6 +33,7 @@ from .families import checkpoint_family, families, reads
 from .family import Family
 from .io import (
     CONFIG_METADATA_KEY,
+    QUANT_METADATA,
     TensorReader,
     WeightsError,
     config_from_metadata,
@@ -311,7 +312,7 @@ def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bo
     check_output(out, overwrite, [src.path])
     spec = [(k, t.dtype, tuple(t.shape)) for k, t in plan.tensors(_meta_reader(src), False)]
     spec += _stored_spec(src.files, plan.kept)
-    metadata = {**src.metadata, **plan.metadata, "format": "pt"}
+    metadata = _still_quantized({**src.metadata, **plan.metadata, "format": "pt"}, plan.kept)
     with TensorReader(src.files, prefix=src.prefix) as read:
         tensors = itertools.chain(plan.tensors(read, True), _stored_tensors(src.files, plan.kept))
         if out.suffix == ".safetensors" and not out.is_dir():
@@ -330,6 +331,19 @@ def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bo
             if tmp_dir.exists():
                 shutil.rmtree(tmp_dir)
     return out
+
+
+def _still_quantized(metadata: dict[str, str], kept: list[str]) -> dict[str, str]:
+    """ComfyUI's list of quantized layers (weights/io.py QUANT_METADATA) cut to the layers still stored so: those
+    copied as stored (an all-in-one file's other parts). The converted transformer is dequantized, and a stale
+    entry would make ComfyUI read its bf16 weights as fp8."""
+    raw = metadata.get(QUANT_METADATA)
+    if raw is None:
+        return metadata
+    stored = set(kept)
+    layers = {k: v for k, v in json.loads(raw)["layers"].items() if k + ".weight" in stored}  # read_header checked it
+    rest = {k: v for k, v in metadata.items() if k != QUANT_METADATA}
+    return rest | ({QUANT_METADATA: json.dumps({**json.loads(raw), "layers": layers})} if layers else {})
 
 
 def _stored_header(files: list[Path]) -> dict[str, tuple[list[int], str, Path]]:

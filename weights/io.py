@@ -40,6 +40,13 @@ _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
 _WEIGHT_SCALES = ("scale_weight", "weight_scale")
 _INPUT_SCALES = ("scale_input", "input_scale")
 _MARKERS = ("scaled_fp8",)
+# ComfyUI's mixed-precision files (its MixedPrecisionOps save, `*_fp8mixed.safetensors`) keep the same fp8 `weight`
+# + per-tensor `weight_scale` (+ `input_scale`) and name each quantized layer's format, as JSON, in a uint8
+# `X.comfy_quant` tensor and/or the header's `_quantization_metadata` {"layers": {X: {"format": ...}}}. The fp8
+# formats (dequantized as weight * scale, comfy/quant_ops.py) read as above; the block-scaled ones cannot.
+_LAYER_CONFIG = "comfy_quant"
+QUANT_METADATA = "_quantization_metadata"
+_FP8_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}  # ComfyUI's format -> the weight's dtype
 
 
 # safetensors' own cap on the JSON header (its MAX_HEADER_SIZE): a longer length prefix is refused before any
@@ -75,7 +82,12 @@ def _check_safetensors_file(path: Path) -> dict:
     except OSError as e:
         raise WeightsError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
     if len(head) == 9 and head[8:9] == b"{":
-        return _parse_header(path, raw, size - 8 - n)
+        header = _parse_header(path, raw, size - 8 - n)
+        _check_quantized(path, header, 8 + n)
+        return header
+    if head[:4] == b"GGUF":  # llama.cpp's container (city96's Flux / T5 quantizations for ComfyUI and Forge)
+        raise WeightsError(f"{path}: a GGUF file; scfm does not read GGUF: use a safetensors file of this model "
+                           "(bf16, or fp8 / fp8 scaled)")
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or path.suffix in _PICKLE_SUFFIXES:
         raise WeightsError(
             f"{path}: a pickled PyTorch checkpoint; scfm loads safetensors only (pickles can run code): "
@@ -124,6 +136,43 @@ def _parse_header(path: Path, raw: bytes, data_bytes: int) -> dict:
         raise WeightsError(f"{path}: damaged ({data_bytes - at:,} bytes after the last tensor its header names); "
                            "re-download or re-export it")
     return header
+
+
+def _check_quantized(path: Path, header: dict, data_start: int) -> None:
+    """Refuse ComfyUI mixed-precision layers in any format but fp8 (see _LAYER_CONFIG), naming the format; an
+    fp8 layer whose weight is not stored in that fp8 dtype is a damaged file."""
+    configs = [k for k in header if k.rpartition(".")[2] == _LAYER_CONFIG]
+    declared = (header.get("__metadata__") or {}).get(QUANT_METADATA)
+    if not configs and declared is None:
+        return
+    formats: dict[str, object] = {}  # layer -> its format
+    tagged: set[str] = set()  # layers with a comfy_quant tensor, whose weight must be stored in that format
+    if declared is not None:
+        try:
+            layers = json.loads(declared)["layers"]
+            # a converted copy may keep the metadata of layers it renamed or dequantized: only present ones count
+            formats |= {k: v.get("format") for k, v in layers.items() if k + ".weight" in header}
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+            raise WeightsError(f"{path}: damaged {QUANT_METADATA} header entry (not ComfyUI's JSON of layers); "
+                               "re-download or re-export the file") from None
+    with open(path, "rb") as f:
+        for key in configs:
+            begin, end = header[key]["data_offsets"]
+            f.seek(data_start + begin)
+            try:
+                formats[key.rpartition(".")[0]] = json.loads(f.read(end - begin)).get("format")
+                tagged.add(key.rpartition(".")[0])
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                raise WeightsError(f"{path}: {key} is not ComfyUI's JSON layer config; re-download or re-export "
+                                   "the file") from None
+    for layer, fmt in formats.items():
+        if not (isinstance(fmt, str) and fmt in _FP8_FORMATS):
+            raise WeightsError(f"{path}: layer {layer} is quantized as {fmt!r} (ComfyUI mixed precision), which scfm "
+                               "does not read; use a bf16 or fp8 file of this model")
+        stored = header.get(layer + ".weight", {}).get("dtype")
+        if layer in tagged and stored is not None and stored != _FP8_FORMATS[fmt]:
+            raise WeightsError(f"{path}: layer {layer} is marked {fmt} but its weight is {stored}; the file is "
+                               "damaged: re-download or re-export it")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -231,6 +280,8 @@ def _scaled_fp8(dtypes: dict[str, str]) -> tuple[dict[str, str], set[str]]:
     hidden = set(scaled.values()) | {s + i for s in stems for i in _INPUT_SCALES if s + i in dtypes}
     if scaled:
         hidden |= {k for k in dtypes if k.rpartition(".")[2] in _MARKERS}  # top level or under a prefix
+    # ComfyUI's per-layer format tags: only fp8 ones get this far (_check_quantized refused the rest)
+    hidden |= {k for k in dtypes if k.rpartition(".")[2] == _LAYER_CONFIG}
     return scaled, hidden
 
 

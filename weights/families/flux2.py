@@ -111,7 +111,11 @@ FLUX2 = Family(
     lora_widths=frozenset({9216, 7680, 16384, 6144, 18432, 24576}),
     architecture="flux-2", implementation="https://github.com/black-forest-labs/flux2",
     kohya_module="networks.lora_flux_2", kohya_base="flux2", base_architecture=base_architecture,
-    diffusers_kohya_drops=(), describe=describe,
+    # diffusers' kohya FLUX.2 converter (_convert_kohya_flux2_lora_to_diffusers) maps the blocks, img_in, txt_in,
+    # time_in and final_layer.linear, and only logs the shared modulations, the final adaLN and the guidance embedder
+    diffusers_kohya_drops=("double_stream_modulation_img.", "double_stream_modulation_txt.",
+                           "single_stream_modulation.", "final_layer.adaLN_modulation.", "guidance_in."),
+    describe=describe,
     parts={"velocity": "sampling.velocity:Flux2Velocity", "pipeline": "sampling.flux2:Flux2KleinPipeline",
            "lora_targets": "distill.lora_targets:FLUX2_TARGETS"},
 )

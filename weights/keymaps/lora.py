@@ -56,6 +56,10 @@ NOT_LORA = (
     ("hada_", "a LoHa (LyCORIS Hadamard) adapter"),
     ("dora_scale", "a DoRA adapter (weight-decomposed LoRA; its magnitude vector has no LoRA equivalent)"),
     ("lora_magnitude_vector", "a DoRA adapter (peft use_dora; its magnitude vector has no LoRA equivalent)"),
+    # ai-toolkit's DoRA (toolkit/network_mixins.py) saves the magnitude where a LoRA keeps its alpha
+    (r"\.magnitude$", "a DoRA adapter (ai-toolkit; its magnitude vector has no LoRA equivalent)"),
+    # LyCORIS trains norm layers whole and saves them as w_norm / b_norm (ComfyUI adds them as full differences)
+    (r"\.[wb]_norm$", "a LyCORIS adapter with trained norm layers (w_norm / b_norm)"),
     ("lora_mid", "a LoCon / Tucker-decomposed adapter (lora_mid)"),
     (r"(^|[._])b?oft_", "an OFT / BOFT adapter"),
     (r"ia3_", "an IA3 adapter"),
@@ -152,7 +156,9 @@ class LoRANames:
             name = stem[len(p):] if stem.startswith(p) else None
             if name in self.by_diffusers:
                 return ("diffusers", *self.by_diffusers[name])
-            if p == "" and name in self.rules:  # bare BFL names with lora_A / lora_B: a ComfyUI variant
+            # bare BFL names with lora_A / lora_B: a ComfyUI variant; under base_model.model.: a PEFT model built
+            # on the BFL module tree, which diffusers' FLUX.2 loader reads as diffusion_model. names
+            if p in ("", "base_model.model.") and name in self.rules:
                 return "kohya", name, None
         return None
 
