@@ -56,18 +56,21 @@ def folders(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("distilled,guidance,steps", [(False, 4.0, 3), (True, 1.0, 2), (True, 4.0, 2)],
-                         ids=["base-cfg", "distilled", "distilled-ignores-guidance"])
-def test_same_latents_and_image_as_diffusers(folders, distilled, guidance, steps):
+@pytest.mark.parametrize("distilled,guidance,steps,width", [(False, 4.0, 3, SIZE), (True, 1.0, 2, SIZE),
+                                                             (True, 4.0, 2, SIZE), (True, 1.0, 2, SIZE + 32)],
+                         ids=["base-cfg", "distilled", "distilled-ignores-guidance", "wider-than-tall"])
+def test_same_latents_and_image_as_diffusers(folders, distilled, guidance, steps, width):
+    """Same seed, same latents and image; a 64 x 96 image checks the image ids, packing and schedule length of a
+    non-square size (a transposed axis would pass every square one)."""
     ref, folder = folders[distilled]
     assert json.loads((folder / "model_index.json").read_text())["is_distilled"] is distilled
-    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance,
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=width, num_inference_steps=steps, guidance_scale=guidance,
                   max_sequence_length=48)
     want = ref(**kwargs, output_type="latent", generator=torch.Generator().manual_seed(5)).images
     image = ref(**kwargs, output_type="np", generator=torch.Generator().manual_seed(5)).images[0]
 
     ours = Flux2KleinPipeline(Flux2Sources.from_folder(folder))
-    cfg = ours.default_config(height=SIZE, width=SIZE, steps=steps, guidance=guidance, max_sequence_length=48,
+    cfg = ours.default_config(height=SIZE, width=width, steps=steps, guidance=guidance, max_sequence_length=48,
                               seed=5)
     assert ours.wants_negative(cfg) == (guidance > 1 and not distilled)
     cond, negative = ours.encode_prompts([PROMPT], cfg)
