@@ -351,7 +351,7 @@ def test_the_config_holds_its_lora_scfm_and_ema_tables_and_reads_flat_names(tmp_
     plain = cfg.replace(objective="flow_matching", cfg_scale=0.0).scfm.scfm_config(guidance=True)
     assert plain.non_shortcut_ratio == 1.0 and plain.guidance_max == 7.5 and plain.cfg_scale is None
     assert cfg.ema.ema_config() == EMAConfig(fast_decay=0.9, slow_decay=0.999, restart_every=0)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"pass the fields of \[lora\] by their names, not the table"):
         DistillConfig.from_flat(lora={"rank": 2})
     old = tmp_path / "old.toml"  # the EMA decays under [scfm], as files had them before [ema]
     old.write_text("[lora]\nrank = 8\n[scfm]\nt_skip = 4\nteacher_steps_min = 16\nfast_decay = 0.9\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,38 @@ def test_load_image_covers_then_centre_crops(tmp_path):
     img = load_image(tmp_path / "x.png", (64, 64))
     assert img.shape == (3, 64, 64) and img.min() >= 0 and img.max() <= 1
     assert img[:, :, 8:56].mean() > 0.99  # the crop is inside the white third (resized to 192 wide)
+
+
+@pytest.mark.parametrize("size, bucket, resized, box", [
+    # 303x100 into 64x48: scale max(64/303, 48/100) = 0.48 -> 145.44 x 48, rounded to 145 x 48; 81 columns too
+    # many, 40 cut on the left (the odd one goes on the right)
+    ((303, 100), (64, 48), (145, 48), (40, 0, 104, 48)),
+    # 90x201 into 64x96: scale max(64/90, 96/201) = 0.7111 -> 64 x 142.93, rounded (not floored) to 64 x 143;
+    # 47 rows too many, 23 cut at the top
+    ((90, 201), (64, 96), (64, 143), (0, 23, 64, 119)),
+], ids=["wide", "tall"])
+def test_load_image_matches_pil_resize_and_centre_crop_exactly(tmp_path, size, bucket, resized, box):
+    """A quadrant per colour (all four distinct, red and blue apart) and a non-square bucket: load_image is PIL's
+    LANCZOS resize to the covering size then the centre box (both worked out by hand above), in RGB order, unmirrored,
+    as (3, H, W) / 255. A mirror, a BGR order, a transpose or another crop box is a different tensor."""
+    from PIL import Image
+
+    width, height = size
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[: height // 2, : width // 2] = (220, 30, 0)  # top left: red
+    pixels[: height // 2, width // 2:] = (0, 200, 40)  # top right: green
+    pixels[height // 2:, : width // 2] = (10, 40, 230)  # bottom left: blue
+    pixels[height // 2:, width // 2:] = (250, 240, 20)  # bottom right: yellow
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    img = load_image(tmp_path / "x.png", bucket)
+    w, h = bucket
+    assert img.shape == (3, h, w)
+    want = np.asarray(Image.fromarray(pixels).resize(resized, Image.Resampling.LANCZOS).crop(box))
+    assert torch.equal(img, torch.from_numpy(want.copy()).permute(2, 0, 1).float() / 255)
+    # and, independently of PIL, the corners keep their quadrant's colour
+    corners = {(0, 0): (220, 30, 0), (0, -1): (0, 200, 40), (-1, 0): (10, 40, 230), (-1, -1): (250, 240, 20)}
+    for (y, x), rgb in corners.items():
+        assert (img[:, y, x] * 255).round().tolist() == list(rgb), (y, x)
 
 
 # ----- the cache --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from test_trainer import Kill, assert_same, config, kill_at, state, tiny_model
 from distill.config import ConfigError
 from distill.data import build_cache, load_image, mirror_caption, plan_cache
 from distill.demo import world
-from distill.lora import lora_layers, weight_set
+from distill.lora import load_set, lora_layers, set_state_dict, weight_set
 from distill.scfm import element_generators, sample_draw
 from distill.trainer import Trainer
 
@@ -44,6 +44,15 @@ def test_flow_matching_is_the_plain_loss_with_one_call_and_the_live_set_alone(tm
     t = Trainer(cfg, tiny_model(), cache)
     layer = next(iter(lora_layers(t.model).values()))
     assert layer.set_names() == ("live",) and not layer.zero_sets  # no EMA, no teacher
+    # a live set that is not the zero-init one (else the base alone would give the same loss), and random sets
+    # under the other names, so that a loss read with any of them, or with no LoRA, shows
+    g = torch.Generator().manual_seed(1)
+    for lora in lora_layers(t.model).values():
+        with torch.no_grad():
+            lora.lora_up["live"].copy_(torch.randn(lora.lora_up["live"].shape, generator=g) * 0.5)
+    for name in ("fast_ema", "slow_ema", "teacher"):
+        load_set(t.model, name, {k: torch.randn(v.shape, generator=g) * 0.5
+                                 for k, v in set_state_dict(t.model, "live").items()})
     indices = t.batches.batch(0)
     x0, cond = cache.load(indices)
     out = t._loss(0, indices, range(len(indices)))
@@ -51,10 +60,15 @@ def test_flow_matching_is_the_plain_loss_with_one_call_and_the_live_set_alone(tm
                        (x0.shape[-2] // 2) * (x0.shape[-1] // 2), global_batch=cfg.batch_size)
     sigma = draw.sigma.float().view(-1, 1, 1, 1)
     x_sigma = (1 - sigma) * x0 + sigma * draw.noise
-    with torch.no_grad(), weight_set(t.model, "live"):
-        v = t.velocity(x_sigma, sigma.flatten(), cond, draw.guidance)  # the tiny Flux has a guidance input
-    by_hand = (v - (draw.noise - x0)).pow(2).mean()
-    torch.testing.assert_close(out.loss.detach(), by_hand, rtol=1e-6, atol=0)
+
+    def by_hand(name: str, multiplier: float = 1.0):
+        with torch.no_grad(), weight_set(t.model, name, multiplier):
+            v = t.velocity(x_sigma, sigma.flatten(), cond, draw.guidance)  # the tiny Flux has a guidance input
+        return (v - (draw.noise - x0)).pow(2).mean()
+
+    torch.testing.assert_close(out.loss.detach(), by_hand("live"), rtol=1e-6, atol=0)
+    for name, multiplier in (("fast_ema", 1.0), ("slow_ema", 1.0), ("teacher", 1.0), ("live", 0.0)):
+        assert not torch.allclose(out.loss.detach(), by_hand(name, multiplier), rtol=1e-3), name  # they would show
 
     calls = []
     hook = t.model.register_forward_pre_hook(lambda *_: calls.append(1))

@@ -29,10 +29,60 @@ def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "sec/img"} for r in rows]
 
 
+def expected_row(out, folder: str, ref_folder: str) -> dict:
+    """A row's columns worked out from its saved files with distill/metrics.py (and the demo world's reader)
+    directly: image (b, i) is noise b of prompt i (`{b:03d}_{i:03d}.png`, row i of `latents-{b:03d}`), paired
+    with the reference's image of the same name; diversity (pairwise, vendi) within each prompt, over its noises,
+    averaged over the prompts."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from distill import metrics
+    from distill.demo import quality
+
+    prompts, noises = COMMON[1:3], int(COMMON[4])
+
+    def files(name):
+        pixels = {(b, i): np.asarray(Image.open(out / name / f"{b:03d}_{i:03d}.png").convert("RGB"))
+                  for b in range(noises) for i in range(len(prompts))}
+        latents = {b: load_file(out / name / f"latents-{b:03d}.safetensors")["latents"] for b in range(noises)}
+        return pixels, {(b, i): latents[b][i] for b in range(noises) for i in range(len(prompts))}
+
+    (pixels, latents), (ref_pixels, ref_latents) = files(folder), files(ref_folder)
+    pairs = sorted(pixels)
+    a, b = (np.stack([p[k] for k in pairs]) / 255 for p in (pixels, ref_pixels))
+    lat, ref_lat = (torch.stack([t[k] for k in pairs]) for t in (latents, ref_latents))
+    feats, ref_feats = metrics.latent_features(lat), metrics.latent_features(ref_lat)
+    psnrs = [metrics.psnr(x, y) for x, y in zip(a, b)]
+    is_ref = folder == ref_folder
+
+    def per_prompt(fn):
+        return float(np.mean([fn(np.stack([feats[pairs.index((n, i))] for n in range(noises)]))
+                              for i in range(len(prompts))]))
+
+    row = {"nfe": json.loads((out / folder / "manifest.json").read_text())["steps"],  # one call per step
+           "mean|d|": metrics.mean_abs(a, b), "psnr": None if is_ref else float(np.mean(psnrs)),
+           "ssim": metrics.ssim(a, b), "lat mse": metrics.mse(lat, ref_lat), "fd": metrics.frechet(feats, ref_feats),
+           "kid": 0.0 if is_ref else metrics.kid(feats, ref_feats),
+           "pairwise": per_prompt(metrics.pairwise), "vendi": per_prompt(metrics.vendi)}
+    per_image = [prompts[i] for _, i in pairs]
+    scored, ref_scored = (quality.score(np.stack([p[k] for k in pairs]), per_image) for p in (pixels, ref_pixels))
+    hist = quality.histogram_distances(scored["reads"], ref_scored["reads"], per_image)
+    return row | {"adherence": scored["adherence"], "hist": float(np.mean(list(hist.values()))),
+                  "style": scored["style"]}
+
+
 def test_report_reference_reruns_and_refusals(tmp_path, capsys):
     assert run(tmp_path / "a") == 0
     rows = report(tmp_path / "a")["rows"]
     assert [r["name"] for r in rows] == ["teacher 6", "teacher 2", "student 2"]
+    for row, folder in zip(rows, ("teacher_6", "teacher_2", "student_2")):  # every column, from the files
+        want = expected_row(tmp_path / "a", folder, "teacher_6")
+        assert set(row) == {"name", "sec/img", *want}
+        for column, value in want.items():
+            assert row[column] == (value if value is None else pytest.approx(value, rel=1e-9, abs=1e-12)), (
+                row["name"], column)
     ref = rows[0]
     assert (ref["mean|d|"], ref["psnr"], ref["ssim"], ref["lat mse"], ref["fd"]) == (0, None, 1, 0, 0)
     assert all(r["mean|d|"] > 0 and r["psnr"] > 0 and r["fd"] > 0 for r in rows[1:]) and rows[2]["nfe"] == 2

@@ -36,6 +36,43 @@ def test_known_shifts_and_noise_give_the_analytic_values():
     assert metrics.mse(torch.ones(2, 4), torch.zeros(2, 4)) == 1.0
 
 
+def ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM as Wang et al. (2004, IEEE TIP 13(4), and their ssim_index.m) define it, one window at a time in
+    float64: an 11x11 circular Gaussian window (sigma 1.5, weights summing to 1) at every position where it fits
+    inside the image ('valid', no padding); weighted means, and weighted variances and covariance as central moments
+    sum w (x - mu_x)(y - mu_y); C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 1; the mean over all windows, of every
+    channel of every image."""
+    r = np.arange(11) - 5.0
+    g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * 1.5**2))
+    w = g / g.sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for x_img, y_img in zip(a, b):
+        for ch in range(a.shape[-1]):
+            x_ch, y_ch = x_img[..., ch], y_img[..., ch]
+            for i in range(x_ch.shape[0] - 10):
+                for j in range(x_ch.shape[1] - 10):
+                    x, y = x_ch[i:i + 11, j:j + 11], y_ch[i:i + 11, j:j + 11]
+                    mx, my = (w * x).sum(), (w * y).sum()
+                    vx, vy, cxy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum(), (w * (x - mx) * (y - my)).sum()
+                    values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(values))
+
+
+def test_ssim_equals_wang_et_al_written_window_by_window():
+    """A random pair of non-square, non-constant images (b a noisy, dimmed a, so SSIM sits well inside (0, 1)):
+    metrics.ssim equals the explicit per-window definition; the window size, sigma, K1 / K2, a uniform window or
+    padded borders each move it far beyond the tolerance."""
+    rng = np.random.default_rng(6)
+    a = rng.random((2, 20, 27, 3))
+    b = np.clip(0.6 * a + 0.4 * rng.random(a.shape) ** 2, 0, 1)
+    want = ssim_reference(a, b)
+    assert 0.2 < want < 0.9
+    assert metrics.ssim(a, b) == pytest.approx(want, rel=1e-10)
+    assert metrics.ssim(b, a) == pytest.approx(want, rel=1e-10)  # symmetric
+    assert metrics.ssim(a[0], b[0]) == pytest.approx(ssim_reference(a[:1], b[:1]), rel=1e-10)  # one (H, W, 3)
+
+
 def test_frechet_distance_equals_a_reference_written_another_way():
     rng = np.random.default_rng(3)
     f1, f2 = rng.normal(size=(200, 6)), rng.normal(0.3, 1.5, size=(150, 6)) @ rng.normal(size=(6, 6))

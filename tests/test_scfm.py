@@ -10,7 +10,7 @@ from conftest import randomize_
 from flux_fixtures import tiny_inputs
 
 from distill.ema import EMAConfig, ema_step
-from distill.lora import LoRAConfig, inject_lora, load_set, lora_layers, set_state_dict
+from distill.lora import LoRAConfig, inject_lora, load_set, lora_layers, set_state_dict, weight_set
 from distill.scfm import (
     SCFM_CONFIGS,
     SCFMConfig,
@@ -214,6 +214,31 @@ def test_target_equals_explicit_weight_swapping_reference():
                 store[a].data, store[b].data = store[b].data.clone(), store[a].data.clone()
         moved = shortcut_target(flux_velocity(wrong), wrong, x_sigma, draw, cond)
         assert (moved - ref).abs().max() > 100 * 1e-5 * ref.abs().max(), (a, b)
+
+
+def test_loss_outputs_come_back_in_the_callers_order():
+    """scfm_loss runs teacher elements first internally; its per-element losses and targets are the caller's
+    elements in the caller's order: per element, the live set's velocity (one element at a time) against the
+    explicit weight-swapping reference target, and the loss their mean."""
+    model = with_sets()
+    x0, cond = batch(6)
+    config = SCFMConfig()
+    draw = draw_for(config, 6, seed=3, shape=x0.shape[1:], tokens=24)
+    teacher = draw.teacher.tolist()
+    assert teacher != sorted(teacher, reverse=True)  # not teacher-first already: the loss reorders this batch
+    out = scfm_loss(flux_velocity(model), model, x0, cond, draw, config)
+    sigma = draw.sigma.float()
+    x_sigma = (1 - sigma.view(-1, 1, 1)) * x0 + sigma.view(-1, 1, 1) * draw.noise
+    target = reference_target(model, x_sigma, draw, cond)
+    torch.testing.assert_close(out.target, target, rtol=1e-4, atol=1e-5 * target.abs().max().item())
+    with torch.no_grad(), weight_set(model, "live"):
+        pred = torch.cat([flux_velocity(model)(x_sigma[b:b + 1], sigma[b:b + 1], one(cond, b), draw.guidance[b:b + 1])
+                          for b in range(6)])
+    per_element = (pred - target).pow(2).flatten(1).mean(dim=1)
+    torch.testing.assert_close(out.per_element, per_element, rtol=1e-4, atol=0)
+    torch.testing.assert_close(out.loss.detach(), per_element.mean(), rtol=1e-4, atol=0)
+    internal = torch.argsort((~draw.teacher).to(torch.uint8), stable=True)  # the order the loss computes in
+    assert not torch.allclose(per_element[internal], per_element, rtol=1e-2)  # that order would show
 
 
 @pytest.mark.parametrize("cfg_scale", [None, 3.5], ids=["flux", "cfg"])

@@ -328,5 +328,5 @@ def test_a_callers_own_bad_config_keeps_its_error(flux_sd, tmp_path):
     path = tmp_path / "f.safetensors"
     save_file(flux_sd, path)
     bad = FluxConfig(**{**FLUX_CONFIGS["tiny"].to_dict(), "depth": "2"})
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="^'str' object cannot be interpreted as an integer$"):  # Python's own words
         load_flux(path, config=bad)
