@@ -1,4 +1,5 @@
-"""Training data: image + caption folders, aspect-ratio buckets, and a cache of latents and text embeddings.
+"""Training data: a cache of latents and text embeddings of a dataset folder (distill/dataset.py reads it), and
+the batches each step trains on.
 
 Training reads only the cache, so neither the text encoders nor the VAE are loaded while the transformer
 trains (the text encoders alone outweigh the LoRA's whole training state). The cache folder holds
@@ -18,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -29,129 +28,23 @@ from torch import Tensor
 
 from weights.atomic import atomic_save
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# docs/method.md §7, (width, height): the released 512-px buckets; buckets_for(512) reproduces them
-BUCKETS_512 = ((384, 640), (448, 576), (512, 512), (576, 448), (640, 384))
+from .dataset import (
+    BUCKETS_512,
+    DataError,
+    buckets_for,
+    image_identity,
+    image_size,
+    load_image,
+    mirror_caption,
+    nearest_bucket,
+    read_folder,
+)
+
 CACHE_VERSION = 1
 
 TextEncoder = Callable[[list[str]], dict[str, Tensor]]  # prompts -> {name: (B, ...)}, e.g. txt / y
 COND_NAMES = ("txt", "y")  # Flux's; a plan's "cond_names" says otherwise (SD3: context, pooled)
 ImageEncoder = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [0, 1] -> normalised latents (B, C, h, w)
-
-
-class DataError(ValueError):
-    """A problem with a dataset or cache folder, as one line."""
-
-
-@dataclass(frozen=True)
-class Example:
-    file: str  # relative to the dataset folder
-    prompt: str
-
-
-# ----- folders and buckets ----------------------------------------------------------------------------------
-
-
-def inside_folder(folder: Path, name: str, where: str) -> Path:
-    """folder / name, refused when `name` leaves the folder: absolute, a drive, or a `..` part (in / or \\ form).
-    Checked on the name, not on the resolved path: a dataset of symlinks into a shared image store stays valid,
-    while a metadata.jsonl row cannot make training read (or make_dataset trust) an arbitrary file."""
-    posix, windows = PurePosixPath(name.replace("\\", "/")), PureWindowsPath(name)
-    if not name or posix.is_absolute() or windows.anchor or ".." in posix.parts:
-        raise DataError(f"{where}: file_name {name!r} is outside the dataset folder; list images by their path "
-                        f"inside {folder} (copy the image there)")
-    return folder / name
-
-
-def _text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-
-
-def _unreadable(path: Path, error: Exception) -> DataError:
-    reason = " ".join(str(error).split()) or type(error).__name__
-    return DataError(f"{path}: not a readable image ({reason}); replace it, or remove it and its caption / "
-                     "metadata.jsonl row")
-
-
-def read_folder(folder: str | Path) -> list[Example]:
-    """`metadata.jsonl` rows {"file_name", "prompt"} ("text", "caption" too), else image + same-stem .txt."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such dataset folder")
-    meta = folder / "metadata.jsonl"
-    out: list[Example] = []
-    if meta.exists():
-        for n, line in enumerate(_text(meta).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt = next(row[k] for k in ("prompt", "text", "caption") if k in row)
-                example = Example(str(row["file_name"]), str(prompt))
-            except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
-                raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"prompt\": ...}}") from None
-            inside_folder(folder, example.file, f"{meta}:{n}")
-            out.append(example)
-        missing = [e.file for e in out if not (folder / e.file).is_file()]
-        if missing:
-            raise DataError(f"{meta}: {len(missing)} listed images are missing, e.g. {missing[0]}")
-    else:
-        for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            caption = image.with_suffix(".txt")
-            if caption.exists():
-                out.append(Example(str(image.relative_to(folder)), _text(caption).strip()))
-    if not out:
-        raise DataError(f"{folder}: empty dataset (no metadata.jsonl rows and no image + .txt pairs)")
-    return out
-
-
-def buckets_for(resolution: int, multiple: int = 64, max_aspect: float = 1.7) -> tuple[tuple[int, int], ...]:
-    """(width, height) pairs in multiples of `multiple`, each the widest fit under resolution^2 pixels."""
-    area, out = resolution * resolution, []
-    for h in range(multiple, 4 * resolution, multiple):
-        w = area // h // multiple * multiple
-        if w >= multiple and max(w / h, h / w) <= max_aspect:
-            out.append((w, h))
-    return tuple(sorted(out, key=lambda wh: wh[0] / wh[1]))
-
-
-def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket of closest aspect ratio (in log space, so 2:1 and 1:2 are equally far from 1:1)."""
-    aspect = math.log(width / height)
-    return min(buckets, key=lambda wh: abs(math.log(wh[0] / wh[1]) - aspect))
-
-
-def load_image(path: Path, bucket: tuple[int, int]) -> Tensor:
-    """(3, H, W) in [0, 1]: resized to cover the bucket, then centre-cropped to it."""
-    from PIL import Image
-
-    w, h = bucket
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # decodes the pixels: a truncated file fails here, not in Image.open
-            scale = max(w / im.width, h / im.height)
-            size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
-            if size != im.size:
-                im = im.resize(size, Image.Resampling.LANCZOS)
-            left, top = (im.width - w) // 2, (im.height - h) // 2
-            im = im.crop((left, top, left + w, top + h))
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways to fail a file
-        raise _unreadable(path, e) from None
-    return data.view(h, w, 3).permute(2, 0, 1).float() / 255.0
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise _unreadable(path, e) from None
 
 
 # ----- the cache --------------------------------------------------------------------------------------------
@@ -270,18 +163,6 @@ class Cache:
         return self._stacked(lambda _: "negative.safetensors", [0])
 
 
-_SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-
-
-def mirror_caption(text: str) -> str:
-    """The caption of the image mirrored left-right: every whole word "left" and "right" swapped, its case kept
-    ("at the top Left" -> "at the top Right"; "leftover", "bright" untouched)."""
-    def swap(m: re.Match) -> str:
-        word = {"left": "right", "right": "left"}[m.group(0).lower()]
-        return word.upper() if m.group(0).isupper() else word.capitalize() if m.group(0)[0].isupper() else word
-    return _SIDES.sub(swap, text)
-
-
 def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Sequence[str] = (),
                shard_size: int = 256, *, cond_names: Sequence[str] = COND_NAMES,
                negative_prompt: str | None = None, flip: bool = False) -> dict:
@@ -298,7 +179,7 @@ def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Seq
     for e in examples:
         path = data / e.file
         items.append({"file": e.file, "prompt": index[e.prompt], "bytes": path.stat().st_size,
-                      "bucket": list(nearest_bucket(*image_size(path), buckets))})
+                      "id": image_identity(path), "bucket": list(nearest_bucket(*image_size(path), buckets))})
     if flip:  # after the originals: a plan without flip keeps its item numbers (and its caches stay valid)
         for item in list(items):
             mirrored = mirror_caption(prompts[item["prompt"]])
@@ -330,6 +211,8 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
     plan_file = folder / "cache.json"
     if plan_file.exists():
         old = json.loads(plan_file.read_text())
+        if old["items"] and "id" not in old["items"][0]:  # built before items kept their image's identity
+            plan = {**plan, "items": [{k: v for k, v in it.items() if k != "id"} for it in plan["items"]]}
         fields = ("key", "items", "prompts", "shard_size", "version", "data", "cond_names", "negative_prompt")
         what = [k for k in fields if old.get(k) != plan.get(k)]
         if what:

@@ -22,7 +22,8 @@ from weights.io import DTYPES
 from weights.lora_merge import lora_spec
 
 from .config import ConfigError, DistillConfig
-from .data import Cache, DataError, build_cache, file_identity, plan_cache
+from .data import Cache, build_cache, file_identity, plan_cache
+from .dataset import DataError
 
 
 def setup_distributed(cfg: DistillConfig) -> torch.device:

@@ -37,7 +37,8 @@ from sampling.options import (
 from weights.io import WeightsError, file_sha256
 from weights.lora_merge import lora_spec
 
-from .data import BUCKETS_512, DataError, buckets_for, file_identity, inside_folder
+from .data import file_identity
+from .dataset import BUCKETS_512, DataError, buckets_for, inside_folder
 
 ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf16 = 0.5 GB
 

@@ -29,7 +29,7 @@ from weights.lora_foreign import peft_file
 
 from .checkpoint import checkpoints, newest_settings
 from .config import ConfigError, DistillConfig, build_config, presets
-from .data import DataError
+from .dataset import DataError
 from .lora import set_state_dict
 from .lora_export import export_lora, export_paths
 from .run_setup import (

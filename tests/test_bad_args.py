@@ -16,7 +16,8 @@ import torch
 
 from distill import evaluate as evaluate_cli
 from distill import make_dataset, teacher_data
-from distill.data import DataError, inside_folder, load_image, plan_cache, read_folder
+from distill.data import plan_cache
+from distill.dataset import DataError, inside_folder, load_image, read_folder
 from sampling import generate
 from sampling.demo import DEMO_FOLDER, DEMO_LORA, DEMO_PROMPTS
 

@@ -14,18 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.data import (
-    BUCKETS_512,
-    BucketBatches,
-    Cache,
-    DataError,
-    buckets_for,
-    build_cache,
-    load_image,
-    nearest_bucket,
-    plan_cache,
-    read_folder,
-)
+from distill.data import BucketBatches, Cache, build_cache, plan_cache
+from distill.dataset import BUCKETS_512, DataError, buckets_for, load_image, nearest_bucket, read_folder
 from sampling.pipeline import FluxPipeline
 
 # (width, height) of each test image; the blocky content keeps the PNGs tiny and the pooled latents varied

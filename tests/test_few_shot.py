@@ -11,7 +11,8 @@ from test_data import KEY, FakeText, FakeVAE, make_cache, write_images
 from test_trainer import Kill, assert_same, config, kill_at, state, tiny_model
 
 from distill.config import ConfigError
-from distill.data import build_cache, load_image, mirror_caption, plan_cache
+from distill.data import build_cache, plan_cache
+from distill.dataset import load_image, mirror_caption
 from distill.demo import world
 from distill.lora import load_set, lora_layers, set_state_dict, weight_set
 from distill.scfm import element_generators, sample_draw

@@ -138,7 +138,7 @@ def test_generate_applies_the_text_encoder_part_unless_ignore_te_lora(flux, flux
 
 def test_train_caches_embeddings_with_the_text_part_and_keys_the_cache_by_it(flux, flux_loras, tmp_path):
     from distill.config import DistillConfig
-    from distill.data import DataError
+    from distill.dataset import DataError
     from distill.run_setup import _text_encoder, cache_key, prepare_cache
     from distill.train import build_parser
     from weights.families.flux import FLUX

@@ -1,0 +1,248 @@
+"""A training dataset as users bring it: a folder of images with captions, read into (file, prompt) examples, and
+the images cut to aspect-ratio buckets. distill/data.py caches what these give.
+
+Captions, by the first rule that applies to the folder:
+
+    metadata.jsonl         one {"file_name": ..., "prompt" | "text" | "caption": ...} per line (make_dataset's
+                           and diffusers' imagefolder layout)
+    IMAGE + IMAGE.txt      or IMAGE.caption (kohya / sd-scripts' other caption extension), in any subfolder
+
+Files and folders whose names start with "." are not part of a dataset (macOS's `._x.png` AppleDouble twins,
+`.ipynb_checkpoints/`, `.cache/`); symlinked files and folders are followed. Images without a caption file are
+left out and counted in one line, as are kohya's `N_concept` folders, whose repeat count is not applied here (every
+image trains equally often). Pixels are read upright (the EXIF orientation applied, as every viewer shows them),
+16-bit greyscale scaled to 8 bits, and alpha dropped as kohya and diffusers drop it (`convert("RGB")`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import torch
+from torch import Tensor
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption")  # in this order: a .txt beside a .caption wins
+PROMPT_COLUMNS = ("prompt", "text", "caption")
+# docs/method.md §7, (width, height): the released 512-px buckets; buckets_for(512) reproduces them
+BUCKETS_512 = ((384, 640), (448, 576), (512, 512), (576, 448), (640, 384))
+_KOHYA_REPEATS = re.compile(r"^(\d+)_\S")  # sd-scripts' DreamBooth folders: "10_dog" trains each image 10 times
+
+
+class DataError(ValueError):
+    """A problem with a dataset or cache folder, as one line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    file: str  # relative to the dataset folder
+    prompt: str
+
+
+def inside_folder(folder: Path, name: str, where: str) -> Path:
+    """folder / name, refused when `name` leaves the folder: absolute, a drive, or a `..` part (in / or \\ form).
+    Checked on the name, not on the resolved path: a dataset of symlinks into a shared image store stays valid,
+    while a metadata.jsonl row cannot make training read (or make_dataset trust) an arbitrary file."""
+    posix, windows = PurePosixPath(name.replace("\\", "/")), PureWindowsPath(name)
+    if not name or posix.is_absolute() or windows.anchor or ".." in posix.parts:
+        raise DataError(f"{where}: file_name {name!r} is outside the dataset folder; list images by their path "
+                        f"inside {folder} (copy the image there)")
+    return folder / name
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a BOM (Notepad's UTF-8) would reach CLIP as 3 tokens
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return DataError(f"{path}: not a readable image ({reason}); replace it, or remove it and its caption / "
+                     "metadata.jsonl row")
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted, symlinked folders followed (each real folder once), hidden names out."""
+    out, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree (or two links to one folder): walked once
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [Path(root) / n for n in names if not n.startswith(".")]
+    return sorted(out)
+
+
+def _from_metadata(folder: Path, meta: Path) -> list[Example]:
+    out = []
+    for n, line in enumerate(_text(meta).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = next(row[k] for k in PROMPT_COLUMNS if k in row)
+            name = row["file_name"]
+        except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
+            raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"prompt\": ...}}") from None
+        if not isinstance(prompt, str) or not isinstance(name, str):  # null or a list would train on "None"
+            bad = "file_name" if not isinstance(name, str) else next(k for k in PROMPT_COLUMNS if k in row)
+            raise DataError(f"{meta}:{n}: {bad} is {type(row[bad]).__name__}, not a string; write it as text")
+        inside_folder(folder, name, f"{meta}:{n}")
+        out.append(Example(name, prompt))
+    missing = [e.file for e in out if not (folder / e.file).is_file()]
+    if missing:
+        raise DataError(f"{meta}: {len(missing)} listed images are missing, e.g. {missing[0]}")
+    return out
+
+
+def _from_caption_files(folder: Path) -> list[Example]:
+    files = _files(folder)
+    present = set(files)
+    out, uncaptioned, repeats = [], [], set()
+    for image in files:
+        if image.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not image.is_file():  # a symlink to nothing: its path, not a full-disk advice from the OSError later
+            raise DataError(f"{image}: a broken link (its target is gone); restore the target or remove the link")
+        caption = next((c for s in CAPTION_SUFFIXES if (c := image.with_suffix(s)) in present), None)
+        if caption is None:
+            uncaptioned.append(image)
+            continue
+        relative = image.relative_to(folder)
+        repeats |= {p for p in relative.parts[:-1] if _KOHYA_REPEATS.match(p)}
+        out.append(Example(str(relative), _text(caption).strip()))
+    notes = []
+    if uncaptioned:
+        notes.append(f"{len(uncaptioned)} images have no caption file ({'/'.join(CAPTION_SUFFIXES)}) and are left "
+                     f"out, e.g. {uncaptioned[0].relative_to(folder)}")
+    if repeats:
+        notes.append(f"kohya repeat folders ({', '.join(sorted(repeats)[:3])}): the repeat count is not applied, "
+                     "every image trains equally often")
+    if out and notes:
+        warnings.warn(f"{folder}: " + "; ".join(notes), stacklevel=3)
+    return out
+
+
+def read_folder(folder: str | Path) -> list[Example]:
+    """`metadata.jsonl` rows, else image + caption file pairs (the module docstring)."""
+    folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise DataError(f"{folder}: a file, not a dataset folder; pass the folder that holds the images")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such dataset folder")
+    meta = folder / "metadata.jsonl"
+    out = _from_metadata(folder, meta) if meta.exists() else _from_caption_files(folder)
+    if not out:
+        raise DataError(f"{folder}: empty dataset (no metadata.jsonl rows and no image + .txt / .caption pairs)")
+    return out
+
+
+def image_identity(path: Path) -> str:
+    """A cheap fingerprint of an image file's content (its size and three sampled 4 KiB chunks): an image replaced
+    by another of the same size gets other cached latents, not the old ones."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for offset in (0, size // 2, max(0, size - 4096)):
+            f.seek(offset)
+            digest.update(f.read(4096))
+    return digest.hexdigest()[:12]
+
+
+# ----- buckets ------------------------------------------------------------------------------------------------
+
+
+def buckets_for(resolution: int, multiple: int = 64, max_aspect: float = 1.7) -> tuple[tuple[int, int], ...]:
+    """(width, height) pairs in multiples of `multiple` under resolution^2 pixels: for each height at least the
+    width, the widest width that fits, and the same buckets turned landscape, so that 16:9 and 9:16 images are cut
+    alike (taking the widest fit for landscape heights too gave 768x1280 but only 1216x832 at 1024 px)."""
+    area, portrait = resolution * resolution, []
+    for h in range(multiple, 4 * resolution, multiple):
+        w = area // h // multiple * multiple
+        if multiple <= w <= h and h / w <= max_aspect:
+            portrait.append((w, h))
+    out = set(portrait) | {(h, w) for w, h in portrait}
+    return tuple(sorted(out, key=lambda wh: wh[0] / wh[1]))
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket of closest aspect ratio (in log space, so 2:1 and 1:2 are equally far from 1:1)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda wh: abs(math.log(wh[0] / wh[1]) - aspect))
+
+
+# ----- pixels -------------------------------------------------------------------------------------------------
+
+_TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height (90 / 270 degrees, with or without a flip)
+
+
+def _upright_rgb(im):
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)  # a phone's portrait JPEG is stored landscape with orientation 6
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale: convert("RGB") clips at 255
+        import numpy as np
+
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")  # decodes the pixels: a truncated file fails here, not in Image.open
+
+
+def load_image(path: Path, bucket: tuple[int, int]) -> Tensor:
+    """(3, H, W) in [0, 1], upright: resized to cover the bucket, then centre-cropped to it."""
+    from PIL import Image
+
+    w, h = bucket
+    try:
+        with Image.open(path) as im:
+            im = _upright_rgb(im)
+            scale = max(w / im.width, h / im.height)
+            size = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+            if size != im.size:
+                im = im.resize(size, Image.Resampling.LANCZOS)
+            left, top = (im.width - w) // 2, (im.height - h) // 2
+            im = im.crop((left, top, left + w, top + h))
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways to fail a file
+        raise _unreadable(path, e) from None
+    return data.view(h, w, 3).permute(2, 0, 1).float() / 255.0
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as shown, the EXIF orientation applied, without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return (h, w) if im.getexif().get(0x0112) in _TURNED else (w, h)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _unreadable(path, e) from None
+
+
+# ----- captions of mirrored images ----------------------------------------------------------------------------
+
+_SIDES = re.compile(r"\b(left|right)(most|ward|wards)?\b", re.IGNORECASE)
+
+
+def mirror_caption(text: str) -> str:
+    """The caption of the image mirrored left-right: every whole word "left" and "right" swapped (and their
+    -most / -ward(s) forms), its case kept ("at the top Left" -> "at the top Right"; "leftover", "bright"
+    untouched)."""
+    def swap(m: re.Match) -> str:
+        side = m.group(1)
+        word = {"left": "right", "right": "left"}[side.lower()]
+        word = word.upper() if side.isupper() else word.capitalize() if side[0].isupper() else word
+        return word + (m.group(2) or "")
+    return _SIDES.sub(swap, text)
