@@ -66,6 +66,13 @@ def _number(value, kind=float):
         raise ValueError(f"{text!r} is not a number; leave the field empty for the default") from None
 
 
+def size(width, height) -> tuple[int, int]:
+    """The page's Width and Height boxes (a cleared box is None)."""
+    if width is None or height is None:
+        raise ValueError("Width and Height need a number of pixels each")
+    return int(width), int(height)
+
+
 def optional(label: str):
     import gradio as gr
 
@@ -125,8 +132,9 @@ def build_ui(session: Session):
                 with gr.Column():
                     c_on = gr.Checkbox(label="C: another setting")
                     c_lora = gr.Dropdown(choices, value=scfm or "", label="LoRA")
-                    c_scale, c_steps, c_shift = (gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale"),
-                                                 optional("Steps"), optional("Shift"))
+                    c_scale, c_steps, c_shift, c_guidance, c_hint = (
+                        gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale"), optional("Steps"), optional("Shift"),
+                        optional("Guidance / CFG"), gr.Markdown())
             with gr.Row():  # style LoRAs, merged with B's and C's
                 styles = []
                 for i in range(2):
@@ -152,8 +160,11 @@ def build_ui(session: Session):
             run_sweep = gr.Button("Render grid", elem_id="sweep")
             grid, grid_file = gr.Image(type="filepath", format="png", label="Grid"), gr.File(label="Grid (PNG)")
 
-        b_lora.change(hint_values, b_lora, [b_scale, b_steps, b_shift, b_guidance, b_hint])
-        ui.load(hint_values, b_lora, [b_scale, b_steps, b_shift, b_guidance, b_hint])
+        # each student column's fields from its own LoRA's metadata (C never takes B's guidance or scale)
+        for lora, fields in ((b_lora, [b_scale, b_steps, b_shift, b_guidance, b_hint]),
+                             (c_lora, [c_scale, c_steps, c_shift, c_guidance, c_hint])):
+            lora.change(hint_values, lora, fields)
+            ui.load(hint_values, lora, fields)
 
         def student(lora, scale, steps, shift, guidance, style_values):
             stack = [(lora, float(scale))] if lora else []
@@ -161,14 +172,15 @@ def build_ui(session: Session):
             return Column(stack, _number(steps, int), _number(shift), _number(guidance))
 
         def compare(prompt, negative, seed, randomize, width, height, a_steps, a_guidance, b_lora, b_scale, b_steps,
-                    b_shift, b_guidance, c_on, c_lora, c_scale, c_steps, c_shift, pair, *style_values,
+                    b_shift, b_guidance, c_on, c_lora, c_scale, c_steps, c_shift, c_guidance, pair, *style_values,
                     progress=gr.Progress()):
             seed = random_seed() if randomize else int(seed or 0)
             try:
+                width, height = size(width, height)
                 cols = {"A": Column([], _number(a_steps, int), None, _number(a_guidance)),
                         "B": student(b_lora, b_scale, b_steps, b_shift, b_guidance, style_values)}
                 if c_on:
-                    cols["C"] = student(c_lora, c_scale, c_steps, c_shift, b_guidance, style_values)
+                    cols["C"] = student(c_lora, c_scale, c_steps, c_shift, c_guidance, style_values)
             except ValueError as e:
                 raise gr.Error(str(e)) from None
             shown = {n: (None, None, "") for n in NAMES}
@@ -185,7 +197,7 @@ def build_ui(session: Session):
                     progress((i, n), desc=f"column {name}")
 
                 try:
-                    r = session.render(prompt, negative or "", seed, int(width), int(height), col, callback=step)
+                    r = session.render(prompt, negative or "", seed, width, height, col, callback=step)
                 except (WeightsError, ValueError, OSError) as e:
                     raise gr.Error(str(e)) from None
                 done[name] = str(r.path)
@@ -197,10 +209,12 @@ def build_ui(session: Session):
             return (done[a], done[b]) if a in done and b in done else None
 
         compare_inputs = [prompt, negative, seed, randomize, width, height, a_steps, a_guidance, b_lora, b_scale,
-                          b_steps, b_shift, b_guidance, c_on, c_lora, c_scale, c_steps, c_shift, pair,
+                          b_steps, b_shift, b_guidance, c_on, c_lora, c_scale, c_steps, c_shift, c_guidance, pair,
                           *[x for s in styles for x in s]]
         outs = [seed, *[x for n in range(3) for x in (images[n], downloads[n], infos[n])], paths, slider]
-        run.click(compare, compare_inputs, outs)
+        # Generate and Render grid share one queue slot (gradio limits each handler on its own by default): the
+        # model is one, and Session.busy serialises what runs anyway (a cancelled job's thread, say)
+        run.click(compare, compare_inputs, outs, concurrency_id="model", concurrency_limit=1)
         pair.change(pick, [pair, paths], slider)
 
         def sweep(prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance, axis1,
@@ -209,13 +223,14 @@ def build_ui(session: Session):
                 axes = [(axis1, parse_values(axis1, values1))]
                 if axis2 != "(none)":
                     axes.append((axis2, parse_values(axis2, values2)))
+                width, height = size(width, height)
                 base = student(b_lora, b_scale, b_steps, b_shift, b_guidance, style_values)
                 cells = sweep_columns(base, int(seed or 0), axes)
                 from PIL import Image
 
                 rendered = []
                 for _, col, s in progress.tqdm(cells, desc="grid"):
-                    r = session.render(prompt, negative or "", s, int(width), int(height), col)
+                    r = session.render(prompt, negative or "", s, width, height, col)
                     rendered.append(Image.open(r.path).convert("RGB"))
                 path = session.save_grid(grid_image(rendered, axes, [labels for labels, _, _ in cells]))
             except (WeightsError, ValueError, OSError) as e:
@@ -223,7 +238,8 @@ def build_ui(session: Session):
             return str(path), str(path)
 
         run_sweep.click(sweep, [prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance,
-                                axis1, values1, axis2, values2, *[x for s in styles for x in s]], [grid, grid_file])
+                                axis1, values1, axis2, values2, *[x for s in styles for x in s]], [grid, grid_file],
+                        concurrency_id="model", concurrency_limit=1)
     return ui
 
 

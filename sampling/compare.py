@@ -15,6 +15,7 @@ import math
 import re
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,9 @@ class Session:
         self.pipe = pipeline_from_args(args, Path(self.model), self.family, ())
         self.pipe.transformer  # noqa: B018  (loaded now, once, without LoRAs)
         self.stack: list[tuple[str, float]] | None = []  # None: unknown, after a change that failed
+        # one render at a time on the one model: a Generate and a sweep from two tabs would otherwise merge LoRAs
+        # under each other's sampling and pick the same file number (the page also queues them as one job kind)
+        self.busy = threading.RLock()
 
     # ----- files ----------------------------------------------------------------------------------------------
 
@@ -104,9 +108,10 @@ class Session:
         """A sweep's grid (a PIL image) as `grid-NNNN.png`, numbered on after the highest grid in the folder, so that
         it never replaces one (nor fills the gap a deleted grid left: the numbers keep the order they were made in),
         written atomically."""
-        path = self.out / f"grid-{next_index(self.out, _GRID):04d}.png"
-        with atomic_path(path) as tmp:
-            grid.save(tmp, format="PNG")
+        with self.busy:
+            path = self.out / f"grid-{next_index(self.out, _GRID):04d}.png"
+            with atomic_path(path) as tmp:
+                grid.save(tmp, format="PNG")
         return path
 
     def _is_model_part(self, path: Path) -> bool:
@@ -169,6 +174,10 @@ class Session:
         """One column: generate's command line for these settings, sampled on the loaded model into PNGs (one
         prompt for the page; several prompts x `noises` seeds from `seed` on for distill.evaluate, written to
         `paths` in generate's order: noise-major)."""
+        with self.busy:
+            return self._render(prompts, negative, seed, width, height, col, callback, noises, paths, latents_out)
+
+    def _render(self, prompts, negative, seed, width, height, col, callback, noises, paths, latents_out) -> Result:
         many = [prompts] if isinstance(prompts, str) else list(prompts)
         args = build_parser().parse_args(self.column_argv(many, negative, seed, width, height, col))
         check_args(args)
@@ -202,6 +211,8 @@ def random_seed() -> int:
 def sweep_columns(base: Column, seed: int, axes: list[tuple[str, list]]) -> list[tuple[dict, Column, int]]:
     """The grid's cells, row-major: (axis values, column, seed) for every combination of one or two axes, the
     first axis along each row (grid_image's columns)."""
+    if len(axes) == 2 and axes[0][0] == axes[1][0]:  # the second would overwrite the first in every cell
+        raise ValueError(f"both sweep axes are {axes[0][0]!r}; give one axis its values, or choose another second axis")
     cells = []
     for reverse in itertools.product(*[v for _, v in reversed(axes)]):
         values = reverse[::-1]

@@ -205,3 +205,65 @@ def test_only_the_app_imports_gradio_and_it_imports_nothing_from_distill():
     users = {name for name, path in mods.items() if "import gradio" in path.read_text()}
     assert users == {"sampling.app"}
     assert not [d for name in ("sampling.app", "sampling.compare") for d in g[name] if d.startswith("distill")]
+
+
+def test_one_render_at_a_time_and_a_sweep_cannot_repeat_its_axis(tmp_path):
+    """Two tabs' jobs share one queue slot (Generate and Render grid: gradio limits each handler on its own), and
+    whatever still runs at once waits for Session.busy: another thread cannot take the model while a column
+    samples. A second axis equal to the first would overwrite it in every cell: refused."""
+    import threading
+
+    pytest.importorskip("gradio")
+    from sampling.app import build_ui
+
+    app = session(tmp_path)
+    jobs = {f.name: f for f in build_ui(app).fns.values() if f.name in ("compare", "sweep")}
+    assert {(f.concurrency_id, f.concurrency_limit) for f in jobs.values()} == {("model", 1)}
+    held = []
+
+    def step(i, n, _latents):  # mid-sampling, another thread tries to take the model
+        probe = threading.Thread(target=lambda: held.append(app.busy.acquire(blocking=False)))
+        probe.start()
+        probe.join()
+
+    app.render(PROMPT, "", 0, 64, 64, Column(steps=2), callback=step)
+    assert held == [False, False]
+    with pytest.raises(ValueError, match="both sweep axes are 'steps'"):
+        sweep_columns(Column(steps=2), 0, [("steps", [1, 2]), ("steps", [4])])
+
+
+def test_column_c_samples_with_its_own_guidance_and_lora_hints(tmp_path, monkeypatch):
+    """C's guidance is C's field, not B's (an SD3.5 / klein SCFM LoRA's CFG would otherwise reach a teacher in C),
+    and choosing C's LoRA fills C's fields from that LoRA's metadata, as B's do."""
+    pytest.importorskip("gradio")
+    from sampling.app import build_ui
+    from sampling.compare import Result
+
+    app = session(tmp_path)
+    ui = build_ui(app)
+    fns = list(ui.fns.values())
+    hints = [f for f in fns if f.name == "hint_values"]
+    compare = next(f for f in fns if f.name == "compare")
+    c_lora = next(b for b in compare.inputs if getattr(b, "label", None) == "LoRA")
+    assert any(c_lora in f.inputs for f in hints)  # C's dropdown fills C's fields
+    columns = []
+
+    def render(prompt, negative, seed, width, height, col, callback=None):
+        columns.append(col)
+        path = app.out / f"{len(columns)}.png"
+        Image.new("RGB", (8, 8)).save(path)
+        return Result(path, 0.0, 1, 0.0)
+
+    monkeypatch.setattr(app, "render", render)
+    values = {"prompt": PROMPT, "negative": "", "seed": 0, "randomize": False, "width": 64, "height": 64,
+              "a_steps": "", "a_guidance": "", "b_lora": str(DEMO_LORA), "b_scale": 1.0, "b_steps": "2",
+              "b_shift": "", "b_guidance": "4.5", "c_on": True, "c_lora": "", "c_scale": 1.0, "c_steps": "8",
+              "c_shift": "", "c_guidance": "", "pair": "A|B"}
+    args = list(values.values()) + ["", 1.0, "", 1.0]  # two empty style LoRAs
+    for _ in compare.fn(*args):
+        pass
+    a, b, c = columns
+    assert (b.guidance, c.guidance, c.steps, c.loras) == (4.5, None, 8, [])
+    with pytest.raises(Exception, match="Width and Height need a number"):  # a cleared box: gradio's error, one line
+        for _ in compare.fn(*args[:4], None, *args[5:]):
+            pass
