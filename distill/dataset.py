@@ -4,7 +4,7 @@ the images cut to aspect-ratio buckets. distill/data.py caches what these give.
 Captions, by the first rule that applies to the folder:
 
     metadata.jsonl         one {"file_name": ..., "prompt" | "text" | "caption": ...} per line (make_dataset's
-                           and diffusers' imagefolder layout)
+                           and diffusers' imagefolder layout), or metadata.csv with those columns
     IMAGE + IMAGE.txt      or IMAGE.caption (kohya / sd-scripts' other caption extension), in any subfolder
 
 Files and folders whose names start with "." are not part of a dataset (macOS's `._x.png` AppleDouble twins,
@@ -16,7 +16,9 @@ image trains equally often). Pixels are read upright (the EXIF orientation appli
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,6 +34,7 @@ from torch import Tensor
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")  # in this order: a .txt beside a .caption wins
 PROMPT_COLUMNS = ("prompt", "text", "caption")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the .jsonl first, as diffusers' imagefolder
 # docs/method.md §7, (width, height): the released 512-px buckets; buckets_for(512) reproduces them
 BUCKETS_512 = ((384, 640), (448, 576), (512, 512), (576, 448), (640, 384))
 _KOHYA_REPEATS = re.compile(r"^(\d+)_\S")  # sd-scripts' DreamBooth folders: "10_dog" trains each image 10 times
@@ -85,16 +88,34 @@ def _files(folder: Path) -> list[Path]:
     return sorted(out)
 
 
-def _from_metadata(folder: Path, meta: Path) -> list[Example]:
-    out = []
-    for n, line in enumerate(_text(meta).splitlines(), 1):
+def _rows(meta: Path):
+    """(line number, row dict) of a metadata.jsonl, or of a metadata.csv with a header line (diffusers'
+    imagefolder reads both)."""
+    text = _text(meta)
+    if meta.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "file_name" not in reader.fieldnames:
+            raise DataError(f"{meta}: its header line names no file_name column (it has {reader.fieldnames}); "
+                            f"name the image column file_name and the caption one {' or '.join(PROMPT_COLUMNS)}")
+        for row in reader:
+            yield reader.line_num, row
+        return
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"prompt\": ...}}") from None
+
+
+def _from_metadata(folder: Path, meta: Path) -> list[Example]:
+    out = []
+    for n, row in _rows(meta):
+        try:
             prompt = next(row[k] for k in PROMPT_COLUMNS if k in row)
             name = row["file_name"]
-        except (json.JSONDecodeError, KeyError, StopIteration, TypeError):
+        except (KeyError, StopIteration, TypeError):
             raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"prompt\": ...}}") from None
         if not isinstance(prompt, str) or not isinstance(name, str):  # null or a list would train on "None"
             bad = "file_name" if not isinstance(name, str) else next(k for k in PROMPT_COLUMNS if k in row)
@@ -142,10 +163,13 @@ def read_folder(folder: str | Path) -> list[Example]:
         raise DataError(f"{folder}: a file, not a dataset folder; pass the folder that holds the images")
     if not folder.is_dir():
         raise DataError(f"{folder}: no such dataset folder")
-    meta = folder / "metadata.jsonl"
-    out = _from_metadata(folder, meta) if meta.exists() else _from_caption_files(folder)
+    meta = next((m for name in METADATA_FILES if (m := folder / name).exists()), None)
+    out = _from_metadata(folder, meta) if meta else _from_caption_files(folder)
     if not out:
-        raise DataError(f"{folder}: empty dataset (no metadata.jsonl rows and no image + .txt / .caption pairs)")
+        below = next((m.parent for name in METADATA_FILES for m in sorted(folder.glob(f"*/{name}"))), None)
+        hint = f"; a dataset one folder down? pass --data {below}" if below else ""
+        raise DataError(f"{folder}: empty dataset (no metadata.jsonl / .csv rows and no image + .txt / .caption "
+                        f"pairs){hint}")
     return out
 
 

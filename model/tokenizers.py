@@ -49,12 +49,16 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-def _fit(rows: list[list[int]], max_length: int, end_id: int | None, pad_id: int, name: str) -> torch.Tensor:
+def _fit(rows: list[list[int]], max_length: int, end_id: int | None, pad_id: int, name: str,
+         prompts: Sequence[str]) -> torch.Tensor:
     """Truncate each row to `max_length` (keeping its end token `end_id` last; None: a plain cut), then pad; one
-    warning for the whole batch naming what was dropped."""
+    warning for the whole batch naming what was dropped, each prompt by its start (a batch's position would not
+    say which caption file of a dataset it is)."""
     dropped = {i: len(r) - max_length for i, r in enumerate(rows) if len(r) > max_length}
     if dropped:
-        detail = ", ".join(f"prompt {i}: {n}" for i, n in dropped.items())
+        def start(text: str) -> str:
+            return repr(text if len(text) <= 40 else text[:40] + "...")
+        detail = ", ".join(f"{n} of {start(prompts[i])}" for i, n in dropped.items())
         warnings.warn(f"{name}: prompts longer than {max_length} tokens were truncated; "
                       f"tokens dropped: {detail}", stacklevel=3)
     out = torch.full((len(rows), max_length), pad_id, dtype=torch.long)
@@ -125,9 +129,10 @@ class CLIPTokenizer:
         raise FileNotFoundError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt")
 
     def __call__(self, prompts: str | Sequence[str], max_length: int | None = None) -> torch.Tensor:
-        encodings = self.tokenizer.encode_batch(prompt_list(prompts), add_special_tokens=True)
+        prompts = prompt_list(prompts)
+        encodings = self.tokenizer.encode_batch(prompts, add_special_tokens=True)
         return _fit([e.ids for e in encodings], max_length or self.max_length, self.eos_id, self.pad_id,
-                    "CLIP tokenizer")
+                    "CLIP tokenizer", prompts)
 
 
 def _pad_token_of(folder: Path) -> str | None:
@@ -184,8 +189,9 @@ class T5Tokenizer:
         return cls(_sentencepiece_encoder(path), max_length=max_length)
 
     def __call__(self, prompts: str | Sequence[str], max_length: int | None = None) -> torch.Tensor:
-        rows = self.encode(prompt_list(prompts))
-        return _fit(rows, max_length or self.max_length, self.eos_id, self.pad_id, "T5 tokenizer")
+        prompts = prompt_list(prompts)
+        rows = self.encode(prompts)
+        return _fit(rows, max_length or self.max_length, self.eos_id, self.pad_id, "T5 tokenizer", prompts)
 
 
 def _sentencepiece_encoder(path: Path) -> Callable[[list[str]], list[list[int]]]:
@@ -245,8 +251,9 @@ class Qwen3Tokenizer:
     def __call__(self, prompts: str | Sequence[str], max_length: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         n = max_length or self.max_length
-        rows = [e.ids for e in self.tokenizer.encode_batch([self.template(p) for p in prompt_list(prompts)],
+        prompts = prompt_list(prompts)
+        rows = [e.ids for e in self.tokenizer.encode_batch([self.template(p) for p in prompts],
                                                              add_special_tokens=True)]
-        ids = _fit(rows, n, None, self.pad_id, "Qwen3 tokenizer")  # transformers' truncation: a plain cut
+        ids = _fit(rows, n, None, self.pad_id, "Qwen3 tokenizer", prompts)  # transformers' truncation: a plain cut
         lengths = torch.tensor([min(len(r), n) for r in rows])
         return ids, (torch.arange(n)[None, :] < lengths[:, None]).long()

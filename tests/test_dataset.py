@@ -151,3 +151,20 @@ def test_an_image_replaced_by_another_of_the_same_size_is_not_reused_from_the_ca
     old["items"] = [{k: v for k, v in it.items() if k != "id"} for it in old["items"]]
     (tmp_path / "c" / "cache.json").write_text(json.dumps(old))
     assert torch.equal(build(tmp_path / "c").load([0])[0], red)  # an old cache: used as it was
+
+
+def test_imagefolder_csv_and_a_dataset_one_folder_down(tmp_path):
+    """diffusers' imagefolder also reads metadata.csv (a header line, then rows; commas inside quotes); a folder
+    whose dataset sits in train/ is named in the refusal."""
+    data = tmp_path / "d" / "train"
+    png(data / "a.png")
+    png(data / "b b.png")
+    (data / "metadata.csv").write_text('file_name,text\na.png,"a red square, small"\nb b.png,a blue one\n',
+                                       encoding="utf-8-sig")
+    assert [(e.file, e.prompt) for e in read_folder(data)] == [("a.png", "a red square, small"),
+                                                              ("b b.png", "a blue one")]
+    with pytest.raises(DataError, match=r"empty dataset .*; a dataset one folder down\? pass --data .*train$"):
+        read_folder(tmp_path / "d")
+    (data / "metadata.csv").write_text("image,text\na.png,a red square\n")
+    with pytest.raises(DataError, match=r"metadata.csv: its header line names no file_name column"):
+        read_folder(data)
