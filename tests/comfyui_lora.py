@@ -42,19 +42,26 @@ class Target:
     function: Callable | None = None
 
 
-def _flux_table(cfg) -> dict[str, Target]:
-    """diffusers module -> target (comfy/utils.py flux_to_diffusers)."""
+def _double_blocks(cfg, names: dict[str, str]) -> dict[str, Target]:
+    """The double blocks' part of flux_to_diffusers: q / k / v of both streams as row ranges of their fused qkv, and
+    `names` (diffusers module in the block -> official module in the block)."""
     h, out = cfg.hidden_size, {}
     for i in range(cfg.depth):
         d, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
         for j, x in enumerate("qkv"):
             out[f"{d}.attn.to_{x}"] = Target(f"{o}.img_attn.qkv", (h * j, h))
             out[f"{d}.attn.add_{x}_proj"] = Target(f"{o}.txt_attn.qkv", (h * j, h))
-        for a, b in {"attn.to_out.0": "img_attn.proj", "norm1.linear": "img_mod.lin",
-                     "norm1_context.linear": "txt_mod.lin", "attn.to_add_out": "txt_attn.proj",
-                     "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
-                     "ff_context.net.2": "txt_mlp.2"}.items():
-            out[f"{d}.{a}"] = Target(f"{o}.{b}")
+        out |= {f"{d}.{a}": Target(f"{o}.{b}") for a, b in names.items()}
+    return out
+
+
+def _flux_table(cfg) -> dict[str, Target]:
+    """diffusers module -> target (comfy/utils.py flux_to_diffusers)."""
+    h = cfg.hidden_size
+    out = _double_blocks(cfg, {"attn.to_out.0": "img_attn.proj", "norm1.linear": "img_mod.lin",
+                               "norm1_context.linear": "txt_mod.lin", "attn.to_add_out": "txt_attn.proj",
+                               "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                               "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"})
     for i in range(cfg.depth_single_blocks):
         d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         for j, x in enumerate("qkv"):
@@ -81,16 +88,9 @@ def _flux2_table(cfg) -> dict[str, Target]:
     LoKr aliases `ff.linear_in` / `ff.linear_out` are FLUX.2's MLP names, and it adds `to_qkv_mlp_proj` / `to_out`
     for the single blocks. It has no entry for `time_guidance_embed.*` (FLUX.1's `time_text_embed.*` only) or the
     three shared `*_modulation.linear` layers: those keys stay "not loaded"."""
-    h, out = cfg.hidden_size, {}
-    for i in range(cfg.depth):
-        d, o = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for j, x in enumerate("qkv"):
-            out[f"{d}.attn.to_{x}"] = Target(f"{o}.img_attn.qkv", (h * j, h))
-            out[f"{d}.attn.add_{x}_proj"] = Target(f"{o}.txt_attn.qkv", (h * j, h))
-        for a, b in {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-                     "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2", "ff_context.linear_in": "txt_mlp.0",
-                     "ff_context.linear_out": "txt_mlp.2"}.items():
-            out[f"{d}.{a}"] = Target(f"{o}.{b}")
+    out = _double_blocks(cfg, {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                               "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                               "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"})
     for i in range(cfg.depth_single_blocks):
         d, o = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         out[f"{d}.attn.to_qkv_mlp_proj"] = Target(f"{o}.linear1")
