@@ -8,14 +8,19 @@
 Any model, with --out (distill/judge.py): rows of the same prompts and noises (the teacher at --teacher-steps, the
 reference; the teacher, the --lora student and each --compare LoRA at every --steps; --base-lora under all of them),
 every image a generate PNG with its final latent under OUT/<row>/ beside a manifest (a rerun renders only what is
-missing; a row whose settings changed is refused without --overwrite), OUT/report.json and OUT/grid.png. Per row,
+missing; a row whose settings changed is refused without --overwrite), OUT/report.json and OUT/grid.png (--json,
+--grid, --no-grid, --grid-scale and --floor are the demo table's). Rows are named by their LoRA file's name, with its
+parent folders when two files share it (runs/a/x.safetensors and runs/b/x.safetensors: a/x and b/x). Per row,
 against the reference from the same noise: mean |d| (pixels, 0..1), PSNR (dB; identical: null), SSIM, the latents'
 MSE; as sets, on the final latents average-pooled to 4 x 4 per channel (the VAE's space, coarsened: colour and
 layout, no fine texture or semantics): the Fréchet distance (fd; biased upward with fewer images than features,
 a warning says so) and KID; across each prompt's noises: the mean pairwise distance and the Vendi score (diversity:
-1 = all alike, N = all different); NFE and seconds per image (distill/metrics.py defines each). With --clip-vision
-(your CLIP weights): CLIP score (100 max(cos, 0) of image and prompt embeddings), and the Fréchet distance and CMMD
-of the CLIP image embeddings to the reference's. On the demo the world's adherence and hist columns are added.
+1 = all alike, N = all different); distill/metrics.py defines each, null where undefined (fd and kid need two
+images per row, diversity two noises per prompt). NFE, and sec/img: seconds per image of the sampler's calls and
+the VAE decode, after a warm-up call; not the text encoders, the LoRA merge or PNG writing, which each row here
+repeats and a user's run pays once. With --clip-vision (your CLIP weights): CLIP score (100 max(cos, 0) of image and
+prompt embeddings), and the Fréchet distance and CMMD of the CLIP image embeddings to the reference's. On the demo
+the world's adherence and hist columns are added (and style with --world variant).
 
 Without --out, on the demo world:
 
@@ -32,9 +37,9 @@ unshifted linear one), and reads every image back with the world's checker (dist
 
 The `world` row scores ground-truth renders of the same prompts: the ceiling for adherence and crispness. With
 --floor, a `teacher N new noises` row runs the reference sampler from other noises: a sampler that draws exactly the
-teacher's distribution still scores its `hist` (finitely many samples), so hist distances mean little below it. The table
-is printed; --json writes it with the settings used, --grid a PNG with one column per prompt (its first noise) and
-one row per table row. Existing files are never replaced without --overwrite.
+teacher's distribution still scores its `hist` (finitely many samples), so hist distances mean little below it. The
+table is printed; --json writes it with the settings used, --grid a PNG with one column per prompt (its first noise)
+and one row per table row. Existing files are never replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -97,13 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "distance and CMMD in CLIP space; never downloaded")
     add_run_options(p.add_argument_group("run (--fp8 / --fp8-compute: on the demo, the LoRA rows only)"))
     p.add_argument("--floor", action="store_true",
-                   help="add a row: the reference sampler from other noises (the distances' floor)")
-    p.add_argument("--json", type=Path, help="write the table and settings here")
-    p.add_argument("--grid", type=Path, default=Path("evaluate_grid.png"), help="PNG of the first noise per prompt")
-    p.add_argument("--no-grid", action="store_true", help="write no grid")
-    p.add_argument("--grid-scale", type=int, default=2, help="nearest-neighbour upscaling of the grid")
-    p.add_argument("--overwrite", action="store_true", help="replace existing --json / --grid files")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (the demo models gain little from more)")
+                   help="add a row: the reference sampler from other noises (the distances' floor; without --out)")
+    p.add_argument("--json", type=Path, help="write the table and settings here (without --out)")
+    p.add_argument("--grid", type=Path, help="PNG of the first noise per prompt (default: evaluate_grid.png; "
+                   "without --out)")
+    p.add_argument("--no-grid", action="store_true", help="write no grid (without --out)")
+    p.add_argument("--grid-scale", type=int, help="nearest-neighbour upscaling of the grid (default: 2; without "
+                   "--out)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json / --grid files; with --out, "
+                   "rows rendered with other settings")
+    p.add_argument("--threads", type=int, help="CPU threads (default: 2 without --out, the demo models gain little "
+                   "from more; with --out, PyTorch's default)")
     return p
 
 
@@ -117,12 +126,21 @@ def _prompts(args) -> tuple[str, ...]:
 OUT_ONLY = ("vae", "clip", "clip_g", "t5", "no_t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
             "qwen_tokenizer", "variant", "ignore_te_lora", "compare", "compare_model", "base_lora", "width",
             "height", "clip_vision", "dtype", "blocks_to_swap")
+# and those only the demo table reads: --out writes OUT/report.json and OUT/grid.png and has no floor row
+TABLE_ONLY = ("json", "grid", "no_grid", "grid_scale", "floor")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.out is not None:
+        unread = [f"--{name.replace('_', '-')}" for name in TABLE_ONLY if getattr(args, name) not in (None, False)]
+        fixes = [f"it writes {args.out}/report.json and {args.out}/grid.png, so drop them"] if unread else []
+        if len(args.lora) > 1:
+            unread.append("a second --lora")
+            fixes.append("pass the other LoRAs as --compare PATH[:SCALE]")
+        if unread:  # refused before anything loads: a run that ignored them would look as if it had read them
+            raise SystemExit(f"evaluate: {', '.join(unread)}: not read with --out; {'; '.join(fixes)}")
         return judge_main(args)
     unread = [f"--{name.replace('_', '-')}" for name in OUT_ONLY if getattr(args, name) != parser.get_default(name)]
     unread += ["a second --lora"] if len(args.lora) > 1 else []
@@ -135,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         args.lora, args.lora_scale = Path(path), args.lora_scale if scale is None else scale
     else:
         args.lora = DEMO_LORA
+    args.grid = Path("evaluate_grid.png") if args.grid is None else args.grid
+    args.grid_scale = 2 if args.grid_scale is None else args.grid_scale
+    args.threads = 2 if args.threads is None else args.threads
     threads = torch.get_num_threads()  # restored on the way out: main() is also called in-process (tests)
     try:
         if args.threads < 1 or args.grid_scale < 1:
@@ -173,7 +194,12 @@ def judge_main(args) -> int:
     """Any model (distill/judge.py): the rows rendered into --out, the table printed, report.json written."""
     from .judge import format_report, judge
 
+    threads = torch.get_num_threads()
     try:
+        if args.threads is not None:  # the CPU's share of the work (all of it with --device cpu)
+            if args.threads < 1:
+                raise ValueError(f"--threads {args.threads}: must be a positive integer; pass --threads 2")
+            torch.set_num_threads(args.threads)
         if args.model is not None and not args.prompts and args.prompts_file is None:
             raise ValueError("no prompts: pass --prompts-file FILE (one per line) or --prompts TEXT ...")
         if args.per_prompt < 1 or args.teacher_steps < 1 or min(args.steps) < 1:
@@ -189,6 +215,8 @@ def judge_main(args) -> int:
         print(f"wrote {args.out / 'report.json'} and {args.out / 'grid.png'}")
     except (WeightsError, ValueError, OSError) as e:
         raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

@@ -164,8 +164,8 @@ def evaluate(cfg: EvalConfig = EvalConfig(), **changes) -> dict:
     truth = np.concatenate([world.sample_for_prompt(p, cfg.seed + i, cfg.per_prompt, world=cfg.world)[0]
                             for i, p in enumerate(cfg.prompts)])
     ref = images["teacher", cfg.teacher_steps]
-    scores = {key: _world_score(im, prompts, cfg.world) for key, im in images.items()}
-    rows = [_row("world", "world", None, _world_score(truth, prompts, cfg.world))]
+    scores = {key: world_score(im, prompts, cfg.world) for key, im in images.items()}
+    rows = [_row("world", "world", None, world_score(truth, prompts, cfg.world))]
     for kind, n in order:
         s, ref_reads = scores[kind, n], scores["teacher", cfg.teacher_steps]["reads"]
         by_attribute = quality.histogram_distances(s["reads"], ref_reads, prompts)
@@ -205,7 +205,9 @@ def check_grid_scale(cfg: EvalConfig, scale: int) -> None:
                          f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP PIL opens; pass --grid-scale {largest} or --no-grid")
 
 
-def _world_score(images: np.ndarray, prompts: list[str], world_name: str) -> dict:
+def world_score(images: np.ndarray, prompts: list[str], world_name: str) -> dict:
+    """quality.score, without style where it says nothing: in the base world it is the colour part of adherence,
+    and without colour-naming prompts it is None (this table and --out's, distill/judge.py, both drop it)."""
     score = quality.score(images, prompts, world_name)
     if world_name == "base" or score["style"] is None:
         del score["style"]

@@ -6,11 +6,14 @@ row whose settings changed is refused unless --overwrite."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
 from argparse import Namespace
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +40,10 @@ class Row:
 def rows_for(args, lora, compare, base) -> list[Row]:
     """The reference first; teacher, student and each compare LoRA at every --steps. Student and compare rows
     sample on their LoRA's own grid unless --shift; teacher rows on their schedule (and on the SCFM grid too with
-    --shift)."""
+    --shift). The names are unique and so are their folders (check_rows), decided before anything renders."""
     shift = {"shift": args.shift, "schedule": "scfm"} if args.shift is not None else {}
+    compare_names = file_labels([p for p, _ in compare], lambda p: p.stem)
+    model_names = file_labels(args.compare_model, lambda p: p.name)
     rows = [Row(f"teacher {args.teacher_steps}", Column(list(base), args.teacher_steps))]
     for n in args.steps:
         rows.append(Row(f"teacher {n}", Column(list(base), n)))
@@ -46,11 +51,61 @@ def rows_for(args, lora, compare, base) -> list[Row]:
             rows.append(Row(f"teacher {n} scfm", Column(list(base), n, **shift)))
         if lora is not None:
             rows.append(Row(f"student {n}", Column([lora, *base], n, **shift)))
-        for path, scale in compare:
-            rows.append(Row(f"{Path(path).stem}@{scale:g} {n}", Column([(path, scale), *base], n, **shift)))
-        for model in args.compare_model:  # a whole few-step model (FLUX.1-schnell, a merged checkpoint) on its grid
-            rows.append(Row(f"{Path(model).name} {n}", Column(list(base), n), model=model))
+        for name, (path, scale) in zip(compare_names, compare):
+            rows.append(Row(f"{name}@{scale:g} {n}", Column([(path, scale), *base], n, **shift)))
+        for name, model in zip(model_names, args.compare_model):  # a whole few-step model on its own grid
+            rows.append(Row(f"{name} {n}", Column(list(base), n), model=model))
+    check_rows(rows, args)
     return rows
+
+
+def file_labels(paths: list[str], name) -> list[str]:
+    """Each file's label in the row names: `name(path)` (a LoRA's stem, a model folder's name), with as many of
+    its parent folders as it takes to tell it from another file of that name: the seed-comparison workflow's
+    runs/a/scfm-lora-slow_ema.safetensors and runs/b/scfm-lora-slow_ema.safetensors are a/scfm-lora-slow_ema and
+    b/scfm-lora-slow_ema. The same file keeps one label (its scales tell its rows apart)."""
+    files = [Path(os.path.abspath(Path(p).expanduser())) for p in paths]  # as given (a link keeps its own name)
+    same = [Path(p).expanduser().resolve() for p in paths]
+
+    def label(path: Path, depth: int) -> str:
+        parents = path.parent.parts[1:]  # the root left out
+        if depth > len(parents):  # x.safetensors beside x.ckpt: only the whole file name tells them apart
+            return str(path)
+        return "/".join([*parents[len(parents) - depth:], name(path)])
+
+    depth = [0] * len(files)
+    while True:
+        labels = [label(f, d) for f, d in zip(files, depth)]
+        clash = [i for i in range(len(files)) if any(labels[j] == labels[i] and same[j] != same[i]
+                                                     for j in range(len(files)))]
+        if not clash:
+            return labels
+        for i in clash:
+            depth[i] += 1
+
+
+def check_rows(rows: list[Row], args) -> None:
+    """Two rows in one folder would mix their images, or one would delete the other's with --overwrite: refused,
+    in one line, before anything loads. Folders are compared case-blind (macOS and Windows file systems are)."""
+    seen: dict[str, Row] = {}
+    for row in rows:
+        key = folder_name(row.name).casefold()
+        if key not in seen:
+            seen[key] = row
+            continue
+        other = seen[key]
+        if _identity(other) == _identity(row):
+            raise ValueError(f"row {row.name!r} is asked for twice (the same file and scale); drop the repeated "
+                             "--compare or --compare-model")
+        raise ValueError(f"rows {other.name!r} and {row.name!r} would share the folder "
+                         f"{args.out / folder_name(row.name)}; rename one of their files")
+
+
+def _identity(row: Row) -> tuple:
+    """What a row renders, with its files as resolved paths (runs/x and ./runs/x are one file)."""
+    loras = [(Path(p).expanduser().resolve(), s) for p, s in row.column.loras]
+    model = row.model and Path(row.model).expanduser().resolve()
+    return loras, row.column.steps, row.column.shift, row.column.schedule, model
 
 
 def manifest(row: Row, args, session: Session, prompts: list[str]) -> dict:
@@ -62,10 +117,56 @@ def manifest(row: Row, args, session: Session, prompts: list[str]) -> dict:
 
 
 def folder_name(name: str) -> str:
-    return name.replace(" ", "_").replace("@", "-at-")
+    """A row's folder under --out: one level (a/scfm-lora@1 2 -> a--scfm-lora-at-1_2), no spaces."""
+    return name.replace(" ", "_").replace("@", "-at-").replace("/", "--")
 
 
-def render_row(session: Session, row: Row, args, prompts: list[str], out: Path) -> dict:
+class SamplingClock:
+    """What sampling costs a user per image: each batch's sampler calls and VAE decode, timed around the loaded
+    pipeline's `sample` and `decode` while Session.render runs. Left out: the text encoders (loaded and run again
+    for every row here, once per prompt list for a user), the LoRA merge before a row, PNG writing, and the first
+    call on a freshly loaded model (lazy VAE load, allocations, kernel selection), which a one-step warm-up takes
+    instead, so the row rendered first is not the slow one."""
+
+    def __init__(self, pipe):
+        self.pipe, self.warm = pipe, False
+
+    @contextmanager
+    def timing(self):
+        """Yields a list that gets each batch's seconds."""
+        pipe, seconds = self.pipe, []
+        sample, decode = pipe.sample, pipe.decode
+
+        def timed_sample(cond, cfg, **kwargs):
+            if not self.warm:
+                decode(sample(cond, dataclasses.replace(cfg, steps=1), **{**kwargs, "callback": None}))
+                self.warm = True
+            start = time.perf_counter()
+            latents = _synced(sample(cond, cfg, **kwargs))
+            seconds.append(time.perf_counter() - start)
+            return latents
+
+        def timed_decode(latents):
+            start = time.perf_counter()
+            images = _synced(decode(latents))
+            seconds[-1] += time.perf_counter() - start
+            return images
+
+        # instance attributes shadow the methods sampling/job.py's render calls, for this render only
+        pipe.sample, pipe.decode = timed_sample, timed_decode
+        try:
+            yield seconds
+        finally:
+            del pipe.sample, pipe.decode
+
+
+def _synced(t: torch.Tensor) -> torch.Tensor:
+    if t.is_cuda:  # CUDA returns before the kernels finish: the clock would stop early
+        torch.cuda.synchronize(t.device)
+    return t
+
+
+def render_row(session: Session, clock: SamplingClock, row: Row, args, prompts: list[str], out: Path) -> dict:
     """The row's images and latents (noise-major), rendering only the noises its folder lacks."""
     from safetensors.torch import load_file, save_file
 
@@ -88,13 +189,13 @@ def render_row(session: Session, row: Row, args, prompts: list[str], out: Path) 
         print(f"rendering {row.name}: noises {done} to {args.per_prompt - 1}", file=sys.stderr, flush=True)
         paths = [folder / f"{b:03d}_{i:03d}.png" for b in range(done, args.per_prompt) for i in range(len(prompts))]
         latents: list = []
-        start = time.perf_counter()
-        result = session.render(prompts, "", args.seed + done, args.width, args.height, row.column,
-                                noises=args.per_prompt - done, paths=paths, latents_out=latents)
-        per_image = (time.perf_counter() - start) / len(paths)
+        with clock.timing() as seconds:
+            result = session.render(prompts, "", args.seed + done, args.width, args.height, row.column,
+                                    noises=args.per_prompt - done, paths=paths, latents_out=latents)
         for b, lat in enumerate(latents, start=done):
             save_file({"latents": lat.contiguous()}, folder / f"latents-{b:03d}.safetensors")
-        timing = {"nfe": result.nfe, "sec_per_image": per_image}
+        # a new key: rows timed before (the whole render, text encoders and LoRA merge included) read as unknown
+        timing = {"nfe": result.nfe, "sampling_sec_per_image": sum(seconds) / len(paths)}
     with atomic_path(record) as tmp:
         tmp.write_text(json.dumps({**want, "timing": timing}, indent=1) + "\n")
     from PIL import Image
@@ -107,36 +208,41 @@ def render_row(session: Session, row: Row, args, prompts: list[str], out: Path) 
 
 def score(row: dict, ref: dict, n_prompts: int) -> dict:
     """The row's metrics against the reference row (distill/metrics.py); the reference against itself is at
-    distance 0 by definition (KID's unbiased estimator would read a same-set pair as negative)."""
+    distance 0 by definition (KID's unbiased estimator would read a same-set pair as negative). Null where a metric
+    is undefined, as PSNR of identical images is: a set's Fréchet distance and KID need two images (a covariance,
+    a pair), a prompt's diversity two noises."""
     feats, ref_feats = row["features"], ref["features"]
     by_prompt = [feats[i::n_prompts] for i in range(n_prompts)]  # noise-major: prompt i every n_prompts
     images, ref_images = row["pixels"] / 255, ref["pixels"] / 255  # metrics.py's [0, 1]
     psnrs = [metrics.psnr(a, b) for a, b in zip(images, ref_images)]
-    out = {"nfe": row["timing"].get("nfe"), "sec/img": row["timing"].get("sec_per_image"),
+    sets, noises = len(feats) > 1, len(by_prompt[0]) > 1
+    out = {"nfe": row["timing"].get("nfe"), "sec/img": row["timing"].get("sampling_sec_per_image"),
            "mean|d|": metrics.mean_abs(images, ref_images),
            "psnr": float(np.mean(psnrs)) if all(np.isfinite(psnrs)) else None,  # identical images: inf, null
            "ssim": metrics.ssim(images, ref_images),
            "lat mse": metrics.mse(row["latents"], ref["latents"]),
-           "fd": metrics.frechet(feats, ref_feats),
-           "kid": 0.0 if row is ref else metrics.kid(feats, ref_feats) if len(feats) > 1 else None,
-           "pairwise": float(np.mean([metrics.pairwise(f) for f in by_prompt])),
-           "vendi": float(np.mean([metrics.vendi(f) for f in by_prompt]))}
+           "fd": metrics.frechet(feats, ref_feats) if sets else 0.0 if row is ref else None,
+           "kid": 0.0 if row is ref else metrics.kid(feats, ref_feats) if sets else None,
+           "pairwise": float(np.mean([metrics.pairwise(f) for f in by_prompt])) if noises else None,
+           "vendi": float(np.mean([metrics.vendi(f) for f in by_prompt])) if noises else None}
     return out
 
 
 def world_columns(rendered: dict, ref_name: str, prompts: list[str], world: str = "base") -> dict:
     """On the demo model, whose prompts the world's checker reads (distill/demo): adherence (percent of images
     matching everything the prompt fixes, read in `world`'s colours), hist (the read attributes' histogram distance
-    to the reference's) and style (percent of colour-naming prompts drawn in `world`'s colours: whether a style
-    LoRA took; None without such prompts)."""
+    to the reference's) and, in the variant world as without --out, style (percent of colour-naming prompts drawn
+    in its colours: whether a style LoRA took)."""
     from .demo import quality
+    from .evaluation import world_score
 
     per_image = [prompts[i % len(prompts)] for i in range(len(rendered[ref_name]["pixels"]))]  # noise-major
-    scores = {name: quality.score(row["pixels"], per_image, world) for name, row in rendered.items()}
+    scores = {name: world_score(row["pixels"], per_image, world) for name, row in rendered.items()}
     out = {}
     for name, s in scores.items():
         hist = quality.histogram_distances(s["reads"], scores[ref_name]["reads"], per_image)
-        out[name] = {"adherence": s["adherence"], "hist": float(np.mean(list(hist.values()))), "style": s["style"]}
+        out[name] = {"adherence": s["adherence"], "hist": float(np.mean(list(hist.values()))),
+                     **({"style": s["style"]} if "style" in s else {})}
     return out
 
 
@@ -167,16 +273,16 @@ def clip_columns(rendered: dict, ref_name: str, prompts: list[str], source: str)
         out = {}
         for name in rendered:
             e, ref = embeds[name].numpy(), embeds[ref_name].numpy()
+            sets = len(e) > 1  # one image per row: no covariance, no pair (as score's fd and kid)
             out[name] = {"clip": float(np.mean(clip_score(embeds[name], repeat))),
-                         "fd clip": metrics.frechet(e, ref),
-                         "cmmd": 0.0 if name == ref_name else metrics.cmmd(e, ref)}
+                         "fd clip": metrics.frechet(e, ref) if sets else 0.0 if name == ref_name else None,
+                         "cmmd": 0.0 if name == ref_name else metrics.cmmd(e, ref) if sets else None}
     return out
 
 
 def judge(args) -> dict:
-    """Render (or reuse) every row under args.out and score it; the report that --out/report.json holds."""
-    from tqdm import tqdm
-
+    """Render (or reuse) every row under args.out and score it; the report that --out/report.json holds. The
+    report and grid are written together at the end, after every metric: a failure leaves the previous ones."""
     from weights.lora_merge import lora_spec
 
     prompts = list(args.prompt_list)
@@ -184,9 +290,31 @@ def judge(args) -> dict:
     compare = [lora_spec(s) for s in args.compare]
     base = [lora_spec(s) for s in args.base_lora]
     rows = rows_for(args, lora, compare, base)
+    app = args.out / "_app"  # the sessions' own output folder (empty: every image goes to its row's folder)
+    ours = not app.exists()
+    try:
+        rendered, demo, model = render_rows(args, rows, prompts)
+        report, grid = scored(args, rows, rendered, prompts, demo, model)
+    finally:
+        if ours:
+            shutil.rmtree(app, ignore_errors=True)
+    from PIL import Image
+
+    with atomic_path(args.out / "grid.png") as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    with atomic_path(args.out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def render_rows(args, rows: list[Row], prompts: list[str]) -> tuple[dict, bool, str]:
+    """Every row's images, latents and timing (render_row), one model in memory at a time; with whether the
+    model is the demo and its path."""
+    from tqdm import tqdm
+
     rendered, session, demo, model = {}, None, None, None
     with tqdm(total=len(rows) * len(prompts) * args.per_prompt, desc="evaluate", unit="image") as bar:
-        for wanted in [None, *args.compare_model]:  # one model in memory at a time
+        for wanted in [None, *args.compare_model]:
             mine = [r for r in rows if r.model == wanted]
             if not mine:
                 continue
@@ -195,19 +323,31 @@ def judge(args) -> dict:
                                   "lora": [s for s in (*args.lora, *args.compare, *args.base_lora)],
                                   "out": str(args.out / "_app")})
             session = Session(launch)
+            clock = SamplingClock(session.pipe)
             if wanted is None:
                 demo, model = session.demo, session.model
                 if args.width is None:
                     args.width = args.height = 64 if demo else 1024
             for row in mine:
-                rendered[row.name] = render_row(session, row, args, prompts, args.out)
+                rendered[row.name] = render_row(session, clock, row, args, prompts, args.out)
                 bar.update(len(prompts) * args.per_prompt)
-    rendered = {r.name: rendered[r.name] for r in rows}
+    return {r.name: rendered[r.name] for r in rows}, demo, model
+
+
+def scored(args, rows: list[Row], rendered: dict, prompts: list[str], demo: bool,
+           model: str) -> tuple[dict, np.ndarray]:
+    """The report (settings and a table row per row) and the grid (rows x prompts, each prompt's first noise)."""
     ref = rendered[rows[0].name]
-    width = ref["features"].shape[1]
-    if len(ref["latents"]) < width:
-        print(f"warning: {len(ref['latents'])} images per row, fewer than the {width} latent features: the Fréchet "
-              "distances are biased upward (compare rows with each other, or raise --per-prompt)", file=sys.stderr)
+    width, count = ref["features"].shape[1], len(ref["latents"])
+    if count < 2:
+        print("warning: 1 image per row: fd and kid (with --clip-vision, fd clip and cmmd too) need two and are "
+              "null (raise --per-prompt or add prompts)", file=sys.stderr)
+    elif count < width:
+        print(f"warning: {count} images per row, fewer than the {width} latent features: the Fréchet distances "
+              "are biased upward (compare rows with each other, or raise --per-prompt)", file=sys.stderr)
+    if args.per_prompt < 2:
+        print("warning: 1 noise per prompt: pairwise and vendi (diversity across a prompt's noises) are null "
+              "(raise --per-prompt)", file=sys.stderr)
     table = [{"name": row.name, **score(rendered[row.name], ref, len(prompts))} for row in rows]
     extras = []
     if demo and world_prompts(prompts):  # the demo world's own columns beside them
@@ -220,18 +360,10 @@ def judge(args) -> dict:
     report = {"config": {"model": model, "prompts": prompts, "per_prompt": args.per_prompt,
                          "steps": list(args.steps), "teacher_steps": args.teacher_steps, "seed": args.seed,
                          "shift": args.shift, "reference": rows[0].name, "features": f"latents pooled 4x4 ({width})",
-                         "images_per_row": len(ref["latents"])},
+                         "images_per_row": count},
               "rows": table}
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
     grid = np.concatenate([np.concatenate(list(rendered[r.name]["pixels"][: len(prompts)]), axis=1) for r in rows])
-    from PIL import Image
-
-    with atomic_path(args.out / "grid.png") as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
-    shutil.rmtree(args.out / "_app", ignore_errors=True)
-    return report
+    return report, grid
 
 
 def format_report(report: dict) -> str:

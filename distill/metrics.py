@@ -7,7 +7,8 @@ Paired, against the reference image drawn from the same noise (images as floats 
 Between sets, on feature vectors (N, D):
 - `frechet`: |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), in float64, square roots through eigh (the
   FID formula, in whatever feature space is given); with fewer samples than dimensions the covariances are rank-
-  deficient and the value is biased upward: `evaluate` warns.
+  deficient and the value is biased upward: `evaluate` warns. A set of one item has no covariance: a ValueError
+  (`evaluate` reports null).
 - `kid`: the unbiased squared MMD with the polynomial kernel (x.y / D + 1)^3, over the whole sets (KID's estimator;
   unbiased, so it can be slightly negative, and comparable across sample sizes where FD is not).
 - `cmmd`: the same unbiased MMD with CMMD's Gaussian kernel (Jayasumana et al., 2024: exp(-|x - y|^2 / 2 sigma^2),
@@ -74,6 +75,8 @@ def _psd_sqrt(m: np.ndarray) -> np.ndarray:
 def frechet(f1, f2) -> float:
     """The Fréchet distance between Gaussians fitted to two feature sets (N1, D), (N2, D)."""
     a, b = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:  # one item's covariance is NaN, and eigh fails on it ("did not converge")
+        raise ValueError("the Fréchet distance needs at least two items in each set")
     mu = a.mean(0) - b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     root = _psd_sqrt(s1)

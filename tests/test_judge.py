@@ -1,6 +1,7 @@
 """`python -m distill.evaluate --out` (distill/judge.py) end to end on the demo pipeline folder (written by
 diffusers' save_pretrained): the reference row at distance 0, the same report from the same seed, a rerun that
-renders only its new rows, and a folder made with another LoRA refused without --overwrite."""
+renders only its new rows, a folder made with another LoRA refused without --overwrite, two LoRAs of one file name
+in two rows, the demo table's flags refused, one image per row, and what sec/img times."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from distill.evaluate import main
 from sampling.demo import DEMO_FOLDER, DEMO_LORA
-from weights.io import read_header
+from weights.io import file_sha256, read_header
 
 COMMON = ["--prompts", "a red circle", "a blue square at the top", "--per-prompt", "2", "--teacher-steps", "6",
           "--device", "cpu", "--dtype", "fp32"]
@@ -69,8 +70,7 @@ def expected_row(out, folder: str, ref_folder: str) -> dict:
     per_image = [prompts[i] for _, i in pairs]
     scored, ref_scored = (quality.score(np.stack([p[k] for k in pairs]), per_image) for p in (pixels, ref_pixels))
     hist = quality.histogram_distances(scored["reads"], ref_scored["reads"], per_image)
-    return row | {"adherence": scored["adherence"], "hist": float(np.mean(list(hist.values()))),
-                  "style": scored["style"]}
+    return row | {"adherence": scored["adherence"], "hist": float(np.mean(list(hist.values())))}  # base: no style
 
 
 def test_report_reference_reruns_and_refusals(tmp_path, capsys):
@@ -155,3 +155,128 @@ def test_clip_columns_with_the_users_clip_weights(tmp_path):
     cos = torch.nn.functional.cosine_similarity(img, txt)
     want = float(np.mean((100 * cos.clamp(min=0)).numpy()))
     assert rows["student 2"]["clip"] == pytest.approx(want, rel=1e-5)
+
+
+def small(out, *extra) -> list[str]:
+    """One prompt, two noises, 2-step reference, 1-step rows: the cheapest run that still has two images a row."""
+    return ["--prompts", "a red circle", "--per-prompt", "2", "--teacher-steps", "2", "--steps", "1", "--device",
+            "cpu", "--dtype", "fp32", "--out", str(out), *extra]
+
+
+def test_compare_loras_of_one_file_name_get_their_folder_in_the_row_name(tmp_path):
+    """The seed-comparison workflow: runs/a and runs/b each hold scfm-lora-slow_ema.safetensors. Both rows are
+    rendered, each from its own file (the stem alone put both in one folder: refused, or with --overwrite the
+    first one's images deleted and its row scored on the second's)."""
+    a, b = (tmp_path / "runs" / s / "scfm-lora-slow_ema.safetensors" for s in "ab")
+    a.parent.mkdir(parents=True), b.parent.mkdir()
+    save_file(load_file(DEMO_LORA), a, read_header(DEMO_LORA)[1])
+    save_file({k: v * 0.5 for k, v in load_file(DEMO_LORA).items()}, b, read_header(DEMO_LORA)[1])
+    out = tmp_path / "eval"
+    assert main(small(out, "--compare", f"{a}:1", "--compare", f"{b}:1")) == 0
+    rows = {r["name"]: r for r in report(out)["rows"]}
+    assert list(rows) == ["teacher 2", "teacher 1", "a/scfm-lora-slow_ema@1 1", "b/scfm-lora-slow_ema@1 1"]
+    for name, path in (("a", a), ("b", b)):
+        folder = out / f"{name}--scfm-lora-slow_ema-at-1_1"
+        assert len(list(folder.glob("*.png"))) == 2
+        assert json.loads((folder / "manifest.json").read_text())["loras"][0]["sha256"] == file_sha256(path)
+    assert rows["a/scfm-lora-slow_ema@1 1"]["mean|d|"] != rows["b/scfm-lora-slow_ema@1 1"]["mean|d|"]
+
+    from distill.judge import file_labels  # deeper when the nearest folders share a name too
+
+    assert file_labels(["/r/a/x.safetensors", "/r/b/x.safetensors", "/q/a/x.safetensors", "/r/a/y.safetensors"],
+                       lambda p: p.stem) == ["r/a/x", "b/x", "q/a/x", "y"]
+    for twice in ([f"{a}:1", f"{a}:1"], [f"{a}:1", f"{tmp_path}/runs/../runs/a/{a.name}:1"]):  # refused, no render
+        with pytest.raises(SystemExit, match="^evaluate: row 'scfm-lora-slow_ema@1 1' is asked for twice"):
+            main(small(tmp_path / "twice", "--compare", twice[0], "--compare", twice[1]))
+    assert not (tmp_path / "twice").exists()
+
+
+def test_flags_of_the_demo_table_are_refused_with_out_and_threads_is_read(tmp_path, monkeypatch):
+    """--json, --grid, --no-grid, --grid-scale, --floor and a second --lora were read by the demo table alone and
+    silently ignored with --out: refused in one line before anything loads. --threads is read (a stand-in judge
+    records the threads it ran with; the caller's are restored)."""
+    import torch
+
+    import distill.judge
+
+    out = tmp_path / "eval"
+    flags = ["--json", str(tmp_path / "t.json"), "--grid", str(tmp_path / "g.png"), "--no-grid", "--grid-scale",
+             "3", "--floor"]
+    with pytest.raises(SystemExit) as exc:
+        main(small(out, *flags))
+    msg = exc.value.code
+    assert msg.startswith("evaluate: --json, --grid, --no-grid, --grid-scale, --floor: not read with --out; it "
+                          f"writes {out}/report.json") and "\n" not in msg, msg
+    with pytest.raises(SystemExit, match="^evaluate: a second --lora: not read with --out; pass the other LoRAs as "
+                                         r"--compare PATH\[:SCALE\]$"):
+        main(small(out, "--lora", "demo", "--lora", "demo"))
+    assert not out.exists()
+
+    seen = []
+
+    def stand_in(args):
+        seen.append(torch.get_num_threads())
+        raise ValueError("stand-in")
+
+    monkeypatch.setattr(distill.judge, "judge", stand_in)
+    before = torch.get_num_threads()
+    with pytest.raises(SystemExit, match="stand-in"):
+        main(small(out, "--threads", str(before + 1)))
+    assert seen == [before + 1] and torch.get_num_threads() == before
+
+
+def test_one_image_per_row_reports_null_and_a_failure_leaves_no_report(tmp_path, monkeypatch):
+    """--per-prompt 1 with one prompt: the Fréchet distance needs a covariance (two images) and crashed after all
+    the rendering; now null, as KID already was, and so is the diversity of one noise. A failure after rendering
+    leaves neither the session's _app folder nor a report or grid. In the variant world the style column is there
+    (without --out too; the base world's table drops it: test_report_reference_reruns_and_refusals)."""
+    import distill.judge
+
+    out = tmp_path / "eval"
+    argv = small(out, "--world", "variant")
+    argv[1:4] = ["a red circle at the top left", "--per-prompt", "1"]  # a caption whose shape the 2-step teacher finds
+
+    def failing(*args):
+        raise ValueError("scoring failed")
+
+    monkeypatch.setattr(distill.judge, "scored", failing)
+    with pytest.raises(SystemExit, match="scoring failed"):
+        main(argv)
+    assert sorted(p.name for p in out.iterdir()) == ["teacher_1", "teacher_2"]  # the rendered rows, kept
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "report.json", "teacher_1", "teacher_2"]
+    ref, row = report(out)["rows"]
+    assert (ref["fd"], ref["kid"], row["fd"], row["kid"]) == (0.0, 0.0, None, None)
+    assert all(r["pairwise"] is None and r["vendi"] is None for r in (ref, row)) and row["mean|d|"] > 0
+    assert ref["style"] == row["style"] == 0  # the teacher draws the base world's colours
+
+
+def test_seconds_per_image_time_the_sampler_and_decode_only(tmp_path, monkeypatch):
+    """sec/img is what sampling costs a user per image: the sampler's calls and the VAE decode. On a fake clock
+    that the text encoders, the LoRA merge and a model's first (warm-up) call move far, and each sampling call by
+    1 s and each decode by 0.5 s, every row reads 1.5 s per image (one prompt: one image per call), the student's
+    included (the whole render was timed before: the student read slower than the teacher at the same NFE)."""
+    import time
+
+    from sampling.base import Pipeline
+    from sampling.pipeline import FluxPipeline
+
+    now, warm = [0.0], set()
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+
+    def advancing(method, seconds, first=None):
+        def call(self, *args, **kwargs):
+            result = method(self, *args, **kwargs)
+            now[0] += first if first is not None and (method, id(self)) not in warm else seconds
+            warm.add((method, id(self)))
+            return result
+        return call
+
+    monkeypatch.setattr(Pipeline, "encode_prompts", advancing(Pipeline.encode_prompts, 100))
+    monkeypatch.setattr(Pipeline, "set_loras", advancing(Pipeline.set_loras, 1000))
+    monkeypatch.setattr(FluxPipeline, "sample", advancing(FluxPipeline.sample, 1, first=50))
+    monkeypatch.setattr(Pipeline, "decode", advancing(Pipeline.decode, 0.5, first=20))
+    assert main(small(tmp_path / "eval", "--lora", "demo")) == 0
+    rows = report(tmp_path / "eval")["rows"]
+    assert [(r["name"], r["sec/img"]) for r in rows] == [("teacher 2", 1.5), ("teacher 1", 1.5), ("student 1", 1.5)]
