@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError, first_non_finite, latest_checkpoint, re
 from .config import ConfigError, DistillConfig
 from .lora import inject_lora, lora_layers, set_state_dict
 from .run_outputs import base_lora_records
-from .run_setup import check_writable, load_model
+from .run_setup import check_writable, load_model, with_text_length
 from .trainer import lora_config, model_family
 
 # The main file (no suffix) loads everywhere; the others are named for who reads them.
@@ -88,6 +88,7 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
     from weights.lora_write import save_lora
 
     family = model_family(model)
+    cfg = with_text_length(cfg, family, warn=False)  # t5_length 0: the family's, as the run trained with
     state = {k: v.float() for k, v in (state or set_state_dict(model, cfg.export_set)).items()}
     bad = first_non_finite(state)
     if bad is not None:  # a diverged run's LoRA would load everywhere and draw black images

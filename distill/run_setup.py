@@ -181,6 +181,7 @@ def _encoders(cfg: DistillConfig, device: torch.device, family: Family):
 def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: Family | None = None) -> Cache:
     folder = Path(cfg.cache or Path(cfg.output) / "cache").expanduser()
     family = family or default_family()
+    cfg = with_text_length(cfg, family, warn=False)  # train.run resolved it already; other callers may not
     needed = ("vae", *family.part("pipeline").needed_files)
     encoders_given = all(getattr(cfg, k) for k in needed)
     if rank == 0:
