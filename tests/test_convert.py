@@ -137,7 +137,10 @@ def test_vae_round_trips_and_loads_in_diffusers(tmp_path):
     ours = load_vae(tmp_path / "ae.safetensors")
     assert (ours.config.scale_factor, ours.config.shift_factor) == (1.5305, 0.0609)  # kept in the metadata
     assert run("checkpoint", tmp_path / "ae.safetensors", tmp_path / "vae2", "--to", "diffusers") == 0
-    assert_state_equal(AutoencoderKL.from_pretrained(tmp_path / "vae2"), ref)
+    theirs = AutoencoderKL.from_pretrained(tmp_path / "vae2")
+    assert_state_equal(theirs, ref)
+    # config.json carries the latent scale and shift diffusers' pipelines read (not only our metadata)
+    assert (theirs.config.scaling_factor, theirs.config.shift_factor) == (1.5305, 0.0609)
     assert run("checkpoint", tmp_path / "vae2", tmp_path / "ae2.safetensors", "--to", "official") == 0
     assert_same_file(tmp_path / "ae.safetensors", tmp_path / "ae2.safetensors")
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from conftest import random_lora
+from flux_fixtures import tiny_config
 from safetensors.torch import load_file
 from test_trainer import config, trainer
 
@@ -13,6 +16,7 @@ import distill.lora_export
 from distill.export import main
 from distill.lora import lora_layers
 from distill.lora_export import export_checkpoint, export_lora
+from model.flux import Flux
 from weights.io import read_header
 from weights.lora import read_lora
 
@@ -87,6 +91,22 @@ def test_an_older_checkpoint_without_the_model_config_reads_the_model_files_head
     (step / "state.json").write_text(json.dumps(state))
     old = export_checkpoint(step, formats=("kohya",), folder=tmp_path / "old")
     assert_same_files(new[0], old[0])
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_the_guidance_hint_is_written_only_for_a_model_with_a_guidance_input(tmp_path, guidance):
+    """The sample guidance is recommended (scfm_guidance, the ModelSpec usage hint) for a Flux with a guidance
+    embedding (dev); a schnell-like model has no guidance input, so its files recommend none, in every layout."""
+    model = Flux(tiny_config(guidance))
+    random_lora(model, rank=4, alpha=4.0)
+    cfg = config(tmp_path, export_formats=LAYOUTS, sample_guidance=2.5)
+    for path in export_lora(model, cfg):
+        meta = read_header(path)[1]
+        if guidance:
+            assert meta["scfm_guidance"] == "2.5" and meta["modelspec.usage_hint"].endswith(", guidance 2.5")
+        else:
+            assert "scfm_guidance" not in meta and "guidance" not in meta["modelspec.usage_hint"], path.name
+        assert meta["scfm_steps"] == str(cfg.sample_steps)  # the other hints are written either way
 
 
 def test_cli_refuses_to_overwrite_and_says_what_is_wrong_in_one_line(tmp_path, capsys):

@@ -13,7 +13,9 @@ from flux_fixtures import (
 )
 
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
+from model.flux2 import FLUX2_CONFIGS, Flux2
 from model.layers import image_ids, pack, text_ids, unpack
+from sampling.velocity import Flux2Velocity, FluxVelocity
 from weights.keymaps import Rule, to_official
 from weights.keymaps.flux import flux_rules
 from weights.transformer import transformer_state_dict
@@ -36,6 +38,29 @@ def test_matches_diffusers_fp32_and_bf16(guidance, sigma):
     assert_fp32_close(run_ours(ours, inp), run_diffusers(ref, inp))
     # bf16 against diffusers also in bf16: both round sigma to bf16 before x1000 (docs/models.md §1)
     assert_bf16_close(run_ours(ours, inp, torch.bfloat16), run_diffusers(ref, inp, torch.bfloat16))
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_a_bf16_model_gets_the_timestep_flux_pipeline_hands_it(family):
+    """FluxPipeline (and Flux2KleinPipeline) pass the transformer (sigma * 1000).to(dtype) / 1000: in bf16 the
+    velocity wrapper must hand the model that bf16 tensor, not sigma (at 0.7377 the two round to different bf16
+    timesteps: 0.734375 and 0.73828125). Spied on the model's forward, for FLUX.1-dev and FLUX.2."""
+    sigma = torch.tensor([0.7377, 0.25])
+    want = (sigma * 1000).bfloat16() / 1000
+    assert not torch.equal(want, sigma.bfloat16())  # the rounding matters at this sigma
+    if family == "flux":
+        model, velocity = Flux(tiny_config(True)), FluxVelocity
+        x, cond = torch.randn(2, 4, 4, 6), {"txt": torch.randn(2, 5, 32), "y": torch.randn(2, 24)}
+    else:
+        model, velocity = Flux2(FLUX2_CONFIGS["tiny"]), Flux2Velocity
+        x, cond = torch.randn(2, 8, 3, 5), {"txt": torch.randn(2, 7, 24)}
+    model = model.to(torch.bfloat16).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[4]))
+    with torch.no_grad():
+        velocity(model)(x, sigma, cond, torch.tensor([3.5]) if family == "flux" else None)
+    (t,) = seen
+    assert t.dtype == torch.bfloat16 and torch.equal(t, want), t
 
 
 def test_without_final_layer_swap_the_comparison_fails():

@@ -163,6 +163,13 @@ def test_peft_save_pretrained_folder_with_patterns_equals_peft(flux_base, tmp_pa
     assert read_lora(tmp_path / "adapter" / "adapter_model.safetensors").flavour == read_lora(
         tmp_path / "adapter").flavour
     assert any("adapter_config.json" in line for line in info_lines(tmp_path / "adapter"))
+    # written in the layouts with one alpha per layer: to_k's alpha 7 beside q / v's 6 and proj_mlp's rank 2
+    # beside linear1's q / k / v rank 4 (slices of one fused layer at different alpha / r) keep PEFT's forward
+    for layout in ("ours", "kohya"):
+        write_lora(read_lora(tmp_path / "adapter"), tmp_path / f"{layout}.safetensors", layout)
+        again = load_flux(base)
+        apply_loras(again, [tmp_path / f"{layout}.safetensors"])
+        _close(run_ours(again, inp), theirs)
 
 
 def test_rslora_in_diffusers_metadata_equals_diffusers(flux_base, tmp_path):
@@ -186,6 +193,33 @@ def test_rslora_in_diffusers_metadata_equals_diffusers(flux_base, tmp_path):
     _close(run_ours(ours, inp), run_diffusers(pipe.transformer, inp))
     _close(run_ours(ours, inp), run_diffusers(model.base_model.model, inp))  # and PEFT's own forward
     assert "rsLoRA" in read_lora(path).flavour
+
+
+def test_diffusers_metadata_without_lora_alpha_takes_peft_default_alpha_as_diffusers_does(flux_base, tmp_path):
+    """`lora_adapter_metadata` giving r but no lora_alpha: diffusers builds peft's LoraConfig from it, so alpha
+    is LoraConfig's default (8; read from peft here), not r. Our parts carry that alpha and the applied model
+    equals diffusers' load_lora_weights."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    ref, base = flux_base
+    default = LoraConfig().lora_alpha
+    assert default != R  # else the two readings agree
+    layers = get_peft_model_state_dict(_peft_model(ref, r=R, lora_alpha=6.0))
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers={k.removeprefix("base_model.model."): v
+                                                                      for k, v in layers.items()},
+                                   transformer_lora_adapter_metadata={"r": R, "target_modules": TARGETS})
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    parts = [p for mod in read_lora(path).modules.values() for p in mod.parts if p is not None]
+    assert parts and all(p.alpha == default for p in parts)
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=copy.deepcopy(ref))
+    pipe.load_lora_weights(str(path))
+    ours = load_flux(base)
+    apply_loras(ours, [path])
+    inp = tiny_inputs()
+    _close(run_ours(ours, inp), run_diffusers(pipe.transformer, inp))
 
 
 def test_dora_is_refused_by_name_and_info_says_why(flux_base, tmp_path):

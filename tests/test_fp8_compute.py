@@ -10,7 +10,7 @@ from torch import nn
 from distill.lora import LoRAConfig, inject_lora, lora_layers
 from model import fp8_gemm
 from model.flux import FLUX_CONFIGS, Flux
-from model.fp8 import Float8Linear, dequantize, enable_fp8_compute_, quantize_linears_
+from model.fp8 import Float8Linear, compute_dtype, dequantize, enable_fp8_compute_, quantize_linears_
 from model.kernels.quant import quant_rows_reference
 from tests.flux_fixtures import tiny_inputs
 
@@ -129,6 +129,23 @@ def test_the_lora_gradients_are_unchanged_by_the_switch():
     assert torch.equal(grads[False][0], grads[True][0]) and torch.equal(grads[False][1], grads[True][1])
     assert not torch.equal(grads[False][2], grads[True][2])
     assert (grads[False][2] - grads[True][2]).abs().max() < 0.1 * grads[False][2].abs().max()
+
+
+def test_the_fp8_gemm_computes_in_the_autocast_dtype():
+    """An fp32 activation under CPU autocast to bf16 computes in bf16, as nn.Linear would: `compute_dtype` reads
+    autocast, and the fp8 GEMM of a quantized layer (enable_fp8_compute_) writes bf16, close to the dequantized
+    bf16 Linear. Without autocast it is the input's dtype."""
+    layer = nn.Sequential(Float8Linear.from_linear(nn.Linear(96, 80)))
+    assert enable_fp8_compute_(layer, "cpu") == 1
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(0))
+    assert compute_dtype(x) == torch.float32 and layer(x).dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        assert compute_dtype(x) == torch.bfloat16
+        y = layer(x)
+        dense = nn.functional.linear(x, dequantize(layer[0].weight, layer[0].weight_scale, torch.float32),
+                                     layer[0].bias)
+    assert y.dtype == dense.dtype == torch.bfloat16
+    assert (y.float() - dense.float()).abs().max() < 0.1 * dense.float().abs().max()
 
 
 def test_a_gpu_without_fp8_gemms_is_refused_in_one_line(monkeypatch):

@@ -269,6 +269,24 @@ def test_ours_schema_and_round_trips_through_kohya_and_peft(tmp_path):
     assert_close(run_ours(plain, inp), run_ours(model, inp))
 
 
+def test_a_lora_of_block_0_alone_round_trips_in_every_layout(tmp_path):
+    """Names are built for one joint block more than a file names (weights/keymaps/lora.py `mmdit_depth`): a
+    LoRA on block 0 only, context MLP and attention output included, must not read block 0 as the pre-only last
+    block (which has neither). Written and read back in each layout: the same modules, the same deltas."""
+    _, full = trained_set()
+    lora = LoRA({m: v for m, v in full.modules.items() if m.startswith("joint_blocks.0.")}, family="sd3")
+    assert {"joint_blocks.0.context_block.mlp.fc1", "joint_blocks.0.context_block.attn.proj",
+            "joint_blocks.0.x_block.attn.qkv"} <= set(lora.modules)
+    for layout in ("ours", "kohya", "diffusers"):
+        write_lora(lora, tmp_path / f"{layout}.safetensors", layout)
+        back = read_lora(tmp_path / f"{layout}.safetensors")
+        assert (back.family, back.layout, set(back.modules)) == ("sd3", layout, set(lora.modules))
+        for m, mod in lora.modules.items():
+            want = mod.delta()  # diffusers: alpha / r = 3 folded into up, one fp32 rounding
+            torch.testing.assert_close(back.modules[m].delta(), want, rtol=0, atol=1e-6 * want.abs().max().item(),
+                                       msg=f"{layout}: {m}")
+
+
 def test_family_from_metadata_names_hint_then_width(ref, tmp_path):
     # names only SD3 has, without any metadata
     for layout in ("kohya", "diffusers"):

@@ -426,7 +426,9 @@ def test_export_in_every_layout_reads_back_as_the_chosen_set(tmp_path, which):
     for path in paths:
         lora = read_lora(path)
         assert set(lora.modules) == set(layers), path.name
-        assert lora.recommended.max_sequence_length == cfg.t5_length and lora.recommended.schedule == "scfm"
+        # the config's default t5_length 0 is the family's: FLUX.1's recipe length, as the run trained with
+        assert cfg.t5_length == 0 and t.config.t5_length == 256
+        assert lora.recommended.max_sequence_length == 256 and lora.recommended.schedule == "scfm"
         for name, layer in layers.items():
             expected = layer.delta_weight(which)
             torch.testing.assert_close(lora.modules[name].delta(), expected, rtol=1e-6,
