@@ -20,6 +20,18 @@ from distill.run_outputs import StopSignals
 from distill.trainer import Stopped
 
 
+@pytest.fixture(autouse=True)
+def usual_handlers():
+    """Python's own dispositions, whatever started pytest: a shell's background job without job control starts
+    with SIGINT ignored, and the trainer rightly restores what it found (a second signal then does nothing)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 def signal_at(step: int, signum: int = signal.SIGINT, times: int = 1):
     def hook(s):
         if s == step:
