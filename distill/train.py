@@ -86,10 +86,10 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
                               "starting over would replace it; choose another --output")
         demo_data = cfg.model == "demo" and not cfg.data
         cfg = resolve_demo(cfg)
+        family = family_of(cfg)
+        cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
         if demo_data and rank == 0:
             render_demo_data(cfg)
-        family = family_of(cfg)
-        cfg = with_text_length(cfg, family)
         family.part("lora_targets")  # a family SCFM cannot train yet is refused in one line, before the cache
         cache = prepare_cache(cfg, device, rank, family)
         if cfg.cache_only:

@@ -82,3 +82,12 @@ def test_generate_without_model_samples_the_demo(tmp_path):
     params = read_png_params(image)
     assert params["model"] == str(DEMO_FOLDER) and [r["path"] for r in params["loras"]] == [str(DEMO_LORA)]
     assert params["max_sequence_length"] == T5_LENGTH and params["steps"] == 4
+
+
+def test_model_demo_without_its_preset_renders_and_caches_at_the_familys_text_length(tmp_path):
+    """`--model demo` without `--config demo`: the default t5_length (0, the family's) is resolved before the demo
+    teacher renders its data, which refused a length of 0."""
+    out = tmp_path / "run"
+    assert train.main(["--model", "demo", "--output", str(out), "--cache_only", "--demo_images", "1",
+                       "--resolution", str(IMAGE_SIZE), "--device", "cpu"]) == 0
+    assert json.loads((out / "cache" / "cache.json").read_text())["key"]["t5_length"] == 256
