@@ -38,6 +38,7 @@ from .dataset import (
     mirror_caption,
     nearest_bucket,
     read_folder,
+    sample_chunks,
 )
 
 CACHE_VERSION = 1
@@ -66,10 +67,7 @@ def file_identity(path: str | Path | None) -> str | None:
     for f in files:
         size = f.stat().st_size
         digest.update(f"{f.relative_to(path) if f != path else f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for offset in (0, size // 2, max(0, size - 65536)):
-                fh.seek(offset)
-                digest.update(fh.read(65536))
+        sample_chunks(digest, f, size, 65536)
     return digest.hexdigest()[:16]
 
 
@@ -178,8 +176,9 @@ def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Seq
     items = []
     for e in examples:
         path = data / e.file
-        items.append({"file": e.file, "prompt": index[e.prompt], "bytes": path.stat().st_size,
-                      "id": image_identity(path), "bucket": list(nearest_bucket(*image_size(path), buckets))})
+        size = path.stat().st_size
+        items.append({"file": e.file, "prompt": index[e.prompt], "bytes": size, "id": image_identity(path, size),
+                      "bucket": list(nearest_bucket(*image_size(path), buckets))})
     if flip:  # after the originals: a plan without flip keeps its item numbers (and its caches stay valid)
         for item in list(items):
             mirrored = mirror_caption(prompts[item["prompt"]])

@@ -113,12 +113,12 @@ def _from_metadata(folder: Path, meta: Path) -> list[Example]:
     out = []
     for n, row in _rows(meta):
         try:
-            prompt = next(row[k] for k in PROMPT_COLUMNS if k in row)
-            name = row["file_name"]
+            column = next(k for k in PROMPT_COLUMNS if k in row)
+            prompt, name = row[column], row["file_name"]
         except (KeyError, StopIteration, TypeError):
             raise DataError(f"{meta}:{n}: expected {{\"file_name\": ..., \"prompt\": ...}}") from None
         if not isinstance(prompt, str) or not isinstance(name, str):  # null or a list would train on "None"
-            bad = "file_name" if not isinstance(name, str) else next(k for k in PROMPT_COLUMNS if k in row)
+            bad = "file_name" if not isinstance(name, str) else column
             raise DataError(f"{meta}:{n}: {bad} is {type(row[bad]).__name__}, not a string; write it as text")
         inside_folder(folder, name, f"{meta}:{n}")
         out.append(Example(name, prompt))
@@ -173,15 +173,19 @@ def read_folder(folder: str | Path) -> list[Example]:
     return out
 
 
-def image_identity(path: Path) -> str:
-    """A cheap fingerprint of an image file's content (its size and three sampled 4 KiB chunks): an image replaced
-    by another of the same size gets other cached latents, not the old ones."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
+def sample_chunks(digest, path: Path, size: int, chunk: int) -> None:
+    """Feed `digest` three `chunk`-byte samples of the file (start, middle, end): a cheap content fingerprint."""
     with open(path, "rb") as f:
-        for offset in (0, size // 2, max(0, size - 4096)):
+        for offset in (0, size // 2, max(0, size - chunk)):
             f.seek(offset)
-            digest.update(f.read(4096))
+            digest.update(f.read(chunk))
+
+
+def image_identity(path: Path, size: int) -> str:
+    """A cheap fingerprint of an image file's content (its `size` and three sampled 4 KiB chunks): an image replaced
+    by another of the same size gets other cached latents, not the old ones."""
+    digest = hashlib.sha256(str(size).encode())
+    sample_chunks(digest, path, size, 4096)
     return digest.hexdigest()[:12]
 
 

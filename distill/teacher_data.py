@@ -122,9 +122,8 @@ def check_settings(out: Path, settings: dict) -> None:
     path = out / "make_dataset.json"
     if path.exists():
         old = json.loads(path.read_text())
-        for since in ("run", "parts"):  # a dataset from before these were recorded (2026-12-05): not known
-            if since not in old:
-                settings = {k: v for k, v in settings.items() if k != since}
+        # "run" and "parts" of a dataset from before they were recorded (2026-12-05): not known, not compared
+        settings = {k: v for k, v in settings.items() if k in old or k not in ("run", "parts")}
         if old != settings:
             # both sides' keys: a setting given then and absent now (a --lora dropped) is a difference too
             diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))

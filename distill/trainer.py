@@ -387,6 +387,11 @@ class Trainer:
         """Name, scale and sha256 of each LoRA merged into the base, hashed once (exports record them)."""
         return base_lora_records(self.config.lora.base_loras)
 
+    @functools.cached_property
+    def teacher_files(self) -> dict:
+        """The files the teacher is made of, by content, as checkpoints record and resumes compare them."""
+        return lora_files(self.base_loras, self.config.lora.teacher_lora)
+
     def save(self) -> Path | None:
         """Rank 0 writes; the others wait, so nobody runs ahead of a checkpoint that may yet fail."""
         path = None
@@ -405,7 +410,7 @@ class Trainer:
             state = {"progress": vars(self.progress), "data_position": position,
                      "cache": self.cache.fingerprint(), "config": self.config.to_dict(),
                      "model": model_record(self.family, self.model.config),
-                     **lora_files(self.base_loras, self.config.lora.teacher_lora),
+                     **self.teacher_files,
                      "world_size": self.world, "optimizer": opt_state, "rng": rng_json}
             try:
                 path = save_checkpoint(self.out / "checkpoints", self.progress.step,
@@ -437,7 +442,7 @@ class Trainer:
         changed = resume_conflicts(state, self.config)
         if changed:
             raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
-        changed = changed_lora_files(state, lora_files(self.base_loras, self.config.lora.teacher_lora))
+        changed = changed_lora_files(state, self.teacher_files)
         if changed:
             raise TrainingError(f"{path}: the files of {' and '.join(changed)} are not those that run trained with "
                                 "(their sha256 differs); put those files back, or pass a new --output")

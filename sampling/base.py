@@ -21,7 +21,7 @@ from model.fp8 import enable_fp8_compute_
 from model.vae import AUTO_TILE_LATENT, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
 from weights.atomic import atomic_path
 from weights.io import DTYPES, WeightsError
-from weights.lora_merge import _fit_error, apply_loras, requantize_loras, unload_loras
+from weights.lora_merge import _resolve, apply_loras, requantize_loras, unload_loras
 from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
 from weights.transformer import load_transformer
 from weights.vae import load_vae
@@ -185,9 +185,7 @@ class Pipeline:
                 return
             # checked before the merged stack is undone: a refused LoRA must not leave the model without the
             # previous ones while the caller (the app's Session) still believes they are merged
-            for lora, _ in parts:
-                if (error := _fit_error(self._transformer, lora, lora.source or "LoRA")) is not None:
-                    raise WeightsError(error)
+            _resolve(self._transformer, parts, ignore_text_encoders=True)
             unload_loras(self._transformer)  # its refusals come before it restores a weight
         except Exception:
             self.loras, self._lora_parts = previous

@@ -175,22 +175,19 @@ class Session:
         prompt for the page; several prompts x `noises` seeds from `seed` on for distill.evaluate, written to
         `paths` in generate's order: noise-major)."""
         with self.busy:
-            return self._render(prompts, negative, seed, width, height, col, callback, noises, paths, latents_out)
-
-    def _render(self, prompts, negative, seed, width, height, col, callback, noises, paths, latents_out) -> Result:
-        many = [prompts] if isinstance(prompts, str) else list(prompts)
-        args = build_parser().parse_args(self.column_argv(many, negative, seed, width, height, col))
-        check_args(args)
-        with_demo_defaults(args)
-        check_sizes(args, 1024)
-        job = resolve(args, many)
-        lora_seconds = self.set_loras(job.loras)
-        check_job(self.pipe, job)
-        paths = paths or [self.column_path(seed)]
-        start = time.perf_counter()
-        render(self.pipe, job, paths, noises, seed, callback, latents_out)
-        nfe = job.cfg.steps * (2 if self.pipe.wants_negative(job.cfg) else 1)
-        return Result(paths[0], time.perf_counter() - start, nfe, lora_seconds)
+            many = [prompts] if isinstance(prompts, str) else list(prompts)
+            args = build_parser().parse_args(self.column_argv(many, negative, seed, width, height, col))
+            check_args(args)
+            with_demo_defaults(args)
+            check_sizes(args, 1024)
+            job = resolve(args, many)
+            lora_seconds = self.set_loras(job.loras)
+            check_job(self.pipe, job)
+            paths = paths or [self.column_path(seed)]
+            start = time.perf_counter()
+            render(self.pipe, job, paths, noises, seed, callback, latents_out)
+            nfe = job.cfg.steps * (2 if self.pipe.wants_negative(job.cfg) else 1)
+            return Result(paths[0], time.perf_counter() - start, nfe, lora_seconds)
 
 
 _COLUMN = re.compile(r"(\d+)--?\d+\.png")  # Session.column_path's names

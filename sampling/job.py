@@ -202,7 +202,7 @@ def check_family_flags(args, family: Family | str) -> None:
             continue
         used = [flag for flag, attr in other.part("pipeline").own_flags if getattr(args, attr)]
         if used:
-            hint = family.part("pipeline").flag_hint
+            hint = pipeline.flag_hint
             raise ValueError(f"{', '.join(used)}: {other.title} options, but {args.model} is {article(family.title)} "
                              f"model" + (f"; {hint}" if hint else ""))
 

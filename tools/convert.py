@@ -93,7 +93,7 @@ _TEXT_PARTS = {"lora_te_": "CLIP-L", "lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G
                "text_encoders.": "ComfyUI text_encoders."}
 
 
-def _family_line(lora, sizes: dict[str, list[str]], path) -> str:
+def _family_line(lora, sizes: dict[str, list[str]]) -> str:
     """What the family rests on when the names alone did not tell (weights/lora_alone.py read_lora_alone)."""
     if (alike := fits_alike(sizes)) is not None:
         fitting = [n for n, fits in sizes.items() if fits]
@@ -119,7 +119,7 @@ def _lora_lines(path, family: str | None = None) -> list[str]:
             blocks[head] = max(blocks[head], int(rest.split(".")[0]) + 1)
     fits = ", ".join(f"{k} >= {v}" for k, v in blocks.items() if v)
     dev_only = any(m.startswith("guidance_in.") for m in lora.modules)
-    lines = [_family_line(lora, sizes, path), f"layout: {lora.layout}" + (f", {lora.flavour}" if lora.flavour
+    lines = [_family_line(lora, sizes), f"layout: {lora.layout}" + (f", {lora.flavour}" if lora.flavour
                                                                           else ""),
              f"rank(s): {dict(ranks)}",
              # alpha as applied: scale alpha / r (an rsLoRA's lora_alpha / sqrt(r) is stated as that alpha)

@@ -44,7 +44,7 @@ from .io import (
 from .keymaps import to_official, to_others
 from .keymaps.lora import parse_key, refuse_non_lora
 from .keymaps.vae import diffusers_to_ours, ours_to_diffusers
-from .lora_merge import _fit_error, param_delta
+from .lora_merge import _fit_error, param_delta, touched_keys  # the run-time merger's own keys
 from .stream import DTYPE_NAMES, Spec, nbytes, write_streaming
 from .transformer import meta_model, read_layout
 
@@ -169,8 +169,6 @@ def _lora_deltas(model, loras) -> dict[str, list]:
     deltas: dict[str, list] = {}
     if not loras:
         return deltas
-    from .lora_merge import touched_keys  # the run-time merger's own keys
-
     for item, scale in loras:
         error = _fit_error(model, item, item.source or "LoRA")  # the family first, then every layer's shape
         if error is not None:
@@ -340,10 +338,10 @@ def _still_quantized(metadata: dict[str, str], kept: list[str]) -> dict[str, str
     raw = metadata.get(QUANT_METADATA)
     if raw is None:
         return metadata
-    stored = set(kept)
-    layers = {k: v for k, v in json.loads(raw)["layers"].items() if k + ".weight" in stored}  # read_header checked it
+    stored, listed = set(kept), json.loads(raw)  # read_header checked it
+    layers = {k: v for k, v in listed["layers"].items() if k + ".weight" in stored}
     rest = {k: v for k, v in metadata.items() if k != QUANT_METADATA}
-    return rest | ({QUANT_METADATA: json.dumps({**json.loads(raw), "layers": layers})} if layers else {})
+    return rest | ({QUANT_METADATA: json.dumps({**listed, "layers": layers})} if layers else {})
 
 
 def _stored_header(files: list[Path]) -> dict[str, tuple[list[int], str, Path]]:

@@ -146,7 +146,7 @@ def _check_quantized(path: Path, header: dict, data_start: int) -> None:
     if not configs and declared is None:
         return
     formats: dict[str, object] = {}  # layer -> its format
-    tagged: set[str] = set()  # layers with a comfy_quant tensor, whose weight must be stored in that format
+    tagged = {k.rpartition(".")[0] for k in configs}  # layers whose weight must be stored in their tag's format
     if declared is not None:
         try:
             layers = json.loads(declared)["layers"]
@@ -161,7 +161,6 @@ def _check_quantized(path: Path, header: dict, data_start: int) -> None:
             f.seek(data_start + begin)
             try:
                 formats[key.rpartition(".")[0]] = json.loads(f.read(end - begin)).get("format")
-                tagged.add(key.rpartition(".")[0])
             except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                 raise WeightsError(f"{path}: {key} is not ComfyUI's JSON layer config; re-download or re-export "
                                    "the file") from None

@@ -43,7 +43,8 @@ def read_lora_alone(path: str | os.PathLike, family: str | None = None) -> tuple
     stands (the widths, then the first registered family)."""
     path = Path(path).expanduser()
     lora = read_lora(path, family=family)
-    stated = read_header(peft_file(path))[1].get("scfm_family")
+    header, meta = read_header(peft_file(path))
+    stated = meta.get("scfm_family")
     if family is not None:
         want = get_family(family).name
         if lora.family != want:
@@ -53,7 +54,6 @@ def read_lora_alone(path: str | os.PathLike, family: str | None = None) -> tuple
         return lora, {}
     if stated or not (lora.modules or lora.diffs):  # stated, or text encoders only: no layer to tell by
         return lora, {}
-    header = read_header(peft_file(path))[0]
     stems = [p[0] for k in header if not k.startswith(TEXT_ENCODER_PREFIXES) and (p := parse_key(k))]
     readers = [f.name for f in families() if stems and lora_family(stems, False, hint=f.name) == f.name]
     if len(readers) < 2:

@@ -45,9 +45,11 @@ def _bad_config(family: Family, source: str, origin: tuple[str, str], problem: s
     return WeightsError(f"{source}: the {family.title} config from {origin[0]} {problem}; {origin[1]}")
 
 
-def _config_and_origin(family: Family, config, config_json: dict | None, metadata: dict[str, str], shapes,
-                       source: str):
-    """(`resolve_config`'s config, (where it came from, the fix)), the latter None for the caller's `config=`."""
+def resolve_config(family: Family, config, config_json: dict | None, metadata: dict[str, str], shapes, source: str):
+    """(The model config, (where it came from, the fix)), the latter None for the caller's `config=`. The config
+    comes from (in order): `config=` (an instance or a preset name), a diffusers config.json, the config our savers
+    write into the file's metadata (any spelling of the family), and the key names and shapes. WeightsError (one
+    line, naming the source) for a config.json or stored config that is damaged."""
     if isinstance(config, str):
         return family.config_class.preset(config), None
     if config is not None:
@@ -71,19 +73,11 @@ def _config_and_origin(family: Family, config, config_json: dict | None, metadat
     return family.infer_config(shapes, source), _FROM_SHAPES
 
 
-def resolve_config(family: Family, config, config_json: dict | None, metadata: dict[str, str], shapes,
-                   source: str):
-    """The model config, from (in order): `config=` (an instance or a preset name), a diffusers config.json, the
-    config our savers write into the file's metadata (any spelling of the family), and the key names and
-    shapes. WeightsError (one line, naming the source) for a config.json or stored config that is damaged."""
-    return _config_and_origin(family, config, config_json, metadata, shapes, source)[0]
-
-
 def meta_model(family: Family, config, config_json: dict | None, metadata: dict[str, str], shapes, source: str,
                layout: str) -> nn.Module:
     """The model its config resolves to (`resolve_config`), built on the meta device, with the checkpoint's
     official `shapes` checked against it: every check before a tensor is read, for loading and conversion alike."""
-    cfg, origin = _config_and_origin(family, config, config_json, metadata, shapes, source)
+    cfg, origin = resolve_config(family, config, config_json, metadata, shapes, source)
     try:
         with torch.device("meta"):
             model = family.model_class(cfg)

@@ -128,14 +128,13 @@ def detect_family(model: Path) -> Family:
     if model.is_dir():
         for name in ("model_index.json", "config.json", "transformer/config.json"):
             if (model / name).exists():
-                try:
+                fix = "re-download the model or repair the pipeline folder (its _class_name names the model)"
+                try:  # a truncated download or a hand edit: one line, not a traceback
                     index = json.loads((model / name).read_text())
                 except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                    index = e
-                if not isinstance(index, dict):  # a truncated download or a hand edit: one line, not a traceback
-                    why = f"unreadable ({index})" if isinstance(index, Exception) else "not a JSON object"
-                    raise WeightsError(f"{model / name}: {why}; re-download the model or repair the pipeline "
-                                       "folder (its _class_name names the model)")
+                    raise WeightsError(f"{model / name}: unreadable ({e}); {fix}") from None
+                if not isinstance(index, dict):
+                    raise WeightsError(f"{model / name}: not a JSON object; {fix}")
                 cls = str(index.get("_class_name", ""))
                 # the longest matching prefix: "Flux2..." is FLUX.2's, not FLUX.1's "Flux"
                 found = [(len(p), f) for f in _FAMILIES for p in f.diffusers_classes if cls.startswith(p)]
