@@ -93,6 +93,7 @@ class Cache:
             raise DataError(f"{self.folder}: incomplete cache ({len(missing)} shards missing); "
                             "run again to finish it")
         self.buckets: list[tuple[int, int]] = [tuple(it["bucket"]) for it in self.plan["items"]]
+        self.repeats: list[int] | None = self.plan.get("repeats")  # per item, times per epoch (kohya folders)
         self.prompt_of: list[int] = [it["prompt"] for it in self.plan["items"]]
         self._handles: dict[str, object] = {}
 
@@ -121,14 +122,15 @@ class Cache:
         width): sample images need it, and a run without --vae has no VAE to ask."""
         return self.buckets[0][0] // self._get("latents-00000.safetensors", "0").shape[-1]
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, repeats: bool = True) -> str:
         """Changes whenever the training data could: checkpoints store it to refuse a mismatched resume. The
-        sample prompts are left out: build_cache lets a run change them (only those are embedded again)."""
-        return _digest({k: v for k, v in self.plan.items() if k != "sample_prompts"})
+        sample prompts are left out: build_cache lets a run change them (only those are embedded again).
+        `repeats=False`: as checkpoints written before kohya repeat counts were applied recorded it."""
+        return _digest({k: v for k, v in self.plan.items() if k != "sample_prompts" and (repeats or k != "repeats")})
 
     def fingerprints(self) -> tuple[str, str]:
         """The fingerprint, and the one checkpoints written before it left the sample prompts out carry."""
-        return self.fingerprint(), _digest(self.plan)
+        return self.fingerprint(), _digest({k: v for k, v in self.plan.items() if k != "repeats"})
 
     def _get(self, shard: str, key: str) -> Tensor:
         if shard not in self._handles:
@@ -188,6 +190,9 @@ def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Seq
             items.append({**item, "prompt": index[mirrored], "flip": True})
     plan = {"version": CACHE_VERSION, "key": key, "data": str(data.resolve()), "shard_size": shard_size,
             "prompts": prompts, "items": items, "sample_prompts": list(sample_prompts)}
+    repeats = [e.repeats for e in examples] * (2 if flip else 1)  # a mirrored image repeats as its original
+    if any(n != 1 for n in repeats):  # kept out of the items: it changes the batches, not what is cached
+        plan["repeats"] = repeats
     if tuple(cond_names) != COND_NAMES:  # Flux plans stay as they were, so their caches stay valid
         plan["cond_names"] = list(cond_names)
     if negative_prompt is not None:
@@ -219,6 +224,8 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
                             "delete it or choose another cache folder")
         if old.get("sample_prompts") != plan["sample_prompts"]:  # new sample prompts: re-embed only those
             (folder / "samples.safetensors").unlink(missing_ok=True)
+            _write_json(plan_file, plan)
+        elif old.get("repeats") != plan.get("repeats"):  # other kohya repeat counts: the same tensors
             _write_json(plan_file, plan)
     else:
         _write_json(plan_file, plan)
@@ -301,11 +308,12 @@ class BucketBatches:
     as in few-shot distillation, still trains); then all batches are shuffled together.
     """
 
-    def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, seed: int):
+    def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, seed: int,
+                 repeats: Sequence[int] | None = None):
         self.batch_size, self.seed = batch_size, seed
         self.groups: dict[tuple[int, int], list[int]] = {}
-        for i, b in enumerate(buckets):
-            self.groups.setdefault(tuple(b), []).append(i)
+        for i, b in enumerate(buckets):  # an item of a kohya `N_concept` folder is in its bucket's epoch N times
+            self.groups.setdefault(tuple(b), []).extend([i] * (repeats[i] if repeats else 1))
         if not self.groups:
             raise DataError("empty dataset: nothing to train on")
         self.per_epoch = sum(math.ceil(len(v) / batch_size) for v in self.groups.values())

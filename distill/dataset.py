@@ -9,8 +9,9 @@ Captions, by the first rule that applies to the folder:
 
 Files and folders whose names start with "." are not part of a dataset (macOS's `._x.png` AppleDouble twins,
 `.ipynb_checkpoints/`, `.cache/`); symlinked files and folders are followed. Images without a caption file are
-left out and counted in one line, as are kohya's `N_concept` folders, whose repeat count is not applied here (every
-image trains equally often). Pixels are read upright (the EXIF orientation applied, as every viewer shows them),
+left out and counted in one line. An image inside a kohya `N_concept` folder (sd-scripts' DreamBooth layout: "10_dog"
+trains each of its images 10 times per epoch) carries that repeat count, the innermost such folder's; "0_x" leaves its
+images out, as sd-scripts does. Pixels are read upright (the EXIF orientation applied, as every viewer shows them),
 16-bit greyscale scaled to 8 bits, and alpha dropped as kohya and diffusers drop it (`convert("RGB")`).
 """
 
@@ -48,6 +49,7 @@ class DataError(ValueError):
 class Example:
     file: str  # relative to the dataset folder
     prompt: str
+    repeats: int = 1  # times per epoch: a kohya `N_concept` folder's N
 
 
 def inside_folder(folder: Path, name: str, where: str) -> Path:
@@ -128,10 +130,16 @@ def _from_metadata(folder: Path, meta: Path) -> list[Example]:
     return out
 
 
+def _kohya_repeats(relative: Path) -> int:
+    """The repeat count of the innermost `N_concept` folder above an image (1 outside any)."""
+    counts = [int(m.group(1)) for p in relative.parts[:-1] if (m := _KOHYA_REPEATS.match(p))]
+    return counts[-1] if counts else 1
+
+
 def _from_caption_files(folder: Path) -> list[Example]:
     files = _files(folder)
     present = set(files)
-    out, uncaptioned, repeats = [], [], set()
+    out, uncaptioned, zero, repeated = [], [], set(), {}
     for image in files:
         if image.suffix.lower() not in IMAGE_SUFFIXES:
             continue
@@ -142,15 +150,23 @@ def _from_caption_files(folder: Path) -> list[Example]:
             uncaptioned.append(image)
             continue
         relative = image.relative_to(folder)
-        repeats |= {p for p in relative.parts[:-1] if _KOHYA_REPEATS.match(p)}
-        out.append(Example(str(relative), _text(caption).strip()))
+        repeats = _kohya_repeats(relative)
+        if repeats == 0:
+            zero.add(str(relative.parent))
+            continue
+        if repeats > 1:
+            repeated[str(relative.parent)] = repeats
+        out.append(Example(str(relative), _text(caption).strip(), repeats))
     notes = []
     if uncaptioned:
         notes.append(f"{len(uncaptioned)} images have no caption file ({'/'.join(CAPTION_SUFFIXES)}) and are left "
                      f"out, e.g. {uncaptioned[0].relative_to(folder)}")
-    if repeats:
-        notes.append(f"kohya repeat folders ({', '.join(sorted(repeats)[:3])}): the repeat count is not applied, "
-                     "every image trains equally often")
+    if repeated:  # said, as "2024_trip" would repeat its images 2024 times just as in sd-scripts
+        shown = ", ".join(f"{name} x{n}" for name, n in sorted(repeated.items())[:3])
+        notes.append(f"kohya repeat folders train their images N times per epoch: {shown}"
+                     + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""))
+    if zero:
+        notes.append(f"the images of kohya folders with 0 repeats ({', '.join(sorted(zero)[:3])}) are left out")
     if out and notes:
         warnings.warn(f"{folder}: " + "; ".join(notes), stacklevel=3)
     return out

@@ -222,7 +222,7 @@ class Trainer:
         self.velocity = self.kind.part("velocity")(student)
         self.scfm = config.scfm.scfm_config(getattr(model.config, "guidance_embed", False), self.kind.dynamic_shift)
         self.ema = config.ema.ema_config()
-        self.batches = BucketBatches(cache.buckets, config.batch_size, config.seed)
+        self.batches = BucketBatches(cache.buckets, config.batch_size, config.seed, cache.repeats)
         self.progress = Progress()
         self.autocast = config.autocast and self.device.type == "cuda"
 
@@ -450,7 +450,12 @@ class Trainer:
         if other:
             raise TrainingError(f"{path}: that run trained another model ({other}); pass its --model, or a new "
                                 "--output to start a run on this one")
-        if state["cache"] not in self.cache.fingerprints():
+        if self.cache.repeats and state["cache"] == self.cache.fingerprint(repeats=False):
+            # that run began before kohya repeat counts were applied: it goes on drawing its batches as it did
+            warnings.warn(f"{path}: that run began without kohya's folder repeat counts and goes on without them; "
+                          "a new --output applies them", stacklevel=2)
+            self.batches = BucketBatches(self.cache.buckets, self.config.batch_size, self.config.seed)
+        elif state["cache"] not in self.cache.fingerprints():
             raise TrainingError(f"{path}: the cache ({self.cache.folder}) holds other training data than that run's "
                                 "(images, captions, encoders or resolution); pass that run's --data and --cache, or "
                                 "a new --output")

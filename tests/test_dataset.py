@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.data import build_cache, plan_cache
+from distill.data import BucketBatches, Cache, build_cache, plan_cache
 from distill.dataset import (
     BUCKETS_512,
     DataError,
@@ -32,12 +32,14 @@ def png(path, size=(8, 8), color=(200, 30, 30)):
 
 def test_caption_files_kohya_spellings_hidden_and_uncaptioned(tmp_path):
     """.txt or kohya's .caption (the .txt first), a UTF-8 BOM dropped; AppleDouble twins and dot-folders are not
-    data; images without a caption and kohya repeat folders are said in one warning."""
+    data; images without a caption and those of a kohya folder with 0 repeats are said in one warning."""
     data = tmp_path / "d"
     png(data / "a.png")
     (data / "a.txt").write_text("\ufeffa red square", encoding="utf-8")  # Notepad's UTF-8
     png(data / "10_dog" / "b.png")
     (data / "10_dog" / "b.caption").write_text("a dog\n")
+    png(data / "0_off" / "e.png")  # sd-scripts' zero repeats: never trained
+    (data / "0_off" / "e.txt").write_text("left out")
     png(data / "c.png")
     (data / "c.txt").write_text("from the txt")
     (data / "c.caption").write_text("not this one")
@@ -52,7 +54,8 @@ def test_caption_files_kohya_spellings_hidden_and_uncaptioned(tmp_path):
                                                       ("c.png", "from the txt")]
     (message,) = [str(w.message) for w in record]
     assert "1 images have no caption file (.txt/.caption) and are left out, e.g. d.png" in message
-    assert "kohya repeat folders (10_dog): the repeat count is not applied" in message
+    assert "the images of kohya folders with 0 repeats (0_off) are left out" in message
+    assert "kohya repeat folders train their images N times per epoch: 10_dog x10" in message
 
 
 def test_metadata_rows_bom_and_non_string_prompts(tmp_path):
@@ -168,3 +171,38 @@ def test_imagefolder_csv_and_a_dataset_one_folder_down(tmp_path):
     (data / "metadata.csv").write_text("image,text\na.png,a red square\n")
     with pytest.raises(DataError, match=r"metadata.csv: its header line names no file_name column"):
         read_folder(data)
+
+
+def test_kohya_repeat_folders_set_how_often_each_image_trains(tmp_path):
+    """sd-scripts' `N_concept` folders: each image is in every epoch N times (the innermost N_ folder's N, flipped
+    twins as their originals); a cache built before the counts were applied is kept (same tensors, nothing
+    encoded again) and only learns them."""
+    data = tmp_path / "d"
+    for folder, name in (("3_dog", "a"), ("1_cat", "b"), (".", "c"), ("2_outer/5_inner", "d")):
+        png(data / folder / f"{name}.png", (64, 64))
+        (data / folder / f"{name}.txt").write_text(f"photo {name}")
+    with pytest.warns(UserWarning, match="N times per epoch: 2_outer/5_inner x5, 3_dog x3$"):
+        examples = read_folder(data)
+    assert [(e.file, e.repeats) for e in examples] == [
+        ("1_cat/b.png", 1), ("2_outer/5_inner/d.png", 5), ("3_dog/a.png", 3), ("c.png", 1)]
+    text = lambda p: {"txt": torch.zeros(len(p), 2, 4), "y": torch.zeros(len(p), 4)}  # noqa: E731
+    encoded = []
+
+    def vae(images):
+        encoded.append(len(images))
+        return images[:, :, ::8, ::8].clone()
+
+    with pytest.warns(UserWarning, match="repeat folders"):
+        plan = plan_cache(data, {"k": 1}, 64, flip=True)
+    assert plan["repeats"] == [1, 5, 3, 1] * 2
+    old = {k: v for k, v in plan.items() if k != "repeats"}  # as planned before repeat counts were applied
+    before = build_cache(tmp_path / "c", old, lambda: text, lambda: vae, progress=False)
+    assert before.repeats is None and sum(encoded) == 8
+    cache = build_cache(tmp_path / "c", plan, lambda: text, lambda: vae, progress=False)
+    assert sum(encoded) == 8 and Cache(tmp_path / "c").repeats == [1, 5, 3, 1] * 2
+    assert cache.fingerprint(repeats=False) == before.fingerprint() != cache.fingerprint()
+    batches = BucketBatches(cache.buckets, 4, seed=0, repeats=cache.repeats)
+    assert batches.per_epoch == 5  # 20 draws in batches of 4
+    for epoch in range(2):
+        drawn = [i for s in range(5 * epoch, 5 * epoch + 5) for i in batches.batch(s)]
+        assert sorted(drawn) == sorted(i for i, n in enumerate(cache.repeats) for _ in range(n))

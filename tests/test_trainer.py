@@ -117,6 +117,40 @@ def test_kill_then_resume_equals_the_uninterrupted_run(tmp_path, fp8_base):
     assert [r["lr"] for r in rows] == [lr_at(cfg, r["step"] - 1) for r in rows] and rows[0]["lr"] > rows[-1]["lr"]
 
 
+def test_a_run_begun_before_kohya_repeats_resumes_without_them(tmp_path):
+    """A cache planned before kohya's folder repeat counts were applied learns them without encoding anything
+    again; a run begun on it resumes as it began (warned), equal to its uninterrupted run; a new run uses them."""
+    from PIL import Image
+    from test_data import KEY, FakeText, FakeVAE
+
+    from distill.data import build_cache, plan_cache
+
+    data = tmp_path / "data"
+    for i, folder in enumerate(("4_dog", "4_dog", "1_cat")):
+        (data / folder).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (512, 512), (60 * i, 100, 200)).save(data / folder / f"{i}.png")
+        (data / folder / f"{i}.txt").write_text(f"photo {i}")
+    with pytest.warns(UserWarning, match="4_dog x4"):
+        plan = plan_cache(data, KEY, 512, shard_size=4)
+    assert plan["repeats"] == [1, 4, 4]  # sorted by path: 1_cat first
+    old = build_cache(tmp_path / "cache", {k: v for k, v in plan.items() if k != "repeats"}, FakeText, FakeVAE,
+                      progress=False)
+    cfg = config(tmp_path, "killed", steps=4)
+    whole = Trainer(config(tmp_path, "whole", steps=4), tiny_model(), old, device="cpu")
+    whole.run()
+    with pytest.raises(Kill):
+        Trainer(cfg, tiny_model(), old, device="cpu", on_step=kill_at(3)).run()
+    vae = FakeVAE()
+    cache = build_cache(tmp_path / "cache", plan, FakeText, lambda: vae, progress=False)
+    assert vae.calls == 0 and cache.repeats == [1, 4, 4]
+    assert Trainer(config(tmp_path, "new"), tiny_model(), cache, device="cpu").batches.per_epoch == 5  # 9 draws
+    resumed = Trainer(cfg.replace(resume=True), tiny_model(), cache, device="cpu")
+    with pytest.warns(UserWarning, match="began without kohya's folder repeat counts and goes on without them"):
+        resumed.run()
+    assert resumed.batches.per_epoch == 2 and resumed.progress.step == 4
+    assert_same(state(resumed), state(whole))
+
+
 def test_block_swap_trains_bit_for_bit_like_the_whole_model_on_the_device(tmp_path):
     """--blocks_to_swap changes where the frozen weights wait, not one bit of the run; it refuses what it cannot."""
     runs = {}
