@@ -78,7 +78,7 @@ def _kept(root: Path) -> str:
 
 
 def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: dict, keep: int) -> Path:
-    """Write `root/step-{step}` atomically, then delete all but the newest `keep` complete checkpoints.
+    """Write `root/step-{step}` atomically, then delete all but the newest `keep` checkpoints up to `step`.
     CheckpointError (one line) for non-finite tensors or a failed write; the previous checkpoints stay."""
     check_finite(root, step, tensors)
     final = root / f"step-{step:06d}"
@@ -100,17 +100,23 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in checkpoints(root)[:-keep]:
+    # Only this run's own line counts: a higher step is one a resume skipped as damaged (resumes go on from the
+    # newest intact one), and counting it would delete the checkpoints written since, this one included.
+    for old in [p for p in checkpoints(root) if step_of(p) <= step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder `step-000200`."""
+    return int(STEP_DIR.fullmatch(path.name).group(1))
 
 
 def checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders, oldest first (leftover temp folders of killed writes are not listed)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)), key=step_of)
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:

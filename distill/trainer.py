@@ -224,6 +224,7 @@ class Trainer:
         self.ema = config.ema.ema_config()
         self.batches = BucketBatches(cache.buckets, config.batch_size, config.seed, cache.repeats)
         self.progress = Progress()
+        self.checkpointed = -1  # the step of the checkpoint this run wrote or resumed from last
         self.autocast = config.autocast and self.device.type == "cuda"
 
     # --- one step -----------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ class Trainer:
             bar.close()
             if log:
                 log.close(finished=self.progress.step == cfg.steps)
-        if not (self.out / "checkpoints" / f"step-{self.progress.step:06d}").exists():  # resumed at the end
+        if self.checkpointed != self.progress.step:  # the last step's (a folder of that name may be a damaged one)
             self.save()
 
     def _loop(self, log: JsonlLog | None, bar) -> None:
@@ -420,6 +421,7 @@ class Trainer:
                 raise TrainingError(str(e)) from None
         if self.world > 1:
             dist.barrier()
+        self.checkpointed = self.progress.step
         return path
 
     def resume(self) -> bool:
@@ -471,6 +473,7 @@ class Trainer:
         set_rng_state(tensors, state["rng"])
         # the NaN stop's advice is "lower lr, then --resume": the resumed run gets its own max_bad_steps
         self.progress = Progress(**{**state["progress"], "bad_in_row": 0})
+        self.checkpointed = self.progress.step
         return True
 
     # --- sample images ------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ import errno
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from test_data import make_cache
 from test_trainer import Kill, config, kill_at, state, trainer
@@ -220,7 +222,8 @@ def test_a_full_disk_mid_checkpoint_keeps_the_previous_one_and_says_so_in_one_li
             real_save(tensors, path)
             with open(path, "r+b") as f:
                 f.truncate(f.seek(0, 2) // 2)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            # what safetensors 0.8 raises for a full disk: its own error type (not an OSError), errno in the text
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         real_save(tensors, path)
 
     monkeypatch.setattr(ckpt, "save_file", fills_the_disk)
@@ -243,6 +246,26 @@ def test_a_full_disk_mid_checkpoint_keeps_the_previous_one_and_says_so_in_one_li
     got = state(resumed)
     for k, v in state(whole).items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_real_failed_safetensors_write_is_an_oserror_and_leaves_no_temp(tmp_path):
+    """Not a mock: a file-size limit makes the OS refuse safetensors' own write (EFBIG, as ENOSPC would be) in a
+    child process; atomic_save turns safetensors' error into the OSError every writer says in one line."""
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import resource, signal, torch
+        from weights.atomic import atomic_save
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        try:
+            atomic_save({{"x": torch.zeros(1 << 16)}}, {str(tmp_path / "big.safetensors")!r})
+        except OSError as e:
+            print("OSError", e.errno, e.strerror)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == f"OSError {errno.EFBIG} {os.strerror(errno.EFBIG)}", out.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temp
 
 
 def test_an_unwritable_output_is_refused_before_anything_loads(tmp_path, monkeypatch, capsys):

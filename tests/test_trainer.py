@@ -266,6 +266,30 @@ def test_a_checkpoint_torn_mid_write_leaves_the_previous_usable(tmp_path, monkey
     assert_same(state(resumed), state(whole))
 
 
+def test_a_damaged_newest_checkpoint_costs_no_good_one_and_is_written_again(tmp_path):
+    """The newest checkpoint damaged (a copy cut short): the resume goes on from the one before it; pruning counts
+    only the steps up to the one just written (the damaged later one took a `keep` slot and the good ones were
+    deleted), and the run's end writes the damaged step again (its folder's name was taken as done)."""
+    whole = trainer(tmp_path, config(tmp_path, "whole"))
+    whole.run()
+    cfg = config(tmp_path, "run", keep_checkpoints=3)
+    trainer(tmp_path, cfg).run()
+    root = tmp_path / "run" / "checkpoints"
+    tensors = root / "step-000006" / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:1000])
+    cfg = cfg.replace(resume=True, keep_checkpoints=1, checkpoint_every=1)
+    with pytest.warns(UserWarning, match="skipping checkpoint"), pytest.raises(Kill):
+        trainer(tmp_path, cfg, on_step=kill_at(5)).run()  # resumed at 4, killed after step 5's checkpoint
+    assert [p.name for p in ckpt.checkpoints(root)] == ["step-000005", "step-000006"]
+    resumed = trainer(tmp_path, cfg)
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        resumed.run()
+    assert [p.name for p in ckpt.checkpoints(root)] == ["step-000006"]
+    _, saved = ckpt.read_checkpoint(root / "step-000006")  # intact again
+    assert saved["step"] == 6
+    assert_same(state(resumed), state(whole))
+
+
 def test_nan_steps_are_skipped_then_the_run_stops(tmp_path):
     t = trainer(tmp_path, config(tmp_path, steps=10, checkpoint_every=0, max_bad_steps=3))
     real = t.velocity

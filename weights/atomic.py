@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .io import WeightsError
@@ -136,12 +137,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_beside(path)
     mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except SafetensorError as e:  # safetensors' own error for a failed write, a full disk included
+            raise _os_error(e, tmp) from None
         os.chmod(tmp, mode)
         durable_replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _os_error(e: SafetensorError, path: Path) -> OSError:
+    """safetensors (0.4-0.8) reports a failed write as a SafetensorError, not an OSError, with the OS's error
+    inside its text ("... No space left on device (os error 28)"): the OSError it stands for, which every writer
+    turns into its one-line advice."""
+    found = re.search(r"os error (\d+)", str(e))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code) if found else str(e), str(path))
 
 
 def fsync_path(path: str | os.PathLike) -> None:
