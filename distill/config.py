@@ -82,12 +82,16 @@ def lr_at(config: DistillConfig, step: int) -> float:
 
 
 def count_or_auto(text) -> int:
+    """A flag's or TOML's block count, or "auto" (stored as AUTO, which a -1 given by hand must not mean)."""
     if text == "auto":
         return AUTO
     try:
-        return int(text)
+        count = int(text)
     except (TypeError, ValueError):
-        raise ConfigError(f"unchecked_blocks must be a block count or 'auto', got {text!r}") from None
+        count = AUTO - 1
+    if count < 0:
+        raise ConfigError(f"unchecked_blocks must be a block count (0 or more) or 'auto', got {text!r}")
+    return count
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,7 @@ class DistillConfig:
                                    "is left over; 'auto': as many as keep the step's peak under --max_memory "
                                    "(measured on the first batch)", parse=count_or_auto)
     max_memory: str = opt("", "the peak --unchecked_blocks auto plans for, e.g. 40GB or 38GiB (default: 90%% "
-                              "of the device memory free at the start)")
+                              "of the device memory free before the model loaded)")
     fp8_base: bool = opt(False, "store the frozen transformer blocks' Linear weights in float8 (e4m3, a "
                                 "power-of-two scale per row): half of bf16's memory (Flux-dev 23.7 -> 11.9 GB), "
                                 "for 24 GB cards; each layer computes in --dtype from them, and the teacher is "
@@ -316,9 +320,12 @@ class DistillConfig:
             from .memory_plan import parse_memory
 
             try:
-                parse_memory(self.max_memory)
+                budget = parse_memory(self.max_memory)
             except ValueError as e:
                 raise ConfigError(f"max_memory: {e}") from None
+            if budget <= 0:
+                raise ConfigError(f"max_memory {self.max_memory!r} is no memory at all; give the peak to plan for, "
+                                  "e.g. 40GB")
         if self.max_memory and self.unchecked_blocks != AUTO:
             raise ConfigError("max_memory is the budget of --unchecked_blocks auto; add it or drop --max_memory")
         if self.compile and self.fsdp:

@@ -185,12 +185,14 @@ def parse_memory(text: str) -> int:
 
 
 def default_max_memory(device: torch.device | str) -> int:
-    """90% of the device memory free now, on CUDA; other devices have no such figure, so the budget is asked for."""
+    """90% of the device memory this process can have, on CUDA: what is free now plus what it holds already (the
+    model, loaded before the plan), as the peak it is compared with counts both. Other devices have no such
+    figure, so the budget is asked for."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"--max_memory must be given on {device.type} (only CUDA reports its free memory)")
     free, _ = torch.cuda.mem_get_info(device)
-    return int(0.9 * free)
+    return int(0.9 * (free + torch.cuda.memory_reserved(device)))
 
 
 def step_peak(model: nn.Module, step: Callable[[], object], device: torch.device | str) -> int:

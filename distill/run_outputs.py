@@ -127,11 +127,13 @@ class JsonlLog:
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        # a compiled run's first row may have no speed figures (its window held only the compiling step)
         if self.tb:
             for k in SCALARS:
-                self.tb.add_scalar(k, row[k], row["step"])
+                if k in row:
+                    self.tb.add_scalar(k, row[k], row["step"])
         if self.wandb:
-            self.wandb.log({k: row[k] for k in (*SCALARS, "lr", "images_per_second")}, step=row["step"])
+            self.wandb.log({k: row[k] for k in (*SCALARS, "lr", "images_per_second") if k in row}, step=row["step"])
 
     def samples(self, paths: list[Path], step: int) -> None:
         """Sample PNGs to W&B, captioned with the prompt each PNG carries (TensorBoard users open samples/)."""

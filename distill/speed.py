@@ -10,6 +10,7 @@ forward of the student with autograd's saved tensors counted (and dropped) gives
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -34,27 +35,43 @@ def prepare(model: nn.Module, config: DistillConfig, device: torch.device) -> No
         except ValueError as e:
             raise SpeedError(str(e)) from None
     if config.compile:
-        model.compile_blocks()
+        try:
+            model.compile_blocks()
+        except ValueError as e:  # an unknown SCFM_COMPILE_BACKEND
+            raise SpeedError(str(e)) from None
 
 
-def block_lora_gradients(model: nn.Module) -> tuple[int, int]:
-    """(how many, of how many) LoRA layers inside the blocks have a non-zero gradient on their live up factor.
+def _block_gradients(model: nn.Module) -> dict[str, list[bool]]:
+    """Per transformer block holding LoRA layers: whether each has a non-zero gradient on its live up factor.
     The up factors are asked: at the first step every down gradient is zero by design (up starts at zero), while
     a block that lost its graph leaves None or, as torch 2.11 did (distill/lora_fn.py `_forward`), zeros. Meta
     tensors hold no values: a gradient there counts as present."""
-    blocks = tuple(f"{name}." for name, _ in named_blocks(model))
-    grads = [layer.lora_up["live"].grad for name, layer in lora_layers(model).items()
-             if name.startswith(blocks) and "live" in layer.lora_up]
-    return sum(g is not None and (g.is_meta or bool(g.any())) for g in grads), len(grads)
+    blocks = [name for name, _ in named_blocks(model)]
+    out: dict[str, list[bool]] = {}
+    for name, layer in lora_layers(model).items():
+        block = next((b for b in blocks if name.startswith(f"{b}.")), None)
+        if block is not None and "live" in layer.lora_up:
+            g = layer.lora_up["live"].grad
+            out.setdefault(block, []).append(g is not None and (g.is_meta or bool(g.any())))
+    return out
+
+
+def block_lora_gradients(model: nn.Module) -> tuple[int, int]:
+    """(how many, of how many) LoRA layers inside the blocks have a non-zero gradient (see _block_gradients)."""
+    flags = [f for block in _block_gradients(model).values() for f in block]
+    return sum(flags), len(flags)
 
 
 def check_block_gradients(model: nn.Module) -> None:
-    """After the first backward of a compiled model: the live LoRA inside the blocks got gradients. A compiler
-    that drops them would train only the embedders while every number looks fine."""
-    got, total = block_lora_gradients(model)
-    if total and not got:
-        raise SpeedError(f"--compile: no LoRA inside the transformer blocks received a gradient (torch "
-                         f"{torch.__version__}); train without --compile and report this torch version")
+    """After the first backward of a compiled model: the live LoRA of every block got gradients. A compiler that
+    drops them (all blocks, or one kind of block) would train only the rest while every number looks fine. Asked
+    per block, not per layer: a layer whose gradient is zero in eager too (an output the loss never reads) must
+    not stop a run."""
+    missing = [block for block, flags in _block_gradients(model).items() if not any(flags)]
+    if missing:
+        raise SpeedError(f"--compile: the LoRA of {len(missing)} transformer blocks (first: {missing[0]}) received "
+                         f"no gradient (torch {torch.__version__}); train without --compile and report this torch "
+                         "version")
 
 
 def plan_unchecked(model: nn.Module, config: DistillConfig, device: torch.device, step: Callable[[], None],
@@ -72,12 +89,29 @@ def plan_unchecked(model: nn.Module, config: DistillConfig, device: torch.device
     n, figures = plan(model, step, forward, budget - optimizer_bytes, device)
     n = min(n, len(named_blocks(model)) - config.blocks_to_swap)  # swapped blocks stay checkpointed
     model.enable_gradient_checkpointing(model.gradient_checkpointing, n)
-    return n, {**figures, "max_memory": budget, "optimizer_bytes": optimizer_bytes}
+    figures = {**figures, "max_memory": budget, "optimizer_bytes": optimizer_bytes}
+    if figures["base_peak"] + optimizer_bytes > budget:
+        warnings.warn(f"--unchecked_blocks auto: with every block checkpointed the step already peaks near "
+                      f"{(figures['base_peak'] + optimizer_bytes) / 1e9:.2f} GB, over --max_memory "
+                      f"{budget / 1e9:.2f} GB: no block is left unchecked; raise --max_memory, or lower "
+                      "--batch_size / --micro_batch (or add --blocks_to_swap)", stacklevel=2)
+    return n, figures
+
+
+def largest_bucket_batch(buckets: list[tuple[int, int]], indices: list[int]) -> list[int]:
+    """A batch as long as `indices` from the bucket of most pixels: the plan must hold for the largest step, not
+    the one the first batch happens to draw (the 512-px recipe's 384x640 bucket has 6% fewer tokens than
+    512x512). Items repeat when that bucket holds fewer than a batch, as its batches do (data.BucketBatches)."""
+    largest = max(set(buckets), key=lambda wh: (wh[0] * wh[1], wh))  # a tie: the same one every time
+    items = [i for i, wh in enumerate(buckets) if wh == largest]
+    return [items[j % len(items)] for j in range(len(indices))]
 
 
 def plan_on_first_batch(trainer, step: int, indices: list[int], positions: range) -> None:
-    """The trainer's --unchecked_blocks auto: planned on its first batch before that step runs as usual (the
+    """The trainer's --unchecked_blocks auto: planned before the first step on a batch of the largest bucket (the
     probe's gradients are cleared; its draws are pure functions of the step, so the step is unchanged)."""
+    indices = largest_bucket_batch(trainer.cache.buckets, indices)
+
     def probe() -> None:
         trainer._micro_loss(step, indices, positions)
         trainer.optimizer.zero_grad(set_to_none=True)

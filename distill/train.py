@@ -28,7 +28,7 @@ from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
 
 from .checkpoint import checkpoints, newest_settings
-from .config import ConfigError, DistillConfig, build_config, presets
+from .config import ConfigError, DistillConfig, build_config, load_toml, presets
 from .dataset import DataError
 from .lora import set_state_dict
 from .lora_export import export_lora, export_paths
@@ -116,22 +116,28 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
             dist.destroy_process_group()
 
 
-def resumed_config(cfg: DistillConfig, file: str | None, args: dict) -> DistillConfig:
-    """--resume: the run's own settings (its newest checkpoint's) under the config file and the flags given now,
-    so `--output RUN --resume` is enough. What may not change (checkpoint.RESUME_FIXED, the model, the cache) is
-    then refused by the trainer; lr and the other settings given now apply."""
-    stored = newest_settings(Path(cfg.output).expanduser() / "checkpoints")
-    return cfg if stored is None else build_config(file, args, base=stored)
+def make_config(file: str | None, args: dict) -> DistillConfig:
+    """The run's config from the config file and the flags. With --resume: the run's own settings (its newest
+    checkpoint's) under the config file and the flags given now, so `--output RUN --resume` is enough, and flags
+    are checked against that run's settings, not the demo's (`--resume --blocks_to_swap 19` on a checkpointed
+    run); what may not change (checkpoint.RESUME_FIXED, the model, the cache) is then refused by the trainer."""
+    preset = file or (None if args.get("model") else "demo")  # no config and no model: the built-in demo
+    table = load_toml(preset) if preset else {}
+    if args.get("resume", table.get("resume")):
+        output = args.get("output") or table.get("output") or DistillConfig.output
+        stored = newest_settings(Path(output).expanduser() / "checkpoints")
+        if stored is not None:
+            if "unchecked_blocks" in args and "max_memory" not in args:  # that run's budget was for its "auto"
+                stored = {**stored, "max_memory": ""}
+            return build_config(file, args, base=stored)
+    return build_config(preset, args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     try:
-        # no config and no model: the built-in demo (distill/configs/demo.toml)
         file = args.pop("config")
-        cfg = build_config(file or (None if args.get("model") else "demo"), args)
-        if cfg.resume:
-            cfg = resumed_config(cfg, file, args)
+        cfg = make_config(file, args)
         for path in run(cfg):
             print(path)
     except Stopped as e:  # Ctrl-C or SIGTERM, with a checkpoint written

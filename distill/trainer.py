@@ -340,7 +340,8 @@ class Trainer:
 
     def _loop(self, log: JsonlLog | None, bar) -> None:
         cfg = self.config
-        window, t0 = [], time.perf_counter()
+        window, timed, t0 = [], 0, time.perf_counter()
+        warm_up = cfg.compile  # the first step compiles the blocks: said, and kept out of the speed figures
         while self.progress.step < cfg.steps:
             try:
                 metrics = self.step()
@@ -350,13 +351,21 @@ class Trainer:
             window.append(metrics["loss"])
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             bar.update(1)
+            if warm_up:
+                warm_up, seconds, t0 = False, time.perf_counter() - t0, time.perf_counter()
+                metrics["compile_seconds"] = round(seconds, 2)
+                if self.rank == 0:
+                    bar.write(f"--compile: the first step took {seconds:.1f} s, compiling the blocks included "
+                              "(later steps: seconds_per_step in log.jsonl)")
+            else:
+                timed += 1
             if log and (step % cfg.log_every == 0 or step == cfg.steps):
                 dt = time.perf_counter() - t0
+                speed = {"seconds_per_step": dt / timed, "images_per_second": timed * cfg.batch_size / dt} \
+                    if timed else {}
                 log.write({**metrics, "loss_mean": sum(window) / len(window),
-                           "lr": self.optimizer.param_groups[0]["lr"],  # what the step used, resumed or not
-                           "seconds_per_step": dt / len(window),
-                           "images_per_second": len(window) * cfg.batch_size / dt})
-                window, t0 = [], time.perf_counter()
+                           "lr": self.optimizer.param_groups[0]["lr"], **speed})  # lr: what the step used
+                window, timed, t0 = [], 0, time.perf_counter()
             saved = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps
             if saved:
                 self.save()

@@ -56,6 +56,9 @@ class BlockRunner:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         blocks = named_blocks(self)
         backend = os.environ.get("SCFM_COMPILE_BACKEND") or backend or "inductor"
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):  # else a traceback at the first call
+            raise ValueError(f"--compile: no torch.compile backend {backend!r} (SCFM_COMPILE_BACKEND); unset it for "
+                             "inductor, or name one of torch._dynamo.list_backends()")
         for _, block in blocks:
             block.compile(dynamic=False, mode=mode, backend=backend)
         return len(blocks)

@@ -9,6 +9,7 @@ exercised on the GPU by bench/ (bench/gpu_session.sh). All compiled tests share 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -46,6 +47,21 @@ def test_compiled_training_gives_the_eager_losses_and_lora(tmp_path, aot_eager):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_compiled_run_says_its_warm_up_and_keeps_it_out_of_the_speed_figures(tmp_path, aot_eager, capsys):
+    import json
+
+    """After the test above, whose compiled code this run's settings share (the suite's 90 s for compiling)."""
+    t = trainer(tmp_path, config(tmp_path, "warm", steps=3, checkpoint_every=0, log_every=2, compile=True,
+                                 gradient_checkpointing=True, unchecked_blocks=1))
+    t.run()
+    assert "--compile: the first step took" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "warm" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    first, second = rows  # steps 1-2 (step 1 compiled: only step 2 timed), then step 3
+    assert first["seconds_per_step"] > 0 and second["seconds_per_step"] > 0 and "compile_seconds" not in second
+    assert first["images_per_second"] == pytest.approx(2 / first["seconds_per_step"])  # one step of batch 2
 
 
 class _TwoLinears(nn.Module):  # its own forward: no compiled code cached by another test can answer for it
@@ -93,15 +109,33 @@ def test_per_element_sets_compile_once_into_one_graph(sets):
                     (net.a.lora_down["live"], net.a.lora_up["live"]))
 
 
+def test_an_unknown_compile_backend_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCFM_COMPILE_BACKEND", "garbage")
+    from distill.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="no torch.compile backend 'garbage' .SCFM_COMPILE_BACKEND.; unset it"):
+        trainer(tmp_path, config(tmp_path, "x", compile=True))
+
+
 def test_a_compiler_that_drops_block_gradients_is_caught():
     torch.manual_seed(0)
     model = Flux(FLUX_CONFIGS["tiny"])
     inject_lora(model, LoRAConfig(rank=4, alpha=4, sets=("live",)), torch.Generator().manual_seed(0))
-    with pytest.raises(speed.SpeedError, match="no LoRA inside the transformer blocks"):
+    with pytest.raises(speed.SpeedError, match="the LoRA of 4 transformer blocks .first: double_blocks.0. received"):
         speed.check_block_gradients(model)  # before any backward: nothing anywhere
     model(**tiny_inputs()).pow(2).mean().backward()
     speed.check_block_gradients(model)
     blocks = [layer for name, layer in lora_layers(model).items() if "blocks." in name]
+    single = [layer for name, layer in lora_layers(model).items() if name.startswith("single_blocks.1.")]
+    saved = [layer.lora_up["live"].grad.clone() for layer in single]
+    for layer in single:
+        layer.lora_up["live"].grad.zero_()  # one block dropped, the others trained
+    with pytest.raises(speed.SpeedError, match="the LoRA of 1 transformer blocks .first: single_blocks.1."):
+        speed.check_block_gradients(model)
+    for layer, g in zip(single, saved):
+        layer.lora_up["live"].grad = g
+    single[0].lora_up["live"].grad.zero_()  # one layer of a block without a gradient: not a dropped block
+    speed.check_block_gradients(model)
     for layer in blocks:
         layer.lora_up["live"].grad.zero_()  # what torch 2.11's compiled blocks left (distill/lora_fn.py)
     with pytest.raises(speed.SpeedError):
@@ -125,9 +159,10 @@ def test_speed_options_are_read_and_refused_in_one_line(tmp_path):
     assert build_config(str(toml)).unchecked_blocks == AUTO
     toml.write_text("[runtime]\nunchecked_blocks = 3\n")
     assert build_config(str(toml)).unchecked_blocks == 3
-    for bad, match in (({"unchecked_blocks": "many"}, "block count or 'auto'"),
+    for bad, match in (({"unchecked_blocks": "many"}, "block count .0 or more. or 'auto'"),
                        ({"max_memory": "40GB"}, "budget of --unchecked_blocks auto"),
                        ({"unchecked_blocks": "auto", "max_memory": "lots"}, "cannot read 'lots'"),
+                       ({"unchecked_blocks": "auto", "max_memory": "0GB"}, "is no memory at all"),
                        ({"compile": True, "fsdp": True}, "compile with fsdp")):
         with pytest.raises(ConfigError, match=match):
             build_config(None, bad)
@@ -153,8 +188,12 @@ def test_fp8_compute_trains_close_to_the_dequantized_fp8_run(tmp_path):
 def test_unchecked_blocks_auto_plans_on_the_first_batch_and_changes_no_result(tmp_path, capsys, budget, blocks):
     """The planning probe (the first batch's loss and backward, then a counted forward) leaves the run exactly
     as an explicit count would have it; a budget nothing fits keeps every block checkpointed."""
-    t, losses, got = run(tmp_path, "auto", gradient_checkpointing=True, unchecked_blocks=AUTO, max_memory=budget)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        t, losses, got = run(tmp_path, "auto", gradient_checkpointing=True, unchecked_blocks=AUTO, max_memory=budget)
     assert t.model.unchecked_blocks == blocks
+    over = [str(w.message) for w in said if "already peaks near" in str(w.message)]
+    assert len(over) == (budget == "1KB")  # a budget below the checkpointed step itself is said, not kept quiet
     assert f"unchecked_blocks auto: {blocks} of 4 blocks" in capsys.readouterr().out
     _, want_losses, want = run(tmp_path, "fixed", gradient_checkpointing=True, unchecked_blocks=blocks)
     assert losses == want_losses and all(torch.equal(got[k], want[k]) for k in want)

@@ -19,7 +19,7 @@ from test_data import make_cache
 from test_ema import set_live_, small_model
 from test_trainer import config, tiny_model, trainer
 
-from distill.config import FLOAT_RANGES, ConfigError, DistillConfig, build_config, flat_fields, lr_at
+from distill.config import AUTO, FLOAT_RANGES, ConfigError, DistillConfig, build_config, flat_fields, lr_at
 from distill.data import Cache
 from distill.ema import EMAConfig, ema_step
 from distill.lora import set_state_dict
@@ -51,6 +51,14 @@ def one_line_error(capsys, argv: list[str], substring: str) -> None:
 
 
 # ----- #1 / #11: every float field finite and in range ----------------------------------------------------
+
+
+def test_unchecked_blocks_is_a_count_or_auto_never_a_negative_number():
+    assert build_config(None, {"unchecked_blocks": "auto"}).unchecked_blocks == AUTO
+    assert build_config(None, {"unchecked_blocks": "3"}).unchecked_blocks == 3
+    for bad in ("-1", "-2", "two", -1):  # -1 is how "auto" is stored, not a spelling of it
+        with pytest.raises(ConfigError, match="must be a block count \\(0 or more\\) or 'auto'"):
+            build_config(None, {"unchecked_blocks": bad})
 
 
 def test_every_float_field_has_a_range_and_refuses_nan_and_inf():
@@ -185,10 +193,14 @@ def test_resume_with_steps_below_the_checkpoint_is_refused_and_changes_nothing(t
 
 def test_resume_needs_only_the_output_and_refuses_another_run_in_one_line(tmp_path, capsys, cli):
     out = tmp_path / "cli"
-    assert main([*cli, "--output", str(out), "--checkpoint_every", "2"]) == 0  # 2 steps, exported
+    assert main([*cli, "--output", str(out), "--checkpoint_every", "2", "--gradient_checkpointing",
+                 "--unchecked_blocks", "auto", "--max_memory", "1GB"]) == 0
     capsys.readouterr()
-    # the README's resume: the model, cache and every setting come from the newest checkpoint
-    assert main(["--output", str(out), "--steps", "3", "--resume"]) == 0
+    # the README's resume: the model, cache and every setting come from the newest checkpoint; memory flags are
+    # checked against that run's settings (checkpointed), not the demo preset's (which has no checkpointing), and a
+    # block count given now drops the budget that run's "auto" had
+    assert main(["--output", str(out), "--steps", "3", "--resume", "--blocks_to_swap", "1",
+                 "--unchecked_blocks", "1"]) == 0
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 3]  # logged every 10 steps and at the last
     capsys.readouterr()

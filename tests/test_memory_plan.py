@@ -116,6 +116,22 @@ def test_default_max_memory_needs_cuda():
             default_max_memory(device)
 
 
+def test_default_max_memory_counts_what_the_process_holds_already(monkeypatch):
+    """The plan compares the budget with a peak that includes the loaded model: 90% of the free memory alone
+    (the model already loaded) counted the model twice, on an 80 GB card with Flux-dev some 48 GB, not 72."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (50 * 10**9, 80 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 25 * 10**9)
+    assert default_max_memory("cuda") == int(0.9 * 75 * 10**9)
+
+
+def test_the_plan_probes_the_largest_bucket():
+    from distill.speed import largest_bucket_batch
+
+    buckets = [(640, 384), (512, 512), (384, 640), (512, 512), (640, 384)]
+    assert largest_bucket_batch(buckets, [0, 4, 0]) == [1, 3, 1]  # 512x512 holds 6% more tokens than 640x384
+    assert largest_bucket_batch([(448, 576), (576, 448)], [0, 0]) == [1, 1]  # a tie: one bucket, never mixed
+
+
 # ----- the plan at FLUX.1-dev shapes, on meta -------------------------------------------------------------------
 
 
