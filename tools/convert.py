@@ -9,10 +9,12 @@
         --out flux-4step.safetensors
 
 Checkpoints (Flux BFL <-> diffusers, SD3 / SD3.5 SAI <-> diffusers, the 16-channel VAE) are streamed tensor by
-tensor, so peak memory is about one tensor whatever the model's size. An OUT ending in .safetensors is one
-file, any other OUT a folder (diffusers: config.json, shards and index, loadable by `from_pretrained`).
-Outputs are written atomically and never replace an existing path without --overwrite. Every error is one
-line on stderr and exit code 2 (bad input, and the disk's own: a full disk, a path through a file, no permission).
+tensor, so peak memory is about one tensor whatever the model's size. An OUT ending in .safetensors (in any case,
+without a trailing /) is one file, any other OUT a folder (diffusers: config.json, shards and index, loadable by
+`from_pretrained`); a LoRA's OUT is always one file. Outputs are written atomically and never replace an existing
+path without --overwrite, nor, even with it, a file read (an input, a merge's LoRA) or a path inside an input
+folder. Every error is one line on stderr and exit code 2 (bad input, and the disk's own: a full disk, a path
+through a file, no permission).
 A merge into an all-in-one file (ComfyUI / SAI: VAE and text encoders beside the transformer) keeps those parts
 as stored. A LoRA's family comes from its metadata or names, else from which released model sizes its shapes fit
 (FLUX.1 and FLUX.2 [klein] share block names); when several fit, --family chooses. All the key mapping lives in
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import errno
 import math
+import os
 import re
 import sys
 from collections import Counter
@@ -56,25 +59,39 @@ from weights.lora_write import write_lora
 # Modules whose kohya keys diffusers 0.42.1's kohya loader silently drops (docs/models.md §7.3).
 
 
+# The smallest --shard-size. A shard is a file the loader opens; below 1MB a real model's shards hold one or a few
+# tensors each (hundreds of files for FLUX.1), which nobody means: such a size is a slip of the unit (5KB, 5B for
+# 5GB) or none at all (0, negative, a fraction of a byte), and is refused rather than obeyed.
+MIN_SHARD_BYTES = 10**6
+
+
 def _size(text: str) -> int:
     units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
     low = text.strip().lower()
     for unit in sorted(units, key=len, reverse=True):
         if low.endswith(unit):
             try:
-                return int(float(low[: -len(unit)]) * units[unit])
+                size = float(low[: -len(unit)]) * units[unit]
             except ValueError:
                 break
+            if not (math.isfinite(size) and size >= MIN_SHARD_BYTES):  # inf, nan, 1e400GB: no int; 0, -5GB, 5KB
+                raise argparse.ArgumentTypeError(f"{text!r}: a shard size must be finite and at least 1MB "
+                                                 "(examples: 5GB, 500MB)")
+            return int(size)
     raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MB)")
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
-    """FILE or FILE:SCALE; a colon followed by no number is part of the path."""
+    """FILE or FILE:SCALE; a colon followed by no number is part of the path. A scale of nan or inf (1e999 reads
+    as inf) is refused: it would write a checkpoint of NaN / infinite weights (generate refuses it alike)."""
     path, _, scale = text.rpartition(":")
     try:
-        return (path, float(scale)) if path else (text, 1.0)
+        path, value = (path, float(scale)) if path else (text, 1.0)
     except ValueError:
         return text, 1.0
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: the scale must be a finite number; pass --lora {path}:1")
+    return path, value
 
 
 # ----- info -------------------------------------------------------------------------------------------------
@@ -151,11 +168,16 @@ def info_lines(path, family: str | None = None) -> list[str]:
             return [f"file: {src.path}", *_lora_lines(path, family)]
     except NotLoRAError as e:  # LoKr, LoHa, DoRA, ...: say what it is and why scfm does not apply it
         return [f"file: {path}", "layout: not a plain LoRA", f"scfm refuses it: {e}"]
-    dtypes = Counter(d for _, d in src.header.values())
+    # dtypes as stored: src.header is as read, where a scaled fp8 weight is its fp32 product and the scales hidden
+    stored = {k: d for f in src.files for k, (_, d) in read_header(f)[0].items()}
     params = sum(math.prod(s) for s, _ in src.header.values())
     lines = [f"file: {src.path}" + (f" ({len(src.files)} files)" if len(src.files) > 1 else ""),
              f"layout: {src.layout}" + (f" (key prefix {src.prefix!r})" if src.prefix else ""),
-             f"dtypes: {dict(dtypes)}", f"parameters: {params:,} in {len(src.header)} tensors"]
+             f"dtypes: {dict(Counter(stored.values()))}", f"parameters: {params:,} in {len(src.header)} tensors"]
+    scaled = sum(stored[k].startswith("F8") and not d.startswith("F8") for k, (_, d) in src.header.items())
+    if scaled:  # ComfyUI's scaled fp8 (weights/io.py): each fp8 weight times its scale, which the counts above hold
+        lines.insert(3, f"scaled fp8 (ComfyUI): {scaled} fp8 weights, read times their scales in fp32; "
+                        f"{len(stored) - len(src.header)} scale / marker tensors beside them")
     if src.transformer is not None or src.family == "vae":
         cfg = plan_conversion(src, "official").config
         lines.insert(1, f"family: {_variant(src, cfg)}")
@@ -211,6 +233,9 @@ def _without_text_encoders(lora, ignore: bool, what: str):
 
 
 def cmd_lora(args) -> None:
+    if args.output.endswith(("/", os.sep)):  # Path() drops the slash: the LoRA would be a file named like the folder
+        raise WeightsError(f"{args.output}: a LoRA is one file, not a folder; name a .safetensors file "
+                           f"(e.g. {args.output}{Path(args.input).stem}.safetensors)")
     check_output(Path(args.output), args.overwrite, [Path(args.input)])
     # the family by metadata, names, then the released sizes its shapes fit (weights/lora_alone.py read_lora_alone)
     lora, sizes = read_lora_alone(args.input, args.family)
@@ -249,7 +274,8 @@ def _lora_bytes(lora) -> int:
 
 
 def cmd_merge(args) -> None:
-    check_output(Path(args.out), args.overwrite, [Path(args.base)])
+    # the LoRAs too: --out L.safetensors --overwrite would replace the user's LoRA (the base's files: write_plan)
+    check_output(Path(args.out), args.overwrite, [Path(args.base), *(Path(path) for path, _ in args.lora)])
     base = detect(args.base)
     # the base's family decides names several families share (FLUX.2 [klein] LoRAs use FLUX.1's block names)
     hint = base.family if base.transformer is not None else None
@@ -280,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dtype", choices=sorted(DTYPES),
                            help="cast float tensors (default: keep; a transformer's fp8 weights: bf16)")
             p.add_argument("--shard-size", type=_size, default="5GB", metavar="SIZE",
-                           help="largest shard of a folder output (default 5GB)")
+                           help="largest shard of a folder output (default 5GB, at least 1MB)")
         p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     p = sub.add_parser("checkpoint", help="Flux BFL <-> diffusers, SD3.5 SAI <-> diffusers, the VAE")

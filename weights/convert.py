@@ -95,7 +95,7 @@ def detect(source: str | os.PathLike) -> Source:
     if any(k.startswith((vae_io.SAI_PREFIX, "encoder.down.", "encoder.down_blocks.")) for k in keys):
         layout = vae_io._detect_layout(set(keys), path)  # the VAE loader's own rule
         return make("vae", layout, vae_io.SAI_PREFIX if layout == "sai" else "")
-    refuse_non_lora(keys, str(path))  # LoKr, DoRA and friends get their own line rather than "unknown"
+    refuse_non_lora(keys, str(path), as_lora=False)  # LoKr, DoRA and friends: their own line, not "unknown"
     if any(k.startswith(("encoder.block.", "shared.", "encoder.embed_tokens.")) for k in keys):
         return make("t5", "transformers")
     if any("text_model." in k or k.startswith(("transformer.resblocks.", "token_embedding.")) for k in keys):
@@ -267,12 +267,19 @@ def plan_conversion(src: Source, to: str, dtype: torch.dtype | None = None, lora
 
 
 def check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse before any work: an existing OUT without --overwrite, or an OUT that is (or holds) an input."""
-    resolved = out.resolve()
-    for p in inputs:
-        p = p.resolve()
-        if p == resolved or resolved in p.parents:
-            raise WeightsError(f"{out}: is the input {p}; write the output somewhere else")
+    """Refuse before any work: an existing OUT without --overwrite, or an OUT that is an input, holds one or lies
+    inside an input folder (--overwrite or not). `inputs`: every path read, a folder's files included; resolved,
+    so a link (a Hugging Face cache's snapshot file) is its target. Inside a folder even a new OUT is refused: a
+    folder is read as all its .safetensors files (weights/io.py weight_files), so OUT would join its input."""
+    resolved, found = out.resolve(), [(given, given.resolve()) for given in inputs]
+    for given, p in found:
+        if p == resolved:
+            raise WeightsError(f"{out}: is the input {given}; write the output somewhere else")
+        if resolved in p.parents:
+            raise WeightsError(f"{out}: holds the input {given}; write the output somewhere else")
+    for given, p in found:  # after: OUT that is one of a folder's files is named as that file
+        if p.is_dir() and p in resolved.parents:
+            raise WeightsError(f"{out}: is inside the input folder {given}; write the output somewhere else")
     if out.exists() and not overwrite:
         raise WeightsError(f"{out} exists; pass --overwrite to replace it")
 
@@ -306,16 +313,18 @@ def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bo
     """Stream `plan` into OUT: one file when OUT ends in .safetensors, else a folder (diffusers: config.json,
     shards and an index, what `from_pretrained` reads; official: shards and an index, as our loaders read).
     """
+    # .safetensors in any case names a file (X.SAFETENSORS too), unless a trailing slash (Path drops it) says folder
+    one_file = Path(out).suffix.lower() == ".safetensors" and not os.fspath(out).endswith(("/", os.sep))
     out = Path(out)
-    check_output(out, overwrite, [src.path])
+    check_output(out, overwrite, [src.path, *src.files])
     spec = [(k, t.dtype, tuple(t.shape)) for k, t in plan.tensors(_meta_reader(src), False)]
     spec += _stored_spec(src.files, plan.kept)
     metadata = _still_quantized({**src.metadata, **plan.metadata, "format": "pt"}, plan.kept)
     with TensorReader(src.files, prefix=src.prefix) as read:
         tensors = itertools.chain(plan.tensors(read, True), _stored_tensors(src.files, plan.kept))
-        if out.suffix == ".safetensors" and not out.is_dir():
+        if one_file and not out.is_dir():
             return write_streaming(out, spec, tensors, metadata)  # its own temp and rename: nothing left behind
-        if out.suffix == ".safetensors":  # replacing a folder that happens to be called *.safetensors
+        if one_file:  # replacing a folder that happens to be called *.safetensors
             tmp = write_streaming(out.parent / f".{out.name}.partial", spec, tensors, metadata)
             _replace(tmp, out)
             return out

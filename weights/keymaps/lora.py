@@ -50,7 +50,8 @@ TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_",
                          "text_encoder.", "text_encoder_2.", "text_encoder_3.", "text_encoders.")
 
 # Key patterns (regex, searched) of adapters that are not plain LoRA, with what to tell the user. Checked
-# before anything else so such a file is refused whole instead of half-applied.
+# before anything else so such a file is refused whole instead of half-applied (but after a base model's check, see
+# `refuse_non_lora`: a FLUX.1 model's own q / k norm keys match the control LoRA's pattern).
 NOT_LORA = (
     ("lokr_", "a LoKr (LyCORIS Kronecker) adapter"),
     ("hada_", "a LoHa (LyCORIS Hadamard) adapter"),
@@ -68,6 +69,8 @@ NOT_LORA = (
     (r"lora_B\.bias", "a LoRA with bias terms (peft lora_bias), which scfm does not support"),
     (r"lora_up\.bias", "a LoRA with bias terms, which scfm does not support"),
 )
+# Our layout's tensor names (weights/lora_write.py), which `parse_key` does not take for a foreign LoRA's
+OUR_SUFFIXES = (".lora_down", ".lora_up")
 
 
 def kohya_name(official: str) -> str:
@@ -78,11 +81,28 @@ class NotLoRAError(WeightsError):
     """An adapter that is not a plain LoRA (LoKr, LoHa, DoRA, ...): `convert.py info` describes it instead."""
 
 
-def refuse_non_lora(keys, source: str) -> None:
+def refuse_non_lora(keys, source: str, *, as_lora: bool = True) -> None:
+    """One line for a file that is not a plain LoRA: an adapter of another kind (NotLoRAError) and, read as a LoRA
+    (`as_lora`), a file with no LoRA tensor: a base model said as such, before the adapter patterns (its norm keys
+    match a control LoRA's), anything else with the command that tells what it holds. `as_lora` False: the
+    adapters only (a checkpoint's detection, which names the rest itself)."""
+    keys = list(keys)
+    lora = any(k.endswith(OUR_SUFFIXES) or ((p := parse_key(k)) is not None and p[1] != "alpha") for k in keys)
+    if as_lora and keys and not lora:
+        from ..families import article, checkpoint_family  # at call time: the families import this module
+
+        family = checkpoint_family(keys, {})
+        if family is not None:
+            raise WeightsError(f"{source}: no LoRA tensors: this is {article(family.title)} base model, not a LoRA; "
+                               "pass it as --model (generate) or --base (convert.py merge), or convert it with "
+                               "convert.py checkpoint")
     for pattern, what in NOT_LORA:
         hit = next((k for k in keys if re.search(pattern, k)), None)
         if hit is not None:
             raise NotLoRAError(f"{source}: this is {what} (key {hit}); scfm reads plain LoRA files only")
+    if as_lora and keys and not lora:
+        raise WeightsError(f"{source}: no LoRA tensors in this file (first keys: {', '.join(sorted(keys)[:3])}); "
+                           f"`python tools/convert.py info {source}` says what it holds")
 
 
 def parse_key(key: str) -> tuple[str, str] | None:
