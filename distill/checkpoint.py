@@ -16,6 +16,7 @@ one a lower-lr `--resume` can continue from. A write that fails (a full disk) le
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -30,6 +31,8 @@ from weights.atomic import atomic_path, durable_replace, temp_beside, temp_write
 from weights.io import file_sha256
 
 from .config import DistillConfig, flat_fields
+from .data import file_identity
+from .dataset import sample_chunks
 from .sharding import full, like
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -163,20 +166,38 @@ def resume_conflicts(state: dict, config: DistillConfig) -> list[str]:
     return [k for k in RESUME_FIXED if stored.get(k) != config.get(k)]
 
 
-def model_record(family: str, config) -> dict:
-    """The model a checkpoint was trained on, as its state.json stores it (JSON types: tuples as lists)."""
-    return json.loads(json.dumps({"family": family, "config": config.to_dict()}))
+def weights_identity(model: str) -> str | None:
+    """A cheap fingerprint of the model's weights (data.file_identity: sizes and sampled chunks), None for a preset
+    name (`tiny`). A single file's own name is left out: the same weights renamed or moved are the same model."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return file_identity(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    sample_chunks(digest, path, path.stat().st_size, 65536)
+    return digest.hexdigest()[:16]
+
+
+def model_record(family: str, config, weights: str | None = None) -> dict:
+    """The model a checkpoint was trained on, as its state.json stores it (JSON types: tuples as lists): its family,
+    config and, where it is a file or folder, its weights' fingerprint (`weights_identity`)."""
+    record = {"family": family, "config": config.to_dict()} | ({"weights": weights} if weights else {})
+    return json.loads(json.dumps(record))
 
 
 def other_model(stored: dict | None, now: dict) -> str:
     """'' when a checkpoint's model record is the model `now` describes (or it has none: checkpoints before
-    2026-11-23 record none), else what differs, in words."""
+    2026-11-23 record none; the weights' fingerprint is compared where both have one, since 2026-12-05), else what
+    differs, in words."""
     if stored is None:
         return ""
     if stored.get("family") != now["family"]:
         return f"a {stored.get('family')} model; this one is {now['family']}"
     old, new = stored.get("config", {}), now["config"]
     diff = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    if not diff and stored.get("weights") and now.get("weights") and stored["weights"] != now["weights"]:
+        return "the same architecture with other weights (another fine-tune?)"
     return ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
 
 

@@ -122,15 +122,24 @@ class Cache:
         width): sample images need it, and a run without --vae has no VAE to ask."""
         return self.buckets[0][0] // self._get("latents-00000.safetensors", "0").shape[-1]
 
-    def fingerprint(self, repeats: bool = True) -> str:
-        """Changes whenever the training data could: checkpoints store it to refuse a mismatched resume. The
-        sample prompts are left out: build_cache lets a run change them (only those are embedded again).
-        `repeats=False`: as checkpoints written before kohya repeat counts were applied recorded it."""
-        return _digest({k: v for k, v in self.plan.items() if k != "sample_prompts" and (repeats or k != "repeats")})
+    def _digest_without(self, *fields: str) -> str:
+        return _digest({k: v for k, v in self.plan.items() if k not in fields})
 
-    def fingerprints(self) -> tuple[str, str]:
-        """The fingerprint, and the one checkpoints written before it left the sample prompts out carry."""
-        return self.fingerprint(), _digest({k: v for k, v in self.plan.items() if k != "repeats"})
+    def fingerprint(self) -> str:
+        """Changes whenever the training data could: checkpoints store it to refuse a mismatched resume. Left out:
+        the sample prompts (build_cache lets a run change them: only those are embedded again) and the data
+        folder's path (a moved dataset or run folder is the same data: its items carry their files' identity)."""
+        return self._digest_without("sample_prompts", "data")
+
+    def fingerprints_before_repeats(self) -> tuple[str, str]:
+        """What a checkpoint of a run begun before this cache's plan learnt its kohya repeat counts recorded for it:
+        with the data path (written before the path was left out) or without."""
+        return self._digest_without("sample_prompts", "repeats"), self._digest_without("sample_prompts", "repeats",
+                                                                                        "data")
+
+    def fingerprints(self) -> tuple[str, str, str]:
+        """The fingerprint, and those older checkpoints carry: with the data path, and with the sample prompts."""
+        return self.fingerprint(), self._digest_without("sample_prompts", "repeats"), self._digest_without("repeats")
 
     def _get(self, shard: str, key: str) -> Tensor:
         if shard not in self._handles:
@@ -217,7 +226,7 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
         old = json.loads(plan_file.read_text())
         if old["items"] and "id" not in old["items"][0]:  # built before items kept their image's identity
             plan = {**plan, "items": [{k: v for k, v in it.items() if k != "id"} for it in plan["items"]]}
-        fields = ("key", "items", "prompts", "shard_size", "version", "data", "cond_names", "negative_prompt")
+        fields = ("key", "items", "prompts", "shard_size", "version", "cond_names", "negative_prompt")
         what = [k for k in fields if old.get(k) != plan.get(k)]
         if what:
             raise DataError(f"{folder}: a cache built with a different {'/'.join(what)} is there; "
@@ -225,8 +234,8 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
         if old.get("sample_prompts") != plan["sample_prompts"]:  # new sample prompts: re-embed only those
             (folder / "samples.safetensors").unlink(missing_ok=True)
             _write_json(plan_file, plan)
-        elif old.get("repeats") != plan.get("repeats"):  # other kohya repeat counts: the same tensors
-            _write_json(plan_file, plan)
+        elif old.get("repeats") != plan.get("repeats") or old.get("data") != plan["data"]:
+            _write_json(plan_file, plan)  # other kohya repeat counts, or the same items in a moved folder
     else:
         _write_json(plan_file, plan)
     size, data = plan["shard_size"], Path(plan["data"])

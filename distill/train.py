@@ -16,6 +16,7 @@ empty negative prompt once for its CFG); training itself loads only the transfor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from sampling.fields import add_dataclass_args
 from sampling.options import OneLineParser, check_device
+from weights.atomic import folder_lock
 from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
 
@@ -78,42 +80,51 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
     device = setup_distributed(cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        clash = [p for p in export_paths(cfg).values() if p.exists()]
-        if clash and not cfg.resume:
-            raise ConfigError(f"{clash[0]} exists; choose another --output (or --resume that run)")
-        if clash and not checkpoints(Path(cfg.output).expanduser() / "checkpoints"):
-            raise ConfigError(f"--resume: no checkpoint to continue from, and {clash[0]} is an earlier run's: "
-                              "starting over would replace it; choose another --output")
-        demo_data = cfg.model == "demo" and not cfg.data
-        cfg = resolve_demo(cfg)
-        family = family_of(cfg)
-        cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
-        if demo_data and rank == 0:
-            render_demo_data(cfg)
-        family.part("lora_targets")  # a family SCFM cannot train yet is refused in one line, before the cache
-        cache = prepare_cache(cfg, device, rank, family)
-        if cfg.cache_only:
-            return []
-        try:
-            model = load_model(cfg, torch.device("cpu") if loads_on_cpu(cfg) else device, family)
-        except torch.OutOfMemoryError:
-            tip = "" if cfg.fp8_storage else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
-            raise TrainingError(f"out of GPU memory loading the model{tip}") from None
-        try:
-            trainer = Trainer(cfg, model, cache, device=device, on_step=on_step)
-            trainer.run()  # a step's own out-of-memory is its one line already (Trainer.out_of_memory)
-        except torch.OutOfMemoryError:  # the sets and optimizer, a sample image, a checkpoint's gathering
-            raise TrainingError("out of GPU memory outside a training step (setting up the LoRA sets, sampling "
-                                "images or writing a checkpoint); checkpoints written so far are intact: add "
-                                "--fp8_base or --blocks_to_swap N, or lower --sample_size / --sample_every 0, then "
-                                "--resume") from None
-        state = set_state_dict(trainer.model, cfg.export_set)  # on every process: a sharded set is gathered
-        if rank != 0:
-            return []
-        return export_lora(trainer.model, cfg, overwrite=cfg.resume, state=state, base_loras=trainer.base_loras)
+        with folder_lock(Path(cfg.output).expanduser(), "training run") if rank == 0 else contextlib.nullcontext():
+            return _run_locked(cfg, device, rank, on_step)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step) -> list[Path]:
+    """run() once rank 0 holds the output folder (a second run on it is refused, weights/atomic.py folder_lock)."""
+    out = Path(cfg.output).expanduser()
+    clash = [p for p in export_paths(cfg).values() if p.exists()]
+    if not cfg.resume:  # another run's log or LoRAs there: this run would wipe its log and mix its files in
+        earlier = clash or [p for p in (out / "log.jsonl", *sorted(out.glob("scfm-lora-*.safetensors"))) if p.exists()]
+        if earlier:
+            raise ConfigError(f"{earlier[0]} is an earlier run's; choose another --output (or --resume that run)")
+    if clash and not checkpoints(out / "checkpoints"):
+        raise ConfigError(f"--resume: no checkpoint to continue from, and {clash[0]} is an earlier run's: "
+                          "starting over would replace it; choose another --output")
+    demo_data = cfg.model == "demo" and not cfg.data
+    cfg = resolve_demo(cfg)
+    family = family_of(cfg)
+    cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
+    if demo_data and rank == 0:
+        render_demo_data(cfg)
+    family.part("lora_targets")  # a family SCFM cannot train yet is refused in one line, before the cache
+    cache = prepare_cache(cfg, device, rank, family)
+    if cfg.cache_only:
+        return []
+    try:
+        model = load_model(cfg, torch.device("cpu") if loads_on_cpu(cfg) else device, family)
+    except torch.OutOfMemoryError:
+        tip = "" if cfg.fp8_storage else "; --fp8_base stores its blocks in fp8 (Flux-dev 23.7 -> 11.9 GB)"
+        raise TrainingError(f"out of GPU memory loading the model{tip}") from None
+    try:
+        trainer = Trainer(cfg, model, cache, device=device, on_step=on_step)
+        trainer.run()  # a step's own out-of-memory is its one line already (Trainer.out_of_memory)
+    except torch.OutOfMemoryError:  # the sets and optimizer, a sample image, a checkpoint's gathering
+        raise TrainingError("out of GPU memory outside a training step (setting up the LoRA sets, sampling "
+                            "images or writing a checkpoint); checkpoints written so far are intact: add "
+                            "--fp8_base or --blocks_to_swap N, or lower --sample_size / --sample_every 0, then "
+                            "--resume") from None
+    state = set_state_dict(trainer.model, cfg.export_set)  # on every process: a sharded set is gathered
+    if rank != 0:
+        return []
+    return export_lora(trainer.model, cfg, overwrite=cfg.resume, state=state, base_loras=trainer.base_loras)
 
 
 def make_config(file: str | None, args: dict) -> DistillConfig:
@@ -129,6 +140,9 @@ def make_config(file: str | None, args: dict) -> DistillConfig:
         if stored is not None:
             if "unchecked_blocks" in args and "max_memory" not in args:  # that run's budget was for its "auto"
                 stored = {**stored, "max_memory": ""}
+            if stored.get("data") == str(Path(stored.get("output", "")).expanduser() / "data"):
+                # the data the demo rendered into its run folder (run_setup.resolve_demo): moved with the folder
+                stored = {**stored, "data": str(Path(output).expanduser() / "data")}
             return build_config(file, args, base=stored)
     return build_config(preset, args)
 
@@ -143,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:  # Ctrl-C or SIGTERM, with a checkpoint written
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C before the loop (rendering, caching, loading), or a second one inside it
+        print("stopped: interrupted; what was written stays: run the same command again (rendering and caching go "
+              "on where they stopped), or add --resume once a checkpoint exists", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, WeightsError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

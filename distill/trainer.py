@@ -48,6 +48,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    weights_identity,
 )
 from .config import AUTO, DistillConfig, lr_at
 from .data import BucketBatches, Cache
@@ -398,6 +399,11 @@ class Trainer:
         return base_lora_records(self.config.lora.base_loras)
 
     @functools.cached_property
+    def weights(self) -> str | None:
+        """The model's weights' fingerprint, taken once (checkpoints record it, resumes compare it)."""
+        return weights_identity(self.config.model)
+
+    @functools.cached_property
     def teacher_files(self) -> dict:
         """The files the teacher is made of, by content, as checkpoints record and resumes compare them."""
         return lora_files(self.base_loras, self.config.lora.teacher_lora)
@@ -419,7 +425,7 @@ class Trainer:
             # the model's config and base LoRAs: a checkpoint exports alone (distill/lora_export.py)
             state = {"progress": vars(self.progress), "data_position": position,
                      "cache": self.cache.fingerprint(), "config": self.config.to_dict(),
-                     "model": model_record(self.family, self.model.config),
+                     "model": model_record(self.family, self.model.config, self.weights),
                      **self.teacher_files,
                      "world_size": self.world, "optimizer": opt_state, "rng": rng_json}
             try:
@@ -457,11 +463,11 @@ class Trainer:
         if changed:
             raise TrainingError(f"{path}: the files of {' and '.join(changed)} are not those that run trained with "
                                 "(their sha256 differs); put those files back, or pass a new --output")
-        other = other_model(state.get("model"), model_record(self.family, self.model.config))
+        other = other_model(state.get("model"), model_record(self.family, self.model.config, self.weights))
         if other:
             raise TrainingError(f"{path}: that run trained another model ({other}); pass its --model, or a new "
                                 "--output to start a run on this one")
-        if self.cache.repeats and state["cache"] == self.cache.fingerprint(repeats=False):
+        if self.cache.repeats and state["cache"] in self.cache.fingerprints_before_repeats():
             # that run began before kohya repeat counts were applied: it goes on drawing its batches as it did
             warnings.warn(f"{path}: that run began without kohya's folder repeat counts and goes on without them; "
                           "a new --output applies them", stacklevel=2)

@@ -371,3 +371,76 @@ def test_the_config_holds_its_lora_scfm_and_ema_tables_and_reads_flat_names(tmp_
     new.write_text("[lora]\nrank = 8\n[scfm]\nt_skip = 4\nteacher_steps_min = 16\n[ema]\nfast_decay = 0.9\n")
     assert build_config(str(old)) == build_config(str(new)) == DistillConfig.from_flat(
         rank=8, t_skip=4, teacher_steps_min=16, fast_decay=0.9)
+
+
+# ----- a run folder moved, another model's weights, another run's files -------------------------------------
+
+
+def test_a_moved_run_resumes_and_another_runs_folder_is_refused(tmp_path, capsys, cli):
+    """A run folder moved whole (the demo renders its data into it) resumes from its new place; a new run in a
+    folder holding another run's log or LoRAs is refused before it wipes that log."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "data").mkdir(parents=True)
+    assert main([*cli, "--output", str(old), "--data", str(old / "data"), "--checkpoint_every", "2"]) == 0
+    old.rename(new)
+    assert main(["--output", str(new), "--steps", "3", "--resume"]) == 0
+    from distill.checkpoint import newest_settings
+
+    assert newest_settings(new / "checkpoints")["data"] == str(new / "data")
+    capsys.readouterr()
+    for leave in ("log.jsonl", "scfm-lora-live.safetensors"):  # what another run left there, alone
+        other = tmp_path / f"other-{leave}"
+        other.mkdir()
+        shutil.copy(new / leave, other / leave)
+        before = snapshot(other)
+        one_line_error(capsys, [*cli, "--output", str(other), "--export_set", "slow_ema"],
+                       f"{other / leave} is an earlier run's; choose another --output (or --resume that run)")
+        assert snapshot(other) == before
+
+
+def test_a_moved_dataset_keeps_its_cache_and_its_run(tmp_path):
+    """The cache's plan records the data folder's path, which the resume check no longer counts: the same images
+    in a moved folder use the cache as it is (nothing encoded again) and the run resumes as if never moved."""
+    from test_data import KEY, FakeText, FakeVAE
+
+    from distill.data import build_cache, plan_cache
+
+    cache = make_cache(tmp_path)
+    whole = Trainer(config(tmp_path, "whole"), tiny_model(), cache, device="cpu")
+    whole.run()
+    cfg = config(tmp_path, "run")
+    from test_trainer import Kill, kill_at
+
+    with pytest.raises(Kill):
+        Trainer(cfg, tiny_model(), cache, device="cpu", on_step=kill_at(5)).run()
+    (tmp_path / "data").rename(tmp_path / "moved")
+    vae = FakeVAE()
+    moved = build_cache(tmp_path / "cache", plan_cache(tmp_path / "moved", KEY, 512, ("a sample",), shard_size=4),
+                        FakeText, lambda: vae, batch_size=2, progress=False)
+    assert vae.calls == 0 and moved.plan["data"] == str((tmp_path / "moved").resolve())
+    resumed = Trainer(cfg.replace(resume=True), tiny_model(), moved, device="cpu")
+    resumed.run()
+    from test_trainer import assert_same, state
+
+    assert_same(state(resumed), state(whole))
+
+
+def test_a_resume_onto_other_weights_of_the_same_architecture_is_refused(tmp_path):
+    """Checkpoints record the model's weights' fingerprint: a fine-tune of the same shape is another model (a
+    renamed copy of the same file is not)."""
+    from safetensors.torch import save_file
+    from test_trainer import Kill, kill_at
+
+    files = {}
+    for name, seed in (("a", 0), ("renamed-a", 0), ("b", 1)):
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in tiny_model(seed).state_dict().items()}, files[name])
+    cache = make_cache(tmp_path)
+    cfg = config(tmp_path, "run", model=str(files["a"]))
+    with pytest.raises(Kill):
+        Trainer(cfg, tiny_model(), cache, device="cpu", on_step=kill_at(3)).run()
+    with pytest.raises(TrainingError, match="that run trained another model .the same architecture with other"):
+        Trainer(cfg.replace(resume=True, model=str(files["b"])), tiny_model(), cache, device="cpu").run()
+    t = Trainer(cfg.replace(resume=True, model=str(files["renamed-a"])), tiny_model(), cache, device="cpu")
+    t.run()
+    assert t.progress.step == 6

@@ -126,6 +126,33 @@ def test_resume_refuses_when_every_checkpoint_is_damaged_and_changes_nothing(tmp
     assert files(run) == before
 
 
+def test_two_runs_on_one_output_the_second_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, capsys):
+    """Two trainers on one --output interleaved their checkpoints (one from each seed) and their log rows: the
+    second is refused in one line while the first holds the folder; a lock whose process is gone is taken over
+    and the lock is gone after the run."""
+    from weights.atomic import folder_lock
+
+    make_cache(tmp_path)
+    run = tmp_path / "cli"
+    args = ["--model", "tiny", "--cache", str(tmp_path / "cache"), "--output", str(run), "--dtype", "fp32",
+            "--device", "cpu", "--rank", "4", "--batch_size", "2", "--steps", "2", "--export_formats", "ours",
+            "--t5_length", "5"]
+    with folder_lock(run, "training run"):  # a run in progress, in this process
+        assert distill.train.main(args) == 2
+        err = one_line(capsys.readouterr().err)
+        assert err.startswith(f"error: {run}: another training run is using it (process {os.getpid()} on this "
+                              f"machine); wait for it to end, or choose another folder"), err
+        assert sorted(p.name for p in run.iterdir()) == [".scfm.lock"]  # the refused run wrote nothing
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    writer = (run / ".scfm.lock")
+    with folder_lock(run, "x"):
+        mine = writer.read_text().split()[0]
+    writer.write_text(f"{mine} {dead.pid}\n")  # what a killed run left
+    assert distill.train.main(args) == 0
+    assert not writer.exists() and (run / "checkpoints").is_dir()
+
+
 # ----- #4 a teacher LoRA in every layout we write ------------------------------------------------------------
 
 

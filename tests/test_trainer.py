@@ -463,7 +463,7 @@ def test_cli_trains_resumes_and_exports(tmp_path, capsys):
     out = tmp_path / "cli"
     assert (out / "scfm-lora-live.safetensors").exists()
     assert (out / "samples" / "step-000003.safetensors").exists()
-    assert main(args) == 2 and "exists" in capsys.readouterr().err  # never overwrites without being asked
+    assert main(args) == 2 and "is an earlier run's" in capsys.readouterr().err  # never overwrites without being asked
     assert main([*args, "--steps", "4", "--resume"]) == 0
     assert main(["--model", "tiny", "--output", str(tmp_path / "x"), "--cache", str(tmp_path / "none")]) == 2
     assert "no cache" in capsys.readouterr().err

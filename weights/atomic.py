@@ -212,3 +212,35 @@ def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         fsync_path(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold `folder/.scfm.lock` while the block runs: a second process `what` (a training run) on the same folder
+    is refused in one line instead of interleaving its checkpoints and log with the first's. The lock names its
+    host and pid as temp files do (`temp_beside`); one whose process is gone on this host is taken over, one from
+    another host (a shared disk) is not ours to judge, and the message says how to clear it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".scfm.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            try:
+                writer, _, pid = lock.read_text().strip().rpartition(" ")
+            except OSError:
+                writer, pid = "", ""
+            if writer == _WRITER and pid.isdigit() and not _pid_alive(int(pid)):
+                lock.unlink(missing_ok=True)  # a killed run's: take it over
+                continue
+            where = f"process {pid} on this machine" if writer == _WRITER else f"host {writer or '?'}, pid {pid or '?'}"
+            raise WeightsError(f"{folder}: another {what} is using it ({where}); wait for it to end, or choose "
+                               f"another folder (delete {lock} only if that process is gone)") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{_WRITER} {os.getpid()}\n")
+        break
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
