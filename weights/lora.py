@@ -84,7 +84,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .families import default_family, get_family, lora_family
+from .families import article, checkpoint_family, default_family, get_family, lora_family
 from .io import TensorReader, WeightsError, read_header
 from .keymaps import swap_halves
 from .keymaps.lora import TEXT_ENCODER_PREFIXES, parse_key, refuse_non_lora
@@ -307,6 +307,12 @@ def _check_finite(tensors: dict[str, Tensor], src: str) -> None:
                                "is corrupt (a diverged training run?): use an earlier export or retrain it")
 
 
+def _base_model(keys) -> str | None:
+    """'a FLUX.1' for a file holding a base model of a family we know (refuse_non_lora names it), else None."""
+    family = checkpoint_family(keys, {})
+    return None if family is None else article(family.title)
+
+
 def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
               family: str | None = None) -> LoRA:
     """Read a Flux or SD3 / SD3.5 LoRA in our, diffusers / PEFT or kohya / ComfyUI layout (detected).
@@ -317,7 +323,7 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     path = peft_file(Path(path))
     src = str(path)
     header, meta = read_header(path)
-    refuse_non_lora(header, src)
+    refuse_non_lora(header, src, base_model=_base_model)
     with TensorReader([path]) as read:
         tensors = {k: read(k) for k in header}
     _check_finite(tensors, src)

@@ -81,21 +81,20 @@ class NotLoRAError(WeightsError):
     """An adapter that is not a plain LoRA (LoKr, LoHa, DoRA, ...): `convert.py info` describes it instead."""
 
 
-def refuse_non_lora(keys, source: str, *, as_lora: bool = True) -> None:
+def refuse_non_lora(keys, source: str, *, as_lora: bool = True, base_model=None) -> None:
     """One line for a file that is not a plain LoRA: an adapter of another kind (NotLoRAError) and, read as a LoRA
-    (`as_lora`), a file with no LoRA tensor: a base model said as such, before the adapter patterns (its norm keys
+    (`as_lora`), a file with no LoRA tensor: a base model said as such (`base_model(keys)`: its family's title, or
+    None; given by the caller, as the families import this module), before the adapter patterns (its norm keys
     match a control LoRA's), anything else with the command that tells what it holds. `as_lora` False: the
     adapters only (a checkpoint's detection, which names the rest itself)."""
     keys = list(keys)
     lora = any(k.endswith(OUR_SUFFIXES) or ((p := parse_key(k)) is not None and p[1] != "alpha") for k in keys)
-    if as_lora and keys and not lora:
-        from ..families import article, checkpoint_family  # at call time: the families import this module
-
-        family = checkpoint_family(keys, {})
-        if family is not None:
-            raise WeightsError(f"{source}: no LoRA tensors: this is {article(family.title)} base model, not a LoRA; "
-                               "pass it as --model (generate) or --base (convert.py merge), or convert it with "
-                               "convert.py checkpoint")
+    if as_lora and keys and not lora and base_model is not None:
+        title = base_model(keys)
+        if title is not None:
+            raise WeightsError(f"{source}: no LoRA tensors: this is {title} base model, not a LoRA; pass it as "
+                               "--model (generate) or --base (convert.py merge), or convert it with convert.py "
+                               "checkpoint")
     for pattern, what in NOT_LORA:
         hit = next((k for k in keys if re.search(pattern, k)), None)
         if hit is not None:
