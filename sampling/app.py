@@ -113,7 +113,10 @@ def build_ui(session: Session):
         with gr.Tab("Compare"):
             with gr.Row():
                 prompt = gr.Textbox(label="Prompt", value=PROMPT if session.demo else "", elem_id="prompt", scale=3)
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative", scale=2)
+                # FLUX.1 reads a negative prompt only for its real CFG (--true-cfg), which the page does not
+                # offer: generate refuses it there, so the box is not shown
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative", scale=2,
+                                      visible=session.family.guidance != "embedding")
             with gr.Row():
                 seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                 randomize = gr.Checkbox(label="Random seed (shown above once drawn)")

@@ -54,8 +54,8 @@ class GenerationFlags:
     default (generation_config)."""
 
     from_png: str | None = opt(None, "render again the image this PNG of ours records (prompt, model, LoRAs and "
-                                     "every setting, from its scfm chunk); other flags here name the files a "
-                                     "single-file model needs", metavar="PNG")
+                                     "every setting, from its scfm chunk); the other generation flags and --lora "
+                                     "are refused beside it, the model files and run options are not", metavar="PNG")
     prompt: tuple[str, ...] = opt((), "repeatable", repeat=True)
     prompts_file: str | None = opt(None, "a text file, one prompt per line")
     negative_prompt: str | None = opt(None, "Flux: used with --true-cfg > 1; SD3: the CFG negative (default '')")
@@ -70,9 +70,11 @@ class GenerationFlags:
     true_cfg: float | None = opt(None, "Flux: > 1 with --negative-prompt: real CFG (default 1, off)")
     slg_layers: tuple[int, ...] = opt((), "SD3: skip-layer guidance blocks (SD3.5-medium: 7,8,9); needs CFG on",
                                       parse=parse_layers, metavar="I,J,...")
-    slg_scale: float = opt(2.8, "SD3: skip-layer guidance scale")
-    slg_start: float = opt(0.01, "SD3: SLG from this fraction of the steps")
-    slg_stop: float = opt(0.2, "SD3: SLG until this fraction of the steps")
+    # None, not SD3's values: a flag given to another family's model is refused (job.py check_family_flags), and
+    # SD3's generation_config fills in its defaults
+    slg_scale: float | None = opt(None, "SD3: skip-layer guidance scale (default 2.8)")
+    slg_start: float | None = opt(None, "SD3: SLG from this fraction of the steps (default 0.01)")
+    slg_stop: float | None = opt(None, "SD3: SLG until this fraction of the steps (default 0.2)")
     max_sequence_length: int | None = opt(None, "T5 tokens (default: Flux 512, SD3 256)")
     width: int | None = opt(None, "default 1024 (the demo: 64)")
     height: int | None = opt(None, "default 1024 (the demo: 64)")

@@ -137,9 +137,17 @@ class Flux2KleinPipeline(Pipeline):
         if distilled and given and (args.negative_prompt is not None or scale > 1):
             raise ValueError(f"{', '.join(given)}: the distilled klein samples without CFG (its guidance is distilled "
                              "in), so they would do nothing; drop them, or pass --variant base for the base model")
+        flag = "--guidance" if args.guidance is not None else "--cfg"
+        if scale is not None and scale < 1:  # CFG runs for a scale above 1 only (diffusers' rule): off, as at 1
+            raise ValueError(f"{flag} {scale:g}: below 1 CFG is off, as at 1, so it would do nothing; pass {flag} 1 "
+                             "to sample without CFG, or above 1 to use it (klein base: 4)")
         if distilled and args.steps is None and rec.steps is None:
             common = {**common, "steps": 4}
         guidance = pick(scale, rec.guidance, 1.0 if distilled else cls.defaults["guidance"])
+        if guidance <= 1 and args.negative_prompt is not None:  # no negative pass runs without CFG
+            why = f"{flag} {guidance:g}" if scale is not None else f"guidance {guidance:g}, as a --lora recommends"
+            raise ValueError(f"--negative-prompt: used only with CFG on, and it is off ({why}), so it would do "
+                             f"nothing; pass {flag} above 1 (klein base: 4) or drop --negative-prompt")
         return Flux2GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "")
 
     def used_settings(self, settings: dict) -> dict:

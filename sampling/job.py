@@ -18,13 +18,14 @@ from weights.io import DTYPES, WeightsError
 
 from .base import MAX_SIDE, save_png
 from .demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH, demo_lora
-from .options import (
-    check_finite,
-    check_run_options,
-    check_seed,
-    pick,
-    read_prompt_lines,
-)
+from .flags import GenerationFlags, ModelFiles
+from .options import MAX_STEPS, check_finite, check_run_options, check_seed, pick, read_prompt_lines
+from .png_record import png_params
+
+# Image formats `--out` might name: we write PNG alone (its settings inside), so `--out img.jpg` would otherwise be
+# read as a folder name and fill a folder `img.jpg/` with PNGs.
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic",
+                        ".heif", ".jxl", ".apng", ".ppm", ".tga")
 
 
 def with_demo_defaults(args) -> None:
@@ -59,6 +60,10 @@ def check_args(args) -> None:
                         ("--max-sequence-length", args.max_sequence_length)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be 1 or more; pass {flag} 1 or more")
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise ValueError(f"--steps {args.steps}: over {MAX_STEPS}, the most sampled (sampling/job.py MAX_STEPS: "
+                         f"the schedulers' training timesteps); pass --steps 28 (diffusers' default) or at most "
+                         f"{MAX_STEPS}")
     if args.max_sequence_length is not None and args.max_sequence_length > 512:
         raise ValueError(f"--max-sequence-length {args.max_sequence_length}: T5 is used with at most 512 tokens "
                          "(as diffusers); pass --max-sequence-length 512")
@@ -66,7 +71,7 @@ def check_args(args) -> None:
     check_finite(guidance=args.guidance, cfg=args.cfg, true_cfg=args.true_cfg, slg_scale=args.slg_scale,
                  slg_start=args.slg_start, slg_stop=args.slg_stop)
     for flag, value, default in (("--slg-start", args.slg_start, 0.01), ("--slg-stop", args.slg_stop, 0.2)):
-        if not 0 <= value <= 1:
+        if value is not None and not 0 <= value <= 1:
             raise ValueError(f"{flag} {value}: a fraction of the steps, from 0 to 1; pass {flag} {default}")
     if args.shift is not None:
         args.shift = parse_shift(args.shift, "--shift")
@@ -100,6 +105,9 @@ def check_sizes(args, default: int) -> None:
 
 def output_paths(args, count: int) -> list[Path]:
     out = Path(args.out)
+    if out.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+        raise ValueError(f"--out {out}: generate writes PNG files (their settings inside), not {out.suffix}; pass "
+                         f"--out {out.with_suffix('.png')} or a folder")
     if out.suffix.lower() == ".png":
         if count != 1:
             raise ValueError(f"--out {out} names one file but {count} images will be made; pass a folder")
@@ -107,6 +115,10 @@ def output_paths(args, count: int) -> list[Path]:
     else:
         paths = [out / f"{args.seed + i // len(prompt_list(args)):06d}_{i:03d}.png" for i in range(count)]
     clash = [p for p in paths if p.exists()]
+    folder = next((p for p in clash if p.is_dir()), None)
+    if folder is not None:  # --overwrite replaces files: a folder in the way would fail only after sampling
+        raise ValueError(f"--out {args.out}: {folder} is a folder, where a PNG would be written; pass another --out"
+                         + ("" if folder == out else " or move that folder"))
     if clash and not args.overwrite:
         raise ValueError(f"{clash[0]} exists; pass --overwrite or another --out")
     return paths
@@ -116,7 +128,7 @@ def lora_recommendations(paths: list[str]):
     """The sampling settings the LoRAs' metadata recommends (the first LoRA stating a field wins), with the grid
     set to `scfm` for an SCFM LoRA that does not state one: SCFM is trained on that grid."""
     from weights.io import read_header
-    from weights.lora import FORMAT, Recommended
+    from weights.lora import Recommended
 
     merged: dict = {}
     for path in paths:
@@ -129,10 +141,20 @@ def lora_recommendations(paths: list[str]):
                 rec["shift"] = parse_shift(rec["shift"], f"--lora {path}: its scfm_shift")
             except ValueError as e:
                 raise WeightsError(f"{e} to override it") from None
-        if (meta.get("scfm_format") == FORMAT or "scfm_lora" in meta or "scfm_training" in meta) and not plain(meta):
+        if is_scfm_lora(meta):
             rec["schedule"] = rec["schedule"] or "scfm"
         merged = {k: merged.get(k) if merged.get(k) is not None else v for k, v in rec.items()}
     return Recommended(**merged) if merged else Recommended()
+
+
+def is_scfm_lora(meta: dict[str, str]) -> bool:
+    """An SCFM LoRA, sampled on the `scfm` grid it was trained on unless it says otherwise: one our trainer made
+    (`scfm_training`, or an older export's `scfm_lora`) with the SCFM objective, or one recommending how to sample
+    it few-step (a grid, steps or a shift). Not `scfm_format`: that only names our layout, which write_lora
+    stamps on any LoRA, a style LoRA converted with `tools/convert.py lora ... --to ours` too."""
+    made_here = "scfm_training" in meta or "scfm_lora" in meta
+    recommends = any(f"scfm_{k}" in meta for k in ("schedule", "steps", "shift"))
+    return (made_here or recommends) and not plain(meta)
 
 
 def plain(meta: dict[str, str]) -> bool:
@@ -190,17 +212,23 @@ def lora_records(loras: list[tuple[str, float]]) -> list[dict]:
              "a1111_hash": a1111_lora_hash(path)} for path, scale in loras]
 
 
+def flag_given(value) -> bool:
+    """A flag set on the command line: not its default None, False or empty list (a value such as 0 counts:
+    `--slg-scale 0` is given too)."""
+    return value is not None and value is not False and value != () and value != []
+
+
 def check_family_flags(args, family: Family | str) -> None:
     """A flag only another family reads would be ignored silently; refuse it instead."""
     family = get_family(family)
     pipeline = family.part("pipeline")
-    unread = [flag for flag, attr in pipeline.unread_flags if getattr(args, attr, None)]
+    unread = [flag for flag, attr in pipeline.unread_flags if flag_given(getattr(args, attr, None))]
     if unread:
         raise ValueError(f"{', '.join(unread)}: {article(family.title)} model has no such part; {pipeline.unread_hint}")
     for other in families():
         if other is family or "pipeline" not in other.parts:
             continue
-        used = [flag for flag, attr in other.part("pipeline").own_flags if getattr(args, attr)]
+        used = [flag for flag, attr in other.part("pipeline").own_flags if flag_given(getattr(args, attr))]
         if used:
             hint = pipeline.flag_hint
             raise ValueError(f"{', '.join(used)}: {other.title} options, but {args.model} is {article(family.title)} "
@@ -243,19 +271,28 @@ class Job:
     noise_row: tuple[int, int] | None = None
 
 
-def from_png(args) -> dict:
-    """--from-png: the settings one of our PNGs records; its prompt, model, size and seed go onto `args`."""
-    from .base import read_png_params
+# What --from-png refuses beside it (one line naming each given), per flag: every generation flag, since the PNG
+# records the value its image was made with (prompt, LoRAs, size, seed, steps, grid, shift, guidance, CFG and its
+# negative prompt, SLG, T5 length) and a changed one would render another image than the one it says it renders
+# (render without --from-png for variations); --lora and --ignore-te-lora too: the PNG records the LoRAs at their
+# scales and whether their text-encoder parts were skipped. Allowed: the model files (the PNG's paths may not exist
+# on this machine; --variant and --no-t5 say what those files are), where and how the transformer runs (--device,
+# --compile, --blocks-to-swap: the same pixels; --dtype, --fp8, --fp8-compute: the PNG's unless given, for a
+# machine without bf16 or fp8 tensor cores), and the outputs (--out, --overwrite).
+FROM_PNG_TAKES = (*(f.name for f in dataclasses.fields(GenerationFlags) if f.name != "from_png"), "lora",
+                  "ignore_te_lora")
 
-    params = read_png_params(args.from_png)  # a PNG without our chunk: one line
-    missing = [k for k in ("prompt", "model", "family", "loras", "width", "height", "seed", "schedule")
-               if k not in params]
-    if missing:
-        raise ValueError(f"--from-png {args.from_png}: its scfm settings lack {', '.join(missing)}; only PNGs "
-                         "sampling.generate (or the app) wrote can be rendered again")
-    if args.prompt or args.prompts_file or args.lora:
-        raise ValueError("--from-png takes the prompt and the LoRAs from the PNG; drop --prompt, --prompts-file "
-                         "and --lora")
+
+def from_png(args) -> dict:
+    """--from-png: the settings one of our PNGs records, checked; its prompt, model, size and seed go onto `args`."""
+    fields = {f.name: f for cls in (GenerationFlags, ModelFiles) for f in dataclasses.fields(cls)}
+    flags = [name for name in FROM_PNG_TAKES if getattr(args, name) != (
+        list(fields[name].default) if fields[name].metadata.get("repeat") else fields[name].default)]
+    if flags:
+        raise ValueError(f"--from-png takes every generation setting from the PNG (prompt, LoRAs, size, seed, steps, "
+                         f"guidance, ...); drop {', '.join('--' + f.replace('_', '-') for f in flags)}, or render "
+                         "without --from-png to change them")
+    params = png_params(args.from_png)
     args.prompt, args.model = [params["prompt"]], args.model or params["model"]
     args.width, args.height, args.seed, args.batch_size = params["width"], params["height"], params["seed"], 1
     args.ignore_te_lora = bool(params.get("ignore_te_lora"))
@@ -315,9 +352,13 @@ def resolve(args, prompts: list[str], png: dict | None = None) -> Job:
         cfg = png_config(png, family)
     else:
         cfg = generation_config(args, family, lora_recommendations([path for path, _ in loras]))
+    # only a LoRA's metadata can get here: check_args refused the flags, from_png the PNG's values
     for flag, value in (("--steps", cfg.steps), ("--max-sequence-length", cfg.max_sequence_length)):
-        if value < 1:  # only a LoRA's metadata can get here: check_args refused the flags
+        if value < 1:
             raise WeightsError(f"{flag} {value}, as a --lora recommends: must be 1 or more; pass {flag} yourself")
+    if cfg.steps > MAX_STEPS:
+        raise WeightsError(f"--steps {cfg.steps}, as a --lora recommends: over {MAX_STEPS}, the most sampled; pass "
+                           "--steps yourself")
     for warning in missing_base_loras(loras):
         print(warning, file=sys.stderr)
     records = lora_records(loras)

@@ -5,6 +5,7 @@ made before any model loads, and the one line they print when the GPU runs out o
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import os
 import shutil
@@ -18,6 +19,11 @@ import torch
 from weights.io import DTYPES
 
 from .fields import add_dataclass_args, opt
+
+# The most sampling steps we take: a sanity cap, as MAX_SIDE is. The released recipes sample with 4 to 50 steps, on
+# schedulers configured with 1000 training timesteps (num_train_timesteps); an absurd count (--steps 10**10) used
+# to fail only after the model loaded, when its sigma grid was allocated.
+MAX_STEPS = 1000
 
 FP8_HELP = ("store the transformer blocks' weights in float8 (e4m3, a scale per row): half of bf16's memory "
             "(Flux-dev: 11.9 instead of 23.7 GB); each layer computes in --dtype")
@@ -108,6 +114,14 @@ def check_device(text: str, flag: str = "--device") -> None:
         if (device.index or 0) >= count:
             raise ValueError(f"{flag} {text}: no such CUDA device here ({count} visible to this PyTorch); "
                              f"pass {flag} cpu" + (f" or {flag} cuda:0" if count else ""))
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {text}: this PyTorch has no MPS (Apple GPU) device; pass {flag} cpu")
+    elif device.type != "cpu":
+        # torch parses xpu, meta, hpu, ... too, but nothing here runs on them: the first weight moved (or read, on
+        # "meta") would fail deep inside torch instead
+        raise ValueError(f"{flag} {text}: scfm runs on cpu, cuda (and mps where PyTorch has it); pass {flag} cpu"
+                         + (f" or {flag} cuda" if torch.cuda.is_available() else ""))
 
 
 def run_dtype(args) -> str:
@@ -166,12 +180,16 @@ def check_writable(folder: str | os.PathLike, flag: str, value, need_bytes: int 
 def read_prompt_lines(path: str | os.PathLike, flag: str) -> list[str]:
     """The non-empty lines of a prompts file, stripped; a missing or non-text file is one line naming it."""
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
+        data = Path(path).expanduser().read_bytes()
     except OSError as e:
         raise ValueError(f"{flag} {path}: {e.strerror or e}; pass a text file with one prompt per line") from None
+    bom = codecs.BOM_UTF8 if data.startswith(codecs.BOM_UTF8) else b""
+    try:
+        # without the BOM Windows editors write first: it would otherwise begin the first prompt (U+FEFF)
+        text = data[len(bom):].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{flag} {path}: not UTF-8 text (byte {e.start}); pass a text file with one prompt per "
-                         "line") from None
+        raise ValueError(f"{flag} {path}: not UTF-8 text (byte {e.start + len(bom)}); pass a text file with one "
+                         "prompt per line") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 

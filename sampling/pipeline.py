@@ -49,7 +49,8 @@ class FluxSources:
 
     @classmethod
     def from_folder(cls, folder: str | Path, **overrides) -> FluxSources:
-        """A diffusers FluxPipeline folder (model_index.json, transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/)."""
+        """A diffusers FluxPipeline folder (model_index.json, transformer/, vae/, text_encoder{,_2}/,
+        tokenizer{,_2}/)."""
         folder = Path(folder).expanduser()
         if not (folder / "model_index.json").exists():
             raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
@@ -118,13 +119,33 @@ class FluxPipeline(Pipeline):
 
     @classmethod
     def generation_config(cls, args, rec, common: dict) -> GenerationConfig:
-        true_cfg = pick(one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg"), 1.0)
-        if true_cfg > 1 and args.negative_prompt is None:  # diffusers' FluxPipeline skips CFG then: silently
-            flag = "--cfg" if args.cfg is not None else "--true-cfg"
+        """The flags, then the LoRAs' recommendation, then diffusers' defaults; real CFG that would not run
+        (diffusers' FluxPipeline skips it silently) is refused in one line."""
+        scale = one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg")
+        flag = "--cfg" if args.cfg is not None else "--true-cfg"
+        if scale is not None and scale < 1:  # diffusers runs real CFG only for true_cfg_scale > 1
+            raise ValueError(f"{flag} {scale:g}: below 1 real CFG is off, as at 1 (the default), so it would do "
+                             f"nothing; drop {flag}, or pass it above 1 with --negative-prompt")
+        true_cfg = pick(scale, 1.0)
+        if true_cfg > 1 and args.negative_prompt is None:
             raise ValueError(f"{flag} {true_cfg:g}: real CFG runs against a negative prompt and none is given, so it "
                              "would do nothing; add --negative-prompt '' for the empty one")
+        if true_cfg <= 1 and args.negative_prompt is not None:
+            raise ValueError("--negative-prompt: FLUX.1 reads a negative prompt only for real CFG, which is off "
+                             "(--true-cfg 1, the default), so it would do nothing; add --true-cfg above 1 (twice the "
+                             "compute per step) or drop --negative-prompt")
+        # the flag itself rides along in `extra` (not in the PNG): check_config refuses it for a model without the
+        # guidance embedding, which would ignore it; a LoRA's recommended guidance is just not used there
         return GenerationConfig(**common, guidance=pick(args.guidance, rec.guidance, cls.defaults["guidance"]),
-                                true_cfg=true_cfg, negative_prompt=args.negative_prompt)
+                                true_cfg=true_cfg, negative_prompt=args.negative_prompt,
+                                extra={"guidance_flag": args.guidance})
+
+    def check_config(self, cfg: GenerationConfig) -> None:
+        given = cfg.extra.get("guidance_flag")
+        if given is not None and not self.transformer_config().guidance_embed:
+            raise ValueError(f"--guidance {given:g}: {self.sources.transformer} has no guidance embedding (like "
+                             "FLUX.1-schnell and the demo), so it would do nothing (diffusers ignores it silently); "
+                             "drop --guidance, or for real CFG pass --true-cfg above 1 with --negative-prompt")
 
     def used_settings(self, settings: dict) -> dict:
         if not self.transformer.config.guidance_embed:

@@ -157,7 +157,8 @@ class SD3Pipeline(Pipeline):
     cond_names = ("context", "pooled")
     defaults = {"steps": 28, "guidance": 7.0, "max_sequence_length": 256}  # StableDiffusion3Pipeline's (CFG)
     own_flags = (("--clip-g", "clip_g"), ("--clip-g-tokenizer", "clip_g_tokenizer"), ("--no-t5", "no_t5"),
-                 ("--slg-layers", "slg_layers"))
+                 ("--slg-layers", "slg_layers"), ("--slg-scale", "slg_scale"), ("--slg-start", "slg_start"),
+                 ("--slg-stop", "slg_stop"))
     flag_hint = "its classifier-free guidance scale is --cfg"
     needed_files = ("clip", "clip_g")  # the text encoders a cache build needs (T5 is optional)
 
@@ -174,12 +175,45 @@ class SD3Pipeline(Pipeline):
 
     @classmethod
     def generation_config(cls, args, rec, common: dict) -> SD3GenerationConfig:
+        """The flags, then the LoRAs' recommendation, then diffusers' defaults; a setting that would do nothing
+        (diffusers accepts each silently) is refused in one line."""
+        scale = one_scale(args.cfg, args.guidance, "--cfg and --guidance")
+        flag = "--cfg" if args.cfg is not None else "--guidance"
+        if scale is not None and scale < 1:  # diffusers runs CFG for guidance_scale > 1 only: off, as at 1
+            raise ValueError(f"{flag} {scale:g}: below 1 CFG is off, as at 1, so it would do nothing; pass {flag} 1 "
+                             "to sample without CFG, or above 1 to use it (SD3.5-large: 4.5)")
         # SD3 metadata records guidance in diffusers' convention (SCFM's w = 3.5 is stored as 4.5), used as is
-        guidance = pick(one_scale(args.cfg, args.guidance, "--cfg and --guidance"), rec.guidance,
-                        cls.defaults["guidance"])
+        guidance = pick(scale, rec.guidance, cls.defaults["guidance"])
+        d = SD3GenerationConfig
+        slg = dict(slg_scale=pick(args.slg_scale, d.slg_scale), slg_start=pick(args.slg_start, d.slg_start),
+                   slg_stop=pick(args.slg_stop, d.slg_stop))
+        tuned = [f for f, v in (("--slg-scale", args.slg_scale), ("--slg-start", args.slg_start),
+                                ("--slg-stop", args.slg_stop)) if v is not None]
+        if tuned and not args.slg_layers:
+            raise ValueError(f"{', '.join(tuned)}: skip-layer guidance runs only with --slg-layers, and none are "
+                             "given, so they would do nothing; add --slg-layers (SD3.5-medium: 7,8,9) or drop them")
+        if guidance <= 1:  # no negative pass runs, and SLG rides on it (diffusers' rule)
+            unused = [f for f, on in (("--negative-prompt", args.negative_prompt is not None),
+                                      ("--slg-layers", bool(args.slg_layers))) if on]
+            why = f"{flag} {guidance:g}" if scale is not None else f"guidance {guidance:g}, as a --lora recommends"
+            if unused:
+                they = "they" if len(unused) > 1 else "it"
+                raise ValueError(f"{', '.join(unused)}: used only with CFG on, and it is off ({why}), so {they} "
+                                 f"would do nothing; pass --cfg above 1 (SD3.5-large: 4.5) or drop "
+                                 f"{'them' if len(unused) > 1 else 'it'}")
+        elif args.slg_layers:
+            steps, start, stop = common["steps"], slg["slg_start"], slg["slg_stop"]
+            if slg["slg_scale"] == 0:
+                raise ValueError("--slg-scale 0: skip-layer guidance would add nothing (and cost a pass per step); "
+                                 "drop --slg-layers to sample without it, or pass --slg-scale 2.8")
+            if not slg_steps(steps, start, stop):
+                fix = ("pass --slg-start below --slg-stop" if start >= stop else
+                       "pass --steps 2 or more" if steps < 2 else "widen --slg-start / --slg-stop or pass more --steps")
+                raise ValueError(f"--slg-start {start:g} --slg-stop {stop:g} with {steps} steps: no step i has "
+                                 f"{steps} x {start:g} < i < {steps} x {stop:g} (diffusers' rule), so skip-layer "
+                                 f"guidance would never run; {fix}")
         return SD3GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "",
-                                   slg_layers=args.slg_layers, slg_scale=args.slg_scale, slg_start=args.slg_start,
-                                   slg_stop=args.slg_stop)
+                                   slg_layers=args.slg_layers, **slg)
 
     def check_config(self, cfg: SD3GenerationConfig) -> None:
         self.check_slg_layers(cfg.slg_layers)

@@ -124,9 +124,66 @@ def test_activation_estimate_at_flux_dev_scale():
     (["--blocks-to-swap", "-1"], "--blocks-to-swap -1: must be 0"),
     (["--lora", "demo:nan"], "the scale must be a finite number"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "--prompts-file /nonexistent/prompts.txt: No such file"),
+    # torch parses these device names, but nothing runs there: a deep traceback when the first weight moved
+    (["--device", "xpu"], "--device xpu: scfm runs on cpu, cuda"),
+    (["--device", "meta"], "--device meta: scfm runs on cpu, cuda"),
+    # PNG only (with its settings): a .jpg name used to become a folder of PNGs
+    (["--out", "img.jpg"], "--out img.jpg: generate writes PNG files (their settings inside), not .jpg; pass --out "
+                           "img.png"),
+    (["--out", "x/img.WEBP"], "not .WEBP"),
+    # failed only after the model loaded ("Maximum allowed size exceeded")
+    (["--steps", str(10**20)], f"--steps {10**20}: over 1000, the most sampled"),
+    (["--steps", "1001"], "--steps 1001: over 1000"),
+    # SD3's flags on the demo (Flux): their defaults were SD3's numbers, so they passed the family check
+    (["--slg-scale", "5"], "--slg-scale: SD3 / SD3.5 options, but"),
+    (["--slg-start", "0.1"], "--slg-start: SD3 / SD3.5 options"),
+    (["--slg-stop", "0.5"], "--slg-stop: SD3 / SD3.5 options"),
+    (["--slg-scale", "0"], "--slg-scale: SD3 / SD3.5 options"),
+    # Flux settings that would do nothing
+    (["--negative-prompt", "ugly"], "--negative-prompt: FLUX.1 reads a negative prompt only for real CFG"),
+    (["--true-cfg", "0.5", "--negative-prompt", "x"], "--true-cfg 0.5: below 1 real CFG is off"),
+    (["--true-cfg", "-5"], "--true-cfg -5: below 1 real CFG is off"),
+    (["--cfg", "0", "--negative-prompt", ""], "--cfg 0: below 1 real CFG is off"),
+    # the demo transformer has no guidance embedding (FLUX.1-schnell neither): diffusers ignores it silently
+    (["--guidance", "4"], "--guidance 4: " + str(DEMO_FOLDER) + " has no guidance embedding"),
 ])
-def test_generate_refuses_bad_flags(capsys, tmp_path, nothing_read, flags, expected):
+def test_generate_refuses_bad_flags(capsys, tmp_path, nothing_read, monkeypatch, flags, expected):
+    monkeypatch.chdir(tmp_path)  # a relative --out that is not refused lands where run_generate sees it
     assert expected in run_generate(capsys, tmp_path, *flags)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_generate_refuses_mps_where_pytorch_has_none(capsys, tmp_path, nothing_read):
+    assert "--device mps: this PyTorch has no MPS (Apple GPU) device; pass --device cpu" in run_generate(
+        capsys, tmp_path, "--device", "mps")
+
+
+@pytest.mark.parametrize("where", ["file", "inside"])
+def test_generate_refuses_a_folder_where_a_png_would_go_before_loading(capsys, tmp_path, nothing_read, where):
+    """--overwrite replaces files, not folders: a folder named like the output used to fail after sampling."""
+    if where == "file":
+        folder = tmp_path / "x.png"
+        folder.mkdir()
+        out = folder
+    else:
+        out = tmp_path / "out"
+        folder = out / "000000_000.png"
+        folder.mkdir(parents=True)
+    msg = run_generate(capsys, tmp_path, "--overwrite", out=str(out))
+    assert f"--out {out}: {folder} is a folder, where a PNG would be written; pass another --out" in msg
+    assert folder.is_dir() and not any(folder.iterdir())
+
+
+def test_a_prompts_file_with_a_bom_reads_as_without(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: it is not part of the first prompt."""
+    from sampling.options import read_prompt_lines
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"\xef\xbb\xbfa fox\r\na cat\r\n")
+    assert read_prompt_lines(path, "--prompts-file") == ["a fox", "a cat"]
+    path.write_bytes(b"\xef\xbb\xbfab\xff")
+    with pytest.raises(ValueError, match="not UTF-8 text \\(byte 5\\)"):  # counted in the file, BOM included
+        read_prompt_lines(path, "--prompts-file")
 
 
 @pytest.mark.parametrize("flag", ["--t5-tokenizer", "--clip-tokenizer"])
@@ -329,3 +386,21 @@ def test_evaluate_refuses_unwritable_outputs_before_sampling(tmp_path, nothing_r
             evaluate_cli.main(["--per-prompt", "1", "--steps", "1", *flags, str(blocker / "out")])
         assert f"evaluate: {flag} {blocker / 'out'}: {blocker} is a file, not a folder" in exc.value.code
     assert blocker.read_text() == "the user's file"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--cfg", "0.5"], "--cfg 0.5: below 1 CFG is off, as at 1"),
+    (["--guidance", "-2"], "--guidance -2: below 1 CFG is off"),
+    (["--cfg", "1", "--negative-prompt", "blurry"], "--negative-prompt: used only with CFG on, and it is off "
+                                                    "(--cfg 1)"),
+])
+def test_klein_base_refuses_cfg_settings_that_would_do_nothing(flags, expected):
+    """As SD3's: klein base runs CFG (and reads the negative prompt) only above scale 1."""
+    from sampling.flags import build_parser
+    from sampling.job import generation_config
+    from weights.lora import Recommended
+
+    args = build_parser().parse_args(["--model", "klein.safetensors", "--variant", "base", "--prompt", "p", *flags])
+    with pytest.raises(ValueError) as exc:
+        generation_config(args, "flux2", Recommended())
+    assert expected in str(exc.value)

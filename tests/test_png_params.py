@@ -193,3 +193,87 @@ def test_a_peft_folder_is_a_lora_and_a_damaged_scheduler_config_is_one_line(tmp_
     assert main(["--model", str(folder), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "scheduler_config.json: damaged" in err and "restore the pipeline" in err
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """One demo PNG of ours (2 steps), for the --from-png refusals."""
+    path = tmp_path_factory.mktemp("made") / "a.png"
+    assert main(["--prompt", "a red circle above a blue square", "--steps", "2", "--out", str(path)]) == 0
+    return path
+
+
+def refused(capsys, argv: list[str], out) -> str:
+    """generate refuses `argv` with one line, writing nothing at `out`."""
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("flags", [["--steps", "7"], ["--seed", "99"], ["--batch-size", "3"], ["--width", "128"],
+                                   ["--guidance", "9"], ["--shift", "5"], ["--schedule", "scfm"],
+                                   ["--negative-prompt", "ugly", "--true-cfg", "2"], ["--ignore-te-lora"],
+                                   ["--max-sequence-length", "8"]])
+def test_from_png_refuses_the_generation_flags_it_would_override(made, tmp_path, capsys, flags):
+    """They were dropped silently for the PNG's values (exit 0); the run options stay allowed (the dtype: above)."""
+    err = refused(capsys, ["--from-png", str(made), *flags], tmp_path / "o")
+    named = [f for f in flags if f.startswith("--")]
+    assert err.startswith("error: --from-png takes every generation setting from the PNG") and all(
+        f in err for f in named), err
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"width": "64"}, 'its recorded width "64" is not a width from 1 to 4096 px'),  # a TypeError before
+    ({"loras": "x"}, 'its recorded loras "x" is not a list of LoRA records'),  # a TypeError
+    ({"loras": [{"path": "x", "sha256": "y"}]}, 'its recorded loras [{"path": "x", "sha256": "y"}] is not a list'),
+    ({"dtype": "fp64"}, 'its recorded dtype "fp64" is not one of bf16, fp16, fp32'),  # a KeyError
+    ({"steps": 0}, "its recorded steps 0 is not a step count from 1 to 1000"),  # "as a --lora recommends"
+    ({"noise_row": [5, 2]}, "its recorded noise_row [5, 2] is not [row, rows]"),  # exit 0, nothing written
+    ({"family": "sdxl"}, 'its recorded family "sdxl" is not one of'),
+    ({"seed": -1}, "its recorded seed -1 is not a seed"),
+    ({"shift": "fast"}, 'its recorded shift "fast" is not a positive number'),
+    ({"guidance": "high"}, 'its recorded guidance "high" is not a finite number'),
+])
+def test_from_png_checks_what_the_png_records(made, tmp_path, capsys, change, expected):
+    info = PngImagePlugin.PngInfo()  # the JSON edited by hand: its infotext need not parse
+    info.add_text("scfm", json.dumps({**read_png_params(made), **change}))
+    edited = tmp_path / "edited.png"
+    Image.open(made).save(edited, pnginfo=info)
+    err = refused(capsys, ["--from-png", str(edited)], tmp_path / "o.png")
+    assert f"--from-png {edited}: {expected}" in err and "pass a PNG that sampling.generate" in err, err
+
+
+def test_from_png_names_a_missing_or_foreign_file(tmp_path, capsys):
+    """Before: errno's and PIL's own messages, without the flag or a fix."""
+    missing, text, jpeg = tmp_path / "missing.png", tmp_path / "notes.png", tmp_path / "photo.jpg"
+    text.write_text("not an image")
+    Image.new("RGB", (8, 8)).save(jpeg)
+    for path, expected in ((missing, "no such file"), (text, "not a readable image"),
+                           (jpeg, "a JPEG image, not a PNG")):
+        err = refused(capsys, ["--from-png", str(path)], tmp_path / "o.png")
+        assert f"error: --from-png {path}: {expected}" in err and "pass a PNG that sampling.generate" in err, err
+
+
+def test_a_plain_lora_in_our_layout_is_sampled_as_in_any_other(tmp_path):
+    """`scfm_format` only names our layout (write_lora stamps it on any LoRA, tools/convert.py ... --to ours too):
+    a style LoRA converted to it is sampled on the model's own grid, the image of the same tensors in kohya's
+    layout, and not as an SCFM LoRA (before: the SCFM grid). Our exports and the shipped demo LoRA still are."""
+    from sampling.job import lora_recommendations
+    from weights.lora import FORMAT, read_lora
+    from weights.lora_write import write_lora
+
+    save_file(load_file(DEMO_LORA), tmp_path / "style.safetensors", {"format": "pt"})  # no scfm metadata
+    lora = read_lora(tmp_path / "style.safetensors", family="flux")
+    ours, kohya = (write_lora(lora, tmp_path / f"{name}.safetensors", name) for name in ("ours", "kohya"))
+    assert read_header(ours)[1]["scfm_format"] == FORMAT
+    assert lora_recommendations([str(ours)]).schedule is None
+    images = [generate(tmp_path, f"{p.stem}.png", "--lora", str(p)) for p in (ours, kohya)]
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    assert a1111_parse(images[0].text["parameters"])["Schedule type"] == "Diffusers shift 1"
+    # the SCFM LoRAs: the shipped one (scfm_training), and it converted to our layout (its metadata carried)
+    demo = read_lora(DEMO_LORA)
+    converted = write_lora(demo, tmp_path / "demo-ours.safetensors", "ours", metadata=read_header(DEMO_LORA)[1])
+    for path in (DEMO_LORA, converted):
+        assert lora_recommendations([str(path)]).schedule == "scfm"

@@ -150,6 +150,8 @@ def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
     meta = read_png_params(out)
     assert meta["family"] == "sd3" and meta["guidance"] == 4.5 and meta["slg_layers"] == [1]
     assert meta["schedule"] == "diffusers" and meta["seed"] == 7 and meta["negative_prompt"] == ""
+    # SLG's scale is recorded as before, though its flag now defaults to None (SD3's 2.8 filled in here)
+    assert (meta["slg_scale"], meta["slg_start"], meta["slg_stop"]) == (2.8, 0.0, 0.5)
     with warnings.catch_warnings():  # the same run in diffusers: SLG on step 1 of 3
         warnings.simplefilter("ignore")
         ref = pipe(PROMPTS[0], height=HEIGHT, width=WIDTH, num_inference_steps=3, guidance_scale=4.5,
@@ -160,6 +162,61 @@ def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
     assert "--cfg and --guidance" in capsys.readouterr().err
     assert main(args[:-6] + ["--true-cfg", "3", "--out", str(tmp_path / "x.png")]) == 2
     assert "--true-cfg: Flux options" in (err := capsys.readouterr().err) and "guidance scale is --cfg" in err
+
+
+REFUSED = [
+    (["--slg-layers", "1", "--cfg", "1"], "--slg-layers: used only with CFG on, and it is off (--cfg 1)"),
+    (["--negative-prompt", "ugly", "--cfg", "1"], "--negative-prompt: used only with CFG on, and it is off (--cfg 1)"),
+    (["--negative-prompt", "", "--slg-layers", "1", "--guidance", "1"], "--negative-prompt, --slg-layers: used only"),
+    (["--cfg", "0"], "--cfg 0: below 1 CFG is off, as at 1"),
+    (["--cfg", "-3"], "--cfg -3: below 1 CFG is off"),
+    (["--guidance", "0.5"], "--guidance 0.5: below 1 CFG is off"),
+    (["--slg-layers", "1", "--slg-start", "0.9", "--slg-stop", "0.1"], "--slg-start 0.9 --slg-stop 0.1 with 28 "
+     "steps: no step i has 28 x 0.9 < i < 28 x 0.1 (diffusers' rule), so skip-layer guidance would never run; pass "
+     "--slg-start below --slg-stop"),
+    (["--slg-layers", "1", "--steps", "3"], "--slg-start 0.01 --slg-stop 0.2 with 3 steps: no step i"),
+    (["--slg-layers", "1", "--steps", "1", "--slg-start", "0", "--slg-stop", "1"], "pass --steps 2 or more"),
+    (["--slg-scale", "4"], "--slg-scale: skip-layer guidance runs only with --slg-layers"),
+    (["--slg-start", "0", "--slg-stop", "0.5"], "--slg-start, --slg-stop: skip-layer guidance runs only with"),
+    (["--slg-layers", "1", "--slg-scale", "0"], "--slg-scale 0: skip-layer guidance would add nothing"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", REFUSED)
+def test_settings_that_would_do_nothing_are_refused(flags, expected):
+    """diffusers accepts each of these silently (and the PNG recorded them as if used): SLG and the negative prompt
+    without CFG, a CFG scale below 1 (off, as 1 is), a skip-layer window no step falls in, SLG tuned without
+    layers or at scale 0."""
+    from sampling.flags import build_parser
+    from sampling.job import generation_config
+    from weights.lora import Recommended
+
+    args = build_parser().parse_args(["--model", "m", "--prompt", "p", *flags])
+    with pytest.raises(ValueError) as exc:
+        generation_config(args, "sd3", Recommended())
+    assert expected in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_sd3_refusals_name_a_loras_guidance_and_keep_what_works(folders, tmp_path, capsys):
+    from sampling.flags import build_parser
+    from sampling.generate import main
+    from sampling.job import generation_config
+    from weights.lora import Recommended
+
+    parse = build_parser().parse_args
+    with pytest.raises(ValueError, match=r"it is off \(guidance 1, as a --lora recommends\)"):
+        generation_config(parse(["--model", "m", "--prompt", "p", "--negative-prompt", "x"]), "sd3",
+                          Recommended(guidance=1.0))
+    cfg = generation_config(parse(["--model", "m", "--prompt", "p", "--slg-layers", "7,8,9"]), "sd3", Recommended())
+    assert (cfg.slg_layers, cfg.slg_scale, cfg.slg_start, cfg.slg_stop) == ((7, 8, 9), 2.8, 0.01, 0.2)
+    cfg = generation_config(parse(["--model", "m", "--prompt", "p", "--cfg", "1"]), "sd3", Recommended())
+    assert cfg.guidance == 1.0  # --cfg 1 is how CFG is turned off
+    # from the command line: one line, before any weight is read
+    folder, _ = folders["t5"]
+    out = tmp_path / "x.png"
+    assert main(["--model", str(folder), "--prompt", "p", "--slg-layers", "1", "--cfg", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --slg-layers: used only with CFG on") and "\n" not in err and not out.exists()
 
 
 def test_family_is_read_from_single_files(folders, tmp_path):
