@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -245,6 +246,7 @@ class Pipeline:
             enable_fp8_compute_(model, self.device)
         if self.compile:
             model.compile_blocks()
+            say_first_call(model)
         return model
 
     @property
@@ -436,6 +438,25 @@ def device_memory(device: torch.device) -> int | None:
         except (ValueError, OSError, AttributeError):  # not a POSIX host
             return None
     return None
+
+
+def say_first_call(model: nn.Module) -> None:
+    """Print how long the compiled model's first call took, compiling its blocks included (--compile's warm-up,
+    which the first image pays; later calls reuse the compiled code), once, to stderr."""
+    started: list[float] = []
+
+    def before(module, args):
+        started.append(time.perf_counter())
+
+    def after(module, args, out):
+        for h in handles:
+            h.remove()
+        if isinstance(out, Tensor) and out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        print(f"--compile: the first transformer call took {time.perf_counter() - started[0]:.1f} s, compiling its "
+              "blocks included (later calls reuse them)", file=sys.stderr, flush=True)
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
 
 
 def to_pil(images: Tensor) -> list:

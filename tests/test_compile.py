@@ -64,6 +64,20 @@ def test_a_compiled_run_says_its_warm_up_and_keeps_it_out_of_the_speed_figures(t
     assert first["images_per_second"] == pytest.approx(2 / first["seconds_per_step"])  # one step of batch 2
 
 
+def test_sampling_says_the_compiled_models_first_call_once(capsys):
+    """generate / make_dataset / evaluate --compile: the first transformer call (the compile's warm-up) is said in
+    one line on stderr, once; the hooks saying it are gone after."""
+    from sampling.base import say_first_call
+
+    net = nn.Linear(4, 4)
+    say_first_call(net)
+    net(torch.ones(2, 4))
+    net(torch.ones(2, 4))
+    err = capsys.readouterr().err
+    assert err.count("--compile: the first transformer call took") == 1 and "compiling its blocks included" in err
+    assert not net._forward_hooks and not net._forward_pre_hooks
+
+
 class _TwoLinears(nn.Module):  # its own forward: no compiled code cached by another test can answer for it
     def __init__(self):
         super().__init__()
