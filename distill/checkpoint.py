@@ -160,10 +160,22 @@ def newest_settings(root: Path) -> dict | None:
     return None
 
 
+# Fields a resume may change, which change the numbers from there on (not only speed or memory): said in one line,
+# as the optimizer's are (trainer.apply_optimizer_config), so that a resumed run's log can be read.
+RESUME_SAID = ("lr_schedule", "lr_final", "max_grad_norm", "dtype", "autocast", "fp8_base", "fp8_compute",
+               "micro_batch")
+
+
 def resume_conflicts(state: dict, config: DistillConfig) -> list[str]:
     """The RESUME_FIXED fields in which `config` differs from the checkpoint's run."""
     stored = stored_config(state)
     return [k for k in RESUME_FIXED if stored.get(k) != config.get(k)]
+
+
+def resume_changes(state: dict, config: DistillConfig) -> list[str]:
+    """The RESUME_SAID fields in which `config` differs from the checkpoint's run, as 'name old -> new'."""
+    stored = stored_config(state)
+    return [f"{k} {stored.get(k)} -> {config.get(k)}" for k in RESUME_SAID if stored.get(k) != config.get(k)]
 
 
 def weights_identity(model: str) -> str | None:

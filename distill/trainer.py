@@ -44,6 +44,7 @@ from .checkpoint import (
     model_record,
     optimizer_state,
     other_model,
+    resume_changes,
     resume_conflicts,
     rng_state,
     save_checkpoint,
@@ -459,6 +460,10 @@ class Trainer:
         changed = resume_conflicts(state, self.config)
         if changed:
             raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
+        said = resume_changes(state, self.config)
+        if said:
+            warnings.warn(f"--resume: {', '.join(said)} (the values passed now apply from step "
+                          f"{state['progress']['step'] + 1})", stacklevel=2)
         changed = changed_lora_files(state, self.teacher_files)
         if changed:
             raise TrainingError(f"{path}: the files of {' and '.join(changed)} are not those that run trained with "

@@ -167,6 +167,11 @@ def test_resume_applies_the_new_optimizer_settings_and_resets_the_bad_step_count
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step" in r and "loss" in r]
     assert [(r["step"], r["lr"]) for r in steps] == [(1, 1e-3), (2, 1e-3), (3, 3e-4)]
+    # settings that change the numbers from here on, outside the optimizer, are said too (they were silent)
+    t3 = trainer(tmp_path, cfg.replace(resume=True, steps=4, max_grad_norm=2.0, lr_schedule="cosine"))
+    with pytest.warns(UserWarning, match=r"--resume: lr_schedule constant -> cosine, max_grad_norm 10.0 -> 2.0 "
+                                         r"\(the values passed now apply from step 4\)"):
+        t3.resume()
 
 
 # ----- #12: a resume never goes back ----------------------------------------------------------------------
