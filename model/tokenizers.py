@@ -40,6 +40,14 @@ _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
 
 
+def _exists(path: Path) -> bool:
+    """`path.exists()`, refusing a broken link (a Hugging Face cache snapshot whose blob is gone) rather than
+    calling it absent: a missing tokenizer_config.json would silently change the pad token."""
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{path}: a broken link (its cache blob is missing); download the model again")
+    return path.exists()
+
+
 def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     if isinstance(prompts, str):
         return [prompts]
@@ -114,16 +122,16 @@ class CLIPTokenizer:
         `vocab.json` + `merges.txt`. `pad_token`: "<|endoftext|>" for CLIP-L, "!" for SD3's bigG; by default
         the folder's tokenizer_config.json / special_tokens_map.json decide, else "<|endoftext|>"."""
         folder = CLIP_BPE_DIR if path is None else Path(path).expanduser()
-        if not folder.exists():
+        if not _exists(folder):
             raise FileNotFoundError(f"{folder}: no such tokenizer file or folder")
         if pad_token is None:
             pad_token = _pad_token_of(folder) or EOS
         if folder.is_file():
             return cls(Tokenizer.from_file(str(folder)), pad_token=pad_token, max_length=max_length)
-        if (folder / "tokenizer.json").exists():
+        if _exists(folder / "tokenizer.json"):
             tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
             return cls(tok, pad_token=pad_token, max_length=max_length)
-        if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        if _exists(folder / "vocab.json") and _exists(folder / "merges.txt"):
             tok = _clip_bpe(folder / "vocab.json", folder / "merges.txt")
             return cls(tok, pad_token=pad_token, max_length=max_length)
         raise FileNotFoundError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt")
@@ -139,7 +147,7 @@ def _pad_token_of(folder: Path) -> str | None:
     if not folder.is_dir():
         return None
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (folder / name).exists():
+        if _exists(folder / name):
             pad = json.loads((folder / name).read_text()).get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
@@ -169,11 +177,11 @@ class T5Tokenizer:
         being what transformers loads)."""
         path = Path(path).expanduser()
         if path.is_dir():
-            found = [path / n for n in ("tokenizer.json", "spiece.model") if (path / n).exists()]
+            found = [path / n for n in ("tokenizer.json", "spiece.model") if _exists(path / n)]
             if not found:
                 raise FileNotFoundError(f"{path}: no tokenizer.json or spiece.model")
             path = found[0]
-        if not path.exists():
+        if not _exists(path):
             raise FileNotFoundError(f"{path}: no such tokenizer file")
         if path.suffix == ".json":
             tok = Tokenizer.from_file(str(path))
@@ -221,6 +229,7 @@ def _sentencepiece_encoder(path: Path) -> Callable[[list[str]], list[list[int]]]
 # The chat template klein applies to every prompt (the negative "" too): transformers' `apply_chat_template` of
 # [{"role": "user", "content": prompt}] with add_generation_prompt=True, enable_thinking=False, as the Qwen3 jinja
 # template renders it (ComfyUI writes the same literal), so no template engine is needed.
+QWEN3_CHAT = ("<|im_start|>", "<|im_end|>")
 QWEN3_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
@@ -240,9 +249,15 @@ class Qwen3Tokenizer:
         """`path`: a `tokenizer.json`, or a folder holding one (a klein pipeline's `tokenizer/`)."""
         path = Path(path).expanduser()
         file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
+        if not _exists(file) or not file.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (the klein pipeline folder's tokenizer/ has one)")
-        return cls(Tokenizer.from_file(str(file)), max_length=max_length)
+        tok = Tokenizer.from_file(str(file))
+        # CLIP's tokenizer.json has <|endoftext|> too and would encode every prompt into ids past Qwen3's embedding
+        # (an IndexError, or at real sizes silent garbage): the chat template's tokens are Qwen's own
+        if None in (tok.token_to_id(QWEN3_CHAT[0]), tok.token_to_id(QWEN3_CHAT[1])):
+            raise ValueError(f"{file}: not a Qwen3 tokenizer (no {QWEN3_CHAT[0]} / {QWEN3_CHAT[1]} chat tokens); pass "
+                             "the klein pipeline's tokenizer/ folder with --qwen-tokenizer")
+        return cls(tok, max_length=max_length)
 
     @staticmethod
     def template(prompt: str) -> str:

@@ -134,7 +134,7 @@ def test_t5_errors(tmp_path):
         load_t5(_save(two, tmp_path / "two.safetensors"))
     assert load_t5(tmp_path / "two.safetensors", prefix="b.").config == T5_TINY
     clip = CLIPTextEncoder(CLIP_CONFIGS["tiny"]).state_dict()
-    with pytest.raises(WeightsError, match="use load_clip"):
+    with pytest.raises(WeightsError, match="pass it with --clip"):
         load_t5(_save(clip, tmp_path / "clip.safetensors"))
     (tmp_path / "model.bin").write_bytes(b"\x80\x02junk")
     with pytest.raises(WeightsError, match="pickled"):
@@ -143,7 +143,7 @@ def test_t5_errors(tmp_path):
         load_t5(tmp_path / "nope.safetensors")
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    with pytest.raises(WeightsError, match="subfolder="):
+    with pytest.raises(WeightsError, match="pass its text encoder.s own folder, e.g. --clip"):
         load_t5(tmp_path / "pipe")
     with pytest.raises(WeightsError, match="no text_encoder_3/ subfolder"):
         load_t5(tmp_path / "pipe", subfolder="text_encoder_3")
@@ -248,7 +248,7 @@ def test_clip_errors(tmp_path):
     with pytest.raises(WeightsError, match="cannot infer the CLIP config"):
         load_clip(_save(no_fc1, tmp_path / "no_fc1.safetensors"))
     t5 = T5Encoder(T5_TINY).state_dict()
-    with pytest.raises(WeightsError, match="use load_t5"):
+    with pytest.raises(WeightsError, match="pass it with --t5"):
         load_clip(_save(t5, tmp_path / "t5.safetensors"))
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "config.json").write_text(json.dumps({"hidden_act": "relu"}))

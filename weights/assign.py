@@ -81,6 +81,11 @@ def assign_tensors(
     expected = model.state_dict()  # meta tensors: names and dtypes only
     state: dict[str, torch.Tensor] = {}
     for key, t in tensors:
+        if not t.is_floating_point() and key in expected and expected[key].is_floating_point():
+            # the readers refuse these from the header before any read (weights/io.py check_float_dtypes); a
+            # caller's own tensors get the same line, not load_state_dict's traceback or a silent int buffer
+            raise WeightsError(f"{source}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, not a "
+                               "floating-point type; the file is damaged or not these weights: re-download it")
         want = torch.float32 if key in fp32_keys else dtype
         if t.is_floating_point() and t.dtype != want:
             t = t.to(want)

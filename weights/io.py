@@ -57,12 +57,47 @@ MAX_HEADER_BYTES = 100_000_000
 _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
                "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U16": 16, "I16": 16, "F16": 16, "BF16": 16,
                "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64}
+# What a model's weight or float buffer may be stored as: the float types and the fp8 ones (upcast on read).
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+# Block-scaled / sub-byte formats (MXFP4, NVFP4, their E8M0 scales): safetensors hands them out as packed torch
+# types or not at all (F6), and no weight of ours can be read from them alone.
+_PACKED_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0"}
+# Integer entries real checkpoints carry beside the weights and that no loader reads (old transformers saves'
+# position_ids, BatchNorm's step counter in FLUX.2's VAE): a casting reader lets them be.
+_INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+
+
+def refuse_broken_link(path: Path) -> None:
+    """One line for a link whose target is gone: in a Hugging Face cache a snapshot's files link to blobs/, and a
+    deleted or half-fetched blob must not read as "no such file" (a missing config.json would be guessed from the
+    shapes, a wrong model)."""
+    if path.is_symlink() and not path.exists():
+        raise WeightsError(f"{path}: a broken link (its cache blob is missing); download the model again")
+
+
+def exists(path: Path) -> bool:
+    """`path.exists()`, refusing a broken link rather than calling it absent (refuse_broken_link)."""
+    refuse_broken_link(path)
+    return path.exists()
+
+
+def check_float_dtypes(dtypes: dict[str, str], source: str | os.PathLike) -> None:
+    """Refuse, before any read, a tensor a float model will hold (a weight, a norm's statistics) stored in a type
+    that is not float: an integer one would fail in load_state_dict after every tensor is read, or load as an int
+    buffer without a word; a packed 4/6-bit one cannot be read at all."""
+    for key, dtype in dtypes.items():
+        if dtype in _PACKED_DTYPES:
+            raise WeightsError(f"{source}: tensor {key} is stored as {dtype} (a 4/6-bit quantized format), which "
+                               "scfm does not read; use a bf16 or fp8 file of this model")
+        if dtype not in FLOAT_DTYPES:
+            raise WeightsError(f"{source}: tensor {key} is stored as {dtype}, not as a floating-point type; the "
+                               "file is damaged or not these weights: re-download or re-export it")
 
 
 def _check_safetensors_file(path: Path) -> dict:
     """The JSON header of `path` (tensor entries and `__metadata__`), checked as safetensors checks it before
     opening, so that no damaged file reaches its Rust errors: reads the header only, never the tensors."""
-    if not path.exists():
+    if not exists(path):
         raise WeightsError(f"{path}: no such file or folder; pass the path of a .safetensors file or a model folder")
     if not path.is_file():
         raise WeightsError(f"{path}: not a file")
@@ -88,7 +123,7 @@ def _check_safetensors_file(path: Path) -> dict:
     if head[:4] == b"GGUF":  # llama.cpp's container (city96's Flux / T5 quantizations for ComfyUI and Forge)
         raise WeightsError(f"{path}: a GGUF file; scfm does not read GGUF: use a safetensors file of this model "
                            "(bf16, or fp8 / fp8 scaled)")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or path.suffix in _PICKLE_SUFFIXES:
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or path.suffix.lower() in _PICKLE_SUFFIXES:
         raise WeightsError(
             f"{path}: a pickled PyTorch checkpoint; scfm loads safetensors only (pickles can run code): "
             "convert it with safetensors.torch.save_file on a machine you trust"
@@ -174,9 +209,31 @@ def _check_quantized(path: Path, header: dict, data_start: int) -> None:
                                "damaged: re-download or re-export it")
 
 
+def _named(folder: Path, ending: str) -> list[Path]:
+    """The entries of `folder` whose name ends with `ending` in any case (MODEL.SAFETENSORS from a FAT drive or a
+    Windows copy), sorted; broken links included, for exists() to name."""
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(ending))
+
+
+def _variants(files: list[Path]) -> set[Path]:
+    """The variant files among `files` whose plain file is there too: `X.fp16.safetensors` beside
+    `X.safetensors`, as Hugging Face repos ship them. diffusers and transformers load the plain file unless asked
+    for a `variant=`, and we have no such flag, so we do the same; any other key found in two files is refused
+    (_owners)."""
+    names = {f.name.lower() for f in files}
+    out = set()
+    for f in files:
+        stem, dot, _ = f.name[: -len(".safetensors")].rpartition(".")
+        if dot and stem and (stem + ".safetensors").lower() in names:
+            out.add(f)
+    return out
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of one model folder: the shards named by an index, or the single file."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    indexes = _named(folder, ".safetensors.index.json")
+    for index in indexes:
+        refuse_broken_link(index)
     names: list[str] = []
     if indexes:
         try:
@@ -190,15 +247,16 @@ def weight_files(folder: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
     if names:
         files = [folder / n for n in names]
-        missing = [f.name for f in files if not f.exists()]
+        missing = [f.name for f in files if not exists(f)]
         if missing:
             raise WeightsError(f"{folder}: shards listed in {indexes[0].name} are missing: {missing[:3]}")
         return files
     # no index, or one naming no file (a stub beside a single model.safetensors): the folder's files, as
     # transformers and diffusers read a folder whose index is absent
-    files = sorted(folder.glob("*.safetensors"))
+    files = _named(folder, ".safetensors")
+    files = [f for f in files if f not in _variants(files)]
     if not files:
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
         hint = f" (found pickled {pickled[:2]}: scfm loads safetensors only)" if pickled else ""
         raise WeightsError(f"{folder}: no .safetensors files{hint}")
     return files
@@ -284,15 +342,52 @@ def _scaled_fp8(dtypes: dict[str, str]) -> tuple[dict[str, str], set[str]]:
     return scaled, hidden
 
 
+def _index_map(folder: Path) -> dict:
+    """The weight_map of `folder`'s index, {} without one (weight_files has refused a damaged one already)."""
+    for index in _named(folder, ".safetensors.index.json"):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(weight_map, dict):
+            return weight_map
+    return {}
+
+
+def _owners(files: list[Path], keys_of: list) -> dict[str, int]:
+    """Key -> the position in `files` of the file it is read from (`keys_of[i]`: file i's keys). A key several
+    files hold is read from the one the folder's index (model.safetensors.index.json) names. The index decides, as
+    transformers' and diffusers' loaders go by it; without one a key in two files is refused, not taken from
+    whichever sorts last."""
+    owner: dict[str, int] = {}
+    weight_map = None
+    for i, keys in enumerate(keys_of):
+        for key in keys:
+            j = owner.setdefault(key, i)
+            if j == i:
+                continue
+            if weight_map is None:
+                weight_map = _index_map(files[i].parent) if files[i].parent == files[j].parent else {}
+            named = weight_map.get(key)
+            if named not in (files[i].name, files[j].name):
+                raise WeightsError(f"{files[j]} and {files[i].name}: both hold {key} and no index says which to use; "
+                                   "pass one file, or remove the file that should not be loaded")
+            owner[key] = i if named == files[i].name else j
+    return owner
+
+
 def read_shapes(files: list[Path]) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
     """Key -> (shape, dtype name) over all files, as the readers hand the tensors out: a scaled fp8 weight
-    reports its scale's dtype, and the scale / marker keys are left out."""
-    shapes: dict[str, tuple[list[int], str]] = {}
+    reports its scale's dtype, and the scale / marker keys are left out. A key in several files is read from the
+    one the index names (_owners)."""
+    headers = []
     metadata: dict[str, str] = {}
     for f in files:
         s, m = read_header(f)
-        shapes.update(s)
+        headers.append(s)
         metadata.update(m)
+    owner = _owners(files, headers)
+    shapes = {k: headers[i][k] for k, i in owner.items()}
     scaled, hidden = _scaled_fp8({k: dtype for k, (_, dtype) in shapes.items()})
     for weight, scale in scaled.items():
         shapes[weight] = (shapes[weight][0], shapes[scale][1])
@@ -303,7 +398,7 @@ def iter_tensors(
     files: list[Path], keys: set[str] | None = None, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one at a time in file order, as `TensorReader` reads them. `keys` filters."""
-    with TensorReader(files, dtype) as read:
+    with TensorReader(files, dtype, keys=keys) as read:
         for key in read.keys():
             if keys is None or key in keys:
                 yield key, read(key)
@@ -329,27 +424,44 @@ class TensorReader:
     Use as a context manager; the files stay memory-mapped while it is open.
     """
 
-    def __init__(self, files: list[Path], dtype: torch.dtype | None = None, prefix: str = ""):
+    def __init__(self, files: list[Path], dtype: torch.dtype | None = None, prefix: str = "",
+                 keys: set[str] | None = None):
+        """`keys`: the full names that will be read, checked to be float before any is (check_float_dtypes);
+        without them a reader that casts (`dtype`) checks every key under its prefix, being a model's loader."""
         for path in files:
             _check_safetensors_file(path)
-        self.files, self.dtype, self.prefix = files, dtype, prefix
+        self.files, self.dtype, self.prefix, self.wanted = files, dtype, prefix, keys
         self._handles: list = []
         self._where: dict[str, object] = {}
         self._scales: dict[str, str] = {}
         self._hidden: set[str] = set()
+        self._dtypes: dict[str, str] = {}
 
     def __enter__(self) -> TensorReader:
-        dtypes: dict[str, str] = {}  # from the open handles: no second read of the headers
+        handles, keys_of = [], []
         for path in self.files:
             try:
                 h = safe_open(str(path), framework="pt", device="cpu")
             except SafetensorError as e:  # what our header check missed (the file changed since, say)
                 raise WeightsError(f"{path}: safetensors cannot open it ({e}); re-download or re-export it") from None
-            self._handles.append(h)
-            for key in h.keys():
-                self._where[key] = h
-                dtypes[key] = h.get_slice(key).get_dtype()
-        self._scales, self._hidden = _scaled_fp8(dtypes)
+            handles.append(h)
+            keys_of.append(h.keys())
+        self._handles = handles
+        owner = _owners(self.files, keys_of)
+        self._where = {k: handles[owner[k]] for keys in keys_of for k in keys}  # in file order
+        # from the open handles: no second read of the headers
+        dtypes = {k: h.get_slice(k).get_dtype() for k, h in self._where.items()}
+        self._scales, self._hidden, self._dtypes = *_scaled_fp8(dtypes), dtypes
+        reported = {k: dtypes[self._scales.get(k, k)] for k in dtypes if k not in self._hidden}
+        if self.wanted is not None:
+            checked = {k: reported[k] for k in self.wanted if k in reported}
+        elif self.dtype is not None:
+            checked = {k: d for k, d in reported.items()
+                       if k.startswith(self.prefix) and k.rpartition(".")[2] not in _INTEGER_BUFFERS}
+        else:
+            checked = {}  # a LoRA's or a converter's reader: its callers know which tensors are what
+        for i, path in enumerate(self.files):
+            check_float_dtypes({k: d for k, d in checked.items() if owner[k] == i}, path)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -361,7 +473,14 @@ class TensorReader:
         return [k for k in self._where if k not in self._hidden]
 
     def _get(self, full: str) -> torch.Tensor:
-        return self._where[full].get_tensor(full)
+        h = self._where[full]
+        if self._dtypes[full] in _PACKED_DTYPES:  # F6: a raw SafetensorError; F4 / E8M0: packed torch types
+            check_float_dtypes({full: self._dtypes[full]}, self.files[self._handles.index(h)])
+        try:
+            return h.get_tensor(full)
+        except SafetensorError as e:  # a type this safetensors cannot hand to torch, or a file changed since
+            raise WeightsError(f"{self.files[self._handles.index(h)]}: tensor {full} cannot be read ({e}); "
+                               "re-download or re-export the file") from None
 
     def __call__(self, key: str) -> torch.Tensor:
         full = self.prefix + key
@@ -379,8 +498,8 @@ class TensorReader:
 
 
 def read_config_json(folder: Path) -> dict | None:
-    """A model folder's config.json, or None when it has none."""
-    if not (folder / "config.json").exists():
+    """A model folder's config.json, or None when it has none (a broken link to one is refused)."""
+    if not exists(folder / "config.json"):
         return None
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -396,12 +515,12 @@ def model_files(source: str | os.PathLike, subfolder: str) -> tuple[list[Path], 
     """The weight files and config.json of `source`: a single file, a model folder, or a diffusers pipeline
     folder (whose `subfolder`, e.g. `transformer`, is used)."""
     path = Path(source).expanduser()
-    if not path.exists():
+    if not exists(path):
         raise WeightsError(f"{path}: no such file or folder; pass the path of a .safetensors file or a model folder")
     if path.is_file():
         _check_safetensors_file(path)
         return [path], None
-    if (path / "model_index.json").exists() or (path / subfolder).is_dir():
+    if exists(path / "model_index.json") or (path / subfolder).is_dir():
         if not (path / subfolder).is_dir():
             raise WeightsError(f"{path}: a pipeline folder without a {subfolder}/ subfolder")
         path = path / subfolder

@@ -30,7 +30,7 @@ from model.qwen3 import Qwen3Config, Qwen3TextEncoder
 from model.t5 import T5Config, T5Encoder
 
 from .assign import assign_tensors, check_keys_and_shapes
-from .io import WeightsError, iter_tensors, read_config_json, read_shapes, weight_files
+from .io import WeightsError, exists, iter_tensors, read_config_json, read_shapes, weight_files
 from .lora_text import EncoderLoRA, text_lora_merger
 
 # ours-key -> (file key, transform of the file tensor); the transform also applies to shapes via a meta
@@ -48,7 +48,7 @@ _CLIP_IGNORED = re.compile(r"(^|\.)(position_ids|logit_scale|attn_mask)$"
 
 def _resolve(source: str | os.PathLike, subfolder: str | None) -> tuple[list[Path], dict | None, str]:
     path = Path(source).expanduser()
-    if not path.exists():
+    if not exists(path):
         raise WeightsError(f"{path}: no such file or folder; pass a .safetensors file or a model folder")
     if path.is_file():
         return [path], None, str(path)
@@ -56,9 +56,10 @@ def _resolve(source: str | os.PathLike, subfolder: str | None) -> tuple[list[Pat
         if not (path / subfolder).is_dir():
             raise WeightsError(f"{path}: no {subfolder}/ subfolder")
         path = path / subfolder
-    elif (path / "model_index.json").exists():
-        raise WeightsError(f"{path}: a pipeline folder; pass subfolder= (text_encoder, text_encoder_2 or "
-                           "text_encoder_3)")
+    elif exists(path / "model_index.json"):
+        raise WeightsError(f"{path}: a pipeline folder; pass its text encoder's own folder, e.g. --clip "
+                           f"{path / 'text_encoder'}, --t5 {path / 'text_encoder_2'} (SD3.5: text_encoder_3) or "
+                           f"--qwen {path / 'text_encoder'}")
     return weight_files(path), read_config_json(path), str(path)
 
 
@@ -164,7 +165,7 @@ def load_t5(source: str | os.PathLike, *, config: T5Config | None = None, dtype:
     found = _find_prefix(shapes, _T5_ANCHOR, source, "T5 encoders", prefix)
     if found is None:
         clip_like = any("text_model." in k or "resblocks." in k for k in shapes)
-        hint = " (this looks like a CLIP text encoder: use load_clip)" if clip_like else ""
+        hint = " (this looks like a CLIP text encoder: pass it with --clip)" if clip_like else ""
         raise WeightsError(f"{source}: not a T5 encoder (no {_T5_ANCHOR}){hint}")
     # An encoder-decoder checkpoint (T5ForConditionalGeneration: google's t5-v1_1-xxl) also holds the decoder and
     # the LM head; only the encoder is used, so those keys are left unread rather than reported as unexpected.
@@ -284,7 +285,7 @@ def _clip_plan(shapes: dict, source: str, prefix: str | None) -> tuple[Plan, str
         bare = {k[len(base):]: v for k, v in shapes.items() if k.startswith(base)}
         return _openclip_plan(bare, base), "OpenCLIP"
     t5_like = any(k.endswith(_T5_ANCHOR) for k in shapes)
-    hint = " (this looks like a T5 encoder: use load_t5)" if t5_like else ""
+    hint = " (this looks like a T5 encoder: pass it with --t5)" if t5_like else ""
     raise WeightsError(f"{source}: not a CLIP text encoder in the transformers or OpenCLIP layout{hint}")
 
 

@@ -23,7 +23,7 @@ from model.vae import VAE_CONFIGS, AutoEncoder, VAEConfig
 
 from .assign import assign_tensors, check_keys_and_shapes
 from .families import transformer_hints
-from .io import WeightsError, config_from_metadata, iter_tensors, read_config_json, read_shapes, weight_files
+from .io import WeightsError, config_from_metadata, exists, iter_tensors, read_config_json, read_shapes, weight_files
 from .keymaps.vae import diffusers_to_ours
 
 SAI_PREFIX = "first_stage_model."
@@ -49,7 +49,7 @@ _SKIPPED = "bn.num_batches_tracked"
 
 def _resolve(source: Path) -> tuple[list[Path], dict | None]:
     """The weight files and the diffusers config.json (if any) for a file, a vae/ folder or a pipeline folder."""
-    if not source.exists():
+    if not exists(source):
         raise WeightsError(f"{source}: no such file or folder; pass ae.safetensors, an SD3.5 file or a vae/ folder")
     folder = source if source.is_dir() else source.parent
     if source.is_dir() and (source / "vae").is_dir():  # a diffusers pipeline folder
@@ -110,10 +110,13 @@ def _config_from_diffusers(cfg: dict, source: Path) -> VAEConfig:
 
 def _config_from_shapes(shapes: dict[str, list[int]], layout: str, source: Path) -> VAEConfig:
     """Infer the architecture from our-named shapes; the latent scale/shift come from the family the layout implies."""
+    if layout == "diffusers" and "bn.running_mean" in shapes:  # FLUX.2's: its config.json names its class
+        raise WeightsError(f"{source}: a diffusers FLUX.2 VAE file without its config.json; pass the vae/ folder "
+                           "holding both with --vae")
     if layout == "diffusers":
         raise WeightsError(f"{source}: a diffusers VAE file without config.json: the Flux (0.3611 / 0.1159) and SD3.5 "
-                           "(1.5305 / 0.0609) latent scalings cannot be told apart; pass config=VAE_CONFIGS['flux1'] "
-                           "or VAE_CONFIGS['sd3.5'], or load the vae/ folder")
+                           "(1.5305 / 0.0609) latent scalings cannot be told apart; pass the vae/ folder holding "
+                           "its config.json with --vae")
     try:
         out_ch, in_ch = shapes["encoder.conv_in.weight"][:2]
         levels = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k)))

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..family import Family
-from ..io import WeightsError, config_from_metadata, model_files, read_shapes
+from ..io import WeightsError, config_from_metadata, exists, model_files, read_shapes
 from .flux import FLUX
 from .flux2 import FLUX2
 from .sd3 import SD3
@@ -22,10 +22,10 @@ _FAMILIES: list[Family] = [FLUX, SD3, FLUX2]
 NOT_A_TRANSFORMER = (
     ("lora_down", "a LoRA, not a base model; load the base model and apply it with --lora"),
     ("lora_A", "a LoRA, not a base model; load the base model and apply it with --lora"),
-    ("encoder.down.", "a VAE (autoencoder) checkpoint; load it with weights.load_vae"),
-    ("encoder.down_blocks.", "a VAE (autoencoder) checkpoint; load it with weights.load_vae"),
-    ("encoder.block.", "a T5 text encoder; load it with weights.load_t5"),
-    ("text_model.", "a CLIP text encoder; load it with weights.load_clip"),
+    ("encoder.down.", "a VAE (autoencoder) checkpoint; pass it with --vae"),
+    ("encoder.down_blocks.", "a VAE (autoencoder) checkpoint; pass it with --vae"),
+    ("encoder.block.", "a T5 text encoder; pass it with --t5"),
+    ("text_model.", "a CLIP text encoder; pass it with --clip"),
 )
 
 
@@ -127,7 +127,7 @@ def detect_family(model: Path) -> Family:
     """The family of a model file or folder: model_index.json / config.json class names, else the keys."""
     if model.is_dir():
         for name in ("model_index.json", "config.json", "transformer/config.json"):
-            if (model / name).exists():
+            if exists(model / name):  # a broken link is refused, not skipped for a guess from the keys
                 fix = "re-download the model or repair the pipeline folder (its _class_name names the model)"
                 try:  # a truncated download or a hand edit: one line, not a traceback
                     index = json.loads((model / name).read_text())
