@@ -243,6 +243,7 @@ def run(args) -> Path:
         if args.ignore_te_lora:  # the prompts were encoded without their text-encoder parts
             settings["ignore_te_lora"] = True
     pipe.check_transformer()  # a wrong --model fails now, not after the first bucket's prompts are encoded
+    pipe.check_components()  # so does a VAE or text encoder of another model (headers only)
     for w, h in buckets:  # so does a bucket the model or the device cannot take (configs only: nothing is read)
         pipe.check_size(h, w, args.batch_size)
     pipe.tokenizers(args.max_sequence_length)  # and a wrong tokenizer file, before anything is written

@@ -7,6 +7,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,9 +20,9 @@ from torch import Tensor, nn
 from model import fp8_gemm
 from model.block_swap import BlockSwap, check_count
 from model.fp8 import enable_fp8_compute_
-from model.vae import AUTO_TILE_LATENT, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
+from model.vae import AUTO_TILE_LATENT, TILE_SIZE, VAE_CONFIGS, AutoEncoder, VAEConfig, vae_to_images
 from weights.atomic import atomic_path
-from weights.io import DTYPES, WeightsError
+from weights.io import DTYPES, WeightsError, read_header
 from weights.lora_merge import _resolve, apply_loras, requantize_loras, unload_loras
 from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
 from weights.transformer import load_transformer
@@ -163,6 +164,11 @@ class Pipeline:
 
     def check_config(self, cfg) -> None:
         """Settings only this model can judge (a block index, say), checked before the text encoders run."""
+
+    def check_components(self) -> None:
+        """That the VAE and the text encoders fit this transformer, from their headers and configs alone (each built
+        on "meta"): a part of another model fails in one line before any weight is read, not as a shape error
+        after the encoders ran, nor as a wrong image (two 16-channel VAEs with other latent statistics)."""
 
     def used_settings(self, settings: dict) -> dict:
         """The settings as sampled, for the PNG: a family drops what its model ignored."""
@@ -409,11 +415,112 @@ def require_sources(sources, flags: dict[str, str], required, what=lambda name: 
 
 
 def check_paths(sources, flags: dict[str, str]) -> None:
-    """Every path the sources were given exists; one line naming the flag of the first that does not."""
+    """Every path the sources were given exists; one line naming the flag of the first that does not, or, for a
+    part the pipeline folder (`sources.folder`) should hold, the folder: the user passed no such flag."""
+    folder = getattr(sources, "folder", None)
     for name, flag in flags.items():
         path = getattr(sources, name)
-        if path is not None and not Path(path).exists():
-            raise WeightsError(f"{flag} {path}: no such file or folder")
+        if path is None or present(path):
+            continue
+        if folder is not None and Path(path).parent == folder:
+            raise WeightsError(f"{folder}: the pipeline folder has no {Path(path).name}/; download it again, or "
+                               f"pass {flag} (a file or folder)")
+        raise WeightsError(f"{flag} {path}: no such file or folder")
+
+
+def present(path) -> bool:
+    """`path.exists()`, where a dangling link (a Hugging Face cache snapshot whose blob is gone) is refused in one
+    line: exists() is False for it, so the file would pass as absent and the folder be read as another layout."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise WeightsError(f"{path}: a broken link (its cache blob is missing); download the model again")
+    return path.exists()
+
+
+def read_model_index(folder: Path) -> dict | None:
+    """A pipeline folder's model_index.json (None when there is none), damaged or broken as one line."""
+    path = folder / "model_index.json"
+    if not present(path):
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: damaged ({e}); download the pipeline folder again") from None
+    if not isinstance(index, dict):
+        raise WeightsError(f"{path}: not a model index (a JSON object); download the pipeline folder again")
+    return index
+
+
+# The prefixes SAI's SD3.5 and ComfyUI's all-in-one files keep each text encoder under (weights/text.py takes them
+# as prefix=), and their VAE's (weights/vae.py SAI_PREFIX, COMFY_PREFIX).
+BUNDLED_ENCODERS = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+                    "t5": "text_encoders.t5xxl.transformer."}
+BUNDLED_VAE = ("first_stage_model.encoder.conv_in.weight", "vae.encoder.conv_in.weight")
+
+
+def bundled_parts(model: Path) -> dict[str, Path]:
+    """The parts an all-in-one `model` file holds beside its transformer ({"vae", "clip_l", ...}: model): the
+    defaults of the parts no flag names. Read from the header alone."""
+    if not model.is_file():
+        return {}
+    keys = read_header(model)[0]
+    parts = {role: model for role, prefix in BUNDLED_ENCODERS.items() if any(k.startswith(prefix) for k in keys)}
+    return {**parts, **({"vae": model} if any(k in keys for k in BUNDLED_VAE) else {})}
+
+
+def encoder_prefix(path, role: str) -> str | None:
+    """`role`'s prefix in a file that keeps it under the all-in-one name (None otherwise: the loader finds it): a
+    file that holds several encoders needs it, and the command line has no flag for it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    prefix = BUNDLED_ENCODERS[role]
+    return prefix if any(k.startswith(prefix) for k in read_header(path)[0]) else None
+
+
+# What the latent statistics tell of a 16-channel VAE: FLUX.1's and SD3.5's have the same network and tensor names
+# and differ only in scaling_factor / shift_factor. Those come from config.json, the file's metadata, or, for a
+# single file without either, from its layout as weights/vae.py reads it (BFL's bare names and ComfyUI's vae. are
+# FLUX.1's, SAI's first_stage_model. SD3.5's): the statistics the VAE would be decoded with, so a VAE of the other
+# kind is wrong whatever its weights are. Other statistics (a fine-tune, the demo) are not judged.
+VAE_KINDS = {"flux1": "FLUX.1's", "sd3.5": "SD3.5's"}
+
+
+def vae_kind(config: VAEConfig) -> str | None:
+    """"batch_norm" (FLUX.2's: BatchNorm statistics), "flux1" or "sd3.5" by the scale / shift (VAE_CONFIGS' names),
+    else None (not judged)."""
+    if config.batch_norm_eps is not None:
+        return "batch_norm"
+    for kind in VAE_KINDS:
+        preset = VAE_CONFIGS[kind]
+        if math.isclose(config.scale_factor, preset.scale_factor, abs_tol=1e-6) and math.isclose(
+                config.shift_factor, preset.shift_factor, abs_tol=1e-6):
+            return kind
+    return None
+
+
+def check_vae_fit(pipe: Pipeline, channels: int, packed: bool, kinds: tuple[str, ...], title: str, fix: str) -> None:
+    """The VAE's latent channels are what the transformer takes (`channels`: its in_channels, 2x2-`packed` or not),
+    and its kind (vae_kind) one of `kinds` where it is known."""
+    config, vae, model = pipe.vae_config(), pipe.sources.vae, pipe.sources.transformer
+    z = config.z_channels * (4 if packed else 1)
+    if z != channels:
+        per = f"{config.z_channels} x 2 x 2 = {z}" if packed else str(z)
+        raise WeightsError(f"--vae {vae}: its latents have {per} channels, but --model {model} ({title}) takes "
+                           f"{channels}; pass {fix}")
+    kind = vae_kind(config)
+    if kind is not None and kind not in kinds:
+        what = ("FLUX.2's VAE (BatchNorm latent statistics)" if kind == "batch_norm" else
+                f"{VAE_KINDS[kind]} VAE (latent scale {config.scale_factor:g}, shift {config.shift_factor:g})")
+        raise WeightsError(f"--vae {vae}: {what}, but --model {model} is {title}, whose latents it would decode "
+                           f"wrongly; pass {fix}")
+
+
+def check_width(flag: str, path, what: str, width: int, model: Path, takes: str, expected: int, fix: str) -> None:
+    """One text encoder's `width` against what the transformer takes (`takes`: its config's name for it)."""
+    if width != expected:
+        raise WeightsError(f"{flag} {path}: {what} is {width} wide, but --model {model} takes {expected} ({takes}); "
+                           f"pass {fix}")
 
 
 def load_tokenizer(load, path, flag: str, **kwargs):
@@ -423,9 +530,21 @@ def load_tokenizer(load, path, flag: str, **kwargs):
     try:
         return load(path, **kwargs)
     except Exception as e:  # noqa: BLE001  (any of the libraries' errors means the same: not a tokenizer)
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        reason = first_sentences(" ".join(str(e).split())) or type(e).__name__
         raise WeightsError(f"{flag} {path}: not a tokenizer ({reason}); pass the model's tokenizer folder or "
                            "file") from None
+
+
+def first_sentences(text: str, limit: int = 160) -> str:
+    """The whole sentences of `text` that fit in `limit` characters, at least the first one whole: a library's
+    reason cut mid-sentence reads as a different reason."""
+    sentences = re.split(r"(?<=[.!?;])\s+", text)
+    kept = sentences[0]
+    for sentence in sentences[1:]:
+        if len(kept) + 1 + len(sentence) > limit:
+            break
+        kept += " " + sentence
+    return kept
 
 
 def device_memory(device: torch.device) -> int | None:

@@ -10,7 +10,6 @@ for them); the latents are un-normalised with the VAE's BatchNorm statistics and
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,16 @@ from weights.families.flux2 import FLUX2
 from weights.io import WeightsError
 from weights.text import load_qwen3
 
-from .base import Pipeline, check_paths, load_tokenizer, require_sources
+from .base import (
+    Pipeline,
+    check_paths,
+    check_vae_fit,
+    check_width,
+    load_tokenizer,
+    present,
+    read_model_index,
+    require_sources,
+)
 from .options import one_scale, pick
 from .pipeline import schedule_from_diffusers
 from .samplers import euler, true_cfg
@@ -42,17 +50,18 @@ class Flux2Sources:
     tokenizer: Path | None = None
     schedule: ScheduleConfig | None = None
     distilled: bool | None = None
+    folder: Path | None = None  # the pipeline folder the parts come from: a missing one is its, not a flag's
 
     @classmethod
     def from_folder(cls, folder: str | Path, **overrides) -> Flux2Sources:
         """A diffusers Flux2KleinPipeline folder (model_index.json with `is_distilled`, transformer/, vae/,
         text_encoder/, tokenizer/, scheduler/)."""
         folder = Path(folder).expanduser()
-        if not (folder / "model_index.json").exists():
+        index = read_model_index(folder)
+        if index is None:
             raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-        index = json.loads((folder / "model_index.json").read_text())
         schedule = schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json")
-        parts = dict(transformer=folder, vae=folder / "vae", text_encoder=folder / "text_encoder",
+        parts = dict(transformer=folder, folder=folder, vae=folder / "vae", text_encoder=folder / "text_encoder",
                      tokenizer=folder / "tokenizer", distilled=index.get("is_distilled"),
                      schedule=None if schedule is None else replace(schedule, mu="empirical"))
         return cls(**{**parts, **{k: v for k, v in overrides.items() if v is not None}})
@@ -82,8 +91,9 @@ def klein_variant(model: Path, given: str | None) -> tuple[bool, str]:
     (BFL names them flux-2-klein-4b / flux-2-klein-base-4b); base and distilled weights have the same keys."""
     if given is not None:
         return given == "distilled", "--variant"
-    if (model / "model_index.json").exists():
-        distilled = json.loads((model / "model_index.json").read_text()).get("is_distilled")
+    index = read_model_index(model) if model.is_dir() else None
+    if index is not None:
+        distilled = index.get("is_distilled")
         if distilled is not None:
             return bool(distilled), "model_index.json"
     name = model.name.lower()
@@ -110,7 +120,7 @@ class Flux2KleinPipeline(Pipeline):
         names = {"vae": "vae", "text_encoder": "qwen", "tokenizer": "qwen_tokenizer"}
         given = {ours: Path(files[flag]) for ours, flag in names.items() if files.get(flag)}
         distilled, _ = klein_variant(model, files.get("variant"))
-        if (model / "model_index.json").exists():
+        if present(model / "model_index.json"):
             pipe = cls(Flux2Sources.from_folder(model, **given, distilled=distilled), **options)
         else:
             pipe = cls(Flux2Sources(transformer=model, distilled=distilled, **given), **options)
@@ -118,6 +128,17 @@ class Flux2KleinPipeline(Pipeline):
             raise WeightsError(f"{model}: FLUX.2 [dev], whose text encoder (Mistral Small 3.2) scfm does not have; "
                                "generate samples FLUX.2 [klein]")
         return pipe
+
+    def check_components(self) -> None:
+        """FLUX.2's VAE (32 channels, 2x2-patchified, BatchNorm statistics), and Qwen3 of the width the transformer
+        stacks three hidden states of (klein 4B: 3 x 2560, 9B: 3 x 4096)."""
+        t, s = self.transformer_config(), self.sources
+        check_vae_fit(self, t.in_channels, True, ("batch_norm",), "FLUX.2 [klein]", "FLUX.2's VAE (flux2-vae.safetensors "
+                      "or the klein pipeline folder's vae/)")
+        qwen = load_qwen3(s.text_encoder, device="meta").config
+        check_width("--qwen", s.text_encoder, f"Qwen3 ({len(qwen.taps)} stacked states)",
+                    len(qwen.taps) * qwen.hidden_size, s.transformer, "context_in_dim", t.context_in_dim,
+                    "the Qwen3 of this klein (4B: qwen_3_4b, 9B: qwen_3_8b)")
 
     @property
     def teacher_defaults(self) -> dict:

@@ -375,11 +375,12 @@ def resolve(args, prompts: list[str], png: dict | None = None) -> Job:
 
 def check_job(pipe, job: Job) -> None:
     """What the pipeline can judge before the big models load (configs read on "meta"): the size, a wrong file,
-    a LoRA for another model, a setting only this model refuses. Nothing is read yet."""
+    a LoRA for another model, a part of another model, a setting only this model refuses. Nothing is read yet."""
     cfg = job.cfg
     pipe.check_size(cfg.height, cfg.width, len(job.prompts) * (2 if pipe.wants_negative(cfg) else 1))
     pipe.check_transformer()
     pipe.tokenizers(cfg.max_sequence_length)  # milliseconds; a wrong file then fails before the encoders load
+    pipe.check_components()  # a VAE or text encoder of another model: from headers, before any weight is read
     pipe.check_config(cfg)
 
 

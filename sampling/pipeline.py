@@ -24,8 +24,13 @@ from weights.text import load_clip, load_t5
 
 from .base import (
     Pipeline,
+    bundled_parts,
     check_paths,
+    check_vae_fit,
+    check_width,
+    encoder_prefix,
     load_tokenizer,
+    present,
     require_sources,
     to_pil,  # noqa: F401  (to_pil is part of this module's API)
 )
@@ -46,17 +51,18 @@ class FluxSources:
     clip_tokenizer: Path | None = None
     t5_tokenizer: Path | None = None
     schedule: ScheduleConfig | None = None  # None: the family default (dev: dynamic shift; schnell: shift 1)
+    folder: Path | None = None  # the pipeline folder the parts come from: a missing one is its, not a flag's
 
     @classmethod
     def from_folder(cls, folder: str | Path, **overrides) -> FluxSources:
         """A diffusers FluxPipeline folder (model_index.json, transformer/, vae/, text_encoder{,_2}/,
         tokenizer{,_2}/)."""
         folder = Path(folder).expanduser()
-        if not (folder / "model_index.json").exists():
+        if not present(folder / "model_index.json"):
             raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
         parts = dict(
-            transformer=folder, vae=folder / "vae", clip=folder / "text_encoder", t5=folder / "text_encoder_2",
-            clip_tokenizer=folder / "tokenizer", t5_tokenizer=folder / "tokenizer_2",
+            transformer=folder, folder=folder, vae=folder / "vae", clip=folder / "text_encoder",
+            t5=folder / "text_encoder_2", clip_tokenizer=folder / "tokenizer", t5_tokenizer=folder / "tokenizer_2",
             schedule=schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json"),
         )
         return cls(**{**parts, **{k: v for k, v in overrides.items() if v is not None}})
@@ -69,20 +75,44 @@ class FluxSources:
         check_paths(self, flags)
 
 
-def schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
-    """A `FlowMatchEulerDiscreteScheduler` config.json -> our ScheduleConfig (None when the file is absent)."""
-    if not path.exists():
+# FlowMatchEulerDiscreteScheduler options whose grids or steps we do not reproduce: refused, not ignored.
+UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                         "stochastic_sampling", "shift_terminal")
+
+
+def schedule_from_diffusers(path: Path, pipeline: str = "FluxPipeline") -> ScheduleConfig | None:
+    """A `FlowMatchEulerDiscreteScheduler` config.json -> our ScheduleConfig (None when the file is absent); an
+    option we do not reproduce, or a value that is no number, is one line naming the file."""
+    if not present(path):
         return None
+    fix = "restore the pipeline folder's scheduler config"
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: damaged ({e}); restore the pipeline folder's scheduler config") from None
+        raise WeightsError(f"{path}: damaged ({e}); {fix}") from None
     if not isinstance(d, dict):
-        raise WeightsError(f"{path}: not a scheduler config (a JSON object); restore the pipeline folder's")
+        raise WeightsError(f"{path}: not a scheduler config (a JSON object); {fix}")
+    bad = [k for k in UNSUPPORTED_SCHEDULER if d.get(k)]
+    # the dynamic shift's formula: we shift exponentially, diffusers' default
+    if d.get("time_shift_type", "exponential") != "exponential":
+        bad.append(f"time_shift_type={d['time_shift_type']!r}")
+    if bad:
+        raise WeightsError(f"{path}: scheduler options {bad} are not supported (plain flow-matching Euler with an "
+                           f"exponential time shift only); {fix}")
+
+    def value(key: str, default, kind):
+        v = d.get(key, default)
+        # bool(v) would take "false" as True, float(None) raise a bare TypeError: both are a damaged config
+        ok = isinstance(v, bool) if kind is bool else isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not ok:
+            want = "true or false" if kind is bool else "a number"
+            raise WeightsError(f"{path}: {key} is {json.dumps(v)}, not {want}; {fix}")
+        return kind(v)
+
     return ScheduleConfig(
-        pipeline="FluxPipeline", shift=float(d.get("shift", 1.0)), dynamic=bool(d.get("use_dynamic_shifting", False)),
-        base_shift=float(d.get("base_shift", 0.5)), max_shift=float(d.get("max_shift", 1.15)),
-        base_seq_len=int(d.get("base_image_seq_len", 256)), max_seq_len=int(d.get("max_image_seq_len", 4096)),
+        pipeline=pipeline, shift=value("shift", 1.0, float), dynamic=value("use_dynamic_shifting", False, bool),
+        base_shift=value("base_shift", 0.5, float), max_shift=value("max_shift", 1.15, float),
+        base_seq_len=value("base_image_seq_len", 256, int), max_seq_len=value("max_image_seq_len", 4096, int),
     )
 
 
@@ -113,9 +143,22 @@ class FluxPipeline(Pipeline):
     def from_files(cls, model: Path, files: dict, **options) -> FluxPipeline:
         names = ("vae", "clip", "t5", "clip_tokenizer", "t5_tokenizer")
         given = {k: Path(files[k]) for k in names if files.get(k)}
-        if (model / "model_index.json").exists():
+        if present(model / "model_index.json"):
             return cls(FluxSources.from_folder(model, **given), **options)
-        return cls(FluxSources(transformer=model, **given), **options)
+        # a ComfyUI all-in-one file holds the VAE and the text encoders: the defaults of those no flag names
+        inside = {"clip" if k == "clip_l" else k: v for k, v in bundled_parts(model).items() if k != "clip_g"}
+        return cls(FluxSources(transformer=model, **{**inside, **given}), **options)
+
+    def check_components(self) -> None:
+        t, s = self.transformer_config(), self.sources
+        check_vae_fit(self, t.in_channels, True, ("flux1",), "FLUX.1", "FLUX.1's VAE (ae.safetensors or the FLUX.1 "
+                      "pipeline folder's vae/)")
+        clip = load_clip(s.clip, device="meta", prefix=encoder_prefix(s.clip, "clip_l")).config
+        check_width("--clip", s.clip, "its pooled output", clip.hidden_size, s.transformer, "vec_in_dim",
+                    t.vec_in_dim, "FLUX.1's CLIP-L (clip_l.safetensors), not bigG")
+        t5 = load_t5(s.t5, device="meta", prefix=encoder_prefix(s.t5, "t5")).config
+        check_width("--t5", s.t5, "T5 (d_model)", t5.d_model, s.transformer, "context_in_dim", t.context_in_dim,
+                    "the T5 this model was trained with (T5-XXL: 4096)")
 
     @classmethod
     def generation_config(cls, args, rec, common: dict) -> GenerationConfig:
@@ -180,8 +223,10 @@ class FluxPipeline(Pipeline):
         if s.clip is None or s.t5 is None or s.t5_tokenizer is None:
             raise WeightsError("Flux needs text encoders: pass --clip, --t5 and --t5-tokenizer (or a pipeline folder)")
         clip_tokenizer, t5_tokenizer = self.tokenizers(max_sequence_length)
-        clip = load_clip(s.clip, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"))
-        t5 = load_t5(s.t5, dtype=self.dtype, device=self.device, loras=self.text_loras("t5"))
+        clip = load_clip(s.clip, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"),
+                         prefix=encoder_prefix(s.clip, "clip_l"))
+        t5 = load_t5(s.t5, dtype=self.dtype, device=self.device, loras=self.text_loras("t5"),
+                     prefix=encoder_prefix(s.t5, "t5"))
 
         @torch.no_grad()
         def encode(prompts: Sequence[str]) -> dict[str, Tensor]:

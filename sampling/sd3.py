@@ -9,9 +9,8 @@ lazily and the text encoders are freed before sampling, as in `sampling.pipeline
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,19 @@ from weights.families.sd3 import SD3
 from weights.io import WeightsError
 from weights.text import load_clip, load_t5
 
-from .base import MAX_SIDE, Pipeline, check_paths, load_tokenizer, require_sources
+from .base import (
+    MAX_SIDE,
+    Pipeline,
+    bundled_parts,
+    check_paths,
+    check_vae_fit,
+    check_width,
+    encoder_prefix,
+    load_tokenizer,
+    present,
+    read_model_index,
+    require_sources,
+)
 from .options import one_scale, pick
 from .pipeline import schedule_from_diffusers
 from .samplers import Velocity, cat_cond, euler
@@ -34,9 +45,6 @@ from .velocity import MMDiTVelocity
 # bigG pads with "!" (id 0), not <|endoftext|>: SAI's SDXLClipGTokenizer(pad_with_end=False) and diffusers'
 # tokenizer_2 config. Used when no tokenizer folder says otherwise.
 CLIP_G_PAD = "!"
-# FlowMatchEulerDiscreteScheduler options whose grids or steps we do not reproduce: refused, not ignored.
-_UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
-                          "stochastic_sampling", "shift_terminal")
 
 
 @dataclass(frozen=True)
@@ -53,19 +61,27 @@ class SD3Sources:
     clip_g_tokenizer: Path | None = None
     t5_tokenizer: Path | None = None
     schedule: ScheduleConfig | None = None  # None: SD3.5's shift 3
+    folder: Path | None = None  # the pipeline folder the parts come from: a missing one is its, not a flag's
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, without_t5: bool = False, **overrides) -> SD3Sources:
-        """A diffusers StableDiffusion3Pipeline folder. T5 is taken when text_encoder_3/ exists (pipelines saved
-        with text_encoder_3=None have none) unless `without_t5`."""
+        """A diffusers StableDiffusion3Pipeline folder. T5 is taken when model_index.json lists text_encoder_3
+        (pipelines saved with text_encoder_3=None list [null, null]) unless `without_t5`; a listed T5 whose folder
+        is missing is refused, not skipped (the images would silently lack it)."""
         folder = Path(folder).expanduser()
-        if not (folder / "model_index.json").exists():
+        index = read_model_index(folder)
+        if index is None:
             raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-        has_t5 = (folder / "text_encoder_3").is_dir() and not without_t5
+        entry = index.get("text_encoder_3")
+        listed = any(entry) if isinstance(entry, list) else (folder / "text_encoder_3").is_dir()
+        has_t5 = listed and not without_t5
+        if has_t5 and overrides.get("t5") is None and not present(folder / "text_encoder_3"):
+            raise WeightsError(f"{folder}: its model_index.json lists text_encoder_3 (T5) but the folder has no "
+                               "text_encoder_3/; download it again, pass --t5, or --no-t5 to run without T5")
         parts = dict(
-            transformer=folder, vae=folder / "vae", clip_l=folder / "text_encoder", clip_g=folder / "text_encoder_2",
-            t5=folder / "text_encoder_3" if has_t5 else None, clip_l_tokenizer=_existing(folder / "tokenizer"),
-            clip_g_tokenizer=_existing(folder / "tokenizer_2"),
+            transformer=folder, folder=folder, vae=folder / "vae", clip_l=folder / "text_encoder",
+            clip_g=folder / "text_encoder_2", t5=folder / "text_encoder_3" if has_t5 else None,
+            clip_l_tokenizer=_existing(folder / "tokenizer"), clip_g_tokenizer=_existing(folder / "tokenizer_2"),
             t5_tokenizer=_existing(folder / "tokenizer_3") if has_t5 else None,
             schedule=sd3_schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json"),
         )
@@ -82,24 +98,18 @@ class SD3Sources:
         require_sources(self, flags, ("transformer", "vae", "clip_l", "clip_g"),
                         lambda name: name.replace("_", "-").replace("clip-l", "CLIP-L").replace("clip-g", "CLIP-bigG"))
         if self.t5 is not None and self.t5_tokenizer is None:
-            raise WeightsError("T5 needs its tokenizer: pass --t5-tokenizer (spiece.model or tokenizer.json)")
+            raise WeightsError(f"T5 ({self.t5}) needs its tokenizer: pass --t5-tokenizer (spiece.model or "
+                               "tokenizer.json), or --no-t5 to run without T5")
         check_paths(self, flags)
 
 
 def _existing(path: Path) -> Path | None:
-    return path if path.exists() else None
+    return path if present(path) else None
 
 
 def sd3_schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
     """The scheduler config of an SD3 pipeline folder -> ScheduleConfig on StableDiffusion3Pipeline's grid."""
-    base = schedule_from_diffusers(path)
-    if base is None:
-        return None
-    d = json.loads(path.read_text())
-    bad = [k for k in _UNSUPPORTED_SCHEDULER if d.get(k)]
-    if bad:
-        raise WeightsError(f"{path}: scheduler options {bad} are not supported (plain flow-matching Euler only)")
-    return replace(base, pipeline="StableDiffusion3Pipeline")
+    return schedule_from_diffusers(path, pipeline="StableDiffusion3Pipeline")
 
 
 @dataclass(frozen=True)
@@ -169,9 +179,40 @@ class SD3Pipeline(Pipeline):
         no_t5 = bool(files.get("no_t5"))
         given = {ours: Path(files[flag]) for ours, flag in names.items()
                  if files.get(flag) and not (no_t5 and ours == "t5")}
-        if (model / "model_index.json").exists():
+        if present(model / "model_index.json"):
             return cls(SD3Sources.from_folder(model, without_t5=no_t5, **given), **options)
-        return cls(SD3Sources(transformer=model, **given), **options)
+        # SAI's all-in-one files hold the VAE and (some) the text encoders: the defaults of those no flag names
+        inside = {k: v for k, v in bundled_parts(model).items() if not (no_t5 and k == "t5")}
+        return cls(SD3Sources(transformer=model, **{**inside, **given}), **options)
+
+    def check_components(self) -> None:
+        """The VAE (its channels, and SD3.5's latent statistics, not FLUX.1's), CLIP-L as --clip and bigG as
+        --clip-g (768 + 1280 add up alike either way round: told apart by width, CLIP-L being the narrower), their
+        projections against the pooled width, their states and T5 against the context width."""
+        t, s = self.transformer_config(), self.sources
+        check_vae_fit(self, t.in_channels, False, ("sd3.5",), "SD3 / SD3.5", "SD3.5's VAE (the pipeline folder's "
+                      "vae/ or an SD3.5 single file)")
+        lc = load_clip(s.clip_l, device="meta", prefix=encoder_prefix(s.clip_l, "clip_l")).config
+        gc = load_clip(s.clip_g, device="meta", prefix=encoder_prefix(s.clip_g, "clip_g")).config
+        if lc.hidden_size > gc.hidden_size:
+            raise WeightsError(f"--clip {s.clip_l} is {lc.hidden_size} wide and --clip-g {s.clip_g} "
+                               f"{gc.hidden_size}: swapped? SD3 takes CLIP-L (768) as --clip and CLIP-bigG (1280) "
+                               f"as --clip-g; pass --clip {s.clip_g} --clip-g {s.clip_l}")
+        for flag, path, c in (("--clip", s.clip_l, lc), ("--clip-g", s.clip_g, gc)):
+            if c.projection_dim is None:
+                raise WeightsError(f"{flag} {path}: a CLIP without its text projection (FLUX.1's CLIP-L?), which "
+                                   "SD3's pooled vector needs; pass SD3's text encoder (clip_l.safetensors / "
+                                   "clip_g.safetensors or the pipeline folder's)")
+        pooled = lc.projection_dim + gc.projection_dim
+        if pooled != t.adm_in_channels or lc.hidden_size + gc.hidden_size > t.context_in_dim:
+            raise WeightsError(f"--clip {s.clip_l} and --clip-g {s.clip_g}: their pooled widths add up to {pooled} "
+                               f"({lc.projection_dim} + {gc.projection_dim}), but --model {s.transformer} takes "
+                               f"{t.adm_in_channels} (CLIP-L 768 + bigG 1280); pass SD3's CLIP-L as --clip and "
+                               "its bigG as --clip-g")
+        if s.t5 is not None:
+            t5 = load_t5(s.t5, device="meta", prefix=encoder_prefix(s.t5, "t5")).config
+            check_width("--t5", s.t5, "T5 (d_model)", t5.d_model, s.transformer, "its context width",
+                        t.context_in_dim, "the T5 this model was trained with (T5-XXL: 4096), or --no-t5")
 
     @classmethod
     def generation_config(cls, args, rec, common: dict) -> SD3GenerationConfig:
@@ -267,10 +308,12 @@ class SD3Pipeline(Pipeline):
         if s.clip_l is None or s.clip_g is None:
             raise WeightsError("SD3 needs CLIP-L and CLIP-bigG: pass --clip and --clip-g (or a pipeline folder)")
         tok_l, tok_g, tok_t5 = self.tokenizers(max_sequence_length)
-        clip_l = load_clip(s.clip_l, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"))
-        clip_g = load_clip(s.clip_g, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_g"))
+        clip_l = load_clip(s.clip_l, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_l"),
+                           prefix=encoder_prefix(s.clip_l, "clip_l"))
+        clip_g = load_clip(s.clip_g, dtype=self.dtype, device=self.device, loras=self.text_loras("clip_g"),
+                           prefix=encoder_prefix(s.clip_g, "clip_g"))
         t5 = None if s.t5 is None else load_t5(s.t5, dtype=self.dtype, device=self.device,
-                                               loras=self.text_loras("t5"))
+                                               loras=self.text_loras("t5"), prefix=encoder_prefix(s.t5, "t5"))
         # Without T5 the zeros take the transformer's context width (its config: no weight is read).
         joint_dim = 4096 if t5 is not None else self.transformer_config().context_in_dim
 

@@ -236,6 +236,9 @@ class FakePipeline(FluxPipeline):
     def check_transformer(self):
         pass  # the tiny Flux is built in memory: there are no files to check
 
+    def check_components(self):
+        pass  # nor files of a VAE or text encoders
+
     def check_size(self, height, width, images):
         pass  # nor a VAE whose config would give the size multiple
 
