@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ValueError, OSError) as e:  # OSError: a disk that fills up or vanishes while writing
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every finished image is listed (render writes its row after its PNG): none is lost
+        print(f"interrupted: rerun the same command to continue where it stopped ({args.out})", file=sys.stderr)
+        return 130
     except torch.OutOfMemoryError:
         print(out_of_memory(args, "a smaller --batch-size (it goes on where it stopped)"), file=sys.stderr)
         return 2

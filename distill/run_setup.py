@@ -84,7 +84,7 @@ def render_demo_data(cfg: DistillConfig) -> None:
         str(cfg.demo_images), "--resolution", str(cfg.resolution), "--max-sequence-length", str(cfg.t5_length),
         "--batch-size", "64", "--seed", str(cfg.seed), "--device", "cpu", "--dtype", "fp32",
         *[arg for spec in cfg.lora.base_loras for arg in ("--lora", spec)],  # the teacher renders with them
-        *(["--ignore-te-lora"] if cfg.lora.ignore_te_lora else [])])
+        *(["--ignore-te-lora"] if cfg.lora.ignore_te_lora and cfg.lora.base_loras else [])])  # alone: refused
     try:
         teacher_data.run(args)
     except ValueError as e:  # make_dataset's one line (its data made with other settings, say), in train's words

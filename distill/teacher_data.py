@@ -25,6 +25,7 @@ import torch
 
 from sampling.base import MAX_SIDE, component_files, pipeline_from_args
 from sampling.options import (
+    MAX_STEPS,
     OneLineParser,
     add_ignore_te_lora,
     add_run_options,
@@ -34,6 +35,7 @@ from sampling.options import (
     check_writable,
     read_prompt_lines,
 )
+from weights.atomic import atomic_path, folder_lock
 from weights.io import WeightsError, file_sha256
 from weights.lora_merge import lora_spec
 
@@ -41,6 +43,9 @@ from .data import file_identity
 from .dataset import BUCKETS_512, DataError, buckets_for, inside_folder
 
 ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf16 = 0.5 GB
+# the whole job list is planned in memory (one dict per image, every bucket): 100k per bucket is a few hundred MB
+# at most and far past the recipe's 500; a larger set is several runs with other --out and --seed
+MAX_IMAGES_PER_BUCKET = 100_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,9 +96,10 @@ def done_files(out: Path, repair: bool = True) -> set[str]:
     """Files listed in metadata.jsonl that exist: a PNG written but not yet listed is rendered again.
 
     A kill while a row was written leaves a last line without its newline: that row is cut off here (its image
-    is rendered again), else the next row would be appended to it. Any other unreadable row, or one naming a
-    file outside the folder, is refused: this folder holds another dataset or was edited. `repair=False` only
-    checks (nothing is cut)."""
+    is rendered again), else the next row would be appended to it. A row whose PNG is gone (deleted) is dropped
+    too, and a row listed twice kept once: its image is rendered again and listed anew, and training must not
+    read it twice. Any other unreadable row, or one naming a file outside the folder, is refused: this folder
+    holds another dataset or was edited. `repair=False` only checks (nothing is cut)."""
     meta = out / "metadata.jsonl"
     if not meta.exists():
         return set()
@@ -103,8 +109,9 @@ def done_files(out: Path, repair: bool = True) -> set[str]:
         print(f"note: {meta}: dropping a row cut off by an interrupted run; its image is rendered again",
               file=sys.stderr)
         os.truncate(meta, len(complete))
-    done = set()
-    for n, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
+    done, keep = set(), []
+    lines = complete.decode("utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -113,22 +120,62 @@ def done_files(out: Path, repair: bool = True) -> set[str]:
             raise DataError(f"{meta}:{n}: not a row {{\"file_name\": ..., \"prompt\": ...}}; fix or delete "
                             "that line, or use another --out") from None
         path = inside_folder(out, name, f"{meta}:{n}")
-        if path.exists():
+        if path.exists() and name not in done:
             done.add(name)
+            keep.append(line)
+    if repair and len(keep) < sum(1 for line in lines if line.strip()):
+        print(f"note: {meta}: dropping rows whose image is missing or listed twice; those images are rendered again",
+              file=sys.stderr)
+        with atomic_path(meta) as tmp:  # a kill mid-rewrite leaves the old file, never half of it
+            tmp.write_text("".join(line + "\n" for line in keep))
     return done
+
+
+def model_record(model: str) -> str:
+    """--model as make_dataset.json records it: by content (file_identity), so `M`, `M/` and `$PWD/M` are one
+    model and a moved folder still resumes. Only a pipeline not read from files (a test's) has no path."""
+    path = Path(model).expanduser()
+    return file_identity(path) if path.exists() else str(path.resolve())
+
+
+def same_model(old: str, new: str) -> bool:
+    """A record from before models were recorded by content holds the --model path then given: that record still
+    matches when the path holds the same content now (a model replaced at that path makes another dataset)."""
+    if old == new:
+        return True
+    path = Path(old).expanduser()
+    return path.exists() and model_record(old) == new
+
+
+def read_settings(path: Path) -> dict:
+    fix = f"delete it only if {path.parent} holds no make_dataset images, or choose another --out"
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path}: damaged, not make_dataset's JSON record; {fix}") from None
+    if not isinstance(old, dict):
+        raise DataError(f"{path}: damaged, not make_dataset's record of settings (a JSON object); {fix}")
+    return old
 
 
 def check_settings(out: Path, settings: dict) -> None:
     path = out / "make_dataset.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_settings(path)
         # "run" and "parts" of a dataset from before they were recorded (2026-12-05): not known, not compared
         settings = {k: v for k, v in settings.items() if k in old or k not in ("run", "parts")}
+        if isinstance(old.get("model"), str) and same_model(old["model"], settings["model"]):
+            settings["model"] = old["model"]  # the same model, recorded by its path before (see same_model)
         if old != settings:
             # both sides' keys: a setting given then and absent now (a --lora dropped) is a difference too
             diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
             raise ValueError(f"{out} holds a dataset made with other {', '.join(diff)}; use another --out")
     else:
+        # no record: rows appended here would mix into another dataset (or one whose record was deleted, whose
+        # settings are unknown); hidden files (our lock, a .DS_Store) are no dataset
+        if (out / "metadata.jsonl").exists() or any(not p.name.startswith(".") for p in out.glob("*")):
+            raise DataError(f"{out}: holds files but no make_dataset.json (another dataset, or one whose record was "
+                            "deleted); choose another --out (a new or empty folder)")
         out.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(".make_dataset.json.tmp")
         tmp.write_text(json.dumps(settings, indent=1))
@@ -164,13 +211,27 @@ def render(pipe, jobs: list[dict], args, out: Path, bar) -> None:
         bar.update(len(batch))
 
 
+class _Flags:
+    """args for check_family_flags, which reads generate's flags: one make_dataset lacks (--true-cfg) is not given."""
+
+    def __init__(self, args):
+        self._args = args
+
+    def __getattr__(self, name):
+        return getattr(self._args, name, None)
+
+
 def make_pipeline(args):
     """The teacher: the model's family's pipeline (weights/families), as `generate` builds it."""
+    from sampling.job import check_family_flags
     from weights.families import detect_family
 
     model = Path(args.model).expanduser()
     if not model.exists():
         raise WeightsError(f"--model {model}: no such file or folder")
+    family = detect_family(model)
+    # generate's check: a flag of another family (--variant, --qwen on FLUX.1) would be ignored and recorded
+    check_family_flags(_Flags(args), family)
     return pipeline_from_args(args, model, detect_family(model), [lora_spec(spec) for spec in args.lora])
 
 
@@ -196,6 +257,15 @@ def check_args(args) -> None:
                         ("--steps", args.steps), ("--max-sequence-length", args.max_sequence_length)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be 1 or more; pass {flag} 1 or more")
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise ValueError(f"--steps {args.steps}: over {MAX_STEPS}, the most sampled (sampling/options.py MAX_STEPS: "
+                         f"the schedulers' training timesteps); pass --steps 32 (the recipe's) or at most {MAX_STEPS}")
+    if args.images_per_bucket > MAX_IMAGES_PER_BUCKET:
+        raise ValueError(f"--images-per-bucket {args.images_per_bucket}: over {MAX_IMAGES_PER_BUCKET}, whose job list "
+                         "is planned in memory at once; pass at most that (the recipe uses 500), and render more in "
+                         "another --out with another --seed")
+    if args.ignore_te_lora and not args.lora:
+        raise ValueError("--ignore-te-lora: no --lora given, so it would do nothing; drop it, or pass --lora")
     if args.max_sequence_length > 512:
         raise ValueError(f"--max-sequence-length {args.max_sequence_length}: T5 is used with at most 512 tokens "
                          "(as diffusers); pass --max-sequence-length 512")
@@ -214,6 +284,7 @@ def run(args) -> Path:
     from tqdm import tqdm
 
     check_args(args)
+    guidance_given = args.guidance  # before family_defaults: a model without guidance refuses only a given one
     prompts = read_prompts(args.prompts)
     buckets = resolution_buckets(args.resolution)
     check_seed(args.seed, len(buckets) * args.images_per_bucket)  # image j's seed is seed + j
@@ -230,7 +301,7 @@ def run(args) -> Path:
     family_defaults(args, pipe)
     settings = {k: getattr(args, k) for k in ("images_per_bucket", "resolution", "steps", "guidance",
                                               "max_sequence_length", "seed")}
-    settings.update(model=str(args.model), prompts=prompts)
+    settings.update(model=model_record(args.model), prompts=prompts)
     # how the teacher ran moves its pixels too: a restart in another dtype would mix two renders in one dataset
     settings["run"] = {"dtype": args.dtype, "fp8": args.fp8 or args.fp8_compute, "fp8_compute": args.fp8_compute,
                        "variant": args.variant}
@@ -247,14 +318,23 @@ def run(args) -> Path:
     for w, h in buckets:  # so does a bucket the model or the device cannot take (configs only: nothing is read)
         pipe.check_size(h, w, args.batch_size)
     pipe.tokenizers(args.max_sequence_length)  # and a wrong tokenizer file, before anything is written
+    # generate's check of what only the model can judge: --guidance on a model without a guidance embedding
+    w, h = buckets[0]
+    cfg = pipe.default_config(height=h, width=w, steps=args.steps, guidance=args.guidance,
+                              max_sequence_length=args.max_sequence_length)
+    if isinstance(getattr(cfg, "extra", None), dict):
+        cfg.extra["guidance_flag"] = guidance_given
+    pipe.check_config(cfg)
     done_files(out, repair=False)  # an existing metadata.jsonl's rows are checked before anything is written
-    check_settings(out, settings)  # the first write: every check above leaves --out as it was
-    jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
-    done = done_files(out)
-    todo = [j for j in jobs if j["file_name"] not in done]
-    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="rendering", unit="image") as bar:
-        for w, h in buckets:
-            mine = [j for j in todo if (j["width"], j["height"]) == (w, h)]
-            for start in range(0, len(mine), ENCODE_CHUNK):  # bounded memory for the text embeddings
-                render(pipe, mine[start:start + ENCODE_CHUNK], args, out, bar)
+    # a second run on this folder would render every image again and list it twice: refused while we render
+    with folder_lock(out, "make_dataset run"):
+        check_settings(out, settings)  # the first write: every check above leaves --out as it was
+        jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
+        done = done_files(out)
+        todo = [j for j in jobs if j["file_name"] not in done]
+        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="rendering", unit="image") as bar:
+            for w, h in buckets:
+                mine = [j for j in todo if (j["width"], j["height"]) == (w, h)]
+                for start in range(0, len(mine), ENCODE_CHUNK):  # bounded memory for the text embeddings
+                    render(pipe, mine[start:start + ENCODE_CHUNK], args, out, bar)
     return out
