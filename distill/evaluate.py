@@ -45,13 +45,23 @@ and one row per table row. Existing files are never replaced without --overwrite
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 
 import torch
 
 from sampling.demo import DEMO_FOLDER, DEMO_LORA, demo_lora
 from sampling.flags import add_model_files
-from sampling.options import OneLineParser, add_run_options, check_device, check_writable, read_prompt_lines
+from sampling.options import (
+    MAX_STEPS,
+    OneLineParser,
+    add_run_options,
+    check_device,
+    check_writable,
+    one_scale,
+    read_prompt_lines,
+)
 from weights.io import WeightsError, parse_lora
 from weights.lora_merge import lora_spec
 
@@ -133,6 +143,39 @@ TABLE_ONLY = ("json", "grid", "no_grid", "grid_scale", "floor")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(parser, args)
+    except KeyboardInterrupt:  # a traceback of whatever was sampling says nothing to the user
+        again = "; run it again to continue with the rows done" if args.out is not None else ""
+        print(f"evaluate: interrupted{again}", file=sys.stderr)
+        return 130
+
+
+def check_steps(args) -> None:
+    """The step counts before anything loads: at most sampling.options.MAX_STEPS, as generate's."""
+    if args.per_prompt < 1 or args.teacher_steps < 1 or min(args.steps) < 1:
+        raise ValueError("--per-prompt, --steps and --teacher-steps must be positive integers")
+    if max(args.teacher_steps, *args.steps) > MAX_STEPS:
+        raise ValueError(f"--steps / --teacher-steps {max(args.teacher_steps, *args.steps)}: at most {MAX_STEPS}; "
+                         "pass fewer steps")
+
+
+def check_table_outputs(args) -> None:
+    """The demo table's --json and --grid, refused in one line before the run: each would otherwise be lost or
+    fail only after minutes of sampling."""
+    if args.no_grid and (args.grid is not None or args.grid_scale is not None):
+        raise ValueError("--no-grid with --grid / --grid-scale: pass one or the other")
+    grid = None if args.no_grid else args.grid or Path("evaluate_grid.png")
+    if args.json is not None and grid is not None and args.json.resolve() == grid.resolve():
+        raise ValueError(f"--json and --grid are both {grid}: one would replace the other; pass two file names")
+    if grid is not None and grid.suffix.lower() != ".png":
+        raise ValueError(f"--grid {grid}: the grid is a PNG; name it *.png")
+    for flag, path in (("--json", args.json), ("--grid", grid)):
+        if path is not None and (str(path) in ("", ".") or path.is_dir()):
+            raise ValueError(f"--{flag[2:]} {str(path) or repr('')}: a folder or empty; pass a file path")
+
+
+def _main(parser, args) -> int:
     if args.out is not None:
         unread = [f"--{name.replace('_', '-')}" for name in TABLE_ONLY if getattr(args, name) not in (None, False)]
         fixes = [f"it writes {args.out}/report.json and {args.out}/grid.png, so drop them"] if unread else []
@@ -148,11 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"evaluate: {', '.join(unread)}: read with --out DIR only (any model, the demo's too); "
                          "the demo world's table takes the demo model and one --lora")
     args.model = DEMO_FOLDER if args.model is None else Path(args.model)
-    if args.lora:  # the demo world's rows take one LoRA: PATH[:SCALE] (no header read yet: errors come below)
-        path, scale = parse_lora(demo_lora(args.lora[0]))
-        args.lora, args.lora_scale = Path(path), args.lora_scale if scale is None else scale
-    else:
-        args.lora = DEMO_LORA
+    try:
+        check_steps(args)
+        check_table_outputs(args)
+        if args.lora:  # the demo world's rows take one LoRA: PATH[:SCALE] (no header read yet: errors come below)
+            path, scale = parse_lora(demo_lora(args.lora[0]))
+            args.lora = Path(path)
+            args.lora_scale = one_scale(scale, args.lora_scale, "--lora PATH:SCALE and --lora-scale")
+        else:
+            args.lora = DEMO_LORA
+    except (WeightsError, ValueError) as e:
+        raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
     args.grid = Path("evaluate_grid.png") if args.grid is None else args.grid
     args.grid_scale = 2 if args.grid_scale is None else args.grid_scale
     args.threads = 2 if args.threads is None else args.threads
@@ -192,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def judge_main(args) -> int:
     """Any model (distill/judge.py): the rows rendered into --out, the table printed, report.json written."""
-    from .judge import format_report, judge
+    from .judge import check_out, format_report, judge
 
     threads = torch.get_num_threads()
     try:
@@ -202,14 +251,24 @@ def judge_main(args) -> int:
             torch.set_num_threads(args.threads)
         if args.model is not None and not args.prompts and args.prompts_file is None:
             raise ValueError("no prompts: pass --prompts-file FILE (one per line) or --prompts TEXT ...")
-        if args.per_prompt < 1 or args.teacher_steps < 1 or min(args.steps) < 1:
-            raise ValueError("--per-prompt, --steps and --teacher-steps must be positive integers")
+        check_steps(args)
+        if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+            raise ValueError(f"--shift {args.shift}: must be a positive number (1 = unshifted, ~3 = the recipe's)")
+        if args.lora_scale is not None and not math.isfinite(args.lora_scale):
+            raise ValueError(f"--lora-scale {args.lora_scale}: must be a finite number; pass --lora-scale 1")
+        if args.lora_scale is not None and not args.lora:
+            raise ValueError("--lora-scale without --lora: pass --lora PATH (the student), or a --compare "
+                             "PATH:SCALE")
         args.lora, args.compare, args.base_lora = ([demo_lora(s) for s in v] for v in (args.lora, args.compare,
                                                                                         args.base_lora))
-        if args.lora and args.lora_scale is not None:
-            args.lora = [f"{lora_spec(args.lora[0])[0]}:{args.lora_scale}", *args.lora[1:]]
+        if args.lora:  # one scale, from PATH:SCALE or --lora-scale (both: they must agree)
+            path, scale = lora_spec(args.lora[0])
+            given = parse_lora(args.lora[0])[1]
+            scale = one_scale(given, args.lora_scale, "--lora PATH:SCALE and --lora-scale")
+            if scale is not None:
+                args.lora = [f"{path}:{scale}", *args.lora[1:]]
         args.prompt_list = _prompts(args)
-        args.height = args.height or args.width
+        check_out(args)
         report = judge(args)
         print(format_report(report))
         print(f"wrote {args.out / 'report.json'} and {args.out / 'grid.png'}")

@@ -7,6 +7,7 @@ row whose settings changed is refused unless --overwrite."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import torch
 
 from sampling.compare import Column, Session
 from sampling.options import run_dtype
-from weights.atomic import atomic_path
+from weights.atomic import atomic_path, atomic_save
 from weights.io import file_sha256
 
 from . import metrics
@@ -108,12 +109,51 @@ def _identity(row: Row) -> tuple:
     return loras, row.column.steps, row.column.shift, row.column.schedule, model
 
 
+# What generate reads besides the row's LoRAs and grid: each changes the pixels, so a folder rendered with another
+# is not the same row. The files are recorded by content (distill/data.file_identity: sizes, headers, sampled
+# chunks), so one file reached by another path or from another cwd still matches. A key missing from an older
+# manifest reads as its default here, so folders rendered before a key was recorded stay usable.
+COMPONENTS = ("vae", "clip", "clip_g", "t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
+              "qwen_tokenizer")
+DEFAULTS = {"fp8_compute": False, "no_t5": False, "ignore_te_lora": False, "variant": None,
+            "model_identity": None, **{f"{c}_identity": None for c in COMPONENTS}}
+
+
+@functools.lru_cache(maxsize=None)
+def _identity_of(path: str) -> str | None:
+    from .data import file_identity
+
+    return file_identity(path)
+
+
 def manifest(row: Row, args, session: Session, prompts: list[str]) -> dict:
     loras = [{"file": Path(p).name, "sha256": file_sha256(p), "scale": s} for p, s in row.column.loras]
     col = row.column
-    return dict(model=row.model or session.model, loras=loras, steps=col.steps, shift=col.shift, schedule=col.schedule,
-                seed=args.seed, prompts=prompts, width=args.width, height=args.height, dtype=run_dtype(args),
-                device=args.device, fp8=args.fp8)
+    model = str(Path(row.model or session.model).expanduser().resolve())
+    files = {f"{c}_identity": _identity_of(str(Path(getattr(args, c)).expanduser().resolve()))
+             for c in COMPONENTS if getattr(args, c, None)}
+    return {**DEFAULTS, **dict(model=model, loras=loras, steps=col.steps, shift=col.shift, schedule=col.schedule,
+                               seed=args.seed, prompts=prompts, width=args.width, height=args.height,
+                               dtype=run_dtype(args), device=args.device, fp8=args.fp8,
+                               fp8_compute=bool(getattr(args, "fp8_compute", False)),
+                               no_t5=bool(getattr(args, "no_t5", False)),
+                               ignore_te_lora=bool(getattr(args, "ignore_te_lora", False)),
+                               variant=getattr(args, "variant", None), model_identity=_identity_of(model)),
+            **files}
+
+
+def differing(have: dict, want: dict) -> list[str]:
+    """The settings a folder's manifest records otherwise than this run asks; its model by content where both
+    record it (a path from another cwd names the same folder), else by path."""
+    have = {**DEFAULTS, **have}
+    model = ("model", "model_identity")
+    keys = [k for k in want if k not in model and have.get(k) != want[k]]
+    keys += [k for k in have if k not in want]
+    if have["model_identity"] is not None:
+        keys += ["model"] if have["model_identity"] != want["model_identity"] else []
+    elif str(Path(str(have.get("model"))).expanduser().resolve()) != want["model"]:
+        keys.append("model")
+    return [k.removesuffix("_identity") for k in keys]
 
 
 def folder_name(name: str) -> str:
@@ -168,22 +208,23 @@ def _synced(t: torch.Tensor) -> torch.Tensor:
 
 def render_row(session: Session, clock: SamplingClock, row: Row, args, prompts: list[str], out: Path) -> dict:
     """The row's images and latents (noise-major), rendering only the noises its folder lacks."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     folder = out / folder_name(row.name)
     want = manifest(row, args, session, prompts)
     record = folder / "manifest.json"
     have = json.loads(record.read_text()) if record.exists() else {}
     timing = have.pop("timing", {})
-    if have and have != want:
+    changed = differing(have, want) if have else []
+    if changed:
         if not args.overwrite:
-            raise ValueError(f"{folder}: rendered with other settings ({row.name}); pass --overwrite to replace "
-                             "it, or another --out")
+            raise ValueError(f"{folder}: rendered with other settings ({row.name}: its {', '.join(changed)} "
+                             "differ); pass --overwrite to replace it, or another --out")
         shutil.rmtree(folder)
         timing = {}
     folder.mkdir(parents=True, exist_ok=True)
     done = 0
-    while (folder / f"latents-{done:03d}.safetensors").exists():
+    while noise_done(folder, done, len(prompts)):
         done += 1
     if done < args.per_prompt:
         print(f"rendering {row.name}: noises {done} to {args.per_prompt - 1}", file=sys.stderr, flush=True)
@@ -192,8 +233,8 @@ def render_row(session: Session, clock: SamplingClock, row: Row, args, prompts: 
         with clock.timing() as seconds:
             result = session.render(prompts, "", args.seed + done, args.width, args.height, row.column,
                                     noises=args.per_prompt - done, paths=paths, latents_out=latents)
-        for b, lat in enumerate(latents, start=done):
-            save_file({"latents": lat.contiguous()}, folder / f"latents-{b:03d}.safetensors")
+        for b, lat in enumerate(latents, start=done):  # atomic: a half-written file would count as done
+            atomic_save({"latents": lat}, folder / f"latents-{b:03d}.safetensors", overwrite=True)
         # a new key: rows timed before (the whole render, text encoders and LoRA merge included) read as unknown
         timing = {"nfe": result.nfe, "sampling_sec_per_image": sum(seconds) / len(paths)}
     with atomic_path(record) as tmp:
@@ -204,6 +245,21 @@ def render_row(session: Session, clock: SamplingClock, row: Row, args, prompts: 
                        for b in range(args.per_prompt) for i in range(len(prompts))])  # (N, H, W, 3) uint8
     lat = torch.cat([load_file(folder / f"latents-{b:03d}.safetensors")["latents"] for b in range(args.per_prompt)])
     return {"pixels": pixels, "latents": lat, "features": metrics.latent_features(lat), "timing": timing}
+
+
+def noise_done(folder: Path, b: int, n_prompts: int) -> bool:
+    """Noise b's latents readable and every prompt's PNG beside them: else it is rendered again (a file cut short
+    by a crash before writes were atomic, a PNG deleted by hand)."""
+    from weights.io import WeightsError, read_header
+
+    path = folder / f"latents-{b:03d}.safetensors"
+    if not path.is_file() or not all((folder / f"{b:03d}_{i:03d}.png").is_file() for i in range(n_prompts)):
+        return False
+    try:
+        read_header(path)  # checks the header against the file's size: a cut-short file fails here
+    except (WeightsError, ValueError, OSError):
+        return False
+    return True
 
 
 def score(row: dict, ref: dict, n_prompts: int) -> dict:
@@ -280,6 +336,50 @@ def clip_columns(rendered: dict, ref_name: str, prompts: list[str], source: str)
     return out
 
 
+def check_out(args) -> None:
+    """What the --out mode would otherwise find wrong only after rendering every row: --out a file, someone's own
+    report.json / grid.png there, a missing --clip-vision, a LoRA of another model family."""
+    from sampling.demo import DEMO_FOLDER
+    from weights.families import detect_family
+    from weights.io import WeightsError
+    from weights.lora import read_lora
+    from weights.lora_merge import lora_spec
+
+    out = args.out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder; pass a folder (made if missing)")
+    if not args.overwrite and not written_by_us(out):
+        raise ValueError(f"{out}: holds a report.json / grid.png that evaluate did not write; pass --overwrite to "
+                         "replace them, or another --out")
+    if args.clip_vision and not Path(args.clip_vision).expanduser().exists():
+        raise ValueError(f"--clip-vision {args.clip_vision}: no such file or folder; pass your CLIP weights "
+                         "(a CLIPModel folder or safetensors file)")
+    family = detect_family(Path(args.model or DEMO_FOLDER).expanduser())
+    for flag, specs in (("--lora", args.lora), ("--compare", args.compare), ("--base-lora", args.base_lora)):
+        for spec in specs:  # the headers and tensors, not the model: a wrong file is refused in seconds
+            path = lora_spec(spec)[0]
+            try:
+                lora = read_lora(path, family=family.name)
+            except WeightsError as e:
+                raise WeightsError(f"{flag} {e}") from None
+            if lora.family != family.name:
+                raise ValueError(f"{flag} {path}: a {lora.family} LoRA; the model is {family.title}: pass a LoRA "
+                                 "trained on it")
+
+
+def written_by_us(out: Path) -> bool:
+    """Whether OUT's report.json and grid.png (where present) are evaluate's: a report.json with evaluate's config
+    (the grid is written with it), or neither file."""
+    report, grid = out / "report.json", out / "grid.png"
+    if not report.exists():
+        return not grid.exists()
+    try:
+        config = json.loads(report.read_text()).get("config", {})
+    except (ValueError, OSError, AttributeError):
+        return False
+    return isinstance(config, dict) and {"reference", "images_per_row", "teacher_steps"} <= config.keys()
+
+
 def judge(args) -> dict:
     """Render (or reuse) every row under args.out and score it; the report that --out/report.json holds. The
     report and grid are written together at the end, after every metric: a failure leaves the previous ones."""
@@ -326,8 +426,8 @@ def render_rows(args, rows: list[Row], prompts: list[str]) -> tuple[dict, bool, 
             clock = SamplingClock(session.pipe)
             if wanted is None:
                 demo, model = session.demo, session.model
-                if args.width is None:
-                    args.width = args.height = 64 if demo else 1024
+                args.width = args.width or (64 if demo else 1024)
+                args.height = args.height or args.width  # --height alone keeps its height
             for row in mine:
                 rendered[row.name] = render_row(session, clock, row, args, prompts, args.out)
                 bar.update(len(prompts) * args.per_prompt)

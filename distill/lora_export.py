@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,8 +112,13 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
         hints = Recommended(max_sequence_length=cfg.t5_length)
     records = base_lora_records(cfg.lora.base_loras) if base_loras is None else base_loras
     metadata = lora_metadata(cfg, model, cfg.steps if step is None else step, records, hints)
+    paths = export_paths(cfg, step, folder)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:  # every target checked first: none is written when one would be refused
+        raise WeightsError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; pass --overwrite to "
+                           "replace, or another --output")
     written = []
-    for fmt, path in export_paths(cfg, step, folder).items():
+    for fmt, path in paths.items():
         try:
             written.append(save_lora(state, path, layout=fmt, alpha=cfg.lora.alpha, rank=cfg.lora.rank, slices=slices,
                                      family=family.name, metadata=metadata, recommended=hints, overwrite=overwrite))
@@ -126,6 +133,9 @@ def export_lora(model, cfg: DistillConfig, *, overwrite: bool = False, state: di
 
 def find_checkpoint(source: Path) -> tuple[Path, dict, dict]:
     """A checkpoint folder as given, or a run folder's newest intact checkpoint: (path, tensors, state)."""
+    if source.is_file():
+        raise ConfigError(f"{source}: a file; pass the run folder (--output of distill.train) or one of its "
+                          "checkpoints/step-NNNNNN folders")
     if not source.is_dir():
         raise ConfigError(f"{source}: no such folder; pass a run folder (--output of distill.train) or one of its "
                           "checkpoints/step-NNNNNN folders")
@@ -135,9 +145,13 @@ def find_checkpoint(source: Path) -> tuple[Path, dict, dict]:
         except (ValueError, OSError) as e:
             raise ConfigError(f"{e}; pass another checkpoint, or the run folder for its newest intact one") from None
     try:
-        found = latest_checkpoint(source / "checkpoints")
+        with warnings.catch_warnings(record=True) as caught:  # a damaged checkpoint skipped: one line, no source
+            warnings.simplefilter("always")
+            found = latest_checkpoint(source / "checkpoints")
     except CheckpointError as e:
         raise ConfigError(f"{e}; nothing to export") from None
+    for w in caught:
+        print(f"warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     if found is None:
         raise ConfigError(f"{source}: no intact checkpoint in {source / 'checkpoints'}; is it a run folder?")
     return found
@@ -162,6 +176,9 @@ def model_on_meta(cfg: DistillConfig, state: dict):
 def export_checkpoint(source: str | Path, lora_set: str | None = None, formats: tuple[str, ...] | None = None,
                       folder: str | Path | None = None, overwrite: bool = False) -> list[Path]:
     """Write a checkpoint's LoRA set (default: the run's `export_set`) in `formats` (default: the run's)."""
+    if lora_set is not None and not lora_set.strip():  # '' would fall back to the run's set unnoticed
+        raise ConfigError("--set '': empty; pass live, fast_ema or slow_ema (or leave --set out for the run's "
+                          "export_set)")
     path, tensors, state = find_checkpoint(Path(source).expanduser())
     cfg = stored_config(state)
     cfg = dataclasses.replace(cfg, export_set=lora_set or cfg.export_set,

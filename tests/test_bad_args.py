@@ -381,10 +381,10 @@ def test_evaluate_refuses_unwritable_outputs_before_sampling(tmp_path, nothing_r
     blocker = tmp_path / "mine.txt"
     blocker.write_text("the user's file")
     for flags in (["--no-grid", "--json"], ["--grid"]):  # the default grid is evaluate_grid.png in the cwd
-        flag = flags[-1]
+        flag, name = flags[-1], "out.png" if flags[-1] == "--grid" else "out.json"
         with pytest.raises(SystemExit) as exc:
-            evaluate_cli.main(["--per-prompt", "1", "--steps", "1", *flags, str(blocker / "out")])
-        assert f"evaluate: {flag} {blocker / 'out'}: {blocker} is a file, not a folder" in exc.value.code
+            evaluate_cli.main(["--per-prompt", "1", "--steps", "1", *flags, str(blocker / name)])
+        assert f"evaluate: {flag} {blocker / name}: {blocker} is a file, not a folder" in exc.value.code
     assert blocker.read_text() == "the user's file"
 
 

@@ -187,7 +187,7 @@ def test_flags_that_only_out_reads_are_refused_on_the_demo_table(folder, tmp_pat
 def test_existing_outputs_are_kept_without_overwrite(folder, tmp_path):
     lora = lora_file(tmp_path / "ok.safetensors")
     for flags in (["--grid"], ["--no-grid", "--json"]):
-        path = tmp_path / f"mine{flags[-1][2:]}"
+        path = tmp_path / f"mine{flags[-1][2:]}.{'png' if flags == ['--grid'] else 'json'}"  # --grid takes *.png
         path.write_text("the user's file")
         msg = one_line_error(["--model", str(folder), "--lora", str(lora), *flags, str(path), *SMALL])
         assert "exists" in msg and "--overwrite" in msg
