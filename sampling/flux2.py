@@ -20,19 +20,16 @@ from torch import Tensor
 
 from model.tokenizers import Qwen3Tokenizer
 from weights.families.flux2 import FLUX2
-from weights.io import WeightsError
+from weights.io import WeightsError, exists
 from weights.text import load_qwen3
 
 from .base import (
     Pipeline,
     check_paths,
-    check_vae_fit,
-    check_width,
     load_tokenizer,
-    present,
-    read_model_index,
     require_sources,
 )
+from .components import check_vae_fit, check_width, read_model_index
 from .options import one_scale, pick
 from .pipeline import schedule_from_diffusers
 from .samplers import euler, true_cfg
@@ -120,7 +117,7 @@ class Flux2KleinPipeline(Pipeline):
         names = {"vae": "vae", "text_encoder": "qwen", "tokenizer": "qwen_tokenizer"}
         given = {ours: Path(files[flag]) for ours, flag in names.items() if files.get(flag)}
         distilled, _ = klein_variant(model, files.get("variant"))
-        if present(model / "model_index.json"):
+        if exists(model / "model_index.json"):
             pipe = cls(Flux2Sources.from_folder(model, **given, distilled=distilled), **options)
         else:
             pipe = cls(Flux2Sources(transformer=model, distilled=distilled, **given), **options)
@@ -133,8 +130,8 @@ class Flux2KleinPipeline(Pipeline):
         """FLUX.2's VAE (32 channels, 2x2-patchified, BatchNorm statistics), and Qwen3 of the width the transformer
         stacks three hidden states of (klein 4B: 3 x 2560, 9B: 3 x 4096)."""
         t, s = self.transformer_config(), self.sources
-        check_vae_fit(self, t.in_channels, True, ("batch_norm",), "FLUX.2 [klein]", "FLUX.2's VAE (flux2-vae.safetensors "
-                      "or the klein pipeline folder's vae/)")
+        check_vae_fit(self, t.in_channels, True, ("batch_norm",), "FLUX.2 [klein]",
+                      "FLUX.2's VAE (flux2-vae.safetensors or the klein pipeline folder's vae/)")
         qwen = load_qwen3(s.text_encoder, device="meta").config
         check_width("--qwen", s.text_encoder, f"Qwen3 ({len(qwen.taps)} stacked states)",
                     len(qwen.taps) * qwen.hidden_size, s.transformer, "context_in_dim", t.context_in_dim,

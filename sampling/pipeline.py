@@ -19,21 +19,17 @@ from torch import Tensor
 from model.text import encode_flux
 from model.tokenizers import CLIPTokenizer, T5Tokenizer
 from weights.families.flux import FLUX
-from weights.io import WeightsError
+from weights.io import WeightsError, exists
 from weights.text import load_clip, load_t5
 
 from .base import (
     Pipeline,
-    bundled_parts,
     check_paths,
-    check_vae_fit,
-    check_width,
-    encoder_prefix,
     load_tokenizer,
-    present,
     require_sources,
     to_pil,  # noqa: F401  (to_pil is part of this module's API)
 )
+from .components import bundled_parts, check_vae_fit, check_width, encoder_prefix
 from .options import one_scale, pick
 from .samplers import euler, flux_guidance, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
@@ -58,7 +54,7 @@ class FluxSources:
         """A diffusers FluxPipeline folder (model_index.json, transformer/, vae/, text_encoder{,_2}/,
         tokenizer{,_2}/)."""
         folder = Path(folder).expanduser()
-        if not present(folder / "model_index.json"):
+        if not exists(folder / "model_index.json"):
             raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
         parts = dict(
             transformer=folder, folder=folder, vae=folder / "vae", clip=folder / "text_encoder",
@@ -83,7 +79,7 @@ UNSUPPORTED_SCHEDULER = ("use_karras_sigmas", "use_exponential_sigmas", "use_bet
 def schedule_from_diffusers(path: Path, pipeline: str = "FluxPipeline") -> ScheduleConfig | None:
     """A `FlowMatchEulerDiscreteScheduler` config.json -> our ScheduleConfig (None when the file is absent); an
     option we do not reproduce, or a value that is no number, is one line naming the file."""
-    if not present(path):
+    if not exists(path):
         return None
     fix = "restore the pipeline folder's scheduler config"
     try:
@@ -143,7 +139,7 @@ class FluxPipeline(Pipeline):
     def from_files(cls, model: Path, files: dict, **options) -> FluxPipeline:
         names = ("vae", "clip", "t5", "clip_tokenizer", "t5_tokenizer")
         given = {k: Path(files[k]) for k in names if files.get(k)}
-        if present(model / "model_index.json"):
+        if exists(model / "model_index.json"):
             return cls(FluxSources.from_folder(model, **given), **options)
         # a ComfyUI all-in-one file holds the VAE and the text encoders: the defaults of those no flag names
         inside = {"clip" if k == "clip_l" else k: v for k, v in bundled_parts(model).items() if k != "clip_g"}

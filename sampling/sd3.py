@@ -20,22 +20,17 @@ from torch import Tensor
 from model.text import encode_sd3
 from model.tokenizers import CLIPTokenizer, T5Tokenizer, _pad_token_of
 from weights.families.sd3 import SD3
-from weights.io import WeightsError
+from weights.io import WeightsError, exists
 from weights.text import load_clip, load_t5
 
 from .base import (
     MAX_SIDE,
     Pipeline,
-    bundled_parts,
     check_paths,
-    check_vae_fit,
-    check_width,
-    encoder_prefix,
     load_tokenizer,
-    present,
-    read_model_index,
     require_sources,
 )
+from .components import bundled_parts, check_vae_fit, check_width, encoder_prefix, read_model_index
 from .options import one_scale, pick
 from .pipeline import schedule_from_diffusers
 from .samplers import Velocity, cat_cond, euler
@@ -75,7 +70,7 @@ class SD3Sources:
         entry = index.get("text_encoder_3")
         listed = any(entry) if isinstance(entry, list) else (folder / "text_encoder_3").is_dir()
         has_t5 = listed and not without_t5
-        if has_t5 and overrides.get("t5") is None and not present(folder / "text_encoder_3"):
+        if has_t5 and overrides.get("t5") is None and not exists(folder / "text_encoder_3"):
             raise WeightsError(f"{folder}: its model_index.json lists text_encoder_3 (T5) but the folder has no "
                                "text_encoder_3/; download it again, pass --t5, or --no-t5 to run without T5")
         parts = dict(
@@ -104,7 +99,7 @@ class SD3Sources:
 
 
 def _existing(path: Path) -> Path | None:
-    return path if present(path) else None
+    return path if exists(path) else None
 
 
 def sd3_schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
@@ -179,7 +174,7 @@ class SD3Pipeline(Pipeline):
         no_t5 = bool(files.get("no_t5"))
         given = {ours: Path(files[flag]) for ours, flag in names.items()
                  if files.get(flag) and not (no_t5 and ours == "t5")}
-        if present(model / "model_index.json"):
+        if exists(model / "model_index.json"):
             return cls(SD3Sources.from_folder(model, without_t5=no_t5, **given), **options)
         # SAI's all-in-one files hold the VAE and (some) the text encoders: the defaults of those no flag names
         inside = {k: v for k, v in bundled_parts(model).items() if not (no_t5 and k == "t5")}
