@@ -16,7 +16,6 @@ one a lower-lr `--resume` can continue from. A write that fails (a full disk) le
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -31,8 +30,6 @@ from weights.atomic import atomic_path, durable_replace, temp_beside, temp_write
 from weights.io import file_sha256
 
 from .config import DistillConfig, flat_fields
-from .data import file_identity
-from .dataset import sample_chunks
 from .sharding import full, like
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -176,19 +173,6 @@ def resume_changes(state: dict, config: DistillConfig) -> list[str]:
     """The RESUME_SAID fields in which `config` differs from the checkpoint's run, as 'name old -> new'."""
     stored = stored_config(state)
     return [f"{k} {stored.get(k)} -> {config.get(k)}" for k in RESUME_SAID if stored.get(k) != config.get(k)]
-
-
-def weights_identity(model: str) -> str | None:
-    """A cheap fingerprint of the model's weights (data.file_identity: sizes and sampled chunks), None for a preset
-    name (`tiny`). A single file's own name is left out: the same weights renamed or moved are the same model."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return file_identity(path)
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
-    sample_chunks(digest, path, path.stat().st_size, 65536)
-    return digest.hexdigest()[:16]
 
 
 def model_record(family: str, config, weights: str | None = None) -> dict:

@@ -51,11 +51,12 @@ ImageEncoder = Callable[[Tensor], Tensor]  # images (B, 3, H, W) in [0, 1] -> no
 # ----- the cache --------------------------------------------------------------------------------------------
 
 
-def file_identity(path: str | Path | None) -> str | None:
+def file_identity(path: str | Path | None, *, named: bool = True) -> str | None:
     """A cheap content fingerprint of a weights file or folder: sizes, headers and three sampled chunks.
 
     Reading whole multi-GB encoders would take minutes; a fine-tune changes every chunk, and the safetensors
-    header (names, shapes, offsets) changes with any layout difference.
+    header (names, shapes, offsets) changes with any layout difference. `named=False`: a single file's own name
+    is left out (a folder's files are named relative to it either way), so the same file renamed matches.
     """
     if not path:
         return None
@@ -66,9 +67,16 @@ def file_identity(path: str | Path | None) -> str | None:
     digest = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
-        digest.update(f"{f.relative_to(path) if f != path else f.name}:{size}".encode())
+        digest.update(f"{f.relative_to(path) if f != path else f.name if named else ''}:{size}".encode())
         sample_chunks(digest, f, size, 65536)
     return digest.hexdigest()[:16]
+
+
+def weights_identity(model: str) -> str | None:
+    """The model's weights' fingerprint (file_identity, a single file's own name left out: the same weights
+    renamed or moved are the same model), None for a preset name (`tiny`)."""
+    path = Path(model).expanduser()
+    return file_identity(path, named=False) if path.exists() else None
 
 
 def _digest(obj) -> str:

@@ -121,9 +121,9 @@ DEFAULTS = {"fp8_compute": False, "no_t5": False, "ignore_te_lora": False, "vari
 
 @functools.lru_cache(maxsize=None)
 def _identity_of(path: str) -> str | None:
-    from .data import file_identity
+    from .data import weights_identity
 
-    return file_identity(path)
+    return weights_identity(path)
 
 
 def manifest(row: Row, args, session: Session, prompts: list[str]) -> dict:

@@ -39,7 +39,7 @@ from weights.atomic import atomic_path, folder_lock
 from weights.io import WeightsError, file_sha256
 from weights.lora_merge import lora_spec
 
-from .data import file_identity
+from .data import file_identity, weights_identity
 from .dataset import BUCKETS_512, DataError, buckets_for, inside_folder
 
 ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf16 = 0.5 GB
@@ -134,8 +134,7 @@ def done_files(out: Path, repair: bool = True) -> set[str]:
 def model_record(model: str) -> str:
     """--model as make_dataset.json records it: by content (file_identity), so `M`, `M/` and `$PWD/M` are one
     model and a moved folder still resumes. Only a pipeline not read from files (a test's) has no path."""
-    path = Path(model).expanduser()
-    return file_identity(path) if path.exists() else str(path.resolve())
+    return weights_identity(model) or str(Path(model).expanduser().resolve())
 
 
 def same_model(old: str, new: str) -> bool:

@@ -49,10 +49,9 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    weights_identity,
 )
 from .config import AUTO, DistillConfig, lr_at
-from .data import BucketBatches, Cache
+from .data import BucketBatches, Cache, weights_identity
 from .ema import ema_step
 from .lora import (
     LoRAConfig,

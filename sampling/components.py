@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from model.vae import VAE_CONFIGS, VAEConfig
 from weights.io import WeightsError, exists, read_header
+from weights.vae import PREFIXED
 
 if TYPE_CHECKING:
     from .base import Pipeline
@@ -34,7 +35,7 @@ def read_model_index(folder: Path) -> dict | None:
 # as prefix=), and their VAE's (weights/vae.py SAI_PREFIX, COMFY_PREFIX).
 BUNDLED_ENCODERS = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                     "t5": "text_encoders.t5xxl.transformer."}
-BUNDLED_VAE = ("first_stage_model.encoder.conv_in.weight", "vae.encoder.conv_in.weight")
+BUNDLED_VAE = tuple(f"{prefix}encoder.conv_in.weight" for prefix in PREFIXED.values())
 
 
 def bundled_parts(model: Path) -> dict[str, Path]:

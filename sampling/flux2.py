@@ -88,7 +88,7 @@ def klein_variant(model: Path, given: str | None) -> tuple[bool, str]:
     (BFL names them flux-2-klein-4b / flux-2-klein-base-4b); base and distilled weights have the same keys."""
     if given is not None:
         return given == "distilled", "--variant"
-    index = read_model_index(model) if model.is_dir() else None
+    index = read_model_index(model)  # None for a file, or a folder without model_index.json
     if index is not None:
         distilled = index.get("is_distilled")
         if distilled is not None:

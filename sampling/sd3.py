@@ -78,7 +78,8 @@ class SD3Sources:
             clip_g=folder / "text_encoder_2", t5=folder / "text_encoder_3" if has_t5 else None,
             clip_l_tokenizer=_existing(folder / "tokenizer"), clip_g_tokenizer=_existing(folder / "tokenizer_2"),
             t5_tokenizer=_existing(folder / "tokenizer_3") if has_t5 else None,
-            schedule=sd3_schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json"),
+            schedule=schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json",
+                                             pipeline="StableDiffusion3Pipeline"),
         )
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if without_t5:
@@ -100,11 +101,6 @@ class SD3Sources:
 
 def _existing(path: Path) -> Path | None:
     return path if exists(path) else None
-
-
-def sd3_schedule_from_diffusers(path: Path) -> ScheduleConfig | None:
-    """The scheduler config of an SD3 pipeline folder -> ScheduleConfig on StableDiffusion3Pipeline's grid."""
-    return schedule_from_diffusers(path, pipeline="StableDiffusion3Pipeline")
 
 
 @dataclass(frozen=True)

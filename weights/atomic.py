@@ -137,12 +137,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_beside(path)
     mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
-        try:
-            yield tmp
-        except SafetensorError as e:  # safetensors' own error for a failed write, a full disk included
-            raise _os_error(e, tmp) from None
+        yield tmp
         os.chmod(tmp, mode)
         durable_replace(tmp, path)
+    except SafetensorError as e:  # safetensors' own error for a failed write, a full disk included
+        raise _os_error(e, tmp) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -254,7 +254,8 @@ def weight_files(folder: Path) -> list[Path]:
     # no index, or one naming no file (a stub beside a single model.safetensors): the folder's files, as
     # transformers and diffusers read a folder whose index is absent
     files = _named(folder, ".safetensors")
-    files = [f for f in files if f not in _variants(files)]
+    variants = _variants(files)
+    files = [f for f in files if f not in variants]
     if not files:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
         hint = f" (found pickled {pickled[:2]}: scfm loads safetensors only)" if pickled else ""

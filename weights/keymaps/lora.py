@@ -88,8 +88,10 @@ def refuse_non_lora(keys, source: str, *, as_lora: bool = True, base_model=None)
     match a control LoRA's), anything else with the command that tells what it holds. `as_lora` False: the
     adapters only (a checkpoint's detection, which names the rest itself)."""
     keys = list(keys)
-    lora = any(k.endswith(OUR_SUFFIXES) or ((p := parse_key(k)) is not None and p[1] != "alpha") for k in keys)
-    if as_lora and keys and not lora and base_model is not None:
+    # read as a LoRA, none of its keys a LoRA tensor (only then are the keys parsed: detect reads whole checkpoints)
+    no_lora = as_lora and bool(keys) and not any(
+        k.endswith(OUR_SUFFIXES) or ((p := parse_key(k)) is not None and p[1] != "alpha") for k in keys)
+    if no_lora and base_model is not None:
         title = base_model(keys)
         if title is not None:
             raise WeightsError(f"{source}: no LoRA tensors: this is {title} base model, not a LoRA; pass it as "
@@ -99,7 +101,7 @@ def refuse_non_lora(keys, source: str, *, as_lora: bool = True, base_model=None)
         hit = next((k for k in keys if re.search(pattern, k)), None)
         if hit is not None:
             raise NotLoRAError(f"{source}: this is {what} (key {hit}); scfm reads plain LoRA files only")
-    if as_lora and keys and not lora:
+    if no_lora:
         raise WeightsError(f"{source}: no LoRA tensors in this file (first keys: {', '.join(sorted(keys)[:3])}); "
                            f"`python tools/convert.py info {source}` says what it holds")
 
