@@ -58,7 +58,9 @@ class FluxSources:
             raise WeightsError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
         parts = dict(
             transformer=folder, folder=folder, vae=folder / "vae", clip=folder / "text_encoder",
-            t5=folder / "text_encoder_2", clip_tokenizer=folder / "tokenizer", t5_tokenizer=folder / "tokenizer_2",
+            t5=folder / "text_encoder_2", t5_tokenizer=folder / "tokenizer_2",
+            # CLIP-L's vocabulary is vendored (model/tokenizers.py), as SD3's folder rule uses it
+            clip_tokenizer=folder / "tokenizer" if exists(folder / "tokenizer") else None,
             schedule=schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json"),
         )
         return cls(**{**parts, **{k: v for k, v in overrides.items() if v is not None}})

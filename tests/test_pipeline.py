@@ -163,3 +163,20 @@ def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, t
     assert "no such file" in capsys.readouterr().err
     assert parse_lora("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", None)  # None: not given
     assert parse_lora("a.safetensors:1.5") == ("a.safetensors", 1.5)
+
+
+def test_a_folder_without_tokenizer_encodes_with_the_vendored_clip_vocabulary(tmp_path):
+    """FLUX.1's tokenizer/ is CLIP-L's vocabulary, which model/assets/clip_bpe vendors: a folder without it (a
+    partial download, a hand-made folder) gives the same conditioning, as SD3's folder rule already did."""
+    from sampling.demo import DEMO_FOLDER
+
+    for part in DEMO_FOLDER.iterdir():
+        if part.name != "tokenizer":
+            (tmp_path / part.name).symlink_to(part)
+    sources = FluxSources.from_folder(tmp_path)
+    assert sources.clip_tokenizer is None
+    ours = FluxPipeline(sources).encode(PROMPTS, T5_LEN)
+    ref = FluxPipeline(FluxSources.from_folder(DEMO_FOLDER)).encode(PROMPTS, T5_LEN)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
