@@ -11,7 +11,8 @@ Files and folders whose names start with "." are not part of a dataset (macOS's 
 `.ipynb_checkpoints/`, `.cache/`); symlinked files and folders are followed. Images without a caption file are
 left out and counted in one line. An image inside a kohya `N_concept` folder (sd-scripts' DreamBooth layout: "10_dog"
 trains each of its images 10 times per epoch) carries that repeat count, the innermost such folder's; "0_x" leaves its
-images out, as sd-scripts does. Pixels are read upright (the EXIF orientation applied, as every viewer shows them),
+images out, as sd-scripts does. A caption file of several lines is one prompt, read whole (sd-scripts trains on its
+first line): said in the same line. Pixels are read upright (the EXIF orientation applied, as every viewer shows them),
 16-bit greyscale scaled to 8 bits, and alpha dropped as kohya and diffusers drop it (`convert("RGB")`).
 """
 
@@ -139,7 +140,7 @@ def _kohya_repeats(relative: Path) -> int:
 def _from_caption_files(folder: Path) -> list[Example]:
     files = _files(folder)
     present = set(files)
-    out, uncaptioned, zero, repeated = [], [], set(), {}
+    out, uncaptioned, zero, repeated, several = [], [], set(), {}, []
     for image in files:
         if image.suffix.lower() not in IMAGE_SUFFIXES:
             continue
@@ -156,7 +157,10 @@ def _from_caption_files(folder: Path) -> list[Example]:
             continue
         if repeats > 1:
             repeated[str(relative.parent)] = repeats
-        out.append(Example(str(relative), _text(caption).strip(), repeats))
+        text = _text(caption).strip()
+        if "\n" in text:
+            several.append(caption.relative_to(folder))
+        out.append(Example(str(relative), text, repeats))
     notes = []
     if uncaptioned:
         notes.append(f"{len(uncaptioned)} images have no caption file ({'/'.join(CAPTION_SUFFIXES)}) and are left "
@@ -165,6 +169,9 @@ def _from_caption_files(folder: Path) -> list[Example]:
         shown = ", ".join(f"{name} x{n}" for name, n in sorted(repeated.items())[:3])
         notes.append(f"kohya repeat folders train their images N times per epoch: {shown}"
                      + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""))
+    if several:  # sd-scripts trains on the first line only (or a random one with its wildcard option)
+        notes.append(f"{len(several)} caption files hold several lines, each file read whole as one prompt (sd-scripts "
+                     f"reads the first line only), e.g. {several[0]}")
     if zero:
         notes.append(f"the images of kohya folders with 0 repeats ({', '.join(sorted(zero)[:3])}) are left out")
     if out and notes:

@@ -44,6 +44,8 @@ def test_caption_files_kohya_spellings_hidden_and_uncaptioned(tmp_path):
     (data / "c.txt").write_text("from the txt")
     (data / "c.caption").write_text("not this one")
     png(data / "d.png")  # no caption
+    png(data / "f.png")
+    (data / "f.txt").write_text("a cat, sitting\nblurry, low quality\n")  # kohya reads line 1 only: said
     (data / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata twin: not an image
     (data / "._a.txt").write_bytes(b"\x00\x05")
     png(data / ".ipynb_checkpoints" / "a-checkpoint.png")
@@ -51,8 +53,11 @@ def test_caption_files_kohya_spellings_hidden_and_uncaptioned(tmp_path):
     with pytest.warns(UserWarning) as record:
         examples = read_folder(data)
     assert [(e.file, e.prompt) for e in examples] == [("10_dog/b.png", "a dog"), ("a.png", "a red square"),
-                                                      ("c.png", "from the txt")]
+                                                      ("c.png", "from the txt"),
+                                                      ("f.png", "a cat, sitting\nblurry, low quality")]
     (message,) = [str(w.message) for w in record]
+    assert ("1 caption files hold several lines, each file read whole as one prompt (sd-scripts reads the first "
+            "line only), e.g. f.txt") in message
     assert "1 images have no caption file (.txt/.caption) and are left out, e.g. d.png" in message
     assert "the images of kohya folders with 0 repeats (0_off) are left out" in message
     assert "kohya repeat folders train their images N times per epoch: 10_dog x10" in message
