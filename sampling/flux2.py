@@ -30,7 +30,7 @@ from .base import (
     require_sources,
 )
 from .components import check_vae_fit, check_width, read_model_index
-from .options import one_scale, pick
+from .options import cfg_scale, pick, refuse_without_cfg
 from .pipeline import schedule_from_diffusers
 from .samplers import euler, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
@@ -151,21 +151,18 @@ class Flux2KleinPipeline(Pipeline):
         print(f"FLUX.2 [klein] {'distilled' if distilled else 'base'} (from {source})", file=sys.stderr)
         given = [flag for flag, value in (("--cfg", args.cfg), ("--guidance", args.guidance),
                                           ("--negative-prompt", args.negative_prompt)) if value is not None]
-        scale = one_scale(args.cfg, args.guidance, "--cfg and --guidance")  # klein's one CFG scale, as SD3's
+        # klein's one CFG scale, as SD3's
+        scale, flag = cfg_scale({"--cfg": args.cfg, "--guidance": args.guidance}, "CFG",
+                                "pass {flag} 1 to sample without CFG, or above 1 to use it (klein base: 4)")
         if distilled and given and (args.negative_prompt is not None or scale > 1):
             raise ValueError(f"{', '.join(given)}: the distilled klein samples without CFG (its guidance is distilled "
                              "in), so they would do nothing; drop them, or pass --variant base for the base model")
-        flag = "--guidance" if args.guidance is not None else "--cfg"
-        if scale is not None and scale < 1:  # CFG runs for a scale above 1 only (diffusers' rule): off, as at 1
-            raise ValueError(f"{flag} {scale:g}: below 1 CFG is off, as at 1, so it would do nothing; pass {flag} 1 "
-                             "to sample without CFG, or above 1 to use it (klein base: 4)")
         if distilled and args.steps is None and rec.steps is None:
             common = {**common, "steps": 4}
         guidance = pick(scale, rec.guidance, 1.0 if distilled else cls.defaults["guidance"])
-        if guidance <= 1 and args.negative_prompt is not None:  # no negative pass runs without CFG
-            why = f"{flag} {guidance:g}" if scale is not None else f"guidance {guidance:g}, as a --lora recommends"
-            raise ValueError(f"--negative-prompt: used only with CFG on, and it is off ({why}), so it would do "
-                             f"nothing; pass {flag} above 1 (klein base: 4) or drop --negative-prompt")
+        if guidance <= 1:  # no negative pass runs without CFG
+            refuse_without_cfg(["--negative-prompt"] if args.negative_prompt is not None else [], flag, scale,
+                               guidance, f"pass {flag} above 1 (klein base: 4)")
         return Flux2GenerationConfig(**common, guidance=guidance, negative_prompt=args.negative_prompt or "")
 
     def used_settings(self, settings: dict) -> dict:

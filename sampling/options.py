@@ -203,3 +203,27 @@ def one_scale(a: float | None, b: float | None, names: str) -> float | None:
     if a is not None and b is not None and a != b:
         raise ValueError(f"{names} name the same scale here; pass one (got {a} and {b})")
     return pick(a, b)
+
+
+def cfg_scale(flags: dict[str, float | None], what: str, fix: str) -> tuple[float | None, str]:
+    """The CFG scale two flags name ({flag: value}; one_scale) and the flag to name it by (the first unless only the
+    second is given). CFG runs above 1 only (diffusers' rule), so a scale below 1 is off, as at 1, and would do
+    nothing: refused, `fix` ({flag} filled in) saying what to pass instead. `what`: the CFG the family runs."""
+    (a, va), (b, vb) = flags.items()
+    scale = one_scale(va, vb, f"{a} and {b}")
+    flag = b if va is None and vb is not None else a
+    if scale is not None and scale < 1:
+        raise ValueError(f"{flag} {scale:g}: below 1 {what} is off, as at 1, so it would do nothing; "
+                         f"{fix.format(flag=flag)}")
+    return scale, flag
+
+
+def refuse_without_cfg(unused: list[str], flag: str, scale: float | None, guidance: float, fix: str) -> None:
+    """`unused`: the flags given that only a CFG run reads (a negative prompt, SD3's skip layers), refused while
+    CFG is off at `guidance` (<= 1), set by `flag` (`scale` given) or a LoRA's recommendation."""
+    if not unused:
+        return
+    why = f"{flag} {guidance:g}" if scale is not None else f"guidance {guidance:g}, as a --lora recommends"
+    they, them = ("they", "them") if len(unused) > 1 else ("it", "it")
+    raise ValueError(f"{', '.join(unused)}: used only with CFG on, and it is off ({why}), so {they} would do "
+                     f"nothing; {fix} or drop {them}")

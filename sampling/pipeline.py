@@ -30,7 +30,7 @@ from .base import (
     to_pil,  # noqa: F401  (to_pil is part of this module's API)
 )
 from .components import bundled_parts, check_vae_fit, check_width, encoder_prefix
-from .options import one_scale, pick
+from .options import cfg_scale, pick
 from .samplers import euler, flux_guidance, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
 from .velocity import FluxVelocity
@@ -162,11 +162,8 @@ class FluxPipeline(Pipeline):
     def generation_config(cls, args, rec, common: dict) -> GenerationConfig:
         """The flags, then the LoRAs' recommendation, then diffusers' defaults; real CFG that would not run
         (diffusers' FluxPipeline skips it silently) is refused in one line."""
-        scale = one_scale(args.cfg, args.true_cfg, "--cfg and --true-cfg")
-        flag = "--cfg" if args.cfg is not None else "--true-cfg"
-        if scale is not None and scale < 1:  # diffusers runs real CFG only for true_cfg_scale > 1
-            raise ValueError(f"{flag} {scale:g}: below 1 real CFG is off, as at 1 (the default), so it would do "
-                             f"nothing; drop {flag}, or pass it above 1 with --negative-prompt")
+        scale, flag = cfg_scale({"--cfg": args.cfg, "--true-cfg": args.true_cfg}, "real CFG",
+                                "drop {flag}, or pass it above 1 with --negative-prompt")
         true_cfg = pick(scale, 1.0)
         if true_cfg > 1 and args.negative_prompt is None:
             raise ValueError(f"{flag} {true_cfg:g}: real CFG runs against a negative prompt and none is given, so it "

@@ -31,7 +31,7 @@ from .base import (
     require_sources,
 )
 from .components import bundled_parts, check_vae_fit, check_width, encoder_prefix, read_model_index
-from .options import one_scale, pick
+from .options import cfg_scale, pick, refuse_without_cfg
 from .pipeline import schedule_from_diffusers
 from .samplers import Velocity, cat_cond, euler
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas
@@ -209,11 +209,8 @@ class SD3Pipeline(Pipeline):
     def generation_config(cls, args, rec, common: dict) -> SD3GenerationConfig:
         """The flags, then the LoRAs' recommendation, then diffusers' defaults; a setting that would do nothing
         (diffusers accepts each silently) is refused in one line."""
-        scale = one_scale(args.cfg, args.guidance, "--cfg and --guidance")
-        flag = "--cfg" if args.cfg is not None else "--guidance"
-        if scale is not None and scale < 1:  # diffusers runs CFG for guidance_scale > 1 only: off, as at 1
-            raise ValueError(f"{flag} {scale:g}: below 1 CFG is off, as at 1, so it would do nothing; pass {flag} 1 "
-                             "to sample without CFG, or above 1 to use it (SD3.5-large: 4.5)")
+        scale, flag = cfg_scale({"--cfg": args.cfg, "--guidance": args.guidance}, "CFG",
+                                "pass {flag} 1 to sample without CFG, or above 1 to use it (SD3.5-large: 4.5)")
         # SD3 metadata records guidance in diffusers' convention (SCFM's w = 3.5 is stored as 4.5), used as is
         guidance = pick(scale, rec.guidance, cls.defaults["guidance"])
         d = SD3GenerationConfig
@@ -227,12 +224,7 @@ class SD3Pipeline(Pipeline):
         if guidance <= 1:  # no negative pass runs, and SLG rides on it (diffusers' rule)
             unused = [f for f, on in (("--negative-prompt", args.negative_prompt is not None),
                                       ("--slg-layers", bool(args.slg_layers))) if on]
-            why = f"{flag} {guidance:g}" if scale is not None else f"guidance {guidance:g}, as a --lora recommends"
-            if unused:
-                they = "they" if len(unused) > 1 else "it"
-                raise ValueError(f"{', '.join(unused)}: used only with CFG on, and it is off ({why}), so {they} "
-                                 f"would do nothing; pass --cfg above 1 (SD3.5-large: 4.5) or drop "
-                                 f"{'them' if len(unused) > 1 else 'it'}")
+            refuse_without_cfg(unused, flag, scale, guidance, "pass --cfg above 1 (SD3.5-large: 4.5)")
         elif args.slg_layers:
             steps, start, stop = common["steps"], slg["slg_start"], slg["slg_stop"]
             if slg["slg_scale"] == 0:
