@@ -16,6 +16,8 @@ from typing import Self
 import torch
 from torch import Tensor
 
+from weights.atomic import atomic_path
+
 
 def sample_side(size: int, downscale: int, patch: int) -> int:
     """Latent pixels per side of `size`-pixel sample images, for a VAE with `downscale` image pixels per latent
@@ -110,9 +112,9 @@ class JsonlLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             keep = _log_rows(path, resumed_step)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(path)
+            # a kill mid-rewrite leaves the old log whole; the temp's name is ours alone and it gets the user's umask
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(ln + "\n" for ln in keep))
         self.path = path
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -162,9 +164,8 @@ def _wandb_run(folder: Path, project: str, config: dict):
         run_id = id_file.read_text().strip()
     else:
         run_id = uuid.uuid4().hex[:12]
-        tmp = id_file.with_name(f".{id_file.name}.tmp")
-        tmp.write_text(run_id + "\n")
-        tmp.replace(id_file)
+        with atomic_path(id_file) as tmp:
+            tmp.write_text(run_id + "\n")
     return wandb.init(project=project, id=run_id, resume="allow", name=folder.name, config=config,
                       dir=str(folder))
 
@@ -197,7 +198,9 @@ class StopSignals:
     trainer agrees the stop across processes. A second signal stops at once, as it would have without us, unless
     it follows the first within REPEAT seconds: torchrun passes the terminal's Ctrl-C on to workers that already
     got it, and that is still one request. Outside the main thread (where Python cannot handle signals) nothing
-    is installed."""
+    is installed, nor for a signal already ignored: a shell without job control starts a background job (`&`)
+    with SIGINT ignored so that the terminal's Ctrl-C reaches only the foreground one, and nohup-like launchers
+    ignore what they mean the run not to see."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
     REPEAT = 2.0
@@ -209,7 +212,8 @@ class StopSignals:
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if signal.getsignal(s) != signal.SIG_IGN}
         return self
 
     def _handle(self, signum: int, frame) -> None:

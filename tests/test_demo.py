@@ -57,6 +57,24 @@ def test_checker_rejects_wrong_prompts_and_empty_images():
     assert not world.adheres(world.read_image(blank), world.parse_caption("a shape"))
 
 
+
+def test_checker_reads_non_square_images_on_their_own_grid():
+    """`evaluate --out --width W --height H` draws the demo's prompts at any shape, and scores them after all the
+    rendering: the cells are thirds of the width and of the height, the templates the image's shape."""
+    def drawn(shape, colour, cx, cy, radius, height, width):
+        a = world.shape_mask(shape, cx, cy, radius, (height, width), world.SUPERSAMPLE)[..., None]
+        fg, bg = np.array(world.COLOURS[colour]), np.array(world.BACKGROUNDS["white"])
+        return np.round(a * fg + (1 - a) * bg).astype(np.uint8)
+
+    tall = drawn("square", "blue", 32.0, 20.0, 12.0, 128, 64)  # the middle column: it is 64 wide, not 128
+    read = world.read_image(tall)
+    assert tall.shape == (128, 64, 3) and read["position"] == "top" and read["shape"] == "square", read
+    wide = drawn("triangle", "red", 150.0, 50.0, 10.0, 64, 192)
+    read = world.read_image(wide)
+    assert (read["position"], read["shape"], read["colour"], read["iou"] > 0.9) == ("bottom right", "triangle",
+                                                                                   "red", True), read
+    assert quality.score(np.stack([wide]), ["a red triangle at the bottom right"])["adherence"] == 100.0
+
 def test_blur_scores_worse_crispness_than_the_render():
     images, _, _ = world.sample(2, 8)
     mixed = ((images[:4].astype(np.float32) + images[4:]) / 2).astype(np.uint8)  # two modes averaged

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
 
@@ -24,6 +26,7 @@ from distill import checkpoint as ckpt
 from distill.config import ConfigError
 from distill.lora import lora_layers
 from distill.lora_export import export_lora
+from distill.run_outputs import JsonlLog, StopSignals
 from distill.trainer import Trainer, TrainingError
 from model.mmdit import MMDIT_CONFIGS, MMDiT
 from weights.atomic import temp_beside
@@ -351,3 +354,46 @@ def test_only_temp_folders_of_gone_processes_are_cleaned(tmp_path, monkeypatch):
     (dead / "tensors.safetensors").write_bytes(b"half")
     ckpt.clean_temp(root)
     assert sorted(p.name for p in root.iterdir()) == sorted([live.name, old.name])
+
+
+# ----- a resumed log's rewrite; a signal already ignored ------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="modes and umask are POSIX")
+def test_a_resumed_log_is_rewritten_through_its_own_temp_with_the_umask(tmp_path):
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    # what an older scfm or another writer left under the old fixed name, made under a stricter umask: rewriting
+    # through it would hand its 0600 to the log and take the file from its owner
+    stale = tmp_path / "run" / ".log.jsonl.tmp"
+    stale.write_text("not ours\n")
+    stale.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        JsonlLog(log, 2).close(finished=True)
+    finally:
+        os.umask(old)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [1, 2]
+    assert stat.S_IMODE(log.stat().st_mode) == 0o644
+    assert stale.read_text() == "not ours\n"
+    assert sorted(p.name for p in log.parent.iterdir() if p.name.startswith(".")) == [stale.name]
+
+
+def test_a_signal_ignored_when_the_run_starts_stays_ignored_and_is_restored():
+    # a background job (`&`) of a shell without job control starts with SIGINT ignored: the terminal's Ctrl-C
+    # is for the foreground job, so the run must not turn it into a stop request
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle  # a scheduler's SIGTERM still stops cleanly
+            os.kill(os.getpid(), signal.SIGINT)  # ignored, as without us
+            assert stop.received is None
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -178,11 +178,15 @@ def sample_for_prompt(prompt: str, seed: int, n: int = 1, *, size: int = SIZE,
 # ---------------------------------------------------------------------------------------------- rendering
 
 
-def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE, supersample: int = 1) -> np.ndarray:
-    """Coverage in [0, 1] of each pixel (size, size), averaged over supersample^2 sub-pixel centres."""
-    n = size * supersample
-    c = (np.arange(n, dtype=np.float32) + 0.5) / supersample  # sub-pixel centres in pixel units
-    x, y = c[None, :] - cx, c[:, None] - cy
+def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int | tuple[int, int] = SIZE,
+               supersample: int = 1) -> np.ndarray:
+    """Coverage in [0, 1] of each pixel (size, size), or (height, width) for a `size` of (height, width),
+    averaged over supersample^2 sub-pixel centres."""
+    height, width = (size, size) if isinstance(size, int) else size
+    # sub-pixel centres in pixel units, along each axis
+    cols = (np.arange(width * supersample, dtype=np.float32) + 0.5) / supersample
+    rows = (np.arange(height * supersample, dtype=np.float32) + 0.5) / supersample
+    x, y = cols[None, :] - cx, rows[:, None] - cy
     r = radius
     if shape == "circle":
         inside = x * x + y * y <= r * r
@@ -202,7 +206,7 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int = SIZE
         raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
     m = inside.astype(np.float32)
     if supersample > 1:
-        m = m.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
+        m = m.reshape(height, supersample, width, supersample).mean(axis=(1, 3))
     return m
 
 
@@ -236,13 +240,14 @@ def read_image(image: np.ndarray, world: str = "base") -> dict:
     """Recover a scene's attributes from an (H, W, 3) uint8 image of `world` (rendered or generated).
 
     Background: the median border colour, nearest palette entry. Shape pixels: those far from the background.
-    Colour: the median shape pixel. Position: the cell of the shape pixels' centroid. Shape and size: the template
+    Colour: the median shape pixel. Position: the cell of the shape pixels' centroid (thirds of the width and of the
+    height, as the caption's grid stretches with the image). Shape and size: the template
     (shape, radius) at that centroid with the best IoU against the shape pixels. `found` is False when there is no
     shape at all; `iou` tells how well the best template fits (low for blobs and mixtures). The colour is named as
     `world` draws it (in the variant, a blue shape is a red one).
     """
     img = image.astype(np.float32)
-    size = img.shape[0]
+    height, width = img.shape[:2]  # `evaluate --out --width W --height H` draws the demo's prompts at any size
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     background, _ = _nearest(np.median(border, axis=0), BACKGROUNDS)
     bg = np.array(BACKGROUNDS[background], dtype=np.float32)
@@ -253,11 +258,11 @@ def read_image(image: np.ndarray, world: str = "base") -> dict:
     colour, _ = _nearest(np.median(img[mask], axis=0), colours_of(world))
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
-    col, row = min(int(cx * 3 // size), 2), min(int(cy * 3 // size), 2)
+    col, row = min(int(cx * 3 // width), 2), min(int(cy * 3 // height), 2)
     best = (-1.0, "circle", 0.0)
     for shape in SHAPES:
         for r in np.arange(RADIUS[0] - 2, RADIUS[1] + 2.01, 0.5):
-            t = shape_mask(shape, cx, cy, float(r), size) > 0.5
+            t = shape_mask(shape, cx, cy, float(r), (height, width)) > 0.5
             iou = (t & mask).sum() / max((t | mask).sum(), 1)
             if iou > best[0]:
                 best = (float(iou), shape, float(r))
