@@ -158,7 +158,7 @@ def newest_settings(root: Path) -> dict | None:
 
 
 # Fields a resume may change, which change the numbers from there on (not only speed or memory): said in one line,
-# as the optimizer's are (trainer.apply_optimizer_config), so that a resumed run's log can be read.
+# as the optimizer's are (resume.apply_optimizer_config), so that a resumed run's log can be read.
 RESUME_SAID = ("lr_schedule", "lr_final", "max_grad_norm", "dtype", "autocast", "fp8_base", "fp8_compute",
                "micro_batch")
 
@@ -242,7 +242,7 @@ def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Tensor], dict] | None
 def clean_temp(root: Path) -> None:
     """Remove the temp folders (`.step-*.tmp`) of checkpoint writes whose process is gone: a killed run's.
     A live writer's folder (another run writing here now, say) and any name whose writer cannot be told are
-    kept (weights/io.py `temp_writer_gone`)."""
+    kept (weights/atomic.py `temp_writer_gone`)."""
     if root.is_dir():
         for p in root.glob(".step-*.tmp"):
             if temp_writer_gone(p):

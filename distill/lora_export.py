@@ -36,7 +36,7 @@ from .config import ConfigError, DistillConfig
 from .lora import inject_lora, lora_layers, set_state_dict
 from .run_outputs import base_lora_records
 from .run_setup import check_writable, load_model, with_text_length
-from .trainer import lora_config, model_family
+from .student import lora_config, model_family
 
 # The main file (no suffix) loads everywhere; the others are named for who reads them.
 SUFFIXES = {"diffusers": "", "kohya": "-kohya", "ours": "-scfm-only"}

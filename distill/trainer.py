@@ -1,11 +1,11 @@
 """The SCFM training loop: one global batch per step, checkpoints, resume, logging, samples, export.
 
-The objective lives in `distill/scfm.py`; this file owns everything around it. Flux and SD3 / SD3.5 (the
-MMDiT) train the same way; the family decides the velocity wrapper, the LoRA targets and, for SD3.5 with
-`cfg_scale`, the classifier-free guidance baked into every call (docs/method.md §5) against the cache's
-negative (empty) prompt. Each step's data and random
-draws are pure functions of (seed, step, global element position) (`BucketBatches`, `element_generators`), so
-a resumed run and a run on any number of processes train on exactly the same numbers.
+The objective lives in `distill/scfm.py`, the student's preparation in `distill/student.py` and a resume's checks
+in `distill/resume.py`; this file owns the run around them. Flux and SD3 / SD3.5 (the MMDiT) train the same way;
+the family decides the velocity wrapper, the LoRA targets and, for SD3.5 with `cfg_scale`, the classifier-free
+guidance baked into every call (docs/method.md §5) against the cache's negative (empty) prompt. Each step's data
+and random draws are pure functions of (seed, step, global element position) (`BucketBatches`,
+`element_generators`), so a resumed run and a run on any number of processes train on exactly the same numbers.
 """
 
 from __future__ import annotations
@@ -24,28 +24,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from model.block_swap import BlockSwap
-from model.fp8 import fp8_bytes, quantize_linears_
 from model.layers import named_blocks
-from weights.families import family_of, get_family, names
-from weights.family import Family
-from weights.io import DTYPES
+from weights.families import get_family
 
 from . import speed
 from .checkpoint import (
     CheckpointError,
-    changed_lora_files,
     check_finite,
     checkpoints,
     clean_temp,
     latest_checkpoint,
-    load_optimizer_state,
     lora_files,
     model_record,
     optimizer_state,
-    other_model,
-    resume_changes,
-    resume_conflicts,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -53,15 +44,8 @@ from .checkpoint import (
 from .config import AUTO, DistillConfig, lr_at
 from .data import BucketBatches, Cache, weights_identity
 from .ema import ema_step
-from .lora import (
-    LoRAConfig,
-    copy_set,
-    inject_lora,
-    load_set,
-    lora_layers,
-    set_state_dict,
-    weight_set,
-)
+from .lora import lora_layers, set_state_dict, weight_set
+from .resume import apply_optimizer_config, check_resumable, load_training_state
 from .run_outputs import (
     JsonlLog,
     LogError,
@@ -72,9 +56,10 @@ from .run_outputs import (
     sample_side,
     save_samples,
 )
-from .run_setup import teacher_set, with_text_length
+from .run_setup import with_text_length
 from .scfm import element_generators, sample_draw, scfm_loss
-from .sharding import StudentRoute, full, is_sharded, loads_on_cpu, shard_model
+from .sharding import StudentRoute, full, is_sharded
+from .student import StudentError, model_family, prepare_student
 
 
 class TrainingError(RuntimeError):
@@ -87,39 +72,6 @@ class Stopped(TrainingError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
-
-
-def lora_config(cfg: DistillConfig) -> LoRAConfig:
-    """The run's LoRA: its family's target table (docs/method.md §6 in official names, distill/lora_targets.py);
-    the flow-matching objective holds the live set alone (no EMA sets, no teacher)."""
-    targets = get_family(cfg.lora.targets).part("lora_targets")
-    live_only = {"sets": ("live",), "zero_sets": ()} if cfg.scfm.objective == "flow_matching" else {}
-    return LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets, **live_only)
-
-
-def model_family(model: nn.Module) -> Family:
-    try:
-        return family_of(model)
-    except TypeError:
-        raise TrainingError(f"SCFM trains a transformer of a family scfm knows ({', '.join(names())}), not a "
-                            f"{type(model).__name__}") from None
-
-
-def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: DistillConfig, last_step: int) -> None:
-    """The config's AdamW settings replace a checkpoint's (which `load_state_dict` restores with the moments):
-    a resume trains with what the user passes now, as log.jsonl and the export record. Each step then sets its
-    lr from the schedule (config.lr_at: a function of the step), so no scheduler state needs restoring."""
-    # the lr the schedule gives the checkpoint's last step: a changed --lr or schedule is reported, the decay not
-    wanted = {"lr": lr_at(cfg, last_step), "weight_decay": cfg.weight_decay, "betas": (cfg.beta1, cfg.beta2),
-              "eps": cfg.eps}
-    # betas come back from state.json as a list
-    before = {k: tuple(v) if isinstance(v, list) else v for k, v in optimizer.param_groups[0].items()}
-    changed = [f"{k} {before[k]} -> {v}" for k, v in wanted.items() if before[k] != v]
-    for group in optimizer.param_groups:
-        group.update(wanted)
-    if changed:
-        warnings.warn(f"--resume: {', '.join(changed)} (the values passed now replace the checkpoint's)",
-                      stacklevel=2)
 
 
 @dataclass
@@ -144,7 +96,10 @@ class Trainer:
         self.on_step = on_step  # called after every step (tests use it to kill a run)
         self.signals = StopSignals()
         self.out = Path(config.output).expanduser()
-        self.kind = model_family(model)
+        try:
+            self.kind = model_family(model)
+        except StudentError as e:
+            raise TrainingError(str(e)) from None
         self.config = config = with_text_length(config, self.kind, warn=False)  # run() has resolved it already
         self.family = self.kind.name
         self.token_side = self.kind.token_side(model.config)  # latent pixels per token side: Flux 2, FLUX.2 1
@@ -174,35 +129,9 @@ class Trainer:
         if config.fsdp and self.world == 1:
             warnings.warn("--fsdp shards over the processes torchrun starts; with one process nothing is sharded",
                           stacklevel=2)
-        home = torch.device("cpu") if loads_on_cpu(config) else self.device
-        if config.fp8_storage and not fp8_bytes(model):  # the loaders quantize as they read; a model built in
-            quantize_linears_(model, home)  # memory (tiny) gets its block Linears quantized here
-        # the base is cast before injection: LoRA and EMA tensors are created fp32 and must stay so (e4m3
-        # storage is kept by its own `_apply`)
-        model = model.to(device=home, dtype=DTYPES[config.dtype])
-        self.names = inject_lora(model, lora_config(config), torch.Generator().manual_seed(config.seed))
-        model.to(home)
-        n_blocks = len(named_blocks(model))
-        if max(config.unchecked_blocks, 0) + config.blocks_to_swap > n_blocks:
-            raise TrainingError(f"unchecked_blocks {config.unchecked_blocks} + blocks_to_swap "
-                                f"{config.blocks_to_swap} exceed this model's {n_blocks} blocks (a swapped block "
-                                "must be checkpointed: its weights would stay on the GPU for backward)")
-        # unchecked_blocks auto (-1) is planned on the first batch (distill/speed.py)
-        model.enable_gradient_checkpointing(config.gradient_checkpointing, max(config.unchecked_blocks, 0))
-        if config.lora.teacher_lora:  # any layout weights.lora reads, fitted to this run's rank and alpha
-            load_set(model, "teacher", teacher_set(model, config.lora.teacher_lora, self.kind))
-            for ema in ("fast_ema", "slow_ema"):  # docs/method.md §3: EMAs start from the teacher LoRA
-                copy_set(model, ema, "teacher")
-        if self.sharded:  # after every set exists: sets created later would not be sharded
-            shard_model(model, self.device.type, self.world)
-        if config.blocks_to_swap:  # after every set exists: the sets move to the device with the kept blocks
-            try:
-                BlockSwap(model, config.blocks_to_swap, self.device)
-            except ValueError as e:
-                raise TrainingError(str(e)) from None
         try:
-            speed.prepare(model, config, self.device)  # fp8 compute, compiled blocks
-        except speed.SpeedError as e:
+            model, self.names = prepare_student(model, config, self.kind, self.device, self.world)
+        except StudentError as e:
             raise TrainingError(str(e)) from None
         self.checked = False  # the first step plans unchecked blocks (auto) and checks compiled gradients
         self.model = model
@@ -452,42 +381,15 @@ class Trainer:
             warnings.warn(f"--resume: no checkpoint in {root}; starting from step 0", stacklevel=2)
             return False
         path, tensors, state = found
-        if state["step"] > self.config.steps:  # training on would export the later weights stamped `steps`
-            raise TrainingError(f"{path} is at step {state['step']}; pass --steps {state['step']} or more (not "
-                                f"{self.config.steps}) to continue that run, or export that checkpoint with "
-                                f"`python -m distill.export {path}`")
-        changed = resume_conflicts(state, self.config)
-        if changed:
-            raise TrainingError(f"{path}: resuming with different {', '.join(changed)} would be another run")
-        said = resume_changes(state, self.config)
-        if said:
-            warnings.warn(f"--resume: {', '.join(said)} (the values passed now apply from step "
-                          f"{state['progress']['step'] + 1})", stacklevel=2)
-        changed = changed_lora_files(state, self.teacher_files)
-        if changed:
-            raise TrainingError(f"{path}: the files of {' and '.join(changed)} are not those that run trained with "
-                                "(their sha256 differs); put those files back, or pass a new --output")
-        other = other_model(state.get("model"), model_record(self.family, self.model.config, self.weights))
-        if other:
-            raise TrainingError(f"{path}: that run trained another model ({other}); pass its --model, or a new "
-                                "--output to start a run on this one")
-        if self.cache.repeats and state["cache"] in self.cache.fingerprints_before_repeats():
-            # that run began before kohya repeat counts were applied: it goes on drawing its batches as it did
-            warnings.warn(f"{path}: that run began without kohya's folder repeat counts and goes on without them; "
-                          "a new --output applies them", stacklevel=2)
-            self.batches = BucketBatches(self.cache.buckets, self.config.batch_size, self.config.seed)
-        elif state["cache"] not in self.cache.fingerprints():
-            raise TrainingError(f"{path}: the cache ({self.cache.folder}) holds other training data than that run's "
-                                "(images, captions, encoders or resolution); pass that run's --data and --cache, or "
-                                "a new --output")
         try:
-            for s in self._sets():
-                prefix = f"lora.{s}."
-                load_set(self.model, s, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            load_optimizer_state(self.optimizer, [n for n, _ in self.params], tensors, state["optimizer"])
-        except (KeyError, ValueError) as e:  # what the checks above cannot see (other LoRA targets): one line
-            raise TrainingError(f"{path}: its LoRA does not fit this run ({str(e).strip(chr(34))}); resume with "
-                                "that run's settings, or pass a new --output") from None
+            before_repeats = check_resumable(path, state, self.config, self.teacher_files,
+                                             model_record(self.family, self.model.config, self.weights), self.cache)
+            load_training_state(path, self.model, self._sets(), self.optimizer, [n for n, _ in self.params],
+                                tensors, state)
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        if before_repeats:  # that run drew its batches without kohya's repeat counts: it goes on doing so
+            self.batches = BucketBatches(self.cache.buckets, self.config.batch_size, self.config.seed)
         apply_optimizer_config(self.optimizer, self.config, max(state["progress"]["step"] - 1, 0))
         set_rng_state(tensors, state["rng"])
         # the NaN stop's advice is "lower lr, then --resume": the resumed run gets its own max_bad_steps
