@@ -28,7 +28,7 @@ PROMPT = "a red circle at the top left"
 def nothing_read(monkeypatch):
     """Fail the test if any tensor of a weight file is read (headers and "meta" builds are fine): every refusal here
     comes before that."""
-    from weights.io import TensorReader
+    from weights.reader import TensorReader
 
     def refuse(self, key):
         raise AssertionError(f"{key} was read before the bad input was refused")

@@ -53,7 +53,7 @@ def _one_line_error(argv, capsys, *contains) -> str:
 
 
 def _loaders():
-    from weights.convert import detect
+    from weights.convert_plan import detect
     from weights.text import load_clip, load_t5
     from weights.transformer import load_flux, load_mmdit
     from weights.vae import load_vae

@@ -116,3 +116,54 @@ def test_detect_family_refuses_what_no_family_claims(tmp_path):
     save_file({"encoder.block.0.layer.0.weight": torch.zeros(1)}, tmp_path / "t5.safetensors")
     with pytest.raises(WeightsError, match="not the transformer of any family scfm knows"):
         detect_family(tmp_path / "t5.safetensors")
+
+
+def test_refusals_a_cli_run_can_meet_name_its_flags_and_files(tmp_path):
+    """A generate or train run meets these too, and has no config= or weights.load_* to reach for: each names the
+    flag or the file that mends it (Python's loader only after, where Python names the family itself)."""
+    import dataclasses
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from model.flux2 import FLUX2_CONFIGS, Flux2
+    from weights.lora import read_lora
+    from weights.transformer import load_flux, save_transformer
+
+    def raw(model, path):  # the weights alone: no stored config, as a file from elsewhere
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+        return path
+
+    # a head dim no preset's RoPE axes fit: its config.json beside it in a folder is the way, and it works
+    cfg = dataclasses.replace(FLUX_CONFIGS["tiny"], num_heads=4, axes_dim=(2, 2, 4))
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    odd = raw(Flux(cfg), folder / "odd.safetensors")
+    with pytest.raises(WeightsError) as e:
+        load_flux(odd, device="meta")
+    assert str(e.value) == f"{odd}: head dim 8 matches no preset's RoPE axes; pass a folder holding the file and " \
+                           "its diffusers config.json"
+    (folder / "config.json").write_text(json.dumps(FLUX.config_to_diffusers(cfg)))
+    assert load_flux(folder, device="meta").config == cfg
+    # a file cut short of a key the config is read from
+    state = Flux(FLUX_CONFIGS["tiny"]).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items() if k != "vector_in.in_layer.weight"},
+              tmp_path / "cut.safetensors")
+    with pytest.raises(WeightsError, match=r"\(no 'vector_in.in_layer.weight'\); pass a folder holding the file "
+                                           r"and its diffusers config.json$"):
+        load_flux(tmp_path / "cut.safetensors", device="meta")
+    # text-encoder LoRA tensors beside transformer alphas alone: the command that says what the file holds
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{te}.lora_down.weight": torch.zeros(2, 4), f"{te}.lora_up.weight": torch.zeros(4, 2),
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0), "x.weight": torch.zeros(1)},
+              tmp_path / "odd.safetensors")
+    with pytest.raises(WeightsError, match=r"; `python tools/convert.py info .*odd.safetensors` says what it holds$"):
+        read_lora(tmp_path / "odd.safetensors")
+    # another family's transformer in a folder that names Flux: the file alone is read by its keys
+    flux2 = save_transformer(Flux2(FLUX2_CONFIGS["tiny"]), tmp_path / "flux2.safetensors")
+    with pytest.raises(WeightsError) as e:
+        load_flux(flux2, device="meta")
+    assert str(e.value) == f"{flux2}: this is a FLUX.2 transformer, not a Flux transformer; pass that file itself " \
+                           "as --model (in Python: weights.load_flux2)"
+    assert detect_family(flux2).name == "flux2"

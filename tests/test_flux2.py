@@ -108,7 +108,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_loading_bfl_comfyui_and_diffusers_files(tmp_path):
     from safetensors.torch import save_file
 
-    from weights.convert import convert_checkpoint, detect
+    from weights.convert import convert_checkpoint
+    from weights.convert_plan import detect
 
     model = randomize_(Flux2(TINY), 0.3, seed=3).eval()
     want = model.state_dict()
@@ -132,10 +133,11 @@ def test_loading_bfl_comfyui_and_diffusers_files(tmp_path):
 def test_flux1_and_flux2_files_name_each_other(tmp_path):
     flux2 = save_transformer(Flux2(TINY), tmp_path / "flux2.safetensors")
     flux1 = save_transformer(Flux(FLUX_CONFIGS["tiny"]), tmp_path / "flux1.safetensors")
-    with pytest.raises(WeightsError, match="this is a FLUX.2 transformer; load it with weights.load_flux2, not a Flux"):
+    with pytest.raises(WeightsError, match=r"this is a FLUX.2 transformer, not a Flux transformer; pass that file "
+                                           r"itself as --model \(in Python: weights.load_flux2\)"):
         load_flux(flux2)
-    with pytest.raises(WeightsError, match=r"this is a Flux transformer \(BFL layout\); load it with weights.load_flux,"
-                                           " not a FLUX.2 transformer"):
+    with pytest.raises(WeightsError, match=r"this is a Flux transformer \(BFL layout\), not a FLUX.2 transformer; "
+                                           r"pass that file itself as --model \(in Python: weights.load_flux\)"):
         load_flux2(flux1)
     assert detect_family(flux1).name == "flux" and detect_family(flux2) is FLUX2
 

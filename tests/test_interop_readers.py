@@ -18,9 +18,10 @@ from model.qwen3 import QWEN3_CONFIGS, Qwen3TextEncoder
 from tools.convert import info_lines
 from tools.convert import main as convert
 from weights.families.flux2 import FLUX2
-from weights.io import WeightsError, read_shapes
+from weights.io import WeightsError
 from weights.keymaps.lora import NotLoRAError, flux2_lora_names, kohya_name
 from weights.lora import read_lora
+from weights.reader import read_shapes
 from weights.text import load_qwen3
 from weights.transformer import load_flux2
 

@@ -18,8 +18,9 @@ from model.tokenizers import CLIPTokenizer, Qwen3Tokenizer
 from model.vae import AutoEncoder, VAEConfig
 from weights.assign import assign_tensors
 from weights.families import detect_family
-from weights.io import TensorReader, WeightsError, iter_tensors, read_shapes, weight_files
+from weights.io import WeightsError
 from weights.keymaps.vae import ours_to_diffusers
+from weights.reader import TensorReader, iter_tensors, read_shapes, weight_files
 from weights.text import load_clip
 from weights.transformer import load_flux
 from weights.vae import load_vae

@@ -83,16 +83,16 @@ def test_loras_that_do_not_fit_are_refused_before_anything_is_read(flux_files, m
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
 def test_meta_device_runs_every_check_and_reads_no_tensor(flux_files, layout, monkeypatch):
-    import weights.io
+    import weights.reader
 
     root, loras = flux_files
-    read = weights.io.TensorReader.__call__
+    read = weights.reader.TensorReader.__call__
 
     def only_loras(reader, key):  # the LoRA file is read; the model's must not be
         assert all(f.name == "b.safetensors" for f in reader.files), f"{key} was read"
         return read(reader, key)
 
-    monkeypatch.setattr(weights.io.TensorReader, "__call__", only_loras)
+    monkeypatch.setattr(weights.reader.TensorReader, "__call__", only_loras)
     model = load_flux(root / f"{layout}.safetensors", device="meta", fp8=True, loras=loras)
     assert model.img_in.weight.is_meta and model.double_blocks[0].img_attn.qkv.weight.dtype == E4M3
     assert model.config == FLUX_CONFIGS["tiny"] and len(applied_loras(model)) == 2

@@ -107,14 +107,15 @@ def test_fp8_load_quantizes_as_it_reads(layouts):
 
 def test_sd3_style_loads_with_a_config(tmp_path):
     """SD3.0 files have no ln_q to give the head dim; SAI's convention (64) does not fit this toy, so the
-    inference says to pass config=, and with it the file loads."""
+    inference says to pass a folder with config.json, and with it the file loads."""
     ref = tiny_diffusers_mmdit("sd3", 0.2)
     save_file(sai_layout(ref, SD3_TINY), tmp_path / "sd3.safetensors")
-    with pytest.raises(WeightsError, match="head dim 64; pass config="):
+    with pytest.raises(WeightsError, match="head dim 64; pass a folder holding the file and its diffusers config"):
         load_mmdit(tmp_path / "sd3.safetensors")
-    ours = load_mmdit(tmp_path / "sd3.safetensors", config=SD3_TINY)
+    ref.save_config(tmp_path)  # the advice: the file beside its config.json, the folder passed
     inp = tiny_inputs(SD3_TINY)
-    assert_fp32_close(run_ours(ours, inp), run_diffusers(ref, inp))
+    for ours in (load_mmdit(tmp_path), load_mmdit(tmp_path / "sd3.safetensors", config=SD3_TINY)):
+        assert_fp32_close(run_ours(ours, inp), run_diffusers(ref, inp))
 
 
 def test_our_saver_round_trips_and_records_the_config(layouts, tmp_path):

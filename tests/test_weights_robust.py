@@ -25,7 +25,8 @@ from model.flux import FLUX_CONFIGS, Flux
 from weights.atomic import atomic_path, atomic_save, durable_replace
 from weights.families import checkpoint_family
 from weights.families.flux import config_to_diffusers
-from weights.io import WeightsError, config_from_metadata, read_config_json, weight_files
+from weights.io import WeightsError, config_from_metadata
+from weights.reader import read_config_json, weight_files
 from weights.stream import StreamWriter, write_streaming
 from weights.transformer import load_flux, transformer_state_dict
 

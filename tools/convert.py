@@ -18,7 +18,7 @@ through a file, no permission).
 A merge into an all-in-one file (ComfyUI / SAI: VAE and text encoders beside the transformer) keeps those parts
 as stored. A LoRA's family comes from its metadata or names, else from which released model sizes its shapes fit
 (FLUX.1 and FLUX.2 [klein] share block names); when several fit, --family chooses. All the key mapping lives in
-weights/ (see weights/convert.py).
+weights/ (see weights/convert_plan.py and weights/convert.py).
 """
 
 from __future__ import annotations
@@ -39,14 +39,8 @@ if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sampling.options import OneLineParser
-from weights.convert import (
-    check_output,
-    convert_checkpoint,
-    detect,
-    merge_loras,
-    outside_transformer,
-    plan_conversion,
-)
+from weights.convert import check_output, convert_checkpoint, merge_loras, outside_transformer
+from weights.convert_plan import detect, plan_conversion
 from weights.families import get_family, names
 from weights.io import DTYPES, WeightsError, read_header
 from weights.keymaps.lora import NotLoRAError

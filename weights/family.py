@@ -17,6 +17,10 @@ from typing import Any
 
 from .io import WeightsError
 
+# How to mend a config that a file's keys cannot give (a key missing, a head dim no preset's RoPE axes fit), in
+# words a CLI user can act on: the loaders take a diffusers config.json beside the weights in a folder.
+CONFIG_JSON_FIX = "pass a folder holding the file and its diffusers config.json"
+
 
 @dataclass(frozen=True)
 class Family:
@@ -47,7 +51,7 @@ class Family:
     # key fragments only its files have: another family whose names its files also match does not read them
     markers: tuple[str, ...] = ()
     key_hints: tuple[tuple[str, str], ...] = ()  # (key fragment, "what such a file is"): other loaders' errors
-    loader: str = ""  # how a user loads it, said in those errors: "weights.load_flux"
+    loader: str = ""  # how Python loads it, said in those errors after the CLI's way: "weights.load_flux"
     other_parts: tuple[str, ...] = ()  # key prefixes of the other parts of all-in-one files (never loaded)
     official_prefix: str = ""  # the prefix its official single files carry (written by conversion)
 

@@ -1,9 +1,7 @@
-"""Reading safetensors: file discovery, header checks, pickle refusal, streamed reads (atomic writes:
-weights/atomic.py).
-
-Every loader in `weights/` reads through here, so every model family gets the same errors and the same memory
-discipline: tensors are read one at a time from a memory-mapped file and cast on the way, so the only resident
-copy is the one handed to the model.
+"""One safetensors file: its header checked before any read (damaged, truncated, pickled, GGUF, or quantized in a
+format we do not read), its metadata, the scaled-fp8 rule its readers apply, and its hashes; with the error every
+loader raises (WeightsError) and the broken-link rule they share. Which files make a model and the reader over
+them: weights/reader.py; atomic writes: weights/atomic.py.
 """
 
 from __future__ import annotations
@@ -14,11 +12,9 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 # The dtype names every command takes (--dtype), to torch dtypes.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -31,7 +27,7 @@ class WeightsError(ValueError):
 # Our savers write the model config here so a file can be loaded without a config.json.
 CONFIG_METADATA_KEY = "scfm_config"
 
-_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
+PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
 
 # ComfyUI's "scaled fp8" files (flux1-dev-fp8-scaled, t5xxl_fp8_e4m3fn_scaled, ...): an fp8 `X.weight` is stored
 # with `X.scale_weight` (older) or `X.weight_scale` (newer), a scalar or one value per output row, and the real
@@ -61,10 +57,7 @@ _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E4M3
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 # Block-scaled / sub-byte formats (MXFP4, NVFP4, their E8M0 scales): safetensors hands them out as packed torch
 # types or not at all (F6), and no weight of ours can be read from them alone.
-_PACKED_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0"}
-# Integer entries real checkpoints carry beside the weights and that no loader reads (old transformers saves'
-# position_ids, BatchNorm's step counter in FLUX.2's VAE): a casting reader lets them be.
-_INTEGER_BUFFERS = ("position_ids", "num_batches_tracked")
+PACKED_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0"}
 
 
 def refuse_broken_link(path: Path) -> None:
@@ -86,7 +79,7 @@ def check_float_dtypes(dtypes: dict[str, str], source: str | os.PathLike) -> Non
     that is not float: an integer one would fail in load_state_dict after every tensor is read, or load as an int
     buffer without a word; a packed 4/6-bit one cannot be read at all."""
     for key, dtype in dtypes.items():
-        if dtype in _PACKED_DTYPES:
+        if dtype in PACKED_DTYPES:
             raise WeightsError(f"{source}: tensor {key} is stored as {dtype} (a 4/6-bit quantized format), which "
                                "scfm does not read; use a bf16 or fp8 file of this model")
         if dtype not in FLOAT_DTYPES:
@@ -94,7 +87,7 @@ def check_float_dtypes(dtypes: dict[str, str], source: str | os.PathLike) -> Non
                                "file is damaged or not these weights: re-download or re-export it")
 
 
-def _check_safetensors_file(path: Path) -> dict:
+def check_safetensors_file(path: Path) -> dict:
     """The JSON header of `path` (tensor entries and `__metadata__`), checked as safetensors checks it before
     opening, so that no damaged file reaches its Rust errors: reads the header only, never the tensors."""
     if not exists(path):
@@ -123,7 +116,7 @@ def _check_safetensors_file(path: Path) -> dict:
     if head[:4] == b"GGUF":  # llama.cpp's container (city96's Flux / T5 quantizations for ComfyUI and Forge)
         raise WeightsError(f"{path}: a GGUF file; scfm does not read GGUF: use a safetensors file of this model "
                            "(bf16, or fp8 / fp8 scaled)")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or path.suffix.lower() in _PICKLE_SUFFIXES:
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
         raise WeightsError(
             f"{path}: a pickled PyTorch checkpoint; scfm loads safetensors only (pickles can run code): "
             "convert it with safetensors.torch.save_file on a machine you trust"
@@ -209,60 +202,6 @@ def _check_quantized(path: Path, header: dict, data_start: int) -> None:
                                "damaged: re-download or re-export it")
 
 
-def _named(folder: Path, ending: str) -> list[Path]:
-    """The entries of `folder` whose name ends with `ending` in any case (MODEL.SAFETENSORS from a FAT drive or a
-    Windows copy), sorted; broken links included, for exists() to name."""
-    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(ending))
-
-
-def _variants(files: list[Path]) -> set[Path]:
-    """The variant files among `files` whose plain file is there too: `X.fp16.safetensors` beside
-    `X.safetensors`, as Hugging Face repos ship them. diffusers and transformers load the plain file unless asked
-    for a `variant=`, and we have no such flag, so we do the same; any other key found in two files is refused
-    (_owners)."""
-    names = {f.name.lower() for f in files}
-    out = set()
-    for f in files:
-        stem, dot, _ = f.name[: -len(".safetensors")].rpartition(".")
-        if dot and stem and (stem + ".safetensors").lower() in names:
-            out.add(f)
-    return out
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of one model folder: the shards named by an index, or the single file."""
-    indexes = _named(folder, ".safetensors.index.json")
-    for index in indexes:
-        refuse_broken_link(index)
-    names: list[str] = []
-    if indexes:
-        try:
-            index = json.loads(indexes[0].read_text())
-        except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 text
-            raise WeightsError(f"{indexes[0]}: unreadable index ({e}); re-download the model folder") from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n for n in weight_map.values()):
-            raise WeightsError(f"{indexes[0]}: damaged index (not {{\"weight_map\": {{tensor: file name}}}}); "
-                               "re-download it, or delete it to load the folder's .safetensors files")
-        names = sorted(set(weight_map.values()))
-    if names:
-        files = [folder / n for n in names]
-        missing = [f.name for f in files if not exists(f)]
-        if missing:
-            raise WeightsError(f"{folder}: shards listed in {indexes[0].name} are missing: {missing[:3]}")
-        return files
-    # no index, or one naming no file (a stub beside a single model.safetensors): the folder's files, as
-    # transformers and diffusers read a folder whose index is absent
-    files = _named(folder, ".safetensors")
-    variants = _variants(files)
-    files = [f for f in files if f not in variants]
-    if not files:
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
-        hint = f" (found pickled {pickled[:2]}: scfm loads safetensors only)" if pickled else ""
-        raise WeightsError(f"{folder}: no .safetensors files{hint}")
-    return files
-
-
 def parse_lora(spec: str) -> tuple[str, float | None]:
     """`PATH[:SCALE]` as the CLIs take LoRAs, scale None when not given (`weights.lora_merge.lora_spec` then
     asks the file). The suffix is a scale only if it parses as a number, so `C:\\loras\\x.safetensors` works."""
@@ -320,12 +259,12 @@ def _a1111_hash(path: str, *_version) -> str:
 def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
     """Key -> (shape, dtype name) and the metadata of one file, without reading any tensor (the header is
     checked whole: a truncated or damaged file fails here, in one line)."""
-    header = _check_safetensors_file(Path(path))
+    header = check_safetensors_file(Path(path))
     metadata = header.pop("__metadata__", None) or {}
     return {k: (v["shape"], v["dtype"]) for k, v in header.items()}, metadata
 
 
-def _scaled_fp8(dtypes: dict[str, str]) -> tuple[dict[str, str], set[str]]:
+def scaled_fp8(dtypes: dict[str, str]) -> tuple[dict[str, str], set[str]]:
     """(fp8 weight key -> its scale key, the side keys to hide), from each key's dtype name (see _WEIGHT_SCALES)."""
     scaled: dict[str, str] = {}
     for key, dtype in dtypes.items():
@@ -343,68 +282,6 @@ def _scaled_fp8(dtypes: dict[str, str]) -> tuple[dict[str, str], set[str]]:
     return scaled, hidden
 
 
-def _index_map(folder: Path) -> dict:
-    """The weight_map of `folder`'s index, {} without one (weight_files has refused a damaged one already)."""
-    for index in _named(folder, ".safetensors.index.json"):
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(weight_map, dict):
-            return weight_map
-    return {}
-
-
-def _owners(files: list[Path], keys_of: list) -> dict[str, int]:
-    """Key -> the position in `files` of the file it is read from (`keys_of[i]`: file i's keys). A key several
-    files hold is read from the one the folder's index (model.safetensors.index.json) names. The index decides, as
-    transformers' and diffusers' loaders go by it; without one a key in two files is refused, not taken from
-    whichever sorts last."""
-    owner: dict[str, int] = {}
-    weight_map = None
-    for i, keys in enumerate(keys_of):
-        for key in keys:
-            j = owner.setdefault(key, i)
-            if j == i:
-                continue
-            if weight_map is None:
-                weight_map = _index_map(files[i].parent) if files[i].parent == files[j].parent else {}
-            named = weight_map.get(key)
-            if named not in (files[i].name, files[j].name):
-                raise WeightsError(f"{files[j]} and {files[i].name}: both hold {key} and no index says which to use; "
-                                   "pass one file, or remove the file that should not be loaded")
-            owner[key] = i if named == files[i].name else j
-    return owner
-
-
-def read_shapes(files: list[Path]) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
-    """Key -> (shape, dtype name) over all files, as the readers hand the tensors out: a scaled fp8 weight
-    reports its scale's dtype, and the scale / marker keys are left out. A key in several files is read from the
-    one the index names (_owners)."""
-    headers = []
-    metadata: dict[str, str] = {}
-    for f in files:
-        s, m = read_header(f)
-        headers.append(s)
-        metadata.update(m)
-    owner = _owners(files, headers)
-    shapes = {k: headers[i][k] for k, i in owner.items()}
-    scaled, hidden = _scaled_fp8({k: dtype for k, (_, dtype) in shapes.items()})
-    for weight, scale in scaled.items():
-        shapes[weight] = (shapes[weight][0], shapes[scale][1])
-    return {k: v for k, v in shapes.items() if k not in hidden}, metadata
-
-
-def iter_tensors(
-    files: list[Path], keys: set[str] | None = None, dtype: torch.dtype | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one at a time in file order, as `TensorReader` reads them. `keys` filters."""
-    with TensorReader(files, dtype, keys=keys) as read:
-        for key in read.keys():
-            if keys is None or key in keys:
-                yield key, read(key)
-
-
 def config_from_metadata(metadata: dict[str, str]) -> dict | None:
     """The object our savers write under CONFIG_METADATA_KEY; None when it is absent or damaged (not a JSON
     object), so that the config comes from the next source (the key shapes) as for a file without one. Its
@@ -417,112 +294,3 @@ def config_from_metadata(metadata: dict[str, str]) -> dict | None:
     except json.JSONDecodeError:
         return None
     return stored if isinstance(stored, dict) else None
-
-
-class TensorReader:
-    """Random access to the tensors of several safetensors files, each read on demand and cast to `dtype`.
-
-    Use as a context manager; the files stay memory-mapped while it is open.
-    """
-
-    def __init__(self, files: list[Path], dtype: torch.dtype | None = None, prefix: str = "",
-                 keys: set[str] | None = None):
-        """`keys`: the full names that will be read, checked to be float before any is (check_float_dtypes);
-        without them a reader that casts (`dtype`) checks every key under its prefix, being a model's loader."""
-        for path in files:
-            _check_safetensors_file(path)
-        self.files, self.dtype, self.prefix, self.wanted = files, dtype, prefix, keys
-        self._handles: list = []
-        self._where: dict[str, object] = {}
-        self._scales: dict[str, str] = {}
-        self._hidden: set[str] = set()
-        self._dtypes: dict[str, str] = {}
-
-    def __enter__(self) -> TensorReader:
-        handles, keys_of = [], []
-        for path in self.files:
-            try:
-                h = safe_open(str(path), framework="pt", device="cpu")
-            except SafetensorError as e:  # what our header check missed (the file changed since, say)
-                raise WeightsError(f"{path}: safetensors cannot open it ({e}); re-download or re-export it") from None
-            handles.append(h)
-            keys_of.append(h.keys())
-        self._handles = handles
-        owner = _owners(self.files, keys_of)
-        self._where = {k: handles[owner[k]] for keys in keys_of for k in keys}  # in file order
-        # from the open handles: no second read of the headers
-        dtypes = {k: h.get_slice(k).get_dtype() for k, h in self._where.items()}
-        self._scales, self._hidden, self._dtypes = *_scaled_fp8(dtypes), dtypes
-        reported = {k: dtypes[self._scales.get(k, k)] for k in dtypes if k not in self._hidden}
-        if self.wanted is not None:
-            checked = {k: reported[k] for k in self.wanted if k in reported}
-        elif self.dtype is not None:
-            checked = {k: d for k, d in reported.items()
-                       if k.startswith(self.prefix) and k.rpartition(".")[2] not in _INTEGER_BUFFERS}
-        else:
-            checked = {}  # a LoRA's or a converter's reader: its callers know which tensors are what
-        for i, path in enumerate(self.files):
-            check_float_dtypes({k: d for k, d in checked.items() if owner[k] == i}, path)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handles.clear()
-        self._where.clear()
-
-    def keys(self) -> list[str]:
-        """Every key the reader hands out (full names, in file order; scaled-fp8 side keys left out)."""
-        return [k for k in self._where if k not in self._hidden]
-
-    def _get(self, full: str) -> torch.Tensor:
-        h = self._where[full]
-        if self._dtypes[full] in _PACKED_DTYPES:  # F6: a raw SafetensorError; F4 / E8M0: packed torch types
-            check_float_dtypes({full: self._dtypes[full]}, self.files[self._handles.index(h)])
-        try:
-            return h.get_tensor(full)
-        except SafetensorError as e:  # a type this safetensors cannot hand to torch, or a file changed since
-            raise WeightsError(f"{self.files[self._handles.index(h)]}: tensor {full} cannot be read ({e}); "
-                               "re-download or re-export the file") from None
-
-    def __call__(self, key: str) -> torch.Tensor:
-        full = self.prefix + key
-        t = self._get(full)
-        if full in self._scales:  # a scaled fp8 weight: the product, computed in fp32
-            scale = self._get(self._scales[full])
-            if scale.numel() not in (1, t.shape[0]):
-                raise WeightsError(f"{full}: scale of shape {list(scale.shape)} fits neither the whole weight nor "
-                                   f"its {t.shape[0]} rows; the file is not a scaled fp8 checkpoint we know")
-            rows = scale.float().reshape(-1, *([1] * (t.ndim - 1)))  # (1 | out, 1, ...)
-            t = (t.float() * rows).to(self.dtype or torch.promote_types(scale.dtype, torch.float32))
-        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
-            t = t.to(self.dtype)  # fp8 files upcast here, before any key-map arithmetic
-        return t
-
-
-def read_config_json(folder: Path) -> dict | None:
-    """A model folder's config.json, or None when it has none (a broken link to one is refused)."""
-    if not exists(folder / "config.json"):
-        return None
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 text
-        raise WeightsError(f"{folder / 'config.json'}: unreadable ({e}); fix or delete it") from None
-    if not isinstance(config, dict):  # every reader looks fields up in it
-        raise WeightsError(f"{folder / 'config.json'}: not a JSON object (a {type(config).__name__}); "
-                           "fix or delete it")
-    return config
-
-
-def model_files(source: str | os.PathLike, subfolder: str) -> tuple[list[Path], dict | None]:
-    """The weight files and config.json of `source`: a single file, a model folder, or a diffusers pipeline
-    folder (whose `subfolder`, e.g. `transformer`, is used)."""
-    path = Path(source).expanduser()
-    if not exists(path):
-        raise WeightsError(f"{path}: no such file or folder; pass the path of a .safetensors file or a model folder")
-    if path.is_file():
-        _check_safetensors_file(path)
-        return [path], None
-    if exists(path / "model_index.json") or (path / subfolder).is_dir():
-        if not (path / subfolder).is_dir():
-            raise WeightsError(f"{path}: a pipeline folder without a {subfolder}/ subfolder")
-        path = path / subfolder
-    return weight_files(path), read_config_json(path)

@@ -85,10 +85,11 @@ import torch
 from torch import Tensor
 
 from .families import article, checkpoint_family, default_family, get_family, lora_family
-from .io import TensorReader, WeightsError, read_header
+from .io import WeightsError, read_header
 from .keymaps import swap_halves
 from .keymaps.lora import TEXT_ENCODER_PREFIXES, parse_key, refuse_non_lora
 from .lora_foreign import flavour, kohya_alpha, peft_alpha, peft_config, peft_file, whole_diff
+from .reader import TensorReader
 
 FORMAT = "scfm-lora/1"
 LAYOUTS = ("ours", "diffusers", "kohya")
@@ -340,8 +341,8 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
             return LoRA({}, stated, "kohya" if any(k.startswith("lora_te") for k in text) else "diffusers",
                         recommended, text, src, flavour="text encoders only")
         first = ", ".join(sorted(header)[:3])
-        raise WeightsError(f"{src}: no LoRA tensors in this file (first keys: {first}); is it a base model? "
-                           "load it with weights.load_flux or weights.load_mmdit")
+        raise WeightsError(f"{src}: no transformer LoRA tensors in this file (first keys: {first}); "
+                           f"`python tools/convert.py info {src}` says what it holds")
     stems = [p[0] for p in parsed.values() if p]
     widths = [tensors[k].shape[1] for k, p in parsed.items() if p and p[1] == "down"]
     family = _family(src, stems, False, widths, meta, family)

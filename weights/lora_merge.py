@@ -24,10 +24,11 @@ from torch import Tensor
 from model.fp8 import E4M3
 
 from .families import family_of, find_layout, names
-from .io import TensorReader, WeightsError, model_files, parse_lora, read_header, read_shapes
+from .io import WeightsError, parse_lora, read_header
 from .keymaps import to_official
 from .lora import LoRA, Recommended, read_lora
 from .lora_foreign import peft_file
+from .reader import TensorReader, model_files, read_shapes
 
 
 @dataclass

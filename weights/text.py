@@ -30,8 +30,9 @@ from model.qwen3 import Qwen3Config, Qwen3TextEncoder
 from model.t5 import T5Config, T5Encoder
 
 from .assign import assign_tensors, check_keys_and_shapes
-from .io import WeightsError, exists, iter_tensors, read_config_json, read_shapes, weight_files
+from .io import WeightsError, exists
 from .lora_text import EncoderLoRA, text_lora_merger
+from .reader import iter_tensors, read_config_json, read_shapes, weight_files
 
 # ours-key -> (file key, transform of the file tensor); the transform also applies to shapes via a meta
 # tensor.
@@ -108,7 +109,7 @@ def _infer(fn, shapes, source: str, what: str):
         return fn(shapes)
     except KeyError as e:
         raise WeightsError(f"{source}: cannot infer the {what} config ({e.args[0]} is missing); the file is "
-                           "incomplete, or pass config=") from None
+                           "incomplete") from None
 
 
 def _load(model_cls, config, files, plan, shapes, *, source, layout, dtype, device, loras=(), fp32_modules=()):

@@ -24,21 +24,15 @@ from .families import article, family_of, find_layout, get_family
 from .families.flux import FLUX
 from .families.flux2 import FLUX2
 from .families.sd3 import SD3
-from .family import Family
-from .io import (
-    CONFIG_METADATA_KEY,
-    TensorReader,
-    WeightsError,
-    config_from_metadata,
-    model_files,
-    read_shapes,
-)
+from .family import CONFIG_JSON_FIX, Family
+from .io import CONFIG_METADATA_KEY, WeightsError, config_from_metadata
 from .keymaps import official_shapes, to_official, to_others
+from .reader import TensorReader, model_files, read_shapes
 
 # Where a config read from the checkpoint came from, and how to mend it, for the one-line errors.
-_FROM_JSON = ("its config.json", "fix or delete the config.json, or pass config=")
-_FROM_METADATA = (f"its metadata ({CONFIG_METADATA_KEY})", "re-export the file, or pass config=")
-_FROM_SHAPES = ("its key shapes", "pass config=")
+_FROM_JSON = ("its config.json", "fix or delete the config.json")
+_FROM_METADATA = (f"its metadata ({CONFIG_METADATA_KEY})", f"re-export the file, or {CONFIG_JSON_FIX}")
+_FROM_SHAPES = ("its key shapes", CONFIG_JSON_FIX)
 
 
 def _bad_config(family: Family, source: str, origin: tuple[str, str], problem: str) -> WeightsError:

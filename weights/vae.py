@@ -23,8 +23,9 @@ from model.vae import VAE_CONFIGS, AutoEncoder, VAEConfig
 
 from .assign import assign_tensors, check_keys_and_shapes
 from .families import transformer_hints
-from .io import WeightsError, config_from_metadata, exists, iter_tensors, read_config_json, read_shapes, weight_files
+from .io import WeightsError, config_from_metadata, exists
 from .keymaps.vae import diffusers_to_ours
+from .reader import iter_tensors, read_config_json, read_shapes, weight_files
 
 SAI_PREFIX = "first_stage_model."
 COMFY_PREFIX = "vae."

@@ -28,7 +28,8 @@ import torch
 
 from model.clip_vision import CLIPVisionConfig, CLIPVisionTower
 
-from .io import WeightsError, read_shapes
+from .io import WeightsError
+from .reader import read_shapes
 from .text import Plan, _count, _fields, _find_prefix, _infer, _load, _resolve, _shapes_after
 
 _ANCHOR = "vision_model.embeddings.class_embedding"
@@ -61,7 +62,7 @@ def _config_from_transformers(d: dict, inferred: CLIPVisionConfig, source: str) 
         return CLIPVisionConfig(**{**dataclasses.asdict(inferred), **_fields(CLIPVisionConfig, d),
                                    "projection_dim": inferred.projection_dim})
     except ValueError as e:
-        raise WeightsError(f"{source}: config.json: {e}; fix it or pass config=") from None
+        raise WeightsError(f"{source}: config.json: {e}; fix or delete the config.json") from None
 
 
 def _openclip_plan(shapes: dict, base: str, source: str) -> Plan:

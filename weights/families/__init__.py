@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from ..family import Family
-from ..io import WeightsError, config_from_metadata, exists, model_files, read_shapes
+from ..io import WeightsError, config_from_metadata, exists
+from ..reader import model_files, read_shapes
 from .flux import FLUX
 from .flux2 import FLUX2
 from .sd3 import SD3
@@ -75,10 +76,15 @@ def family_of(model) -> Family:
 
 
 def not_this_hints(family: Family) -> list[tuple[str, str]]:
-    """(key fragment, what it is) for the files `family`'s loader must refuse: the other families'
-    transformers, then LoRAs, VAEs and text encoders."""
-    return [(fragment, f"{what}; load it with {f.loader or 'weights.load_transformer'}")
-            for f in _FAMILIES if f is not family for fragment, what in f.key_hints] + list(NOT_A_TRANSFORMER)
+    """(key fragment, what it is and what to do) for the files `family`'s loader must refuse: the other
+    families' transformers, then LoRAs, VAEs and text encoders."""
+    # A CLI run reads the family from a file's keys, so it meets another family's file only inside a folder
+    # whose model_index.json or config.json names the wrong model: passed alone, the file loads. Python names
+    # the family itself, in the loader it calls.
+    return [(fragment, f"{what}, not {article(family.title)} transformer; pass that file itself as --model (in "
+                       f"Python: {f.loader or 'weights.load_transformer'})")
+            for f in _FAMILIES if f is not family for fragment, what in f.key_hints] + \
+        [(fragment, f"{what}, not {article(family.title)} transformer") for fragment, what in NOT_A_TRANSFORMER]
 
 
 def transformer_hints() -> list[tuple[str, str]]:
@@ -104,7 +110,7 @@ def find_layout(family: Family, keys, source: str) -> tuple[str, str]:
         return found
     for fragment, what in not_this_hints(family):
         if any(fragment in k for k in keys):
-            raise WeightsError(f"{source}: this is {what}, not {article(family.title)} transformer")
+            raise WeightsError(f"{source}: this is {what}")
     first = ", ".join(sorted(keys)[:3])
     raise WeightsError(f"{source}: not {article(family.title)} transformer in the {family.official_name} or diffusers "
                        f"layout (first keys: {first})")

@@ -7,7 +7,7 @@ import re
 
 from model.flux import FLUX_CONFIGS, Flux, FluxConfig
 
-from ..family import Family
+from ..family import CONFIG_JSON_FIX, Family
 from ..io import WeightsError
 from ..keymaps.flux import flux_rules, flux_split_sizes
 from ..keymaps.lora import block_counts, flux_lora_names
@@ -92,10 +92,11 @@ def infer_flux_config(shapes: dict[str, tuple[int, ...]], source: str = "checkpo
         cfg |= {"vec_in_dim": shapes["vector_in.in_layer.weight"][1],
                 "qkv_bias": "double_blocks.0.img_attn.qkv.bias" in shapes or "single_blocks.0.linear1.bias" in shapes}
     except (KeyError, TypeError, ValueError) as e:
-        raise WeightsError(f"{source}: cannot infer the Flux config from its keys (no {e}); pass config=") from None
+        raise WeightsError(f"{source}: cannot infer the Flux config from its keys (no {e}); {CONFIG_JSON_FIX}"
+                           ) from None
     same_head = [p for p in FLUX_CONFIGS.values() if sum(p.axes_dim) == head_dim]
     if not same_head:
-        raise WeightsError(f"{source}: head dim {head_dim} matches no preset's RoPE axes; pass config=FluxConfig(...)")
+        raise WeightsError(f"{source}: head dim {head_dim} matches no preset's RoPE axes; {CONFIG_JSON_FIX}")
     return FluxConfig(axes_dim=same_head[0].axes_dim, theta=same_head[0].theta, **cfg)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from model.flux2 import Flux2, Flux2Config
 
-from ..family import Family
+from ..family import CONFIG_JSON_FIX, Family
 from ..io import WeightsError
 from ..keymaps.flux2 import flux2_rules, flux2_split_sizes
 from ..keymaps.lora import block_counts, flux2_lora_names
@@ -30,7 +30,7 @@ def detect_flux2_layout(keys) -> tuple[str, str] | None:
 def _axes(head_dim: int, source: str) -> tuple[int, ...]:
     """FLUX.2 splits the head dim over four equal RoPE axes (T, H, W, L): 4 x 32 for 128."""
     if head_dim % 8:
-        raise WeightsError(f"{source}: head dim {head_dim} does not split into four even RoPE axes; pass config=")
+        raise WeightsError(f"{source}: head dim {head_dim} does not split into four even RoPE axes; {CONFIG_JSON_FIX}")
     return (head_dim // 4,) * 4
 
 
@@ -67,7 +67,8 @@ def infer_flux2_config(shapes: dict[str, tuple[int, ...]], source: str = "checkp
     try:
         cfg, head_dim = stream_shapes(shapes)
     except (KeyError, TypeError, ValueError) as e:
-        raise WeightsError(f"{source}: cannot infer the FLUX.2 config from its keys (no {e}); pass config=") from None
+        raise WeightsError(f"{source}: cannot infer the FLUX.2 config from its keys (no {e}); {CONFIG_JSON_FIX}"
+                           ) from None
     return Flux2Config(axes_dim=_axes(head_dim, source), **cfg)
 
 

@@ -8,7 +8,7 @@ import re
 
 from model.mmdit import MMDiT, MMDiTConfig
 
-from ..family import Family
+from ..family import CONFIG_JSON_FIX, Family
 from ..io import WeightsError
 from ..keymaps.lora import mmdit_depth, mmdit_lora_names
 from ..keymaps.mmdit import mmdit_rules, mmdit_split_sizes
@@ -95,16 +95,16 @@ def infer_mmdit_config(shapes: dict[str, tuple[int, ...]], source: str = "checkp
             dual_attention_layers=tuple(_block_indices(shapes, r"joint_blocks\.(\d+)\.x_block\.attn2\.")),
         )
     except (KeyError, TypeError, ValueError) as e:
-        msg = f"{source}: cannot infer the MMDiT config from its keys (no {e}); pass config="
+        msg = f"{source}: cannot infer the MMDiT config from its keys (no {e}); {CONFIG_JSON_FIX}"
         raise WeightsError(msg) from None
     if cfg["pos_embed_max_size"] ** 2 != n_pos:
         raise WeightsError(f"{source}: pos_embed has {n_pos} positions, not a square grid; file damaged?")
     if hidden % head_dim:
-        raise WeightsError(f"{source}: width {hidden} is not a multiple of head dim {head_dim}; pass config=")
+        raise WeightsError(f"{source}: width {hidden} is not a multiple of head dim {head_dim}; {CONFIG_JSON_FIX}")
     try:
         return MMDiTConfig(**cfg)
     except ValueError as e:
-        raise WeightsError(f"{source}: inferred an invalid MMDiT config ({e}); pass config=") from None
+        raise WeightsError(f"{source}: inferred an invalid MMDiT config ({e}); {CONFIG_JSON_FIX}") from None
 
 
 def diffusers_rules(keys):
