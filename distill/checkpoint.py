@@ -16,7 +16,9 @@ one a lower-lr `--resume` can continue from. A write that fails (a full disk) le
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import warnings
@@ -120,17 +122,27 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
-    """(tensors, state) of one checkpoint folder; ValueError (one line) if it is incomplete or damaged."""
+    """(tensors, state) of one checkpoint folder; ValueError (one line) if it is incomplete or damaged,
+    FileNotFoundError if it was deleted or replaced while being read (a run writing there pruned it). Both files are
+    opened before either is read, and the tensors loaded are the bytes hashed, so the state of one version of the
+    folder never comes back with the tensors of another."""
     state_file, tensor_file = path / "state.json", path / "tensors.safetensors"
     if not state_file.exists() or not tensor_file.exists():
         raise ValueError(f"{path}: incomplete checkpoint")
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
-        raise ValueError(f"{path}: state.json is damaged") from None
-    if file_sha256(tensor_file) != state.get("tensors_sha256"):
-        raise ValueError(f"{path}: tensors.safetensors does not match its recorded sha256 (damaged)")
-    return load_file(str(tensor_file)), state
+    with open(state_file, "rb") as s, open(tensor_file, "rb") as t:
+        try:
+            state = json.loads(s.read())
+        except ValueError:
+            raise ValueError(f"{path}: state.json is damaged") from None
+        digest = hashlib.sha256()
+        for block in iter(lambda: t.read(1 << 22), b""):
+            digest.update(block)
+        if digest.hexdigest() != state.get("tensors_sha256"):
+            raise ValueError(f"{path}: tensors.safetensors does not match its recorded sha256 (damaged)")
+        tensors = load_file(str(tensor_file))  # by name: the file is the one hashed if the name still leads to it
+        if not os.path.samestat(os.fstat(t.fileno()), os.stat(tensor_file)):
+            raise FileNotFoundError(f"{path}: replaced while being read")
+    return tensors, state
 
 
 def run_settings(state: dict) -> dict:
@@ -218,20 +230,31 @@ def changed_lora_files(state: dict, now: dict) -> list[str]:
     return changed
 
 
-def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Tensor], dict] | None:
+def latest_checkpoint(root: Path, looks: int = 3) -> tuple[Path, dict[str, Tensor], dict] | None:
     """The newest checkpoint that reads back intact; damaged newer ones are skipped with a warning. None when
     `root` holds no checkpoint; CheckpointError (one line, naming each) when it holds only damaged ones: the
-    run's state would be lost by treating that as "no checkpoint"."""
-    damaged = []
-    for path in reversed(checkpoints(root)):
-        try:
-            tensors, state = read_checkpoint(path)
-        except (ValueError, OSError) as e:
-            damaged.append((path, e))
-            continue
-        for _, e in damaged:
-            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-        return path, tensors, state
+    run's state would be lost by treating that as "no checkpoint".
+
+    A run training in `root` deletes its older checkpoints after writing a newer one (--keep_checkpoints), oldest
+    first, so a reader that listed them before may find every one it listed gone. That is not damage: when every
+    read failed and a file vanished mid-read or the listing changed meanwhile, the folder is listed again and the
+    newer checkpoint read (up to `looks` times)."""
+    for _ in range(looks):
+        listed, damaged = checkpoints(root), []
+        for path in reversed(listed):
+            try:
+                tensors, state = read_checkpoint(path)
+            except (ValueError, OSError) as e:
+                damaged.append((path, e))
+                continue
+            for _, e in damaged:
+                warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+            return path, tensors, state
+        if not any(isinstance(e, FileNotFoundError) for _, e in damaged) and checkpoints(root) == listed:
+            break  # nothing changed while reading: the damage is real
+    else:
+        raise CheckpointError(f"{root}: its checkpoints were deleted while being read, {looks} times in a row (a "
+                              "run writing there with --keep_checkpoints 1?); try again, or once that run stops")
     if damaged:
         why = "; ".join(f"{p.name}: {str(e).removeprefix(f'{p}: ')}" for p, e in damaged[:3])
         more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""

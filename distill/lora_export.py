@@ -31,7 +31,7 @@ import torch
 from sampling.samplers import cfg_scale_from_w
 from weights.io import WeightsError
 
-from .checkpoint import CheckpointError, first_non_finite, latest_checkpoint, read_checkpoint, stored_config
+from .checkpoint import STEP_DIR, CheckpointError, first_non_finite, latest_checkpoint, read_checkpoint, stored_config
 from .config import ConfigError, DistillConfig
 from .lora import inject_lora, lora_layers, set_state_dict
 from .run_outputs import base_lora_records
@@ -139,10 +139,13 @@ def find_checkpoint(source: Path) -> tuple[Path, dict, dict]:
     if not source.is_dir():
         raise ConfigError(f"{source}: no such folder; pass a run folder (--output of distill.train) or one of its "
                           "checkpoints/step-NNNNNN folders")
-    if (source / "state.json").exists():
+    if (source / "state.json").exists() or STEP_DIR.fullmatch(source.name):
         try:
             return source, *read_checkpoint(source)
         except (ValueError, OSError) as e:
+            if not source.is_dir():  # pruned by the run writing there (it keeps its newest --keep_checkpoints)
+                raise ConfigError(f"{source}: deleted while being read (the run writing there keeps only its newest "
+                                  "checkpoints); pass the run folder for its newest one") from None
             raise ConfigError(f"{e}; pass another checkpoint, or the run folder for its newest intact one") from None
     try:
         with warnings.catch_warnings(record=True) as caught:  # a damaged checkpoint skipped: one line, no source
