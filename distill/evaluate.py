@@ -241,7 +241,8 @@ def _main(parser, args) -> int:
 
 def judge_main(args) -> int:
     """Any model (distill/judge.py): the rows rendered into --out, the table printed, report.json written."""
-    from .judge import check_out, format_report, judge
+    from .judge import check_out, judge
+    from .judge_scores import format_report
 
     threads = torch.get_num_threads()
     try:

@@ -207,7 +207,7 @@ def check_grid_scale(cfg: EvalConfig, scale: int) -> None:
 
 def world_score(images: np.ndarray, prompts: list[str], world_name: str) -> dict:
     """quality.score, without style where it says nothing: in the base world it is the colour part of adherence,
-    and without colour-naming prompts it is None (this table and --out's, distill/judge.py, both drop it)."""
+    and without colour-naming prompts it is None (this table and --out's, distill/judge_scores.py, both drop it)."""
     score = quality.score(images, prompts, world_name)
     if world_name == "base" or score["style"] is None:
         del score["style"]
@@ -255,7 +255,7 @@ def write_json(path: Path, data: dict) -> None:
 def write_grid(path: Path, grid: np.ndarray, scale: int, report: dict) -> None:
     from PIL import Image
 
-    from sampling.base import save_png  # atomic, with the settings in a text chunk
+    from sampling.png_record import save_png  # atomic, with the settings in a text chunk
 
     big = grid.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest: the 64 px images stay sharp
     save_png(Image.fromarray(big), path, dict(report["config"], rows=[r["name"] for r in report["rows"]]))

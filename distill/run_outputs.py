@@ -53,8 +53,8 @@ def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, v
         return [atomic_save({"latents": latents.cpu()}, folder / f"step-{step:06d}.safetensors",
                             {"prompts": json.dumps(prompts)}, overwrite=True)]
     from model.vae import vae_to_images
-    from sampling.base import save_png
-    from sampling.pipeline import to_pil
+    from sampling.base import to_pil
+    from sampling.png_record import save_png
     from weights.vae import load_vae
 
     vae = load_vae(vae_path, device=device)
@@ -142,7 +142,7 @@ class JsonlLog:
         if self.wandb and paths and paths[0].suffix == ".png":
             import wandb
 
-            from sampling.base import read_png_params
+            from sampling.png_record import read_png_params
 
             prompts = [read_png_params(p)["prompt"] for p in paths]
             self.wandb.log({"samples": [wandb.Image(str(p), caption=c) for p, c in zip(paths, prompts)]}, step=step)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sampling.base import component_files
+from sampling.components import component_files
 from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS
 from weights.families import default_family, detect_family, get_family
 from weights.family import Family

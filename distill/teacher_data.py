@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from sampling.base import MAX_SIDE, component_files, pipeline_from_args
+from sampling.base import MAX_SIDE
+from sampling.components import component_files, pipeline_from_args
 from sampling.options import (
     MAX_STEPS,
     OneLineParser,
@@ -185,7 +186,8 @@ def check_settings(out: Path, settings: dict) -> None:
 def render(pipe, jobs: list[dict], args, out: Path, bar) -> None:
     """One bucket's jobs: encode their prompts once, then batches of independent per-image noise, sampled by the
     family's pipeline as `generate` samples (its guidance, and its negative prompt when it uses one)."""
-    from sampling.base import save_png, to_pil
+    from sampling.base import to_pil
+    from sampling.png_record import save_png
 
     w, h = jobs[0]["width"], jobs[0]["height"]
     cfg = pipe.default_config(height=h, width=w, steps=args.steps, guidance=args.guidance,
@@ -231,7 +233,7 @@ def make_pipeline(args):
     family = detect_family(model)
     # generate's check: a flag of another family (--variant, --qwen on FLUX.1) would be ignored and recorded
     check_family_flags(_Flags(args), family)
-    return pipeline_from_args(args, model, detect_family(model), [lora_spec(spec) for spec in args.lora])
+    return pipeline_from_args(args, model, family, [lora_spec(spec) for spec in args.lora])
 
 
 def resolution_buckets(resolution: int) -> tuple[tuple[int, int], ...]:

@@ -30,7 +30,8 @@ from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
 
 from .checkpoint import checkpoints, newest_settings
-from .config import ConfigError, DistillConfig, build_config, load_toml, presets
+from .config import ConfigError, DistillConfig
+from .config_files import build_config, load_toml, presets
 from .dataset import DataError
 from .lora import set_state_dict
 from .lora_export import export_lora, export_paths

@@ -1,13 +1,13 @@
-"""What every text-to-image pipeline shares: lazy components, the size check, diffusers-exact noise, the schedule
-with its overrides, decoding, and the prompt -> latents -> image flow. Families fill in the rest."""
+"""What every text-to-image pipeline shares (the Pipeline base class): lazy components, LoRAs swapped on a loaded
+transformer, the size and memory checks, diffusers-exact noise, the schedule with its overrides, decoding, and the
+prompt -> latents -> image flow. Families fill in the rest. Which files a pipeline is built from, and their checks:
+components.py; the PNG it writes: png_record.py."""
 
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,15 +21,12 @@ from model import fp8_gemm
 from model.block_swap import BlockSwap, check_count
 from model.fp8 import enable_fp8_compute_
 from model.vae import AUTO_TILE_LATENT, TILE_SIZE, AutoEncoder, VAEConfig, vae_to_images
-from weights.atomic import atomic_path
-from weights.io import DTYPES, WeightsError, exists
+from weights.io import WeightsError
 from weights.lora_merge import _resolve, apply_loras, requantize_loras, unload_loras
 from weights.lora_text import EncoderLoRA, SplitLoRAs, split_loras
 from weights.transformer import load_transformer
 from weights.vae import load_vae
 
-from .infotext import infotext
-from .options import run_dtype
 from .schedules import ScheduleConfig
 
 # The largest image side we sample (SD3 may allow less: its position table). A sanity cap, not a memory limit
@@ -384,74 +381,6 @@ class Pipeline:
         return images if output == "tensor" else to_pil(images)
 
 
-# The component files every family's `from_files` picks from, by the names generate's flags, make_dataset's and
-# DistillConfig's fields share; `no_t5` (SD3 without T5) and `variant` (FLUX.2 [klein] base or distilled) ride along.
-COMPONENT_FILES = ("vae", "clip", "clip_g", "t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
-                   "qwen_tokenizer", "no_t5", "variant")
-
-
-def component_files(options) -> dict:
-    """`COMPONENT_FILES` read off a command line's args or a config (None where it has no such field)."""
-    return {k: getattr(options, k, None) for k in COMPONENT_FILES}
-
-
-def pipeline_from_args(args, model: Path, family, loras: Sequence = ()) -> Pipeline:
-    """`family`'s pipeline for a sampling command (generate, make_dataset): its component files and run options
-    (sampling/options.py add_run_options) from the command line, checked before anything loads."""
-    pipe = family.part("pipeline").from_files(
-        model, component_files(args), device=args.device, dtype=DTYPES[run_dtype(args)], fp8=args.fp8, loras=loras,
-        blocks_to_swap=args.blocks_to_swap, fp8_compute=args.fp8_compute, compile=args.compile,
-        ignore_te_lora=args.ignore_te_lora)
-    pipe.sources.check()
-    return pipe
-
-
-def require_sources(sources, flags: dict[str, str], required, what=lambda name: name.replace("_", " ")) -> None:
-    """Every `required` component of a pipeline's sources given (`what` names it; `flags`: field -> the generate
-    flag that sets it), one line for the first that is not: before anything loads."""
-    for name in required:
-        if getattr(sources, name) is None:
-            raise WeightsError(f"no {what(name)} given: pass {flags[name]} (or a diffusers pipeline folder)")
-
-
-def check_paths(sources, flags: dict[str, str]) -> None:
-    """Every path the sources were given exists; one line naming the flag of the first that does not, or, for a
-    part the pipeline folder (`sources.folder`) should hold, the folder: the user passed no such flag."""
-    folder = getattr(sources, "folder", None)
-    for name, flag in flags.items():
-        path = getattr(sources, name)
-        if path is None or exists(Path(path)):
-            continue
-        if folder is not None and Path(path).parent == folder:
-            raise WeightsError(f"{folder}: the pipeline folder has no {Path(path).name}/; download it again, or "
-                               f"pass {flag} (a file or folder)")
-        raise WeightsError(f"{flag} {path}: no such file or folder")
-
-
-def load_tokenizer(load, path, flag: str, **kwargs):
-    """`load(path, **kwargs)` with a file that is no tokenizer as one line naming `flag`: sentencepiece raises a
-    bare RuntimeError, tokenizers a bare Exception, a damaged config a JSON error. Callers load tokenizers before
-    the text encoders, so a wrong file costs no encoder load."""
-    try:
-        return load(path, **kwargs)
-    except Exception as e:  # noqa: BLE001  (any of the libraries' errors means the same: not a tokenizer)
-        reason = first_sentences(" ".join(str(e).split())) or type(e).__name__
-        raise WeightsError(f"{flag} {path}: not a tokenizer ({reason}); pass the model's tokenizer folder or "
-                           "file") from None
-
-
-def first_sentences(text: str, limit: int = 160) -> str:
-    """The whole sentences of `text` that fit in `limit` characters, at least the first one whole: a library's
-    reason cut mid-sentence reads as a different reason."""
-    sentences = re.split(r"(?<=[.!?;])\s+", text)
-    kept = sentences[0]
-    for sentence in sentences[1:]:
-        if len(kept) + 1 + len(sentence) > limit:
-            break
-        kept += " " + sentence
-    return kept
-
-
 def device_memory(device: torch.device) -> int | None:
     """All of `device`'s memory in bytes (the host's RAM for the CPU); None when it cannot be asked cheaply."""
     if device.type == "cuda":
@@ -489,39 +418,3 @@ def to_pil(images: Tensor) -> list:
 
     arrays = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
     return [Image.fromarray(a) for a in arrays]
-
-
-# The PNG text chunk holding our settings as JSON; `parameters` holds the A1111 infotext other tools read.
-PNG_PARAMS_KEY = "scfm"
-
-
-def save_png(image, path: Path, params: dict) -> None:
-    """Atomically (a crash never leaves half a PNG under the final name), with `params` twice: as JSON under
-    `scfm`, which `read_png_params` reads, and as A1111 infotext under `parameters` (sampling/infotext.py)."""
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", infotext(params))
-    info.add_text(PNG_PARAMS_KEY, json.dumps(params))
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
-def read_png_params(image) -> dict:
-    """The params `save_png` stored, from a path or an open PIL image. PNGs written before the infotext hold the
-    JSON under `parameters`; a PNG without either is a ValueError."""
-    from PIL import Image
-
-    if hasattr(image, "text"):
-        text = image.text
-    else:
-        with Image.open(image) as im:
-            text = im.text
-    raw = text.get(PNG_PARAMS_KEY) or text.get("parameters", "")
-    try:
-        params = json.loads(raw)
-        if isinstance(params, dict):
-            return params
-    except json.JSONDecodeError:
-        pass
-    raise ValueError(f"{getattr(image, 'filename', image)}: no scfm settings in this PNG (not written by scfm?)")

@@ -26,7 +26,7 @@ from weights.io import WeightsError, read_header
 from weights.lora import Recommended
 from weights.lora_merge import lora_spec
 
-from .base import COMPONENT_FILES, pipeline_from_args
+from .components import COMPONENT_FILES, pipeline_from_args
 from .demo import ASSETS, DEMO_FOLDER, demo_lora
 from .flags import build_parser
 from .job import check_args, check_job, check_sizes, render, resolve, with_demo_defaults

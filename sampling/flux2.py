@@ -23,13 +23,8 @@ from weights.families.flux2 import FLUX2
 from weights.io import WeightsError, exists
 from weights.text import load_qwen3
 
-from .base import (
-    Pipeline,
-    check_paths,
-    load_tokenizer,
-    require_sources,
-)
-from .components import check_vae_fit, check_width, read_model_index
+from .base import Pipeline
+from .components import check_paths, check_vae_fit, check_width, load_tokenizer, read_model_index, require_sources
 from .options import cfg_scale, pick, refuse_without_cfg
 from .pipeline import schedule_from_diffusers
 from .samplers import euler, true_cfg

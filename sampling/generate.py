@@ -12,8 +12,8 @@ config.json, or the checkpoint's keys. Settings not given on the command line co
 from the family's diffusers defaults. A LoRA without :SCALE is merged at the scale its metadata recommends, else 1;
 its text-encoder part, if any (kohya lora_te*_, diffusers text_encoder*.), goes into CLIP / T5 at that scale unless
 --ignore-te-lora. Every PNG carries its generation parameters (seed and LoRA scales included) twice: as the infotext
-A1111 / Forge's PNG Info and Civitai read, and as our JSON (sampling.base.read_png_params); existing files are never
-replaced without --overwrite.
+A1111 / Forge's PNG Info and Civitai read, and as our JSON (sampling.png_record.read_png_params); existing files are
+never replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from weights.io import WeightsError
 
-from .base import pipeline_from_args
+from .components import pipeline_from_args
 from .demo import IMAGE_SIZE
 from .flags import build_parser
 from .job import (

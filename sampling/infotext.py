@@ -8,7 +8,7 @@ holds at least three pairs, so a shorter one is left out: it would be read as pa
 
 Only what is true of our samplers is written, from the keys a caller's params have (generate's have them all;
 a training sample has only its prompt): no value is filled in. Our full settings stay in the PNG as JSON
-(`sampling.base.save_png`).
+(`sampling.png_record.save_png`).
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ from weights.families import article, detect_family, families, get_family
 from weights.family import Family
 from weights.io import DTYPES, WeightsError
 
-from .base import MAX_SIDE, save_png
+from .base import MAX_SIDE
 from .demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH, demo_lora
 from .flags import GenerationFlags, ModelFiles
 from .options import MAX_STEPS, check_finite, check_run_options, check_seed, pick, read_prompt_lines
-from .png_record import png_params
+from .png_record import png_params, save_png
 
 # Image formats `--out` might name: we write PNG alone (its settings inside), so `--out img.jpg` would otherwise be
 # read as a folder name and fill a folder `img.jpg/` with PNGs.
@@ -389,7 +389,7 @@ def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callba
     """Encode the prompts once, then per batch index (seed, seed + 1, ...) sample, decode and write each PNG with
     its parameters: `generate` and the app (sampling/app.py) both end here, after `check_job`. `latents_out`
     collects each batch index's final latents (distill.evaluate compares them)."""
-    from .pipeline import to_pil
+    from .base import to_pil
 
     negative_prompt = job.cfg.negative_prompt if pipe.wants_negative(job.cfg) else None
     cond, negative = pipe.encode_prompts(job.prompts, job.cfg)  # the encoders run once, then are freed

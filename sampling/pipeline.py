@@ -22,14 +22,16 @@ from weights.families.flux import FLUX
 from weights.io import WeightsError, exists
 from weights.text import load_clip, load_t5
 
-from .base import (
-    Pipeline,
+from .base import Pipeline
+from .components import (
+    bundled_parts,
     check_paths,
+    check_vae_fit,
+    check_width,
+    encoder_prefix,
     load_tokenizer,
     require_sources,
-    to_pil,  # noqa: F401  (to_pil is part of this module's API)
 )
-from .components import bundled_parts, check_vae_fit, check_width, encoder_prefix
 from .options import cfg_scale, pick
 from .samplers import euler, flux_guidance, true_cfg
 from .schedules import SCHEDULES, ScheduleConfig, get_sigmas

@@ -1,17 +1,56 @@
-"""What a PNG of ours records, read back for `generate --from-png` and checked key by key: a missing file, another
-image format, a PNG without our chunk or with a value edited by hand is one line, not a TypeError (or a run that
-writes nothing) later. The PNG is written by base.save_png; job.png_config turns these settings into a config."""
+"""What a PNG of ours records: the settings written into it (as JSON under `scfm`, and as the A1111 infotext other
+tools read) and read back, for `generate --from-png` checked key by key: a missing file, another image format, a PNG
+without our chunk or with a value edited by hand is one line, not a TypeError (or a run that writes nothing) later.
+job.png_config turns these settings into a config."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+from weights.atomic import atomic_path
 from weights.families import families
 from weights.io import DTYPES
 
 from .base import MAX_SIDE
+from .infotext import infotext
 from .options import MAX_STEPS
+
+# The PNG text chunk holding our settings as JSON; `parameters` holds the A1111 infotext other tools read.
+PNG_PARAMS_KEY = "scfm"
+
+
+def save_png(image, path: Path, params: dict) -> None:
+    """Atomically (a crash never leaves half a PNG under the final name), with `params` twice: as JSON under
+    `scfm`, which `read_png_params` reads, and as A1111 infotext under `parameters` (sampling/infotext.py)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", infotext(params))
+    info.add_text(PNG_PARAMS_KEY, json.dumps(params))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def read_png_params(image) -> dict:
+    """The params `save_png` stored, from a path or an open PIL image. PNGs written before the infotext hold the
+    JSON under `parameters`; a PNG without either is a ValueError."""
+    from PIL import Image
+
+    if hasattr(image, "text"):
+        text = image.text
+    else:
+        with Image.open(image) as im:
+            text = im.text
+    raw = text.get(PNG_PARAMS_KEY) or text.get("parameters", "")
+    try:
+        params = json.loads(raw)
+        if isinstance(params, dict):
+            return params
+    except json.JSONDecodeError:
+        pass
+    raise ValueError(f"{getattr(image, 'filename', image)}: no scfm settings in this PNG (not written by scfm?)")
 
 
 def png_params(path: str) -> dict:
@@ -19,8 +58,6 @@ def png_params(path: str) -> dict:
     without our chunk or with a value edited by hand is one line, not a TypeError (or a run writing nothing)
     later."""
     from PIL import Image
-
-    from .base import read_png_params
 
     fix = "pass a PNG that sampling.generate (or the app) wrote"
     try:

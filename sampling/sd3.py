@@ -23,14 +23,17 @@ from weights.families.sd3 import SD3
 from weights.io import WeightsError, exists
 from weights.text import load_clip, load_t5
 
-from .base import (
-    MAX_SIDE,
-    Pipeline,
+from .base import MAX_SIDE, Pipeline
+from .components import (
+    bundled_parts,
     check_paths,
+    check_vae_fit,
+    check_width,
+    encoder_prefix,
     load_tokenizer,
+    read_model_index,
     require_sources,
 )
-from .components import bundled_parts, check_vae_fit, check_width, encoder_prefix, read_model_index
 from .options import cfg_scale, pick, refuse_without_cfg
 from .pipeline import schedule_from_diffusers
 from .samplers import Velocity, cat_cond, euler

@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sampling.app import build_parser
-from sampling.base import read_png_params
 from sampling.compare import Column, Session, grid_image, parse_values, sweep_columns
 from sampling.demo import DEMO_LORA
 from sampling.generate import main as generate
+from sampling.png_record import read_png_params
 from weights.io import WeightsError, read_header
 
 PROMPT = "a red circle above a blue square"

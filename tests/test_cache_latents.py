@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from distill.config import build_config
+from distill.config_files import build_config
 from distill.run_setup import prepare_cache, resolve_demo
 from sampling.demo import DEMO_FOLDER, IMAGE_SIZE
 

@@ -17,7 +17,8 @@ from test_trainer import config, trainer
 from torch import nn
 
 from distill import speed
-from distill.config import AUTO, ConfigError, build_config
+from distill.config import AUTO, ConfigError
+from distill.config_files import build_config
 from distill.lora import LoRAConfig, inject_lora, lora_layers, set_state_dict, weight_set, weight_sets
 from distill.lora_fn import lora_linear
 from distill.train import build_parser

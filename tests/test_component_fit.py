@@ -1,4 +1,4 @@
-"""Components that do not fit together are refused in one line before any weight is read (sampling/base.py
+"""Components that do not fit together are refused in one line before any weight is read (sampling/components.py
 check_vae_fit, the pipelines' check_components): another family's VAE, swapped or foreign text encoders. Also the
 parts an SD3.5 all-in-one file holds, an SD3 folder whose listed T5 is missing, broken cache links and the scheduler
 configs FLUX.1 and klein read. Tiny random components written as files; nothing runs but the last CLI test."""
@@ -20,7 +20,7 @@ from model.mmdit import MMDIT_CONFIGS, MMDiT
 from model.qwen3 import Qwen3Config, Qwen3TextEncoder
 from model.t5 import T5_CONFIGS, T5Config, T5Encoder
 from model.vae import VAE_CONFIGS, AutoEncoder
-from sampling.base import load_tokenizer
+from sampling.components import load_tokenizer
 from sampling.flux2 import Flux2KleinPipeline
 from sampling.pipeline import FluxPipeline, schedule_from_diffusers
 from sampling.sd3 import SD3Pipeline, SD3Sources

@@ -19,7 +19,8 @@ from test_data import make_cache
 from test_ema import set_live_, small_model
 from test_trainer import config, tiny_model, trainer
 
-from distill.config import AUTO, FLOAT_RANGES, ConfigError, DistillConfig, build_config, flat_fields, lr_at
+from distill.config import AUTO, FLOAT_RANGES, ConfigError, DistillConfig, flat_fields, lr_at
+from distill.config_files import build_config
 from distill.data import Cache
 from distill.ema import EMAConfig, ema_step
 from distill.lora import set_state_dict

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from distill import evaluate, evaluation, run_setup, train
-from distill.config import build_config
+from distill.config_files import build_config
 from distill.demo import world
-from sampling.base import read_png_params
 from sampling.demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, T5_LENGTH
+from sampling.png_record import read_png_params
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from distill.evaluation import EvalConfig, evaluate
 from distill.lora import LoRAConfig, inject_lora, set_state_dict
 from model.flux import Flux
 from model.vae import AutoEncoder
-from sampling.base import read_png_params
 from sampling.demo import T5_LENGTH
+from sampling.png_record import read_png_params
 from weights.lora_write import save_lora
 
 PROMPTS = ("a red circle at the top left", "a blue square in the center on a white background")

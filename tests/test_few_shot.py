@@ -94,7 +94,7 @@ def test_flow_matching_refuses_what_it_does_not_have_and_exports_an_ordinary_lor
 
 
 def test_ten_shot_recipes_start_from_their_base_and_change_only_what_they_say(tmp_path):
-    from distill.config import build_config, load_toml
+    from distill.config_files import build_config, load_toml
 
     demo, ten = load_toml("demo"), load_toml("demo-10shot")
     assert {k for k in ten if ten[k] != demo.get(k)} == {"demo_images", "output", "steps"} and ten["demo_images"] == 10

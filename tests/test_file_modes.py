@@ -13,8 +13,8 @@ from PIL import Image
 
 from distill.checkpoint import save_checkpoint
 from distill.evaluation import write_json
-from sampling.base import save_png
 from sampling.demo import DEMO_FOLDER, DEMO_LORA
+from sampling.png_record import save_png
 from weights.atomic import atomic_save
 from weights.convert import convert_checkpoint
 from weights.lora import read_lora

@@ -329,7 +329,8 @@ def test_a_killed_cfg_baked_run_resumes_to_the_uninterrupted_one(tmp_path):
 
 
 def test_the_klein_recipe_trains_with_its_cfg_and_shift_range(tmp_path):
-    from distill.config import DistillConfig, build_config, load_toml
+    from distill.config import DistillConfig
+    from distill.config_files import build_config, load_toml
 
     preset = load_toml("flux2-klein-4b-scfm")
     assert (preset["targets"], preset["cfg_scale"], preset["t5_length"]) == ("flux2", 3.0, 512)
@@ -359,7 +360,7 @@ def test_readme_klein_lines_sample_the_scfm_grid_in_diffusers():
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
     from test_lora_everywhere import FLUX_DEV_SCHEDULER
 
-    from distill.config import load_toml
+    from distill.config_files import load_toml
     from sampling.schedules import SCFM_FIRST_SIGMA, ScheduleConfig, get_sigmas
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
@@ -421,7 +422,7 @@ def test_the_text_length_defaults_to_what_each_familys_pipelines_give(tmp_path):
     recipe length, 256); another length for klein is warned about, and FLUX.1 / SD3.5 keep the recipe's 256."""
     import warnings
 
-    from distill.config import build_config
+    from distill.config_files import build_config
     from distill.run_setup import with_text_length
     from weights.families import get_family
 

@@ -104,9 +104,9 @@ def test_generate_applies_the_text_encoder_part_unless_ignore_te_lora(flux, flux
     from PIL import Image
 
     from distill import teacher_data
-    from sampling.base import read_png_params
     from sampling.flags import build_parser
     from sampling.generate import main
+    from sampling.png_record import read_png_params
 
     folder, _ = flux
     style, unet_only = flux_loras

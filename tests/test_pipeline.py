@@ -134,8 +134,8 @@ def test_cli_out_of_memory_is_one_line(pipeline_folder, tmp_path, capsys, monkey
 def test_cli_writes_pngs_with_parameters_and_never_overwrites(pipeline_folder, tmp_path, capsys):
     from PIL import Image
 
-    from sampling.base import read_png_params
     from sampling.generate import main
+    from sampling.png_record import read_png_params
     from weights.io import parse_lora
 
     folder, _, _ = pipeline_folder

@@ -15,10 +15,10 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
 
 from distill.run_outputs import base_lora_records
-from sampling.base import read_png_params, save_png
 from sampling.demo import DEMO_LORA
 from sampling.generate import main
 from sampling.infotext import infotext
+from sampling.png_record import read_png_params, save_png
 from weights.io import read_header
 from weights.lora_merge import lora_spec
 

@@ -14,7 +14,7 @@ from text_fixtures import hf_clip, hf_clip_tokenizer, hf_t5, train_spm
 
 from model.clip import CLIP_CONFIGS
 from model.t5 import T5_CONFIGS
-from sampling.pipeline import to_pil
+from sampling.base import to_pil
 from sampling.sd3 import SD3GenerationConfig, SD3Pipeline, SD3Sources, slg_steps
 
 # Real CLIP vocabulary so the vendored BPE ids index it; bigG with gelu and the legacy eos rule, as its configs.
@@ -136,8 +136,8 @@ def test_size_must_be_a_multiple_of_vae_scale_times_patch(folders):
 def test_cli_picks_sd3_and_writes_diffusers_image(folders, tmp_path, capsys):
     from PIL import Image
 
-    from sampling.base import read_png_params
     from sampling.generate import main
+    from sampling.png_record import read_png_params
     from weights.families import detect_family
 
     folder, pipe = folders["t5"]

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from test_data import write_images
 
-from distill.config import DistillConfig, build_config, load_toml
+from distill.config import DistillConfig
+from distill.config_files import build_config, load_toml
 from distill.data import build_cache, plan_cache
 from distill.lora import (
     SD3_TARGETS,

@@ -13,7 +13,8 @@ from conftest import assert_same_bits, randomize_
 from test_data import make_cache
 
 from distill import checkpoint as ckpt
-from distill.config import ConfigError, DistillConfig, build_config, flat_fields, load_toml, lr_at
+from distill.config import ConfigError, DistillConfig, flat_fields, lr_at
+from distill.config_files import build_config, load_toml
 from distill.lora import set_state_dict
 from distill.scfm import element_generators, sample_draw, scfm_loss
 from distill.sharding import full
@@ -383,7 +384,7 @@ def test_wandb_gets_the_logged_rows_and_a_resume_continues_the_same_run(tmp_path
     from PIL import Image
 
     from distill.run_outputs import JsonlLog
-    from sampling.base import save_png
+    from sampling.png_record import save_png
 
     png = tmp_path / "s.png"  # a sample as the trainer writes it: its prompt in the PNG becomes the caption
     save_png(Image.new("RGB", (8, 8)), png, {"prompt": "a red circle", "step": 2})

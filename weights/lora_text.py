@@ -42,9 +42,10 @@ from .lora_foreign import kohya_alpha, peft_alpha, peft_metadata
 from .lora_merge import merged_param, touched_keys
 
 ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-bigG", "t5": "T5"}
-# prefix -> encoder beyond each family's own table (weights/families: text_lora_prefixes)
-_COMFY_PREFIXES = {"text_encoders.clip_l.transformer.": "clip_l", "text_encoders.clip_g.transformer.": "clip_g",
-                   "text_encoders.t5xxl.transformer.": "t5"}
+# prefix -> encoder beyond each family's own table (weights/families: text_lora_prefixes): ComfyUI's names, which
+# are also where SAI's and ComfyUI's all-in-one checkpoints keep the encoders (sampling/components.py)
+COMFY_PREFIXES = {"text_encoders.clip_l.transformer.": "clip_l", "text_encoders.clip_g.transformer.": "clip_g",
+                  "text_encoders.t5xxl.transformer.": "t5"}
 # diffusers' names, whose alpha may also come from its metadata
 _PEFT_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
 
@@ -103,7 +104,7 @@ def encoder_parts(lora: LoRA, scale: float, family: str) -> list[EncoderLoRA]:
     """`lora.text_encoders` as one EncoderLoRA per prefix, each for the encoder its prefix names in `family`."""
     src = lora.source or "LoRA"
     family = get_family(family)
-    table = {**family.text_lora_prefixes, **_COMFY_PREFIXES}
+    table = {**family.text_lora_prefixes, **COMFY_PREFIXES}
     by_length = sorted(table, key=len, reverse=True)
     groups: dict[str, dict[str, dict[str, Tensor]]] = {}  # prefix -> module -> role -> tensor
     for key, t in lora.text_encoders.items():
