@@ -79,6 +79,13 @@ def weights_identity(model: str) -> str | None:
     return file_identity(path, named=False) if path.exists() else None
 
 
+# The plan fields a cache's fingerprint leaves out, as checkpoints recorded it: now, then the older ones (from
+# before the data folder's path was left out, and from before the sample prompts were too), which also leave out
+# the kohya repeat counts planned after them. A field a plan lacks changes nothing, so each digest of an older plan
+# is byte for byte what was recorded then.
+LEFT_OUT = (("sample_prompts", "data"), ("sample_prompts", "repeats"), ("repeats",))
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -137,17 +144,16 @@ class Cache:
         """Changes whenever the training data could: checkpoints store it to refuse a mismatched resume. Left out:
         the sample prompts (build_cache lets a run change them: only those are embedded again) and the data
         folder's path (a moved dataset or run folder is the same data: its items carry their files' identity)."""
-        return self._digest_without("sample_prompts", "data")
+        return self._digest_without(*LEFT_OUT[0])
 
-    def fingerprints_before_repeats(self) -> tuple[str, str]:
+    def fingerprints_before_repeats(self) -> tuple[str, ...]:
         """What a checkpoint of a run begun before this cache's plan learnt its kohya repeat counts recorded for it:
-        with the data path (written before the path was left out) or without."""
-        return self._digest_without("sample_prompts", "repeats"), self._digest_without("sample_prompts", "repeats",
-                                                                                        "data")
+        each form `fingerprints` accepts, without the counts (every older form predates them)."""
+        return tuple(self._digest_without(*fields, "repeats") for fields in LEFT_OUT)
 
     def fingerprints(self) -> tuple[str, str, str]:
         """The fingerprint, and those older checkpoints carry: with the data path, and with the sample prompts."""
-        return self.fingerprint(), self._digest_without("sample_prompts", "repeats"), self._digest_without("repeats")
+        return tuple(self._digest_without(*fields) for fields in LEFT_OUT)
 
     def _get(self, shard: str, key: str) -> Tensor:
         if shard not in self._handles:
