@@ -84,7 +84,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
     CheckpointError (one line) for non-finite tensors or a failed write; the previous checkpoints stay."""
     check_finite(root, step, tensors)
     final = root / f"step-{step:06d}"
-    tmp = None
+    tmp = aside = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = temp_beside(final, folder=True)  # `.step-*.tmp`, which clean_temp removes; the user's umask
@@ -93,15 +93,19 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(t))
         state = {**state, "step": step, "tensors_sha256": file_sha256(tensor_file)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():  # the same step written again (e.g. a resumed run): replace it
-            shutil.rmtree(final)
+        if final.exists():  # the same step written again (a resumed run): the old folder moves aside, not away,
+            aside = temp_beside(final, folder=True)  # so that a failed rename below can put it back
+            os.replace(final, aside)  # onto the empty temp folder: a rename, where an rmtree took a while
         durable_replace(tmp, final)  # its files on the disk before the rename makes them visible, root's after
     except OSError as e:  # a full disk, a folder made read-only meanwhile: the run stops, its checkpoints stay
+        if aside is not None and aside.exists() and not final.exists():
+            os.replace(aside, final)
         raise CheckpointError(f"step {step}: checkpoint not written to {root} ({e.strerror or e}); "
                               f"{_kept(root)}: free some space (or fix the folder), then --resume") from None
     finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for t in (tmp, aside):
+            if t is not None and t.exists():
+                shutil.rmtree(t, ignore_errors=True)
     # Only this run's own line counts: a higher step is one a resume skipped as damaged (resumes go on from the
     # newest intact one), and counting it would delete the checkpoints written since, this one included.
     for old in [p for p in checkpoints(root) if step_of(p) <= step][:-keep]:

@@ -397,3 +397,23 @@ def test_a_signal_ignored_when_the_run_starts_stays_ignored_and_is_restored():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_a_step_written_again_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """A resumed run writes a step it has written before: the old folder moves aside rather than being deleted
+    first, so a failed rename (a full disk) puts it back whole, and a good one leaves no temp behind."""
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(root, 2, {"w": torch.ones(3)}, {}, keep=3)
+
+    def full(tmp, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "durable_replace", full)
+        with pytest.raises(ckpt.CheckpointError, match="step-000002 is kept"):
+            ckpt.save_checkpoint(root, 2, {"w": torch.zeros(3)}, {}, keep=3)
+    tensors, state = ckpt.read_checkpoint(root / "step-000002")
+    assert torch.equal(tensors["w"], torch.ones(3)) and state["step"] == 2
+    ckpt.save_checkpoint(root, 2, {"w": torch.zeros(3)}, {}, keep=3)
+    assert torch.equal(ckpt.read_checkpoint(root / "step-000002")[0]["w"], torch.zeros(3))
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
