@@ -319,13 +319,11 @@ def run(args) -> Path:
     for w, h in buckets:  # so does a bucket the model or the device cannot take (configs only: nothing is read)
         pipe.check_size(h, w, args.batch_size)
     pipe.tokenizers(args.max_sequence_length)  # and a wrong tokenizer file, before anything is written
-    # generate's check of what only the model can judge: --guidance on a model without a guidance embedding
+    # generate's checks of what only the model can judge: --guidance on a model without a guidance embedding
+    pipe.check_guidance_flag(guidance_given)
     w, h = buckets[0]
-    cfg = pipe.default_config(height=h, width=w, steps=args.steps, guidance=args.guidance,
-                              max_sequence_length=args.max_sequence_length)
-    if isinstance(getattr(cfg, "extra", None), dict):
-        cfg.extra["guidance_flag"] = guidance_given
-    pipe.check_config(cfg)
+    pipe.check_config(pipe.default_config(height=h, width=w, steps=args.steps, guidance=args.guidance,
+                                          max_sequence_length=args.max_sequence_length))
     done_files(out, repair=False)  # an existing metadata.jsonl's rows are checked before anything is written
     # a second run on this folder would render every image again and list it twice: refused while we render
     with folder_lock(out, "make_dataset run"):

@@ -162,6 +162,9 @@ class Pipeline:
     def check_config(self, cfg) -> None:
         """Settings only this model can judge (a block index, say), checked before the text encoders run."""
 
+    def check_guidance_flag(self, given: float | None) -> None:
+        """A --guidance the user gave (None: not given), refused where this model would ignore it."""
+
     def check_components(self) -> None:
         """That the VAE and the text encoders fit this transformer, from their headers and configs alone (each built
         on "meta"): a part of another model fails in one line before any weight is read, not as a shape error

@@ -181,7 +181,9 @@ class FluxPipeline(Pipeline):
                                 extra={"guidance_flag": args.guidance})
 
     def check_config(self, cfg: GenerationConfig) -> None:
-        given = cfg.extra.get("guidance_flag")
+        self.check_guidance_flag(cfg.extra.get("guidance_flag"))
+
+    def check_guidance_flag(self, given: float | None) -> None:
         if given is not None and not self.transformer_config().guidance_embed:
             raise ValueError(f"--guidance {given:g}: {self.sources.transformer} has no guidance embedding (like "
                              "FLUX.1-schnell and the demo), so it would do nothing (diffusers ignores it silently); "
