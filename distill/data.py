@@ -26,7 +26,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from weights.atomic import atomic_save
+from weights.atomic import atomic_path, atomic_save
+from weights.io import read_json_object
 
 from .dataset import (
     BUCKETS_512,
@@ -86,6 +87,10 @@ def weights_identity(model: str) -> str | None:
 LEFT_OUT = (("sample_prompts", "data"), ("sample_prompts", "repeats"), ("repeats",))
 
 
+# The cache is ours, made from the data: a damaged plan is rebuilt, not mended.
+DAMAGED_PLAN_FIX = "delete the cache folder (--cache, default <output>/cache) and run again to rebuild it"
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -102,7 +107,7 @@ class Cache:
         plan_file = self.folder / "cache.json"
         if not plan_file.exists():
             raise DataError(f"{self.folder}: no cache here (no cache.json); build it first")
-        self.plan = json.loads(plan_file.read_text())
+        self.plan = read_json_object(plan_file, DAMAGED_PLAN_FIX, "a cache plan", DataError)
         missing = [name for name in self.shard_names() if not (self.folder / name).exists()]
         if missing:
             raise DataError(f"{self.folder}: incomplete cache ({len(missing)} shards missing); "
@@ -237,7 +242,7 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
     folder.mkdir(parents=True, exist_ok=True)
     plan_file = folder / "cache.json"
     if plan_file.exists():
-        old = json.loads(plan_file.read_text())
+        old = read_json_object(plan_file, DAMAGED_PLAN_FIX, "a cache plan", DataError)
         if old["items"] and "id" not in old["items"][0]:  # built before items kept their image's identity
             plan = {**plan, "items": [{k: v for k, v in it.items() if k != "id"} for it in plan["items"]]}
         fields = ("key", "items", "prompts", "shard_size", "version", "cond_names", "negative_prompt")
@@ -315,9 +320,8 @@ def _item_image(data: Path, item: dict, bucket: tuple[int, int]) -> Tensor:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a temp of our own, flushed before the rename
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 # ----- batches: which items each step trains on -------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from sampling.compare import Column, Session
 from sampling.options import run_dtype
 from weights.atomic import atomic_path, atomic_save
-from weights.io import file_sha256
+from weights.io import file_sha256, read_json_object
 
 from . import metrics
 
@@ -137,7 +137,8 @@ def render_row(session: Session, clock: SamplingClock, row: Row, args, prompts: 
     folder = out / folder_name(row.name)
     want = manifest(row, args, session, prompts)
     record = folder / "manifest.json"
-    have = json.loads(record.read_text()) if record.exists() else {}
+    have = read_json_object(record, f"delete {folder} to render that row again", "a row's manifest",
+                            ValueError) if record.exists() else {}
     timing = have.pop("timing", {})
     changed = differing(have, want) if have else []
     if changed:

@@ -37,7 +37,7 @@ from sampling.options import (
     read_prompt_lines,
 )
 from weights.atomic import atomic_path, folder_lock
-from weights.io import WeightsError, file_sha256
+from weights.io import WeightsError, file_sha256, read_json_object
 from weights.lora_merge import lora_spec
 
 from .data import file_identity, weights_identity
@@ -149,13 +149,7 @@ def same_model(old: str, new: str) -> bool:
 
 def read_settings(path: Path) -> dict:
     fix = f"delete it only if {path.parent} holds no make_dataset images, or choose another --out"
-    try:
-        old = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DataError(f"{path}: damaged, not make_dataset's JSON record; {fix}") from None
-    if not isinstance(old, dict):
-        raise DataError(f"{path}: damaged, not make_dataset's record of settings (a JSON object); {fix}")
-    return old
+    return read_json_object(path, fix, "make_dataset's record of settings", DataError)
 
 
 def check_settings(out: Path, settings: dict) -> None:

@@ -7,7 +7,6 @@ headers and configs before any weight loads (each pipeline's check_components)."
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.vae import VAE_CONFIGS, VAEConfig
-from weights.io import DTYPES, WeightsError, exists, read_header
+from weights.io import DTYPES, WeightsError, exists, read_header, read_json_object
 from weights.lora_text import COMFY_PREFIXES
 from weights.vae import PREFIXED
 
@@ -98,13 +97,7 @@ def read_model_index(folder: Path) -> dict | None:
     path = folder / "model_index.json"
     if not exists(path):
         return None
-    try:
-        index = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: damaged ({e}); download the pipeline folder again") from None
-    if not isinstance(index, dict):
-        raise WeightsError(f"{path}: not a model index (a JSON object); download the pipeline folder again")
-    return index
+    return read_json_object(path, "download the pipeline folder again", "a model index")
 
 
 # The prefixes SAI's SD3.5 and ComfyUI's all-in-one files keep each text encoder under (weights/text.py takes them

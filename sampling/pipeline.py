@@ -19,7 +19,7 @@ from torch import Tensor
 from model.text import encode_flux
 from model.tokenizers import CLIPTokenizer, T5Tokenizer
 from weights.families.flux import FLUX
-from weights.io import WeightsError, exists
+from weights.io import WeightsError, exists, read_json_object
 from weights.text import load_clip, load_t5
 
 from .base import Pipeline
@@ -86,12 +86,7 @@ def schedule_from_diffusers(path: Path, pipeline: str = "FluxPipeline") -> Sched
     if not exists(path):
         return None
     fix = "restore the pipeline folder's scheduler config"
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: damaged ({e}); {fix}") from None
-    if not isinstance(d, dict):
-        raise WeightsError(f"{path}: not a scheduler config (a JSON object); {fix}")
+    d = read_json_object(path, fix, "a scheduler config")
     bad = [k for k in UNSUPPORTED_SCHEDULER if d.get(k)]
     # the dynamic shift's formula: we shift exponentially, diffusers' default
     if d.get("time_shift_type", "exponential") != "exponential":

@@ -280,3 +280,17 @@ def test_make_dataset_renders_every_bucket_and_resumes(tmp_path, monkeypatch):
     assert (tmp_path / "d" / "512x512_000001.png").read_bytes() == first
     assert len(read_folder(tmp_path / "d")) == 10
     assert make_dataset.main([*argv[:-4], "--steps", "3", "--batch-size", "3"]) == 2  # other settings
+
+
+def test_a_damaged_cache_plan_is_one_line_that_says_to_rebuild(tmp_path):
+    """cache.json cut short (a disk filled mid-write by another tool, a hand edit) or holding another JSON value:
+    training and a rebuild both say so in one line instead of a JSONDecodeError traceback."""
+    cache = make_cache(tmp_path)
+    plan = cache.folder / "cache.json"
+    assert not list(cache.folder.glob(".cache.json*"))  # written through a temp of its own, gone after
+    for text, says in (('{"items": [', "unreadable"), ("[1, 2]", "not a cache plan (a JSON list")):
+        plan.write_text(text)
+        for load in (lambda: Cache(cache.folder), lambda: make_cache(tmp_path)):
+            with pytest.raises(DataError) as e:
+                load()
+            assert "\n" not in str(e.value) and says in str(e.value) and "run again to rebuild it" in str(e.value)

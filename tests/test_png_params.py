@@ -192,7 +192,7 @@ def test_a_peft_folder_is_a_lora_and_a_damaged_scheduler_config_is_one_line(tmp_
     (folder / "scheduler" / "scheduler_config.json").write_text("{")
     assert main(["--model", str(folder), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "scheduler_config.json: damaged" in err and "restore the pipeline" in err
+    assert err.count("\n") == 1 and "scheduler_config.json: unreadable" in err and "restore the pipeline" in err
 
 
 @pytest.fixture(scope="module")

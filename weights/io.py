@@ -74,6 +74,20 @@ def exists(path: Path) -> bool:
     return path.exists()
 
 
+def read_json_object(path: Path, fix: str, what: str = "a JSON object", error: type[Exception] = WeightsError
+                     ) -> dict:
+    """A JSON file that must hold an object (a config, an index, a record): unreadable, damaged (a cut-short
+    download, a hand edit, bytes that are not UTF-8) or another JSON value is one line naming `path`, `what` it
+    should be and the `fix`, raised as `error`."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 text
+        raise error(f"{path}: unreadable ({e}); {fix}") from None
+    if not isinstance(value, dict):  # every reader looks fields up in it
+        raise error(f"{path}: not {what} (a JSON {type(value).__name__}, not an object); {fix}")
+    return value
+
+
 def check_float_dtypes(dtypes: dict[str, str], source: str | os.PathLike) -> None:
     """Refuse, before any read, a tensor a float model will hold (a weight, a norm's statistics) stored in a type
     that is not float: an integer one would fail in load_state_dict after every tensor is read, or load as an int

@@ -26,6 +26,7 @@ from .io import (
     check_safetensors_file,
     exists,
     read_header,
+    read_json_object,
     refuse_broken_link,
     scaled_fp8,
 )
@@ -236,14 +237,7 @@ def read_config_json(folder: Path) -> dict | None:
     """A model folder's config.json, or None when it has none (a broken link to one is refused)."""
     if not exists(folder / "config.json"):
         return None
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 text
-        raise WeightsError(f"{folder / 'config.json'}: unreadable ({e}); fix or delete it") from None
-    if not isinstance(config, dict):  # every reader looks fields up in it
-        raise WeightsError(f"{folder / 'config.json'}: not a JSON object (a {type(config).__name__}); "
-                           "fix or delete it")
-    return config
+    return read_json_object(folder / "config.json", "fix or delete it")
 
 
 def model_files(source: str | os.PathLike, subfolder: str) -> tuple[list[Path], dict | None]:

@@ -7,11 +7,10 @@ loaded model, by a model file or folder, or by a LoRA's key names; none of them 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..family import Family
-from ..io import WeightsError, config_from_metadata, exists
+from ..io import WeightsError, config_from_metadata, exists, read_json_object
 from ..reader import model_files, read_shapes
 from .flux import FLUX
 from .flux2 import FLUX2
@@ -134,13 +133,8 @@ def detect_family(model: Path) -> Family:
     if model.is_dir():
         for name in ("model_index.json", "config.json", "transformer/config.json"):
             if exists(model / name):  # a broken link is refused, not skipped for a guess from the keys
-                fix = "re-download the model or repair the pipeline folder (its _class_name names the model)"
-                try:  # a truncated download or a hand edit: one line, not a traceback
-                    index = json.loads((model / name).read_text())
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise WeightsError(f"{model / name}: unreadable ({e}); {fix}") from None
-                if not isinstance(index, dict):
-                    raise WeightsError(f"{model / name}: not a JSON object; {fix}")
+                index = read_json_object(model / name, "re-download the model or repair the pipeline folder (its "
+                                         "_class_name names the model)")
                 cls = str(index.get("_class_name", ""))
                 # the longest matching prefix: "Flux2..." is FLUX.2's, not FLUX.1's "Flux"
                 found = [(len(p), f) for f in _FAMILIES for p in f.diffusers_classes if cls.startswith(p)]
