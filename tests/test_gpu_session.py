@@ -3,11 +3,15 @@ runs past its budget, or a flag a bench script does not have, costs the session'
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import runpy
 import shlex
-import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
@@ -32,7 +36,20 @@ def test_every_stage_fits_its_budget():
         assert runs and sum(limit for limit, _ in runs) <= BUDGETS[name], name
 
 
-def test_every_flag_the_script_passes_exists():
+def script_help(script: str, monkeypatch) -> str:
+    """What `python SCRIPT --help` prints, run here as the interpreter runs it (as __main__, its folder first on
+    sys.path) without a new interpreter's imports: argparse prints the help and exits 0 before the script does any
+    work."""
+    out = io.StringIO()
+    with monkeypatch.context() as m, contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+        m.setattr(sys, "argv", [str(ROOT / script), "--help"])
+        m.syspath_prepend(str((ROOT / script).parent))
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert exited.value.code in (0, None), (script, exited.value.code)
+    return out.getvalue()
+
+
+def test_every_flag_the_script_passes_exists(monkeypatch):
     helps: dict[str, str] = {}
     for runs in stages().values():
         for _, words in runs:
@@ -41,17 +58,28 @@ def test_every_flag_the_script_passes_exists():
                 continue
             script = words[1]
             if script not in helps:
-                helps[script] = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True,
-                                               text=True, cwd=ROOT, timeout=120).stdout
+                helps[script] = script_help(script, monkeypatch)
             for flag in (w for w in words[2:] if w.startswith("--")):
                 assert re.search(rf"{re.escape(flag)}\b", helps[script]), (script, flag)
 
 
-def test_the_default_stage_selects_the_compiled_fp8_gradient_test():
+def test_the_default_stage_selects_the_compiled_fp8_gradient_test(monkeypatch):
     """Its -k once read `inductor and fp8compute or gpu` as meant, with the precedence pytest gives it; collected
-    here (on the CPU the CUDA tests are collected, then skipped), the selection must hold that test."""
+    here (on the CPU the CUDA tests are collected, then skipped), the selection must hold that test. The stage's
+    pytest arguments are collected by pytest in this process (the test files' imports are mostly done already)."""
     (_, words), *_ = stages()["target"]
-    got = subprocess.run([sys.executable, *words[1:], "--collect-only"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=120).stdout
+    assert words[:3] == ["python", "-m", "pytest"], words
+
+    class Selected:
+        ids: list[str] = []
+
+        def pytest_collection_finish(self, session):
+            self.ids = [item.nodeid for item in session.items]
+
+    selected = Selected()
+    monkeypatch.chdir(ROOT)  # as `python -m pytest` starts in the repository: its folder first on sys.path
+    monkeypatch.syspath_prepend(str(ROOT))
+    assert pytest.main([*words[3:], "--collect-only"], plugins=[selected]) == pytest.ExitCode.OK
+    got = "\n".join(selected.ids)
     assert re.search(r"test_inductor_blocks_on_cuda_give_the_eager_lora_gradients\[fp8compute", got), got[-500:]
     assert "test_fp8_producers.py" in got
