@@ -118,6 +118,51 @@ def test_flattened_diffusers_names_of_simpletuner_and_onetrainer(tmp_path, famil
     assert any(tool in line for line in info_lines(tmp_path / "lora.safetensors"))
 
 
+def test_a_zero_kohya_alpha_applies_nothing_as_diffusers_and_comfyui_do_and_one_line_says_so(tmp_path):
+    """sd-scripts never saves an alpha of 0 (its loader would read it as the rank, full strength); diffusers'
+    converter (scale alpha / rank) and ComfyUI (alpha / rank whenever the key exists) apply nothing, and so do we,
+    transformer and text-encoder parts alike. The oracle: `_convert_kohya_flux_lora_to_diffusers`'s output."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from weights.lora_text import encoder_parts
+
+    plain = randomize_(Flux(FLUX_CONFIGS["tiny"]), 0.2, 0).eval()
+    g = torch.Generator().manual_seed(0)
+    alphas = {"double_blocks.0.img_attn.qkv": 2.0, "double_blocks.0.img_attn.proj": 0.0,
+              "double_blocks.0.txt_mlp.0": 0.0}
+    sd = {}
+    for module, alpha in alphas.items():
+        out, inp = plain.get_submodule(module).weight.shape
+        stem = "lora_unet_" + module.replace(".", "_")
+        sd |= {f"{stem}.lora_down.weight": torch.randn(R, inp, generator=g), f"{stem}.alpha": torch.tensor(alpha),
+               f"{stem}.lora_up.weight": torch.randn(out, R, generator=g)}
+    te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    clip = {f"{te}.lora_down.weight": torch.randn(2, 8, generator=g), f"{te}.lora_up.weight": torch.randn(8, 2),
+            f"{te}.alpha": torch.tensor(0.0)}
+    save_file(sd, tmp_path / "unet.safetensors")
+    save_file(sd | clip, tmp_path / "kohya.safetensors")
+    with pytest.warns(UserWarning) as caught:
+        lora = read_lora(tmp_path / "kohya.safetensors")
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'kohya.safetensors'}: {te}.alpha (and 2 more .alpha keys) is 0: applied with no effect, as "
+        "diffusers and ComfyUI apply it; sd-scripts would apply it at full strength (alpha = rank)"]
+    # diffusers' converter folds alpha / rank into the factors: its file, read as diffusers writes (no alpha),
+    # has each layer's delta as diffusers applies it
+    theirs = _convert_kohya_flux_lora_to_diffusers(dict(sd | clip))
+    path = tmp_path / "theirs.safetensors"
+    save_file({k: v.clone() for k, v in theirs.items() if k.startswith("transformer.")}, path)  # clone: shared A
+    diffusers = read_lora(path)
+    for module, alpha in alphas.items():
+        want = diffusers.modules[module].delta()
+        torch.testing.assert_close(lora.modules[module].delta(), want)
+        assert bool(want.any()) == (alpha != 0), module
+    assert not any(v.any() for k, v in theirs.items() if k.startswith("text_encoder."))
+    ((stem, part),) = encoder_parts(lora, 1.0, "flux")[0].parts.items()
+    assert part.scale == 0
+    with pytest.warns(UserWarning, match="is 0: applied with no effect"):
+        assert_comfyui_merge_is_ours(plain, "flux", tmp_path / "unet.safetensors")
+
+
 # ----- PEFT: rsLoRA, save_pretrained folders, DoRA ----------------------------------------------------------
 
 TARGETS = ["to_q", "to_k", "to_v", "add_k_proj", "proj_mlp", "proj_out", "norm.linear", "x_embedder"]

@@ -137,6 +137,63 @@ def test_peft_alpha_keys_and_our_folded_alpha_and_rank_patterns_load_the_same_in
         assert_close(run_ours(ours, inp), expected)
 
 
+def test_text_encoder_part_written_in_the_diffusers_layout_keeps_its_strength_in_diffusers_and_ours(ref, tmp_path):
+    """A LoRA with a CLIP-L part as diffusers' save_lora_weights writes it (lora_alpha 16 at r 4; one module at
+    rank 2, alpha 6 by rank / alpha patterns) through `write_lora(..., "diffusers")` and `convert.py lora --to
+    diffusers`: its metadata describes the encoder as well (without, diffusers' load_lora_weights refuses the
+    file and we read alpha = r), so diffusers and we apply the source's strength."""
+    import copy
+
+    from diffusers import FluxPipeline
+    from test_pipeline import CLIP
+    from text_fixtures import hf_clip
+
+    from tools.convert import main as convert
+    from weights.lora_text import encoder_parts
+
+    clip, odd, g = hf_clip(CLIP, 0.1, seed=1), "encoder.layers.1.self_attn.q_proj", torch.Generator().manual_seed(3)
+    te = {}
+    for m in (f"encoder.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")):
+        out, inp = clip.get_submodule(m).weight.shape
+        te[f"{m}.lora_A.weight"] = torch.randn(2 if m == odd else 4, inp, generator=g) * 0.3
+        te[f"{m}.lora_B.weight"] = torch.randn(out, 2 if m == odd else 4, generator=g) * 0.3
+    FluxPipeline.save_lora_weights(
+        tmp_path, transformer_lora_layers=random_peft(ref, PEFT_MODULES[:2]), text_encoder_lora_layers=te,
+        transformer_lora_adapter_metadata={"r": R, "lora_alpha": ALPHA, "target_modules": PEFT_MODULES[:2]},
+        text_encoder_lora_adapter_metadata={"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"],
+                                            "rank_pattern": {odd: 2}, "alpha_pattern": {odd: 6}},
+        weight_name="source.safetensors")
+    source, ours, converted = (tmp_path / f"{n}.safetensors" for n in ("source", "ours", "converted"))
+    write_lora(read_lora(source), ours, "diffusers")
+    assert convert(["lora", str(source), str(converted), "--to", "diffusers", "--family", "flux"]) == 0
+    ids, inp = torch.tensor([[49406, 320, 1929, 4859, 49407]]), tiny_inputs()
+
+    @torch.no_grad()
+    def applied(path):
+        pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=copy.deepcopy(clip), tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=copy.deepcopy(ref))
+        if path is not None:
+            pipe.load_lora_weights(str(path))
+        return pipe.text_encoder(ids).last_hidden_state, run_diffusers_scaled(pipe.transformer, inp, 1.0)
+
+    plain, expected = applied(None)[0], applied(source)
+    assert (expected[0] - plain).abs().max() > 0.1  # the CLIP-L part shows
+    for path in (ours, converted):
+        for got, want in zip(applied(path), expected):
+            assert_close(got, want)
+
+    def deltas(path):  # our reader: module -> scale * up @ down
+        (part,) = encoder_parts(read_lora(path), 1.0, "flux")
+        return {stem: p.scale * p.up @ p.down for stem, p in part.parts.items()}
+
+    want = deltas(source)
+    for path in (ours, converted):
+        got = deltas(path)
+        assert got.keys() == want.keys()
+        for stem in want:
+            torch.testing.assert_close(got[stem], want[stem])
+
+
 # ----- kohya at real dimensions against diffusers' converter (row 18) ---------------------------------------
 
 D = 3072
@@ -455,3 +512,19 @@ def test_one_shot_apply_keeps_nothing_and_refuses_unload(tmp_path):
     assert not torch.equal(model.img_in.weight, before)
     with _pytest.raises(WeightsError, match="restorable=False"):
         unload_loras(model)
+
+
+def test_a_fused_layer_with_one_slice_at_alpha_0_writes_in_every_layout(tmp_path):
+    """A diffusers file may give one slice of a fused layer alpha 0 (read as no effect, as diffusers and ComfyUI
+    read it) and another a real alpha: writing one alpha for the layer took the first slice's, and divided by 0."""
+    from weights.lora import LoRA, LoRAPart, ModuleLoRA
+
+    g = torch.Generator().manual_seed(0)
+    part = lambda a: LoRAPart(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), a)  # noqa: E731
+    name = "double_blocks.0.img_attn.qkv"
+    lora = LoRA({name: ModuleLoRA([part(0.0), part(4.0), None], (8, 8, 8))}, family="flux")
+    delta = lambda p: torch.zeros(8, 8) if p is None else p.scale * p.up @ p.down  # noqa: E731
+    for layout in ("ours", "kohya", "diffusers"):
+        back = read_lora(write_lora(lora, tmp_path / f"{layout}.safetensors", layout), family="flux").modules[name]
+        for a, b in zip(lora.modules[name].parts, back.parts):
+            torch.testing.assert_close(delta(b), delta(a), rtol=0, atol=1e-6)

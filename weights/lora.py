@@ -31,10 +31,11 @@ Layouts (`read_lora` detects which; `write_lora(lora, path, layout)` writes any 
   run's main export: ComfyUI, Forge, diffusers and we all load it as it is.
 - **kohya / ComfyUI** (`"kohya"`): `lora_unet_<official path, '.' -> '_'>.lora_down.weight` (R, in),
   `.lora_up.weight` (out, R), `.alpha`; delta_W = alpha / R * up @ down, R = lora_down.shape[0], alpha = R
-  when missing or 0. Also read as `diffusion_model.<official path>` and with lora_A / lora_B. ComfyUI reads
-  both spellings for Flux and SD3 (keymaps/lora.py). A fused layer is
-  dense (one down for all of q, k, v) or, from sd-scripts' split_qkv, block-diagonal: up (out, S*r) holds
-  slice i's up in column block i. The alpha trap (docs/models.md §7.2): sd-scripts trained such a file at
+  when missing. An alpha of 0 is no effect, as diffusers and ComfyUI apply it (sd-scripts' own loader reads 0 as R
+  and never saves it; one warning line names the key). Also read as `diffusion_model.<official path>` and with
+  lora_A / lora_B. ComfyUI reads both spellings for Flux and SD3 (keymaps/lora.py). A fused layer is dense (one
+  down for all of q, k, v) or, from sd-scripts' split_qkv, block-diagonal: up (out, S*r) holds slice i's up in
+  column block i. The alpha trap (docs/models.md §7.2): sd-scripts trained such a file at
   alpha / r, but every generic loader (ComfyUI, diffusers) uses alpha / (S*r). We read it as they do, so an
   image matches ComfyUI (`kohya_split_alpha="per_slice"` gives the training-time strength), and when we write
   a block-diagonal layer we store alpha * S, so a generic loader reproduces our alpha / r exactly.
@@ -65,7 +66,8 @@ loader silently drops** the img_in, txt_in, time_in, vector_in, guidance_in and 
 ignores the final layer's alpha), and has no kohya loader for SD3 at all; to use such a file in diffusers,
 convert it first: `write_lora(read_lora(f), out, "diffusers")`. LoKr, LoHa, DoRA and other adapters that are
 not plain LoRA are refused in one line. Text-encoder keys (`lora_te*`, `text_encoder*.`) are kept apart in
-`LoRA.text_encoders` and written back only to their own layout.
+`LoRA.text_encoders` and written back only to their own layout; in the diffusers layout, `text_encoder*.` parts
+get the transformer's treatment (alpha / r folded into B, each prefix's config in `lora_adapter_metadata`).
 
 Merging into a loaded model (`apply_loras`, `unload_loras`) lives in `weights/lora_merge.py`, the PEFT
 configuration, full differences and tool spellings in `weights/lora_foreign.py`, the text-encoder part in
@@ -88,7 +90,7 @@ from .families import article, checkpoint_family, default_family, get_family, lo
 from .io import WeightsError, read_header
 from .keymaps import swap_halves
 from .keymaps.lora import TEXT_ENCODER_PREFIXES, parse_key, refuse_non_lora
-from .lora_foreign import flavour, kohya_alpha, peft_alpha, peft_config, peft_file, whole_diff
+from .lora_foreign import flavour, kohya_alpha, peft_alpha, peft_config, peft_file, warn_zero_alphas, whole_diff
 from .reader import TensorReader
 
 FORMAT = "scfm-lora/1"
@@ -338,8 +340,9 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     if not any(p and p[1] != "alpha" for p in parsed.values()):
         if text and not any(parsed.values()):  # sd-scripts can train the text encoders alone
             stated = get_family(meta.get("scfm_family") or family or default_family()).name
-            return LoRA({}, stated, "kohya" if any(k.startswith("lora_te") for k in text) else "diffusers",
-                        recommended, text, src, flavour="text encoders only")
+            layout = "kohya" if any(k.startswith("lora_te") for k in text) else "diffusers"
+            warn_zero_alphas(tensors, layout, src)
+            return LoRA({}, stated, layout, recommended, text, src, flavour="text encoders only")
         first = ", ".join(sorted(header)[:3])
         raise WeightsError(f"{src}: no transformer LoRA tensors in this file (first keys: {first}); "
                            f"`python tools/convert.py info {src}` says what it holds")
@@ -366,6 +369,7 @@ def read_lora(path: str | os.PathLike, *, kohya_split_alpha: str = "generic",
     if len(namings) > 1:
         raise WeightsError(f"{src}: mixes kohya and diffusers module names; not a single LoRA layout")
     layout = namings.pop()
+    warn_zero_alphas(tensors, layout, src)
     modules = {}
     width = max(widths, default=None)  # the model's width, for SD3's last context adaLN (see LoRANames.swapped)
     for official, by_slice in sorted(groups.items()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,9 +16,13 @@ from torch import Tensor
 
 from .io import WeightsError
 from .keymaps import swap_halves
+from .keymaps.lora import TEXT_ENCODER_PREFIXES
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 PEFT_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes, beside adapter_config.json
+# diffusers' text-encoder prefixes, whose alpha comes from `lora_adapter_metadata` (or `.alpha` keys) by peft's rule;
+# every other text-encoder prefix is kohya's rule
+PEFT_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
 
 
 def peft_alpha(config: dict, module: str, rank: int, alpha_key: Tensor | None) -> float:
@@ -95,8 +100,21 @@ def peft_metadata(meta: dict, src: str) -> dict:
 
 
 def kohya_alpha(alpha: Tensor | None, rank: int) -> float:
-    """kohya's rule (and every generic loader's): a missing or zero alpha means alpha = rank, scale 1."""
-    return float(rank) if alpha is None or float(alpha) == 0 else float(alpha)
+    """kohya's rule as the generic loaders apply it (diffusers, ComfyUI): a missing alpha means alpha = rank,
+    scale 1; an alpha of 0 is scale 0, no effect (sd-scripts' own loader reads it as rank: `warn_zero_alphas`)."""
+    return float(rank) if alpha is None else float(alpha)
+
+
+def warn_zero_alphas(tensors: dict[str, Tensor], layout: str, src: str) -> None:
+    """One warning line for the `.alpha` keys of 0 that `kohya_alpha` reads (a kohya-layout file's, and the text
+    encoders' but under diffusers' prefixes); sd-scripts never saves one."""
+    kohya = [k for k in tensors if (layout == "kohya" or k.startswith(TEXT_ENCODER_PREFIXES))
+             and not k.startswith(PEFT_TEXT_PREFIXES)]
+    zeros = sorted(k for k in kohya if k.endswith(".alpha") and not tensors[k].any())
+    if zeros:
+        more = f" (and {len(zeros) - 1} more .alpha keys)" if len(zeros) > 1 else ""
+        warnings.warn(f"{src}: {zeros[0]}{more} is 0: applied with no effect, as diffusers and ComfyUI apply it; "
+                      "sd-scripts would apply it at full strength (alpha = rank)", stacklevel=3)
 
 
 def _check_alphas(config, where: str) -> None:

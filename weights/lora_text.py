@@ -17,8 +17,11 @@ After the prefix comes the module's transformers path, which is also ours (`text
 .q_proj`, `encoder.block.0.layer.0.SelfAttention.q`), with '.' -> '_' under the kohya prefixes; CLIP's
 `text_model.` level may be missing (transformers 5's CLIPTextModel has none, and diffusers drops it likewise). The
 suffixes are the transformer part's: delta_W = scale * alpha / r * up @ down, alpha from the `.alpha` key (kohya:
-alpha = r when missing or 0), for diffusers names else from `lora_adapter_metadata` (the `text_encoder.` /
-`text_encoder_2.` prefixed config), else r; ComfyUI's `.diff` / `.diff_b` full differences are added as they are.
+alpha = r when missing; 0 is no effect, as diffusers and ComfyUI apply it), for diffusers names else from
+`lora_adapter_metadata` (the `text_encoder.` / `text_encoder_2.` prefixed config), else r; ComfyUI's `.diff` /
+`.diff_b` full differences are added as they are. Written in the diffusers layout (weights/lora_write.py), the
+diffusers names get the transformer part's treatment: alpha / r folded into up, and each prefix's config with
+alpha = r in `lora_adapter_metadata`.
 
 Names are resolved against the encoder being loaded (its parameters) when the loader has built it on meta, so a key
 naming no weight of it is refused before a tensor is read. Each weight then gets its LoRAs as it is read, summed in
@@ -38,7 +41,7 @@ from .families import get_family
 from .io import WeightsError, read_header
 from .keymaps.lora import TEXT_ENCODER_PREFIXES, parse_key
 from .lora import LoRA, LoRAPart, ModuleLoRA, read_lora
-from .lora_foreign import kohya_alpha, peft_alpha, peft_metadata
+from .lora_foreign import PEFT_TEXT_PREFIXES, kohya_alpha, peft_alpha, peft_metadata
 from .lora_merge import merged_param, touched_keys
 
 ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-bigG", "t5": "T5"}
@@ -46,8 +49,6 @@ ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-bigG", "t5": "T5"}
 # are also where SAI's and ComfyUI's all-in-one checkpoints keep the encoders (sampling/components.py)
 COMFY_PREFIXES = {"text_encoders.clip_l.transformer.": "clip_l", "text_encoders.clip_g.transformer.": "clip_g",
                   "text_encoders.t5xxl.transformer.": "t5"}
-# diffusers' names, whose alpha may also come from its metadata
-_PEFT_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,38 @@ def _part(src: str, prefix: str, stem: str, g: dict[str, Tensor], config: dict) 
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
         raise WeightsError(f"{src}: {prefix}{stem}: down {list(down.shape)} and up {list(up.shape)} do not form a "
                            "LoRA of a Linear layer")
-    if prefix in _PEFT_PREFIXES:
+    if prefix in PEFT_TEXT_PREFIXES:
         return LoRAPart(down, up, peft_alpha(config, stem, up.shape[1], g.get("alpha")))
     return LoRAPart(down, up, kohya_alpha(g.get("alpha"), down.shape[0]))  # as for the transformer part
+
+
+def _parts_of(src: str, prefix: str, modules: dict[str, dict[str, Tensor]], config: dict) -> dict[str, LoRAPart]:
+    parts = {}
+    for stem, g in modules.items():
+        if {"down", "up", "alpha"} & g.keys():
+            if not {"down", "up"} <= g.keys():
+                raise WeightsError(f"{src}: {prefix}{stem} has {sorted(g)} but needs both down (A) and up (B)")
+            parts[stem] = _part(src, prefix, stem, g, config)
+    return parts
+
+
+def peft_text_parts(lora: LoRA) -> tuple[dict[str, dict[str, LoRAPart]], dict[str, Tensor]]:
+    """The LoRAs under diffusers' prefixes (`text_encoder.`, ...: prefix -> module as the file names it -> its
+    LoRA, alpha as `encoder_parts` reads it), and the text-encoder keys they do not hold (full differences, other
+    tools' prefixes), as they are: what the diffusers layout writes (weights/lora_write.py)."""
+    src = lora.source or "LoRA"
+    groups: dict[str, dict[str, dict[str, Tensor]]] = {}  # prefix -> module -> role -> tensor
+    rest = {}
+    for key, t in lora.text_encoders.items():
+        prefix = next((p for p in PEFT_TEXT_PREFIXES if key.startswith(p)), None)
+        parsed = parse_key(key[len(prefix):]) if prefix else None
+        if parsed is None or parsed[1] not in ("down", "up", "alpha"):
+            rest[key] = t
+            continue
+        groups.setdefault(prefix, {}).setdefault(parsed[0], {})[parsed[1]] = t
+    parts = {prefix: _parts_of(src, prefix, modules, _peft_config(lora.source, prefix))
+             for prefix, modules in groups.items()}
+    return parts, rest
 
 
 def encoder_parts(lora: LoRA, scale: float, family: str) -> list[EncoderLoRA]:
@@ -120,14 +150,9 @@ def encoder_parts(lora: LoRA, scale: float, family: str) -> list[EncoderLoRA]:
         if encoder not in family.text_encoders:
             raise WeightsError(f"{src}: keys {prefix}... are for a {ENCODER_NAMES[encoder]}, which "
                                f"{family.display} does not have; a LoRA for another model?")
-        config = _peft_config(lora.source, prefix) if prefix in _PEFT_PREFIXES else {}
-        parts, diffs = {}, {}
-        for stem, g in modules.items():
-            diffs |= {f"{stem}.{role}": g[role] for role in ("diff", "diff_b") if role in g}
-            if {"down", "up", "alpha"} & g.keys():
-                if not {"down", "up"} <= g.keys():
-                    raise WeightsError(f"{src}: {prefix}{stem} has {sorted(g)} but needs both down (A) and up (B)")
-                parts[stem] = _part(src, prefix, stem, g, config)
+        config = _peft_config(lora.source, prefix) if prefix in PEFT_TEXT_PREFIXES else {}
+        diffs = {f"{stem}.{role}": g[role] for stem, g in modules.items() for role in ("diff", "diff_b") if role in g}
+        parts = _parts_of(src, prefix, modules, config)
         out.append(EncoderLoRA(src, encoder, scale, prefix, parts, diffs))
     return out
 

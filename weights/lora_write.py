@@ -19,6 +19,7 @@ from .keymaps import swap_halves
 from .keymaps.lora import KOHYA_PREFIX, kohya_name
 from .lora import FORMAT, LAYOUTS, LoRA, LoRAPart, ModuleLoRA, Recommended
 from .lora_foreign import PEFT_METADATA_KEY
+from .lora_text import peft_text_parts
 
 
 def _most_common(values):
@@ -30,7 +31,8 @@ def _uniform(mod: ModuleLoRA) -> tuple[list[Tensor], list[Tensor], float]:
     different alpha / r get that ratio multiplied into their up (one rounding; only mixed-scale sources)."""
     present = [p for p in mod.parts if p is not None]
     r = max(p.up.shape[1] for p in present)
-    ref = present[0]
+    # the alpha the others are scaled to: a slice at alpha 0 (no effect, as read) cannot be one
+    ref = next((p for p in present if p.scale), present[0])
     alpha = ref.scale * r if ref.up.shape[1] != r else ref.alpha
     downs, ups = [], []
     for part, n in zip(mod.parts, mod.rows):
@@ -125,6 +127,30 @@ def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
     return out, {f"transformer.{k}": v for k, v in config.items()}
 
 
+def _diffusers_text_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
+    """The text-encoder keys in the diffusers layout: under diffusers' prefixes (`text_encoder.`, ...) folded as
+    the transformer's and described by a config per prefix (`text_encoder.r`, ...) in `lora_adapter_metadata`:
+    diffusers builds each encoder's LoraConfig from its prefix's entries alone, and refuses a file whose metadata
+    has none for an encoder it holds. Other keys (full differences, other tools' prefixes) as they are."""
+    parts, rest = peft_text_parts(lora)
+    out, config = {k: v.clone() for k, v in rest.items()}, {}
+    for prefix, modules in parts.items():
+        ranks = {}
+        for stem, p in modules.items():
+            out[f"{prefix}{stem}.lora_A.weight"] = p.down.clone()
+            out[f"{prefix}{stem}.lora_B.weight"] = _folded(p).clone()
+            # transformers 5's CLIPTextModel has no `text_model.` level (WithProjection has): a name without it
+            # matches the module in both, as peft matches names by suffix
+            ranks[stem.removeprefix("text_model.")] = p.up.shape[1]
+        if not ranks:
+            continue
+        r = _most_common(ranks.values())
+        others = {re.escape(k): v for k, v in ranks.items() if v != r}
+        config |= {f"{prefix}r": r, f"{prefix}lora_alpha": r, f"{prefix}target_modules": sorted(ranks),
+                   f"{prefix}rank_pattern": others, f"{prefix}alpha_pattern": others}
+    return out, config
+
+
 _LAYOUT_KEYS = {"scfm_format", "scfm_rank", "scfm_alpha", "scfm_targets", PEFT_METADATA_KEY}
 
 
@@ -164,6 +190,7 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
                            "diff_b), which only the kohya / ComfyUI layout holds; write it with --to kohya")
     meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata(),
             **_tool_metadata(lora, layout)}
+    text = {k: v.clone() for k, v in lora.text_encoders.items()}
     if layout == "ours":
         tensors = _ours_state(lora)
         ranks = Counter(t.shape[1] for k, t in tensors.items() if k.endswith(".lora_up"))
@@ -175,8 +202,9 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
         tensors = _kohya_state(lora)
     else:
         tensors, config = _diffusers_state(lora)
-        meta[PEFT_METADATA_KEY] = json.dumps(config, sort_keys=True)
-    return tensors | {k: v.clone() for k, v in lora.text_encoders.items()}, meta
+        text, text_config = _diffusers_text_state(lora)
+        meta[PEFT_METADATA_KEY] = json.dumps(config | text_config, sort_keys=True)
+    return tensors | text, meta
 
 
 def write_lora(lora: LoRA, path: str | os.PathLike, layout: str = "ours", *, overwrite: bool = False,
