@@ -20,8 +20,11 @@ memory twice. Needs the `ui` extra: pip install -e ".[ui]".
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from weights.io import WeightsError
@@ -29,7 +32,7 @@ from weights.io import WeightsError
 from .compare import AXES, Column, Session, grid_image, parse_values, random_seed, sweep_columns
 from .demo import DEMO_LORA, IMAGE_SIZE
 from .flags import add_model_files
-from .options import OneLineParser, add_run_options, check_run_options
+from .options import OneLineParser, add_run_options, check_run_options, out_of_memory
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported (below, in build_ui)
 
@@ -38,6 +41,12 @@ NAMES = ("A", "B", "C")
 CSS = "".join(f"#image-{n} img {{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}}"
               for n in NAMES) + ".image-slider img {image-rendering: pixelated}"
 PROMPT = "a red circle above a blue square"  # a caption of the demo's world (distill/demo)
+# the LoRA scale sliders' range: negative scales are legitimate (a LoRA subtracted), and a LoRA may recommend more
+# than 2; one recommending a scale outside it widens its slider (hint_values), which would otherwise refuse it
+SCALE_RANGE = (-2.0, 4.0)
+# gradio copies every image it serves into its cache (/tmp/gradio) and keeps it for good: files this page made are
+# deleted hourly once an hour old, and all of them when the server stops (the PNGs in --out are never touched)
+DELETE_CACHE = (3600, 3600)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +88,36 @@ def optional(label: str):
     return gr.Textbox(label=label, placeholder="default")
 
 
+def scale_slider(label: str):
+    import gradio as gr
+
+    return gr.Slider(*SCALE_RANGE, value=1.0, step=0.05, label=label)
+
+
+@contextmanager
+def shown_in_page(session: Session):
+    """A refusal, a full disk or an out-of-memory error in a page's handler as one line in the page (gradio shows
+    any other exception as a bare "Error"). After running out of memory the next click samples again: the
+    Session merges its LoRA stack afresh after a change that failed, and a column's reserved name is removed."""
+    import gradio as gr
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the failed column held goes back before the next click
+        line = out_of_memory(session.launch, "a smaller Width and Height").removeprefix("error: ")
+        raise gr.Error(f"{line} (the flags: restart the app with them)") from None
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        fix = ("free some space on its disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+               "check that file or folder and its permissions")
+        raise gr.Error(f"{e.strerror or e}{where}; {fix} (the PNGs go to {session.out}), then try again") from None
+    except (WeightsError, ValueError) as e:
+        raise gr.Error(str(e)) from None
+
+
 def describe(result, col: Column) -> str:
     loras = ", ".join(f"{Path(p).name} @ {s:g}" for p, s in col.loras) or "no LoRA"
     change = f"; LoRA change {result.lora_seconds:.2f} s" if result.lora_seconds else ""
@@ -91,23 +130,28 @@ def build_ui(session: Session):
     files = session.lora_files()
     choices = [("none", ""), *((Path(f).name, f) for f in files)]  # a dropdown without "none" picks the first file
     scfm = str(DEMO_LORA.resolve()) if session.demo else (files[0] if files else None)
+    scfm = scfm if scfm in files else None  # a default the dropdown lacks would refuse every Generate
     side = IMAGE_SIZE if session.demo else 1024
 
     def hint_values(path):
         """The student's fields from a LoRA's metadata (empty where it states nothing)."""
         if not path:
-            return 1.0, "", "", "", "no LoRA: the base model"
-        try:
+            return scale(1.0), "", "", "", "no LoRA: the base model"
+        with shown_in_page(session):
             h = session.hints(path)
-        except (WeightsError, ValueError) as e:
-            raise gr.Error(str(e)) from None
         shift = h.shift if isinstance(h.shift, (int, float)) else ""
         said = ", ".join(f"{k} {v}" for k, v in (("steps", h.steps), ("grid", h.schedule), ("shift", h.shift),
                                                    ("guidance", h.guidance), ("scale", h.lora_scale)) if v is not None)
         text = [("" if v is None else str(v)) for v in (h.steps, shift, h.guidance)]
-        return h.lora_scale or 1.0, *text, f"{Path(path).name} recommends: {said or 'nothing'}"
+        # `is None`, not `or`: a recommended scale of 0 is 0
+        return (scale(1.0 if h.lora_scale is None else h.lora_scale), *text,
+                f"{Path(path).name} recommends: {said or 'nothing'}")
 
-    with gr.Blocks(title="scfm: compare", analytics_enabled=False) as ui:
+    def scale(value: float):
+        """The scale slider at `value`, its range widened to take it (the slider refuses a value outside it)."""
+        return gr.update(value=value, minimum=min(SCALE_RANGE[0], value), maximum=max(SCALE_RANGE[1], value))
+
+    with gr.Blocks(title="scfm: compare", analytics_enabled=False, delete_cache=DELETE_CACHE) as ui:
         gr.Markdown(f"### scfm compare: {'the built-in demo' if session.demo else session.model}")
         paths = gr.State({})
         with gr.Tab("Compare"):
@@ -130,19 +174,19 @@ def build_ui(session: Session):
                     gr.Markdown("**B: student**")
                     b_lora = gr.Dropdown(choices, value=scfm or "", label="SCFM LoRA")
                     b_scale, b_steps, b_shift, b_guidance, b_hint = (
-                        gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale"), optional("Steps"), optional("Shift"),
+                        scale_slider("LoRA scale"), optional("Steps"), optional("Shift"),
                         optional("Guidance / CFG"), gr.Markdown())
                 with gr.Column():
                     c_on = gr.Checkbox(label="C: another setting")
                     c_lora = gr.Dropdown(choices, value=scfm or "", label="LoRA")
                     c_scale, c_steps, c_shift, c_guidance, c_hint = (
-                        gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale"), optional("Steps"), optional("Shift"),
+                        scale_slider("LoRA scale"), optional("Steps"), optional("Shift"),
                         optional("Guidance / CFG"), gr.Markdown())
             with gr.Row():  # style LoRAs, merged with B's and C's
                 styles = []
                 for i in range(2):
                     styles.append((gr.Dropdown(choices, value="", label=f"Style LoRA {i + 1} (on B and C)"),
-                                   gr.Slider(0, 2, value=1.0, step=0.05, label="Scale")))
+                                   scale_slider("Scale")))
             run = gr.Button("Generate", variant="primary", elem_id="generate")
             images, downloads, infos = [], [], []
             with gr.Row():
@@ -178,14 +222,12 @@ def build_ui(session: Session):
                     b_shift, b_guidance, c_on, c_lora, c_scale, c_steps, c_shift, c_guidance, pair, *style_values,
                     progress=gr.Progress()):
             seed = random_seed() if randomize else int(seed or 0)
-            try:
+            with shown_in_page(session):
                 width, height = size(width, height)
                 cols = {"A": Column([], _number(a_steps, int), None, _number(a_guidance)),
                         "B": student(b_lora, b_scale, b_steps, b_shift, b_guidance, style_values)}
                 if c_on:
                     cols["C"] = student(c_lora, c_scale, c_steps, c_shift, c_guidance, style_values)
-            except ValueError as e:
-                raise gr.Error(str(e)) from None
             shown = {n: (None, None, "") for n in NAMES}
             done: dict[str, str] = {}
 
@@ -199,10 +241,8 @@ def build_ui(session: Session):
                 def step(i, n, _latents, name=name):  # the sampler's callback (sampling/samplers.py)
                     progress((i, n), desc=f"column {name}")
 
-                try:
+                with shown_in_page(session):
                     r = session.render(prompt, negative or "", seed, width, height, col, callback=step)
-                except (WeightsError, ValueError, OSError) as e:
-                    raise gr.Error(str(e)) from None
                 done[name] = str(r.path)
                 shown[name] = (str(r.path), str(r.path), describe(r, col))
                 yield outputs()
@@ -222,7 +262,7 @@ def build_ui(session: Session):
 
         def sweep(prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance, axis1,
                   values1, axis2, values2, *style_values, progress=gr.Progress()):
-            try:
+            with shown_in_page(session):
                 axes = [(axis1, parse_values(axis1, values1))]
                 if axis2 != "(none)":
                     axes.append((axis2, parse_values(axis2, values2)))
@@ -236,14 +276,34 @@ def build_ui(session: Session):
                     r = session.render(prompt, negative or "", s, width, height, col)
                     rendered.append(Image.open(r.path).convert("RGB"))
                 path = session.save_grid(grid_image(rendered, axes, [labels for labels, _, _ in cells]))
-            except (WeightsError, ValueError, OSError) as e:
-                raise gr.Error(str(e)) from None
             return str(path), str(path)
 
         run_sweep.click(sweep, [prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance,
                                 axis1, values1, axis2, values2, *[x for s in styles for x in s]], [grid, grid_file],
                         concurrency_id="model", concurrency_limit=1)
     return ui
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind the address the server will listen on, and let it go: a port in use fails now, in one line, not as
+    gradio's traceback after the model loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        raise ValueError(f"--host {host}: not an address of this machine; pass --host 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as s:
+        # as uvicorn binds: a port left in TIME_WAIT by a server just stopped is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(in_use(port) if e.errno == errno.EADDRINUSE else
+                             f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); pass another "
+                             "--host or --port") from None
+
+
+def in_use(port: int) -> str:
+    return f"--port {port}: in use; pass another --port"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        check_port(args.host, args.port)
         session = Session(args)
     except (WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -265,8 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     ui = build_ui(session)
     ui.queue(default_concurrency_limit=1)  # one job at a time: the model's memory is held once
     print(f"PNGs go to {session.out}", flush=True)
-    ui.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(session.out)],
-              footer_links=[], css=CSS)
+    try:
+        ui.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(session.out)],
+                  footer_links=[], css=CSS)
+    except OSError as e:  # gradio's "Cannot find empty port": another server took it while the model loaded
+        line = in_use(args.port) if "port" in str(e) else f"cannot start the server: {e}"
+        print(f"error: {line.splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -10,8 +10,10 @@ file, merged in fp32 and quantized again (requantize_loras), as loading with tho
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
 import re
 import secrets
 import tempfile
@@ -22,15 +24,15 @@ from pathlib import Path
 
 from weights.atomic import atomic_path
 from weights.families import detect_family
-from weights.io import WeightsError, read_header
+from weights.io import WeightsError, file_sha256, read_header
 from weights.lora import Recommended
 from weights.lora_merge import lora_spec
 
 from .components import COMPONENT_FILES, pipeline_from_args
-from .demo import ASSETS, DEMO_FOLDER, demo_lora
+from .demo import ASSETS, DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, demo_lora
 from .flags import build_parser
 from .job import check_args, check_job, check_sizes, render, resolve, with_demo_defaults
-from .options import RUN_OPTIONS
+from .options import RUN_OPTIONS, check_writable
 
 MAX_SEED = 2**31 - 1  # the random seeds the page draws
 AXES = ("steps", "lora scale", "shift", "guidance", "seed")  # what a sweep varies
@@ -69,13 +71,30 @@ class Session:
             if not d.is_dir():
                 raise WeightsError(f"--lora-dir {d}: no such folder")
         # `--lora demo` is the shipped SCFM LoRA, as for generate
-        self.launch_loras = [Path(lora_spec(demo_lora(s))[0]).expanduser().resolve() for s in args.lora]
-        self.out = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="scfm-app-"))
+        self.launch_loras = []
+        for spec in args.lora:
+            path = Path(lora_spec(demo_lora(spec))[0]).expanduser().resolve()
+            if not path.is_file():  # the page would not offer it: the user would never learn why it is missing
+                raise WeightsError(f"--lora {spec}: no such file; pass an existing .safetensors LoRA or drop it")
+            if path.suffix != ".safetensors":
+                raise WeightsError(f"--lora {spec}: not a .safetensors file; only safetensors LoRAs are read")
+            self.launch_loras.append(path)
+        if self.demo and DEMO_LORA.resolve() not in self.launch_loras:
+            self.launch_loras.append(DEMO_LORA.resolve())  # the demo's student (B's default) whatever --lora-dir says
+        if args.out:
+            check_writable(args.out, "--out", args.out)  # a file in the way, no permission: one line
+            self.out = Path(args.out).expanduser()
+        else:
+            self.out = Path(tempfile.mkdtemp(prefix="scfm-app-"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.family = detect_family(Path(self.model))
         self.pipe = pipeline_from_args(args, Path(self.model), self.family, ())
         self.pipe.transformer  # noqa: B018  (loaded now, once, without LoRAs)
-        self.stack: list[tuple[str, float]] | None = []  # None: unknown, after a change that failed
+        # (path, sha256, scale) per merged LoRA; None: unknown, after a change that failed
+        self.stack: list[tuple[str, str, float]] | None = []
+        # the last prompts' encoding and what it depends on (conditioning): a click's columns and a sweep's cells
+        # share their text, and the text encoders (T5-XXL: 9 GB read) would otherwise load for each
+        self.encoded: tuple[tuple, tuple] | None = None
         # one render at a time on the one model: a Generate and a sweep from two tabs would otherwise merge LoRAs
         # under each other's sampling and pick the same file number (the page also queues them as one job kind)
         self.busy = threading.RLock()
@@ -85,13 +104,13 @@ class Session:
     def model_argv(self) -> list[str]:
         """The launch's model-file and run flags, as generate takes them (a column adds its own). The demo goes
         without --model, as generate's demo does (its own size and T5 length)."""
-        argv = [] if self.demo else ["--model", self.model]
+        argv = [] if self.demo else [f"--model={self.model}"]
         for name in (*COMPONENT_FILES, *RUN_OPTIONS, "ignore_te_lora"):
             value, flag = getattr(self.launch, name, None), f"--{name.replace('_', '-')}"
             if value is True:
                 argv.append(flag)
             elif value is not None and value is not False:
-                argv += [flag, str(value)]
+                argv.append(f"{flag}={value}")  # one token: a path starting with '-' is not read as a flag
         return argv
 
     def lora_files(self) -> list[str]:
@@ -100,17 +119,18 @@ class Session:
         return [str(f) for f in dict.fromkeys(found) if f.is_file() and not self._is_model_part(f)]
 
     def column_path(self, seed: int) -> Path:
-        """A new column's PNG, `NNNNN-SEED.png`, numbered on after the highest number in the folder: a second
-        session with the same --out never replaces the first one's images."""
-        return self.out / f"{next_index(self.out, _COLUMN):05d}-{seed}.png"
+        """A new column's PNG, `NNNNN-SEED.png`, numbered on after the highest number in the folder and reserved
+        (created empty, exclusively): a second session with the same --out never replaces the first one's
+        images, even when both pick a number at once."""
+        return reserve(self.out, _COLUMN, lambda i: f"{i:05d}-{seed}.png")
 
     def save_grid(self, grid) -> Path:
         """A sweep's grid (a PIL image) as `grid-NNNN.png`, numbered on after the highest grid in the folder, so that
         it never replaces one (nor fills the gap a deleted grid left: the numbers keep the order they were made in),
-        written atomically."""
+        reserved as column_path's names are and written atomically."""
         with self.busy:
-            path = self.out / f"grid-{next_index(self.out, _GRID):04d}.png"
-            with atomic_path(path) as tmp:
+            path = reserve(self.out, _GRID, lambda i: f"grid-{i:04d}.png")
+            with unreserved_on_failure(path), atomic_path(path) as tmp:
                 grid.save(tmp, format="PNG")
         return path
 
@@ -139,7 +159,9 @@ class Session:
     def set_loras(self, loras: list) -> float:
         """Make `loras` ((LoRA, scale) as generate reads them) the merged stack (Pipeline.set_loras); seconds it
         took (0: unchanged)."""
-        key = [(lora.source, scale) for lora, scale in loras]
+        # the file's sha256 too (cached by its stat): a LoRA replaced under the same name is merged again, as its
+        # PNG records the new file's hash
+        key = [(lora.source, file_sha256(lora.source), scale) for lora, scale in loras]
         if key == self.stack:
             return 0.0
         start = time.perf_counter()
@@ -150,13 +172,29 @@ class Session:
         self.stack = key
         return time.perf_counter() - start
 
+    def conditioning(self, job) -> tuple:
+        """The prompts' encoding (Pipeline.encode_prompts) for `job`, on the stack now merged: the last one again
+        when nothing it depends on changed (the prompts, the negative prompt where a negative pass runs, the T5
+        length, the LoRAs' text-encoder parts and scales, which --ignore-te-lora leaves out)."""
+        cfg, pipe = job.cfg, self.pipe
+        negative = cfg.negative_prompt if pipe.wants_negative(cfg) else None
+        sha = {source: digest for source, digest, _ in self.stack or []}
+        text = tuple((p.encoder, p.source, sha.get(p.source), p.scale, p.prefix) for p in pipe.lora_parts().text)
+        key = (tuple(job.prompts), pipe.wants_negative(cfg), negative, cfg.max_sequence_length, text,
+               pipe.ignore_te_lora)
+        if self.encoded is None or self.encoded[0] != key:
+            self.encoded = None  # freed before the encoders load, and not kept if they fail
+            self.encoded = key, pipe.encode_prompts(job.prompts, cfg)
+        return self.encoded[1]
+
     def column_argv(self, prompts: str | list[str], negative: str, seed: int, width: int, height: int,
                     col: Column) -> list[str]:
-        argv = self.model_argv() + [x for p in ([prompts] if isinstance(prompts, str) else prompts)
-                                    for x in ("--prompt", p)]
+        # free text as `--flag=TEXT`, one token: a prompt such as `-blurry` or `--help` would otherwise be read as
+        # a flag
+        argv = self.model_argv() + [f"--prompt={p}" for p in ([prompts] if isinstance(prompts, str) else prompts)]
         argv += ["--seed", str(seed), "--width", str(width), "--height", str(height)]
         if negative:
-            argv += ["--negative-prompt", negative]
+            argv.append(f"--negative-prompt={negative}")
         for flag, value in (("--steps", col.steps), ("--shift", col.shift), ("--schedule", col.schedule)):
             if value is not None:
                 argv += [flag, str(value)]
@@ -165,8 +203,20 @@ class Session:
         for path, scale in col.loras:
             if not math.isfinite(scale):
                 raise ValueError(f"{path}: the scale must be a finite number")
-            argv += ["--lora", f"{self.allowed(path)}:{scale}"]
+            argv.append(f"--lora={self.allowed(path)}:{scale}")
         return argv
+
+    @staticmethod
+    def parse(argv: list[str]):
+        """generate's parser on a column's command line, its refusal a one-line ValueError: argparse's exit
+        (SystemExit) would escape the page's handler and end its worker."""
+        parser = build_parser()
+
+        def refuse(status=0, message=None):
+            raise ValueError((message or "these settings are refused").strip().removeprefix("error: "))
+
+        parser.exit = refuse
+        return parser.parse_args(argv)
 
     def render(self, prompts: str | list[str], negative: str, seed: int, width: int, height: int, col: Column,
                callback=None, *, noises: int = 1, paths: list[Path] | None = None,
@@ -176,16 +226,18 @@ class Session:
         `paths` in generate's order: noise-major)."""
         with self.busy:
             many = [prompts] if isinstance(prompts, str) else list(prompts)
-            args = build_parser().parse_args(self.column_argv(many, negative, seed, width, height, col))
+            args = self.parse(self.column_argv(many, negative, seed, width, height, col))
             check_args(args)
             with_demo_defaults(args)
-            check_sizes(args, 1024)
+            check_sizes(args, IMAGE_SIZE if self.demo else 1024)
             job = resolve(args, many)
             lora_seconds = self.set_loras(job.loras)
             check_job(self.pipe, job)
-            paths = paths or [self.column_path(seed)]
             start = time.perf_counter()
-            render(self.pipe, job, paths, noises, seed, callback, latents_out)
+            reserved = not paths
+            paths = paths or [self.column_path(seed)]
+            with unreserved_on_failure(paths[0]) if reserved else contextlib.nullcontext():
+                render(self.pipe, job, paths, noises, seed, callback, latents_out, self.conditioning(job))
             nfe = job.cfg.steps * (2 if self.pipe.wants_negative(job.cfg) else 1)
             return Result(paths[0], time.perf_counter() - start, nfe, lora_seconds)
 
@@ -199,6 +251,38 @@ def next_index(folder: Path, pattern: re.Pattern) -> int:
     when none does: counting the files instead would reuse the last number after a gap."""
     found = (pattern.fullmatch(p.name) for p in folder.iterdir())
     return max((int(m[1]) + 1 for m in found if m), default=0)
+
+
+def reserve(folder: Path, pattern: re.Pattern, name) -> Path:
+    """`folder / name(i)` for the first free i from next_index on, created empty with O_EXCL: another session
+    (another process) picking the same number at once gets FileExistsError and moves on, where a rename onto the
+    name would replace its image. The writer then renames its temp file onto this reservation."""
+    index = next_index(folder, pattern)
+    while True:
+        path = folder / name(index)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except FileExistsError:
+            index = max(index + 1, next_index(folder, pattern))
+            continue
+        # another name with this number (another seed, made at once by another session): the next number, so
+        # that the numbers keep the order the images were made in
+        if not any(p != path and (m := pattern.fullmatch(p.name)) and int(m[1]) == index for p in folder.iterdir()):
+            return path
+        path.unlink()
+        index = max(index + 1, next_index(folder, pattern))
+
+
+@contextlib.contextmanager
+def unreserved_on_failure(path: Path):
+    """The reservation `reserve` made is removed if the write fails: no empty PNG is left under the name."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()
+        raise
 
 
 def random_seed() -> int:

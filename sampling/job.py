@@ -385,14 +385,16 @@ def check_job(pipe, job: Job) -> None:
 
 
 def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callback=None,
-           latents_out: list | None = None) -> list[Path]:
+           latents_out: list | None = None, conditioning: tuple | None = None) -> list[Path]:
     """Encode the prompts once, then per batch index (seed, seed + 1, ...) sample, decode and write each PNG with
     its parameters: `generate` and the app (sampling/app.py) both end here, after `check_job`. `latents_out`
-    collects each batch index's final latents (distill.evaluate compares them)."""
+    collects each batch index's final latents (distill.evaluate compares them); `conditioning`: what
+    pipe.encode_prompts returns for this job, when the caller kept it (the app's Session.conditioning)."""
     from .base import to_pil
 
     negative_prompt = job.cfg.negative_prompt if pipe.wants_negative(job.cfg) else None
-    cond, negative = pipe.encode_prompts(job.prompts, job.cfg)  # the encoders run once, then are freed
+    # the encoders run once, then are freed
+    cond, negative = conditioning or pipe.encode_prompts(job.prompts, job.cfg)
     # how the transformer ran, which moves pixels too (--from-png takes it back)
     run = {"dtype": next(k for k, v in DTYPES.items() if v == pipe.dtype), "fp8": pipe.fp8,
            "fp8_compute": pipe.fp8_compute}

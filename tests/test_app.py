@@ -5,6 +5,10 @@ given at launch is read. tests/test_app_browser.py drives the page itself."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +102,12 @@ def test_refusals_are_the_clis_lines_and_no_file_outside_the_launch_folders_is_r
     assert (args.host, args.share) == ("127.0.0.1", False)  # never on the network unless asked
     launched = Session(build_parser().parse_args(["--lora", "demo", "--out", str(tmp_path / "demo-out")]))
     assert launched.launch_loras == [DEMO_LORA.resolve()]  # `--lora demo`, as generate reads it
+    # launch flags that would fail later, or never: refused in one line before the model loads
+    (tmp_path / "a-file").write_text("")
+    for argv, said in ((["--lora", str(tmp_path / "nope.safetensors")], "nope.safetensors: no such file; pass"),
+                       (["--out", str(tmp_path / "a-file")], "a-file is a file, not a folder; pass another --out")):
+        with pytest.raises((WeightsError, ValueError), match=said):
+            Session(build_parser().parse_args(argv))
 
 
 def test_a_sweep_is_one_labelled_grid_of_the_columns_it_varies(tmp_path):
@@ -170,7 +180,9 @@ def test_a_refused_lora_leaves_the_merged_stack_and_the_next_column_has_it(tmp_p
     assert again.lora_seconds > 0 and np.array_equal(pixels(again.path), pixels(before.path))
 
 
-def test_sessions_sharing_an_out_folder_never_replace_a_file(tmp_path):
+def test_sessions_sharing_an_out_folder_never_replace_a_file(tmp_path, monkeypatch):
+    import sampling.compare
+
     first = session(tmp_path)
     paths = [first.render(PROMPT, "", s, 64, 64, Column(steps=2)).path for s in (0, 1)]
     kept = {p: p.read_bytes() for p in paths}
@@ -197,6 +209,20 @@ def test_sessions_sharing_an_out_folder_never_replace_a_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         second.save_grid(Broken())
     assert not (out / "grid-0005.png").exists() and not list(out.glob(".grid-*"))
+
+    # two sessions (two processes) that read the folder at once pick the same number: the later write takes the
+    # next free one instead of replacing the first one's file
+    real = sampling.compare.next_index
+    for pattern, write in ((sampling.compare._COLUMN, lambda s: s.render(PROMPT, "", 0, 64, 64, Column(steps=2)).path),
+                           (sampling.compare._GRID, lambda s: s.save_grid(image))):
+        stale = [real(out, pattern)]  # what both read before either wrote
+        earlier = write(first)
+        kept = {p: p.read_bytes() for p in out.iterdir()}
+        monkeypatch.setattr(sampling.compare, "next_index", lambda f, p: stale.pop() if stale else real(f, p))
+        later = write(second)
+        monkeypatch.undo()
+        assert later != earlier and later.stat().st_size > 0 and {p: p.read_bytes() for p in kept} == kept
+
 
 def test_only_the_app_imports_gradio_and_it_imports_nothing_from_distill():
     from test_imports import graph, modules
@@ -271,3 +297,128 @@ def test_column_c_samples_with_its_own_guidance_and_lora_hints(tmp_path, monkeyp
     with pytest.raises(Exception, match="Width and Height need a number"):  # a cleared box: gradio's error, one line
         for _ in compare.fn(*args[:4], None, *args[5:]):
             pass
+
+
+def text_lora(path, scale: float = 0.1):
+    """A LoRA with a T5 part alone (kohya lora_te3_: FLUX.1's T5), for the demo's 64-wide T5."""
+    stem = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    save_file({f"{stem}.lora_down.weight": torch.full((2, 64), scale),
+               f"{stem}.lora_up.weight": torch.full((64, 2), scale), f"{stem}.alpha": torch.tensor(2.0)}, path)
+    return path
+
+
+def test_prompts_are_never_flags_replaced_loras_merge_again_and_a_click_encodes_once(tmp_path, monkeypatch):
+    """A prompt such as `-blurry` is a prompt (generate's parser would exit on it, and end the page's worker); a
+    LoRA replaced under its name is merged again (its PNG records the new file); the columns of one click share
+    one run of the text encoders while their text-encoder LoRAs agree."""
+    from sampling.flags import build_parser as generate_parser
+
+    app = session(tmp_path)
+    encodes = []
+    encode = app.pipe.encode_prompts
+    monkeypatch.setattr(app.pipe, "encode_prompts", lambda *a: encodes.append(a[0]) or encode(*a))
+    got = app.render("-blurry", "", 1, 64, 64, Column(steps=1))
+    assert generate(["--prompt=-blurry", "--seed", "1", "--steps", "1", "--out", str(tmp_path / "cli.png")]) == 0
+    assert np.array_equal(pixels(got.path), pixels(tmp_path / "cli.png"))
+    assert read_png_params(got.path)["prompt"] == "-blurry"
+    args = generate_parser().parse_args(app.column_argv(["--help"], "--seed=5", 0, 64, 64, Column()))
+    assert (args.prompt, args.negative_prompt) == (["--help"], "--seed=5")
+    monkeypatch.setattr(app, "column_argv", lambda *a: ["--steps", "many"])  # generate's parser refusing
+    with pytest.raises(ValueError, match="^argument --steps: invalid int value: 'many'"):
+        app.render(PROMPT, "", 0, 64, 64, Column())
+    monkeypatch.undo()
+    monkeypatch.setattr(app.pipe, "encode_prompts", lambda *a: encodes.append(a[0]) or encode(*a))
+    with pytest.raises(ValueError, match=r"^--width 0: .*; pass --width 64 \(the default\)$"):  # the demo's size
+        app.render(PROMPT, "", 0, 0, 64, Column())
+
+    style = tmp_path / "loras" / "style.safetensors"
+    col = Column([(str(style), 1.0)], steps=1)
+    app.render(PROMPT, "", 1, 64, 64, col)
+    new = tmp_path / "new.safetensors"  # another LoRA, moved onto the old one's name
+    save_file({k: -v for k, v in load_file(DEMO_LORA).items()}, new, read_header(DEMO_LORA)[1])
+    os.replace(new, style)
+    replaced = app.render(PROMPT, "", 1, 64, 64, col)
+    assert replaced.lora_seconds > 0
+    assert generate(["--prompt", PROMPT, "--seed", "1", "--steps", "1", "--lora", f"{style}:1.0", "--out",
+                     str(tmp_path / "new.png")]) == 0
+    assert np.array_equal(pixels(replaced.path), pixels(tmp_path / "new.png"))
+
+    # one click: A, B and C on the same text-encoder state encode once; a T5 LoRA part (at each scale) again
+    text = text_lora(tmp_path / "loras" / "t5.safetensors")
+    encodes.clear()
+    for col in (Column(steps=1), Column([(str(DEMO_LORA), 1.0)], steps=1), Column([(str(style), 1.0)], steps=1)):
+        app.render("a blue circle", "", 2, 64, 64, col)
+    assert len(encodes) == 1
+    for col in (Column([(str(text), 1.0)], steps=1), Column([(str(text), 0.5)], steps=1)):
+        app.render("a blue circle", "", 2, 64, 64, col)  # the T5 part, then at another scale
+    assert len(encodes) == 3
+
+
+def test_the_page_offers_the_demo_student_takes_any_scale_and_says_each_failure_in_one_line(tmp_path, monkeypatch):
+    """The demo's student is B's default with a --lora-dir of other LoRAs too; a LoRA recommending a scale past
+    the slider's end widens it (negative scales too); out of memory and a failed write or read are one line in
+    the page; gradio's copies of the served images are deleted in time."""
+    gr = pytest.importorskip("gradio")
+    from sampling.app import build_ui
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    strong = loras / "strong.safetensors"
+    save_file(load_file(DEMO_LORA), strong, {**read_header(DEMO_LORA)[1], "scfm_lora_scale": "2.5"})
+    app = Session(build_parser().parse_args(["--lora-dir", str(loras), "--out", str(tmp_path / "out")]))
+    assert str(DEMO_LORA.resolve()) in app.lora_files()
+    ui = build_ui(app)
+    assert ui.delete_cache == (3600, 3600)
+    fns = list(ui.fns.values())
+    compare = next(f for f in fns if f.name == "compare")
+    b_lora, b_scale = compare.inputs[8:10]
+    assert b_lora.value == str(DEMO_LORA.resolve()) and b_lora.value in [v for _, v in b_lora.choices]
+    hints = next(f for f in fns if f.name == "hint_values" and b_lora in f.inputs)
+    update = hints.fn(str(strong))[0]
+    assert update["value"] == 2.5 and update["minimum"] <= -2 and update["maximum"] >= 2.5
+    assert b_scale.preprocess(2.5) == 2.5 and b_scale.preprocess(-1.0) == -1.0
+    save_file(load_file(DEMO_LORA), strong, {**read_header(DEMO_LORA)[1], "scfm_lora_scale": "6"})
+    assert hints.fn(str(strong))[0]["maximum"] == 6  # past the slider's end: widened
+
+    values = [PROMPT, "", 0, False, 64, 64, "", "", str(DEMO_LORA), 1.0, "", "", "", False, "", 1.0, "", "", "",
+              "A|B", "", 1.0, "", 1.0]
+    sweep = next(f for f in fns if f.name == "sweep")
+    sweep_values = [PROMPT, "", 0, 64, 64, str(DEMO_LORA), 1.0, "", "", "", "steps", "1", "(none)", "", "", 1.0, "",
+                    1.0]
+    for error, said in ((torch.OutOfMemoryError("CUDA out of memory"), "^out of GPU memory; .* --fp8 "),
+                        (OSError(errno.ENOSPC, "No space left on device", str(app.out / "00000-0.png")),
+                         "^No space left on device: .*00000-0.png; free some space on its disk")):
+        def fail(*a, error=error, **k):
+            raise error
+
+        monkeypatch.setattr(app, "render", fail)
+        monkeypatch.setattr(app, "hints", fail)
+        for run in (lambda: list(compare.fn(*values)), lambda: sweep.fn(*sweep_values, progress=gr.Progress()),
+                    lambda: hints.fn(str(strong))):
+            with pytest.raises(gr.Error) as shown:
+                run()
+            assert re.match(said, shown.value.message) and "\n" not in shown.value.message
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import sampling.app
+
+    monkeypatch.setattr(sampling.app, "Session", lambda args: pytest.fail("the model loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert sampling.app.main(["--port", str(port)]) == 2
+    assert capsys.readouterr().err == f"error: --port {port}: in use; pass another --port\n"
+
+    class Page:  # another server takes the port while the model loads: gradio's OSError, as one line
+        def queue(self, **_):
+            pass
+
+        def launch(self, **_):
+            raise OSError(f"Cannot find empty port in range: {port}-{port}. You can specify a different port by ...")
+
+    monkeypatch.setattr(sampling.app, "Session", lambda args: type("S", (), {"out": tmp_path})())
+    monkeypatch.setattr(sampling.app, "build_ui", lambda session: Page())
+    assert sampling.app.main(["--port", str(port)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: --port {port}: in use; pass another --port"
