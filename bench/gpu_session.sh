@@ -19,7 +19,7 @@
 #
 # Each command's output is appended to $OUT/<name>.txt (the device tool's folder; bench-out/ elsewhere), and
 # its exit status to $OUT/status.txt (124: its time limit cut it short). Each stage's limits add up to under its
-# budget: the default stage 470 s (under 8 minutes), the others under 560 s (one 10-minute device call).
+# budget: the default stage 470 s (under 8 minutes), the others at most 560 s (inside one 10-minute device call).
 # The device image has no diffusers: wheels in .whl/ (see README, "Benchmarks") are installed when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
