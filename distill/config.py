@@ -283,6 +283,10 @@ class DistillConfig:
         if low > high:
             raise ConfigError(f"shift_min {low} > shift_max {high}: fixed shifts are drawn "
                               "from [shift_min, shift_max); pass --shift_min <= --shift_max")
+        fast, slow = self.ema.fast_decay, self.ema.slow_decay
+        if fast > slow:
+            raise ConfigError(f"fast_decay {fast} > slow_decay {slow}: the fast EMA would average over more steps "
+                              "than the slow one; pass --fast_decay <= --slow_decay")
         try:  # the grids t_skip and the teacher step range allow: here, not after the cache and model load
             self.scfm.scfm_config(guidance=False)
         except ValueError as e:
@@ -293,11 +297,11 @@ class DistillConfig:
             if self.get(name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {self.get(name)!r}")
         if self.scfm.objective == "flow_matching":  # one trained set, the plain target: what SCFM adds is refused
-            for name, bad in (("export_set", self.export_set != "live"), ("cfg_scale", self.scfm.cfg_scale),
-                              ("teacher_lora", self.lora.teacher_lora)):
-                if bad:
+            for name, own, flag in (("export_set", "live", "live"), ("cfg_scale", 0.0, "0"),
+                                    ("teacher_lora", "", "''")):
+                if self.get(name) != own:
                     raise ConfigError(f"{name}: objective flow_matching trains the live set alone on the plain "
-                                      f"target (no EMAs, no teacher, no CFG); drop --{name}")
+                                      f"target (no EMAs, no teacher, no CFG); pass --{name} {flag}")
         unknown = set(self.export_formats) - {"ours", "diffusers", "kohya"}
         if unknown:
             raise ConfigError(f"export_formats: unknown {sorted(unknown)}; use ours, diffusers, kohya")

@@ -4,11 +4,21 @@ Precedence: the dataclass defaults, then the TOML file (`--config FILE`, or a pa
 `flux-dev-scfm`), then flags. A file may put a field under any table (`[lora]`, `[optim]`, ...): it reads by its
 flat name. A top-level `base = "demo"` starts from that file or preset and changes only what follows
 (`distill/configs/demo-10shot.toml`).
+
+Where a `base` points (`_base_path`), so that a file reads the same from any folder:
+- in a packaged preset: always the packaged preset of that name (distill/configs/NAME.toml), never a file in the
+  current folder;
+- in the user's file: a relative path from that file's folder (not the current one), an absolute path as it is;
+  else a packaged preset of that name, `.toml` or not (`base = "demo"` and `base = "demo.toml"` alike, unless a
+  file of that name sits next to it).
+`--config NAME` itself is the user's: a file (relative to the current folder), else a preset of that name (also
+past a folder of that name: a folder is never a config).
 """
 
 from __future__ import annotations
 
 import tomllib
+import warnings
 from pathlib import Path
 
 from sampling.fields import check_fields
@@ -33,18 +43,42 @@ def _flatten(table: dict, source: str) -> dict:
 
 def resolve_config_path(name: str) -> Path:
     path = Path(name).expanduser()
-    if path.is_dir():
-        raise ConfigError(f"--config {name} is a folder, not a TOML file; pass a .toml file or a preset name")
-    if path.exists():
+    if path.is_file():
         return path
     preset = PRESETS / f"{name.removesuffix('.toml')}.toml"
-    if preset.exists():
+    if preset.exists():  # also past a folder of that name (a run's `demo/`): a folder is never a config
         return preset
+    if path.is_dir():
+        raise ConfigError(f"--config {name} is a folder, not a TOML file; pass a .toml file or a preset name")
+    if path.exists():  # not a regular file (a fifo, /dev/stdin): read as it is
+        return path
     raise ConfigError(f"--config {name}: no such file, and not a preset name ({', '.join(presets())})")
 
 
+def _base_path(base: str, file: Path) -> Path:
+    """The file `base = "..."` in `file` names (the rule in the module docstring)."""
+    where = f"base {base!r} (in {file})"
+    preset = PRESETS / f"{base.removesuffix('.toml')}.toml"
+    if file.resolve().parent == PRESETS.resolve():  # a packaged preset: its base is one too, whatever the cwd
+        if preset.exists():
+            return preset
+        raise ConfigError(f"{where}: not a preset name ({', '.join(presets())})")
+    path = file.parent / Path(base).expanduser()  # an absolute base stays as it is
+    if path.is_dir():
+        raise ConfigError(f"{where} is a folder, not a TOML file; name a .toml file or a preset there")
+    named = preset.exists() and Path(base).name == base
+    if path.exists() and not (named and path.resolve() == file.resolve()):  # a user's demo.toml on the preset
+        return path
+    if named:
+        return preset
+    raise ConfigError(f"{where}: no such file next to it ({path}), and not a preset name ({', '.join(presets())}); "
+                      "fix the base there")
+
+
 def load_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    path = resolve_config_path(str(path))
+    """The flat fields of the TOML file or preset `path` (a `--config`), over its base's. `_seen`: the files
+    whose base led here (already resolved: `_base_path`)."""
+    path = Path(path) if _seen else resolve_config_path(str(path))
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: its `base` chain comes back to itself ({' -> '.join(map(str, _seen))})")
     try:
@@ -52,16 +86,17 @@ def load_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"--config {path} is not UTF-8 text (a binary file?); pass a .toml file") from None
+        what = f"base {path}" if _seen else f"--config {path}"
+        raise ConfigError(f"{what} is not UTF-8 text (a binary file?); pass a .toml file") from None
     except OSError as e:
-        raise ConfigError(f"--config {path} cannot be read ({e.strerror}); check its permissions") from None
+        what = f"base {path}" if _seen else f"--config {path}"
+        raise ConfigError(f"{what} cannot be read ({e.strerror}); check its permissions") from None
     base = table.pop("base", None)
     values = {}
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: base must be a file or preset name, got {base!r}")
-        values = load_toml(base if Path(base).is_absolute() or base in presets() else path.parent / base,
-                           (*_seen, path.resolve()))
+        values = load_toml(_base_path(base, path), (*_seen, path.resolve()))
     return values | check_fields(DistillConfig, _flatten(table, str(path)), str(path), ConfigError)
 
 
@@ -73,5 +108,29 @@ def build_config(file: str | None = None, overrides: dict | None = None, base: d
     """`base` (flat names: a resumed run's own settings), under the TOML `file`, under `overrides` (flags)."""
     values = dict(base or {})
     values.update(load_toml(file) if file else {})
-    values.update(check_fields(DistillConfig, overrides or {}, "command line", ConfigError))
-    return DistillConfig.from_flat(**values)
+    flags = check_fields(DistillConfig, overrides or {}, "command line", ConfigError)
+    values.update(flags)
+    return DistillConfig.from_flat(**values | _flow_matching_own(values, flags))
+
+
+FLOW_MATCHING_OWN = {"export_set": "live", "cfg_scale": 0.0}  # DistillConfig refuses other values with it
+# what flow_matching never reads, refused as flags (a file's stay: every preset sets them). t_skip, the teacher
+# steps and teacher_ratio still pick each element's grid and so its sigma: not here
+FLOW_MATCHING_IDLE = ("fast_decay", "slow_decay", "ema_restart_every", "non_shortcut_ratio")
+
+
+def _flow_matching_own(values: dict, flags: dict) -> dict:
+    """objective flow_matching trains the live set alone, without CFG: an export_set or cfg_scale of a file or
+    preset (every packaged recipe exports the slow EMA) gives way to its own, with one line saying so; a flag
+    stays, and DistillConfig refuses it. The flags it would ignore (FLOW_MATCHING_IDLE) are refused."""
+    if values.get("objective") != "flow_matching":
+        return {}
+    idle = [k for k in FLOW_MATCHING_IDLE if k in flags]
+    if idle:
+        raise ConfigError(f"{idle[0]}: objective flow_matching keeps no EMAs and gives every element the plain "
+                          f"target, so it would do nothing; drop --{idle[0]}")
+    own = {k: v for k, v in FLOW_MATCHING_OWN.items() if k not in flags and values.get(k, v) != v}
+    if own:
+        said = ", ".join(f"{k} {v!r} (not the config's {values[k]!r})" for k, v in own.items())
+        warnings.warn(f"objective flow_matching trains the live set alone, without CFG: {said}", stacklevel=3)
+    return own

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -203,12 +204,19 @@ def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Seq
     buckets = BUCKETS_512 if resolution == 512 else buckets_for(resolution)
     prompts = list(dict.fromkeys(e.prompt for e in examples))
     index = {p: k for k, p in enumerate(prompts)}
-    items = []
+    items, upscaled = [], []
     for e in examples:
         path = data / e.file
         size = path.stat().st_size
+        shape = image_size(path)
+        bucket = nearest_bucket(*shape, buckets)
+        factor = max(bucket[0] / shape[0], bucket[1] / shape[1])  # load_image's: cover the bucket, then crop
+        if factor > 1:
+            upscaled.append((factor, e.file, shape, bucket))
         items.append({"file": e.file, "prompt": index[e.prompt], "bytes": size, "id": image_identity(path, size),
-                      "bucket": list(nearest_bucket(*image_size(path), buckets))})
+                      "bucket": list(bucket)})
+    if upscaled:
+        _say_upscaled(data, upscaled, len(examples), resolution)
     if flip:  # after the originals: a plan without flip keeps its item numbers (and its caches stay valid)
         for item in list(items):
             mirrored = mirror_caption(prompts[item["prompt"]])
@@ -226,6 +234,15 @@ def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Seq
     if negative_prompt is not None:
         plan["negative_prompt"] = negative_prompt
     return plan
+
+
+def _say_upscaled(data: Path, upscaled: list, total: int, resolution: int) -> None:
+    """One line for the images smaller than their bucket: they train blurred (upscaled), so the fix is named."""
+    factor, file, (w, h), (bw, bh) = max(upscaled)
+    smaller = max(64, int(resolution / factor) // 64 * 64)  # where the most upscaled image about fits its bucket
+    warnings.warn(f"{data}: {len(upscaled)} of {total} images are smaller than their bucket and are upscaled, up to "
+                  f"{factor:.1f}x ({file}: {w}x{h} -> {bw}x{bh}); pass --resolution {smaller} or larger images",
+                  stacklevel=3)
 
 
 def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextEncoder],

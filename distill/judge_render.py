@@ -86,10 +86,10 @@ def differing(have: dict, want: dict) -> list[str]:
 
 class SamplingClock:
     """What sampling costs a user per image: each batch's sampler calls and VAE decode, timed around the loaded
-    pipeline's `sample` and `decode` while Session.render runs. Left out: the text encoders (run once per prompt list
-    and text-encoder LoRA state: the Session keeps the last encoding), the LoRA merge before a row, PNG writing, and the first
-    call on a freshly loaded model (lazy VAE load, allocations, kernel selection), which a one-step warm-up takes
-    instead, so the row rendered first is not the slow one."""
+    pipeline's `sample` and `decode` while Session.render runs. Left out: the text encoders (run once per prompt
+    list and text-encoder LoRA state: the Session keeps the last encoding), the LoRA merge before a row, PNG writing,
+    and the first call on a freshly loaded model (lazy VAE load, allocations, kernel selection), which a one-step
+    warm-up takes instead, so the row rendered first is not the slow one."""
 
     def __init__(self, pipe):
         self.pipe, self.warm = pipe, False

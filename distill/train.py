@@ -26,6 +26,8 @@ import torch.distributed as dist
 from sampling.fields import add_dataclass_args
 from sampling.options import OneLineParser, check_device
 from weights.atomic import folder_lock
+from weights.families import get_family
+from weights.family import Family
 from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
 
@@ -70,6 +72,20 @@ def check_paths(cfg: DistillConfig) -> None:
         read_header(peft_file(Path(cfg.lora.teacher_lora).expanduser()))
 
 
+def check_family(cfg: DistillConfig, family: Family) -> None:
+    """What the model's family refuses, before anything is rendered or cached (Trainer checks again, for Python
+    callers): a family SCFM cannot train yet, another family's LoRA targets, a baked-in CFG for a model without."""
+    family.part("lora_targets")
+    if get_family(cfg.lora.targets) is not family:
+        raise ConfigError(f"targets {cfg.lora.targets!r} are for another model; this one is {family.title}: pass "
+                          f"--targets {family.name}")
+    if cfg.scfm.cfg_scale and family.guidance != "cfg":  # FLUX.1: dev has a guidance input, schnell none
+        has = getattr(load_model(cfg, torch.device("meta"), family).config, "guidance_embed", False)
+        raise ConfigError(f"cfg_scale bakes in classifier-free guidance, which {family.display} does not train with "
+                          f"({family.display}-dev has a guidance input; this model has {'one' if has else 'none'}); "
+                          "pass --cfg_scale 0")
+
+
 def run(cfg: DistillConfig, on_step=None) -> list[Path]:
     check_paths(cfg)
     check_writable(Path(cfg.output).expanduser(), "choose another --output")  # before the cache and model
@@ -102,10 +118,10 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step) ->
     demo_data = cfg.model == "demo" and not cfg.data
     cfg = resolve_demo(cfg)
     family = family_of(cfg)
+    check_family(cfg, family)  # before the demo renders its data and the cache is built
     cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
     if demo_data and rank == 0:
         render_demo_data(cfg)
-    family.part("lora_targets")  # a family SCFM cannot train yet is refused in one line, before the cache
     cache = prepare_cache(cfg, device, rank, family)
     if cfg.cache_only:
         return []

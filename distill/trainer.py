@@ -109,8 +109,10 @@ class Trainer:
         self.negative = None
         if config.scfm.cfg_scale:
             if self.kind.guidance != "cfg":
-                raise TrainingError(f"cfg_scale bakes in classifier-free guidance, which {self.kind.title} does not "
-                                    "use (it has a guidance input)")
+                has = "one" if getattr(model.config, "guidance_embed", False) else "none"
+                raise TrainingError(f"cfg_scale bakes in classifier-free guidance, which {self.kind.display} does "
+                                    f"not train with ({self.kind.display}-dev has a guidance input; this model has "
+                                    f"{has}); pass --cfg_scale 0")
             self.negative = cache.negative_cond()  # {name: (1, ...)}: the empty prompt, embedded once
             if self.negative is None:
                 raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "

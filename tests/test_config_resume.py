@@ -89,6 +89,13 @@ def test_float_fields_out_of_range_are_refused_with_the_range(field, value, mess
         DistillConfig.from_flat(**{field: value})
 
 
+def test_swapped_ema_decays_are_refused():
+    with pytest.raises(ConfigError, match=r"^fast_decay 0.999 > slow_decay 0.99: .*; pass --fast_decay <= "
+                                          r"--slow_decay$"):
+        DistillConfig.from_flat(fast_decay=0.999, slow_decay=0.99)
+    assert DistillConfig.from_flat(fast_decay=0.99, slow_decay=0.99).ema.fast_decay == 0.99
+
+
 def test_shift_min_above_shift_max_is_refused():
     with pytest.raises(ConfigError, match=r"^shift_min 5.0 > shift_max 1.0: .*--shift_min <= --shift_max"):
         DistillConfig.from_flat(shift_min=5.0, shift_max=1.0)
@@ -112,6 +119,22 @@ def test_cli_refuses_a_folder_or_a_binary_file_as_config(tmp_path, capsys):
     binary = tmp_path / "x.toml"
     binary.write_bytes(b"\xff\xfe\x00rank")
     one_line_error(capsys, ["--config", str(binary)], "is not UTF-8 text")
+
+
+def test_targets_and_cfg_scale_the_model_cannot_take_are_refused_before_the_cache(tmp_path, capsys):
+    """Known from the model's family (and its config: guidance_embed): nothing is cached or rendered first."""
+    from test_data import write_images
+
+    write_images(tmp_path / "data", [((64, 64), "a red circle")])
+    demo = ["--model", "demo", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--device", "cpu",
+            "--resolution", "64", "--steps", "1"]
+    one_line_error(capsys, [*demo, "--targets", "sd3"], "targets 'sd3' are for another model; this one is Flux: "
+                   "pass --targets flux")
+    flux = "cfg_scale bakes in classifier-free guidance, which FLUX.1 does not train with (FLUX.1-dev has a guidance "
+    one_line_error(capsys, [*demo, "--cfg_scale", "3"], flux + "input; this model has none); pass --cfg_scale 0")
+    one_line_error(capsys, ["--model", "tiny", "--output", str(tmp_path / "out"), "--cfg_scale", "3"],
+                   flux + "input; this model has one)")
+    assert not (tmp_path / "out" / "cache").exists()
 
 
 def test_cli_refuses_an_output_that_is_a_file_and_a_pickled_teacher_lora(tmp_path, capsys, cli):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -81,6 +82,21 @@ def make_cache(tmp_path, images=IMAGES, sample_prompts=("a sample",), pool: int 
 
 
 # ----- folders and buckets ----------------------------------------------------------------------------------
+
+
+def test_images_smaller_than_their_bucket_are_planned_with_one_line_naming_the_fix(tmp_path):
+    """Upscaled images are still cached (nothing is refused), with one line: how many, the largest factor and its
+    file, and what to pass instead; images as large as their buckets plan in silence."""
+    write_images(tmp_path / "a", [((128, 128), "small"), ((64, 128), "smaller"), *IMAGES[:2]])
+    with pytest.warns(UserWarning) as caught:
+        plan = plan_cache(tmp_path / "a", KEY, 512)
+    assert len(plan["items"]) == 4 and [str(w.message) for w in caught] == [
+        f"{tmp_path / 'a'}: 2 of 4 images are smaller than their bucket and are upscaled, up to 6.0x (001.png: "
+        "64x128 -> 384x640); pass --resolution 64 or larger images"]
+    write_images(tmp_path / "b", IMAGES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan_cache(tmp_path / "b", KEY, 512)
 
 
 def test_read_folder_metadata_and_pairs(tmp_path):

@@ -5,6 +5,8 @@ its exported LoRA is sampled on its base's schedule."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from test_data import KEY, FakeText, FakeVAE, make_cache, write_images
@@ -93,6 +95,27 @@ def test_flow_matching_refuses_what_it_does_not_have_and_exports_an_ordinary_lor
     assert (rec.schedule, rec.steps, rec.shift) == (None, None, None)  # sampled as its base model is
 
 
+def test_flow_matching_takes_its_own_export_set_and_cfg_scale_over_a_presets_and_names_the_flag_to_pass():
+    """Every preset exports the slow EMA (sd35 bakes in CFG): `--objective flow_matching` with one trains, saying so
+    in one line; a contradicting flag is refused naming the value to pass, not a flag to drop; a flag it would
+    ignore (the EMAs', the shortcut share) is refused."""
+    from distill.config_files import build_config
+
+    for preset, said in (("demo", "export_set 'live' (not the config's 'slow_ema')"),
+                         ("sd35-large-scfm", "cfg_scale 0.0 (not the config's 3.5)")):
+        with pytest.warns(UserWarning, match=re.escape(said)) as caught:
+            cfg = build_config(preset, {"objective": "flow_matching"})
+        assert len(caught) == 1 and (cfg.export_set, cfg.scfm.cfg_scale) == ("live", 0.0)
+    for flag, value, fix in (("export_set", "slow_ema", "live"), ("cfg_scale", 3.0, "0")):
+        with pytest.raises(ConfigError, match=f"; pass --{flag} {fix}$"):
+            build_config(None, {"objective": "flow_matching", flag: value})
+    for flag, value in (("fast_decay", 0.9), ("slow_decay", 0.99), ("ema_restart_every", 10),
+                        ("non_shortcut_ratio", 0.5)):  # no EMAs, every element plain: these would do nothing
+        with pytest.raises(ConfigError, match=f"^{flag}: objective flow_matching .* would do nothing; drop --{flag}$"):
+            build_config(None, {"objective": "flow_matching", flag: value})
+    assert build_config(None, {"objective": "flow_matching", "t_skip": 4}).scfm.t_skip == 4  # picks the sigmas
+
+
 def test_ten_shot_recipes_start_from_their_base_and_change_only_what_they_say(tmp_path):
     from distill.config_files import build_config, load_toml
 
@@ -105,6 +128,34 @@ def test_ten_shot_recipes_start_from_their_base_and_change_only_what_they_say(tm
     (tmp_path / "b.toml").write_text('base = "a.toml"\n')
     with pytest.raises(ConfigError, match="its `base` chain comes back to itself"):
         load_toml(tmp_path / "a.toml")
+
+
+def test_a_preset_base_is_the_packaged_preset_and_a_users_base_is_next_to_the_file(tmp_path, monkeypatch):
+    """A preset's base never reads the current folder (a `demo/` folder there, a file named like a preset); a user's
+    relative base is read from its file's folder, else as a preset name, `.toml` or not."""
+    from distill.config_files import load_toml
+
+    demo, want, want_flux = load_toml("demo"), load_toml("demo-10shot"), load_toml("flux-dev-scfm-10shot")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "flux-dev-scfm").write_text("rank = 4\n")
+    (tmp_path / "flux-dev-scfm.toml").write_text("rank = 4\n")
+    assert load_toml("demo-10shot") == want and load_toml("flux-dev-scfm-10shot") == want_flux
+    assert load_toml("demo") == demo  # --config demo too: a folder is never a config
+    (tmp_path / "b.toml").write_text("rank = 4\n")  # the cwd's: not the one the user's file means
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "b.toml").write_text("rank = 8\n")
+    (tmp_path / "own" / "a.toml").write_text('base = "b.toml"\nsteps = 3\n')
+    assert load_toml("own/a.toml") == {"rank": 8, "steps": 3}
+    for base in ("demo", "demo.toml"):
+        (tmp_path / "own" / "c.toml").write_text(f'base = "{base}"\nsteps = 3\n')
+        assert load_toml("own/c.toml") == demo | {"steps": 3}
+    (tmp_path / "own" / "demo.toml").write_text('base = "demo.toml"\nsteps = 3\n')  # the preset, not itself
+    assert load_toml("own/demo.toml") == demo | {"steps": 3}
+    (tmp_path / "own" / "c.toml").write_text('base = "nope.toml"\n')
+    with pytest.raises(ConfigError, match=r"^base 'nope.toml' \(in own/c.toml\): no such file next to it") as e:
+        load_toml("own/c.toml")
+    assert "--config" not in str(e.value)
 
 
 def test_mirror_caption_swaps_whole_words_and_keeps_case():

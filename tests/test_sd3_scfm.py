@@ -230,7 +230,7 @@ def test_preset_and_refusals(tmp_path):
         Trainer(config(tmp_path, targets="flux"), MMDiT(TINY), cache)
     from model.flux import FLUX_CONFIGS, Flux
 
-    with pytest.raises(TrainingError, match="cfg_scale bakes in classifier-free guidance, which Flux does not use"):
+    with pytest.raises(TrainingError, match="cfg_scale bakes in classifier-free guidance, which FLUX.1 does not train with"):
         Trainer(config(tmp_path, targets="flux"), Flux(FLUX_CONFIGS["tiny"]), cache)
 
 
