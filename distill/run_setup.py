@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sampling.components import component_files
+from sampling.components import component_files, read_model_index
 from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS
 from weights.families import default_family, detect_family, get_family
 from weights.family import Family
@@ -73,6 +73,33 @@ def resolve_demo(cfg: DistillConfig) -> DistillConfig:
     files = {k: str(getattr(sources, k)) for k in ("vae", "clip", "t5", "t5_tokenizer") if not getattr(cfg, k)}
     data = cfg.data or str(Path(cfg.output).expanduser() / "data")
     return dataclasses.replace(cfg, model=str(DEMO_FOLDER), data=data, **files)
+
+
+# The parts a family's pipeline sources hold (sampling: FluxSources, SD3Sources, Flux2Sources) by the config field
+# that names each. CLIP-L's tokenizer stays the vendored vocabulary (every folder's tokenizer/ holds the same one),
+# as resolve_demo keeps it.
+SOURCE_FIELDS = {"vae": "vae", "clip": "clip", "clip_l": "clip", "clip_g": "clip_g", "t5": "t5",
+                 "clip_g_tokenizer": "clip_g_tokenizer", "t5_tokenizer": "t5_tokenizer", "text_encoder": "qwen",
+                 "tokenizer": "qwen_tokenizer"}
+
+
+def resolve_folder(cfg: DistillConfig, family: Family) -> DistillConfig:
+    """model = a diffusers pipeline folder (model_index.json): each part no flag names (VAE, text encoders,
+    tokenizers) is the folder's, as the family's pipeline takes it for generate and make_dataset (`from_files`),
+    and becomes the run's setting as the flag would (checkpoints record it, so a resume reads it back). A part the
+    folder lacks stays unset: a cache built before is used, or prepare_cache names the flag."""
+    if _is_test_model(cfg) or not cfg.model:
+        return cfg
+    model = Path(cfg.model).expanduser()
+    if read_model_index(model) is None:  # a file, or a transformer folder: the flags name the parts
+        return cfg
+    # SD3: the folder's T5 where it lists one; the klein variant does not change where the parts are
+    files = component_files(cfg) | {"no_t5": False, "variant": "base"}
+    sources = family.part("pipeline").from_files(model, files).sources
+    parts = {field: getattr(sources, name) for name, field in SOURCE_FIELDS.items() if hasattr(sources, name)}
+    filled = {field: str(path) for field, path in parts.items()
+              if path is not None and not getattr(cfg, field) and path.exists()}
+    return dataclasses.replace(cfg, **filled) if filled else cfg
 
 
 def render_demo_data(cfg: DistillConfig) -> None:
@@ -151,11 +178,31 @@ def text_lora_records(cfg: DistillConfig) -> list[dict]:
     return base_lora_records(tuple(s for s in cfg.lora.base_loras if has_text_part(lora_spec(s)[0])))
 
 
+def klein_distilled(cfg: DistillConfig, family: Family) -> tuple[bool, str]:
+    """(whether the model is the step-distilled FLUX.2 [klein], what said so), as sampling decides it
+    (sampling/flux2.py klein_variant: a pipeline folder's model_index.json, else a klein file's name; a pipeline's
+    transformer/ folder asks its pipeline folder). Another family, a test model, or a klein nothing tells the
+    variant of: (False, ""), trained as the base model."""
+    from sampling.flux2 import klein_variant
+    from weights.io import WeightsError
+
+    if family.name != "flux2" or _is_test_model(cfg) or not cfg.model:
+        return False, ""
+    model = Path(cfg.model).expanduser()
+    if model.name == "transformer" and read_model_index(model) is None and read_model_index(model.parent):
+        model = model.parent
+    try:
+        return klein_variant(model, None)
+    except WeightsError:  # neither the folder nor the name says: train has no --variant, so the base is assumed
+        return False, ""
+
+
 def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: Family):
     """The family pipeline's own text encoder (sampling: `Pipeline.text_encoder`), loaded once for every batch,
     the base LoRAs' text-encoder parts merged as the encoders are read (the transformer takes the rest)."""
-    # no T5 file: SD3 without T5; SCFM distils a base model (FLUX.2 [klein]: its text encoder is the same)
-    files = component_files(cfg) | {"no_t5": not cfg.t5, "variant": "base"}
+    # no T5 file: SD3 without T5; FLUX.2 [klein]: the variant the model is (its text encoder is the same either way)
+    variant = "distilled" if klein_distilled(cfg, family)[0] else "base"
+    files = component_files(cfg) | {"no_t5": not cfg.t5, "variant": variant}
     pipe = family.part("pipeline").from_files(Path(cfg.model).expanduser(), files, device=device, dtype=dtype,
                                               loras=[lora_spec(s) for s in cfg.lora.base_loras],
                                               ignore_te_lora=cfg.lora.ignore_te_lora)

@@ -8,9 +8,10 @@
     torchrun --nproc_per_node 8 -m distill.train --config runs/a.toml   # data-parallel, same results
 
 Every config field is also a flag (`--field value`; `--help` lists them with their meaning). The first run
-encodes the dataset once into a cache of latents and text embeddings (Flux needs --vae, --clip, --t5,
---t5-tokenizer; SD3.5 --vae, --clip, --clip-g and optionally --t5 with --t5-tokenizer, and also embeds the
-empty negative prompt once for its CFG); training itself loads only the transformer.
+encodes the dataset once into a cache of latents and text embeddings (a diffusers pipeline folder as --model
+gives its own VAE and text encoders; with single files Flux needs --vae, --clip, --t5, --t5-tokenizer; SD3.5 --vae,
+--clip, --clip-g and optionally --t5 with --t5-tokenizer, and also embeds the empty negative prompt once for its
+CFG); training itself loads only the transformer.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from .lora_export import export_lora, export_paths
 from .run_setup import (
     check_writable,
     family_of,
+    klein_distilled,
     load_model,
     prepare_cache,
     render_demo_data,
     resolve_demo,
+    resolve_folder,
     setup_distributed,
     with_text_length,
 )
@@ -84,6 +87,11 @@ def check_family(cfg: DistillConfig, family: Family) -> None:
         raise ConfigError(f"cfg_scale bakes in classifier-free guidance, which {family.display} does not train with "
                           f"({family.display}-dev has a guidance input; this model has {'one' if has else 'none'}); "
                           "pass --cfg_scale 0")
+    distilled, source = klein_distilled(cfg, family)
+    if cfg.scfm.cfg_scale > 0 and distilled:  # its LoRA would be sampled without the CFG it was trained with
+        raise ConfigError(f"cfg_scale {cfg.scfm.cfg_scale:g}: {cfg.model} is the distilled FLUX.2 [klein] (from "
+                          f"{source}); the distilled klein samples without CFG; train on the base model, or pass "
+                          "--cfg_scale 0")
 
 
 def run(cfg: DistillConfig, on_step=None) -> list[Path]:
@@ -118,6 +126,7 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step) ->
     demo_data = cfg.model == "demo" and not cfg.data
     cfg = resolve_demo(cfg)
     family = family_of(cfg)
+    cfg = resolve_folder(cfg, family)  # a pipeline folder's own parts, for those no flag names
     check_family(cfg, family)  # before the demo renders its data and the cache is built
     cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
     if demo_data and rank == 0:

@@ -152,6 +152,11 @@ class Flux2KleinPipeline(Pipeline):
         if distilled and given and (args.negative_prompt is not None or scale > 1):
             raise ValueError(f"{', '.join(given)}: the distilled klein samples without CFG (its guidance is distilled "
                              "in), so they would do nothing; drop them, or pass --variant base for the base model")
+        if distilled and ((rec.training_cfg_scale or 0) > 0 or (rec.guidance or 1) > 1):
+            # an SCFM LoRA trained with klein base's CFG baked in (distill.train --cfg_scale): it runs here without
+            print("warning: the LoRA was distilled with CFG on the klein base model and is sampled here without it "
+                  "(the distilled klein never runs CFG); sample it on the base model (--variant base if this is it)",
+                  file=sys.stderr)
         if distilled and args.steps is None and rec.steps is None:
             common = {**common, "steps": 4}
         guidance = pick(scale, rec.guidance, 1.0 if distilled else cls.defaults["guidance"])

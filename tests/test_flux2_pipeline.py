@@ -142,3 +142,70 @@ def test_evaluate_judges_a_klein_pipeline_folder(folders, tmp_path):
     rows = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
     assert [(r["name"], r["nfe"]) for r in rows] == [("teacher 3", 6), ("teacher 2", 4)]  # u and c per step
     assert rows[0]["mean|d|"] == 0 and rows[1]["mean|d|"] > 0
+
+
+def test_train_builds_the_cache_from_a_klein_pipeline_folder_as_the_flags_would(folders, tmp_path):
+    """`distill.train --model FOLDER` with no component flag: the folder's VAE, Qwen3 and tokenizer build the cache,
+    recorded as the run's settings; the same run with the flags naming them has the same cache key and loss, and
+    the flagless run resumes on its own settings."""
+    from test_data import write_images
+
+    from distill.checkpoint import newest_settings
+    from distill.train import main as train
+
+    _, folder = folders[False]
+    write_images(tmp_path / "data", [((64, 64), "a red fox"), ((64, 64), "a blue square")])
+    common = ["--model", str(folder), "--targets", "flux2", "--data", str(tmp_path / "data"), "--resolution", "64",
+              "--device", "cpu", "--dtype", "fp32", "--rank", "2", "--batch_size", "1", "--steps", "1",
+              "--sample_every", "0", "--export_formats", "ours"]
+    flags = ["--vae", str(folder / "vae"), "--qwen", str(folder / "text_encoder"), "--qwen_tokenizer",
+             str(folder / "tokenizer")]
+    runs = {}
+    for name, extra in (("folder", []), ("flags", flags)):
+        out = tmp_path / name
+        assert train([*common, *extra, "--output", str(out), "--checkpoint_every", "1"]) == 0
+        key = json.loads((out / "cache" / "cache.json").read_text())["key"]
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        runs[name] = key, [row["loss"] for row in log if "loss" in row]
+    assert runs["folder"] == runs["flags"] and runs["folder"][1]
+    assert all(runs["folder"][0][k] for k in ("vae", "qwen", "qwen_tokenizer"))
+    stored = newest_settings(tmp_path / "folder" / "checkpoints")
+    assert (stored["vae"], stored["qwen"]) == (str(folder / "vae"), str(folder / "text_encoder"))
+    assert train(["--output", str(tmp_path / "folder"), "--steps", "2", "--resume"]) == 0
+
+
+def test_the_klein_recipe_on_the_distilled_klein_is_refused_before_anything_is_cached(folders, tmp_path, capsys):
+    """Its CFG baked in, the LoRA would be sampled without it (the distilled klein never runs CFG): one line."""
+    from distill.train import main as train
+
+    _, folder = folders[True]
+    out = tmp_path / "out"
+    assert train(["--config", "flux2-klein-4b-scfm", "--model", str(folder), "--data", str(tmp_path / "data"),
+                  "--output", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cfg_scale 3: ") and err.count("\n") == 1, err
+    assert "the distilled klein samples without CFG; train on the base model, or pass --cfg_scale 0" in err
+    assert "(from model_index.json)" in err and not (out / "cache").exists()
+
+
+@pytest.mark.parametrize("distilled,rec,warned", [(True, dict(guidance=4.0, training_cfg_scale=3.0), True),
+                                                  (True, dict(training_cfg_scale=3.0), True),
+                                                  (True, dict(guidance=4.0), True), (True, {}, False),
+                                                  (False, dict(guidance=4.0, training_cfg_scale=3.0), False)],
+                         ids=["distilled-cfg-lora", "cfg-scale-only", "guidance-only", "distilled-plain", "base"])
+def test_a_cfg_baked_lora_on_the_distilled_klein_is_warned_about(folders, capsys, distilled, rec, warned):
+    """generate / the app on the distilled klein with an SCFM LoRA distilled with CFG: one warning line, since the
+    distilled klein samples it without the CFG it was trained with."""
+    from argparse import Namespace
+
+    from weights.lora import Recommended
+
+    _, folder = folders[distilled]
+    args = Namespace(model=str(folder), variant=None, cfg=None, guidance=None, negative_prompt=None, steps=None)
+    common = dict(height=SIZE, width=SIZE, steps=4, max_sequence_length=512, grid="scfm", seed=0, shift=None)
+    Flux2KleinPipeline.generation_config(args, Recommended(**rec), common)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(lines) == warned, err
+    if warned:
+        assert "distilled with CFG on the klein base model and is sampled here without it" in lines[0]
