@@ -6,7 +6,8 @@
         --prompts-file prompts.txt --per-prompt 8 --steps 2 4 8 --teacher-steps 32 --out eval/
 
 Any model, with --out (distill/judge.py): rows of the same prompts and noises (the teacher at --teacher-steps, the
-reference; the teacher, the --lora student and each --compare LoRA at every --steps; --base-lora under all of them),
+reference; the teacher, the --lora student and each --compare LoRA at every --steps; --base-lora under all of them;
+the teacher rows at the guidance the --lora recommends, the teacher it was distilled with, unless --guidance),
 every image a generate PNG with its final latent under OUT/<row>/ beside a manifest (a rerun renders only what is
 missing; a row whose settings changed is refused without --overwrite), OUT/report.json and OUT/grid.png (--json,
 --grid, --no-grid, --grid-scale and --floor are the demo table's). Rows are named by their LoRA file's name, with its
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample the --steps rows (teacher and LoRA) on the SCFM grid with this shift, as a LoRA "
                         "trained with shift_min/shift_max > 1 is meant to be sampled (default: the demo's grid; "
                         "with --out, the LoRA's own)")
+    p.add_argument("--guidance", type=float,
+                   help="with --out: the teacher rows' guidance, as generate's --guidance for the family (FLUX.1: "
+                        "its guidance input; SD3.5 and klein: the CFG scale) (default: the one the --lora "
+                        "recommends, the teacher it was distilled with, else generate's default)")
     p.add_argument("--width", type=int, help="with --out: image width (default: 1024; the demo 64)")
     p.add_argument("--height", type=int, help="with --out: image height (default: as --width)")
     p.add_argument("--out", type=Path, help="any model: render the rows into this folder and report there (below)")
@@ -135,7 +140,7 @@ def _prompts(args) -> tuple[str, ...]:
 # Flags that only the --out mode reads (any model: distill/judge.py): the demo world's table has no place for them
 OUT_ONLY = ("vae", "clip", "clip_g", "t5", "no_t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
             "qwen_tokenizer", "variant", "ignore_te_lora", "compare", "compare_model", "base_lora", "width",
-            "height", "clip_vision", "dtype", "blocks_to_swap")
+            "height", "clip_vision", "dtype", "blocks_to_swap", "guidance")
 # and those only the demo table reads: --out writes OUT/report.json and OUT/grid.png and has no floor row
 TABLE_ONLY = ("json", "grid", "no_grid", "grid_scale", "floor")
 
@@ -257,6 +262,8 @@ def judge_main(args) -> int:
             raise ValueError(f"--shift {args.shift}: must be a positive number (1 = unshifted, ~3 = the recipe's)")
         if args.lora_scale is not None and not math.isfinite(args.lora_scale):
             raise ValueError(f"--lora-scale {args.lora_scale}: must be a finite number; pass --lora-scale 1")
+        if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance > 0):
+            raise ValueError(f"--guidance {args.guidance}: must be a positive number (SD3.5-large's CFG: 4.5)")
         if args.lora_scale is not None and not args.lora:
             raise ValueError("--lora-scale without --lora: pass --lora PATH (the student), or a --compare "
                              "PATH:SCALE")

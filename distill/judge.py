@@ -30,11 +30,12 @@ def rows_for(args, lora, compare, base) -> list[Row]:
     shift = {"shift": args.shift, "schedule": "scfm"} if args.shift is not None else {}
     compare_names = file_labels([p for p, _ in compare], lambda p: p.stem)
     model_names = file_labels(args.compare_model, lambda p: p.name)
-    rows = [Row(f"teacher {args.teacher_steps}", Column(list(base), args.teacher_steps))]
+    guidance = teacher_guidance(args, lora, base)
+    rows = [Row(f"teacher {args.teacher_steps}", Column(list(base), args.teacher_steps, guidance=guidance))]
     for n in args.steps:
-        rows.append(Row(f"teacher {n}", Column(list(base), n)))
+        rows.append(Row(f"teacher {n}", Column(list(base), n, guidance=guidance)))
         if shift:
-            rows.append(Row(f"teacher {n} scfm", Column(list(base), n, **shift)))
+            rows.append(Row(f"teacher {n} scfm", Column(list(base), n, guidance=guidance, **shift)))
         if lora is not None:
             rows.append(Row(f"student {n}", Column([lora, *base], n, **shift)))
         for name, (path, scale) in zip(compare_names, compare):
@@ -43,6 +44,20 @@ def rows_for(args, lora, compare, base) -> list[Row]:
             rows.append(Row(f"{name} {n}", Column(list(base), n), model=model))
     check_rows(rows, args)
     return rows
+
+
+def teacher_guidance(args, lora, base) -> float | None:
+    """The guidance of the teacher rows (the reference included), as generate reads it for the family (FLUX.1: its
+    guidance input; SD3.5 and klein: the CFG scale): --guidance, else what the student's LoRA recommends with the
+    --base-lora under it (the teacher it was distilled with, and the guidance its own rows sample at: SD3.5's
+    4.5, not generate's default CFG 7), else None: generate's default. --compare-model rows keep their own."""
+    if getattr(args, "guidance", None) is not None:
+        return args.guidance
+    if lora is None:
+        return None
+    from sampling.job import lora_recommendations
+
+    return lora_recommendations([lora[0], *(p for p, _ in base)]).guidance
 
 
 def file_labels(paths: list[str], name) -> list[str]:
@@ -91,7 +106,7 @@ def _identity(row: Row) -> tuple:
     """What a row renders, with its files as resolved paths (runs/x and ./runs/x are one file)."""
     loras = [(Path(p).expanduser().resolve(), s) for p, s in row.column.loras]
     model = row.model and Path(row.model).expanduser().resolve()
-    return loras, row.column.steps, row.column.shift, row.column.schedule, model
+    return loras, row.column.steps, row.column.shift, row.column.schedule, row.column.guidance, model
 
 
 def check_out(args) -> None:
@@ -217,8 +232,8 @@ def scored(args, rows: list[Row], rendered: dict, prompts: list[str], demo: bool
             r.update(extra[r["name"]])
     report = {"config": {"model": model, "prompts": prompts, "per_prompt": args.per_prompt,
                          "steps": list(args.steps), "teacher_steps": args.teacher_steps, "seed": args.seed,
-                         "shift": args.shift, "reference": rows[0].name, "features": f"latents pooled 4x4 ({width})",
-                         "images_per_row": count},
+                         "shift": args.shift, "teacher_guidance": ref["guidance"], "reference": rows[0].name,
+                         "features": f"latents pooled 4x4 ({width})", "images_per_row": count},
               "rows": table}
     grid = np.concatenate([np.concatenate(list(rendered[r.name]["pixels"][: len(prompts)]), axis=1) for r in rows])
     return report, grid

@@ -4,8 +4,10 @@ changed), the rendering of the noises the folder lacks, and the clock that times
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import shutil
 import sys
@@ -40,7 +42,10 @@ def folder_name(name: str) -> str:
 # What generate reads besides the row's LoRAs and grid: each changes the pixels, so a folder rendered with another
 # is not the same row. The files are recorded by content (distill/data.file_identity: sizes, headers, sampled
 # chunks), so one file reached by another path or from another cwd still matches. A key missing from an older
-# manifest reads as its default here, so folders rendered before a key was recorded stay usable.
+# manifest reads as its default here, so folders rendered before a key was recorded stay usable. The guidance (FLUX.1's
+# guidance input, SD3.5's and klein's CFG scale) is the one generate samples the row at; one missing from an older
+# manifest reads as the row's guidance without a flag (its LoRAs' recommendation, else the family default: what
+# rows were rendered at before the teacher rows took the student's), in render_row.
 COMPONENTS = ("vae", "clip", "clip_g", "t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
               "qwen_tokenizer")
 DEFAULTS = {"fp8_compute": False, "no_t5": False, "ignore_te_lora": False, "variant": None,
@@ -54,15 +59,27 @@ def _identity_of(path: str) -> str | None:
     return weights_identity(path)
 
 
-def manifest(row: Row, args, session: Session, prompts: list[str]) -> dict:
+def sampled_guidance(session: Session, col: Column, args, prompts: list[str]) -> float:
+    """The guidance generate samples `col` at on the session's model: the column's, else its LoRAs'
+    recommendation, else the family's default (klein: its variant's). Headers only; generate's refusals apply."""
+    from sampling.job import generation_config, lora_recommendations
+
+    argv = session.column_argv(prompts, "", args.seed, args.width, args.height, col)
+    with contextlib.redirect_stderr(io.StringIO()):  # klein's variant line: the render prints it
+        cfg = generation_config(session.parse(argv), session.family,
+                                lora_recommendations([str(session.allowed(p)) for p, _ in col.loras]))
+    return cfg.guidance
+
+
+def manifest(row: Row, args, session: Session, prompts: list[str], guidance: float | None = None) -> dict:
     loras = [{"file": Path(p).name, "sha256": file_sha256(p), "scale": s} for p, s in row.column.loras]
     col = row.column
     model = str(Path(row.model or session.model).expanduser().resolve())
     files = {f"{c}_identity": _identity_of(str(Path(getattr(args, c)).expanduser().resolve()))
              for c in COMPONENTS if getattr(args, c, None)}
     return {**DEFAULTS, **dict(model=model, loras=loras, steps=col.steps, shift=col.shift, schedule=col.schedule,
-                               seed=args.seed, prompts=prompts, width=args.width, height=args.height,
-                               dtype=run_dtype(args), device=args.device, fp8=args.fp8,
+                               guidance=guidance, seed=args.seed, prompts=prompts, width=args.width,
+                               height=args.height, dtype=run_dtype(args), device=args.device, fp8=args.fp8,
                                fp8_compute=bool(getattr(args, "fp8_compute", False)),
                                no_t5=bool(getattr(args, "no_t5", False)),
                                ignore_te_lora=bool(getattr(args, "ignore_te_lora", False)),
@@ -135,10 +152,17 @@ def render_row(session: Session, clock: SamplingClock, row: Row, args, prompts: 
     from safetensors.torch import load_file
 
     folder = out / folder_name(row.name)
-    want = manifest(row, args, session, prompts)
+    col = row.column
+    plain = sampled_guidance(session, dataclasses.replace(col, guidance=None), args, prompts)
+    if getattr(args, "guidance", None) is None and col.guidance == plain:
+        col = dataclasses.replace(col, guidance=None)  # a recommendation that is the default: generate's own pick
+    guidance = plain if col.guidance is None else sampled_guidance(session, col, args, prompts)
+    want = manifest(row, args, session, prompts, guidance)
     record = folder / "manifest.json"
     have = read_json_object(record, f"delete {folder} to render that row again", "a row's manifest",
                             ValueError) if record.exists() else {}
+    if have:
+        have.setdefault("guidance", plain)  # rendered before the guidance was recorded: generate's pick, no flag
     timing = have.pop("timing", {})
     changed = differing(have, want) if have else []
     if changed:
@@ -156,7 +180,7 @@ def render_row(session: Session, clock: SamplingClock, row: Row, args, prompts: 
         paths = [folder / f"{b:03d}_{i:03d}.png" for b in range(done, args.per_prompt) for i in range(len(prompts))]
         latents: list = []
         with clock.timing() as seconds:
-            result = session.render(prompts, "", args.seed + done, args.width, args.height, row.column,
+            result = session.render(prompts, "", args.seed + done, args.width, args.height, col,
                                     noises=args.per_prompt - done, paths=paths, latents_out=latents)
         for b, lat in enumerate(latents, start=done):  # atomic: a half-written file would count as done
             atomic_save({"latents": lat}, folder / f"latents-{b:03d}.safetensors", overwrite=True)
@@ -169,7 +193,8 @@ def render_row(session: Session, clock: SamplingClock, row: Row, args, prompts: 
     pixels = np.stack([np.asarray(Image.open(folder / f"{b:03d}_{i:03d}.png").convert("RGB"))
                        for b in range(args.per_prompt) for i in range(len(prompts))])  # (N, H, W, 3) uint8
     lat = torch.cat([load_file(folder / f"latents-{b:03d}.safetensors")["latents"] for b in range(args.per_prompt)])
-    return {"pixels": pixels, "latents": lat, "features": metrics.latent_features(lat), "timing": timing}
+    return {"pixels": pixels, "latents": lat, "features": metrics.latent_features(lat), "timing": timing,
+            "guidance": guidance}
 
 
 def noise_done(folder: Path, b: int, n_prompts: int) -> bool:

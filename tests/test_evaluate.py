@@ -176,8 +176,8 @@ def test_wrong_files_and_prompts_are_one_line_errors(folder, tmp_path):
 def test_flags_that_only_out_reads_are_refused_on_the_demo_table(folder, tmp_path, capsys):
     lora = str(lora_file(tmp_path / "ok.safetensors"))
     msg = one_line_error(["--model", str(folder), "--lora", lora, "--compare", lora, "--width", "128", "--vae",
-                          str(folder / "vae"), "--no-grid", *SMALL])
-    assert msg.startswith("evaluate: --vae, --compare, --width: read with --out DIR only"), msg
+                          str(folder / "vae"), "--guidance", "4", "--no-grid", *SMALL])
+    assert msg.startswith("evaluate: --vae, --compare, --width, --guidance: read with --out DIR only"), msg
     msg = one_line_error(["--model", str(folder), "--lora", lora, "--lora", lora, "--no-grid", *SMALL])
     assert "a second --lora" in msg
     assert main(["--lora", "demo", "--no-grid", *SMALL[:-len(PROMPTS)], PROMPTS[0]]) == 0  # as --help says

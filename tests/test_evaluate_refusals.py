@@ -76,6 +76,7 @@ def test_bad_input_is_refused_before_rendering(tmp_path):
     (tmp_path / "file").write_text("x")
     for extra, says in ((["--shift", "nan"], "--shift nan"), (["--shift", "0"], "--shift 0"),
                         (["--lora-scale", "nan"], "--lora-scale nan"), (["--compare", str(sd3)], "a sd3 LoRA"),
+                        (["--guidance", "nan"], "--guidance nan"), (["--guidance", "0"], "--guidance 0.0"),
                         (["--clip-vision", "/nonexistent"], "--clip-vision /nonexistent"),
                         (["--steps", "100000"], "at most")):
         assert says in refused(["--lora", "demo", *FAST, "--out", str(out), *extra]), extra

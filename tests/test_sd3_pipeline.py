@@ -270,3 +270,46 @@ def test_evaluate_judges_an_sd3_pipeline_folder(folders, tmp_path):
     rows = json.loads((tmp_path / "eval" / "report.json").read_text())["rows"]
     assert [(r["name"], r["nfe"]) for r in rows] == [("teacher 4", 8), ("teacher 2", 4)]  # cond + uncond per step
     assert rows[0]["fd"] == 0 and rows[1]["mean|d|"] > 0
+
+
+def test_evaluate_samples_the_teacher_at_the_loras_guidance(folders, tmp_path, capsys):
+    """The teacher rows sample at the CFG the student's LoRA recommends (SD3.5's 4.5, not generate's default 7), or
+    at --guidance; the manifest records it, so rows rendered at another are refused or re-rendered, while a manifest
+    from before it was recorded still matches when its row was rendered at the same guidance."""
+    import json
+
+    from conftest import random_lora
+
+    from distill.evaluate import main
+    from sampling.png_record import read_png_params
+    from weights.lora import Recommended
+    from weights.lora_write import write_lora
+    from weights.transformer import load_mmdit
+
+    folder, _ = folders["t5"]
+    lora = write_lora(random_lora(load_mmdit(folder), family="sd3", recommended=Recommended(guidance=4.5)),
+                      tmp_path / "student.safetensors")
+    out = tmp_path / "eval"
+    args = ["--model", str(folder), "--prompts", PROMPTS[0], "--per-prompt", "1", "--steps", "1", "--teacher-steps",
+            "2", "--width", str(WIDTH), "--height", str(HEIGHT), "--device", "cpu", "--dtype", "fp32", "--lora",
+            str(lora), "--out", str(out)]
+
+    def guidance(row):
+        return read_png_params(out / row / "000_000.png")["guidance"]
+
+    assert main(args) == 0
+    assert [guidance(r) for r in ("teacher_2", "teacher_1", "student_1")] == [4.5, 4.5, 4.5]
+    assert json.loads((out / "report.json").read_text())["config"]["teacher_guidance"] == 4.5
+    for row in ("teacher_2", "student_1"):  # as a manifest written before the guidance was recorded
+        manifest = json.loads((out / row / "manifest.json").read_text())
+        assert manifest.pop("guidance") == 4.5
+        (out / row / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"teacher 2: its guidance differ"):  # rendered then at generate's CFG 7
+        main(args)
+    student = (out / "student_1" / "000_000.png").stat().st_mtime_ns
+    assert main(args + ["--guidance", "6", "--overwrite"]) == 0
+    assert [guidance(r) for r in ("teacher_2", "teacher_1", "student_1")] == [6, 6, 4.5]
+    assert "rendering student" not in capsys.readouterr().err  # its older manifest matches: 4.5 is its guidance
+    assert (out / "student_1" / "000_000.png").stat().st_mtime_ns == student
+    assert json.loads((out / "report.json").read_text())["config"]["teacher_guidance"] == 6
