@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=512,
                    help="bucket area resolution^2 (512: the 512-px list)")
     p.add_argument("--steps", type=int, help="teacher Euler steps (default 32; FLUX.2 [klein]: 50)")
-    p.add_argument("--guidance", type=float, help="default 3.5 (Flux's guidance, SD3's CFG); FLUX.2 [klein]: "
-                   "CFG 4")
+    p.add_argument("--guidance", type=float, help="default: FLUX.1 guidance 3.5; SD3.5 CFG 4.5 (the recipe's "
+                   "teacher, c + 3.5 (c - u)); FLUX.2 [klein] CFG 4")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens when rendering")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

@@ -160,6 +160,9 @@ class SD3Pipeline(Pipeline):
     family = SD3.name
     cond_names = ("context", "pooled")
     defaults = {"steps": 28, "guidance": 7.0, "max_sequence_length": 256}  # StableDiffusion3Pipeline's (CFG)
+    # make_dataset's teacher is the one the recipe trains against: c + 3.5 (c - u) (docs/method.md §5), which is
+    # diffusers' CFG 4.5 (u + 4.5 (c - u)), SAI's own setting for SD3.5-large
+    teacher_defaults = {"steps": 32, "guidance": 4.5}
     own_flags = (("--clip-g", "clip_g"), ("--clip-g-tokenizer", "clip_g_tokenizer"), ("--no-t5", "no_t5"),
                  ("--slg-layers", "slg_layers"), ("--slg-scale", "slg_scale"), ("--slg-start", "slg_start"),
                  ("--slg-stop", "slg_stop"))

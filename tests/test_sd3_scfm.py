@@ -230,7 +230,7 @@ def test_preset_and_refusals(tmp_path):
         Trainer(config(tmp_path, targets="flux"), MMDiT(TINY), cache)
     from model.flux import FLUX_CONFIGS, Flux
 
-    with pytest.raises(TrainingError, match="cfg_scale bakes in classifier-free guidance, which FLUX.1 does not train with"):
+    with pytest.raises(TrainingError, match="cfg_scale bakes in classifier-free guidance, which FLUX.1 does not"):
         Trainer(config(tmp_path, targets="flux"), Flux(FLUX_CONFIGS["tiny"]), cache)
 
 
@@ -270,3 +270,11 @@ def test_teacher_only_target_equals_two_cfg_euler_substeps_of_diffusers_transfor
     scale = expected.abs().max().item()
     assert scale > 0.1
     torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-5 * max(1.0, scale))
+
+
+def test_make_dataset_renders_with_the_teacher_the_recipe_trains_against():
+    """The SD3.5 recipe bakes in c + w (c - u) with w = cfg_scale; make_dataset's default teacher must be that one,
+    diffusers' CFG w + 1 (it rendered at CFG 3.5, i.e. w = 2.5, a weaker teacher than the one trained against)."""
+    from sampling.sd3 import SD3Pipeline
+
+    assert SD3Pipeline.teacher_defaults["guidance"] == build_config("sd35-large-scfm").scfm.cfg_scale + 1
