@@ -313,3 +313,31 @@ def test_evaluate_samples_the_teacher_at_the_loras_guidance(folders, tmp_path, c
     assert "rendering student" not in capsys.readouterr().err  # its older manifest matches: 4.5 is its guidance
     assert (out / "student_1" / "000_000.png").stat().st_mtime_ns == student
     assert json.loads((out / "report.json").read_text())["config"]["teacher_guidance"] == 6
+
+
+def test_train_builds_the_cache_from_an_sd3_pipeline_folder_as_the_flags_would(folders, tmp_path):
+    """`distill.train --model FOLDER --targets sd3` with no component flag: the folder's VAE, CLIP-L, bigG and T5
+    build the cache, as naming them does (same cache key, same loss)."""
+    import json
+
+    from test_data import write_images
+
+    from distill.train import main as train
+
+    folder, _ = folders["t5"]
+    write_images(tmp_path / "data", [((64, 64), "a red fox"), ((64, 64), "a blue square")])
+    common = ["--model", str(folder), "--targets", "sd3", "--data", str(tmp_path / "data"), "--resolution", "64",
+              "--device", "cpu", "--dtype", "fp32", "--rank", "2", "--batch_size", "1", "--steps", "1",
+              "--sample_every", "0", "--export_formats", "ours", "--t5_length", "16"]
+    flags = ["--vae", str(folder / "vae"), "--clip", str(folder / "text_encoder"), "--clip_g",
+             str(folder / "text_encoder_2"), "--t5", str(folder / "text_encoder_3"), "--t5_tokenizer",
+             str(folder / "tokenizer_3")]
+    runs = {}
+    for name, extra in (("folder", []), ("flags", flags)):
+        out = tmp_path / name
+        assert train([*common, *extra, "--output", str(out)]) == 0
+        key = json.loads((out / "cache" / "cache.json").read_text())["key"]
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        runs[name] = key, [row["loss"] for row in log if "loss" in row]
+    assert runs["folder"] == runs["flags"] and runs["folder"][1]
+    assert all(runs["folder"][0][k] for k in ("vae", "clip", "clip_g", "t5"))
