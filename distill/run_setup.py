@@ -178,30 +178,24 @@ def text_lora_records(cfg: DistillConfig) -> list[dict]:
     return base_lora_records(tuple(s for s in cfg.lora.base_loras if has_text_part(lora_spec(s)[0])))
 
 
-def klein_distilled(cfg: DistillConfig, family: Family) -> tuple[bool, str]:
-    """(whether the model is the step-distilled FLUX.2 [klein], what said so), as sampling decides it
-    (sampling/flux2.py klein_variant: a pipeline folder's model_index.json, else a klein file's name; a pipeline's
-    transformer/ folder asks its pipeline folder). Another family, a test model, or a klein nothing tells the
-    variant of: (False, ""), trained as the base model."""
-    from sampling.flux2 import klein_variant
-    from weights.io import WeightsError
-
-    if family.name != "flux2" or _is_test_model(cfg) or not cfg.model:
+def step_distilled(cfg: DistillConfig, family: Family) -> tuple[bool, str]:
+    """(whether the model is its family's step-distilled variant, what said so), as its pipeline decides it
+    (Pipeline.step_distilled: FLUX.2 [klein] from a pipeline folder's model_index.json, else a klein file's name); a
+    pipeline's transformer/ folder asks its pipeline folder. A test model, or a model nothing tells the variant of:
+    (False, ""), trained as the base model."""
+    if _is_test_model(cfg) or not cfg.model:
         return False, ""
     model = Path(cfg.model).expanduser()
     if model.name == "transformer" and read_model_index(model) is None and read_model_index(model.parent):
         model = model.parent
-    try:
-        return klein_variant(model, None)
-    except WeightsError:  # neither the folder nor the name says: train has no --variant, so the base is assumed
-        return False, ""
+    return family.part("pipeline").step_distilled(model)
 
 
 def _text_encoder(cfg: DistillConfig, device: torch.device, dtype: torch.dtype, family: Family):
     """The family pipeline's own text encoder (sampling: `Pipeline.text_encoder`), loaded once for every batch,
     the base LoRAs' text-encoder parts merged as the encoders are read (the transformer takes the rest)."""
     # no T5 file: SD3 without T5; FLUX.2 [klein]: the variant the model is (its text encoder is the same either way)
-    variant = "distilled" if klein_distilled(cfg, family)[0] else "base"
+    variant = "distilled" if step_distilled(cfg, family)[0] else "base"
     files = component_files(cfg) | {"no_t5": not cfg.t5, "variant": variant}
     pipe = family.part("pipeline").from_files(Path(cfg.model).expanduser(), files, device=device, dtype=dtype,
                                               loras=[lora_spec(s) for s in cfg.lora.base_loras],

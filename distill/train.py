@@ -41,13 +41,13 @@ from .lora_export import export_lora, export_paths
 from .run_setup import (
     check_writable,
     family_of,
-    klein_distilled,
     load_model,
     prepare_cache,
     render_demo_data,
     resolve_demo,
     resolve_folder,
     setup_distributed,
+    step_distilled,
     with_text_length,
 )
 from .sharding import loads_on_cpu
@@ -87,10 +87,10 @@ def check_family(cfg: DistillConfig, family: Family) -> None:
         raise ConfigError(f"cfg_scale bakes in classifier-free guidance, which {family.display} does not train with "
                           f"({family.display}-dev has a guidance input; this model has {'one' if has else 'none'}); "
                           "pass --cfg_scale 0")
-    distilled, source = klein_distilled(cfg, family)
+    distilled, source = step_distilled(cfg, family)
     if cfg.scfm.cfg_scale > 0 and distilled:  # its LoRA would be sampled without the CFG it was trained with
-        raise ConfigError(f"cfg_scale {cfg.scfm.cfg_scale:g}: {cfg.model} is the distilled FLUX.2 [klein] (from "
-                          f"{source}); the distilled klein samples without CFG; train on the base model, or pass "
+        raise ConfigError(f"cfg_scale {cfg.scfm.cfg_scale:g}: {cfg.model} is the step-distilled {family.display} "
+                          f"(from {source}), which samples without CFG; train on the base model, or pass "
                           "--cfg_scale 0")
 
 

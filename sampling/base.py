@@ -162,6 +162,12 @@ class Pipeline:
     def check_config(self, cfg) -> None:
         """Settings only this model can judge (a block index, say), checked before the text encoders run."""
 
+    @classmethod
+    def step_distilled(cls, model: Path) -> tuple[bool, str]:
+        """(whether `model` is its family's step-distilled variant, which samples without CFG, and what said so);
+        (False, "") where the family has none, or nothing tells."""
+        return False, ""
+
     def check_guidance_flag(self, given: float | None) -> None:
         """A --guidance the user gave (None: not given), refused where this model would ignore it."""
 

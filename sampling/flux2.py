@@ -121,6 +121,13 @@ class Flux2KleinPipeline(Pipeline):
                                "generate samples FLUX.2 [klein]")
         return pipe
 
+    @classmethod
+    def step_distilled(cls, model: Path) -> tuple[bool, str]:
+        try:
+            return klein_variant(model, None)
+        except WeightsError:  # neither the folder nor the name says (training has no --variant): the base
+            return False, ""
+
     def check_components(self) -> None:
         """FLUX.2's VAE (32 channels, 2x2-patchified, BatchNorm statistics), and Qwen3 of the width the transformer
         stacks three hidden states of (klein 4B: 3 x 2560, 9B: 3 x 4096)."""

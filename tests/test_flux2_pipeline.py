@@ -184,7 +184,8 @@ def test_the_klein_recipe_on_the_distilled_klein_is_refused_before_anything_is_c
                   "--output", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cfg_scale 3: ") and err.count("\n") == 1, err
-    assert "the distilled klein samples without CFG; train on the base model, or pass --cfg_scale 0" in err
+    assert "is the step-distilled FLUX.2 (from model_index.json), which samples without CFG; train on the base " \
+        "model, or pass --cfg_scale 0" in err
     assert "(from model_index.json)" in err and not (out / "cache").exists()
 
 
