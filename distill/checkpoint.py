@@ -98,11 +98,11 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
             os.replace(final, aside)  # onto the empty temp folder: a rename, where an rmtree took a while
         durable_replace(tmp, final)  # its files on the disk before the rename makes them visible, root's after
     except OSError as e:  # a full disk, a folder made read-only meanwhile: the run stops, its checkpoints stay
-        if aside is not None and aside.exists() and not final.exists():
-            os.replace(aside, final)
+        _put_back(aside, final)  # before the message counts what is kept
         raise CheckpointError(f"step {step}: checkpoint not written to {root} ({e.strerror or e}); "
                               f"{_kept(root)}: free some space (or fix the folder), then --resume") from None
-    finally:
+    finally:  # whatever else stopped the write (a Ctrl-C between the renames): the old step goes back too
+        _put_back(aside, final)
         for t in (tmp, aside):
             if t is not None and t.exists():
                 shutil.rmtree(t, ignore_errors=True)
@@ -111,6 +111,12 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
     for old in [p for p in checkpoints(root) if step_of(p) <= step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _put_back(aside: Path | None, final: Path) -> None:
+    """A step written again whose new folder never took its place: the old one, moved aside, returns."""
+    if aside is not None and aside.exists() and not final.exists():
+        os.replace(aside, final)
 
 
 def step_of(path: Path) -> int:

@@ -64,10 +64,10 @@ def _base_path(base: str, file: Path) -> Path:
             return preset
         raise ConfigError(f"{where}: not a preset name ({', '.join(presets())})")
     path = file.parent / Path(base).expanduser()  # an absolute base stays as it is
-    if path.is_dir():
-        raise ConfigError(f"{where} is a folder, not a TOML file; name a .toml file or a preset there")
     named = preset.exists() and Path(base).name == base
-    if path.exists() and not (named and path.resolve() == file.resolve()):  # a user's demo.toml on the preset
+    if path.is_dir() and not named:  # a folder is never a config: beside a preset's name (a demo/ run), the preset
+        raise ConfigError(f"{where} is a folder, not a TOML file; name a .toml file or a preset there")
+    if path.is_file() and not (named and path.resolve() == file.resolve()):  # a user's demo.toml on the preset
         return path
     if named:
         return preset

@@ -157,7 +157,7 @@ class Cache:
         each form `fingerprints` accepts, without the counts (every older form predates them)."""
         return tuple(self._digest_without(*fields, "repeats") for fields in LEFT_OUT)
 
-    def fingerprints(self) -> tuple[str, str, str]:
+    def fingerprints(self) -> tuple[str, ...]:
         """The fingerprint, and those older checkpoints carry: with the data path, and with the sample prompts."""
         return tuple(self._digest_without(*fields) for fields in LEFT_OUT)
 
@@ -260,7 +260,7 @@ def build_cache(folder: str | Path, plan: dict, text_encoder: Callable[[], TextE
     plan_file = folder / "cache.json"
     if plan_file.exists():
         old = read_json_object(plan_file, DAMAGED_PLAN_FIX, "a cache plan", DataError)
-        if old["items"] and "id" not in old["items"][0]:  # built before items kept their image's identity
+        if old.get("items") and "id" not in old["items"][0]:  # built before items kept their image's identity
             plan = {**plan, "items": [{k: v for k, v in it.items() if k != "id"} for it in plan["items"]]}
         fields = ("key", "items", "prompts", "shard_size", "version", "cond_names", "negative_prompt")
         what = [k for k in fields if old.get(k) != plan.get(k)]

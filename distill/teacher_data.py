@@ -152,6 +152,11 @@ def read_settings(path: Path) -> dict:
     return read_json_object(path, fix, "make_dataset's record of settings", DataError)
 
 
+# The recorded settings a flag sets, by that flag.
+FLAG_OF = {"images_per_bucket": "--images-per-bucket", "resolution": "--resolution", "steps": "--steps",
+           "guidance": "--guidance", "max_sequence_length": "--max-sequence-length", "seed": "--seed"}
+
+
 def check_settings(out: Path, settings: dict) -> None:
     path = out / "make_dataset.json"
     if path.exists():
@@ -163,7 +168,10 @@ def check_settings(out: Path, settings: dict) -> None:
         if old != settings:
             # both sides' keys: a setting given then and absent now (a --lora dropped) is a difference too
             diff = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds a dataset made with other {', '.join(diff)}; use another --out")
+            # a flag's value then (a default that changed, say SD3.5's teacher CFG): the way to continue that dataset
+            then = [f"{FLAG_OF[k]} {old[k]}" for k in diff if k in FLAG_OF and old.get(k) is not None]
+            again = f"pass {' '.join(then)} to continue it, or " if then else ""
+            raise ValueError(f"{out} holds a dataset made with other {', '.join(diff)}; {again}use another --out")
     else:
         # no record: rows appended here would mix into another dataset (or one whose record was deleted, whose
         # settings are unknown); hidden files (our lock, a .DS_Store) are no dataset
@@ -171,9 +179,8 @@ def check_settings(out: Path, settings: dict) -> None:
             raise DataError(f"{out}: holds files but no make_dataset.json (another dataset, or one whose record was "
                             "deleted); choose another --out (a new or empty folder)")
         out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".make_dataset.json.tmp")
-        tmp.write_text(json.dumps(settings, indent=1))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(settings, indent=1))
 
 
 @torch.no_grad()

@@ -126,7 +126,8 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step) ->
     demo_data = cfg.model == "demo" and not cfg.data
     cfg = resolve_demo(cfg)
     family = family_of(cfg)
-    cfg = resolve_folder(cfg, family)  # a pipeline folder's own parts, for those no flag names
+    if not (cfg.resume and checkpoints(out / "checkpoints")):  # a resumed run goes on with the parts it recorded
+        cfg = resolve_folder(cfg, family)  # a pipeline folder's own parts, for those no flag names
     check_family(cfg, family)  # before the demo renders its data and the cache is built
     cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
     if demo_data and rank == 0:

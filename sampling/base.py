@@ -116,8 +116,8 @@ class Pipeline:
 
     @classmethod
     def from_files(cls, model: Path, files: dict, **options) -> Pipeline:
-        """The pipeline of a model file or pipeline folder with the components `files` names (`component_files`;
-        None for not given)."""
+        """The pipeline of a model file or pipeline folder with the components `files` names
+        (sampling/components.py `component_files`; None for not given)."""
         raise NotImplementedError
 
     @classmethod

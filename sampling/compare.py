@@ -82,8 +82,8 @@ class Session:
         if self.demo and DEMO_LORA.resolve() not in self.launch_loras:
             self.launch_loras.append(DEMO_LORA.resolve())  # the demo's student (B's default) whatever --lora-dir says
         if args.out:
-            check_writable(args.out, "--out", args.out)  # a file in the way, no permission: one line
             self.out = Path(args.out).expanduser()
+            check_writable(self.out, "--out", args.out)  # a file in the way, no permission: one line
         else:
             self.out = Path(tempfile.mkdtemp(prefix="scfm-app-"))
         self.out.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,7 @@ def test_a_preset_base_is_the_packaged_preset_and_a_users_base_is_next_to_the_fi
     (tmp_path / "own" / "b.toml").write_text("rank = 8\n")
     (tmp_path / "own" / "a.toml").write_text('base = "b.toml"\nsteps = 3\n')
     assert load_toml("own/a.toml") == {"rank": 8, "steps": 3}
+    (tmp_path / "own" / "demo").mkdir()  # a run folder beside the user's file: a folder is never its base
     for base in ("demo", "demo.toml"):
         (tmp_path / "own" / "c.toml").write_text(f'base = "{base}"\nsteps = 3\n')
         assert load_toml("own/c.toml") == demo | {"steps": 3}

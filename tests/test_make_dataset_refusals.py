@@ -134,3 +134,15 @@ def test_a_huge_images_per_bucket_is_refused_before_planning(fake, monkeypatch, 
     monkeypatch.setattr(teacher_data, "plan_jobs", planned)
     argv[argv.index("--images-per-bucket") + 1] = "100000000"
     assert "--images-per-bucket 100000000: over" in error_line(capsys, make_dataset.main(argv))
+
+
+def test_a_rerun_with_another_value_names_the_flag_that_continues_the_dataset(fake, tmp_path, capsys):
+    """A default that changed between versions (SD3.5's teacher CFG 3.5 -> 4.5) or a flag given otherwise: the
+    refusal says the value the dataset was made with, as the flag that continues it."""
+    pipe, argv = fake
+    assert make_dataset.main(argv) == 0
+    capsys.readouterr()
+    err = error_line(capsys, make_dataset.main([*argv, "--steps", "2", "--seed", "3"]))
+    assert err.endswith("holds a dataset made with other seed, steps; pass --seed 0 --steps 1 to continue it, or use "
+                        "another --out"), err
+    assert not list((tmp_path / "d").glob(".make_dataset.json*"))

@@ -414,6 +414,16 @@ def test_a_step_written_again_keeps_the_old_one_until_the_new_one_is_in_place(tm
             ckpt.save_checkpoint(root, 2, {"w": torch.zeros(3)}, {}, keep=3)
     tensors, state = ckpt.read_checkpoint(root / "step-000002")
     assert torch.equal(tensors["w"], torch.ones(3)) and state["step"] == 2
+
+    def interrupted(tmp, path):  # a Ctrl-C between the two renames: no OSError, the old step must come back too
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "durable_replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(root, 2, {"w": torch.zeros(3)}, {}, keep=3)
+    assert torch.equal(ckpt.read_checkpoint(root / "step-000002")[0]["w"], torch.ones(3))
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002"]
     ckpt.save_checkpoint(root, 2, {"w": torch.zeros(3)}, {}, keep=3)
     assert torch.equal(ckpt.read_checkpoint(root / "step-000002")[0]["w"], torch.zeros(3))
     assert sorted(p.name for p in root.iterdir()) == ["step-000002"]

@@ -341,3 +341,25 @@ def test_train_builds_the_cache_from_an_sd3_pipeline_folder_as_the_flags_would(f
         runs[name] = key, [row["loss"] for row in log if "loss" in row]
     assert runs["folder"] == runs["flags"] and runs["folder"][1]
     assert all(runs["folder"][0][k] for k in ("vae", "clip", "clip_g", "t5"))
+
+
+def test_a_folder_run_begun_without_t5_resumes_as_it_began(folders, tmp_path, monkeypatch):
+    """A run begun on an SD3.5 folder naming its parts but not T5 (as every folder run had to before the folder gave
+    its parts): its resume goes on with the parts it recorded, not the folder's T5 (another cache key, refused)."""
+    from test_data import write_images
+
+    import distill.train
+    from distill.train import main as train
+
+    folder, _ = folders["t5"]
+    write_images(tmp_path / "data", [((64, 64), "a red fox")])
+    out = tmp_path / "out"
+    argv = ["--model", str(folder), "--targets", "sd3", "--data", str(tmp_path / "data"), "--resolution", "64",
+            "--device", "cpu", "--dtype", "fp32", "--rank", "2", "--batch_size", "1", "--steps", "1",
+            "--sample_every", "0", "--export_formats", "ours", "--t5_length", "16", "--checkpoint_every", "1",
+            "--vae", str(folder / "vae"), "--clip", str(folder / "text_encoder"), "--clip_g",
+            str(folder / "text_encoder_2"), "--output", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(distill.train, "resolve_folder", lambda cfg, family: cfg)  # the run as it began then
+        assert train(argv) == 0
+    assert train(["--output", str(out), "--steps", "2", "--resume"]) == 0
