@@ -166,7 +166,9 @@ class Flux2KleinPipeline(Pipeline):
                   file=sys.stderr)
         if distilled and args.steps is None and rec.steps is None:
             common = {**common, "steps": 4}
-        guidance = pick(scale, rec.guidance, 1.0 if distilled else cls.defaults["guidance"])
+        # the distilled klein never runs CFG: a LoRA's recommended guidance is not what it samples at (warned above),
+        # and the PNG records the 1 it ran at
+        guidance = pick(scale, 1.0) if distilled else pick(scale, rec.guidance, cls.defaults["guidance"])
         if guidance <= 1:  # no negative pass runs without CFG
             refuse_without_cfg(["--negative-prompt"] if args.negative_prompt is not None else [], flag, scale,
                                guidance, f"pass {flag} above 1 (klein base: 4)")
