@@ -16,7 +16,6 @@ one a lower-lr `--resume` can continue from. A write that fails (a full disk) le
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from weights.atomic import atomic_path, durable_replace, temp_beside, temp_writer_gone
-from weights.io import file_sha256
+from weights.io import file_sha256, stream_sha256
 
 from .config import DistillConfig, flat_fields
 from .sharding import full, like
@@ -144,10 +143,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
             state = json.loads(s.read())
         except ValueError:
             raise ValueError(f"{path}: state.json is damaged") from None
-        digest = hashlib.sha256()
-        for block in iter(lambda: t.read(1 << 22), b""):
-            digest.update(block)
-        if digest.hexdigest() != state.get("tensors_sha256"):
+        if stream_sha256(t) != state.get("tensors_sha256"):
             raise ValueError(f"{path}: tensors.safetensors does not match its recorded sha256 (damaged)")
         tensors = load_file(str(tensor_file))  # by name: the file is the one hashed if the name still leads to it
         if not os.path.samestat(os.fstat(t.fileno()), os.stat(tensor_file)):

@@ -242,10 +242,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _sha256(path: str, *_version) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+        return stream_sha256(f)
+
+
+def stream_sha256(f) -> str:
+    """The sha256 in hex of an open binary file from where it stands to its end, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 22), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -261,13 +266,10 @@ def _a1111_hash(path: str, *_version) -> str:
     stated = read_header(Path(path))[1].get("sshs_model_hash")
     if stated:
         return stated[:12]
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         f.seek(8 + n)
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+        return stream_sha256(f)[:12]
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
