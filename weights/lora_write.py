@@ -118,13 +118,18 @@ def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
             ranks[other] = p.up.shape[1]
     if not ranks:  # text encoders only: nothing of the transformer to describe
         return out, {}
+    # the leading ^ keeps "proj_out" (the final layer) from also matching every single block's proj_out
+    return out, _peft_entries(ranks, "transformer.", "^")
+
+
+def _peft_entries(ranks: dict[str, int], prefix: str, anchor: str = "") -> dict:
+    """The PEFT LoraConfig entries under `prefix` for modules of these ranks (alpha = r everywhere: folded).
+    peft matches pattern keys as `(.*\.)?(key)$`, so `anchor` "^" pins a name to the top."""
     r = _most_common(ranks.values())
-    # alpha = r everywhere (folded). peft matches pattern keys as `(.*\.)?(key)$`; the leading ^ keeps
-    # "proj_out" (the final layer) from also matching every single block's proj_out
-    others = {"^" + re.escape(k): v for k, v in ranks.items() if v != r}
+    others = {anchor + re.escape(k): v for k, v in ranks.items() if v != r}
     config = {"r": r, "lora_alpha": r, "target_modules": sorted(ranks), "rank_pattern": others,
               "alpha_pattern": others}
-    return out, {f"transformer.{k}": v for k, v in config.items()}
+    return {f"{prefix}{k}": v for k, v in config.items()}
 
 
 def _diffusers_text_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
@@ -142,12 +147,8 @@ def _diffusers_text_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
             # transformers 5's CLIPTextModel has no `text_model.` level (WithProjection has): a name without it
             # matches the module in both, as peft matches names by suffix
             ranks[stem.removeprefix("text_model.")] = p.up.shape[1]
-        if not ranks:
-            continue
-        r = _most_common(ranks.values())
-        others = {re.escape(k): v for k, v in ranks.items() if v != r}
-        config |= {f"{prefix}r": r, f"{prefix}lora_alpha": r, f"{prefix}target_modules": sorted(ranks),
-                   f"{prefix}rank_pattern": others, f"{prefix}alpha_pattern": others}
+        if ranks:
+            config |= _peft_entries(ranks, prefix)
     return out, config
 
 
@@ -190,7 +191,8 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
                            "diff_b), which only the kohya / ComfyUI layout holds; write it with --to kohya")
     meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata(),
             **_tool_metadata(lora, layout)}
-    text = {k: v.clone() for k, v in lora.text_encoders.items()}
+    # clones: safetensors refuses tensors that share storage (the diffusers layout folds its own)
+    text = {} if layout == "diffusers" else {k: v.clone() for k, v in lora.text_encoders.items()}
     if layout == "ours":
         tensors = _ours_state(lora)
         ranks = Counter(t.shape[1] for k, t in tensors.items() if k.endswith(".lora_up"))

@@ -56,27 +56,33 @@ def _variants(files: list[Path]) -> set[Path]:
     return out
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of one model folder: the shards named by an index, or the single file."""
+def _weight_map(folder: Path) -> tuple[Path, dict] | None:
+    """(`folder`'s index file, its weight_map), None without an index; a damaged one is refused in one line."""
     indexes = _named(folder, ".safetensors.index.json")
     for index in indexes:
         refuse_broken_link(index)
-    names: list[str] = []
-    if indexes:
-        try:
-            index = json.loads(indexes[0].read_text())
-        except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 text
-            raise WeightsError(f"{indexes[0]}: unreadable index ({e}); re-download the model folder") from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n for n in weight_map.values()):
-            raise WeightsError(f"{indexes[0]}: damaged index (not {{\"weight_map\": {{tensor: file name}}}}); "
-                               "re-download it, or delete it to load the folder's .safetensors files")
-        names = sorted(set(weight_map.values()))
+    if not indexes:
+        return None
+    try:
+        index = json.loads(indexes[0].read_text())
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 text
+        raise WeightsError(f"{indexes[0]}: unreadable index ({e}); re-download the model folder") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n for n in weight_map.values()):
+        raise WeightsError(f"{indexes[0]}: damaged index (not {{\"weight_map\": {{tensor: file name}}}}); "
+                           "re-download it, or delete it to load the folder's .safetensors files")
+    return indexes[0], weight_map
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of one model folder: the shards named by an index, or the single file."""
+    found = _weight_map(folder)
+    names = sorted(set(found[1].values())) if found else []
     if names:
         files = [folder / n for n in names]
         missing = [f.name for f in files if not exists(f)]
         if missing:
-            raise WeightsError(f"{folder}: shards listed in {indexes[0].name} are missing: {missing[:3]}")
+            raise WeightsError(f"{folder}: shards listed in {found[0].name} are missing: {missing[:3]}")
         return files
     # no index, or one naming no file (a stub beside a single model.safetensors): the folder's files, as
     # transformers and diffusers read a folder whose index is absent
@@ -88,18 +94,6 @@ def weight_files(folder: Path) -> list[Path]:
         hint = f" (found pickled {pickled[:2]}: scfm loads safetensors only)" if pickled else ""
         raise WeightsError(f"{folder}: no .safetensors files{hint}")
     return files
-
-
-def _index_map(folder: Path) -> dict:
-    """The weight_map of `folder`'s index, {} without one (weight_files has refused a damaged one already)."""
-    for index in _named(folder, ".safetensors.index.json"):
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(weight_map, dict):
-            return weight_map
-    return {}
 
 
 def _owners(files: list[Path], keys_of: list) -> dict[str, int]:
@@ -115,7 +109,8 @@ def _owners(files: list[Path], keys_of: list) -> dict[str, int]:
             if j == i:
                 continue
             if weight_map is None:
-                weight_map = _index_map(files[i].parent) if files[i].parent == files[j].parent else {}
+                found = _weight_map(files[i].parent) if files[i].parent == files[j].parent else None
+                weight_map = found[1] if found else {}
             named = weight_map.get(key)
             if named not in (files[i].name, files[j].name):
                 raise WeightsError(f"{files[j]} and {files[i].name}: both hold {key} and no index says which to use; "
