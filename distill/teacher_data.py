@@ -213,16 +213,6 @@ def render(pipe, jobs: list[dict], args, out: Path, bar) -> None:
         bar.update(len(batch))
 
 
-class _Flags:
-    """args for check_family_flags, which reads generate's flags: one make_dataset lacks (--true-cfg) is not given."""
-
-    def __init__(self, args):
-        self._args = args
-
-    def __getattr__(self, name):
-        return getattr(self._args, name, None)
-
-
 def make_pipeline(args):
     """The teacher: the model's family's pipeline (weights/families), as `generate` builds it."""
     from sampling.job import check_family_flags
@@ -233,7 +223,7 @@ def make_pipeline(args):
         raise WeightsError(f"--model {model}: no such file or folder")
     family = detect_family(model)
     # generate's check: a flag of another family (--variant, --qwen on FLUX.1) would be ignored and recorded
-    check_family_flags(_Flags(args), family)
+    check_family_flags(args, family)
     return pipeline_from_args(args, model, family, [lora_spec(spec) for spec in args.lora])
 
 

@@ -84,6 +84,7 @@ class Pipeline:
         self._meta: nn.Module | None = None  # the transformer built on "meta": its config and checks, no weights
         self._vae: AutoEncoder | None = None
         self._vae_config: VAEConfig | None = None
+        self.components_checked = False  # check_components' answer cannot change: the sources are frozen
 
     # --- what a family defines -----------------------------------------------------------------------------------
 

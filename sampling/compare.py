@@ -177,11 +177,10 @@ class Session:
         when nothing it depends on changed (the prompts, the negative prompt where a negative pass runs, the T5
         length, the LoRAs' text-encoder parts and scales, which --ignore-te-lora leaves out)."""
         cfg, pipe = job.cfg, self.pipe
-        negative = cfg.negative_prompt if pipe.wants_negative(cfg) else None
+        wants = pipe.wants_negative(cfg)
         sha = {source: digest for source, digest, _ in self.stack or []}
         text = tuple((p.encoder, p.source, sha.get(p.source), p.scale, p.prefix) for p in pipe.lora_parts().text)
-        key = (tuple(job.prompts), pipe.wants_negative(cfg), negative, cfg.max_sequence_length, text,
-               pipe.ignore_te_lora)
+        key = (tuple(job.prompts), wants, cfg.negative_prompt if wants else None, cfg.max_sequence_length, text)
         if self.encoded is None or self.encoded[0] != key:
             self.encoded = None  # freed before the encoders load, and not kept if they fail
             self.encoded = key, pipe.encode_prompts(job.prompts, cfg)

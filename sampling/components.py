@@ -107,6 +107,11 @@ BUNDLED_ENCODERS = {role: prefix for prefix, role in COMFY_PREFIXES.items()}
 BUNDLED_VAE = tuple(f"{prefix}encoder.conv_in.weight" for prefix in PREFIXED.values())
 
 
+def existing(path: Path) -> Path | None:
+    """`path` where it exists (a broken link refused), None where not: a pipeline folder's optional part."""
+    return path if exists(path) else None
+
+
 def bundled_parts(model: Path) -> dict[str, Path]:
     """The parts an all-in-one `model` file holds beside its transformer ({"vae", "clip_l", ...}: model): the
     defaults of the parts no flag names. Read from the header alone."""

@@ -219,7 +219,8 @@ def flag_given(value) -> bool:
 
 
 def check_family_flags(args, family: Family | str) -> None:
-    """A flag only another family reads would be ignored silently; refuse it instead."""
+    """A flag only another family reads would be ignored silently; refuse it instead. A flag `args` lacks (make_dataset
+    has no --true-cfg) is not given."""
     family = get_family(family)
     pipeline = family.part("pipeline")
     unread = [flag for flag, attr in pipeline.unread_flags if flag_given(getattr(args, attr, None))]
@@ -228,7 +229,7 @@ def check_family_flags(args, family: Family | str) -> None:
     for other in families():
         if other is family or "pipeline" not in other.parts:
             continue
-        used = [flag for flag, attr in other.part("pipeline").own_flags if flag_given(getattr(args, attr))]
+        used = [flag for flag, attr in other.part("pipeline").own_flags if flag_given(getattr(args, attr, None))]
         if used:
             hint = pipeline.flag_hint
             raise ValueError(f"{', '.join(used)}: {other.title} options, but {args.model} is {article(family.title)} "
@@ -380,7 +381,9 @@ def check_job(pipe, job: Job) -> None:
     pipe.check_size(cfg.height, cfg.width, len(job.prompts) * (2 if pipe.wants_negative(cfg) else 1))
     pipe.check_transformer()
     pipe.tokenizers(cfg.max_sequence_length)  # milliseconds; a wrong file then fails before the encoders load
-    pipe.check_components()  # a VAE or text encoder of another model: from headers, before any weight is read
+    if not pipe.components_checked:  # once per pipeline: the app's columns and sweep cells ask again
+        pipe.check_components()  # a VAE or text encoder of another model: from headers, before any weight is read
+        pipe.components_checked = True
     pipe.check_config(cfg)
 
 

@@ -29,6 +29,7 @@ from .components import (
     check_vae_fit,
     check_width,
     encoder_prefix,
+    existing,
     load_tokenizer,
     require_sources,
 )
@@ -62,7 +63,7 @@ class FluxSources:
             transformer=folder, folder=folder, vae=folder / "vae", clip=folder / "text_encoder",
             t5=folder / "text_encoder_2", t5_tokenizer=folder / "tokenizer_2",
             # CLIP-L's vocabulary is vendored (model/tokenizers.py), as SD3's folder rule uses it
-            clip_tokenizer=folder / "tokenizer" if exists(folder / "tokenizer") else None,
+            clip_tokenizer=existing(folder / "tokenizer"),
             schedule=schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json"),
         )
         return cls(**{**parts, **{k: v for k, v in overrides.items() if v is not None}})

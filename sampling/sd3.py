@@ -30,6 +30,7 @@ from .components import (
     check_vae_fit,
     check_width,
     encoder_prefix,
+    existing,
     load_tokenizer,
     read_model_index,
     require_sources,
@@ -79,8 +80,8 @@ class SD3Sources:
         parts = dict(
             transformer=folder, folder=folder, vae=folder / "vae", clip_l=folder / "text_encoder",
             clip_g=folder / "text_encoder_2", t5=folder / "text_encoder_3" if has_t5 else None,
-            clip_l_tokenizer=_existing(folder / "tokenizer"), clip_g_tokenizer=_existing(folder / "tokenizer_2"),
-            t5_tokenizer=_existing(folder / "tokenizer_3") if has_t5 else None,
+            clip_l_tokenizer=existing(folder / "tokenizer"), clip_g_tokenizer=existing(folder / "tokenizer_2"),
+            t5_tokenizer=existing(folder / "tokenizer_3") if has_t5 else None,
             schedule=schedule_from_diffusers(folder / "scheduler" / "scheduler_config.json",
                                              pipeline="StableDiffusion3Pipeline"),
         )
@@ -100,10 +101,6 @@ class SD3Sources:
             raise WeightsError(f"T5 ({self.t5}) needs its tokenizer: pass --t5-tokenizer (spiece.model or "
                                "tokenizer.json), or --no-t5 to run without T5")
         check_paths(self, flags)
-
-
-def _existing(path: Path) -> Path | None:
-    return path if exists(path) else None
 
 
 @dataclass(frozen=True)
