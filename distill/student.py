@@ -9,6 +9,8 @@ line, which the trainer reports as a TrainingError.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -36,6 +38,20 @@ def lora_config(cfg: DistillConfig) -> LoRAConfig:
     targets = get_family(cfg.lora.targets).part("lora_targets")
     live_only = {"sets": ("live",), "zero_sets": ()} if cfg.scfm.objective == "flow_matching" else {}
     return LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=targets, **live_only)
+
+
+def family_refusal(config: DistillConfig, family: Family, guidance_embed: Callable[[], bool]) -> str | None:
+    """What `family` refuses of the run's settings, as one line (None: nothing): another family's LoRA targets, a
+    baked-in CFG for a family guided otherwise. `guidance_embed()` (whether the model has a guidance input) is
+    asked only for that message: train.py reads it from the headers, the trainer from the loaded model."""
+    if get_family(config.lora.targets) is not family:
+        return (f"targets {config.lora.targets!r} are for another model; this one is {family.title}: pass "
+                f"--targets {family.name}")
+    if config.scfm.cfg_scale and family.guidance != "cfg":  # FLUX.1: dev has a guidance input, schnell none
+        return (f"cfg_scale bakes in classifier-free guidance, which {family.display} does not train with "
+                f"({family.display}-dev has a guidance input; this model has {'one' if guidance_embed() else 'none'}"
+                "); pass --cfg_scale 0")
+    return None
 
 
 def model_family(model: nn.Module) -> Family:

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from sampling.fields import add_dataclass_args
 from sampling.options import OneLineParser, check_device
 from weights.atomic import folder_lock
-from weights.families import get_family
 from weights.family import Family
 from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
@@ -51,6 +50,7 @@ from .run_setup import (
     with_text_length,
 )
 from .sharding import loads_on_cpu
+from .student import family_refusal
 from .trainer import Stopped, Trainer, TrainingError
 
 
@@ -79,14 +79,10 @@ def check_family(cfg: DistillConfig, family: Family) -> None:
     """What the model's family refuses, before anything is rendered or cached (Trainer checks again, for Python
     callers): a family SCFM cannot train yet, another family's LoRA targets, a baked-in CFG for a model without."""
     family.part("lora_targets")
-    if get_family(cfg.lora.targets) is not family:
-        raise ConfigError(f"targets {cfg.lora.targets!r} are for another model; this one is {family.title}: pass "
-                          f"--targets {family.name}")
-    if cfg.scfm.cfg_scale and family.guidance != "cfg":  # FLUX.1: dev has a guidance input, schnell none
-        has = getattr(load_model(cfg, torch.device("meta"), family).config, "guidance_embed", False)
-        raise ConfigError(f"cfg_scale bakes in classifier-free guidance, which {family.display} does not train with "
-                          f"({family.display}-dev has a guidance input; this model has {'one' if has else 'none'}); "
-                          "pass --cfg_scale 0")
+    refused = family_refusal(cfg, family, lambda: getattr(
+        load_model(cfg, torch.device("meta"), family).config, "guidance_embed", False))
+    if refused:
+        raise ConfigError(refused)
     distilled, source = step_distilled(cfg, family)
     if cfg.scfm.cfg_scale > 0 and distilled:  # its LoRA would be sampled without the CFG it was trained with
         raise ConfigError(f"cfg_scale {cfg.scfm.cfg_scale:g}: {cfg.model} is the step-distilled {family.display} "

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.layers import named_blocks
-from weights.families import get_family
 
 from . import speed
 from .checkpoint import (
@@ -59,7 +58,7 @@ from .run_outputs import (
 from .run_setup import with_text_length
 from .scfm import element_generators, sample_draw, scfm_loss
 from .sharding import StudentRoute, full, is_sharded
-from .student import StudentError, model_family, prepare_student
+from .student import StudentError, family_refusal, model_family, prepare_student
 
 
 class TrainingError(RuntimeError):
@@ -103,16 +102,11 @@ class Trainer:
         self.config = config = with_text_length(config, self.kind, warn=False)  # run() has resolved it already
         self.family = self.kind.name
         self.token_side = self.kind.token_side(model.config)  # latent pixels per token side: Flux 2, FLUX.2 1
-        if get_family(config.lora.targets) is not self.kind:
-            raise TrainingError(f"targets {config.lora.targets!r} are for another model; this one is "
-                                f"{self.family} (--targets {self.family})")
+        refused = family_refusal(config, self.kind, lambda: getattr(model.config, "guidance_embed", False))
+        if refused:  # train.py said it before the cache was built; a Python caller hears it here
+            raise TrainingError(refused)
         self.negative = None
         if config.scfm.cfg_scale:
-            if self.kind.guidance != "cfg":
-                has = "one" if getattr(model.config, "guidance_embed", False) else "none"
-                raise TrainingError(f"cfg_scale bakes in classifier-free guidance, which {self.kind.display} does "
-                                    f"not train with ({self.kind.display}-dev has a guidance input; this model has "
-                                    f"{has}); pass --cfg_scale 0")
             self.negative = cache.negative_cond()  # {name: (1, ...)}: the empty prompt, embedded once
             if self.negative is None:
                 raise TrainingError(f"{cache.folder}: the cache has no negative prompt, which cfg_scale "
