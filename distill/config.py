@@ -29,6 +29,11 @@ class ConfigError(ValueError):
 AUTO = -1  # unchecked_blocks = "auto": planned under max_memory (distill/memory_plan.py)
 
 
+# What objective flow_matching (one trained set, the plain target) takes in place of SCFM's, and the flag spelling
+# of each; distill/config_files.py lets a file's or preset's value give way to it
+FLOW_MATCHING_OWN = {"export_set": ("live", "live"), "cfg_scale": (0.0, "0"), "teacher_lora": ("", "''")}
+
+
 @dataclass(frozen=True)
 class Range:
     """An interval of allowed values; `ends` says which ends belong to it ("[]", "[)", "(]", "()")."""
@@ -297,8 +302,7 @@ class DistillConfig:
             if self.get(name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {self.get(name)!r}")
         if self.scfm.objective == "flow_matching":  # one trained set, the plain target: what SCFM adds is refused
-            for name, own, flag in (("export_set", "live", "live"), ("cfg_scale", 0.0, "0"),
-                                    ("teacher_lora", "", "''")):
+            for name, (own, flag) in FLOW_MATCHING_OWN.items():
                 if self.get(name) != own:
                     raise ConfigError(f"{name}: objective flow_matching trains the live set alone on the plain "
                                       f"target (no EMAs, no teacher, no CFG); pass --{name} {flag}")

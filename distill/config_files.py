@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sampling.fields import check_fields
 
-from .config import ConfigError, DistillConfig
+from .config import FLOW_MATCHING_OWN, ConfigError, DistillConfig
 
 PRESETS = Path(__file__).parent / "configs"
 
@@ -113,7 +113,6 @@ def build_config(file: str | None = None, overrides: dict | None = None, base: d
     return DistillConfig.from_flat(**values | _flow_matching_own(values, flags))
 
 
-FLOW_MATCHING_OWN = {"export_set": "live", "cfg_scale": 0.0}  # DistillConfig refuses other values with it
 # what flow_matching never reads, refused as flags (a file's stay: every preset sets them). t_skip, the teacher
 # steps and teacher_ratio still pick each element's grid and so its sigma: not here
 FLOW_MATCHING_IDLE = ("fast_decay", "slow_decay", "ema_restart_every", "non_shortcut_ratio")
@@ -129,7 +128,7 @@ def _flow_matching_own(values: dict, flags: dict) -> dict:
     if idle:
         raise ConfigError(f"{idle[0]}: objective flow_matching keeps no EMAs and gives every element the plain "
                           f"target, so it would do nothing; drop --{idle[0]}")
-    own = {k: v for k, v in FLOW_MATCHING_OWN.items() if k not in flags and values.get(k, v) != v}
+    own = {k: v for k, (v, _) in FLOW_MATCHING_OWN.items() if k not in flags and values.get(k, v) != v}
     if own:
         said = ", ".join(f"{k} {v!r} (not the config's {values[k]!r})" for k, v in own.items())
         warnings.warn(f"objective flow_matching trains the live set alone, without CFG: {said}", stacklevel=3)
