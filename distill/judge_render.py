@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from sampling.compare import Column, Session
+from sampling.components import COMPONENT_FILES
 from sampling.options import run_dtype
 from weights.atomic import atomic_path, atomic_save
 from weights.io import file_sha256, read_json_object
@@ -46,8 +47,7 @@ def folder_name(name: str) -> str:
 # guidance input, SD3.5's and klein's CFG scale) is the one generate samples the row at; one missing from an older
 # manifest reads as the row's guidance without a flag (its LoRAs' recommendation, else the family default: what
 # rows were rendered at before the teacher rows took the student's), in render_row.
-COMPONENTS = ("vae", "clip", "clip_g", "t5", "clip_tokenizer", "clip_g_tokenizer", "t5_tokenizer", "qwen",
-              "qwen_tokenizer")
+COMPONENTS = tuple(c for c in COMPONENT_FILES if c not in ("no_t5", "variant"))  # the files (those two: flags)
 DEFAULTS = {"fp8_compute": False, "no_t5": False, "ignore_te_lora": False, "variant": None,
             "model_identity": None, **{f"{c}_identity": None for c in COMPONENTS}}
 

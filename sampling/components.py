@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.vae import VAE_CONFIGS, VAEConfig
-from weights.io import DTYPES, WeightsError, exists, read_header, read_json_object
+from weights.io import DTYPES, WeightsError, exists, file_version, read_header, read_json_object
 from weights.lora_text import COMFY_PREFIXES
 from weights.vae import PREFIXED
 
@@ -133,9 +133,8 @@ def encoder_prefix(path, role: str) -> str | None:
 def _bundled(path: Path) -> tuple[str, ...]:
     """The roles of BUNDLED_ENCODERS, then "vae", that the file at `path` holds. A pipeline asks up to seven times
     (from_files, check_components, text_encoder), and an all-in-one file's header lists thousands of tensors: it
-    is read once per version of the file (weights/io.py keys its hashes alike)."""
-    st = path.stat()
-    return _bundled_in(str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    is read once per version of the file (weights/io.py file_version, as its hashes)."""
+    return _bundled_in(str(path), *file_version(path))  # errors name the path as given
 
 
 @functools.lru_cache(maxsize=16)

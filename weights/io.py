@@ -228,7 +228,7 @@ def parse_lora(spec: str) -> tuple[str, float | None]:
     return spec, None
 
 
-def _file_key(path: str | os.PathLike) -> tuple:
+def file_version(path: str | os.PathLike) -> tuple:
     """What changes when a file is rewritten: the hashes below are remembered under it (the app and
     distill.evaluate ask again for the same LoRAs on every column and row)."""
     st = os.stat(path)
@@ -237,7 +237,7 @@ def _file_key(path: str | os.PathLike) -> tuple:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The file's sha256 in hex, read in 4 MiB blocks (once per version of the file)."""
-    return _sha256(*_file_key(path))
+    return _sha256(*file_version(path))
 
 
 @functools.lru_cache(maxsize=256)
@@ -258,7 +258,7 @@ def a1111_lora_hash(path: str | os.PathLike) -> str:
     """The 12 hex digits A1111 / Forge write in an image's `Lora hashes` and Civitai looks LoRAs up by
     ("AutoV3"): sd-scripts' `sshs_model_hash` when the file states one, else the sha256 of the tensor bytes
     (the file less its header, so that editing the metadata keeps the hash). Once per version of the file."""
-    return _a1111_hash(*_file_key(path))
+    return _a1111_hash(*file_version(path))
 
 
 @functools.lru_cache(maxsize=256)
