@@ -83,12 +83,13 @@ def has_text_part(path) -> bool:
     return path.is_file() and any(k.startswith(TEXT_ENCODER_PREFIXES) for k in read_header(path)[0])
 
 
-def _peft_config(source: str, prefix: str) -> dict:
-    """The peft LoraConfig diffusers saved for the encoder under `prefix` in the file's metadata ({} if none)."""
-    if not source or not Path(source).is_file():
-        return {}
-    config = peft_metadata(read_header(Path(source))[1], source)
-    return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+def _peft_configs(source: str, prefixes) -> dict[str, dict]:
+    """prefix -> the peft LoraConfig diffusers saved for the encoder under it in the file's metadata ({} if none),
+    for those of `prefixes` diffusers names (the header read once)."""
+    prefixes = [p for p in prefixes if p in PEFT_TEXT_PREFIXES]
+    readable = prefixes and source and Path(source).is_file()
+    config = peft_metadata(read_header(Path(source))[1], source) if readable else {}
+    return {p: {k[len(p):]: v for k, v in config.items() if k.startswith(p)} for p in prefixes}
 
 
 def _part(src: str, prefix: str, stem: str, g: dict[str, Tensor], config: dict) -> LoRAPart:
@@ -125,8 +126,8 @@ def peft_text_parts(lora: LoRA) -> tuple[dict[str, dict[str, LoRAPart]], dict[st
             rest[key] = t
             continue
         groups.setdefault(prefix, {}).setdefault(parsed[0], {})[parsed[1]] = t
-    parts = {prefix: _parts_of(src, prefix, modules, _peft_config(lora.source, prefix))
-             for prefix, modules in groups.items()}
+    configs = _peft_configs(lora.source, groups)
+    parts = {prefix: _parts_of(src, prefix, modules, configs[prefix]) for prefix, modules in groups.items()}
     return parts, rest
 
 
@@ -144,13 +145,13 @@ def encoder_parts(lora: LoRA, scale: float, family: str) -> list[EncoderLoRA]:
             raise WeightsError(f"{src}: text-encoder key {key} is not one scfm reads (lora_te*_ / text_encoder*. / "
                                "text_encoders.<clip_l|clip_g|t5xxl>.transformer. + a module + a LoRA suffix)")
         groups.setdefault(prefix, {}).setdefault(parsed[0], {})[parsed[1]] = t
-    out = []
+    out, configs = [], _peft_configs(lora.source, groups)
     for prefix, modules in groups.items():
         encoder = table[prefix]
         if encoder not in family.text_encoders:
             raise WeightsError(f"{src}: keys {prefix}... are for a {ENCODER_NAMES[encoder]}, which "
                                f"{family.display} does not have; a LoRA for another model?")
-        config = _peft_config(lora.source, prefix) if prefix in PEFT_TEXT_PREFIXES else {}
+        config = configs.get(prefix, {})
         diffs = {f"{stem}.{role}": g[role] for stem, g in modules.items() for role in ("diff", "diff_b") if role in g}
         parts = _parts_of(src, prefix, modules, config)
         out.append(EncoderLoRA(src, encoder, scale, prefix, parts, diffs))
