@@ -123,7 +123,7 @@ def _diffusers_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
 
 
 def _peft_entries(ranks: dict[str, int], prefix: str, anchor: str = "") -> dict:
-    """The PEFT LoraConfig entries under `prefix` for modules of these ranks (alpha = r everywhere: folded).
+    r"""The PEFT LoraConfig entries under `prefix` for modules of these ranks (alpha = r everywhere: folded).
     peft matches pattern keys as `(.*\.)?(key)$`, so `anchor` "^" pins a name to the top."""
     r = _most_common(ranks.values())
     others = {anchor + re.escape(k): v for k, v in ranks.items() if v != r}
