@@ -136,9 +136,14 @@ def _diffusers_text_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
     """The text-encoder keys in the diffusers layout: under diffusers' prefixes (`text_encoder.`, ...) folded as
     the transformer's and described by a config per prefix (`text_encoder.r`, ...) in `lora_adapter_metadata`:
     diffusers builds each encoder's LoraConfig from its prefix's entries alone, and refuses a file whose metadata
-    has none for an encoder it holds. Other keys (full differences, other tools' prefixes) as they are."""
+    has none for an encoder it holds. Other keys (full differences, other tools' prefixes) are refused."""
     parts, rest = peft_text_parts(lora)
-    out, config = {k: v.clone() for k, v in rest.items()}, {}
+    if rest:  # written as they are, diffusers refused the file (SD3: a key without "lora"; Flux: `.alpha` keys beside
+        # this metadata) or its kohya converter took the whole file over; they have no diffusers name
+        raise WeightsError(f"{lora.source or 'this LoRA'} has text-encoder keys with no diffusers name ({len(rest)}, "
+                           f"e.g. {min(rest)}), which diffusers' loaders refuse or drop; pass --ignore-te-lora to "
+                           "write the transformer part alone (in Python: lora.text_encoders.clear())")
+    out, config = {}, {}
     for prefix, modules in parts.items():
         ranks = {}
         for stem, p in modules.items():
@@ -152,7 +157,12 @@ def _diffusers_text_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
     return out, config
 
 
-_LAYOUT_KEYS = {"scfm_format", "scfm_rank", "scfm_alpha", "scfm_targets", PEFT_METADATA_KEY}
+# Metadata that describes a file's tensors, which the written file states afresh or not at all: a converted or
+# resized file's source passes on values of its own tensors (its layout, rank, alpha, PEFT config, hashes)
+_LAYOUT_KEYS = {"scfm_format", "scfm_rank", "scfm_alpha", "scfm_targets", PEFT_METADATA_KEY, "ss_network_dim",
+                "ss_network_alpha", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"}
+# up key suffix -> its LoRA's rank dimension, in each layout (ours, kohya, diffusers / PEFT)
+_UP_SUFFIXES = (".lora_up", ".lora_up.weight", ".lora_B.weight")
 
 
 # What A1111 / Forge, Civitai and kohya's tools read to tell a LoRA's base model (Stability AI's ModelSpec and
@@ -165,17 +175,24 @@ def base_architecture(family: str, config) -> str:
     return family.base_architecture(config) or family.architecture
 
 
-def _tool_metadata(lora: LoRA, layout: str) -> dict[str, str]:
-    """The `ss_*` keys of this layout: the rank and the alpha a kohya-style loader applies (r for the diffusers
-    layout, whose alpha is folded into the weights)."""
+def _tool_metadata(lora: LoRA, tensors: dict[str, Tensor]) -> dict[str, str]:
+    """The `ss_*` keys: the rank and the alpha a kohya-style loader applies, read off the written `tensors` (the
+    most common up width, and its `.alpha` key, else the rank: the diffusers layout's alpha is folded into the
+    weights, kohya's missing alpha means the rank), so a block-diagonal kohya layer or a file of text-encoder
+    parts is described as written; none for a file without LoRA pairs (full differences only)."""
     family = get_family(lora.family)
-    parts = [p for mod in lora.modules.values() for p in mod.parts if p is not None]
-    if not parts:  # full differences only
-        return {"ss_network_module": family.kohya_module, "ss_base_model_version": family.kohya_base}
-    rank = _most_common(p.up.shape[1] for p in parts)
-    alpha = rank if layout == "diffusers" else _most_common(p.alpha for p in parts)
-    return {"ss_network_module": family.kohya_module, "ss_network_dim": str(rank),
-            "ss_network_alpha": f"{alpha:g}", "ss_base_model_version": family.kohya_base}
+    meta = {"ss_network_module": family.kohya_module, "ss_base_model_version": family.kohya_base}
+    ranks, alphas = [], []
+    for key, up in tensors.items():
+        suffix = next((s for s in _UP_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        ranks.append(up.shape[1])
+        alpha = tensors.get(key[: -len(suffix)] + ".alpha")
+        alphas.append(up.shape[1] if alpha is None else float(alpha))
+    if ranks:
+        meta |= {"ss_network_dim": str(_most_common(ranks)), "ss_network_alpha": f"{_most_common(alphas):g}"}
+    return meta
 
 
 def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -189,8 +206,7 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
     if lora.diffs and layout != "kohya":
         raise WeightsError(f"{lora.source or 'this LoRA'} has {len(lora.diffs)} full differences (.diff / "
                            "diff_b), which only the kohya / ComfyUI layout holds; write it with --to kohya")
-    meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata(),
-            **_tool_metadata(lora, layout)}
+    meta = {"format": "pt", "scfm_family": lora.family, **lora.recommended.to_metadata()}
     # clones: safetensors refuses tensors that share storage (the diffusers layout folds its own)
     text = {} if layout == "diffusers" else {k: v.clone() for k, v in lora.text_encoders.items()}
     if layout == "ours":
@@ -206,7 +222,7 @@ def lora_state_dict(lora: LoRA, layout: str = "ours") -> tuple[dict[str, Tensor]
         tensors, config = _diffusers_state(lora)
         text, text_config = _diffusers_text_state(lora)
         meta[PEFT_METADATA_KEY] = json.dumps(config | text_config, sort_keys=True)
-    return tensors | text, meta
+    return tensors | text, meta | _tool_metadata(lora, tensors | text)
 
 
 def write_lora(lora: LoRA, path: str | os.PathLike, layout: str = "ours", *, overwrite: bool = False,
