@@ -9,7 +9,9 @@ LoRA at the steps, grid, shift and scale its metadata recommends, plus style LoR
 image appears as it finishes, with its NFE and seconds, and a slider lays any two over each other. Sweep: one or
 two axes among steps, LoRA scale, shift, guidance and seed, rendered as one labelled grid. Every image is the PNG
 `sampling.generate` would write for the same settings (its parameters inside), served as written, and
-`python -m sampling.generate --from-png IMAGE.png` renders it again.
+`python -m sampling.generate --from-png IMAGE.png` renders it again. An empty seed box or -1 draws a random seed (shown
+in the box, recorded in the PNGs). A sweep has at most 64 cells, and Stop ends it after the cell being sampled
+(the cells done stay in --out). LoRAs saved into a --lora-dir folder after launch appear on Rescan (or a new tab).
 
 The model is read once; a LoRA change merges on the loaded weights (sampling/compare.py). Only the model files and
 the LoRAs named at launch (--lora, --lora-dir) are read; the server listens on 127.0.0.1 unless --host says
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from weights.io import WeightsError
 
-from .compare import AXES, Column, Session, grid_image, parse_values, random_seed, sweep_columns
+from .compare import AXES, MAX_CELLS, Column, Session, grid_image, parse_values, random_seed, sweep_columns
 from .demo import DEMO_LORA, IMAGE_SIZE
 from .flags import add_model_files
 from .options import OneLineParser, add_run_options, check_run_options, out_of_memory
@@ -73,6 +75,17 @@ def _number(value, kind=float):
         return kind(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a number; leave the field empty for the default") from None
+
+
+def pick_seed(seed, randomize: bool) -> int:
+    """The page's Seed box: a random seed when asked to, or when the box is empty or -1 (A1111's and ComfyUI's
+    "random"); the drawn seed is shown in the box and recorded in the PNGs like a typed one."""
+    if randomize or seed is None or str(seed).strip() in ("", "-1"):
+        return random_seed()
+    seed = int(seed)
+    if seed < 0:  # generate refuses it too, in the command line's words ("-1 does not mean random here")
+        raise ValueError(f"Seed {seed}: seeds are 0 or more; leave the box empty or type -1 for a random one")
+    return seed
 
 
 def size(width, height) -> tuple[int, int]:
@@ -128,7 +141,7 @@ def build_ui(session: Session):
     import gradio as gr
 
     files = session.lora_files()
-    choices = [("none", ""), *((Path(f).name, f) for f in files)]  # a dropdown without "none" picks the first file
+    choices = lora_choices(files)
     scfm = str(DEMO_LORA.resolve()) if session.demo else (files[0] if files else None)
     scfm = scfm if scfm in files else None  # a default the dropdown lacks would refuse every Generate
     side = IMAGE_SIZE if session.demo else 1024
@@ -162,7 +175,7 @@ def build_ui(session: Session):
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative", scale=2,
                                       visible=session.family.guidance != "embedding")
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", info="empty or -1: random")
                 randomize = gr.Checkbox(label="Random seed (shown above once drawn)")
                 width = gr.Number(label="Width", value=side, precision=0)
                 height = gr.Number(label="Height", value=side, precision=0)
@@ -172,7 +185,10 @@ def build_ui(session: Session):
                     a_steps, a_guidance = optional("Steps"), optional("Guidance / CFG")
                 with gr.Column():
                     gr.Markdown("**B: student**")
-                    b_lora = gr.Dropdown(choices, value=scfm or "", label="SCFM LoRA")
+                    with gr.Row(equal_height=True):
+                        b_lora = gr.Dropdown(choices, value=scfm or "", label="SCFM LoRA", scale=4)
+                        # LoRAs saved into a --lora-dir after launch (a training run's export), without a restart
+                        rescan = gr.Button("↻ Rescan", size="sm", scale=1, min_width=60, elem_id="rescan")
                     b_scale, b_steps, b_shift, b_guidance, b_hint = (
                         scale_slider("LoRA scale"), optional("Steps"), optional("Shift"),
                         optional("Guidance / CFG"), gr.Markdown())
@@ -204,7 +220,11 @@ def build_ui(session: Session):
                 axis1, values1 = gr.Dropdown(list(AXES), value="steps", label="Axis 1"), gr.Textbox("1, 2, 4")
                 axis2, values2 = gr.Dropdown(["(none)", *AXES], value="lora scale", label="Axis 2"), gr.Textbox(
                     "0.75, 1.0, 1.25")
-            run_sweep = gr.Button("Render grid", elem_id="sweep")
+            with gr.Row():
+                run_sweep = gr.Button("Render grid", elem_id="sweep")
+                stop_sweep = gr.Button("Stop", variant="stop", elem_id="stop-sweep")
+            sweep_info = gr.Markdown(f"At most {MAX_CELLS} cells; Stop ends the sweep after the cell being sampled.",
+                                     elem_id="sweep-info")
             grid, grid_file = gr.Image(type="filepath", format="png", label="Grid"), gr.File(label="Grid (PNG)")
 
         # each student column's fields from its own LoRA's metadata (C never takes B's guidance or scale)
@@ -221,8 +241,8 @@ def build_ui(session: Session):
         def compare(prompt, negative, seed, randomize, width, height, a_steps, a_guidance, b_lora, b_scale, b_steps,
                     b_shift, b_guidance, c_on, c_lora, c_scale, c_steps, c_shift, c_guidance, pair, *style_values,
                     progress=gr.Progress()):
-            seed = random_seed() if randomize else int(seed or 0)
             with shown_in_page(session):
+                seed = pick_seed(seed, randomize)
                 width, height = size(width, height)
                 cols = {"A": Column([], _number(a_steps, int), None, _number(a_guidance)),
                         "B": student(b_lora, b_scale, b_steps, b_shift, b_guidance, style_values)}
@@ -260,28 +280,60 @@ def build_ui(session: Session):
         run.click(compare, compare_inputs, outs, concurrency_id="model", concurrency_limit=1)
         pair.change(pick, [pair, paths], slider)
 
-        def sweep(prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance, axis1,
-                  values1, axis2, values2, *style_values, progress=gr.Progress()):
-            with shown_in_page(session):
+        def sweep(prompt, negative, seed, randomize, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance,
+                  axis1, values1, axis2, values2, *style_values, progress=gr.Progress()):
+            """A generator, each finished cell shown as it lands: gradio cancels a generator between two yields
+            (Stop), where a plain function would run its whole sweep to the end."""
+            from PIL import Image
+
+            with shown_in_page(session):  # every refusal (too many cells too) before the first render
                 axes = [(axis1, parse_values(axis1, values1))]
                 if axis2 != "(none)":
                     axes.append((axis2, parse_values(axis2, values2)))
                 width, height = size(width, height)
                 base = student(b_lora, b_scale, b_steps, b_shift, b_guidance, style_values)
-                cells = sweep_columns(base, int(seed or 0), axes)
-                from PIL import Image
+                seed = pick_seed(seed, randomize)
+                cells = sweep_columns(base, seed, axes)
+            yield seed, None, None, f"{len(cells)} cells: rendering the first"
+            rendered = []
+            for i, (labels, col, s) in enumerate(cells):
+                where = f"cell {i + 1} of {len(cells)} ({', '.join(f'{k} {v}' for k, v in labels.items())})"
 
-                rendered = []
-                for _, col, s in progress.tqdm(cells, desc="grid"):
-                    r = session.render(prompt, negative or "", s, width, height, col)
-                    rendered.append(Image.open(r.path).convert("RGB"))
+                def step(j, n, _latents, where=where):  # the sampler's callback (sampling/samplers.py)
+                    progress((j, n), desc=where)
+
+                with shown_in_page(session):
+                    r = session.render(prompt, negative or "", s, width, height, col, callback=step)
+                rendered.append(Image.open(r.path).convert("RGB"))
+                # the cell's PNG (in --out already) in the grid's place until the grid is done: what a Stop keeps
+                yield seed, str(r.path), gr.skip(), f"{where}: {r.path.name}"
+            with shown_in_page(session):
                 path = session.save_grid(grid_image(rendered, axes, [labels for labels, _, _ in cells]))
-            return str(path), str(path)
+            yield seed, str(path), str(path), f"{len(cells)} cells: {path.name}"
 
-        run_sweep.click(sweep, [prompt, negative, seed, width, height, b_lora, b_scale, b_steps, b_shift, b_guidance,
-                                axis1, values1, axis2, values2, *[x for s in styles for x in s]], [grid, grid_file],
-                        concurrency_id="model", concurrency_limit=1)
+        sweeping = run_sweep.click(sweep, [prompt, negative, seed, randomize, width, height, b_lora, b_scale, b_steps,
+                                           b_shift, b_guidance, axis1, values1, axis2, values2,
+                                           *[x for s in styles for x in s]], [seed, grid, grid_file, sweep_info],
+                                   concurrency_id="model", concurrency_limit=1)
+        # gradio's cancel: no handler of ours, so it never waits in the model's queue behind the sweep it stops
+        stop_sweep.click(None, cancels=[sweeping])
+
+        lora_boxes = [b_lora, c_lora, *[box for box, _ in styles]]
+
+        def rescan_loras(*values):
+            """The LoRA dropdowns offer the --lora-dir folders as they are now; a choice whose file is gone
+            falls back to none (a dropdown refuses a value it does not offer)."""
+            now = lora_choices(session.lora_files())
+            offered = {v for _, v in now}
+            return [gr.update(choices=now, value=v if v in offered else "") for v in values]
+
+        rescan.click(rescan_loras, lora_boxes, lora_boxes)
+        ui.load(rescan_loras, lora_boxes, lora_boxes)  # a tab opened later lists what is there then
     return ui
+
+
+def lora_choices(files: list[str]) -> list[tuple[str, str]]:
+    return [("none", ""), *((Path(f).name, f) for f in files)]  # a dropdown without "none" picks the first file
 
 
 def check_port(host: str, port: int) -> None:

@@ -36,6 +36,10 @@ from .options import RUN_OPTIONS, check_writable
 
 MAX_SEED = 2**31 - 1  # the random seeds the page draws
 AXES = ("steps", "lora scale", "shift", "guidance", "seed")  # what a sweep varies
+# the most cells a sweep renders: an 8 x 8 grid, a few minutes of a 4-step student at 1024 px on one GPU, and at
+# 1024 px a 67 Mpx grid PNG (PIL warns of a decompression bomb past 89 Mpx when opening one); a list typed too long
+# (or two long axes multiplying) is refused before the first render instead of queueing hundreds
+MAX_CELLS = 64
 
 
 @dataclass
@@ -293,6 +297,11 @@ def sweep_columns(base: Column, seed: int, axes: list[tuple[str, list]]) -> list
     first axis along each row (grid_image's columns)."""
     if len(axes) == 2 and axes[0][0] == axes[1][0]:  # the second would overwrite the first in every cell
         raise ValueError(f"both sweep axes are {axes[0][0]!r}; give one axis its values, or choose another second axis")
+    count = math.prod(len(v) for _, v in axes)
+    if count > MAX_CELLS:
+        sizes = " x ".join(str(len(v)) for _, v in axes)
+        raise ValueError(f"a sweep of {count} cells ({sizes} values) is refused: at most {MAX_CELLS}; give fewer "
+                         "values")
     cells = []
     for reverse in itertools.product(*[v for _, v in reversed(axes)]):
         values = reverse[::-1]

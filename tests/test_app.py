@@ -383,8 +383,8 @@ def test_the_page_offers_the_demo_student_takes_any_scale_and_says_each_failure_
     values = [PROMPT, "", 0, False, 64, 64, "", "", str(DEMO_LORA), 1.0, "", "", "", False, "", 1.0, "", "", "",
               "A|B", "", 1.0, "", 1.0]
     sweep = next(f for f in fns if f.name == "sweep")
-    sweep_values = [PROMPT, "", 0, 64, 64, str(DEMO_LORA), 1.0, "", "", "", "steps", "1", "(none)", "", "", 1.0, "",
-                    1.0]
+    sweep_values = [PROMPT, "", 0, False, 64, 64, str(DEMO_LORA), 1.0, "", "", "", "steps", "1", "(none)", "", "", 1.0,
+                    "", 1.0]
     for error, said in ((torch.OutOfMemoryError("CUDA out of memory"), "^out of GPU memory; .* --fp8 "),
                         (OSError(errno.ENOSPC, "No space left on device", str(app.out / "00000-0.png")),
                          "^No space left on device: .*00000-0.png; free some space on its disk")):
@@ -393,7 +393,7 @@ def test_the_page_offers_the_demo_student_takes_any_scale_and_says_each_failure_
 
         monkeypatch.setattr(app, "render", fail)
         monkeypatch.setattr(app, "hints", fail)
-        for run in (lambda: list(compare.fn(*values)), lambda: sweep.fn(*sweep_values, progress=gr.Progress()),
+        for run in (lambda: list(compare.fn(*values)), lambda: list(sweep.fn(*sweep_values, progress=gr.Progress())),
                     lambda: hints.fn(str(strong))):
             with pytest.raises(gr.Error) as shown:
                 run()
@@ -422,3 +422,102 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys, monk
     monkeypatch.setattr(sampling.app, "build_ui", lambda session: Page())
     assert sampling.app.main(["--port", str(port)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: --port {port}: in use; pass another --port"
+
+
+def page(app):
+    """The page's handlers by name (the functions its buttons call), and its components by elem_id."""
+    gr = pytest.importorskip("gradio")
+    from sampling.app import build_ui
+
+    ui = build_ui(app)
+    fns = {f.name: f for f in ui.fns.values() if f.name}
+    ids = {b.elem_id: b for b in ui.blocks.values() if getattr(b, "elem_id", None)}
+    return gr, ui, fns, ids
+
+
+def sweep_args(seed=0, randomize=False, axis1=("steps", "1, 2, 4"), axis2=("(none)", "")):
+    return [PROMPT, "", seed, randomize, 64, 64, str(DEMO_LORA), 1.0, "", "", "", *axis1, *axis2, "", 1.0, "", 1.0]
+
+
+def test_a_sweep_is_capped_before_any_render_and_stop_cancels_it_between_cells(tmp_path, monkeypatch):
+    """Too many cells (two axes multiply) are refused in one line before the first render; Stop is gradio's cancel
+    of the sweep's event, which ends a generator between two cells: the cells done stay in --out, no grid."""
+    from sampling.compare import MAX_CELLS
+
+    app = session(tmp_path)
+    gr, ui, fns, ids = page(app)
+    sweep = fns["sweep"]
+    button = ids["stop-sweep"]._id
+    stop = [f for f in ui.fns.values() if f.is_cancel_function and any(b == button for b, _ in f.targets)]
+    assert [f.cancels for f in stop] == [[next(i for i, f in ui.fns.items() if f is sweep)]]
+
+    assert len(sweep_columns(Column(steps=1), 0, [("seed", list(range(MAX_CELLS)))])) == MAX_CELLS == 64
+    with pytest.raises(ValueError, match=r"^a sweep of 65 cells \(65 values\) is refused: at most 64; give fewer"):
+        sweep_columns(Column(steps=1), 0, [("seed", list(range(65)))])
+    monkeypatch.setattr(app, "render", lambda *a, **k: pytest.fail("rendered before the refusal"))
+    too_many = sweep_args(axis1=("steps", " ".join(map(str, range(1, 10)))),
+                          axis2=("lora scale", "0.1 0.2 0.3 0.4 0.5 0.6 0.7 0.8"))
+    with pytest.raises(gr.Error) as refused:
+        next(sweep.fn(*too_many, progress=gr.Progress()))
+    assert refused.value.message == "a sweep of 72 cells (9 x 8 values) is refused: at most 64; give fewer values"
+    monkeypatch.undo()
+
+    running = sweep.fn(*sweep_args(), progress=gr.Progress())
+    assert next(running)[1:] == (None, None, "3 cells: rendering the first")
+    seed, shown, _, said = next(running)  # cell 1 (steps 1), its PNG written
+    written = sorted(app.out.glob("*.png"))
+    assert seed == 0 and [Path(shown)] == written and said == f"cell 1 of 3 (steps 1): {written[0].name}"
+    running.close()  # what gradio's cancel does to a generator between two yields
+    assert sorted(app.out.glob("*.png")) == written and read_png_params(written[0])["steps"] == 1
+
+    *_, (_, shown, saved, said) = sweep.fn(*sweep_args(axis1=("steps", "1, 2")), progress=gr.Progress())
+    assert shown == saved and Path(saved).name == "grid-0000.png" and said == "2 cells: grid-0000.png"
+
+
+def test_an_empty_or_minus_one_seed_is_a_random_one_shown_and_recorded(tmp_path, monkeypatch):
+    """A cleared Seed box or -1 draws a seed, as A1111's and ComfyUI's pages do (it was seed 0), in Generate and in a
+    sweep alike: shown in the box and recorded in the PNGs like a typed one; other negative seeds are refused."""
+    import sampling.app
+
+    app = session(tmp_path)
+    gr, _, fns, _ = page(app)
+    draws = iter([123456, 654321, 777])
+    monkeypatch.setattr(sampling.app, "random_seed", lambda: next(draws))
+    compare = fns["compare"]
+
+    def click(seed, randomize=False):
+        values = [PROMPT, "", seed, randomize, 64, 64, "1", "", str(DEMO_LORA), 1.0, "1", "", "", False, "", 1.0, "",
+                  "", "", "A|B", "", 1.0, "", 1.0]
+        *_, last = compare.fn(*values)
+        return last[0], [read_png_params(last[2 + 3 * n])["seed"] for n in range(2)]  # A's and B's PNGs
+
+    assert click(None) == (123456, [123456, 123456])
+    assert click(-1) == (654321, [654321, 654321])
+    assert click(7) == (7, [7, 7])  # a typed seed draws nothing
+    with pytest.raises(gr.Error) as refused:
+        click(-5)
+    assert refused.value.message == "Seed -5: seeds are 0 or more; leave the box empty or type -1 for a random one"
+    _, (seed, cell, _, _), (shown, *_) = fns["sweep"].fn(*sweep_args(None, axis1=("steps", "1")),
+                                                         progress=gr.Progress())
+    assert seed == shown == 777 and read_png_params(cell)["seed"] == 777  # the 1-cell grid's cell
+
+
+def test_rescan_offers_the_loras_saved_after_launch(tmp_path):
+    """A LoRA saved into a --lora-dir after launch is offered on Rescan (and to a tab opened later: the page's
+    load), in every LoRA dropdown, and renders; a chosen LoRA whose file is gone falls back to none."""
+    app = session(tmp_path)
+    _, ui, fns, ids = page(app)
+    rescans = [f for f in ui.fns.values() if f.name == "rescan_loras"]
+    assert {e for f in rescans for b, e in f.targets} == {"click", "load"}
+    assert any(b == ids["rescan"]._id for f in rescans for b, _ in f.targets)
+    loras = tmp_path / "loras"
+    style = str((loras / "style.safetensors").resolve())
+    new = loras / "new.safetensors"
+    new.write_bytes(DEMO_LORA.read_bytes())
+    os.remove(style)
+    b = fns["compare"].inputs[8].value
+    updates = rescans[0].fn(b, "", style, "")
+    assert [u["value"] for u in updates] == [b, "", "", ""]
+    offered = [[v for _, v in u["choices"]] for u in updates]
+    assert all(str(new.resolve()) in o and style not in o and b in o for o in offered)
+    assert app.render(PROMPT, "", 0, 64, 64, Column([(str(new), 1.0)], steps=1)).path.is_file()
