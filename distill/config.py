@@ -128,9 +128,11 @@ class SCFMSettings:
     shift_min: float = opt(2.5, "fixed shift ~ U[shift_min, shift_max)")
     shift_max: float = opt(4.5, "see shift_min")
     guidance_max: float = opt(7.5, "Flux-dev guidance ~ U[0, guidance_max); ignored by models without one")
-    cfg_scale: float = opt(0.0, "SD3.5: every call (the student's too, both branches with gradient) is "
-                                "c + w (c - u) against the empty prompt, w = cfg_scale (recipe 3.5, which is "
-                                "diffusers' guidance 4.5); 0 = off")
+    cfg_scale: float = opt(0.0, "SD3.5 and klein base: every call (the student's too, both branches with "
+                                "gradient) is c + w (c - u) against the empty prompt, w = cfg_scale (SD3.5's recipe "
+                                "3.5, which is diffusers' guidance 4.5; klein's 3, its guidance 4); 0 = off. Set by "
+                                "no flag or file: the family's preset's, said in one line (FLUX.1 and the distilled "
+                                "klein: 0); a resumed run keeps its own")
 
     def scfm_config(self, guidance: bool, dynamic_shift: str = "linear") -> SCFMConfig:
         """`guidance`: the model has a guidance input (Flux-dev). `cfg_scale` > 0 bakes SD3.5's CFG in.

@@ -22,8 +22,9 @@ import warnings
 from pathlib import Path
 
 from sampling.fields import check_fields
+from weights.family import Family
 
-from .config import FLOW_MATCHING_OWN, ConfigError, DistillConfig
+from .config import FLOW_MATCHING_OWN, ConfigError, DistillConfig, flat_fields
 
 PRESETS = Path(__file__).parent / "configs"
 
@@ -102,6 +103,24 @@ def load_toml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
 
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.toml"))
+
+
+def recipe_cfg_scale(family: Family) -> tuple[float, str]:
+    """The cfg_scale of `family`'s packaged recipe (the presets whose targets are its own: SD3.5's 3.5, klein base's
+    3, none for FLUX.1) and the first preset that says it; (0.0, "") for a family no preset targets (one registered
+    at run time). What a run takes when no flag, file or resumed run sets cfg_scale (run_setup.with_recipe_cfg), so
+    the family record and its preset decide, not a family name here. Presets that disagree are refused."""
+    fields = flat_fields()
+    found = {}
+    for name in presets():  # by path: a file named like a preset in the current folder is not the recipe
+        table = load_toml(PRESETS / f"{name}.toml")
+        if table.get("targets", fields["targets"][0].default) in family.spellings:
+            found[name] = float(table.get("cfg_scale", fields["cfg_scale"][0].default))
+    if len(set(found.values())) > 1:
+        said = ", ".join(f"{name} {w:g}" for name, w in found.items())
+        raise ConfigError(f"the packaged {family.display} presets disagree on cfg_scale ({said}); pass --cfg_scale "
+                          "or --config")
+    return next(((w, name) for name, w in found.items()), (0.0, ""))
 
 
 def build_config(file: str | None = None, overrides: dict | None = None, base: dict | None = None) -> DistillConfig:

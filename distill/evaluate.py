@@ -63,6 +63,7 @@ from sampling.options import (
     one_scale,
     read_prompt_lines,
 )
+from weights.families import detect_family
 from weights.io import WeightsError, parse_lora
 from weights.lora_merge import lora_spec
 
@@ -244,6 +245,19 @@ def _main(parser, args) -> int:
     return 0
 
 
+def check_cfg_guidance(args) -> None:
+    """--guidance below 1 on a family guided by CFG (SD3.5, klein), where it is the teacher rows' CFG scale: off
+    below 1 as at 1, which generate refuses. Refused here from the model's headers, before anything loads, in
+    evaluate's own flag (generate's refusal, met after loading, names --cfg)."""
+    if args.guidance is None or args.guidance >= 1:
+        return
+    family = detect_family(Path(args.model or DEMO_FOLDER).expanduser())
+    if family.guidance == "cfg":
+        raise ValueError(f"--guidance {args.guidance:g}: on {family.display} it is the teacher rows' CFG scale, "
+                         "which must lie in [1, inf) (1 = no CFG); pass --guidance 1 to judge the teacher without "
+                         "CFG, or above 1 to use it")
+
+
 def judge_main(args) -> int:
     """Any model (distill/judge.py): the rows rendered into --out, the table printed, report.json written."""
     from .judge import check_out, judge
@@ -264,6 +278,7 @@ def judge_main(args) -> int:
             raise ValueError(f"--lora-scale {args.lora_scale}: must be a finite number; pass --lora-scale 1")
         if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance > 0):
             raise ValueError(f"--guidance {args.guidance}: must be a positive number (SD3.5-large's CFG: 4.5)")
+        check_cfg_guidance(args)
         if args.lora_scale is not None and not args.lora:
             raise ValueError("--lora-scale without --lora: pass --lora PATH (the student), or a --compare "
                              "PATH:SCALE")

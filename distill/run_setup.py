@@ -16,12 +16,14 @@ import torch.distributed as dist
 
 from sampling.components import component_files, read_model_index
 from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS
+from sampling.samplers import cfg_scale_from_w
 from weights.families import default_family, detect_family, get_family
 from weights.family import Family
 from weights.io import DTYPES
 from weights.lora_merge import lora_spec
 
 from .config import ConfigError, DistillConfig
+from .config_files import recipe_cfg_scale
 from .data import Cache, build_cache, file_identity, plan_cache
 from .dataset import DataError
 
@@ -149,6 +151,23 @@ def with_text_length(cfg: DistillConfig, family: Family, warn: bool = True) -> D
                       f"text tokens, so the LoRA would meet other text embeddings than it trained on; drop "
                       f"--t5_length (or pass {fixed})", stacklevel=2)
     return cfg
+
+
+def with_recipe_cfg(cfg: DistillConfig, family: Family) -> DistillConfig:
+    """A run whose cfg_scale no flag, file or resumed run set: its family's packaged recipe's (config_files.
+    recipe_cfg_scale), said in one line. A CFG family's LoRA is sampled with CFG (its export records the guidance
+    trained with, else generate applies the family's default on top), so it must distil the guided teacher, as
+    the recipe does; --cfg_scale 0 still turns it off. Left at 0: the flow-matching objective (no CFG, its own),
+    a family without a CFG recipe (FLUX.1), and a step-distilled model, which samples without CFG."""
+    if cfg.scfm.objective == "flow_matching":
+        return cfg
+    w, preset = recipe_cfg_scale(family)
+    if not w or step_distilled(cfg, family)[0]:
+        return cfg
+    warnings.warn(f"cfg_scale {w:g}: no flag or file sets it, so this {family.display} run bakes in its recipe's CFG "
+                  f"({preset}: c + {w:g} (c - u), sampled at CFG {cfg_scale_from_w(w):g}); pass --cfg_scale 0 to "
+                  "distil the teacher without CFG", stacklevel=2)
+    return cfg.replace(cfg_scale=w)
 
 
 def cache_key(cfg: DistillConfig, family: Family | None = None) -> dict:

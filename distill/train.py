@@ -47,6 +47,7 @@ from .run_setup import (
     resolve_folder,
     setup_distributed,
     step_distilled,
+    with_recipe_cfg,
     with_text_length,
 )
 from .sharding import loads_on_cpu
@@ -90,7 +91,9 @@ def check_family(cfg: DistillConfig, family: Family) -> None:
                           "--cfg_scale 0")
 
 
-def run(cfg: DistillConfig, on_step=None) -> list[Path]:
+def run(cfg: DistillConfig, on_step=None, recipe_cfg: bool = False) -> list[Path]:
+    """`recipe_cfg`: no flag, file or resumed run set cfg_scale, so a new run takes its family's recipe's
+    (run_setup.with_recipe_cfg); a Python caller's config is taken as it is."""
     check_paths(cfg)
     check_writable(Path(cfg.output).expanduser(), "choose another --output")  # before the cache and model
     if cfg.device != "auto":
@@ -102,13 +105,13 @@ def run(cfg: DistillConfig, on_step=None) -> list[Path]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         with folder_lock(Path(cfg.output).expanduser(), "training run") if rank == 0 else contextlib.nullcontext():
-            return _run_locked(cfg, device, rank, on_step)
+            return _run_locked(cfg, device, rank, on_step, recipe_cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step) -> list[Path]:
+def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, recipe_cfg: bool) -> list[Path]:
     """run() once rank 0 holds the output folder (a second run on it is refused, weights/atomic.py folder_lock)."""
     out = Path(cfg.output).expanduser()
     clash = [p for p in export_paths(cfg).values() if p.exists()]
@@ -122,8 +125,9 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step) ->
     demo_data = cfg.model == "demo" and not cfg.data
     cfg = resolve_demo(cfg)
     family = family_of(cfg)
-    if not (cfg.resume and checkpoints(out / "checkpoints")):  # a resumed run goes on with the parts it recorded
-        cfg = resolve_folder(cfg, family)  # a pipeline folder's own parts, for those no flag names
+    if not (cfg.resume and checkpoints(out / "checkpoints")):  # a resumed run goes on with the parts and CFG it
+        cfg = resolve_folder(cfg, family)  # recorded; a pipeline folder's own parts, for those no flag names
+        cfg = with_recipe_cfg(cfg, family) if recipe_cfg else cfg  # cfg_scale set by nothing: the recipe's
     check_family(cfg, family)  # before the demo renders its data and the cache is built
     cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
     if demo_data and rank == 0:
@@ -150,13 +154,15 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step) ->
     return export_lora(trainer.model, cfg, overwrite=cfg.resume, state=state, base_loras=trainer.base_loras)
 
 
-def make_config(file: str | None, args: dict) -> DistillConfig:
-    """The run's config from the config file and the flags. With --resume: the run's own settings (its newest
+def make_config(file: str | None, args: dict) -> tuple[DistillConfig, bool]:
+    """The run's config from the config file and the flags, and whether nothing set its cfg_scale (then a new run
+    takes its family's recipe's: run()). With --resume: the run's own settings (its newest
     checkpoint's) under the config file and the flags given now, so `--output RUN --resume` is enough, and flags
     are checked against that run's settings, not the demo's (`--resume --blocks_to_swap 19` on a checkpointed
     run); what may not change (checkpoint.RESUME_FIXED, the model, the cache) is then refused by the trainer."""
     preset = file or (None if args.get("model") else "demo")  # no config and no model: the built-in demo
     table = load_toml(preset) if preset else {}
+    recipe_cfg = "cfg_scale" not in table | args
     if args.get("resume", table.get("resume")):
         output = args.get("output") or table.get("output") or DistillConfig.output
         stored = newest_settings(Path(output).expanduser() / "checkpoints")
@@ -166,16 +172,16 @@ def make_config(file: str | None, args: dict) -> DistillConfig:
             if stored.get("data") == str(Path(stored.get("output", "")).expanduser() / "data"):
                 # the data the demo rendered into its run folder (run_setup.resolve_demo): moved with the folder
                 stored = {**stored, "data": str(Path(output).expanduser() / "data")}
-            return build_config(file, args, base=stored)
-    return build_config(preset, args)
+            return build_config(file, args, base=stored), False  # the run's cfg_scale, as it began
+    return build_config(preset, args), recipe_cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     try:
         file = args.pop("config")
-        cfg = make_config(file, args)
-        for path in run(cfg):
+        cfg, recipe_cfg = make_config(file, args)
+        for path in run(cfg, recipe_cfg=recipe_cfg):
             print(path)
     except Stopped as e:  # Ctrl-C or SIGTERM, with a checkpoint written
         print(f"stopped: {e}", file=sys.stderr)

@@ -151,3 +151,26 @@ def test_export_checks_every_target_before_writing_any(tmp_path, capsys):
     assert "a file; pass the run folder" in capsys.readouterr().err
     assert export([run_folder, "--set", ""]) == 2
     assert "--set ''" in capsys.readouterr().err
+
+
+def test_a_cfg_below_1_is_refused_before_loading_in_evaluates_own_flag(tmp_path, monkeypatch):
+    """On SD3.5 and klein --guidance is the teacher rows' CFG scale: below 1 it is off, as at 1 (generate refuses it).
+    Refused from the model's headers before anything loads, naming --guidance (generate's refusal, met after the
+    model loaded, named --cfg, which evaluate does not have) and the range it takes."""
+    from safetensors.torch import save_file
+    from test_flux2_scfm import base_model
+
+    import distill.judge
+    from model.mmdit import MMDIT_CONFIGS, MMDiT
+
+    def loads(args):
+        raise AssertionError("the models load")
+
+    monkeypatch.setattr(distill.judge, "judge", loads)
+    models = {"sd3.safetensors": MMDiT(MMDIT_CONFIGS["tiny"]), "tiny-klein-base.safetensors": base_model()}
+    for name, model in models.items():
+        save_file(model.state_dict(), tmp_path / name)
+        out = tmp_path / "out"
+        msg = refused(["--model", str(tmp_path / name), *FAST, "--out", str(out), "--guidance", "0.5"])
+        assert msg.startswith("evaluate: --guidance 0.5:") and "[1, inf)" in msg and "--cfg" not in msg, msg
+        assert "pass --guidance 1" in msg and not out.exists(), msg
