@@ -100,7 +100,8 @@ class LoRASettings:
     rank: int = opt(64, "LoRA rank")
     alpha: float = opt(64.0, "LoRA alpha (scale = alpha / rank)")
     targets: str = opt(default_family().name, "LoRA target table, by model family (distill/lora_targets.py: "
-                                              "the released list for flux, SAI names for sd3); must match the model")
+                                              "the released list for flux, SAI names for sd3); must match the "
+                                              "model, whose own a new run takes where no flag or file sets it")
     teacher_lora: str = opt("", "optional teacher LoRA (any layout: ours, diffusers, kohya); both EMAs "
                                 "start from it too")
     base_loras: tuple[str, ...] = opt((), "LoRAs merged for good into the frozen base before training, "

@@ -54,6 +54,9 @@ from .sharding import loads_on_cpu
 from .student import family_refusal
 from .trainer import Stopped, Trainer, TrainingError
 
+# What a new run takes from its model where no flag or file sets it: the LoRA target table (the model's family's,
+# the only one it accepts) and the cfg_scale of the family's recipe (run_setup.with_recipe_cfg)
+UNSET_FOLLOWS_MODEL = frozenset({"targets", "cfg_scale"})
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m distill.train", description=__doc__,
@@ -91,9 +94,10 @@ def check_family(cfg: DistillConfig, family: Family) -> None:
                           "--cfg_scale 0")
 
 
-def run(cfg: DistillConfig, on_step=None, recipe_cfg: bool = False) -> list[Path]:
-    """`recipe_cfg`: no flag, file or resumed run set cfg_scale, so a new run takes its family's recipe's
-    (run_setup.with_recipe_cfg); a Python caller's config is taken as it is."""
+def run(cfg: DistillConfig, on_step=None, unset: frozenset[str] = frozenset()) -> list[Path]:
+    """`unset`: the fields of UNSET_FOLLOWS_MODEL no flag, file or resumed run set (make_config), which a new run
+    takes from its model: the family's LoRA targets and its recipe's cfg_scale (run_setup.with_recipe_cfg). A
+    Python caller's config is taken as it is."""
     check_paths(cfg)
     check_writable(Path(cfg.output).expanduser(), "choose another --output")  # before the cache and model
     if cfg.device != "auto":
@@ -105,13 +109,13 @@ def run(cfg: DistillConfig, on_step=None, recipe_cfg: bool = False) -> list[Path
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         with folder_lock(Path(cfg.output).expanduser(), "training run") if rank == 0 else contextlib.nullcontext():
-            return _run_locked(cfg, device, rank, on_step, recipe_cfg)
+            return _run_locked(cfg, device, rank, on_step, unset)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, recipe_cfg: bool) -> list[Path]:
+def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, unset: frozenset[str]) -> list[Path]:
     """run() once rank 0 holds the output folder (a second run on it is refused, weights/atomic.py folder_lock)."""
     out = Path(cfg.output).expanduser()
     clash = [p for p in export_paths(cfg).values() if p.exists()]
@@ -127,7 +131,9 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, re
     family = family_of(cfg)
     if not (cfg.resume and checkpoints(out / "checkpoints")):  # a resumed run goes on with the parts and CFG it
         cfg = resolve_folder(cfg, family)  # recorded; a pipeline folder's own parts, for those no flag names
-        cfg = with_recipe_cfg(cfg, family) if recipe_cfg else cfg  # cfg_scale set by nothing: the recipe's
+        if "targets" in unset:  # the one table this model takes (student.family_refusal refuses any other)
+            cfg = cfg.replace(targets=family.name)
+        cfg = with_recipe_cfg(cfg, family) if "cfg_scale" in unset else cfg  # set by nothing: the recipe's
     check_family(cfg, family)  # before the demo renders its data and the cache is built
     cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
     if demo_data and rank == 0:
@@ -154,15 +160,15 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, re
     return export_lora(trainer.model, cfg, overwrite=cfg.resume, state=state, base_loras=trainer.base_loras)
 
 
-def make_config(file: str | None, args: dict) -> tuple[DistillConfig, bool]:
-    """The run's config from the config file and the flags, and whether nothing set its cfg_scale (then a new run
-    takes its family's recipe's: run()). With --resume: the run's own settings (its newest
+def make_config(file: str | None, args: dict) -> tuple[DistillConfig, frozenset[str]]:
+    """The run's config from the config file and the flags, and the fields of UNSET_FOLLOWS_MODEL neither sets
+    (a new run takes them from its model: run()). With --resume: the run's own settings (its newest
     checkpoint's) under the config file and the flags given now, so `--output RUN --resume` is enough, and flags
     are checked against that run's settings, not the demo's (`--resume --blocks_to_swap 19` on a checkpointed
     run); what may not change (checkpoint.RESUME_FIXED, the model, the cache) is then refused by the trainer."""
     preset = file or (None if args.get("model") else "demo")  # no config and no model: the built-in demo
     table = load_toml(preset) if preset else {}
-    recipe_cfg = "cfg_scale" not in table | args
+    unset = UNSET_FOLLOWS_MODEL - (table | args).keys()
     if args.get("resume", table.get("resume")):
         output = args.get("output") or table.get("output") or DistillConfig.output
         stored = newest_settings(Path(output).expanduser() / "checkpoints")
@@ -172,16 +178,16 @@ def make_config(file: str | None, args: dict) -> tuple[DistillConfig, bool]:
             if stored.get("data") == str(Path(stored.get("output", "")).expanduser() / "data"):
                 # the data the demo rendered into its run folder (run_setup.resolve_demo): moved with the folder
                 stored = {**stored, "data": str(Path(output).expanduser() / "data")}
-            return build_config(file, args, base=stored), False  # the run's cfg_scale, as it began
-    return build_config(preset, args), recipe_cfg
+            return build_config(file, args, base=stored), frozenset()  # the run's own, as it began
+    return build_config(preset, args), unset
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     try:
         file = args.pop("config")
-        cfg, recipe_cfg = make_config(file, args)
-        for path in run(cfg, recipe_cfg=recipe_cfg):
+        cfg, unset = make_config(file, args)
+        for path in run(cfg, unset=unset):
             print(path)
     except Stopped as e:  # Ctrl-C or SIGTERM, with a checkpoint written
         print(f"stopped: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """`python -m distill.train` with no config on a family guided by CFG (SD3.5, klein base) distils the guided teacher of
 its packaged recipe (the preset's cfg_scale, said in one line) and its LoRA records that guidance, as generate reads
 it; `--cfg_scale 0` still means off, a resume keeps the value its run began with, and FLUX.1 and the distilled klein
-(which sample without CFG) stay at 0. Tiny models on caches built from fake encoders, one or two steps each."""
+(which sample without CFG) stay at 0. With no --targets, the run takes its model's table (it was refused with
+"pass --targets sd3"). Tiny models on caches built from fake encoders, one or two steps each."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def recipe(preset: str) -> float:
 def test_sd3_without_a_config_bakes_in_the_recipes_cfg_and_a_resume_keeps_each_runs_own(tmp_path):
     sd3_cache(tmp_path)
     w = recipe("sd35-large-scfm")
-    common = ["--model", "tiny-sd3", "--targets", "sd3", "--cache", str(tmp_path / "cache"), *FAST]
+    common = ["--model", "tiny-sd3", "--cache", str(tmp_path / "cache"), *FAST]
     said, rec = trained([*common, "--output", str(tmp_path / "default")])
     assert len(said) == 1 and said[0].startswith(f"cfg_scale {w:g}: {SAID}") and "--cfg_scale 0" in said[0], said
     assert "\n" not in said[0]
@@ -66,7 +67,7 @@ def test_klein_base_takes_its_recipe_and_the_distilled_klein_none(tmp_path):
     state = base_model().state_dict()
     for name, want in (("tiny-klein-base.safetensors", w), ("tiny-klein.safetensors", 0.0)):
         save_file(state, tmp_path / name)
-        said, rec = trained(["--model", str(tmp_path / name), "--targets", "flux2", "--cache",
+        said, rec = trained(["--model", str(tmp_path / name), "--cache",
                              str(tmp_path / "cache"), *FAST, "--output", str(tmp_path / name.split(".")[0])])
         assert len(said) == bool(want), (name, said)
         assert rec.training_cfg_scale == (want or None), name
