@@ -85,7 +85,10 @@ def apply_optimizer_config(optimizer: torch.optim.Optimizer, cfg: DistillConfig,
               "eps": cfg.eps}
     # betas come back from state.json as a list
     before = {k: tuple(v) if isinstance(v, list) else v for k, v in optimizer.param_groups[0].items()}
-    changed = [f"{k} {before[k]} -> {v}" for k, v in wanted.items() if before[k] != v]
+    def said(v):  # 6 significant digits: the schedule's lr is a float sum (0.00025, not 0.0002500000000000001)
+        return f"({', '.join(map(said, v))})" if isinstance(v, tuple) else f"{v:.6g}"
+
+    changed = [f"{k} {said(before[k])} -> {said(v)}" for k, v in wanted.items() if before[k] != v]
     for group in optimizer.param_groups:
         group.update(wanted)
     if changed:

@@ -194,8 +194,12 @@ def test_resume_applies_the_new_optimizer_settings_and_resets_the_bad_step_count
     # settings that change the numbers from here on, outside the optimizer, are said too (they were silent)
     t3 = trainer(tmp_path, cfg.replace(resume=True, steps=4, max_grad_norm=2.0, lr_schedule="cosine"))
     with pytest.warns(UserWarning, match=r"--resume: lr_schedule constant -> cosine, max_grad_norm 10.0 -> 2.0 "
-                                         r"\(the values passed now apply from step 4\)"):
+                                         r"\(the values passed now apply from step 4\)") as said:
         t3.resume()
+    # the cosine lr at step 3 of 4, a float sum, said in 6 digits (it read 0.0002500000000000001)
+    assert any(str(w.message).startswith("--resume: lr 0.0003 -> 0.00025, weight_decay 0.05 -> 0.0001, betas "
+                                         "(0.8, 0.99) -> (0.9, 0.999), eps 1e-06 -> 1e-08") for w in said), \
+        [str(w.message) for w in said]
 
 
 # ----- #12: a resume never goes back ----------------------------------------------------------------------
