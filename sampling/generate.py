@@ -28,11 +28,11 @@ from weights.io import WeightsError
 from .components import pipeline_from_args
 from .demo import IMAGE_SIZE
 from .flags import build_parser
+from .from_png import from_png
 from .job import (
     check_args,
     check_job,
     check_sizes,
-    from_png,
     output_paths,
     prompt_list,
     render,

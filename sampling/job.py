@@ -1,7 +1,7 @@
 """One `python -m sampling.generate` job, shared by that command line (sampling/generate.py) and the comparison
 app (sampling/app.py, whose columns are generate command lines run on a model it keeps loaded): the checks of
 every flag (the parser is sampling/flags.py), the generation config (flags, then a LoRA's recommendation, then the
-family default), a PNG's record read back (`--from-png`), and the render that writes each PNG with its parameters.
+family default, or a PNG's record: sampling/from_png.py), and the render that writes each PNG with its parameters.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from weights.io import DTYPES, WeightsError
 
 from .base import MAX_SIDE
 from .demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH, demo_lora
-from .flags import GenerationFlags, ModelFiles
+from .from_png import png_config, png_loras
 from .options import MAX_STEPS, check_finite, check_run_options, check_seed, pick, read_prompt_lines
-from .png_record import png_params, save_png
+from .png_record import save_png
 
 # Image formats `--out` might name: we write PNG alone (its settings inside), so `--out img.jpg` would otherwise be
 # read as a folder name and fill a folder `img.jpg/` with PNGs.
@@ -270,66 +270,6 @@ class Job:
     cfg: object  # the family's generation config
     # --from-png of an image from an n-prompt run: (r, n), its noise being row r of an n-row draw of its seed
     noise_row: tuple[int, int] | None = None
-
-
-# What --from-png refuses beside it (one line naming each given), per flag: every generation flag, since the PNG
-# records the value its image was made with (prompt, LoRAs, size, seed, steps, grid, shift, guidance, CFG and its
-# negative prompt, SLG, T5 length) and a changed one would render another image than the one it says it renders
-# (render without --from-png for variations); --lora and --ignore-te-lora too: the PNG records the LoRAs at their
-# scales and whether their text-encoder parts were skipped. Allowed: the model files (the PNG's paths may not exist
-# on this machine; --variant and --no-t5 say what those files are), where and how the transformer runs (--device,
-# --compile, --blocks-to-swap: the same pixels; --dtype, --fp8, --fp8-compute: the PNG's unless given, for a
-# machine without bf16 or fp8 tensor cores), and the outputs (--out, --overwrite).
-FROM_PNG_TAKES = (*(f.name for f in dataclasses.fields(GenerationFlags) if f.name != "from_png"), "lora",
-                  "ignore_te_lora")
-
-
-def from_png(args) -> dict:
-    """--from-png: the settings one of our PNGs records, checked; its prompt, model, size and seed go onto `args`."""
-    fields = {f.name: f for cls in (GenerationFlags, ModelFiles) for f in dataclasses.fields(cls)}
-    flags = [name for name in FROM_PNG_TAKES if getattr(args, name) != (
-        list(fields[name].default) if fields[name].metadata.get("repeat") else fields[name].default)]
-    if flags:
-        raise ValueError(f"--from-png takes every generation setting from the PNG (prompt, LoRAs, size, seed, steps, "
-                         f"guidance, ...); drop {', '.join('--' + f.replace('_', '-') for f in flags)}, or render "
-                         "without --from-png to change them")
-    params = png_params(args.from_png)
-    args.prompt, args.model = [params["prompt"]], args.model or params["model"]
-    args.width, args.height, args.seed, args.batch_size = params["width"], params["height"], params["seed"], 1
-    args.ignore_te_lora = bool(params.get("ignore_te_lora"))
-    # what moves the pixels besides the generation config (recorded since 2026-12-05), unless given now: the
-    # dtype, fp8 storage / compute, klein's variant
-    args.dtype = args.dtype or params.get("dtype")
-    args.fp8 = args.fp8 or bool(params.get("fp8"))
-    args.fp8_compute = args.fp8_compute or bool(params.get("fp8_compute"))
-    args.variant = args.variant or params.get("variant")
-    return params
-
-
-def png_config(params: dict, family: Family):
-    """The generation config a PNG records (used_settings wrote it: None where the model ignored a value)."""
-    config = family.part("pipeline").default_config
-    names = {f.name for f in dataclasses.fields(config)} - {"extra", "grid"}
-    given = {k: params[k] for k in names if params.get(k) is not None}
-    if "slg_layers" in given:
-        given["slg_layers"] = tuple(given["slg_layers"])
-    return config(**given, grid=params["schedule"])
-
-
-def png_loras(params: dict) -> list[tuple[str, float]]:
-    """The LoRAs a PNG records, each checked to be the same file (sha256) as when it was made."""
-    from weights.io import file_sha256
-
-    loras = []
-    for rec in params["loras"]:
-        path = rec["path"]
-        if not Path(path).is_file():
-            raise WeightsError(f"--from-png: {path}, one of its LoRAs, is not there; put it back at that path")
-        if file_sha256(path) != rec["sha256"]:
-            raise WeightsError(f"--from-png: {path} is not the file the image was made with (its sha256 differs); "
-                               "restore that file")
-        loras.append((path, float(rec["scale"])))
-    return loras
 
 
 def resolve(args, prompts: list[str], png: dict | None = None) -> Job:

@@ -1,7 +1,7 @@
 """What a PNG of ours records: the settings written into it (as JSON under `scfm`, and as the A1111 infotext other
 tools read) and read back, for `generate --from-png` checked key by key: a missing file, another image format, a PNG
 without our chunk or with a value edited by hand is one line, not a TypeError (or a run that writes nothing) later.
-job.png_config turns these settings into a config."""
+from_png.png_config turns these settings into a config."""
 
 from __future__ import annotations
 

@@ -72,9 +72,9 @@ def test_generate_refuses_sizes_before_reading_weights(capsys, tmp_path, nothing
 
 
 def test_generate_refuses_sizes_whose_activations_exceed_the_device(capsys, tmp_path, nothing_read, monkeypatch):
-    import sampling.base
+    import sampling.sizes
 
-    monkeypatch.setattr(sampling.base, "device_memory", lambda device: 100_000_000)  # a 0.1 GB device
+    monkeypatch.setattr(sampling.sizes, "device_memory", lambda device: 100_000_000)  # a 0.1 GB device
     msg = run_generate(capsys, tmp_path, "--width", "1024", "--height", "1024")
     assert "--width 1024 --height 1024" in msg and "GB of activations" in msg and "0.1 GB of cpu" in msg
     fix = msg.split("pass ")[-1].split()

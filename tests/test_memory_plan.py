@@ -1,7 +1,7 @@
 """The `--unchecked_blocks auto` planner (distill/memory_plan.py): the live-bytes count it measures with, the choice,
 the budget parser, and that a plan at FLUX.1-dev shapes is both safe and tight, counted on the meta device.
 
-The plan tests run bench/train_step.py's SCFM step (`build`, `ours`): FLUX.1-dev widths in bf16, LoRA rank 64 with
+The plan tests run bench/scfm_step.py's SCFM step (`build`, `ours`): FLUX.1-dev widths in bf16, LoRA rank 64 with
 the live / fast EMA / slow EMA sets, gradient checkpointing, batch 8 at 512 px (64x64 latents) with 256 text tokens,
 and an AdamW step (its state made beforehand, as every step after a run's first holds it). A meta step of all 57
 blocks takes several seconds on a CPU, so the plan is checked on 2 double + 4 single blocks of the same widths
@@ -37,7 +37,7 @@ from sampling.velocity import FluxVelocity
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import train_step  # bench/train_step.py: the benchmark's model and step
+import scfm_step  # bench/scfm_step.py: the benchmark's model and step
 
 GB = 10**9
 META = torch.device("meta")
@@ -139,14 +139,14 @@ def test_the_plan_probes_the_largest_bucket():
 
 
 def _build(config: FluxConfig):
-    """train_step.build with `config` in its flux-dev case (the same shapes, batch, rank and sets)."""
+    """scfm_step.build with `config` in its flux-dev case (the same shapes, batch, rank and sets)."""
     name = f"test-{config.depth}-{config.depth_single_blocks}"
-    family, _, *shapes = train_step.CASES["flux-dev"]
-    train_step.CASES[name] = (family, config, *shapes)
+    family, _, *shapes = scfm_step.CASES["flux-dev"]
+    scfm_step.CASES[name] = (family, config, *shapes)
     try:
-        model, x0, cond, _ = train_step.build(name, META, torch.bfloat16, ("live", "fast_ema", "slow_ema"))
+        model, x0, cond, _ = scfm_step.build(name, META, torch.bfloat16, ("live", "fast_ema", "slow_ema"))
     finally:
-        del train_step.CASES[name]
+        del scfm_step.CASES[name]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     # the optimiser state a run holds at every step after the first, made without a step
     for group in opt.param_groups:
@@ -156,7 +156,7 @@ def _build(config: FluxConfig):
     opt.zero_grad(set_to_none=True)
 
     def step():
-        train_step.ours(model, x0, cond, opt, 1)
+        scfm_step.ours(model, x0, cond, opt, 1)
 
     def forward():  # the student's call inside the step
         b = x0.shape[0]
@@ -241,7 +241,7 @@ def test_plan_at_full_depth_under_40gb():
     budget = stray + 40 * GB
     one_unchecked = _full_depth_peak_elsewhere(1)
     try:
-        model, step, forward = _build(train_step.CASES["flux-dev"][1])
+        model, step, forward = _build(scfm_step.CASES["flux-dev"][1])
         n, figures = plan_unchecked(model, step, forward, budget, META)
         out, err = one_unchecked.communicate(timeout=600)
     finally:
@@ -254,5 +254,5 @@ def test_plan_at_full_depth_under_40gb():
 
 if __name__ == "__main__":  # python tests/test_memory_plan.py N: what _full_depth_peak_elsewhere runs
     torch.set_num_threads(1)  # as tests/conftest.py sets it
-    model, step, _ = _build(train_step.CASES["flux-dev"][1])
+    model, step, _ = _build(scfm_step.CASES["flux-dev"][1])
     print(_peak(model, step, int(sys.argv[1])))
