@@ -82,7 +82,8 @@ CASES = [  # (cli, argv with {bad} / {demo} / {prompts} placeholders, substring 
     ("generate", [*GEN, "--lora", "{bad}/pickled.pt"], "a pickled PyTorch checkpoint"),
     ("generate", [*GEN, "--lora", "{bad}/nan-lora.safetensors"], "NaN / infinite value(s)"),
     ("generate", [*GEN, "--lora", "{bad}/wide-lora.safetensors"], "for a different model size"),
-    ("generate", [*GEN, "--lora", "{bad}/sd3-lora.safetensors"], "a sd3 LoRA; this model is Flux"),
+    ("generate", [*GEN, "--lora", "{bad}/sd3-lora.safetensors"],
+     "a LoRA for SD3 / SD3.5; this model is Flux: pass a LoRA trained on Flux"),
     ("generate", [*GEN, "--model", "{bad}/truncated.safetensors"], "truncated (header says"),
     ("generate", [*GEN, "--model", "{bad}/missing.safetensors", "--vae", "{demo}/vae", "--clip", "{demo}/text_encoder",
                   "--t5", "{demo}/text_encoder_2", "--t5-tokenizer", "{demo}/tokenizer_2"], "1 missing keys"),
@@ -126,7 +127,7 @@ CASES = [  # (cli, argv with {bad} / {demo} / {prompts} placeholders, substring 
     ("convert", ["lora", "{bad}/pickled.pt", "{bad}/o.safetensors", "--to", "kohya"], "a pickled PyTorch"),
     ("convert", ["checkpoint", "{bad}/truncated.safetensors", "{bad}/o", "--to", "diffusers"], "truncated"),
     ("convert", ["merge", "--base", "{demo}", "--lora", "{bad}/sd3-lora.safetensors", "--out", "{bad}/m.safetensors"],
-     "a sd3 LoRA; this model is Flux"),
+     "a LoRA for SD3 / SD3.5; this model is Flux: pass a LoRA trained on Flux"),
 ]
 MODULES = {"generate": "sampling.generate", "make_dataset": "distill.make_dataset", "train": "distill.train",
            "export": "distill.export", "evaluate": "distill.evaluate", "convert": "tools.convert"}

@@ -278,7 +278,9 @@ def test_os_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "afile").write_text("")
     (tmp_path / "adir").mkdir()
     cases = [(("lora", src, tmp_path / "afile" / "x.safetensors", "--to", "kohya"), "afile"),
-             (("lora", src, tmp_path / "adir", "--to", "kohya", "--overwrite"), "adir: Is a directory")]
+             # refused before the disk's EISDIR, naming the fix (tests/test_user_errors_weights.py)
+             (("lora", src, tmp_path / "adir", "--to", "kohya", "--overwrite"), "adir: an existing folder, and a LoRA "
+              f"is one file, not a folder; name a .safetensors file (e.g. {tmp_path / 'adir' / 'l.safetensors'})")]
     for argv, words in cases:
         code, _, err = run(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err

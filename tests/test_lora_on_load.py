@@ -71,7 +71,8 @@ def test_loras_that_do_not_fit_are_refused_before_anything_is_read(flux_files, m
     read = []
     monkeypatch.setattr(weights.assign, "quantize_rows", lambda t: read.append(t))  # no weight may arrive
     sd3 = random_lora(randomize_(MMDiT(SD35_TINY), 0.2, seed=2), seed=3, family="sd3")
-    with pytest.raises(WeightsError, match="a sd3 LoRA; this model is Flux") as e:
+    with pytest.raises(WeightsError, match="a LoRA for SD3 / SD3.5; this model is Flux: pass a LoRA trained on "
+                                           "Flux") as e:
         load_flux(root / "official.safetensors", fp8=True, loras=[sd3])
     assert "\n" not in str(e.value) and read == []
     wider = dataclasses.replace(FLUX_CONFIGS["tiny"], hidden_size=64, num_heads=4)

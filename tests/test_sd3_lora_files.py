@@ -316,7 +316,8 @@ def test_loras_that_do_not_fit_are_refused(tmp_path):
     from model.flux import FLUX_CONFIGS, Flux
 
     _, lora = trained_set()
-    with pytest.raises(WeightsError, match="a sd3 LoRA; this model is Flux"):
+    with pytest.raises(WeightsError, match="a LoRA for SD3 / SD3.5; this model is Flux: pass a LoRA trained on Flux, "
+                                           "or use this one with the SD3 / SD3.5 model it was made for"):
         apply_loras(Flux(FLUX_CONFIGS["tiny"]), [lora])
     no_dual = MMDiT(SD35_TINY.__class__(**{**SD35_TINY.to_dict(), "dual_attention_layers": ()}))
     with pytest.raises(WeightsError, match="x_block.adaLN_modulation.1 has shape \\[288, 32\\]"):

@@ -126,5 +126,6 @@ def test_a_training_step_and_its_lora_files_for_a_third_family(flax, tmp_path, c
     before = {k: v.clone() for k, v in model.state_dict().items()}
     apply_loras(model, [(kohya, 1.0)])
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(Exception, match="a flax LoRA; this model is Flux"):
+    with pytest.raises(Exception, match="a LoRA for Flax; this model is Flux: pass a LoRA trained on Flux, or use this "
+                                          "one with the Flax model it was made for"):
         apply_loras(Flux(FLUX.config_class.preset("tiny")), [(lora, 1.0)])

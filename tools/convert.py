@@ -12,9 +12,10 @@ Checkpoints (Flux BFL <-> diffusers, SD3 / SD3.5 SAI <-> diffusers, the 16-chann
 tensor, so peak memory is about one tensor whatever the model's size. An OUT ending in .safetensors (in any case,
 without a trailing /) is one file, any other OUT a folder (diffusers: config.json, shards and index, loadable by
 `from_pretrained`); a LoRA's OUT is always one file. Outputs are written atomically and never replace an existing
-path without --overwrite, nor, even with it, a file read (an input, a merge's LoRA) or a path inside an input
-folder. Every error is one line on stderr and exit code 2 (bad input, and the disk's own: a full disk, a path
-through a file, no permission).
+path without --overwrite, nor, even with it, a file read (an input, a merge's LoRA), a path inside an input
+folder or a folder holding anything but a conversion's own output (weights/convert.py check_output). Every error
+is one line on stderr and exit code 2 (bad input, and the disk's own: a full disk, a path through a file, no
+permission).
 A merge into an all-in-one file (ComfyUI / SAI: VAE and text encoders beside the transformer) keeps those parts
 as stored. A LoRA's family comes from its metadata or names, else from which released model sizes its shapes fit
 (FLUX.1 and FLUX.2 [klein] share block names); when several fit, --family chooses. All the key mapping lives in
@@ -42,7 +43,7 @@ from sampling.options import OneLineParser
 from weights.convert import check_output, convert_checkpoint, merge_loras, outside_transformer
 from weights.convert_plan import detect, plan_conversion
 from weights.families import get_family, names
-from weights.io import DTYPES, WeightsError, read_header
+from weights.io import DTYPES, WeightsError, parse_lora, read_header
 from weights.keymaps.lora import NotLoRAError
 from weights.lora import LAYOUTS, read_lora
 from weights.lora_alone import fits_alike, read_lora_alone, undecided_family
@@ -76,12 +77,14 @@ def _size(text: str) -> int:
 
 
 def _lora_arg(text: str) -> tuple[str, float]:
-    """FILE or FILE:SCALE; a colon followed by no number is part of the path. A scale of nan or inf (1e999 reads
-    as inf) is refused: it would write a checkpoint of NaN / infinite weights (generate refuses it alike)."""
-    path, _, scale = text.rpartition(":")
+    """FILE or FILE:SCALE (weights/io.py parse_lora: a colon followed by no number is part of the path, a word after
+    an existing FILE a mistyped scale); scale 1 when not given. A scale of nan or inf (1e999 reads as inf) is
+    refused: it would write a checkpoint of NaN / infinite weights (generate refuses it alike)."""
     try:
-        path, value = (path, float(scale)) if path else (text, 1.0)
-    except ValueError:
+        path, value = parse_lora(text)
+    except WeightsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value is None or not path:
         return text, 1.0
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text}: the scale must be a finite number; pass --lora {path}:1")
@@ -227,9 +230,12 @@ def _without_text_encoders(lora, ignore: bool, what: str):
 
 
 def cmd_lora(args) -> None:
-    if args.output.endswith(("/", os.sep)):  # Path() drops the slash: the LoRA would be a file named like the folder
-        raise WeightsError(f"{args.output}: a LoRA is one file, not a folder; name a .safetensors file "
-                           f"(e.g. {args.output}{Path(args.input).stem}.safetensors)")
+    # Path() drops a trailing slash: the LoRA would be a file named like the folder. An existing folder is never
+    # replaced by the file (--overwrite or not): name the file, in it or elsewhere
+    if args.output.endswith(("/", os.sep)) or Path(args.output).is_dir():
+        where = "an existing folder" if Path(args.output).is_dir() else "a folder"
+        raise WeightsError(f"{args.output}: {where}, and a LoRA is one file, not a folder; name a .safetensors "
+                           f"file (e.g. {Path(args.output) / Path(args.input).stem}.safetensors)")
     check_output(Path(args.output), args.overwrite, [Path(args.input)])
     # the family by metadata, names, then the released sizes its shapes fit (weights/lora_alone.py read_lora_alone)
     lora, sizes = read_lora_alone(args.input, args.family)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +36,28 @@ def _meta_reader(src: Source) -> Reader:
                                  device="meta")
 
 
+# What `_write_folder` writes, and so all that a folder --overwrite replaces may hold (any layout, any shard count)
+_OWN_FILE = re.compile(r"(diffusion_pytorch_model|model)((-\d{5}-of-\d{5})?\.safetensors|\.safetensors\.index\.json)"
+                       r"|config\.json")
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """The entries of `folder` that a conversion does not write (a subfolder is named with its '/')."""
+    return sorted(p.name + "/" * p.is_dir() for p in folder.iterdir()
+                  if p.is_dir() or not _OWN_FILE.fullmatch(p.name))
+
+
 def check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse before any work: an existing OUT without --overwrite, or an OUT that is an input, holds one or lies
     inside an input folder (--overwrite or not). `inputs`: every path read, a folder's files included; resolved,
     so a link (a Hugging Face cache's snapshot file) is its target. Inside a folder even a new OUT is refused: a
-    folder is read as all its .safetensors files (weights/reader.py weight_files), so OUT would join its input."""
+    folder is read as all its .safetensors files (weights/reader.py weight_files), so OUT would join its input.
+
+    --overwrite replaces what a conversion writes, never a user's other files: an existing folder OUT is replaced
+    (whole, in one rename: `_replace`) only when it is empty or holds nothing but such output, config.json and
+    (diffusion_pytorch_model|model)[-NNNNN-of-NNNNN].safetensors shards and their .index.json, with no
+    subfolder; any other entry (a LoRA, notes, a pipeline's parts) is named and the folder refused, with or
+    without --overwrite. An existing file OUT is the one path named, and replaced with --overwrite."""
     resolved, found = out.resolve(), [(given, given.resolve()) for given in inputs]
     for given, p in found:
         if p == resolved:
@@ -49,16 +67,32 @@ def check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     for given, p in found:  # after: OUT that is one of a folder's files is named as that file
         if p.is_dir() and p in resolved.parents:
             raise WeightsError(f"{out}: is inside the input folder {given}; write the output somewhere else")
+    _check_own_folder(out)
     if out.exists() and not overwrite:
         raise WeightsError(f"{out} exists; pass --overwrite to replace it")
 
 
+def _check_own_folder(out: Path) -> None:
+    if out.is_dir() and (foreign := _foreign_files(out)):
+        listed = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise WeightsError(f"{out}: an existing folder holding files a conversion does not write ({listed}), which "
+                           "--overwrite never deletes; choose a new or empty OUT, or move those files out of it")
+
+
 def _replace(tmp: Path, out: Path) -> None:
-    """Move a finished temp file or folder into place; an old OUT is removed only after the move."""
+    """Move a finished temp file or folder into place; an old OUT is removed only after the move, and an old folder
+    only when it still holds nothing but a conversion's output (checked again: it may have changed meanwhile)."""
     if out.exists() and (out.is_dir() or tmp.is_dir()):
+        _check_own_folder(out)
         old = temp_beside(out, folder=True)
         os.replace(out, old / "x")
-        durable_replace(tmp, out)  # on the disk (files, then the rename) before the old OUT goes
+        try:
+            durable_replace(tmp, out)  # on the disk (files, then the rename) before the old OUT goes
+        except BaseException:
+            if not out.exists():  # the new OUT never arrived: the old one goes back where it was
+                os.replace(old / "x", out)
+                old.rmdir()
+            raise
         shutil.rmtree(old)
     else:
         durable_replace(tmp, out)
@@ -95,7 +129,10 @@ def write_plan(src: Source, plan: Plan, out: str | os.PathLike, *, overwrite: bo
             return write_streaming(out, spec, tensors, metadata)  # its own temp and rename: nothing left behind
         if one_file:  # replacing a folder that happens to be called *.safetensors
             tmp = write_streaming(out.parent / f".{out.name}.partial", spec, tensors, metadata)
-            _replace(tmp, out)
+            try:
+                _replace(tmp, out)
+            finally:
+                tmp.unlink(missing_ok=True)  # refused: the folder changed meanwhile
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # the folders of a killed conversion to this OUT

@@ -218,14 +218,23 @@ def _check_quantized(path: Path, header: dict, data_start: int) -> None:
 
 def parse_lora(spec: str) -> tuple[str, float | None]:
     """`PATH[:SCALE]` as the CLIs take LoRAs, scale None when not given (`weights.lora_merge.lora_spec` then
-    asks the file). The suffix is a scale only if it parses as a number, so `C:\\loras\\x.safetensors` works."""
+    asks the file). The suffix is a scale only if it parses as a number, so `C:\\loras\\x.safetensors` works.
+    A suffix that is no number nor a path's part (no separator) after an existing PATH, `x.safetensors:abc`, is a
+    mistyped scale: refused in one line naming it (read as a path it would be reported as a missing file)."""
     path, sep, tail = spec.rpartition(":")
     if sep:
         try:
             return path, float(tail)
         except ValueError:
-            pass
+            if _mistyped_scale(spec, path, tail):
+                raise WeightsError(f"{spec}: the scale {tail!r} is not a number; pass {path}:0.8 (or no ':' for its "
+                                   "default scale)") from None
     return spec, None
+
+
+def _mistyped_scale(spec: str, path: str, tail: str) -> bool:
+    # a scale holds no separator (a drive letter's tail does: C:\\x), and a file really named `x:abc` is read
+    return bool(path) and not any(c in tail for c in "/\\") and os.path.exists(path) and not os.path.exists(spec)
 
 
 def file_version(path: str | os.PathLike) -> tuple:
