@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -93,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA under every row, the reference included (a style LoRA the student was trained on)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--prompts", nargs="+", metavar="TEXT", help="default: distill/demo/quality.PROMPTS")
-    which.add_argument("--prompts-file", type=Path, help="one prompt per line")
-    p.add_argument("--per-prompt", type=int, default=16, help="noises per prompt")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--teacher-steps", type=int, default=32, help="steps of the reference run")
-    p.add_argument("--seed", type=int, default=0)
+    which.add_argument("--prompts", nargs="+", metavar="TEXT", help="the prompts' text (a file of them: "
+                       "--prompts-file) (default: distill/demo/quality.PROMPTS)")
+    which.add_argument("--prompts-file", type=Path, metavar="FILE", help="a text file, one prompt per line")
+    p.add_argument("--per-prompt", type=int, default=16, help="noises per prompt [16]")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="the few-step rows' step counts [1 2 4 8]")
+    p.add_argument("--teacher-steps", type=int, default=32, help="steps of the reference run [32]")
+    p.add_argument("--seed", type=int, default=0, help="the first noise's seed [0]")
     p.add_argument("--shift", type=float,
                    help="sample the --steps rows (teacher and LoRA) on the SCFM grid with this shift, as a LoRA "
                         "trained with shift_min/shift_max > 1 is meant to be sampled (default: the demo's grid; "
@@ -134,8 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prompts(args) -> tuple[str, ...]:
     if args.prompts_file is None:
+        check_prompt_text(args.prompts or ())
         return tuple(args.prompts or quality.PROMPTS)
     return tuple(read_prompt_lines(args.prompts_file, "--prompts-file"))
+
+
+def check_prompt_text(prompts) -> None:
+    """--prompts takes the text itself; make_dataset's --prompts reads a file, so `--prompts p3.txt` here would
+    score the file's name as the prompt, silently, into every row and report: refused for a file that exists, and
+    for one word ending in .txt (a file name mistyped or in another folder), naming the flag that reads one."""
+    for text in prompts:
+        # os.path's: False for a prompt too long to be a file name, where Path.is_file raises
+        is_file = os.path.isfile(os.path.expanduser(text))
+        if is_file or (Path(text).suffix.lower() == ".txt" and len(text.split()) == 1):
+            where, fix = (("a file", text) if is_file else ("a file name (no such file here)", "FILE"))
+            raise ValueError(f"--prompts {text}: {where}, but --prompts takes the prompt text; pass --prompts-file "
+                             f"{fix} to read one prompt per line")
 
 
 # Flags that only the --out mode reads (any model: distill/judge.py): the demo world's table has no place for them
@@ -258,6 +275,33 @@ def check_cfg_guidance(args) -> None:
                          "CFG, or above 1 to use it")
 
 
+def check_image_size(args) -> None:
+    """--width / --height (defaults: the demo's 64, else 1024; --height alone keeps its height, --width alone sets
+    both) against each model's multiple and largest side, from its configs before any weight loads or any row's
+    folder is made. Each flag is checked beside a valid other side, so the one refused is the one the user gave."""
+    from sampling.components import pipeline_from_args
+    from sampling.job import check_sizes
+
+    default = 64 if args.model is None else 1024
+    # `is None`, not `or`: --width 0 is refused by check_sizes, not silently replaced by the default
+    args.width = default if args.width is None else args.width
+    args.height = args.width if args.height is None else args.height
+    check_sizes(args, default)  # generate's: positive, at most MAX_SIDE
+    for flag, model in [("--model", args.model), *(("--compare-model", m) for m in args.compare_model)]:
+        path = Path(model or DEMO_FOLDER).expanduser()
+        try:  # a missing or unreadable model in its flag's name (a --compare-model's: after the other rows)
+            family = detect_family(path)
+        except (WeightsError, ValueError) as e:
+            raise type(e)(f"{flag} {e}" if model is not None else str(e)) from None
+        pipe = pipeline_from_args(args, path, family)  # a missing --vae, --t5, ...: named by their flags
+        multiple = pipe.size_multiple()
+        try:
+            pipe.latent_size(multiple, args.width)  # names --width
+            pipe.latent_size(args.height, multiple)  # names --height
+        except ValueError as e:
+            raise ValueError(f"{e} (--compare-model {model})" if flag == "--compare-model" else str(e)) from None
+
+
 def judge_main(args) -> int:
     """Any model (distill/judge.py): the rows rendered into --out, the table printed, report.json written."""
     from .judge import check_out, judge
@@ -285,12 +329,16 @@ def judge_main(args) -> int:
         args.lora, args.compare, args.base_lora = ([demo_lora(s) for s in v] for v in (args.lora, args.compare,
                                                                                         args.base_lora))
         if args.lora:  # one scale, from PATH:SCALE or --lora-scale (both: they must agree)
-            path, scale = lora_spec(args.lora[0])
+            try:
+                path, scale = lora_spec(args.lora[0])
+            except WeightsError as e:  # a folder without a PEFT save, a missing file: in the flag's name
+                raise WeightsError(f"--lora {e}") from None
             given = parse_lora(args.lora[0])[1]
             scale = one_scale(given, args.lora_scale, "--lora PATH:SCALE and --lora-scale")
             if scale is not None:
                 args.lora = [f"{path}:{scale}", *args.lora[1:]]
         args.prompt_list = _prompts(args)
+        check_image_size(args)
         check_out(args)
         report = judge(args)
         print(format_report(report))

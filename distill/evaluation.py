@@ -79,6 +79,9 @@ def check(cfg: EvalConfig) -> None:
         raise ValueError("--fp8 / --fp8-compute sample the LoRA rows on fp8 weights; pass --lora")
     if cfg.fp8_compute:
         fp8_gemm.check_device(cfg.device, "--fp8-compute")
+    if cfg.lora is not None and cfg.lora.is_dir():  # "no such file" would send the user looking for a typo
+        raise ValueError(f"--lora {cfg.lora}: a folder; pass a LoRA .safetensors file (a run's "
+                         "scfm-lora-*.safetensors)")
     if cfg.lora is not None and not cfg.lora.is_file():
         raise ValueError(f"--lora {cfg.lora}: no such file; distil one with `python -m distill.train` "
                          "or pass --lora PATH")

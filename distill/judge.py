@@ -24,16 +24,18 @@ from .judge_scores import clip_columns, score, world_columns, world_prompts
 
 
 def rows_for(args, lora, compare, base) -> list[Row]:
-    """The reference first; teacher, student and each compare LoRA at every --steps. Student and compare rows
-    sample on their LoRA's own grid unless --shift; teacher rows on their schedule (and on the SCFM grid too with
-    --shift). The names are unique and so are their folders (check_rows), decided before anything renders."""
+    """The reference first; teacher (at --teacher-steps: the reference itself), student and each compare LoRA at
+    every --steps. Student and compare rows sample on their LoRA's own grid unless --shift; teacher rows on their
+    schedule (and on the SCFM grid too with --shift). The names are unique and so are their folders (check_rows),
+    decided before anything renders."""
     shift = {"shift": args.shift, "schedule": "scfm"} if args.shift is not None else {}
     compare_names = file_labels([p for p, _ in compare], lambda p: p.stem)
     model_names = file_labels(args.compare_model, lambda p: p.name)
     guidance = teacher_guidance(args, lora, base)
     rows = [Row(f"teacher {args.teacher_steps}", Column(list(base), args.teacher_steps, guidance=guidance))]
-    for n in args.steps:
-        rows.append(Row(f"teacher {n}", Column(list(base), n, guidance=guidance)))
+    for n in dict.fromkeys(args.steps):  # a repeated step count is one set of rows, as in the demo table
+        if n != args.teacher_steps:  # at --teacher-steps the reference is that teacher row (the demo table's way)
+            rows.append(Row(f"teacher {n}", Column(list(base), n, guidance=guidance)))
         if shift:
             rows.append(Row(f"teacher {n} scfm", Column(list(base), n, guidance=guidance, **shift)))
         if lora is not None:
@@ -197,10 +199,8 @@ def render_rows(args, rows: list[Row], prompts: list[str]) -> tuple[dict, bool, 
                                   "out": str(args.out / "_app")})
             session = Session(launch)
             clock = SamplingClock(session.pipe)
-            if wanted is None:
+            if wanted is None:  # args.width and args.height: set and checked by evaluate's check_image_size
                 demo, model = session.demo, session.model
-                args.width = args.width or (64 if demo else 1024)
-                args.height = args.height or args.width  # --height alone keeps its height
             for row in mine:
                 rendered[row.name] = render_row(session, clock, row, args, prompts, args.out)
                 bar.update(len(prompts) * args.per_prompt)

@@ -116,7 +116,7 @@ def test_cli_refuses_to_overwrite_and_says_what_is_wrong_in_one_line(tmp_path, c
     assert capsys.readouterr().out.strip().endswith("scfm-lora-fast_ema-step000004-kohya.safetensors")
     cases = [
         ([run, "--set", "fast_ema", "--formats", "kohya"], "exists"),  # never overwritten unless asked
-        ([run, "--set", "teacher"], "export_set must be one of"),
+        ([run, "--set", "teacher"], "--set teacher: no such LoRA set"),  # the flag typed, not the config field
         ([str(tmp_path / "nowhere")], "no such folder"),
         ([str(tmp_path / "cache")], "no intact checkpoint"),
     ]
