@@ -75,13 +75,13 @@ def test_bad_input_is_refused_before_rendering(tmp_path):
     out = tmp_path / "out"
     (tmp_path / "file").write_text("x")
     for extra, says in ((["--shift", "nan"], "--shift nan"), (["--shift", "0"], "--shift 0"),
-                        (["--lora-scale", "nan"], "--lora-scale nan"), (["--compare", str(sd3)], "a sd3 LoRA"),
+                        (["--lora-scale", "nan"], "--lora-scale nan"), (["--compare", str(sd3)], "a LoRA for SD3 / SD3.5"),
                         (["--guidance", "nan"], "--guidance nan"), (["--guidance", "0"], "--guidance 0.0"),
                         (["--clip-vision", "/nonexistent"], "--clip-vision /nonexistent"),
                         (["--steps", "100000"], "at most")):
         assert says in refused(["--lora", "demo", *FAST, "--out", str(out), *extra]), extra
         assert not out.exists(), extra  # nothing rendered
-    assert "a sd3 LoRA" in refused(["--lora", str(sd3), *FAST, "--out", str(out)])
+    assert "a LoRA for SD3 / SD3.5" in refused(["--lora", str(sd3), *FAST, "--out", str(out)])
     assert "a file, not a folder" in refused(["--lora", "demo", *FAST, "--out", str(tmp_path / "file")])
 
 

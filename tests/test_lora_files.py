@@ -470,7 +470,7 @@ def test_loras_that_do_not_fit_the_model_are_refused(base_file, tmp_path):
     with pytest.raises(WeightsError, match="schnell"):
         apply_loras(schnell, [lora])
     lora.family = "sd3"
-    with pytest.raises(WeightsError, match="a sd3 LoRA"):
+    with pytest.raises(WeightsError, match=r"a LoRA for SD3 / SD3.5; this model is Flux: pass a LoRA trained on Flux"):
         apply_loras(model, [lora])
 
 
