@@ -68,6 +68,13 @@ FLOAT_RANGES = {
 }
 
 
+def range_error(name: str, value: float, default) -> str | None:
+    """The line refusing a float field's value outside FLOAT_RANGES (None: allowed). `default`: what the field is
+    without the flag (a config file's or preset's value where one sets it: config_files.build_config says that)."""
+    allowed = FLOAT_RANGES[name]
+    return None if value in allowed else f"{name} must lie in {allowed}, got {value} (--{name}; default {default})"
+
+
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -105,7 +112,8 @@ class LoRASettings:
     teacher_lora: str = opt("", "optional teacher LoRA (any layout: ours, diffusers, kohya); both EMAs "
                                 "start from it too")
     base_loras: tuple[str, ...] = opt((), "LoRAs merged for good into the frozen base before training, "
-                                          "PATH[:SCALE] in any layout (e.g. a style LoRA): teacher and student "
+                                          "PATH[:SCALE] in any layout (e.g. a style LoRA; repeat the flag for "
+                                          "several): teacher and student "
                                           "both run on base + these, so the SCFM LoRA is made for that stack; "
                                           "recorded in the exported LoRA")
     ignore_te_lora: bool = opt(False, "merge only the transformer part of the base_loras: their text-encoder "
@@ -282,11 +290,11 @@ class DistillConfig:
             fits = max(d for d in range(1, min(self.micro_batch, self.batch_size) + 1) if self.batch_size % d == 0)
             raise ConfigError(f"micro_batch {self.micro_batch} does not divide batch_size {self.batch_size}; pass a "
                               f"divisor of it (--micro_batch {fits}, say)")
-        for name, allowed in FLOAT_RANGES.items():
-            value = self.get(name)
-            if value not in allowed:
-                default = flat_fields()[name][0].default
-                raise ConfigError(f"{name} must lie in {allowed}, got {value} (--{name}; default {default})")
+        if self.seed < 0:  # as generate and evaluate refuse it: -1 is "random" to A1111, and we never draw one
+            raise ConfigError(f"seed {self.seed}: seeds are 0 or more (-1 does not mean random here); pass --seed 0")
+        for name in FLOAT_RANGES:
+            if (refused := range_error(name, self.get(name), flat_fields()[name][0].default)) is not None:
+                raise ConfigError(refused)
         low, high = self.scfm.shift_min, self.scfm.shift_max
         if low > high:
             raise ConfigError(f"shift_min {low} > shift_max {high}: fixed shifts are drawn "

@@ -24,7 +24,7 @@ from pathlib import Path
 from sampling.fields import check_fields
 from weights.family import Family
 
-from .config import FLOW_MATCHING_OWN, ConfigError, DistillConfig, flat_fields
+from .config import FLOAT_RANGES, FLOW_MATCHING_OWN, ConfigError, DistillConfig, flat_fields, range_error
 
 PRESETS = Path(__file__).parent / "configs"
 
@@ -128,6 +128,11 @@ def build_config(file: str | None = None, overrides: dict | None = None, base: d
     values = dict(base or {})
     values.update(load_toml(file) if file else {})
     flags = check_fields(DistillConfig, overrides or {}, "command line", ConfigError)
+    for name in (n for n in flags if n in FLOAT_RANGES):
+        # a flag's "default": what the run has without it, the file's (the demo's lr 0.001, not the field's 2e-05)
+        default = values.get(name, flat_fields()[name][0].default)
+        if (refused := range_error(name, flags[name], default)) is not None:
+            raise ConfigError(refused)
     values.update(flags)
     return DistillConfig.from_flat(**values | _flow_matching_own(values, flags))
 

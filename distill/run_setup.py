@@ -276,11 +276,12 @@ def prepare_cache(cfg: DistillConfig, device: torch.device, rank: int, family: F
     return cache
 
 
-def teacher_set(model, path: str, family: Family) -> dict[str, torch.Tensor]:
+def teacher_set(model, path: str, family: Family, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """`--teacher_lora` as a set of this run's LoRA layers (for `distill.lora.load_set`), from a file in any
     layout weights.lora reads (ours, diffusers / PEFT, kohya): each of the file's LoRAs goes into the layer slice
     its rows fall in, its rank zero-padded up to the run's and its up matrix rescaled from the file's alpha / r
-    to the run's, so the teacher's delta_W is the file's whatever the layout (ours, same rank and alpha: as is)."""
+    to the run's, so the teacher's delta_W is the file's whatever the layout (ours, same rank and alpha: as is).
+    device "meta": every check, on a meta model too, and no set made (train.check_loras, before the cache)."""
     from weights.io import WeightsError
     from weights.lora import read_lora
 
@@ -303,7 +304,7 @@ def teacher_set(model, path: str, family: Family) -> dict[str, torch.Tensor]:
                           "distill/lora_targets.py's); merge it into the base with --base_loras instead")
     state = {}
     for name, layer in layers.items():
-        down, up = (torch.zeros(t["live"].shape) for t in (layer.lora_down, layer.lora_up))
+        down, up = (torch.zeros(t["live"].shape, device=device) for t in (layer.lora_down, layer.lora_up))
         if name in lora.modules:
             _place_teacher(lora.modules[name], layer, down, up, f"{flag}: {name}")
         state[f"{name}.lora_down"], state[f"{name}.lora_up"] = down, up
@@ -342,9 +343,10 @@ def _place_teacher(mod, layer, down: torch.Tensor, up: torch.Tensor, where: str)
         k = 0
         for row, d, u, scale in pieces:
             r = d.shape[0]
-            down[i * layer.rank + k:i * layer.rank + k + r] = d.float()
+            down[i * layer.rank + k:i * layer.rank + k + r] = d.float().to(down.device)
             # delta = scale * u @ d = layer.scale * (u * scale / layer.scale) @ d; 1.0 for our own file
-            up[row:row + u.shape[0], k:k + r] = u.float().reshape(u.shape[0], r, *up.shape[2:]) * (scale / layer.scale)
+            up[row:row + u.shape[0], k:k + r] = (u.float().reshape(u.shape[0], r, *up.shape[2:]) * (scale / layer.scale)
+                                                 ).to(up.device)
             k += r
 
 

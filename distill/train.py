@@ -19,23 +19,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from sampling.fields import add_dataclass_args
+from sampling.fields import add_dataclass_args, check_fields
 from sampling.options import OneLineParser, check_device
 from weights.atomic import folder_lock
 from weights.family import Family
 from weights.io import WeightsError, read_header
 from weights.lora_foreign import peft_file
+from weights.lora_merge import lora_spec, merge_while_reading
+from weights.lora_text import transformer_parts
 
 from .checkpoint import checkpoints, newest_settings
-from .config import ConfigError, DistillConfig
+from .config import ConfigError, DistillConfig, flat_fields
 from .config_files import build_config, load_toml, presets
 from .dataset import DataError
-from .lora import set_state_dict
+from .lora import inject_lora, set_state_dict
 from .lora_export import export_lora, export_paths
 from .run_setup import (
     check_writable,
@@ -47,22 +50,37 @@ from .run_setup import (
     resolve_folder,
     setup_distributed,
     step_distilled,
+    teacher_set,
     with_recipe_cfg,
     with_text_length,
 )
 from .sharding import loads_on_cpu
-from .student import family_refusal
+from .student import family_refusal, lora_config
 from .trainer import Stopped, Trainer, TrainingError
 
 # What a new run takes from its model where no flag or file sets it: the LoRA target table (the model's family's,
 # the only one it accepts) and the cfg_scale of the family's recipe (run_setup.with_recipe_cfg)
 UNSET_FOLLOWS_MODEL = frozenset({"targets", "cfg_scale"})
 
+
+def demo_values() -> dict:
+    """The fields the demo preset (what a run with neither --config nor --model takes) sets to other values than
+    the fields' defaults, read from distill/configs/demo.toml."""
+    table = check_fields(DistillConfig, load_toml("demo"), "the demo preset", ConfigError)
+    return {k: v for k, v in table.items() if v != flat_fields()[k][0].default}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m distill.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = demo_values()
+    said = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}" for k, v in demo.items())
+    note = textwrap.fill("With neither --config nor --model (nor a --resume of a checkpointed run, which keeps its "
+                         "own settings) the demo preset distill/configs/demo.toml applies, not the defaults in "
+                         "brackets below: each flag's help gives the demo's value after its default where they "
+                         f"differ. The demo's values: {said}.", width=116)
+    p = OneLineParser(prog="python -m distill.train", description=f"{__doc__}\n{note}",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"a TOML file, or a packaged preset name ({', '.join(presets())})")
-    add_dataclass_args(p.add_argument_group("config fields (override the file)"), DistillConfig)
+    add_dataclass_args(p.add_argument_group("config fields (override the file)"), DistillConfig, also=("demo", demo))
     return p
 
 
@@ -77,6 +95,37 @@ def check_paths(cfg: DistillConfig) -> None:
         raise ConfigError(f"--output {cfg.output}: {taken} is a file, not a folder; choose another --output")
     if cfg.lora.teacher_lora:  # missing, pickled or not safetensors: refused here, before the model loads
         read_header(peft_file(Path(cfg.lora.teacher_lora).expanduser()))
+
+
+def check_resume(cfg: DistillConfig) -> None:
+    """--resume where nothing was ever run (a mistyped --output, say) is refused before a folder is made: starting
+    a new run there is not what was asked. A run stopped before its first checkpoint (its log.jsonl, or exports,
+    are there) goes on as before: `_run_locked` restarts it from step 0, or refuses to replace its exports."""
+    out = Path(cfg.output).expanduser()
+    if not cfg.resume or checkpoints(out / "checkpoints"):
+        return
+    if not ((out / "log.jsonl").exists() or any(p.exists() for p in export_paths(cfg).values())
+            or any(out.glob("scfm-lora-*.safetensors"))):
+        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; check --output, or drop --resume to "
+                          "start a new run")
+
+
+def check_loras(cfg: DistillConfig, family: Family) -> None:
+    """--base_loras and --teacher_lora against the model's shapes, before the demo renders its data and the cache
+    is built (the model and the trainer would refuse them only then): on the meta model its headers give (no
+    weight is read), the base LoRAs as the loader merges them and the teacher as the trainer places it."""
+    if not (cfg.lora.base_loras or cfg.lora.teacher_lora):
+        return
+    meta = torch.device("meta")
+    model = load_model(cfg.replace(base_loras=(), fp8_base=False, fp8_compute=False), meta, family)
+    if cfg.lora.base_loras:
+        try:
+            merge_while_reading(model, transformer_parts([lora_spec(s) for s in cfg.lora.base_loras], family.name))
+        except WeightsError as e:
+            raise ConfigError(f"--base_loras: {e}") from None
+    if cfg.lora.teacher_lora:
+        inject_lora(model, lora_config(cfg))
+        teacher_set(model, cfg.lora.teacher_lora, family, device=meta)
 
 
 def check_family(cfg: DistillConfig, family: Family) -> None:
@@ -99,6 +148,7 @@ def run(cfg: DistillConfig, on_step=None, unset: frozenset[str] = frozenset()) -
     takes from its model: the family's LoRA targets and its recipe's cfg_scale (run_setup.with_recipe_cfg). A
     Python caller's config is taken as it is."""
     check_paths(cfg)
+    check_resume(cfg)
     check_writable(Path(cfg.output).expanduser(), "choose another --output")  # before the cache and model
     if cfg.device != "auto":
         try:  # a GPU this machine lacks: one line now, not an AttributeError from torch.cuda.set_device
@@ -126,6 +176,11 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, un
     if clash and not checkpoints(out / "checkpoints"):
         raise ConfigError(f"--resume: no checkpoint to continue from, and {clash[0]} is an earlier run's: "
                           "starting over would replace it; choose another --output")
+    if cfg.resume and not checkpoints(out / "checkpoints"):  # a run stopped before its first (check_resume)
+        if rank == 0:  # said here in one line, not as the trainer's warning
+            print(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting that run again from step 0",
+                  file=sys.stderr)
+        cfg = cfg.replace(resume=False)
     demo_data = cfg.model == "demo" and not cfg.data
     cfg = resolve_demo(cfg)
     family = family_of(cfg)
@@ -135,6 +190,7 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, un
             cfg = cfg.replace(targets=family.name)
         cfg = with_recipe_cfg(cfg, family) if "cfg_scale" in unset else cfg  # set by nothing: the recipe's
     check_family(cfg, family)  # before the demo renders its data and the cache is built
+    check_loras(cfg, family)
     cfg = with_text_length(cfg, family)  # before the demo renders its data at that length
     if demo_data and rank == 0:
         render_demo_data(cfg)

@@ -40,18 +40,26 @@ def base_type(tp) -> type:
     return typing.get_origin(tp) or tp
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: bool = False, spell: str = "_") -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: bool = False, spell: str = "_",
+                       also: tuple[str, dict] = ("", {})) -> None:
     """One flag per field, named as the field (`--t_skip`) or with `spell="-"` hyphenated (`--blocks-to-swap`);
     sampling/options.py OneLineParser takes both spellings either way.
 
     defaults=False (train's config fields): each flag defaults to SUPPRESS, so an unset flag keeps the config
     file's value; values are checked and parsed afterwards (check_fields); --help shows the field's default.
     defaults=True (the sampling commands): each flag carries its field's default and parses its value itself; a
-    False bool is a switch (`--fp8`), a True one gets its `--no-` form."""
+    False bool is a switch (`--fp8`), a True one gets its `--no-` form.
+
+    A tuple field's flag repeats: each use adds its values (`Accumulate`).
+    also=(label, values): the values some runs start from instead (train's demo preset), shown after the field's
+    default where they differ: `[10000; demo 500]`."""
     for f, hint in field_index(cls).values():
         tp, meta = base_type(hint), f.metadata
         flags = [f"--{f.name.replace('_', spell)}"]
-        text = meta.get("help", "") if defaults else f"{meta.get('help', '')} [{f.default!r}]"
+        label, values = also
+        other = values.get(f.name, f.default)
+        shown = f"{f.default!r}" + (f"; {label} {other!r}" if other != f.default else "")
+        text = meta.get("help", "") if defaults else f"{meta.get('help', '')} [{shown}]"
         default = (list(f.default) if meta.get("repeat") else f.default) if defaults else argparse.SUPPRESS
         kw = {"dest": f.name, "default": default, "help": argparse.SUPPRESS if meta.get("hidden") else text}
         kw |= {k: meta[k] for k in ("choices", "metavar") if meta.get(k) is not None}
@@ -63,11 +71,21 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, defaults: bool =
         elif tp is bool:
             action = "store_true" if defaults and f.default is False else argparse.BooleanOptionalAction
             parser.add_argument(*flags, action=action, **kw)
-        elif tp is tuple:
-            parser.add_argument(*flags, nargs="*", **{"metavar": "VALUE"} | kw)
+        elif tp is tuple:  # `--base_loras A --base_loras B` is both, as repeatable flags are (generate --lora)
+            parser.add_argument(*flags, nargs="*", action=Accumulate, **{"metavar": "VALUE"} | kw)
         else:  # choices are listed as argparse writes them, {a,b}
             named = {} if "choices" in kw else {"metavar": tp.__name__.upper()}
             parser.add_argument(*flags, type=tp, **named | kw)
+
+
+class Accumulate(argparse.Action):
+    """A tuple field's flag: each use adds its values (none at all: `--base_loras` alone is the empty tuple). The
+    first use replaces the default or the config file's value; argparse's "extend" would add to a default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        got = getattr(namespace, self.dest, None)
+        # a list is this flag's own from an earlier use; anything else (a default tuple, SUPPRESS's absence) is not
+        setattr(namespace, self.dest, (got if isinstance(got, list) else []) + list(values))
 
 
 def check_fields(cls, values: dict, source: str, error: type[Exception] = ValueError) -> dict:
