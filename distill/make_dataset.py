@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from sampling.components import refuse_lora_model
 from sampling.options import out_of_memory
 from weights.io import WeightsError
 
@@ -15,6 +16,7 @@ from .teacher_data import build_parser, run
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        refuse_lora_model(args.model)  # before teacher_data guesses a family from the LoRA's layer names
         print(run(args))
     except (WeightsError, ValueError, OSError) as e:  # OSError: a disk that fills up or vanishes while writing
         print(f"error: {e}", file=sys.stderr)

@@ -59,15 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=["base", "distilled"], help="FLUX.2 [klein] given as a file: which one")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="dataset folder to create or continue")
-    p.add_argument("--images-per-bucket", type=int, required=True)
+    p.add_argument("--images-per-bucket", type=int, required=True,
+                   help="images rendered per aspect-ratio bucket (the recipe: 500); the prompts are spread over the "
+                        "buckets")
     p.add_argument("--resolution", type=int, default=512,
-                   help="bucket area resolution^2 (512: the 512-px list)")
+                   help="bucket area resolution^2 (default 512: the 512-px list)")
     p.add_argument("--steps", type=int, help="teacher Euler steps (default 32; FLUX.2 [klein]: 50)")
     p.add_argument("--guidance", type=float, help="default: FLUX.1 guidance 3.5; SD3.5 CFG 4.5 (the recipe's "
                    "teacher, c + 3.5 (c - u)); FLUX.2 [klein] CFG 4")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens when rendering")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-sequence-length", type=int, default=512,
+                   help="T5 tokens when rendering (default 512, the pipelines' full length; train re-encodes the "
+                        "prompts at its own --t5_length (FLUX.1 / SD3.5: 256 by default), so the two need not match)")
+    p.add_argument("--batch-size", type=int, default=4, help="images sampled at once (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="image j's seed is seed + j (default 0)")
     add_run_options(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA merged into the teacher, its text-encoder part into CLIP / T5 (e.g. a style LoRA; "

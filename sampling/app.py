@@ -32,6 +32,7 @@ from pathlib import Path
 from weights.io import WeightsError
 
 from .compare import AXES, MAX_CELLS, Column, Session, grid_image, parse_values, random_seed, sweep_columns
+from .components import refuse_lora_model
 from .demo import DEMO_LORA, IMAGE_SIZE
 from .flags import add_model_files
 from .options import OneLineParser, add_run_options, check_run_options, out_of_memory
@@ -61,9 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a folder whose .safetensors LoRAs the page offers (repeatable; default: the demo's)")
     app.add_argument("--out", help="where the PNGs go (default: a new temporary folder)")
     app.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
-    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--port", type=port_number, default=7860, help="the port to listen on, 1 to 65535 (default 7860)")
     app.add_argument("--share", action="store_true", help="a public gradio.live link (off unless asked)")
     return p
+
+
+def port_number(text: str) -> int:
+    """--port, checked while parsing (past 65535 was gradio's traceback after the model loaded); 0, a socket's "any
+    free port", too: gradio then checks its server at port 0 and fails."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1 to 65535); pass --port 7860 (the default)")
+    return port
 
 
 def _number(value, kind=float):
@@ -336,6 +349,16 @@ def lora_choices(files: list[str]) -> list[tuple[str, str]]:
     return [("none", ""), *((Path(f).name, f) for f in files)]  # a dropdown without "none" picks the first file
 
 
+def check_launch_files(args) -> None:
+    """Before the model loads: a --lora-dir that is a file (Session refuses a missing one), a LoRA as --model."""
+    for d in args.lora_dir:
+        if Path(d).expanduser().is_file():
+            lora = f", or this file as --lora {d}" if d.endswith(".safetensors") else ""
+            raise ValueError(f"--lora-dir {d}: a file, not a folder; pass a folder of .safetensors LoRAs{lora}")
+    if args.model is not None:
+        refuse_lora_model(args.model)
+
+
 def check_port(host: str, port: int) -> None:
     """Bind the address the server will listen on, and let it go: a port in use fails now, in one line, not as
     gradio's traceback after the model loaded."""
@@ -362,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_run_options(args)
+        check_launch_files(args)  # before gradio's import, seconds long
         import gradio  # noqa: F401  (the optional extra: refused in one line when missing)
     except ImportError:
         print('error: the app needs gradio: pip install -e ".[ui]"', file=sys.stderr)

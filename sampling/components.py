@@ -46,6 +46,25 @@ def pipeline_from_args(args, model: Path, family, loras: Sequence = ()) -> Pipel
     return pipe
 
 
+def refuse_lora_model(model) -> None:
+    """A LoRA given as --model, refused first, in one line: the model's family is otherwise guessed from the
+    LoRA's layer names and it fails later as a pipeline with no VAE or a transformer missing its keys. Told apart
+    as `tools/convert.py` tells it (weights/convert_plan.py detect: LoRA tensor names, or our LoRA metadata), from
+    the header alone; a file that is no checkpoint at all is left to the family's detection, which says so."""
+    from weights.convert_plan import detect  # here: keeps --help fast
+
+    model = Path(model).expanduser()
+    if not model.is_file():  # a LoRA is one file; a folder is a pipeline or transformer
+        return
+    try:
+        lora = detect(model).family == "lora"
+    except WeightsError:
+        return
+    if lora:
+        raise WeightsError(f"--model {model} is a LoRA, not a model: pass the base model as --model and this file "
+                           f"as --lora {model}")
+
+
 def require_sources(sources, flags: dict[str, str], required, what=lambda name: name.replace("_", " ")) -> None:
     """Every `required` component of a pipeline's sources given (`what` names it; `flags`: field -> the generate
     flag that sets it), one line for the first that is not: before anything loads."""

@@ -78,8 +78,9 @@ class GenerationFlags:
     max_sequence_length: int | None = opt(None, "T5 tokens (default: Flux 512, SD3 256)")
     width: int | None = opt(None, "default 1024 (the demo: 64)")
     height: int | None = opt(None, "default 1024 (the demo: 64)")
-    seed: int = opt(0, "the first image's seed")
-    batch_size: int = opt(1, "images per prompt, seeds seed, seed+1, ...")
+    seed: int = opt(0, "the first image's seed (default 0, fixed: a rerun makes the same images; none is drawn "
+                       "at random)")
+    batch_size: int = opt(1, "images per prompt, seeds seed, seed+1, ... (default 1)")
     # accepted only to be refused in words: klein's image= references (editing) are out of scope, and argparse's
     # "unrecognized arguments" would not say so
     image: tuple[str, ...] = opt((), "", repeat=True, hidden=True)
@@ -98,6 +99,6 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_dataclass_args(gen, GenerationFlags, defaults=True, spell="-")
     run = p.add_argument_group("run")
     add_run_options(run)
-    run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image")
+    run.add_argument("--out", default="outputs", help="a folder, or a .png path for a single image (default outputs/)")
     run.add_argument("--overwrite", action="store_true", help="replace existing files")
     return p

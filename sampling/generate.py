@@ -18,6 +18,7 @@ never replaced without --overwrite.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -42,16 +43,34 @@ from .job import (
 from .options import check_writable, out_of_memory
 
 
-def run(args) -> list[Path]:
+@dataclasses.dataclass
+class Progress:
+    """How far a run got: the PNGs it will write once its flags are checked, and those written (whole: each is
+    renamed into place once saved), for the line an interrupted run prints."""
+
+    planned: list[Path] = dataclasses.field(default_factory=list)
+    written: list[Path] = dataclasses.field(default_factory=list)
+
+    def interrupted(self) -> str:
+        if not self.planned:
+            return "interrupted: no image written"
+        if len(self.planned) == 1 and not self.written:
+            return f"interrupted: {self.planned[0]} not written"
+        where = self.planned[0] if len(self.planned) == 1 else self.planned[0].parent
+        return f"interrupted: {len(self.written)} of {len(self.planned)} images written to {where}"
+
+
+def run(args, progress: Progress | None = None) -> list[Path]:
     from tqdm import tqdm
 
+    progress = Progress() if progress is None else progress
     png = from_png(args) if args.from_png else None
     check_args(args)
     prompts = prompt_list(args)
     default_side = IMAGE_SIZE if args.model is None else 1024
     with_demo_defaults(args)
     check_sizes(args, default_side)
-    paths = output_paths(args, len(prompts) * args.batch_size)
+    paths = progress.planned = output_paths(args, len(prompts) * args.batch_size)
     # before any model loads: an unwritable --out used to fail only when the first PNG was saved
     check_writable(paths[0].parent, "--out", args.out,
                    need_bytes=len(paths) * (3 * args.width * args.height + 65536))  # raw RGB bounds a PNG
@@ -59,14 +78,21 @@ def run(args) -> list[Path]:
     pipe = pipeline_from_args(args, job.model, job.family, job.loras)
     check_job(pipe, job)
     with tqdm(total=args.batch_size * job.cfg.steps, desc="sampling", unit="step") as bar:
-        return render(pipe, job, paths, args.batch_size, args.seed, callback=lambda *_: bar.update(1))
+        return render(pipe, job, paths, args.batch_size, args.seed, callback=lambda *_: bar.update(1),
+                      written=progress.written)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(__doc__).parse_args(argv)
+    progress = Progress()
     try:
-        for path in run(args):
+        for path in run(args, progress):
             print(path)
+    except KeyboardInterrupt:  # Ctrl-C: the PNGs written are listed as a finished run lists them, then one line
+        for path in progress.written:
+            print(path)
+        print(progress.interrupted(), file=sys.stderr)
+        return 130
     except (WeightsError, ValueError, OSError) as e:  # OSError: a disk that fills up or vanishes while writing
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from weights.family import Family
 from weights.io import DTYPES, WeightsError
 
 from .base import MAX_SIDE
+from .components import refuse_lora_model
 from .demo import DEMO_FOLDER, IMAGE_SIZE, T5_LENGTH, demo_lora
 from .from_png import png_config, png_loras
 from .options import MAX_STEPS, check_finite, check_run_options, check_seed, pick, read_prompt_lines
@@ -278,6 +279,7 @@ def resolve(args, prompts: list[str], png: dict | None = None) -> Job:
     model = Path(args.model).expanduser()
     if not model.exists():
         raise WeightsError(f"--model {model}: no such file or folder")
+    refuse_lora_model(model)
     family = detect_family(model)
     if png is not None and png["family"] != family.name:
         raise WeightsError(f"--from-png: the image was made with {article(get_family(png['family']).title)} model, "
@@ -328,11 +330,13 @@ def check_job(pipe, job: Job) -> None:
 
 
 def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callback=None,
-           latents_out: list | None = None, conditioning: tuple | None = None) -> list[Path]:
+           latents_out: list | None = None, conditioning: tuple | None = None,
+           written: list[Path] | None = None) -> list[Path]:
     """Encode the prompts once, then per batch index (seed, seed + 1, ...) sample, decode and write each PNG with
     its parameters: `generate` and the app (sampling/app.py) both end here, after `check_job`. `latents_out`
     collects each batch index's final latents (distill.evaluate compares them); `conditioning`: what
-    pipe.encode_prompts returns for this job, when the caller kept it (the app's Session.conditioning)."""
+    pipe.encode_prompts returns for this job, when the caller kept it (the app's Session.conditioning); `written`:
+    the list each PNG's path joins once it is saved, and which is returned (what generate counts when interrupted)."""
     from .base import to_pil
 
     negative_prompt = job.cfg.negative_prompt if pipe.wants_negative(job.cfg) else None
@@ -341,7 +345,7 @@ def render(pipe, job: Job, paths: list[Path], batch_size: int, seed: int, callba
     # how the transformer ran, which moves pixels too (--from-png takes it back)
     run = {"dtype": next(k for k, v in DTYPES.items() if v == pipe.dtype), "fp8": pipe.fp8,
            "fp8_compute": pipe.fp8_compute}
-    written: list[Path] = []
+    written = [] if written is None else written
     for b in range(batch_size):
         cfg = dataclasses.replace(job.cfg, seed=seed + b)  # generation configs are frozen: one per image batch
         noise = None
