@@ -34,21 +34,27 @@ def snapshot(folder) -> dict:
     return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory) -> list[str]:
-    """A CLI run that would train (a built cache): before the fixes, bad values trained or raised mid-run."""
+def train_argv(tmp_path_factory) -> list[str]:
+    """A CLI run that would train (a built cache, the tiny Flux)."""
     folder = tmp_path_factory.mktemp("cli")
     make_cache(folder)
     return ["--model", "tiny", "--cache", str(folder / "cache"), "--dtype", "fp32", "--device", "cpu", "--rank",
             "4", "--batch_size", "2", "--steps", "2", "--export_formats", "diffusers", "--t5_length", "5"]
 
 
-def one_line_error(capsys, argv: list[str], substring: str) -> None:
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory) -> list[str]:
+    """train_argv: before the fixes, bad values trained or raised mid-run."""
+    return train_argv(tmp_path_factory)
+
+
+def one_line_error(capsys, argv: list[str], substring: str) -> str:
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert substring in err, err
+    return err
 
 
 # ----- #1 / #11: every float field finite and in range ----------------------------------------------------

@@ -33,10 +33,14 @@ def one_line(code, err, *words):
     assert all(w in err for w in words), err
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def tiny_flux_file(tmp_path_factory):
     model = randomize_(Flux(FLUX_CONFIGS["tiny"]), 0.2, seed=4)
     return save_transformer(model, tmp_path_factory.mktemp("flux") / "flux-tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_flux_file(tmp_path_factory)
 
 
 def lora_file(path):

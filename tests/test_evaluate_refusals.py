@@ -75,7 +75,8 @@ def test_bad_input_is_refused_before_rendering(tmp_path):
     out = tmp_path / "out"
     (tmp_path / "file").write_text("x")
     for extra, says in ((["--shift", "nan"], "--shift nan"), (["--shift", "0"], "--shift 0"),
-                        (["--lora-scale", "nan"], "--lora-scale nan"), (["--compare", str(sd3)], "a LoRA for SD3 / SD3.5"),
+                        (["--lora-scale", "nan"], "--lora-scale nan"),
+                        (["--compare", str(sd3)], "a LoRA for SD3 / SD3.5"),
                         (["--guidance", "nan"], "--guidance nan"), (["--guidance", "0"], "--guidance 0.0"),
                         (["--clip-vision", "/nonexistent"], "--clip-vision /nonexistent"),
                         (["--steps", "100000"], "at most")):

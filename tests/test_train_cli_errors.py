@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 from conftest import random_lora
-from test_data import make_cache
+from test_config_resume import one_line_error, train_argv
 
 import distill.train
 from distill.config import ConfigError, DistillConfig, flat_fields
@@ -24,20 +24,7 @@ from weights.lora_write import write_lora
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory) -> list[str]:
-    """A CLI run that would train (a built cache, the tiny Flux)."""
-    folder = tmp_path_factory.mktemp("cli")
-    make_cache(folder)
-    return ["--model", "tiny", "--cache", str(folder / "cache"), "--dtype", "fp32", "--device", "cpu", "--rank",
-            "4", "--batch_size", "2", "--steps", "2", "--export_formats", "diffusers", "--t5_length", "5"]
-
-
-def one_line_error(capsys, argv: list[str], substring: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert substring in err, err
-    return err
+    return train_argv(tmp_path_factory)
 
 
 def flags(argv: list[str]) -> dict:

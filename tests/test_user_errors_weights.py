@@ -4,7 +4,7 @@ existing folder, a mistyped `--lora FILE:SCALE` scale (read as a missing file), 
 
 import pytest
 import torch
-from conftest import randomize_
+from test_convert_refusals import one_line, tiny_flux_file
 
 import weights.convert
 from model.flux import FLUX_CONFIGS, Flux
@@ -14,7 +14,6 @@ from weights.io import WeightsError, parse_lora
 from weights.lora import LoRA, LoRAPart, ModuleLoRA
 from weights.lora_merge import apply_loras, lora_spec
 from weights.lora_write import write_lora
-from weights.transformer import save_transformer
 
 
 def run(capsys, *argv):
@@ -26,15 +25,9 @@ def run(capsys, *argv):
     return code, capsys.readouterr().err
 
 
-def one_line(code, err, *words):
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert all(w in err for w in words), err
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    model = randomize_(Flux(FLUX_CONFIGS["tiny"]), 0.2, seed=4)
-    return save_transformer(model, tmp_path_factory.mktemp("flux") / "flux-tiny.safetensors")
+    return tiny_flux_file(tmp_path_factory)
 
 
 def lora_file(path, family="flux"):
