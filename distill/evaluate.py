@@ -62,6 +62,7 @@ from sampling.options import (
     check_device,
     check_writable,
     one_scale,
+    plain_warnings,
     read_prompt_lines,
 )
 from weights.families import detect_family
@@ -351,4 +352,5 @@ def judge_main(args) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     raise SystemExit(main())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sampling.options import OneLineParser
+from sampling.options import OneLineParser, plain_warnings
 from weights.io import WeightsError
 
 from .config import ConfigError
@@ -47,4 +47,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

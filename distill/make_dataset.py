@@ -7,7 +7,7 @@ import sys
 import torch
 
 from sampling.components import refuse_lora_model
-from sampling.options import out_of_memory
+from sampling.options import out_of_memory, plain_warnings
 from weights.io import WeightsError
 
 from .teacher_data import build_parser, run
@@ -31,4 +31,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from sampling.fields import add_dataclass_args, check_fields
-from sampling.options import OneLineParser, check_device
+from sampling.options import OneLineParser, check_device, plain_warnings
 from weights.atomic import folder_lock
 from weights.family import Family
 from weights.io import WeightsError, read_header
@@ -264,4 +264,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

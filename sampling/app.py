@@ -35,7 +35,7 @@ from .compare import AXES, MAX_CELLS, Column, Session, grid_image, parse_values,
 from .components import refuse_lora_model
 from .demo import DEMO_LORA, IMAGE_SIZE
 from .flags import add_model_files
-from .options import OneLineParser, add_run_options, check_run_options, out_of_memory
+from .options import OneLineParser, add_run_options, check_run_options, out_of_memory, plain_warnings
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported (below, in build_ui)
 
@@ -413,4 +413,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

@@ -40,7 +40,7 @@ from .job import (
     resolve,
     with_demo_defaults,
 )
-from .options import check_writable, out_of_memory
+from .options import check_writable, out_of_memory, plain_warnings
 
 
 @dataclasses.dataclass
@@ -103,4 +103,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -73,6 +74,22 @@ def out_of_memory(args, smaller: str) -> str:
     more = "more than " + str(args.blocks_to_swap) if args.blocks_to_swap else "N"
     tips += [f"--blocks-to-swap {more} (blocks wait in CPU memory: slower)", smaller]
     return f"error: out of GPU memory; the images written so far are kept; run again with {' or '.join(tips)}"
+
+
+def plain_warnings() -> None:
+    """A command's warnings as one `warning: ...` line each on stderr, each text once, called where a command runs
+    as one (its `__main__`): Python's default adds the warning's class, the file and line that warned and that
+    line's source, which tell a user nothing and bury the message (`train.py:191: UserWarning: cfg_scale 3.5:
+    ...`), and says a text again when another place warns it (a file read twice: convert's detection, then its
+    reading)."""
+    said = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(message) not in said:
+            said.add(str(message))
+            print(f"warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 class OneLineParser(argparse.ArgumentParser):

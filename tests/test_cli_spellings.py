@@ -70,3 +70,48 @@ def test_generate_and_train_build_their_flags_from_dataclasses_with_one_helper()
         4, (7, 8), ["a:0.5", "b"], True, 2.0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--variant", "turbo"])
+
+
+# ----- warnings: one line each, as the errors are -----------------------------------------------------------
+
+COMMANDS = ["sampling/generate.py", "sampling/app.py", "distill/make_dataset.py", "distill/train.py",
+            "distill/export.py", "distill/evaluate.py", "tools/convert.py"]
+
+
+def test_each_command_says_its_warnings_in_one_line(tmp_path, capsys):
+    """Python's default printed `.../train.py:191: UserWarning: cfg_scale 3.5: ...` and then that source line."""
+    import ast
+    import subprocess
+    import sys
+    import warnings
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from sampling.options import plain_warnings
+
+    root = Path(__file__).resolve().parents[1]
+    for path in COMMANDS:  # each command's `__main__` block installs it before main()
+        tree = ast.parse((root / path).read_text())
+        block = next(n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
+        assert ast.unparse(block.body[0]) == "plain_warnings()", path
+    with warnings.catch_warnings():
+        plain_warnings()
+        warnings.simplefilter("always")
+        for _ in range(2):
+            warnings.warn("the message alone", stacklevel=1)
+        warnings.warn("another", stacklevel=1)
+    assert capsys.readouterr().err == "warning: the message alone\nwarning: another\n"  # each text once
+    # one command end to end: a kohya LoRA whose alpha is 0 warns as it is read (twice: detection, then reading)
+    stem = "lora_unet_double_blocks_0_img_attn_proj"
+    save_file({f"{stem}.lora_down.weight": torch.ones(2, 32), f"{stem}.lora_up.weight": torch.ones(32, 2),
+               f"{stem}.alpha": torch.tensor(0.0)}, tmp_path / "k.safetensors")
+    done = subprocess.run([sys.executable, "tools/convert.py", "lora", str(tmp_path / "k.safetensors"),
+                           str(tmp_path / "o.safetensors"), "--to", "diffusers"], cwd=root, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if "is 0: applied with no effect" in line] == lines[:1], done.stderr
+    assert lines[0].startswith(f"warning: {tmp_path / 'k.safetensors'}: {stem}.alpha is 0"), done.stderr
+    assert "UserWarning" not in done.stderr and "warnings.warn" not in done.stderr, done.stderr

@@ -39,7 +39,7 @@ import torch
 if __package__ in (None, ""):  # run as `python tools/convert.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sampling.options import OneLineParser
+from sampling.options import OneLineParser, plain_warnings
 from weights.convert import check_output, convert_checkpoint, merge_loras, outside_transformer
 from weights.convert_plan import detect, plan_conversion
 from weights.families import get_family, names
@@ -377,4 +377,5 @@ def _os_error(e: OSError) -> str:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     sys.exit(main())
