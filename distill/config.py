@@ -292,6 +292,8 @@ class DistillConfig:
                               f"divisor of it (--micro_batch {fits}, say)")
         if self.seed < 0:  # as generate and evaluate refuse it: -1 is "random" to A1111, and we never draw one
             raise ConfigError(f"seed {self.seed}: seeds are 0 or more (-1 does not mean random here); pass --seed 0")
+        if self.seed >= 2**64:  # torch.Generator.manual_seed's limit (the LoRA's initial values are drawn with it)
+            raise ConfigError(f"seed {self.seed}: over torch's largest seed 2**64 - 1; pass --seed 0")
         for name in FLOAT_RANGES:
             if (refused := range_error(name, self.get(name), flat_fields()[name][0].default)) is not None:
                 raise ConfigError(refused)

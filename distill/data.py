@@ -369,7 +369,8 @@ class BucketBatches:
 
     def _batches(self, epoch: int) -> list[list[int]]:
         if self._epoch is None or self._epoch[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            # modulo torch's seed range: a seed above ~1.8e13 made this product overflow it mid-run
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
             batches = []
             for key in sorted(self.groups):
                 items = self.groups[key]

@@ -228,6 +228,8 @@ def test_bucket_batches_are_a_function_of_the_step():
     assert a.position(13) == (2, 1)
     other = BucketBatches(buckets, 2, seed=4)
     assert [other.batch(s) for s in range(6)] != order[:6]  # another seed, another order
+    huge = BucketBatches(buckets, 2, seed=2**63)  # seed * 1_000_003 overflowed torch's seed range mid-run
+    assert len(huge.batch(13)) == 2
 
 
 # ----- python -m distill.make_dataset -----------------------------------------------------------------------

@@ -141,6 +141,8 @@ def test_a_negative_seed_is_refused_as_generate_refuses_it(capsys, cli, tmp_path
                    "seed -1: seeds are 0 or more (-1 does not mean random here); pass --seed 0")
     with pytest.raises(ConfigError, match=r"^seed -5: seeds are 0 or more"):
         DistillConfig.from_flat(seed=-5)  # a config file's too
+    with pytest.raises(ConfigError, match=r"^seed 18446744073709551616: over torch's largest seed"):
+        DistillConfig.from_flat(seed=2**64)  # the LoRA's initial values are drawn with it
     assert not (tmp_path / "run").exists()
 
 
