@@ -170,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(parser, args)
     except KeyboardInterrupt:  # a traceback of whatever was sampling says nothing to the user
-        again = "; run it again to continue with the rows done" if args.out is not None else ""
-        print(f"evaluate: interrupted{again}", file=sys.stderr)
+        # generate's and make_dataset's form: `interrupted: what is left`
+        again = ": run it again to continue with the rows done" if args.out is not None else ""
+        print(f"interrupted{again}", file=sys.stderr)
         return 130
+    except (WeightsError, ValueError, OSError) as e:  # every refusal: one line and status 2, as the other commands
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # a message with line breaks: still one line
+        return 2
 
 
 def check_steps(args) -> None:
@@ -207,25 +211,22 @@ def _main(parser, args) -> int:
             unread.append("a second --lora")
             fixes.append("pass the other LoRAs as --compare PATH[:SCALE]")
         if unread:  # refused before anything loads: a run that ignored them would look as if it had read them
-            raise SystemExit(f"evaluate: {', '.join(unread)}: not read with --out; {'; '.join(fixes)}")
+            raise ValueError(f"{', '.join(unread)}: not read with --out; {'; '.join(fixes)}")
         return judge_main(args)
     unread = [f"--{name.replace('_', '-')}" for name in OUT_ONLY if getattr(args, name) != parser.get_default(name)]
     unread += ["a second --lora"] if len(args.lora) > 1 else []
     if unread:  # read by --out alone: taking them silently would print a table that ignored them
-        raise SystemExit(f"evaluate: {', '.join(unread)}: read with --out DIR only (any model, the demo's too); "
+        raise ValueError(f"{', '.join(unread)}: read with --out DIR only (any model, the demo's too); "
                          "the demo world's table takes the demo model and one --lora")
     args.model = DEMO_FOLDER if args.model is None else Path(args.model)
-    try:
-        check_steps(args)
-        check_table_outputs(args)
-        if args.lora:  # the demo world's rows take one LoRA: PATH[:SCALE] (no header read yet: errors come below)
-            path, scale = parse_lora(demo_lora(args.lora[0]))
-            args.lora = Path(path)
-            args.lora_scale = one_scale(scale, args.lora_scale, "--lora PATH:SCALE and --lora-scale")
-        else:
-            args.lora = DEMO_LORA
-    except (WeightsError, ValueError) as e:
-        raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
+    check_steps(args)
+    check_table_outputs(args)
+    if args.lora:  # the demo world's rows take one LoRA: PATH[:SCALE] (no header read yet: errors come below)
+        path, scale = parse_lora(demo_lora(args.lora[0]))
+        args.lora = Path(path)
+        args.lora_scale = one_scale(scale, args.lora_scale, "--lora PATH:SCALE and --lora-scale")
+    else:
+        args.lora = DEMO_LORA
     args.grid = Path("evaluate_grid.png") if args.grid is None else args.grid
     args.grid_scale = 2 if args.grid_scale is None else args.grid_scale
     args.threads = 2 if args.threads is None else args.threads
@@ -256,8 +257,6 @@ def _main(parser, args) -> int:
         if not args.no_grid:
             write_grid(args.grid, report["grid"], args.grid_scale, report)
             print(f"wrote {args.grid} (rows: {', '.join(r['name'] for r in report['rows'])})")
-    except (WeightsError, ValueError, OSError) as e:
-        raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
     finally:
         torch.set_num_threads(threads)
     return 0
@@ -344,8 +343,6 @@ def judge_main(args) -> int:
         report = judge(args)
         print(format_report(report))
         print(f"wrote {args.out / 'report.json'} and {args.out / 'grid.png'}")
-    except (WeightsError, ValueError, OSError) as e:
-        raise SystemExit("evaluate: " + " ".join(str(e).split())) from None
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_evaluate_refusals import refused
 
-from distill import evaluate as evaluate_cli
 from distill import make_dataset, teacher_data
 from distill.data import plan_cache
 from distill.dataset import DataError, inside_folder, load_image, read_folder
@@ -370,10 +370,8 @@ def test_corrupt_images_are_named(tmp_path):
     (["--device", "foo"], "--device foo: not a device name"),
 ])
 def test_evaluate_refuses_bad_flags(tmp_path, nothing_read, flags, expected):
-    with pytest.raises(SystemExit) as exc:
-        evaluate_cli.main(["--per-prompt", "1", "--steps", "1", "--grid", str(tmp_path / "g.png"), *flags])
-    msg = exc.value.code
-    assert isinstance(msg, str) and msg.startswith("evaluate: ") and "\n" not in msg and expected in msg, msg
+    msg = refused(["--per-prompt", "1", "--steps", "1", "--grid", str(tmp_path / "g.png"), *flags])
+    assert expected in msg, msg
     assert not any(tmp_path.iterdir())
 
 
@@ -382,9 +380,8 @@ def test_evaluate_refuses_unwritable_outputs_before_sampling(tmp_path, nothing_r
     blocker.write_text("the user's file")
     for flags in (["--no-grid", "--json"], ["--grid"]):  # the default grid is evaluate_grid.png in the cwd
         flag, name = flags[-1], "out.png" if flags[-1] == "--grid" else "out.json"
-        with pytest.raises(SystemExit) as exc:
-            evaluate_cli.main(["--per-prompt", "1", "--steps", "1", *flags, str(blocker / name)])
-        assert f"evaluate: {flag} {blocker / name}: {blocker} is a file, not a folder" in exc.value.code
+        msg = refused(["--per-prompt", "1", "--steps", "1", *flags, str(blocker / name)])
+        assert msg == f"error: {flag} {blocker / name}: {blocker} is a file, not a folder; pass another {flag}", msg
     assert blocker.read_text() == "the user's file"
 
 

@@ -143,15 +143,15 @@ def test_bad_input_gives_one_line_and_changes_nothing(bad, capsys, cli, argv, sa
     before = _snapshot(bad)
     try:
         code = main(_fill(argv, bad))
-    except SystemExit as e:  # argparse's errors, and evaluate's `evaluate: ...` line
+    except SystemExit as e:  # argparse's errors
         code = e.code
     out, err = capsys.readouterr()
-    if isinstance(code, str):  # Python prints it and exits 1
-        err, code = err + code + "\n", 1
     assert code not in (0, None), (argv, out, err)
     assert "Traceback" not in out + err and "usage:" not in err, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and says in lines[0], err
+    if cli == "evaluate":  # refused as generate, train, ... refuse: status 2, one `error: ...` line
+        assert code == 2 and err.startswith("error: "), (code, err)
     assert _snapshot(bad) == before, "a refused command changed a file"
 
 
@@ -183,6 +183,8 @@ def test_each_cli_exits_non_zero_in_one_line_from_the_shell(bad):
         lines = [ln for ln in run.stderr.splitlines() if ln.strip() and not ln.startswith("[transformers]")]
         assert run.returncode != 0 and "Traceback" not in run.stderr, (cli, run.stderr)
         assert len(lines) == 1 and says in lines[0], (cli, run.stderr)
+        if cli == "evaluate":  # as the shell sees generate's and train's refusals
+            assert run.returncode == 2 and lines[0].startswith("error: "), (cli, run.returncode, run.stderr)
 
 
 def test_the_table_covers_every_cli():

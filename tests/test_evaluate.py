@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluate_refusals import refused
 
 from distill.demo import models, world
 from distill.evaluate import main
@@ -142,20 +143,12 @@ def test_shift_moves_the_few_step_rows_not_the_reference(folder):
         evaluate(EvalConfig(**base, shift=0.0))
 
 
-def one_line_error(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    msg = exc.value.code
-    assert isinstance(msg, str) and msg.startswith("evaluate: ") and "\n" not in msg
-    return msg
-
-
 def test_missing_lora_or_model_is_a_one_line_error(folder, tmp_path):
     grid = tmp_path / "grid.png"
-    msg = one_line_error(["--model", str(folder), "--lora", str(tmp_path / "nope.safetensors"), "--grid", str(grid),
-                          *SMALL])
+    msg = refused(["--model", str(folder), "--lora", str(tmp_path / "nope.safetensors"), "--grid", str(grid),
+                   *SMALL])
     assert "--lora" in msg and "nope.safetensors" in msg and "distill.train" in msg
-    msg = one_line_error(["--model", str(tmp_path / "missing"), "--lora", str(tmp_path / "x"), *SMALL])
+    msg = refused(["--model", str(tmp_path / "missing"), "--lora", str(tmp_path / "x"), *SMALL])
     assert "--model" in msg and "tools.make_demo" in msg
     assert not grid.exists()
 
@@ -163,22 +156,22 @@ def test_missing_lora_or_model_is_a_one_line_error(folder, tmp_path):
 def test_wrong_files_and_prompts_are_one_line_errors(folder, tmp_path):
     lora = lora_file(tmp_path / "ok.safetensors")
     base = folder / "transformer" / "diffusion_pytorch_model.safetensors"
-    msg = one_line_error(["--model", str(folder), "--lora", str(base), "--no-grid", *SMALL])
+    msg = refused(["--model", str(folder), "--lora", str(base), "--no-grid", *SMALL])
     assert "no LoRA tensors" in msg
     deeper = lora_file(tmp_path / "deeper.safetensors",
                        config=dataclasses.replace(models.FLUX_CONFIG, depth_single_blocks=7))
-    msg = one_line_error(["--model", str(folder), "--lora", str(deeper), "--no-grid", *SMALL])
+    msg = refused(["--model", str(folder), "--lora", str(deeper), "--no-grid", *SMALL])
     assert "single_blocks.6" in msg and "not in this model" in msg
-    msg = one_line_error(["--model", str(folder), "--lora", str(lora), "--no-grid", *SMALL[:-2], "a photo of a cat"])
+    msg = refused(["--model", str(folder), "--lora", str(lora), "--no-grid", *SMALL[:-2], "a photo of a cat"])
     assert "not a caption of the demo world" in msg
 
 
 def test_flags_that_only_out_reads_are_refused_on_the_demo_table(folder, tmp_path, capsys):
     lora = str(lora_file(tmp_path / "ok.safetensors"))
-    msg = one_line_error(["--model", str(folder), "--lora", lora, "--compare", lora, "--width", "128", "--vae",
-                          str(folder / "vae"), "--guidance", "4", "--no-grid", *SMALL])
-    assert msg.startswith("evaluate: --vae, --compare, --width, --guidance: read with --out DIR only"), msg
-    msg = one_line_error(["--model", str(folder), "--lora", lora, "--lora", lora, "--no-grid", *SMALL])
+    msg = refused(["--model", str(folder), "--lora", lora, "--compare", lora, "--width", "128", "--vae",
+                   str(folder / "vae"), "--guidance", "4", "--no-grid", *SMALL])
+    assert msg.startswith("error: --vae, --compare, --width, --guidance: read with --out DIR only"), msg
+    msg = refused(["--model", str(folder), "--lora", lora, "--lora", lora, "--no-grid", *SMALL])
     assert "a second --lora" in msg
     assert main(["--lora", "demo", "--no-grid", *SMALL[:-len(PROMPTS)], PROMPTS[0]]) == 0  # as --help says
     assert "scfm 2" in capsys.readouterr().out
@@ -189,7 +182,7 @@ def test_existing_outputs_are_kept_without_overwrite(folder, tmp_path):
     for flags in (["--grid"], ["--no-grid", "--json"]):
         path = tmp_path / f"mine{flags[-1][2:]}.{'png' if flags == ['--grid'] else 'json'}"  # --grid takes *.png
         path.write_text("the user's file")
-        msg = one_line_error(["--model", str(folder), "--lora", str(lora), *flags, str(path), *SMALL])
+        msg = refused(["--model", str(folder), "--lora", str(lora), *flags, str(path), *SMALL])
         assert "exists" in msg and "--overwrite" in msg
         assert path.read_text() == "the user's file"
 

@@ -7,19 +7,12 @@ from __future__ import annotations
 from argparse import Namespace
 
 import pytest
+from test_evaluate_refusals import refused
 
-from distill.evaluate import build_parser, main
+from distill.evaluate import build_parser
 
 TABLE = ["--per-prompt", "1", "--steps", "1", "--teacher-steps", "2", "--device", "cpu", "--threads", "1"]
 FAST = [*TABLE, "--dtype", "fp32"]  # with --out
-
-
-def refused(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    msg = str(e.value.code)
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ def test_a_prompts_file_given_to_prompts_is_refused_naming_prompts_file(tmp_path
     out = tmp_path / "e1"
     for mode in ([*FAST, "--out", str(out)], [*TABLE, "--no-grid"]):  # any model, and the demo world's table
         msg = refused(["--prompts", "p3.txt", *mode])
-        assert msg.startswith("evaluate: --prompts p3.txt: a file") and "pass --prompts-file p3.txt" in msg, msg
+        assert msg.startswith("error: --prompts p3.txt: a file") and "pass --prompts-file p3.txt" in msg, msg
     msg = refused(["--prompts", "other/p4.txt", *FAST, "--out", str(out)])  # a path that is not there
     assert "--prompts other/p4.txt" in msg and "--prompts-file FILE" in msg, msg
     assert not out.exists()
@@ -67,11 +60,11 @@ def test_a_wrong_width_or_height_is_refused_by_its_own_flag_before_any_folder(tm
     out = tmp_path / "e3"
     base = ["--prompts", "a red circle", *FAST, "--out", str(out)]
     msg = refused([*base, "--width", "60"])  # --height follows --width, but was never given
-    assert msg == "evaluate: --width 60 is not a multiple of 8; use 56 or 64", msg
+    assert msg == "error: --width 60 is not a multiple of 8; use 56 or 64", msg
     msg = refused([*base, "--height", "60"])
-    assert msg == "evaluate: --height 60 is not a multiple of 8; use 56 or 64", msg
+    assert msg == "error: --height 60 is not a multiple of 8; use 56 or 64", msg
     msg = refused([*base, "--width", "0"])  # not read as unset: the demo's own default is the fix
-    assert msg.startswith("evaluate: --width 0:") and "pass --width 64" in msg, msg
+    assert msg.startswith("error: --width 0:") and "pass --width 64" in msg, msg
     assert not out.exists()
 
 
@@ -85,10 +78,10 @@ def test_a_lora_folder_is_said_to_be_a_folder(tmp_path, no_render):
     folder = tmp_path / "adir"
     folder.mkdir()
     table = refused(["--lora", str(folder), "--prompts", "a red circle", *TABLE, "--no-grid"])
-    assert table.startswith(f"evaluate: --lora {folder}: a folder") and ".safetensors file" in table, table
+    assert table.startswith(f"error: --lora {folder}: a folder") and ".safetensors file" in table, table
     assert "no such file" not in table
     out = refused(["--lora", str(folder), "--prompts", "a red circle", *FAST, "--out", str(tmp_path / "out")])
-    assert out.startswith(f"evaluate: --lora {folder}: a folder") and ".safetensors file" in out, out
+    assert out.startswith(f"error: --lora {folder}: a folder") and ".safetensors file" in out, out
 
 
 def test_export_names_set_for_an_unknown_set(tmp_path, capsys):

@@ -5,6 +5,8 @@ own report.json, Ctrl-C, and an export that writes one layout before refusing th
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
@@ -20,12 +22,20 @@ def run(out, *extra) -> int:
     return main(["--lora", "demo", *FAST, "--out", str(out), *extra])
 
 
-def refused(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    msg = str(e.value.code)
-    assert "\n" not in msg, msg
-    return msg
+def refused(argv: list[str], during_run: bool = False) -> str:
+    """evaluate's refusal in every command's form: main() returns 2 and stderr is one `error: ...` line, nothing
+    else (no traceback); that line is returned. `during_run`: refused once the rows' progress began, which stays
+    above the line."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    *before, last = err.getvalue().splitlines() or [""]
+    assert code == 2 and last.startswith("error: "), (code, before, last)
+    if during_run:  # the progress bars' lines, no other error and no traceback
+        assert not any(ln.startswith("error: ") or "Traceback" in ln for ln in before), before
+    else:
+        assert not before, before
+    return last
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +46,7 @@ def rendered(tmp_path_factory):
 
 
 def test_other_pixel_settings_are_named_and_old_manifests_still_match(rendered, capsys):
-    assert "fp8_compute" in refused(["--lora", "demo", *FAST, "--out", str(rendered), "--fp8-compute"])
+    assert "fp8_compute" in refused(["--lora", "demo", *FAST, "--out", str(rendered), "--fp8-compute"], True)
     record = rendered / "teacher_2" / "manifest.json"
     old = {k: v for k, v in json.loads(record.read_text()).items()
            if k not in ("fp8_compute", "no_t5", "ignore_te_lora", "variant", "model_identity")}
@@ -124,6 +134,7 @@ def test_a_users_report_is_kept_without_overwrite(tmp_path):
 
 
 def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    import distill.evaluate
     import distill.judge
 
     def interrupted(args):
@@ -131,8 +142,15 @@ def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(distill.judge, "judge", interrupted)
     assert run(tmp_path / "out") == 130
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err, err
+    assert capsys.readouterr().err == "interrupted: run it again to continue with the rows done\n"  # generate's form
+
+    def interrupted_table(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.evaluate, "evaluate", interrupted_table)  # the demo table: nothing to continue
+    table = ["--lora", "demo", "--prompts", "a red circle", "--per-prompt", "1", "--steps", "1", "--no-grid"]
+    assert main(table) == 130
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_export_checks_every_target_before_writing_any(tmp_path, capsys):
@@ -173,5 +191,5 @@ def test_a_cfg_below_1_is_refused_before_loading_in_evaluates_own_flag(tmp_path,
         save_file(model.state_dict(), tmp_path / name)
         out = tmp_path / "out"
         msg = refused(["--model", str(tmp_path / name), *FAST, "--out", str(out), "--guidance", "0.5"])
-        assert msg.startswith("evaluate: --guidance 0.5:") and "[1, inf)" in msg and "--cfg" not in msg, msg
+        assert msg.startswith("error: --guidance 0.5:") and "[1, inf)" in msg and "--cfg" not in msg, msg
         assert "pass --guidance 1" in msg and not out.exists(), msg

@@ -6,9 +6,11 @@ in two rows, the demo table's flags refused, one image per row, and what sec/img
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from safetensors.torch import load_file, save_file
+from test_evaluate_refusals import refused
 
 from distill.evaluate import main
 from sampling.demo import DEMO_FOLDER, DEMO_LORA
@@ -103,8 +105,8 @@ def test_report_reference_reruns_and_refusals(tmp_path, capsys):
 
     other = tmp_path / "other.safetensors"
     save_file({k: v * 0.5 for k, v in load_file(DEMO_LORA).items()}, other, read_header(DEMO_LORA)[1])
-    with pytest.raises(SystemExit, match="student_2: rendered with other settings .* pass --overwrite"):
-        run(tmp_path / "a", str(other))
+    assert re.search("student_2: rendered with other settings .* pass --overwrite", refused(
+        ["--lora", str(other), *COMMON, "--steps", "2", "--out", str(tmp_path / "a")], during_run=True))
     assert run(tmp_path / "a", str(other), ("2",), "--overwrite") == 0
     assert report(tmp_path / "a")["rows"][2]["mean|d|"] != rows[2]["mean|d|"]
 
@@ -186,8 +188,8 @@ def test_compare_loras_of_one_file_name_get_their_folder_in_the_row_name(tmp_pat
     assert file_labels(["/r/a/x.safetensors", "/r/b/x.safetensors", "/q/a/x.safetensors", "/r/a/y.safetensors"],
                        lambda p: p.stem) == ["r/a/x", "b/x", "q/a/x", "y"]
     for twice in ([f"{a}:1", f"{a}:1"], [f"{a}:1", f"{tmp_path}/runs/../runs/a/{a.name}:1"]):  # refused, no render
-        with pytest.raises(SystemExit, match="^evaluate: row 'scfm-lora-slow_ema@1 1' is asked for twice"):
-            main(small(tmp_path / "twice", "--compare", twice[0], "--compare", twice[1]))
+        msg = refused(small(tmp_path / "twice", "--compare", twice[0], "--compare", twice[1]))
+        assert msg.startswith("error: row 'scfm-lora-slow_ema@1 1' is asked for twice"), msg
     assert not (tmp_path / "twice").exists()
 
 
@@ -202,14 +204,12 @@ def test_flags_of_the_demo_table_are_refused_with_out_and_threads_is_read(tmp_pa
     out = tmp_path / "eval"
     flags = ["--json", str(tmp_path / "t.json"), "--grid", str(tmp_path / "g.png"), "--no-grid", "--grid-scale",
              "3", "--floor"]
-    with pytest.raises(SystemExit) as exc:
-        main(small(out, *flags))
-    msg = exc.value.code
-    assert msg.startswith("evaluate: --json, --grid, --no-grid, --grid-scale, --floor: not read with --out; it "
-                          f"writes {out}/report.json") and "\n" not in msg, msg
-    with pytest.raises(SystemExit, match="^evaluate: a second --lora: not read with --out; pass the other LoRAs as "
-                                         r"--compare PATH\[:SCALE\]$"):
-        main(small(out, "--lora", "demo", "--lora", "demo"))
+    msg = refused(small(out, *flags))
+    assert msg.startswith("error: --json, --grid, --no-grid, --grid-scale, --floor: not read with --out; it "
+                          f"writes {out}/report.json"), msg
+    assert refused(small(out, "--lora", "demo", "--lora", "demo")) == ("error: a second --lora: not read with "
+                                                                        "--out; pass the other LoRAs as --compare "
+                                                                        "PATH[:SCALE]")
     assert not out.exists()
 
     seen = []
@@ -220,8 +220,7 @@ def test_flags_of_the_demo_table_are_refused_with_out_and_threads_is_read(tmp_pa
 
     monkeypatch.setattr(distill.judge, "judge", stand_in)
     before = torch.get_num_threads()
-    with pytest.raises(SystemExit, match="stand-in"):
-        main(small(out, "--threads", str(before + 1)))
+    assert refused(small(out, "--threads", str(before + 1))) == "error: stand-in"
     assert seen == [before + 1] and torch.get_num_threads() == before
 
 
@@ -240,8 +239,7 @@ def test_one_image_per_row_reports_null_and_a_failure_leaves_no_report(tmp_path,
         raise ValueError("scoring failed")
 
     monkeypatch.setattr(distill.judge, "scored", failing)
-    with pytest.raises(SystemExit, match="scoring failed"):
-        main(argv)
+    assert refused(argv, during_run=True) == "error: scoring failed"
     assert sorted(p.name for p in out.iterdir()) == ["teacher_1", "teacher_2"]  # the rendered rows, kept
     monkeypatch.undo()
     assert main(argv) == 0
