@@ -13,6 +13,7 @@ import secrets
 import shutil
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .io import WeightsError
+
+try:
+    import fcntl  # POSIX: a stale lock's take-over holds an flock (folder_lock)
+except ImportError:  # Windows, which never takes a lock over: it has no harmless pid probe (_pid_alive)
+    fcntl = None
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
@@ -213,32 +219,103 @@ def durable_replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     fsync_dir(path.parent)
 
 
+def _take_over(lock: Path) -> str | None:
+    """Delete `lock` if it is still the file of a process gone on this host; None when it is gone or was
+    deleted (try to create it again), the reason otherwise (a one-line error's end) when it cannot be taken over.
+
+    Two runs that both found the same killed run's lock would otherwise both delete "it" and create their own:
+    the later delete removes the earlier run's new lock and both hold the folder. So the take-over holds an
+    flock on the stale file itself while it checks, under that flock, that the name still points to this very
+    file and that the file still names a gone process, and only then deletes it: the second run waits, then
+    finds the name gone or pointing to the first run's live lock, and leaves it. The kernel drops an flock
+    when its process dies, so a run killed mid-take-over blocks no one. Where flock is refused (some network
+    and FUSE file systems; Windows has no pid probe to get this far) nothing is taken over."""
+    if fcntl is None:
+        return "this system cannot lock it to take it over safely"
+    fd = None
+    for mode in (os.O_RDWR, os.O_RDONLY):  # NFS emulates flock with POSIX locks: an exclusive one needs O_RDWR
+        try:
+            fd = os.open(lock, mode | getattr(os, "O_CLOEXEC", 0))
+            break
+        except FileNotFoundError:
+            return None  # another run took it over, or its owner ended: try again
+        except PermissionError:
+            continue  # read-only to us (a umask of 0222): a local flock needs no more
+        except OSError as e:
+            return f"it cannot be opened ({e.strerror})"
+    if fd is None:
+        return "it cannot be opened (permission denied)"
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while another run checks and deletes this same file
+        except OSError as e:
+            return f"this file system cannot lock it to take it over safely ({e.strerror})"
+        try:
+            mine, now = os.fstat(fd), os.stat(lock)
+        except FileNotFoundError:
+            return None
+        if (mine.st_dev, mine.st_ino) != (now.st_dev, now.st_ino):
+            return None  # the name is another run's lock now, made after this file was deleted: judge that one
+        # the open file keeps its inode, so a new lock cannot reuse the number; read it, not the name, to judge
+        writer, _, pid = os.read(fd, 4096).decode(errors="replace").strip().rpartition(" ")
+        if writer == _WRITER and pid.isdigit() and not _pid_alive(int(pid)):
+            lock.unlink(missing_ok=True)  # no one else deletes it while we hold its flock: its owner is gone
+        return None
+    finally:
+        os.close(fd)  # drops the flock, after the delete
+
+
+def _lock_owner(lock: Path) -> tuple[str, str] | None:
+    """The host and pid `lock` names, or None once it is gone (its owner ended: try again). A lock is made empty,
+    then written, so one without its closing newline is read again for a moment before it counts as naming no
+    one (a run killed in between, or a hand-made file)."""
+    for _ in range(20):
+        try:
+            text = lock.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return "", ""
+        if text.endswith("\n"):
+            break
+        time.sleep(0.005)
+    writer, _, pid = text.strip().rpartition(" ")
+    return writer, pid
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     """Hold `folder/.scfm.lock` while the block runs: a second process `what` (a training run) on the same folder
     is refused in one line instead of interleaving its checkpoints and log with the first's. The lock names its
     host and pid as temp files do (`temp_beside`); one whose process is gone on this host is taken over, one from
-    another host (a shared disk) is not ours to judge, and the message says how to clear it."""
+    another host (a shared disk) is not ours to judge, and the message says how to clear it. Runs that find the
+    same gone process's lock at once take it over one at a time (`_take_over`), so exactly one of them holds it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".scfm.lock"
-    for _ in range(2):
+    for _ in range(10):  # each retry follows a lock deleted by its owner or a take-over: a few at most
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
-            try:
-                writer, _, pid = lock.read_text().strip().rpartition(" ")
-            except OSError:
-                writer, pid = "", ""
-            if writer == _WRITER and pid.isdigit() and not _pid_alive(int(pid)):
-                lock.unlink(missing_ok=True)  # a killed run's: take it over
+            owner = _lock_owner(lock)
+            if owner is None:
                 continue
+            writer, pid = owner
+            if writer == _WRITER and pid.isdigit() and not _pid_alive(int(pid)):
+                why = _take_over(lock)  # a killed run's
+                if why is None:
+                    continue
+                raise WeightsError(f"{folder}: {lock} was left by a killed {what} (process {pid}, gone), but {why}; "
+                                   f"delete it and run again") from None
             where = f"process {pid} on this machine" if writer == _WRITER else f"host {writer or '?'}, pid {pid or '?'}"
             raise WeightsError(f"{folder}: another {what} is using it ({where}); wait for it to end, or choose "
                                f"another folder (delete {lock} only if that process is gone)") from None
         with os.fdopen(fd, "w") as f:
             f.write(f"{_WRITER} {os.getpid()}\n")
         break
+    else:
+        raise WeightsError(f"{folder}: its lock {lock} keeps changing (runs starting and ending on it); wait "
+                           f"for them, or choose another folder")
     try:
         yield lock
     finally:
