@@ -8,12 +8,14 @@ Captions, by the first rule that applies to the folder:
     IMAGE + IMAGE.txt      or IMAGE.caption (kohya / sd-scripts' other caption extension), in any subfolder
 
 Files and folders whose names start with "." are not part of a dataset (macOS's `._x.png` AppleDouble twins,
-`.ipynb_checkpoints/`, `.cache/`); symlinked files and folders are followed. Images without a caption file are
-left out and counted in one line. An image inside a kohya `N_concept` folder (sd-scripts' DreamBooth layout: "10_dog"
-trains each of its images 10 times per epoch) carries that repeat count, the innermost such folder's; "0_x" leaves its
-images out, as sd-scripts does. A caption file of several lines is one prompt, read whole (sd-scripts trains on its
-first line): said in the same line. Pixels are read upright (the EXIF orientation applied, as every viewer shows them),
-16-bit greyscale scaled to 8 bits, and alpha dropped as kohya and diffusers drop it (`convert("RGB")`).
+`.ipynb_checkpoints/`, `.cache/`); symlinked files and folders are followed. Images without a caption file are left
+out and counted in one line. A folder `python -m distill.make_dataset` made (its make_dataset.json) is read only
+once that has finished it (`check_rendered`). An image inside a kohya `N_concept` folder (sd-scripts' DreamBooth
+layout: "10_dog" trains each of its images 10 times per epoch) carries that repeat count, the innermost such
+folder's; "0_x" leaves its images out, as sd-scripts does. A caption file of several lines is one prompt, read whole
+(sd-scripts trains on its first line): said in the same line. Pixels are read upright (the EXIF orientation applied,
+as every viewer shows them), 16-bit greyscale scaled to 8 bits, and alpha dropped as kohya and diffusers drop it
+(`convert("RGB")`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from torch import Tensor
+
+from weights.atomic import lock_holder
+from weights.io import read_json_object
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")  # in this order: a .txt beside a .caption wins
@@ -186,6 +191,7 @@ def read_folder(folder: str | Path) -> list[Example]:
         raise DataError(f"{folder}: a file, not a dataset folder; pass the folder that holds the images")
     if not folder.is_dir():
         raise DataError(f"{folder}: no such dataset folder")
+    check_rendered(folder)
     meta = next((m for name in METADATA_FILES if (m := folder / name).exists()), None)
     out = _from_metadata(folder, meta) if meta else _from_caption_files(folder)
     if not out:
@@ -194,6 +200,61 @@ def read_folder(folder: str | Path) -> list[Example]:
         raise DataError(f"{folder}: empty dataset (no metadata.jsonl / .csv rows and no image + .txt / .caption "
                         f"pairs){hint}")
     return out
+
+
+# ----- folders make_dataset renders ----------------------------------------------------------------------------
+
+MAKE_DATASET_RECORD = "make_dataset.json"  # distill/teacher_data.py's record of its settings
+FINISH_RENDERING = "rerun python -m distill.make_dataset with the same flags to finish it"
+_RENDERED = re.compile(r"^(\d+)x(\d+)_(\d{6,})\.png$")  # teacher_data.plan_jobs' names: {W}x{H}_{j:06d}.png
+
+
+def check_rendered(folder: Path) -> None:
+    """Refuse a folder make_dataset made (its make_dataset.json) until make_dataset has finished it: every image its
+    record plans (images_per_bucket in each bucket of its resolution) listed in metadata.jsonl and on the disk, and
+    no make_dataset run rendering into it (its .scfm.lock, weights/atomic.py folder_lock, held by a live process).
+    A half-rendered set would be cached and trained on without a word, and once make_dataset finished it the
+    cache would refuse the finished set, so a --resume could not go on. A folder without the record is read as
+    it is: renaming the record is how a partial set is trained on by choice (the message says so)."""
+    record = folder / MAKE_DATASET_RECORD
+    if not record.is_file():
+        return
+    keep = f"rename it if {folder} is not make_dataset's folder"
+    settings = read_json_object(record, keep, "make_dataset's record of settings", DataError)
+    per_bucket, resolution = settings.get("images_per_bucket"), settings.get("resolution")
+    if not all(type(v) is int and 0 < v <= 1 << 20 for v in (per_bucket, resolution)):
+        raise DataError(f"{record}: no images_per_bucket and resolution recorded, so whether make_dataset finished "
+                        f"the folder is unknown; {keep}")
+    buckets = set(BUCKETS_512 if resolution == 512 else buckets_for(resolution))  # teacher_data's buckets
+    planned, done = per_bucket * len(buckets), _rendered(folder, buckets, per_bucket)
+    holder = lock_holder(folder)  # a make_dataset rendering into it now (on a shared disk: another host's)
+    if holder is not None:
+        raise DataError(f"{folder}: a make_dataset run holds it ({holder}; {done} of {planned} images so far); "
+                        f"wait for it to finish, then run again (delete {folder / '.scfm.lock'} only if that "
+                        "process is gone)")
+    if done < planned:
+        raise DataError(f"{folder}: make_dataset rendered {done} of the {planned} images its {MAKE_DATASET_RECORD} "
+                        f"plans; {FINISH_RENDERING} (to train on these {done} alone, rename {record.name} to "
+                        "make_dataset.partial.json; renaming it back lets make_dataset finish the set later)")
+
+
+def _rendered(folder: Path, buckets: set[tuple[int, int]], per_bucket: int) -> int:
+    """How many of the images make_dataset plans are done: listed in metadata.jsonl (rows are written after their
+    PNG; a row cut off by a kill is not one) and still there."""
+    try:
+        lines = (folder / "metadata.jsonl").read_bytes().decode("utf-8", errors="replace").split("\n")[:-1]
+    except OSError:  # no rows yet
+        return 0
+    done = set()
+    for line in lines:
+        try:
+            name = json.loads(line)["file_name"]
+        except (ValueError, KeyError, TypeError):
+            continue  # not a row make_dataset wrote: the readers refuse it with its line number
+        m = _RENDERED.match(name) if isinstance(name, str) else None
+        if m and (int(m[1]), int(m[2])) in buckets and int(m[3]) < per_bucket and (folder / name).is_file():
+            done.add(name)
+    return len(done)
 
 
 def sample_chunks(digest, path: Path, size: int, chunk: int) -> None:

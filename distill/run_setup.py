@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -117,7 +118,28 @@ def render_demo_data(cfg: DistillConfig) -> None:
     try:
         teacher_data.run(args)
     except ValueError as e:  # make_dataset's one line (its data made with other settings, say), in train's words
-        raise ConfigError(str(e).replace("use another --out", "choose another --output")) from None
+        raise ConfigError(in_train_words(str(e), cfg)) from None
+
+
+# make_dataset's flags by the train flag that sets them for the demo (render_demo_data); --resolution and --seed are
+# spelt alike, and the demo fixes the others (--steps, --guidance, --batch-size, ...), which train cannot change
+DEMO_FLAGS = {"--out": "--output", "--images-per-bucket": "--demo_images", "--max-sequence-length": "--t5_length",
+              "--lora": "--base_loras", "--ignore-te-lora": "--ignore_te_lora"}
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def in_train_words(message: str, cfg: DistillConfig) -> str:
+    """A make_dataset message met by the demo's rendering, as the train command line says it: train's flags and
+    command, and the demo's data folder named by --output (it is <output>/data)."""
+    message = message.replace(f"--out {cfg.data}", f"--output {cfg.output}")
+    message = message.replace("python -m distill.make_dataset", "python -m distill.train")
+
+    def resume(m: re.Match) -> str:  # "pass --steps 32 to continue it, or ": a flag train has not: the other way
+        return m[0] if all(f in DEMO_FLAGS or f in ("--resolution", "--seed") for f in _FLAG.findall(m[1])) else ""
+
+    message = re.sub(r"pass ([^;]*?) to continue it, or ", resume, message)
+    message = _FLAG.sub(lambda m: DEMO_FLAGS.get(m[0], m[0]), message)
+    return message.replace("use another --output", "choose another --output")
 
 
 def _is_test_model(cfg: DistillConfig) -> bool:

@@ -15,6 +15,7 @@ stopped; with different arguments it refuses to mix two datasets in one folder.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -322,13 +323,28 @@ def run(args) -> Path:
     done_files(out, repair=False)  # an existing metadata.jsonl's rows are checked before anything is written
     # a second run on this folder would render every image again and list it twice: refused while we render
     with folder_lock(out, "make_dataset run"):
-        check_settings(out, settings)  # the first write: every check above leaves --out as it was
-        jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
-        done = done_files(out)
-        todo = [j for j in jobs if j["file_name"] not in done]
-        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="rendering", unit="image") as bar:
-            for w, h in buckets:
-                mine = [j for j in todo if (j["width"], j["height"]) == (w, h)]
-                for start in range(0, len(mine), ENCODE_CHUNK):  # bounded memory for the text embeddings
-                    render(pipe, mine[start:start + ENCODE_CHUNK], args, out, bar)
+        try:
+            check_settings(out, settings)  # the first write: every check above leaves --out as it was
+            jobs = plan_jobs(prompts, buckets, args.images_per_bucket, args.seed)
+            done = done_files(out)
+            todo = [j for j in jobs if j["file_name"] not in done]
+            with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="rendering", unit="image") as bar:
+                for w, h in buckets:
+                    mine = [j for j in todo if (j["width"], j["height"]) == (w, h)]
+                    for start in range(0, len(mine), ENCODE_CHUNK):  # bounded memory for the text embeddings
+                        render(pipe, mine[start:start + ENCODE_CHUNK], args, out, bar)
+        except OSError as e:  # a disk that fills up or fails mid-run
+            raise write_error(out, e) from None
     return out
+
+
+def write_error(out: Path, e: OSError) -> DataError:
+    """A failed write while rendering, as one line naming the folder and the fix: PIL's save raises the OS's error
+    without the file's name ("[Errno 28] No space left on device"). Every image listed so far stays listed, so a
+    rerun continues where this one stopped."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):  # a full disk, or the user's quota
+        problem, fix = "no space left on its disk", "free some space"
+    else:  # a failing or vanished disk, a permission changed mid-run
+        problem, fix = f"rendering stopped ({e.strerror or e}{f': {e.filename}' if e.filename else ''})", "fix that"
+    return DataError(f"{out}: {problem}; {fix}, then rerun python -m distill.make_dataset with the same flags: it "
+                     "continues where it stopped")

@@ -283,6 +283,23 @@ def _lock_owner(lock: Path) -> tuple[str, str] | None:
     return writer, pid
 
 
+def _where(writer: str, pid: str) -> str:
+    return f"process {pid} on this machine" if writer == _WRITER else f"host {writer or '?'}, pid {pid or '?'}"
+
+
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds `folder`'s lock (folder_lock), in its words ("process 12 on this machine", "host h, pid 4"), for a
+    reader that must not take a folder a run is still writing (distill/dataset.py: a make_dataset folder); None
+    when no other live run does: no lock, this process's own, or one whose process is gone on this host."""
+    owner = _lock_owner(Path(folder) / ".scfm.lock")
+    if owner is None:
+        return None
+    writer, pid = owner
+    if writer == _WRITER and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        return None
+    return _where(writer, pid)
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     """Hold `folder/.scfm.lock` while the block runs: a second process `what` (a training run) on the same folder
@@ -307,7 +324,7 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
                     continue
                 raise WeightsError(f"{folder}: {lock} was left by a killed {what} (process {pid}, gone), but {why}; "
                                    f"delete it and run again") from None
-            where = f"process {pid} on this machine" if writer == _WRITER else f"host {writer or '?'}, pid {pid or '?'}"
+            where = _where(writer, pid)
             raise WeightsError(f"{folder}: another {what} is using it ({where}); wait for it to end, or choose "
                                f"another folder (delete {lock} only if that process is gone)") from None
         with os.fdopen(fd, "w") as f:
