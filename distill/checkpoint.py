@@ -16,6 +16,7 @@ one a lower-lr `--resume` can continue from. A write that fails (a full disk) le
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -73,6 +74,15 @@ def check_finite(root: Path, step: int, tensors: dict[str, Tensor]) -> None:
                               f"{_kept(root)}: lower --lr, then --resume")
 
 
+def disk_fix(e: OSError) -> str:
+    """The fix a failed write's errno calls for: space for a full disk, not for a file in the way."""
+    if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+        return "move the file in the way aside (or choose another --output)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make that folder writable (or choose another --output)"
+    return "free some space (or fix the folder)"  # ENOSPC, EDQUOT, EFBIG, and a writer's error without errno
+
+
 def _kept(root: Path) -> str:
     found = checkpoints(root)
     return f"{found[-1]} is kept" if found else f"no earlier checkpoint in {root} (--resume starts at step 0)"
@@ -99,7 +109,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, Tensor], state: di
     except OSError as e:  # a full disk, a folder made read-only meanwhile: the run stops, its checkpoints stay
         _put_back(aside, final)  # before the message counts what is kept
         raise CheckpointError(f"step {step}: checkpoint not written to {root} ({e.strerror or e}); "
-                              f"{_kept(root)}: free some space (or fix the folder), then --resume") from None
+                              f"{_kept(root)}: {disk_fix(e)}, then --resume") from None
     finally:  # whatever else stopped the write (a Ctrl-C between the renames): the old step goes back too
         _put_back(aside, final)
         for t in (tmp, aside):

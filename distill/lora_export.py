@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -48,6 +49,56 @@ def export_paths(cfg: DistillConfig, step: int | None = None, folder: Path | Non
     tag = "" if step is None else f"-step{step:06d}"
     return {fmt: out / f"scfm-lora-{cfg.export_set}{tag}{SUFFIXES[fmt]}.safetensors"
             for fmt in cfg.export_formats}
+
+
+def export_step(path: Path) -> int | None:
+    """The step an exported LoRA file records (its `ss_steps`), None when it records none or does not read."""
+    from weights.io import read_header
+
+    try:
+        return int(read_header(path)[1]["ss_steps"])
+    except (WeightsError, OSError, KeyError, ValueError):
+        return None
+
+
+EARLIER = "earlier-exports"  # beside the run's export: a glob of the run folder for its export still finds one
+
+
+def keep_earlier_export(cfg: DistillConfig, step: int) -> list[tuple[Path, Path]]:
+    """A resumed run's final export takes the names of the export its run made at an earlier end (`--resume
+    --steps 8` on a finished 4-step run), whose checkpoint pruning may since have deleted: that export is the
+    step's only copy, so each of its files first moves into <output>/earlier-exports, renamed with its step
+    (scfm-lora-slow_ema.step-000004.safetensors), never over an existing file. An export of this same `step`
+    is replaced as before. Returns (old, new) per file moved."""
+    moved = []
+    for path in export_paths(cfg).values():
+        if not path.is_file():
+            continue
+        old = export_step(path)
+        if old == step:
+            continue
+        stem = f"scfm-lora-{cfg.export_set}"
+        tag = f".step-{old:06d}" if old is not None else ".earlier"
+        aside = path.parent / EARLIER / (stem + tag + path.name[len(stem):])
+        try:
+            aside.parent.mkdir(exist_ok=True)
+            if aside.exists():
+                raise FileExistsError
+            try:  # a hard link fails when `aside` appeared meanwhile: nothing is overwritten; then the name is freed
+                os.link(path, aside)
+                os.unlink(path)
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: a rename, `aside` checked just above
+                os.rename(path, aside)
+        except FileExistsError:
+            raise WeightsError(f"{path}: the export of an earlier step, and {aside} exists too; move one of them "
+                               "aside, then run the same command again") from None
+        except OSError as e:
+            raise WeightsError(f"{path}: the export of an earlier step could not move aside to {aside} "
+                               f"({e.strerror or e}); move it yourself, then run the same command again") from None
+        moved.append((path, aside))
+    return moved
 
 
 def lora_metadata(cfg: DistillConfig, model, step: int, base_loras: list[dict], hints) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """What a training run writes and says besides checkpoints: the JSONL log (and TensorBoard's or W&B's), the sample
-images, the one line for running out of GPU memory, and how Ctrl-C or a scheduler's SIGTERM ends a run."""
+images (SampleImages, a base of the Trainer), the one line for running out of GPU memory, and how Ctrl-C or a
+scheduler's SIGTERM ends a run."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from pathlib import Path
 from typing import Self
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from weights.atomic import atomic_path
+
+from .checkpoint import checkpoints, disk_fix
+from .lora import weight_set
 
 
 def sample_side(size: int, downscale: int, patch: int) -> int:
@@ -44,13 +49,20 @@ def sample_latents(velocity, cond: dict[str, Tensor], guidance: Tensor | None, c
     return euler(velocity, noise, sigmas, cond, guidance).float()
 
 
+def sample_paths(folder: Path, step: int, prompts: int, vae_path: str) -> list[Path]:
+    """The files `save_samples` writes for `step`: one PNG per prompt with a VAE, else one safetensors."""
+    if not vae_path:
+        return [folder / f"step-{step:06d}.safetensors"]
+    return [folder / f"step-{step:06d}_{i:02d}.png" for i in range(prompts)]
+
+
 def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, vae_path: str,
                  device: torch.device) -> list[Path]:
     """PNGs when a VAE is configured, else the latents as safetensors (no decoder, still inspectable)."""
     from weights.atomic import atomic_save
 
     if not vae_path:
-        return [atomic_save({"latents": latents.cpu()}, folder / f"step-{step:06d}.safetensors",
+        return [atomic_save({"latents": latents.cpu()}, sample_paths(folder, step, len(prompts), vae_path)[0],
                             {"prompts": json.dumps(prompts)}, overwrite=True)]
     from model.vae import vae_to_images
     from sampling.base import to_pil
@@ -59,11 +71,67 @@ def save_samples(latents: Tensor, prompts: list[str], folder: Path, step: int, v
 
     vae = load_vae(vae_path, device=device)
     images = to_pil(vae_to_images(vae.decode(vae.denormalize_latents(latents.to(device)))))
-    paths = []
-    for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
-        paths.append(folder / f"step-{step:06d}_{i:02d}.png")
-        save_png(image, paths[-1], {"prompt": prompt, "step": step})
+    paths = sample_paths(folder, step, len(prompts), vae_path)
+    for path, prompt, image in zip(paths, prompts, images, strict=True):
+        save_png(image, path, {"prompt": prompt, "step": step})
     return paths
+
+
+class SampleImages:
+    """The sample images of a run, as a base of distill/trainer.py's Trainer (whose config, cache, model, device,
+    rank, sharding and output folder they read): rendered on the SCFM grid with the live set every
+    `sample_every` steps, and those of the step a resumed run was killed while sampling."""
+
+    @torch.no_grad()
+    def sample(self, step: int) -> list[Path]:
+        from sampling.samplers import cfg_scale_from_w, sd3_cfg
+
+        cfg = self.config
+        prompts, cond = self.cache.sample_cond()  # __init__ refused a cache without sample prompts
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        channels = self.kind.latent_channels(self.model.config)
+        velocity = self.kind.part("velocity")(self.model)
+        guidance = None
+        if self.kind.guidance == "embedding":
+            guidance = torch.full((len(prompts),), cfg.sample_guidance, device=self.device)
+        elif self.negative is not None:  # sampled as trained: c + w (c - u), diffusers' scale 1 + w
+            velocity = sd3_cfg(velocity, self.uncond(len(prompts)), cfg_scale_from_w(cfg.scfm.cfg_scale))
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
+        with weight_set(self.model, "live"), autocast:
+            latents = sample_latents(velocity, cond, guidance, cfg, channels, self.sample_side, self.device)
+        if self.rank != 0:
+            return []
+        return save_samples(latents, prompts, self.out / "samples", step, cfg.vae, self.device)
+
+    def _samples_missing(self) -> bool:
+        """Whether the checkpoint resumed from is at a sample step whose images were never (or only partly)
+        written: a run killed while sampling wrote that step's checkpoint first, and its resume starts at the next
+        step, so without this those images would never be made. Rank 0 looks; a sharded model's processes, which
+        all sample, are told."""
+        cfg, step = self.config, self.progress.step
+        if not (cfg.sample_every and step and step % cfg.sample_every == 0) or not (self.rank == 0 or self.sharded):
+            return False
+        missing = torch.tensor(0.0, device=self.device)
+        if self.rank == 0:
+            paths = sample_paths(self.out / "samples", step, len(self.cache.sample_cond()[0]), cfg.vae)
+            missing.fill_(float(not all(p.is_file() for p in paths)))
+        if self.sharded and self.world > 1:
+            dist.broadcast(missing, 0)
+        return bool(missing.item())
+
+
+def os_error_line(e: OSError, output: Path | None) -> str:
+    """The one line for the disk's refusal (a full disk, a file where a folder goes, a read-only folder): what
+    errno says, its fix, and what a rerun goes on from: the newest checkpoint when there is one."""
+    where = f"{e.filename}: " if e.filename else ""
+    found = checkpoints(output / "checkpoints") if output is not None else []
+    if found:
+        then = f"checkpoints: {found[-1]}, the newest, is intact: {disk_fix(e)}, then --resume"
+    elif output is not None and (output / "log.jsonl").exists():  # --resume starts that run again from step 0
+        then = f"checkpoints: none written yet: {disk_fix(e)}, then --resume (it starts again at step 0)"
+    else:
+        then = f"checkpoints: none written yet: {disk_fix(e)}, then run the same command again"
+    return f"{where}{e.strerror or e}; {then}"
 
 
 def base_lora_records(specs: tuple[str, ...]) -> list[dict]:

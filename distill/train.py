@@ -39,7 +39,8 @@ from .config import ConfigError, DistillConfig, flat_fields
 from .config_files import build_config, load_toml, presets
 from .dataset import DataError
 from .lora import inject_lora, set_state_dict
-from .lora_export import export_lora, export_paths
+from .lora_export import EARLIER, export_lora, export_paths, keep_earlier_export
+from .run_outputs import os_error_line
 from .run_setup import (
     check_writable,
     family_of,
@@ -93,6 +94,23 @@ def check_paths(cfg: DistillConfig) -> None:
     taken = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if taken is not None:
         raise ConfigError(f"--output {cfg.output}: {taken} is a file, not a folder; choose another --output")
+    # the run's own paths: a file (or a read-only folder) there would fail only at the first checkpoint, sample
+    # or export, steps into the run; one that does not exist yet is made in --output, checked in run()
+    fix = "move it aside or choose another --output"
+    own = [out / "checkpoints", *([out / "samples"] if cfg.sample_every else []),
+           *([out / EARLIER] if cfg.resume else [])]
+    for path in own:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path}: a file where the run makes its {path.name} folder; {fix}")
+        if path.exists():
+            check_writable(path, fix)
+    for path in export_paths(cfg).values():
+        if path.is_dir():
+            raise ConfigError(f"{path}: a folder where the run exports its LoRA; {fix}")
+    cache = Path(cfg.cache).expanduser() if cfg.cache else None
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise ConfigError(f"--cache {cfg.cache}: a file, not a folder; pass a cache folder (or leave --cache out "
+                          "for <output>/cache)")
     if cfg.lora.teacher_lora:  # missing, pickled or not safetensors: refused here, before the model loads
         read_header(peft_file(Path(cfg.lora.teacher_lora).expanduser()))
 
@@ -213,6 +231,9 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, un
     state = set_state_dict(trainer.model, cfg.export_set)  # on every process: a sharded set is gathered
     if rank != 0:
         return []
+    for old, aside in keep_earlier_export(cfg, cfg.steps) if cfg.resume else ():
+        print(f"--resume: {old.name}, exported at an earlier step, moved to {aside} (this run's export takes "
+              "its name)", file=sys.stderr)
     return export_lora(trainer.model, cfg, overwrite=cfg.resume, state=state, base_loras=trainer.base_loras)
 
 
@@ -240,6 +261,7 @@ def make_config(file: str | None, args: dict) -> tuple[DistillConfig, frozenset[
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    cfg = None
     try:
         file = args.pop("config")
         cfg, unset = make_config(file, args)
@@ -255,10 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, WeightsError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # the disk's own refusal mid-run (full, gone): what is written stays; --resume goes on
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; checkpoints written so far are intact: free some space (or fix "
-              "the folder), then --resume", file=sys.stderr)
+    except OSError as e:  # the disk's own refusal (full, a file in the way, read-only): what is written stays
+        output = Path(args.get("output") or DistillConfig.output).expanduser() if cfg is None else Path(cfg.output)
+        print(f"error: {os_error_line(e, output.expanduser())}", file=sys.stderr)
         return 2
     return 0
 

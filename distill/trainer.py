@@ -43,17 +43,16 @@ from .checkpoint import (
 from .config import AUTO, DistillConfig, lr_at
 from .data import BucketBatches, Cache, weights_identity
 from .ema import ema_step
-from .lora import lora_layers, set_state_dict, weight_set
+from .lora import lora_layers, set_state_dict
 from .resume import apply_optimizer_config, check_resumable, load_training_state
 from .run_outputs import (
     JsonlLog,
     LogError,
+    SampleImages,
     StopSignals,
     base_lora_records,
     out_of_memory,
-    sample_latents,
     sample_side,
-    save_samples,
 )
 from .run_setup import with_text_length
 from .scfm import element_generators, sample_draw, scfm_loss
@@ -80,7 +79,7 @@ class Progress:
     bad_in_row: int = 0
 
 
-class Trainer:
+class Trainer(SampleImages):
     def __init__(self, config: DistillConfig, model: nn.Module, cache: Cache, *,
                  device: torch.device | str = "cpu", on_step: Callable[[int], None] | None = None):
         self.config, self.cache, self.device = config, cache, torch.device(device)
@@ -242,8 +241,9 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.config
+        resumed = False
         if cfg.resume:
-            self.resume()
+            resumed = self.resume()
         elif checkpoints(self.out / "checkpoints"):
             raise TrainingError(f"{self.out} already holds checkpoints; pass --resume to continue that run "
                                 "or choose another --output")
@@ -252,6 +252,10 @@ class Trainer:
                            cfg.to_dict()) if self.rank == 0 else None
         except LogError as e:
             raise TrainingError(str(e)) from None
+        if resumed and self._samples_missing():
+            paths = self.sample(self.progress.step)
+            if log:
+                log.samples(paths, self.progress.step)
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="scfm", unit="step",
                    disable=self.rank != 0)
         try:
@@ -392,26 +396,3 @@ class Trainer:
         self.progress = Progress(**{**state["progress"], "bad_in_row": 0})
         self.checkpointed = self.progress.step
         return True
-
-    # --- sample images ------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def sample(self, step: int) -> list[Path]:
-        from sampling.samplers import cfg_scale_from_w, sd3_cfg
-
-        cfg = self.config
-        prompts, cond = self.cache.sample_cond()  # __init__ refused a cache without sample prompts
-        cond = {k: v.to(self.device) for k, v in cond.items()}
-        channels = self.kind.latent_channels(self.model.config)
-        velocity = self.kind.part("velocity")(self.model)
-        guidance = None
-        if self.kind.guidance == "embedding":
-            guidance = torch.full((len(prompts),), cfg.sample_guidance, device=self.device)
-        elif self.negative is not None:  # sampled as trained: c + w (c - u), diffusers' scale 1 + w
-            velocity = sd3_cfg(velocity, self.uncond(len(prompts)), cfg_scale_from_w(cfg.scfm.cfg_scale))
-        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast)
-        with weight_set(self.model, "live"), autocast:
-            latents = sample_latents(velocity, cond, guidance, cfg, channels, self.sample_side, self.device)
-        if self.rank != 0:
-            return []
-        return save_samples(latents, prompts, self.out / "samples", step, cfg.vae, self.device)
