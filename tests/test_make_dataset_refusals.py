@@ -14,14 +14,19 @@ from sampling.demo import DEMO_FOLDER, DEMO_PROMPTS
 from weights.atomic import folder_lock
 
 
-@pytest.fixture
-def fake(tmp_path, monkeypatch):
-    """make_dataset on the tiny fake Flux (fast on CPU); returns (pipe, argv for --out tmp_path/d)."""
+def fake_make_dataset(tmp_path, monkeypatch, per_bucket: int):
+    """make_dataset on the tiny fake Flux (fast on CPU), `per_bucket` images in each of its 5 buckets; returns
+    (pipe, argv for --out tmp_path/d)."""
     pipe = FakePipeline()
     monkeypatch.setattr(teacher_data, "make_pipeline", lambda args: pipe)
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
     return pipe, ["--model", "unused", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "d"),
-                  "--images-per-bucket", "1", "--steps", "1", "--batch-size", "8"]
+                  "--images-per-bucket", str(per_bucket), "--steps", "1", "--batch-size", "8"]
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    return fake_make_dataset(tmp_path, monkeypatch, 1)
 
 
 def error_line(capsys, code) -> str:

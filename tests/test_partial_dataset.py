@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from test_data import FakePipeline
+from test_make_dataset_refusals import fake_make_dataset
 
 import distill.train
 from distill import make_dataset, teacher_data
@@ -26,12 +27,8 @@ FINISH = "rerun python -m distill.make_dataset with the same flags to finish it"
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    """make_dataset on the tiny fake Flux: 2 images in each of the 5 buckets of tmp_path/d; returns (pipe, argv)."""
-    pipe = FakePipeline()
-    monkeypatch.setattr(teacher_data, "make_pipeline", lambda args: pipe)
-    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
-    return pipe, ["--model", "unused", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "d"),
-                  "--images-per-bucket", "2", "--steps", "1", "--batch-size", "8"]
+    """2 images in each of the 5 buckets of tmp_path/d."""
+    return fake_make_dataset(tmp_path, monkeypatch, 2)
 
 
 def killed_halfway(folder, keep: int) -> None:
