@@ -31,9 +31,8 @@ from weights.atomic import atomic_path, atomic_save
 from weights.io import read_json_object
 
 from .dataset import (
-    BUCKETS_512,
     DataError,
-    buckets_for,
+    buckets_at,
     image_identity,
     image_size,
     load_image,
@@ -201,7 +200,7 @@ def plan_cache(data: str | Path, key: dict, resolution: int, sample_prompts: Seq
     (`mirror_caption`, embedded like any prompt), so image and caption still agree."""
     data = Path(data).expanduser()
     examples = read_folder(data)
-    buckets = BUCKETS_512 if resolution == 512 else buckets_for(resolution)
+    buckets = buckets_at(resolution)
     prompts = list(dict.fromkeys(e.prompt for e in examples))
     index = {p: k for k, p in enumerate(prompts)}
     items, upscaled = [], []

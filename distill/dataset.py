@@ -225,7 +225,7 @@ def check_rendered(folder: Path) -> None:
     if not all(type(v) is int and 0 < v <= 1 << 20 for v in (per_bucket, resolution)):
         raise DataError(f"{record}: no images_per_bucket and resolution recorded, so whether make_dataset finished "
                         f"the folder is unknown; {keep}")
-    buckets = set(BUCKETS_512 if resolution == 512 else buckets_for(resolution))  # teacher_data's buckets
+    buckets = set(buckets_at(resolution))  # teacher_data's buckets
     planned, done = per_bucket * len(buckets), _rendered(folder, buckets, per_bucket)
     holder = lock_holder(folder)  # a make_dataset rendering into it now (on a shared disk: another host's)
     if holder is not None:
@@ -287,6 +287,11 @@ def buckets_for(resolution: int, multiple: int = 64, max_aspect: float = 1.7) ->
             portrait.append((w, h))
     out = set(portrait) | {(h, w) for w, h in portrait}
     return tuple(sorted(out, key=lambda wh: wh[0] / wh[1]))
+
+
+def buckets_at(resolution: int) -> tuple[tuple[int, int], ...]:
+    """The buckets of `resolution`: the released 512-px list (which buckets_for(512) reproduces), else buckets_for's."""
+    return BUCKETS_512 if resolution == 512 else buckets_for(resolution)
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from sampling.demo import DEMO_FOLDER, DEMO_LORA, demo_lora
+from sampling.demo import DEMO_FOLDER, DEMO_LORA, IMAGE_SIZE, demo_lora
 from sampling.flags import add_model_files
 from sampling.options import (
     MAX_STEPS,
@@ -282,7 +282,7 @@ def check_image_size(args) -> None:
     from sampling.components import pipeline_from_args
     from sampling.job import check_sizes
 
-    default = 64 if args.model is None else 1024
+    default = IMAGE_SIZE if args.model is None else 1024
     # `is None`, not `or`: --width 0 is refused by check_sizes, not silently replaced by the default
     args.width = default if args.width is None else args.width
     args.height = args.width if args.height is None else args.height

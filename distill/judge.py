@@ -18,7 +18,7 @@ import numpy as np
 
 from sampling.compare import Column, Session
 from weights.atomic import atomic_path
-from weights.families import get_family, names
+from weights.families import title_of
 
 from .judge_render import Row, SamplingClock, folder_name, render_row
 from .judge_scores import clip_columns, score, world_columns, world_prompts
@@ -139,8 +139,8 @@ def check_out(args) -> None:
             except WeightsError as e:
                 raise WeightsError(f"{flag} {e}") from None
             if lora.family != family.name:
-                made_for = get_family(lora.family).title if lora.family in names() else lora.family
-                raise ValueError(f"{flag} {path}: a LoRA for {made_for}; the model is {family.title}: pass a LoRA "
+                raise ValueError(f"{flag} {path}: a LoRA for {title_of(lora.family)}; the model is {family.title}: "
+                                 "pass a LoRA "
                                  "trained on it")
 
 

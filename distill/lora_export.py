@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sampling.samplers import cfg_scale_from_w
-from weights.io import WeightsError
+from weights.io import WeightsError, read_header
 
 from .checkpoint import STEP_DIR, CheckpointError, first_non_finite, latest_checkpoint, read_checkpoint, stored_config
 from .config import ConfigError, DistillConfig
@@ -53,8 +53,6 @@ def export_paths(cfg: DistillConfig, step: int | None = None, folder: Path | Non
 
 def export_step(path: Path) -> int | None:
     """The step an exported LoRA file records (its `ss_steps`), None when it records none or does not read."""
-    from weights.io import read_header
-
     try:
         return int(read_header(path)[1]["ss_steps"])
     except (WeightsError, OSError, KeyError, ValueError):

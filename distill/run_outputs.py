@@ -113,7 +113,7 @@ class SampleImages:
             return False
         missing = torch.tensor(0.0, device=self.device)
         if self.rank == 0:
-            paths = sample_paths(self.out / "samples", step, len(self.cache.sample_cond()[0]), cfg.vae)
+            paths = sample_paths(self.out / "samples", step, len(self.cache.plan["sample_prompts"]), cfg.vae)
             missing.fill_(float(not all(p.is_file() for p in paths)))
         if self.sharded and self.world > 1:
             dist.broadcast(missing, 0)

@@ -42,7 +42,7 @@ from weights.io import WeightsError, file_sha256, read_json_object
 from weights.lora_merge import lora_spec
 
 from .data import file_identity, weights_identity
-from .dataset import BUCKETS_512, DataError, buckets_for, inside_folder
+from .dataset import DataError, buckets_at, inside_folder
 
 ENCODE_CHUNK = 128  # prompts encoded per text-encoder load: 128 x 512 x 4096 bf16 = 0.5 GB
 # the whole job list is planned in memory (one dict per image, every bucket): 100k per bucket is a few hundred MB
@@ -234,10 +234,10 @@ def make_pipeline(args):
 
 def resolution_buckets(resolution: int) -> tuple[tuple[int, int], ...]:
     """--resolution's buckets, refused when there are none or one is over the largest side sampled."""
-    if resolution > MAX_SIDE:  # before buckets_for, whose loop grows with the resolution
+    if resolution > MAX_SIDE:  # before buckets_at, whose loop grows with the resolution
         raise ValueError(f"--resolution {resolution}: over the {MAX_SIDE} px sampled (sampling/base.py MAX_SIDE); "
                          "pass --resolution 512 or 1024")
-    buckets = BUCKETS_512 if resolution == 512 else buckets_for(resolution)
+    buckets = buckets_at(resolution)
     if not buckets:
         raise ValueError(f"--resolution {resolution}: no bucket of 64-px multiples fits (the smallest is 64x64); "
                          "pass --resolution 512")

@@ -122,8 +122,7 @@ def check_resume(cfg: DistillConfig) -> None:
     out = Path(cfg.output).expanduser()
     if not cfg.resume or checkpoints(out / "checkpoints"):
         return
-    if not ((out / "log.jsonl").exists() or any(p.exists() for p in export_paths(cfg).values())
-            or any(out.glob("scfm-lora-*.safetensors"))):
+    if not ((out / "log.jsonl").exists() or any(out.glob("scfm-lora-*.safetensors"))):  # its exports among them
         raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; check --output, or drop --resume to "
                           "start a new run")
 
@@ -187,14 +186,15 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, un
     """run() once rank 0 holds the output folder (a second run on it is refused, weights/atomic.py folder_lock)."""
     out = Path(cfg.output).expanduser()
     clash = [p for p in export_paths(cfg).values() if p.exists()]
+    checkpointed = bool(checkpoints(out / "checkpoints"))
     if not cfg.resume:  # another run's log or LoRAs there: this run would wipe its log and mix its files in
         earlier = clash or [p for p in (out / "log.jsonl", *sorted(out.glob("scfm-lora-*.safetensors"))) if p.exists()]
         if earlier:
             raise ConfigError(f"{earlier[0]} is an earlier run's; choose another --output (or --resume that run)")
-    if clash and not checkpoints(out / "checkpoints"):
+    if clash and not checkpointed:
         raise ConfigError(f"--resume: no checkpoint to continue from, and {clash[0]} is an earlier run's: "
                           "starting over would replace it; choose another --output")
-    if cfg.resume and not checkpoints(out / "checkpoints"):  # a run stopped before its first (check_resume)
+    if cfg.resume and not checkpointed:  # a run stopped before its first (check_resume)
         if rank == 0:  # said here in one line, not as the trainer's warning
             print(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting that run again from step 0",
                   file=sys.stderr)
@@ -202,7 +202,7 @@ def _run_locked(cfg: DistillConfig, device: torch.device, rank: int, on_step, un
     demo_data = cfg.model == "demo" and not cfg.data
     cfg = resolve_demo(cfg)
     family = family_of(cfg)
-    if not (cfg.resume and checkpoints(out / "checkpoints")):  # a resumed run goes on with the parts and CFG it
+    if not cfg.resume:  # a resumed run (checkpointed: one without restarts above) goes on with the parts and CFG it
         cfg = resolve_folder(cfg, family)  # recorded; a pipeline folder's own parts, for those no flag names
         if "targets" in unset:  # the one table this model takes (student.family_refusal refuses any other)
             cfg = cfg.replace(targets=family.name)
@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk's own refusal (full, a file in the way, read-only): what is written stays
-        output = Path(args.get("output") or DistillConfig.output).expanduser() if cfg is None else Path(cfg.output)
-        print(f"error: {os_error_line(e, output.expanduser())}", file=sys.stderr)
+        output = Path(cfg.output if cfg is not None else args.get("output") or DistillConfig.output).expanduser()
+        print(f"error: {os_error_line(e, output)}", file=sys.stderr)
         return 2
     return 0
 

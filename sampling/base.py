@@ -331,8 +331,6 @@ class Pipeline(SizeChecks):
         return images if output == "tensor" else to_pil(images)
 
 
-
-
 def say_first_call(model: nn.Module) -> None:
     """Print how long the compiled model's first call took, compiling its blocks included (--compile's warm-up,
     which the first image pays; later calls reuse the compiled code), once, to stderr."""

@@ -75,9 +75,13 @@ def temp_writer_gone(tmp: str | os.PathLike) -> bool:
     host's temp on a shared disk (its pids are not ours to probe), and any other name, including the older
     `.NAME.<random>.tmp`: when unsure, keep it. A reused pid reads as alive, which only keeps a file longer."""
     parts = Path(tmp).name.rsplit(".", 4)  # [".NAME", host, pid, random, "tmp"]
-    if len(parts) != 5 or len(parts[0]) < 2 or parts[4] != "tmp" or parts[1] != _WRITER:
-        return False
-    return parts[2].isdigit() and not _pid_alive(int(parts[2]))
+    return len(parts) == 5 and len(parts[0]) >= 2 and parts[4] == "tmp" and _gone(parts[1], parts[2])
+
+
+def _gone(writer: str, pid: str) -> bool:
+    """Whether `writer` (a `_WRITER`) and `pid`, as a temp name or a lock states them, name a process gone from
+    this host; never one of another host, whose pids are not ours to probe."""
+    return writer == _WRITER and pid.isdigit() and not _pid_alive(int(pid))
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
@@ -258,7 +262,7 @@ def _take_over(lock: Path) -> str | None:
             return None  # the name is another run's lock now, made after this file was deleted: judge that one
         # the open file keeps its inode, so a new lock cannot reuse the number; read it, not the name, to judge
         writer, _, pid = os.read(fd, 4096).decode(errors="replace").strip().rpartition(" ")
-        if writer == _WRITER and pid.isdigit() and not _pid_alive(int(pid)):
+        if _gone(writer, pid):
             lock.unlink(missing_ok=True)  # no one else deletes it while we hold its flock: its owner is gone
         return None
     finally:
@@ -295,7 +299,7 @@ def lock_holder(folder: str | os.PathLike) -> str | None:
     if owner is None:
         return None
     writer, pid = owner
-    if writer == _WRITER and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+    if _gone(writer, pid) or (writer == _WRITER and pid.isdigit() and int(pid) == os.getpid()):
         return None
     return _where(writer, pid)
 
@@ -318,7 +322,7 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
             if owner is None:
                 continue
             writer, pid = owner
-            if writer == _WRITER and pid.isdigit() and not _pid_alive(int(pid)):
+            if _gone(writer, pid):
                 why = _take_over(lock)  # a killed run's
                 if why is None:
                     continue

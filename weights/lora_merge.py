@@ -23,7 +23,7 @@ from torch import Tensor
 
 from model.fp8 import E4M3
 
-from .families import family_of, find_layout, get_family, names
+from .families import family_of, find_layout, names, title_of
 from .io import WeightsError, parse_lora, read_header
 from .keymaps import to_official
 from .lora import LoRA, Recommended, read_lora
@@ -44,7 +44,7 @@ class _Applied:
 def _fit_error(model, lora: LoRA, src: str) -> str | None:
     family = family_of(model)
     if lora.family != family.name:
-        made_for = get_family(lora.family).title if lora.family in names() else lora.family
+        made_for = title_of(lora.family)
         return (f"{src}: a LoRA for {made_for}; this model is {family.title}: pass a LoRA trained on {family.title}, "
                 f"or use this one with the {made_for} model it was made for")
     for m, mod in lora.modules.items():

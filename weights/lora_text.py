@@ -112,20 +112,31 @@ def _parts_of(src: str, prefix: str, modules: dict[str, dict[str, Tensor]], conf
     return parts
 
 
+_Groups = dict[str, dict[str, dict[str, Tensor]]]  # prefix -> module -> role -> tensor
+
+
+def _grouped(tensors: dict[str, Tensor], prefixes, roles=None) -> tuple[_Groups, dict[str, Tensor]]:
+    """prefix -> module -> role -> tensor for the keys under one of `prefixes` (the longest that fits) that parse
+    as a LoRA key (of one of `roles`, when given), and the other keys as they are, in their order."""
+    by_length = sorted(prefixes, key=len, reverse=True)
+    groups: _Groups = {}
+    rest = {}
+    for key, t in tensors.items():
+        prefix = next((p for p in by_length if key.startswith(p)), None)
+        parsed = parse_key(key[len(prefix):]) if prefix else None
+        if parsed is None or (roles is not None and parsed[1] not in roles):
+            rest[key] = t
+            continue
+        groups.setdefault(prefix, {}).setdefault(parsed[0], {})[parsed[1]] = t
+    return groups, rest
+
+
 def peft_text_parts(lora: LoRA) -> tuple[dict[str, dict[str, LoRAPart]], dict[str, Tensor]]:
     """The LoRAs under diffusers' prefixes (`text_encoder.`, ...: prefix -> module as the file names it -> its
     LoRA, alpha as `encoder_parts` reads it), and the text-encoder keys they do not hold (full differences, other
     tools' prefixes), as they are: what the diffusers layout writes (weights/lora_write.py)."""
     src = lora.source or "LoRA"
-    groups: dict[str, dict[str, dict[str, Tensor]]] = {}  # prefix -> module -> role -> tensor
-    rest = {}
-    for key, t in lora.text_encoders.items():
-        prefix = next((p for p in PEFT_TEXT_PREFIXES if key.startswith(p)), None)
-        parsed = parse_key(key[len(prefix):]) if prefix else None
-        if parsed is None or parsed[1] not in ("down", "up", "alpha"):
-            rest[key] = t
-            continue
-        groups.setdefault(prefix, {}).setdefault(parsed[0], {})[parsed[1]] = t
+    groups, rest = _grouped(lora.text_encoders, PEFT_TEXT_PREFIXES, ("down", "up", "alpha"))
     configs = _peft_configs(lora.source, groups)
     parts = {prefix: _parts_of(src, prefix, modules, configs[prefix]) for prefix, modules in groups.items()}
     return parts, rest
@@ -136,15 +147,11 @@ def encoder_parts(lora: LoRA, scale: float, family: str) -> list[EncoderLoRA]:
     src = lora.source or "LoRA"
     family = get_family(family)
     table = {**family.text_lora_prefixes, **COMFY_PREFIXES}
-    by_length = sorted(table, key=len, reverse=True)
-    groups: dict[str, dict[str, dict[str, Tensor]]] = {}  # prefix -> module -> role -> tensor
-    for key, t in lora.text_encoders.items():
-        prefix = next((p for p in by_length if key.startswith(p)), None)
-        parsed = parse_key(key[len(prefix):]) if prefix else None
-        if parsed is None:
-            raise WeightsError(f"{src}: text-encoder key {key} is not one scfm reads (lora_te*_ / text_encoder*. / "
-                               "text_encoders.<clip_l|clip_g|t5xxl>.transformer. + a module + a LoRA suffix)")
-        groups.setdefault(prefix, {}).setdefault(parsed[0], {})[parsed[1]] = t
+    groups, unread = _grouped(lora.text_encoders, table)
+    if unread:
+        raise WeightsError(f"{src}: text-encoder key {next(iter(unread))} is not one scfm reads (lora_te*_ / "
+                           "text_encoder*. / text_encoders.<clip_l|clip_g|t5xxl>.transformer. + a module + a LoRA "
+                           "suffix)")
     out, configs = [], _peft_configs(lora.source, groups)
     for prefix, modules in groups.items():
         encoder = table[prefix]

@@ -152,8 +152,7 @@ def _diffusers_text_state(lora: LoRA) -> tuple[dict[str, Tensor], dict]:
             # transformers 5's CLIPTextModel has no `text_model.` level (WithProjection has): a name without it
             # matches the module in both, as peft matches names by suffix
             ranks[stem.removeprefix("text_model.")] = p.up.shape[1]
-        if ranks:
-            config |= _peft_entries(ranks, prefix)
+        config |= _peft_entries(ranks, prefix)  # never empty: a prefix is grouped only with a LoRA key under it
     return out, config
 
 

@@ -65,6 +65,12 @@ def get_family(name: str | Family) -> Family:
     raise WeightsError(f"unknown model family {name!r}; scfm knows {', '.join(names())}")
 
 
+def title_of(name: str) -> str:
+    """A family's title for messages ("FLUX.1"), or `name` as stated where no family of scfm has it (a LoRA's
+    metadata naming another model)."""
+    return get_family(name).title if name in names() else name
+
+
 def family_of(model) -> Family:
     """The family of a loaded model, by its class (the nearest registered class in its MRO)."""
     for cls in type(model).__mro__:
